@@ -1,0 +1,155 @@
+#include "aggregate.hpp"
+
+#include <cstring>
+
+#include "bitpack.hpp"
+#include "errors.hpp"
+#include "parallel.hpp"
+
+namespace fedshield {
+namespace {
+
+constexpr uint64_t kBlock = 4096;  // residues per unpack block (multiple of 8: byte aligned)
+
+std::string hex_prefix(const Fingerprint& fp) {
+    static const char* digits = "0123456789abcdef";
+    std::string s;
+    for (int i = 0; i < 6; ++i) {
+        s += digits[fp[i] >> 4];
+        s += digits[fp[i] & 15];
+    }
+    return s;
+}
+
+[[noreturn]] void incompatible(const std::string& what) {
+    throw IncompatibleUpdateError("incompatible update: " + what);
+}
+
+}  // namespace
+
+Aggregator::Aggregator(const Fingerprint& context_fp, uint64_t modulus, uint32_t ring_dim,
+                       uint32_t max_summed, unsigned threads)
+    : context_fp_(context_fp),
+      modulus_(modulus),
+      ring_dim_(ring_dim),
+      max_summed_(max_summed),
+      threads_(threads ? threads : default_threads()) {}
+
+void Aggregator::check_compatible(const UpdateHeader& h) const {
+    if (h.context_fp != context_fp_)
+        incompatible("made under context " + hex_prefix(h.context_fp) +
+                     "..., the server's context is " + hex_prefix(context_fp_) + "...");
+    if (h.modulus != modulus_ || h.ring_dim != ring_dim_)
+        incompatible("ring_dim/modulus differ from the server's context");
+    if (!started_) return;
+    if (h.layout_fp != header_.layout_fp)
+        incompatible("layout " + hex_prefix(h.layout_fp) + "... differs from the round's " +
+                     hex_prefix(header_.layout_fp) + "...");
+    if (h.mask_fp != header_.mask_fp)
+        incompatible("mask " + hex_prefix(h.mask_fp) + "... differs from the round's " +
+                     hex_prefix(header_.mask_fp) +
+                     "... (slot-wise addition needs one mask for every client)");
+    if (h.round != header_.round)
+        incompatible("round " + std::to_string(h.round) + " differs from the round being " +
+                     "aggregated (" + std::to_string(header_.round) + ")");
+    if (h.n_values != header_.n_values || h.n_ciphertexts != header_.n_ciphertexts ||
+        h.packing != header_.packing)
+        incompatible("shape (values/ciphertexts/packing) differs from the round's");
+    if (h.weight_bound != header_.weight_bound)
+        incompatible("weight_bound " + std::to_string(h.weight_bound) + " differs from " +
+                     std::to_string(header_.weight_bound));
+}
+
+uint64_t Aggregator::fold(const uint8_t* payload, uint64_t len, uint64_t begin, uint64_t end,
+                          bool subtract) {
+    std::vector<uint64_t> block(kBlock);
+    const uint64_t q = modulus_;
+    const unsigned bits = header_.residue_bits;
+    for (uint64_t at = begin; at < end; at += kBlock) {
+        const uint64_t n = std::min(kBlock, end - at);
+        unpack_residues(payload, len, at, n, bits, block.data());
+        uint64_t bad = 0;
+        for (uint64_t i = 0; i < n; ++i) bad |= block[i] >= q;
+        if (bad) return at;
+        uint64_t* acc = acc_.data() + at;
+        if (!subtract) {
+            for (uint64_t i = 0; i < n; ++i) {
+                const uint64_t s = acc[i] + block[i];
+                acc[i] = s >= q ? s - q : s;
+            }
+        } else {
+            for (uint64_t i = 0; i < n; ++i) {
+                const uint64_t a = acc[i], b = block[i];
+                acc[i] = a >= b ? a - b : a + q - b;
+            }
+        }
+    }
+    return end;
+}
+
+void Aggregator::add(const uint8_t* data, size_t len) {
+    UpdateHeader h = parse_update(data, len);
+    check_compatible(h);
+    if (started_ && static_cast<uint64_t>(header_.n_summed) + h.n_summed > max_summed_)
+        throw ValueRangeError("aggregate: " +
+                              std::to_string(static_cast<uint64_t>(header_.n_summed) +
+                                             h.n_summed) +
+                              " updates exceed the CKKS headroom of these parameters (max_clients " +
+                              std::to_string(max_summed_) + "); sums beyond it would wrap mod q");
+    if (!started_ && h.n_summed > max_summed_)
+        throw ValueRangeError("aggregate: an update already sums " + std::to_string(h.n_summed) +
+                              " clients, more than max_clients " + std::to_string(max_summed_));
+    const uint8_t* payload = data + kHeaderSize;
+    const uint64_t total = h.total_residues();
+    const bool first = !started_;
+    if (first) {
+        header_ = h;
+        acc_.assign(total, 0);
+    }
+    std::vector<uint64_t> stop(threads_, 0), start(threads_, 0);
+    std::vector<char> failed(threads_, 0);
+    parallel_ranges(total, threads_, kBlock, [&](unsigned w, uint64_t begin, uint64_t end) {
+        start[w] = begin;
+        stop[w] = fold(payload, h.payload_len, begin, end, false);
+        failed[w] = stop[w] != end;
+    });
+    bool any_failed = false;
+    for (char f : failed) any_failed |= f != 0;
+    if (any_failed) {
+        if (first) {
+            acc_.clear();
+            acc_.shrink_to_fit();
+        } else {
+            // Undo exactly what was folded in: subtraction mod q is the inverse of addition.
+            parallel_ranges(threads_, threads_, 1, [&](unsigned, uint64_t b, uint64_t e) {
+                for (uint64_t w = b; w < e; ++w)
+                    if (stop[w] > start[w]) fold(payload, h.payload_len, start[w], stop[w], true);
+            });
+        }
+        throw InvalidUpdateError("invalid update: a residue is not below the modulus");
+    }
+    if (first) {
+        started_ = true;
+    } else {
+        header_.n_summed += h.n_summed;
+    }
+}
+
+std::string Aggregator::result() const {
+    if (!started_) throw IncompatibleUpdateError("aggregate: no update was added");
+    UpdateHeader h = header_;
+    h.kind = UpdateKind::Aggregate;
+    std::string payload(h.payload_len, '\0');
+    auto* out = reinterpret_cast<uint8_t*>(&payload[0]);
+    const uint64_t total = h.total_residues();
+    // Ranges aligned to 8 residues start and end on byte boundaries, so threads never share a byte.
+    parallel_ranges(total, threads_, kBlock, [&](unsigned, uint64_t begin, uint64_t end) {
+        const uint64_t nbytes = packed_bytes(end - begin, h.residue_bits);
+        std::vector<uint8_t> tmp(nbytes);
+        pack_residues(acc_.data() + begin, end - begin, h.residue_bits, tmp.data());
+        std::memcpy(out + begin * h.residue_bits / 8, tmp.data(), nbytes);
+    });
+    return encode_update(h, out);
+}
+
+}  // namespace fedshield

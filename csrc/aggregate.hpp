@@ -1,0 +1,49 @@
+// Streaming server-side aggregation: each update is validated, then its residues are added
+// mod q into one accumulator. Memory is one update's residues, whatever the number of clients.
+// An update that fails validation half-way is subtracted back out, so it never poisons the sum.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "wire.hpp"
+
+namespace fedshield {
+
+class Aggregator {
+public:
+    // context_fp, modulus and ring_dim come from the server's public context; max_summed is the
+    // number of updates the CKKS headroom allows.
+    Aggregator(const Fingerprint& context_fp, uint64_t modulus, uint32_t ring_dim,
+               uint32_t max_summed, unsigned threads);
+
+    // Validates one serialized update (client update or partial aggregate) and folds it in.
+    // Throws InvalidUpdateError / IncompatibleUpdateError / ValueRangeError; on throw the
+    // running sum is unchanged.
+    void add(const uint8_t* data, size_t len);
+
+    uint32_t count() const { return started_ ? header_.n_summed : 0; }
+    bool started() const { return started_; }
+
+    // Serializes the running sum as an aggregate update.
+    std::string result() const;
+
+private:
+    void check_compatible(const UpdateHeader& h) const;
+    // Adds (or subtracts) packed residues [begin, end) into acc_; returns the first index not
+    // folded in (== end when every residue was below q).
+    uint64_t fold(const uint8_t* payload, uint64_t len, uint64_t begin, uint64_t end,
+                  bool subtract);
+
+    Fingerprint context_fp_;
+    uint64_t modulus_;
+    uint32_t ring_dim_;
+    uint32_t max_summed_;
+    unsigned threads_;
+    bool started_ = false;
+    UpdateHeader header_;
+    std::vector<uint64_t> acc_;
+};
+
+}  // namespace fedshield

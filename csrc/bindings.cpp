@@ -1,0 +1,305 @@
+// pybind11 bindings of the native core (module fedshield._native). The core itself does not
+// depend on pybind11; each bound area has its own bind_*() below.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+
+#include "aggregate.hpp"
+#include "bitpack.hpp"
+#include "checksum.hpp"
+#include "ciphertext_layout.hpp"
+#include "errors.hpp"
+#include "packing.hpp"
+#include "parallel.hpp"
+#include "update_codec.hpp"
+#include "wire.hpp"
+
+namespace py = pybind11;
+using namespace fedshield;
+
+namespace {
+
+struct BufferBytes {
+    py::buffer_info info;
+    const uint8_t* data() const { return static_cast<const uint8_t*>(info.ptr); }
+    size_t size() const { return static_cast<size_t>(info.size * info.itemsize); }
+};
+
+BufferBytes bytes_of(const py::buffer& b) {
+    py::buffer_info info = b.request();
+    if (info.ndim >= 1) {
+        bool contiguous = true;
+        py::ssize_t expect = info.itemsize;
+        for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+            if (info.strides[d] != expect) contiguous = false;
+            expect *= info.shape[d];
+        }
+        if (!contiguous) throw py::value_error("expected a contiguous buffer");
+    }
+    return BufferBytes{std::move(info)};
+}
+
+Fingerprint fingerprint_of(const py::bytes& b, const char* name) {
+    std::string s = b;
+    if (s.size() != 32)
+        throw py::value_error(std::string(name) + " must be 32 bytes, got " +
+                              std::to_string(s.size()));
+    Fingerprint fp;
+    std::memcpy(fp.data(), s.data(), 32);
+    return fp;
+}
+
+py::bytes fp_bytes(const Fingerprint& fp) {
+    return py::bytes(reinterpret_cast<const char*>(fp.data()), fp.size());
+}
+
+py::dict header_to_dict(const UpdateHeader& h) {
+    py::dict d;
+    d["kind"] = static_cast<unsigned>(h.kind);
+    d["n_summed"] = h.n_summed;
+    d["context_fp"] = fp_bytes(h.context_fp);
+    d["layout_fp"] = fp_bytes(h.layout_fp);
+    d["mask_fp"] = fp_bytes(h.mask_fp);
+    d["round"] = h.round;
+    d["n_values"] = h.n_values;
+    d["ring_dim"] = h.ring_dim;
+    d["n_ciphertexts"] = h.n_ciphertexts;
+    d["modulus"] = h.modulus;
+    d["residue_bits"] = h.residue_bits;
+    d["packing"] = static_cast<unsigned>(h.packing);
+    d["weight_bound"] = h.weight_bound;
+    d["payload_len"] = h.payload_len;
+    return d;
+}
+
+UpdateHeader header_from_dict(const py::dict& d) {
+    UpdateHeader h;
+    h.kind = static_cast<UpdateKind>(d["kind"].cast<uint16_t>());
+    h.n_summed = d["n_summed"].cast<uint32_t>();
+    h.context_fp = fingerprint_of(d["context_fp"].cast<py::bytes>(), "context_fp");
+    h.layout_fp = fingerprint_of(d["layout_fp"].cast<py::bytes>(), "layout_fp");
+    h.mask_fp = fingerprint_of(d["mask_fp"].cast<py::bytes>(), "mask_fp");
+    h.round = d["round"].cast<uint64_t>();
+    h.n_values = d["n_values"].cast<uint64_t>();
+    h.ring_dim = d["ring_dim"].cast<uint32_t>();
+    h.n_ciphertexts = d["n_ciphertexts"].cast<uint32_t>();
+    h.modulus = d["modulus"].cast<uint64_t>();
+    h.residue_bits = static_cast<uint8_t>(bit_length(h.modulus));
+    h.packing = static_cast<Packing>(d["packing"].cast<uint8_t>());
+    h.weight_bound = d["weight_bound"].cast<double>();
+    h.payload_len = packed_bytes(h.total_residues(), h.residue_bits);
+    return h;
+}
+
+CiphertextLayout layout_from_tuple(const py::tuple& t) {
+    if (t.size() != 5) throw py::value_error("ciphertext layout must be a 5-tuple");
+    CiphertextLayout l;
+    l.ring_dim = t[0].cast<uint64_t>();
+    l.modulus = t[1].cast<uint64_t>();
+    l.c0_offset = t[2].cast<uint64_t>();
+    l.c1_offset = t[3].cast<uint64_t>();
+    l.total_size = t[4].cast<uint64_t>();
+    return l;
+}
+
+py::tuple layout_to_tuple(const CiphertextLayout& l) {
+    return py::make_tuple(l.ring_dim, l.modulus, l.c0_offset, l.c1_offset, l.total_size);
+}
+
+// C++ errors become the public Python errors of fedshield.errors (one hierarchy for users).
+void bind_errors(py::module_&) {
+    py::register_exception_translator([](std::exception_ptr p) {
+        auto raise = [](const char* cls, const char* msg) {
+            py::object errors = py::module_::import("fedshield.errors");
+            PyErr_SetString(errors.attr(cls).ptr(), msg);
+        };
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const InvalidUpdateError& e) {
+            raise("InvalidUpdate", e.what());
+        } catch (const IncompatibleUpdateError& e) {
+            raise("IncompatibleUpdate", e.what());
+        } catch (const ValueRangeError& e) {
+            raise("HeadroomError", e.what());
+        }
+    });
+}
+
+void bind_wire(py::module_& m) {
+    m.attr("HEADER_SIZE") = kHeaderSize;
+    m.attr("CHECKSUM_SIZE") = kChecksumSize;
+    m.attr("WIRE_VERSION") = kWireVersion;
+    m.def("checksum64", [](const py::buffer& b) {
+        auto v = bytes_of(b);
+        py::gil_scoped_release nogil;
+        return checksum64(v.data(), v.size());
+    }, "64-bit corruption checksum of a byte buffer.");
+    m.def("parse_update", [](const py::buffer& b) {
+        auto v = bytes_of(b);
+        UpdateHeader h;
+        {
+            py::gil_scoped_release nogil;
+            h = parse_update(v.data(), v.size());
+        }
+        return header_to_dict(h);
+    }, "Validates a serialized update (every byte) and returns its header as a dict.");
+    m.def("encode_update", [](const py::dict& header, const py::buffer& payload) {
+        UpdateHeader h = header_from_dict(header);
+        auto v = bytes_of(payload);
+        if (v.size() != h.payload_len)
+            throw py::value_error("payload has " + std::to_string(v.size()) + " bytes, expected " +
+                                  std::to_string(h.payload_len));
+        std::string out = encode_update(h, v.data());
+        return py::bytes(out);
+    }, "Serializes header + payload + checksum.");
+}
+
+void bind_ciphertexts(py::module_& m) {
+    m.def("locate_residues", [](const py::buffer& ct, uint64_t ring_dim, uint64_t modulus) {
+        auto v = bytes_of(ct);
+        return layout_to_tuple(locate_residues(v.data(), v.size(), ring_dim, modulus));
+    }, "Finds the c0/c1 residue arrays in an OpenFHE BINARY ciphertext serialization.");
+    m.def("encode_ciphertexts", [](const py::dict& header, const std::vector<py::bytes>& cts,
+                                   const py::tuple& layout, unsigned threads) {
+        UpdateHeader h = header_from_dict(header);
+        std::vector<std::string_view> held;
+        std::vector<ByteView> views;
+        for (const auto& c : cts) {
+            std::string_view sv = c;
+            held.push_back(sv);
+            views.push_back({reinterpret_cast<const uint8_t*>(sv.data()), sv.size()});
+        }
+        CiphertextLayout l = layout_from_tuple(layout);
+        std::string out;
+        {
+            py::gil_scoped_release nogil;
+            out = encode_ciphertexts(h, views, l, threads ? threads : default_threads());
+        }
+        return py::bytes(out);
+    }, "Packs the residues of serialized ciphertexts into a wire update.");
+    m.def("decode_ciphertexts", [](const py::buffer& update, const py::bytes& tmpl,
+                                   const py::tuple& layout, unsigned threads) {
+        auto v = bytes_of(update);
+        std::string_view t = tmpl;
+        CiphertextLayout l = layout_from_tuple(layout);
+        std::vector<std::string> cts;
+        {
+            py::gil_scoped_release nogil;
+            cts = decode_ciphertexts(v.data(), v.size(), reinterpret_cast<const uint8_t*>(t.data()),
+                                     t.size(), l, threads ? threads : default_threads());
+        }
+        py::list out;
+        for (auto& c : cts) out.append(py::bytes(c));
+        return out;
+    }, "Validates an update and rebuilds its serialized ciphertexts from a template.");
+}
+
+using F32 = py::array_t<float, py::array::c_style>;
+using U8 = py::array_t<uint8_t, py::array::c_style>;
+using F64 = py::array_t<double, py::array::c_style>;
+
+void bind_packing(py::module_& m) {
+    m.def("pack_values", [](const std::vector<F32>& tensors, const std::vector<py::object>& masks,
+                            double scale, double weight_value, double bound, uint64_t out_len,
+                            unsigned threads) {
+        if (masks.size() != tensors.size())
+            throw py::value_error("pack_values: one mask (or None) per tensor");
+        std::vector<U8> mask_arrays(masks.size());
+        std::vector<TensorView> views(tensors.size());
+        for (size_t i = 0; i < tensors.size(); ++i) {
+            views[i].values = tensors[i].data();
+            views[i].numel = static_cast<uint64_t>(tensors[i].size());
+            if (!masks[i].is_none()) {
+                mask_arrays[i] = masks[i].cast<U8>();
+                if (static_cast<uint64_t>(mask_arrays[i].size()) != views[i].numel)
+                    throw py::value_error("pack_values: mask " + std::to_string(i) +
+                                          " has a different size than its tensor");
+                views[i].mask = mask_arrays[i].data();
+            }
+        }
+        F64 out(static_cast<py::ssize_t>(out_len));
+        double* dst = out.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            pack_values(views, scale, weight_value, bound, dst, out_len,
+                        threads ? threads : default_threads());
+        }
+        return out;
+    }, "Compacts, pre-weights and range-checks LoRA tensors into a float64 slot buffer.");
+    m.def("unpack_values", [](const F64& buffer, std::vector<F32> outs,
+                              const std::vector<py::object>& masks, bool divide_by_weight,
+                              unsigned threads) {
+        if (masks.size() != outs.size())
+            throw py::value_error("unpack_values: one mask (or None) per tensor");
+        std::vector<U8> mask_arrays(masks.size());
+        std::vector<TensorOut> views(outs.size());
+        for (size_t i = 0; i < outs.size(); ++i) {
+            views[i].values = outs[i].mutable_data();
+            views[i].numel = static_cast<uint64_t>(outs[i].size());
+            if (!masks[i].is_none()) {
+                mask_arrays[i] = masks[i].cast<U8>();
+                if (static_cast<uint64_t>(mask_arrays[i].size()) != views[i].numel)
+                    throw py::value_error("unpack_values: mask " + std::to_string(i) +
+                                          " has a different size than its tensor");
+                views[i].mask = mask_arrays[i].data();
+            }
+        }
+        double weight;
+        {
+            py::gil_scoped_release nogil;
+            weight = unpack_values(buffer.data(), static_cast<uint64_t>(buffer.size()), views,
+                                   divide_by_weight, threads ? threads : default_threads());
+        }
+        return weight;
+    }, "Scatters a slot buffer back into float32 tensors (zeros where pruned); returns the weight.");
+    m.def("kept_counts", [](const std::vector<py::object>& masks) {
+        std::vector<uint64_t> counts;
+        for (const auto& mo : masks) {
+            U8 a = mo.cast<U8>();
+            uint64_t c = 0;
+            const uint8_t* p = a.data();
+            for (py::ssize_t j = 0; j < a.size(); ++j) c += p[j] != 0;
+            counts.push_back(c);
+        }
+        return counts;
+    }, "Number of kept values in each mask.");
+}
+
+void bind_aggregator(py::module_& m) {
+    py::class_<Aggregator>(m, "Aggregator")
+        .def(py::init([](const py::bytes& context_fp, uint64_t modulus, uint32_t ring_dim,
+                         uint32_t max_summed, unsigned threads) {
+                 return new Aggregator(fingerprint_of(context_fp, "context_fp"), modulus, ring_dim,
+                                       max_summed, threads);
+             }),
+             py::arg("context_fp"), py::arg("modulus"), py::arg("ring_dim"),
+             py::arg("max_summed"), py::arg("threads") = 0)
+        .def("add", [](Aggregator& self, const py::buffer& b) {
+            auto v = bytes_of(b);
+            py::gil_scoped_release nogil;
+            self.add(v.data(), v.size());
+        }, "Validates one serialized update and folds it into the running sum.")
+        .def_property_readonly("count", &Aggregator::count)
+        .def("result", [](const Aggregator& self) {
+            std::string out;
+            {
+                py::gil_scoped_release nogil;
+                out = self.result();
+            }
+            return py::bytes(out);
+        }, "The running sum as a serialized aggregate update.");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+    m.doc() = "fedshield native core: packing, wire format, ciphertext residue aggregation";
+    m.attr("default_threads") = default_threads();
+    bind_errors(m);
+    bind_wire(m);
+    bind_ciphertexts(m);
+    bind_packing(m);
+    bind_aggregator(m);
+}

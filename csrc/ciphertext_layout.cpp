@@ -1,0 +1,83 @@
+#include "ciphertext_layout.hpp"
+
+#include <cstring>
+
+#include "errors.hpp"
+
+namespace fedshield {
+namespace {
+
+inline uint64_t load64(const uint8_t* p) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+}
+
+bool is_residue_array(const uint8_t* data, size_t len, size_t at, uint64_t n, uint64_t q) {
+    if (at + 8 > len || load64(data + at) != n) return false;
+    if (len - at - 8 < n * 8) return false;
+    const uint8_t* p = data + at + 8;
+    for (uint64_t i = 0; i < n; ++i)
+        if (load64(p + 8 * i) >= q) return false;
+    return true;
+}
+
+}  // namespace
+
+CiphertextLayout locate_residues(const uint8_t* data, size_t len, uint64_t ring_dim,
+                                 uint64_t modulus) {
+    if (ring_dim == 0 || modulus < 3)
+        throw InvalidUpdateError("ciphertext layout: ring_dim and modulus must be positive");
+    std::vector<uint64_t> found;
+    size_t at = 0;
+    while (at + 8 <= len) {
+        if (is_residue_array(data, len, at, ring_dim, modulus)) {
+            found.push_back(at + 8);
+            at += 8 + ring_dim * 8;  // arrays cannot overlap
+        } else {
+            ++at;
+        }
+    }
+    if (found.size() != 2)
+        throw InvalidUpdateError("ciphertext layout: expected 2 residue arrays of length " +
+                                 std::to_string(ring_dim) + " below the modulus, found " +
+                                 std::to_string(found.size()) +
+                                 " (not a fresh one-tower CKKS ciphertext of this context?)");
+    CiphertextLayout layout;
+    layout.ring_dim = ring_dim;
+    layout.modulus = modulus;
+    layout.c0_offset = found[0];
+    layout.c1_offset = found[1];
+    layout.total_size = len;
+    return layout;
+}
+
+static void check_fits(size_t len, const CiphertextLayout& layout) {
+    if (len != layout.total_size)
+        throw InvalidUpdateError("ciphertext layout: serialized ciphertext has " +
+                                 std::to_string(len) + " bytes, the template has " +
+                                 std::to_string(layout.total_size));
+}
+
+void extract_residues(const uint8_t* data, size_t len, const CiphertextLayout& layout,
+                      uint64_t* out) {
+    check_fits(len, layout);
+    const uint64_t n = layout.ring_dim;
+    if (load64(data + layout.c0_offset - 8) != n || load64(data + layout.c1_offset - 8) != n)
+        throw InvalidUpdateError("ciphertext layout: residue array lengths moved");
+    std::memcpy(out, data + layout.c0_offset, n * 8);
+    std::memcpy(out + n, data + layout.c1_offset, n * 8);
+    for (uint64_t i = 0; i < 2 * n; ++i)
+        if (out[i] >= layout.modulus)
+            throw InvalidUpdateError("ciphertext layout: residue not below the modulus");
+}
+
+void write_residues(uint8_t* data, size_t len, const CiphertextLayout& layout,
+                    const uint64_t* residues) {
+    check_fits(len, layout);
+    const uint64_t n = layout.ring_dim;
+    std::memcpy(data + layout.c0_offset, residues, n * 8);
+    std::memcpy(data + layout.c1_offset, residues + n, n * 8);
+}
+
+}  // namespace fedshield

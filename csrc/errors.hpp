@@ -1,0 +1,23 @@
+// Distinct error types of the native core; bindings.cpp maps each to its Python exception.
+#pragma once
+#include <stdexcept>
+#include <string>
+
+namespace fedshield {
+
+// Bytes that are not a well-formed fedshield object (truncated, corrupted, tampered).
+struct InvalidUpdateError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// Well-formed, but made for another context, layout, mask or round.
+struct IncompatibleUpdateError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// A value that would not fit the CKKS headroom (or is NaN/Inf): rejected, never wrapped.
+struct ValueRangeError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+}  // namespace fedshield

@@ -1,0 +1,62 @@
+#include "update_codec.hpp"
+
+#include <cstring>
+
+#include "bitpack.hpp"
+#include "errors.hpp"
+#include "parallel.hpp"
+
+namespace fedshield {
+
+std::string encode_ciphertexts(UpdateHeader header, const std::vector<ByteView>& cts,
+                               const CiphertextLayout& layout, unsigned threads) {
+    if (cts.size() != header.n_ciphertexts)
+        throw InvalidUpdateError("encode: " + std::to_string(cts.size()) +
+                                 " ciphertexts given, header announces " +
+                                 std::to_string(header.n_ciphertexts));
+    if (layout.ring_dim != header.ring_dim || layout.modulus != header.modulus)
+        throw InvalidUpdateError("encode: ciphertext layout does not match the header");
+    header.payload_len = packed_bytes(header.total_residues(), header.residue_bits);
+    std::string payload(header.payload_len, '\0');
+    auto* out = reinterpret_cast<uint8_t*>(&payload[0]);
+    const uint64_t per_ct = header.residues_per_ciphertext();  // 2N: a multiple of 8
+    const uint64_t bytes_per_ct = per_ct * header.residue_bits / 8;
+    parallel_ranges(cts.size(), threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
+        std::vector<uint64_t> residues(per_ct);
+        for (uint64_t i = begin; i < end; ++i) {
+            extract_residues(cts[i].data, cts[i].len, layout, residues.data());
+            pack_residues(residues.data(), per_ct, header.residue_bits, out + i * bytes_per_ct);
+        }
+    });
+    return encode_update(header, out);
+}
+
+std::vector<std::string> decode_ciphertexts(const uint8_t* data, size_t len,
+                                            const uint8_t* tmpl, size_t tmpl_len,
+                                            const CiphertextLayout& layout, unsigned threads) {
+    const UpdateHeader h = parse_update(data, len);
+    if (layout.ring_dim != h.ring_dim || layout.modulus != h.modulus)
+        throw IncompatibleUpdateError("decode: the update's ring_dim/modulus differ from the "
+                                      "decrypting context's");
+    if (tmpl_len != layout.total_size)
+        throw InvalidUpdateError("decode: template size does not match its layout");
+    const uint8_t* payload = data + kHeaderSize;
+    const uint64_t per_ct = h.residues_per_ciphertext();
+    std::vector<std::string> out(h.n_ciphertexts);
+    parallel_ranges(h.n_ciphertexts, threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
+        std::vector<uint64_t> residues(per_ct);
+        for (uint64_t i = begin; i < end; ++i) {
+            unpack_residues(payload, h.payload_len, i * per_ct, per_ct, h.residue_bits,
+                            residues.data());
+            for (uint64_t r : residues)
+                if (r >= h.modulus)
+                    throw InvalidUpdateError("invalid update: a residue is not below the modulus");
+            std::string ct(reinterpret_cast<const char*>(tmpl), tmpl_len);
+            write_residues(reinterpret_cast<uint8_t*>(&ct[0]), ct.size(), layout, residues.data());
+            out[i] = std::move(ct);
+        }
+    });
+    return out;
+}
+
+}  // namespace fedshield

@@ -1,0 +1,137 @@
+#include "wire.hpp"
+
+#include <cmath>
+#include <cstring>
+
+#include "bitpack.hpp"
+#include "checksum.hpp"
+#include "errors.hpp"
+
+namespace fedshield {
+namespace {
+
+constexpr char kMagic[8] = {'F', 'S', 'H', 'L', 'D', 'U', 'P', 'D'};
+constexpr uint32_t kMinRingDim = 1024;
+constexpr uint32_t kMaxRingDim = 1u << 17;
+
+template <class T>
+void put(std::string& out, size_t at, T v) {
+    std::memcpy(&out[at], &v, sizeof v);
+}
+
+template <class T>
+T get(const uint8_t* data, size_t at) {
+    T v;
+    std::memcpy(&v, data + at, sizeof v);
+    return v;
+}
+
+[[noreturn]] void bad(const std::string& what) {
+    throw InvalidUpdateError("invalid update: " + what);
+}
+
+}  // namespace
+
+unsigned bit_length(uint64_t q) {
+    unsigned b = 0;
+    while (q) {
+        ++b;
+        q >>= 1;
+    }
+    return b;
+}
+
+void validate_header(const UpdateHeader& h) {
+    if (h.kind != UpdateKind::Client && h.kind != UpdateKind::Aggregate)
+        bad("kind " + std::to_string(static_cast<unsigned>(h.kind)) + " is not 1 or 2");
+    if (h.n_summed < 1) bad("n_summed is 0");
+    if (h.kind == UpdateKind::Client && h.n_summed != 1)
+        bad("a client update must have n_summed 1, got " + std::to_string(h.n_summed));
+    if (h.ring_dim < kMinRingDim || h.ring_dim > kMaxRingDim || (h.ring_dim & (h.ring_dim - 1)))
+        bad("ring_dim " + std::to_string(h.ring_dim) + " is not a power of two in [1024, 131072]");
+    if (h.modulus < 3 || (h.modulus & 1) == 0)
+        bad("modulus " + std::to_string(h.modulus) + " is not an odd modulus >= 3");
+    if (h.residue_bits != bit_length(h.modulus) || h.residue_bits > 62)
+        bad("residue_bits " + std::to_string(h.residue_bits) + " does not match the modulus (" +
+            std::to_string(bit_length(h.modulus)) + " bits, at most 62)");
+    if (h.packing != Packing::Complex && h.packing != Packing::Real)
+        bad("packing " + std::to_string(static_cast<unsigned>(h.packing)) + " is not 1 or 2");
+    if (h.n_ciphertexts < 1) bad("n_ciphertexts is 0");
+    const uint64_t cap = h.values_per_ciphertext();
+    // The fewest ciphertexts that hold the values: no padding ciphertexts on the wire.
+    if (h.n_values < 1 || h.n_values > cap * h.n_ciphertexts ||
+        h.n_values <= cap * (h.n_ciphertexts - 1))
+        bad("n_values " + std::to_string(h.n_values) + " does not fill " +
+            std::to_string(h.n_ciphertexts) + " ciphertexts of " + std::to_string(cap) + " values");
+    if (!std::isfinite(h.weight_bound) || h.weight_bound <= 0)
+        bad("weight_bound is not a positive finite number");
+    if (h.payload_len != packed_bytes(h.total_residues(), h.residue_bits))
+        bad("payload_len " + std::to_string(h.payload_len) + " does not match " +
+            std::to_string(h.n_ciphertexts) + " ciphertexts of ring_dim " +
+            std::to_string(h.ring_dim));
+}
+
+std::string encode_update(const UpdateHeader& h, const uint8_t* payload) {
+    validate_header(h);
+    std::string out(kHeaderSize + h.payload_len + kChecksumSize, '\0');
+    std::memcpy(&out[0], kMagic, 8);
+    put<uint16_t>(out, 8, kWireVersion);
+    put<uint16_t>(out, 10, static_cast<uint16_t>(h.kind));
+    put<uint32_t>(out, 12, h.n_summed);
+    std::memcpy(&out[16], h.context_fp.data(), 32);
+    std::memcpy(&out[48], h.layout_fp.data(), 32);
+    std::memcpy(&out[80], h.mask_fp.data(), 32);
+    put<uint64_t>(out, 112, h.round);
+    put<uint64_t>(out, 120, h.n_values);
+    put<uint32_t>(out, 128, h.ring_dim);
+    put<uint32_t>(out, 132, h.n_ciphertexts);
+    put<uint64_t>(out, 136, h.modulus);
+    put<uint8_t>(out, 144, h.residue_bits);
+    put<uint8_t>(out, 145, static_cast<uint8_t>(h.packing));
+    put<double>(out, 152, h.weight_bound);
+    put<uint64_t>(out, 160, h.payload_len);
+    if (h.payload_len) std::memcpy(&out[kHeaderSize], payload, h.payload_len);
+    const size_t body = kHeaderSize + h.payload_len;
+    put<uint64_t>(out, body, checksum64(reinterpret_cast<const uint8_t*>(out.data()), body));
+    return out;
+}
+
+UpdateHeader parse_update(const uint8_t* data, size_t len) {
+    if (len < kHeaderSize + kChecksumSize)
+        bad("truncated: " + std::to_string(len) + " bytes, a header alone needs " +
+            std::to_string(kHeaderSize + kChecksumSize));
+    if (std::memcmp(data, kMagic, 8) != 0) bad("bad magic (not a fedshield update)");
+    const uint16_t version = get<uint16_t>(data, 8);
+    if (version != kWireVersion)
+        bad("wire version " + std::to_string(version) + " is not supported (expected " +
+            std::to_string(kWireVersion) + ")");
+    for (size_t i = 146; i < 152; ++i)
+        if (data[i] != 0) bad("reserved header bytes are not zero");
+    UpdateHeader h;
+    h.kind = static_cast<UpdateKind>(get<uint16_t>(data, 10));
+    h.n_summed = get<uint32_t>(data, 12);
+    std::memcpy(h.context_fp.data(), data + 16, 32);
+    std::memcpy(h.layout_fp.data(), data + 48, 32);
+    std::memcpy(h.mask_fp.data(), data + 80, 32);
+    h.round = get<uint64_t>(data, 112);
+    h.n_values = get<uint64_t>(data, 120);
+    h.ring_dim = get<uint32_t>(data, 128);
+    h.n_ciphertexts = get<uint32_t>(data, 132);
+    h.modulus = get<uint64_t>(data, 136);
+    h.residue_bits = get<uint8_t>(data, 144);
+    h.packing = static_cast<Packing>(get<uint8_t>(data, 145));
+    h.weight_bound = get<double>(data, 152);
+    h.payload_len = get<uint64_t>(data, 160);
+    validate_header(h);
+    // Overflow-safe: payload_len <= 2^32 * 2^18 * 62 / 8 < 2^56 after validate_header.
+    const uint64_t expected = kHeaderSize + h.payload_len + kChecksumSize;
+    if (len != expected)
+        bad((len < expected ? "truncated: " : "trailing bytes: ") + std::to_string(len) +
+            " bytes, the header announces " + std::to_string(expected));
+    const size_t body = kHeaderSize + h.payload_len;
+    if (get<uint64_t>(data, body) != checksum64(data, body))
+        bad("checksum mismatch (corrupted or tampered bytes)");
+    return h;
+}
+
+}  // namespace fedshield

@@ -1,0 +1,76 @@
+// The fedshield update wire format (version 1), little-endian:
+//
+//   off  size  field
+//     0     8  magic "FSHLDUPD"
+//     8     2  version (1)
+//    10     2  kind (1 = one client's update, 2 = an aggregate)
+//    12     4  n_summed: client updates folded in (1 for a client update)
+//    16    32  context fingerprint
+//    48    32  layout fingerprint
+//    80    32  mask fingerprint (all zero = dense, no mask)
+//   112     8  round
+//   120     8  n_values: real values packed (kept LoRA values + 1 weight)
+//   128     4  ring_dim N
+//   132     4  n_ciphertexts
+//   136     8  modulus q
+//   144     1  residue_bits = bit_length(q)
+//   145     1  packing (1 = complex: 2 reals per slot, 2 = real: 1 per slot)
+//   146     6  reserved, zero
+//   152     8  weight_bound (float64)
+//   160     8  payload_len
+//   168     -  payload: n_ciphertexts * 2 * N residues (c0 then c1 per ciphertext), bit-packed
+//   end-8   8  checksum64 of every byte before it
+#pragma once
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace fedshield {
+
+constexpr size_t kHeaderSize = 168;
+constexpr size_t kChecksumSize = 8;
+constexpr uint16_t kWireVersion = 1;
+
+enum class UpdateKind : uint16_t { Client = 1, Aggregate = 2 };
+enum class Packing : uint8_t { Complex = 1, Real = 2 };
+
+using Fingerprint = std::array<uint8_t, 32>;
+
+struct UpdateHeader {
+    UpdateKind kind = UpdateKind::Client;
+    uint32_t n_summed = 1;
+    Fingerprint context_fp{};
+    Fingerprint layout_fp{};
+    Fingerprint mask_fp{};
+    uint64_t round = 0;
+    uint64_t n_values = 0;
+    uint32_t ring_dim = 0;
+    uint32_t n_ciphertexts = 0;
+    uint64_t modulus = 0;
+    uint8_t residue_bits = 0;
+    Packing packing = Packing::Complex;
+    double weight_bound = 1.0;
+    uint64_t payload_len = 0;
+
+    uint64_t residues_per_ciphertext() const { return 2ULL * ring_dim; }
+    uint64_t total_residues() const { return residues_per_ciphertext() * n_ciphertexts; }
+    uint64_t values_per_ciphertext() const {
+        return packing == Packing::Complex ? ring_dim : ring_dim / 2;
+    }
+};
+
+// Checks the header's own consistency (throws InvalidUpdateError naming the field).
+void validate_header(const UpdateHeader& h);
+
+// Serializes header + payload + checksum. payload must hold h.payload_len bytes.
+std::string encode_update(const UpdateHeader& h, const uint8_t* payload);
+
+// Parses and validates a whole update (every byte hostile): magic, version, field ranges,
+// exact length, checksum. Returns the header; the payload starts at data + kHeaderSize.
+UpdateHeader parse_update(const uint8_t* data, size_t len);
+
+// Smallest number of bits that holds q - 1 (and q itself).
+unsigned bit_length(uint64_t q);
+
+}  // namespace fedshield

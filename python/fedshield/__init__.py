@@ -1,0 +1,21 @@
+"""fedshield: privacy-preserving federated LoRA fine-tuning with CKKS (FedShield-LLM).
+
+The server-side names (aggregate, load_context, EncryptedUpdate, Layout) never import openfhe.
+"""
+
+from .aggregate import aggregate
+from .crypto_ops import DEFAULT_WEIGHT_BOUND, decrypt_update, encrypt_update
+from .errors import (FedShieldError, HeadroomError, IncompatibleUpdate, InvalidUpdate,
+                     KeyMaterialError, ParameterError, UnsupportedPlatform)
+from .he import CKKSParams, Context, SharedKeys, keygen_shared, load_context
+from .layout import Layout, TensorSpec
+from .update import EncryptedUpdate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CKKSParams", "Context", "DEFAULT_WEIGHT_BOUND", "EncryptedUpdate", "FedShieldError",
+    "HeadroomError", "IncompatibleUpdate", "InvalidUpdate", "KeyMaterialError", "Layout",
+    "ParameterError", "SharedKeys", "TensorSpec", "UnsupportedPlatform", "aggregate",
+    "decrypt_update", "encrypt_update", "keygen_shared", "load_context",
+]

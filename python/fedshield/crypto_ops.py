@@ -1,0 +1,124 @@
+"""Client-side encrypted-update operations: encrypt_update and decrypt_update.
+
+The hot work is native (packing, residue extraction, bit packing); OpenFHE is only called to
+encode/encrypt and decrypt/decode whole ciphertexts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from . import _native
+from .errors import IncompatibleUpdate, KeyMaterialError, ParameterError
+from .he.context import Context
+from .layout import Layout
+from .update import KIND_CLIENT, EncryptedUpdate
+
+log = logging.getLogger("fedshield")
+
+# Weights (num_examples) are divided by this public bound before encryption so that every
+# pre-weighted value stays within the CKKS headroom. All clients of a round must use the same
+# bound (it rides in the header); it cancels out of sum(w*x)/sum(w).
+DEFAULT_WEIGHT_BOUND = float(2 ** 16)
+
+_PACKING_CODE = {"complex": 1, "real": 2}
+
+
+def _check_context(ctx: Context) -> None:
+    if not isinstance(ctx, Context):
+        raise TypeError(f"expected a fedshield Context, got {type(ctx).__name__}")
+
+
+def encrypt_update(ctx: Context, state: Mapping[str, torch.Tensor], layout: Layout,
+                   weight: float = 1.0, mask: Mapping[str, torch.Tensor] | None = None, *,
+                   round: int = 0, weight_bound: float = DEFAULT_WEIGHT_BOUND,
+                   threads: int = 0) -> EncryptedUpdate:
+    """Encrypts one client's LoRA update, pre-weighted by ``weight`` (e.g. num_examples).
+
+    With ``mask`` (name -> bool tensor, True = kept) only kept values are packed, so pruning
+    shrinks the ciphertexts; every client of a round must then use the same mask.
+    Raises HeadroomError if a weighted value would overflow the modulus (never wraps).
+    """
+    _check_context(ctx)
+    params = ctx.params
+    if not isinstance(layout, Layout):
+        raise TypeError(f"expected a fedshield Layout, got {type(layout).__name__}")
+    if not (isinstance(round, int) and round >= 0):
+        raise ParameterError(f"round={round!r} must be a non-negative int")
+    if not (math.isfinite(weight_bound) and weight_bound > 0):
+        raise ParameterError(f"weight_bound={weight_bound!r} must be a positive finite number")
+    if not (math.isfinite(weight) and 0 < weight <= weight_bound):
+        raise ParameterError(f"weight={weight!r} must be in (0, weight_bound={weight_bound:g}]")
+    arrays = layout.flat_arrays(state)
+    masks = layout.mask_arrays(mask)
+    n_kept = (layout.numel if mask is None
+              else int(sum(_native.kept_counts([m for m in masks]))))
+    n_values = n_kept + 1  # + the weight
+    per_ct = params.values_per_ciphertext
+    n_cts = -(-n_values // per_ct)
+    scale = weight / weight_bound
+    buffer = _native.pack_values(arrays, masks, scale, scale, params.value_bound,
+                                 n_cts * per_ct, threads)
+    cc, public_key, _ = ctx._openfhe()
+    from .he import backend  # noqa: PLC0415 - client side only
+
+    cts = backend.encrypt_buffer(cc, public_key, buffer, params)
+    del buffer  # plaintext update: drop it as soon as it is encrypted
+    template, ct_layout = ctx.ciphertext_template
+    header = {
+        "kind": KIND_CLIENT, "n_summed": 1, "context_fp": ctx.fingerprint,
+        "layout_fp": layout.fingerprint, "mask_fp": layout.mask_fingerprint(mask),
+        "round": round, "n_values": n_values, "ring_dim": params.ring_dim,
+        "n_ciphertexts": n_cts, "modulus": ctx.modulus,
+        "packing": _PACKING_CODE[params.packing], "weight_bound": float(weight_bound),
+    }
+    data = _native.encode_ciphertexts(header, cts, ct_layout, threads)
+    return EncryptedUpdate.from_bytes(data)
+
+
+def _check_decryptable(ctx: Context, update: EncryptedUpdate, layout: Layout,
+                       mask: Mapping[str, torch.Tensor] | None) -> None:
+    if update.context_fingerprint != ctx.fingerprint:
+        raise IncompatibleUpdate("the update was encrypted under another context "
+                                 f"({update.context_fingerprint.hex()[:12]}... vs "
+                                 f"{ctx.fingerprint.hex()[:12]}...)")
+    if update.layout_fingerprint != layout.fingerprint:
+        raise IncompatibleUpdate("the update was packed with another layout "
+                                 f"({update.layout_fingerprint.hex()[:12]}... vs "
+                                 f"{layout.fingerprint.hex()[:12]}...)")
+    if update.mask_fingerprint != layout.mask_fingerprint(mask):
+        raise IncompatibleUpdate(
+            "the update was packed with a different mask: pass the round's mask to decrypt"
+            if mask is not None or update.mask_fingerprint != bytes(32)
+            else "the update has no mask but one was given")
+
+
+def decrypt_update(ctx: Context, update: EncryptedUpdate, layout: Layout,
+                   mask: Mapping[str, torch.Tensor] | None = None, *,
+                   threads: int = 0) -> dict[str, torch.Tensor]:
+    """Decrypts an aggregate (or an update) into name -> tensor = sum(w*x) / sum(w).
+
+    Pruned positions (mask False) come back as zeros. Needs the secret key.
+    """
+    _check_context(ctx)
+    if not isinstance(update, EncryptedUpdate):
+        raise TypeError(f"expected an EncryptedUpdate, got {type(update).__name__}")
+    if not ctx.has_secret_key:
+        raise KeyMaterialError(
+            f"this {ctx.role} context holds no secret key and cannot decrypt; decrypt with a "
+            "client context (shared-key mode) or with partial decryptions (threshold mode)")
+    _check_decryptable(ctx, update, layout, mask)
+    cc, _, secret_key = ctx._openfhe(need_secret=True)
+    template, ct_layout = ctx.ciphertext_template
+    cts = _native.decode_ciphertexts(update.to_bytes(), template, ct_layout, threads)
+    from .he import backend  # noqa: PLC0415
+
+    buffer = backend.decrypt_ciphertexts(cc, secret_key, cts, ctx.params)
+    outs = [np.empty(s.numel, dtype=np.float32) for s in layout.specs]
+    _native.unpack_values(buffer, outs, layout.mask_arrays(mask), True, threads)
+    return {s.name: torch.from_numpy(o).reshape(s.shape) for s, o in zip(layout.specs, outs)}

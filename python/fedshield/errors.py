@@ -1,0 +1,32 @@
+"""The public error types. The native module raises these same classes."""
+
+
+class FedShieldError(Exception):
+    """Base class of every error fedshield raises on purpose."""
+
+
+class ParameterError(FedShieldError, ValueError):
+    """Insecure, inconsistent or out-of-range parameters."""
+
+
+class HeadroomError(ParameterError):
+    """A value (or a number of summed updates) that would overflow the CKKS modulus.
+
+    fedshield rejects it instead of letting the sum wrap around mod q silently.
+    """
+
+
+class InvalidUpdate(FedShieldError, ValueError):
+    """Malformed, truncated, corrupted or tampered update bytes."""
+
+
+class IncompatibleUpdate(FedShieldError, ValueError):
+    """A well-formed update made for another context, layout, mask or round."""
+
+
+class KeyMaterialError(FedShieldError):
+    """An operation needs key material the context does not hold, or a key file is bad."""
+
+
+class UnsupportedPlatform(FedShieldError, RuntimeError):
+    """The openfhe wheel cannot be imported on this interpreter."""

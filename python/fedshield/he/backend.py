@@ -1,0 +1,118 @@
+"""Everything that touches the openfhe module. Imported lazily: the server path never loads it."""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+
+import numpy as np
+
+from ..errors import KeyMaterialError, ParameterError, UnsupportedPlatform
+from .params import CKKSParams
+
+
+@lru_cache(maxsize=1)
+def openfhe():
+    """The openfhe module, or a clear error naming the interpreters its wheels support."""
+    try:
+        import openfhe as module  # noqa: PLC0415 - deliberately lazy
+    except ImportError as exc:
+        version = ".".join(map(str, sys.version_info[:2]))
+        raise UnsupportedPlatform(
+            f"cannot import openfhe on Python {version} ({exc}). The openfhe wheels work on "
+            "CPython 3.10 and on CPython 3.12 (Ubuntu 24.04-era systems): create the venv with "
+            "python3.10, e.g. `make test` picks it for you.") from exc
+    return module
+
+
+_SECURITY = {128: "HEStd_128_classic", 192: "HEStd_192_classic", 256: "HEStd_256_classic"}
+
+
+def make_crypto_context(params: CKKSParams):
+    """A depth-0 CKKS crypto context: ciphertexts are only ever added, never multiplied."""
+    o = openfhe()
+    p = o.CCParamsCKKSRNS()
+    p.SetMultiplicativeDepth(0)
+    p.SetScalingModSize(params.scale_bits)
+    p.SetFirstModSize(params.first_mod_bits)
+    p.SetRingDim(params.ring_dim)
+    p.SetBatchSize(params.slots)
+    p.SetScalingTechnique(o.FIXEDMANUAL)
+    p.SetSecurityLevel(getattr(o, _SECURITY[params.security_bits]))
+    # COMPLEX: the imaginary parts carry data (two reals per slot), so decryption must not
+    # treat them as noise.
+    p.SetCKKSDataType(o.COMPLEX)
+    try:
+        cc = o.GenCryptoContext(p)
+    except RuntimeError as exc:
+        raise ParameterError(f"OpenFHE rejected {params}: {exc}") from exc
+    cc.Enable(o.PKE)
+    return cc
+
+
+def modulus_of(cc) -> int:
+    # GetModulus() is a float in the binding; the element parameters give the exact integer.
+    return int(cc.GetElementParams().GetModulus())
+
+
+def serialize(obj) -> bytes:
+    o = openfhe()
+    return bytes(o.Serialize(obj, o.BINARY))
+
+
+def load_crypto_context(blob: bytes):
+    o = openfhe()
+    try:
+        return o.DeserializeCryptoContextString(blob, o.BINARY)
+    except Exception as exc:  # the binding raises RuntimeError or a cereal error
+        raise KeyMaterialError(f"cannot load the OpenFHE crypto context: {exc}") from exc
+
+
+def load_public_key(blob: bytes):
+    o = openfhe()
+    try:
+        return o.DeserializePublicKeyString(blob, o.BINARY)
+    except Exception as exc:
+        raise KeyMaterialError(f"cannot load the public key: {exc}") from exc
+
+
+def load_secret_key(blob: bytes):
+    o = openfhe()
+    try:
+        return o.DeserializePrivateKeyString(blob, o.BINARY)
+    except Exception as exc:
+        raise KeyMaterialError(f"cannot load the secret key: {exc}") from exc
+
+
+def encrypt_buffer(cc, public_key, buffer: np.ndarray, params: CKKSParams) -> list[bytes]:
+    """Encrypts a float64 buffer of n_ciphertexts * values_per_ciphertext reals."""
+    o = openfhe()
+    per_ct = params.values_per_ciphertext
+    assert buffer.dtype == np.float64 and buffer.size % per_ct == 0
+    slots = buffer.view(np.complex128) if params.packing == "complex" else buffer
+    n_slots = params.slots
+    out = []
+    for i in range(buffer.size // per_ct):
+        chunk = slots[i * n_slots:(i + 1) * n_slots]
+        if params.packing == "real":
+            chunk = chunk.astype(np.complex128)
+        pt = cc.MakeCKKSPackedPlaintext(chunk)
+        out.append(bytes(o.Serialize(cc.Encrypt(public_key, pt), o.BINARY)))
+    return out
+
+
+def decrypt_ciphertexts(cc, secret_key, cts: list[bytes], params: CKKSParams) -> np.ndarray:
+    """Decrypts serialized ciphertexts into one float64 buffer of reals."""
+    o = openfhe()
+    per_ct = params.values_per_ciphertext
+    out = np.empty(len(cts) * per_ct, dtype=np.float64)
+    for i, blob in enumerate(cts):
+        ct = o.DeserializeCiphertextString(blob, o.BINARY)
+        pt = cc.Decrypt(secret_key, ct)
+        pt.SetLength(params.slots)
+        values = np.asarray(pt.GetCKKSPackedValue(), dtype=np.complex128)
+        if params.packing == "complex":
+            out[i * per_ct:(i + 1) * per_ct] = values.view(np.float64)
+        else:
+            out[i * per_ct:(i + 1) * per_ct] = values.real
+    return out

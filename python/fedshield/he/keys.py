@@ -1,0 +1,57 @@
+"""Key generation. Shared-key mode is the paper's: every client holds the one secret key."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _native
+from .context import Context
+from .params import CKKSParams
+
+
+def _template(cc, public_key, params: CKKSParams) -> tuple[bytes, tuple]:
+    """A fresh encryption of zeros, residues zeroed: every non-residue byte of our ciphertexts."""
+    from . import backend  # noqa: PLC0415
+
+    blob = backend.encrypt_buffer(cc, public_key,
+                                  np.zeros(params.values_per_ciphertext, dtype=np.float64),
+                                  params)[0]
+    layout = _native.locate_residues(blob, params.ring_dim, backend.modulus_of(cc))
+    template = bytearray(blob)
+    n = params.ring_dim
+    for offset in layout[2:4]:
+        template[offset:offset + 8 * n] = bytes(8 * n)
+    return bytes(template), layout
+
+
+class SharedKeys:
+    """One key pair shared by every client (paper mode; weaker, see docs/THREAT_MODEL.md)."""
+
+    def __init__(self, params: CKKSParams, cc, key_pair) -> None:
+        from . import backend  # noqa: PLC0415
+
+        template, layout = _template(cc, key_pair.publicKey, params)
+        self._client = Context(
+            params=params, modulus=backend.modulus_of(cc),
+            crypto_context=backend.serialize(cc), public_key=backend.serialize(key_pair.publicKey),
+            secret_key=backend.serialize(key_pair.secretKey), template=template, ct_layout=layout,
+            role="client",
+            live={"crypto_context": cc, "public_key": key_pair.publicKey,
+                  "secret_key": key_pair.secretKey})
+
+    def client_context(self) -> Context:
+        """A context that encrypts and decrypts (holds the shared secret key)."""
+        return self._client
+
+    def server_context(self) -> Context:
+        """A context with public material only: it aggregates but cannot decrypt."""
+        return self._client.public()
+
+
+def keygen_shared(params: CKKSParams | None = None) -> SharedKeys:
+    """Generates one CKKS key pair for the whole federation (the paper's mode)."""
+    from . import backend  # noqa: PLC0415
+
+    params = params or CKKSParams()
+    cc = backend.make_crypto_context(params)
+    return SharedKeys(params, cc, cc.KeyGen())

@@ -1,0 +1,82 @@
+"""EncryptedUpdate: one client's encrypted LoRA update (or an aggregate) on the wire.
+
+Only the CKKS residues travel (bit-packed to bit_length(q) bits); every other byte of an
+OpenFHE ciphertext is identical across fresh ciphertexts of a context and is rebuilt by the
+key holders from their context's template. See csrc/wire.hpp for the byte layout.
+"""
+
+from __future__ import annotations
+
+from . import _native
+
+KIND_CLIENT = 1
+KIND_AGGREGATE = 2
+
+
+class EncryptedUpdate:
+    """Validated update bytes plus their parsed header. Immutable."""
+
+    __slots__ = ("_data", "_header")
+
+    def __init__(self, data: bytes, header: dict) -> None:
+        self._data = data
+        self._header = header
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> "EncryptedUpdate":
+        """Parses and validates every byte; raises fs.InvalidUpdate on malformed input."""
+        data = bytes(data)
+        return cls(data, _native.parse_update(data))
+
+    def to_bytes(self) -> bytes:
+        return self._data
+
+    @property
+    def header(self) -> dict:
+        return dict(self._header)
+
+    @property
+    def round(self) -> int:
+        return self._header["round"]
+
+    @property
+    def n_summed(self) -> int:
+        """Client updates folded into this one (1 for a client's own update)."""
+        return self._header["n_summed"]
+
+    @property
+    def is_aggregate(self) -> bool:
+        return self._header["kind"] == KIND_AGGREGATE
+
+    @property
+    def context_fingerprint(self) -> bytes:
+        return self._header["context_fp"]
+
+    @property
+    def layout_fingerprint(self) -> bytes:
+        return self._header["layout_fp"]
+
+    @property
+    def mask_fingerprint(self) -> bytes:
+        return self._header["mask_fp"]
+
+    @property
+    def n_values(self) -> int:
+        """Real values carried: kept LoRA values plus the weight."""
+        return self._header["n_values"]
+
+    @property
+    def n_ciphertexts(self) -> int:
+        return self._header["n_ciphertexts"]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        kind = "aggregate" if self.is_aggregate else "client update"
+        return (f"EncryptedUpdate({kind}, round={self.round}, n_summed={self.n_summed}, "
+                f"{self.n_ciphertexts} ciphertexts, {self.nbytes} bytes)")
