@@ -1,0 +1,89 @@
+"""Run configuration: one dataclass, every field defaulted and validated."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import ParameterError
+
+_CHOICES = {
+    "keys": ("shared",),
+    "prune": ("local", "global", "off"),
+    "algorithm": ("delta", "paper"),
+    "engine": ("local",),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What `fedshield run` does. The defaults are the embedded demo (minutes on 2 cores)."""
+
+    clients: int = field(default=3, metadata={"help": "number of simulated clients"})
+    rounds: int = field(default=4, metadata={"help": "federated rounds"})
+    model: str = field(default="tiny", metadata={"help": "'tiny' (built from a config) or a local path"})
+    data: str = field(default="synthetic", metadata={"help": "'synthetic' (generated) or a local path"})
+    he: bool = field(default=True, metadata={"help": "encrypt updates with CKKS (False: plaintext FedAvg)"})
+    keys: str = field(default="shared", metadata={"help": "key mode: shared (paper mode)"})
+    prune: str = field(default="local", metadata={"help": "local | global | off"})
+    algorithm: str = field(default="delta", metadata={"help": "delta (weighted FedAvg of updates) | paper"})
+    engine: str = field(default="local", metadata={"help": "local (in-process simulation)"})
+    out: str = field(default="runs/demo", metadata={"help": "output directory"})
+    seed: int = field(default=0, metadata={"help": "seed of data, model, LoRA init and training"})
+    examples_per_client: int = field(default=96, metadata={"help": "synthetic examples per client"})
+    eval_examples: int = field(default=64, metadata={"help": "held-out synthetic examples"})
+    local_steps: int = field(default=12, metadata={"help": "optimizer steps per client per round"})
+    batch_size: int = field(default=8, metadata={"help": "examples per step"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    max_len: int = field(default=96, metadata={"help": "tokens per example"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (cosine-decayed over rounds)"})
+    lr_min: float = field(default=3e-4, metadata={"help": "final learning rate"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (paper: 32)"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (paper: 64)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    prune_p0: float = field(default=0.2, metadata={"help": "pruned fraction at t_start"})
+    prune_target: float = field(default=0.5, metadata={"help": "pruned fraction from t_end on"})
+    prune_t_start: int = field(default=1, metadata={"help": "round where the schedule starts"})
+    prune_t_end: int = field(default=4, metadata={"help": "round where p_target is reached"})
+    ring_dim: int = field(default=16384, metadata={"help": "CKKS ring dimension"})
+    scale_bits: int = field(default=50, metadata={"help": "CKKS scale bits"})
+
+    def __post_init__(self) -> None:
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ParameterError(f"{name}={getattr(self, name)!r} is not one of {choices}")
+        positive = ("clients", "rounds", "examples_per_client", "eval_examples", "local_steps",
+                    "batch_size", "grad_accum", "max_len", "lora_r")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ParameterError(f"{name}={value!r} must be a positive int")
+        if not (self.lr > 0 and 0 <= self.lr_min <= self.lr):
+            raise ParameterError(f"lr={self.lr!r}, lr_min={self.lr_min!r}: need 0 <= lr_min <= lr, lr > 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise ParameterError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if self.examples_per_client < self.batch_size:
+            raise ParameterError(f"examples_per_client={self.examples_per_client} is smaller "
+                                 f"than batch_size={self.batch_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes) -> "RunConfig":
+        return RunConfig(**{**self.to_dict(), **changes})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "RunConfig":
+        """A JSON object of RunConfig fields; unknown keys are an error."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ParameterError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ParameterError(f"config {path} must hold a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ParameterError(f"config {path}: unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**data)

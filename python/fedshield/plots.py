@@ -1,0 +1,56 @@
+"""PNG plots of a run's metrics (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_run(metrics: dict, out_dir: Path) -> list[Path]:
+    """Writes loss.png, bytes.png and time.png; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rounds = [r["round"] for r in metrics["rounds"]]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    n_clients = len(metrics["rounds"][0]["train_loss"]) if rounds else 0
+    for c in range(n_clients):
+        ax.plot(rounds, [r["train_loss"][c] for r in metrics["rounds"]], "o--", alpha=0.6,
+                label=f"client {c} train")
+    ax.plot([0] + rounds, [metrics["initial_eval_loss"]] + [r["eval_loss"] for r in metrics["rounds"]],
+            "k-s", label="global eval")
+    ax.set(xlabel="round", ylabel="loss (completion tokens)", title="Loss per round")
+    ax.legend(fontsize=8)
+    written.append(_save(fig, out_dir / "loss.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar([r - 0.2 for r in rounds], [sum(r["bytes_up"]) / 1e6 for r in metrics["rounds"]],
+           width=0.4, label="up (all clients)")
+    ax.bar([r + 0.2 for r in rounds], [r["bytes_down"] / 1e6 for r in metrics["rounds"]],
+           width=0.4, label="down (per client)")
+    ax.set(xlabel="round", ylabel="MB", title="Bytes on the wire per round")
+    ax.legend(fontsize=8)
+    written.append(_save(fig, out_dir / "bytes.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bottom = [0.0] * len(rounds)
+    for phase in ("train", "prune", "encrypt", "aggregate", "decrypt"):
+        vals = [r["seconds"][phase] for r in metrics["rounds"]]
+        ax.bar(rounds, vals, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set(xlabel="round", ylabel="seconds", title="Time per round")
+    ax.legend(fontsize=8)
+    written.append(_save(fig, out_dir / "time.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,248 @@
+"""The local simulation engine: clients train, prune, encrypt; a keyless server aggregates.
+
+The loop orchestrates only; every heavy step is in train.py (torch), the native module
+(packing, aggregation) or OpenFHE (encrypt/decrypt).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data as fsdata
+from .aggregate import aggregate
+from .config import RunConfig
+from .crypto_ops import decrypt_update, encrypt_update
+from .he import CKKSParams, keygen_shared
+from .layout import Layout
+from .model import LoraSettings, attach_lora, build_tiny_llama, get_lora_state, set_lora_state
+from .pruning import apply_mask, kept_fraction, l1_mask, prune_ratio
+from .train import cosine_lr, evaluate_loss, train_local
+
+log = logging.getLogger("fedshield")
+
+PHASES = ("train", "prune", "encrypt", "aggregate", "decrypt")
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds = {p: 0.0 for p in PHASES}
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
+def _weighted_average(states: list[Mapping[str, torch.Tensor]],
+                      weights: list[float]) -> dict[str, torch.Tensor]:
+    """Plaintext FedAvg in float64: the reference the encrypted path must match."""
+    total = float(sum(weights))
+    return {name: (sum(w * s[name].double() for s, w in zip(states, weights)) / total).float()
+            for name in states[0]}
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+class LocalSimulation:
+    """One federated fine-tuning run in one process (the `local` engine)."""
+
+    def __init__(self, config: RunConfig, show_progress: bool | None = None) -> None:
+        self.cfg = config
+        self.out = Path(config.out)
+        self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
+        self._setup_data()
+        self._setup_model()
+        self._setup_keys()
+
+    # -- set-up ------------------------------------------------------------------------
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        if cfg.data != "synthetic":
+            raise NotImplementedError(
+                f"--data {cfg.data!r}: only the generated 'synthetic' data is supported so far")
+        self.tokenizer = fsdata.build_tokenizer()
+        n_train = cfg.clients * cfg.examples_per_client
+        examples = fsdata.make_synthetic_examples(n_train + cfg.eval_examples, cfg.seed)
+        # Interleaved split keeps every task in the held-out set.
+        eval_examples, train_examples = examples[:cfg.eval_examples], examples[cfg.eval_examples:]
+        shards = fsdata.split_non_iid(train_examples, cfg.clients, cfg.seed)
+        self.client_data = [fsdata.tokenize_examples(s, self.tokenizer, cfg.max_len) for s in shards]
+        self.client_sizes = [len(s) for s in shards]
+        self.eval_data = fsdata.tokenize_examples(eval_examples, self.tokenizer, cfg.max_len)
+        # A public bound on any client's weight, agreed by the federation; it cancels out.
+        self.weight_bound = float(2 ** math.ceil(math.log2(max(self.client_sizes))))
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        if cfg.model != "tiny":
+            raise NotImplementedError(
+                f"--model {cfg.model!r}: only the built-in 'tiny' Llama is supported so far")
+        base = build_tiny_llama(len(self.tokenizer), seed=cfg.seed)
+        settings = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+        self.model = attach_lora(base, settings, seed=cfg.seed)
+        self.global_state = get_lora_state(self.model)
+        self.layout = Layout.from_state_dict(self.global_state)
+
+    def _setup_keys(self) -> None:
+        self.client_ctx = self.server_ctx = None
+        if self.cfg.he:
+            keys = keygen_shared(CKKSParams(ring_dim=self.cfg.ring_dim,
+                                            scale_bits=self.cfg.scale_bits))
+            self.client_ctx = keys.client_context()
+            # The server only ever sees this public context.
+            self.server_ctx = keys.server_context()
+
+    # -- one round -----------------------------------------------------------------------
+    def _client_update(self, client: int, round_idx: int, lr: float, timer: _Timer):
+        cfg = self.cfg
+        set_lora_state(self.model, self.global_state)
+        with timer.phase("train"):
+            result = train_local(self.model, self.client_data[client], steps=cfg.local_steps,
+                                 batch_size=cfg.batch_size, lr=lr, grad_accum=cfg.grad_accum,
+                                 seed=cfg.seed * 1_000_003 + round_idx * 1009 + client)
+        local = get_lora_state(self.model)
+        if cfg.algorithm == "delta":
+            values = {k: local[k] - self.global_state[k] for k in local}
+            weight = float(result["num_examples"])
+        else:  # paper: the pruned weights themselves, averaged unweighted
+            values, weight = local, 1.0
+        return values, weight, float(result["loss"])
+
+    def run_round(self, round_idx: int, progress=None) -> dict:
+        cfg = self.cfg
+        timer = _Timer()
+        lr = cosine_lr(round_idx - 1, cfg.rounds, cfg.lr, cfg.lr_min)
+        ratio = (0.0 if cfg.prune == "off" else
+                 prune_ratio(round_idx, cfg.prune_p0, cfg.prune_target,
+                             cfg.prune_t_start, cfg.prune_t_end))
+        # Global mask: from the previous round's decrypted global state, identical on every
+        # client. Round 1 sends everything (LoRA B starts at zero: no magnitudes to rank yet).
+        round_mask = None
+        if cfg.prune == "global" and round_idx > 1:
+            with timer.phase("prune"):
+                round_mask = l1_mask(self.global_state, ratio)
+        updates, plain, weights, losses, bytes_up, kept = [], [], [], [], [], []
+        for client in range(cfg.clients):
+            values, weight, loss = self._client_update(client, round_idx, lr, timer)
+            with timer.phase("prune"):
+                if cfg.prune == "local":
+                    mask = l1_mask(values, ratio)
+                    values = apply_mask(values, mask)  # each client's own mask: sent densely
+                    kept.append(kept_fraction(mask))
+                elif round_mask is not None:
+                    values = apply_mask(values, round_mask)
+                    kept.append(kept_fraction(round_mask))
+                else:
+                    kept.append(1.0)
+            if cfg.he:
+                with timer.phase("encrypt"):
+                    upd = encrypt_update(self.client_ctx, values, self.layout, weight=weight,
+                                         mask=round_mask, round=round_idx,
+                                         weight_bound=self.weight_bound)
+                updates.append(upd.to_bytes())
+                bytes_up.append(upd.nbytes)
+            else:
+                plain.append(values)
+                n_sent = (self.layout.numel if round_mask is None
+                          else sum(int(m.sum()) for m in round_mask.values()))
+                bytes_up.append(4 * n_sent)  # dense fp32
+            weights.append(weight)
+            losses.append(loss)
+            if progress is not None:
+                progress.update(1)
+        if cfg.he:
+            with timer.phase("aggregate"):
+                agg = aggregate(self.server_ctx, iter(updates))
+            bytes_down = agg.nbytes
+            self.last_aggregate = agg
+            with timer.phase("decrypt"):
+                average = decrypt_update(self.client_ctx, agg, self.layout, mask=round_mask)
+        else:
+            with timer.phase("aggregate"):
+                average = _weighted_average(plain, weights)
+            bytes_down = bytes_up[0]
+        if cfg.algorithm == "delta":
+            self.global_state = {k: self.global_state[k] + average[k] for k in average}
+        else:
+            self.global_state = average
+        set_lora_state(self.model, self.global_state)
+        eval_loss = evaluate_loss(self.model, self.eval_data, batch_size=32)
+        return {
+            "round": round_idx,
+            "train_loss": losses,
+            "eval_loss": eval_loss,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "seconds": {k: round(v, 4) for k, v in timer.seconds.items()},
+            "kept_fraction": sum(kept) / len(kept),
+            "prune_ratio": ratio,
+            "lr": lr,
+        }
+
+    # -- the whole run ---------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        set_lora_state(self.model, self.global_state)
+        metrics = {
+            "config": cfg.to_dict(),
+            "num_lora_values": self.layout.numel,
+            "client_examples": self.client_sizes,
+            "initial_eval_loss": evaluate_loss(self.model, self.eval_data, batch_size=32),
+            "server_has_secret_key": bool(self.server_ctx.has_secret_key) if cfg.he else None,
+            "rounds": [],
+        }
+        log.info("fedshield: %d clients, %d rounds, HE %s, %d LoRA values; initial eval loss %.4f",
+                 cfg.clients, cfg.rounds, "on" if cfg.he else "off", self.layout.numel,
+                 metrics["initial_eval_loss"])
+        bar = tqdm(total=cfg.rounds * cfg.clients, desc="clients x rounds", unit="update",
+                   disable=not self.show_progress, file=sys.stderr)
+        with bar:
+            for r in range(1, cfg.rounds + 1):
+                entry = self.run_round(r, progress=bar)
+                metrics["rounds"].append(entry)
+                bar.set_postfix(round=r, eval_loss=f"{entry['eval_loss']:.3f}")
+                log.info("round %d/%d: eval loss %.4f, train loss %s, %d bytes up/client, "
+                         "kept %.2f, seconds %s", r, cfg.rounds, entry["eval_loss"],
+                         [round(x, 3) for x in entry["train_loss"]], max(entry["bytes_up"]),
+                         entry["kept_fraction"], entry["seconds"])
+                _write_json_atomic(self.out / "metrics.json", metrics)
+        self._save_adapter()
+        from .plots import plot_run  # noqa: PLC0415 - matplotlib only when writing plots
+
+        plot_run(metrics, self.out / "plots")
+        return metrics
+
+    def _save_adapter(self) -> None:
+        """DIR/adapter (PEFT) over DIR/base_model (the tiny base and its tokenizer)."""
+        base_dir = self.out / "base_model"
+        base = build_tiny_llama(len(self.tokenizer), seed=self.cfg.seed)
+        base.save_pretrained(base_dir)
+        self.tokenizer.save_pretrained(base_dir)
+        set_lora_state(self.model, self.global_state)
+        for peft_config in self.model.peft_config.values():
+            peft_config.base_model_name_or_path = str(base_dir.resolve())
+        self.model.save_pretrained(self.out / "adapter")
+
+
+def run(config: RunConfig, show_progress: bool | None = None) -> dict:
+    """Runs a federated fine-tuning job and writes metrics.json, adapter/ and plots/."""
+    return LocalSimulation(config, show_progress=show_progress).run()

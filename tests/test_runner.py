@@ -1,0 +1,131 @@
+"""The local engine end to end: HE equals plaintext FedAvg, outputs of `fedshield run`."""
+
+import json
+
+import pytest
+import torch
+
+import fedshield as fs
+from fedshield.cli import main as cli_main
+from fedshield.config import RunConfig
+from fedshield.runner import LocalSimulation
+
+SMALL = dict(clients=2, rounds=2, examples_per_client=16, eval_examples=16, local_steps=2,
+             batch_size=4, lora_r=4)
+
+
+def _max_diff(a, b):
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("prune", ["local", "global", "off"])
+def test_encrypted_round_equals_plaintext_fedavg(tmp_path, prune):
+    cfg = RunConfig(**SMALL, prune=prune, out=str(tmp_path))
+    he = LocalSimulation(cfg, show_progress=False)
+    plain = LocalSimulation(cfg.replace(he=False), show_progress=False)
+    start = {k: v.clone() for k, v in he.global_state.items()}
+    for r in (1, 2):  # round 2 exercises the global mask (round 1 is unpruned by design)
+        m_he, m_plain = he.run_round(r), plain.run_round(r)
+        # Same seeds, same data: the clients computed identical updates; only the
+        # aggregation differs (CKKS vs float64). Tolerance from the CKKS scale 2^50.
+        assert _max_diff(he.global_state, plain.global_state) <= 1e-6
+        assert m_he["train_loss"] == pytest.approx(m_plain["train_loss"], abs=1e-4)
+    assert _max_diff(he.global_state, start) > 1e-4  # the round really moved the model
+    if prune == "global":
+        assert m_he["kept_fraction"] < 1.0
+        assert max(m_he["bytes_up"]) < he.client_ctx.params.ring_dim * 8 * 2  # compacted
+
+
+def test_run_writes_metrics_adapter_and_plots(tmp_path):
+    out = tmp_path / "run"
+    rc = cli_main(["run", "--clients", "2", "--rounds", "3", "--local-steps", "4",
+                   "--out", str(out), "--no-progress", "--lora-r", "4"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["server_has_secret_key"] is False
+    assert metrics["config"]["he"] is True and metrics["config"]["clients"] == 2
+    assert len(metrics["rounds"]) == 3
+    for i, r in enumerate(metrics["rounds"], start=1):
+        assert r["round"] == i
+        assert len(r["train_loss"]) == 2 and len(r["bytes_up"]) == 2
+        assert set(r["seconds"]) == {"train", "prune", "encrypt", "aggregate", "decrypt"}
+        assert r["bytes_down"] > 0 and 0 < r["kept_fraction"] <= 1
+    assert metrics["rounds"][-1]["eval_loss"] < metrics["initial_eval_loss"]
+    for name in ("loss.png", "bytes.png", "time.png"):
+        assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The adapter loads with PEFT onto the saved base and reproduces the final eval loss.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedshield import data as fsdata
+    from fedshield.train import evaluate_loss
+
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    tok = AutoTokenizer.from_pretrained(out / "base_model")
+    cfg = RunConfig(**metrics["config"])
+    examples = fsdata.make_synthetic_examples(
+        cfg.clients * cfg.examples_per_client + cfg.eval_examples, cfg.seed)[:cfg.eval_examples]
+    loss = evaluate_loss(model, fsdata.tokenize_examples(examples, tok, cfg.max_len))
+    assert loss == pytest.approx(metrics["rounds"][-1]["eval_loss"], abs=1e-4)
+
+
+def test_no_he_baseline_runs(tmp_path):
+    out = tmp_path / "plain"
+    rc = cli_main(["run", "--no-he", "--clients", "2", "--rounds", "1", "--local-steps", "2",
+                   "--out", str(out), "--no-progress", "--lora-r", "4"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["he"] is False
+    assert metrics["server_has_secret_key"] is None
+    n = metrics["num_lora_values"]
+    assert metrics["rounds"][0]["bytes_up"] == [4 * n, 4 * n]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(clients=0), "clients=0"),
+    (dict(prune="magic"), "prune='magic'"),
+    (dict(lr=-1.0), "lr=-1.0"),
+    (dict(lora_dropout=1.5), "lora_dropout=1.5"),
+    (dict(batch_size=64, examples_per_client=8), "examples_per_client=8"),
+])
+def test_bad_config_is_rejected_with_the_value(bad, match):
+    with pytest.raises(fs.ParameterError, match=match.replace("(", r"\(")):
+        RunConfig(**bad)
+
+
+def test_config_file_unknown_field(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"clients": 2, "colour": "blue"}))
+    with pytest.raises(fs.ParameterError, match="colour"):
+        RunConfig.from_file(path)
+    path.write_text(json.dumps({"clients": 2, "rounds": 1}))
+    assert RunConfig.from_file(path).rounds == 1
+
+
+def test_cli_reports_bad_config_cleanly(tmp_path, capsys):
+    path = tmp_path / "cfg.json"
+    path.write_text("{not json")
+    assert cli_main(["run", "--config", str(path), "--out", str(tmp_path)]) == 2
+    assert "cannot read config" in capsys.readouterr().err
+
+
+def test_global_mask_is_identical_on_every_client(tmp_path):
+    """Two clients decrypting the same aggregate with their own context copies derive the same mask."""
+    from fedshield.pruning import kept_fraction, l1_mask
+
+    cfg = RunConfig(**SMALL, prune="global", out=str(tmp_path))
+    sim = LocalSimulation(cfg, show_progress=False)
+    before = {k: v.clone() for k, v in sim.global_state.items()}
+    sim.run_round(1)
+    blob = sim.client_ctx.to_bytes(include_secret=True)
+    masks = []
+    for _ in range(2):
+        ctx = fs.load_context(blob)  # each client holds its own copy of the shared key
+        avg = fs.decrypt_update(ctx, fs.EncryptedUpdate.from_bytes(sim.last_aggregate.to_bytes()),
+                                sim.layout)
+        masks.append(l1_mask({k: before[k] + avg[k] for k in avg}, 0.3))
+    assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+    assert sim.layout.mask_fingerprint(masks[0]) == sim.layout.mask_fingerprint(masks[1])
+    assert 0.6 < kept_fraction(masks[0]) < 0.8
