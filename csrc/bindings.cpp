@@ -228,7 +228,10 @@ void bind_packing(py::module_& m) {
         }
         return out;
     }, "Compacts, pre-weights and range-checks LoRA tensors into a float64 slot buffer.");
-    m.def("unpack_values", [](const F64& buffer, std::vector<F32> outs,
+    // The outputs are taken as plain arrays, not F32: pybind11's array_t caster would silently
+    // convert a non-contiguous (or float16) output into a temporary copy, and the results
+    // written there would be lost. Outputs must be written in place, so anything else is refused.
+    m.def("unpack_values", [](const F64& buffer, std::vector<py::array> outs,
                               const std::vector<py::object>& masks, bool divide_by_weight,
                               unsigned threads) {
         if (masks.size() != outs.size())
@@ -236,7 +239,11 @@ void bind_packing(py::module_& m) {
         std::vector<U8> mask_arrays(masks.size());
         std::vector<TensorOut> views(outs.size());
         for (size_t i = 0; i < outs.size(); ++i) {
-            views[i].values = outs[i].mutable_data();
+            if (!outs[i].dtype().is(py::dtype::of<float>()) ||
+                !(outs[i].flags() & py::array::c_style) || !outs[i].writeable())
+                throw py::value_error("unpack_values: output " + std::to_string(i) +
+                                      " must be a writeable C-contiguous float32 array");
+            views[i].values = static_cast<float*>(outs[i].mutable_data());
             views[i].numel = static_cast<uint64_t>(outs[i].size());
             if (!masks[i].is_none()) {
                 mask_arrays[i] = masks[i].cast<U8>();

@@ -26,8 +26,10 @@ bool is_residue_array(const uint8_t* data, size_t len, size_t at, uint64_t n, ui
 
 CiphertextLayout locate_residues(const uint8_t* data, size_t len, uint64_t ring_dim,
                                  uint64_t modulus) {
-    if (ring_dim == 0 || modulus < 3)
-        throw InvalidUpdateError("ciphertext layout: ring_dim and modulus must be positive");
+    // ring_dim is bounded like the wire format's, so ring_dim * 8 below cannot overflow
+    if (ring_dim == 0 || ring_dim > (1u << 17) || modulus < 3)
+        throw InvalidUpdateError("ciphertext layout: ring_dim must be in [1, 131072] and the "
+                                 "modulus at least 3");
     std::vector<uint64_t> found;
     size_t at = 0;
     while (at + 8 <= len) {
@@ -57,6 +59,18 @@ static void check_fits(size_t len, const CiphertextLayout& layout) {
         throw InvalidUpdateError("ciphertext layout: serialized ciphertext has " +
                                  std::to_string(len) + " bytes, the template has " +
                                  std::to_string(layout.total_size));
+    // A layout also arrives from outside (a context file's ct_layout, a Python tuple): check
+    // that both arrays and their length words lie inside the buffer, in order, before any
+    // memcpy reads or writes through them. Without this a forged context file made
+    // extract/write_residues read and write out of bounds (segfault on decrypt).
+    const uint64_t n = layout.ring_dim, c0 = layout.c0_offset, c1 = layout.c1_offset;
+    const bool ok = n >= 1 && n <= (1u << 17) && c0 >= 8 && c0 <= len &&
+                    len - c0 >= 8 * n && c1 >= c0 + 8 * n + 8 && c1 <= len && len - c1 >= 8 * n;
+    if (!ok)
+        throw InvalidUpdateError("ciphertext layout: residue offsets (" + std::to_string(c0) +
+                                 ", " + std::to_string(c1) + ") for ring_dim " +
+                                 std::to_string(n) + " do not fit a " + std::to_string(len) +
+                                 "-byte ciphertext");
 }
 
 void extract_residues(const uint8_t* data, size_t len, const CiphertextLayout& layout,

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from . import _native
-from .errors import IncompatibleUpdate, KeyMaterialError, ParameterError
+from .errors import (HeadroomError, IncompatibleUpdate, InvalidUpdate, KeyMaterialError,
+                     ParameterError)
 from .he.context import Context
 from .layout import Layout
 from .update import KIND_CLIENT, EncryptedUpdate
@@ -32,6 +33,46 @@ _PACKING_CODE = {"complex": 1, "real": 2}
 def _check_context(ctx: Context) -> None:
     if not isinstance(ctx, Context):
         raise TypeError(f"expected a fedshield Context, got {type(ctx).__name__}")
+
+
+def _encryption_layout(ctx: Context, first_ct: bytes) -> tuple:
+    """Where the residues sit in the ciphertexts this context's openfhe objects produce.
+
+    Not always the template's layout: a public key deserialized from a context file (any
+    client that loads its context) makes ciphertexts whose second element parameters are
+    serialized in full instead of as a cereal back-reference, 144 bytes longer than the
+    template made at keygen. Using the template's offsets there failed every encryption
+    ("serialized ciphertext has 263035 bytes, the template has 262891"). So parse one of our
+    own ciphertexts once and cache its layout; encode_ciphertexts still checks every
+    ciphertext against it (size, length words, residues below q).
+    """
+    layout = ctx._live.get("encrypt_layout")
+    if layout is None or layout[4] != len(first_ct):
+        template_layout = ctx.ciphertext_template[1]
+        if len(first_ct) == template_layout[4]:
+            layout = template_layout
+        else:
+            layout = tuple(_native.locate_residues(first_ct, ctx.params.ring_dim, ctx.modulus))
+        ctx._live["encrypt_layout"] = layout
+    return layout
+
+
+def _describe_bad_value(layout: Layout, arrays: list, masks: list, scale: float, bound: float,
+                        exc: Exception) -> str:
+    """Names the first kept value that is not finite or over the headroom (error path only)."""
+    for spec, arr, m in zip(layout.specs, arrays, masks):
+        bad = ~(np.abs(arr.astype(np.float64) * scale) <= bound)  # also NaN
+        if m is not None:
+            bad &= m.astype(bool)
+        if bad.any():
+            j = int(np.argmax(bad))
+            index = tuple(int(i) for i in np.unravel_index(j, spec.shape)) if spec.shape else ()
+            value = float(arr[j])
+            what = ("is not finite" if not math.isfinite(value) else
+                    f"times weight/weight_bound={scale:g} exceeds the CKKS headroom {bound:g} "
+                    "(CKKSParams.value_bound)")
+            return f"state[{spec.name!r}] at {index}: value {value!r} {what}"
+    return str(exc)
 
 
 def encrypt_update(ctx: Context, state: Mapping[str, torch.Tensor], layout: Layout,
@@ -62,14 +103,19 @@ def encrypt_update(ctx: Context, state: Mapping[str, torch.Tensor], layout: Layo
     per_ct = params.values_per_ciphertext
     n_cts = -(-n_values // per_ct)
     scale = weight / weight_bound
-    buffer = _native.pack_values(arrays, masks, scale, scale, params.value_bound,
-                                 n_cts * per_ct, threads)
+    try:
+        buffer = _native.pack_values(arrays, masks, scale, scale, params.value_bound,
+                                     n_cts * per_ct, threads)
+    except HeadroomError as exc:
+        # The native error names tensors by index; users know them by name.
+        raise HeadroomError(_describe_bad_value(layout, arrays, masks, scale,
+                                                params.value_bound, exc)) from exc
     cc, public_key, _ = ctx._openfhe()
     from .he import backend  # noqa: PLC0415 - client side only
 
     cts = backend.encrypt_buffer(cc, public_key, buffer, params)
     del buffer  # plaintext update: drop it as soon as it is encrypted
-    template, ct_layout = ctx.ciphertext_template
+    ct_layout = _encryption_layout(ctx, cts[0])
     header = {
         "kind": KIND_CLIENT, "n_summed": 1, "context_fp": ctx.fingerprint,
         "layout_fp": layout.fingerprint, "mask_fp": layout.mask_fingerprint(mask),
@@ -96,6 +142,13 @@ def _check_decryptable(ctx: Context, update: EncryptedUpdate, layout: Layout,
             "the update was packed with a different mask: pass the round's mask to decrypt"
             if mask is not None or update.mask_fingerprint != bytes(32)
             else "the update has no mask but one was given")
+    # Fingerprints match, so the value count is fixed: a header that says otherwise was forged
+    # (unchecked, a short update surfaced as a confusing HeadroomError from unpacking).
+    masks = layout.mask_arrays(mask)
+    n_kept = layout.numel if mask is None else int(sum(_native.kept_counts(masks)))
+    if update.n_values != n_kept + 1:
+        raise InvalidUpdate(f"the update carries {update.n_values} values, its layout and mask "
+                            f"make {n_kept + 1} (kept values + the weight)")
 
 
 def decrypt_update(ctx: Context, update: EncryptedUpdate, layout: Layout,

@@ -133,6 +133,9 @@ def load_context(blob: bytes) -> Context:
         params = CKKSParams.from_dict(meta["params"])
         sections, at = {}, fixed + head_len
         for name, size in meta["sections"]:
+            # negative sizes would walk `at` backwards and still let the total add up
+            if not (isinstance(size, int) and size >= 0):
+                raise ValueError(f"section {name!r} has size {size!r}")
             sections[name] = body[at:at + size]
             at += size
         if at != len(body):
@@ -142,8 +145,29 @@ def load_context(blob: bytes) -> Context:
                       public_key=sections["public_key"], template=sections["template"],
                       ct_layout=tuple(meta["ct_layout"]), secret_key=sections.get("secret_key"),
                       role=str(meta["role"]))
-    except (KeyError, ValueError, TypeError, ParameterError) as exc:
+        _check_ciphertext_layout(ctx)
+        # inside the try: a missing "fingerprint" key is a malformed context, not a KeyError
+        fingerprint_ok = ctx.fingerprint.hex() == meta["fingerprint"]
+    except (KeyError, ValueError, TypeError, ParameterError,
+            OverflowError, RecursionError) as exc:  # int(inf), deeply nested JSON
         raise KeyMaterialError(f"malformed context: {exc}") from exc
-    if ctx.fingerprint.hex() != meta["fingerprint"]:
+    if not fingerprint_ok:
         raise KeyMaterialError("context fingerprint does not match its public key")
     return ctx
+
+
+def _check_ciphertext_layout(ctx: Context) -> None:
+    """The template layout must describe this context's ciphertexts: the native code copies
+    residues through these offsets (it re-checks the bounds itself too)."""
+    layout = ctx._ct_layout
+    n = ctx.params.ring_dim
+    if len(layout) != 5:
+        raise ValueError(f"ct_layout has {len(layout)} fields, expected 5")
+    ring_dim, modulus, c0, c1, total = layout
+    if ring_dim != n or modulus != ctx.modulus or total != len(ctx._template):
+        raise ValueError(f"ct_layout {layout} does not match ring_dim {n}, the modulus or the "
+                         f"{len(ctx._template)}-byte template")
+    if not (8 <= c0 and c0 + 8 * n + 8 <= c1 and c1 + 8 * n <= total):
+        raise ValueError(f"ct_layout offsets ({c0}, {c1}) do not fit the template")
+    if not (3 <= ctx.modulus < 2**62 and ctx.modulus % 2 == 1):  # what the wire format takes
+        raise ValueError(f"modulus {ctx.modulus} is not an odd modulus in [3, 2**62)")

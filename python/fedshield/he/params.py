@@ -76,8 +76,12 @@ class CKKSParams:
         if self.max_clients < 1:
             raise ParameterError(f"CKKSParams.max_clients={self.max_clients} must be >= 1")
         if self.value_bound < 1.0:
+            # Name the offending values themselves (not only their difference), like every
+            # other ParameterError here.
             raise ParameterError(
-                f"CKKSParams leaves no headroom: first_mod_bits - scale_bits = "
+                f"CKKSParams(scale_bits={self.scale_bits}, first_mod_bits={self.first_mod_bits},"
+                f" max_clients={self.max_clients}) leaves no headroom: first_mod_bits - "
+                f"scale_bits = "
                 f"{self.first_mod_bits - self.scale_bits} bits cannot hold the sum of "
                 f"{self.max_clients} values of magnitude 1 (needs "
                 f"{2 + (self.max_clients - 1).bit_length()}); lower scale_bits or max_clients")

@@ -1,0 +1,378 @@
+"""EncryptedUpdate on the wire: round trips, size, and hostile bytes (csrc/wire.hpp layout)."""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fedshield as fs
+from fedshield import _native
+from conftest import RING_DIM, WIRE_OVERHEAD, make_state, weighted_average
+
+HEADER = 168
+FRESH_CIPHERTEXT_BYTES = 262891  # one fresh OpenFHE ciphertext at the default parameters
+
+HYP = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.function_scoped_fixture])
+
+
+def reseal(data: bytes | bytearray) -> bytes:
+    """Recomputes the trailing checksum: what a forger (not a random bit flip) does."""
+    body = bytes(data[:-8])
+    return body + struct.pack("<Q", _native.checksum64(body))
+
+
+def set_residue(data: bytes, index: int, value: int, bits: int) -> bytes:
+    """Overwrites residue `index` of the bit-packed payload (LSB-first, `bits` bits each)."""
+    payload = int.from_bytes(data[HEADER:-8], "little")
+    mask = ((1 << bits) - 1) << (index * bits)
+    payload = (payload & ~mask) | (value << (index * bits))
+    return data[:HEADER] + payload.to_bytes(len(data) - HEADER - 8, "little") + data[-8:]
+
+
+def get_residue(data: bytes, index: int, bits: int) -> int:
+    payload = int.from_bytes(data[HEADER:-8], "little")
+    return (payload >> (index * bits)) & ((1 << bits) - 1)
+
+
+# -- round trips and header ------------------------------------------------------------------
+
+def test_round_trip_and_header(client_ctx, small_update, small_layout):
+    data = small_update.to_bytes()
+    assert isinstance(data, bytes)
+    again = fs.EncryptedUpdate.from_bytes(data)
+    assert again.to_bytes() == data
+    for view in (bytearray(data), memoryview(data)):
+        assert fs.EncryptedUpdate.from_bytes(view).to_bytes() == data
+    assert again.header == small_update.header
+
+    assert data[:8] == b"FSHLDUPD"
+    assert struct.unpack_from("<H", data, 8)[0] == 1          # version
+    assert struct.unpack_from("<H", data, 10)[0] == 1         # kind: client update
+    assert struct.unpack_from("<Q", data, len(data) - 8)[0] == _native.checksum64(data[:-8])
+    assert again.round == 7 and struct.unpack_from("<Q", data, 112)[0] == 7
+    assert again.context_fingerprint == client_ctx.fingerprint == data[16:48]
+    assert again.layout_fingerprint == small_layout.fingerprint == data[48:80]
+    assert again.mask_fingerprint == bytes(32) == data[80:112]
+    assert again.n_summed == 1 and not again.is_aggregate
+    assert again.n_values == small_layout.numel + 1
+    assert again.n_ciphertexts == 1
+    h = again.header
+    assert h["modulus"] == client_ctx.modulus and h["residue_bits"] == 60
+    assert h["ring_dim"] == RING_DIM and h["packing"] == 1
+    assert h["weight_bound"] == 4.0
+    assert len(data) == WIRE_OVERHEAD + h["payload_len"]
+    assert h["payload_len"] == 2 * RING_DIM * 60 // 8
+    assert again.nbytes == len(again) == len(data)
+    # header is a copy: mutating it does not change the update
+    h["round"] = 99
+    assert again.round == 7
+
+
+def test_round_trip_decrypts(client_ctx, small_update, small_state, small_layout):
+    again = fs.EncryptedUpdate.from_bytes(bytes(small_update.to_bytes()))
+    out = fs.decrypt_update(client_ctx, again, small_layout)
+    ref = weighted_average([small_state], [3.0])
+    for name, t in out.items():
+        assert t.dtype == torch.float32 and tuple(t.shape) == tuple(small_state[name].shape)
+        np.testing.assert_allclose(t.double().numpy(), ref[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("n_values", [1, 100, RING_DIM - 1, RING_DIM, 2 * RING_DIM - 1,
+                                      2 * RING_DIM + 5])
+def test_size_is_at_most_fresh_ciphertexts(client_ctx, n_values):
+    state = make_state(n_values, {"w": (n_values,)})
+    layout = fs.Layout.from_state_dict(state)
+    upd = fs.encrypt_update(client_ctx, state, layout, weight=1.0)
+    n_cts = math.ceil((n_values + 1) / RING_DIM)
+    assert upd.n_ciphertexts == n_cts
+    assert len(upd.to_bytes()) <= n_cts * FRESH_CIPHERTEXT_BYTES + WIRE_OVERHEAD
+    # and it is exactly the residues at 60 bits plus the fixed overhead
+    assert len(upd.to_bytes()) == n_cts * 2 * RING_DIM * 60 // 8 + WIRE_OVERHEAD
+
+
+def test_fresh_ciphertext_size_matches(client_ctx):
+    template, layout = client_ctx.ciphertext_template
+    assert len(template) == FRESH_CIPHERTEXT_BYTES == layout[4]
+
+
+def test_bytes_per_value_large_state(client_ctx):
+    # 8 full ciphertexts: 8 * 16384 - 1 LoRA values + the weight (one more value would
+    # need a ninth ciphertext for the weight alone)
+    n = 8 * RING_DIM - 1
+    state = make_state(11, {"a.lora_A.weight": (16, 4096), "a.lora_B.weight": (4095, 16),
+                            "c": (15,)})
+    layout = fs.Layout.from_state_dict(state)
+    assert layout.numel == n
+    upd = fs.encrypt_update(client_ctx, state, layout, weight=2.0, weight_bound=2.0)
+    assert upd.n_ciphertexts == 8
+    per_value = len(upd.to_bytes()) / n
+    print(f"bytes per LoRA value: {per_value:.3f}")
+    assert per_value <= 16.1
+    assert 15.0 <= per_value < 15.01
+    out = fs.decrypt_update(client_ctx, upd, layout)
+    for name in state:
+        np.testing.assert_allclose(out[name].numpy(), state[name].numpy(), atol=1e-6, rtol=0)
+
+
+# -- hostile bytes ---------------------------------------------------------------------------
+
+def test_truncated(small_update):
+    data = small_update.to_bytes()
+    for cut in [0, 1, 8, 100, HEADER, HEADER + 8, len(data) // 2, len(data) - 8, len(data) - 1]:
+        with pytest.raises(fs.InvalidUpdate, match="truncated"):
+            fs.EncryptedUpdate.from_bytes(data[:cut])
+
+
+def test_trailing_bytes(small_update):
+    data = small_update.to_bytes()
+    for extra in [b"\0", b"x" * 8, data[:100]]:
+        with pytest.raises(fs.InvalidUpdate, match="trailing"):
+            fs.EncryptedUpdate.from_bytes(data + extra)
+
+
+@pytest.mark.parametrize("offset", [0, 9, 16, 50, 112, 130, 150, 160, HEADER, HEADER + 12345,
+                                    -9, -1])
+def test_corrupted_byte(small_update, offset):
+    data = bytearray(small_update.to_bytes())
+    data[offset] ^= 0x10
+    with pytest.raises(fs.InvalidUpdate):
+        fs.EncryptedUpdate.from_bytes(bytes(data))
+
+
+def test_payload_corruption_is_a_checksum_error(small_update):
+    data = bytearray(small_update.to_bytes())
+    data[HEADER + 777] ^= 1
+    with pytest.raises(fs.InvalidUpdate, match="checksum"):
+        fs.EncryptedUpdate.from_bytes(bytes(data))
+
+
+def test_wrong_magic(small_update):
+    data = small_update.to_bytes()
+    for magic in [b"FSHLDUPE", b"\0" * 8, b"FSHLDCTX"]:
+        with pytest.raises(fs.InvalidUpdate, match="magic"):
+            fs.EncryptedUpdate.from_bytes(reseal(magic + data[8:]))
+
+
+@pytest.mark.parametrize("version", [0, 2, 0xFFFF])
+def test_wrong_version(small_update, version):
+    data = small_update.to_bytes()
+    forged = reseal(data[:8] + struct.pack("<H", version) + data[10:])
+    with pytest.raises(fs.InvalidUpdate, match=f"version {version}"):
+        fs.EncryptedUpdate.from_bytes(forged)
+
+
+@pytest.mark.parametrize("offset,fmt,value,needle", [
+    (10, "<H", 7, "kind"),
+    (12, "<I", 0, "n_summed"),
+    (12, "<I", 2, "n_summed"),                  # client update with n_summed 2
+    (120, "<Q", 0, "n_values"),
+    (120, "<Q", RING_DIM + 1, "n_values"),
+    (120, "<Q", 2**63, "n_values"),
+    (128, "<I", 8192, "payload_len|n_values"),  # payload no longer matches
+    (128, "<I", 3, "ring_dim"),
+    (132, "<I", 0, "n_ciphertexts"),
+    (132, "<I", 2**32 - 1, "n_values"),
+    (136, "<Q", 2**40, "modulus"),
+    (136, "<Q", 2**61 - 1, "residue_bits"),
+    (144, "<B", 61, "residue_bits"),
+    (145, "<B", 0, "packing"),
+    (146, "<B", 1, "reserved"),
+    (151, "<B", 0x80, "reserved"),
+    (152, "<d", 0.0, "weight_bound"),
+    (152, "<d", -1.0, "weight_bound"),
+    (152, "<d", float("nan"), "weight_bound"),
+    (160, "<Q", 0, "payload_len"),
+    (160, "<Q", 2**64 - 1, "payload_len"),
+])
+def test_forged_header_fields(small_update, offset, fmt, value, needle):
+    data = bytearray(small_update.to_bytes())
+    struct.pack_into(fmt, data, offset, value)
+    with pytest.raises(fs.InvalidUpdate, match=needle):
+        fs.EncryptedUpdate.from_bytes(reseal(data))
+
+
+# hypothesis: random truncations, flips, insertions and deletions of a valid update
+
+def _positions(n: int):
+    # half the edits land in the header + first residues, where the parser branches
+    return st.one_of(st.integers(0, HEADER + 64), st.integers(0, n - 1), st.just(n - 1))
+
+
+MUTATION = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10**9), st.integers(1, 255)),
+    st.tuples(st.just("set"), st.integers(0, 10**9), st.integers(0, 255)),
+    st.tuples(st.just("insert"), st.integers(0, 10**9), st.binary(min_size=1, max_size=16)),
+    st.tuples(st.just("delete"), st.integers(0, 10**9), st.integers(1, 16)),
+    st.tuples(st.just("truncate"), st.integers(0, 10**9), st.just(0)),
+)
+
+
+def _focus(pos: int, n: int) -> int:
+    """Maps a raw integer to a position, half of them in the header region."""
+    if n == 0:
+        return 0
+    if pos % 2 == 0:
+        return (pos // 2) % min(n, HEADER + 64)
+    return (pos // 2) % n
+
+
+def mutate(data: bytes, ops) -> bytes:
+    buf = bytearray(data)
+    for kind, pos, arg in ops:
+        at = _focus(pos, len(buf))
+        if kind == "flip" and buf:
+            buf[at] ^= arg
+        elif kind == "set" and buf:
+            buf[at] = arg
+        elif kind == "insert":
+            buf[at:at] = arg
+        elif kind == "delete":
+            del buf[at:at + arg]
+        elif kind == "truncate":
+            del buf[at:]
+    return bytes(buf)
+
+
+@HYP
+@given(ops=st.lists(MUTATION, min_size=1, max_size=4))
+def test_hypothesis_mutations_never_parse(small_update, ops):
+    data = small_update.to_bytes()
+    bad = mutate(data, ops)
+    if bad == data:
+        assert fs.EncryptedUpdate.from_bytes(bad).to_bytes() == data
+        return
+    with pytest.raises(fs.InvalidUpdate):
+        fs.EncryptedUpdate.from_bytes(bad)
+    with pytest.raises(fs.InvalidUpdate):
+        _native.parse_update(bad)
+
+
+@HYP
+@given(ops=st.lists(st.tuples(st.integers(0, HEADER - 1), st.integers(0, 255)),
+                    min_size=1, max_size=3))
+def test_hypothesis_resealed_header_edits(small_update, server_ctx, ops):
+    """A forger who recomputes the checksum: the header is parsed field by field, every field
+    is range-checked, and nothing but a FedShieldError ever comes out."""
+    data = bytearray(small_update.to_bytes())
+    for at, value in ops:
+        data[at] = value
+    forged = reseal(data)
+    try:
+        upd = fs.EncryptedUpdate.from_bytes(forged)
+    except fs.InvalidUpdate:
+        return
+    # it parsed: the header is still self-consistent; the server may still refuse it
+    assert len(forged) == WIRE_OVERHEAD + upd.header["payload_len"]
+    try:
+        fs.aggregate(server_ctx, [upd])
+    except (fs.InvalidUpdate, fs.IncompatibleUpdate, fs.HeadroomError):
+        pass
+
+
+@pytest.fixture(scope="module")
+def valid_pair(client_ctx, server_ctx, small_layout):
+    states = [make_state(21), make_state(22)]
+    ups = [fs.encrypt_update(client_ctx, s, small_layout, weight=w, round=7, weight_bound=4.0)
+           for s, w in zip(states, [2.0, 3.0])]
+    agg = fs.aggregate(server_ctx, ups)
+    out = fs.decrypt_update(client_ctx, agg, small_layout)
+    ref = weighted_average(states, [2.0, 3.0])
+    for name in ref:
+        np.testing.assert_allclose(out[name].double().numpy(), ref[name], atol=1e-6, rtol=0)
+    return ups, agg.to_bytes()
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(MUTATION, min_size=1, max_size=3))
+def test_hypothesis_mutated_bytes_to_aggregate(server_ctx, small_update, valid_pair, ops):
+    data = small_update.to_bytes()
+    bad = mutate(data, ops)
+    ups, expected = valid_pair
+    if bad == data:
+        return
+    with pytest.raises((fs.InvalidUpdate, fs.IncompatibleUpdate)):
+        fs.aggregate(server_ctx, [bad])
+    with pytest.raises((fs.InvalidUpdate, fs.IncompatibleUpdate)):
+        fs.aggregate(server_ctx, [ups[0], bad, ups[1]])
+    # skipped with on_reject: the rest of the round still sums to the valid aggregate
+    rejected = []
+    agg = fs.aggregate(server_ctx, [ups[0], bad, ups[1]],
+                       on_reject=lambda i, e: rejected.append((i, type(e))))
+    assert [i for i, _ in rejected] == [1]
+    assert agg.to_bytes() == expected
+    assert agg.n_summed == 2
+
+
+# -- forged residues (>= q) with a recomputed checksum -----------------------------------------
+
+def test_forged_residue_is_rejected(client_ctx, server_ctx, small_update, small_layout):
+    q = client_ctx.modulus
+    data = small_update.to_bytes()
+    total = 2 * RING_DIM
+    for index, value in [(0, q), (total - 1, (1 << 60) - 1), (4096, q + 1), (12345, q)]:
+        forged = reseal(set_residue(data, index, value, 60))
+        assert get_residue(forged, index, 60) == value
+        upd = fs.EncryptedUpdate.from_bytes(forged)  # header and checksum are fine ...
+        with pytest.raises(fs.InvalidUpdate, match="modulus"):  # ... the residue is not
+            fs.aggregate(server_ctx, [upd])
+        with pytest.raises(fs.InvalidUpdate, match="modulus"):
+            fs.decrypt_update(client_ctx, upd, small_layout)
+    # control: q - 1 is a legal residue
+    fs.aggregate(server_ctx, [reseal(set_residue(data, 5, q - 1, 60))])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("bad_index", [0, 4095, 4096, 2 * RING_DIM - 1, RING_DIM + 7])
+def test_aggregator_rejects_midway_and_keeps_its_sum(client_ctx, server_ctx, small_layout,
+                                                    threads, bad_index):
+    q = client_ctx.modulus
+    states = [make_state(31), make_state(32), make_state(33)]
+    a, b, c = (fs.encrypt_update(client_ctx, s, small_layout, weight=w, round=1,
+                                 weight_bound=4.0).to_bytes()
+               for s, w in zip(states, [1.0, 4.0, 2.0]))
+    forged_b = reseal(set_residue(b, bad_index, q + bad_index % 7, 60))
+
+    def new():
+        return _native.Aggregator(server_ctx.fingerprint, q, RING_DIM, 64, threads)
+
+    reference = new()
+    reference.add(a)
+    reference.add(c)
+
+    agg = new()
+    agg.add(a)
+    before = agg.result()
+    with pytest.raises(fs.InvalidUpdate, match="modulus"):
+        agg.add(forged_b)
+    assert agg.count == 1
+    assert agg.result() == before  # the partial fold was undone exactly
+    agg.add(c)
+    assert agg.count == 2
+    assert agg.result() == reference.result()
+
+    # a bad first update leaves the aggregator empty
+    first = new()
+    with pytest.raises(fs.InvalidUpdate):
+        first.add(forged_b)
+    assert first.count == 0
+    with pytest.raises(fs.IncompatibleUpdate, match="no update"):
+        first.result()
+    first.add(a)
+    first.add(c)
+    assert first.result() == reference.result()
+
+    out = fs.decrypt_update(client_ctx, fs.EncryptedUpdate.from_bytes(agg.result()),
+                            small_layout)
+    ref = weighted_average([states[0], states[2]], [1.0, 2.0])
+    for name in ref:
+        np.testing.assert_allclose(out[name].double().numpy(), ref[name], atol=1e-6, rtol=0)
