@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_run(metrics: dict, out_dir: Path) -> list[Path]:
@@ -50,6 +51,8 @@ def plot_run(metrics: dict, out_dir: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,0 +1,202 @@
+"""Tiny Llama base model and LoRA adapters with strict state exchange.
+
+Only LoRA parameters travel between clients and server, so their names,
+shapes and dtype must be stable and loading them must never half-succeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Dict, Iterator, Mapping, Tuple
+
+import torch
+
+logger = logging.getLogger("fedshield")
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Seed torch's global RNGs inside the block and restore them afterwards.
+
+    ``torch.manual_seed`` also reseeds every CUDA device, so all of them are
+    forked too; otherwise seeding for reproducibility would silently reset
+    the caller's GPU RNG streams.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_tiny_llama(
+    vocab_size: int,
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int = 128,
+    max_positions: int = 256,
+    pad_token_id: int = 0,
+    bos_token_id: int = 1,
+    eos_token_id: int = 2,
+    init_std: float = 0.02,
+):
+    """Randomly initialised ``LlamaForCausalLM`` built from a config (no hub).
+
+    Every client calling this with the same arguments gets bit-identical
+    weights, which is what makes the base model a shared constant in FL.
+    Special-token ids default to those of :func:`fedshield.data.build_tokenizer`.
+
+    ``init_std`` is Llama's ``initializer_range``. The HF default 0.02 leaves
+    the frozen random lm_head so small that logits can only move by about
+    +-1.3, which caps how far LoRA alone can lower the loss of an untrained
+    base; ~0.1 gives adapters room to learn in demos.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for name, value in (
+        ("vocab_size", vocab_size),
+        ("hidden_size", hidden_size),
+        ("layers", layers),
+        ("heads", heads),
+        ("intermediate", intermediate),
+        ("max_positions", max_positions),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not init_std > 0:
+        raise ValueError(f"init_std must be > 0, got {init_std}")
+    if hidden_size % heads:
+        raise ValueError(f"hidden_size={hidden_size} is not divisible by heads={heads}")
+    for name, value in (("pad_token_id", pad_token_id), ("bos_token_id", bos_token_id),
+                        ("eos_token_id", eos_token_id)):
+        if not 0 <= value < vocab_size:
+            raise ValueError(f"{name}={value} is outside the vocab (size {vocab_size})")
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        tie_word_embeddings=False,
+        initializer_range=init_std,
+    )
+    with seeded_rng(seed):  # same weights everywhere, caller's RNG untouched
+        model = LlamaForCausalLM(config)
+    model.to(torch.float32)
+    model.eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.debug("built tiny llama: %d params, seed %d", n_params, seed)
+    return model
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters; defaults follow the paper (r=32, alpha=64)."""
+
+    r: int = 32
+    alpha: float = 64
+    dropout: float = 0.05
+    target_modules: Tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRA r must be an int >= 1, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, str):
+            # A bare string would be iterated per character; demand a sequence.
+            raise ValueError(
+                f"target_modules must be a sequence of names, got string {self.target_modules!r}"
+            )
+        targets = tuple(self.target_modules)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"target_modules must be non-empty names, got {self.target_modules!r}")
+        object.__setattr__(self, "target_modules", targets)  # keep hashable
+
+
+def attach_lora(model, settings: LoraSettings = LoraSettings(), seed: int = 0):
+    """Wrap ``model`` in a CAUSAL_LM ``PeftModel`` (modifies ``model`` in place).
+
+    LoRA A matrices are initialised under ``seed`` (B starts at zero, so the
+    adapted model initially equals the base); the global RNG is left as found.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    if not isinstance(settings, LoraSettings):
+        raise ValueError(f"settings must be a LoraSettings, got {type(settings).__name__}")
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        task_type=TaskType.CAUSAL_LM,
+        bias="none",
+    )
+    with seeded_rng(seed):
+        peft_model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    logger.debug("attached LoRA r=%d alpha=%s: %d trainable params",
+                 settings.r, settings.alpha, trainable)
+    return peft_model
+
+
+def get_lora_state(peft_model) -> Dict[str, torch.Tensor]:
+    """LoRA parameters as detached, cloned fp32 CPU tensors.
+
+    Names are those of ``peft.get_peft_model_state_dict`` (adapter name
+    stripped), e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``.
+    Cloning matters: peft returns views of live parameters, so a later
+    optimiser step would otherwise silently change a "snapshot".
+    """
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model)
+    return {k: v.detach().to(device="cpu", dtype=torch.float32).clone() for k, v in state.items()}
+
+
+def set_lora_state(peft_model, state: Mapping[str, torch.Tensor]) -> None:
+    """Load LoRA parameters, requiring exactly the model's names and shapes.
+
+    ``set_peft_model_state_dict`` only reports unexpected keys and would leave
+    missing ones at their old values, which in FL means a client silently
+    training on a mix of rounds; so every mismatch raises ``ValueError``.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(peft_model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"LoRA state keys do not match the model: missing={missing}, unexpected={unexpected}"
+        )
+    bad_type = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if bad_type:
+        raise ValueError(f"LoRA state values must be tensors; not tensors: {bad_type}")
+    mismatched = [
+        f"{k}: got {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}"
+        for k in sorted(expected)
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if mismatched:
+        raise ValueError("LoRA state shape mismatch: " + "; ".join(mismatched))
+
+    # Match the live parameters' dtype/device so load_state_dict copies cleanly.
+    ready = {k: v.detach().to(device=expected[k].device, dtype=expected[k].dtype)
+             for k, v in state.items()}
+    result = set_peft_model_state_dict(peft_model, ready)
+    leftover = list(getattr(result, "unexpected_keys", []) or [])
+    if leftover:
+        # Should be impossible after the checks above; fail rather than ignore.
+        raise ValueError(f"peft rejected LoRA keys: {sorted(leftover)}")
