@@ -32,27 +32,41 @@ void pack_residues(const uint64_t* residues, uint64_t count, unsigned bits, uint
 void unpack_residues(const uint8_t* data, uint64_t len, uint64_t first, uint64_t count,
                      unsigned bits, uint64_t* out) {
     const uint64_t mask = bits == 64 ? ~0ULL : ((1ULL << bits) - 1);
-    uint64_t pos = first * bits / 8;  // byte aligned because first % 8 == 0
-    unsigned __int128 acc = 0;
-    unsigned nacc = 0;
-    for (uint64_t i = 0; i < count; ++i) {
-        while (nacc < bits) {
-            if (pos + 8 <= len) {
-                uint64_t w;
-                std::memcpy(&w, data + pos, 8);
-                acc |= static_cast<unsigned __int128>(w) << nacc;
-                pos += 8;
-                nacc += 64;
-            } else {  // tail of the buffer: byte at a time, never past len
-                uint64_t b = pos < len ? data[pos] : 0;
-                acc |= static_cast<unsigned __int128>(b) << nacc;
-                pos += 1;
-                nacc += 8;
-            }
+    uint64_t i = 0;
+    if (bits <= 64 - 7) {
+        // Fast path: every residue lies within the 8 bytes at its first byte (shift <= 7,
+        // bits <= 57) -- one unaligned load and a shift, no loop-carried state.
+        for (; i < count; ++i) {
+            const uint64_t bit = (first + i) * bits;
+            if ((bit >> 3) + 8 > len) break;
+            uint64_t w;
+            std::memcpy(&w, data + (bit >> 3), 8);
+            out[i] = (w >> (bit & 7)) & mask;
         }
-        out[i] = static_cast<uint64_t>(acc) & mask;
-        acc >>= bits;
-        nacc -= bits;
+    } else {
+        // Up to 64 + 7 bits: two overlapping loads (bytes [b, b+8) and [b+8, b+16)).
+        for (; i < count; ++i) {
+            const uint64_t bit = (first + i) * bits;
+            const uint64_t b = bit >> 3;
+            if (b + 16 > len) break;
+            uint64_t lo, hi;
+            std::memcpy(&lo, data + b, 8);
+            std::memcpy(&hi, data + b + 8, 8);
+            const unsigned s = static_cast<unsigned>(bit & 7);
+            const uint64_t v = s ? (lo >> s) | (hi << (64 - s)) : lo;
+            out[i] = v & mask;
+        }
+    }
+    // Tail near the end of the buffer: byte at a time, never past len.
+    for (; i < count; ++i) {
+        const uint64_t bit = (first + i) * bits;
+        unsigned __int128 acc = 0;
+        const uint64_t b0 = bit >> 3;
+        for (unsigned k = 0; k < 9; ++k) {
+            const uint64_t b = b0 + k;
+            if (b < len) acc |= static_cast<unsigned __int128>(data[b]) << (8 * k);
+        }
+        out[i] = static_cast<uint64_t>(acc >> (bit & 7)) & mask;
     }
 }
 

@@ -30,6 +30,16 @@ DEFAULT_WEIGHT_BOUND = float(2 ** 16)
 _PACKING_CODE = {"complex": 1, "real": 2}
 
 
+def _workers_for(workers: int | None, n_cts: int) -> int:
+    if workers is None:
+        from .he.workers import MIN_PARALLEL_CIPHERTEXTS, default_workers  # noqa: PLC0415
+
+        return default_workers() if n_cts >= MIN_PARALLEL_CIPHERTEXTS else 1
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ParameterError(f"workers={workers!r} must be None or an int >= 1")
+    return workers
+
+
 def _check_context(ctx: Context) -> None:
     if not isinstance(ctx, Context):
         raise TypeError(f"expected a fedshield Context, got {type(ctx).__name__}")
@@ -78,12 +88,14 @@ def _describe_bad_value(layout: Layout, arrays: list, masks: list, scale: float,
 def encrypt_update(ctx: Context, state: Mapping[str, torch.Tensor], layout: Layout,
                    weight: float = 1.0, mask: Mapping[str, torch.Tensor] | None = None, *,
                    round: int = 0, weight_bound: float = DEFAULT_WEIGHT_BOUND,
-                   threads: int = 0) -> EncryptedUpdate:
+                   threads: int = 0, workers: int | None = None) -> EncryptedUpdate:
     """Encrypts one client's LoRA update, pre-weighted by ``weight`` (e.g. num_examples).
 
     With ``mask`` (name -> bool tensor, True = kept) only kept values are packed, so pruning
     shrinks the ciphertexts; every client of a round must then use the same mask.
     Raises HeadroomError if a weighted value would overflow the modulus (never wraps).
+    ``threads``: native threads (0 = all cores); ``workers``: encryption processes
+    (None = every core once the update spans several ciphertexts, 1 = in this process).
     """
     _check_context(ctx)
     params = ctx.params
@@ -110,10 +122,14 @@ def encrypt_update(ctx: Context, state: Mapping[str, torch.Tensor], layout: Layo
         # The native error names tensors by index; users know them by name.
         raise HeadroomError(_describe_bad_value(layout, arrays, masks, scale,
                                                 params.value_bound, exc)) from exc
-    cc, public_key, _ = ctx._openfhe()
-    from .he import backend  # noqa: PLC0415 - client side only
+    pool = ctx._pool(_workers_for(workers, n_cts), need_secret=False)
+    if pool is not None:
+        cts = pool.encrypt(buffer)
+    else:
+        cc, public_key, _ = ctx._openfhe()
+        from .he import backend  # noqa: PLC0415 - client side only
 
-    cts = backend.encrypt_buffer(cc, public_key, buffer, params)
+        cts = backend.encrypt_buffer(cc, public_key, buffer, params)
     del buffer  # plaintext update: drop it as soon as it is encrypted
     ct_layout = _encryption_layout(ctx, cts[0])
     header = {
@@ -153,10 +169,11 @@ def _check_decryptable(ctx: Context, update: EncryptedUpdate, layout: Layout,
 
 def decrypt_update(ctx: Context, update: EncryptedUpdate, layout: Layout,
                    mask: Mapping[str, torch.Tensor] | None = None, *,
-                   threads: int = 0) -> dict[str, torch.Tensor]:
+                   threads: int = 0, workers: int | None = None) -> dict[str, torch.Tensor]:
     """Decrypts an aggregate (or an update) into name -> tensor = sum(w*x) / sum(w).
 
     Pruned positions (mask False) come back as zeros. Needs the secret key.
+    ``threads`` and ``workers`` as in :func:`encrypt_update`.
     """
     _check_context(ctx)
     if not isinstance(update, EncryptedUpdate):
@@ -169,9 +186,13 @@ def decrypt_update(ctx: Context, update: EncryptedUpdate, layout: Layout,
     cc, _, secret_key = ctx._openfhe(need_secret=True)
     template, ct_layout = ctx.ciphertext_template
     cts = _native.decode_ciphertexts(update.to_bytes(), template, ct_layout, threads)
-    from .he import backend  # noqa: PLC0415
+    pool = ctx._pool(_workers_for(workers, len(cts)), need_secret=True)
+    if pool is not None:
+        buffer = pool.decrypt(cts)
+    else:
+        from .he import backend  # noqa: PLC0415
 
-    buffer = backend.decrypt_ciphertexts(cc, secret_key, cts, ctx.params)
+        buffer = backend.decrypt_ciphertexts(cc, secret_key, cts, ctx.params)
     outs = [np.empty(s.numel, dtype=np.float32) for s in layout.specs]
     _native.unpack_values(buffer, outs, layout.mask_arrays(mask), True, threads)
     return {s.name: torch.from_numpy(o).reshape(s.shape) for s, o in zip(layout.specs, outs)}

@@ -64,7 +64,8 @@ class Context:
         return Context(params=self.params, modulus=self.modulus,
                        crypto_context=self._crypto_context, public_key=self._public_key,
                        template=self._template, ct_layout=self._ct_layout, role="server",
-                       live={k: v for k, v in self._live.items() if k != "secret_key"})
+                       live={k: self._live[k] for k in ("crypto_context", "public_key")
+                             if k in self._live})
 
     def __repr__(self) -> str:
         return (f"Context(role={self.role!r}, ring_dim={self.params.ring_dim}, "
@@ -88,6 +89,18 @@ class Context:
             self._live["secret_key"] = backend.load_secret_key(self._secret_key)
         return (self._live["crypto_context"], self._live["public_key"],
                 self._live.get("secret_key"))
+
+    def _pool(self, workers: int, need_secret: bool):
+        """A CryptoPool for this context (started once, reused; None when workers <= 1)."""
+        if workers <= 1:
+            return None
+        key = ("pool", workers, need_secret)
+        if key not in self._live or self._live[key].broken:
+            from .workers import CryptoPool  # noqa: PLC0415
+
+            blob = self.to_bytes(include_secret=need_secret)
+            self._live[key] = CryptoPool(blob, self.params, workers)
+        return self._live[key]
 
     # -- serialization -------------------------------------------------------------------
     def to_bytes(self, include_secret: bool = False) -> bytes:

@@ -1,0 +1,145 @@
+"""Encryption and decryption on every core.
+
+The openfhe binding holds the GIL through Encrypt/Decrypt (measured: two Python threads
+encrypt no faster than one), so parallelism needs processes. Each worker is a plain
+`python -m fedshield.he.workers` child that loads the context once; afterwards only slot
+buffers and serialized ciphertexts cross its pipes. Plain children rather than
+multiprocessing: "spawn" re-imports the user's __main__ (a script without a main guard
+would recurse) and fork() is unsafe after OpenFHE/torch have started OpenMP threads.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import subprocess
+import sys
+import threading
+
+import numpy as np
+
+from ..errors import FedShieldError
+from .params import CKKSParams
+
+# Below this many ciphertexts the pool costs more than it saves (pipe transfer, scheduling).
+MIN_PARALLEL_CIPHERTEXTS = 8
+
+
+def default_workers() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+class _Worker:
+    def __init__(self, context_blob: bytes) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedshield.he.workers"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.send(("init", context_blob))
+        self.receive()
+
+    def send(self, message) -> None:
+        try:
+            pickle.dump(message, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self.proc.stdin.flush()
+        except BrokenPipeError as exc:
+            raise FedShieldError(f"crypto worker {self.proc.pid} died "
+                                 f"(exit code {self.proc.poll()})") from exc
+
+    def receive(self):
+        try:
+            status, value = pickle.load(self.proc.stdout)
+        except EOFError as exc:
+            raise FedShieldError(f"crypto worker {self.proc.pid} died "
+                                 f"(exit code {self.proc.wait()})") from exc
+        if status != "ok":
+            raise FedShieldError(f"crypto worker failed: {value}")
+        return value
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+
+
+class CryptoPool:
+    """Worker processes holding one context; work is split by whole ciphertexts."""
+
+    def __init__(self, context_blob: bytes, params: CKKSParams, workers: int) -> None:
+        self.params = params
+        self._workers = [_Worker(context_blob) for _ in range(workers)]
+        self._lock = threading.Lock()  # one batch at a time through the pipes
+        self.broken = False  # a failed batch leaves pipes in an unknown state: start afresh
+        atexit.register(self.close)
+
+    def _run(self, op: str, parts: list) -> list:
+        with self._lock:
+            used = self._workers[:len(parts)]
+            try:
+                for worker, part in zip(used, parts):
+                    worker.send((op, part))
+                return [worker.receive() for worker in used]
+            except BaseException:
+                self.broken = True
+                self.close()
+                raise
+
+    def _split(self, n: int) -> list[tuple[int, int]]:
+        bounds = np.linspace(0, n, len(self._workers) + 1).astype(int)
+        return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    def encrypt(self, buffer: np.ndarray) -> list[bytes]:
+        per_ct = self.params.values_per_ciphertext
+        parts = [buffer[a * per_ct:b * per_ct] for a, b in self._split(buffer.size // per_ct)]
+        return [ct for cts in self._run("encrypt", parts) for ct in cts]
+
+    def decrypt(self, cts: list[bytes]) -> np.ndarray:
+        parts = [cts[a:b] for a, b in self._split(len(cts))]
+        return np.concatenate(self._run("decrypt", parts))
+
+    def close(self) -> None:
+        for worker in self._workers:
+            if self.broken:
+                worker.proc.kill()
+            worker.close()
+
+
+def _serve() -> None:
+    """Worker loop: (op, payload) in on stdin, (status, value) out on the original stdout."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
+    inp = sys.stdin.buffer
+    from . import backend  # noqa: PLC0415
+    from .context import load_context  # noqa: PLC0415
+
+    objects = params = None
+    while True:
+        try:
+            op, payload = pickle.load(inp)
+        except EOFError:
+            return
+        try:
+            if op == "init":
+                ctx = load_context(payload)
+                params = ctx.params
+                objects = ctx._openfhe(need_secret=ctx.has_secret_key)
+                result = None
+            elif op == "encrypt":
+                result = backend.encrypt_buffer(objects[0], objects[1], payload, params)
+            elif op == "decrypt":
+                result = backend.decrypt_ciphertexts(objects[0], objects[2], payload, params)
+            else:
+                raise ValueError(f"unknown op {op!r}")
+            reply = ("ok", result)
+        except Exception as exc:  # reported to the parent, which raises it
+            reply = ("error", f"{type(exc).__name__}: {exc}")
+        pickle.dump(reply, out, protocol=pickle.HIGHEST_PROTOCOL)
+        out.flush()
+
+
+if __name__ == "__main__":
+    _serve()

@@ -1,0 +1,47 @@
+"""Encryption/decryption in worker processes gives the same results as in-process."""
+
+import pytest
+import torch
+
+import fedshield as fs
+
+
+def test_two_workers_match_plaintext_and_single_process(shared_keys):
+    client, server = shared_keys.client_context(), shared_keys.server_context()
+    g = torch.Generator().manual_seed(3)
+    states = [{"a": torch.rand(8, 4096, generator=g) * 2 - 1,      # 2 + ciphertexts each
+               "b": torch.rand(3, 5, generator=g) * 2 - 1} for _ in range(2)]
+    layout = fs.Layout.from_state_dict(states[0])
+    ups = [fs.encrypt_update(client, s, layout, weight=w, weight_bound=8.0, workers=2)
+           for s, w in zip(states, (3.0, 5.0))]
+    assert ups[0].n_ciphertexts == 3
+    agg = fs.aggregate(server, ups)
+    parallel = fs.decrypt_update(client, agg, layout, workers=2)
+    single = fs.decrypt_update(client, agg, layout, workers=1)
+    for k in layout.names:
+        ref = (3.0 * states[0][k].double() + 5.0 * states[1][k].double()) / 8.0
+        assert (parallel[k].double() - ref).abs().max() <= 1e-6
+        assert torch.equal(parallel[k], single[k])  # decryption is deterministic
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, "2"])
+def test_bad_worker_count(shared_keys, workers):
+    state = {"w": torch.zeros(2, 2)}
+    layout = fs.Layout.from_state_dict(state)
+    with pytest.raises(fs.ParameterError, match="workers"):
+        fs.encrypt_update(shared_keys.client_context(), state, layout, workers=workers)
+
+
+def test_dead_worker_is_reported(shared_keys):
+    client = fs.load_context(shared_keys.client_context().to_bytes(include_secret=True))
+    state = {"w": torch.zeros(4, 16384)}
+    layout = fs.Layout.from_state_dict(state)
+    fs.encrypt_update(client, state, layout, workers=2)
+    pool = client._pool(2, need_secret=False)
+    pool._workers[1].proc.kill()
+    pool._workers[1].proc.wait()
+    with pytest.raises(fs.FedShieldError, match="died"):
+        fs.encrypt_update(client, state, layout, workers=2)
+    # The broken pool is replaced on the next call.
+    upd = fs.encrypt_update(client, state, layout, workers=2)
+    assert client._pool(2, need_secret=False) is not pool and upd.n_ciphertexts == 5
