@@ -19,6 +19,8 @@
 namespace py = pybind11;
 using namespace fedshield;
 
+void bind_importance(py::module_& m);  // bind_importance.cpp
+
 namespace {
 
 struct BufferBytes {
@@ -309,4 +311,5 @@ PYBIND11_MODULE(_native, m) {
     bind_ciphertexts(m);
     bind_packing(m);
     bind_aggregator(m);
+    bind_importance(m);
 }

@@ -50,7 +50,7 @@ def test_generator_is_consumed_lazily(shared_keys):
     client, server = shared_keys.client_context(), shared_keys.server_context()
     state = {"w": torch.ones(3, 3) * 0.5}
     layout = fs.Layout.from_state_dict(state)
-    blob = fs.encrypt_update(client, state, layout).to_bytes()
+    blob = fs.encrypt_update(client, state, layout, weight_bound=1.0).to_bytes()
     pulled = []
 
     def source():
@@ -68,7 +68,7 @@ def test_bad_update_in_stream_is_skipped_with_on_reject(shared_keys):
     client, server = shared_keys.client_context(), shared_keys.server_context()
     state = {"w": torch.full((2, 2), 0.25)}
     layout = fs.Layout.from_state_dict(state)
-    good = fs.encrypt_update(client, state, layout).to_bytes()
+    good = fs.encrypt_update(client, state, layout, weight_bound=1.0).to_bytes()
     rejected = []
     agg = fs.aggregate(server, [good, good[:-1], good],
                        on_reject=lambda i, exc: rejected.append((i, type(exc))))

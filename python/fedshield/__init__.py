@@ -8,6 +8,7 @@ from .crypto_ops import DEFAULT_WEIGHT_BOUND, decrypt_update, encrypt_update
 from .errors import (FedShieldError, HeadroomError, IncompatibleUpdate, InvalidUpdate,
                      KeyMaterialError, ParameterError, UnsupportedPlatform)
 from .he import CKKSParams, Context, SharedKeys, keygen_shared, load_context
+from .importance import ImportanceResult, importance_mask
 from .layout import Layout, TensorSpec
 from .update import EncryptedUpdate
 
@@ -15,7 +16,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CKKSParams", "Context", "DEFAULT_WEIGHT_BOUND", "EncryptedUpdate", "FedShieldError",
-    "HeadroomError", "IncompatibleUpdate", "InvalidUpdate", "KeyMaterialError", "Layout",
-    "ParameterError", "SharedKeys", "TensorSpec", "UnsupportedPlatform", "aggregate",
-    "decrypt_update", "encrypt_update", "keygen_shared", "load_context",
+    "HeadroomError", "ImportanceResult", "IncompatibleUpdate", "InvalidUpdate",
+    "KeyMaterialError", "Layout", "ParameterError", "SharedKeys", "TensorSpec",
+    "UnsupportedPlatform", "aggregate", "decrypt_update", "encrypt_update", "importance_mask",
+    "keygen_shared", "load_context",
 ]

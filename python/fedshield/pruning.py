@@ -8,6 +8,7 @@ from typing import Mapping
 import torch
 
 from .errors import ParameterError
+from .importance import importance_mask
 
 
 def prune_ratio(round_idx: int, p0: float = 0.2, p_target: float = 0.5,
@@ -26,24 +27,9 @@ def l1_mask(state: Mapping[str, torch.Tensor], ratio: float) -> dict[str, torch.
     """Per tensor, prune round(ratio * numel) values of smallest |w| (as torch.nn.utils.prune).
 
     Ties are broken by position (lower index pruned first), so every caller gets the same mask.
-    Returns name -> bool tensor, True = kept.
+    Returns name -> bool tensor, True = kept. The fused importance_mask(criterion="l1") does it.
     """
-    if not (isinstance(ratio, (int, float)) and 0.0 <= ratio <= 1.0):
-        raise ParameterError(f"ratio={ratio!r} must be in [0, 1]")
-    masks = {}
-    for name, tensor in state.items():
-        values = tensor.detach().reshape(-1).float()
-        if values.numel() == 0:
-            raise ParameterError(f"state[{name!r}] is empty")
-        if not torch.isfinite(values).all():
-            raise ParameterError(f"state[{name!r}] contains NaN or Inf")
-        n_prune = int(round(ratio * values.numel()))
-        keep = torch.ones(values.numel(), dtype=torch.bool, device=values.device)
-        if n_prune:
-            order = torch.sort(values.abs(), stable=True).indices
-            keep[order[:n_prune]] = False
-        masks[name] = keep.reshape(tensor.shape)
-    return masks
+    return importance_mask(state, ratio, criterion="l1", scope="per_tensor")
 
 
 def apply_mask(state: Mapping[str, torch.Tensor],

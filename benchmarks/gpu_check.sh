@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One command on a CUDA machine: every importance_mask test (the GPU ones included) and every
+# benchmark (CPU native and CUDA Triton vs torch.nn.utils.prune.l1_unstructured), then the
+# speed-ups. Works from a fresh checkout:
+#
+#   bash benchmarks/gpu_check.sh [extra pytest-benchmark args, e.g. --benchmark-json=out.json]
+#
+# Python: .venv/bin/python when present. Otherwise .venv is made from python3.10, python3.12 or
+# python3, preferring one that already has torch and triton: that venv reuses them (and pytest,
+# scikit-build-core, pybind11 when there) and only fedshield itself is built, so an offline GPU
+# box works. Otherwise `pip install -e .[dev]` fetches what is missing.
+# Set GPU_CHECK_ALLOW_CPU=1 to run it without a GPU (the CUDA tests and benchmarks then skip).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONUNBUFFERED=1
+step() { printf '\n== %s\n' "$*"; }
+has() { "$1" -c "import $2" >/dev/null 2>&1; }
+
+if [ ! -x .venv/bin/python ]; then
+  first="" base=""
+  for p in python3.10 python3.12 python3; do
+    command -v "$p" >/dev/null 2>&1 || continue
+    [ -n "$first" ] || first=$p
+    if has "$p" "torch, triton"; then base=$p; break; fi
+  done
+  [ -n "$first" ] || { echo "gpu_check: no python3.10, python3.12 or python3 on PATH" >&2; exit 1; }
+  if [ -n "$base" ]; then
+    step "creating .venv from $base ($($base -V 2>&1)), reusing its torch and triton"
+    "$base" -m venv --system-site-packages .venv
+    if ! has .venv/bin/python torch; then
+      # $base is itself a venv: --system-site-packages skipped its packages, so point at them.
+      site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+      "$base" -c 'import sysconfig; p = sysconfig.get_paths()
+print("\n".join(dict.fromkeys([p["purelib"], p["platlib"]])))' > "$site/_gpu_check_base.pth"
+    fi
+  else
+    step "creating .venv from $first ($($first -V 2>&1))"
+    "$first" -m venv .venv
+  fi
+fi
+PY=.venv/bin/python
+
+if ! "$PY" -c "import fedshield._native as n, fedshield.kernels.importance; n.importance_mask" \
+    >/dev/null 2>&1; then
+  step "building and installing fedshield (native module)"
+  if has "$PY" "torch, triton, scikit_build_core, pybind11, pytest, pytest_benchmark, hypothesis"
+  then
+    "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e .
+  else
+    "$PY" -m pip install -q -e ".[dev]"
+  fi
+fi
+
+step "environment"
+"$PY" - <<'EOF'
+import os, sys
+import torch, triton
+cuda = torch.cuda.is_available()
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}")
+gpu = torch.cuda.get_device_name() if cuda else "no CUDA GPU"
+print(f"device: {gpu} | {os.cpu_count()} CPUs")
+if not cuda and os.environ.get("GPU_CHECK_ALLOW_CPU") != "1":
+    sys.exit("gpu_check: torch sees no CUDA GPU (set GPU_CHECK_ALLOW_CPU=1 to run anyway)")
+EOF
+
+step "tests: tests/test_importance.py (native, interpreted Triton, CUDA Triton)"
+# --noconftest: the suite's conftest.py imports openfhe, which this file does not need.
+"$PY" -m pytest tests/test_importance.py --noconftest -q -p no:cacheprovider
+
+step "benchmarks: benchmarks/test_bench_importance.py"
+"$PY" -m pytest benchmarks/test_bench_importance.py -q -p no:cacheprovider \
+  --benchmark-columns=min,median,max,rounds --benchmark-sort=name "$@"
