@@ -11,6 +11,37 @@ namespace {
 
 constexpr uint64_t kBlock = 4096;  // residues per unpack block (multiple of 8: byte aligned)
 
+// The residue loops vectorise with AVX2 (unsigned 64-bit compares); a portable build gets an
+// AVX2 clone picked at load time where the CPU has it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FEDSHIELD_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FEDSHIELD_SIMD_CLONES
+#endif
+
+FEDSHIELD_SIMD_CLONES
+bool any_not_below(const uint64_t* v, uint64_t n, uint64_t q) {
+    uint64_t bad = 0;
+    for (uint64_t i = 0; i < n; ++i) bad |= v[i] >= q;
+    return bad != 0;
+}
+
+FEDSHIELD_SIMD_CLONES
+void add_mod(uint64_t* acc, const uint64_t* v, uint64_t n, uint64_t q) {
+    for (uint64_t i = 0; i < n; ++i) {
+        const uint64_t s = acc[i] + v[i];
+        acc[i] = s >= q ? s - q : s;
+    }
+}
+
+FEDSHIELD_SIMD_CLONES
+void sub_mod(uint64_t* acc, const uint64_t* v, uint64_t n, uint64_t q) {
+    for (uint64_t i = 0; i < n; ++i) {
+        const uint64_t a = acc[i], b = v[i];
+        acc[i] = a >= b ? a - b : a + q - b;
+    }
+}
+
 std::string hex_prefix(const Fingerprint& fp) {
     static const char* digits = "0123456789abcdef";
     std::string s;
@@ -68,27 +99,15 @@ uint64_t Aggregator::fold(const uint8_t* payload, uint64_t len, uint64_t begin, 
     for (uint64_t at = begin; at < end; at += kBlock) {
         const uint64_t n = std::min(kBlock, end - at);
         unpack_residues(payload, len, at, n, bits, block.data());
-        uint64_t bad = 0;
-        for (uint64_t i = 0; i < n; ++i) bad |= block[i] >= q;
-        if (bad) return at;
-        uint64_t* acc = acc_.data() + at;
-        if (!subtract) {
-            for (uint64_t i = 0; i < n; ++i) {
-                const uint64_t s = acc[i] + block[i];
-                acc[i] = s >= q ? s - q : s;
-            }
-        } else {
-            for (uint64_t i = 0; i < n; ++i) {
-                const uint64_t a = acc[i], b = block[i];
-                acc[i] = a >= b ? a - b : a + q - b;
-            }
-        }
+        if (any_not_below(block.data(), n, q)) return at;
+        if (subtract) sub_mod(acc_.data() + at, block.data(), n, q);
+        else add_mod(acc_.data() + at, block.data(), n, q);
     }
     return end;
 }
 
 void Aggregator::add(const uint8_t* data, size_t len) {
-    UpdateHeader h = parse_update(data, len);
+    UpdateHeader h = parse_update(data, len, threads_);
     check_compatible(h);
     if (started_ && static_cast<uint64_t>(header_.n_summed) + h.n_summed > max_summed_)
         throw ValueRangeError("aggregate: " +
@@ -135,21 +154,29 @@ void Aggregator::add(const uint8_t* data, size_t len) {
     }
 }
 
-std::string Aggregator::result() const {
-    if (!started_) throw IncompatibleUpdateError("aggregate: no update was added");
-    UpdateHeader h = header_;
+static UpdateHeader aggregate_header(const UpdateHeader& running) {
+    UpdateHeader h = running;
     h.kind = UpdateKind::Aggregate;
-    std::string payload(h.payload_len, '\0');
-    auto* out = reinterpret_cast<uint8_t*>(&payload[0]);
-    const uint64_t total = h.total_residues();
-    // Ranges aligned to 8 residues start and end on byte boundaries, so threads never share a byte.
-    parallel_ranges(total, threads_, kBlock, [&](unsigned, uint64_t begin, uint64_t end) {
-        const uint64_t nbytes = packed_bytes(end - begin, h.residue_bits);
-        std::vector<uint8_t> tmp(nbytes);
-        pack_residues(acc_.data() + begin, end - begin, h.residue_bits, tmp.data());
-        std::memcpy(out + begin * h.residue_bits / 8, tmp.data(), nbytes);
+    return h;
+}
+
+size_t Aggregator::result_size() const {
+    if (!started_) throw IncompatibleUpdateError("aggregate: no update was added");
+    return update_size(header_);
+}
+
+void Aggregator::write_result(uint8_t* out) const {
+    if (!started_) throw IncompatibleUpdateError("aggregate: no update was added");
+    const UpdateHeader h = aggregate_header(header_);
+    uint8_t* payload = out + kHeaderSize;
+    // Ranges aligned to kBlock residues start and end on byte boundaries: threads never share
+    // a byte, so each packs straight into the output.
+    parallel_ranges(h.total_residues(), threads_, kBlock,
+                    [&](unsigned, uint64_t begin, uint64_t end) {
+        pack_residues(acc_.data() + begin, end - begin, h.residue_bits,
+                      payload + begin * h.residue_bits / 8);
     });
-    return encode_update(h, out);
+    seal_update(h, out, threads_);
 }
 
 }  // namespace fedshield

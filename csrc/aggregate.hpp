@@ -26,8 +26,9 @@ public:
     uint32_t count() const { return started_ ? header_.n_summed : 0; }
     bool started() const { return started_; }
 
-    // Serializes the running sum as an aggregate update.
-    std::string result() const;
+    // The running sum as an aggregate update: its size, then its bytes written into out.
+    size_t result_size() const;
+    void write_result(uint8_t* out) const;
 
 private:
     void check_compatible(const UpdateHeader& h) const;

@@ -53,6 +53,21 @@ Fingerprint fingerprint_of(const py::bytes& b, const char* name) {
     return fp;
 }
 
+// A bytes object of n bytes filled by fill(ptr) with the GIL released: the result is written
+// once, in place, instead of built in a std::string and copied into Python.
+template <class F>
+py::bytes filled_bytes(size_t n, F fill) {
+    PyObject* obj = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n));
+    if (obj == nullptr) throw py::error_already_set();
+    auto result = py::reinterpret_steal<py::bytes>(obj);
+    auto* out = reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(obj));
+    {
+        py::gil_scoped_release nogil;
+        fill(out);
+    }
+    return result;
+}
+
 py::bytes fp_bytes(const Fingerprint& fp) {
     return py::bytes(reinterpret_cast<const char*>(fp.data()), fp.size());
 }
@@ -136,14 +151,14 @@ void bind_wire(py::module_& m) {
     m.def("checksum64", [](const py::buffer& b) {
         auto v = bytes_of(b);
         py::gil_scoped_release nogil;
-        return checksum64(v.data(), v.size());
-    }, "64-bit corruption checksum of a byte buffer.");
+        return wire_checksum(v.data(), v.size(), default_threads());
+    }, "The wire format's 64-bit corruption checksum of a byte buffer.");
     m.def("parse_update", [](const py::buffer& b) {
         auto v = bytes_of(b);
         UpdateHeader h;
         {
             py::gil_scoped_release nogil;
-            h = parse_update(v.data(), v.size());
+            h = parse_update(v.data(), v.size(), default_threads());
         }
         return header_to_dict(h);
     }, "Validates a serialized update (every byte) and returns its header as a dict.");
@@ -153,7 +168,7 @@ void bind_wire(py::module_& m) {
         if (v.size() != h.payload_len)
             throw py::value_error("payload has " + std::to_string(v.size()) + " bytes, expected " +
                                   std::to_string(h.payload_len));
-        std::string out = encode_update(h, v.data());
+        std::string out = encode_update(h, v.data(), default_threads());
         return py::bytes(out);
     }, "Serializes header + payload + checksum.");
 }
@@ -173,13 +188,12 @@ void bind_ciphertexts(py::module_& m) {
             held.push_back(sv);
             views.push_back({reinterpret_cast<const uint8_t*>(sv.data()), sv.size()});
         }
-        CiphertextLayout l = layout_from_tuple(layout);
-        std::string out;
-        {
-            py::gil_scoped_release nogil;
-            out = encode_ciphertexts(h, views, l, threads ? threads : default_threads());
-        }
-        return py::bytes(out);
+        const CiphertextLayout l = layout_from_tuple(layout);
+        const UpdateHeader full = ciphertexts_header(h, views, l);
+        const unsigned n_threads = threads ? threads : default_threads();
+        return filled_bytes(update_size(full), [&](uint8_t* out) {
+            encode_ciphertexts(full, views, l, n_threads, out);
+        });
     }, "Packs the residues of serialized ciphertexts into a wire update.");
     m.def("decode_ciphertexts", [](const py::buffer& update, const py::bytes& tmpl,
                                    const py::tuple& layout, unsigned threads) {
@@ -292,12 +306,8 @@ void bind_aggregator(py::module_& m) {
         }, "Validates one serialized update and folds it into the running sum.")
         .def_property_readonly("count", &Aggregator::count)
         .def("result", [](const Aggregator& self) {
-            std::string out;
-            {
-                py::gil_scoped_release nogil;
-                out = self.result();
-            }
-            return py::bytes(out);
+            return filled_bytes(self.result_size(),
+                                [&](uint8_t* out) { self.write_result(out); });
         }, "The running sum as a serialized aggregate update.");
 }
 

@@ -3,6 +3,9 @@
 #include "checksum.hpp"
 
 #include <cstring>
+#include <vector>
+
+#include "parallel.hpp"
 
 namespace fedshield {
 namespace {
@@ -78,6 +81,20 @@ uint64_t checksum64(const uint8_t* data, size_t len, uint64_t seed) {
     h *= P3;
     h ^= h >> 32;
     return h;
+}
+
+uint64_t wire_checksum(const uint8_t* data, size_t len, unsigned threads) {
+    if (len <= kChecksumChunk) return checksum64(data, len);
+    const size_t n_chunks = (len + kChecksumChunk - 1) / kChecksumChunk;
+    std::vector<uint64_t> chunk_sums(n_chunks);
+    parallel_ranges(n_chunks, threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
+        for (uint64_t i = begin; i < end; ++i) {
+            const size_t at = i * kChecksumChunk;
+            const size_t n = std::min(kChecksumChunk, len - at);
+            chunk_sums[i] = checksum64(data + at, n, i);
+        }
+    });
+    return checksum64(reinterpret_cast<const uint8_t*>(chunk_sums.data()), n_chunks * 8, len);
 }
 
 }  // namespace fedshield

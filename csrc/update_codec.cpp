@@ -8,8 +8,8 @@
 
 namespace fedshield {
 
-std::string encode_ciphertexts(UpdateHeader header, const std::vector<ByteView>& cts,
-                               const CiphertextLayout& layout, unsigned threads) {
+UpdateHeader ciphertexts_header(UpdateHeader header, const std::vector<ByteView>& cts,
+                                const CiphertextLayout& layout) {
     if (cts.size() != header.n_ciphertexts)
         throw InvalidUpdateError("encode: " + std::to_string(cts.size()) +
                                  " ciphertexts given, header announces " +
@@ -17,24 +17,30 @@ std::string encode_ciphertexts(UpdateHeader header, const std::vector<ByteView>&
     if (layout.ring_dim != header.ring_dim || layout.modulus != header.modulus)
         throw InvalidUpdateError("encode: ciphertext layout does not match the header");
     header.payload_len = packed_bytes(header.total_residues(), header.residue_bits);
-    std::string payload(header.payload_len, '\0');
-    auto* out = reinterpret_cast<uint8_t*>(&payload[0]);
+    validate_header(header);
+    return header;
+}
+
+void encode_ciphertexts(const UpdateHeader& header, const std::vector<ByteView>& cts,
+                        const CiphertextLayout& layout, unsigned threads, uint8_t* out) {
+    uint8_t* payload = out + kHeaderSize;
     const uint64_t per_ct = header.residues_per_ciphertext();  // 2N: a multiple of 8
     const uint64_t bytes_per_ct = per_ct * header.residue_bits / 8;
     parallel_ranges(cts.size(), threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
         std::vector<uint64_t> residues(per_ct);
         for (uint64_t i = begin; i < end; ++i) {
             extract_residues(cts[i].data, cts[i].len, layout, residues.data());
-            pack_residues(residues.data(), per_ct, header.residue_bits, out + i * bytes_per_ct);
+            pack_residues(residues.data(), per_ct, header.residue_bits,
+                          payload + i * bytes_per_ct);
         }
     });
-    return encode_update(header, out);
+    seal_update(header, out, threads);
 }
 
 std::vector<std::string> decode_ciphertexts(const uint8_t* data, size_t len,
                                             const uint8_t* tmpl, size_t tmpl_len,
                                             const CiphertextLayout& layout, unsigned threads) {
-    const UpdateHeader h = parse_update(data, len);
+    const UpdateHeader h = parse_update(data, len, threads);
     if (layout.ring_dim != h.ring_dim || layout.modulus != h.modulus)
         throw IncompatibleUpdateError("decode: the update's ring_dim/modulus differ from the "
                                       "decrypting context's");

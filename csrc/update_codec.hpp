@@ -16,9 +16,14 @@ struct ByteView {
     size_t len;
 };
 
-// header.payload_len is filled in; header.n_ciphertexts must equal cts.size().
-std::string encode_ciphertexts(UpdateHeader header, const std::vector<ByteView>& cts,
-                               const CiphertextLayout& layout, unsigned threads);
+// The header of an update carrying `cts` (payload_len filled in, everything validated).
+UpdateHeader ciphertexts_header(UpdateHeader header, const std::vector<ByteView>& cts,
+                                const CiphertextLayout& layout);
+
+// Writes the whole update for `cts` into out (update_size(header) bytes), header from
+// ciphertexts_header().
+void encode_ciphertexts(const UpdateHeader& header, const std::vector<ByteView>& cts,
+                        const CiphertextLayout& layout, unsigned threads, uint8_t* out);
 
 // Parses and validates an update, then rebuilds each ciphertext from the template.
 std::vector<std::string> decode_ciphertexts(const uint8_t* data, size_t len,

@@ -15,11 +15,6 @@ constexpr uint32_t kMinRingDim = 1024;
 constexpr uint32_t kMaxRingDim = 1u << 17;
 
 template <class T>
-void put(std::string& out, size_t at, T v) {
-    std::memcpy(&out[at], &v, sizeof v);
-}
-
-template <class T>
 T get(const uint8_t* data, size_t at) {
     T v;
     std::memcpy(&v, data + at, sizeof v);
@@ -71,32 +66,40 @@ void validate_header(const UpdateHeader& h) {
             std::to_string(h.ring_dim));
 }
 
-std::string encode_update(const UpdateHeader& h, const uint8_t* payload) {
+void seal_update(const UpdateHeader& h, uint8_t* out, unsigned threads) {
     validate_header(h);
-    std::string out(kHeaderSize + h.payload_len + kChecksumSize, '\0');
-    std::memcpy(&out[0], kMagic, 8);
-    put<uint16_t>(out, 8, kWireVersion);
-    put<uint16_t>(out, 10, static_cast<uint16_t>(h.kind));
-    put<uint32_t>(out, 12, h.n_summed);
-    std::memcpy(&out[16], h.context_fp.data(), 32);
-    std::memcpy(&out[48], h.layout_fp.data(), 32);
-    std::memcpy(&out[80], h.mask_fp.data(), 32);
-    put<uint64_t>(out, 112, h.round);
-    put<uint64_t>(out, 120, h.n_values);
-    put<uint32_t>(out, 128, h.ring_dim);
-    put<uint32_t>(out, 132, h.n_ciphertexts);
-    put<uint64_t>(out, 136, h.modulus);
-    put<uint8_t>(out, 144, h.residue_bits);
-    put<uint8_t>(out, 145, static_cast<uint8_t>(h.packing));
-    put<double>(out, 152, h.weight_bound);
-    put<uint64_t>(out, 160, h.payload_len);
-    if (h.payload_len) std::memcpy(&out[kHeaderSize], payload, h.payload_len);
+    auto put_at = [out](size_t at, auto v) { std::memcpy(out + at, &v, sizeof v); };
+    std::memcpy(out, kMagic, 8);
+    put_at(8, kWireVersion);
+    put_at(10, static_cast<uint16_t>(h.kind));
+    put_at(12, h.n_summed);
+    std::memcpy(out + 16, h.context_fp.data(), 32);
+    std::memcpy(out + 48, h.layout_fp.data(), 32);
+    std::memcpy(out + 80, h.mask_fp.data(), 32);
+    put_at(112, h.round);
+    put_at(120, h.n_values);
+    put_at(128, h.ring_dim);
+    put_at(132, h.n_ciphertexts);
+    put_at(136, h.modulus);
+    put_at(144, h.residue_bits);
+    put_at(145, static_cast<uint8_t>(h.packing));
+    std::memset(out + 146, 0, 6);
+    put_at(152, h.weight_bound);
+    put_at(160, h.payload_len);
     const size_t body = kHeaderSize + h.payload_len;
-    put<uint64_t>(out, body, checksum64(reinterpret_cast<const uint8_t*>(out.data()), body));
+    put_at(body, wire_checksum(out, body, threads));
+}
+
+std::string encode_update(const UpdateHeader& h, const uint8_t* payload, unsigned threads) {
+    validate_header(h);
+    std::string out(update_size(h), '\0');
+    auto* p = reinterpret_cast<uint8_t*>(&out[0]);
+    if (h.payload_len) std::memcpy(p + kHeaderSize, payload, h.payload_len);
+    seal_update(h, p, threads);
     return out;
 }
 
-UpdateHeader parse_update(const uint8_t* data, size_t len) {
+UpdateHeader parse_update(const uint8_t* data, size_t len, unsigned threads) {
     if (len < kHeaderSize + kChecksumSize)
         bad("truncated: " + std::to_string(len) + " bytes, a header alone needs " +
             std::to_string(kHeaderSize + kChecksumSize));
@@ -129,7 +132,7 @@ UpdateHeader parse_update(const uint8_t* data, size_t len) {
         bad((len < expected ? "truncated: " : "trailing bytes: ") + std::to_string(len) +
             " bytes, the header announces " + std::to_string(expected));
     const size_t body = kHeaderSize + h.payload_len;
-    if (get<uint64_t>(data, body) != checksum64(data, body))
+    if (get<uint64_t>(data, body) != wire_checksum(data, body, threads))
         bad("checksum mismatch (corrupted or tampered bytes)");
     return h;
 }

@@ -63,12 +63,21 @@ struct UpdateHeader {
 // Checks the header's own consistency (throws InvalidUpdateError naming the field).
 void validate_header(const UpdateHeader& h);
 
+// Bytes of a whole serialized update (header + payload + checksum).
+inline size_t update_size(const UpdateHeader& h) {
+    return kHeaderSize + h.payload_len + kChecksumSize;
+}
+
+// Writes the header and the checksum around a payload already at out + kHeaderSize;
+// out holds update_size(h) bytes. Lets callers build the payload in place (no copies).
+void seal_update(const UpdateHeader& h, uint8_t* out, unsigned threads);
+
 // Serializes header + payload + checksum. payload must hold h.payload_len bytes.
-std::string encode_update(const UpdateHeader& h, const uint8_t* payload);
+std::string encode_update(const UpdateHeader& h, const uint8_t* payload, unsigned threads);
 
 // Parses and validates a whole update (every byte hostile): magic, version, field ranges,
 // exact length, checksum. Returns the header; the payload starts at data + kHeaderSize.
-UpdateHeader parse_update(const uint8_t* data, size_t len);
+UpdateHeader parse_update(const uint8_t* data, size_t len, unsigned threads);
 
 // Smallest number of bits that holds q - 1 (and q itself).
 unsigned bit_length(uint64_t q);
