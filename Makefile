@@ -29,12 +29,14 @@ $(VPY): | check-python
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 
+# openfhe first: on an interpreter where its wheel cannot import, stop before the big installs.
 $(STAMP): $(VPY) pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.hpp)
-	$(VPY) -m pip install --quiet -e ".[dev]"
+	$(VPY) -m pip install --quiet "openfhe>=1.3"
 	@$(VPY) -c "import openfhe" 2>/dev/null || { \
 	  echo "error: the openfhe wheel does not import on $$($(VPY) -V)."; \
 	  echo "Use CPython 3.10 (or 3.12 on Ubuntu 24.04): rm -rf $(VENV) && make PYTHON=python3.10 test"; \
 	  exit 1; }
+	$(VPY) -m pip install --quiet -e ".[dev]"
 	$(VPY) -c "import fedshield, fedshield._native; print('fedshield', fedshield.__version__, 'native ok')"
 	@touch $(STAMP)
 
