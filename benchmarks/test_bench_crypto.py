@@ -10,7 +10,7 @@ import torch
 
 import fedshield as fs
 from fedshield import _native
-from fedshield.he import backend
+from fedshield.bench import openfhe_aggregate_baseline, openfhe_encrypt_baseline
 
 N_VALUES = 1 << 20  # 32 tensors of 32x1024: 64 ciphertexts at N=2^14
 CLIENTS = 4
@@ -65,15 +65,8 @@ def test_encrypt(benchmark, keys, states, layout, workers):
 
 def test_encrypt_raw_openfhe(benchmark, keys, updates):
     """Baseline: MakeCKKSPackedPlaintext + Encrypt on the same number of ciphertexts, one core."""
-    cc, pk, _ = keys.client_context()._openfhe()
     n_cts = fs.EncryptedUpdate.from_bytes(updates[0]).n_ciphertexts
-    slots = np.random.default_rng(0).uniform(-0.01, 0.01, n_cts * 16384).view(np.complex128)
-
-    def raw():
-        for i in range(n_cts):
-            cc.Encrypt(pk, cc.MakeCKKSPackedPlaintext(slots[i * 8192:(i + 1) * 8192]))
-
-    benchmark.pedantic(raw, rounds=3)
+    benchmark.pedantic(openfhe_encrypt_baseline(keys.client_context(), n_cts), rounds=3)
 
 
 def test_aggregate(benchmark, keys, updates):
@@ -82,19 +75,7 @@ def test_aggregate(benchmark, keys, updates):
 
 def test_aggregate_openfhe(benchmark, keys, updates):
     """Baseline: OpenFHE's own server path, DeserializeCiphertextString + EvalAddInPlace."""
-    ctx = keys.client_context()
-    cc, _, _ = ctx._openfhe()
-    o = backend.openfhe()
-    cc.Enable(o.LEVELEDSHE)
-    template, ct_layout = ctx.ciphertext_template
-    serialized = [_native.decode_ciphertexts(u, template, ct_layout, 0) for u in updates]
-
-    def openfhe_path():
-        for j in range(len(serialized[0])):
-            acc = o.DeserializeCiphertextString(serialized[0][j], o.BINARY)
-            for k in range(1, len(serialized)):
-                cc.EvalAddInPlace(acc, o.DeserializeCiphertextString(serialized[k][j], o.BINARY))
-
+    openfhe_path, _ = openfhe_aggregate_baseline(keys.client_context(), updates)
     benchmark.pedantic(openfhe_path, rounds=2)
 
 

@@ -23,6 +23,39 @@ def _state(n_values: int, seed: int) -> dict[str, torch.Tensor]:
             for i in range(n_tensors)}
 
 
+def openfhe_encrypt_baseline(ctx, n_cts: int, seed: int = 0):
+    """A callable doing raw MakeCKKSPackedPlaintext + Encrypt for n_cts full ciphertexts."""
+    cc, pk, _ = ctx._openfhe()
+    n_slots = ctx.params.slots
+    slots = np.random.default_rng(seed).uniform(-0.01, 0.01, n_cts * 2 * n_slots).view(np.complex128)
+
+    def raw_encrypt():
+        for i in range(n_cts):
+            cc.Encrypt(pk, cc.MakeCKKSPackedPlaintext(slots[i * n_slots:(i + 1) * n_slots]))
+
+    return raw_encrypt
+
+
+def openfhe_aggregate_baseline(ctx, update_blobs: list[bytes]):
+    """A callable aggregating the same ciphertexts the way an OpenFHE server would:
+    DeserializeCiphertextString + EvalAddInPlace (ctx must hold the template, not the key)."""
+    from .he import backend  # noqa: PLC0415
+
+    o = backend.openfhe()
+    cc, _, _ = ctx._openfhe()
+    cc.Enable(o.LEVELEDSHE)  # EvalAdd needs it; fedshield's own path never calls OpenFHE here
+    template, ct_layout = ctx.ciphertext_template
+    serialized = [_native.decode_ciphertexts(b, template, ct_layout, 0) for b in update_blobs]
+
+    def openfhe_aggregate():
+        for j in range(len(serialized[0])):
+            acc = o.DeserializeCiphertextString(serialized[0][j], o.BINARY)
+            for k in range(1, len(serialized)):
+                cc.EvalAddInPlace(acc, o.DeserializeCiphertextString(serialized[k][j], o.BINARY))
+
+    return openfhe_aggregate, sum(len(c) for s in serialized for c in s)
+
+
 def _best(fn, repeat: int = 3) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -53,14 +86,7 @@ def run_bench(n_values: int = 1 << 20, n_clients: int = 4, verbose: bool = True)
     masked = encrypt_update(client, states[0], layout, weight=10.0, mask=half)
 
     # Raw OpenFHE on the same number of ciphertexts: encode + encrypt only.
-    cc, pk, sk = client._openfhe(need_secret=True)
-    buf = np.random.default_rng(0).uniform(-0.01, 0.01, updates[0].n_ciphertexts * params.ring_dim)
-    slots = buf.view(np.complex128)
-
-    def raw_encrypt():
-        for i in range(updates[0].n_ciphertexts):
-            cc.Encrypt(pk, cc.MakeCKKSPackedPlaintext(slots[i * params.slots:(i + 1) * params.slots]))
-
+    raw_encrypt = openfhe_encrypt_baseline(client, updates[0].n_ciphertexts)
     t_raw = _best(raw_encrypt, repeat=2)
 
     blobs = [u.to_bytes() for u in updates]
@@ -68,19 +94,7 @@ def run_bench(n_values: int = 1 << 20, n_clients: int = 4, verbose: bool = True)
     agg = aggregate(server, blobs)
 
     # OpenFHE's own server path on the same ciphertexts: deserialize + EvalAddInPlace.
-    from .he import backend  # noqa: PLC0415
-
-    o = backend.openfhe()
-    cc.Enable(o.LEVELEDSHE)  # EvalAdd needs it; fedshield's own path never calls OpenFHE here
-    template, ct_layout = client.ciphertext_template
-    serialized = [_native.decode_ciphertexts(b, template, ct_layout, 0) for b in blobs]
-
-    def openfhe_aggregate():
-        for j in range(len(serialized[0])):
-            acc = o.DeserializeCiphertextString(serialized[0][j], o.BINARY)
-            for k in range(1, len(serialized)):
-                cc.EvalAddInPlace(acc, o.DeserializeCiphertextString(serialized[k][j], o.BINARY))
-
+    openfhe_aggregate, openfhe_bytes = openfhe_aggregate_baseline(client, blobs)
     t_ofhe = _best(openfhe_aggregate, repeat=1)
     t_dec = _best(lambda: decrypt_update(client, agg, layout, workers=1), repeat=2)
     decrypt_update(client, agg, layout, workers=cores)  # start the pool
@@ -100,7 +114,7 @@ def run_bench(n_values: int = 1 << 20, n_clients: int = 4, verbose: bool = True)
         "encrypt_all_cores_us_per_value": t_enc_all / n * 1e6,
         "encrypt_speedup_all_cores": t_enc / t_enc_all,
         "aggregate_MB_per_s": in_bytes / t_agg / 1e6,
-        "openfhe_aggregate_MB_per_s": sum(len(c) for s in serialized for c in s) / t_ofhe / 1e6,
+        "openfhe_aggregate_MB_per_s": openfhe_bytes / t_ofhe / 1e6,
         "aggregate_speedup_vs_openfhe": t_ofhe / t_agg,
         "decrypt_us_per_value": t_dec / n * 1e6,
         "decrypt_all_cores_us_per_value": t_dec_all / n * 1e6,
