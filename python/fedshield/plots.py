@@ -38,14 +38,20 @@ def plot_run(metrics: dict, out_dir: Path) -> list[Path]:
     ax.legend(fontsize=8)
     written.append(_save(fig, out_dir / "bytes.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    bottom = [0.0] * len(rounds)
-    for phase in ("train", "prune", "encrypt", "aggregate", "decrypt"):
-        vals = [r["seconds"][phase] for r in metrics["rounds"]]
-        ax.bar(rounds, vals, bottom=bottom, label=phase)
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set(xlabel="round", ylabel="seconds", title="Time per round")
-    ax.legend(fontsize=8)
+    # Training dwarfs the crypto phases on small models: show them again on their own scale.
+    fig, (ax_all, ax_he) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, phases, unit, scale in (
+            (ax_all, ("train", "prune", "encrypt", "aggregate", "decrypt"), "seconds", 1.0),
+            (ax_he, ("prune", "encrypt", "aggregate", "decrypt"), "milliseconds", 1e3)):
+        bottom = [0.0] * len(rounds)
+        for phase in phases:
+            vals = [r["seconds"][phase] * scale for r in metrics["rounds"]]
+            ax.bar(rounds, vals, bottom=bottom, label=phase)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set(xlabel="round", ylabel=unit)
+        ax.legend(fontsize=8)
+    ax_all.set_title("Time per round (all clients)")
+    ax_he.set_title("Without training")
     written.append(_save(fig, out_dir / "time.png"))
     return written
 
