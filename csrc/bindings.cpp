@@ -20,6 +20,7 @@ namespace py = pybind11;
 using namespace fedshield;
 
 void bind_importance(py::module_& m);  // bind_importance.cpp
+void bind_shamir(py::module_& m);      // bind_shamir.cpp
 
 namespace {
 
@@ -322,4 +323,5 @@ PYBIND11_MODULE(_native, m) {
     bind_packing(m);
     bind_aggregator(m);
     bind_importance(m);
+    bind_shamir(m);
 }

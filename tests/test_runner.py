@@ -129,3 +129,41 @@ def test_global_mask_is_identical_on_every_client(tmp_path):
     assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
     assert sim.layout.mask_fingerprint(masks[0]) == sim.layout.mask_fingerprint(masks[1])
     assert 0.6 < kept_fraction(masks[0]) < 0.8
+
+
+def test_threshold_round_equals_plaintext_fedavg(tmp_path):
+    cfg = RunConfig(**SMALL, keys="threshold", out=str(tmp_path))
+    th = LocalSimulation(cfg, show_progress=False)
+    plain = LocalSimulation(cfg.replace(keys="shared", he=False), show_progress=False)
+    assert th.server_ctx.has_secret_key is False
+    assert all(not c.has_secret_key for c in th.client_ctxs)  # each holds a share only
+    assert th.server_ctx.params.scale_bits == 52
+    m = th.run_round(1)
+    plain.run_round(1)
+    assert _max_diff(th.global_state, plain.global_state) <= 1e-6
+    assert m["decrypting_clients"] == [0, 1] and m["bytes_partial_decryptions"] > 0
+
+
+def test_threshold_run_survives_a_dropout_of_the_lead(tmp_path):
+    out = tmp_path / "th"
+    rc = cli_main(["run", "--keys", "threshold", "--clients", "3", "--threshold", "2",
+                   "--dropouts", "1", "--rounds", "2", "--local-steps", "4", "--out", str(out),
+                   "--no-progress", "--lora-r", "4"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["server_has_secret_key"] is False
+    assert [r["decrypting_clients"] for r in metrics["rounds"]] == [[1, 2], [1, 2]]
+    assert metrics["rounds"][-1]["eval_loss"] < metrics["initial_eval_loss"]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(keys="threshold", clients=3, threshold=1), "threshold=1"),
+    (dict(keys="threshold", clients=3, dropouts=1), "dropouts=1"),
+    (dict(keys="threshold", clients=3, threshold=2, dropouts=2), "dropouts=2"),
+    (dict(keys="threshold", he=False), "needs HE"),
+    (dict(keys="threshold", clients=1), "clients=1"),
+    (dict(keys="shared", dropouts=1), "dropouts=1"),
+])
+def test_bad_threshold_config(bad, match):
+    with pytest.raises(fs.ParameterError, match=match):
+        RunConfig(**bad)

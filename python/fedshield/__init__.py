@@ -6,8 +6,10 @@ The server-side names (aggregate, load_context, EncryptedUpdate, Layout) never i
 from .aggregate import aggregate
 from .crypto_ops import DEFAULT_WEIGHT_BOUND, decrypt_update, encrypt_update
 from .errors import (FedShieldError, HeadroomError, IncompatibleUpdate, InvalidUpdate,
-                     KeyMaterialError, ParameterError, UnsupportedPlatform)
-from .he import CKKSParams, Context, SharedKeys, keygen_shared, load_context
+                     KeyMaterialError, NotEnoughShares, ParameterError, UnsupportedPlatform)
+from .he import (CKKSParams, Context, SharedKeys, combine_partials, keygen_shared,
+                 keygen_threshold, load_context, partial_decrypt)
+from .he import threshold
 from .importance import ImportanceResult, importance_mask
 from .layout import Layout, TensorSpec
 from .update import EncryptedUpdate
@@ -17,7 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CKKSParams", "Context", "DEFAULT_WEIGHT_BOUND", "EncryptedUpdate", "FedShieldError",
     "HeadroomError", "ImportanceResult", "IncompatibleUpdate", "InvalidUpdate",
-    "KeyMaterialError", "Layout", "ParameterError", "SharedKeys", "TensorSpec",
-    "UnsupportedPlatform", "aggregate", "decrypt_update", "encrypt_update", "importance_mask",
-    "keygen_shared", "load_context",
+    "KeyMaterialError", "Layout", "NotEnoughShares", "ParameterError", "SharedKeys",
+    "TensorSpec", "UnsupportedPlatform", "aggregate", "combine_partials", "decrypt_update",
+    "encrypt_update", "importance_mask", "keygen_shared", "keygen_threshold", "load_context",
+    "partial_decrypt", "threshold",
 ]

@@ -12,8 +12,8 @@ from .config import _CHOICES, RunConfig
 from .errors import FedShieldError
 
 # Flags of the CLI contract plus the tuning knobs; each maps onto one RunConfig field.
-_RUN_FLAGS = ("clients", "rounds", "model", "data", "keys", "prune", "algorithm", "engine",
-              "out", "seed", "local_steps", "batch_size", "lora_r", "lr")
+_RUN_FLAGS = ("clients", "rounds", "model", "data", "keys", "threshold", "dropouts", "prune",
+              "algorithm", "engine", "out", "seed", "local_steps", "batch_size", "lora_r", "lr")
 
 
 def _run_parser(sub) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import ParameterError
 
 _CHOICES = {
-    "keys": ("shared",),
+    "keys": ("shared", "threshold"),
     "prune": ("local", "global", "off"),
     "algorithm": ("delta", "paper"),
     "engine": ("local",),
@@ -25,7 +25,13 @@ class RunConfig:
     model: str = field(default="tiny", metadata={"help": "'tiny' (built from a config) or a local path"})
     data: str = field(default="synthetic", metadata={"help": "'synthetic' (generated) or a local path"})
     he: bool = field(default=True, metadata={"help": "encrypt updates with CKKS (False: plaintext FedAvg)"})
-    keys: str = field(default="shared", metadata={"help": "key mode: shared (paper mode)"})
+    keys: str = field(default="shared", metadata={
+        "help": "shared: one key on every client (paper mode, weaker); threshold: each client "
+                "holds a key share, decryption needs partial decryptions"})
+    threshold: int = field(default=0, metadata={
+        "help": "threshold mode: shares needed to decrypt (0 = every client; t > clients/2)"})
+    dropouts: int = field(default=0, metadata={
+        "help": "threshold mode: clients (ids 0..k-1, the lead included) absent at decryption"})
     prune: str = field(default="local", metadata={"help": "local | global | off"})
     algorithm: str = field(default="delta", metadata={"help": "delta (weighted FedAvg of updates) | paper"})
     engine: str = field(default="local", metadata={"help": "local (in-process simulation)"})
@@ -47,7 +53,8 @@ class RunConfig:
     prune_t_start: int = field(default=1, metadata={"help": "round where the schedule starts"})
     prune_t_end: int = field(default=4, metadata={"help": "round where p_target is reached"})
     ring_dim: int = field(default=16384, metadata={"help": "CKKS ring dimension"})
-    scale_bits: int = field(default=50, metadata={"help": "CKKS scale bits"})
+    scale_bits: int = field(default=0, metadata={
+        "help": "CKKS scale bits (0 = 50 with shared keys, 52 with threshold keys)"})
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
@@ -63,6 +70,23 @@ class RunConfig:
             raise ParameterError(f"lr={self.lr!r}, lr_min={self.lr_min!r}: need 0 <= lr_min <= lr, lr > 0")
         if not 0 <= self.lora_dropout < 1:
             raise ParameterError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if self.keys == "threshold":
+            if not self.he:
+                raise ParameterError("keys='threshold' needs HE on (drop --no-he)")
+            if self.clients < 2:
+                raise ParameterError(f"keys='threshold' with clients={self.clients}: an aggregate "
+                                     "of one client is that client's update; use at least 2")
+            if self.threshold and not self.clients / 2 < self.threshold <= self.clients:
+                raise ParameterError(f"threshold={self.threshold} must be in "
+                                     f"({self.clients / 2:g}, {self.clients}] or 0")
+            needed = self.threshold or self.clients
+            if not 0 <= self.dropouts <= self.clients - needed:
+                raise ParameterError(f"dropouts={self.dropouts}: with {self.clients} clients and "
+                                     f"{needed} shares needed, at most {self.clients - needed} "
+                                     "may drop out")
+        elif self.threshold or self.dropouts:
+            raise ParameterError(f"threshold={self.threshold}, dropouts={self.dropouts} apply "
+                                 "to keys='threshold' only")
         if self.examples_per_client < self.batch_size:
             raise ParameterError(f"examples_per_client={self.examples_per_client} is smaller "
                                  f"than batch_size={self.batch_size}")

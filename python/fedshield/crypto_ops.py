@@ -178,6 +178,11 @@ def decrypt_update(ctx: Context, update: EncryptedUpdate, layout: Layout,
     _check_context(ctx)
     if not isinstance(update, EncryptedUpdate):
         raise TypeError(f"expected an EncryptedUpdate, got {type(update).__name__}")
+    if ctx.is_party:
+        raise KeyMaterialError(
+            f"this context holds only party {ctx.party_id}'s key share ({ctx.threshold} of "
+            f"{ctx.n_parties} are needed): decrypt with fs.partial_decrypt on each party and "
+            "fs.combine_partials")
     if not ctx.has_secret_key:
         raise KeyMaterialError(
             f"this {ctx.role} context holds no secret key and cannot decrypt; decrypt with a "

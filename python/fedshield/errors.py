@@ -28,5 +28,9 @@ class KeyMaterialError(FedShieldError):
     """An operation needs key material the context does not hold, or a key file is bad."""
 
 
+class NotEnoughShares(FedShieldError):
+    """Threshold mode: fewer partial decryptions (or present parties) than decryption needs."""
+
+
 class UnsupportedPlatform(FedShieldError, RuntimeError):
     """The openfhe wheel cannot be imported on this interpreter."""

@@ -23,7 +23,7 @@ from . import data as fsdata
 from .aggregate import aggregate
 from .config import RunConfig
 from .crypto_ops import decrypt_update, encrypt_update
-from .he import CKKSParams, keygen_shared
+from .he import CKKSParams, combine_partials, keygen_shared, keygen_threshold, partial_decrypt
 from .importance import importance_mask
 from .layout import Layout
 from .model import LoraSettings, attach_lora, build_tiny_llama, get_lora_state, set_lora_state
@@ -107,13 +107,42 @@ class LocalSimulation:
         self.layout = Layout.from_state_dict(self.global_state)
 
     def _setup_keys(self) -> None:
-        self.client_ctx = self.server_ctx = None
-        if self.cfg.he:
-            keys = keygen_shared(CKKSParams(ring_dim=self.cfg.ring_dim,
-                                            scale_bits=self.cfg.scale_bits))
-            self.client_ctx = keys.client_context()
+        cfg = self.cfg
+        self.client_ctxs, self.server_ctx = [], None
+        if not cfg.he:
+            return
+        threshold = cfg.keys == "threshold"
+        # Threshold decryption adds flooding noise: 2 more bits of scale keep it under 1e-6.
+        scale_bits = cfg.scale_bits or (52 if threshold else 50)
+        params = CKKSParams(ring_dim=cfg.ring_dim, scale_bits=scale_bits)
+        if threshold:
+            self.client_ctxs, self.server_ctx = keygen_threshold(
+                params, n_parties=cfg.clients, threshold=cfg.threshold or None)
+        else:
+            keys = keygen_shared(params)
+            self.client_ctxs = [keys.client_context()] * cfg.clients
             # The server only ever sees this public context.
             self.server_ctx = keys.server_context()
+
+    @property
+    def client_ctx(self):
+        """Client 0's context (shared-key mode: the one every client holds)."""
+        return self.client_ctxs[0] if self.client_ctxs else None
+
+    def _decrypt(self, agg, mask, timer: _Timer) -> tuple[dict, list[int], int]:
+        """The average every present client ends up with; (average, present ids, share bytes)."""
+        cfg = self.cfg
+        if cfg.keys == "shared":
+            with timer.phase("decrypt"):
+                return decrypt_update(self.client_ctx, agg, self.layout, mask=mask), \
+                    list(range(cfg.clients)), 0
+        # Clients 0..dropouts-1 (the lead among them) are gone before decryption; the present
+        # ones cover for them with their Shamir shares.
+        present = list(range(cfg.dropouts, cfg.clients))
+        with timer.phase("decrypt"):
+            shares = [partial_decrypt(self.client_ctxs[i], agg, present=present) for i in present]
+            average = combine_partials(agg, shares, self.layout, mask=mask)
+        return average, present, sum(len(s) for s in shares)
 
     # -- one round -----------------------------------------------------------------------
     def _client_update(self, client: int, round_idx: int, lr: float, timer: _Timer):
@@ -159,7 +188,8 @@ class LocalSimulation:
                     kept.append(1.0)
             if cfg.he:
                 with timer.phase("encrypt"):
-                    upd = encrypt_update(self.client_ctx, values, self.layout, weight=weight,
+                    upd = encrypt_update(self.client_ctxs[client], values, self.layout,
+                                         weight=weight,
                                          mask=round_mask, round=round_idx,
                                          weight_bound=self.weight_bound)
                 updates.append(upd.to_bytes())
@@ -178,9 +208,9 @@ class LocalSimulation:
                 agg = aggregate(self.server_ctx, iter(updates))
             bytes_down = agg.nbytes
             self.last_aggregate = agg
-            with timer.phase("decrypt"):
-                average = decrypt_update(self.client_ctx, agg, self.layout, mask=round_mask)
+            average, present, share_bytes = self._decrypt(agg, round_mask, timer)
         else:
+            present, share_bytes = list(range(cfg.clients)), 0
             with timer.phase("aggregate"):
                 average = _weighted_average(plain, weights)
             bytes_down = bytes_up[0]
@@ -198,6 +228,8 @@ class LocalSimulation:
             "bytes_down": bytes_down,
             "seconds": {k: round(v, 4) for k, v in timer.seconds.items()},
             "kept_fraction": sum(kept) / len(kept),
+            "decrypting_clients": present,
+            "bytes_partial_decryptions": share_bytes,
             "prune_ratio": ratio,
             "lr": lr,
         }

@@ -50,6 +50,13 @@ def make_crypto_context(params: CKKSParams):
     return cc
 
 
+def enable_multiparty(cc) -> None:
+    """Threshold mode's extra OpenFHE feature. Only ever enabled on threshold contexts: it adds
+    operations and changes nothing for encryption, so shared mode is unaffected."""
+    o = openfhe()
+    cc.Enable(o.MULTIPARTY)
+
+
 def modulus_of(cc) -> int:
     # GetModulus() is a float in the binding; the element parameters give the exact integer.
     return int(cc.GetElementParams().GetModulus())

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
-from typing import Optional
+from typing import Mapping, Optional, Union
 
 from ..errors import KeyMaterialError, ParameterError
 from .params import CKKSParams
@@ -37,13 +38,20 @@ class Context:
     def __init__(self, *, params: CKKSParams, modulus: int, crypto_context: bytes,
                  public_key: bytes, template: bytes, ct_layout: tuple,
                  secret_key: Optional[bytes] = None, role: str = "client",
-                 live: Optional[dict] = None) -> None:
+                 live: Optional[dict] = None, party: Optional[tuple[int, int, int]] = None,
+                 key_shares: Optional[Mapping[int, bytes]] = None) -> None:
         self.params = params
         self.modulus = int(modulus)
         self.role = role
         self._crypto_context = crypto_context
         self._public_key = public_key
         self._secret_key = secret_key
+        # threshold mode: (party_id, n_parties, threshold) and, for t-of-n, the Shamir shares of
+        # the other parties' key shares this party received (sender id -> N uint64 residues)
+        self._party = None if party is None else tuple(int(v) for v in party)
+        self._key_shares = dict(key_shares or {})
+        if self._party is not None and secret_key is None:
+            raise KeyMaterialError("a threshold party context needs its secret key share")
         self._template = template
         self._ct_layout = tuple(int(v) for v in ct_layout)
         self.fingerprint = context_fingerprint(params, self.modulus, public_key)
@@ -52,7 +60,26 @@ class Context:
 
     @property
     def has_secret_key(self) -> bool:
-        return self._secret_key is not None
+        """True when this context alone can decrypt (never for a threshold party)."""
+        return self._secret_key is not None and self._party is None
+
+    @property
+    def is_party(self) -> bool:
+        """A threshold-mode party: holds one key share, decrypts only with the others."""
+        return self._party is not None
+
+    @property
+    def party_id(self) -> Optional[int]:
+        return None if self._party is None else self._party[0]
+
+    @property
+    def n_parties(self) -> Optional[int]:
+        return None if self._party is None else self._party[1]
+
+    @property
+    def threshold(self) -> Optional[int]:
+        """Shares needed to decrypt (n_parties in n-of-n mode); None outside threshold mode."""
+        return None if self._party is None else self._party[2]
 
     @property
     def ciphertext_template(self) -> tuple[bytes, tuple]:
@@ -68,7 +95,9 @@ class Context:
                              if k in self._live})
 
     def __repr__(self) -> str:
-        return (f"Context(role={self.role!r}, ring_dim={self.params.ring_dim}, "
+        party = ("" if self._party is None else
+                 f"party={self._party[0]}/{self._party[1]}, threshold={self._party[2]}, ")
+        return (f"Context(role={self.role!r}, ring_dim={self.params.ring_dim}, {party}"
                 f"has_secret_key={self.has_secret_key}, "
                 f"fingerprint={self.fingerprint.hex()[:12]}...)")
 
@@ -82,7 +111,10 @@ class Context:
         from . import backend  # noqa: PLC0415 - openfhe stays unloaded on the server path
 
         if "crypto_context" not in self._live:
-            self._live["crypto_context"] = backend.load_crypto_context(self._crypto_context)
+            cc = backend.load_crypto_context(self._crypto_context)
+            if self._party is not None:
+                backend.enable_multiparty(cc)
+            self._live["crypto_context"] = cc
         if "public_key" not in self._live:
             self._live["public_key"] = backend.load_public_key(self._public_key)
         if need_secret and "secret_key" not in self._live:
@@ -109,9 +141,15 @@ class Context:
             raise KeyMaterialError("include_secret=True, but this context holds no secret key")
         sections = [("crypto_context", self._crypto_context), ("public_key", self._public_key),
                     ("template", self._template)]
+        meta_party = {}
         if include_secret:
             sections.append(("secret_key", self._secret_key))
+            sections += [(f"key_share:{j}", self._key_shares[j]) for j in sorted(self._key_shares)]
+            meta_party["secret_fp"] = secret_fingerprint(self.fingerprint, self._secret_key).hex()
+            if self._party is not None:
+                meta_party["party"] = list(self._party)
         meta = {
+            **meta_party,
             "params": json.loads(self.params.to_json()),
             "modulus": self.modulus,
             "fingerprint": self.fingerprint.hex(),
@@ -124,13 +162,50 @@ class Context:
                          *(blob for _, blob in sections)])
         return body + hashlib.sha256(body).digest()
 
+    def save(self, path: Union[str, os.PathLike], *, include_secret: Optional[bool] = None) -> None:
+        """Writes the context to a new file of mode 0600 (atomically: temp file + rename).
 
-def load_context(blob: bytes) -> Context:
-    """Loads a context from :meth:`Context.to_bytes`; raises KeyMaterialError if malformed.
+        ``include_secret`` None saves whatever the context holds (a party's file carries its
+        key share). The temp file is created with O_EXCL at mode 0600 (never widened by the
+        umask later) and renamed over ``path``, so a reader never sees a half-written file.
+        """
+        if include_secret is None:
+            include_secret = self._secret_key is not None
+        data = self.to_bytes(include_secret=include_secret)
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def secret_fingerprint(context_fp: bytes, secret_key: bytes) -> bytes:
+    """Binds a secret key to its context, so a key spliced in from another context is caught."""
+    return hashlib.sha256(b"fedshield-secret-v1" + context_fp + secret_key).digest()
+
+
+def load_context(source: Union[bytes, bytearray, memoryview, str, os.PathLike]) -> Context:
+    """Loads a context from :meth:`Context.to_bytes` bytes or a file written by
+    :meth:`Context.save`; raises KeyMaterialError if it is malformed, corrupted or foreign.
 
     Needs no openfhe: a public context loads and aggregates anywhere.
     """
-    blob = bytes(blob)
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            with open(source, "rb") as f:
+                blob = f.read()
+        except OSError as exc:
+            raise KeyMaterialError(f"cannot read key file {os.fspath(source)!r}: {exc}") from exc
+    else:
+        blob = bytes(source)
     fixed = len(_MAGIC) + 6
     if len(blob) < fixed + _DIGEST or blob[:len(_MAGIC)] != _MAGIC:
         raise KeyMaterialError("not a fedshield context (bad magic or too short)")
@@ -153,20 +228,72 @@ def load_context(blob: bytes) -> Context:
             at += size
         if at != len(body):
             raise ValueError("section sizes do not add up")
+        key_shares = {}
+        for name in sections:
+            if name.startswith("key_share:"):
+                key_shares[int(name.split(":", 1)[1])] = sections[name]
+        party = meta.get("party")
+        if party is not None:
+            party = _check_party(party, key_shares, params.ring_dim)
+        elif key_shares:
+            raise ValueError("key shares in a context that is not a threshold party")
+        secret_key = sections.get("secret_key")
         ctx = Context(params=params, modulus=int(meta["modulus"]),
                       crypto_context=sections["crypto_context"],
                       public_key=sections["public_key"], template=sections["template"],
-                      ct_layout=tuple(meta["ct_layout"]), secret_key=sections.get("secret_key"),
-                      role=str(meta["role"]))
+                      ct_layout=tuple(meta["ct_layout"]), secret_key=secret_key,
+                      role=str(meta["role"]), party=party, key_shares=key_shares)
         _check_ciphertext_layout(ctx)
         # inside the try: a missing "fingerprint" key is a malformed context, not a KeyError
         fingerprint_ok = ctx.fingerprint.hex() == meta["fingerprint"]
+        # files written before secret_fp existed carry none; a party file always does
+        secret_ok = (secret_key is None or ("secret_fp" not in meta and party is None) or
+                     secret_fingerprint(ctx.fingerprint, secret_key).hex() == meta["secret_fp"])
     except (KeyError, ValueError, TypeError, ParameterError,
             OverflowError, RecursionError) as exc:  # int(inf), deeply nested JSON
         raise KeyMaterialError(f"malformed context: {exc}") from exc
     if not fingerprint_ok:
         raise KeyMaterialError("context fingerprint does not match its public key")
+    if not secret_ok:
+        raise KeyMaterialError("the secret key in this context file does not belong to its "
+                               "public key (a key file assembled from another context?)")
+    if secret_key is not None:
+        _check_secret_key(ctx, secret_key)
     return ctx
+
+
+def _check_party(party, key_shares: dict, ring_dim: int) -> tuple[int, int, int]:
+    if not (isinstance(party, list) and len(party) == 3 and
+            all(isinstance(v, int) and not isinstance(v, bool) for v in party)):
+        raise ValueError(f"party {party!r} is not [party_id, n_parties, threshold]")
+    party_id, n_parties, threshold = party
+    if not (2 <= n_parties <= 1024 and 0 <= party_id < n_parties and
+            n_parties // 2 < threshold <= n_parties):
+        raise ValueError(f"party {party!r}: need 0 <= party_id < n_parties, "
+                         "n_parties/2 < threshold <= n_parties")
+    for sender, share in key_shares.items():
+        if not (0 <= sender < n_parties and sender != party_id):
+            raise ValueError(f"key share from party {sender}, not another party of {n_parties}")
+        if len(share) != 8 * ring_dim:
+            raise ValueError(f"key share from party {sender} has {len(share)} bytes, "
+                             f"expected {8 * ring_dim}")
+    return party_id, n_parties, threshold
+
+
+def _check_secret_key(ctx: Context, secret_key: bytes) -> None:
+    """The secret key must be one residue array of this context's ring (checked natively)."""
+    import numpy as np  # noqa: PLC0415
+
+    from .. import _native  # noqa: PLC0415
+    from ..errors import InvalidUpdate  # noqa: PLC0415
+
+    try:
+        _native.locate_key_residues(secret_key, ctx.params.ring_dim, ctx.modulus)
+    except InvalidUpdate as exc:
+        raise KeyMaterialError(f"the secret key does not fit this context: {exc}") from exc
+    for sender, share in ctx._key_shares.items():
+        if not (np.frombuffer(share, dtype="<u8") < ctx.modulus).all():
+            raise KeyMaterialError(f"key share from party {sender} has residues not below q")
 
 
 def _check_ciphertext_layout(ctx: Context) -> None:

@@ -1,0 +1,455 @@
+"""Threshold mode: multiparty key generation, partial decryption, t-of-n key sharing, key files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import fedshield as fs
+from fedshield import _native
+from fedshield.he import threshold as th
+
+from conftest import make_state, weighted_average
+
+WEIGHT_BOUND = fs.DEFAULT_WEIGHT_BOUND
+# Max |error| of one decrypted slot value at scale 2**50 (OpenFHE's multiparty flooding noise;
+# measured ~6e-7 with 3 parties, ~8e-7 with 5). The weighted average divides by
+# sum(w)/weight_bound, which scales it by weight_bound/sum(w).
+SLOT_TOLERANCE = 2e-6
+
+
+def tolerance(weights) -> float:
+    return SLOT_TOLERANCE * WEIGHT_BOUND / sum(weights) + 1e-7  # + float32 rounding
+
+
+class Federation:
+    def __init__(self, n_parties: int, threshold=None, weights=None) -> None:
+        self.parties, self.server = fs.keygen_threshold(fs.CKKSParams(), n_parties, threshold)
+        self.states = [make_state(100 + i) for i in range(n_parties)]
+        self.layout = fs.Layout.from_state_dict(self.states[0])
+        # weights summing to the bound: the slot error reaches the average unamplified
+        self.weights = weights or [WEIGHT_BOUND / n_parties] * n_parties
+        self.updates = [fs.encrypt_update(p, s, self.layout, weight=w)
+                        for p, s, w in zip(self.parties, self.states, self.weights)]
+        self.agg = fs.aggregate(self.server, self.updates)
+        self.reference = weighted_average(self.states, self.weights)
+
+    def shares(self, ids, present=None, agg=None):
+        return [fs.partial_decrypt(self.parties[i], agg or self.agg, present) for i in ids]
+
+    def check(self, out, weights=None) -> None:
+        tol = tolerance(weights or self.weights)
+        for name, ref in self.reference.items():
+            err = np.abs(out[name].double().numpy() - ref)
+            assert err.max() <= tol, (name, int(err.argmax()), float(err.max()), tol)
+
+
+@pytest.fixture(scope="module")
+def n_of_n() -> Federation:
+    return Federation(3)
+
+
+@pytest.fixture(scope="module")
+def t_of_n() -> Federation:
+    return Federation(5, threshold=3)
+
+
+def secret_residues(ctx: fs.Context) -> bytes:
+    offset = _native.locate_key_residues(ctx._secret_key, ctx.params.ring_dim, ctx.modulus)
+    return ctx._secret_key[offset:offset + 8 * ctx.params.ring_dim]
+
+
+def contains_window(data: bytes, secret: bytes, window: int = 64) -> bool:
+    """True if any 64-byte window of ``secret`` (at any 8-byte step) occurs anywhere in data."""
+    windows = {secret[i:i + window] for i in range(0, len(secret) - window + 1, 8)}
+    return any(data[i:i + window] in windows for i in range(len(data) - window + 1))
+
+
+# -- who can decrypt ---------------------------------------------------------------------------
+def test_server_context_cannot_decrypt(n_of_n):
+    server = n_of_n.server
+    assert server.has_secret_key is False and not server.is_party
+    with pytest.raises(fs.KeyMaterialError, match="no secret key"):
+        fs.decrypt_update(server, n_of_n.agg, n_of_n.layout)
+    with pytest.raises(fs.KeyMaterialError):
+        server.to_bytes(include_secret=True)
+    with pytest.raises(fs.KeyMaterialError, match="not a threshold party"):
+        fs.partial_decrypt(server, n_of_n.agg)
+
+
+def test_one_party_alone_cannot_decrypt(n_of_n):
+    party = n_of_n.parties[1]
+    assert party.has_secret_key is False and party.is_party
+    assert (party.party_id, party.n_parties, party.threshold) == (1, 3, 3)
+    with pytest.raises(fs.KeyMaterialError, match="party 1's key share"):
+        fs.decrypt_update(party, n_of_n.agg, n_of_n.layout)
+    with pytest.raises(fs.NotEnoughShares, match="1 shares given, 3 needed"):
+        fs.combine_partials(n_of_n.agg, n_of_n.shares([1]), n_of_n.layout)
+    with pytest.raises(fs.NotEnoughShares, match="0 partial"):
+        fs.combine_partials(n_of_n.agg, [], n_of_n.layout)
+
+
+def test_party_and_server_contexts_share_the_fingerprint(t_of_n):
+    assert {p.fingerprint for p in t_of_n.parties} == {t_of_n.server.fingerprint}
+    assert {u.context_fingerprint for u in t_of_n.updates} == {t_of_n.server.fingerprint}
+
+
+def test_n_of_n_decrypts_with_every_share(n_of_n):
+    n_of_n.check(fs.combine_partials(n_of_n.agg, n_of_n.shares([2, 0, 1]), n_of_n.layout))
+
+
+def test_n_minus_one_shares_fail_in_n_of_n(n_of_n):
+    with pytest.raises(fs.NotEnoughShares, match=r"2 shares given, 3 needed.*missing parties \[2\]"):
+        fs.combine_partials(n_of_n.agg, n_of_n.shares([0, 1]), n_of_n.layout)
+    with pytest.raises(fs.NotEnoughShares, match="2 parties present"):
+        fs.partial_decrypt(n_of_n.parties[0], n_of_n.agg, present=[0, 1])
+
+
+@pytest.mark.parametrize("present", [None, [0, 1, 2], [1, 2, 3], [2, 3, 4], [0, 2, 4],
+                                     [1, 3, 4], [1, 2, 3, 4]])
+def test_t_of_n_decrypts_with_any_present_set(t_of_n, present):
+    ids = present or range(5)
+    shares = t_of_n.shares(ids, present)
+    t_of_n.check(fs.combine_partials(t_of_n.agg, shares[::-1], t_of_n.layout))
+
+
+def test_t_of_n_fails_with_fewer_than_t(t_of_n):
+    with pytest.raises(fs.NotEnoughShares, match="2 parties present"):
+        fs.partial_decrypt(t_of_n.parties[1], t_of_n.agg, present=[1, 2])
+    shares = t_of_n.shares([1, 2, 4], [1, 2, 4])
+    with pytest.raises(fs.NotEnoughShares, match=r"2 shares given, 3 needed.*missing parties \[4\]"):
+        fs.combine_partials(t_of_n.agg, shares[:2], t_of_n.layout)
+
+
+def test_realistic_weights_stay_within_the_documented_tolerance():
+    weights = [120.0, 75.0, 300.0]
+    fed = Federation(3, threshold=2, weights=weights)
+    fed.check(fs.combine_partials(fed.agg, fed.shares([0, 2], [0, 2]), fed.layout), weights)
+
+
+# -- bad shares and bad partial_decrypt calls -----------------------------------------------------
+def test_bad_shares_are_rejected(t_of_n, n_of_n):
+    agg, layout = t_of_n.agg, t_of_n.layout
+    good = t_of_n.shares([0, 1, 2], [0, 1, 2])
+    with pytest.raises(fs.InvalidUpdate, match="two shares of party 1"):
+        fs.combine_partials(agg, good + [good[1]], layout)
+    other = t_of_n.shares([1, 2, 3], [1, 2, 3])
+    with pytest.raises(fs.IncompatibleUpdate, match="present="):
+        fs.combine_partials(agg, good[:2] + other[1:2], layout)
+    other_agg = fs.aggregate(t_of_n.server, t_of_n.updates[:2])
+    with pytest.raises(fs.IncompatibleUpdate, match="different aggregate"):
+        fs.combine_partials(other_agg, good, layout)
+    with pytest.raises(fs.IncompatibleUpdate, match="another context"):
+        fs.combine_partials(agg, n_of_n.shares([0, 1, 2]), layout)
+    corrupted = bytearray(good[2])
+    corrupted[len(corrupted) // 2] ^= 1
+    for bad in (bytes(corrupted), good[2][:100], good[2][:-1], b"", b"FSHLDPDS" + bytes(64)):
+        with pytest.raises(fs.InvalidUpdate):
+            fs.combine_partials(agg, good[:2] + [bad], layout)
+    with pytest.raises(TypeError):
+        fs.combine_partials(agg, good[0], layout)
+    with pytest.raises(fs.IncompatibleUpdate, match="another layout"):
+        fs.combine_partials(agg, good, fs.Layout.from_state_dict({"x": torch.zeros(3)}))
+
+
+def test_forged_share_headers_are_rejected(t_of_n):
+    good = t_of_n.shares([0, 1, 2], [0, 1, 2])
+
+    def reframe(blob, **changes):
+        meta, sections = th._unframe(blob, th._PARTIAL_MAGIC, "share", fs.InvalidUpdate)
+        meta.update(changes)
+        meta.pop("sizes")
+        return th._frame(th._PARTIAL_MAGIC, meta, sections)
+
+    with pytest.raises(fs.InvalidUpdate, match="lead flag"):
+        fs.combine_partials(t_of_n.agg, [reframe(good[0], lead=False)] + good[1:], t_of_n.layout)
+    with pytest.raises(fs.IncompatibleUpdate, match="not among the present"):
+        fs.combine_partials(t_of_n.agg, good[:2] + [reframe(good[2], party_id=3)], t_of_n.layout)
+    with pytest.raises(fs.InvalidUpdate, match="malformed"):
+        fs.combine_partials(t_of_n.agg, good[:2] + [reframe(good[2], party_id=-1)],
+                            t_of_n.layout)
+    with pytest.raises(fs.InvalidUpdate, match="partial ciphertext"):
+        fs.combine_partials(t_of_n.agg, good[:2] + [th._frame(
+            th._PARTIAL_MAGIC, {k: v for k, v in json.loads(json.dumps(
+                th._unframe(good[2], th._PARTIAL_MAGIC, "s", fs.InvalidUpdate)[0])).items()
+                if k != "sizes"}, [b"garbage"])], t_of_n.layout)
+
+
+def test_partial_decrypt_rejects_bad_calls(t_of_n, n_of_n):
+    party = t_of_n.parties[0]
+    with pytest.raises(fs.IncompatibleUpdate, match="only decrypt aggregates"):
+        fs.partial_decrypt(party, t_of_n.updates[0])
+    with pytest.raises(fs.IncompatibleUpdate, match="another context"):
+        fs.partial_decrypt(party, n_of_n.agg)
+    with pytest.raises(fs.ParameterError, match="not among the present"):
+        fs.partial_decrypt(party, t_of_n.agg, present=[1, 2, 3])
+    for bad in ([0, 1, 7], [0, 1, -1], [0, 1, "2"], 5):
+        with pytest.raises(fs.ParameterError):
+            fs.partial_decrypt(party, t_of_n.agg, present=bad)
+    with pytest.raises(fs.InvalidUpdate):
+        fs.partial_decrypt(party, b"not an update")
+    with pytest.raises(TypeError):
+        fs.partial_decrypt(party, 42)
+
+
+def test_party_without_key_shares_cannot_cover_for_the_absent():
+    state, message = th.start_keygen(fs.CKKSParams(), 3, 2)
+    states = [state]
+    for i in (1, 2):
+        state, message = th.join_keygen(message, i)
+        states.append(state)
+    parties = [th.finish_keygen(s, message) for s in states]
+    server = th.server_context(message)
+    layout = fs.Layout.from_state_dict(make_state(1))
+    agg = fs.aggregate(server, [fs.encrypt_update(parties[0], make_state(1), layout)])
+    with pytest.raises(fs.KeyMaterialError, match=r"no key share from absent parties \[2\]"):
+        fs.partial_decrypt(parties[0], agg, present=[0, 1])
+
+
+# -- the key generation protocol as bytes ------------------------------------------------------
+def test_keygen_protocol_bytes_only_and_bad_messages():
+    params = fs.CKKSParams()
+    s0, m1 = th.start_keygen(params, 3, 2)
+    with pytest.raises(fs.KeyMaterialError, match="for party 1, not party 2"):
+        th.join_keygen(m1, 2)
+    with pytest.raises(fs.KeyMaterialError, match="not complete"):
+        th.server_context(m1)
+    with pytest.raises(fs.KeyMaterialError, match="not complete"):
+        th.finish_keygen(s0, m1)
+    s1, m2 = th.join_keygen(bytes(m1), 1)
+    s2, m3 = th.join_keygen(bytearray(m2), 2)
+    with pytest.raises(fs.KeyMaterialError, match="already complete"):
+        th.join_keygen(m3, 3)
+    bad = bytearray(m3)
+    bad[-40] ^= 1
+    for broken in (bytes(bad), m3[:50], b"", b"FSHLDCTX" + m3[8:]):
+        with pytest.raises(fs.KeyMaterialError):
+            th.server_context(broken)
+    # a joint key made by another chain does not contain party 0's step
+    _, other = th.start_keygen(params, 3, 2)
+    other = th.join_keygen(th.join_keygen(other, 1)[1], 2)[1]
+    with pytest.raises(fs.KeyMaterialError, match="not part of the chain"):
+        th.finish_keygen(s0, other)
+    parties = [th.finish_keygen(s, m3) for s in (s0, s1, s2)]
+    server = fs.load_context(th.server_context(m3).to_bytes())
+    dealt = [th.deal_key_shares(p) for p in parties]
+    assert sorted(dealt[0]) == [1, 2]
+    with pytest.raises(fs.KeyMaterialError, match="addressed to party 2"):
+        th.accept_key_shares(parties[1], [dealt[0][2]])
+    with pytest.raises(fs.KeyMaterialError, match="already held"):
+        th.accept_key_shares(parties[1], [dealt[0][1], dealt[0][1]])
+    with pytest.raises(fs.KeyMaterialError, match="another context"):
+        th.accept_key_shares(parties[1], [th.deal_key_shares(
+            fs.keygen_threshold(params, 3, 2)[0][0])[1]])
+    with pytest.raises(fs.KeyMaterialError, match="corrupted"):
+        th.accept_key_shares(parties[1], [dealt[0][1][:-1] + b"x"])
+    parties = [th.accept_key_shares(p, [dealt[j][i] for j in range(3) if j != i])
+               for i, p in enumerate(parties)]
+    states = [make_state(7), make_state(8)]
+    layout = fs.Layout.from_state_dict(states[0])
+    ups = [fs.encrypt_update(parties[i], states[i], layout, weight=WEIGHT_BOUND / 2).to_bytes()
+           for i in range(2)]
+    agg = fs.aggregate(server, ups).to_bytes()
+    shares = [fs.partial_decrypt(parties[i], agg, present=[1, 2]) for i in (1, 2)]
+    out = fs.combine_partials(agg, shares, layout)
+    ref = weighted_average(states, [1, 1])
+    for name in ref:
+        assert np.abs(out[name].double().numpy() - ref[name]).max() <= tolerance([WEIGHT_BOUND])
+
+
+@pytest.mark.parametrize("n_parties, threshold", [(1, None), (3, 1), (4, 2), (3, 4), (3, 2.5),
+                                                  (True, None), (3, 0)])
+def test_keygen_threshold_rejects_bad_party_counts(n_parties, threshold):
+    with pytest.raises(fs.ParameterError):
+        fs.keygen_threshold(fs.CKKSParams(), n_parties, threshold)
+
+
+def test_deal_key_shares_is_empty_in_n_of_n(n_of_n):
+    assert th.deal_key_shares(n_of_n.parties[0]) == {}
+    with pytest.raises(fs.KeyMaterialError):
+        th.deal_key_shares(n_of_n.server)
+
+
+def test_native_shamir_reconstructs_from_any_t_points():
+    q = 1152921504606748673  # the default 60-bit prime
+    rng = np.random.default_rng(0)
+    secret = rng.integers(0, q, size=257, dtype=np.uint64)
+    shares = _native.shamir_split(secret, q, 3, [1, 2, 3, 4, 5])
+    for ids in ([0, 1, 2], [2, 3, 4], [0, 2, 4]):
+        xs = [i + 1 for i in ids]
+        acc = np.zeros(257, dtype=np.uint64)
+        for k, i in enumerate(ids):
+            acc = _native.cover_absent(acc, [shares[i]], _native.lagrange_at_zero(xs, k, q), q)
+        assert (acc == secret).all()
+    # t-1 shares: a fresh polynomial each time, so the same secret gives different shares
+    again = _native.shamir_split(secret, q, 3, [1, 2, 3, 4, 5])
+    assert not (again[0] == shares[0]).all()
+    with pytest.raises(fs.ParameterError, match="threshold 6"):
+        _native.shamir_split(secret, q, 6, [1, 2, 3, 4, 5])
+    with pytest.raises(fs.ParameterError, match="distinct"):
+        _native.shamir_split(secret, q, 2, [1, 1])
+    with pytest.raises(fs.ParameterError, match="below q"):
+        _native.cover_absent(np.full(3, q, dtype=np.uint64), [], 1, q)
+
+
+# -- serialization, key files, and what the server sees ------------------------------------------
+def test_everything_round_trips_through_bytes_and_files(t_of_n, tmp_path):
+    paths = []
+    for party in t_of_n.parties:
+        path = tmp_path / f"party{party.party_id}.key"
+        party.save(path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        paths.append(path)
+    t_of_n.server.save(tmp_path / "server.ctx")
+    assert stat.S_IMODE(os.stat(tmp_path / "server.ctx").st_mode) == 0o600
+    loaded = [fs.load_context(p) for p in paths]
+    for a, b in zip(loaded, t_of_n.parties):
+        assert (a.party_id, a.n_parties, a.threshold, a.fingerprint) == (
+            b.party_id, b.n_parties, b.threshold, b.fingerprint)
+        assert a._key_shares == b._key_shares and a._secret_key == b._secret_key
+    server = fs.load_context((tmp_path / "server.ctx").read_bytes())
+    assert not server.has_secret_key and not server.is_party
+    updates = [fs.encrypt_update(p, s, t_of_n.layout, weight=w).to_bytes()
+               for p, s, w in zip(loaded, t_of_n.states, t_of_n.weights)]
+    agg = fs.aggregate(server, updates).to_bytes()
+    present = [1, 3, 4]
+    shares = [bytes(fs.partial_decrypt(loaded[i], agg, present)) for i in present]
+    t_of_n.check(fs.combine_partials(fs.EncryptedUpdate.from_bytes(agg), shares, t_of_n.layout))
+    # the public bytes of a party context are a server context: no party id, no key
+    public = fs.load_context(loaded[2].to_bytes())
+    assert not public.is_party and not public.has_secret_key
+    # saving again replaces the file atomically, still 0600, no temp files left behind
+    loaded[0].save(paths[0])
+    assert stat.S_IMODE(os.stat(paths[0]).st_mode) == 0o600
+    assert sorted(os.listdir(tmp_path)) == sorted([p.name for p in paths] + ["server.ctx"])
+
+
+def test_shares_and_combination_in_fresh_processes(t_of_n, tmp_path):
+    """Parties decrypt from their key files and the combiner fuses, each in its own process."""
+    for party in t_of_n.parties:
+        party.save(tmp_path / f"party{party.party_id}.key")
+    (tmp_path / "agg.bin").write_bytes(t_of_n.agg.to_bytes())
+    (tmp_path / "layout.json").write_text(t_of_n.layout.to_json())
+    make_shares = textwrap.dedent("""
+        import sys, pathlib, fedshield as fs
+        d = pathlib.Path(sys.argv[1]); present = [0, 2, 3]
+        agg = (d / "agg.bin").read_bytes()
+        for i in present:
+            ctx = fs.load_context(d / f"party{i}.key")
+            (d / f"share{i}.bin").write_bytes(fs.partial_decrypt(ctx, agg, present))
+    """)
+    combine = textwrap.dedent("""
+        import sys, pathlib, numpy as np, fedshield as fs
+        d = pathlib.Path(sys.argv[1])
+        layout = fs.Layout.from_json((d / "layout.json").read_text())
+        shares = [(d / f"share{i}.bin").read_bytes() for i in (3, 0, 2)]
+        out = fs.combine_partials((d / "agg.bin").read_bytes(), shares, layout)
+        np.savez(d / "out.npz", **{k: v.numpy() for k, v in out.items()})
+    """)
+    for script in (make_shares, combine):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=120)
+    with np.load(tmp_path / "out.npz") as data:
+        t_of_n.check({k: torch.from_numpy(data[k]) for k in data.files})
+
+
+def test_server_path_bytes_hold_no_secret_key(t_of_n, tmp_path):
+    t_of_n.server.save(tmp_path / "server.ctx")
+    present = [1, 2, 4]
+    server_side = [t_of_n.server.to_bytes(), (tmp_path / "server.ctx").read_bytes(),
+                   t_of_n.agg.to_bytes(), *(u.to_bytes() for u in t_of_n.updates),
+                   *(p.to_bytes() for p in t_of_n.parties),  # a party's public bytes
+                   *t_of_n.shares(present, present)]
+    for party in t_of_n.parties:
+        secret = secret_residues(party)
+        for blob in server_side:
+            assert not contains_window(blob, secret), f"party {party.party_id}'s key leaked"
+    # the scan does find a key where one is: the party's own key file
+    party = t_of_n.parties[0]
+    party.save(tmp_path / "party0.key")
+    assert contains_window((tmp_path / "party0.key").read_bytes(), secret_residues(party))
+
+
+def _reframe_context(blob: bytes, edit_meta=None, edit_sections=None) -> bytes:
+    """Rebuilds context bytes with edited metadata/sections and a valid digest (a forgery)."""
+    fixed = 8 + 6
+    _, head_len = struct.unpack_from("<HI", blob, 8)
+    meta = json.loads(blob[fixed:fixed + head_len])
+    at, sections = fixed + head_len, []
+    for name, size in meta["sections"]:
+        sections.append([name, blob[at:at + size]])
+        at += size
+    if edit_meta:
+        edit_meta(meta)
+    if edit_sections:
+        edit_sections(sections)
+    meta["sections"] = [[name, len(b)] for name, b in sections]
+    head = json.dumps(meta, sort_keys=True).encode()
+    body = blob[:8] + struct.pack("<HI", 1, len(head)) + head + b"".join(b for _, b in sections)
+    return body + hashlib.sha256(body).digest()
+
+
+def test_bad_key_files_raise_key_material_error(t_of_n, n_of_n, tmp_path):
+    party = t_of_n.parties[1]
+    good = party.to_bytes(include_secret=True)
+    assert fs.load_context(_reframe_context(good)).party_id == 1  # the forger itself is sound
+
+    def swap_secret(sections):  # another federation's key share under this public key
+        other = n_of_n.parties[1].to_bytes(include_secret=True)
+        donor = dict(_sections(other))
+        for s in sections:
+            if s[0] == "secret_key":
+                s[1] = donor["secret_key"]
+
+    def bad_party(value):
+        return lambda meta: meta.__setitem__("party", value)
+
+    def short_share(sections):
+        for s in sections:
+            if s[0].startswith("key_share:"):
+                s[1] = s[1][:-8]
+
+    corrupted = bytearray(good)
+    corrupted[len(good) // 3] ^= 0x10
+    cases = {
+        "corrupted": (bytes(corrupted), "corrupted"),
+        "truncated": (good[:-100], "corrupted"),
+        "empty": (b"", "not a fedshield context"),
+        "wrong file": (t_of_n.agg.to_bytes(), "not a fedshield context"),
+        "foreign secret key": (_reframe_context(good, edit_sections=swap_secret),
+                               "does not belong"),
+        "party id out of range": (_reframe_context(good, bad_party([7, 5, 3])), "malformed"),
+        "threshold too low": (_reframe_context(good, bad_party([1, 5, 2])), "malformed"),
+        "party not a list": (_reframe_context(good, bad_party("x")), "malformed"),
+        "short key share": (_reframe_context(good, edit_sections=short_share), "malformed"),
+        "party without key": (_reframe_context(
+            good, edit_sections=lambda s: s.__setitem__(slice(None), [x for x in s if x[0] !=
+                                                                       "secret_key"])),
+            "malformed|secret key"),
+    }
+    for name, (blob, message) in cases.items():
+        path = tmp_path / name.replace(" ", "_")
+        path.write_bytes(blob)
+        with pytest.raises(fs.KeyMaterialError, match=message):
+            fs.load_context(path)
+    with pytest.raises(fs.KeyMaterialError, match="cannot read key file"):
+        fs.load_context(tmp_path / "missing.key")
+
+
+def _sections(blob: bytes):
+    fixed = 8 + 6
+    _, head_len = struct.unpack_from("<HI", blob, 8)
+    meta = json.loads(blob[fixed:fixed + head_len])
+    at = fixed + head_len
+    for name, size in meta["sections"]:
+        yield name, blob[at:at + size]
+        at += size
