@@ -24,12 +24,12 @@ bool is_residue_array(const uint8_t* data, size_t len, size_t at, uint64_t n, ui
 
 }  // namespace
 
-CiphertextLayout locate_residues(const uint8_t* data, size_t len, uint64_t ring_dim,
-                                 uint64_t modulus) {
+std::vector<uint64_t> find_residue_arrays(const uint8_t* data, size_t len, uint64_t ring_dim,
+                                          uint64_t modulus, const char* what) {
     // ring_dim is bounded like the wire format's, so ring_dim * 8 below cannot overflow
     if (ring_dim == 0 || ring_dim > (1u << 17) || modulus < 3)
-        throw InvalidUpdateError("ciphertext layout: ring_dim must be in [1, 131072] and the "
-                                 "modulus at least 3");
+        throw InvalidUpdateError(std::string(what) + " layout: ring_dim must be in [1, 131072] "
+                                 "and the modulus at least 3");
     std::vector<uint64_t> found;
     size_t at = 0;
     while (at + 8 <= len) {
@@ -40,6 +40,13 @@ CiphertextLayout locate_residues(const uint8_t* data, size_t len, uint64_t ring_
             ++at;
         }
     }
+    return found;
+}
+
+CiphertextLayout locate_residues(const uint8_t* data, size_t len, uint64_t ring_dim,
+                                 uint64_t modulus) {
+    const std::vector<uint64_t> found =
+        find_residue_arrays(data, len, ring_dim, modulus, "ciphertext");
     if (found.size() != 2)
         throw InvalidUpdateError("ciphertext layout: expected 2 residue arrays of length " +
                                  std::to_string(ring_dim) + " below the modulus, found " +

@@ -6,16 +6,12 @@
 #include <cstring>
 #include <string>
 
+#include "ciphertext_layout.hpp"
 #include "errors.hpp"
 
 namespace fedshield {
 namespace {
 
-inline uint64_t load64(const uint8_t* p) {
-    uint64_t v;
-    std::memcpy(&v, p, 8);
-    return v;
-}
 
 void check_modulus(uint64_t modulus) {
     if (modulus < 3 || modulus >= (uint64_t{1} << 62) || modulus % 2 == 0)
@@ -67,21 +63,8 @@ uint64_t powmod(uint64_t a, uint64_t e, uint64_t modulus) {
 }
 
 size_t locate_key_residues(const uint8_t* data, size_t len, uint64_t ring_dim, uint64_t modulus) {
-    if (ring_dim == 0 || ring_dim > (1u << 17) || modulus < 3)
-        throw InvalidUpdateError("secret key layout: ring_dim must be in [1, 131072] and the "
-                                 "modulus at least 3");
-    std::vector<size_t> found;
-    size_t at = 0;
-    while (at + 8 <= len) {
-        bool ok = load64(data + at) == ring_dim && len - at - 8 >= ring_dim * 8;
-        for (uint64_t i = 0; ok && i < ring_dim; ++i) ok = load64(data + at + 8 + 8 * i) < modulus;
-        if (ok) {
-            found.push_back(at + 8);
-            at += 8 + ring_dim * 8;
-        } else {
-            ++at;
-        }
-    }
+    const std::vector<uint64_t> found =
+        find_residue_arrays(data, len, ring_dim, modulus, "secret key");
     if (found.size() != 1)
         throw InvalidUpdateError("secret key layout: expected 1 residue array of length " +
                                  std::to_string(ring_dim) + " below the modulus, found " +
