@@ -59,12 +59,14 @@ std::string hex_prefix(const Fingerprint& fp) {
 }  // namespace
 
 Aggregator::Aggregator(const Fingerprint& context_fp, uint64_t modulus, uint32_t ring_dim,
-                       uint32_t max_summed, unsigned threads)
+                       uint32_t max_summed, unsigned threads, const RoundExpectations& expect)
     : context_fp_(context_fp),
       modulus_(modulus),
       ring_dim_(ring_dim),
       max_summed_(max_summed),
-      threads_(threads ? threads : default_threads()) {}
+      // More threads than cores only costs memory (per-thread state is sized by it).
+      threads_(std::min(threads ? threads : default_threads(), 4 * default_threads())),
+      expect_(expect) {}
 
 void Aggregator::check_compatible(const UpdateHeader& h) const {
     if (h.context_fp != context_fp_)
@@ -72,6 +74,25 @@ void Aggregator::check_compatible(const UpdateHeader& h) const {
                      "..., the server's context is " + hex_prefix(context_fp_) + "...");
     if (h.modulus != modulus_ || h.ring_dim != ring_dim_)
         incompatible("ring_dim/modulus differ from the server's context");
+    if (h.packing != expect_.packing)
+        incompatible("packing " + std::to_string(static_cast<unsigned>(h.packing)) +
+                     " differs from the server's parameters (" +
+                     std::to_string(static_cast<unsigned>(expect_.packing)) + ")");
+    if (h.kind == UpdateKind::Aggregate && !expect_.allow_aggregates)
+        incompatible("an aggregate (n_summed " + std::to_string(h.n_summed) +
+                     ") where client updates are expected");
+    if (expect_.has_round && h.round != expect_.round)
+        incompatible("round " + std::to_string(h.round) + ", the server is aggregating round " +
+                     std::to_string(expect_.round));
+    if (expect_.has_layout && h.layout_fp != expect_.layout_fp)
+        incompatible("layout " + hex_prefix(h.layout_fp) + "... is not the round's " +
+                     hex_prefix(expect_.layout_fp) + "...");
+    if (expect_.has_mask && h.mask_fp != expect_.mask_fp)
+        incompatible("mask " + hex_prefix(h.mask_fp) + "... is not the round's " +
+                     hex_prefix(expect_.mask_fp) + "...");
+    if (expect_.has_weight_bound && h.weight_bound != expect_.weight_bound)
+        incompatible("weight_bound " + std::to_string(h.weight_bound) + " is not the round's " +
+                     std::to_string(expect_.weight_bound));
     if (!started_) return;
     if (h.layout_fp != header_.layout_fp)
         incompatible("layout " + hex_prefix(h.layout_fp) + "... differs from the round's " +
@@ -127,12 +148,17 @@ void Aggregator::add(const uint8_t* data, size_t len) {
     }
     std::vector<uint64_t> stop(threads_, 0), start(threads_, 0);
     std::vector<char> failed(threads_, 0);
-    parallel_ranges(total, threads_, kBlock, [&](unsigned w, uint64_t begin, uint64_t end) {
-        start[w] = begin;
-        stop[w] = fold(payload, h.payload_len, begin, end, false);
-        failed[w] = stop[w] != end;
-    });
-    bool any_failed = false;
+    std::exception_ptr error;
+    try {
+        parallel_ranges(total, threads_, kBlock, [&](unsigned w, uint64_t begin, uint64_t end) {
+            start[w] = stop[w] = begin;  // fold only throws before adding anything
+            stop[w] = fold(payload, h.payload_len, begin, end, false);
+            failed[w] = stop[w] != end;
+        });
+    } catch (...) {
+        error = std::current_exception();  // e.g. bad_alloc: undo what was added, then rethrow
+    }
+    bool any_failed = error != nullptr;
     for (char f : failed) any_failed |= f != 0;
     if (any_failed) {
         if (first) {
@@ -145,6 +171,7 @@ void Aggregator::add(const uint8_t* data, size_t len) {
                     if (stop[w] > start[w]) fold(payload, h.payload_len, start[w], stop[w], true);
             });
         }
+        if (error) std::rethrow_exception(error);
         throw InvalidUpdateError("invalid update: a residue is not below the modulus");
     }
     if (first) {

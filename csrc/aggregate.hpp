@@ -11,12 +11,28 @@
 
 namespace fedshield {
 
+// What the server knows about the round before any update arrives. Without it the first
+// accepted update would fix the round, layout, mask and weight bound for everyone after it,
+// so one hostile first reply could get every honest one rejected.
+struct RoundExpectations {
+    Packing packing = Packing::Complex;  // from the server's parameters: always checked
+    bool allow_aggregates = false;       // accept partial aggregates (kind 2), e.g. tree reduce
+    bool has_round = false;
+    uint64_t round = 0;
+    bool has_layout = false;
+    Fingerprint layout_fp{};
+    bool has_mask = false;
+    Fingerprint mask_fp{};
+    bool has_weight_bound = false;
+    double weight_bound = 0;
+};
+
 class Aggregator {
 public:
     // context_fp, modulus and ring_dim come from the server's public context; max_summed is the
     // number of updates the CKKS headroom allows.
     Aggregator(const Fingerprint& context_fp, uint64_t modulus, uint32_t ring_dim,
-               uint32_t max_summed, unsigned threads);
+               uint32_t max_summed, unsigned threads, const RoundExpectations& expect);
 
     // Validates one serialized update (client update or partial aggregate) and folds it in.
     // Throws InvalidUpdateError / IncompatibleUpdateError / ValueRangeError; on throw the
@@ -42,6 +58,7 @@ private:
     uint32_t ring_dim_;
     uint32_t max_summed_;
     unsigned threads_;
+    RoundExpectations expect_;
     bool started_ = false;
     UpdateHeader header_;
     std::vector<uint64_t> acc_;

@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <optional>
 
 #include "aggregate.hpp"
 #include "bitpack.hpp"
@@ -294,12 +295,39 @@ void bind_packing(py::module_& m) {
 void bind_aggregator(py::module_& m) {
     py::class_<Aggregator>(m, "Aggregator")
         .def(py::init([](const py::bytes& context_fp, uint64_t modulus, uint32_t ring_dim,
-                         uint32_t max_summed, unsigned threads) {
+                         uint32_t max_summed, unsigned threads, uint8_t packing,
+                         bool allow_aggregates, std::optional<uint64_t> round,
+                         std::optional<py::bytes> layout_fp, std::optional<py::bytes> mask_fp,
+                         std::optional<double> weight_bound) {
+                 RoundExpectations e;
+                 if (packing != 1 && packing != 2)
+                     throw py::value_error("packing must be 1 (complex) or 2 (real)");
+                 e.packing = static_cast<Packing>(packing);
+                 e.allow_aggregates = allow_aggregates;
+                 if (round) {
+                     e.has_round = true;
+                     e.round = *round;
+                 }
+                 if (layout_fp) {
+                     e.has_layout = true;
+                     e.layout_fp = fingerprint_of(*layout_fp, "layout_fp");
+                 }
+                 if (mask_fp) {
+                     e.has_mask = true;
+                     e.mask_fp = fingerprint_of(*mask_fp, "mask_fp");
+                 }
+                 if (weight_bound) {
+                     e.has_weight_bound = true;
+                     e.weight_bound = *weight_bound;
+                 }
                  return new Aggregator(fingerprint_of(context_fp, "context_fp"), modulus, ring_dim,
-                                       max_summed, threads);
+                                       max_summed, threads, e);
              }),
              py::arg("context_fp"), py::arg("modulus"), py::arg("ring_dim"),
-             py::arg("max_summed"), py::arg("threads") = 0)
+             py::arg("max_summed"), py::arg("threads") = 0, py::arg("packing") = 1,
+             py::arg("allow_aggregates") = false, py::arg("round") = py::none(),
+             py::arg("layout_fp") = py::none(), py::arg("mask_fp") = py::none(),
+             py::arg("weight_bound") = py::none())
         .def("add", [](Aggregator& self, const py::buffer& b) {
             auto v = bytes_of(b);
             py::gil_scoped_release nogil;

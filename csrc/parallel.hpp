@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <exception>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -34,8 +35,15 @@ void parallel_ranges(uint64_t n, unsigned threads, uint64_t align, F fn) {
                 errors[w] = std::current_exception();
             }
         };
-        if (end < n) pool.emplace_back(run);
-        else run();  // last range on the calling thread
+        if (end < n) {
+            try {
+                pool.emplace_back(run);
+            } catch (const std::system_error&) {
+                run();  // no thread to be had (EAGAIN): do this range here
+            }
+        } else {
+            run();  // last range on the calling thread
+        }
     }
     for (auto& t : pool) t.join();
     for (auto& e : errors)

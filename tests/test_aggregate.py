@@ -126,10 +126,10 @@ def test_order_and_hierarchy_do_not_matter(client_ctx, server_ctx, small_layout)
     assert fs.aggregate(server_ctx, ups[::-1]).to_bytes() == flat
     left = fs.aggregate(server_ctx, ups[:2])
     right = fs.aggregate(server_ctx, ups[2:])
-    tree = fs.aggregate(server_ctx, [left, right])
+    tree = fs.aggregate(server_ctx, [left, right], allow_partial_aggregates=True)
     assert tree.n_summed == 4
     assert tree.to_bytes() == flat
-    assert fs.aggregate(server_ctx, [left, ups[2], ups[3]]).to_bytes() == flat
+    assert fs.aggregate(server_ctx, [left, ups[2], ups[3]], allow_partial_aggregates=True).to_bytes() == flat
     out = fs.decrypt_update(client_ctx, tree, small_layout)
     assert_close(out, weighted_average(states, [1.0, 2.0, 3.0, 8.0]))
 
@@ -450,11 +450,11 @@ def test_too_many_clients(two_client_keys, small_state, small_layout):
         fs.aggregate(server, ups)
     two = fs.aggregate(server, ups[:2])
     with pytest.raises(fs.HeadroomError, match="max_clients"):
-        fs.aggregate(server, [two, ups[2]])
+        fs.aggregate(server, [two, ups[2]], allow_partial_aggregates=True)
     with pytest.raises(fs.HeadroomError, match="max_clients"):
-        fs.aggregate(server, [ups[2], two])
+        fs.aggregate(server, [ups[2], two], allow_partial_aggregates=True)
     with pytest.raises(fs.HeadroomError, match="max_clients"):
-        fs.aggregate(server, [two, two])
+        fs.aggregate(server, [two, two], allow_partial_aggregates=True)
     # skipped with on_reject, the first two still make a valid aggregate
     rejected = []
     agg = fs.aggregate(server, ups, on_reject=lambda i, e: rejected.append((i, type(e))))
@@ -693,3 +693,47 @@ def test_locate_residues(client_ctx):
         _native.locate_residues(crafted, huge, q)
     with pytest.raises(fs.InvalidUpdate):
         _native.locate_residues(template, 0, q)
+
+
+def test_hostile_first_update_cannot_take_over_the_round(client_ctx, server_ctx, small_layout):
+    """The server states the round, layout and weight bound; a forged first reply is rejected."""
+    from fedshield import _native
+
+    honest = [fs.encrypt_update(client_ctx, make_state(700 + i), small_layout, weight=1.0 + i,
+                                weight_bound=4.0, round=3) for i in range(2)]
+    evil = bytearray(honest[0].to_bytes())
+    evil[112:120] = (7).to_bytes(8, "little")  # round 7
+    body = len(evil) - 8
+    evil[body:] = _native.checksum64(bytes(evil[:body])).to_bytes(8, "little")
+    rejected = []
+    agg = fs.aggregate(server_ctx, [bytes(evil), *honest], round=3, layout=small_layout,
+                       weight_bound=4.0, on_reject=lambda i, e: rejected.append((i, type(e))))
+    assert rejected == [(0, fs.IncompatibleUpdate)] and agg.n_summed == 2
+    # Unstated, the forged first update would have fixed round 7 for everyone.
+    with pytest.raises(fs.IncompatibleUpdate, match="round 3"):
+        fs.aggregate(server_ctx, [bytes(evil), *honest])
+    # A client posing as an aggregate of 64 is refused by default.
+    fake = bytearray(honest[0].to_bytes())
+    fake[10:12] = (2).to_bytes(2, "little")
+    fake[12:16] = (64).to_bytes(4, "little")
+    fake[body:] = _native.checksum64(bytes(fake[:body])).to_bytes(8, "little")
+    with pytest.raises(fs.IncompatibleUpdate, match="aggregate"):
+        fs.aggregate(server_ctx, [bytes(fake), *honest])
+    with pytest.raises(fs.IncompatibleUpdate, match="layout"):
+        fs.aggregate(server_ctx, honest, layout=fs.Layout.from_state_dict({"x": torch.ones(2)}))
+    with pytest.raises(fs.IncompatibleUpdate, match="weight_bound"):
+        fs.aggregate(server_ctx, honest, weight_bound=8.0)
+
+
+def test_forged_packing_byte_is_rejected(client_ctx, server_ctx, small_layout):
+    from fedshield import _native
+
+    ups = [fs.encrypt_update(client_ctx, make_state(710 + i), small_layout) for i in range(2)]
+    forged = bytearray(ups[0].to_bytes())
+    forged[145] = 2  # "real" packing on a complex-packing context
+    body = len(forged) - 8
+    forged[body:] = _native.checksum64(bytes(forged[:body])).to_bytes(8, "little")
+    with pytest.raises(fs.IncompatibleUpdate, match="packing"):
+        fs.aggregate(server_ctx, [bytes(forged), ups[1]])
+    with pytest.raises(fs.IncompatibleUpdate, match="packing"):
+        fs.decrypt_update(client_ctx, fs.EncryptedUpdate.from_bytes(bytes(forged)), small_layout)

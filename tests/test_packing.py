@@ -280,7 +280,7 @@ def test_encode_parse_round_trip(modulus, packing, n_values, n_cts):
 
     # the native bit unpacker agrees with the reference packer: an aggregator holding one
     # update re-packs exactly the same payload; holding it twice, the residue-wise sum mod q
-    agg = _native.Aggregator(h["context_fp"], modulus, 1024, 8, 2)
+    agg = _native.Aggregator(h["context_fp"], modulus, 1024, 8, 2, packing=packing)
     agg.add(data)
     one = _native.parse_update(agg.result())
     assert one["kind"] == 2 and one["n_summed"] == 1

@@ -211,7 +211,8 @@ def test_party_without_key_shares_cannot_cover_for_the_absent():
     parties = [th.finish_keygen(s, message) for s in states]
     server = th.server_context(message)
     layout = fs.Layout.from_state_dict(make_state(1))
-    agg = fs.aggregate(server, [fs.encrypt_update(parties[0], make_state(1), layout)])
+    agg = fs.aggregate(server, [fs.encrypt_update(parties[i], make_state(i), layout)
+                                for i in range(2)])
     with pytest.raises(fs.KeyMaterialError, match=r"no key share from absent parties \[2\]"):
         fs.partial_decrypt(parties[0], agg, present=[0, 1])
 
@@ -453,3 +454,11 @@ def _sections(blob: bytes):
     for name, size in meta["sections"]:
         yield name, blob[at:at + size]
         at += size
+
+
+def test_parties_refuse_an_aggregate_of_one_update():
+    parties, server = fs.keygen_threshold(n_parties=2)
+    layout = fs.Layout.from_state_dict(make_state(1))
+    lonely = fs.aggregate(server, [fs.encrypt_update(parties[0], make_state(1), layout)])
+    with pytest.raises(fs.IncompatibleUpdate, match="at least 2"):
+        fs.partial_decrypt(parties[1], lonely)

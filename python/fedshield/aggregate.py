@@ -3,30 +3,53 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Mapping, Union
+
+import torch
 
 from . import _native
-from .errors import FedShieldError
+from .errors import FedShieldError, ParameterError
 from .he.context import Context
-from .update import EncryptedUpdate
+from .layout import Layout
+from .update import PACKING_CODE, EncryptedUpdate
 
 log = logging.getLogger("fedshield")
 
 UpdateLike = Union[EncryptedUpdate, bytes, bytearray, memoryview]
 
 
-def aggregate(server_ctx: Context, updates: Iterable[UpdateLike], *, threads: int = 0,
+def aggregate(server_ctx: Context, updates: Iterable[UpdateLike], *, round: int | None = None,
+              layout: Layout | None = None, mask: Mapping[str, torch.Tensor] | None = None,
+              weight_bound: float | None = None, allow_partial_aggregates: bool = False,
+              threads: int = 0,
               on_reject: Callable[[int, FedShieldError], None] | None = None) -> EncryptedUpdate:
     """Adds encrypted updates slot-wise without decrypting them.
 
     ``updates`` is consumed lazily, one at a time (a generator reading from disk keeps memory
     flat in the number of clients). Every update is validated before it touches the sum. By
     default the first bad update raises; with ``on_reject`` it is reported there and skipped.
+
+    What the server knows of the round, it should say: ``round``, ``layout`` (then ``mask``,
+    None meaning dense, is checked too) and ``weight_bound``. Unstated, the first accepted
+    update fixes them, and a hostile first reply can then get the honest ones rejected.
+    Updates that are themselves aggregates are refused unless ``allow_partial_aggregates``.
     """
     if not isinstance(server_ctx, Context):
         raise TypeError(f"expected a fedshield Context, got {type(server_ctx).__name__}")
+    expect = {}
+    if round is not None:
+        expect["round"] = round
+    if layout is not None:
+        expect["layout_fp"] = layout.fingerprint
+        expect["mask_fp"] = layout.mask_fingerprint(mask)
+    elif mask is not None:
+        raise ParameterError("aggregate(mask=...) needs layout= to fingerprint the mask")
+    if weight_bound is not None:
+        expect["weight_bound"] = float(weight_bound)
     agg = _native.Aggregator(server_ctx.fingerprint, server_ctx.modulus,
-                             server_ctx.params.ring_dim, server_ctx.params.max_clients, threads)
+                             server_ctx.params.ring_dim, server_ctx.params.max_clients, threads,
+                             packing=PACKING_CODE[server_ctx.params.packing],
+                             allow_aggregates=allow_partial_aggregates, **expect)
     for index, update in enumerate(updates):
         data = update.to_bytes() if isinstance(update, EncryptedUpdate) else update
         try:

@@ -18,7 +18,7 @@ from .errors import (HeadroomError, IncompatibleUpdate, InvalidUpdate, KeyMateri
                      ParameterError)
 from .he.context import Context
 from .layout import Layout
-from .update import KIND_CLIENT, EncryptedUpdate
+from .update import KIND_CLIENT, PACKING_CODE, EncryptedUpdate
 
 log = logging.getLogger("fedshield")
 
@@ -27,7 +27,6 @@ log = logging.getLogger("fedshield")
 # bound (it rides in the header); it cancels out of sum(w*x)/sum(w).
 DEFAULT_WEIGHT_BOUND = float(2 ** 16)
 
-_PACKING_CODE = {"complex": 1, "real": 2}
 
 
 def _workers_for(workers: int | None, n_cts: int) -> int:
@@ -137,7 +136,7 @@ def encrypt_update(ctx: Context, state: Mapping[str, torch.Tensor], layout: Layo
         "layout_fp": layout.fingerprint, "mask_fp": layout.mask_fingerprint(mask),
         "round": round, "n_values": n_values, "ring_dim": params.ring_dim,
         "n_ciphertexts": n_cts, "modulus": ctx.modulus,
-        "packing": _PACKING_CODE[params.packing], "weight_bound": float(weight_bound),
+        "packing": PACKING_CODE[params.packing], "weight_bound": float(weight_bound),
     }
     data = _native.encode_ciphertexts(header, cts, ct_layout, threads)
     return EncryptedUpdate.from_bytes(data)
@@ -145,6 +144,13 @@ def encrypt_update(ctx: Context, state: Mapping[str, torch.Tensor], layout: Layo
 
 def _check_decryptable(ctx: Context, update: EncryptedUpdate, layout: Layout,
                        mask: Mapping[str, torch.Tensor] | None) -> None:
+    # The header's packing is not covered by the fingerprints: a forged byte would decode the
+    # slots the wrong way and return garbage without an error.
+    # (threshold.combine_partials passes a fingerprint-only stand-in: its shares' digests bind
+    # the aggregate, and partial_decrypt checked the packing against each party's context.)
+    if isinstance(ctx, Context) and update.header["packing"] != PACKING_CODE[ctx.params.packing]:
+        raise IncompatibleUpdate(f"the update's packing code {update.header['packing']} is not "
+                                 f"this context's ({ctx.params.packing!r})")
     if update.context_fingerprint != ctx.fingerprint:
         raise IncompatibleUpdate("the update was encrypted under another context "
                                  f"({update.context_fingerprint.hex()[:12]}... vs "

@@ -11,6 +11,8 @@ from . import _native
 
 KIND_CLIENT = 1
 KIND_AGGREGATE = 2
+# Wire codes of CKKSParams.packing (csrc/wire.hpp).
+PACKING_CODE = {"complex": 1, "real": 2}
 
 
 class EncryptedUpdate:

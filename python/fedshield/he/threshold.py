@@ -429,6 +429,14 @@ def partial_decrypt(party_ctx: Context, agg, present: Optional[Iterable[int]] = 
     if not agg.is_aggregate:
         raise IncompatibleUpdate("threshold parties only decrypt aggregates, not a single "
                                  "client's update (aggregate it with fs.aggregate first)")
+    if agg.n_summed < 2:
+        raise IncompatibleUpdate("an aggregate of one update is that client's update: "
+                                 "threshold parties decrypt aggregates of at least 2")
+    from ..update import PACKING_CODE  # noqa: PLC0415
+
+    if agg.header["packing"] != PACKING_CODE[party_ctx.params.packing]:
+        raise IncompatibleUpdate(f"the aggregate's packing code {agg.header['packing']} is not "
+                                 f"this context's ({party_ctx.params.packing!r})")
     pid = party_ctx.party_id
     ids = _present_ids(present, party_ctx.n_parties, party_ctx.threshold)
     if pid not in ids:
@@ -563,10 +571,10 @@ class _Fingerprint:
 
 
 def _packing_of(agg) -> str:
-    from ..crypto_ops import _PACKING_CODE  # noqa: PLC0415
+    from ..update import PACKING_CODE  # noqa: PLC0415
 
     code = agg.header["packing"]
-    for name, value in _PACKING_CODE.items():
+    for name, value in PACKING_CODE.items():
         if value == code:
             return name
     raise InvalidUpdate(f"unknown packing code {code}")
