@@ -5,7 +5,7 @@ The server-side names (aggregate, load_context, EncryptedUpdate, Layout) never i
 
 from .aggregate import aggregate
 from .crypto_ops import DEFAULT_WEIGHT_BOUND, decrypt_update, encrypt_update
-from .errors import (FedShieldError, HeadroomError, IncompatibleUpdate, InvalidUpdate,
+from .errors import (DataError, FedShieldError, HeadroomError, IncompatibleUpdate, InvalidUpdate,
                      KeyMaterialError, NotEnoughShares, ParameterError, UnsupportedPlatform)
 from .he import (CKKSParams, Context, SharedKeys, combine_partials, keygen_shared,
                  keygen_threshold, load_context, partial_decrypt)
@@ -17,7 +17,8 @@ from .update import EncryptedUpdate
 __version__ = "0.1.0"
 
 __all__ = [
-    "CKKSParams", "Context", "DEFAULT_WEIGHT_BOUND", "EncryptedUpdate", "FedShieldError",
+    "CKKSParams", "Context", "DataError", "DEFAULT_WEIGHT_BOUND", "EncryptedUpdate",
+    "FedShieldError",
     "HeadroomError", "ImportanceResult", "IncompatibleUpdate", "InvalidUpdate",
     "KeyMaterialError", "Layout", "NotEnoughShares", "ParameterError", "SharedKeys",
     "TensorSpec", "UnsupportedPlatform", "aggregate", "combine_partials", "decrypt_update",

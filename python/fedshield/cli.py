@@ -12,8 +12,10 @@ from .config import _CHOICES, RunConfig
 from .errors import FedShieldError
 
 # Flags of the CLI contract plus the tuning knobs; each maps onto one RunConfig field.
-_RUN_FLAGS = ("clients", "rounds", "model", "data", "keys", "threshold", "dropouts", "prune",
-              "algorithm", "engine", "out", "seed", "local_steps", "batch_size", "lora_r", "lr")
+_RUN_FLAGS = ("clients", "rounds", "model", "data", "columns", "split", "dirichlet_alpha",
+              "eval_examples", "max_len", "dtype", "keys", "threshold", "dropouts", "prune",
+              "algorithm", "engine", "out", "seed", "local_steps", "batch_size", "lora_r",
+              "lora_alpha", "lora_dropout", "lora_targets", "lr")
 
 
 def _run_parser(sub) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .datasets import parse_columns
 from .errors import ParameterError
 
 _CHOICES = {
@@ -13,6 +15,8 @@ _CHOICES = {
     "prune": ("local", "global", "off"),
     "algorithm": ("delta", "paper"),
     "engine": ("local",),
+    "split": ("auto", "tasks", "iid", "dirichlet"),
+    "dtype": ("fp32", "bf16"),
 }
 
 
@@ -24,6 +28,19 @@ class RunConfig:
     rounds: int = field(default=4, metadata={"help": "federated rounds"})
     model: str = field(default="tiny", metadata={"help": "'tiny' (built from a config) or a local path"})
     data: str = field(default="synthetic", metadata={"help": "'synthetic' (generated) or a local path"})
+    columns: str = field(default="", metadata={
+        "help": "--data file: FIELD=COLUMN pairs naming its columns, e.g. "
+                "'instruction=question,output=answer' (fields: instruction, input, output, task)"})
+    split: str = field(default="auto", metadata={
+        "help": "client split: tasks (each client mostly one task; needs a task field), iid, "
+                "dirichlet (Dirichlet(alpha) over the task field, else hashed instructions); "
+                "auto = tasks for synthetic data, iid for a file"})
+    dirichlet_alpha: float = field(default=0.5, metadata={
+        "help": "split=dirichlet: concentration (small = more skewed)"})
+    dtype: str = field(default="fp32", metadata={"help": "base model weights: fp32 | bf16"})
+    lora_targets: str = field(default="", metadata={
+        "help": "comma-separated LoRA target modules (empty = per architecture: "
+                "q_proj,v_proj for llama/mistral/qwen2, c_attn for gpt2)"})
     he: bool = field(default=True, metadata={"help": "encrypt updates with CKKS (False: plaintext FedAvg)"})
     keys: str = field(default="shared", metadata={
         "help": "shared: one key on every client (paper mode, weaker); threshold: each client "
@@ -38,7 +55,8 @@ class RunConfig:
     out: str = field(default="runs/demo", metadata={"help": "output directory"})
     seed: int = field(default=0, metadata={"help": "seed of data, model, LoRA init and training"})
     examples_per_client: int = field(default=96, metadata={"help": "synthetic examples per client"})
-    eval_examples: int = field(default=64, metadata={"help": "held-out synthetic examples"})
+    eval_examples: int = field(default=64, metadata={
+        "help": "held-out examples (for a --data file: the last ones after a seeded shuffle)"})
     local_steps: int = field(default=50, metadata={"help": "optimizer steps per client per round"})
     batch_size: int = field(default=8, metadata={"help": "examples per step"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
@@ -68,6 +86,23 @@ class RunConfig:
                 raise ParameterError(f"{name}={value!r} must be a positive int")
         if not (self.lr > 0 and 0 <= self.lr_min <= self.lr):
             raise ParameterError(f"lr={self.lr!r}, lr_min={self.lr_min!r}: need 0 <= lr_min <= lr, lr > 0")
+        if not (isinstance(self.dirichlet_alpha, (int, float)) and self.dirichlet_alpha > 0
+                and math.isfinite(self.dirichlet_alpha)):
+            raise ParameterError(f"dirichlet_alpha={self.dirichlet_alpha!r} must be a finite "
+                                 "number > 0")
+        if not isinstance(self.model, str) or not self.model:
+            raise ParameterError(f"model={self.model!r} must be 'tiny' or a local directory")
+        if not isinstance(self.data, str) or not self.data:
+            raise ParameterError(f"data={self.data!r} must be 'synthetic' or a local file")
+        parse_columns(self.columns)
+        if self.columns and self.data == "synthetic":
+            raise ParameterError(f"columns={self.columns!r} applies to a --data file only")
+        if not isinstance(self.lora_targets, str):
+            raise ParameterError(f"lora_targets={self.lora_targets!r} must be a string "
+                                 "like 'q_proj,v_proj'")
+        targets = [t.strip() for t in self.lora_targets.split(",")] if self.lora_targets else []
+        if any(not t for t in targets):
+            raise ParameterError(f"lora_targets={self.lora_targets!r}: empty module name")
         if not 0 <= self.lora_dropout < 1:
             raise ParameterError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         if self.keys == "threshold":

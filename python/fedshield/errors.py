@@ -9,6 +9,11 @@ class ParameterError(FedShieldError, ValueError):
     """Insecure, inconsistent or out-of-range parameters."""
 
 
+class DataError(FedShieldError, ValueError):
+    """An instruction-data file that cannot be used: unreadable, empty, missing columns, bad rows,
+    or too few examples for the clients asked for. The message names the file."""
+
+
 class HeadroomError(ParameterError):
     """A value (or a number of summed updates) that would overflow the CKKS modulus.
 

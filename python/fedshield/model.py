@@ -7,6 +7,7 @@ shapes and dtype must be stable and loading them must never half-succeed.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from typing import Dict, Iterator, Mapping, Tuple
@@ -200,3 +201,115 @@ def set_lora_state(peft_model, state: Mapping[str, torch.Tensor]) -> None:
     if leftover:
         # Should be impossible after the checks above; fail rather than ignore.
         raise ValueError(f"peft rejected LoRA keys: {sorted(leftover)}")
+
+
+# LoRA targets per architecture (HF ``config.model_type``): the paper's q/v projections,
+# which GPT-2 fuses into one ``c_attn`` Conv1D.
+DEFAULT_LORA_TARGETS: Dict[str, Tuple[str, ...]] = {
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "mixtral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"),
+    "phi3": ("qkv_proj",),
+    "gpt2": ("c_attn",),
+    "gpt_neox": ("query_key_value",),
+    "falcon": ("query_key_value",),
+}
+
+_GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _check_model_dir(path) -> "Path":
+    from pathlib import Path  # noqa: PLC0415
+
+    from .errors import ParameterError  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ParameterError(f"--model {str(path)!r}: not 'tiny' and not a local directory")
+    if not (path / "config.json").is_file():
+        raise ParameterError(f"--model {str(path)!r}: no config.json; expected a Hugging Face "
+                             "model directory (save_pretrained output)")
+    return path
+
+
+def lora_targets_for(model_type: str, override: str = "") -> Tuple[str, ...]:
+    """``override`` ("q_proj,v_proj") if given, else the default for ``model_type``."""
+    from .errors import ParameterError  # noqa: PLC0415
+
+    if override:
+        return tuple(t.strip() for t in override.split(",") if t.strip())
+    if model_type not in DEFAULT_LORA_TARGETS:
+        raise ParameterError(f"no default LoRA targets for model_type={model_type!r} (known: "
+                             f"{sorted(DEFAULT_LORA_TARGETS)}); pass --lora-targets")
+    return DEFAULT_LORA_TARGETS[model_type]
+
+
+def load_local_tokenizer(path):
+    """``AutoTokenizer`` from a local directory, with a pad token (the eos, if it had none).
+
+    Reusing eos as pad adds no token, so the base model's vocabulary stays as saved.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: PLC0415
+
+    from .errors import ParameterError  # noqa: PLC0415
+
+    path = _check_model_dir(path)
+    try:
+        declared = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        declared = None
+    try:
+        if declared in _GENERIC_TOKENIZERS:
+            # transformers 5 would rebuild a generic tokenizer.json as the architecture's own
+            # class (Qwen2's drops newlines from a char vocab); load it as saved instead.
+            tok = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ParameterError(f"--model {str(path)!r}: cannot load its tokenizer: {exc}") from exc
+    if tok.eos_token_id is None:
+        raise ParameterError(f"--model {str(path)!r}: the tokenizer has no eos token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_local_model(path, dtype: str = "fp32", vocab_size: int | None = None,
+                     max_len: int | None = None):
+    """A local Hugging Face causal LM (``AutoModelForCausalLM``, no hub), frozen-ready, in eval.
+
+    ``vocab_size`` (the tokenizer's length) and ``max_len`` are checked against the model's
+    config so a mismatch stops here instead of as an index error inside the forward pass.
+    """
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    from .errors import ParameterError  # noqa: PLC0415
+
+    path = _check_model_dir(path)
+    if dtype not in _DTYPES:
+        raise ParameterError(f"dtype={dtype!r} is not one of {tuple(_DTYPES)}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                     dtype=_DTYPES[dtype])
+    except (OSError, ValueError) as exc:
+        raise ParameterError(f"--model {str(path)!r}: cannot load a causal LM: {exc}") from exc
+    config = model.config
+    n_vocab = model.get_input_embeddings().weight.shape[0]
+    if vocab_size is not None and vocab_size > n_vocab:
+        raise ParameterError(f"--model {str(path)!r}: its tokenizer has {vocab_size} tokens but "
+                             f"the model's embedding only {n_vocab}")
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
+                                                                            None)
+    if max_len is not None and positions is not None and max_len > positions:
+        raise ParameterError(f"max_len={max_len} is longer than --model {str(path)!r} allows "
+                             f"({positions} positions)")
+    model.eval()
+    logger.debug("loaded %s (%s, %s): %d params", path, config.model_type, dtype,
+                 sum(p.numel() for p in model.parameters()))
+    return model

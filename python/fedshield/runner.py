@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import random
 import sys
 import time
 from contextlib import contextmanager
@@ -20,13 +21,16 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as fsdata
+from . import datasets as fsdatasets
 from .aggregate import aggregate
 from .config import RunConfig
 from .crypto_ops import decrypt_update, encrypt_update
 from .he import CKKSParams, combine_partials, keygen_shared, keygen_threshold, partial_decrypt
 from .importance import importance_mask
 from .layout import Layout
-from .model import LoraSettings, attach_lora, build_tiny_llama, get_lora_state, set_lora_state
+from .errors import DataError, ParameterError
+from .model import (LoraSettings, attach_lora, build_tiny_llama, get_lora_state,
+                    load_local_model, load_local_tokenizer, lora_targets_for, set_lora_state)
 from .pruning import apply_mask, kept_fraction, prune_ratio
 from .train import cosine_lr, evaluate_loss, train_local
 
@@ -80,29 +84,102 @@ class LocalSimulation:
     # -- set-up ------------------------------------------------------------------------
     def _setup_data(self) -> None:
         cfg = self.cfg
-        if cfg.data != "synthetic":
-            raise NotImplementedError(
-                f"--data {cfg.data!r}: only the generated 'synthetic' data is supported so far")
-        self.tokenizer = fsdata.build_tokenizer()
+        if cfg.data == "synthetic":
+            self._setup_synthetic_data()
+        else:
+            self._setup_file_data()
+        # A public bound on any client's weight, agreed by the federation; it cancels out.
+        self.weight_bound = float(2 ** math.ceil(math.log2(max(self.client_sizes))))
+
+    def _tokenizer(self):
+        if self.cfg.model == "tiny":
+            return fsdata.build_tokenizer()
+        return load_local_tokenizer(self.cfg.model)
+
+    def _split(self, examples: list, split: str, source: str) -> list:
+        cfg = self.cfg
+        if split == "iid":
+            return fsdatasets.split_iid(examples, cfg.clients, cfg.seed)
+        if split == "dirichlet":
+            return fsdatasets.split_dirichlet(examples, cfg.clients, cfg.dirichlet_alpha,
+                                              cfg.seed)
+        if not all("task" in ex for ex in examples):
+            raise DataError(f"{source}: split='tasks' needs a task field; map a column to it "
+                            "(--columns task=COLUMN) or use --split iid|dirichlet")
+        try:
+            return fsdata.split_non_iid(examples, cfg.clients, cfg.seed)
+        except ValueError as exc:
+            raise DataError(f"{source}: {exc}") from exc
+
+    def _setup_synthetic_data(self) -> None:
+        cfg = self.cfg
+        self.tokenizer = self._tokenizer()
         n_train = cfg.clients * cfg.examples_per_client
         examples = fsdata.make_synthetic_examples(n_train + cfg.eval_examples, cfg.seed)
         # Interleaved split keeps every task in the held-out set.
         eval_examples, train_examples = examples[:cfg.eval_examples], examples[cfg.eval_examples:]
-        shards = fsdata.split_non_iid(train_examples, cfg.clients, cfg.seed)
-        self.client_data = [fsdata.tokenize_examples(s, self.tokenizer, cfg.max_len) for s in shards]
-        self.client_sizes = [len(s) for s in shards]
-        self.eval_data = fsdata.tokenize_examples(eval_examples, self.tokenizer, cfg.max_len)
-        # A public bound on any client's weight, agreed by the federation; it cancels out.
-        self.weight_bound = float(2 ** math.ceil(math.log2(max(self.client_sizes))))
+        split = "tasks" if cfg.split == "auto" else cfg.split
+        shards = self._split(train_examples, split, "synthetic data")
+        if cfg.model == "tiny":  # the demo's examples always fit; keep its strict tokenizer
+            self.client_data = [fsdata.tokenize_examples(s, self.tokenizer, cfg.max_len)
+                                for s in shards]
+            self.eval_data = fsdata.tokenize_examples(eval_examples, self.tokenizer, cfg.max_len)
+            self.client_sizes = [len(s) for s in shards]
+            return
+        self._tokenize(shards, eval_examples, "synthetic data")
+
+    def _setup_file_data(self) -> None:
+        cfg = self.cfg
+        examples = fsdatasets.load_instruction_data(cfg.data, cfg.columns)
+        if len(examples) < cfg.eval_examples + cfg.clients:
+            raise DataError(f"{cfg.data}: {len(examples)} examples are too few for "
+                            f"eval_examples={cfg.eval_examples} held out plus one per client "
+                            f"({cfg.clients} clients)")
+        self.tokenizer = self._tokenizer()
+        order = list(range(len(examples)))
+        random.Random(cfg.seed).shuffle(order)
+        examples = [examples[i] for i in order]
+        train_examples = examples[:-cfg.eval_examples]
+        eval_examples = examples[-cfg.eval_examples:]
+        shards = self._split(train_examples, "iid" if cfg.split == "auto" else cfg.split,
+                             cfg.data)
+        self._tokenize(shards, eval_examples, cfg.data)
+
+    def _tokenize(self, shards: list, eval_examples: list, source: str) -> None:
+        """Long examples lose prompt tokens from the left; answers too long are skipped."""
+        cfg = self.cfg
+        self.client_data, self.client_sizes = [], []
+        self.data_stats = {"truncated": 0, "skipped": 0}
+        for client, shard in enumerate(shards):
+            tensors, stats = fsdatasets.tokenize_fitting(
+                shard, self.tokenizer, cfg.max_len, source=f"{source}, client {client}")
+            self.client_data.append(tensors)
+            self.client_sizes.append(stats["kept"])
+            self.data_stats["truncated"] += stats["truncated"]
+            self.data_stats["skipped"] += stats["skipped"]
+        self.eval_data, stats = fsdatasets.tokenize_fitting(
+            eval_examples, self.tokenizer, cfg.max_len, source=f"{source}, held-out")
+        self.data_stats["eval_truncated"] = stats["truncated"]
+        self.data_stats["eval_skipped"] = stats["skipped"]
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        if cfg.model != "tiny":
-            raise NotImplementedError(
-                f"--model {cfg.model!r}: only the built-in 'tiny' Llama is supported so far")
-        base = build_tiny_llama(len(self.tokenizer), seed=cfg.seed, init_std=TINY_INIT_STD)
-        settings = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-        self.model = attach_lora(base, settings, seed=cfg.seed)
+        if cfg.model == "tiny":
+            base = build_tiny_llama(len(self.tokenizer), seed=cfg.seed, init_std=TINY_INIT_STD)
+            if cfg.dtype == "bf16":
+                base.to(torch.bfloat16)
+            targets = lora_targets_for("llama", cfg.lora_targets)
+        else:
+            base = load_local_model(cfg.model, dtype=cfg.dtype, vocab_size=len(self.tokenizer),
+                                    max_len=cfg.max_len)
+            targets = lora_targets_for(base.config.model_type, cfg.lora_targets)
+        settings = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                target_modules=targets)
+        try:
+            self.model = attach_lora(base, settings, seed=cfg.seed)
+        except ValueError as exc:  # peft: a target module the model does not have
+            raise ParameterError(f"LoRA targets {list(targets)} on --model {cfg.model!r}: "
+                                 f"{exc}") from exc
         self.global_state = get_lora_state(self.model)
         self.layout = Layout.from_state_dict(self.global_state)
 
@@ -205,7 +282,11 @@ class LocalSimulation:
                 progress.update(1)
         if cfg.he:
             with timer.phase("aggregate"):
-                agg = aggregate(self.server_ctx, iter(updates))
+                # The server states what it knows of the round: a forged first reply
+                # cannot then fix another round, layout, mask or weight bound for the rest.
+                agg = aggregate(self.server_ctx, iter(updates), round=round_idx,
+                                layout=self.layout, mask=round_mask,
+                                weight_bound=self.weight_bound)
             bytes_down = agg.nbytes
             self.last_aggregate = agg
             average, present, share_bytes = self._decrypt(agg, round_mask, timer)
@@ -269,12 +350,16 @@ class LocalSimulation:
         return metrics
 
     def _save_adapter(self) -> None:
-        """DIR/adapter (PEFT) over DIR/base_model (the tiny base and its tokenizer)."""
-        base_dir = self.out / "base_model"
-        base = build_tiny_llama(len(self.tokenizer), seed=self.cfg.seed,
-                                init_std=TINY_INIT_STD)
-        base.save_pretrained(base_dir)
-        self.tokenizer.save_pretrained(base_dir)
+        """DIR/adapter (PEFT) over its base: DIR/base_model (the tiny base and its tokenizer),
+        or the --model directory itself, referenced by absolute path."""
+        if self.cfg.model == "tiny":
+            base_dir = self.out / "base_model"
+            base = build_tiny_llama(len(self.tokenizer), seed=self.cfg.seed,
+                                    init_std=TINY_INIT_STD)
+            base.save_pretrained(base_dir)
+            self.tokenizer.save_pretrained(base_dir)
+        else:
+            base_dir = Path(self.cfg.model)
         set_lora_state(self.model, self.global_state)
         for peft_config in self.model.peft_config.values():
             peft_config.base_model_name_or_path = str(base_dir.resolve())
