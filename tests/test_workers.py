@@ -45,3 +45,26 @@ def test_dead_worker_is_reported(shared_keys):
     # The broken pool is replaced on the next call.
     upd = fs.encrypt_update(client, state, layout, workers=2)
     assert client._pool(2, need_secret=False) is not pool and upd.n_ciphertexts == 5
+
+
+def test_dropped_pool_leaves_no_processes(shared_keys):
+    import gc
+
+    from fedshield.he.workers import CryptoPool
+
+    ctx = shared_keys.client_context()
+    pool = CryptoPool(ctx.to_bytes(), ctx.params, 2)
+    procs = [w.proc for w in pool._workers]
+    assert all(p.poll() is None for p in procs)
+    del pool
+    gc.collect()
+    for p in procs:
+        assert p.wait(timeout=20) is not None  # closed with the pool, not at interpreter exit
+
+
+def test_failed_pool_start_kills_started_workers(shared_keys):
+    from fedshield.he.workers import CryptoPool
+
+    ctx = shared_keys.client_context()
+    with pytest.raises(fs.FedShieldError, match="crypto worker"):
+        CryptoPool(b"not a context", ctx.params, 2)  # the first worker's init fails

@@ -16,6 +16,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import weakref
 
 import numpy as np
 
@@ -36,8 +37,13 @@ class _Worker:
     def __init__(self, context_blob: bytes) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "fedshield.he.workers"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.send(("init", context_blob))
-        self.receive()
+        try:
+            self.send(("init", context_blob))
+            self.receive()
+        except BaseException:
+            self.proc.kill()  # never leave a half-started worker behind
+            self.proc.wait()
+            raise
 
     def send(self, message) -> None:
         try:
@@ -71,10 +77,18 @@ class CryptoPool:
 
     def __init__(self, context_blob: bytes, params: CKKSParams, workers: int) -> None:
         self.params = params
-        self._workers = [_Worker(context_blob) for _ in range(workers)]
-        self._lock = threading.Lock()  # one batch at a time through the pipes
+        self._workers: list[_Worker] = []
         self.broken = False  # a failed batch leaves pipes in an unknown state: start afresh
-        atexit.register(self.close)
+        try:
+            for _ in range(workers):
+                self._workers.append(_Worker(context_blob))
+        except BaseException:
+            self.broken = True
+            self.close()
+            raise
+        self._lock = threading.Lock()  # one batch at a time through the pipes
+        # A weak reference: the exit hook must not keep dropped pools (and their processes) alive.
+        atexit.register(_close_if_alive, weakref.ref(self))
 
     def _run(self, op: str, parts: list) -> list:
         with self._lock:
@@ -106,6 +120,15 @@ class CryptoPool:
             if self.broken:
                 worker.proc.kill()
             worker.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _close_if_alive(ref) -> None:
+    pool = ref()
+    if pool is not None:
+        pool.close()
 
 
 def _serve() -> None:
