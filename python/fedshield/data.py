@@ -284,8 +284,13 @@ def tokenize_examples(
         rows.append(ids)
         label_rows.append([IGNORE_INDEX] * len(p_ids) + c_ids)
 
+    return pad_rows(rows, label_rows, max_len, tokenizer.pad_token_id)
+
+
+def pad_rows(rows, label_rows, max_len: int, pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels (-100 on padding) from token rows."""
     n = len(rows)
-    input_ids = torch.full((n, max_len), tokenizer.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((n, max_len), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, max_len), dtype=torch.long)
     labels = torch.full((n, max_len), IGNORE_INDEX, dtype=torch.long)
     for i, (ids, lab) in enumerate(zip(rows, label_rows)):

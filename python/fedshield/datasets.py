@@ -290,9 +290,8 @@ def tokenize_fitting(examples: Sequence[Mapping[str, str]], tokenizer, max_len: 
     the model to stop early. Returns the tensors and ``{"kept", "truncated", "skipped"}``;
     if every example is skipped it raises :class:`fedshield.DataError`.
     """
-    import torch  # noqa: PLC0415 - keeps the config (and CLI start) free of torch
 
-    from .data import IGNORE_INDEX, format_prompt  # noqa: PLC0415
+    from .data import IGNORE_INDEX, format_prompt, pad_rows  # noqa: PLC0415 - no torch at import
 
     if max_len < 2:
         raise ParameterError(f"max_len must be >= 2, got {max_len}")
@@ -326,12 +325,4 @@ def tokenize_fitting(examples: Sequence[Mapping[str, str]], tokenizer, max_len: 
     if not rows:
         raise DataError(f"{source}: all {len(examples)} examples have answers too long for "
                         f"max_len={max_len}; raise max_len")
-    n = len(rows)
-    input_ids = torch.full((n, max_len), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, max_len), dtype=torch.long)
-    labels = torch.full((n, max_len), IGNORE_INDEX, dtype=torch.long)
-    for i, (ids, lab) in enumerate(zip(rows, label_rows)):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attention_mask[i, :len(ids)] = 1
-        labels[i, :len(lab)] = torch.tensor(lab)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, stats
+    return pad_rows(rows, label_rows, max_len, tokenizer.pad_token_id), stats
