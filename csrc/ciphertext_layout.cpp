@@ -25,7 +25,7 @@ bool is_residue_array(const uint8_t* data, size_t len, size_t at, uint64_t n, ui
 }  // namespace
 
 std::vector<uint64_t> find_residue_arrays(const uint8_t* data, size_t len, uint64_t ring_dim,
-                                          uint64_t modulus, const char* what) {
+                                          uint64_t modulus, const char* what, size_t expected) {
     // ring_dim is bounded like the wire format's, so ring_dim * 8 below cannot overflow
     if (ring_dim == 0 || ring_dim > (1u << 17) || modulus < 3)
         throw InvalidUpdateError(std::string(what) + " layout: ring_dim must be in [1, 131072] "
@@ -40,18 +40,19 @@ std::vector<uint64_t> find_residue_arrays(const uint8_t* data, size_t len, uint6
             ++at;
         }
     }
+    if (found.size() != expected)
+        throw InvalidUpdateError(std::string(what) + " layout: expected " +
+                                 std::to_string(expected) + " residue array(s) of length " +
+                                 std::to_string(ring_dim) + " below the modulus, found " +
+                                 std::to_string(found.size()) + " (not a one-tower " + what +
+                                 " of this context?)");
     return found;
 }
 
 CiphertextLayout locate_residues(const uint8_t* data, size_t len, uint64_t ring_dim,
                                  uint64_t modulus) {
     const std::vector<uint64_t> found =
-        find_residue_arrays(data, len, ring_dim, modulus, "ciphertext");
-    if (found.size() != 2)
-        throw InvalidUpdateError("ciphertext layout: expected 2 residue arrays of length " +
-                                 std::to_string(ring_dim) + " below the modulus, found " +
-                                 std::to_string(found.size()) +
-                                 " (not a fresh one-tower CKKS ciphertext of this context?)");
+        find_residue_arrays(data, len, ring_dim, modulus, "ciphertext", 2);
     CiphertextLayout layout;
     layout.ring_dim = ring_dim;
     layout.modulus = modulus;

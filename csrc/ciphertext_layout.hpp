@@ -21,9 +21,10 @@ struct CiphertextLayout {
 
 // Every non-overlapping run of "uint64 ring_dim, then ring_dim uint64 values below modulus" in
 // an OpenFHE BINARY serialization (a ciphertext has two, a one-tower secret key one); returns
-// the offsets of their first residues. Bounds-checked; ring_dim must be in [1, 2^17].
+// the offsets of their first residues, which must number exactly `expected` (else
+// InvalidUpdateError naming `what`). Bounds-checked; ring_dim must be in [1, 2^17].
 std::vector<uint64_t> find_residue_arrays(const uint8_t* data, size_t len, uint64_t ring_dim,
-                                          uint64_t modulus, const char* what);
+                                          uint64_t modulus, const char* what, size_t expected);
 
 // Finds the two residue arrays: a uint64 equal to ring_dim followed by ring_dim values all
 // below modulus. Exactly two non-overlapping arrays must be found, else InvalidUpdateError.
