@@ -218,25 +218,35 @@ using F32 = py::array_t<float, py::array::c_style>;
 using U8 = py::array_t<uint8_t, py::array::c_style>;
 using F64 = py::array_t<double, py::array::c_style>;
 
+// Points each view at its mask (None: every value kept), keeping the converted arrays alive in
+// `held`; a mask must have as many elements as its tensor.
+template <class View>
+void attach_masks(const std::vector<py::object>& masks, std::vector<View>& views,
+                  std::vector<U8>& held, const char* what) {
+    if (masks.size() != views.size())
+        throw py::value_error(std::string(what) + ": one mask (or None) per tensor");
+    held.resize(masks.size());
+    for (size_t i = 0; i < masks.size(); ++i) {
+        if (masks[i].is_none()) continue;
+        held[i] = masks[i].cast<U8>();
+        if (static_cast<uint64_t>(held[i].size()) != views[i].numel)
+            throw py::value_error(std::string(what) + ": mask " + std::to_string(i) +
+                                  " has a different size than its tensor");
+        views[i].mask = held[i].data();
+    }
+}
+
 void bind_packing(py::module_& m) {
     m.def("pack_values", [](const std::vector<F32>& tensors, const std::vector<py::object>& masks,
                             double scale, double weight_value, double bound, uint64_t out_len,
                             unsigned threads) {
-        if (masks.size() != tensors.size())
-            throw py::value_error("pack_values: one mask (or None) per tensor");
-        std::vector<U8> mask_arrays(masks.size());
         std::vector<TensorView> views(tensors.size());
         for (size_t i = 0; i < tensors.size(); ++i) {
             views[i].values = tensors[i].data();
             views[i].numel = static_cast<uint64_t>(tensors[i].size());
-            if (!masks[i].is_none()) {
-                mask_arrays[i] = masks[i].cast<U8>();
-                if (static_cast<uint64_t>(mask_arrays[i].size()) != views[i].numel)
-                    throw py::value_error("pack_values: mask " + std::to_string(i) +
-                                          " has a different size than its tensor");
-                views[i].mask = mask_arrays[i].data();
-            }
         }
+        std::vector<U8> mask_arrays;
+        attach_masks(masks, views, mask_arrays, "pack_values");
         F64 out(static_cast<py::ssize_t>(out_len));
         double* dst = out.mutable_data();
         {
@@ -252,9 +262,6 @@ void bind_packing(py::module_& m) {
     m.def("unpack_values", [](const F64& buffer, std::vector<py::array> outs,
                               const std::vector<py::object>& masks, bool divide_by_weight,
                               unsigned threads) {
-        if (masks.size() != outs.size())
-            throw py::value_error("unpack_values: one mask (or None) per tensor");
-        std::vector<U8> mask_arrays(masks.size());
         std::vector<TensorOut> views(outs.size());
         for (size_t i = 0; i < outs.size(); ++i) {
             if (!outs[i].dtype().is(py::dtype::of<float>()) ||
@@ -263,14 +270,9 @@ void bind_packing(py::module_& m) {
                                       " must be a writeable C-contiguous float32 array");
             views[i].values = static_cast<float*>(outs[i].mutable_data());
             views[i].numel = static_cast<uint64_t>(outs[i].size());
-            if (!masks[i].is_none()) {
-                mask_arrays[i] = masks[i].cast<U8>();
-                if (static_cast<uint64_t>(mask_arrays[i].size()) != views[i].numel)
-                    throw py::value_error("unpack_values: mask " + std::to_string(i) +
-                                          " has a different size than its tensor");
-                views[i].mask = mask_arrays[i].data();
-            }
         }
+        std::vector<U8> mask_arrays;
+        attach_masks(masks, views, mask_arrays, "unpack_values");
         double weight;
         {
             py::gil_scoped_release nogil;
@@ -280,15 +282,14 @@ void bind_packing(py::module_& m) {
         return weight;
     }, "Scatters a slot buffer back into float32 tensors (zeros where pruned); returns the weight.");
     m.def("kept_counts", [](const std::vector<py::object>& masks) {
-        std::vector<uint64_t> counts;
-        for (const auto& mo : masks) {
-            U8 a = mo.cast<U8>();
-            uint64_t c = 0;
-            const uint8_t* p = a.data();
-            for (py::ssize_t j = 0; j < a.size(); ++j) c += p[j] != 0;
-            counts.push_back(c);
+        std::vector<U8> held(masks.size());
+        std::vector<TensorView> views(masks.size());
+        for (size_t i = 0; i < masks.size(); ++i) {
+            held[i] = masks[i].cast<U8>();
+            views[i].mask = held[i].data();
+            views[i].numel = static_cast<uint64_t>(held[i].size());
         }
-        return counts;
+        return kept_counts(views);
     }, "Number of kept values in each mask.");
 }
 

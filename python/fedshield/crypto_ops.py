@@ -108,9 +108,7 @@ def encrypt_update(ctx: Context, state: Mapping[str, torch.Tensor], layout: Layo
         raise ParameterError(f"weight={weight!r} must be in (0, weight_bound={weight_bound:g}]")
     arrays = layout.flat_arrays(state)
     masks = layout.mask_arrays(mask)
-    n_kept = (layout.numel if mask is None
-              else int(sum(_native.kept_counts([m for m in masks]))))
-    n_values = n_kept + 1  # + the weight
+    n_values = layout.kept_count(mask) + 1  # + the weight
     per_ct = params.values_per_ciphertext
     n_cts = -(-n_values // per_ct)
     scale = weight / weight_bound
@@ -166,8 +164,7 @@ def _check_decryptable(ctx: Context, update: EncryptedUpdate, layout: Layout,
             else "the update has no mask but one was given")
     # Fingerprints match, so the value count is fixed: a header that says otherwise was forged
     # (unchecked, a short update surfaced as a confusing HeadroomError from unpacking).
-    masks = layout.mask_arrays(mask)
-    n_kept = layout.numel if mask is None else int(sum(_native.kept_counts(masks)))
+    n_kept = layout.kept_count(mask)
     if update.n_values != n_kept + 1:
         raise InvalidUpdate(f"the update carries {update.n_values} values, its layout and mask "
                             f"make {n_kept + 1} (kept values + the weight)")

@@ -10,6 +10,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from . import _native
 from .errors import IncompatibleUpdate
 
 
@@ -104,6 +105,12 @@ class Layout:
                 raise TypeError(f"mask[{s.name!r}] has dtype {m.dtype}, expected torch.bool")
             out.append(np.ascontiguousarray(m.detach().cpu().numpy().reshape(-1)).view(np.uint8))
         return out
+
+    def kept_count(self, mask: Mapping[str, torch.Tensor] | None) -> int:
+        """LoRA values a mask keeps (all of them for no mask)."""
+        if mask is None:
+            return self.numel
+        return int(sum(_native.kept_counts(self.mask_arrays(mask))))
 
     def mask_fingerprint(self, mask: Mapping[str, torch.Tensor] | None) -> bytes:
         """32 zero bytes for no mask; else a hash of the layout and every mask bit."""

@@ -273,9 +273,7 @@ class LocalSimulation:
                 bytes_up.append(upd.nbytes)
             else:
                 plain.append(values)
-                n_sent = (self.layout.numel if round_mask is None
-                          else sum(int(m.sum()) for m in round_mask.values()))
-                bytes_up.append(4 * n_sent)  # dense fp32
+                bytes_up.append(4 * self.layout.kept_count(round_mask))  # dense fp32
             weights.append(weight)
             losses.append(loss)
             if progress is not None:
