@@ -140,19 +140,22 @@ def encrypt_update(ctx: Context, state: Mapping[str, torch.Tensor], layout: Layo
     return EncryptedUpdate.from_bytes(data)
 
 
-def _check_decryptable(ctx: Context, update: EncryptedUpdate, layout: Layout,
-                       mask: Mapping[str, torch.Tensor] | None) -> None:
+def check_for_context(ctx: Context, update: EncryptedUpdate) -> None:
+    """The update was made under ctx: same context fingerprint and the context's packing."""
     # The header's packing is not covered by the fingerprints: a forged byte would decode the
     # slots the wrong way and return garbage without an error.
-    # (threshold.combine_partials passes a fingerprint-only stand-in: its shares' digests bind
-    # the aggregate, and partial_decrypt checked the packing against each party's context.)
-    if isinstance(ctx, Context) and update.header["packing"] != PACKING_CODE[ctx.params.packing]:
+    if update.header["packing"] != PACKING_CODE[ctx.params.packing]:
         raise IncompatibleUpdate(f"the update's packing code {update.header['packing']} is not "
                                  f"this context's ({ctx.params.packing!r})")
     if update.context_fingerprint != ctx.fingerprint:
         raise IncompatibleUpdate("the update was encrypted under another context "
                                  f"({update.context_fingerprint.hex()[:12]}... vs "
                                  f"{ctx.fingerprint.hex()[:12]}...)")
+
+
+def check_for_layout(update: EncryptedUpdate, layout: Layout,
+                     mask: Mapping[str, torch.Tensor] | None) -> None:
+    """The update was packed with this layout and mask, and carries their number of values."""
     if update.layout_fingerprint != layout.fingerprint:
         raise IncompatibleUpdate("the update was packed with another layout "
                                  f"({update.layout_fingerprint.hex()[:12]}... vs "
@@ -190,7 +193,8 @@ def decrypt_update(ctx: Context, update: EncryptedUpdate, layout: Layout,
         raise KeyMaterialError(
             f"this {ctx.role} context holds no secret key and cannot decrypt; decrypt with a "
             "client context (shared-key mode) or with partial decryptions (threshold mode)")
-    _check_decryptable(ctx, update, layout, mask)
+    check_for_context(ctx, update)
+    check_for_layout(update, layout, mask)
     cc, _, secret_key = ctx._openfhe(need_secret=True)
     template, ct_layout = ctx.ciphertext_template
     cts = _native.decode_ciphertexts(update.to_bytes(), template, ct_layout, threads)

@@ -422,21 +422,15 @@ def partial_decrypt(party_ctx: Context, agg, present: Optional[Iterable[int]] = 
 
     _check_party_ctx(party_ctx)
     agg = _as_update(agg)
-    if agg.context_fingerprint != party_ctx.fingerprint:
-        raise IncompatibleUpdate("the aggregate was encrypted under another context "
-                                 f"({agg.context_fingerprint.hex()[:12]}... vs "
-                                 f"{party_ctx.fingerprint.hex()[:12]}...)")
+    from ..crypto_ops import check_for_context  # noqa: PLC0415
+
+    check_for_context(party_ctx, agg)
     if not agg.is_aggregate:
         raise IncompatibleUpdate("threshold parties only decrypt aggregates, not a single "
                                  "client's update (aggregate it with fs.aggregate first)")
     if agg.n_summed < 2:
         raise IncompatibleUpdate("an aggregate of one update is that client's update: "
                                  "threshold parties decrypt aggregates of at least 2")
-    from ..update import PACKING_CODE  # noqa: PLC0415
-
-    if agg.header["packing"] != PACKING_CODE[party_ctx.params.packing]:
-        raise IncompatibleUpdate(f"the aggregate's packing code {agg.header['packing']} is not "
-                                 f"this context's ({party_ctx.params.packing!r})")
     pid = party_ctx.party_id
     ids = _present_ids(present, party_ctx.n_parties, party_ctx.threshold)
     if pid not in ids:
@@ -488,7 +482,7 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
     """
     import torch  # noqa: PLC0415
 
-    from ..crypto_ops import _check_decryptable  # noqa: PLC0415
+    from ..crypto_ops import check_for_layout  # noqa: PLC0415
     from ..layout import Layout  # noqa: PLC0415
     from . import backend  # noqa: PLC0415
 
@@ -532,7 +526,9 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
         raise NotEnoughShares(f"{len(by_party)} shares given, {len(present)} needed (every "
                               f"present party of {present}, threshold {t} of {n}); missing "
                               f"parties {missing}")
-    _check_decryptable(_Fingerprint(agg.context_fingerprint), agg, layout, mask)
+    # Each share's digest binds this aggregate and partial_decrypt checked it against the
+    # party's context; here only the layout and mask remain to check.
+    check_for_layout(agg, layout, mask)
 
     o = backend.openfhe()
     packing = _packing_of(agg)
@@ -559,15 +555,6 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
     outs = [np.empty(s.numel, dtype=np.float32) for s in layout.specs]
     _native.unpack_values(buffer, outs, layout.mask_arrays(mask), True, threads)
     return {s.name: torch.from_numpy(o_).reshape(s.shape) for s, o_ in zip(layout.specs, outs)}
-
-
-class _Fingerprint:
-    """What crypto_ops._check_decryptable reads of a context: its fingerprint."""
-
-    __slots__ = ("fingerprint",)
-
-    def __init__(self, fingerprint: bytes) -> None:
-        self.fingerprint = fingerprint
 
 
 def _packing_of(agg) -> str:
