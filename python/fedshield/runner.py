@@ -14,8 +14,9 @@ import random
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -70,16 +71,43 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class RoundPlan:
+    """What every client of round `round` must agree on."""
+
+    round: int
+    lr: float
+    ratio: float                                # pruned fraction this round
+    mask: dict[str, torch.Tensor] | None        # the global mask (prune=global), else None
+
+
+@dataclass
+class ClientReply:
+    """One client's contribution to a round."""
+
+    client: int
+    payload: bytes | dict                       # EncryptedUpdate wire bytes, or plaintext values
+    weight: float
+    loss: float                                 # mean local training loss
+    kept: float                                 # fraction of LoRA values kept by pruning
+    nbytes: int                                 # bytes this client sends
+
+
 class LocalSimulation:
     """One federated fine-tuning run in one process (the `local` engine)."""
 
-    def __init__(self, config: RunConfig, show_progress: bool | None = None) -> None:
+    def __init__(self, config: RunConfig, show_progress: bool | None = None, *,
+                 make_keys: bool = True) -> None:
+        """make_keys=False: no key generation here (an engine that hands out its own key
+        files passes a context to client_round and aggregates itself)."""
         self.cfg = config
         self.out = Path(config.out)
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
+        self.client_ctxs, self.server_ctx = [], None
         self._setup_data()
         self._setup_model()
-        self._setup_keys()
+        if make_keys:
+            self._setup_keys()
 
     # -- set-up ------------------------------------------------------------------------
     def _setup_data(self) -> None:
@@ -185,7 +213,6 @@ class LocalSimulation:
 
     def _setup_keys(self) -> None:
         cfg = self.cfg
-        self.client_ctxs, self.server_ctx = [], None
         if not cfg.he:
             return
         threshold = cfg.keys == "threshold"
@@ -221,14 +248,30 @@ class LocalSimulation:
             average = combine_partials(agg, shares, self.layout, mask=mask)
         return average, present, sum(len(s) for s in shares)
 
-    # -- one round -----------------------------------------------------------------------
-    def _client_update(self, client: int, round_idx: int, lr: float, timer: _Timer):
+    # -- one round, in steps an engine can place on different machines ---------------------
+    def plan_round(self, round_idx: int, timer: _Timer | None = None) -> RoundPlan:
+        """What every client must agree on before training: learning rate, pruning, mask."""
+        cfg = self.cfg
+        timer = timer or _Timer()
+        lr = cosine_lr(round_idx - 1, cfg.rounds, cfg.lr, cfg.lr_min)
+        ratio = (0.0 if cfg.prune == "off" else
+                 prune_ratio(round_idx, cfg.prune_p0, cfg.prune_target,
+                             cfg.prune_t_start, cfg.prune_t_end))
+        # Global mask: from the previous round's decrypted global state, identical on every
+        # client. Round 1 sends everything (LoRA B starts at zero: no magnitudes to rank yet).
+        mask = None
+        if cfg.prune == "global" and round_idx > 1:
+            with timer.phase("prune"):
+                mask = importance_mask(self.global_state, ratio)
+        return RoundPlan(round=round_idx, lr=lr, ratio=ratio, mask=mask)
+
+    def _train_client(self, client: int, plan: RoundPlan, timer: _Timer):
         cfg = self.cfg
         set_lora_state(self.model, self.global_state)
         with timer.phase("train"):
             result = train_local(self.model, self.client_data[client], steps=cfg.local_steps,
-                                 batch_size=cfg.batch_size, lr=lr, grad_accum=cfg.grad_accum,
-                                 seed=cfg.seed * 1_000_003 + round_idx * 1009 + client)
+                                 batch_size=cfg.batch_size, lr=plan.lr, grad_accum=cfg.grad_accum,
+                                 seed=cfg.seed * 1_000_003 + plan.round * 1009 + client)
         local = get_lora_state(self.model)
         if cfg.algorithm == "delta":
             values = {k: local[k] - self.global_state[k] for k in local}
@@ -237,80 +280,87 @@ class LocalSimulation:
             values, weight = local, 1.0
         return values, weight, float(result["loss"])
 
+    def client_round(self, client: int, plan: RoundPlan, timer: _Timer | None = None,
+                     ctx=None) -> ClientReply:
+        """Client `client` trains from the current global state, prunes and (HE on) encrypts
+        with `ctx` (default: its context from this simulation's key set-up)."""
+        cfg = self.cfg
+        timer = timer or _Timer()
+        values, weight, loss = self._train_client(client, plan, timer)
+        with timer.phase("prune"):
+            if cfg.prune == "local":
+                mask = importance_mask(values, plan.ratio)
+                values = apply_mask(values, mask)  # each client's own mask: sent densely
+                kept = kept_fraction(mask)
+            elif plan.mask is not None:
+                values = apply_mask(values, plan.mask)
+                kept = kept_fraction(plan.mask)
+            else:
+                kept = 1.0
+        if not cfg.he:
+            return ClientReply(client, values, weight, loss, kept,
+                               4 * self.layout.kept_count(plan.mask))  # dense fp32
+        with timer.phase("encrypt"):
+            upd = encrypt_update(ctx if ctx is not None else self.client_ctxs[client], values,
+                                 self.layout, weight=weight, mask=plan.mask, round=plan.round,
+                                 weight_bound=self.weight_bound)
+        return ClientReply(client, upd.to_bytes(), weight, loss, kept, upd.nbytes)
+
+    def aggregate_replies(self, replies: Iterable[ClientReply], plan: RoundPlan,
+                          timer: _Timer | None = None):
+        """The server's step: an EncryptedUpdate (HE on) or the plaintext weighted average."""
+        timer = timer or _Timer()
+        with timer.phase("aggregate"):
+            if not self.cfg.he:
+                replies = list(replies)
+                return _weighted_average([r.payload for r in replies], [r.weight for r in replies])
+            # The server states what it knows of the round: a forged first reply cannot then
+            # fix another round, layout, mask or weight bound for the rest.
+            return aggregate(self.server_ctx, (r.payload for r in replies), round=plan.round,
+                             layout=self.layout, mask=plan.mask, weight_bound=self.weight_bound)
+
+    def apply_average(self, average: Mapping[str, torch.Tensor]) -> None:
+        """Folds the round's decrypted average into the global state."""
+        if self.cfg.algorithm == "delta":
+            self.global_state = {k: self.global_state[k] + average[k] for k in average}
+        else:
+            self.global_state = {k: v.clone() for k, v in average.items()}
+        set_lora_state(self.model, self.global_state)
+
+    def evaluate(self) -> float:
+        set_lora_state(self.model, self.global_state)
+        return evaluate_loss(self.model, self.eval_data, batch_size=32)
+
     def run_round(self, round_idx: int, progress=None) -> dict:
         cfg = self.cfg
         timer = _Timer()
-        lr = cosine_lr(round_idx - 1, cfg.rounds, cfg.lr, cfg.lr_min)
-        ratio = (0.0 if cfg.prune == "off" else
-                 prune_ratio(round_idx, cfg.prune_p0, cfg.prune_target,
-                             cfg.prune_t_start, cfg.prune_t_end))
-        # Global mask: from the previous round's decrypted global state, identical on every
-        # client. Round 1 sends everything (LoRA B starts at zero: no magnitudes to rank yet).
-        round_mask = None
-        if cfg.prune == "global" and round_idx > 1:
-            with timer.phase("prune"):
-                round_mask = importance_mask(self.global_state, ratio)
-        updates, plain, weights, losses, bytes_up, kept = [], [], [], [], [], []
+        plan = self.plan_round(round_idx, timer)
+        replies = []
         for client in range(cfg.clients):
-            values, weight, loss = self._client_update(client, round_idx, lr, timer)
-            with timer.phase("prune"):
-                if cfg.prune == "local":
-                    mask = importance_mask(values, ratio)
-                    values = apply_mask(values, mask)  # each client's own mask: sent densely
-                    kept.append(kept_fraction(mask))
-                elif round_mask is not None:
-                    values = apply_mask(values, round_mask)
-                    kept.append(kept_fraction(round_mask))
-                else:
-                    kept.append(1.0)
-            if cfg.he:
-                with timer.phase("encrypt"):
-                    upd = encrypt_update(self.client_ctxs[client], values, self.layout,
-                                         weight=weight,
-                                         mask=round_mask, round=round_idx,
-                                         weight_bound=self.weight_bound)
-                updates.append(upd.to_bytes())
-                bytes_up.append(upd.nbytes)
-            else:
-                plain.append(values)
-                bytes_up.append(4 * self.layout.kept_count(round_mask))  # dense fp32
-            weights.append(weight)
-            losses.append(loss)
+            replies.append(self.client_round(client, plan, timer))
             if progress is not None:
                 progress.update(1)
+        result = self.aggregate_replies(replies, plan, timer)
         if cfg.he:
-            with timer.phase("aggregate"):
-                # The server states what it knows of the round: a forged first reply
-                # cannot then fix another round, layout, mask or weight bound for the rest.
-                agg = aggregate(self.server_ctx, iter(updates), round=round_idx,
-                                layout=self.layout, mask=round_mask,
-                                weight_bound=self.weight_bound)
-            bytes_down = agg.nbytes
-            self.last_aggregate = agg
-            average, present, share_bytes = self._decrypt(agg, round_mask, timer)
+            self.last_aggregate = result
+            bytes_down = result.nbytes
+            average, present, share_bytes = self._decrypt(result, plan.mask, timer)
         else:
-            present, share_bytes = list(range(cfg.clients)), 0
-            with timer.phase("aggregate"):
-                average = _weighted_average(plain, weights)
-            bytes_down = bytes_up[0]
-        if cfg.algorithm == "delta":
-            self.global_state = {k: self.global_state[k] + average[k] for k in average}
-        else:
-            self.global_state = average
-        set_lora_state(self.model, self.global_state)
-        eval_loss = evaluate_loss(self.model, self.eval_data, batch_size=32)
+            average, present, share_bytes = result, list(range(cfg.clients)), 0
+            bytes_down = replies[0].nbytes
+        self.apply_average(average)
         return {
             "round": round_idx,
-            "train_loss": losses,
-            "eval_loss": eval_loss,
-            "bytes_up": bytes_up,
+            "train_loss": [r.loss for r in replies],
+            "eval_loss": self.evaluate(),
+            "bytes_up": [r.nbytes for r in replies],
             "bytes_down": bytes_down,
             "seconds": {k: round(v, 4) for k, v in timer.seconds.items()},
-            "kept_fraction": sum(kept) / len(kept),
+            "kept_fraction": sum(r.kept for r in replies) / len(replies),
             "decrypting_clients": present,
             "bytes_partial_decryptions": share_bytes,
-            "prune_ratio": ratio,
-            "lr": lr,
+            "prune_ratio": plan.ratio,
+            "lr": plan.lr,
         }
 
     # -- the whole run ---------------------------------------------------------------------
