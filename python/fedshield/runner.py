@@ -44,6 +44,13 @@ PHASES = ("train", "prune", "encrypt", "aggregate", "decrypt")
 TINY_INIT_STD = 0.1
 
 
+def ckks_params(cfg: RunConfig) -> CKKSParams:
+    """The CKKS parameters of a run (every engine generates its keys with these)."""
+    # Threshold decryption adds flooding noise: 2 more bits of scale keep it under 1e-6.
+    scale_bits = cfg.scale_bits or (52 if cfg.keys == "threshold" else 50)
+    return CKKSParams(ring_dim=cfg.ring_dim, scale_bits=scale_bits)
+
+
 class _Timer:
     def __init__(self) -> None:
         self.seconds = {p: 0.0 for p in PHASES}
@@ -215,11 +222,8 @@ class LocalSimulation:
         cfg = self.cfg
         if not cfg.he:
             return
-        threshold = cfg.keys == "threshold"
-        # Threshold decryption adds flooding noise: 2 more bits of scale keep it under 1e-6.
-        scale_bits = cfg.scale_bits or (52 if threshold else 50)
-        params = CKKSParams(ring_dim=cfg.ring_dim, scale_bits=scale_bits)
-        if threshold:
+        params = ckks_params(cfg)
+        if cfg.keys == "threshold":
             self.client_ctxs, self.server_ctx = keygen_threshold(
                 params, n_parties=cfg.clients, threshold=cfg.threshold or None)
         else:
