@@ -1,0 +1,113 @@
+"""Round checkpoints of a run: global LoRA state, round number, RNG states, metrics.
+
+DIR/checkpoint/ holds `state-rNNNNNN.safetensors` (the global state and the RNG states as
+tensors) and `checkpoint.json` (round, config, metrics, the python RNG state, the name of the
+state file). A checkpoint is written file by file, each fsynced and renamed into place, and
+`checkpoint.json` last: a crash at any point leaves the previous complete checkpoint readable.
+Key material is never written here (a resumed simulation generates fresh keys).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ParameterError
+
+CHECKPOINT_DIR = "checkpoint"
+INDEX = "checkpoint.json"
+FORMAT = 1
+_STATE = "state."
+_RNG = "rng."
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
+def capture_rng() -> tuple[dict, dict]:
+    """(tensors, json) of torch, CUDA, numpy and python RNG states."""
+    tensors = {_RNG + "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"{_RNG}cuda{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors[_RNG + "numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).view(np.int32).copy())
+    version, internal, gauss_next = random.getstate()
+    extra = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+             "python": [version, list(internal), gauss_next]}
+    return tensors, extra
+
+
+def restore_rng(tensors: dict, extra: dict) -> None:
+    torch.set_rng_state(tensors[_RNG + "torch"])
+    cuda = sorted(k for k in tensors if k.startswith(_RNG + "cuda"))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][:torch.cuda.device_count()])
+    kind, pos, has_gauss, gauss = extra["numpy"]
+    keys = tensors[_RNG + "numpy"].numpy().view(np.uint32)
+    np.random.set_state((kind, keys, pos, has_gauss, gauss))
+    version, internal, gauss_next = extra["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def save_checkpoint(out: Path, *, round_idx: int, state: dict, metrics: dict,
+                    config: dict) -> Path:
+    """Writes the checkpoint of completed round `round_idx`; returns its index file."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    ckpt = Path(out) / CHECKPOINT_DIR
+    ckpt.mkdir(parents=True, exist_ok=True)
+    rng_tensors, rng_extra = capture_rng()
+    tensors = {_STATE + k: v.detach().cpu().contiguous() for k, v in state.items()}
+    tensors.update(rng_tensors)
+    state_name = f"state-r{round_idx:06d}.safetensors"
+    tmp = ckpt / (state_name + ".tmp")
+    save_file(tensors, str(tmp))
+    _fsync_replace(tmp, ckpt / state_name)
+    index = {"format": FORMAT, "round": round_idx, "state_file": state_name, "config": config,
+             "rng": rng_extra, "metrics": metrics}
+    tmp = ckpt / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index))
+    _fsync_replace(tmp, ckpt / INDEX)
+    for old in ckpt.glob("state-r*.safetensors"):  # only after the new index points elsewhere
+        if old.name != state_name:
+            old.unlink(missing_ok=True)
+    return ckpt / INDEX
+
+
+def load_checkpoint(out: Path) -> dict:
+    """{'round', 'config', 'metrics', 'state', 'rng'} of DIR's checkpoint; the caller restores
+    the RNG states with restore_rng(*ckpt['rng']) once its set-up is done."""
+    from safetensors import SafetensorError  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    ckpt = Path(out) / CHECKPOINT_DIR
+    index_path = ckpt / INDEX
+    if not index_path.is_file():
+        raise ParameterError(f"--resume {str(out)!r}: no {CHECKPOINT_DIR}/{INDEX}; was it "
+                             "written by `fedshield run` (which checkpoints after every round)?")
+    try:
+        index = json.loads(index_path.read_text())
+        if index.get("format") != FORMAT:
+            raise ValueError(f"format {index.get('format')!r}, expected {FORMAT}")
+        tensors = load_file(str(ckpt / index["state_file"]))
+        state = {k[len(_STATE):]: v for k, v in tensors.items() if k.startswith(_STATE)}
+        rng = ({k: v for k, v in tensors.items() if k.startswith(_RNG)}, index["rng"])
+        round_idx = int(index["round"])
+        metrics = index["metrics"]
+        if [r["round"] for r in metrics["rounds"]] != list(range(1, round_idx + 1)):
+            raise ValueError(f"metrics hold rounds {[r['round'] for r in metrics['rounds']]}, "
+                             f"not 1..{round_idx}")
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise ParameterError(f"--resume {str(out)!r}: the checkpoint is unreadable "
+                             f"({type(exc).__name__}: {exc})") from exc
+    return {"round": round_idx, "config": index["config"], "metrics": metrics, "state": state,
+            "rng": rng}
