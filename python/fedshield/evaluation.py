@@ -1,0 +1,132 @@
+"""Held-out evaluation of a global model: loss, perplexity, generated samples; `fedshield eval`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from .errors import DataError, ParameterError
+
+log = logging.getLogger("fedshield")
+
+# Written beside a saved adapter: what evaluating it again needs to match training.
+ADAPTER_META = "fedshield_adapter.json"
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token cross-entropy); inf rather than an OverflowError for a diverged model."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def generate_samples(model, tokenizer, examples: Sequence[Mapping[str, str]], *,
+                     compact: bool, max_new_tokens: int) -> list[dict]:
+    """Greedy answers of `model` to the prompts of `examples` (alpaca template, as trained)."""
+    from .data import format_prompt  # noqa: PLC0415
+
+    if not examples or max_new_tokens < 1:
+        return []
+    device = next(model.parameters()).device
+    positions = (getattr(model.config, "max_position_embeddings", None)
+                 or getattr(model.config, "n_positions", None) or 1 << 30)
+    was_training = model.training
+    model.eval()
+    samples = []
+    try:
+        for ex in examples:
+            prompt = format_prompt(ex["instruction"], ex.get("input", ""), compact=compact)
+            ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            new_tokens = min(max_new_tokens, positions - 1)
+            if len(ids) + new_tokens > positions:  # keep the response marker: cut from the left
+                ids = ids[:1] + ids[len(ids) - (positions - new_tokens - 1):]
+            input_ids = torch.tensor([ids], device=device)
+            with torch.no_grad():
+                out = model.generate(input_ids=input_ids,
+                                     attention_mask=torch.ones_like(input_ids),
+                                     max_new_tokens=new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id)
+            text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+            samples.append({"instruction": ex["instruction"], "input": ex.get("input", ""),
+                            "reference": ex["output"], "generated": text})
+    finally:
+        model.train(was_training)
+    return samples
+
+
+def write_adapter_meta(adapter_dir: Path, *, compact: bool, max_len: int, base: str) -> None:
+    meta = {"template": "compact" if compact else "alpaca", "max_len": max_len, "base": base}
+    (Path(adapter_dir) / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+
+
+def _read_adapter(adapter_dir: Path) -> tuple[dict, dict]:
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise ParameterError(f"--adapter {str(adapter_dir)!r}: no adapter_config.json; expected "
+                             "a PEFT adapter directory (a run's DIR/adapter)")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise ParameterError(f"--adapter {str(adapter_dir)!r}: adapter_config.json is not "
+                             f"JSON: {exc}") from exc
+    meta_path = adapter_dir / ADAPTER_META
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return config, meta
+
+
+def evaluate_adapter(adapter: str | Path, model: str | Path | None = None,
+                     data: str | Path | None = None, *, columns: str = "",
+                     max_examples: int = 0, max_len: int | None = None,
+                     template: str = "auto", samples: int = 3, sample_tokens: int = 32,
+                     device: str = "auto") -> dict:
+    """Loss, perplexity and samples of a saved adapter over an instruction-data file.
+
+    `model` defaults to the base the adapter names; `template` and `max_len` default to
+    what the run trained with (read from the adapter directory).
+    """
+    from peft import PeftModel  # noqa: PLC0415
+
+    from .datasets import load_instruction_data, tokenize_fitting  # noqa: PLC0415
+    from .model import load_local_model, load_local_tokenizer, resolve_device  # noqa: PLC0415
+    from .train import evaluate_loss  # noqa: PLC0415
+
+    adapter = Path(adapter)
+    config, meta = _read_adapter(adapter)
+    base = Path(model) if model else Path(config.get("base_model_name_or_path") or "")
+    if not str(base) or not base.is_dir():
+        raise ParameterError(f"--model {str(base)!r}: the adapter's base model is not a local "
+                             "directory; pass --model PATH")
+    if data is None:
+        raise ParameterError("--data PATH is needed: an instruction-data file to evaluate on")
+    if template == "auto":
+        template = meta.get("template", "alpaca")
+    if template not in ("alpaca", "compact"):
+        raise ParameterError(f"template={template!r} is not one of ('auto', 'alpaca', 'compact')")
+    compact = template == "compact"
+    max_len = max_len or int(meta.get("max_len", 512))
+    examples = load_instruction_data(data, columns)
+    if max_examples:
+        examples = examples[:max_examples]
+    tokenizer = load_local_tokenizer(base)
+    base_model = load_local_model(base, vocab_size=len(tokenizer), max_len=max_len)
+    try:
+        peft_model = PeftModel.from_pretrained(base_model, str(adapter))
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ParameterError(f"--adapter {str(adapter)!r} does not load onto --model "
+                             f"{str(base)!r}: {exc}") from exc
+    peft_model.to(resolve_device(device))
+    tensors, stats = tokenize_fitting(examples, tokenizer, max_len, compact=compact,
+                                      source=str(data))
+    if stats["kept"] == 0:
+        raise DataError(f"{data}: no example fits max_len={max_len}")
+    loss = evaluate_loss(peft_model, tensors, batch_size=16)
+    return {"adapter": str(adapter), "model": str(base), "data": str(data),
+            "examples": stats["kept"], "truncated": stats["truncated"],
+            "skipped": stats["skipped"], "template": template, "max_len": max_len,
+            "eval_loss": loss, "perplexity": perplexity(loss),
+            "samples": generate_samples(peft_model, tokenizer, examples[:samples],
+                                        compact=compact, max_new_tokens=sample_tokens)}

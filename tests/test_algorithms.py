@@ -1,0 +1,116 @@
+"""--algorithm ffa (FFA-LoRA) next to delta and paper; model options: gradient checkpointing,
+device placement, 8/4-bit loading errors; prompt templates; per-round samples."""
+
+import pytest
+import torch
+
+import fedshield as fs
+from fedshield.config import RunConfig
+from fedshield.model import load_local_model, resolve_device
+from fedshield.runner import LocalSimulation
+
+SMALL = dict(clients=2, rounds=2, examples_per_client=16, eval_examples=16, local_steps=3,
+             batch_size=4, lora_r=4, samples=0, prune="off")
+
+
+def test_ffa_freezes_a_and_aggregates_b_only(tmp_path):
+    cfg = RunConfig(**SMALL, algorithm="ffa", he=False, out=str(tmp_path))
+    sim = LocalSimulation(cfg, show_progress=False)
+    delta = LocalSimulation(cfg.replace(algorithm="delta"), show_progress=False)
+    assert sim.layout.numel * 2 == delta.layout.numel  # q/v: A and B have equal sizes
+    assert all("lora_B" in k for k in sim.shared_keys)
+    start = {k: v.clone() for k, v in sim.global_state.items()}
+    plan = sim.plan_round(1)
+    replies = [sim.client_round(c, plan) for c in range(2)]
+    assert all(set(r.payload) == set(sim.shared_keys) for r in replies)
+    sim.apply_average(sim.aggregate_replies(replies, plan))
+    for k, v in sim.global_state.items():
+        if "lora_A" in k:
+            assert torch.equal(v, start[k])  # frozen at the shared seeded init
+        else:
+            assert not torch.equal(v, start[k])
+    # Exact aggregation: the global product B A is the weighted average of the clients' B_i A.
+    w = [r.weight for r in replies]
+    for kb in sim.shared_keys:
+        ka = kb.replace("lora_B", "lora_A")
+        a = start[ka].double()
+        clients = [(start[kb].double() + r.payload[kb].double()) @ a for r in replies]
+        expected = sum(wi * p for wi, p in zip(w, clients)) / sum(w)
+        assert torch.allclose(sim.global_state[kb].double() @ a, expected, atol=1e-7)
+
+
+def test_ffa_encrypted_equals_plaintext_and_sends_less(tmp_path):
+    cfg = RunConfig(**{**SMALL, "lora_r": 32}, algorithm="ffa", out=str(tmp_path))
+    he = LocalSimulation(cfg, show_progress=False)
+    plain = LocalSimulation(cfg.replace(he=False), show_progress=False)
+    m_he = he.run_round(1)
+    plain.run_round(1)
+    diff = max(float((he.global_state[k] - plain.global_state[k]).abs().max())
+               for k in he.global_state)
+    assert diff <= 1e-6
+    full = LocalSimulation(cfg.replace(algorithm="delta"), show_progress=False)
+    m_full = full.run_round(1)
+    assert max(m_he["bytes_up"]) < max(m_full["bytes_up"])
+
+
+def test_samples_are_generated_every_round(tmp_path):
+    cfg = RunConfig(**{**SMALL, "samples": 2, "rounds": 1}, sample_tokens=5, he=False,
+                    out=str(tmp_path))
+    entry = LocalSimulation(cfg, show_progress=False).run_round(1)
+    assert len(entry["samples"]) == 2
+    for s in entry["samples"]:
+        assert set(s) == {"instruction", "input", "reference", "generated"}
+        assert isinstance(s["generated"], str) and len(s["generated"]) <= 5
+    assert entry["perplexity"] == pytest.approx(2.718281828 ** entry["eval_loss"], rel=1e-6)
+
+
+def test_gradient_checkpointing_trains_the_same_model(tmp_path):
+    cfg = RunConfig(**{**SMALL, "rounds": 1}, lora_dropout=0.0, he=False, out=str(tmp_path))
+    plain = LocalSimulation(cfg, show_progress=False)
+    ckpt = LocalSimulation(cfg.replace(grad_checkpointing=True), show_progress=False)
+    assert ckpt.model.base_model.model.is_gradient_checkpointing
+    assert not plain.model.base_model.model.is_gradient_checkpointing
+    m_plain, m_ckpt = plain.run_round(1), ckpt.run_round(1)
+    assert m_ckpt["train_loss"] == pytest.approx(m_plain["train_loss"], abs=1e-5)
+    diff = max(float((ckpt.global_state[k] - plain.global_state[k]).abs().max())
+               for k in plain.global_state)
+    assert diff < 1e-5
+
+
+def test_template_choice_changes_the_prompts(tmp_path):
+    compact = LocalSimulation(RunConfig(**SMALL, he=False, out=str(tmp_path)), show_progress=False)
+    alpaca = LocalSimulation(RunConfig(**SMALL, he=False, template="alpaca", max_len=256,
+                                       out=str(tmp_path)), show_progress=False)
+    assert compact.compact and not alpaca.compact
+    n_compact = int(compact.eval_data["attention_mask"].sum())
+    n_alpaca = int(alpaca.eval_data["attention_mask"].sum())
+    assert n_alpaca > n_compact  # the preamble sentence is there
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU errors")
+def test_gpu_only_options_stop_with_a_clear_error(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with pytest.raises(fs.UnsupportedPlatform, match="no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path)
+    for mode in ("8bit", "4bit"):
+        with pytest.raises(fs.UnsupportedPlatform, match=f"quantize='{mode}' needs"):
+            load_local_model(tmp_path, quantize=mode)
+    with pytest.raises(fs.ParameterError, match="quantize"):
+        load_local_model(tmp_path, quantize="2bit")
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(quantize="4bit"), "tiny demo model"),
+    (dict(quantize="8bit", model="/some/dir", device="cpu"), "needs a CUDA GPU"),
+    (dict(device="tpu"), "device"),
+    (dict(algorithm="fedprox"), "algorithm"),
+    (dict(samples=-1), "samples"),
+    (dict(template="chatml"), "template"),
+])
+def test_config_rejects_bad_model_options(changes, match):
+    with pytest.raises(fs.ParameterError, match=match):
+        RunConfig(**changes)
