@@ -13,10 +13,13 @@ from .errors import ParameterError
 _CHOICES = {
     "keys": ("shared", "threshold"),
     "prune": ("local", "global", "off"),
-    "algorithm": ("delta", "paper"),
+    "algorithm": ("delta", "paper", "ffa"),
     "engine": ("local",),
     "split": ("auto", "tasks", "iid", "dirichlet"),
     "dtype": ("fp32", "bf16"),
+    "quantize": ("none", "8bit", "4bit"),
+    "device": ("auto", "cpu", "cuda"),
+    "template": ("auto", "alpaca", "compact"),
 }
 
 
@@ -50,7 +53,10 @@ class RunConfig:
     dropouts: int = field(default=0, metadata={
         "help": "threshold mode: clients (ids 0..k-1, the lead included) absent at decryption"})
     prune: str = field(default="local", metadata={"help": "local | global | off"})
-    algorithm: str = field(default="delta", metadata={"help": "delta (weighted FedAvg of updates) | paper"})
+    algorithm: str = field(default="delta", metadata={
+        "help": "delta: weighted FedAvg of updates; paper: unweighted average of pruned weights "
+                "replaces the global state; ffa: FFA-LoRA, A frozen from the shared seed, only B "
+                "trained and sent (exact aggregation, half the payload)"})
     engine: str = field(default="local", metadata={"help": "local (in-process simulation)"})
     out: str = field(default="runs/demo", metadata={"help": "output directory"})
     seed: int = field(default=0, metadata={"help": "seed of data, model, LoRA init and training"})
@@ -70,6 +76,23 @@ class RunConfig:
     prune_target: float = field(default=0.5, metadata={"help": "pruned fraction from t_end on"})
     prune_t_start: int = field(default=1, metadata={"help": "round where the schedule starts"})
     prune_t_end: int = field(default=4, metadata={"help": "round where p_target is reached"})
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass (less memory, more compute)"})
+    quantize: str = field(default="none", metadata={
+        "help": "load --model in 8bit or 4bit (bitsandbytes on a CUDA GPU; QLoRA-style)"})
+    device: str = field(default="auto", metadata={
+        "help": "where the model trains: auto (cuda when available), cpu, cuda"})
+    template: str = field(default="auto", metadata={
+        "help": "prompt template: alpaca, compact (alpaca without its preamble sentence), "
+                "auto = compact for the tiny model, alpaca otherwise"})
+    dp_clip: float = field(default=0.0, metadata={
+        "help": "DP-LoRA: clip each client's update to this L2 norm (0 = no DP)"})
+    dp_noise: float = field(default=0.0, metadata={
+        "help": "DP-LoRA: Gaussian noise multiplier sigma (noise std = sigma * dp_clip)"})
+    dp_delta: float = field(default=1e-5, metadata={"help": "DP-LoRA: the delta of the reported epsilon"})
+    samples: int = field(default=2, metadata={
+        "help": "held-out prompts answered by the global model after every round (0 = none)"})
+    sample_tokens: int = field(default=32, metadata={"help": "tokens generated per sample"})
     ring_dim: int = field(default=16384, metadata={"help": "CKKS ring dimension"})
     scale_bits: int = field(default=0, metadata={
         "help": "CKKS scale bits (0 = 50 with shared keys, 52 with threshold keys)"})
@@ -122,9 +145,38 @@ class RunConfig:
         elif self.threshold or self.dropouts:
             raise ParameterError(f"threshold={self.threshold}, dropouts={self.dropouts} apply "
                                  "to keys='threshold' only")
+        self._check_dp()
+        for name in ("samples", "sample_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ParameterError(f"{name}={value!r} must be an int >= 0")
+        if self.quantize != "none" and self.model == "tiny":
+            raise ParameterError(f"quantize={self.quantize!r} applies to a --model directory, "
+                                 "not the tiny demo model")
+        if self.quantize != "none" and self.device == "cpu":
+            raise ParameterError(f"quantize={self.quantize!r} needs a CUDA GPU; device='cpu' "
+                                 "was asked for")
         if self.examples_per_client < self.batch_size:
             raise ParameterError(f"examples_per_client={self.examples_per_client} is smaller "
                                  f"than batch_size={self.batch_size}")
+
+    def _check_dp(self) -> None:
+        for name in ("dp_clip", "dp_noise"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ParameterError(f"{name}={value!r} must be a finite number >= 0")
+        if bool(self.dp_clip) != bool(self.dp_noise):
+            raise ParameterError(f"dp_clip={self.dp_clip!r}, dp_noise={self.dp_noise!r}: DP-LoRA "
+                                 "needs both a clipping norm and a noise multiplier > 0")
+        if not (isinstance(self.dp_delta, (int, float)) and 0 < self.dp_delta < 1):
+            raise ParameterError(f"dp_delta={self.dp_delta!r} must be in (0, 1)")
+        if self.dp_clip and self.algorithm == "paper":
+            raise ParameterError("DP-LoRA clips and noises updates; algorithm='paper' sends "
+                                 "weights. Use --algorithm delta or ffa with --dp-clip")
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_clip > 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -280,12 +280,66 @@ def load_local_tokenizer(path):
     return tok
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when a GPU is usable, else cpu; 'cuda' without one is an error."""
+    from .errors import ParameterError, UnsupportedPlatform  # noqa: PLC0415
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedPlatform("device='cuda' but torch sees no CUDA GPU on this machine "
+                                  f"(torch {torch.__version__}); use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise ParameterError(f"device={name!r} is not one of ('auto', 'cpu', 'cuda')")
+    return torch.device(name)
+
+
+def _quantization_config(quantize: str, dtype: str):
+    """A BitsAndBytesConfig for 8/4-bit loading; a clear error where it cannot work."""
+    import importlib.util  # noqa: PLC0415
+
+    from .errors import ParameterError, UnsupportedPlatform  # noqa: PLC0415
+
+    if quantize not in ("8bit", "4bit"):
+        raise ParameterError(f"quantize={quantize!r} is not one of ('none', '8bit', '4bit')")
+    if not torch.cuda.is_available():
+        raise UnsupportedPlatform(f"quantize={quantize!r} needs bitsandbytes on a CUDA GPU; "
+                                  "torch sees no GPU here. Load in bf16 or fp32 instead")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UnsupportedPlatform(f"quantize={quantize!r} needs the bitsandbytes package: "
+                                  "pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig  # noqa: PLC0415
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=_DTYPES[dtype] if dtype == "bf16"
+                              else torch.float32)
+
+
+def prepare_for_training(model, *, grad_checkpointing: bool = False, quantized: bool = False):
+    """Before LoRA is attached: k-bit preparation and/or activation checkpointing."""
+    if quantized:
+        from peft import prepare_model_for_kbit_training  # noqa: PLC0415
+
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=grad_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if grad_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA trains adapters only).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
 def load_local_model(path, dtype: str = "fp32", vocab_size: int | None = None,
-                     max_len: int | None = None):
+                     max_len: int | None = None, quantize: str = "none"):
     """A local Hugging Face causal LM (``AutoModelForCausalLM``, no hub), frozen-ready, in eval.
 
     ``vocab_size`` (the tokenizer's length) and ``max_len`` are checked against the model's
     config so a mismatch stops here instead of as an index error inside the forward pass.
+    ``quantize`` '8bit'/'4bit' loads through bitsandbytes onto GPU 0.
     """
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
@@ -294,9 +348,13 @@ def load_local_model(path, dtype: str = "fp32", vocab_size: int | None = None,
     path = _check_model_dir(path)
     if dtype not in _DTYPES:
         raise ParameterError(f"dtype={dtype!r} is not one of {tuple(_DTYPES)}")
+    extra = {}
+    if quantize != "none":
+        extra = {"quantization_config": _quantization_config(quantize, dtype),
+                 "device_map": {"": 0}}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                     dtype=_DTYPES[dtype])
+                                                     dtype=_DTYPES[dtype], **extra)
     except (OSError, ValueError) as exc:
         raise ParameterError(f"--model {str(path)!r}: cannot load a causal LM: {exc}") from exc
     config = model.config

@@ -24,14 +24,18 @@ from tqdm.auto import tqdm
 from . import data as fsdata
 from . import datasets as fsdatasets
 from .aggregate import aggregate
+from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from .config import RunConfig
 from .crypto_ops import decrypt_update, encrypt_update
+from .dp import clip_and_noise, epsilon_exact, epsilon_rdp
+from .evaluation import generate_samples, perplexity, write_adapter_meta
 from .he import CKKSParams, combine_partials, keygen_shared, keygen_threshold, partial_decrypt
 from .importance import importance_mask
 from .layout import Layout
 from .errors import DataError, ParameterError
 from .model import (LoraSettings, attach_lora, build_tiny_llama, get_lora_state,
-                    load_local_model, load_local_tokenizer, lora_targets_for, set_lora_state)
+                    load_local_model, load_local_tokenizer, lora_targets_for,
+                    prepare_for_training, resolve_device, set_lora_state)
 from .pruning import apply_mask, kept_fraction, prune_ratio
 from .train import cosine_lr, evaluate_loss, train_local
 
@@ -98,6 +102,7 @@ class ClientReply:
     loss: float                                 # mean local training loss
     kept: float                                 # fraction of LoRA values kept by pruning
     nbytes: int                                 # bytes this client sends
+    update_norm: float | None = None            # DP-LoRA: L2 norm before clipping
 
 
 class LocalSimulation:
@@ -111,6 +116,10 @@ class LocalSimulation:
         self.out = Path(config.out)
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
         self.client_ctxs, self.server_ctx = [], None
+        self.resumed: dict | None = None
+        # The alpaca template; its preamble-free variant keeps the tiny demo's sequences short.
+        self.compact = config.template == "compact" or (config.template == "auto"
+                                                         and config.model == "tiny")
         self._setup_data()
         self._setup_model()
         if make_keys:
@@ -156,9 +165,11 @@ class LocalSimulation:
         split = "tasks" if cfg.split == "auto" else cfg.split
         shards = self._split(train_examples, split, "synthetic data")
         if cfg.model == "tiny":  # the demo's examples always fit; keep its strict tokenizer
-            self.client_data = [fsdata.tokenize_examples(s, self.tokenizer, cfg.max_len)
-                                for s in shards]
-            self.eval_data = fsdata.tokenize_examples(eval_examples, self.tokenizer, cfg.max_len)
+            self.client_data = [fsdata.tokenize_examples(s, self.tokenizer, cfg.max_len,
+                                                         compact=self.compact) for s in shards]
+            self.eval_data = fsdata.tokenize_examples(eval_examples, self.tokenizer, cfg.max_len,
+                                                      compact=self.compact)
+            self.sample_examples = eval_examples[:cfg.samples]
             self.client_sizes = [len(s) for s in shards]
             return
         self._tokenize(shards, eval_examples, "synthetic data")
@@ -184,21 +195,26 @@ class LocalSimulation:
         """Long examples lose prompt tokens from the left; answers too long are skipped."""
         cfg = self.cfg
         self.client_data, self.client_sizes = [], []
+        self.sample_examples = list(eval_examples[:cfg.samples])
         self.data_stats = {"truncated": 0, "skipped": 0}
         for client, shard in enumerate(shards):
             tensors, stats = fsdatasets.tokenize_fitting(
-                shard, self.tokenizer, cfg.max_len, source=f"{source}, client {client}")
+                shard, self.tokenizer, cfg.max_len, compact=self.compact,
+                source=f"{source}, client {client}")
             self.client_data.append(tensors)
             self.client_sizes.append(stats["kept"])
             self.data_stats["truncated"] += stats["truncated"]
             self.data_stats["skipped"] += stats["skipped"]
         self.eval_data, stats = fsdatasets.tokenize_fitting(
-            eval_examples, self.tokenizer, cfg.max_len, source=f"{source}, held-out")
+            eval_examples, self.tokenizer, cfg.max_len, compact=self.compact,
+            source=f"{source}, held-out")
         self.data_stats["eval_truncated"] = stats["truncated"]
         self.data_stats["eval_skipped"] = stats["skipped"]
 
     def _setup_model(self) -> None:
         cfg = self.cfg
+        quantized = cfg.quantize != "none"
+        self.device = torch.device("cuda") if quantized else resolve_device(cfg.device)
         if cfg.model == "tiny":
             base = build_tiny_llama(len(self.tokenizer), seed=cfg.seed, init_std=TINY_INIT_STD)
             if cfg.dtype == "bf16":
@@ -206,8 +222,10 @@ class LocalSimulation:
             targets = lora_targets_for("llama", cfg.lora_targets)
         else:
             base = load_local_model(cfg.model, dtype=cfg.dtype, vocab_size=len(self.tokenizer),
-                                    max_len=cfg.max_len)
+                                    max_len=cfg.max_len, quantize=cfg.quantize)
             targets = lora_targets_for(base.config.model_type, cfg.lora_targets)
+        base = prepare_for_training(base, grad_checkpointing=cfg.grad_checkpointing,
+                                    quantized=quantized)
         settings = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                 target_modules=targets)
         try:
@@ -215,8 +233,18 @@ class LocalSimulation:
         except ValueError as exc:  # peft: a target module the model does not have
             raise ParameterError(f"LoRA targets {list(targets)} on --model {cfg.model!r}: "
                                  f"{exc}") from exc
+        if not quantized:  # bitsandbytes placed the quantized model already
+            self.model.to(self.device)
+        if cfg.algorithm == "ffa":
+            # FFA-LoRA: A stays at its seeded initialisation, identical on every client.
+            for name, param in self.model.named_parameters():
+                if "lora_A" in name:
+                    param.requires_grad_(False)
         self.global_state = get_lora_state(self.model)
-        self.layout = Layout.from_state_dict(self.global_state)
+        # What clients send and the server aggregates: every LoRA tensor, or B alone (ffa).
+        self.shared_keys = [k for k in self.global_state
+                            if cfg.algorithm != "ffa" or "lora_B" in k]
+        self.layout = Layout.from_state_dict(self._shared(self.global_state))
 
     def _setup_keys(self) -> None:
         cfg = self.cfg
@@ -231,6 +259,9 @@ class LocalSimulation:
             self.client_ctxs = [keys.client_context()] * cfg.clients
             # The server only ever sees this public context.
             self.server_ctx = keys.server_context()
+
+    def _shared(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: state[k] for k in self.shared_keys}
 
     @property
     def client_ctx(self):
@@ -266,7 +297,7 @@ class LocalSimulation:
         mask = None
         if cfg.prune == "global" and round_idx > 1:
             with timer.phase("prune"):
-                mask = importance_mask(self.global_state, ratio)
+                mask = importance_mask(self._shared(self.global_state), ratio)
         return RoundPlan(round=round_idx, lr=lr, ratio=ratio, mask=mask)
 
     def _train_client(self, client: int, plan: RoundPlan, timer: _Timer):
@@ -276,12 +307,12 @@ class LocalSimulation:
             result = train_local(self.model, self.client_data[client], steps=cfg.local_steps,
                                  batch_size=cfg.batch_size, lr=plan.lr, grad_accum=cfg.grad_accum,
                                  seed=cfg.seed * 1_000_003 + plan.round * 1009 + client)
-        local = get_lora_state(self.model)
-        if cfg.algorithm == "delta":
+        local = self._shared(get_lora_state(self.model))
+        if cfg.algorithm == "paper":  # the pruned weights themselves, averaged unweighted
+            values, weight = local, 1.0
+        else:  # delta and ffa: weighted FedAvg of updates
             values = {k: local[k] - self.global_state[k] for k in local}
             weight = float(result["num_examples"])
-        else:  # paper: the pruned weights themselves, averaged unweighted
-            values, weight = local, 1.0
         return values, weight, float(result["loss"])
 
     def client_round(self, client: int, plan: RoundPlan, timer: _Timer | None = None,
@@ -291,6 +322,10 @@ class LocalSimulation:
         cfg = self.cfg
         timer = timer or _Timer()
         values, weight, loss = self._train_client(client, plan, timer)
+        norm = None
+        if cfg.dp:
+            with timer.phase("train"):  # DP noise is part of producing the local update
+                values, norm = clip_and_noise(values, cfg.dp_clip, cfg.dp_noise)
         with timer.phase("prune"):
             if cfg.prune == "local":
                 mask = importance_mask(values, plan.ratio)
@@ -303,12 +338,12 @@ class LocalSimulation:
                 kept = 1.0
         if not cfg.he:
             return ClientReply(client, values, weight, loss, kept,
-                               4 * self.layout.kept_count(plan.mask))  # dense fp32
+                               4 * self.layout.kept_count(plan.mask), norm)  # dense fp32
         with timer.phase("encrypt"):
             upd = encrypt_update(ctx if ctx is not None else self.client_ctxs[client], values,
                                  self.layout, weight=weight, mask=plan.mask, round=plan.round,
                                  weight_bound=self.weight_bound)
-        return ClientReply(client, upd.to_bytes(), weight, loss, kept, upd.nbytes)
+        return ClientReply(client, upd.to_bytes(), weight, loss, kept, upd.nbytes, norm)
 
     def aggregate_replies(self, replies: Iterable[ClientReply], plan: RoundPlan,
                           timer: _Timer | None = None):
@@ -325,10 +360,11 @@ class LocalSimulation:
 
     def apply_average(self, average: Mapping[str, torch.Tensor]) -> None:
         """Folds the round's decrypted average into the global state."""
-        if self.cfg.algorithm == "delta":
-            self.global_state = {k: self.global_state[k] + average[k] for k in average}
+        if self.cfg.algorithm == "paper":
+            new = {k: v.clone() for k, v in average.items()}
         else:
-            self.global_state = {k: v.clone() for k, v in average.items()}
+            new = {k: self.global_state[k] + average[k] for k in average}
+        self.global_state = {**self.global_state, **new}
         set_lora_state(self.model, self.global_state)
 
     def evaluate(self) -> float:
@@ -353,10 +389,12 @@ class LocalSimulation:
             average, present, share_bytes = result, list(range(cfg.clients)), 0
             bytes_down = replies[0].nbytes
         self.apply_average(average)
-        return {
+        eval_loss = self.evaluate()
+        entry = {
             "round": round_idx,
             "train_loss": [r.loss for r in replies],
-            "eval_loss": self.evaluate(),
+            "eval_loss": eval_loss,
+            "perplexity": perplexity(eval_loss),
             "bytes_up": [r.nbytes for r in replies],
             "bytes_down": bytes_down,
             "seconds": {k: round(v, 4) for k, v in timer.seconds.items()},
@@ -365,35 +403,89 @@ class LocalSimulation:
             "bytes_partial_decryptions": share_bytes,
             "prune_ratio": plan.ratio,
             "lr": plan.lr,
+            "samples": self.samples(),
         }
+        if cfg.dp:
+            entry["update_norm"] = [r.update_norm for r in replies]
+            entry["dp_epsilon"] = epsilon_rdp(cfg.dp_noise, round_idx, cfg.dp_delta)
+        return entry
+
+    def samples(self) -> list[dict]:
+        """The global model's greedy answers to the first held-out prompts."""
+        set_lora_state(self.model, self.global_state)
+        return generate_samples(self.model, self.tokenizer, self.sample_examples,
+                                compact=self.compact, max_new_tokens=self.cfg.sample_tokens)
+
+    def dp_summary(self, rounds: int) -> dict:
+        cfg = self.cfg
+        return {"clip": cfg.dp_clip, "noise_multiplier": cfg.dp_noise, "delta": cfg.dp_delta,
+                "rounds": rounds, "accountant": "rdp (Mironov 2017; Balle et al. 2020 conversion)",
+                "epsilon": epsilon_rdp(cfg.dp_noise, rounds, cfg.dp_delta),
+                "epsilon_exact": epsilon_exact(cfg.dp_noise, rounds, cfg.dp_delta),
+                "neighbouring": "one client's whole update added or removed (sensitivity = clip)"}
 
     # -- the whole run ---------------------------------------------------------------------
+    @classmethod
+    def resume(cls, out: str | Path, show_progress: bool | None = None) -> "LocalSimulation":
+        """The run of DIR continued after its last checkpointed round."""
+        ckpt = load_checkpoint(out)
+        try:
+            cfg = RunConfig(**{**ckpt["config"], "out": str(out)})
+        except TypeError as exc:
+            raise ParameterError(f"--resume {str(out)!r}: its checkpoint config does not fit "
+                                 f"this fedshield version: {exc}") from exc
+        if ckpt["round"] > cfg.rounds:
+            raise ParameterError(f"--resume {str(out)!r}: checkpoint of round {ckpt['round']} "
+                                 f"but the run has {cfg.rounds} rounds")
+        sim = cls(cfg, show_progress=show_progress)
+        if sorted(ckpt["state"]) != sorted(sim.global_state):
+            raise ParameterError(f"--resume {str(out)!r}: the checkpoint's LoRA tensors do not "
+                                 "match the model this config builds")
+        sim.global_state = ckpt["state"]
+        set_lora_state(sim.model, sim.global_state)
+        restore_rng(*ckpt["rng"])  # after set-up, so nothing above consumes the restored streams
+        sim.resumed = ckpt
+        return sim
+
     def run(self) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         set_lora_state(self.model, self.global_state)
-        metrics = {
-            "config": cfg.to_dict(),
-            "num_lora_values": self.layout.numel,
-            "client_examples": self.client_sizes,
-            "initial_eval_loss": evaluate_loss(self.model, self.eval_data, batch_size=32),
-            "server_has_secret_key": bool(self.server_ctx.has_secret_key) if cfg.he else None,
-            "rounds": [],
-        }
-        log.info("fedshield: %d clients, %d rounds, HE %s, %d LoRA values; initial eval loss %.4f",
-                 cfg.clients, cfg.rounds, "on" if cfg.he else "off", self.layout.numel,
-                 metrics["initial_eval_loss"])
-        bar = tqdm(total=cfg.rounds * cfg.clients, desc="clients x rounds", unit="update",
-                   disable=not self.show_progress, file=sys.stderr)
+        if self.resumed is not None:
+            metrics, first = self.resumed["metrics"], self.resumed["round"] + 1
+            log.info("fedshield: resuming %s after round %d of %d", self.out, first - 1,
+                     cfg.rounds)
+        else:
+            initial = self.evaluate()
+            metrics = {
+                "config": cfg.to_dict(),
+                "num_lora_values": self.layout.numel,
+                "client_examples": self.client_sizes,
+                "initial_eval_loss": initial,
+                "initial_perplexity": perplexity(initial),
+                "server_has_secret_key": bool(self.server_ctx.has_secret_key) if cfg.he else None,
+                "rounds": [],
+            }
+            first = 1
+            log.info("fedshield: %d clients, %d rounds, HE %s, %d LoRA values; initial eval "
+                     "loss %.4f", cfg.clients, cfg.rounds, "on" if cfg.he else "off",
+                     self.layout.numel, initial)
+        bar = tqdm(total=cfg.rounds * cfg.clients, initial=(first - 1) * cfg.clients,
+                   desc="clients x rounds", unit="update", disable=not self.show_progress,
+                   file=sys.stderr)
         with bar:
-            for r in range(1, cfg.rounds + 1):
+            for r in range(first, cfg.rounds + 1):
                 entry = self.run_round(r, progress=bar)
                 metrics["rounds"].append(entry)
+                if cfg.dp:
+                    metrics["dp"] = self.dp_summary(r)
                 bar.set_postfix(round=r, eval_loss=f"{entry['eval_loss']:.3f}")
-                log.info("round %d/%d: eval loss %.4f, train loss %s, %d bytes up/client, "
-                         "kept %.2f, seconds %s", r, cfg.rounds, entry["eval_loss"],
-                         [round(x, 3) for x in entry["train_loss"]], max(entry["bytes_up"]),
-                         entry["kept_fraction"], entry["seconds"])
+                log.info("round %d/%d: eval loss %.4f (ppl %.2f), train loss %s, %d bytes "
+                         "up/client, kept %.2f, seconds %s", r, cfg.rounds, entry["eval_loss"],
+                         entry["perplexity"], [round(x, 3) for x in entry["train_loss"]],
+                         max(entry["bytes_up"]), entry["kept_fraction"], entry["seconds"])
+                save_checkpoint(self.out, round_idx=r, state=self.global_state,
+                                metrics=metrics, config=cfg.to_dict())
                 _write_json_atomic(self.out / "metrics.json", metrics)
         self._save_adapter()
         from .plots import plot_run  # noqa: PLC0415 - matplotlib only when writing plots
@@ -416,8 +508,15 @@ class LocalSimulation:
         for peft_config in self.model.peft_config.values():
             peft_config.base_model_name_or_path = str(base_dir.resolve())
         self.model.save_pretrained(self.out / "adapter")
+        write_adapter_meta(self.out / "adapter", compact=self.compact, max_len=self.cfg.max_len,
+                           base=str(base_dir.resolve()))
 
 
 def run(config: RunConfig, show_progress: bool | None = None) -> dict:
-    """Runs a federated fine-tuning job and writes metrics.json, adapter/ and plots/."""
+    """Runs a federated fine-tuning job and writes metrics.json, checkpoint/, adapter/, plots/."""
     return LocalSimulation(config, show_progress=show_progress).run()
+
+
+def resume(out: str | Path, show_progress: bool | None = None) -> dict:
+    """Continues the run in `out` from its last checkpoint; no round is lost or repeated."""
+    return LocalSimulation.resume(out, show_progress=show_progress).run()
