@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command on a CUDA machine: every importance_mask test (the GPU ones included) and every
+# One command on a CUDA machine: every importance_mask test (the GPU ones included), the
+# GPU training tests (tests/test_algorithms.py: device placement, 8/4-bit loading) and every
 # benchmark (CPU native and CUDA Triton vs torch.nn.utils.prune.l1_unstructured), then the
 # speed-ups. Works from a fresh checkout:
 #
@@ -66,6 +67,10 @@ EOF
 step "tests: tests/test_importance.py (native, interpreted Triton, CUDA Triton)"
 # --noconftest: the suite's conftest.py imports openfhe, which this file does not need.
 "$PY" -m pytest tests/test_importance.py --noconftest -q -p no:cacheprovider
+
+step "tests: training on the GPU (device placement, 8/4-bit loading when bitsandbytes is there)"
+"$PY" -m pytest tests/test_algorithms.py --noconftest -q -p no:cacheprovider -rs \
+  -k "gpu or quantized"
 
 step "benchmarks: benchmarks/test_bench_importance.py"
 "$PY" -m pytest benchmarks/test_bench_importance.py -q -p no:cacheprovider \

@@ -76,6 +76,21 @@ def _weighted_average(states: list[Mapping[str, torch.Tensor]],
             for name in states[0]}
 
 
+@contextmanager
+def _hf_progress(show: bool):
+    """transformers' own progress bars (e.g. "Writing model shards") only when we show ours."""
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -500,14 +515,16 @@ class LocalSimulation:
             base_dir = self.out / "base_model"
             base = build_tiny_llama(len(self.tokenizer), seed=self.cfg.seed,
                                     init_std=TINY_INIT_STD)
-            base.save_pretrained(base_dir)
+            with _hf_progress(self.show_progress):
+                base.save_pretrained(base_dir)
             self.tokenizer.save_pretrained(base_dir)
         else:
             base_dir = Path(self.cfg.model)
         set_lora_state(self.model, self.global_state)
         for peft_config in self.model.peft_config.values():
             peft_config.base_model_name_or_path = str(base_dir.resolve())
-        self.model.save_pretrained(self.out / "adapter")
+        with _hf_progress(self.show_progress):
+            self.model.save_pretrained(self.out / "adapter")
         write_adapter_meta(self.out / "adapter", compact=self.compact, max_len=self.cfg.max_len,
                            base=str(base_dir.resolve()))
 
