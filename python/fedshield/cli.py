@@ -23,15 +23,17 @@ _RUN_SWITCHES = ("grad_checkpointing",)  # boolean flags: --grad-checkpointing
 
 
 def _run_parser(sub) -> None:
-    p = sub.add_parser("run", help="federated LoRA fine-tuning (embedded demo by default)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Flags default to None (= "not given", so --config values survive); the help shows
+    # RunConfig's own defaults instead.
+    p = sub.add_parser("run", help="federated LoRA fine-tuning (embedded demo by default)")
     p.add_argument("--config", help="JSON file of run settings (flags override it)")
     defaults = RunConfig()
     meta = {f.name: f for f in fields(RunConfig)}
     for name in _RUN_FLAGS:
         f = meta[name]
-        kwargs = {"help": f.metadata.get("help", ""), "default": None,
-                  "dest": name}
+        default = getattr(defaults, name)
+        kwargs = {"help": f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"),
+                  "default": None, "dest": name}
         if name in _CHOICES:
             kwargs["choices"] = _CHOICES[name]
         else:
@@ -43,7 +45,7 @@ def _run_parser(sub) -> None:
                    help="plaintext FedAvg baseline, same rounds")
     for name in _RUN_SWITCHES:
         p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true",
-                       default=None, help=meta[name].metadata.get("help", ""))
+                       default=None, help=meta[name].metadata.get("help", "") + " (default: off)")
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR after its last checkpointed round (its config)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bars")
