@@ -1,7 +1,11 @@
 #include "flood.hpp"
 
 #include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <tuple>
 
 #include "errors.hpp"
 #include "shamir.hpp"
@@ -55,6 +59,39 @@ std::vector<u128> uniform_0_to(u128 top, size_t n) {
     return out;
 }
 
+struct Twiddles {
+    std::vector<uint64_t> rev, shoup;  // psi^bitrev(k) and floor(psi^bitrev(k) * 2^64 / q)
+};
+
+// psi_rev[k] = psi^bitrev(k): the twiddles of the Cooley-Tukey negacyclic NTT, whose output is
+// in bit-reversed order (Longa-Naehrig 2016, Algorithm 1), with Shoup's precomputed quotients.
+// Built once per (n, q, psi): a context has a handful of towers.
+std::shared_ptr<const Twiddles> twiddles(size_t n, uint64_t q, uint64_t psi) {
+    static std::mutex lock;
+    static std::map<std::tuple<size_t, uint64_t, uint64_t>, std::shared_ptr<const Twiddles>> cache;
+    const auto key = std::make_tuple(n, q, psi);
+    {
+        std::lock_guard<std::mutex> guard(lock);
+        auto it = cache.find(key);
+        if (it != cache.end()) return it->second;
+    }
+    const unsigned logn = log2_exact(n);
+    auto t = std::make_shared<Twiddles>();
+    std::vector<uint64_t> pow(n);
+    pow[0] = 1;
+    for (size_t k = 1; k < n; ++k) pow[k] = mul_mod(pow[k - 1], psi, q);
+    t->rev.resize(n);
+    t->shoup.resize(n);
+    for (size_t k = 0; k < n; ++k) {
+        t->rev[k] = pow[bitrev(k, logn)];
+        t->shoup[k] = static_cast<uint64_t>((static_cast<u128>(t->rev[k]) << 64) / q);
+    }
+    std::lock_guard<std::mutex> guard(lock);
+    if (cache.size() > 64) cache.clear();  // bounded: tests and tools may cycle contexts
+    cache.emplace(key, t);
+    return t;
+}
+
 }  // namespace
 
 void ntt_forward(uint64_t* a, size_t n, uint64_t q, uint64_t psi) {
@@ -64,21 +101,22 @@ void ntt_forward(uint64_t* a, size_t n, uint64_t q, uint64_t psi) {
     if (q < 3 || q >= (uint64_t{1} << 62)) bad("modulus is not in [3, 2^62)");
     if (psi == 0 || psi >= q || powmod(psi, n, q) != q - 1)
         bad("root " + std::to_string(psi) + " is not a primitive 2N-th root of unity mod q");
-    // psi_rev[k] = psi^bitrev(k): the twiddles of the Cooley-Tukey negacyclic NTT, whose
-    // output is in bit-reversed order (Longa-Naehrig 2016, Algorithm 1).
-    std::vector<uint64_t> psi_pow(n), psi_rev(n);
-    psi_pow[0] = 1;
-    for (size_t k = 1; k < n; ++k) psi_pow[k] = mul_mod(psi_pow[k - 1], psi, q);
-    for (size_t k = 0; k < n; ++k) psi_rev[k] = psi_pow[bitrev(k, logn)];
+    // Products by a fixed twiddle use Shoup's precomputed quotient floor(s * 2^64 / q): one
+    // high multiply and one correction instead of a 128-bit division (q < 2^62).
+    const auto tw = twiddles(n, q, psi);
+    const uint64_t* psi_rev = tw->rev.data();
+    const uint64_t* psi_shoup = tw->shoup.data();
     size_t t = n;
     for (size_t m = 1; m < n; m <<= 1) {
         t >>= 1;
         for (size_t i = 0; i < m; ++i) {
             const size_t j1 = 2 * i * t;
-            const uint64_t s = psi_rev[m + i];
+            const uint64_t s = psi_rev[m + i], s_shoup = psi_shoup[m + i];
             for (size_t j = j1; j < j1 + t; ++j) {
-                const uint64_t u = a[j];
-                const uint64_t v = mul_mod(a[j + t], s, q);
+                const uint64_t u = a[j], x = a[j + t];
+                const uint64_t hi = static_cast<uint64_t>((static_cast<u128>(x) * s_shoup) >> 64);
+                uint64_t v = x * s - hi * q;  // in [0, 2q): exact mod 2^64
+                if (v >= q) v -= q;
                 a[j] = add_mod(u, v, q);
                 a[j + t] = sub_mod(u, v, q);
             }
