@@ -9,6 +9,7 @@ single worker (workers=1); ratios are flooding / no flooding within this run.
 
   .venv/bin/python benchmarks/flooding.py                 # 262144 values, ~1 min on 2 cores
   .venv/bin/python benchmarks/flooding.py --values 65535 --bits 30 40 64
+  .venv/bin/python benchmarks/flooding.py --precision    # max |error| per level and party count
 """
 
 from __future__ import annotations
@@ -62,12 +63,35 @@ def run(mode: str, params: fs.CKKSParams, n_values: int, n_clients: int = 3) -> 
             "max err": float(np.abs(out["w"].double().numpy() - ref).max())}
 
 
+def precision(n_values: int, levels: list[int]) -> None:
+    """Max |error| over n_values values in [-1, 1] (sum(w) = weight bound), each level and key
+    mode, next to the predicted standard deviation of the flooding error alone."""
+    from fedshield.he import flooding  # noqa: PLC0415
+
+    print(f"{n_values} values in [-1, 1], sum(w) = weight bound; predicted = std of the "
+          "flooding error alone (fedshield.he.flooding.slot_error_std)")
+    print(f"{'flood_bits':>10} {'keys':>22} {'max |err|':>12} {'predicted std':>14}")
+    for bits in levels:
+        for mode, parties in (("shared", 1), ("threshold", 3), ("threshold", 5)):
+            scale = 50 if mode == "shared" else 52
+            p = fs.CKKSParams(scale_bits=scale, flood_bits=bits)
+            r = run(mode, p, n_values, n_clients=parties if mode == "threshold" else 3)
+            label = "shared (3 clients)" if mode == "shared" else f"threshold {parties} parties"
+            pred = flooding.slot_error_std(p, parties)
+            print(f"{bits:>10} {label:>22} {r['max err']:>12.3g} {pred:>14.3g}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--values", type=int, default=262144)
     ap.add_argument("--bits", type=int, nargs="+", default=[30, 64])
+    ap.add_argument("--precision", action="store_true",
+                    help="only the precision table (65535 values, levels 20 30 40 50 64)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.precision:
+        precision(65535, [20, 30, 40, 50, 64])
+        return
     cols = ["bytes/value", "encrypt s", "aggregate s", "decrypt s", "fuse s", "max err"]
     print(f"{args.values} values, 3 clients; threshold: 3 parties n-of-n")
     print(f"{'row':<26}" + "".join(f"{c:>14}" for c in cols))

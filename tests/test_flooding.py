@@ -280,3 +280,48 @@ def test_threshold_partial_decryptions_are_flooded(flood_federation, monkeypatch
         std = _zero_state_error_std(fs.combine_partials(zagg, shares, zlayout))
         expect = target * np.sqrt(len(ids))
         assert 0.9 * expect < std < 1.1 * expect, (ids, std, expect)
+
+
+def test_flooding_with_worker_processes(flood_keys):
+    """The encryption and decryption pools load the 3-tower context from its bytes; decrypted
+    values are flooded before the pool sees the ciphertexts."""
+    client, server = flood_keys.client_context(), flood_keys.server_context()
+    state = make_state(7, {"big": (3, 16384)})
+    layout = fs.Layout.from_state_dict(state)
+    up = fs.encrypt_update(client, state, layout, weight=2.0, weight_bound=4.0, workers=2)
+    assert up.n_ciphertexts == 4 and up.header["n_towers"] == 3
+    agg = fs.aggregate(server, [up, up], allow_partial_aggregates=False)
+    out = fs.decrypt_update(client, agg, layout, workers=2)
+    ref = weighted_average([state, state], [2.0, 2.0])
+    assert np.abs(out["big"].double().numpy() - ref["big"]).max() <= 1e-6 + 1e-7
+
+
+def _context_meta(blob: bytes):
+    head_len = int.from_bytes(blob[10:14], "little")
+    return json.loads(blob[14:14 + head_len]), head_len
+
+
+def _rebuild(blob: bytes, meta: dict) -> bytes:
+    import hashlib
+
+    _, head_len = _context_meta(blob)
+    head = json.dumps(meta, sort_keys=True).encode()
+    body = blob[:8] + blob[8:10] + len(head).to_bytes(4, "little") + head + \
+        blob[14 + head_len:-32]
+    return body + hashlib.sha256(body).digest()
+
+
+def test_forged_tower_lists_in_context_files_are_refused(flood_keys):
+    blob = flood_keys.server_context().to_bytes()
+    meta, _ = _context_meta(blob)
+    assert len(meta["moduli"]) == 3
+    assert fs.load_context(_rebuild(blob, meta)).moduli == tuple(meta["moduli"])
+    forged = []
+    for moduli in (meta["moduli"][:2], meta["moduli"][:1], "x", [meta["moduli"][0]] * 3,
+                   [meta["moduli"][0], meta["moduli"][2], meta["moduli"][1]],
+                   [meta["moduli"][0], meta["moduli"][1], meta["moduli"][2] + 2]):
+        forged.append({**meta, "moduli": moduli})
+    forged.append({k: v for k, v in meta.items() if k != "moduli"})  # a 3-tower file without
+    for m in forged:
+        with pytest.raises(fs.KeyMaterialError):
+            fs.load_context(_rebuild(blob, m))

@@ -30,6 +30,12 @@ which multiplies this error by weight_bound / sum(w). Threshold mode therefore d
 scale 2**52 (THRESHOLD_PARAMS): the error stays <= 1e-6 for values of magnitude <= 1 when
 weight_bound is within 4x of sum(w) (the runner picks it so), at the price of headroom
 (each client's |w/B * x| <= 1 with 64 clients).
+
+Noise flooding (``CKKSParams(flood_bits=lambda)``, fedshield.he.flooding): each party adds its
+own uniform flooding polynomial to its partial decryption before it leaves the party, at lambda
+bits of statistical security; key shares are then 3 RNS towers, each Shamir-shared mod its own
+prime. The pre-scaling flooding needs also drowns OpenFHE's fixed 2**20: measured max |error|
+2.98e-8 (float32 rounding) over 65535 values for 3 and 5 parties at flood_bits 20 to 50.
 """
 
 from __future__ import annotations
