@@ -54,9 +54,13 @@ std::vector<std::string> decode_ciphertexts(const uint8_t* data, size_t len,
         for (uint64_t i = begin; i < end; ++i) {
             unpack_residues(payload, h.payload_len, i * per_ct, per_ct, h.residue_bits,
                             residues.data());
-            for (uint64_t r = 0; r < per_ct; ++r)
-                if (residues[r] >= h.modulus_of(r))
-                    throw InvalidUpdateError("invalid update: a residue is not below the modulus");
+            for (uint64_t block = 0; block < per_ct; block += h.ring_dim) {
+                const uint64_t q = h.modulus_of(block);  // one tower per ring_dim residues
+                for (uint64_t r = block; r < block + h.ring_dim; ++r)
+                    if (residues[r] >= q)
+                        throw InvalidUpdateError(
+                            "invalid update: a residue is not below the modulus");
+            }
             std::string ct(reinterpret_cast<const char*>(tmpl), tmpl_len);
             write_residues(reinterpret_cast<uint8_t*>(&ct[0]), ct.size(), layout, residues.data());
             out[i] = std::move(ct);
