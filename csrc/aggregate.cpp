@@ -116,17 +116,19 @@ void Aggregator::check_compatible(const UpdateHeader& h) const {
 uint64_t Aggregator::fold(const uint8_t* payload, uint64_t len, uint64_t begin, uint64_t end,
                           bool subtract) {
     std::vector<uint64_t> block(kBlock);
-    const unsigned bits = header_.residue_bits;
     const uint64_t n_ring = header_.ring_dim;
     for (uint64_t at = begin; at < end; at += kBlock) {
         const uint64_t n = std::min(kBlock, end - at);
-        unpack_residues(payload, len, at, n, bits, block.data());
-        // Residues run in blocks of ring_dim per tower: a block of kBlock may cross towers
-        // when ring_dim < kBlock, so each run below one tower's modulus is checked and added
-        // on its own. Both kBlock and ring_dim are powers of two.
+        // Residues run in blocks of ring_dim per tower, each tower at its own width: a block of
+        // kBlock may cross towers when ring_dim < kBlock, so each run inside one tower is
+        // unpacked, checked below that tower's modulus and added on its own. kBlock and
+        // ring_dim are powers of two, so every run starts on a byte.
         for (uint64_t s = 0; s < n;) {
             const uint64_t r = at + s;
             const uint64_t run = std::min(n - s, n_ring - r % n_ring);
+            const uint64_t off = header_.byte_offset(r);
+            unpack_residues(payload + off, len - off, 0, run, header_.bits_of(r),
+                            block.data() + s);
             if (any_not_below(block.data() + s, run, header_.modulus_of(r))) return at;
             s += run;
         }
@@ -215,8 +217,11 @@ void Aggregator::write_result(uint8_t* out) const {
     // a byte, so each packs straight into the output.
     parallel_ranges(h.total_residues(), threads_, kBlock,
                     [&](unsigned, uint64_t begin, uint64_t end) {
-        pack_residues(acc_.data() + begin, end - begin, h.residue_bits,
-                      payload + begin * h.residue_bits / 8);
+        for (uint64_t r = begin; r < end;) {  // runs inside one tower (own width)
+            const uint64_t run = std::min(end - r, h.ring_dim - r % h.ring_dim);
+            pack_residues(acc_.data() + r, run, h.bits_of(r), payload + h.byte_offset(r));
+            r += run;
+        }
     });
     seal_update(h, out, threads_);
 }

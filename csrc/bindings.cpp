@@ -120,7 +120,7 @@ UpdateHeader header_from_dict(const py::dict& d) {
     h.residue_bits = static_cast<uint8_t>(residue_bits_of(h.moduli));
     h.packing = static_cast<Packing>(d["packing"].cast<uint8_t>());
     h.weight_bound = d["weight_bound"].cast<double>();
-    h.payload_len = packed_bytes(h.total_residues(), h.residue_bits);
+    h.payload_len = h.n_ciphertexts * h.ciphertext_bytes();
     return h;
 }
 

@@ -16,7 +16,7 @@ UpdateHeader ciphertexts_header(UpdateHeader header, const std::vector<ByteView>
                                  std::to_string(header.n_ciphertexts));
     if (layout.ring_dim != header.ring_dim || layout.moduli != header.moduli)
         throw InvalidUpdateError("encode: ciphertext layout does not match the header");
-    header.payload_len = packed_bytes(header.total_residues(), header.residue_bits);
+    header.payload_len = header.n_ciphertexts * header.ciphertext_bytes();
     validate_header(header);
     return header;
 }
@@ -24,14 +24,15 @@ UpdateHeader ciphertexts_header(UpdateHeader header, const std::vector<ByteView>
 void encode_ciphertexts(const UpdateHeader& header, const std::vector<ByteView>& cts,
                         const CiphertextLayout& layout, unsigned threads, uint8_t* out) {
     uint8_t* payload = out + header.header_size();
-    const uint64_t per_ct = header.residues_per_ciphertext();  // 2TN: a multiple of 8
-    const uint64_t bytes_per_ct = per_ct * header.residue_bits / 8;
+    const uint64_t per_ct = header.residues_per_ciphertext();  // 2TN
+    const uint64_t n = header.ring_dim;
     parallel_ranges(cts.size(), threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
         std::vector<uint64_t> residues(per_ct);
         for (uint64_t i = begin; i < end; ++i) {
             extract_residues(cts[i].data, cts[i].len, layout, residues.data());
-            pack_residues(residues.data(), per_ct, header.residue_bits,
-                          payload + i * bytes_per_ct);
+            for (uint64_t r = 0; r < per_ct; r += n)  // one run per element and tower
+                pack_residues(residues.data() + r, n, header.bits_of(r),
+                              payload + header.byte_offset(i * per_ct + r));
         }
     });
     seal_update(header, out, threads);
@@ -52,8 +53,11 @@ std::vector<std::string> decode_ciphertexts(const uint8_t* data, size_t len,
     parallel_ranges(h.n_ciphertexts, threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
         std::vector<uint64_t> residues(per_ct);
         for (uint64_t i = begin; i < end; ++i) {
-            unpack_residues(payload, h.payload_len, i * per_ct, per_ct, h.residue_bits,
-                            residues.data());
+            for (uint64_t r = 0; r < per_ct; r += h.ring_dim) {
+                const uint64_t at = h.byte_offset(i * per_ct + r);
+                unpack_residues(payload + at, h.payload_len - at, 0, h.ring_dim, h.bits_of(r),
+                                residues.data() + r);
+            }
             for (uint64_t block = 0; block < per_ct; block += h.ring_dim) {
                 const uint64_t q = h.modulus_of(block);  // one tower per ring_dim residues
                 for (uint64_t r = block; r < block + h.ring_dim; ++r)

@@ -79,7 +79,7 @@ void validate_header(const UpdateHeader& h) {
             std::to_string(h.n_ciphertexts) + " ciphertexts of " + std::to_string(cap) + " values");
     if (!std::isfinite(h.weight_bound) || h.weight_bound <= 0)
         bad("weight_bound is not a positive finite number");
-    if (h.payload_len != packed_bytes(h.total_residues(), h.residue_bits))
+    if (h.payload_len != h.n_ciphertexts * h.ciphertext_bytes())
         bad("payload_len " + std::to_string(h.payload_len) + " does not match " +
             std::to_string(h.n_ciphertexts) + " ciphertexts of ring_dim " +
             std::to_string(h.ring_dim));

@@ -155,6 +155,22 @@ def test_flooding_parameters():
         flooding.flood_width(fs.CKKSParams(scale_bits=30, flood_bits=64), 5)
 
 
+def test_keygen_refuses_flooding_that_costs_more_than_1e6():
+    # scale 2**30 towers: 64 bits of security leave an error far above 1e-6 (the flooding
+    # itself still fits Q/4 for one key holder)
+    p = fs.CKKSParams(scale_bits=40, flood_bits=64)
+    flooding.flood_width(p, 1)
+    assert 6 * flooding.slot_error_std(p, 1) > 1e-6
+    with pytest.raises(fs.ParameterError, match="1e-06"):
+        fs.keygen_shared(p)
+    with pytest.raises(fs.ParameterError, match="1e-06"):
+        fs.keygen_threshold(p, 3)
+    for bits in (20, 30, 40, 50, 64):  # every level at the default scales passes
+        for n_parties in (1, 3, 5, 16):
+            flooding.check_precision(fs.CKKSParams(flood_bits=bits), n_parties)
+            flooding.check_precision(fs.CKKSParams(scale_bits=52, flood_bits=bits), n_parties)
+
+
 def test_stated_bound_arithmetic():
     """W = 2^(lambda+1) * N * Q * B, B = tau * t: the numbers docs/THREAT_MODEL.md states."""
     b = flooding.noise_bound(FLOOD, 1)

@@ -293,6 +293,14 @@ def test_encode_parse_round_trip(modulus, packing, n_values, n_cts):
     assert agg.count == 2
 
 
+def ref_tower_pack(residues: np.ndarray, moduli, ring_dim: int) -> bytes:
+    """Each run of ring_dim residues (cycling through the towers) packed to its own tower's
+    bit_length, runs one after the other (numpy reference of the wire payload)."""
+    runs = residues.reshape(-1, ring_dim)
+    return b"".join(ref_bitpack(run, moduli[k % len(moduli)].bit_length())
+                    for k, run in enumerate(runs))
+
+
 def _tower_residues(rng, h):
     """Random residues in wire order: per ciphertext, c0 towers 0..T-1, then c1 towers."""
     n, qs = h["ring_dim"], h["moduli"]
@@ -313,7 +321,9 @@ def test_multi_tower_encode_parse_aggregate(moduli, ring_dim):
                 n_values=ring_dim + 5)
     bits = max(q.bit_length() for q in moduli)
     residues = _tower_residues(rng, h)
-    payload = ref_bitpack(residues, bits)
+    payload = ref_tower_pack(residues, moduli, ring_dim)
+    # each tower at its own width: 2 ciphertexts * 2 elements * sum of N * bits_i / 8
+    assert len(payload) == 2 * 2 * sum(ring_dim * q.bit_length() // 8 for q in moduli)
     data = _native.encode_update(h, payload)
     extra = 8 * (len(moduli) - 1)  # the other towers' moduli follow the fixed header
     assert len(data) == _native.HEADER_SIZE + extra + len(payload) + _native.CHECKSUM_SIZE
@@ -330,12 +340,13 @@ def test_multi_tower_encode_parse_aggregate(moduli, ring_dim):
     assert agg.result()[168 + extra:-8] == payload
     other = _tower_residues(rng, h)
     h2 = dict(h)
-    data2 = _native.encode_update(h2, ref_bitpack(other, bits))
+    data2 = _native.encode_update(h2, ref_tower_pack(other, moduli, ring_dim))
     agg.add(data2)
     q_of = np.array([moduli[(i // ring_dim) % len(moduli)] for i in range(residues.size)],
                     dtype=object)
     expect = (residues.astype(object) + other.astype(object)) % q_of
-    assert agg.result()[168 + extra:-8] == ref_bitpack(expect.astype(np.uint64), bits)
+    assert agg.result()[168 + extra:-8] == ref_tower_pack(expect.astype(np.uint64), moduli,
+                                                          ring_dim)
 
     # a server of another tower list refuses it; so does one with the towers reordered
     for wrong in (list(moduli[:1]), list(reversed(moduli))):
@@ -345,8 +356,8 @@ def test_multi_tower_encode_parse_aggregate(moduli, ring_dim):
     # a residue of a smaller tower that is below q_0 but not below its own modulus is refused
     bad = residues.copy()
     bad[ring_dim] = moduli[1]  # first residue of tower 1 of c0: == q_1
-    if moduli[1] < 2**bits:
-        data_bad = _native.encode_update(h, ref_bitpack(bad, bits))
+    if moduli[1] < 2**moduli[1].bit_length():  # always: q_1 itself fits its own width
+        data_bad = _native.encode_update(h, ref_tower_pack(bad, moduli, ring_dim))
         with pytest.raises(fs.InvalidUpdate, match="modulus"):
             _native.Aggregator(h["context_fp"], list(moduli), ring_dim, 8, 2).add(data_bad)
 
@@ -361,9 +372,8 @@ def _forge(data: bytes, at: int, raw: bytes) -> bytes:
 def test_multi_tower_header_forgeries_are_refused():
     moduli = (1152921504606748673, 1125899904679937, 1125899908022273)
     h = _header(modulus=moduli[0], moduli=moduli)
-    bits = 60
-    data = _native.encode_update(h, ref_bitpack(_tower_residues(np.random.default_rng(0), h),
-                                                bits))
+    data = _native.encode_update(h, ref_tower_pack(_tower_residues(np.random.default_rng(0), h),
+                                                   moduli, h["ring_dim"]))
     _native.parse_update(data)
     cases = [
         (146, bytes([2]), "checksum|trailing|payload_len|truncated"),   # tower count shrunk

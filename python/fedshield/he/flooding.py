@@ -87,6 +87,26 @@ def slot_error_std(params: CKKSParams, n_parties: int = 1) -> float:
     return math.sqrt(var) / 2.0 ** params.effective_scale_bits
 
 
+# The precision promise (DESIGN: <= 1e-6 for values of magnitude <= 1): keygen refuses flooding
+# parameters whose predicted flooding error reaches it at PRECISION_SIGMAS standard deviations.
+PRECISION_TARGET = 1e-6
+PRECISION_SIGMAS = 6
+
+
+def check_precision(params: CKKSParams, n_parties: int = 1) -> None:
+    """Raises ParameterError when the flooding of ``n_parties`` key holders would cost more
+    than PRECISION_TARGET at PRECISION_SIGMAS standard deviations (no-op without flooding)."""
+    if not params.flooding:
+        return
+    std = slot_error_std(params, n_parties)
+    if PRECISION_SIGMAS * std > PRECISION_TARGET:
+        raise ParameterError(
+            f"flooding at flood_bits={params.flood_bits} over 2**{params.flood_log_queries} "
+            f"decryptions for {n_parties} key holder(s) leaves a decryption error of "
+            f"{PRECISION_SIGMAS} x {std:.2g} > {PRECISION_TARGET:g}: lower flood_bits or "
+            "flood_log_queries, or raise scale_bits")
+
+
 def split_width(w: int) -> tuple[int, int]:
     """(w_hi, w_lo): the 128-bit W as the two 64-bit words csrc/flood.cpp takes."""
     if not 0 <= w < 2 ** 126:
@@ -120,5 +140,5 @@ def flood(blob: bytearray, offsets, moduli, roots, ring_dim: int, width: int) ->
                            [int(r) for r in roots], ring_dim, hi, lo)
 
 
-__all__ = ["ERROR_SIGMA", "flood", "flood_width", "noise_bound", "roots_of", "slot_error_std",
-           "split_width"]
+__all__ = ["ERROR_SIGMA", "PRECISION_TARGET", "check_precision", "flood", "flood_width",
+           "noise_bound", "roots_of", "slot_error_std", "split_width"]

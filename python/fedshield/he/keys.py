@@ -55,5 +55,9 @@ def keygen_shared(params: CKKSParams | None = None) -> SharedKeys:
     from . import backend  # noqa: PLC0415
 
     params = params or CKKSParams()
+    if params.flooding:
+        from .flooding import check_precision  # noqa: PLC0415
+
+        check_precision(params, 1)
     cc = backend.make_crypto_context(params)
     return SharedKeys(params, cc, cc.KeyGen())

@@ -178,6 +178,10 @@ def start_keygen(params: Optional[CKKSParams] = None, n_parties: int = 3,
 
     params = params or THRESHOLD_PARAMS
     n_parties, threshold = _check_parties(n_parties, threshold)
+    if params.flooding:
+        from .flooding import check_precision  # noqa: PLC0415
+
+        check_precision(params, n_parties)
     cc = backend.make_crypto_context(params)
     backend.enable_multiparty(cc)
     key_pair = cc.KeyGen()
