@@ -341,3 +341,79 @@ def test_forged_tower_lists_in_context_files_are_refused(flood_keys):
     for m in forged:
         with pytest.raises(fs.KeyMaterialError):
             fs.load_context(_rebuild(blob, m))
+
+
+def test_forged_towers_in_a_real_update_are_refused(flood_keys):
+    client, server = flood_keys.client_context(), flood_keys.server_context()
+    state = make_state(11)
+    layout = fs.Layout.from_state_dict(state)
+    data = fs.encrypt_update(client, state, layout).to_bytes()
+    q1, q2 = client.moduli[1], client.moduli[2]
+    assert int.from_bytes(data[168:176], "little") == q1
+    assert int.from_bytes(data[176:184], "little") == q2
+
+    def reseal(body: bytearray) -> bytes:
+        return bytes(body[:-8]) + _native.checksum64(bytes(body[:-8])).to_bytes(8, "little")
+
+    # another odd modulus of the same width for tower 1: well-formed, but not this context's
+    body = bytearray(data)
+    body[168:176] = (q1 + 2).to_bytes(8, "little")
+    forged = fs.EncryptedUpdate.from_bytes(reseal(body))
+    with pytest.raises(fs.IncompatibleUpdate, match="modulus"):
+        fs.aggregate(server, [forged])
+    with pytest.raises(fs.IncompatibleUpdate, match="modulus"):
+        fs.decrypt_update(client, forged, layout)
+    # towers swapped: same set, other order
+    body = bytearray(data)
+    body[168:176], body[176:184] = data[176:184], data[168:176]
+    with pytest.raises(fs.IncompatibleUpdate, match="modulus"):
+        fs.aggregate(server, [reseal(body)])
+    # a tower count that does not match the bytes
+    for towers in (1, 2, 4):
+        body = bytearray(data)
+        body[146] = towers
+        with pytest.raises(fs.InvalidUpdate):
+            fs.EncryptedUpdate.from_bytes(reseal(body))
+    # a flipped payload byte without a new checksum
+    body = bytearray(data)
+    body[200] ^= 1
+    with pytest.raises(fs.InvalidUpdate, match="checksum"):
+        fs.EncryptedUpdate.from_bytes(bytes(body))
+
+
+def test_flooding_party_context_files(flood_federation):
+    """t-of-n party files hold 3-tower key shares; a party loaded from its file still decrypts
+    (its flooded share fuses with the others)."""
+    parties, server = flood_federation
+    loaded = [fs.load_context(p.to_bytes(include_secret=True)) for p in parties]
+    assert all(len(p._key_shares) == 2 for p in loaded)
+    assert all(len(s) == 8 * 16384 * 3 for p in loaded for s in p._key_shares.values())
+    server2 = fs.load_context(server.to_bytes())
+    states = [make_state(500 + i) for i in range(2)]
+    layout = fs.Layout.from_state_dict(states[0])
+    weights = [fs.DEFAULT_WEIGHT_BOUND / 2] * 2
+    agg = fs.aggregate(server2, [fs.encrypt_update(p, s, layout, weight=w)
+                                 for p, s, w in zip(loaded, states, weights)])
+    out = fs.combine_partials(agg, [fs.partial_decrypt(loaded[i], agg, [1, 2]) for i in (1, 2)],
+                              layout)
+    for name, r in weighted_average(states, weights).items():
+        assert np.abs(out[name].double().numpy() - r).max() <= 1e-6 + 1e-7
+    # a key share of one tower's length (a one-tower party file spliced in) is refused on load
+    import hashlib
+
+    blob = parties[0].to_bytes(include_secret=True)
+    meta, head_len = _context_meta(blob)
+    at, sections = 14 + head_len, []
+    for name, size in meta["sections"]:
+        sections.append([name, blob[at:at + size]])
+        at += size
+    for sec in sections:
+        if sec[0].startswith("key_share:"):
+            assert len(sec[1]) == 8 * 16384 * 3
+            sec[1] = sec[1][:8 * 16384]
+            break
+    meta["sections"] = [[n, len(b)] for n, b in sections]
+    head = json.dumps(meta, sort_keys=True).encode()
+    body = blob[:10] + len(head).to_bytes(4, "little") + head + b"".join(b for _, b in sections)
+    with pytest.raises(fs.KeyMaterialError, match="key share"):
+        fs.load_context(body + hashlib.sha256(body).digest())
