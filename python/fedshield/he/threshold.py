@@ -309,6 +309,8 @@ def deal_key_shares(party_ctx: Context) -> dict[int, bytes]:
         meta = {"sender": pid, "recipient": recipient, "n_parties": n, "threshold": t,
                 "context_fp": party_ctx.fingerprint.hex()}
         out[recipient] = _frame(_KEY_SHARE_MAGIC, meta, [shares[recipient].tobytes()])
+    for share in shares:
+        share[:] = 0
     return out
 
 
