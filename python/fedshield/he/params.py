@@ -39,6 +39,11 @@ class CKKSParams:
 
     The modulus q is one prime of ``first_mod_bits`` bits; values are encoded at scale
     2**scale_bits. What lies between them is headroom for the sum of ``max_clients`` updates.
+
+    With ``flood_bits`` = lambda > 0, every decryption that leaves a key holder is flooded at
+    lambda bits of statistical security over 2**flood_log_queries decrypted ciphertexts
+    (fedshield.he.flooding, docs/THREAT_MODEL.md): the modulus is then FLOOD_TOWERS primes
+    (first_mod_bits + 2 * scale_bits bits) and values are pre-scaled by 2**prescale_bits.
     """
 
     ring_dim: int = field(default=16384, metadata={"help": "ring dimension N (power of two); N/2 slots"})
