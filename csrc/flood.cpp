@@ -131,6 +131,8 @@ void flood_towers(const std::vector<uint64_t*>& towers, size_t n,
         bad("one modulus and one root per tower are needed");
     const u128 w = (static_cast<u128>(w_hi) << 64) | w_lo;
     if (w >> 126) bad("the flooding bound must be below 2^126");
+    for (uint64_t q : moduli)
+        if (q < 3 || q >= (uint64_t{1} << 62)) bad("a modulus is not in [3, 2^62)");
     for (size_t i = 0; i < towers.size(); ++i)
         for (size_t j = 0; j < n; ++j)
             if (towers[i][j] >= moduli[i]) bad("a residue is not below its modulus");

@@ -129,6 +129,11 @@ def test_flood_residues_rejects_bad_arguments():
         _native.flood_residues(bytes(good), [8], [q], [psi], n, 0, 5)
     with pytest.raises(ValueError, match="one offset per tower"):
         _native.flood_residues(good, [8, 8], [q], [psi], n, 0, 5)
+    for modulus in (0, 1, 2**62 + 1):
+        with pytest.raises(fs.InvalidUpdate, match="modulus"):
+            _native.flood_residues(good, [8], [modulus], [psi], n, 0, 5)
+    with pytest.raises(fs.InvalidUpdate, match="one modulus and one root"):
+        _native.flood_residues(good, [8], [q], [], n, 0, 5)
 
 
 # -- parameters -------------------------------------------------------------------------------
