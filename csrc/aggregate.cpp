@@ -58,10 +58,11 @@ std::string hex_prefix(const Fingerprint& fp) {
 
 }  // namespace
 
-Aggregator::Aggregator(const Fingerprint& context_fp, uint64_t modulus, uint32_t ring_dim,
-                       uint32_t max_summed, unsigned threads, const RoundExpectations& expect)
+Aggregator::Aggregator(const Fingerprint& context_fp, std::vector<uint64_t> moduli,
+                       uint32_t ring_dim, uint32_t max_summed, unsigned threads,
+                       const RoundExpectations& expect)
     : context_fp_(context_fp),
-      modulus_(modulus),
+      moduli_(std::move(moduli)),
       ring_dim_(ring_dim),
       max_summed_(max_summed),
       // More threads than cores only costs memory (per-thread state is sized by it).
@@ -72,8 +73,8 @@ void Aggregator::check_compatible(const UpdateHeader& h) const {
     if (h.context_fp != context_fp_)
         incompatible("made under context " + hex_prefix(h.context_fp) +
                      "..., the server's context is " + hex_prefix(context_fp_) + "...");
-    if (h.modulus != modulus_ || h.ring_dim != ring_dim_)
-        incompatible("ring_dim/modulus differ from the server's context");
+    if (h.moduli != moduli_ || h.ring_dim != ring_dim_)
+        incompatible("ring_dim/modulus (RNS towers) differ from the server's context");
     if (h.packing != expect_.packing)
         incompatible("packing " + std::to_string(static_cast<unsigned>(h.packing)) +
                      " differs from the server's parameters (" +
@@ -115,14 +116,30 @@ void Aggregator::check_compatible(const UpdateHeader& h) const {
 uint64_t Aggregator::fold(const uint8_t* payload, uint64_t len, uint64_t begin, uint64_t end,
                           bool subtract) {
     std::vector<uint64_t> block(kBlock);
-    const uint64_t q = modulus_;
-    const unsigned bits = header_.residue_bits;
+    const uint64_t n_ring = header_.ring_dim;
     for (uint64_t at = begin; at < end; at += kBlock) {
         const uint64_t n = std::min(kBlock, end - at);
-        unpack_residues(payload, len, at, n, bits, block.data());
-        if (any_not_below(block.data(), n, q)) return at;
-        if (subtract) sub_mod(acc_.data() + at, block.data(), n, q);
-        else add_mod(acc_.data() + at, block.data(), n, q);
+        // Residues run in blocks of ring_dim per tower, each tower at its own width: a block of
+        // kBlock may cross towers when ring_dim < kBlock, so each run inside one tower is
+        // unpacked, checked below that tower's modulus and added on its own. kBlock and
+        // ring_dim are powers of two, so every run starts on a byte.
+        for (uint64_t s = 0; s < n;) {
+            const uint64_t r = at + s;
+            const uint64_t run = std::min(n - s, n_ring - r % n_ring);
+            const uint64_t off = header_.byte_offset(r);
+            unpack_residues(payload + off, len - off, 0, run, header_.bits_of(r),
+                            block.data() + s);
+            if (any_not_below(block.data() + s, run, header_.modulus_of(r))) return at;
+            s += run;
+        }
+        for (uint64_t s = 0; s < n;) {
+            const uint64_t r = at + s;
+            const uint64_t run = std::min(n - s, n_ring - r % n_ring);
+            const uint64_t q = header_.modulus_of(r);
+            if (subtract) sub_mod(acc_.data() + r, block.data() + s, run, q);
+            else add_mod(acc_.data() + r, block.data() + s, run, q);
+            s += run;
+        }
     }
     return end;
 }
@@ -139,7 +156,7 @@ void Aggregator::add(const uint8_t* data, size_t len) {
     if (!started_ && h.n_summed > max_summed_)
         throw ValueRangeError("aggregate: an update already sums " + std::to_string(h.n_summed) +
                               " clients, more than max_clients " + std::to_string(max_summed_));
-    const uint8_t* payload = data + kHeaderSize;
+    const uint8_t* payload = data + h.header_size();
     const uint64_t total = h.total_residues();
     const bool first = !started_;
     if (first) {
@@ -195,13 +212,16 @@ size_t Aggregator::result_size() const {
 void Aggregator::write_result(uint8_t* out) const {
     if (!started_) throw IncompatibleUpdateError("aggregate: no update was added");
     const UpdateHeader h = aggregate_header(header_);
-    uint8_t* payload = out + kHeaderSize;
+    uint8_t* payload = out + h.header_size();
     // Ranges aligned to kBlock residues start and end on byte boundaries: threads never share
     // a byte, so each packs straight into the output.
     parallel_ranges(h.total_residues(), threads_, kBlock,
                     [&](unsigned, uint64_t begin, uint64_t end) {
-        pack_residues(acc_.data() + begin, end - begin, h.residue_bits,
-                      payload + begin * h.residue_bits / 8);
+        for (uint64_t r = begin; r < end;) {  // runs inside one tower (own width)
+            const uint64_t run = std::min(end - r, h.ring_dim - r % h.ring_dim);
+            pack_residues(acc_.data() + r, run, h.bits_of(r), payload + h.byte_offset(r));
+            r += run;
+        }
     });
     seal_update(h, out, threads_);
 }

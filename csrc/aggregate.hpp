@@ -1,5 +1,5 @@
 // Streaming server-side aggregation: each update is validated, then its residues are added
-// mod q into one accumulator. Memory is one update's residues, whatever the number of clients.
+// mod q_i (each residue mod its RNS tower's modulus) into one accumulator. Memory is one update's residues, whatever the number of clients.
 // An update that fails validation half-way is subtracted back out, so it never poisons the sum.
 #pragma once
 #include <cstddef>
@@ -29,9 +29,9 @@ struct RoundExpectations {
 
 class Aggregator {
 public:
-    // context_fp, modulus and ring_dim come from the server's public context; max_summed is the
-    // number of updates the CKKS headroom allows.
-    Aggregator(const Fingerprint& context_fp, uint64_t modulus, uint32_t ring_dim,
+    // context_fp, the tower moduli and ring_dim come from the server's public context;
+    // max_summed is the number of updates the CKKS headroom allows.
+    Aggregator(const Fingerprint& context_fp, std::vector<uint64_t> moduli, uint32_t ring_dim,
                uint32_t max_summed, unsigned threads, const RoundExpectations& expect);
 
     // Validates one serialized update (client update or partial aggregate) and folds it in.
@@ -54,7 +54,7 @@ private:
                   bool subtract);
 
     Fingerprint context_fp_;
-    uint64_t modulus_;
+    std::vector<uint64_t> moduli_;
     uint32_t ring_dim_;
     uint32_t max_summed_;
     unsigned threads_;

@@ -23,11 +23,18 @@ void bind_shamir(py::module_& m) {
         }
     });
 
-    m.def("locate_key_residues", [](const py::bytes& key, uint64_t ring_dim, uint64_t modulus) {
+    m.def("locate_key_residues", [](const py::bytes& key, uint64_t ring_dim,
+                                    const py::object& moduli) -> py::object {
         std::string_view v = key;
-        return locate_key_residues(reinterpret_cast<const uint8_t*>(v.data()), v.size(),
-                                   ring_dim, modulus);
-    }, "Offset of the residue array in a serialized one-tower OpenFHE secret key.");
+        const bool one = py::isinstance<py::int_>(moduli);
+        const std::vector<uint64_t> qs =
+            one ? std::vector<uint64_t>{moduli.cast<uint64_t>()} : moduli.cast<std::vector<uint64_t>>();
+        std::vector<uint64_t> found = locate_key_residues(
+            reinterpret_cast<const uint8_t*>(v.data()), v.size(), ring_dim, qs);
+        if (one) return py::int_(found[0]);
+        return py::cast(found);
+    }, "Offset(s) of the residue array(s) in a serialized OpenFHE secret key: an int for one "
+       "modulus, a list (one per tower) for a list of moduli.");
     m.def("shamir_split", [](const U64& secret, uint64_t modulus, unsigned threshold,
                              const std::vector<uint64_t>& xs) {
         std::vector<std::vector<uint64_t>> shares;

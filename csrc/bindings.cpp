@@ -12,6 +12,7 @@
 #include "checksum.hpp"
 #include "ciphertext_layout.hpp"
 #include "errors.hpp"
+#include "flood.hpp"
 #include "packing.hpp"
 #include "parallel.hpp"
 #include "update_codec.hpp"
@@ -70,6 +71,12 @@ py::bytes filled_bytes(size_t n, F fill) {
     return result;
 }
 
+// One modulus (an int) or the list of RNS tower moduli.
+std::vector<uint64_t> moduli_of(const py::handle& obj) {
+    if (py::isinstance<py::int_>(obj)) return {obj.cast<uint64_t>()};
+    return obj.cast<std::vector<uint64_t>>();
+}
+
 py::bytes fp_bytes(const Fingerprint& fp) {
     return py::bytes(reinterpret_cast<const char*>(fp.data()), fp.size());
 }
@@ -85,7 +92,9 @@ py::dict header_to_dict(const UpdateHeader& h) {
     d["n_values"] = h.n_values;
     d["ring_dim"] = h.ring_dim;
     d["n_ciphertexts"] = h.n_ciphertexts;
-    d["modulus"] = h.modulus;
+    d["modulus"] = h.moduli.at(0);
+    d["moduli"] = py::tuple(py::cast(h.moduli));
+    d["n_towers"] = h.moduli.size();
     d["residue_bits"] = h.residue_bits;
     d["packing"] = static_cast<unsigned>(h.packing);
     d["weight_bound"] = h.weight_bound;
@@ -104,27 +113,39 @@ UpdateHeader header_from_dict(const py::dict& d) {
     h.n_values = d["n_values"].cast<uint64_t>();
     h.ring_dim = d["ring_dim"].cast<uint32_t>();
     h.n_ciphertexts = d["n_ciphertexts"].cast<uint32_t>();
-    h.modulus = d["modulus"].cast<uint64_t>();
-    h.residue_bits = static_cast<uint8_t>(bit_length(h.modulus));
+    h.moduli = d.contains("moduli") ? moduli_of(d["moduli"]) : moduli_of(d["modulus"]);
+    if (d.contains("moduli") && d.contains("modulus") && !h.moduli.empty() &&
+        d["modulus"].cast<uint64_t>() != h.moduli[0])
+        throw py::value_error("header: modulus is not moduli[0]");
+    h.residue_bits = static_cast<uint8_t>(residue_bits_of(h.moduli));
     h.packing = static_cast<Packing>(d["packing"].cast<uint8_t>());
     h.weight_bound = d["weight_bound"].cast<double>();
-    h.payload_len = packed_bytes(h.total_residues(), h.residue_bits);
+    h.payload_len = h.n_ciphertexts * h.ciphertext_bytes();
     return h;
 }
 
+// A ciphertext layout as a flat tuple of 2 + 3T ints: (ring_dim, q_0..q_{T-1}, the c0 offsets
+// of towers 0..T-1, the c1 offsets, total_size). With one tower: (N, q, c0, c1, total).
 CiphertextLayout layout_from_tuple(const py::tuple& t) {
-    if (t.size() != 5) throw py::value_error("ciphertext layout must be a 5-tuple");
+    const size_t len = t.size();
+    if (len < 5 || (len - 2) % 3 != 0 || (len - 2) / 3 > kMaxTowers)
+        throw py::value_error("ciphertext layout must be a tuple of 2 + 3T ints (T towers)");
+    const size_t towers = (len - 2) / 3;
     CiphertextLayout l;
     l.ring_dim = t[0].cast<uint64_t>();
-    l.modulus = t[1].cast<uint64_t>();
-    l.c0_offset = t[2].cast<uint64_t>();
-    l.c1_offset = t[3].cast<uint64_t>();
-    l.total_size = t[4].cast<uint64_t>();
+    for (size_t i = 0; i < towers; ++i) l.moduli.push_back(t[1 + i].cast<uint64_t>());
+    for (size_t k = 0; k < 2 * towers; ++k) l.offsets.push_back(t[1 + towers + k].cast<uint64_t>());
+    l.total_size = t[len - 1].cast<uint64_t>();
     return l;
 }
 
 py::tuple layout_to_tuple(const CiphertextLayout& l) {
-    return py::make_tuple(l.ring_dim, l.modulus, l.c0_offset, l.c1_offset, l.total_size);
+    py::list out;
+    out.append(l.ring_dim);
+    for (uint64_t q : l.moduli) out.append(q);
+    for (uint64_t off : l.offsets) out.append(off);
+    out.append(l.total_size);
+    return py::tuple(out);
 }
 
 // C++ errors become the public Python errors of fedshield.errors (one hierarchy for users).
@@ -176,10 +197,18 @@ void bind_wire(py::module_& m) {
 }
 
 void bind_ciphertexts(py::module_& m) {
-    m.def("locate_residues", [](const py::buffer& ct, uint64_t ring_dim, uint64_t modulus) {
+    m.def("locate_residues", [](const py::buffer& ct, uint64_t ring_dim, const py::object& moduli) {
         auto v = bytes_of(ct);
-        return layout_to_tuple(locate_residues(v.data(), v.size(), ring_dim, modulus));
-    }, "Finds the c0/c1 residue arrays in an OpenFHE BINARY ciphertext serialization.");
+        return layout_to_tuple(locate_residues(v.data(), v.size(), ring_dim, moduli_of(moduli)));
+    }, "Finds the c0/c1 residue arrays (every RNS tower) in an OpenFHE BINARY ciphertext "
+       "serialization; moduli: one int or the towers' list.");
+    m.def("find_residue_arrays", [](const py::buffer& blob, uint64_t ring_dim,
+                                    const py::object& moduli, size_t expected) {
+        auto v = bytes_of(blob);
+        return find_residue_arrays(v.data(), v.size(), ring_dim, moduli_of(moduli), "polynomial",
+                                   expected);
+    }, "Offsets of exactly `expected` residue arrays (cycling through the towers' moduli) in an "
+       "OpenFHE BINARY serialization.");
     m.def("encode_ciphertexts", [](const py::dict& header, const std::vector<py::bytes>& cts,
                                    const py::tuple& layout, unsigned threads) {
         UpdateHeader h = header_from_dict(header);
@@ -293,9 +322,55 @@ void bind_packing(py::module_& m) {
     }, "Number of kept values in each mask.");
 }
 
+// Noise flooding (csrc/flood.hpp).
+void bind_flood(py::module_& m) {
+    using U64 = py::array_t<uint64_t, py::array::c_style>;
+    m.def("ntt_forward", [](U64 a, uint64_t q, uint64_t psi) {
+        U64 out(a.size());
+        std::memcpy(out.mutable_data(), a.data(), static_cast<size_t>(a.size()) * 8);
+        ntt_forward(out.mutable_data(), static_cast<size_t>(out.size()), q, psi);
+        return out;
+    }, "OpenFHE's evaluation representation of coefficients mod q (bit-reversed order).");
+    m.def("flood_residues", [](py::buffer blob, const std::vector<uint64_t>& offsets,
+                               const py::object& moduli, const std::vector<uint64_t>& roots,
+                               uint64_t ring_dim, uint64_t w_hi, uint64_t w_lo) {
+        py::buffer_info info = blob.request(true);
+        if (info.readonly) throw py::value_error("flood_residues: the buffer must be writable");
+        auto* data = static_cast<uint8_t*>(info.ptr);
+        const size_t len = static_cast<size_t>(info.size * info.itemsize);
+        const std::vector<uint64_t> qs = moduli_of(moduli);
+        if (offsets.size() != qs.size())
+            throw py::value_error("flood_residues: one offset per tower");
+        if (ring_dim == 0 || ring_dim > (1u << 17))
+            throw py::value_error("flood_residues: ring_dim out of range");
+        // Residue arrays need not be 8-byte aligned in a serialization: work on copies.
+        std::vector<std::vector<uint64_t>> towers(qs.size(), std::vector<uint64_t>(ring_dim));
+        std::vector<uint64_t*> ptrs;
+        for (size_t i = 0; i < qs.size(); ++i) {
+            const uint64_t off = offsets[i];
+            if (off < 8 || off > len || len - off < 8 * ring_dim)
+                throw py::value_error("flood_residues: a residue array lies outside the buffer");
+            uint64_t n_word;
+            std::memcpy(&n_word, data + off - 8, 8);
+            if (n_word != ring_dim)
+                throw py::value_error("flood_residues: no residue array of ring_dim at an offset");
+            std::memcpy(towers[i].data(), data + off, 8 * ring_dim);
+            ptrs.push_back(towers[i].data());
+        }
+        {
+            py::gil_scoped_release nogil;
+            flood_towers(ptrs, ring_dim, qs, roots, w_hi, w_lo);
+        }
+        for (size_t i = 0; i < qs.size(); ++i)
+            std::memcpy(data + offsets[i], towers[i].data(), 8 * ring_dim);
+    }, "Adds one fresh flooding polynomial (uniform integers in [-w, w], w = w_hi*2^64 + w_lo) "
+       "to the residue arrays (one per tower, evaluation representation) of a writable "
+       "serialized polynomial, in place.");
+}
+
 void bind_aggregator(py::module_& m) {
     py::class_<Aggregator>(m, "Aggregator")
-        .def(py::init([](const py::bytes& context_fp, uint64_t modulus, uint32_t ring_dim,
+        .def(py::init([](const py::bytes& context_fp, const py::object& modulus, uint32_t ring_dim,
                          uint32_t max_summed, unsigned threads, uint8_t packing,
                          bool allow_aggregates, std::optional<uint64_t> round,
                          std::optional<py::bytes> layout_fp, std::optional<py::bytes> mask_fp,
@@ -321,7 +396,8 @@ void bind_aggregator(py::module_& m) {
                      e.has_weight_bound = true;
                      e.weight_bound = *weight_bound;
                  }
-                 return new Aggregator(fingerprint_of(context_fp, "context_fp"), modulus, ring_dim,
+                 return new Aggregator(fingerprint_of(context_fp, "context_fp"),
+                                       moduli_of(modulus), ring_dim,
                                        max_summed, threads, e);
              }),
              py::arg("context_fp"), py::arg("modulus"), py::arg("ring_dim"),
@@ -351,6 +427,7 @@ PYBIND11_MODULE(_native, m) {
     bind_ciphertexts(m);
     bind_packing(m);
     bind_aggregator(m);
+    bind_flood(m);
     bind_importance(m);
     bind_shamir(m);
 }

@@ -1,5 +1,6 @@
 // OpenFHE's binary ciphertext serialization, as far as fedshield needs it: the positions of the
-// RNS residue arrays of c0 and c1 (each N little-endian uint64 preceded by its uint64 length).
+// RNS residue arrays of c0 and c1 (each N little-endian uint64 preceded by its uint64 length),
+// one array per tower (RNS modulus q_i) and element: c0 tower 0..T-1, then c1 tower 0..T-1.
 // Everything else in a fresh ciphertext of one context is identical from one ciphertext to the
 // next, so it is kept once as a template and only the residues travel.
 #pragma once
@@ -10,32 +11,47 @@
 
 namespace fedshield {
 
+// At most this many RNS towers (the wire format's n_towers byte; fedshield uses 1 or 3).
+constexpr size_t kMaxTowers = 8;
+
 struct CiphertextLayout {
     uint64_t ring_dim = 0;
-    uint64_t modulus = 0;
-    // Byte offsets of the first residue of c0 and c1 in the serialized ciphertext.
-    uint64_t c0_offset = 0;
-    uint64_t c1_offset = 0;
+    std::vector<uint64_t> moduli;   // q_0 .. q_{T-1}, in serialization order
+    // Byte offsets of the first residue of each array: c0 towers 0..T-1, then c1 towers.
+    std::vector<uint64_t> offsets;
     uint64_t total_size = 0;
+
+    size_t towers() const { return moduli.size(); }
+    uint64_t residues_per_ciphertext() const { return 2 * ring_dim * moduli.size(); }
 };
 
-// Every non-overlapping run of "uint64 ring_dim, then ring_dim uint64 values below modulus" in
-// an OpenFHE BINARY serialization (a ciphertext has two, a one-tower secret key one); returns
-// the offsets of their first residues, which must number exactly `expected` (else
-// InvalidUpdateError naming `what`). Bounds-checked; ring_dim must be in [1, 2^17].
+// Checks a list of tower moduli: 1..kMaxTowers distinct odd moduli in [3, 2^62).
+// Throws InvalidUpdateError naming `what`.
+void check_moduli(const std::vector<uint64_t>& moduli, const char* what);
+
+// Every non-overlapping run of "uint64 ring_dim, then ring_dim uint64 values below the largest
+// modulus" in an OpenFHE BINARY serialization; the k-th run must hold values below
+// moduli[k % T] (runs cycle through the towers). Returns the offsets of their first residues,
+// which must number exactly `expected` (else InvalidUpdateError naming `what`).
+// Bounds-checked; ring_dim must be in [1, 2^17].
 std::vector<uint64_t> find_residue_arrays(const uint8_t* data, size_t len, uint64_t ring_dim,
-                                          uint64_t modulus, const char* what, size_t expected);
+                                          const std::vector<uint64_t>& moduli, const char* what,
+                                          size_t expected);
 
-// Finds the two residue arrays: a uint64 equal to ring_dim followed by ring_dim values all
-// below modulus. Exactly two non-overlapping arrays must be found, else InvalidUpdateError.
+// Finds the 2T residue arrays of a ciphertext (c0 and c1, T towers each).
 CiphertextLayout locate_residues(const uint8_t* data, size_t len, uint64_t ring_dim,
-                                 uint64_t modulus);
+                                 const std::vector<uint64_t>& moduli);
 
-// Copies the residues of c0 then c1 (2 * ring_dim values) out of a serialized ciphertext.
+// Checks that a layout (which may come from outside: a context file) fits a `len`-byte
+// serialized ciphertext: moduli valid, 2T arrays in order, inside the buffer, not overlapping.
+void check_layout(const CiphertextLayout& layout, size_t len);
+
+// Copies the residues of c0 then c1 (2 * T * ring_dim values, tower-major within each element)
+// out of a serialized ciphertext; each must be below its tower's modulus.
 void extract_residues(const uint8_t* data, size_t len, const CiphertextLayout& layout,
                       uint64_t* out);
 
-// Writes 2 * ring_dim residues into a copy of the template bytes.
+// Writes 2 * T * ring_dim residues into a copy of the template bytes.
 void write_residues(uint8_t* data, size_t len, const CiphertextLayout& layout,
                     const uint64_t* residues);
 

@@ -19,19 +19,6 @@ void check_modulus(uint64_t modulus) {
                               " is not an odd modulus in [3, 2**62)");
 }
 
-// Fills out with bytes from the kernel CSPRNG; never falls back to a weaker source.
-void random_bytes(uint8_t* out, size_t len) {
-    while (len > 0) {
-        const ssize_t got = getrandom(out, len, 0);
-        if (got < 0) {
-            if (errno == EINTR) continue;
-            throw std::runtime_error(std::string("getrandom failed: ") + std::strerror(errno));
-        }
-        out += got;
-        len -= static_cast<size_t>(got);
-    }
-}
-
 // Uniform values mod q: draw bit_length(q) bits, reject those >= q (accepts > 1/2 of draws).
 void uniform_mod(uint64_t* out, size_t n, uint64_t modulus) {
     unsigned bits = 0;
@@ -50,6 +37,19 @@ void uniform_mod(uint64_t* out, size_t n, uint64_t modulus) {
 
 }  // namespace
 
+// Fills out with bytes from the kernel CSPRNG; never falls back to a weaker source.
+void random_bytes(uint8_t* out, size_t len) {
+    while (len > 0) {
+        const ssize_t got = getrandom(out, len, 0);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            throw std::runtime_error(std::string("getrandom failed: ") + std::strerror(errno));
+        }
+        out += got;
+        len -= static_cast<size_t>(got);
+    }
+}
+
 uint64_t mulmod(uint64_t a, uint64_t b, uint64_t modulus) {
     return static_cast<uint64_t>(static_cast<unsigned __int128>(a) * b % modulus);
 }
@@ -62,10 +62,9 @@ uint64_t powmod(uint64_t a, uint64_t e, uint64_t modulus) {
     return r;
 }
 
-size_t locate_key_residues(const uint8_t* data, size_t len, uint64_t ring_dim, uint64_t modulus) {
-    const std::vector<uint64_t> found =
-        find_residue_arrays(data, len, ring_dim, modulus, "secret key", 1);
-    return found[0];
+std::vector<uint64_t> locate_key_residues(const uint8_t* data, size_t len, uint64_t ring_dim,
+                                          const std::vector<uint64_t>& moduli) {
+    return find_residue_arrays(data, len, ring_dim, moduli, "secret key", moduli.size());
 }
 
 std::vector<std::vector<uint64_t>> shamir_split(const uint64_t* secret, size_t n, uint64_t modulus,

@@ -15,9 +15,10 @@ struct ShamirInputError : std::invalid_argument {
     using std::invalid_argument::invalid_argument;
 };
 
-// Offset of the one array of ring_dim residues below modulus (preceded by its uint64 length)
-// in a serialized one-tower secret key. Throws InvalidUpdateError unless exactly one is found.
-size_t locate_key_residues(const uint8_t* data, size_t len, uint64_t ring_dim, uint64_t modulus);
+// Offsets of the residue arrays (one per tower, below moduli[i]) of a serialized OpenFHE
+// secret key. Throws InvalidUpdateError unless exactly one per tower is found.
+std::vector<uint64_t> locate_key_residues(const uint8_t* data, size_t len, uint64_t ring_dim,
+                                          const std::vector<uint64_t>& moduli);
 
 // Shares of `secret` (n values mod q) for the points xs (distinct, nonzero mod q):
 // out[k][i] = secret[i] + a_1[i] x_k + ... + a_{t-1}[i] x_k^{t-1} mod q, with fresh coefficients
@@ -32,6 +33,9 @@ uint64_t lagrange_at_zero(const std::vector<uint64_t>& xs, size_t index, uint64_
 // out[i] = own[i] + coefficient * sum_k shares[k][i] mod q.
 void cover_absent(const uint64_t* own, const std::vector<const uint64_t*>& shares, size_t n,
                   uint64_t coefficient, uint64_t modulus, uint64_t* out);
+
+// Fills out with bytes from the kernel CSPRNG (getrandom(2)); never a weaker source.
+void random_bytes(uint8_t* out, size_t len);
 
 uint64_t mulmod(uint64_t a, uint64_t b, uint64_t modulus);
 uint64_t powmod(uint64_t a, uint64_t e, uint64_t modulus);

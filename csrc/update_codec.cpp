@@ -14,24 +14,25 @@ UpdateHeader ciphertexts_header(UpdateHeader header, const std::vector<ByteView>
         throw InvalidUpdateError("encode: " + std::to_string(cts.size()) +
                                  " ciphertexts given, header announces " +
                                  std::to_string(header.n_ciphertexts));
-    if (layout.ring_dim != header.ring_dim || layout.modulus != header.modulus)
+    if (layout.ring_dim != header.ring_dim || layout.moduli != header.moduli)
         throw InvalidUpdateError("encode: ciphertext layout does not match the header");
-    header.payload_len = packed_bytes(header.total_residues(), header.residue_bits);
+    header.payload_len = header.n_ciphertexts * header.ciphertext_bytes();
     validate_header(header);
     return header;
 }
 
 void encode_ciphertexts(const UpdateHeader& header, const std::vector<ByteView>& cts,
                         const CiphertextLayout& layout, unsigned threads, uint8_t* out) {
-    uint8_t* payload = out + kHeaderSize;
-    const uint64_t per_ct = header.residues_per_ciphertext();  // 2N: a multiple of 8
-    const uint64_t bytes_per_ct = per_ct * header.residue_bits / 8;
+    uint8_t* payload = out + header.header_size();
+    const uint64_t per_ct = header.residues_per_ciphertext();  // 2TN
+    const uint64_t n = header.ring_dim;
     parallel_ranges(cts.size(), threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
         std::vector<uint64_t> residues(per_ct);
         for (uint64_t i = begin; i < end; ++i) {
             extract_residues(cts[i].data, cts[i].len, layout, residues.data());
-            pack_residues(residues.data(), per_ct, header.residue_bits,
-                          payload + i * bytes_per_ct);
+            for (uint64_t r = 0; r < per_ct; r += n)  // one run per element and tower
+                pack_residues(residues.data() + r, n, header.bits_of(r),
+                              payload + header.byte_offset(i * per_ct + r));
         }
     });
     seal_update(header, out, threads);
@@ -41,22 +42,29 @@ std::vector<std::string> decode_ciphertexts(const uint8_t* data, size_t len,
                                             const uint8_t* tmpl, size_t tmpl_len,
                                             const CiphertextLayout& layout, unsigned threads) {
     const UpdateHeader h = parse_update(data, len, threads);
-    if (layout.ring_dim != h.ring_dim || layout.modulus != h.modulus)
+    if (layout.ring_dim != h.ring_dim || layout.moduli != h.moduli)
         throw IncompatibleUpdateError("decode: the update's ring_dim/modulus differ from the "
                                       "decrypting context's");
     if (tmpl_len != layout.total_size)
         throw InvalidUpdateError("decode: template size does not match its layout");
-    const uint8_t* payload = data + kHeaderSize;
+    const uint8_t* payload = data + h.header_size();
     const uint64_t per_ct = h.residues_per_ciphertext();
     std::vector<std::string> out(h.n_ciphertexts);
     parallel_ranges(h.n_ciphertexts, threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
         std::vector<uint64_t> residues(per_ct);
         for (uint64_t i = begin; i < end; ++i) {
-            unpack_residues(payload, h.payload_len, i * per_ct, per_ct, h.residue_bits,
-                            residues.data());
-            for (uint64_t r : residues)
-                if (r >= h.modulus)
-                    throw InvalidUpdateError("invalid update: a residue is not below the modulus");
+            for (uint64_t r = 0; r < per_ct; r += h.ring_dim) {
+                const uint64_t at = h.byte_offset(i * per_ct + r);
+                unpack_residues(payload + at, h.payload_len - at, 0, h.ring_dim, h.bits_of(r),
+                                residues.data() + r);
+            }
+            for (uint64_t block = 0; block < per_ct; block += h.ring_dim) {
+                const uint64_t q = h.modulus_of(block);  // one tower per ring_dim residues
+                for (uint64_t r = block; r < block + h.ring_dim; ++r)
+                    if (residues[r] >= q)
+                        throw InvalidUpdateError(
+                            "invalid update: a residue is not below the modulus");
+            }
             std::string ct(reinterpret_cast<const char*>(tmpl), tmpl_len);
             write_residues(reinterpret_cast<uint8_t*>(&ct[0]), ct.size(), layout, residues.data());
             out[i] = std::move(ct);

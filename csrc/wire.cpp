@@ -1,10 +1,12 @@
 #include "wire.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "bitpack.hpp"
 #include "checksum.hpp"
+#include "ciphertext_layout.hpp"
 #include "errors.hpp"
 
 namespace fedshield {
@@ -36,6 +38,12 @@ unsigned bit_length(uint64_t q) {
     return b;
 }
 
+unsigned residue_bits_of(const std::vector<uint64_t>& moduli) {
+    unsigned bits = 0;
+    for (uint64_t q : moduli) bits = std::max(bits, bit_length(q));
+    return bits;
+}
+
 void validate_header(const UpdateHeader& h) {
     if (h.kind != UpdateKind::Client && h.kind != UpdateKind::Aggregate)
         bad("kind " + std::to_string(static_cast<unsigned>(h.kind)) + " is not 1 or 2");
@@ -44,11 +52,22 @@ void validate_header(const UpdateHeader& h) {
         bad("a client update must have n_summed 1, got " + std::to_string(h.n_summed));
     if (h.ring_dim < kMinRingDim || h.ring_dim > kMaxRingDim || (h.ring_dim & (h.ring_dim - 1)))
         bad("ring_dim " + std::to_string(h.ring_dim) + " is not a power of two in [1024, 131072]");
-    if (h.modulus < 3 || (h.modulus & 1) == 0)
-        bad("modulus " + std::to_string(h.modulus) + " is not an odd modulus >= 3");
-    if (h.residue_bits != bit_length(h.modulus) || h.residue_bits > 62)
+    if (h.moduli.empty() || h.moduli.size() > kMaxTowers)
+        bad("n_towers " + std::to_string(h.moduli.size()) + " is not in [1, " +
+            std::to_string(kMaxTowers) + "]");
+    for (size_t i = 0; i < h.moduli.size(); ++i) {
+        const uint64_t q = h.moduli[i];
+        if (q < 3 || (q & 1) == 0)
+            bad("modulus " + std::to_string(q) + " of tower " + std::to_string(i) +
+                " is not an odd modulus >= 3");
+        for (size_t j = 0; j < i; ++j)
+            if (h.moduli[j] == q)
+                bad("modulus " + std::to_string(q) + " appears twice among the towers");
+    }
+    const unsigned bits = residue_bits_of(h.moduli);
+    if (h.residue_bits != bits || h.residue_bits > 62)
         bad("residue_bits " + std::to_string(h.residue_bits) + " does not match the modulus (" +
-            std::to_string(bit_length(h.modulus)) + " bits, at most 62)");
+            std::to_string(bits) + " bits, at most 62)");
     if (h.packing != Packing::Complex && h.packing != Packing::Real)
         bad("packing " + std::to_string(static_cast<unsigned>(h.packing)) + " is not 1 or 2");
     if (h.n_ciphertexts < 1) bad("n_ciphertexts is 0");
@@ -60,7 +79,7 @@ void validate_header(const UpdateHeader& h) {
             std::to_string(h.n_ciphertexts) + " ciphertexts of " + std::to_string(cap) + " values");
     if (!std::isfinite(h.weight_bound) || h.weight_bound <= 0)
         bad("weight_bound is not a positive finite number");
-    if (h.payload_len != packed_bytes(h.total_residues(), h.residue_bits))
+    if (h.payload_len != h.n_ciphertexts * h.ciphertext_bytes())
         bad("payload_len " + std::to_string(h.payload_len) + " does not match " +
             std::to_string(h.n_ciphertexts) + " ciphertexts of ring_dim " +
             std::to_string(h.ring_dim));
@@ -80,13 +99,15 @@ void seal_update(const UpdateHeader& h, uint8_t* out, unsigned threads) {
     put_at(120, h.n_values);
     put_at(128, h.ring_dim);
     put_at(132, h.n_ciphertexts);
-    put_at(136, h.modulus);
+    put_at(136, h.moduli[0]);
     put_at(144, h.residue_bits);
     put_at(145, static_cast<uint8_t>(h.packing));
-    std::memset(out + 146, 0, 6);
+    put_at(146, static_cast<uint8_t>(h.moduli.size()));
+    std::memset(out + 147, 0, 5);
     put_at(152, h.weight_bound);
     put_at(160, h.payload_len);
-    const size_t body = kHeaderSize + h.payload_len;
+    for (size_t i = 1; i < h.moduli.size(); ++i) put_at(kHeaderSize + 8 * (i - 1), h.moduli[i]);
+    const size_t body = h.header_size() + h.payload_len;
     put_at(body, wire_checksum(out, body, threads));
 }
 
@@ -94,7 +115,7 @@ std::string encode_update(const UpdateHeader& h, const uint8_t* payload, unsigne
     validate_header(h);
     std::string out(update_size(h), '\0');
     auto* p = reinterpret_cast<uint8_t*>(&out[0]);
-    if (h.payload_len) std::memcpy(p + kHeaderSize, payload, h.payload_len);
+    if (h.payload_len) std::memcpy(p + h.header_size(), payload, h.payload_len);
     seal_update(h, p, threads);
     return out;
 }
@@ -108,7 +129,7 @@ UpdateHeader parse_update(const uint8_t* data, size_t len, unsigned threads) {
     if (version != kWireVersion)
         bad("wire version " + std::to_string(version) + " is not supported (expected " +
             std::to_string(kWireVersion) + ")");
-    for (size_t i = 146; i < 152; ++i)
+    for (size_t i = 147; i < 152; ++i)
         if (data[i] != 0) bad("reserved header bytes are not zero");
     UpdateHeader h;
     h.kind = static_cast<UpdateKind>(get<uint16_t>(data, 10));
@@ -120,18 +141,28 @@ UpdateHeader parse_update(const uint8_t* data, size_t len, unsigned threads) {
     h.n_values = get<uint64_t>(data, 120);
     h.ring_dim = get<uint32_t>(data, 128);
     h.n_ciphertexts = get<uint32_t>(data, 132);
-    h.modulus = get<uint64_t>(data, 136);
+    const unsigned towers = get<uint8_t>(data, 146);
+    if (towers < 1 || towers > kMaxTowers)
+        bad("n_towers " + std::to_string(towers) + " is not in [1, " + std::to_string(kMaxTowers) +
+            "]");
+    const size_t header_len = kHeaderSize + 8 * (towers - 1);
+    if (len < header_len + kChecksumSize)
+        bad("truncated: " + std::to_string(len) + " bytes, a " + std::to_string(towers) +
+            "-tower header alone needs " + std::to_string(header_len + kChecksumSize));
+    h.moduli.resize(towers);
+    h.moduli[0] = get<uint64_t>(data, 136);
+    for (unsigned i = 1; i < towers; ++i) h.moduli[i] = get<uint64_t>(data, kHeaderSize + 8 * (i - 1));
     h.residue_bits = get<uint8_t>(data, 144);
     h.packing = static_cast<Packing>(get<uint8_t>(data, 145));
     h.weight_bound = get<double>(data, 152);
     h.payload_len = get<uint64_t>(data, 160);
     validate_header(h);
     // Overflow-safe: payload_len <= 2^32 * 2^18 * 62 / 8 < 2^56 after validate_header.
-    const uint64_t expected = kHeaderSize + h.payload_len + kChecksumSize;
+    const uint64_t expected = h.header_size() + h.payload_len + kChecksumSize;
     if (len != expected)
         bad((len < expected ? "truncated: " : "trailing bytes: ") + std::to_string(len) +
             " bytes, the header announces " + std::to_string(expected));
-    const size_t body = kHeaderSize + h.payload_len;
+    const size_t body = h.header_size() + h.payload_len;
     if (get<uint64_t>(data, body) != wire_checksum(data, body, threads))
         bad("checksum mismatch (corrupted or tampered bytes)");
     return h;

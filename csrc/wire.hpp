@@ -1,4 +1,4 @@
-// The fedshield update wire format (version 1), little-endian:
+// The fedshield update wire format (version 2), little-endian:
 //
 //   off  size  field
 //     0     8  magic "FSHLDUPD"
@@ -12,30 +12,41 @@
 //   120     8  n_values: real values packed (kept LoRA values + 1 weight)
 //   128     4  ring_dim N
 //   132     4  n_ciphertexts
-//   136     8  modulus q
-//   144     1  residue_bits = bit_length(q)
+//   136     8  modulus q_0 of RNS tower 0
+//   144     1  residue_bits = max over the towers of bit_length(q_i)
 //   145     1  packing (1 = complex: 2 reals per slot, 2 = real: 1 per slot)
-//   146     6  reserved, zero
+//   146     1  n_towers T (1..8)
+//   147     5  reserved, zero
 //   152     8  weight_bound (float64)
 //   160     8  payload_len
-//   168     -  payload: n_ciphertexts * 2 * N residues (c0 then c1 per ciphertext), bit-packed
+//   168  8(T-1) moduli q_1 .. q_{T-1} of the other towers (nothing when T = 1)
+//   H       -  payload, H = 168 + 8(T-1): n_ciphertexts * 2 * T * N residues (per ciphertext
+//              c0 tower 0..T-1, then c1 tower 0..T-1; tower i's residues below q_i), tower
+//              i's bit-packed to bit_length(q_i) bits (each run of N starts on a byte)
 //   end-8   8  checksum64 of every byte before it
+//
+// Version 1 was the same with one tower and byte 146 reserved; a one-tower version-2 update
+// has the same size. Version 1 is refused (strict parsing: one format per build).
 #pragma once
 #include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace fedshield {
 
-constexpr size_t kHeaderSize = 168;
+constexpr size_t kHeaderSize = 168;  // the fixed part; header_size() adds the extra moduli
 constexpr size_t kChecksumSize = 8;
-constexpr uint16_t kWireVersion = 1;
+constexpr uint16_t kWireVersion = 2;
 
 enum class UpdateKind : uint16_t { Client = 1, Aggregate = 2 };
 enum class Packing : uint8_t { Complex = 1, Real = 2 };
 
 using Fingerprint = std::array<uint8_t, 32>;
+
+// Smallest number of bits that holds q - 1 (and q itself).
+unsigned bit_length(uint64_t q);
 
 struct UpdateHeader {
     UpdateKind kind = UpdateKind::Client;
@@ -47,13 +58,36 @@ struct UpdateHeader {
     uint64_t n_values = 0;
     uint32_t ring_dim = 0;
     uint32_t n_ciphertexts = 0;
-    uint64_t modulus = 0;
+    std::vector<uint64_t> moduli;  // one per RNS tower (1..8)
     uint8_t residue_bits = 0;
     Packing packing = Packing::Complex;
     double weight_bound = 1.0;
     uint64_t payload_len = 0;
 
-    uint64_t residues_per_ciphertext() const { return 2ULL * ring_dim; }
+    uint64_t towers() const { return moduli.size(); }
+    uint64_t residues_per_ciphertext() const { return 2ULL * ring_dim * moduli.size(); }
+    // The modulus of residue index r (residues run in blocks of ring_dim per tower).
+    uint64_t modulus_of(uint64_t r) const { return moduli[(r / ring_dim) % moduli.size()]; }
+    // Bits each residue of residue index r takes on the wire: bit_length of its tower's q.
+    unsigned bits_of(uint64_t r) const { return bit_length(modulus_of(r)); }
+    // Payload bytes of one element (c0 or c1: T runs of ring_dim residues) and one ciphertext.
+    uint64_t element_bytes() const {
+        uint64_t bits = 0;
+        for (uint64_t q : moduli) bits += bit_length(q);
+        return ring_dim * bits / 8;  // ring_dim >= 1024: whole bytes
+    }
+    uint64_t ciphertext_bytes() const { return 2 * element_bytes(); }
+    // Byte offset in the payload of residue index r; r - (start of its tower run) must be a
+    // multiple of 8 (then the residue starts on a byte).
+    uint64_t byte_offset(uint64_t r) const {
+        const uint64_t towers = moduli.size(), run = r / ring_dim, within = r % ring_dim;
+        const uint64_t ct = run / (2 * towers), k = run % (2 * towers), t = k % towers;
+        uint64_t prefix = 0;
+        for (uint64_t i = 0; i < t; ++i) prefix += ring_dim * bit_length(moduli[i]) / 8;
+        return ct * ciphertext_bytes() + (k / towers) * element_bytes() + prefix +
+               within * bit_length(moduli[t]) / 8;
+    }
+    size_t header_size() const { return kHeaderSize + 8 * (moduli.empty() ? 0 : moduli.size() - 1); }
     uint64_t total_residues() const { return residues_per_ciphertext() * n_ciphertexts; }
     uint64_t values_per_ciphertext() const {
         return packing == Packing::Complex ? ring_dim : ring_dim / 2;
@@ -65,10 +99,10 @@ void validate_header(const UpdateHeader& h);
 
 // Bytes of a whole serialized update (header + payload + checksum).
 inline size_t update_size(const UpdateHeader& h) {
-    return kHeaderSize + h.payload_len + kChecksumSize;
+    return h.header_size() + h.payload_len + kChecksumSize;
 }
 
-// Writes the header and the checksum around a payload already at out + kHeaderSize;
+// Writes the header and the checksum around a payload already at out + h.header_size();
 // out holds update_size(h) bytes. Lets callers build the payload in place (no copies).
 void seal_update(const UpdateHeader& h, uint8_t* out, unsigned threads);
 
@@ -76,10 +110,10 @@ void seal_update(const UpdateHeader& h, uint8_t* out, unsigned threads);
 std::string encode_update(const UpdateHeader& h, const uint8_t* payload, unsigned threads);
 
 // Parses and validates a whole update (every byte hostile): magic, version, field ranges,
-// exact length, checksum. Returns the header; the payload starts at data + kHeaderSize.
+// exact length, checksum. Returns the header; the payload starts at data + h.header_size().
 UpdateHeader parse_update(const uint8_t* data, size_t len, unsigned threads);
 
-// Smallest number of bits that holds q - 1 (and q itself).
-unsigned bit_length(uint64_t q);
+// residue_bits of a list of moduli: the largest bit_length.
+unsigned residue_bits_of(const std::vector<uint64_t>& moduli);
 
 }  // namespace fedshield

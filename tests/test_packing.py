@@ -272,11 +272,13 @@ def test_encode_parse_round_trip(modulus, packing, n_values, n_cts):
     data = _native.encode_update(h, payload)
     assert len(data) == _native.HEADER_SIZE + len(payload) + _native.CHECKSUM_SIZE
     assert data[:8] == b"FSHLDUPD"
-    assert int.from_bytes(data[8:10], "little") == _native.WIRE_VERSION == 1
+    assert int.from_bytes(data[8:10], "little") == _native.WIRE_VERSION == 2
+    assert data[146] == 1  # one RNS tower: the same size as wire version 1
     assert data[168:-8] == payload
     assert int.from_bytes(data[-8:], "little") == _native.checksum64(data[:-8])
     parsed = _native.parse_update(data)
-    assert parsed == {**h, "residue_bits": bits, "payload_len": len(payload)}
+    assert parsed == {**h, "residue_bits": bits, "payload_len": len(payload),
+                      "moduli": (modulus,), "n_towers": 1}
 
     # the native bit unpacker agrees with the reference packer: an aggregator holding one
     # update re-packs exactly the same payload; holding it twice, the residue-wise sum mod q
@@ -289,6 +291,106 @@ def test_encode_parse_round_trip(modulus, packing, n_values, n_cts):
     doubled = [(int(r) * 2) % modulus for r in residues]
     assert agg.result()[168:-8] == ref_bitpack(np.array(doubled, dtype=np.uint64), bits)
     assert agg.count == 2
+
+
+def ref_tower_pack(residues: np.ndarray, moduli, ring_dim: int) -> bytes:
+    """Each run of ring_dim residues (cycling through the towers) packed to its own tower's
+    bit_length, runs one after the other (numpy reference of the wire payload)."""
+    runs = residues.reshape(-1, ring_dim)
+    return b"".join(ref_bitpack(run, moduli[k % len(moduli)].bit_length())
+                    for k, run in enumerate(runs))
+
+
+def _tower_residues(rng, h):
+    """Random residues in wire order: per ciphertext, c0 towers 0..T-1, then c1 towers."""
+    n, qs = h["ring_dim"], h["moduli"]
+    blocks = [rng.integers(0, qs[k % len(qs)], size=n, dtype=np.uint64)
+              for k in range(2 * len(qs) * h["n_ciphertexts"])]
+    return np.concatenate(blocks)
+
+
+@pytest.mark.parametrize("ring_dim", [1024, 8192])
+@pytest.mark.parametrize("moduli", [
+    (1152921504606748673, 1125899904679937, 1125899908022273),  # a 3-tower flooding context
+    ((1 << 59) - 55, 3),
+    ((1 << 62) - 57, (1 << 61) - 1, 2**31 - 1, 1125899904679937, 5, 7, 11, 13),  # 8 towers
+])
+def test_multi_tower_encode_parse_aggregate(moduli, ring_dim):
+    rng = np.random.default_rng(len(moduli) + ring_dim)
+    h = _header(modulus=moduli[0], moduli=moduli, ring_dim=ring_dim, n_ciphertexts=2,
+                n_values=ring_dim + 5)
+    bits = max(q.bit_length() for q in moduli)
+    residues = _tower_residues(rng, h)
+    payload = ref_tower_pack(residues, moduli, ring_dim)
+    # each tower at its own width: 2 ciphertexts * 2 elements * sum of N * bits_i / 8
+    assert len(payload) == 2 * 2 * sum(ring_dim * q.bit_length() // 8 for q in moduli)
+    data = _native.encode_update(h, payload)
+    extra = 8 * (len(moduli) - 1)  # the other towers' moduli follow the fixed header
+    assert len(data) == _native.HEADER_SIZE + extra + len(payload) + _native.CHECKSUM_SIZE
+    assert data[146] == len(moduli)
+    assert data[168 + extra:-8] == payload
+    parsed = _native.parse_update(data)
+    assert parsed["moduli"] == tuple(moduli) and parsed["n_towers"] == len(moduli)
+    assert parsed["residue_bits"] == bits and parsed["modulus"] == moduli[0]
+
+    # the aggregator adds each residue mod its own tower's modulus (blocks of 4096 residues
+    # cross tower boundaries when ring_dim < 4096)
+    agg = _native.Aggregator(h["context_fp"], list(moduli), ring_dim, 8, 2, packing=1)
+    agg.add(data)
+    assert agg.result()[168 + extra:-8] == payload
+    other = _tower_residues(rng, h)
+    h2 = dict(h)
+    data2 = _native.encode_update(h2, ref_tower_pack(other, moduli, ring_dim))
+    agg.add(data2)
+    q_of = np.array([moduli[(i // ring_dim) % len(moduli)] for i in range(residues.size)],
+                    dtype=object)
+    expect = (residues.astype(object) + other.astype(object)) % q_of
+    assert agg.result()[168 + extra:-8] == ref_tower_pack(expect.astype(np.uint64), moduli,
+                                                          ring_dim)
+
+    # a server of another tower list refuses it; so does one with the towers reordered
+    for wrong in (list(moduli[:1]), list(reversed(moduli))):
+        with pytest.raises(fs.IncompatibleUpdate, match="modulus"):
+            _native.Aggregator(h["context_fp"], wrong, ring_dim, 8, 2).add(data)
+
+    # a residue of a smaller tower that is below q_0 but not below its own modulus is refused
+    bad = residues.copy()
+    bad[ring_dim] = moduli[1]  # first residue of tower 1 of c0: == q_1
+    if moduli[1] < 2**moduli[1].bit_length():  # always: q_1 itself fits its own width
+        data_bad = _native.encode_update(h, ref_tower_pack(bad, moduli, ring_dim))
+        with pytest.raises(fs.InvalidUpdate, match="modulus"):
+            _native.Aggregator(h["context_fp"], list(moduli), ring_dim, 8, 2).add(data_bad)
+
+
+def _forge(data: bytes, at: int, raw: bytes) -> bytes:
+    """Overwrites bytes at `at` and re-seals the checksum (a forger can always do that)."""
+    body = bytearray(data[:-8])
+    body[at:at + len(raw)] = raw
+    return bytes(body) + _native.checksum64(bytes(body)).to_bytes(8, "little")
+
+
+def test_multi_tower_header_forgeries_are_refused():
+    moduli = (1152921504606748673, 1125899904679937, 1125899908022273)
+    h = _header(modulus=moduli[0], moduli=moduli)
+    data = _native.encode_update(h, ref_tower_pack(_tower_residues(np.random.default_rng(0), h),
+                                                   moduli, h["ring_dim"]))
+    _native.parse_update(data)
+    cases = [
+        (146, bytes([2]), "checksum|trailing|payload_len|truncated"),   # tower count shrunk
+        (146, bytes([4]), "truncated|payload_len|modulus|residue_bits"),  # grown
+        (146, bytes([0]), "n_towers"),
+        (146, bytes([9]), "n_towers"),
+        (147, bytes([1]), "reserved"),
+        (168, (2**40).to_bytes(8, "little"), "modulus"),               # even tower modulus
+        (168, moduli[0].to_bytes(8, "little"), "twice"),                # duplicate tower
+        (176, (2**62 + 1).to_bytes(8, "little"), "residue_bits"),       # too wide
+        (8, (1).to_bytes(2, "little"), "version"),                      # wire version 1
+    ]
+    for at, raw, needle in cases:
+        with pytest.raises(fs.InvalidUpdate, match=needle):
+            _native.parse_update(_forge(data, at, raw))
+    with pytest.raises(fs.InvalidUpdate):
+        _native.parse_update(data[:168 + 8])  # cut inside the extra moduli
 
 
 @pytest.mark.parametrize("field,value,needle", [

@@ -54,7 +54,8 @@ def test_round_trip_and_header(client_ctx, small_update, small_layout):
     assert again.header == small_update.header
 
     assert data[:8] == b"FSHLDUPD"
-    assert struct.unpack_from("<H", data, 8)[0] == 1          # version
+    assert struct.unpack_from("<H", data, 8)[0] == 2          # version
+    assert data[146] == 1                                     # one RNS tower
     assert struct.unpack_from("<H", data, 10)[0] == 1         # kind: client update
     assert struct.unpack_from("<Q", data, len(data) - 8)[0] == _native.checksum64(data[:-8])
     assert again.round == 7 and struct.unpack_from("<Q", data, 112)[0] == 7
@@ -161,7 +162,7 @@ def test_wrong_magic(small_update):
             fs.EncryptedUpdate.from_bytes(reseal(magic + data[8:]))
 
 
-@pytest.mark.parametrize("version", [0, 2, 0xFFFF])
+@pytest.mark.parametrize("version", [0, 1, 3, 0xFFFF])
 def test_wrong_version(small_update, version):
     data = small_update.to_bytes()
     forged = reseal(data[:8] + struct.pack("<H", version) + data[10:])
@@ -184,7 +185,10 @@ def test_wrong_version(small_update, version):
     (136, "<Q", 2**61 - 1, "residue_bits"),
     (144, "<B", 61, "residue_bits"),
     (145, "<B", 0, "packing"),
-    (146, "<B", 1, "reserved"),
+    (146, "<B", 0, "n_towers"),
+    (146, "<B", 9, "n_towers"),
+    (146, "<B", 2, "truncated|payload_len|modulus|checksum"),  # a forged tower count
+    (147, "<B", 1, "reserved"),
     (151, "<B", 0x80, "reserved"),
     (152, "<d", 0.0, "weight_bound"),
     (152, "<d", -1.0, "weight_bound"),

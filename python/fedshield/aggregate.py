@@ -46,7 +46,7 @@ def aggregate(server_ctx: Context, updates: Iterable[UpdateLike], *, round: int 
         raise ParameterError("aggregate(mask=...) needs layout= to fingerprint the mask")
     if weight_bound is not None:
         expect["weight_bound"] = float(weight_bound)
-    agg = _native.Aggregator(server_ctx.fingerprint, server_ctx.modulus,
+    agg = _native.Aggregator(server_ctx.fingerprint, list(server_ctx.moduli),
                              server_ctx.params.ring_dim, server_ctx.params.max_clients, threads,
                              packing=PACKING_CODE[server_ctx.params.packing],
                              allow_aggregates=allow_partial_aggregates, **expect)

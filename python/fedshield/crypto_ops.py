@@ -56,12 +56,13 @@ def _encryption_layout(ctx: Context, first_ct: bytes) -> tuple:
     ciphertext against it (size, length words, residues below q).
     """
     layout = ctx._live.get("encrypt_layout")
-    if layout is None or layout[4] != len(first_ct):
+    if layout is None or layout[-1] != len(first_ct):
         template_layout = ctx.ciphertext_template[1]
-        if len(first_ct) == template_layout[4]:
+        if len(first_ct) == template_layout[-1]:
             layout = template_layout
         else:
-            layout = tuple(_native.locate_residues(first_ct, ctx.params.ring_dim, ctx.modulus))
+            layout = tuple(_native.locate_residues(first_ct, ctx.params.ring_dim,
+                                                   list(ctx.moduli)))
         ctx._live["encrypt_layout"] = layout
     return layout
 
@@ -112,9 +113,12 @@ def encrypt_update(ctx: Context, state: Mapping[str, torch.Tensor], layout: Layo
     per_ct = params.values_per_ciphertext
     n_cts = -(-n_values // per_ct)
     scale = weight / weight_bound
+    # With noise flooding, values are pre-scaled by an exact power of two (it cancels in
+    # sum(w*x)/sum(w), the weight slot carrying it too): see CKKSParams.prescale_bits.
+    pre = 2.0 ** params.prescale_bits
     try:
-        buffer = _native.pack_values(arrays, masks, scale, scale, params.value_bound,
-                                     n_cts * per_ct, threads)
+        buffer = _native.pack_values(arrays, masks, scale * pre, scale * pre,
+                                     params.value_bound * pre, n_cts * per_ct, threads)
     except HeadroomError as exc:
         # The native error names tensors by index; users know them by name.
         raise HeadroomError(_describe_bad_value(layout, arrays, masks, scale,
@@ -133,11 +137,30 @@ def encrypt_update(ctx: Context, state: Mapping[str, torch.Tensor], layout: Layo
         "kind": KIND_CLIENT, "n_summed": 1, "context_fp": ctx.fingerprint,
         "layout_fp": layout.fingerprint, "mask_fp": layout.mask_fingerprint(mask),
         "round": round, "n_values": n_values, "ring_dim": params.ring_dim,
-        "n_ciphertexts": n_cts, "modulus": ctx.modulus,
+        "n_ciphertexts": n_cts, "modulus": ctx.modulus, "moduli": ctx.moduli,
         "packing": PACKING_CODE[params.packing], "weight_bound": float(weight_bound),
     }
     data = _native.encode_ciphertexts(header, cts, ct_layout, threads)
     return EncryptedUpdate.from_bytes(data)
+
+
+def flood_ciphertexts(ctx: Context, cts: list, n_parties: int = 1) -> list[bytes]:
+    """Each serialized ciphertext with a fresh flooding polynomial added to c0 (every tower),
+    so that its decryption carries the flooding noise (fedshield.he.flooding): the decrypted
+    values may then leave the key holder at ``flood_bits`` of statistical security."""
+    from .he import flooding  # noqa: PLC0415
+
+    params = ctx.params
+    width = flooding.flood_width(params, n_parties)
+    towers = len(ctx.moduli)
+    c0_offsets = ctx.ciphertext_template[1][1 + towers:1 + 2 * towers]
+    roots = ctx.tower_roots
+    out = []
+    for blob in cts:
+        buf = bytearray(blob)
+        flooding.flood(buf, c0_offsets, ctx.moduli, roots, params.ring_dim, width)
+        out.append(bytes(buf))
+    return out
 
 
 def check_for_context(ctx: Context, update: EncryptedUpdate) -> None:
@@ -198,6 +221,8 @@ def decrypt_update(ctx: Context, update: EncryptedUpdate, layout: Layout,
     cc, _, secret_key = ctx._openfhe(need_secret=True)
     template, ct_layout = ctx.ciphertext_template
     cts = _native.decode_ciphertexts(update.to_bytes(), template, ct_layout, threads)
+    if ctx.params.flooding:
+        cts = flood_ciphertexts(ctx, cts, n_parties=1)
     pool = ctx._pool(_workers_for(workers, len(cts)), need_secret=True)
     if pool is not None:
         buffer = pool.decrypt(cts)

@@ -29,10 +29,12 @@ _SECURITY = {128: "HEStd_128_classic", 192: "HEStd_192_classic", 256: "HEStd_256
 
 
 def make_crypto_context(params: CKKSParams):
-    """A depth-0 CKKS crypto context: ciphertexts are only ever added, never multiplied."""
+    """A CKKS crypto context whose ciphertexts are only ever added, never multiplied: depth 0
+    (one RNS tower), or with noise flooding params.n_towers towers (depth n_towers - 1, used
+    only for the modulus: fresh ciphertexts stay at level 0)."""
     o = openfhe()
     p = o.CCParamsCKKSRNS()
-    p.SetMultiplicativeDepth(0)
+    p.SetMultiplicativeDepth(params.n_towers - 1)
     p.SetScalingModSize(params.scale_bits)
     p.SetFirstModSize(params.first_mod_bits)
     p.SetRingDim(params.ring_dim)
@@ -60,6 +62,34 @@ def enable_multiparty(cc) -> None:
 def modulus_of(cc) -> int:
     # GetModulus() is a float in the binding; the element parameters give the exact integer.
     return int(cc.GetElementParams().GetModulus())
+
+
+def moduli_of(cc, ciphertext: bytes) -> tuple[int, ...]:
+    """The RNS tower moduli q_0..q_{T-1} in the order OpenFHE serializes them.
+
+    The binding gives only their product Q (and q_0): the towers are the 64-bit words of a
+    serialized ciphertext of cc that divide Q, ordered by first appearance (each tower's
+    parameters precede its residues); their product must be Q exactly.
+    """
+    big_q = modulus_of(cc)
+    q0 = int(cc.GetModulusCKKS())
+    if q0 == big_q:
+        return (big_q,)
+    # Every tower's parameters are written before the first residue array: the head suffices.
+    head = ciphertext[:4096]
+    seen, found = set(), []
+    for at in range(len(head) - 7):
+        w = int.from_bytes(head[at:at + 8], "little")
+        if w > 2 and w not in seen and big_q % w == 0 and w != big_q:
+            seen.add(w)
+            found.append((at, w))
+    moduli = tuple(w for _, w in sorted(found))
+    product = 1
+    for q in moduli:
+        product *= q
+    if product != big_q or moduli[0] != q0:
+        raise ParameterError(f"cannot read the RNS towers of this context (found {moduli})")
+    return moduli
 
 
 def serialize(obj) -> bytes:

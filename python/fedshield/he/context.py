@@ -20,11 +20,15 @@ _VERSION = 1
 _DIGEST = 32
 
 
-def context_fingerprint(params: CKKSParams, modulus: int, public_key: bytes) -> bytes:
+def context_fingerprint(params: CKKSParams, modulus: int, public_key: bytes,
+                        moduli: Optional[tuple] = None) -> bytes:
     """Binds an update to its parameters and public key: a foreign update cannot pass for ours."""
     h = hashlib.sha256(b"fedshield-context-v1")
     h.update(params.fingerprint())
     h.update(modulus.to_bytes(8, "little"))
+    if moduli is not None and len(moduli) > 1:  # one tower: the fingerprint it always had
+        for q in moduli[1:]:
+            h.update(int(q).to_bytes(8, "little"))
     h.update(hashlib.sha256(public_key).digest())
     return h.digest()
 
@@ -39,9 +43,16 @@ class Context:
                  public_key: bytes, template: bytes, ct_layout: tuple,
                  secret_key: Optional[bytes] = None, role: str = "client",
                  live: Optional[dict] = None, party: Optional[tuple[int, int, int]] = None,
-                 key_shares: Optional[Mapping[int, bytes]] = None) -> None:
+                 key_shares: Optional[Mapping[int, bytes]] = None,
+                 moduli: Optional[tuple] = None) -> None:
         self.params = params
         self.modulus = int(modulus)
+        # RNS tower moduli q_0..q_{T-1} (modulus is q_0; one tower without flooding)
+        self.moduli = (self.modulus,) if moduli is None else tuple(int(q) for q in moduli)
+        if self.moduli[0] != self.modulus or len(self.moduli) != params.n_towers:
+            raise KeyMaterialError(
+                f"{len(self.moduli)} tower moduli starting at {self.moduli[0]}: these "
+                f"parameters need {params.n_towers} starting at the modulus {self.modulus}")
         self.role = role
         self._crypto_context = crypto_context
         self._public_key = public_key
@@ -54,7 +65,7 @@ class Context:
             raise KeyMaterialError("a threshold party context needs its secret key share")
         self._template = template
         self._ct_layout = tuple(int(v) for v in ct_layout)
-        self.fingerprint = context_fingerprint(params, self.modulus, public_key)
+        self.fingerprint = context_fingerprint(params, self.modulus, public_key, self.moduli)
         # openfhe objects, built on first use (never on the server path)
         self._live = dict(live or {})
 
@@ -86,9 +97,20 @@ class Context:
         """Serialized ciphertext with zeroed residues and where its residues sit."""
         return self._template, self._ct_layout
 
+    @property
+    def tower_roots(self) -> tuple[int, ...]:
+        """Each tower's primitive 2N-th root of unity (what noise flooding's NTT needs)."""
+        roots = self._live.get("tower_roots")
+        if roots is None:
+            from .flooding import roots_of  # noqa: PLC0415
+
+            roots = roots_of(self._template, self.moduli, self.params.ring_dim)
+            self._live["tower_roots"] = roots
+        return roots
+
     def public(self) -> "Context":
         """The same context without the secret key (what a server gets)."""
-        return Context(params=self.params, modulus=self.modulus,
+        return Context(params=self.params, modulus=self.modulus, moduli=self.moduli,
                        crypto_context=self._crypto_context, public_key=self._public_key,
                        template=self._template, ct_layout=self._ct_layout, role="server",
                        live={k: self._live[k] for k in ("crypto_context", "public_key")
@@ -152,6 +174,7 @@ class Context:
             **meta_party,
             "params": json.loads(self.params.to_json()),
             "modulus": self.modulus,
+            **({"moduli": list(self.moduli)} if len(self.moduli) > 1 else {}),
             "fingerprint": self.fingerprint.hex(),
             "role": self.role if include_secret else "server",
             "ct_layout": list(self._ct_layout),
@@ -232,9 +255,14 @@ def load_context(source: Union[bytes, bytearray, memoryview, str, os.PathLike]) 
         for name in sections:
             if name.startswith("key_share:"):
                 key_shares[int(name.split(":", 1)[1])] = sections[name]
+        moduli = meta.get("moduli")
+        if moduli is not None and not (isinstance(moduli, list) and 2 <= len(moduli) <= 8 and
+                                       all(isinstance(q, int) and not isinstance(q, bool)
+                                           for q in moduli)):
+            raise ValueError(f"moduli {moduli!r} is not a list of 2 to 8 ints")
         party = meta.get("party")
         if party is not None:
-            party = _check_party(party, key_shares, params.ring_dim)
+            party = _check_party(party, key_shares, params.ring_dim * params.n_towers)
         elif key_shares:
             raise ValueError("key shares in a context that is not a threshold party")
         secret_key = sections.get("secret_key")
@@ -242,7 +270,8 @@ def load_context(source: Union[bytes, bytearray, memoryview, str, os.PathLike]) 
                       crypto_context=sections["crypto_context"],
                       public_key=sections["public_key"], template=sections["template"],
                       ct_layout=tuple(meta["ct_layout"]), secret_key=secret_key,
-                      role=str(meta["role"]), party=party, key_shares=key_shares)
+                      role=str(meta["role"]), party=party, key_shares=key_shares,
+                      moduli=None if moduli is None else tuple(moduli))
         _check_ciphertext_layout(ctx)
         # inside the try: a missing "fingerprint" key is a malformed context, not a KeyError
         fingerprint_ok = ctx.fingerprint.hex() == meta["fingerprint"]
@@ -262,7 +291,7 @@ def load_context(source: Union[bytes, bytearray, memoryview, str, os.PathLike]) 
     return ctx
 
 
-def _check_party(party, key_shares: dict, ring_dim: int) -> tuple[int, int, int]:
+def _check_party(party, key_shares: dict, n_residues: int) -> tuple[int, int, int]:
     if not (isinstance(party, list) and len(party) == 3 and
             all(isinstance(v, int) and not isinstance(v, bool) for v in party)):
         raise ValueError(f"party {party!r} is not [party_id, n_parties, threshold]")
@@ -274,9 +303,9 @@ def _check_party(party, key_shares: dict, ring_dim: int) -> tuple[int, int, int]
     for sender, share in key_shares.items():
         if not (0 <= sender < n_parties and sender != party_id):
             raise ValueError(f"key share from party {sender}, not another party of {n_parties}")
-        if len(share) != 8 * ring_dim:
+        if len(share) != 8 * n_residues:
             raise ValueError(f"key share from party {sender} has {len(share)} bytes, "
-                             f"expected {8 * ring_dim}")
+                             f"expected {8 * n_residues}")
     return party_id, n_parties, threshold
 
 
@@ -288,11 +317,12 @@ def _check_secret_key(ctx: Context, secret_key: bytes) -> None:
     from ..errors import InvalidUpdate  # noqa: PLC0415
 
     try:
-        _native.locate_key_residues(secret_key, ctx.params.ring_dim, ctx.modulus)
+        _native.locate_key_residues(secret_key, ctx.params.ring_dim, list(ctx.moduli))
     except InvalidUpdate as exc:
         raise KeyMaterialError(f"the secret key does not fit this context: {exc}") from exc
+    bounds = np.repeat(np.array(ctx.moduli, dtype=np.uint64), ctx.params.ring_dim)
     for sender, share in ctx._key_shares.items():
-        if not (np.frombuffer(share, dtype="<u8") < ctx.modulus).all():
+        if not (np.frombuffer(share, dtype="<u8") < bounds).all():
             raise KeyMaterialError(f"key share from party {sender} has residues not below q")
 
 
@@ -300,14 +330,22 @@ def _check_ciphertext_layout(ctx: Context) -> None:
     """The template layout must describe this context's ciphertexts: the native code copies
     residues through these offsets (it re-checks the bounds itself too)."""
     layout = ctx._ct_layout
-    n = ctx.params.ring_dim
-    if len(layout) != 5:
-        raise ValueError(f"ct_layout has {len(layout)} fields, expected 5")
-    ring_dim, modulus, c0, c1, total = layout
-    if ring_dim != n or modulus != ctx.modulus or total != len(ctx._template):
-        raise ValueError(f"ct_layout {layout} does not match ring_dim {n}, the modulus or the "
-                         f"{len(ctx._template)}-byte template")
-    if not (8 <= c0 and c0 + 8 * n + 8 <= c1 and c1 + 8 * n <= total):
-        raise ValueError(f"ct_layout offsets ({c0}, {c1}) do not fit the template")
-    if not (3 <= ctx.modulus < 2**62 and ctx.modulus % 2 == 1):  # what the wire format takes
-        raise ValueError(f"modulus {ctx.modulus} is not an odd modulus in [3, 2**62)")
+    n, towers = ctx.params.ring_dim, len(ctx.moduli)
+    if len(layout) != 2 + 3 * towers:
+        raise ValueError(f"ct_layout has {len(layout)} fields, expected {2 + 3 * towers} "
+                         f"({towers} tower(s))")
+    ring_dim, moduli, offsets, total = (layout[0], tuple(layout[1:1 + towers]),
+                                        layout[1 + towers:-1], layout[-1])
+    if ring_dim != n or moduli != ctx.moduli or total != len(ctx._template):
+        raise ValueError(f"ct_layout {layout[:1 + towers]}... does not match ring_dim {n}, "
+                         f"the moduli or the {len(ctx._template)}-byte template")
+    at = 8
+    for off in offsets:
+        if not at <= off or off + 8 * n > total:
+            raise ValueError(f"ct_layout offsets {offsets} do not fit the template")
+        at = off + 8 * n + 8
+    for q in ctx.moduli:  # what the wire format takes
+        if not (3 <= q < 2**62 and q % 2 == 1):
+            raise ValueError(f"modulus {q} is not an odd modulus in [3, 2**62)")
+    if len(set(ctx.moduli)) != towers:
+        raise ValueError(f"tower moduli {ctx.moduli} are not distinct")

@@ -9,19 +9,21 @@ from .context import Context
 from .params import CKKSParams
 
 
-def _template(cc, public_key, params: CKKSParams) -> tuple[bytes, tuple]:
-    """A fresh encryption of zeros, residues zeroed: every non-residue byte of our ciphertexts."""
+def _template(cc, public_key, params: CKKSParams) -> tuple[bytes, tuple, tuple]:
+    """A fresh encryption of zeros, residues zeroed: every non-residue byte of our ciphertexts.
+    Returns (template, layout, tower moduli)."""
     from . import backend  # noqa: PLC0415
 
     blob = backend.encrypt_buffer(cc, public_key,
                                   np.zeros(params.values_per_ciphertext, dtype=np.float64),
                                   params)[0]
-    layout = _native.locate_residues(blob, params.ring_dim, backend.modulus_of(cc))
+    moduli = backend.moduli_of(cc, blob)
+    layout = _native.locate_residues(blob, params.ring_dim, list(moduli))
     template = bytearray(blob)
-    n = params.ring_dim
-    for offset in layout[2:4]:
+    n, towers = params.ring_dim, len(moduli)
+    for offset in layout[1 + towers:-1]:
         template[offset:offset + 8 * n] = bytes(8 * n)
-    return bytes(template), layout
+    return bytes(template), layout, moduli
 
 
 class SharedKeys:
@@ -30,9 +32,9 @@ class SharedKeys:
     def __init__(self, params: CKKSParams, cc, key_pair) -> None:
         from . import backend  # noqa: PLC0415
 
-        template, layout = _template(cc, key_pair.publicKey, params)
+        template, layout, moduli = _template(cc, key_pair.publicKey, params)
         self._client = Context(
-            params=params, modulus=backend.modulus_of(cc),
+            params=params, modulus=moduli[0], moduli=moduli,
             crypto_context=backend.serialize(cc), public_key=backend.serialize(key_pair.publicKey),
             secret_key=backend.serialize(key_pair.secretKey), template=template, ct_layout=layout,
             role="client",
@@ -53,5 +55,9 @@ def keygen_shared(params: CKKSParams | None = None) -> SharedKeys:
     from . import backend  # noqa: PLC0415
 
     params = params or CKKSParams()
+    if params.flooding:
+        from .flooding import check_precision  # noqa: PLC0415
+
+        check_precision(params, 1)
     cc = backend.make_crypto_context(params)
     return SharedKeys(params, cc, cc.KeyGen())

@@ -23,6 +23,14 @@ HE_STANDARD_MAX_LOGQ = {
 MAX_MODULUS_BITS = 60
 # Below this the CKKS encoding error swamps the fine-tuning signal.
 MIN_SCALE_BITS = 30
+# Noise flooding (flood_bits > 0) runs on this many RNS towers: first_mod_bits + 2 * scale_bits
+# bits of modulus (~160 at the defaults). See fedshield.he.flooding for why one tower cannot
+# hold flooding at a useful statistical security level, and docs/THREAT_MODEL.md.
+FLOOD_TOWERS = 3
+# Statistical security levels (bits) noise flooding accepts.
+MIN_FLOOD_BITS, MAX_FLOOD_BITS = 20, 64
+# Slot values of a flooding context may reach this bound per client (like 2**50 single-tower).
+FLOOD_VALUE_BOUND = 4.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,11 @@ class CKKSParams:
 
     The modulus q is one prime of ``first_mod_bits`` bits; values are encoded at scale
     2**scale_bits. What lies between them is headroom for the sum of ``max_clients`` updates.
+
+    With ``flood_bits`` = lambda > 0, every decryption that leaves a key holder is flooded at
+    lambda bits of statistical security over 2**flood_log_queries decrypted ciphertexts
+    (fedshield.he.flooding, docs/THREAT_MODEL.md): the modulus is then FLOOD_TOWERS primes
+    (first_mod_bits + 2 * scale_bits bits) and values are pre-scaled by 2**prescale_bits.
     """
 
     ring_dim: int = field(default=16384, metadata={"help": "ring dimension N (power of two); N/2 slots"})
@@ -39,9 +52,15 @@ class CKKSParams:
     packing: str = field(default="complex", metadata={"help": "'complex': 2 reals per slot; 'real': 1"})
     security_bits: int = field(default=128, metadata={"help": "HE-standard security level: 128, 192 or 256"})
     max_clients: int = field(default=64, metadata={"help": "most updates one aggregate may sum"})
+    flood_bits: int = field(default=0, metadata={
+        "help": "noise flooding of every decryption at this statistical security level "
+                "(bits; 0 = off). Runs on 3 RNS towers (3x the bytes)"})
+    flood_log_queries: int = field(default=20, metadata={
+        "help": "log2 of the decrypted ciphertexts the flooding guarantee covers"})
 
     def __post_init__(self) -> None:
-        for name in ("ring_dim", "scale_bits", "first_mod_bits", "security_bits", "max_clients"):
+        for name in ("ring_dim", "scale_bits", "first_mod_bits", "security_bits", "max_clients",
+                     "flood_bits", "flood_log_queries"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ParameterError(f"CKKSParams.{name} must be an int, got {value!r}")
@@ -66,8 +85,15 @@ class CKKSParams:
             raise ParameterError(
                 f"CKKSParams.scale_bits={self.scale_bits} must be below "
                 f"first_mod_bits={self.first_mod_bits}: the scale must fit in the modulus")
-        # Key switching material doubles the modulus OpenFHE counts, so budget 2 * first_mod_bits.
-        log_qp = 2 * self.first_mod_bits
+        if self.flood_bits != 0 and not MIN_FLOOD_BITS <= self.flood_bits <= MAX_FLOOD_BITS:
+            raise ParameterError(
+                f"CKKSParams.flood_bits={self.flood_bits} must be 0 (off) or in "
+                f"[{MIN_FLOOD_BITS}, {MAX_FLOOD_BITS}]")
+        if not 0 <= self.flood_log_queries <= 40:
+            raise ParameterError(
+                f"CKKSParams.flood_log_queries={self.flood_log_queries} is not in [0, 40]")
+        # Key switching material doubles the modulus OpenFHE counts, so budget twice log2(Q).
+        log_qp = 2 * (self.first_mod_bits + (self.n_towers - 1) * self.scale_bits)
         if log_qp > table[self.ring_dim]:
             raise ParameterError(
                 f"CKKSParams(ring_dim={self.ring_dim}, first_mod_bits={self.first_mod_bits}) is "
@@ -75,6 +101,10 @@ class CKKSParams:
                 f"{table[self.ring_dim]}; use a larger ring_dim")
         if self.max_clients < 1:
             raise ParameterError(f"CKKSParams.max_clients={self.max_clients} must be >= 1")
+        if self.n_towers > 1 and self.prescale_bits < 0:
+            raise ParameterError(
+                f"CKKSParams(first_mod_bits={self.first_mod_bits}, scale_bits={self.scale_bits}, "
+                f"max_clients={self.max_clients}) leaves no room for noise flooding")
         if self.value_bound < 1.0:
             # Name the offending values themselves (not only their difference), like every
             # other ParameterError here.
@@ -96,8 +126,42 @@ class CKKSParams:
         return self.ring_dim if self.packing == "complex" else self.ring_dim // 2
 
     @property
+    def flooding(self) -> bool:
+        """Decryptions are flooded (fedshield.he.flooding) at ``flood_bits`` of security."""
+        return self.flood_bits > 0
+
+    @property
+    def n_towers(self) -> int:
+        """RNS towers of the ciphertext modulus: 1, or FLOOD_TOWERS with flooding."""
+        return FLOOD_TOWERS if self.flooding else 1
+
+    @property
+    def log_q_min(self) -> int:
+        """A lower bound on log2(Q): each tower's prime has exactly its bit size."""
+        return (self.first_mod_bits - 1) + (self.n_towers - 1) * (self.scale_bits - 1)
+
+    @property
+    def prescale_bits(self) -> int:
+        """Values are multiplied by 2**prescale_bits before encoding (flooding only): the
+        effective scale 2**(scale_bits + prescale_bits) uses the extra towers, so that the
+        flooding noise stays far below one unit of the last decimal that matters."""
+        if not self.flooding:
+            return 0
+        # Q/4 holds max_clients values of magnitude FLOOD_VALUE_BOUND; the other Q/4 is room for
+        # the flooding noise (checked against the actual bound in fedshield.he.flooding).
+        sum_bits = (self.max_clients - 1).bit_length() + int(FLOOD_VALUE_BOUND).bit_length() - 1
+        return self.log_q_min - 2 - sum_bits - self.scale_bits
+
+    @property
+    def effective_scale_bits(self) -> int:
+        return self.scale_bits + self.prescale_bits
+
+    @property
     def total_bound(self) -> float:
-        """Largest |sum| an aggregate slot holds: q/2 >= 2**(first_mod_bits-2), over the scale."""
+        """Largest |sum| an aggregate slot holds: q/2 >= 2**(first_mod_bits-2), over the scale
+        (flooding: Q/4 over the effective scale, the other Q/4 is the flooding noise's)."""
+        if self.flooding:
+            return float(2 ** (self.log_q_min - 2 - self.effective_scale_bits))
         return float(2 ** (self.first_mod_bits - 2 - self.scale_bits))
 
     @property
@@ -106,7 +170,12 @@ class CKKSParams:
         return self.total_bound / self.max_clients
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        if not self.flooding:
+            # Parameters without flooding keep the JSON (and so the fingerprints) they had
+            # before flooding existed.
+            del d["flood_bits"], d["flood_log_queries"]
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CKKSParams":

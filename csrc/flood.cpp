@@ -1,0 +1,154 @@
+#include "flood.hpp"
+
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "errors.hpp"
+#include "shamir.hpp"
+
+namespace fedshield {
+namespace {
+
+using u128 = unsigned __int128;
+
+[[noreturn]] void bad(const std::string& what) { throw InvalidUpdateError("flooding: " + what); }
+
+unsigned log2_exact(size_t n) {
+    unsigned k = 0;
+    while ((size_t{1} << k) < n) ++k;
+    return k;
+}
+
+size_t bitrev(size_t x, unsigned bits) {
+    size_t r = 0;
+    for (unsigned i = 0; i < bits; ++i, x >>= 1) r = (r << 1) | (x & 1);
+    return r;
+}
+
+inline uint64_t add_mod(uint64_t a, uint64_t b, uint64_t q) {
+    const uint64_t s = a + b;  // a, b < q < 2^62: no overflow
+    return s >= q ? s - q : s;
+}
+
+inline uint64_t sub_mod(uint64_t a, uint64_t b, uint64_t q) { return a >= b ? a - b : a + q - b; }
+
+inline uint64_t mul_mod(uint64_t a, uint64_t b, uint64_t q) {
+    return static_cast<uint64_t>(static_cast<u128>(a) * b % q);
+}
+
+// n uniform integers in [0, 2w] as 128-bit values (rejection sampling on bit_length(2w) bits).
+std::vector<u128> uniform_0_to(u128 top, size_t n) {
+    unsigned bits = 0;
+    while (bits < 128 && (top >> bits) != 0) ++bits;
+    const u128 mask = bits >= 128 ? ~u128{0} : ((u128{1} << bits) - 1);
+    std::vector<u128> out(n);
+    std::vector<u128> pool(n + 64);
+    size_t filled = 0;
+    while (filled < n) {
+        random_bytes(reinterpret_cast<uint8_t*>(pool.data()), pool.size() * sizeof(u128));
+        for (u128 v : pool) {
+            v &= mask;
+            if (v <= top && filled < n) out[filled++] = v;
+        }
+    }
+    std::memset(pool.data(), 0, pool.size() * sizeof(u128));
+    return out;
+}
+
+struct Twiddles {
+    std::vector<uint64_t> rev, shoup;  // psi^bitrev(k) and floor(psi^bitrev(k) * 2^64 / q)
+};
+
+// psi_rev[k] = psi^bitrev(k): the twiddles of the Cooley-Tukey negacyclic NTT, whose output is
+// in bit-reversed order (Longa-Naehrig 2016, Algorithm 1), with Shoup's precomputed quotients.
+// Built once per (n, q, psi): a context has a handful of towers.
+std::shared_ptr<const Twiddles> twiddles(size_t n, uint64_t q, uint64_t psi) {
+    static std::mutex lock;
+    static std::map<std::tuple<size_t, uint64_t, uint64_t>, std::shared_ptr<const Twiddles>> cache;
+    const auto key = std::make_tuple(n, q, psi);
+    {
+        std::lock_guard<std::mutex> guard(lock);
+        auto it = cache.find(key);
+        if (it != cache.end()) return it->second;
+    }
+    const unsigned logn = log2_exact(n);
+    auto t = std::make_shared<Twiddles>();
+    std::vector<uint64_t> pow(n);
+    pow[0] = 1;
+    for (size_t k = 1; k < n; ++k) pow[k] = mul_mod(pow[k - 1], psi, q);
+    t->rev.resize(n);
+    t->shoup.resize(n);
+    for (size_t k = 0; k < n; ++k) {
+        t->rev[k] = pow[bitrev(k, logn)];
+        t->shoup[k] = static_cast<uint64_t>((static_cast<u128>(t->rev[k]) << 64) / q);
+    }
+    std::lock_guard<std::mutex> guard(lock);
+    if (cache.size() > 64) cache.clear();  // bounded: tests and tools may cycle contexts
+    cache.emplace(key, t);
+    return t;
+}
+
+}  // namespace
+
+void ntt_forward(uint64_t* a, size_t n, uint64_t q, uint64_t psi) {
+    const unsigned logn = log2_exact(n);
+    if (n < 2 || n > (size_t{1} << 17) || (size_t{1} << logn) != n)
+        bad("ring dimension " + std::to_string(n) + " is not a power of two in [2, 131072]");
+    if (q < 3 || q >= (uint64_t{1} << 62)) bad("modulus is not in [3, 2^62)");
+    if (psi == 0 || psi >= q || powmod(psi, n, q) != q - 1)
+        bad("root " + std::to_string(psi) + " is not a primitive 2N-th root of unity mod q");
+    // Products by a fixed twiddle use Shoup's precomputed quotient floor(s * 2^64 / q): one
+    // high multiply and one correction instead of a 128-bit division (q < 2^62).
+    const auto tw = twiddles(n, q, psi);
+    const uint64_t* psi_rev = tw->rev.data();
+    const uint64_t* psi_shoup = tw->shoup.data();
+    size_t t = n;
+    for (size_t m = 1; m < n; m <<= 1) {
+        t >>= 1;
+        for (size_t i = 0; i < m; ++i) {
+            const size_t j1 = 2 * i * t;
+            const uint64_t s = psi_rev[m + i], s_shoup = psi_shoup[m + i];
+            for (size_t j = j1; j < j1 + t; ++j) {
+                const uint64_t u = a[j], x = a[j + t];
+                const uint64_t hi = static_cast<uint64_t>((static_cast<u128>(x) * s_shoup) >> 64);
+                uint64_t v = x * s - hi * q;  // in [0, 2q): exact mod 2^64
+                if (v >= q) v -= q;
+                a[j] = add_mod(u, v, q);
+                a[j + t] = sub_mod(u, v, q);
+            }
+        }
+    }
+}
+
+void flood_towers(const std::vector<uint64_t*>& towers, size_t n,
+                  const std::vector<uint64_t>& moduli, const std::vector<uint64_t>& roots,
+                  uint64_t w_hi, uint64_t w_lo) {
+    if (towers.empty() || towers.size() != moduli.size() || towers.size() != roots.size())
+        bad("one modulus and one root per tower are needed");
+    const u128 w = (static_cast<u128>(w_hi) << 64) | w_lo;
+    if (w >> 126) bad("the flooding bound must be below 2^126");
+    for (uint64_t q : moduli)
+        if (q < 3 || q >= (uint64_t{1} << 62)) bad("a modulus is not in [3, 2^62)");
+    for (size_t i = 0; i < towers.size(); ++i)
+        for (size_t j = 0; j < n; ++j)
+            if (towers[i][j] >= moduli[i]) bad("a residue is not below its modulus");
+    // f_j = u_j - w with u_j uniform in [0, 2w]
+    std::vector<u128> u = uniform_0_to(2 * w, n);
+    std::vector<uint64_t> f(n);
+    for (size_t i = 0; i < towers.size(); ++i) {
+        const uint64_t q = moduli[i];
+        const uint64_t w_mod = static_cast<uint64_t>(w % q);
+        for (size_t j = 0; j < n; ++j) f[j] = sub_mod(static_cast<uint64_t>(u[j] % q), w_mod, q);
+        ntt_forward(f.data(), n, q, roots[i]);
+        uint64_t* dst = towers[i];
+        for (size_t j = 0; j < n; ++j) dst[j] = add_mod(dst[j], f[j], q);
+    }
+    std::memset(u.data(), 0, u.size() * sizeof(u128));
+    std::memset(f.data(), 0, f.size() * 8);
+}
+
+}  // namespace fedshield

@@ -1,0 +1,30 @@
+// Noise flooding of decryptions (IND-CPA^D, Li-Micciancio 2021), done on the residues of
+// OpenFHE's serialized polynomials: fedshield cannot call OpenFHE from C++, so it adds the
+// flooding polynomial itself, in OpenFHE's evaluation (NTT) representation.
+//
+// A flooding polynomial f has N integer coefficients drawn independently and uniformly from
+// [-W, W] (W < 2^126, exact 128-bit rejection sampling from getrandom(2)). The same integer
+// polynomial is reduced mod every tower q_i and taken to the evaluation representation OpenFHE
+// stores: out[j] = f(psi^(2 * bitrev(j) + 1)) mod q_i, psi the tower's primitive 2N-th root of
+// unity (serialized next to its modulus), j in [0, N), bitrev over log2(N) bits. Adding it to
+// c0 before decryption (or to a partial decryption) adds f to the decrypted coefficients.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace fedshield {
+
+// In place: a[j] (coefficients mod q, natural order) -> evaluations in OpenFHE's bit-reversed
+// order (see above). n a power of two in [2, 2^17], psi a primitive 2n-th root of unity mod q.
+void ntt_forward(uint64_t* a, size_t n, uint64_t q, uint64_t psi);
+
+// Adds one fresh flooding polynomial (uniform integers in [-w, w], w = w_hi * 2^64 + w_lo)
+// to T residue arrays of one polynomial in evaluation representation: towers[i] holds n
+// residues mod moduli[i] (primitive 2n-th roots roots[i]). Throws InvalidUpdateError on bad
+// arguments (root not primitive, residue not below its modulus, w >= 2^126).
+void flood_towers(const std::vector<uint64_t*>& towers, size_t n,
+                  const std::vector<uint64_t>& moduli, const std::vector<uint64_t>& roots,
+                  uint64_t w_hi, uint64_t w_lo);
+
+}  // namespace fedshield
