@@ -18,7 +18,7 @@ _RUN_FLAGS = ("clients", "rounds", "model", "data", "columns", "split", "dirichl
               "algorithm", "engine", "out", "seed", "local_steps", "batch_size", "grad_accum",
               "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lr", "lr_min",
               "quantize", "device", "template", "dp_clip", "dp_noise", "dp_delta", "samples",
-              "sample_tokens", "examples_per_client")
+              "sample_tokens", "examples_per_client", "flood_bits")
 _RUN_SWITCHES = ("grad_checkpointing",)  # boolean flags: --grad-checkpointing
 
 

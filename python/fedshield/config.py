@@ -94,6 +94,11 @@ class RunConfig:
         "help": "held-out prompts answered by the global model after every round (0 = none)"})
     sample_tokens: int = field(default=32, metadata={"help": "tokens generated per sample"})
     ring_dim: int = field(default=16384, metadata={"help": "CKKS ring dimension"})
+    flood_bits: int = field(default=-1, metadata={
+        "help": "noise flooding of every decryption at this statistical security level in bits "
+                "(IND-CPA^D protection, ~2.7x the bytes: 3 RNS towers); 0 = off; -1 = auto: 30 "
+                "with threshold keys, whose partial decryptions leave the parties, off with "
+                "shared keys, whose decryptions stay with the key holders"})
     scale_bits: int = field(default=0, metadata={
         "help": "CKKS scale bits (0 = 50 with shared keys, 52 with threshold keys)"})
 
@@ -146,6 +151,12 @@ class RunConfig:
             raise ParameterError(f"threshold={self.threshold}, dropouts={self.dropouts} apply "
                                  "to keys='threshold' only")
         self._check_dp()
+        if not isinstance(self.flood_bits, int) or self.flood_bits < -1:
+            raise ParameterError(f"flood_bits={self.flood_bits!r} must be -1 (auto), 0 (off) or "
+                                 "a statistical security level in bits")
+        if self.flood_bits > 0 and not self.he:
+            raise ParameterError(f"flood_bits={self.flood_bits} floods decryptions; it needs HE "
+                                 "on (drop --no-he)")
         for name in ("samples", "sample_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -48,11 +48,17 @@ PHASES = ("train", "prune", "encrypt", "aggregate", "decrypt")
 TINY_INIT_STD = 0.1
 
 
+AUTO_FLOOD_BITS = 30  # statistical security of flooding when flood_bits=-1 and keys=threshold
+
+
 def ckks_params(cfg: RunConfig) -> CKKSParams:
     """The CKKS parameters of a run (every engine generates its keys with these)."""
     # Threshold decryption adds flooding noise: 2 more bits of scale keep it under 1e-6.
     scale_bits = cfg.scale_bits or (52 if cfg.keys == "threshold" else 50)
-    return CKKSParams(ring_dim=cfg.ring_dim, scale_bits=scale_bits)
+    # Threshold partial decryptions leave their parties: flood them by default (issue: IND-CPA^D).
+    flood_bits = cfg.flood_bits if cfg.flood_bits >= 0 else (
+        AUTO_FLOOD_BITS if cfg.keys == "threshold" else 0)
+    return CKKSParams(ring_dim=cfg.ring_dim, scale_bits=scale_bits, flood_bits=flood_bits)
 
 
 class _Timer:
@@ -130,7 +136,7 @@ class LocalSimulation:
         self.cfg = config
         self.out = Path(config.out)
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
-        self.client_ctxs, self.server_ctx = [], None
+        self.client_ctxs, self.server_ctx, self.params = [], None, None
         self.resumed: dict | None = None
         # The alpaca template; its preamble-free variant keeps the tiny demo's sequences short.
         self.compact = config.template == "compact" or (config.template == "auto"
@@ -265,7 +271,7 @@ class LocalSimulation:
         cfg = self.cfg
         if not cfg.he:
             return
-        params = ckks_params(cfg)
+        params = self.params = ckks_params(cfg)
         if cfg.keys == "threshold":
             self.client_ctxs, self.server_ctx = keygen_threshold(
                 params, n_parties=cfg.clients, threshold=cfg.threshold or None)
@@ -479,6 +485,8 @@ class LocalSimulation:
                 "initial_eval_loss": initial,
                 "initial_perplexity": perplexity(initial),
                 "server_has_secret_key": bool(self.server_ctx.has_secret_key) if cfg.he else None,
+                # Statistical security (bits) of the noise flooding of decryptions; 0 = none.
+                "flood_bits": self.params.flood_bits if self.params else None,
                 "rounds": [],
             }
             first = 1
