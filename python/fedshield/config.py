@@ -14,7 +14,7 @@ _CHOICES = {
     "keys": ("shared", "threshold"),
     "prune": ("local", "global", "off"),
     "algorithm": ("delta", "paper"),
-    "engine": ("local",),
+    "engine": ("local", "flower"),
     "split": ("auto", "tasks", "iid", "dirichlet"),
     "dtype": ("fp32", "bf16"),
 }
@@ -51,7 +51,9 @@ class RunConfig:
         "help": "threshold mode: clients (ids 0..k-1, the lead included) absent at decryption"})
     prune: str = field(default="local", metadata={"help": "local | global | off"})
     algorithm: str = field(default="delta", metadata={"help": "delta (weighted FedAvg of updates) | paper"})
-    engine: str = field(default="local", metadata={"help": "local (in-process simulation)"})
+    engine: str = field(default="local", metadata={
+        "help": "local (in-process simulation) | flower (a SuperLink and one SuperNode per "
+                "client as processes on loopback, gRPC)"})
     out: str = field(default="runs/demo", metadata={"help": "output directory"})
     seed: int = field(default=0, metadata={"help": "seed of data, model, LoRA init and training"})
     examples_per_client: int = field(default=96, metadata={"help": "synthetic examples per client"})
@@ -73,6 +75,11 @@ class RunConfig:
     ring_dim: int = field(default=16384, metadata={"help": "CKKS ring dimension"})
     scale_bits: int = field(default=0, metadata={
         "help": "CKKS scale bits (0 = 50 with shared keys, 52 with threshold keys)"})
+    min_clients: int = field(default=0, metadata={
+        "help": "engine=flower: fewest valid updates a round needs (0 = a majority of the "
+                "clients; threshold mode: at least the threshold)"})
+    round_timeout: float = field(default=600.0, metadata={
+        "help": "engine=flower: seconds to wait for the replies of one step of a round"})
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
@@ -122,6 +129,19 @@ class RunConfig:
         elif self.threshold or self.dropouts:
             raise ParameterError(f"threshold={self.threshold}, dropouts={self.dropouts} apply "
                                  "to keys='threshold' only")
+        if not (isinstance(self.min_clients, int) and 0 <= self.min_clients <= self.clients):
+            raise ParameterError(f"min_clients={self.min_clients!r} must be in [0, clients]")
+        if not (isinstance(self.round_timeout, (int, float)) and self.round_timeout > 0
+                and math.isfinite(self.round_timeout)):
+            raise ParameterError(f"round_timeout={self.round_timeout!r} must be a positive "
+                                 "number of seconds")
+        if self.engine == "flower":
+            if not self.he:
+                raise ParameterError("engine='flower' runs encrypted aggregation only; "
+                                     "drop --no-he (or use --engine local)")
+            if self.dropouts:
+                raise ParameterError(f"dropouts={self.dropouts} simulates absent parties in "
+                                     "the local engine; on Flower, stop a SuperNode instead")
         if self.examples_per_client < self.batch_size:
             raise ParameterError(f"examples_per_client={self.examples_per_client} is smaller "
                                  f"than batch_size={self.batch_size}")

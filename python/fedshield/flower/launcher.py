@@ -1,0 +1,276 @@
+"""`fedshield run --engine flower`: a real SuperLink and one SuperNode per client, as separate
+processes talking gRPC on loopback, driven by ``flwr run``.
+
+The launcher plays the key dealer: it generates the keys with the run's CKKS parameters and
+writes one key file per party (mode 0600) and the public server context. Everything a
+process needs travels as a path in its node config or the run config, as in a real
+deployment where each file sits on its own machine (README: "Deployment on Flower").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..config import RunConfig
+from ..errors import FedShieldError
+from ..he import keygen_shared, keygen_threshold
+from ..runner import ckks_params
+
+log = logging.getLogger("fedshield")
+
+SERVER_APP = "fedshield.flower.server_app:app"
+CLIENT_APP = "fedshield.flower.client_app:app"
+CONNECTION = "fedshield-loopback"
+
+
+@dataclass
+class FlowerApp:
+    """What `flwr run` ships (the FAB): component references and extra module files."""
+
+    server_app: str = SERVER_APP
+    client_app: str = CLIENT_APP
+    files: Sequence[Path] = ()
+    run_config: dict = field(default_factory=dict)   # extra run-config entries
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string (JSON escapes are valid TOML)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _tool(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise FedShieldError(f"{name} not found: install the flower extra "
+                             "(pip install 'fedshield[flower]')")
+    return found
+
+
+def write_keys(cfg: RunConfig, key_dir: Path) -> tuple[list[Path], Path]:
+    """One key file per party (0600) and the public server context."""
+    key_dir.mkdir(parents=True, exist_ok=True)
+    params = ckks_params(cfg)
+    if cfg.keys == "threshold":
+        parties, server_ctx = keygen_threshold(params, n_parties=cfg.clients,
+                                               threshold=cfg.threshold or None)
+    else:
+        keys = keygen_shared(params)
+        parties, server_ctx = [keys.client_context()] * cfg.clients, keys.server_context()
+    paths = []
+    for i, ctx in enumerate(parties):
+        path = key_dir / f"party-{i}.key"
+        ctx.save(path)
+        paths.append(path)
+    server_path = key_dir / "server.ctx"
+    server_ctx.save(server_path, include_secret=False)
+    return paths, server_path
+
+
+def write_app(app_dir: Path, cfg: RunConfig, server_ctx: Path, out: Path,
+              app: FlowerApp) -> None:
+    """The Flower app project `flwr run` packs into a FAB."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    run_config = {"fedshield-config": json.dumps(cfg.to_dict()),
+                  "server-context": str(server_ctx), "out-dir": str(out), **app.run_config}
+    lines = [
+        "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
+        "[project]", 'name = "fedshield-run"', 'version = "1.0.0"',
+        'description = "fedshield encrypted LoRA aggregation"', 'license = "Apache-2.0"',
+        'dependencies = ["fedshield[flower]"]', "",
+        "[tool.flwr.app]", 'publisher = "fedshield"', "",
+        "[tool.flwr.app.components]", f"serverapp = {_toml_value(app.server_app)}",
+        f"clientapp = {_toml_value(app.client_app)}", "",
+        "[tool.flwr.app.config]",
+        *(f"{k} = {_toml_value(v)}" for k, v in run_config.items()),
+    ]
+    (app_dir / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    # The FAB needs at least one module of its own; the apps themselves live in fedshield.
+    (app_dir / "fedshield_run.py").write_text('"""fedshield run (components in fedshield.flower)."""\n')
+    for f in app.files:
+        shutil.copy(f, app_dir / Path(f).name)
+
+
+class Deployment:
+    """SuperLink + SuperNodes on loopback; a context manager that always cleans up."""
+
+    def __init__(self, work: Path, n_nodes: int, node_configs: list[dict],
+                 env: dict | None = None) -> None:
+        self.work = work
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.n_nodes = n_nodes
+        self.node_configs = node_configs
+        self.procs: dict[str, subprocess.Popen] = {}
+        fleet, control, serverappio, *clientappio = _free_ports(3 + n_nodes)
+        self.fleet, self.control, self.serverappio = fleet, control, serverappio
+        self.clientappio = clientappio
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = {**os.environ, **(env or {}),
+                    "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                    "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+
+    def _home(self, name: str) -> Path:
+        home = self.work / "home" / name
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+
+    def _start(self, name: str, argv: list[str], home: Path) -> subprocess.Popen:
+        log_file = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed by the child's exit
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
+                                env={**self.env, "FLWR_HOME": str(home)},
+                                start_new_session=True, cwd=str(self.work))
+        log_file.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_superlink(self) -> None:
+        self._start("superlink", [
+            _tool("flower-superlink"), "--insecure",
+            "--fleet-api-address", f"127.0.0.1:{self.fleet}",
+            "--control-api-address", f"127.0.0.1:{self.control}",
+            "--serverappio-api-address", f"127.0.0.1:{self.serverappio}"],
+            self._home("superlink"))
+
+    def node_config_arg(self, config: dict) -> str:
+        return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
+
+    def start_supernode(self, i: int) -> None:
+        self._start(f"supernode-{i}", [
+            _tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet}",
+            "--clientappio-api-address", f"127.0.0.1:{self.clientappio[i]}",
+            "--node-config", self.node_config_arg(self.node_configs[i])],
+            self._home(f"supernode-{i}"))
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if name.startswith(("superlink", "supernode")) and proc.poll() is not None:
+                raise FedShieldError(f"{name} exited with code {proc.returncode}; see "
+                                     f"{self.logs / (name + '.log')}")
+
+    def run_app(self, app_dir: Path, timeout: float) -> int:
+        """`flwr run` against this SuperLink; returns its exit code."""
+        home = self._home("cli")
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.control}"\ninsecure = true\n')
+        proc = self._start("flwr-run", [_tool("flwr"), "run", str(app_dir), CONNECTION,
+                                        "--stream"], home)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise FedShieldError(f"the Flower run did not finish within {timeout:.0f} s; "
+                                     f"logs in {self.logs}")
+            self.check_alive()
+            time.sleep(0.5)
+        return proc.returncode
+
+    def stop(self) -> None:
+        """SIGTERM to every process group we started, SIGKILL after a grace period."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # children (flwr-serverapp, flwr-clientapp) share the group
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+
+    def __enter__(self) -> "Deployment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
+               app: FlowerApp | None = None, node_env: dict | None = None,
+               node_configs: list[dict] | None = None) -> dict:
+    """Runs `cfg` on a loopback Flower deployment; returns the metrics (also in
+    cfg.out/metrics.json) after the adapter and plots are written."""
+    app = app or FlowerApp()
+    out = Path(cfg.out).resolve()
+    work = out / "flower"
+    if work.exists():
+        shutil.rmtree(work)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.json"
+    if metrics_path.exists():
+        metrics_path.unlink()
+    start = time.perf_counter()
+    key_paths, server_path = write_keys(cfg, work / "keys")
+    log.info("flower: keys written to %s (%s mode) in %.1f s", work / "keys", cfg.keys,
+             time.perf_counter() - start)
+    configs = node_configs or [{} for _ in range(cfg.clients)]
+    configs = [{"party-id": i, "key-file": str(key_paths[i]), "out-dir": str(out), **c}
+               for i, c in enumerate(configs)]
+    write_app(work / "app", cfg, server_path, out, app)
+    # train, share, evaluate per round plus enrolment, each bounded by round_timeout
+    budget = cfg.round_timeout * (3 * cfg.rounds + 2) + 120
+    with Deployment(work, cfg.clients, configs, env=node_env) as dep:
+        dep.start_superlink()
+        for i in range(cfg.clients):
+            dep.start_supernode(i)
+        log.info("flower: SuperLink (fleet 127.0.0.1:%d) and %d SuperNodes started; logs in %s",
+                 dep.fleet, cfg.clients, dep.logs)
+        code = dep.run_app(work / "app", budget)
+        metrics = _wait_for_metrics(metrics_path, dep, 60.0 if code == 0 else 5.0)
+    if code != 0 or not metrics.get("finished"):
+        raise FedShieldError(f"the Flower run failed (flwr run exit code {code}); see "
+                             f"{work / 'logs'} and {metrics_path}")
+    metrics["seconds_total"] = round(time.perf_counter() - start, 2)
+    metrics_path.write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _wait_for_metrics(path: Path, dep: Deployment, timeout: float = 60.0) -> dict:
+    """metrics.json once the ServerApp marked it finished (or failed)."""
+    deadline = time.monotonic() + timeout
+    metrics: dict = {}
+    while time.monotonic() < deadline:
+        if path.exists():
+            try:
+                metrics = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                metrics = {}
+            if "finished" in metrics:
+                return metrics
+        time.sleep(0.5)
+    return metrics
