@@ -16,6 +16,7 @@ _RUN_FLAGS = ("clients", "rounds", "model", "data", "columns", "split", "dirichl
               "eval_examples", "max_len", "dtype", "keys", "threshold", "dropouts", "prune",
               "algorithm", "engine", "out", "seed", "local_steps", "batch_size", "lora_r",
               "lora_alpha", "lora_dropout", "lora_targets", "lr")
+_RUN_FLAGS += ("min_clients", "round_timeout")  # engine=flower
 
 
 def _run_parser(sub) -> None:
@@ -53,6 +54,8 @@ def _cmd_run(args) -> int:
     changes = {name: getattr(args, name) for name in _RUN_FLAGS + ("he",)
                if getattr(args, name) is not None}
     config = config.replace(**changes)
+    if config.engine == "flower":
+        return _run_flower(config, args)
     from .runner import run  # noqa: PLC0415 - torch/transformers load only for `run`
 
     metrics = run(config, show_progress=False if args.no_progress else None)
@@ -60,6 +63,18 @@ def _cmd_run(args) -> int:
     print(f"done: eval loss {metrics['initial_eval_loss']:.4f} -> {last['eval_loss']:.4f} "
           f"after {len(metrics['rounds'])} rounds; wrote {config.out}/metrics.json, "
           f"{config.out}/adapter/, {config.out}/plots/")
+    return 0
+
+
+def _run_flower(config: RunConfig, args) -> int:
+    from .flower.launcher import run_flower  # noqa: PLC0415 - flwr only for this engine
+
+    metrics = run_flower(config, show_progress=False if args.no_progress else None)
+    ok = [r for r in metrics["rounds"] if r.get("status") == "ok"]
+    last = f"{ok[-1]['eval_loss']:.4f}" if ok else "n/a"
+    print(f"done (flower): eval loss {metrics['initial_eval_loss']:.4f} -> {last} after "
+          f"{len(ok)}/{len(metrics['rounds'])} rounds, {len(metrics['events'])} exclusions; "
+          f"wrote {config.out}/metrics.json, {config.out}/adapter/, {config.out}/plots/")
     return 0
 
 

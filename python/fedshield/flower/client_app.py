@@ -29,6 +29,7 @@ from ..errors import FedShieldError, KeyMaterialError
 from ..he import combine_partials, load_context, partial_decrypt
 from ..runner import LocalSimulation, _Timer
 from ..update import EncryptedUpdate
+from .records import route_logs_to_flower
 from .records import STYPE_AGGREGATE, STYPE_SHARE, STYPE_UPDATE, get_payload, put_payload
 from .strategy import AGGREGATE, SHARE, UPDATE, share_key
 
@@ -37,6 +38,7 @@ log = logging.getLogger("fedshield")
 STATE_GLOBAL = "fedshield.global"
 STATE_NODE = "fedshield.node"
 
+route_logs_to_flower()
 app = ClientApp()
 
 

@@ -225,6 +225,10 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
                node_configs: list[dict] | None = None) -> dict:
     """Runs `cfg` on a loopback Flower deployment; returns the metrics (also in
     cfg.out/metrics.json) after the adapter and plots are written."""
+    try:
+        import flwr  # noqa: F401, PLC0415
+    except ImportError as exc:
+        raise FedShieldError("--engine flower needs Flower: pip install 'fedshield[flower]'") from exc
     app = app or FlowerApp()
     out = Path(cfg.out).resolve()
     work = out / "flower"

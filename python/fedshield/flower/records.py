@@ -10,6 +10,7 @@ mistake. Chunks keep every ``Array`` far below gRPC's 2 GB ceiling whatever the 
 from __future__ import annotations
 
 import hashlib
+import logging
 
 from flwr.common import Array, ArrayRecord, ConfigRecord, RecordDict
 
@@ -85,3 +86,15 @@ def payload_nbytes(content: RecordDict, name: str) -> int:
     meta = content.config_records.get(_meta_key(name))
     value = meta.get("nbytes") if meta is not None else None
     return value if isinstance(value, int) else 0
+
+
+def route_logs_to_flower() -> None:
+    """Sends the fedshield logger's records through Flower's handlers, so exclusions and
+    round summaries reach the SuperLink/SuperNode logs and `flwr run --stream`."""
+    ours, flwr_log = logging.getLogger("fedshield"), logging.getLogger("flwr")
+    if ours.handlers or not flwr_log.handlers:
+        return
+    for handler in flwr_log.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False

@@ -20,11 +20,13 @@ from flwr.serverapp import Grid, ServerApp
 from ..config import RunConfig
 from ..errors import KeyMaterialError
 from ..he.context import load_context
+from .records import route_logs_to_flower
 from .records import CHUNK_BYTES
 from .strategy import EncryptedFedAvg
 
 log = logging.getLogger("fedshield")
 
+route_logs_to_flower()
 app = ServerApp()
 
 

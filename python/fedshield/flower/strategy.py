@@ -183,7 +183,7 @@ class EncryptedFedAvg(FedAvg):
     def _screen_train(self, server_round: int, replies: list[Message]):
         """Every check short of the native one, before any arithmetic."""
         ctx_fp = self.server_ctx.fingerprint
-        candidates, answered = [], set()
+        candidates, answered, digests = [], set(), set()
         for msg in replies:
             node = msg.metadata.src_node_id
             if node not in self.participants:
@@ -215,12 +215,15 @@ class EncryptedFedAvg(FedAvg):
                           "(a replay or a stale client)")
             elif digest in self._seen:
                 reason = "replays an update already aggregated"
+            elif digest in digests:
+                reason = "the same update bytes as another reply of this round"
             elif upd.is_aggregate or upd.n_summed != 1:
                 reason = "sent an aggregate, not a client update"
             elif upd.context_fingerprint != ctx_fp:
                 reason = "update made under another context"
             else:
                 candidates.append((node, party, blob, upd, values, digest))
+                digests.add(digest)
                 continue
             self._exclude(server_round, "train", node, reason)
         for node in sorted(set(self.participants) - answered):
