@@ -278,3 +278,41 @@ def _wait_for_metrics(path: Path, dep: Deployment, timeout: float = 60.0) -> dic
                 return metrics
         time.sleep(0.5)
     return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Files for a multi-machine deployment (README, "Deployment on Flower"):
+
+    python -m fedshield.flower.launcher keys --config run.json --dir keys/
+    python -m fedshield.flower.launcher app --config run.json --server-context PATH \\
+        --out DIR --dir app/
+    """
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m fedshield.flower.launcher",
+                                     description=main.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    keys = sub.add_parser("keys", help="one key file per party (0600) and server.ctx (public)")
+    keys.add_argument("--config", required=True, help="RunConfig JSON file")
+    keys.add_argument("--dir", required=True)
+    app = sub.add_parser("app", help="the Flower app directory `flwr run` ships")
+    app.add_argument("--config", required=True, help="RunConfig JSON file")
+    app.add_argument("--server-context", required=True,
+                     help="path of server.ctx on the SuperLink's machine")
+    app.add_argument("--out", required=True,
+                     help="directory for metrics.json and plots/ on the SuperLink's machine")
+    app.add_argument("--dir", required=True)
+    args = parser.parse_args(argv)
+    cfg = RunConfig.from_file(args.config)
+    if args.command == "keys":
+        paths, server = write_keys(cfg, Path(args.dir))
+        print("\n".join(str(p) for p in [*paths, server]))
+    else:
+        write_app(Path(args.dir), cfg, Path(args.server_context), Path(args.out), FlowerApp())
+        print(Path(args.dir) / "pyproject.toml")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
