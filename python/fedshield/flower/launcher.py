@@ -75,6 +75,18 @@ def _tool(name: str) -> str:
     return found
 
 
+_HELP: dict[str, str] = {}
+
+
+def _has_flag(tool: str, flag: str) -> bool:
+    """Whether this Flower release's `tool` takes `flag` (their CLIs moved between releases:
+    1.30 has --serverappio-api-address/--clientappio-api-address, later ones --host/--port)."""
+    if tool not in _HELP:
+        _HELP[tool] = subprocess.run([tool, "--help"], capture_output=True, text=True,
+                                     timeout=120).stdout
+    return flag in _HELP[tool]
+
+
 def write_keys(cfg: RunConfig, key_dir: Path) -> tuple[list[Path], Path]:
     """One key file per party (0600) and the public server context."""
     key_dir.mkdir(parents=True, exist_ok=True)
@@ -153,20 +165,25 @@ class Deployment:
         return proc
 
     def start_superlink(self) -> None:
+        tool = _tool("flower-superlink")
+        appio = (["--serverappio-api-address", f"127.0.0.1:{self.serverappio}"]
+                 if _has_flag(tool, "--serverappio-api-address") else
+                 ["--host", "127.0.0.1", "--port", str(self.serverappio)])
         self._start("superlink", [
-            _tool("flower-superlink"), "--insecure",
-            "--fleet-api-address", f"127.0.0.1:{self.fleet}",
-            "--control-api-address", f"127.0.0.1:{self.control}",
-            "--serverappio-api-address", f"127.0.0.1:{self.serverappio}"],
+            tool, "--insecure", "--fleet-api-address", f"127.0.0.1:{self.fleet}",
+            "--control-api-address", f"127.0.0.1:{self.control}", *appio],
             self._home("superlink"))
 
     def node_config_arg(self, config: dict) -> str:
         return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
 
     def start_supernode(self, i: int) -> None:
+        tool = _tool("flower-supernode")
+        appio = (["--clientappio-api-address", f"127.0.0.1:{self.clientappio[i]}"]
+                 if _has_flag(tool, "--clientappio-api-address") else
+                 ["--host", "127.0.0.1", "--port", str(self.clientappio[i])])
         self._start(f"supernode-{i}", [
-            _tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet}",
-            "--clientappio-api-address", f"127.0.0.1:{self.clientappio[i]}",
+            tool, "--insecure", "--superlink", f"127.0.0.1:{self.fleet}", *appio,
             "--node-config", self.node_config_arg(self.node_configs[i])],
             self._home(f"supernode-{i}"))
 
