@@ -27,7 +27,7 @@ import fedshield as fs  # noqa: E402
 from fedshield.config import RunConfig  # noqa: E402
 from fedshield.flower import records  # noqa: E402
 from fedshield.flower.launcher import FlowerApp, run_flower  # noqa: E402
-from fedshield.flower.strategy import UPDATE, EncryptedFedAvg, min_clients_for  # noqa: E402
+from fedshield.flower.strategy import EncryptedFedAvg, min_clients_for  # noqa: E402
 
 from conftest import make_state, weighted_average  # noqa: E402
 
@@ -387,3 +387,21 @@ def test_flower_dead_and_slow_clients_are_dropped(tmp_path):
     events = [(e["round"], e["party"], e.get("dropped", False)) for e in got["events"]]
     assert events == [(1, 2, True), (2, 1, True)], got["events"]
     assert all("no reply before the timeout" in e["reason"] for e in got["events"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("FEDSHIELD_FLWR_PYTHON"),
+                    reason="set FEDSHIELD_FLWR_PYTHON to an interpreter with another Flower "
+                           "release (e.g. flwr 1.42 on Python 3.12)")
+def test_deployment_under_another_flower_release(tmp_path):
+    """The launcher's process management and fedshield's message pattern (custom-stype
+    chunks, a 150 MB reply) on another Flower release, without fedshield installed there."""
+    import fedshield.flower.deployment as deployment
+
+    python = os.environ["FEDSHIELD_FLWR_PYTHON"]
+    proc = subprocess.run([python, str(APPS / "compat" / "compat_check.py"),
+                           deployment.__file__, str(150_000_000), str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "work" / "toy-result.json").read_text())
+    assert result["parties"] == [0, 1] and result["ok"] == [True, True]

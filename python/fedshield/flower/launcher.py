@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,12 +22,12 @@ from ..config import RunConfig
 from ..errors import FedShieldError
 from ..he import keygen_shared, keygen_threshold
 from ..runner import ckks_params
+from .deployment import Deployment, DeploymentError, _toml_value
 
 log = logging.getLogger("fedshield")
 
 SERVER_APP = "fedshield.flower.server_app:app"
 CLIENT_APP = "fedshield.flower.client_app:app"
-CONNECTION = "fedshield-loopback"
 
 
 @dataclass
@@ -42,49 +38,6 @@ class FlowerApp:
     client_app: str = CLIENT_APP
     files: Sequence[Path] = ()
     run_config: dict = field(default_factory=dict)   # extra run-config entries
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a TOML basic string (JSON escapes are valid TOML)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
-
-
-def _tool(name: str) -> str:
-    here = Path(sys.executable).parent / name
-    found = str(here) if here.exists() else shutil.which(name)
-    if not found:
-        raise FedShieldError(f"{name} not found: install the flower extra "
-                             "(pip install 'fedshield[flower]')")
-    return found
-
-
-_HELP: dict[str, str] = {}
-
-
-def _has_flag(tool: str, flag: str) -> bool:
-    """Whether this Flower release's `tool` takes `flag` (their CLIs moved between releases:
-    1.30 has --serverappio-api-address/--clientappio-api-address, later ones --host/--port)."""
-    if tool not in _HELP:
-        _HELP[tool] = subprocess.run([tool, "--help"], capture_output=True, text=True,
-                                     timeout=120).stdout
-    return flag in _HELP[tool]
 
 
 def write_keys(cfg: RunConfig, key_dir: Path) -> tuple[list[Path], Path]:
@@ -131,112 +84,6 @@ def write_app(app_dir: Path, cfg: RunConfig, server_ctx: Path, out: Path,
         shutil.copy(f, app_dir / Path(f).name)
 
 
-class Deployment:
-    """SuperLink + SuperNodes on loopback; a context manager that always cleans up."""
-
-    def __init__(self, work: Path, n_nodes: int, node_configs: list[dict],
-                 env: dict | None = None) -> None:
-        self.work = work
-        self.logs = work / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.n_nodes = n_nodes
-        self.node_configs = node_configs
-        self.procs: dict[str, subprocess.Popen] = {}
-        fleet, control, serverappio, *clientappio = _free_ports(3 + n_nodes)
-        self.fleet, self.control, self.serverappio = fleet, control, serverappio
-        self.clientappio = clientappio
-        bin_dir = str(Path(sys.executable).parent)
-        self.env = {**os.environ, **(env or {}),
-                    "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-                    "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0"}
-
-    def _home(self, name: str) -> Path:
-        home = self.work / "home" / name
-        home.mkdir(parents=True, exist_ok=True)
-        return home
-
-    def _start(self, name: str, argv: list[str], home: Path) -> subprocess.Popen:
-        log_file = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed by the child's exit
-        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
-                                env={**self.env, "FLWR_HOME": str(home)},
-                                start_new_session=True, cwd=str(self.work))
-        log_file.close()
-        self.procs[name] = proc
-        return proc
-
-    def start_superlink(self) -> None:
-        tool = _tool("flower-superlink")
-        appio = (["--serverappio-api-address", f"127.0.0.1:{self.serverappio}"]
-                 if _has_flag(tool, "--serverappio-api-address") else
-                 ["--host", "127.0.0.1", "--port", str(self.serverappio)])
-        self._start("superlink", [
-            tool, "--insecure", "--fleet-api-address", f"127.0.0.1:{self.fleet}",
-            "--control-api-address", f"127.0.0.1:{self.control}", *appio],
-            self._home("superlink"))
-
-    def node_config_arg(self, config: dict) -> str:
-        return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
-
-    def start_supernode(self, i: int) -> None:
-        tool = _tool("flower-supernode")
-        appio = (["--clientappio-api-address", f"127.0.0.1:{self.clientappio[i]}"]
-                 if _has_flag(tool, "--clientappio-api-address") else
-                 ["--host", "127.0.0.1", "--port", str(self.clientappio[i])])
-        self._start(f"supernode-{i}", [
-            tool, "--insecure", "--superlink", f"127.0.0.1:{self.fleet}", *appio,
-            "--node-config", self.node_config_arg(self.node_configs[i])],
-            self._home(f"supernode-{i}"))
-
-    def check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if name.startswith(("superlink", "supernode")) and proc.poll() is not None:
-                raise FedShieldError(f"{name} exited with code {proc.returncode}; see "
-                                     f"{self.logs / (name + '.log')}")
-
-    def run_app(self, app_dir: Path, timeout: float) -> int:
-        """`flwr run` against this SuperLink; returns its exit code."""
-        home = self._home("cli")
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.control}"\ninsecure = true\n')
-        proc = self._start("flwr-run", [_tool("flwr"), "run", str(app_dir), CONNECTION,
-                                        "--stream"], home)
-        deadline = time.monotonic() + timeout
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise FedShieldError(f"the Flower run did not finish within {timeout:.0f} s; "
-                                     f"logs in {self.logs}")
-            self.check_alive()
-            time.sleep(0.5)
-        return proc.returncode
-
-    def stop(self) -> None:
-        """SIGTERM to every process group we started, SIGKILL after a grace period."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 10
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:  # children (flwr-serverapp, flwr-clientapp) share the group
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
-
-    def __enter__(self) -> "Deployment":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
 def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
                app: FlowerApp | None = None, node_env: dict | None = None,
                node_configs: list[dict] | None = None) -> dict:
@@ -265,14 +112,10 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
     write_app(work / "app", cfg, server_path, out, app)
     # train, share, evaluate per round plus enrolment, each bounded by round_timeout
     budget = cfg.round_timeout * (3 * cfg.rounds + 2) + 120
-    with Deployment(work, cfg.clients, configs, env=node_env) as dep:
-        dep.start_superlink()
-        for i in range(cfg.clients):
-            dep.start_supernode(i)
-        log.info("flower: SuperLink (fleet 127.0.0.1:%d) and %d SuperNodes started; logs in %s",
-                 dep.fleet, cfg.clients, dep.logs)
-        code = dep.run_app(work / "app", budget)
-        metrics = _wait_for_metrics(metrics_path, dep, 60.0 if code == 0 else 5.0)
+    try:
+        code, metrics = _deploy(work, cfg, configs, node_env, budget, metrics_path)
+    except DeploymentError as exc:
+        raise FedShieldError(str(exc)) from exc
     if code != 0 or not metrics.get("finished"):
         raise FedShieldError(f"the Flower run failed (flwr run exit code {code}); see "
                              f"{work / 'logs'} and {metrics_path}")
@@ -281,7 +124,19 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
     return metrics
 
 
-def _wait_for_metrics(path: Path, dep: Deployment, timeout: float = 60.0) -> dict:
+def _deploy(work: Path, cfg: RunConfig, configs: list[dict], node_env: dict | None,
+            budget: float, metrics_path: Path) -> tuple[int, dict]:
+    with Deployment(work, cfg.clients, configs, env=node_env) as dep:
+        dep.start_superlink()
+        for i in range(cfg.clients):
+            dep.start_supernode(i)
+        log.info("flower: SuperLink (fleet 127.0.0.1:%d) and %d SuperNodes started; logs in %s",
+                 dep.fleet, cfg.clients, dep.logs)
+        code = dep.run_app(work / "app", budget)
+        return code, _wait_for_metrics(metrics_path, 60.0 if code == 0 else 5.0)
+
+
+def _wait_for_metrics(path: Path, timeout: float = 60.0) -> dict:
     """metrics.json once the ServerApp marked it finished (or failed)."""
     deadline = time.monotonic() + timeout
     metrics: dict = {}
