@@ -243,6 +243,21 @@ def test_strategy_fails_a_round_without_enough_updates(server_ctx):
     assert strategy.version == 0
 
 
+class _Grid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def test_nodes_connecting_after_enrolment_are_reported(server_ctx):
+    strategy = EncryptedFedAvg(RunConfig(clients=2), server_ctx)
+    strategy.enrolment_nodes = {1, 2}
+    strategy.participants = {1: 0, 2: 1}
+    assert strategy.late_nodes(_Grid([1, 2, 7])) == [7]
+
+
 def test_server_refuses_a_secret_key(client_ctx):
     with pytest.raises(fs.FedShieldError, match="public context"):
         EncryptedFedAvg(RunConfig(), client_ctx)
@@ -290,7 +305,8 @@ def test_flower_shared_keys_match_local_engine(tmp_path):
     cfg = RunConfig(**TINY, engine="flower", out=str(tmp_path / "flower"))
     got = run_flower(cfg)
     ref = _local_reference(cfg, tmp_path / "local")
-    assert got["server_has_secret_key"] is False
+    assert got["server_has_secret_key"] is False and got["server_loaded_openfhe"] is False
+    assert got["num_lora_values"] == ref["num_lora_values"]
     assert got["initial_eval_loss"] == pytest.approx(ref["initial_eval_loss"], abs=1e-9)
     assert [r["status"] for r in got["rounds"]] == ["ok", "ok"] and got["events"] == []
     for a, b in zip(got["rounds"], ref["rounds"]):
@@ -314,27 +330,40 @@ def _faulty_app() -> FlowerApp:
     return FlowerApp(client_app="faulty_client:app", files=[APPS / "faulty_client.py"])
 
 
-def test_flower_threshold_excludes_failing_clients(tmp_path):
-    """3 SuperNodes, threshold keys (2 of 3), partial decryptions through Flower. Round 1:
-    party 2 sends garbage; round 2: party 1 replays its round-1 update; round 3: party 2's
-    ClientApp crashes. Each round completes with the other two; the result equals the local
-    engine run on the same subsets."""
-    cfg = RunConfig(**{**TINY, "clients": 3, "rounds": 3}, keys="threshold", threshold=2,
+THRESHOLD_FAULTS = {
+    # name: (rounds, per-party faults, parties aggregated per round, (round, party, reason)...)
+    "crash-replay": (2, [{}, {"fault": "replay@2"}, {"fault": "raise@1"}], [[0, 1], [0, 2]],
+                     [(1, 2, "injected crash"), (2, 1, "update of round 1 in round 2")]),
+    "garbage-replay-crash": (
+        3, [{}, {"fault": "replay@2"}, {"fault": "garbage@1,raise@3"}], [[0, 1], [0, 2], [0, 1]],
+        [(1, 2, "invalid reply"), (2, 1, "update of round 1 in round 2"),
+         (3, 2, "injected crash")]),
+}
+
+
+@pytest.mark.parametrize("case", [
+    "crash-replay", pytest.param("garbage-replay-crash", marks=pytest.mark.slow)])
+def test_flower_threshold_excludes_failing_clients(tmp_path, case):
+    """3 SuperNodes, threshold keys (2 of 3), partial decryptions through Flower, and a fourth
+    SuperNode that connects after enrolment. A ClientApp that crashes (raises), sends garbage
+    or replays its previous update is excluded; each round completes with the other two and
+    equals the local engine's steps on the same subsets."""
+    rounds, faults, subsets, expected = THRESHOLD_FAULTS[case]
+    cfg = RunConfig(**{**TINY, "clients": 3, "rounds": rounds}, keys="threshold", threshold=2,
                     engine="flower", out=str(tmp_path / "flower"))
-    faults = [{}, {"fault": "replay@2"}, {"fault": "garbage@1,raise@3"}]
-    got = run_flower(cfg, app=_faulty_app(), node_configs=faults)
-    assert [r["status"] for r in got["rounds"]] == ["ok"] * 3
-    subsets = [[0, 1], [0, 2], [0, 1]]
+    got = run_flower(cfg, app=_faulty_app(), node_configs=faults, late_node_configs=[{}])
+    assert [r["status"] for r in got["rounds"]] == ["ok"] * rounds
     assert [r["clients"] for r in got["rounds"]] == subsets
     excluded = [(e["round"], e["party"], e["reason"]) for e in got["events"]]
-    assert len(excluded) == 3, excluded
-    assert excluded[0][:2] == (1, 2) and "invalid reply" in excluded[0][2]
-    assert excluded[1][:2] == (2, 1) and "update of round 1 in round 2" in excluded[1][2]
-    assert excluded[2][:2] == (3, 2) and "injected crash" in excluded[2][2]
+    assert len(excluded) == len(expected), excluded
+    for (r, party, reason), want in zip(excluded, expected):
+        assert (r, party) == want[:2] and want[2] in reason, excluded
     assert [r["decrypting_clients"] for r in got["rounds"]] == subsets
     assert all(r["bytes_partial_decryptions"] > 0 for r in got["rounds"])
+    assert len(got["not_enrolled"]) == 1 and got["participants"] == [0, 1, 2]
+    assert got["server_loaded_openfhe"] is False
     log = (tmp_path / "flower" / "flower" / "logs" / "flwr-run.log").read_text()
-    assert "injected crash" in log and "excluded party 2" in log
+    assert "excluded party" in log and "connected after enrolment" in log
 
     # the local engine's steps on the same subsets, with its own threshold keys
     from fedshield.runner import LocalSimulation

@@ -113,6 +113,7 @@ def join(msg: Message, context: Context) -> Message:
     return _reply(msg, RecordDict({
         "config": ConfigRecord({"context-fp": party.ctx.fingerprint.hex()}),
         "metrics": MetricRecord({"party": party.party, "version": version,
+                                 "num-lora-values": party.sim.layout.numel,
                                  "eval-loss": party.sim.evaluate()})}))
 
 

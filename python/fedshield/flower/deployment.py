@@ -143,7 +143,7 @@ class Deployment:
                 raise DeploymentError(f"{name} exited with code {proc.returncode}; see "
                                      f"{self.logs / (name + '.log')}")
 
-    def run_app(self, app_dir: Path, timeout: float) -> int:
+    def run_app(self, app_dir: Path, timeout: float, on_poll=None) -> int:
         """`flwr run` against this SuperLink; returns its exit code."""
         home = self._home("cli")
         (home / "config.toml").write_text(
@@ -157,6 +157,8 @@ class Deployment:
                 raise DeploymentError(f"the Flower run did not finish within {timeout:.0f} s; "
                                      f"logs in {self.logs}")
             self.check_alive()
+            if on_poll is not None:
+                on_poll()
             time.sleep(0.5)
         return proc.returncode
 

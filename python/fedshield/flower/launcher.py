@@ -86,9 +86,13 @@ def write_app(app_dir: Path, cfg: RunConfig, server_ctx: Path, out: Path,
 
 def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
                app: FlowerApp | None = None, node_env: dict | None = None,
-               node_configs: list[dict] | None = None) -> dict:
+               node_configs: list[dict] | None = None,
+               late_node_configs: Sequence[dict] = ()) -> dict:
     """Runs `cfg` on a loopback Flower deployment; returns the metrics (also in
-    cfg.out/metrics.json) after the adapter and plots are written."""
+    cfg.out/metrics.json) after the adapter and plots are written.
+
+    ``node_configs`` adds entries to each party's node config; ``late_node_configs`` starts
+    extra SuperNodes once the parties are enrolled (they must take no part in the run)."""
     try:
         import flwr  # noqa: F401, PLC0415
     except ImportError as exc:
@@ -113,27 +117,53 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
     # train, share, evaluate per round plus enrolment, each bounded by round_timeout
     budget = cfg.round_timeout * (3 * cfg.rounds + 2) + 120
     try:
-        code, metrics = _deploy(work, cfg, configs, node_env, budget, metrics_path)
+        late = [{"party-id": 0, "key-file": str(key_paths[0]), "out-dir": str(out / "late"), **c}
+                for c in late_node_configs]
+        code, metrics = _deploy(work, cfg, configs, late, node_env, budget, metrics_path)
     except DeploymentError as exc:
         raise FedShieldError(str(exc)) from exc
     if code != 0 or not metrics.get("finished"):
-        raise FedShieldError(f"the Flower run failed (flwr run exit code {code}); see "
+        raise FedShieldError(f"the Flower run failed (flwr run exit code {code}): "
+                             f"{_last_error(work / 'logs' / 'flwr-run.log')}; see "
                              f"{work / 'logs'} and {metrics_path}")
     metrics["seconds_total"] = round(time.perf_counter() - start, 2)
     metrics_path.write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
-def _deploy(work: Path, cfg: RunConfig, configs: list[dict], node_env: dict | None,
-            budget: float, metrics_path: Path) -> tuple[int, dict]:
-    with Deployment(work, cfg.clients, configs, env=node_env) as dep:
+def _deploy(work: Path, cfg: RunConfig, configs: list[dict], late: list[dict],
+            node_env: dict | None, budget: float, metrics_path: Path) -> tuple[int, dict]:
+    with Deployment(work, len(configs) + len(late), configs + late, env=node_env) as dep:
         dep.start_superlink()
         for i in range(cfg.clients):
             dep.start_supernode(i)
         log.info("flower: SuperLink (fleet 127.0.0.1:%d) and %d SuperNodes started; logs in %s",
                  dep.fleet, cfg.clients, dep.logs)
-        code = dep.run_app(work / "app", budget)
+        pending = list(range(cfg.clients, cfg.clients + len(late)))
+
+        def start_late_nodes() -> None:
+            if pending and metrics_path.exists() and '"participants"' in metrics_path.read_text():
+                for i in pending:
+                    log.info("flower: starting a late SuperNode (%d)", i)
+                    dep.start_supernode(i)
+                pending.clear()
+
+        code = dep.run_app(work / "app", budget, on_poll=start_late_nodes)
         return code, _wait_for_metrics(metrics_path, 60.0 if code == 0 else 5.0)
+
+
+def _last_error(log_path: Path) -> str:
+    """The last exception line of the ServerApp's streamed log (flwr run exits 0 even when
+    the ServerApp raised)."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    for line in reversed(lines):
+        head = line.split(":", 1)[0].strip()
+        if head.endswith(("Error", "Exception", "Exit")) and " " not in head:
+            return line.strip()
+    return "no exception in the log"
 
 
 def _wait_for_metrics(path: Path, timeout: float = 60.0) -> dict:

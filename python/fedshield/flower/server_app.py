@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 from flwr.common import ArrayRecord, Context
@@ -81,6 +82,7 @@ def main(grid: Grid, context: Context) -> None:
     metrics.update({
         "initial_eval_loss": strategy.initial_eval_loss,
         "participants": sorted(participants.values()),
+        "num_lora_values": strategy.num_lora_values,
         "min_clients": strategy.min_clients,
         "events": strategy.events,
     })
@@ -93,6 +95,9 @@ def main(grid: Grid, context: Context) -> None:
         raise RuntimeError(metrics["failure"])
     strategy.start(grid, ArrayRecord(), num_rounds=cfg.rounds, timeout=cfg.round_timeout)
     metrics["rounds"] = strategy.rounds
+    metrics["not_enrolled"] = strategy.late_nodes(grid)
+    # what the whole server process loaded, not only our modules
+    metrics["server_loaded_openfhe"] = "openfhe" in sys.modules
     metrics["finished"] = True
     _write_json_atomic(out / "metrics.json", metrics)
     from ..plots import plot_run  # noqa: PLC0415 - matplotlib only when writing plots

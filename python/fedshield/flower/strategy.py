@@ -76,8 +76,10 @@ class EncryptedFedAvg(FedAvg):
         self.chunk_bytes = chunk_bytes
         self.on_round = on_round
         self.participants: dict[int, int] = {}   # node id -> party id (fixed at enrolment)
+        self.enrolment_nodes: set[int] = set()
         self.version = 0                         # last round whose aggregate was applied
         self.initial_eval_loss: float | None = None
+        self.num_lora_values: int | None = None
         self.rounds: list[dict] = []
         self.events: list[dict] = []             # every exclusion, in order
         self._grid: Grid | None = None
@@ -113,6 +115,7 @@ class EncryptedFedAvg(FedAvg):
                 break
             time.sleep(0.5)
         nodes = sorted(grid.get_node_ids())
+        self.enrolment_nodes = set(nodes)
         log.info("enrolling %d connected nodes (%d clients configured)", len(nodes),
                  self.cfg.clients)
 
@@ -147,12 +150,21 @@ class EncryptedFedAvg(FedAvg):
             else:
                 self.participants[node] = party
                 losses[party] = loss
+                if "num-lora-values" in m:
+                    self.num_lora_values = int(m["num-lora-values"])
         self.join_events = self._entry.get("excluded", [])
         if losses:
             self.initial_eval_loss = losses[min(losses)]
             self._check_agreement(losses, "initial eval loss")
         log.info("participants (node -> party): %s", self.participants)
         return dict(self.participants)
+
+    def late_nodes(self, grid: Grid) -> list[int]:
+        """Connected nodes that are not participants (they joined after enrolment)."""
+        late = sorted(set(grid.get_node_ids()) - self.enrolment_nodes)
+        for node in late:
+            log.warning("node %d connected after enrolment: not part of this run", node)
+        return late
 
     @staticmethod
     def _check_agreement(losses: dict[int, float], what: str) -> float:
@@ -437,6 +449,11 @@ class EncryptedFedAvg(FedAvg):
         self.version = server_round
         entry = self._entry
         entry["seconds"]["decrypt"] += max(decrypt, default=0.0)
+        if entry.get("adapter_writer") is not None:
+            entry["adapter_written"] = entry["adapter_writer"] in losses
+            if not entry["adapter_written"]:
+                log.error("party %d was to write the adapter and did not reply",
+                          entry["adapter_writer"])
         if losses:
             entry["eval_loss"] = losses[min(losses)]
             entry["eval_loss_spread"] = self._check_agreement(losses, "eval loss")
