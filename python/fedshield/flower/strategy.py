@@ -214,8 +214,7 @@ class EncryptedFedAvg(FedAvg):
                 values = {k: float(metrics[k]) for k in TRAIN_METRICS}
                 blob = get_payload(msg.content, UPDATE, STYPE_UPDATE)
                 upd = EncryptedUpdate.from_bytes(blob)
-            except (KeyError, TypeError, ValueError) as exc:
-                # FedShieldError's InvalidUpdate is a ValueError too
+            except (FedShieldError, KeyError, TypeError, ValueError) as exc:
                 self._exclude(server_round, "train", node, f"invalid reply: {exc}")
                 continue
             party = self.participants[node]
@@ -344,12 +343,13 @@ class EncryptedFedAvg(FedAvg):
                           len(present), need)
                 return present, {}
 
-            def content(_node, present=present):
-                rec = RecordDict({"config": ConfigRecord({"round": server_round,
-                                                          "present": present})})
-                put_payload(rec, AGGREGATE, agg_bytes, STYPE_AGGREGATE,
-                            chunk_bytes=self.chunk_bytes)
-                return rec
+            payload = RecordDict()  # one copy of the aggregate's chunks for every message
+            put_payload(payload, AGGREGATE, agg_bytes, STYPE_AGGREGATE,
+                        chunk_bytes=self.chunk_bytes)
+
+            def content(_node, present=present, payload=payload):
+                return RecordDict({**payload, "config": ConfigRecord({
+                    "round": server_round, "present": present})})
 
             start = time.perf_counter()
             replies = self._grid.send_and_receive(
@@ -375,7 +375,7 @@ class EncryptedFedAvg(FedAvg):
                         raise IncompatibleUpdate(f"share made for present="
                                                  f"{share.meta.get('present')}")
                     seconds.append(float(msg.content.metric_records["metrics"]["seconds"]))
-                except (KeyError, TypeError, ValueError) as exc:
+                except (FedShieldError, KeyError, TypeError, ValueError) as exc:
                     self._exclude(server_round, "share", node, str(exc))
                     failed.append(party)
                     continue
@@ -404,16 +404,16 @@ class EncryptedFedAvg(FedAvg):
         writer = min(pending["present"])
         node_of = {p: n for n, p in self.participants.items()}
 
+        payload = RecordDict()  # the aggregate and the shares, chunked once for every message
+        put_payload(payload, AGGREGATE, agg_bytes, STYPE_AGGREGATE, chunk_bytes=self.chunk_bytes)
+        for party, share in pending["shares"].items():
+            put_payload(payload, share_key(party), share, STYPE_SHARE, chunk_bytes=self.chunk_bytes)
+
         def content(node):
-            rec = RecordDict({"config": ConfigRecord({
+            return RecordDict({**payload, "config": ConfigRecord({
                 "round": server_round, "base-version": self.version,
                 "present": pending["present"],
                 "save-adapter": bool(last and self.participants[node] == writer)})})
-            put_payload(rec, AGGREGATE, agg_bytes, STYPE_AGGREGATE, chunk_bytes=self.chunk_bytes)
-            for party, share in pending["shares"].items():
-                put_payload(rec, share_key(party), share, STYPE_SHARE,
-                            chunk_bytes=self.chunk_bytes)
-            return rec
 
         self._entry["adapter_writer"] = writer if last else None
         return self._messages(sorted(node_of.values()), "evaluate", content)
