@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -440,3 +443,108 @@ def test_deployment_under_another_flower_release(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / "work" / "toy-result.json").read_text())
     assert result["parties"] == [0, 1] and result["ok"] == [True, True]
+
+
+def _run_quiet(argv, **kw):
+    return subprocess.run(argv, check=True, capture_output=True, timeout=120, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
+                    reason="needs openssl and ssh-keygen")
+def test_tls_and_supernode_authentication(tmp_path):
+    """The README's TLS + node authentication commands on loopback (toy app): registered
+    SuperNodes run the app over TLS; an unregistered one is refused."""
+    from fedshield.flower.deployment import _free_ports, _tool
+
+    t = tmp_path
+    _run_quiet(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                t / "ca.key", "-out", t / "ca.crt", "-days", "2", "-subj", "/CN=test-ca"])
+    _run_quiet(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", t / "server.key",
+                "-out", t / "server.csr", "-subj", "/CN=localhost"])
+    (t / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _run_quiet(["openssl", "x509", "-req", "-in", t / "server.csr", "-CA", t / "ca.crt",
+                "-CAkey", t / "ca.key", "-CAcreateserial", "-out", t / "server.pem", "-days", "2",
+                "-extfile", t / "san.ext"])
+    for i in range(3):
+        _run_quiet(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f",
+                    t / f"node-{i}"])
+    fleet, control, appio, *node_ports = _free_ports(6)
+    app = t / "app"
+    app.mkdir()
+    shutil.copy(APPS / "compat" / "toy_apps.py", app)
+    (app / "pyproject.toml").write_text(textwrap.dedent(f"""\
+        [build-system]
+        requires = ["hatchling"]
+        build-backend = "hatchling.build"
+        [project]
+        name = "toy"
+        version = "1.0.0"
+        description = "toy"
+        license = "Apache-2.0"
+        dependencies = []
+        [tool.flwr.app]
+        publisher = "fedshield"
+        [tool.flwr.app.components]
+        serverapp = "toy_apps:server"
+        clientapp = "toy_apps:client"
+        [tool.flwr.app.config]
+        out = "{t}"
+        nbytes = 20000000
+        """))
+    homes = {n: t / "home" / n for n in ("link", "cli", "n0", "n1", "n2")}
+    for h in homes.values():
+        h.mkdir(parents=True)
+    (homes["cli"] / "config.toml").write_text(
+        f'[superlink]\ndefault = "tls"\n[superlink.tls]\naddress = "127.0.0.1:{control}"\n'
+        f'root-certificates = "{t / "ca.crt"}"\n')
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0",
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    procs = []
+
+    def start(home, argv, log):
+        procs.append(subprocess.Popen(argv, env={**env, "FLWR_HOME": str(home)},
+                                      stdout=open(t / log, "wb"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        return procs[-1]
+
+    def supernode(i):
+        return [_tool("flower-supernode"), "--root-certificates", str(t / "ca.crt"),
+                "--superlink", f"127.0.0.1:{fleet}",
+                "--clientappio-api-address", f"127.0.0.1:{node_ports[i]}",
+                "--auth-supernode-private-key", str(t / f"node-{i}"),
+                "--node-config", f"party-id={i}"]
+
+    try:
+        start(homes["link"], [_tool("flower-superlink"), "--ssl-ca-certfile", str(t / "ca.crt"),
+                              "--ssl-certfile", str(t / "server.pem"),
+                              "--ssl-keyfile", str(t / "server.key"), "--enable-supernode-auth",
+                              "--fleet-api-address", f"127.0.0.1:{fleet}",
+                              "--control-api-address", f"127.0.0.1:{control}",
+                              "--serverappio-api-address", f"127.0.0.1:{appio}"], "link.log")
+        cli = {**env, "FLWR_HOME": str(homes["cli"])}
+        for _ in range(60):
+            if subprocess.run([_tool("flwr"), "supernode", "register", str(t / "node-0.pub"),
+                               "tls"], env=cli, capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        _run_quiet([_tool("flwr"), "supernode", "register", str(t / "node-1.pub"), "tls"],
+                   env=cli)
+        start(homes["n0"], supernode(0), "n0.log")
+        start(homes["n1"], supernode(1), "n1.log")
+        intruder = start(homes["n2"], supernode(2), "n2.log")   # never registered
+        run = subprocess.run([_tool("flwr"), "run", str(app), "tls", "--stream"], env=cli,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-2000:]
+        result = json.loads((t / "toy-result.json").read_text())
+        assert result["parties"] == [0, 1] and result["ok"] == [True, True]
+        intruder.wait(timeout=60)
+        assert intruder.returncode != 0
+        assert "No SuperNode found with the given public key" in (t / "n2.log").read_text()
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
