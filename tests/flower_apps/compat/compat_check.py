@@ -4,7 +4,7 @@ interpreter with any Flower release; fedshield itself need not be installed ther
 
     python compat_check.py PATH/TO/deployment.py NBYTES WORKDIR
 """
-import importlib.util, json, shutil, sys, time
+import importlib.util, shutil, sys, time
 from pathlib import Path
 here = Path(__file__).parent
 spec = importlib.util.spec_from_file_location("deployment", sys.argv[1])
