@@ -18,7 +18,8 @@ _RUN_FLAGS = ("clients", "rounds", "model", "data", "columns", "split", "dirichl
               "algorithm", "engine", "out", "seed", "local_steps", "batch_size", "grad_accum",
               "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lr", "lr_min",
               "quantize", "device", "template", "dp_clip", "dp_noise", "dp_delta", "samples",
-              "sample_tokens", "examples_per_client", "flood_bits")
+              "sample_tokens", "examples_per_client", "flood_bits",
+              "min_clients", "round_timeout")  # the last two: engine=flower
 _RUN_SWITCHES = ("grad_checkpointing",)  # boolean flags: --grad-checkpointing
 
 
@@ -98,6 +99,8 @@ def _cmd_run(args) -> int:
     else:
         config = RunConfig.from_file(args.config) if args.config else RunConfig()
         config = config.replace(**changes)
+        if config.engine == "flower":
+            return _run_flower(config, args)
         from .runner import run  # noqa: PLC0415 - torch/transformers load only for `run`
 
         metrics = run(config, show_progress=show)
@@ -130,6 +133,18 @@ def _cmd_report(args) -> int:
     result = report(args.runs, args.out)
     print(result["table"], end="")
     print(f"wrote {result['png']} and {result['markdown']}")
+    return 0
+
+
+def _run_flower(config: RunConfig, args) -> int:
+    from .flower.launcher import run_flower  # noqa: PLC0415 - flwr only for this engine
+
+    metrics = run_flower(config, show_progress=False if args.no_progress else None)
+    ok = [r for r in metrics["rounds"] if r.get("status") == "ok"]
+    last = f"{ok[-1]['eval_loss']:.4f}" if ok else "n/a"
+    print(f"done (flower): eval loss {metrics['initial_eval_loss']:.4f} -> {last} after "
+          f"{len(ok)}/{len(metrics['rounds'])} rounds, {len(metrics['events'])} exclusions; "
+          f"wrote {config.out}/metrics.json, {config.out}/adapter/, {config.out}/plots/")
     return 0
 
 

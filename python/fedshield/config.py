@@ -14,7 +14,7 @@ _CHOICES = {
     "keys": ("shared", "threshold"),
     "prune": ("local", "global", "off"),
     "algorithm": ("delta", "paper", "ffa"),
-    "engine": ("local",),
+    "engine": ("local", "flower"),
     "split": ("auto", "tasks", "iid", "dirichlet"),
     "dtype": ("fp32", "bf16"),
     "quantize": ("none", "8bit", "4bit"),
@@ -57,7 +57,9 @@ class RunConfig:
         "help": "delta: weighted FedAvg of updates; paper: unweighted average of pruned weights "
                 "replaces the global state; ffa: FFA-LoRA, A frozen from the shared seed, only B "
                 "trained and sent (exact aggregation, half the payload)"})
-    engine: str = field(default="local", metadata={"help": "local (in-process simulation)"})
+    engine: str = field(default="local", metadata={
+        "help": "local (in-process simulation) | flower (a SuperLink and one SuperNode per "
+                "client as processes on loopback, gRPC)"})
     out: str = field(default="runs/demo", metadata={"help": "output directory"})
     seed: int = field(default=0, metadata={"help": "seed of data, model, LoRA init and training"})
     examples_per_client: int = field(default=96, metadata={"help": "synthetic examples per client"})
@@ -101,6 +103,11 @@ class RunConfig:
                 "shared keys, whose decryptions stay with the key holders"})
     scale_bits: int = field(default=0, metadata={
         "help": "CKKS scale bits (0 = 50 with shared keys, 52 with threshold keys)"})
+    min_clients: int = field(default=0, metadata={
+        "help": "engine=flower: fewest valid updates a round needs (0 = a majority of the "
+                "clients; threshold mode: at least the threshold)"})
+    round_timeout: float = field(default=600.0, metadata={
+        "help": "engine=flower: seconds to wait for the replies of one step of a round"})
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
@@ -167,6 +174,19 @@ class RunConfig:
         if self.quantize != "none" and self.device == "cpu":
             raise ParameterError(f"quantize={self.quantize!r} needs a CUDA GPU; device='cpu' "
                                  "was asked for")
+        if not (isinstance(self.min_clients, int) and 0 <= self.min_clients <= self.clients):
+            raise ParameterError(f"min_clients={self.min_clients!r} must be in [0, clients]")
+        if not (isinstance(self.round_timeout, (int, float)) and self.round_timeout > 0
+                and math.isfinite(self.round_timeout)):
+            raise ParameterError(f"round_timeout={self.round_timeout!r} must be a positive "
+                                 "number of seconds")
+        if self.engine == "flower":
+            if not self.he:
+                raise ParameterError("engine='flower' runs encrypted aggregation only; "
+                                     "drop --no-he (or use --engine local)")
+            if self.dropouts:
+                raise ParameterError(f"dropouts={self.dropouts} simulates absent parties in "
+                                     "the local engine; on Flower, stop a SuperNode instead")
         if self.examples_per_client < self.batch_size:
             raise ParameterError(f"examples_per_client={self.examples_per_client} is smaller "
                                  f"than batch_size={self.batch_size}")

@@ -1,0 +1,189 @@
+"""Flower processes on one machine: a SuperLink and N SuperNodes on loopback, `flwr run`.
+
+Standard library only (no fedshield imports), so it also runs against other Flower releases
+in a bare interpreter. Every process started here is stopped by `Deployment.stop()` (process
+groups: the ServerApp and ClientApp processes Flower spawns go with their parents).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONNECTION = "fedshield-loopback"
+
+
+class DeploymentError(RuntimeError):
+    """A Flower process died, or the run did not finish in time."""
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string (JSON escapes are valid TOML)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _tool(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise DeploymentError(f"{name} not found: install the flower extra "
+                             "(pip install 'fedshield[flower]')")
+    return found
+
+
+_HELP: dict[str, str] = {}
+
+
+def _has_flag(tool: str, flag: str) -> bool:
+    """Whether this Flower release's `tool` takes `flag` (their CLIs moved between releases:
+    1.30 has --serverappio-api-address/--clientappio-api-address, later ones --host/--port)."""
+    if tool not in _HELP:
+        _HELP[tool] = subprocess.run([tool, "--help"], capture_output=True, text=True,
+                                     timeout=120).stdout
+    return flag in _HELP[tool]
+
+
+class Deployment:
+    """SuperLink + SuperNodes on loopback; a context manager that always cleans up."""
+
+    def __init__(self, work: Path, n_nodes: int, node_configs: list[dict],
+                 env: dict | None = None) -> None:
+        self.work = work
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.n_nodes = n_nodes
+        self.node_configs = node_configs
+        self.procs: dict[str, subprocess.Popen] = {}
+        fleet, control, serverappio, *clientappio = _free_ports(3 + n_nodes)
+        self.fleet, self.control, self.serverappio = fleet, control, serverappio
+        self.clientappio = clientappio
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = {**os.environ, **(env or {}),
+                    "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                    "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+
+    def _home(self, name: str) -> Path:
+        home = self.work / "home" / name
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+
+    def _start(self, name: str, argv: list[str], home: Path) -> subprocess.Popen:
+        log_file = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed by the child's exit
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
+                                env={**self.env, "FLWR_HOME": str(home)},
+                                start_new_session=True, cwd=str(self.work))
+        log_file.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_superlink(self) -> None:
+        tool = _tool("flower-superlink")
+        if _has_flag(tool, "--serverappio-api-address"):  # Flower 1.30: one gRPC port per API
+            apis = ["--fleet-api-address", f"127.0.0.1:{self.fleet}",
+                    "--control-api-address", f"127.0.0.1:{self.control}",
+                    "--serverappio-api-address", f"127.0.0.1:{self.serverappio}"]
+        else:  # later releases serve every API over HTTP on one --host/--port
+            self.fleet = self.control = self.serverappio
+            apis = ["--host", "127.0.0.1", "--port", str(self.serverappio)]
+        self._start("superlink", [tool, "--insecure", *apis], self._home("superlink"))
+        self._wait_for_port(self.control)
+
+    def _wait_for_port(self, port: int, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise DeploymentError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s; see "
+                              f"{self.logs / 'superlink.log'}")
+
+    def node_config_arg(self, config: dict) -> str:
+        return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
+
+    def start_supernode(self, i: int) -> None:
+        tool = _tool("flower-supernode")
+        appio = (["--clientappio-api-address", f"127.0.0.1:{self.clientappio[i]}"]
+                 if _has_flag(tool, "--clientappio-api-address") else
+                 ["--host", "127.0.0.1", "--port", str(self.clientappio[i])])
+        self._start(f"supernode-{i}", [
+            tool, "--insecure", "--superlink", f"127.0.0.1:{self.fleet}", *appio,
+            "--node-config", self.node_config_arg(self.node_configs[i])],
+            self._home(f"supernode-{i}"))
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if name.startswith(("superlink", "supernode")) and proc.poll() is not None:
+                raise DeploymentError(f"{name} exited with code {proc.returncode}; see "
+                                     f"{self.logs / (name + '.log')}")
+
+    def run_app(self, app_dir: Path, timeout: float, on_poll=None) -> int:
+        """`flwr run` against this SuperLink; returns its exit code."""
+        home = self._home("cli")
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.control}"\ninsecure = true\n')
+        proc = self._start("flwr-run", [_tool("flwr"), "run", str(app_dir), CONNECTION,
+                                        "--stream"], home)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"the Flower run did not finish within {timeout:.0f} s; "
+                                     f"logs in {self.logs}")
+            self.check_alive()
+            if on_poll is not None:
+                on_poll()
+            time.sleep(0.5)
+        return proc.returncode
+
+    def stop(self) -> None:
+        """SIGTERM to every process group we started, SIGKILL after a grace period."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # children (flwr-serverapp, flwr-clientapp) share the group
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+
+    def __enter__(self) -> "Deployment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

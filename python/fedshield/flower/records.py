@@ -1,0 +1,100 @@
+"""Opaque fedshield payloads (update, aggregate, partial decryption) in Flower records.
+
+A payload travels as an ``ArrayRecord`` of uint8 ``Array`` chunks whose ``stype`` names the
+payload, plus a ``ConfigRecord`` with its size, chunk count and SHA-256. A stock strategy calls
+``Array.numpy()``, which refuses a foreign ``stype``: it cannot average ciphertext bytes by
+mistake. Chunks keep every ``Array`` far below gRPC's 2 GB ceiling whatever the update size
+(Flower further slices each Array into 5 MiB objects on the wire).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from flwr.common import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from ..errors import InvalidUpdate
+
+STYPE_UPDATE = "fedshield.update.v1"          # a client's EncryptedUpdate (wire bytes)
+STYPE_AGGREGATE = "fedshield.aggregate.v1"    # the server's aggregate EncryptedUpdate
+STYPE_SHARE = "fedshield.partial.v1"          # a threshold party's partial decryption
+STYPES = (STYPE_UPDATE, STYPE_AGGREGATE, STYPE_SHARE)
+
+CHUNK_BYTES = 64 << 20
+MAX_PAYLOAD_BYTES = (1 << 40)                 # 1 TiB: a sanity bound on the declared size
+
+
+def _meta_key(name: str) -> str:
+    return f"{name}.meta"
+
+
+def put_payload(content: RecordDict, name: str, blob: bytes, stype: str, *,
+                chunk_bytes: int = CHUNK_BYTES) -> None:
+    """Stores ``blob`` under ``name`` in ``content`` (chunked, checksummed)."""
+    if stype not in STYPES:
+        raise ValueError(f"stype {stype!r} is not one of {STYPES}")
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes={chunk_bytes} must be positive")
+    blob = bytes(blob)
+    view = memoryview(blob)
+    arrays = {}
+    for i, start in enumerate(range(0, max(len(blob), 1), chunk_bytes)):
+        part = bytes(view[start:start + chunk_bytes])
+        arrays[f"{i:06d}"] = Array(dtype="uint8", shape=(len(part),), stype=stype, data=part)
+    content[name] = ArrayRecord(arrays)
+    content[_meta_key(name)] = ConfigRecord({
+        "stype": stype, "nbytes": len(blob), "chunks": len(arrays),
+        "sha256": hashlib.sha256(blob).hexdigest()})
+
+
+def get_payload(content: RecordDict, name: str, stype: str) -> bytes:
+    """The payload stored by :func:`put_payload`; InvalidUpdate when it is missing, has a
+    foreign stype, lost or reordered chunks, or does not match its checksum."""
+    if name not in content.array_records or _meta_key(name) not in content.config_records:
+        raise InvalidUpdate(f"reply carries no {name!r} payload (records: {sorted(content)})")
+    record = content.array_records[name]
+    meta = content.config_records[_meta_key(name)]
+    nbytes, chunks, digest = meta.get("nbytes"), meta.get("chunks"), meta.get("sha256")
+    if meta.get("stype") != stype:
+        raise InvalidUpdate(f"{name!r} payload has stype {meta.get('stype')!r}, expected {stype!r}")
+    if not (isinstance(nbytes, int) and 0 <= nbytes <= MAX_PAYLOAD_BYTES and
+            isinstance(chunks, int) and chunks >= 1 and isinstance(digest, str)):
+        raise InvalidUpdate(f"{name!r} payload has malformed metadata "
+                            f"(nbytes={nbytes!r}, chunks={chunks!r})")
+    expected = [f"{i:06d}" for i in range(chunks)]
+    if sorted(record.keys()) != expected:
+        raise InvalidUpdate(f"{name!r} payload has chunks {sorted(record.keys())[:5]}..., "
+                            f"expected {chunks} numbered 0..{chunks - 1}")
+    parts = []
+    for key in expected:
+        arr = record[key]
+        if arr.stype != stype or arr.dtype != "uint8" or tuple(arr.shape) != (len(arr.data),):
+            raise InvalidUpdate(f"{name!r} chunk {key} is not a uint8 {stype!r} array "
+                                f"(stype={arr.stype!r}, dtype={arr.dtype!r})")
+        parts.append(arr.data)
+    blob = b"".join(parts)
+    if len(blob) != nbytes:
+        raise InvalidUpdate(f"{name!r} payload has {len(blob)} bytes, its metadata says {nbytes}")
+    if hashlib.sha256(blob).hexdigest() != digest:
+        raise InvalidUpdate(f"{name!r} payload does not match its SHA-256 (corrupted in transit?)")
+    return blob
+
+
+def payload_nbytes(content: RecordDict, name: str) -> int:
+    """Declared size of a payload (0 when absent); for metrics, not validation."""
+    meta = content.config_records.get(_meta_key(name))
+    value = meta.get("nbytes") if meta is not None else None
+    return value if isinstance(value, int) else 0
+
+
+def route_logs_to_flower() -> None:
+    """Sends the fedshield logger's records through Flower's handlers, so exclusions and
+    round summaries reach the SuperLink/SuperNode logs and `flwr run --stream`."""
+    ours, flwr_log = logging.getLogger("fedshield"), logging.getLogger("flwr")
+    if ours.handlers or not flwr_log.handlers:
+        return
+    for handler in flwr_log.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False

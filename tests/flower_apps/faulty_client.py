@@ -1,0 +1,63 @@
+"""A fedshield ClientApp that misbehaves on purpose (tests/test_flower.py ships it in the FAB).
+
+Node config ``fault``: comma-separated ``KIND@ROUND`` entries, KIND one of
+garbage (random bytes as the update), replay (this party's update of the previous round),
+raise (the ClientApp raises), exit (the ClientApp process dies), sleep (replies too late).
+"""
+
+import os
+import time
+
+from flwr.clientapp import ClientApp
+
+from fedshield.flower import client_app as real
+from fedshield.flower.records import STYPE_UPDATE, get_payload, put_payload
+from fedshield.flower.strategy import UPDATE
+
+app = ClientApp()
+LAST = "faults.last-update"
+
+
+def _fault(context, round_idx):
+    spec = str(context.node_config.get("fault", ""))
+    for item in filter(None, spec.split(",")):
+        kind, _, at = item.partition("@")
+        if int(at) == round_idx:
+            return kind
+    return None
+
+
+@app.query("join")
+def join(msg, context):
+    return real.join(msg, context)
+
+
+@app.train()
+def train(msg, context):
+    round_idx = int(msg.content.config_records["config"]["round"])
+    fault = _fault(context, round_idx)
+    if fault == "raise":
+        raise RuntimeError("injected crash")
+    if fault == "exit":
+        os._exit(3)
+    if fault == "sleep":
+        time.sleep(float(context.node_config.get("sleep", 120)))
+    reply = real.train(msg, context)
+    blob = get_payload(reply.content, UPDATE, STYPE_UPDATE)
+    if fault == "garbage":
+        put_payload(reply.content, UPDATE, os.urandom(len(blob)), STYPE_UPDATE)
+    elif fault == "replay" and LAST in context.state.array_records:
+        put_payload(reply.content, UPDATE, get_payload(context.state, LAST, STYPE_UPDATE),
+                    STYPE_UPDATE)
+    put_payload(context.state, LAST, blob, STYPE_UPDATE)
+    return reply
+
+
+@app.query("share")
+def share(msg, context):
+    return real.share(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg, context):
+    return real.apply_and_evaluate(msg, context)

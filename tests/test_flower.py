@@ -1,0 +1,550 @@
+"""fedshield on Flower: records, the validating strategy, the client half, and real
+deployments (a SuperLink and 2-3 SuperNodes as processes on loopback).
+
+Skips only where flwr is not importable (`make test` installs the flower extra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+
+from flwr.common import (ArrayRecord, ConfigRecord, Context, Error, Message,  # noqa: E402
+                         MetricRecord, RecordDict)
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
+
+import fedshield as fs  # noqa: E402
+from fedshield.config import RunConfig  # noqa: E402
+from fedshield.flower import records  # noqa: E402
+from fedshield.flower.launcher import FlowerApp, run_flower  # noqa: E402
+from fedshield.flower.strategy import EncryptedFedAvg, min_clients_for  # noqa: E402
+
+from conftest import make_state, weighted_average  # noqa: E402
+
+APPS = Path(__file__).parent / "flower_apps"
+# Small enough for 2 cores: each Flower message starts a fresh ClientApp process.
+TINY = dict(clients=2, rounds=2, local_steps=2, examples_per_client=16, eval_examples=16,
+            round_timeout=240.0)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Newer Flower builds a Message only inside a running app (it reads the run id from
+    TaskIdentity); these tests build replies by hand, so they say which run they are in."""
+    try:
+        from flwr.supercore.task_identity import TaskIdentity
+    except ImportError:
+        yield
+        return
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+# -- records -------------------------------------------------------------------------------
+
+def test_payload_round_trip_in_chunks():
+    blob = os.urandom(10_000)
+    content = RecordDict()
+    records.put_payload(content, "p", blob, records.STYPE_UPDATE, chunk_bytes=3000)
+    assert len(content.array_records["p"]) == 4
+    assert records.get_payload(content, "p", records.STYPE_UPDATE) == blob
+    assert records.payload_nbytes(content, "p") == 10_000
+
+
+@pytest.mark.parametrize("damage", ["drop_chunk", "flip_byte", "wrong_stype", "missing",
+                                    "bad_meta"])
+def test_payload_damage_is_detected(damage):
+    blob = os.urandom(5000)
+    content = RecordDict()
+    records.put_payload(content, "p", blob, records.STYPE_UPDATE, chunk_bytes=1000)
+    arrays, meta = content.array_records["p"], content.config_records["p.meta"]
+    if damage == "drop_chunk":
+        del arrays["000002"]
+    elif damage == "flip_byte":
+        data = bytearray(arrays["000001"].data)
+        data[7] ^= 1
+        arrays["000001"] = flwr.common.Array(dtype="uint8", shape=(len(data),),
+                                             stype=records.STYPE_UPDATE, data=bytes(data))
+    elif damage == "wrong_stype":
+        meta["stype"] = records.STYPE_SHARE
+    elif damage == "missing":
+        del content["p"]
+    elif damage == "bad_meta":
+        meta["nbytes"] = -1
+    with pytest.raises(fs.InvalidUpdate):
+        records.get_payload(content, "p", records.STYPE_UPDATE)
+
+
+def _reply(node: int, content: RecordDict, message_type: str = "train") -> Message:
+    sent = Message(content=RecordDict({"config": ConfigRecord({"round": 1})}),
+                   dst_node_id=node, message_type=message_type)
+    return Message(content, reply_to=sent)
+
+
+def test_stock_fedavg_refuses_ciphertexts(client_ctx):
+    """A stock strategy cannot average our records: Array.numpy() refuses the stype."""
+    state = make_state(1)
+    layout = fs.Layout.from_state_dict(state)
+    replies = []
+    for node in (1, 2):
+        upd = fs.encrypt_update(client_ctx, state, layout, weight=1.0)
+        content = RecordDict({"metrics": MetricRecord({"num-examples": 10})})
+        records.put_payload(content, "arrays", upd.to_bytes(), records.STYPE_UPDATE)
+        del content["arrays.meta"]  # the one ArrayRecord FedAvg expects
+        replies.append(_reply(node, content))
+    with pytest.raises(TypeError, match="fedshield.update"):
+        FedAvg().aggregate_train(1, replies)
+
+
+def test_min_clients_rule():
+    assert min_clients_for(RunConfig(clients=3)) == 2
+    assert min_clients_for(RunConfig(clients=3, min_clients=3)) == 3
+    assert min_clients_for(RunConfig(clients=3, keys="threshold")) == 3
+    assert min_clients_for(RunConfig(clients=3, keys="threshold", threshold=2)) == 2
+    with pytest.raises(fs.ParameterError):
+        RunConfig(engine="flower", he=False)
+    with pytest.raises(fs.ParameterError):
+        RunConfig(min_clients=4, clients=3)
+
+
+# -- the strategy's screening, in a process where openfhe cannot be imported ----------------
+
+SCREEN_CHILD = textwrap.dedent("""
+    import importlib.abc, json, sys
+
+    class BlockOpenFHE(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "openfhe" or name.startswith("openfhe."):
+                raise ImportError("openfhe is blocked in this process")
+            return None
+
+    sys.meta_path.insert(0, BlockOpenFHE())
+    try:  # newer Flower: a Message needs the run it belongs to
+        from flwr.supercore.task_identity import TaskIdentity
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    except ImportError:
+        pass
+    from flwr.common import ConfigRecord, Error, Message, MetricRecord, RecordDict
+    import fedshield as fs
+    from fedshield.config import RunConfig
+    from fedshield.flower import records, server_app  # noqa: F401 - the whole server side
+    from fedshield.flower.strategy import UPDATE, EncryptedFedAvg
+
+    work = sys.argv[1]
+    spec = json.load(open(f"{work}/spec.json"))
+    server = fs.load_context(f"{work}/server.ctx")
+    cfg = RunConfig(clients=len(spec["parties"]), min_clients=2)
+    strategy = EncryptedFedAvg(cfg, server)
+    strategy.participants = {100 + p: p for p in spec["parties"]}
+    msgs = list(strategy.configure_train(2, None, ConfigRecord(), grid=None))
+    sent = {m.metadata.dst_node_id: m for m in msgs}
+    sent[999] = Message(RecordDict(), dst_node_id=999, message_type="train")  # not enrolled
+    metrics = {"train-loss": 1.0, "kept": 1.0, "seconds-train": 0.0, "seconds-prune": 0.0,
+               "seconds-encrypt": 0.0, "lr": 0.1, "prune-ratio": 0.0}
+    replies = []
+    for item in spec["replies"]:
+        node = item["node"]
+        if item.get("error"):
+            replies.append(Message(Error(code=0, reason=item["error"]), reply_to=sent[node]))
+            continue
+        content = RecordDict({"metrics": MetricRecord({**metrics, "party": item["party"]})})
+        blob = open(f"{work}/{item['file']}", "rb").read()
+        records.put_payload(content, UPDATE, blob, records.STYPE_UPDATE, chunk_bytes=40000)
+        replies.append(Message(content, reply_to=sent[node]))
+    arrays, _ = strategy.aggregate_train(2, replies)
+    agg = b"".join(arrays[k].data for k in sorted(arrays.keys()))
+    open(f"{work}/agg.bin", "wb").write(agg)
+    json.dump({"events": strategy.events, "round": strategy.rounds[-1]},
+              open(f"{work}/result.json", "w"))
+    assert "openfhe" not in sys.modules, "openfhe was imported"
+    print("CHILD-OK")
+""")
+
+
+def test_strategy_screens_every_reply_without_openfhe(tmp_path, client_ctx, server_ctx,
+                                                      foreign_keys):
+    """Garbage, a replay of an old round, foreign keys, a copied update, an error reply and a
+    node that was never enrolled are all excluded with a reason before any arithmetic; the
+    aggregate of the rest decrypts to their weighted average. The server side runs with
+    openfhe blocked."""
+    states = [make_state(40 + i) for i in range(3)]
+    layout = fs.Layout.from_state_dict(states[0])
+    wb = 8.0
+
+    def upd(ctx, i, weight, rnd=2):
+        return fs.encrypt_update(ctx, states[i], layout, weight=weight, round=rnd,
+                                 weight_bound=wb).to_bytes()
+
+    files = {
+        "good0": upd(client_ctx, 0, 3.0), "good1": upd(client_ctx, 1, 1.0),
+        "garbage": os.urandom(20000), "stale": upd(client_ctx, 2, 2.0, rnd=1),
+        "foreign": upd(foreign_keys.client_context(), 2, 2.0),
+    }
+    files["copy"] = files["good0"]
+    for name, blob in files.items():
+        (tmp_path / name).write_bytes(blob)
+    (tmp_path / "server.ctx").write_bytes(server_ctx.to_bytes())
+    replies = [{"node": 100, "party": 0, "file": "good0"},
+               {"node": 101, "party": 1, "file": "good1"},
+               {"node": 102, "party": 2, "file": "garbage"},
+               {"node": 103, "party": 3, "file": "stale"},
+               {"node": 104, "party": 4, "file": "foreign"},
+               {"node": 105, "party": 5, "file": "copy"},
+               {"node": 106, "error": "ClientApp raised: injected"},
+               {"node": 999, "party": 0, "file": "good1"},
+               {"node": 108, "party": 0, "file": "good1"}]   # claims party 0, enrolled as 8
+    spec = {"parties": list(range(10)), "replies": replies}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-c", SCREEN_CHILD, str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "CHILD-OK" in proc.stdout, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    reasons = {e["node"]: e["reason"] for e in result["events"]}
+    assert set(reasons) == {102, 103, 104, 105, 106, 999, 108, 107, 109}, reasons
+    assert "invalid reply" in reasons[102]
+    assert "update of round 1 in round 2" in reasons[103]
+    assert "another context" in reasons[104]
+    assert "same update bytes" in reasons[105]
+    assert "injected" in reasons[106]
+    assert "not an enrolled participant" in reasons[999]
+    assert "claims party 0" in reasons[108]
+    assert "no reply" in reasons[107] and "no reply" in reasons[109]
+    assert result["round"]["clients"] == [0, 1]
+    agg = fs.EncryptedUpdate.from_bytes((tmp_path / "agg.bin").read_bytes())
+    assert agg.n_summed == 2 and agg.round == 2
+    out = fs.decrypt_update(client_ctx, agg, layout)
+    ref = weighted_average(states[:2], [3.0, 1.0])
+    for name in ref:
+        np.testing.assert_allclose(out[name].double().numpy(), ref[name], atol=1e-6)
+
+
+def test_strategy_fails_a_round_without_enough_updates(server_ctx):
+    strategy = EncryptedFedAvg(RunConfig(clients=3), server_ctx)
+    strategy.participants = {1: 0, 2: 1, 3: 2}
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None))
+    replies = [Message(Error(code=0, reason="boom"), reply_to=msgs[0])]
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    assert strategy.rounds[-1]["status"] == "failed"
+    assert "0 valid updates" in strategy.rounds[-1]["failure"]
+    # nothing pending: the evaluate step sends nothing, the global version stays
+    assert list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), None)) == []
+    assert strategy.version == 0
+
+
+class _Grid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def test_nodes_connecting_after_enrolment_are_reported(server_ctx):
+    strategy = EncryptedFedAvg(RunConfig(clients=2), server_ctx)
+    strategy.enrolment_nodes = {1, 2}
+    strategy.participants = {1: 0, 2: 1}
+    assert strategy.late_nodes(_Grid([1, 2, 7])) == [7]
+
+
+def test_server_refuses_a_secret_key(client_ctx):
+    with pytest.raises(fs.FedShieldError, match="public context"):
+        EncryptedFedAvg(RunConfig(), client_ctx)
+
+
+# -- the client half in-process --------------------------------------------------------------
+
+def test_client_refuses_to_train_out_of_step(tmp_path, shared_keys):
+    """A party whose adapter is not the one the round builds on (it joined late or missed an
+    aggregate) refuses to train instead of sending an update of another model."""
+    from fedshield.flower import client_app
+
+    key = tmp_path / "party-0.key"
+    shared_keys.client_context().save(key)
+    cfg = RunConfig(**{**TINY, "out": str(tmp_path)})
+    context = Context(run_id=1, node_id=5, node_config={"party-id": 0, "key-file": str(key)},
+                      state=RecordDict(), run_config={"fedshield-config": json.dumps(cfg.to_dict())})
+    msg = Message(RecordDict({"config": ConfigRecord({"round": 3, "global-version": 2})}),
+                  dst_node_id=5, message_type="train")
+    with pytest.raises(client_app.OutOfStep, match="round 0"):
+        client_app.train(msg, context)
+    join = client_app.join(Message(RecordDict(), dst_node_id=5, message_type="query.join"),
+                           context)
+    assert join.content.metric_records["metrics"]["version"] == 0
+    assert join.content.config_records["config"]["context-fp"] == \
+        shared_keys.client_context().fingerprint.hex()
+
+
+# -- real deployments ----------------------------------------------------------------------
+
+def _local_reference(cfg: RunConfig, out: Path) -> dict:
+    from fedshield.runner import run
+
+    return run(cfg.replace(engine="local", out=str(out), min_clients=0), show_progress=False)
+
+
+def _adapter(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_flower_shared_keys_match_local_engine(tmp_path):
+    """2 SuperNodes, shared key: the same rounds as the local engine for the same seed."""
+    cfg = RunConfig(**TINY, engine="flower", out=str(tmp_path / "flower"))
+    got = run_flower(cfg)
+    ref = _local_reference(cfg, tmp_path / "local")
+    assert got["server_has_secret_key"] is False and got["server_loaded_openfhe"] is False
+    assert got["num_lora_values"] == ref["num_lora_values"]
+    assert got["initial_eval_loss"] == pytest.approx(ref["initial_eval_loss"], abs=1e-9)
+    assert [r["status"] for r in got["rounds"]] == ["ok", "ok"] and got["events"] == []
+    for a, b in zip(got["rounds"], ref["rounds"]):
+        assert a["clients"] == [0, 1]
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+        assert a["bytes_up"] == b["bytes_up"] and a["bytes_down"] == b["bytes_down"]
+        assert a["kept_fraction"] == pytest.approx(b["kept_fraction"])
+    x, y = _adapter(tmp_path / "flower"), _adapter(tmp_path / "local")
+    assert set(x) == set(y)
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], atol=1e-5, rtol=0)
+    for plot in ("loss.png", "bytes.png", "time.png"):
+        assert (tmp_path / "flower" / "plots" / plot).stat().st_size > 0
+    keys = tmp_path / "flower" / "flower" / "keys"
+    assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in keys.glob("party-*.key"))
+    assert not fs.load_context(keys / "server.ctx").has_secret_key
+
+
+def _faulty_app() -> FlowerApp:
+    return FlowerApp(client_app="faulty_client:app", files=[APPS / "faulty_client.py"])
+
+
+THRESHOLD_FAULTS = {
+    # name: (rounds, per-party faults, parties aggregated per round, (round, party, reason)...)
+    "crash-replay": (2, [{}, {"fault": "replay@2"}, {"fault": "raise@1"}], [[0, 1], [0, 2]],
+                     [(1, 2, "injected crash"), (2, 1, "update of round 1 in round 2")]),
+    "garbage-replay-crash": (
+        3, [{}, {"fault": "replay@2"}, {"fault": "garbage@1,raise@3"}], [[0, 1], [0, 2], [0, 1]],
+        [(1, 2, "invalid reply"), (2, 1, "update of round 1 in round 2"),
+         (3, 2, "injected crash")]),
+}
+
+
+@pytest.mark.parametrize("case", [
+    "crash-replay", pytest.param("garbage-replay-crash", marks=pytest.mark.slow)])
+def test_flower_threshold_excludes_failing_clients(tmp_path, case):
+    """3 SuperNodes, threshold keys (2 of 3), partial decryptions through Flower, and a fourth
+    SuperNode that connects after enrolment. A ClientApp that crashes (raises), sends garbage
+    or replays its previous update is excluded; each round completes with the other two and
+    equals the local engine's steps on the same subsets."""
+    rounds, faults, subsets, expected = THRESHOLD_FAULTS[case]
+    cfg = RunConfig(**{**TINY, "clients": 3, "rounds": rounds}, keys="threshold", threshold=2,
+                    engine="flower", out=str(tmp_path / "flower"))
+    got = run_flower(cfg, app=_faulty_app(), node_configs=faults, late_node_configs=[{}])
+    assert [r["status"] for r in got["rounds"]] == ["ok"] * rounds
+    assert [r["clients"] for r in got["rounds"]] == subsets
+    excluded = [(e["round"], e["party"], e["reason"]) for e in got["events"]]
+    assert len(excluded) == len(expected), excluded
+    for (r, party, reason), want in zip(excluded, expected):
+        assert (r, party) == want[:2] and want[2] in reason, excluded
+    assert [r["decrypting_clients"] for r in got["rounds"]] == subsets
+    assert all(r["bytes_partial_decryptions"] > 0 for r in got["rounds"])
+    assert len(got["not_enrolled"]) == 1 and got["participants"] == [0, 1, 2]
+    assert got["server_loaded_openfhe"] is False
+    log = (tmp_path / "flower" / "flower" / "logs" / "flwr-run.log").read_text()
+    assert "excluded party" in log and "connected after enrolment" in log
+
+    # the local engine's steps on the same subsets, with its own threshold keys
+    from fedshield.runner import LocalSimulation
+
+    sim = LocalSimulation(cfg.replace(engine="local", out=str(tmp_path / "local")),
+                          show_progress=False)
+    for r, subset in enumerate(subsets, start=1):
+        plan = sim.plan_round(r)
+        replies = [sim.client_round(c, plan) for c in subset]
+        agg = sim.aggregate_replies(replies, plan)
+        average, _, _ = sim._decrypt(agg, plan.mask, sim_timer())
+        sim.apply_average(average)
+        assert got["rounds"][r - 1]["eval_loss"] == pytest.approx(sim.evaluate(), abs=1e-5)
+        assert got["rounds"][r - 1]["train_loss"] == pytest.approx(
+            [x.loss for x in replies], abs=1e-5)
+
+
+def sim_timer():
+    from fedshield.runner import _Timer
+
+    return _Timer()
+
+
+@pytest.mark.parametrize("n_values", [
+    8_000_000,                                                # ~120 MB per message, CI size
+    pytest.param(16_777_216, marks=pytest.mark.slow),         # Llama-2-7B r=32 q/v: ~252 MB
+])
+def test_flower_large_update(tmp_path, n_values):
+    """A large synthetic update through real Flower processes (each client's update and the
+    aggregate sent back to both): no message limit breaks it, the average is exact."""
+    cfg = RunConfig(clients=2, rounds=1, engine="flower", out=str(tmp_path), round_timeout=600.0)
+    app = FlowerApp(client_app="large_client:app", files=[APPS / "large_client.py"])
+    got = run_flower(cfg, app=app, node_configs=[{"large-values": n_values}] * 2)
+    assert got["rounds"][0]["status"] == "ok", got["rounds"]
+    wire = 15 * n_values * 0.9    # ~15 bytes per value at the default parameters
+    assert min(got["rounds"][0]["bytes_up"]) > wire
+    for party in (0, 1):
+        check = json.loads((tmp_path / f"large-check-{party}.json").read_text())
+        assert check["n_summed"] == 2 and check["aggregate_bytes"] > wire
+        assert check["max_abs_err"] < 1e-6
+    print(f"{n_values} values: {got['rounds'][0]['bytes_up']} bytes up, "
+          f"{got['rounds'][0]['wall_seconds']} s round, {got['seconds_total']} s total")
+
+
+@pytest.mark.slow
+def test_flower_dead_and_slow_clients_are_dropped(tmp_path):
+    """Round 1: party 2's ClientApp process dies (no reply at all); round 2: party 1 replies
+    after the timeout. Both are excluded and dropped (they missed an aggregate); every round
+    still completes with min_clients=1 (shared keys)."""
+    cfg = RunConfig(**{**TINY, "clients": 3, "round_timeout": 60.0}, min_clients=1,
+                    engine="flower", out=str(tmp_path / "flower"))
+    faults = [{}, {"fault": "sleep@2", "sleep": 100}, {"fault": "exit@1"}]
+    got = run_flower(cfg, app=_faulty_app(), node_configs=faults)
+    assert [r["status"] for r in got["rounds"]] == ["ok", "ok"]
+    assert [r["clients"] for r in got["rounds"]] == [[0, 1], [0]]
+    events = [(e["round"], e["party"], e.get("dropped", False)) for e in got["events"]]
+    assert events == [(1, 2, True), (2, 1, True)], got["events"]
+    assert all("no reply before the timeout" in e["reason"] for e in got["events"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("FEDSHIELD_FLWR_PYTHON"),
+                    reason="set FEDSHIELD_FLWR_PYTHON to an interpreter with another Flower "
+                           "release (e.g. flwr 1.42 on Python 3.12)")
+def test_deployment_under_another_flower_release(tmp_path):
+    """The launcher's process management and fedshield's message pattern (custom-stype
+    chunks, a 150 MB reply) on another Flower release, without fedshield installed there."""
+    import fedshield.flower.deployment as deployment
+
+    python = os.environ["FEDSHIELD_FLWR_PYTHON"]
+    proc = subprocess.run([python, str(APPS / "compat" / "compat_check.py"),
+                           deployment.__file__, str(150_000_000), str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "work" / "toy-result.json").read_text())
+    assert result["parties"] == [0, 1] and result["ok"] == [True, True]
+
+
+def _run_quiet(argv, **kw):
+    return subprocess.run(argv, check=True, capture_output=True, timeout=120, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
+                    reason="needs openssl and ssh-keygen")
+def test_tls_and_supernode_authentication(tmp_path):
+    """The README's TLS + node authentication commands on loopback (toy app): registered
+    SuperNodes run the app over TLS; an unregistered one is refused."""
+    from fedshield.flower.deployment import _free_ports, _tool
+
+    t = tmp_path
+    _run_quiet(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                t / "ca.key", "-out", t / "ca.crt", "-days", "2", "-subj", "/CN=test-ca"])
+    _run_quiet(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", t / "server.key",
+                "-out", t / "server.csr", "-subj", "/CN=localhost"])
+    (t / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _run_quiet(["openssl", "x509", "-req", "-in", t / "server.csr", "-CA", t / "ca.crt",
+                "-CAkey", t / "ca.key", "-CAcreateserial", "-out", t / "server.pem", "-days", "2",
+                "-extfile", t / "san.ext"])
+    for i in range(3):
+        _run_quiet(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f",
+                    t / f"node-{i}"])
+    fleet, control, appio, *node_ports = _free_ports(6)
+    app = t / "app"
+    app.mkdir()
+    shutil.copy(APPS / "compat" / "toy_apps.py", app)
+    (app / "pyproject.toml").write_text(textwrap.dedent(f"""\
+        [build-system]
+        requires = ["hatchling"]
+        build-backend = "hatchling.build"
+        [project]
+        name = "toy"
+        version = "1.0.0"
+        description = "toy"
+        license = "Apache-2.0"
+        dependencies = []
+        [tool.flwr.app]
+        publisher = "fedshield"
+        [tool.flwr.app.components]
+        serverapp = "toy_apps:server"
+        clientapp = "toy_apps:client"
+        [tool.flwr.app.config]
+        out = "{t}"
+        nbytes = 20000000
+        """))
+    homes = {n: t / "home" / n for n in ("link", "cli", "n0", "n1", "n2")}
+    for h in homes.values():
+        h.mkdir(parents=True)
+    (homes["cli"] / "config.toml").write_text(
+        f'[superlink]\ndefault = "tls"\n[superlink.tls]\naddress = "127.0.0.1:{control}"\n'
+        f'root-certificates = "{t / "ca.crt"}"\n')
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0",
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    procs = []
+
+    def start(home, argv, log):
+        procs.append(subprocess.Popen(argv, env={**env, "FLWR_HOME": str(home)},
+                                      stdout=open(t / log, "wb"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        return procs[-1]
+
+    def supernode(i):
+        return [_tool("flower-supernode"), "--root-certificates", str(t / "ca.crt"),
+                "--superlink", f"127.0.0.1:{fleet}",
+                "--clientappio-api-address", f"127.0.0.1:{node_ports[i]}",
+                "--auth-supernode-private-key", str(t / f"node-{i}"),
+                "--node-config", f"party-id={i}"]
+
+    try:
+        start(homes["link"], [_tool("flower-superlink"), "--ssl-ca-certfile", str(t / "ca.crt"),
+                              "--ssl-certfile", str(t / "server.pem"),
+                              "--ssl-keyfile", str(t / "server.key"), "--enable-supernode-auth",
+                              "--fleet-api-address", f"127.0.0.1:{fleet}",
+                              "--control-api-address", f"127.0.0.1:{control}",
+                              "--serverappio-api-address", f"127.0.0.1:{appio}"], "link.log")
+        cli = {**env, "FLWR_HOME": str(homes["cli"])}
+        for _ in range(60):
+            if subprocess.run([_tool("flwr"), "supernode", "register", str(t / "node-0.pub"),
+                               "tls"], env=cli, capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        _run_quiet([_tool("flwr"), "supernode", "register", str(t / "node-1.pub"), "tls"],
+                   env=cli)
+        start(homes["n0"], supernode(0), "n0.log")
+        start(homes["n1"], supernode(1), "n1.log")
+        intruder = start(homes["n2"], supernode(2), "n2.log")   # never registered
+        run = subprocess.run([_tool("flwr"), "run", str(app), "tls", "--stream"], env=cli,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-2000:]
+        result = json.loads((t / "toy-result.json").read_text())
+        assert result["parties"] == [0, 1] and result["ok"] == [True, True]
+        intruder.wait(timeout=60)
+        assert intruder.returncode != 0
+        assert "No SuperNode found with the given public key" in (t / "n2.log").read_text()
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
