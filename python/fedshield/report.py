@@ -82,7 +82,7 @@ def report(run_dirs: list[str | Path], out: str | Path) -> dict:
     runs = [(label_of(m, d), m) for d, m in ((d, load_run(d)) for d in run_dirs)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fig, (ax_loss, ax_bytes, ax_time) = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, (ax_loss, ax_bytes, ax_time) = plt.subplots(1, 3, figsize=(16, 5))
     width = 0.8 / len(runs)
     for i, (label, m) in enumerate(runs):
         rounds = [r["round"] for r in m["rounds"]]
@@ -98,9 +98,14 @@ def report(run_dirs: list[str | Path], out: str | Path) -> dict:
     ax_loss.set(xlabel="round", ylabel="held-out loss", title="Global eval loss")
     ax_bytes.set(xlabel="round", ylabel="MB", title="Bytes up per client")
     ax_time.set(xlabel="round", ylabel="seconds", title="Time per round (all phases)")
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
     for ax in (ax_loss, ax_bytes, ax_time):
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+    # One legend under the three panels: inside them it would hide the bars.
+    handles, labels = ax_loss.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(runs)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 * ((len(runs) + 2) // 3), 1, 1))
     png = out / "report.png"
     fig.savefig(png, dpi=100)
     plt.close(fig)
