@@ -383,6 +383,19 @@ def test_load_context_rejects_forged(server_ctx, foreign_keys):
     assert len(names) > 25
 
 
+def test_a_forged_template_is_a_key_material_error(client_ctx, small_state, small_layout):
+    """A context file forged with recomputed checksums carries a template that OpenFHE cannot
+    deserialize: decryption names the context, not a raw RuntimeError or MemoryError."""
+    ctx = fs.load_context(client_ctx.to_bytes(include_secret=True))
+    upd = fs.encrypt_update(ctx, small_state, small_layout, weight=1.0)
+    template, layout = ctx.ciphertext_template
+    forged = bytearray(template)
+    forged[: layout[2] - 16] = b"\xff" * (layout[2] - 16)  # the header before c0's residues
+    ctx._template = bytes(forged)
+    with pytest.raises(fs.KeyMaterialError, match="template"):
+        fs.decrypt_update(ctx, upd, small_layout, workers=1)
+
+
 def test_native_codec_refuses_out_of_bounds_layouts(client_ctx, small_update):
     template, layout = client_ctx.ciphertext_template
     data = small_update.to_bytes()

@@ -138,13 +138,25 @@ def encrypt_buffer(cc, public_key, buffer: np.ndarray, params: CKKSParams) -> li
     return out
 
 
+def load_rebuilt_ciphertext(blob: bytes):
+    """A ciphertext rebuilt from the context's template and validated residues. The residues
+    were checked natively, so a failure here means the context file's template is bad (e.g. a
+    forged file with a recomputed checksum): a key-material error, not a raw OpenFHE one."""
+    o = openfhe()
+    try:
+        return o.DeserializeCiphertextString(blob, o.BINARY)
+    except Exception as exc:  # RuntimeError, MemoryError or a cereal error from the binding
+        raise KeyMaterialError("the context's ciphertext template does not deserialize "
+                               f"({type(exc).__name__}: {exc}); is the context file "
+                               "genuine?") from exc
+
+
 def decrypt_ciphertexts(cc, secret_key, cts: list[bytes], params: CKKSParams) -> np.ndarray:
     """Decrypts serialized ciphertexts into one float64 buffer of reals."""
-    o = openfhe()
     per_ct = params.values_per_ciphertext
     out = np.empty(len(cts) * per_ct, dtype=np.float64)
     for i, blob in enumerate(cts):
-        ct = o.DeserializeCiphertextString(blob, o.BINARY)
+        ct = load_rebuilt_ciphertext(blob)
         pt = cc.Decrypt(secret_key, ct)
         pt.SetLength(params.slots)
         values = np.asarray(pt.GetCKKSPackedValue(), dtype=np.complex128)

@@ -471,7 +471,7 @@ def partial_decrypt(party_ctx: Context, agg, present: Optional[Iterable[int]] = 
         roots = party_ctx.tower_roots
     parts = []
     for blob in _native.decode_ciphertexts(agg.to_bytes(), template, ct_layout, threads):
-        ct = o.DeserializeCiphertextString(blob, o.BINARY)
+        ct = backend.load_rebuilt_ciphertext(blob)
         part = (cc.MultipartyDecryptLead if lead else cc.MultipartyDecryptMain)([ct], key)[0]
         part = backend.serialize(part)
         if params.flooding:
