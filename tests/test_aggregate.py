@@ -352,6 +352,11 @@ def _forgeries(blob: bytes, foreign_pk: bytes):
     yield "sizes", _build(m(sections=[[n, s + 1] for n, s in meta["sections"]]), secs)
     yield "negative", _build(m(sections=[[meta["sections"][0][0], -5]] + [
         [meta["sections"][0][0] + "x", sizes[0] + 5]] + meta["sections"][1:]), secs)
+    idx_t = [n for n, _ in meta["sections"]].index("template")
+    yield "duplicate_section", _build(m(sections=meta["sections"] + [meta["sections"][idx_t]]),
+                                      secs + [secs[idx_t]])
+    yield "name_not_str", _build(m(sections=[[7, meta["sections"][0][1]]] + meta["sections"][1:]),
+                                 secs)
     yield "no_template", _build(m(sections=[x for x in meta["sections"] if x[0] != "template"]),
                                 [s for (n, _), s in zip(meta["sections"], secs) if n != "template"])
     lay = meta["ct_layout"]
@@ -394,6 +399,14 @@ def test_a_forged_template_is_a_key_material_error(client_ctx, small_state, smal
     ctx._template = bytes(forged)
     with pytest.raises(fs.KeyMaterialError, match="template"):
         fs.decrypt_update(ctx, upd, small_layout, workers=1)
+
+
+def test_a_key_file_must_name_its_secret_key(client_ctx):
+    meta, secs = _split(client_ctx.to_bytes(include_secret=True))
+    assert "secret_fp" in meta
+    del meta["secret_fp"]
+    with pytest.raises(fs.KeyMaterialError, match="secret_fp"):
+        fs.load_context(_build(meta, secs))
 
 
 def test_native_codec_refuses_out_of_bounds_layouts(client_ctx, small_update):

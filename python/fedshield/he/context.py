@@ -244,6 +244,9 @@ def load_context(source: Union[bytes, bytearray, memoryview, str, os.PathLike]) 
         params = CKKSParams.from_dict(meta["params"])
         sections, at = {}, fixed + head_len
         for name, size in meta["sections"]:
+            if not isinstance(name, str) or name in sections:
+                # a second "secret_key" (or "template") section would silently replace the first
+                raise ValueError(f"section name {name!r} is not a string or is repeated")
             # negative sizes would walk `at` backwards and still let the total add up
             if not (isinstance(size, int) and size >= 0):
                 raise ValueError(f"section {name!r} has size {size!r}")
@@ -275,8 +278,8 @@ def load_context(source: Union[bytes, bytearray, memoryview, str, os.PathLike]) 
         _check_ciphertext_layout(ctx)
         # inside the try: a missing "fingerprint" key is a malformed context, not a KeyError
         fingerprint_ok = ctx.fingerprint.hex() == meta["fingerprint"]
-        # files written before secret_fp existed carry none; a party file always does
-        secret_ok = (secret_key is None or ("secret_fp" not in meta and party is None) or
+        # every file with a secret key names it by its fingerprint (KeyError: malformed)
+        secret_ok = (secret_key is None or
                      secret_fingerprint(ctx.fingerprint, secret_key).hex() == meta["secret_fp"])
     except (KeyError, ValueError, TypeError, ParameterError,
             OverflowError, RecursionError) as exc:  # int(inf), deeply nested JSON
