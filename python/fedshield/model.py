@@ -143,6 +143,8 @@ def attach_lora(model, settings: LoraSettings = LoraSettings(), seed: int = 0):
         target_modules=list(settings.target_modules),
         task_type=TaskType.CAUSAL_LM,
         bias="none",
+        # GPT-2's Conv1D stores weights transposed; peft would flip this itself, with a warning
+        fan_in_fan_out=getattr(getattr(model, "config", None), "model_type", "") == "gpt2",
     )
     with seeded_rng(seed):
         peft_model = get_peft_model(model, config)
