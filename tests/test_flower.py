@@ -455,7 +455,7 @@ def _run_quiet(argv, **kw):
 def test_tls_and_supernode_authentication(tmp_path):
     """The README's TLS + node authentication commands on loopback (toy app): registered
     SuperNodes run the app over TLS; an unregistered one is refused."""
-    from fedshield.flower.deployment import _free_ports, _tool
+    from fedshield.flower.deployment import _free_ports, _tool, write_app_project
 
     t = tmp_path
     _run_quiet(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
@@ -473,25 +473,8 @@ def test_tls_and_supernode_authentication(tmp_path):
     app = t / "app"
     app.mkdir()
     shutil.copy(APPS / "compat" / "toy_apps.py", app)
-    (app / "pyproject.toml").write_text(textwrap.dedent(f"""\
-        [build-system]
-        requires = ["hatchling"]
-        build-backend = "hatchling.build"
-        [project]
-        name = "toy"
-        version = "1.0.0"
-        description = "toy"
-        license = "Apache-2.0"
-        dependencies = []
-        [tool.flwr.app]
-        publisher = "fedshield"
-        [tool.flwr.app.components]
-        serverapp = "toy_apps:server"
-        clientapp = "toy_apps:client"
-        [tool.flwr.app.config]
-        out = "{t}"
-        nbytes = 20000000
-        """))
+    write_app_project(app, name="toy", description="toy", server_app="toy_apps:server",
+                      client_app="toy_apps:client", config={"out": str(t), "nbytes": 20000000})
     homes = {n: t / "home" / n for n in ("link", "cli", "n0", "n1", "n2")}
     for h in homes.values():
         h.mkdir(parents=True)

@@ -32,6 +32,25 @@ def _toml_value(value) -> str:
     return json.dumps(str(value))  # a TOML basic string (JSON escapes are valid TOML)
 
 
+def write_app_project(app_dir: Path, *, name: str, description: str, server_app: str,
+                      client_app: str, config: dict, dependencies: tuple[str, ...] = ()) -> Path:
+    """The pyproject.toml of a Flower app directory (what `flwr run` packs into a FAB)."""
+    lines = [
+        "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
+        "[project]", f"name = {_toml_value(name)}", 'version = "1.0.0"',
+        f"description = {_toml_value(description)}", 'license = "Apache-2.0"',
+        f"dependencies = [{', '.join(_toml_value(d) for d in dependencies)}]", "",
+        "[tool.flwr.app]", 'publisher = "fedshield"', "",
+        "[tool.flwr.app.components]", f"serverapp = {_toml_value(server_app)}",
+        f"clientapp = {_toml_value(client_app)}", "",
+        "[tool.flwr.app.config]",
+        *(f"{k} = {_toml_value(v)}" for k, v in config.items()),
+    ]
+    path = Path(app_dir) / "pyproject.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def _free_ports(n: int) -> list[int]:
     socks, ports = [], []
     try:

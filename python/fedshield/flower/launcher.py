@@ -22,7 +22,7 @@ from ..config import RunConfig
 from ..errors import FedShieldError
 from ..he import keygen_shared, keygen_threshold
 from ..runner import ckks_params
-from .deployment import Deployment, DeploymentError, _toml_value
+from .deployment import Deployment, DeploymentError, write_app_project
 
 log = logging.getLogger("fedshield")
 
@@ -66,18 +66,10 @@ def write_app(app_dir: Path, cfg: RunConfig, server_ctx: Path, out: Path,
     app_dir.mkdir(parents=True, exist_ok=True)
     run_config = {"fedshield-config": json.dumps(cfg.to_dict()),
                   "server-context": str(server_ctx), "out-dir": str(out), **app.run_config}
-    lines = [
-        "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
-        "[project]", 'name = "fedshield-run"', 'version = "1.0.0"',
-        'description = "fedshield encrypted LoRA aggregation"', 'license = "Apache-2.0"',
-        'dependencies = ["fedshield[flower]"]', "",
-        "[tool.flwr.app]", 'publisher = "fedshield"', "",
-        "[tool.flwr.app.components]", f"serverapp = {_toml_value(app.server_app)}",
-        f"clientapp = {_toml_value(app.client_app)}", "",
-        "[tool.flwr.app.config]",
-        *(f"{k} = {_toml_value(v)}" for k, v in run_config.items()),
-    ]
-    (app_dir / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    write_app_project(app_dir, name="fedshield-run",
+                      description="fedshield encrypted LoRA aggregation",
+                      server_app=app.server_app, client_app=app.client_app, config=run_config,
+                      dependencies=("fedshield[flower]",))
     # The FAB needs at least one module of its own; the apps themselves live in fedshield.
     (app_dir / "fedshield_run.py").write_text('"""fedshield run (components in fedshield.flower)."""\n')
     for f in app.files:

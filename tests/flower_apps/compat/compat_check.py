@@ -13,24 +13,8 @@ work = Path(sys.argv[3]); shutil.rmtree(work, ignore_errors=True); work.mkdir(pa
 app = work / "app"; app.mkdir()
 shutil.copy(here / "toy_apps.py", app / "toy_apps.py")
 nbytes = int(sys.argv[2])
-(app / "pyproject.toml").write_text(f'''[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-[project]
-name = "toy"
-version = "1.0.0"
-description = "toy"
-license = "Apache-2.0"
-dependencies = []
-[tool.flwr.app]
-publisher = "fedshield"
-[tool.flwr.app.components]
-serverapp = "toy_apps:server"
-clientapp = "toy_apps:client"
-[tool.flwr.app.config]
-out = "{work}"
-nbytes = {nbytes}
-''')
+dep_mod.write_app_project(app, name="toy", description="toy", server_app="toy_apps:server",
+                          client_app="toy_apps:client", config={"out": str(work), "nbytes": nbytes})
 t = time.time()
 with dep_mod.Deployment(work, 2, [{"party-id": 0}, {"party-id": 1}]) as d:
     d.start_superlink(); d.start_supernode(0); d.start_supernode(1)
