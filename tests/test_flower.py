@@ -305,7 +305,10 @@ def _adapter(out: Path) -> dict:
 
 def test_flower_shared_keys_match_local_engine(tmp_path):
     """2 SuperNodes, shared key: the same rounds as the local engine for the same seed."""
-    cfg = RunConfig(**TINY, engine="flower", out=str(tmp_path / "flower"))
+    # No pruning here: the two runs' round-1 aggregates differ by independent CKKS noise
+    # (~1e-9), which round-2 training amplifies enough, at the paper's r=32/alpha=64, to flip
+    # an occasional value across a local mask's cut (seen once: 1.2e-4 relative on one value).
+    cfg = RunConfig(**TINY, prune="off", engine="flower", out=str(tmp_path / "flower"))
     got = run_flower(cfg)
     ref = _local_reference(cfg, tmp_path / "local")
     assert got["server_has_secret_key"] is False and got["server_loaded_openfhe"] is False
