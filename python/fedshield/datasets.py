@@ -278,6 +278,18 @@ def split_dirichlet(examples: Sequence[Mapping], n_clients: int, alpha: float, s
 # --------------------------------------------------------------------------
 
 
+def prompt_tail(ids: Sequence[int], limit: int, bos_token_id: int | None
+                ) -> tuple[List[int], int]:
+    """The prompt cut from the left to at most `limit` tokens, a leading bos kept, so the
+    "### Response:" marker at its end survives. Returns (ids, prompt tokens kept besides bos)."""
+    ids = list(ids)
+    bos = ids[:1] if bos_token_id is not None and ids and ids[0] == bos_token_id else []
+    if len(ids) <= limit:
+        return ids, len(ids) - len(bos)
+    room = max(limit - len(bos), 0)
+    return bos + ids[len(ids) - room:] if room else bos, room
+
+
 def tokenize_fitting(examples: Sequence[Mapping[str, str]], tokenizer, max_len: int,
                      compact: bool = True, source: str = "data"
                      ) -> tuple[Dict[str, "torch.Tensor"], Dict[str, int]]:
@@ -307,13 +319,10 @@ def tokenize_fitting(examples: Sequence[Mapping[str, str]], tokenizer, max_len: 
         c_ids = list(tokenizer(ex["output"], add_special_tokens=False)["input_ids"])
         c_ids.append(tokenizer.eos_token_id)
         if len(p_ids) + len(c_ids) > max_len:
-            bos = p_ids[:1] if (tokenizer.bos_token_id is not None and p_ids
-                                and p_ids[0] == tokenizer.bos_token_id) else []
-            room = max_len - len(c_ids) - len(bos)
-            if room < min_prompt:
+            p_ids, kept = prompt_tail(p_ids, max_len - len(c_ids), tokenizer.bos_token_id)
+            if kept < min_prompt:
                 skipped += 1
                 continue
-            p_ids = bos + p_ids[len(p_ids) - room:]
             truncated += 1
         rows.append(p_ids + c_ids)
         label_rows.append([IGNORE_INDEX] * len(p_ids) + c_ids)

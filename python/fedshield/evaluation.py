@@ -27,6 +27,7 @@ def generate_samples(model, tokenizer, examples: Sequence[Mapping[str, str]], *,
                      compact: bool, max_new_tokens: int) -> list[dict]:
     """Greedy answers of `model` to the prompts of `examples` (alpaca template, as trained)."""
     from .data import format_prompt  # noqa: PLC0415
+    from .datasets import prompt_tail  # noqa: PLC0415
 
     if not examples or max_new_tokens < 1:
         return []
@@ -41,8 +42,7 @@ def generate_samples(model, tokenizer, examples: Sequence[Mapping[str, str]], *,
             prompt = format_prompt(ex["instruction"], ex.get("input", ""), compact=compact)
             ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
             new_tokens = min(max_new_tokens, positions - 1)
-            if len(ids) + new_tokens > positions:  # keep the response marker: cut from the left
-                ids = ids[:1] + ids[len(ids) - (positions - new_tokens - 1):]
+            ids, _ = prompt_tail(ids, positions - new_tokens, tokenizer.bos_token_id)
             input_ids = torch.tensor([ids], device=device)
             with torch.no_grad():
                 out = model.generate(input_ids=input_ids,
