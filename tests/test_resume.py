@@ -90,14 +90,14 @@ def test_rng_states_round_trip():
 
 def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     cfg = RunConfig(**SMALL, he=False, out=str(tmp_path))
-    real = ckpt_mod._fsync_replace
+    real = ckpt_mod.write_json_atomic
 
-    def fail_on_round_2_index(tmp, final):
-        if final.name == ckpt_mod.INDEX and json.loads(tmp.read_text())["round"] == 2:
+    def fail_on_round_2_index(path, obj, indent=2):
+        if path.name == ckpt_mod.INDEX and obj["round"] == 2:
             raise OSError("disk full")
-        real(tmp, final)
+        real(path, obj, indent)
 
-    monkeypatch.setattr(ckpt_mod, "_fsync_replace", fail_on_round_2_index)
+    monkeypatch.setattr(ckpt_mod, "write_json_atomic", fail_on_round_2_index)
     with pytest.raises(OSError, match="disk full"):
         LocalSimulation(cfg, show_progress=False).run()
     ckpt = load_checkpoint(tmp_path)

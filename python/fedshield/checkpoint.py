@@ -10,13 +10,13 @@ Key material is never written here (a resumed simulation generates fresh keys).
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import replace_durably, write_json_atomic
 from .errors import ParameterError
 
 CHECKPOINT_DIR = "checkpoint"
@@ -24,12 +24,6 @@ INDEX = "checkpoint.json"
 FORMAT = 1
 _STATE = "state."
 _RNG = "rng."
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
 
 
 def capture_rng() -> tuple[dict, dict]:
@@ -71,12 +65,10 @@ def save_checkpoint(out: Path, *, round_idx: int, state: dict, metrics: dict,
     state_name = f"state-r{round_idx:06d}.safetensors"
     tmp = ckpt / (state_name + ".tmp")
     save_file(tensors, str(tmp))
-    _fsync_replace(tmp, ckpt / state_name)
+    replace_durably(tmp, ckpt / state_name)
     index = {"format": FORMAT, "round": round_idx, "state_file": state_name, "config": config,
              "rng": rng_extra, "metrics": metrics}
-    tmp = ckpt / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index))
-    _fsync_replace(tmp, ckpt / INDEX)
+    write_json_atomic(ckpt / INDEX, index, indent=None)
     for old in ckpt.glob("state-r*.safetensors"):  # only after the new index points elsewhere
         if old.name != state_name:
             old.unlink(missing_ok=True)

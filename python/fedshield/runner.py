@@ -6,10 +6,8 @@ The loop orchestrates only; every heavy step is in train.py (torch), the native 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -24,6 +22,7 @@ from tqdm.auto import tqdm
 from . import data as fsdata
 from . import datasets as fsdatasets
 from .aggregate import aggregate
+from .atomic import write_json_atomic
 from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from .config import RunConfig
 from .crypto_ops import decrypt_update, encrypt_update
@@ -95,12 +94,6 @@ def _hf_progress(show: bool):
     finally:
         if was:
             hf_logging.enable_progress_bar()
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -509,7 +502,7 @@ class LocalSimulation:
                          max(entry["bytes_up"]), entry["kept_fraction"], entry["seconds"])
                 save_checkpoint(self.out, round_idx=r, state=self.global_state,
                                 metrics=metrics, config=cfg.to_dict())
-                _write_json_atomic(self.out / "metrics.json", metrics)
+                write_json_atomic(self.out / "metrics.json", metrics)
         self._save_adapter()
         from .plots import plot_run  # noqa: PLC0415 - matplotlib only when writing plots
 

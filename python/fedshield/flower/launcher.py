@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..atomic import write_json_atomic
 from ..config import RunConfig
 from ..errors import FedShieldError
 from ..he import keygen_shared, keygen_threshold
@@ -119,7 +120,7 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
                              f"{_last_error(work / 'logs' / 'flwr-run.log')}; see "
                              f"{work / 'logs'} and {metrics_path}")
     metrics["seconds_total"] = round(time.perf_counter() - start, 2)
-    metrics_path.write_text(json.dumps(metrics, indent=2))
+    write_json_atomic(metrics_path, metrics)
     return metrics
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
 from flwr.common import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from ..atomic import write_json_atomic
 from ..config import RunConfig
 from ..errors import KeyMaterialError
 from ..he.context import load_context
@@ -29,12 +29,6 @@ log = logging.getLogger("fedshield")
 
 route_logs_to_flower()
 app = ServerApp()
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def _for_plots(metrics: dict) -> dict:
@@ -71,7 +65,7 @@ def main(grid: Grid, context: Context) -> None:
     def on_round(entry: dict) -> None:
         metrics["rounds"] = strategy.rounds
         metrics["events"] = strategy.events
-        _write_json_atomic(out / "metrics.json", metrics)
+        write_json_atomic(out / "metrics.json", metrics)
         log.info("round %d %s: eval loss %s, parties %s, excluded %s", entry["round"],
                  entry["status"], entry.get("eval_loss"), entry.get("clients"),
                  [(e["party"], e["reason"]) for e in entry.get("excluded", [])])
@@ -86,12 +80,12 @@ def main(grid: Grid, context: Context) -> None:
         "min_clients": strategy.min_clients,
         "events": strategy.events,
     })
-    _write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics)
     if len(participants) < strategy.min_clients:
         metrics["finished"] = False
         metrics["failure"] = (f"{len(participants)} parties enrolled, "
                               f"{strategy.min_clients} needed")
-        _write_json_atomic(out / "metrics.json", metrics)
+        write_json_atomic(out / "metrics.json", metrics)
         raise RuntimeError(metrics["failure"])
     strategy.start(grid, ArrayRecord(), num_rounds=cfg.rounds, timeout=cfg.round_timeout)
     metrics["rounds"] = strategy.rounds
@@ -99,7 +93,7 @@ def main(grid: Grid, context: Context) -> None:
     # what the whole server process loaded, not only our modules
     metrics["server_loaded_openfhe"] = "openfhe" in sys.modules
     metrics["finished"] = True
-    _write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics)
     from ..plots import plot_run  # noqa: PLC0415 - matplotlib only when writing plots
 
     plot_run(_for_plots(metrics), out / "plots")

@@ -12,6 +12,7 @@ import os
 import struct
 from typing import Mapping, Optional, Union
 
+from ..atomic import write_atomic
 from ..errors import KeyMaterialError, ParameterError
 from .params import CKKSParams
 
@@ -195,19 +196,7 @@ class Context:
         if include_secret is None:
             include_secret = self._secret_key is not None
         data = self.to_bytes(include_secret=include_secret)
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, data, mode=0o600)
 
 
 def secret_fingerprint(context_fp: bytes, secret_key: bytes) -> bytes:
