@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .errors import DataError, ParameterError
+from .errors import ParameterError
 
 log = logging.getLogger("fedshield")
 
@@ -121,8 +121,6 @@ def evaluate_adapter(adapter: str | Path, model: str | Path | None = None,
     peft_model.to(resolve_device(device))
     tensors, stats = tokenize_fitting(examples, tokenizer, max_len, compact=compact,
                                       source=str(data))
-    if stats["kept"] == 0:
-        raise DataError(f"{data}: no example fits max_len={max_len}")
     loss = evaluate_loss(peft_model, tensors, batch_size=16)
     return {"adapter": str(adapter), "model": str(base), "data": str(data),
             "examples": stats["kept"], "truncated": stats["truncated"],
