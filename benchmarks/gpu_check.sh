@@ -9,7 +9,7 @@
 # Python: .venv/bin/python when present. Otherwise .venv is made from python3.10, python3.12 or
 # python3, preferring one that already has torch and triton: that venv reuses them (and pytest,
 # scikit-build-core, pybind11 when there) and only fedshield itself is built, so an offline GPU
-# box works. Otherwise `pip install -e .[dev]` fetches what is missing.
+# box works. Otherwise `pip install -e .[client,dev]` fetches what is missing.
 # Set GPU_CHECK_ALLOW_CPU=1 to run it without a GPU (the CUDA tests and benchmarks then skip).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -48,7 +48,7 @@ if ! "$PY" -c "import fedshield._native as n, fedshield.kernels.importance; n.im
   then
     "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e .
   else
-    "$PY" -m pip install -q -e ".[dev]"
+    "$PY" -m pip install -q -e ".[client,dev]"
   fi
 fi
 

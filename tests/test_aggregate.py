@@ -248,7 +248,7 @@ def test_server_context_cannot_decrypt(server_ctx, loaded, small_update, small_l
         with pytest.raises(fs.KeyMaterialError):
             fs.decrypt_update(ctx, small_update, small_layout)
         with pytest.raises(fs.KeyMaterialError):
-            ctx._openfhe(need_secret=True)
+            ctx.openfhe_objects(need_secret=True)
         with pytest.raises(fs.KeyMaterialError):
             ctx.to_bytes(include_secret=True)
         assert "secret_key" not in ctx._live
@@ -263,7 +263,7 @@ def _secret_windows(secret: bytes) -> list[bytes]:
 
 
 def test_serialized_contexts_do_not_leak_the_secret_key(client_ctx, server_ctx, loaded):
-    secret = client_ctx._secret_key
+    secret = client_ctx.secret_key_bytes()
     assert isinstance(secret, bytes) and len(secret) > RING_DIM * 8
     windows = _secret_windows(secret)
     public_material = client_ctx._public_key + client_ctx._crypto_context + client_ctx._template

@@ -6,12 +6,12 @@ from collections import Counter
 import pytest
 import torch
 
-from fedshield import data
+from fedshield.data import prompts, splits, synthetic, tokenize
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.build_tokenizer()
+    return tokenize.build_tokenizer()
 
 
 # ---------------------------------------------------------------- prompts
@@ -23,7 +23,7 @@ def test_format_prompt_with_input_is_exact_alpaca():
         "provides further context. Write a response that appropriately completes "
         "the request.\n\n### Instruction:\nDo X.\n\n### Input:\nabc\n\n### Response:\n"
     )
-    assert data.format_prompt("Do X.", "abc") == expected
+    assert prompts.format_prompt("Do X.", "abc") == expected
 
 
 def test_format_prompt_without_input_uses_no_input_variant():
@@ -31,27 +31,27 @@ def test_format_prompt_without_input_uses_no_input_variant():
         "Below is an instruction that describes a task. Write a response that "
         "appropriately completes the request.\n\n### Instruction:\nDo X.\n\n### Response:\n"
     )
-    assert data.format_prompt("Do X.", "") == expected
-    assert data.format_prompt("Do X.") == expected
-    assert data.format_prompt("Do X.", "   ") == expected  # whitespace counts as empty
-    assert "### Input:" not in data.format_prompt("Do X.")
+    assert prompts.format_prompt("Do X.", "") == expected
+    assert prompts.format_prompt("Do X.") == expected
+    assert prompts.format_prompt("Do X.", "   ") == expected  # whitespace counts as empty
+    assert "### Input:" not in prompts.format_prompt("Do X.")
 
 
 def test_format_prompt_compact_drops_preamble_only():
-    full = data.format_prompt("Do X.", "abc")
-    compact = data.format_prompt("Do X.", "abc", compact=True)
+    full = prompts.format_prompt("Do X.", "abc")
+    compact = prompts.format_prompt("Do X.", "abc", compact=True)
     assert compact == "### Instruction:\nDo X.\n\n### Input:\nabc\n\n### Response:\n"
     assert full.endswith(compact)
-    assert data.format_prompt("Do X.", compact=True) == "### Instruction:\nDo X.\n\n### Response:\n"
+    assert prompts.format_prompt("Do X.", compact=True) == "### Instruction:\nDo X.\n\n### Response:\n"
 
 
 # ---------------------------------------------------------------- synthetic tasks
 
 
 def test_synthetic_examples_deterministic_and_seed_dependent():
-    a = data.make_synthetic_examples(50, seed=3)
-    b = data.make_synthetic_examples(50, seed=3)
-    c = data.make_synthetic_examples(50, seed=4)
+    a = synthetic.make_synthetic_examples(50, seed=3)
+    b = synthetic.make_synthetic_examples(50, seed=3)
+    c = synthetic.make_synthetic_examples(50, seed=4)
     assert a == b
     assert a != c
     assert len(a) == 50
@@ -59,7 +59,7 @@ def test_synthetic_examples_deterministic_and_seed_dependent():
 
 
 def test_synthetic_tasks_are_correct_and_balanced():
-    exs = data.make_synthetic_examples(100, seed=0)
+    exs = synthetic.make_synthetic_examples(100, seed=0)
     counts = Counter(ex["task"] for ex in exs)
     assert len(counts) >= 4
     assert max(counts.values()) - min(counts.values()) <= 1
@@ -84,7 +84,7 @@ def test_synthetic_tasks_are_correct_and_balanced():
 
 
 def test_synthetic_task_subset():
-    exs = data.make_synthetic_examples(30, seed=1, tasks=("add", "reverse"))
+    exs = synthetic.make_synthetic_examples(30, seed=1, tasks=("add", "reverse"))
     assert {ex["task"] for ex in exs} == {"add", "reverse"}
 
 
@@ -94,7 +94,7 @@ def test_synthetic_does_not_touch_global_random():
     random.seed(11)
     expected = random.random()
     random.seed(11)
-    data.make_synthetic_examples(20, seed=0)
+    synthetic.make_synthetic_examples(20, seed=0)
     assert random.random() == expected
 
 
@@ -109,7 +109,7 @@ def test_synthetic_does_not_touch_global_random():
 )
 def test_synthetic_bad_inputs(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        data.make_synthetic_examples(**kwargs)
+        synthetic.make_synthetic_examples(**kwargs)
 
 
 # ---------------------------------------------------------------- non-IID split
@@ -120,8 +120,8 @@ def _ids(shards):
 
 
 def test_split_non_iid_proportions():
-    exs = data.make_synthetic_examples(600, seed=0, tasks=("reverse", "uppercase", "add"))
-    shards = data.split_non_iid(exs, n_clients=3, seed=0, dominant=0.8)
+    exs = synthetic.make_synthetic_examples(600, seed=0, tasks=("reverse", "uppercase", "add"))
+    shards = splits.split_non_iid(exs, n_clients=3, seed=0, dominant=0.8)
     assert [len(s) for s in shards] == [200, 200, 200]
     assert _ids(shards) == sorted(id(ex) for ex in exs)  # exact partition
     dominants = []
@@ -136,8 +136,8 @@ def test_split_non_iid_proportions():
 
 
 def test_split_non_iid_shared_dominant_and_uneven_sizes():
-    exs = data.make_synthetic_examples(101, seed=2, tasks=("reverse", "add"))
-    shards = data.split_non_iid(exs, n_clients=4, seed=5, dominant=0.9)
+    exs = synthetic.make_synthetic_examples(101, seed=2, tasks=("reverse", "add"))
+    shards = splits.split_non_iid(exs, n_clients=4, seed=5, dominant=0.9)
     sizes = [len(s) for s in shards]
     assert sum(sizes) == 101 and max(sizes) - min(sizes) <= 1
     assert _ids(shards) == sorted(id(ex) for ex in exs)
@@ -149,24 +149,24 @@ def test_split_non_iid_shared_dominant_and_uneven_sizes():
 
 
 def test_split_non_iid_deterministic_and_seeded():
-    exs = data.make_synthetic_examples(90, seed=0)
-    a = data.split_non_iid(exs, 3, seed=1)
-    b = data.split_non_iid(exs, 3, seed=1)
-    c = data.split_non_iid(exs, 3, seed=2)
+    exs = synthetic.make_synthetic_examples(90, seed=0)
+    a = splits.split_non_iid(exs, 3, seed=1)
+    b = splits.split_non_iid(exs, 3, seed=1)
+    c = splits.split_non_iid(exs, 3, seed=2)
     assert a == b
     assert a != c
 
 
 def test_split_non_iid_one_example_per_client():
-    exs = data.make_synthetic_examples(5, seed=0)
-    shards = data.split_non_iid(exs, 5, seed=0)
+    exs = synthetic.make_synthetic_examples(5, seed=0)
+    shards = splits.split_non_iid(exs, 5, seed=0)
     assert all(len(s) == 1 for s in shards)
     assert _ids(shards) == sorted(id(ex) for ex in exs)
 
 
 def test_split_non_iid_dominant_zero_is_still_a_partition():
-    exs = data.make_synthetic_examples(60, seed=0, tasks=("reverse", "add", "sort"))
-    shards = data.split_non_iid(exs, 3, seed=0, dominant=0.0)
+    exs = synthetic.make_synthetic_examples(60, seed=0, tasks=("reverse", "add", "sort"))
+    shards = splits.split_non_iid(exs, 3, seed=0, dominant=0.0)
     assert _ids(shards) == sorted(id(ex) for ex in exs)
     for c, shard in enumerate(shards):
         own = ("reverse", "add", "sort")[c]
@@ -184,15 +184,15 @@ def test_split_non_iid_dominant_zero_is_still_a_partition():
     ],
 )
 def test_split_non_iid_bad_inputs(n_clients, dominant, match):
-    exs = data.make_synthetic_examples(10, seed=0)
+    exs = synthetic.make_synthetic_examples(10, seed=0)
     with pytest.raises(ValueError, match=match):
-        data.split_non_iid(exs, n_clients, seed=0, dominant=dominant)
+        splits.split_non_iid(exs, n_clients, seed=0, dominant=dominant)
 
 
 def test_split_non_iid_missing_task_key():
     exs = [{"instruction": "a", "input": "", "output": "b"}] * 3
     with pytest.raises(ValueError, match="no 'task' key"):
-        data.split_non_iid(exs, 2, seed=0)
+        splits.split_non_iid(exs, 2, seed=0)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -205,7 +205,7 @@ def test_tokenizer_vocab_and_specials(tok):
 
 
 def test_tokenizer_round_trip_is_character_level(tok):
-    text = data.format_prompt("Reverse the word.", "abc") + "cba" + string.printable[:95]
+    text = prompts.format_prompt("Reverse the word.", "abc") + "cba" + string.printable[:95]
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text)  # one token per character
     assert tok.unk_token_id not in ids
@@ -236,13 +236,13 @@ def test_tokenizer_save_and_reload(tok, tmp_path):
 
 
 def test_tokenize_examples_masks_prompt_and_padding(tok):
-    exs = data.make_synthetic_examples(12, seed=0)
-    t = data.tokenize_examples(exs, tok, max_len=96)
+    exs = synthetic.make_synthetic_examples(12, seed=0)
+    t = tokenize.tokenize_examples(exs, tok, max_len=96)
     assert set(t) == {"input_ids", "attention_mask", "labels"}
     assert all(v.shape == (12, 96) and v.dtype == torch.long for v in t.values())
     for i, ex in enumerate(exs):
         ids, mask, labels = t["input_ids"][i], t["attention_mask"][i], t["labels"][i]
-        prompt = data.format_prompt(ex["instruction"], ex["input"], compact=True)
+        prompt = prompts.format_prompt(ex["instruction"], ex["input"], compact=True)
         p_len = 1 + len(prompt)  # <s> + one token per character
         length = int(mask.sum())
         assert length == p_len + len(ex["output"]) + 1
@@ -257,26 +257,26 @@ def test_tokenize_examples_masks_prompt_and_padding(tok):
 
 
 def test_all_synthetic_examples_fit_96(tok):
-    exs = data.make_synthetic_examples(500, seed=9)
-    t = data.tokenize_examples(exs, tok, max_len=96)
+    exs = synthetic.make_synthetic_examples(500, seed=9)
+    t = tokenize.tokenize_examples(exs, tok, max_len=96)
     assert int(t["attention_mask"].sum(1).max()) <= 96
 
 
 def test_tokenize_examples_full_template(tok):
-    exs = data.make_synthetic_examples(3, seed=0)
-    t = data.tokenize_examples(exs, tok, max_len=256, compact=False)
+    exs = synthetic.make_synthetic_examples(3, seed=0)
+    t = tokenize.tokenize_examples(exs, tok, max_len=256, compact=False)
     text = tok.decode(t["input_ids"][0].tolist(), skip_special_tokens=True)
     assert text.startswith("Below is an instruction")
 
 
 def test_tokenize_examples_bad_inputs(tok):
     with pytest.raises(ValueError, match="examples is empty"):
-        data.tokenize_examples([], tok, 96)
-    exs = data.make_synthetic_examples(3, seed=0)
+        tokenize.tokenize_examples([], tok, 96)
+    exs = synthetic.make_synthetic_examples(3, seed=0)
     with pytest.raises(ValueError, match=r"example 0 is \d+ tokens, longer than max_len=20"):
-        data.tokenize_examples(exs, tok, max_len=20)
+        tokenize.tokenize_examples(exs, tok, max_len=20)
     with pytest.raises(ValueError, match="max_len must be >= 2, got 1"):
-        data.tokenize_examples(exs, tok, max_len=1)
+        tokenize.tokenize_examples(exs, tok, max_len=1)
 
 
 def test_tokenize_examples_requires_pad_and_eos(tok):
@@ -285,15 +285,15 @@ def test_tokenize_examples_requires_pad_and_eos(tok):
         eos_token_id = 2
 
     with pytest.raises(ValueError, match="pad_token_id"):
-        data.tokenize_examples(data.make_synthetic_examples(2, 0), NoPad(), 96)
+        tokenize.tokenize_examples(synthetic.make_synthetic_examples(2, 0), NoPad(), 96)
 
 
 def test_instruction_dataset(tok):
-    exs = data.make_synthetic_examples(7, seed=0)
-    ds = data.InstructionDataset(exs, tok, max_len=96)
+    exs = synthetic.make_synthetic_examples(7, seed=0)
+    ds = tokenize.InstructionDataset(exs, tok, max_len=96)
     assert len(ds) == 7
     item = ds[3]
     assert torch.equal(item["input_ids"], ds.tensors["input_ids"][3])
     assert set(item) == {"input_ids", "attention_mask", "labels"}
     with pytest.raises(ValueError, match="examples is empty"):
-        data.InstructionDataset([], tok)
+        tokenize.InstructionDataset([], tok)

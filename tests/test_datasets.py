@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 import fedshield as fs
-from fedshield import data as fsdata
-from fedshield.datasets import (dirichlet_labels, load_instruction_data, parse_columns,
-                                split_dirichlet, split_iid, tokenize_fitting)
+from fedshield.data import tokenize
+from fedshield.data.files import load_instruction_data, parse_columns
+from fedshield.data.splits import dirichlet_labels, split_dirichlet, split_iid
+from fedshield.data.tokenize import tokenize_fitting
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
@@ -18,7 +19,7 @@ HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
 
 @pytest.fixture(scope="module")
 def tok():
-    return fsdata.build_tokenizer()
+    return tokenize.build_tokenizer()
 
 
 # ---------------------------------------------------------------- the paper's four formats
@@ -219,7 +220,7 @@ def test_split_dirichlet_gives_up_with_a_clear_error():
 def test_tokenize_fitting_matches_tokenize_examples_when_everything_fits(tok):
     ex = load_instruction_data(FIXTURES / "alpaca_gpt4.json")
     got, stats = tokenize_fitting(ex, tok, 200)
-    ref = fsdata.tokenize_examples(ex, tok, 200)
+    ref = tokenize.tokenize_examples(ex, tok, 200)
     assert stats == {"kept": 12, "truncated": 0, "skipped": 0}
     assert all((got[k] == ref[k]).all() for k in ref)
 
@@ -234,7 +235,7 @@ def test_tokenize_fitting_cuts_the_prompt_from_the_left_and_keeps_the_answer(tok
     text = tok.decode(ids[1:], skip_special_tokens=True)
     assert text.endswith("### Response:\nshort")
     labels = got["labels"][0]
-    answer = labels[labels != fsdata.IGNORE_INDEX]
+    answer = labels[labels != tokenize.IGNORE_INDEX]
     assert tok.decode(answer, skip_special_tokens=True) == "short"
     assert answer[-1] == tok.eos_token_id
 

@@ -7,11 +7,11 @@ import torch
 
 import fedshield as fs
 from fedshield.config import RunConfig
-from fedshield.dp import (RDP_ORDERS, clip_and_noise, epsilon_exact, epsilon_rdp,
-                          gaussian_delta)
-from fedshield.runner import LocalSimulation
+from fedshield.dp.accountant import RDP_ORDERS, epsilon_exact, epsilon_rdp, gaussian_delta
+from fedshield.dp.noise import clip_and_noise
+from fedshield.local_engine import LocalEngine
 
-SMALL = dict(clients=2, rounds=2, examples_per_client=16, eval_examples=16, local_steps=2,
+SMALL = dict(clients=2, rounds=2, examples_per_client=16, local_steps=2,
              batch_size=4, lora_r=4, samples=0, he=False, prune="off")
 
 
@@ -94,15 +94,15 @@ def test_clip_and_noise_rejects_bad_input(kwargs):
                                      dict(dp_clip=1.0, dp_noise=1.0, algorithm="paper")])
 def test_config_rejects_incomplete_or_meaningless_dp(changes):
     with pytest.raises(fs.ParameterError):
-        RunConfig(**changes)
+        RunConfig.from_flat(**changes)
 
 
 def test_runner_clips_noises_and_reports_epsilon(tmp_path):
-    base = RunConfig(**SMALL, out=str(tmp_path / "plain"))
-    plain = LocalSimulation(base, show_progress=False)
+    base = RunConfig.from_flat(**SMALL, out=str(tmp_path / "plain"))
+    plain = LocalEngine(base, show_progress=False)
     m_plain = plain.run_round(1)
     # A clip far above the update norm and noise of std 1e-9: the same model as without DP.
-    loose = LocalSimulation(base.replace(dp_clip=1e3, dp_noise=1e-12), show_progress=False)
+    loose = LocalEngine(base.replace(dp_clip=1e3, dp_noise=1e-12), show_progress=False)
     m_loose = loose.run_round(1)
     diff = max(float((loose.global_state[k] - plain.global_state[k]).abs().max())
                for k in plain.global_state)
@@ -111,7 +111,7 @@ def test_runner_clips_noises_and_reports_epsilon(tmp_path):
     assert m_loose["dp_epsilon"] == pytest.approx(epsilon_rdp(1e-12, 1, 1e-5))
     assert "dp_epsilon" not in m_plain
     # A tight clip: each client's contribution to the model has norm <= clip.
-    tight = LocalSimulation(base.replace(dp_clip=1e-3, dp_noise=1e-9), show_progress=False)
+    tight = LocalEngine(base.replace(dp_clip=1e-3, dp_noise=1e-9), show_progress=False)
     start = {k: v.clone() for k, v in tight.global_state.items()}
     tight.run_round(1)
     moved = math.sqrt(sum(float((tight.global_state[k] - start[k]).double().pow(2).sum())
@@ -120,8 +120,8 @@ def test_runner_clips_noises_and_reports_epsilon(tmp_path):
 
 
 def test_run_writes_the_dp_summary(tmp_path):
-    cfg = RunConfig(**SMALL, dp_clip=0.5, dp_noise=1.2, dp_delta=1e-6, out=str(tmp_path))
-    metrics = LocalSimulation(cfg, show_progress=False).run()
+    cfg = RunConfig.from_flat(**SMALL, dp_clip=0.5, dp_noise=1.2, dp_delta=1e-6, out=str(tmp_path))
+    metrics = LocalEngine(cfg, show_progress=False).run()
     dp = metrics["dp"]
     assert dp["rounds"] == 2 and dp["delta"] == 1e-6
     assert dp["epsilon"] == pytest.approx(epsilon_rdp(1.2, 2, 1e-6))

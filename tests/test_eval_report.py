@@ -4,12 +4,13 @@ import json
 
 import pytest
 
-from fedshield import data as fsdata
 from fedshield.cli import main as cli_main
 from fedshield.config import RunConfig
-from fedshield.runner import LocalSimulation
+from fedshield.data.files import load_instruction_data
+from fedshield.data.sites import holdout
+from fedshield.local_engine import LocalEngine
 
-SMALL = dict(clients=2, rounds=2, examples_per_client=16, eval_examples=16, local_steps=3,
+SMALL = dict(clients=2, rounds=2, examples_per_client=16, local_steps=3,
              batch_size=4, lora_r=4, samples=1, sample_tokens=4)
 
 
@@ -19,22 +20,24 @@ def runs(tmp_path_factory):
     out = {}
     for name, changes in (("he", {}), ("plain", {"he": False}),
                           ("dp", {"he": False, "dp_clip": 1.0, "dp_noise": 0.8})):
-        cfg = RunConfig(**SMALL, **changes, out=str(root / name))
-        out[name] = (root / name, LocalSimulation(cfg, show_progress=False).run())
+        cfg = RunConfig.from_flat(**SMALL, **changes, out=str(root / name))
+        out[name] = (root / name, LocalEngine(cfg, show_progress=False).run())
     return out
 
 
-def _held_out_file(path, cfg: RunConfig):
-    n_train = cfg.clients * cfg.examples_per_client
-    examples = fsdata.make_synthetic_examples(n_train + cfg.eval_examples, cfg.seed)
+def _held_out_file(path, run_dir, site: int = 0):
+    """Site ``site``'s held-out part of the run in ``run_dir``, as a file of its own."""
+    cfg = RunConfig.from_dict(json.loads((run_dir / "metrics.json").read_text())["config"])
+    examples = load_instruction_data(run_dir / "sites" / f"site-{site}.jsonl")
+    _, held = holdout(examples, cfg.data.eval_fraction, cfg.training.seed)
     path.write_text("\n".join(json.dumps({k: ex[k] for k in ("instruction", "input", "output")})
-                              for ex in examples[:cfg.eval_examples]))
+                              for ex in held))
     return path
 
 
 def test_eval_reproduces_the_runs_final_loss(runs, tmp_path, capsys):
     run_dir, metrics = runs["he"]
-    data = _held_out_file(tmp_path / "held_out.jsonl", RunConfig(**SMALL))
+    data = _held_out_file(tmp_path / "held_out.jsonl", run_dir)
     result_path = tmp_path / "eval.json"
     rc = cli_main(["eval", "--adapter", str(run_dir / "adapter"), "--data", str(data),
                    "--samples", "2", "--sample-tokens", "3", "--json", str(result_path)])
@@ -42,15 +45,17 @@ def test_eval_reproduces_the_runs_final_loss(runs, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     result = json.loads(result_path.read_text())
     assert printed == result
-    assert result["examples"] == 16 and result["template"] == "compact"
-    assert result["eval_loss"] == pytest.approx(metrics["rounds"][-1]["eval_loss"], abs=1e-5)
-    assert result["perplexity"] == pytest.approx(metrics["rounds"][-1]["perplexity"], rel=1e-4)
+    assert result["examples"] == metrics["sites"][0]["eval_examples"] == 3
+    assert result["template"] == "compact"
+    site_loss = metrics["rounds"][-1]["site_eval_loss"][0]
+    assert result["eval_loss"] == pytest.approx(site_loss, abs=1e-5)
+    assert result["perplexity"] == pytest.approx(2.718281828459045 ** site_loss, rel=1e-4)
     assert len(result["samples"]) == 2 and all(len(s["generated"]) <= 3 for s in result["samples"])
 
 
 def test_eval_rejects_bad_paths(runs, tmp_path, capsys):
     run_dir, _ = runs["he"]
-    data = _held_out_file(tmp_path / "held_out.jsonl", RunConfig(**SMALL))
+    data = _held_out_file(tmp_path / "held_out.jsonl", run_dir)
     assert cli_main(["eval", "--adapter", str(tmp_path), "--data", str(data)]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
     assert cli_main(["eval", "--adapter", str(run_dir / "adapter"), "--model",

@@ -391,8 +391,9 @@ def test_flooding_party_context_files(flood_federation):
     (its flooded share fuses with the others)."""
     parties, server = flood_federation
     loaded = [fs.load_context(p.to_bytes(include_secret=True)) for p in parties]
-    assert all(len(p._key_shares) == 2 for p in loaded)
-    assert all(len(s) == 8 * 16384 * 3 for p in loaded for s in p._key_shares.values())
+    assert all(len(p.key_share_senders) == 2 for p in loaded)
+    assert all(len(p.key_share(j)) == 8 * 16384 * 3 for p in loaded
+               for j in p.key_share_senders)
     server2 = fs.load_context(server.to_bytes())
     states = [make_state(500 + i) for i in range(2)]
     layout = fs.Layout.from_state_dict(states[0])

@@ -220,7 +220,7 @@ def test_complex_interleave_semantics(client_ctx):
     assert slots[k] == complex(buf[2 * k], buf[2 * k + 1])
 
     # through OpenFHE itself: slot k decrypts to buf[2k] + i*buf[2k+1]
-    cc, pk, sk = client_ctx._openfhe(need_secret=True)
+    cc, pk, sk = client_ctx.openfhe_objects(need_secret=True)
     ct_bytes = backend.encrypt_buffer(cc, pk, buf, params)
     assert len(ct_bytes) == 1
     o = backend.openfhe()

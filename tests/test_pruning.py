@@ -5,7 +5,8 @@ import torch
 import torch.nn.utils.prune as tprune
 
 import fedshield as fs
-from fedshield.pruning import apply_mask, kept_fraction, l1_mask, prune_ratio
+from fedshield.fl.schedule import prune_ratio
+from fedshield.pruning import apply_mask, kept_fraction, l1_mask
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (1, 1023), (4097, 8)])

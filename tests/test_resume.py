@@ -15,9 +15,9 @@ from fedshield import checkpoint as ckpt_mod
 from fedshield.checkpoint import capture_rng, load_checkpoint, restore_rng
 from fedshield.cli import main as cli_main
 from fedshield.config import RunConfig
-from fedshield.runner import LocalSimulation, resume
+from fedshield.local_engine import LocalEngine, resume
 
-SMALL = dict(clients=2, rounds=3, examples_per_client=16, eval_examples=16, local_steps=2,
+SMALL = dict(clients=2, rounds=3, examples_per_client=16, local_steps=2,
              batch_size=4, lora_r=4, samples=1, sample_tokens=4, prune="global")
 
 
@@ -26,26 +26,26 @@ class Crash(RuntimeError):
 
 
 def _crash_in_round(monkeypatch, crash_round):
-    original = LocalSimulation.run_round
+    original = LocalEngine.run_round
 
     def run_round(self, round_idx, progress=None):
         if round_idx == crash_round:
-            self.plan_round(round_idx)  # mid-round: some of the round's work is done
+            self.server.plan(round_idx)  # mid-round: some of the round's work is done
             raise Crash(f"killed in round {round_idx}")
         return original(self, round_idx, progress)
 
-    monkeypatch.setattr(LocalSimulation, "run_round", run_round)
+    monkeypatch.setattr(LocalEngine, "run_round", run_round)
 
 
 @pytest.mark.parametrize("he", [False, True])
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch, he):
-    full = LocalSimulation(RunConfig(**SMALL, he=he, out=str(tmp_path / "full")),
-                           show_progress=False).run()
+    full = LocalEngine(RunConfig.from_flat(**SMALL, he=he, out=str(tmp_path / "full")),
+                       show_progress=False).run()
     out = tmp_path / "crashed"
     with monkeypatch.context() as m:
         _crash_in_round(m, 3)
         with pytest.raises(Crash):
-            LocalSimulation(RunConfig(**SMALL, he=he, out=str(out)), show_progress=False).run()
+            LocalEngine(RunConfig.from_flat(**SMALL, he=he, out=str(out)), show_progress=False).run()
     saved = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in saved["rounds"]] == [1, 2]
     assert not (out / "adapter").exists()
@@ -63,8 +63,8 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch
 
 
 def test_checkpoint_holds_state_round_rng_and_metrics(tmp_path):
-    cfg = RunConfig(**{**SMALL, "rounds": 2}, he=False, out=str(tmp_path))
-    sim = LocalSimulation(cfg, show_progress=False)
+    cfg = RunConfig.from_flat(**{**SMALL, "rounds": 2}, he=False, out=str(tmp_path))
+    sim = LocalEngine(cfg, show_progress=False)
     metrics = sim.run()
     ckpt = load_checkpoint(tmp_path)
     assert ckpt["round"] == 2 and ckpt["config"] == cfg.to_dict()
@@ -89,7 +89,7 @@ def test_rng_states_round_trip():
 
 
 def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    cfg = RunConfig(**SMALL, he=False, out=str(tmp_path))
+    cfg = RunConfig.from_flat(**SMALL, he=False, out=str(tmp_path))
     real = ckpt_mod.write_json_atomic
 
     def fail_on_round_2_index(path, obj, indent=2):
@@ -99,7 +99,7 @@ def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, mon
 
     monkeypatch.setattr(ckpt_mod, "write_json_atomic", fail_on_round_2_index)
     with pytest.raises(OSError, match="disk full"):
-        LocalSimulation(cfg, show_progress=False).run()
+        LocalEngine(cfg, show_progress=False).run()
     ckpt = load_checkpoint(tmp_path)
     assert ckpt["round"] == 1 and len(ckpt["metrics"]["rounds"]) == 1
 
@@ -107,8 +107,8 @@ def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, mon
 def test_resume_refuses_missing_corrupt_or_overridden_checkpoints(tmp_path, capsys):
     with pytest.raises(fs.ParameterError, match="no checkpoint"):
         resume(tmp_path / "nothing")
-    cfg = RunConfig(**{**SMALL, "rounds": 1}, he=False, out=str(tmp_path / "run"))
-    LocalSimulation(cfg, show_progress=False).run()
+    cfg = RunConfig.from_flat(**{**SMALL, "rounds": 1}, he=False, out=str(tmp_path / "run"))
+    LocalEngine(cfg, show_progress=False).run()
     index = tmp_path / "run" / "checkpoint" / "checkpoint.json"
     good = index.read_text()
     index.write_text(good[:50])
@@ -130,7 +130,7 @@ def test_resume_refuses_missing_corrupt_or_overridden_checkpoints(tmp_path, caps
 def test_killing_a_run_mid_round_then_resuming_loses_and_repeats_nothing(tmp_path):
     """A real `fedshield run` process is SIGKILLed while a round is in flight."""
     args = ["--clients", "2", "--rounds", "5", "--examples-per-client", "16",
-            "--eval-examples", "16", "--local-steps", "40", "--batch-size", "4",
+            "--local-steps", "40", "--batch-size", "4",
             "--lora-r", "4", "--samples", "0", "--no-he", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "killed"

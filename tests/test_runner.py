@@ -8,10 +8,9 @@ import torch
 import fedshield as fs
 from fedshield.cli import main as cli_main
 from fedshield.config import RunConfig
-from fedshield.runner import LocalSimulation
+from fedshield.local_engine import LocalEngine
 
-SMALL = dict(clients=2, rounds=2, examples_per_client=16, eval_examples=16, local_steps=2,
-             batch_size=4, lora_r=4)
+SMALL = dict(clients=2, rounds=2, examples_per_client=16, local_steps=2, batch_size=4, lora_r=4)
 
 
 def _max_diff(a, b):
@@ -20,14 +19,14 @@ def _max_diff(a, b):
 
 @pytest.mark.parametrize("prune", ["local", "global", "off"])
 def test_encrypted_round_equals_plaintext_fedavg(tmp_path, prune):
-    cfg = RunConfig(**SMALL, prune=prune, out=str(tmp_path))
-    he = LocalSimulation(cfg, show_progress=False)
-    plain = LocalSimulation(cfg.replace(he=False), show_progress=False)
+    cfg = RunConfig.from_flat(**SMALL, prune=prune, out=str(tmp_path))
+    he = LocalEngine(cfg, show_progress=False)
+    plain = LocalEngine(cfg.replace(he=False), show_progress=False)
     start = {k: v.clone() for k, v in he.global_state.items()}
     for r in (1, 2):  # round 2 exercises the global mask (round 1 is unpruned by design)
         # Both start the round from the same global state (round 1's CKKS error, ~1e-9, would
         # otherwise be amplified by training and can flip a value across a local mask's cut).
-        plain.global_state = {k: v.clone() for k, v in he.global_state.items()}
+        plain.set_global_state(he.global_state)
         m_he, m_plain = he.run_round(r), plain.run_round(r)
         # Same seeds, same data, same start: the clients computed identical updates; only the
         # aggregation differs (CKKS vs float64). Tolerance from the CKKS scale 2^50.
@@ -36,7 +35,7 @@ def test_encrypted_round_equals_plaintext_fedavg(tmp_path, prune):
     assert _max_diff(he.global_state, start) > 1e-4  # the round really moved the model
     if prune == "global":
         assert m_he["kept_fraction"] < 1.0
-        assert max(m_he["bytes_up"]) < he.client_ctx.params.ring_dim * 8 * 2  # compacted
+        assert max(m_he["bytes_up"]) < he.server.ctx.params.ring_dim * 8 * 2  # compacted
 
 
 def test_run_writes_metrics_adapter_and_plots(tmp_path):
@@ -46,7 +45,9 @@ def test_run_writes_metrics_adapter_and_plots(tmp_path):
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["server_has_secret_key"] is False
-    assert metrics["config"]["he"] is True and metrics["config"]["clients"] == 2
+    assert metrics["config"]["he"]["enabled"] is True
+    assert metrics["config"]["data"]["clients"] == 2
+    assert [s["name"] for s in metrics["sites"]] == ["site-0", "site-1"]
     assert len(metrics["rounds"]) == 3
     for i, r in enumerate(metrics["rounds"], start=1):
         assert r["round"] == i
@@ -57,21 +58,25 @@ def test_run_writes_metrics_adapter_and_plots(tmp_path):
     for name in ("loss.png", "bytes.png", "time.png"):
         assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # The adapter loads with PEFT onto the saved base and reproduces the final eval loss.
+    # The adapter loads with PEFT onto the saved base and reproduces the final eval loss: the
+    # example-weighted mean of each site's loss on its own held-out part.
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedshield import data as fsdata
+    from fedshield.fl.site import load_site_data
     from fedshield.train import evaluate_loss
 
     base = AutoModelForCausalLM.from_pretrained(out / "base_model")
     model = PeftModel.from_pretrained(base, out / "adapter")
     tok = AutoTokenizer.from_pretrained(out / "base_model")
-    cfg = RunConfig(**metrics["config"])
-    examples = fsdata.make_synthetic_examples(
-        cfg.clients * cfg.examples_per_client + cfg.eval_examples, cfg.seed)[:cfg.eval_examples]
-    loss = evaluate_loss(model, fsdata.tokenize_examples(examples, tok, cfg.max_len))
-    assert loss == pytest.approx(metrics["rounds"][-1]["eval_loss"], abs=1e-4)
+    cfg = RunConfig.from_dict(metrics["config"])
+    total = weighted = 0.0
+    for site in metrics["sites"]:
+        data = load_site_data(site["data"], tokenizer=tok, cfg=cfg)
+        assert data.eval_examples == site["eval_examples"]
+        weighted += evaluate_loss(model, data.eval) * data.eval_examples
+        total += data.eval_examples
+    assert weighted / total == pytest.approx(metrics["rounds"][-1]["eval_loss"], abs=1e-4)
 
 
 def test_no_he_baseline_runs(tmp_path):
@@ -80,7 +85,7 @@ def test_no_he_baseline_runs(tmp_path):
                    "--out", str(out), "--no-progress", "--lora-r", "4"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["config"]["he"] is False
+    assert metrics["config"]["he"]["enabled"] is False
     assert metrics["server_has_secret_key"] is None
     n = metrics["num_lora_values"]
     assert metrics["rounds"][0]["bytes_up"] == [4 * n, 4 * n]
@@ -91,11 +96,12 @@ def test_no_he_baseline_runs(tmp_path):
     (dict(prune="magic"), "prune='magic'"),
     (dict(lr=-1.0), "lr=-1.0"),
     (dict(lora_dropout=1.5), "lora_dropout=1.5"),
-    (dict(batch_size=64, examples_per_client=8), "examples_per_client=8"),
+    (dict(examples_per_client=1), "examples_per_client=1"),
+    (dict(eval_fraction=0.0), "eval_fraction=0.0"),
 ])
 def test_bad_config_is_rejected_with_the_value(bad, match):
     with pytest.raises(fs.ParameterError, match=match.replace("(", r"\(")):
-        RunConfig(**bad)
+        RunConfig.from_flat(**bad)
 
 
 def test_config_file_unknown_field(tmp_path):
@@ -104,7 +110,7 @@ def test_config_file_unknown_field(tmp_path):
     with pytest.raises(fs.ParameterError, match="colour"):
         RunConfig.from_file(path)
     path.write_text(json.dumps({"clients": 2, "rounds": 1}))
-    assert RunConfig.from_file(path).rounds == 1
+    assert RunConfig.from_file(path).training.rounds == 1
 
 
 def test_cli_reports_bad_config_cleanly(tmp_path, capsys):
@@ -118,11 +124,11 @@ def test_global_mask_is_identical_on_every_client(tmp_path):
     """Two clients decrypting the same aggregate with their own context copies derive the same mask."""
     from fedshield.pruning import kept_fraction, l1_mask
 
-    cfg = RunConfig(**SMALL, prune="global", out=str(tmp_path))
-    sim = LocalSimulation(cfg, show_progress=False)
+    cfg = RunConfig.from_flat(**SMALL, prune="global", out=str(tmp_path))
+    sim = LocalEngine(cfg, show_progress=False)
     before = {k: v.clone() for k, v in sim.global_state.items()}
     sim.run_round(1)
-    blob = sim.client_ctx.to_bytes(include_secret=True)
+    blob = sim.sites[0].party.ctx.to_bytes(include_secret=True)
     masks = []
     for _ in range(2):
         ctx = fs.load_context(blob)  # each client holds its own copy of the shared key
@@ -135,12 +141,12 @@ def test_global_mask_is_identical_on_every_client(tmp_path):
 
 
 def test_threshold_round_equals_plaintext_fedavg(tmp_path):
-    cfg = RunConfig(**SMALL, keys="threshold", out=str(tmp_path))
-    th = LocalSimulation(cfg, show_progress=False)
-    plain = LocalSimulation(cfg.replace(keys="shared", he=False), show_progress=False)
-    assert th.server_ctx.has_secret_key is False
-    assert all(not c.has_secret_key for c in th.client_ctxs)  # each holds a share only
-    assert th.server_ctx.params.scale_bits == 52
+    cfg = RunConfig.from_flat(**SMALL, keys="threshold", out=str(tmp_path))
+    th = LocalEngine(cfg, show_progress=False)
+    plain = LocalEngine(cfg.replace(keys="shared", he=False), show_progress=False)
+    assert th.server.ctx.has_secret_key is False
+    assert all(not s.party.ctx.has_secret_key for s in th.sites)  # each holds a share only
+    assert th.server.ctx.params.scale_bits == 52
     m = th.run_round(1)
     plain.run_round(1)
     assert _max_diff(th.global_state, plain.global_state) <= 1e-6
@@ -169,4 +175,62 @@ def test_threshold_run_survives_a_dropout_of_the_lead(tmp_path):
 ])
 def test_bad_threshold_config(bad, match):
     with pytest.raises(fs.ParameterError, match=match):
-        RunConfig(**bad)
+        RunConfig.from_flat(**bad)
+
+
+def _site_files(root, sizes, seed=0):
+    """Site files of the given sizes, each in its own directory (site-a/, site-b/, ...)."""
+    from fedshield.data.sites import write_site_files
+    from fedshield.data.synthetic import make_synthetic_examples
+
+    examples = make_synthetic_examples(sum(sizes), seed)
+    files, at = [], 0
+    for name, n in zip("abcdefgh", sizes):
+        (path,) = write_site_files([examples[at:at + n]], root / f"site-{name}", prefix=name)
+        files.append(path)
+        at += n
+    return files
+
+
+def test_sites_bring_their_own_files(tmp_path):
+    """--site-data once per site: each trains on its own file minus its held-out part, its
+    weight is its own example count, and eval_loss is the example-weighted mean."""
+    a, b = _site_files(tmp_path, [60, 120])
+    out = tmp_path / "run"
+    rc = cli_main(["run", "--site-data", str(a), "--site-data", str(b), "--rounds", "2",
+                   "--local-steps", "6", "--lora-r", "4", "--samples", "0", "--out", str(out),
+                   "--no-progress"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    sites = metrics["sites"]
+    assert [s["name"] for s in sites] == ["a-0", "b-0"]
+    assert [s["data"] for s in sites] == [str(a), str(b)]
+    assert [(s["train_examples"], s["eval_examples"]) for s in sites] == [(48, 12), (96, 24)]
+    assert not (out / "sites").exists()  # nothing was split: the sites' own files were read
+    for r in metrics["rounds"]:
+        losses = r["site_eval_loss"]
+        mean = (losses[0] * 12 + losses[1] * 24) / 36
+        assert r["eval_loss"] == pytest.approx(mean, rel=1e-12)
+    assert metrics["rounds"][-1]["eval_loss"] < metrics["initial_eval_loss"]
+
+
+def test_split_command_writes_per_site_files(tmp_path, capsys):
+    from fedshield.data.files import load_instruction_data
+
+    out = tmp_path / "split"
+    assert cli_main(["split", "--sites", "3", "--how", "tasks", "--examples-per-site", "20",
+                     "--out", str(out)]) == 0
+    files = sorted(out.glob("site-*.jsonl"))
+    assert [f.name for f in files] == ["site-0.jsonl", "site-1.jsonl", "site-2.jsonl"]
+    shards = [load_instruction_data(f, "task=task") for f in files]
+    assert [len(s) for s in shards] == [20, 20, 20]
+    # tasks: each site mostly one task (all 12 of its task's examples: 60 over 5 tasks)
+    for shard in shards:
+        top = max(sum(ex["task"] == t for ex in shard) for t in {ex["task"] for ex in shard})
+        assert top == 12
+    assert "site-0.jsonl: 20 examples" in capsys.readouterr().out
+    # the same files drive a run through the sites' own path
+    rc = cli_main(["run", *sum((["--site-data", str(f)] for f in files), []), "--rounds", "1",
+                   "--local-steps", "2", "--lora-r", "4", "--samples", "0",
+                   "--out", str(tmp_path / "run"), "--no-progress"])
+    assert rc == 0

@@ -18,6 +18,8 @@ import torch
 import fedshield as fs
 from fedshield import _native
 from fedshield.he import threshold as th
+from fedshield.he.frames import frame, unframe
+from fedshield.he.partial import PARTIAL_MAGIC
 
 from conftest import make_state, weighted_average
 
@@ -65,8 +67,8 @@ def t_of_n() -> Federation:
 
 
 def secret_residues(ctx: fs.Context) -> bytes:
-    offset = _native.locate_key_residues(ctx._secret_key, ctx.params.ring_dim, ctx.modulus)
-    return ctx._secret_key[offset:offset + 8 * ctx.params.ring_dim]
+    offset = _native.locate_key_residues(ctx.secret_key_bytes(), ctx.params.ring_dim, ctx.modulus)
+    return ctx.secret_key_bytes()[offset:offset + 8 * ctx.params.ring_dim]
 
 
 def contains_window(data: bytes, secret: bytes, window: int = 64) -> bool:
@@ -166,10 +168,10 @@ def test_forged_share_headers_are_rejected(t_of_n):
     good = t_of_n.shares([0, 1, 2], [0, 1, 2])
 
     def reframe(blob, **changes):
-        meta, sections = th._unframe(blob, th._PARTIAL_MAGIC, "share", fs.InvalidUpdate)
+        meta, sections = unframe(blob, PARTIAL_MAGIC, "share", fs.InvalidUpdate)
         meta.update(changes)
         meta.pop("sizes")
-        return th._frame(th._PARTIAL_MAGIC, meta, sections)
+        return frame(PARTIAL_MAGIC, meta, sections)
 
     with pytest.raises(fs.InvalidUpdate, match="lead flag"):
         fs.combine_partials(t_of_n.agg, [reframe(good[0], lead=False)] + good[1:], t_of_n.layout)
@@ -179,9 +181,9 @@ def test_forged_share_headers_are_rejected(t_of_n):
         fs.combine_partials(t_of_n.agg, good[:2] + [reframe(good[2], party_id=-1)],
                             t_of_n.layout)
     with pytest.raises(fs.InvalidUpdate, match="partial ciphertext"):
-        fs.combine_partials(t_of_n.agg, good[:2] + [th._frame(
-            th._PARTIAL_MAGIC, {k: v for k, v in json.loads(json.dumps(
-                th._unframe(good[2], th._PARTIAL_MAGIC, "s", fs.InvalidUpdate)[0])).items()
+        fs.combine_partials(t_of_n.agg, good[:2] + [frame(
+            PARTIAL_MAGIC, {k: v for k, v in json.loads(json.dumps(
+                unframe(good[2], PARTIAL_MAGIC, "s", fs.InvalidUpdate)[0])).items()
                 if k != "sizes"}, [b"garbage"])], t_of_n.layout)
 
 
@@ -317,7 +319,9 @@ def test_everything_round_trips_through_bytes_and_files(t_of_n, tmp_path):
     for a, b in zip(loaded, t_of_n.parties):
         assert (a.party_id, a.n_parties, a.threshold, a.fingerprint) == (
             b.party_id, b.n_parties, b.threshold, b.fingerprint)
-        assert a._key_shares == b._key_shares and a._secret_key == b._secret_key
+        assert a.key_share_senders == b.key_share_senders and all(
+            a.key_share(j) == b.key_share(j) for j in a.key_share_senders)
+        assert a.secret_key_bytes() == b.secret_key_bytes()
     server = fs.load_context((tmp_path / "server.ctx").read_bytes())
     assert not server.has_secret_key and not server.is_party
     updates = [fs.encrypt_update(p, s, t_of_n.layout, weight=w).to_bytes()

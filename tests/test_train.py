@@ -5,24 +5,26 @@ import math
 import pytest
 import torch
 
-from fedshield import data, model, train
+from fedshield.data import synthetic, tokenize
+from fedshield import model, train
+from fedshield.fl import schedule
 
 TASKS = ("reverse", "uppercase", "add")
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.build_tokenizer()
+    return tokenize.build_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def train_set(tok):
-    return data.tokenize_examples(data.make_synthetic_examples(120, seed=0, tasks=TASKS), tok, 96)
+    return tokenize.tokenize_examples(synthetic.make_synthetic_examples(120, seed=0, tasks=TASKS), tok, 96)
 
 
 @pytest.fixture(scope="module")
 def eval_set(tok):
-    return data.tokenize_examples(data.make_synthetic_examples(45, seed=1, tasks=TASKS), tok, 96)
+    return tokenize.tokenize_examples(synthetic.make_synthetic_examples(45, seed=1, tasks=TASKS), tok, 96)
 
 
 def _lora(tok, r=8, seed=0, dropout=0.05):
@@ -88,7 +90,7 @@ def test_training_leaves_global_rng_and_mode(tok, train_set):
 
 
 def test_grad_accum_and_cycling_small_data(tok):
-    tiny = data.tokenize_examples(data.make_synthetic_examples(5, seed=0, tasks=TASKS), tok, 96)
+    tiny = tokenize.tokenize_examples(synthetic.make_synthetic_examples(5, seed=0, tasks=TASKS), tok, 96)
     pm = _lora(tok)
     res = train.train_local(pm, tiny, steps=3, batch_size=8, lr=1e-3, seed=0, grad_accum=2,
                             max_grad_norm=None)
@@ -100,8 +102,8 @@ def test_grad_accum_and_cycling_small_data(tok):
 def test_grad_accum_matches_one_big_batch(tok):
     # Same rows (same seed -> same permutation), equal completion lengths so
     # the mean of micro-batch means equals the mean over the big batch.
-    exs = [e for e in data.make_synthetic_examples(200, seed=0, tasks=("uppercase",)) if len(e["output"]) == 5]
-    same_len = data.tokenize_examples(exs[:16], tok, 96)
+    exs = [e for e in synthetic.make_synthetic_examples(200, seed=0, tasks=("uppercase",)) if len(e["output"]) == 5]
+    same_len = tokenize.tokenize_examples(exs[:16], tok, 96)
     runs = []
     for bs, accum in ((8, 1), (4, 2)):
         pm = _lora(tok, dropout=0.0)
@@ -114,7 +116,7 @@ def test_grad_accum_matches_one_big_batch(tok):
 
 
 def test_train_accepts_instruction_dataset(tok):
-    ds = data.InstructionDataset(data.make_synthetic_examples(10, seed=0, tasks=TASKS), tok, 96)
+    ds = tokenize.InstructionDataset(synthetic.make_synthetic_examples(10, seed=0, tasks=TASKS), tok, 96)
     pm = _lora(tok)
     res = train.train_local(pm, ds, steps=1, batch_size=4, lr=1e-3, seed=0)
     assert res["num_examples"] == 10
@@ -222,13 +224,13 @@ def test_no_trainable_params_rejected(tok, train_set):
 
 
 def test_cosine_lr_schedule():
-    lrs = [train.cosine_lr(i, 4, 1e-3, 1e-4) for i in range(4)]
+    lrs = [schedule.cosine_lr(i, 4, 1e-3, 1e-4) for i in range(4)]
     assert lrs[0] == pytest.approx(1e-3)
     assert lrs[2] == pytest.approx(5.5e-4)  # halfway through the cosine
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
     assert lrs[-1] > 1e-4  # final round still above the floor
-    assert train.cosine_lr(0, 1, 2e-3, 0.0) == pytest.approx(2e-3)
-    assert train.cosine_lr(1, 2, 1e-3, 1e-3) == pytest.approx(1e-3)
+    assert schedule.cosine_lr(0, 1, 2e-3, 0.0) == pytest.approx(2e-3)
+    assert schedule.cosine_lr(1, 2, 1e-3, 1e-3) == pytest.approx(1e-3)
 
 
 @pytest.mark.parametrize(
@@ -243,4 +245,4 @@ def test_cosine_lr_schedule():
 )
 def test_cosine_lr_bad_inputs(args, match):
     with pytest.raises(ValueError, match=match):
-        train.cosine_lr(*args)
+        schedule.cosine_lr(*args)

@@ -37,20 +37,20 @@ def test_dead_worker_is_reported(shared_keys):
     state = {"w": torch.zeros(4, 16384)}
     layout = fs.Layout.from_state_dict(state)
     fs.encrypt_update(client, state, layout, workers=2)
-    pool = client._pool(2, need_secret=False)
+    pool = client.crypto_pool(2, need_secret=False)
     pool._workers[1].proc.kill()
     pool._workers[1].proc.wait()
     with pytest.raises(fs.FedShieldError, match="died"):
         fs.encrypt_update(client, state, layout, workers=2)
     # The broken pool is replaced on the next call.
     upd = fs.encrypt_update(client, state, layout, workers=2)
-    assert client._pool(2, need_secret=False) is not pool and upd.n_ciphertexts == 5
+    assert client.crypto_pool(2, need_secret=False) is not pool and upd.n_ciphertexts == 5
 
 
 def test_dropped_pool_leaves_no_processes(shared_keys):
     import gc
 
-    from fedshield.he.workers import CryptoPool
+    from fedshield.he.crypto_pool import CryptoPool
 
     ctx = shared_keys.client_context()
     pool = CryptoPool(ctx.to_bytes(), ctx.params, 2)
@@ -63,7 +63,7 @@ def test_dropped_pool_leaves_no_processes(shared_keys):
 
 
 def test_failed_pool_start_kills_started_workers(shared_keys):
-    from fedshield.he.workers import CryptoPool
+    from fedshield.he.crypto_pool import CryptoPool
 
     ctx = shared_keys.client_context()
     with pytest.raises(fs.FedShieldError, match="crypto worker"):

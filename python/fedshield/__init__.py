@@ -1,27 +1,40 @@
 """fedshield: privacy-preserving federated LoRA fine-tuning with CKKS (FedShield-LLM).
 
-The server-side names (aggregate, load_context, EncryptedUpdate, Layout) never import openfhe.
+``import fedshield`` loads neither torch nor openfhe: a keyless aggregation server uses
+load_context, EncryptedUpdate.from_bytes and aggregate with numpy alone. The names that need
+torch (Party, importance_mask, ImportanceResult) load it when first used.
 """
 
-from .aggregate import aggregate
-from .crypto_ops import DEFAULT_WEIGHT_BOUND, decrypt_update, encrypt_update
+from importlib import import_module
+
 from .errors import (DataError, FedShieldError, HeadroomError, IncompatibleUpdate, InvalidUpdate,
                      KeyMaterialError, NotEnoughShares, ParameterError, UnsupportedPlatform)
-from .he import (CKKSParams, Context, SharedKeys, combine_partials, keygen_shared,
-                 keygen_threshold, load_context, partial_decrypt)
-from .he import threshold
-from .importance import ImportanceResult, importance_mask
-from .layout import Layout, TensorSpec
-from .update import EncryptedUpdate
+from .he import (DEFAULT_WEIGHT_BOUND, CKKSParams, Context, EncryptedUpdate, Layout, SharedKeys,
+                 TensorSpec, aggregate, combine_partials, decrypt_update, encrypt_update,
+                 keygen_shared, keygen_threshold, load_context, partial_decrypt, threshold)
 
 __version__ = "0.1.0"
 
+# Public names whose modules need torch: imported on first use, so that the server-only
+# install (no torch) can `import fedshield`.
+_TORCH_NAMES = {
+    "Party": "fedshield.fl.party",
+    "importance_mask": "fedshield.pruning.mask",
+    "ImportanceResult": "fedshield.pruning.mask",
+}
+
+
+def __getattr__(name: str):
+    if name in _TORCH_NAMES:
+        return getattr(import_module(_TORCH_NAMES[name]), name)
+    raise AttributeError(f"module 'fedshield' has no attribute {name!r}")
+
+
 __all__ = [
     "CKKSParams", "Context", "DataError", "DEFAULT_WEIGHT_BOUND", "EncryptedUpdate",
-    "FedShieldError",
-    "HeadroomError", "ImportanceResult", "IncompatibleUpdate", "InvalidUpdate",
-    "KeyMaterialError", "Layout", "NotEnoughShares", "ParameterError", "SharedKeys",
-    "TensorSpec", "UnsupportedPlatform", "aggregate", "combine_partials", "decrypt_update",
-    "encrypt_update", "importance_mask", "keygen_shared", "keygen_threshold", "load_context",
-    "partial_decrypt", "threshold",
+    "FedShieldError", "HeadroomError", "ImportanceResult", "IncompatibleUpdate",
+    "InvalidUpdate", "KeyMaterialError", "Layout", "NotEnoughShares", "ParameterError", "Party",
+    "SharedKeys", "TensorSpec", "UnsupportedPlatform", "aggregate", "combine_partials",
+    "decrypt_update", "encrypt_update", "importance_mask", "keygen_shared", "keygen_threshold",
+    "load_context", "partial_decrypt", "threshold",
 ]

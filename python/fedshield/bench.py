@@ -8,10 +8,9 @@ import numpy as np
 import torch
 
 from . import _native
-from .aggregate import aggregate
-from .crypto_ops import decrypt_update, encrypt_update
-from .he import CKKSParams, keygen_shared
-from .layout import Layout
+from .he import (CKKSParams, Layout, aggregate, backend, decrypt_update, encrypt_update,
+                 keygen_shared)
+from .he.crypto_pool import default_workers
 
 
 def _state(n_values: int, seed: int) -> dict[str, torch.Tensor]:
@@ -25,7 +24,7 @@ def _state(n_values: int, seed: int) -> dict[str, torch.Tensor]:
 
 def openfhe_encrypt_baseline(ctx, n_cts: int, seed: int = 0):
     """A callable doing raw MakeCKKSPackedPlaintext + Encrypt for n_cts full ciphertexts."""
-    cc, pk, _ = ctx._openfhe()
+    cc, pk, _ = ctx.openfhe_objects()
     n_slots = ctx.params.slots
     slots = np.random.default_rng(seed).uniform(-0.01, 0.01, n_cts * 2 * n_slots).view(np.complex128)
 
@@ -39,10 +38,8 @@ def openfhe_encrypt_baseline(ctx, n_cts: int, seed: int = 0):
 def openfhe_aggregate_baseline(ctx, update_blobs: list[bytes]):
     """A callable aggregating the same ciphertexts the way an OpenFHE server would:
     DeserializeCiphertextString + EvalAddInPlace (ctx must hold the template, not the key)."""
-    from .he import backend  # noqa: PLC0415
-
     o = backend.openfhe()
-    cc, _, _ = ctx._openfhe()
+    cc, _, _ = ctx.openfhe_objects()
     cc.Enable(o.LEVELEDSHE)  # EvalAdd needs it; fedshield's own path never calls OpenFHE here
     template, ct_layout = ctx.ciphertext_template
     serialized = [_native.decode_ciphertexts(b, template, ct_layout, 0) for b in update_blobs]
@@ -72,8 +69,6 @@ def run_bench(n_values: int = 1 << 20, n_clients: int = 4, verbose: bool = True)
     states = [_state(n_values, seed) for seed in range(n_clients)]
     layout = Layout.from_state_dict(states[0])
     n = layout.numel
-
-    from .he.workers import default_workers  # noqa: PLC0415
 
     cores = default_workers()
     t_enc = _best(lambda: encrypt_update(client, states[0], layout, weight=10.0, workers=1),

@@ -1,5 +1,5 @@
-"""`fedshield` command line: run (federated fine-tuning), eval (a saved adapter), report (runs
-side by side) and bench (headline figures)."""
+"""`fedshield` command line: run (federated fine-tuning), split (per-site data files), eval (a
+saved adapter), report (runs side by side) and bench (headline figures)."""
 
 from __future__ import annotations
 
@@ -7,49 +7,66 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import fields
 
-from .config import _CHOICES, RunConfig
+from .config import SECTIONS, Option, RunConfig, options
+from .data.sites import SPLITS, data_set, split_into_sites, write_site_files
 from .errors import FedShieldError, ParameterError
 
-# Flags of the CLI contract plus the tuning knobs; each maps onto one RunConfig field.
-_RUN_FLAGS = ("clients", "rounds", "model", "data", "columns", "split", "dirichlet_alpha",
-              "eval_examples", "max_len", "dtype", "keys", "threshold", "dropouts", "prune",
-              "algorithm", "engine", "out", "seed", "local_steps", "batch_size", "grad_accum",
-              "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lr", "lr_min",
-              "quantize", "device", "template", "dp_clip", "dp_noise", "dp_delta", "samples",
-              "sample_tokens", "examples_per_client", "flood_bits",
-              "min_clients", "round_timeout")  # the last two: engine=flower
-_RUN_SWITCHES = ("grad_checkpointing",)  # boolean flags: --grad-checkpointing
+# What the `client` extra brings: a command that needs one of them says to install it.
+CLIENT_PACKAGES = {"torch", "transformers", "peft", "safetensors", "openfhe", "tqdm",
+                   "matplotlib"}
+
+
+def _add_option(p: argparse.ArgumentParser, option: Option) -> None:
+    """One flag per config field: defaults stay None (= "not given", so --config values
+    survive); the help shows the config's own default."""
+    flag = "--" + option.flag.replace("_", "-")
+    kwargs = {"dest": option.flag, "default": None}
+    if isinstance(option.default, bool):
+        kwargs["action"] = argparse.BooleanOptionalAction
+        kwargs["help"] = f"{option.help} (default: {'on' if option.default else 'off'})"
+    elif isinstance(option.default, tuple):
+        kwargs.update(action="append", metavar=option.metavar or "VALUE",
+                      help=f"{option.help} (repeatable)")
+    else:
+        kwargs["help"] = f"{option.help} (default: {option.default})"
+        if option.choices is not None:
+            kwargs["choices"] = option.choices
+        else:
+            kwargs["type"] = type(option.default)
+    kwargs["help"] = kwargs["help"].replace("%", "%%")
+    p.add_argument(flag, **kwargs)
 
 
 def _run_parser(sub) -> None:
-    # Flags default to None (= "not given", so --config values survive); the help shows
-    # RunConfig's own defaults instead.
-    p = sub.add_parser("run", help="federated LoRA fine-tuning (embedded demo by default)")
-    p.add_argument("--config", help="JSON file of run settings (flags override it)")
-    defaults = RunConfig()
-    meta = {f.name: f for f in fields(RunConfig)}
-    for name in _RUN_FLAGS:
-        f = meta[name]
-        default = getattr(defaults, name)
-        kwargs = {"help": f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"),
-                  "default": None, "dest": name}
-        if name in _CHOICES:
-            kwargs["choices"] = _CHOICES[name]
-        else:
-            kwargs["type"] = type(getattr(defaults, name))
-        p.add_argument("--" + name.replace("_", "-"), **kwargs)
-    p.add_argument("--he", dest="he", action="store_true", default=None,
-                   help="encrypt updates with CKKS (default)")
-    p.add_argument("--no-he", dest="he", action="store_false",
-                   help="plaintext FedAvg baseline, same rounds")
-    for name in _RUN_SWITCHES:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true",
-                       default=None, help=meta[name].metadata.get("help", "") + " (default: off)")
+    p = sub.add_parser("run", help="federated LoRA fine-tuning (embedded demo by default)",
+                       description="Every setting of the run config has a flag here; --config "
+                                   "reads them from a TOML or JSON file (flags override it).")
+    p.add_argument("--config", help="TOML (one table per section) or JSON file of run settings")
+    for section, cls in SECTIONS.items():
+        group = p.add_argument_group(f"{section} settings", cls.__doc__)
+        for option in options():
+            if option.section == section:
+                _add_option(group, option)
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR after its last checkpointed round (its config)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bars")
+
+
+def _split_parser(sub) -> None:
+    p = sub.add_parser("split", help="write per-site data files from one data set",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic' or an instruction-data file (.json, .jsonl, .csv, .parquet)")
+    p.add_argument("--sites", type=int, default=3, help="number of sites")
+    p.add_argument("--how", default="tasks", choices=SPLITS,
+                   help="tasks: each site mostly one task (needs a task field); iid; dirichlet")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    p.add_argument("--columns", default="", help="FIELD=COLUMN pairs, as for `run`")
+    p.add_argument("--examples-per-site", type=int, default=96,
+                   help="synthetic data: examples generated per site")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated data and the split")
+    p.add_argument("--out", required=True, help="directory for site-0.jsonl, site-1.jsonl, ...")
 
 
 def _eval_parser(sub) -> None:
@@ -84,31 +101,40 @@ def _bench_parser(sub) -> None:
 
 
 def _cmd_run(args) -> int:
-    changes = {name: getattr(args, name) for name in _RUN_FLAGS + _RUN_SWITCHES + ("he",)
-               if getattr(args, name) is not None}
+    changes = {o.flag: getattr(args, o.flag) for o in options()
+               if getattr(args, o.flag) is not None}
     show = False if args.no_progress else None
     if args.resume:
         if changes or args.config:
             given = sorted(changes) + (["config"] if args.config else [])
             raise ParameterError(f"--resume {args.resume!r} continues the run with its own "
                                  f"config; drop {given}")
-        from .runner import resume  # noqa: PLC0415
+        from .local_engine import resume  # noqa: PLC0415 - torch loads only for `run`
 
         metrics = resume(args.resume, show_progress=show)
         out = args.resume
     else:
         config = RunConfig.from_file(args.config) if args.config else RunConfig()
-        config = config.replace(**changes)
-        if config.engine == "flower":
+        config = config.replace(**changes, _source="command line")
+        if config.engine.name == "flower":
             return _run_flower(config, args)
-        from .runner import run  # noqa: PLC0415 - torch/transformers load only for `run`
+        from .local_engine import run  # noqa: PLC0415 - torch loads only for `run`
 
         metrics = run(config, show_progress=show)
-        out = config.out
+        out = config.engine.out
     last = metrics["rounds"][-1]
     print(f"done: eval loss {metrics['initial_eval_loss']:.4f} -> {last['eval_loss']:.4f} "
           f"after {len(metrics['rounds'])} rounds; wrote {out}/metrics.json, "
           f"{out}/adapter/, {out}/plots/")
+    return 0
+
+
+def _cmd_split(args) -> int:
+    examples = data_set(args.data, args.sites, args.examples_per_site, args.seed, args.columns)
+    shards = split_into_sites(examples, args.sites, args.how, args.seed, args.alpha,
+                              source=args.data)
+    for path, shard in zip(write_site_files(shards, args.out), shards):
+        print(f"{path}: {len(shard)} examples")
     return 0
 
 
@@ -142,9 +168,10 @@ def _run_flower(config: RunConfig, args) -> int:
     metrics = run_flower(config, show_progress=False if args.no_progress else None)
     ok = [r for r in metrics["rounds"] if r.get("status") == "ok"]
     last = f"{ok[-1]['eval_loss']:.4f}" if ok else "n/a"
+    out = config.engine.out
     print(f"done (flower): eval loss {metrics['initial_eval_loss']:.4f} -> {last} after "
           f"{len(ok)}/{len(metrics['rounds'])} rounds, {len(metrics['events'])} exclusions; "
-          f"wrote {config.out}/metrics.json, {config.out}/adapter/, {config.out}/plots/")
+          f"wrote {out}/metrics.json, {out}/adapter/, {out}/plots/")
     return 0
 
 
@@ -162,18 +189,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedshield", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    _split_parser(sub)
     _eval_parser(sub)
     _report_parser(sub)
     _bench_parser(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+    # fedshield's own progress at INFO; other libraries (flwr's database set-up...) warnings only
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("fedshield").setLevel(logging.INFO)
     try:
-        commands = {"run": _cmd_run, "eval": _cmd_eval, "report": _cmd_report,
-                    "bench": _cmd_bench}
+        commands = {"run": _cmd_run, "split": _cmd_split, "eval": _cmd_eval,
+                    "report": _cmd_report, "bench": _cmd_bench}
         return commands[args.command](args)
     except FedShieldError as exc:
         print(f"fedshield: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # e.g. a server-only install asked to train
+        missing = (exc.name or "").split(".")[0]
+        if missing not in CLIENT_PACKAGES:
+            raise
+        print(f"fedshield: error: `fedshield {args.command}` needs {missing}, which this "
+              "install lacks (a server-only install?): pip install 'fedshield[client]'",
+              file=sys.stderr)
         return 2
 
 

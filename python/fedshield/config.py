@@ -1,25 +1,390 @@
-"""Run configuration: one dataclass, every field defaulted and validated."""
+"""Run configuration in sections (model, data, lora, training, pruning, he, keys, dp, engine).
+
+Every section is a frozen dataclass whose fields all have a default and help text and which
+validates itself, naming the bad value (as peft's configs do). :class:`RunConfig` holds the
+sections and checks what spans them. Each field has one command-line flag (``flag`` in its
+metadata, else ``SECTION_FIELD``); the CLI is generated from these fields, and the flag names
+are also the keys of the flat JSON configs of earlier fedshield versions, which still load.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+import sys
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import replace as dc_replace
 from pathlib import Path
+from typing import Any, Iterator, Mapping
 
-from .datasets import parse_columns
+from .data.files import parse_columns
 from .errors import ParameterError
+from .he.params import CKKSParams
 
-_CHOICES = {
-    "keys": ("shared", "threshold"),
-    "prune": ("local", "global", "off"),
-    "algorithm": ("delta", "paper", "ffa"),
-    "engine": ("local", "flower"),
-    "split": ("auto", "tasks", "iid", "dirichlet"),
-    "dtype": ("fp32", "bf16"),
-    "quantize": ("none", "8bit", "4bit"),
-    "device": ("auto", "cpu", "cuda"),
-    "template": ("auto", "alpaca", "compact"),
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+
+def _opt(default, help: str, *, flag: str | None = None, choices: tuple | None = None,
+         metavar: str | None = None):
+    """A config field: default, help text, and optionally its flag name and choices."""
+    meta = {"help": help}
+    if flag is not None:
+        meta["flag"] = flag
+    if choices is not None:
+        meta["choices"] = choices
+    if metavar is not None:
+        meta["metavar"] = metavar
+    if isinstance(default, (list, dict)):
+        raise TypeError("mutable defaults are not allowed in frozen configs")
+    return field(default=default, metadata=meta)
+
+
+def _check_choices(section) -> None:
+    for f in fields(section):
+        choices = f.metadata.get("choices")
+        value = getattr(section, f.name)
+        if choices is not None and value not in choices:
+            raise ParameterError(f"{_flag_name(type(section), f)}={value!r} is not one of "
+                                 f"{choices}")
+
+
+def _positive_ints(section, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ParameterError(f"{name}={value!r} must be a positive int")
+
+
+def _finite(value, name: str, *, low: float = -math.inf, high: float = math.inf,
+            low_open: bool = False) -> None:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and math.isfinite(value) and (value > low if low_open else value >= low)
+          and value <= high)
+    if not ok:
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        raise ParameterError(f"{name}={value!r} must be a finite number {bound}"
+                             + (f" and <= {high:g}" if math.isfinite(high) else ""))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model and where it trains."""
+
+    name: str = _opt("tiny", "'tiny' (a small Llama built from a config) or a local model "
+                     "directory", flag="model")
+    dtype: str = _opt("fp32", "base model weights", flag="dtype", choices=("fp32", "bf16"))
+    quantize: str = _opt("none", "load --model in 8bit or 4bit (bitsandbytes on a CUDA GPU; "
+                         "QLoRA-style)", flag="quantize", choices=("none", "8bit", "4bit"))
+    device: str = _opt("auto", "where the model trains: auto (cuda when available), cpu, cuda",
+                       flag="device", choices=("auto", "cpu", "cuda"))
+    grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less "
+                                    "memory, more compute)", flag="grad_checkpointing")
+    template: str = _opt("auto", "prompt template: alpaca, compact (alpaca without its preamble "
+                         "sentence), auto = compact for the tiny model, alpaca otherwise",
+                         flag="template", choices=("auto", "alpaca", "compact"))
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        if not isinstance(self.name, str) or not self.name:
+            raise ParameterError(f"model={self.name!r} must be 'tiny' or a local directory")
+        if self.quantize != "none" and self.name == "tiny":
+            raise ParameterError(f"quantize={self.quantize!r} applies to a --model directory, "
+                                 "not the tiny demo model")
+        if self.quantize != "none" and self.device == "cpu":
+            raise ParameterError(f"quantize={self.quantize!r} needs a CUDA GPU; device='cpu' "
+                                 "was asked for")
+
+    @property
+    def compact_template(self) -> bool:
+        """The alpaca template without its preamble (keeps the tiny demo's sequences short)."""
+        return self.template == "compact" or (self.template == "auto" and self.name == "tiny")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Each site's instruction data: its own file, or a share of one data set."""
+
+    path: str = _opt("synthetic", "'synthetic' (generated) or a local file split among the "
+                     "sites (see --split)", flag="data")
+    site_data: tuple = _opt((), "one site's own data file (.json, .jsonl, .csv, .parquet); "
+                            "give it once per site: the number of sites is the number of "
+                            "files", flag="site_data", metavar="FILE")
+    clients: int = _opt(3, "sites the data set is split into (ignored with --site-data)",
+                        flag="clients")
+    split: str = _opt("auto", "how one data set is split into sites: tasks (each site mostly "
+                      "one task; needs a task field), iid, dirichlet (Dirichlet(alpha) over "
+                      "the task field, else hashed instructions); auto = tasks for synthetic "
+                      "data, iid for a file", flag="split",
+                      choices=("auto", "tasks", "iid", "dirichlet"))
+    dirichlet_alpha: float = _opt(0.5, "split=dirichlet: concentration (small = more skewed)",
+                                  flag="dirichlet_alpha")
+    columns: str = _opt("", "FIELD=COLUMN pairs naming a data file's columns, e.g. "
+                        "'instruction=question,output=answer' (fields: instruction, input, "
+                        "output, task)", flag="columns")
+    examples_per_client: int = _opt(96, "synthetic data: examples generated per site",
+                                    flag="examples_per_client")
+    eval_fraction: float = _opt(0.2, "fraction of each site's examples it holds out for "
+                                "evaluation (at least one)", flag="eval_fraction")
+    max_len: int = _opt(96, "tokens per example (longer prompts are cut from the left)",
+                        flag="max_len")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _positive_ints(self, "clients", "examples_per_client", "max_len")
+        if not isinstance(self.path, str) or not self.path:
+            raise ParameterError(f"data={self.path!r} must be 'synthetic' or a local file")
+        if isinstance(self.site_data, (str, bytes)) or not all(
+                isinstance(p, str) and p for p in self.site_data):
+            raise ParameterError(f"site_data={self.site_data!r} must be a list of file paths")
+        object.__setattr__(self, "site_data", tuple(self.site_data))
+        if len(set(self.site_data)) != len(self.site_data):
+            raise ParameterError(f"site_data={list(self.site_data)} names a file twice")
+        if self.site_data and self.path != "synthetic":
+            raise ParameterError(f"data={self.path!r} and site_data: give one data set to "
+                                 "split, or each site's own file, not both")
+        _finite(self.dirichlet_alpha, "dirichlet_alpha", low=0, low_open=True)
+        _finite(self.eval_fraction, "eval_fraction", low=0, high=0.9, low_open=True)
+        parse_columns(self.columns)
+        if self.columns and self.path == "synthetic" and not self.site_data:
+            raise ParameterError(f"columns={self.columns!r} applies to a --data file only "
+                                 "(or --site-data files)")
+
+    @property
+    def n_sites(self) -> int:
+        return len(self.site_data) or self.clients
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (the paper's defaults: r=32, alpha=64 on q_proj/v_proj)."""
+
+    r: int = _opt(32, "LoRA rank", flag="lora_r")
+    alpha: float = _opt(64.0, "LoRA alpha", flag="lora_alpha")
+    dropout: float = _opt(0.05, "LoRA dropout", flag="lora_dropout")
+    targets: str = _opt("", "comma-separated target modules (empty = per architecture: "
+                        "q_proj,v_proj for llama/mistral/qwen2, c_attn for gpt2)",
+                        flag="lora_targets")
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "r")
+        _finite(self.alpha, "lora_alpha", low=0, low_open=True)
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise ParameterError(f"lora_dropout={self.dropout!r} must be in [0, 1)")
+        if not isinstance(self.targets, str):
+            raise ParameterError(f"lora_targets={self.targets!r} must be a string like "
+                                 "'q_proj,v_proj'")
+        if any(not t.strip() for t in self.targets.split(",")) and self.targets:
+            raise ParameterError(f"lora_targets={self.targets!r}: empty module name")
+
+    @property
+    def target_list(self) -> list[str]:
+        return [t.strip() for t in self.targets.split(",")] if self.targets else []
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Rounds, local training and the federated algorithm."""
+
+    rounds: int = _opt(4, "federated rounds", flag="rounds")
+    local_steps: int = _opt(50, "optimizer steps per site per round", flag="local_steps")
+    batch_size: int = _opt(8, "examples per step", flag="batch_size")
+    grad_accum: int = _opt(1, "gradient accumulation steps", flag="grad_accum")
+    lr: float = _opt(1e-2, "peak learning rate (cosine-decayed over rounds)", flag="lr")
+    lr_min: float = _opt(1e-3, "final learning rate", flag="lr_min")
+    algorithm: str = _opt("delta", "delta: weighted FedAvg of updates; paper: unweighted average "
+                          "of pruned weights replaces the global state; ffa: FFA-LoRA, A frozen "
+                          "from the shared seed, only B trained and sent (exact aggregation, "
+                          "half the payload)", flag="algorithm", choices=("delta", "paper", "ffa"))
+    seed: int = _opt(0, "seed of data, model, LoRA init and training", flag="seed")
+    samples: int = _opt(2, "held-out prompts answered by the global model after every round "
+                        "(0 = none; local engine)", flag="samples")
+    sample_tokens: int = _opt(32, "tokens generated per sample", flag="sample_tokens")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _positive_ints(self, "rounds", "local_steps", "batch_size", "grad_accum")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ParameterError(f"seed={self.seed!r} must be an int")
+        if not (isinstance(self.lr, (int, float)) and isinstance(self.lr_min, (int, float))
+                and self.lr > 0 and 0 <= self.lr_min <= self.lr and math.isfinite(self.lr)):
+            raise ParameterError(f"lr={self.lr!r}, lr_min={self.lr_min!r}: need "
+                                 "0 <= lr_min <= lr, lr > 0")
+        for name in ("samples", "sample_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ParameterError(f"{name}={value!r} must be an int >= 0")
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """The paper's magnitude pruning and its schedule p_t."""
+
+    mode: str = _opt("local", "local: each site's own mask (sent densely); global: one mask "
+                     "from the previous global state (smaller ciphertexts); off", flag="prune",
+                     choices=("local", "global", "off"))
+    p0: float = _opt(0.2, "pruned fraction at t_start", flag="prune_p0")
+    target: float = _opt(0.5, "pruned fraction from t_end on", flag="prune_target")
+    t_start: int = _opt(1, "round where the schedule starts", flag="prune_t_start")
+    t_end: int = _opt(4, "round where the target is reached", flag="prune_t_end")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _finite(self.p0, "prune_p0", low=0, high=1)
+        _finite(self.target, "prune_target", low=0, high=1)
+        _positive_ints(self, "t_start", "t_end")
+        if self.t_end <= self.t_start:
+            raise ParameterError(f"prune_t_end={self.t_end} must be greater than "
+                                 f"prune_t_start={self.t_start}")
+
+
+@dataclass(frozen=True)
+class HEConfig:
+    """CKKS encryption of the updates."""
+
+    enabled: bool = _opt(True, "encrypt updates with CKKS (--no-he: plaintext FedAvg baseline)",
+                         flag="he")
+    ring_dim: int = _opt(16384, "CKKS ring dimension", flag="ring_dim")
+    scale_bits: int = _opt(0, "CKKS scale bits (0 = 50 with shared keys, 52 with threshold "
+                           "keys)", flag="scale_bits")
+    flood_bits: int = _opt(-1, "noise flooding of every decryption at this statistical "
+                           "security level in bits (IND-CPA^D protection, ~2.7x the bytes: 3 "
+                           "RNS towers); 0 = off; -1 = auto: 30 with threshold keys, whose "
+                           "partial decryptions leave the parties, off with shared keys, whose "
+                           "decryptions stay with the key holders", flag="flood_bits")
+
+    def __post_init__(self) -> None:
+        for name in ("ring_dim", "scale_bits", "flood_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ParameterError(f"{name}={value!r} must be an int")
+        if self.flood_bits < -1:
+            raise ParameterError(f"flood_bits={self.flood_bits!r} must be -1 (auto), 0 (off) or "
+                                 "a statistical security level in bits")
+        if self.scale_bits < 0:
+            raise ParameterError(f"scale_bits={self.scale_bits!r} must be 0 (auto) or positive")
+        if self.flood_bits > 0 and not self.enabled:
+            raise ParameterError(f"flood_bits={self.flood_bits} floods decryptions; it needs HE "
+                                 "on (drop --no-he)")
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    """Who holds the secret key."""
+
+    mode: str = _opt("shared", "shared: one key on every site (paper mode, weaker); threshold: "
+                     "each site holds a key share, decryption needs partial decryptions",
+                     flag="keys", choices=("shared", "threshold"))
+    threshold: int = _opt(0, "threshold keys: shares needed to decrypt (0 = every site; "
+                          "t > sites/2)", flag="threshold")
+    dropouts: int = _opt(0, "threshold keys, local engine: sites (ids 0..k-1, the lead among "
+                         "them) absent at decryption each round; needs --threshold below the "
+                         "number of sites", flag="dropouts")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        for name in ("threshold", "dropouts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ParameterError(f"{name}={value!r} must be an int >= 0")
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Client-level differential privacy of each site's update (DP-LoRA baseline)."""
+
+    clip: float = _opt(0.0, "clip each site's update to this L2 norm (0 = no DP)",
+                       flag="dp_clip")
+    noise: float = _opt(0.0, "Gaussian noise multiplier sigma (noise std = sigma * clip)",
+                        flag="dp_noise")
+    delta: float = _opt(1e-5, "the delta of the reported epsilon", flag="dp_delta")
+
+    def __post_init__(self) -> None:
+        _finite(self.clip, "dp_clip", low=0)
+        _finite(self.noise, "dp_noise", low=0)
+        if bool(self.clip) != bool(self.noise):
+            raise ParameterError(f"dp_clip={self.clip!r}, dp_noise={self.noise!r}: DP-LoRA "
+                                 "needs both a clipping norm and a noise multiplier > 0")
+        if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
+            raise ParameterError(f"dp_delta={self.delta!r} must be in (0, 1)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip > 0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where the run happens and where it writes."""
+
+    name: str = _opt("local", "local (every site in this process) | flower (a SuperLink and one "
+                     "SuperNode per site as processes on loopback, gRPC)", flag="engine",
+                     choices=("local", "flower"))
+    out: str = _opt("runs/demo", "output directory", flag="out")
+    min_clients: int = _opt(0, "engine=flower: fewest valid updates a round needs (0 = a "
+                            "majority of the sites; threshold keys: at least the threshold)",
+                            flag="min_clients")
+    round_timeout: float = _opt(600.0, "engine=flower: seconds to wait for the replies of one "
+                                "step of a round", flag="round_timeout")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        if not isinstance(self.out, str) or not self.out:
+            raise ParameterError(f"out={self.out!r} must be a directory path")
+        if isinstance(self.min_clients, bool) or not isinstance(self.min_clients, int) \
+                or self.min_clients < 0:
+            raise ParameterError(f"min_clients={self.min_clients!r} must be an int >= 0")
+        _finite(self.round_timeout, "round_timeout", low=0, low_open=True)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "training": TrainingConfig,
+    "pruning": PruningConfig, "he": HEConfig, "keys": KeysConfig, "dp": DPConfig,
+    "engine": EngineConfig,
+}
+
+
+def _flag_name(section_type: type, f) -> str:
+    section = next(name for name, t in SECTIONS.items() if t is section_type)
+    return f.metadata.get("flag", f"{section}_{f.name}")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting as the CLI and flat configs see it: its flag and where it lives."""
+
+    flag: str          # e.g. "lora_r" (the CLI flag is --lora-r)
+    section: str       # e.g. "lora"
+    name: str          # e.g. "r"
+    default: Any
+    help: str
+    choices: tuple | None
+    metavar: str | None
+
+
+def options() -> Iterator[Option]:
+    """Every setting of every section, in section order."""
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            yield Option(flag=_flag_name(cls, f), section=section, name=f.name,
+                         default=f.default if f.default is not MISSING else None,
+                         help=f.metadata.get("help", ""), choices=f.metadata.get("choices"),
+                         metavar=f.metadata.get("metavar"))
+
+
+def _options_by_flag() -> dict[str, Option]:
+    return {o.flag: o for o in options()}
+
+
+# Statistical security of flooding when flood_bits=-1 and keys=threshold.
+AUTO_FLOOD_BITS = 30
+
+# Flat keys of earlier versions that have no one-to-one successor.
+RETIRED = {
+    "eval_examples": "each site now holds out a fraction of its own data: set "
+                     "data.eval_fraction (flag --eval-fraction) instead",
 }
 
 
@@ -27,205 +392,159 @@ _CHOICES = {
 class RunConfig:
     """What `fedshield run` does. The defaults are the embedded demo (minutes on 2 cores)."""
 
-    clients: int = field(default=3, metadata={"help": "number of simulated clients"})
-    rounds: int = field(default=4, metadata={"help": "federated rounds"})
-    model: str = field(default="tiny", metadata={"help": "'tiny' (built from a config) or a local path"})
-    data: str = field(default="synthetic", metadata={"help": "'synthetic' (generated) or a local path"})
-    columns: str = field(default="", metadata={
-        "help": "--data file: FIELD=COLUMN pairs naming its columns, e.g. "
-                "'instruction=question,output=answer' (fields: instruction, input, output, task)"})
-    split: str = field(default="auto", metadata={
-        "help": "client split: tasks (each client mostly one task; needs a task field), iid, "
-                "dirichlet (Dirichlet(alpha) over the task field, else hashed instructions); "
-                "auto = tasks for synthetic data, iid for a file"})
-    dirichlet_alpha: float = field(default=0.5, metadata={
-        "help": "split=dirichlet: concentration (small = more skewed)"})
-    dtype: str = field(default="fp32", metadata={"help": "base model weights: fp32 | bf16"})
-    lora_targets: str = field(default="", metadata={
-        "help": "comma-separated LoRA target modules (empty = per architecture: "
-                "q_proj,v_proj for llama/mistral/qwen2, c_attn for gpt2)"})
-    he: bool = field(default=True, metadata={"help": "encrypt updates with CKKS (False: plaintext FedAvg)"})
-    keys: str = field(default="shared", metadata={
-        "help": "shared: one key on every client (paper mode, weaker); threshold: each client "
-                "holds a key share, decryption needs partial decryptions"})
-    threshold: int = field(default=0, metadata={
-        "help": "threshold mode: shares needed to decrypt (0 = every client; t > clients/2)"})
-    dropouts: int = field(default=0, metadata={
-        "help": "threshold mode: clients (ids 0..k-1, the lead included) absent at decryption"})
-    prune: str = field(default="local", metadata={"help": "local | global | off"})
-    algorithm: str = field(default="delta", metadata={
-        "help": "delta: weighted FedAvg of updates; paper: unweighted average of pruned weights "
-                "replaces the global state; ffa: FFA-LoRA, A frozen from the shared seed, only B "
-                "trained and sent (exact aggregation, half the payload)"})
-    engine: str = field(default="local", metadata={
-        "help": "local (in-process simulation) | flower (a SuperLink and one SuperNode per "
-                "client as processes on loopback, gRPC)"})
-    out: str = field(default="runs/demo", metadata={"help": "output directory"})
-    seed: int = field(default=0, metadata={"help": "seed of data, model, LoRA init and training"})
-    examples_per_client: int = field(default=96, metadata={"help": "synthetic examples per client"})
-    eval_examples: int = field(default=64, metadata={
-        "help": "held-out examples (for a --data file: the last ones after a seeded shuffle)"})
-    local_steps: int = field(default=50, metadata={"help": "optimizer steps per client per round"})
-    batch_size: int = field(default=8, metadata={"help": "examples per step"})
-    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
-    max_len: int = field(default=96, metadata={"help": "tokens per example"})
-    lr: float = field(default=1e-2, metadata={"help": "peak learning rate (cosine-decayed over rounds)"})
-    lr_min: float = field(default=1e-3, metadata={"help": "final learning rate"})
-    lora_r: int = field(default=32, metadata={"help": "LoRA rank (the paper's 32)"})
-    lora_alpha: float = field(default=64.0, metadata={"help": "LoRA alpha (the paper's 64)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    prune_p0: float = field(default=0.2, metadata={"help": "pruned fraction at t_start"})
-    prune_target: float = field(default=0.5, metadata={"help": "pruned fraction from t_end on"})
-    prune_t_start: int = field(default=1, metadata={"help": "round where the schedule starts"})
-    prune_t_end: int = field(default=4, metadata={"help": "round where p_target is reached"})
-    grad_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations in the backward pass (less memory, more compute)"})
-    quantize: str = field(default="none", metadata={
-        "help": "load --model in 8bit or 4bit (bitsandbytes on a CUDA GPU; QLoRA-style)"})
-    device: str = field(default="auto", metadata={
-        "help": "where the model trains: auto (cuda when available), cpu, cuda"})
-    template: str = field(default="auto", metadata={
-        "help": "prompt template: alpaca, compact (alpaca without its preamble sentence), "
-                "auto = compact for the tiny model, alpaca otherwise"})
-    dp_clip: float = field(default=0.0, metadata={
-        "help": "DP-LoRA: clip each client's update to this L2 norm (0 = no DP)"})
-    dp_noise: float = field(default=0.0, metadata={
-        "help": "DP-LoRA: Gaussian noise multiplier sigma (noise std = sigma * dp_clip)"})
-    dp_delta: float = field(default=1e-5, metadata={"help": "DP-LoRA: the delta of the reported epsilon"})
-    samples: int = field(default=2, metadata={
-        "help": "held-out prompts answered by the global model after every round (0 = none)"})
-    sample_tokens: int = field(default=32, metadata={"help": "tokens generated per sample"})
-    ring_dim: int = field(default=16384, metadata={"help": "CKKS ring dimension"})
-    flood_bits: int = field(default=-1, metadata={
-        "help": "noise flooding of every decryption at this statistical security level in bits "
-                "(IND-CPA^D protection, ~2.7x the bytes: 3 RNS towers); 0 = off; -1 = auto: 30 "
-                "with threshold keys, whose partial decryptions leave the parties, off with "
-                "shared keys, whose decryptions stay with the key holders"})
-    scale_bits: int = field(default=0, metadata={
-        "help": "CKKS scale bits (0 = 50 with shared keys, 52 with threshold keys)"})
-    min_clients: int = field(default=0, metadata={
-        "help": "engine=flower: fewest valid updates a round needs (0 = a majority of the "
-                "clients; threshold mode: at least the threshold)"})
-    round_timeout: float = field(default=600.0, metadata={
-        "help": "engine=flower: seconds to wait for the replies of one step of a round"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    he: HEConfig = field(default_factory=HEConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ParameterError(f"{name}={getattr(self, name)!r} is not one of {choices}")
-        positive = ("clients", "rounds", "examples_per_client", "eval_examples", "local_steps",
-                    "batch_size", "grad_accum", "max_len", "lora_r")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ParameterError(f"{name}={value!r} must be a positive int")
-        if not (self.lr > 0 and 0 <= self.lr_min <= self.lr):
-            raise ParameterError(f"lr={self.lr!r}, lr_min={self.lr_min!r}: need 0 <= lr_min <= lr, lr > 0")
-        if not (isinstance(self.dirichlet_alpha, (int, float)) and self.dirichlet_alpha > 0
-                and math.isfinite(self.dirichlet_alpha)):
-            raise ParameterError(f"dirichlet_alpha={self.dirichlet_alpha!r} must be a finite "
-                                 "number > 0")
-        if not isinstance(self.model, str) or not self.model:
-            raise ParameterError(f"model={self.model!r} must be 'tiny' or a local directory")
-        if not isinstance(self.data, str) or not self.data:
-            raise ParameterError(f"data={self.data!r} must be 'synthetic' or a local file")
-        parse_columns(self.columns)
-        if self.columns and self.data == "synthetic":
-            raise ParameterError(f"columns={self.columns!r} applies to a --data file only")
-        if not isinstance(self.lora_targets, str):
-            raise ParameterError(f"lora_targets={self.lora_targets!r} must be a string "
-                                 "like 'q_proj,v_proj'")
-        targets = [t.strip() for t in self.lora_targets.split(",")] if self.lora_targets else []
-        if any(not t for t in targets):
-            raise ParameterError(f"lora_targets={self.lora_targets!r}: empty module name")
-        if not 0 <= self.lora_dropout < 1:
-            raise ParameterError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
-        if self.keys == "threshold":
-            if not self.he:
+        for name, cls in SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ParameterError(f"RunConfig.{name} must be a {cls.__name__}, got "
+                                     f"{type(getattr(self, name)).__name__}")
+        sites, keys = self.n_sites, self.keys
+        if keys.mode == "threshold":
+            if not self.he.enabled:
                 raise ParameterError("keys='threshold' needs HE on (drop --no-he)")
-            if self.clients < 2:
-                raise ParameterError(f"keys='threshold' with clients={self.clients}: an aggregate "
-                                     "of one client is that client's update; use at least 2")
-            if self.threshold and not self.clients / 2 < self.threshold <= self.clients:
-                raise ParameterError(f"threshold={self.threshold} must be in "
-                                     f"({self.clients / 2:g}, {self.clients}] or 0")
-            needed = self.threshold or self.clients
-            if not 0 <= self.dropouts <= self.clients - needed:
-                raise ParameterError(f"dropouts={self.dropouts}: with {self.clients} clients and "
-                                     f"{needed} shares needed, at most {self.clients - needed} "
-                                     "may drop out")
-        elif self.threshold or self.dropouts:
-            raise ParameterError(f"threshold={self.threshold}, dropouts={self.dropouts} apply "
+            if sites < 2:
+                raise ParameterError(f"keys='threshold' with clients={sites}: an aggregate of "
+                                     "one site is that site's update; use at least 2 sites")
+            if keys.threshold and not sites / 2 < keys.threshold <= sites:
+                raise ParameterError(f"threshold={keys.threshold} must be in "
+                                     f"({sites / 2:g}, {sites}] or 0")
+            needed = keys.threshold or sites
+            if keys.dropouts > sites - needed:
+                hint = (f"; with --threshold {sites - keys.dropouts} (any "
+                        f"{sites - keys.dropouts} of {sites} decrypt) {keys.dropouts} may "
+                        "drop out" if sites - keys.dropouts > sites / 2 else "")
+                raise ParameterError(f"dropouts={keys.dropouts}: with {sites} sites and "
+                                     f"{needed} shares needed, at most {sites - needed} may "
+                                     f"drop out{hint}")
+        elif keys.threshold or keys.dropouts:
+            raise ParameterError(f"threshold={keys.threshold}, dropouts={keys.dropouts} apply "
                                  "to keys='threshold' only")
-        self._check_dp()
-        if not isinstance(self.flood_bits, int) or self.flood_bits < -1:
-            raise ParameterError(f"flood_bits={self.flood_bits!r} must be -1 (auto), 0 (off) or "
-                                 "a statistical security level in bits")
-        if self.flood_bits > 0 and not self.he:
-            raise ParameterError(f"flood_bits={self.flood_bits} floods decryptions; it needs HE "
-                                 "on (drop --no-he)")
-        for name in ("samples", "sample_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ParameterError(f"{name}={value!r} must be an int >= 0")
-        if self.quantize != "none" and self.model == "tiny":
-            raise ParameterError(f"quantize={self.quantize!r} applies to a --model directory, "
-                                 "not the tiny demo model")
-        if self.quantize != "none" and self.device == "cpu":
-            raise ParameterError(f"quantize={self.quantize!r} needs a CUDA GPU; device='cpu' "
-                                 "was asked for")
-        if not (isinstance(self.min_clients, int) and 0 <= self.min_clients <= self.clients):
-            raise ParameterError(f"min_clients={self.min_clients!r} must be in [0, clients]")
-        if not (isinstance(self.round_timeout, (int, float)) and self.round_timeout > 0
-                and math.isfinite(self.round_timeout)):
-            raise ParameterError(f"round_timeout={self.round_timeout!r} must be a positive "
-                                 "number of seconds")
-        if self.engine == "flower":
-            if not self.he:
-                raise ParameterError("engine='flower' runs encrypted aggregation only; "
-                                     "drop --no-he (or use --engine local)")
-            if self.dropouts:
-                raise ParameterError(f"dropouts={self.dropouts} simulates absent parties in "
-                                     "the local engine; on Flower, stop a SuperNode instead")
-        if self.examples_per_client < self.batch_size:
-            raise ParameterError(f"examples_per_client={self.examples_per_client} is smaller "
-                                 f"than batch_size={self.batch_size}")
-
-    def _check_dp(self) -> None:
-        for name in ("dp_clip", "dp_noise"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ParameterError(f"{name}={value!r} must be a finite number >= 0")
-        if bool(self.dp_clip) != bool(self.dp_noise):
-            raise ParameterError(f"dp_clip={self.dp_clip!r}, dp_noise={self.dp_noise!r}: DP-LoRA "
-                                 "needs both a clipping norm and a noise multiplier > 0")
-        if not (isinstance(self.dp_delta, (int, float)) and 0 < self.dp_delta < 1):
-            raise ParameterError(f"dp_delta={self.dp_delta!r} must be in (0, 1)")
-        if self.dp_clip and self.algorithm == "paper":
+        if self.dp.enabled and self.training.algorithm == "paper":
             raise ParameterError("DP-LoRA clips and noises updates; algorithm='paper' sends "
                                  "weights. Use --algorithm delta or ffa with --dp-clip")
+        if self.engine.min_clients > sites:
+            raise ParameterError(f"min_clients={self.engine.min_clients} must be in "
+                                 f"[0, {sites}] (the number of sites)")
+        if self.engine.name == "flower":
+            if not self.he.enabled:
+                raise ParameterError("engine='flower' runs encrypted aggregation only; "
+                                     "drop --no-he (or use --engine local)")
+            if keys.dropouts:
+                raise ParameterError(f"dropouts={keys.dropouts} simulates absent parties in "
+                                     "the local engine; on Flower, stop a SuperNode instead")
+        if not self.data.site_data and self.data.path == "synthetic" \
+                and self.data.examples_per_client < 2:
+            raise ParameterError(f"examples_per_client={self.data.examples_per_client}: each "
+                                 "site needs at least one training and one held-out example")
 
     @property
-    def dp(self) -> bool:
-        return self.dp_clip > 0
+    def n_sites(self) -> int:
+        return self.data.n_sites
+
+    def ckks_params(self) -> CKKSParams:
+        """The CKKS parameters of the run (every engine generates its keys with these)."""
+        threshold = self.keys.mode == "threshold"
+        # Threshold decryption adds OpenFHE's flooding noise: 2 more bits of scale keep it
+        # under 1e-6.
+        scale_bits = self.he.scale_bits or (52 if threshold else 50)
+        # Threshold partial decryptions leave their parties: flood them by default (IND-CPA^D).
+        flood_bits = self.he.flood_bits if self.he.flood_bits >= 0 else (
+            AUTO_FLOOD_BITS if threshold else 0)
+        return CKKSParams(ring_dim=self.he.ring_dim, scale_bits=scale_bits,
+                          flood_bits=flood_bits)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["data"]["site_data"] = list(self.data.site_data)
+        return out
 
-    def replace(self, **changes) -> "RunConfig":
-        return RunConfig(**{**self.to_dict(), **changes})
+    # -- building from dicts, files and flags -------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping, source: str = "config") -> "RunConfig":
+        """From sections ({"training": {"rounds": 2}, ...}) or a flat dict of flag names
+        ({"rounds": 2}, the format of earlier versions); unknown keys are an error."""
+        if not isinstance(data, Mapping):
+            raise ParameterError(f"{source} must hold an object (a table), got "
+                                 f"{type(data).__name__}")
+        if any(isinstance(v, Mapping) for v in data.values()):
+            return cls.from_sections(data, source)
+        return cls().replace(**dict(data), _source=source)
+
+    @classmethod
+    def from_sections(cls, data: Mapping, source: str = "config") -> "RunConfig":
+        unknown = sorted(set(data) - set(SECTIONS))
+        if unknown:
+            raise ParameterError(f"{source}: unknown sections {unknown}; known: {list(SECTIONS)}")
+        built = {}
+        for name, section_cls in SECTIONS.items():
+            values = data.get(name, {})
+            if not isinstance(values, Mapping):
+                raise ParameterError(f"{source}: section {name!r} must be a table, got "
+                                     f"{values!r}")
+            known = {f.name for f in fields(section_cls)}
+            bad = sorted(set(values) - known)
+            if bad:
+                raise ParameterError(f"{source}: unknown fields {bad} in section {name!r}; "
+                                     f"known: {sorted(known)}")
+            built[name] = section_cls(**values)
+        return cls(**built)
+
+    def replace(self, _source: str = "settings", **flat) -> "RunConfig":
+        """A copy with settings changed by flag name (``rounds=2, lora_r=8``)."""
+        by_flag = _options_by_flag()
+        changes: dict[str, dict] = {}
+        for key, value in flat.items():
+            if key in RETIRED:
+                raise ParameterError(f"{_source}: {key!r} is no longer a setting: {RETIRED[key]}")
+            option = by_flag.get(key)
+            if option is None:
+                raise ParameterError(f"{_source}: unknown setting {key!r}; known: "
+                                     f"{sorted(by_flag)}")
+            changes.setdefault(option.section, {})[option.name] = value
+        sections = {name: dc_replace(getattr(self, name), **changes[name]) if name in changes
+                    else getattr(self, name) for name in SECTIONS}
+        return RunConfig(**sections)
+
+    @classmethod
+    def from_flat(cls, **flat) -> "RunConfig":
+        """The defaults with settings given by flag name: ``RunConfig.from_flat(rounds=2)``."""
+        return cls().replace(**flat)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "RunConfig":
-        """A JSON object of RunConfig fields; unknown keys are an error."""
+        """A TOML file (one table per section) or a JSON object (sections, or the flat keys
+        of earlier versions)."""
+        path = Path(path)
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ParameterError(f"cannot read config {path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ParameterError(f"config {path} must hold a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ParameterError(f"config {path}: unknown fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ParameterError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ParameterError(f"cannot read config {path}: not UTF-8 text (a TOML or JSON "
+                                 f"file was expected): {exc}") from exc
+        if path.suffix.lower() == ".toml":
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise ParameterError(f"cannot read config {path}: not valid TOML: {exc}") from exc
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ParameterError(f"cannot read config {path}: not valid JSON ({exc}); TOML "
+                                     "files need the .toml suffix") from exc
+        try:
+            return cls.from_dict(data, source=f"config {path}")
+        except TypeError as exc:
+            raise ParameterError(f"config {path}: {exc}") from exc

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
+from .data.files import load_instruction_data
+from .data.prompts import format_prompt, prompt_tail
+from .data.tokenize import tokenize_fitting
 from .errors import ParameterError
+from .metrics import perplexity
+from .model import load_local_model, load_local_tokenizer, resolve_device
+from .train import evaluate_loss
 
 log = logging.getLogger("fedshield")
 
@@ -18,17 +23,9 @@ log = logging.getLogger("fedshield")
 ADAPTER_META = "fedshield_adapter.json"
 
 
-def perplexity(loss: float) -> float:
-    """exp(mean token cross-entropy); inf rather than an OverflowError for a diverged model."""
-    return math.exp(loss) if loss < 700 else math.inf
-
-
 def generate_samples(model, tokenizer, examples: Sequence[Mapping[str, str]], *,
                      compact: bool, max_new_tokens: int) -> list[dict]:
     """Greedy answers of `model` to the prompts of `examples` (alpaca template, as trained)."""
-    from .data import format_prompt  # noqa: PLC0415
-    from .datasets import prompt_tail  # noqa: PLC0415
-
     if not examples or max_new_tokens < 1:
         return []
     device = next(model.parameters()).device
@@ -89,10 +86,6 @@ def evaluate_adapter(adapter: str | Path, model: str | Path | None = None,
     what the run trained with (read from the adapter directory).
     """
     from peft import PeftModel  # noqa: PLC0415
-
-    from .datasets import load_instruction_data, tokenize_fitting  # noqa: PLC0415
-    from .model import load_local_model, load_local_tokenizer, resolve_device  # noqa: PLC0415
-    from .train import evaluate_loss  # noqa: PLC0415
 
     adapter = Path(adapter)
     config, meta = _read_adapter(adapter)

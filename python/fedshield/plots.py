@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -19,12 +20,16 @@ def plot_run(metrics: dict, out_dir: Path) -> list[Path]:
     written = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    n_clients = len(metrics["rounds"][0]["train_loss"]) if rounds else 0
-    for c in range(n_clients):
-        ax.plot(rounds, [r["train_loss"][c] for r in metrics["rounds"]], "o--", alpha=0.6,
-                label=f"client {c} train")
-    ax.plot([0] + rounds, [metrics["initial_eval_loss"]] + [r["eval_loss"] for r in metrics["rounds"]],
-            "k-s", label="global eval")
+    parties = sorted({p for r in metrics["rounds"] for p in r.get("clients", [])})
+    names = {i: s["name"] for i, s in enumerate(metrics.get("sites", []))}
+    for party in parties:  # a party absent from a round leaves a gap
+        losses = [dict(zip(r.get("clients", []), r.get("train_loss", []))).get(party, math.nan)
+                  for r in metrics["rounds"]]
+        ax.plot(rounds, losses, "o--", alpha=0.6, label=f"{names.get(party, party)} train")
+    evals = [math.nan if r.get("eval_loss") is None else r["eval_loss"] for r in metrics["rounds"]]
+    initial = metrics.get("initial_eval_loss")
+    ax.plot([0] + rounds, [math.nan if initial is None else initial] + evals, "k-s",
+            label="global eval (sites' mean)")
     ax.set(xlabel="round", ylabel="loss (completion tokens)", title="Loss per round")
     ax.legend(fontsize=8)
     written.append(_save(fig, out_dir / "loss.png"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .config import RunConfig
 from .errors import ParameterError
 
 PHASES = ("train", "prune", "encrypt", "aggregate", "decrypt")
@@ -26,13 +27,15 @@ def load_run(run_dir: str | Path) -> dict:
 
 def label_of(metrics: dict, run_dir: str | Path) -> str:
     """A short label saying what the run was: HE or not, keys, algorithm, DP."""
-    cfg = metrics.get("config", {})
     parts = [Path(run_dir).name]
-    if cfg:
-        parts.append(f"HE {cfg.get('keys', 'shared')}" if cfg.get("he") else "plaintext")
-        parts.append(cfg.get("algorithm", "delta"))
-        if cfg.get("dp_clip"):
-            parts.append(f"DP sigma={cfg.get('dp_noise')}")
+    try:  # sectioned configs, and the flat ones of earlier versions
+        cfg = RunConfig.from_dict(metrics.get("config") or {})
+    except ParameterError:
+        return parts[0]
+    parts.append(f"HE {cfg.keys.mode}" if cfg.he.enabled else "plaintext")
+    parts.append(cfg.training.algorithm)
+    if cfg.dp.enabled:
+        parts.append(f"DP sigma={cfg.dp.noise}")
     return ", ".join(parts)
 
 

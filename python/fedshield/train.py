@@ -180,21 +180,3 @@ def evaluate_loss(peft_model, tensors, batch_size: int = 32) -> float:
     if total_tokens == 0:
         raise ValueError("no completion tokens to evaluate (labels all -100 after shift)")
     return total_loss / total_tokens
-
-
-def cosine_lr(round_idx: int, total_rounds: int, lr_max: float, lr_min: float = 0.0) -> float:
-    """Cosine decay across FL rounds: ``lr_max`` at round 0, towards ``lr_min``.
-
-    Uses ``round_idx / total_rounds`` (not ``/ (total_rounds - 1)``) so the
-    final round still trains at a useful rate instead of exactly ``lr_min``.
-    """
-    if isinstance(total_rounds, bool) or not isinstance(total_rounds, int) or total_rounds < 1:
-        raise ValueError(f"total_rounds must be an int >= 1, got {total_rounds!r}")
-    bad_idx = isinstance(round_idx, bool) or not isinstance(round_idx, int)
-    if bad_idx or not 0 <= round_idx < total_rounds:
-        raise ValueError(f"round_idx must be an int in [0, {total_rounds}), got {round_idx!r}")
-    if not lr_min >= 0:
-        raise ValueError(f"lr_min must be >= 0, got {lr_min!r}")
-    if not lr_max >= lr_min:
-        raise ValueError(f"lr_max ({lr_max!r}) must be >= lr_min ({lr_min!r})")
-    return lr_min + 0.5 * (lr_max - lr_min) * (1.0 + math.cos(math.pi * round_idx / total_rounds))

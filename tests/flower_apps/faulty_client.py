@@ -11,8 +11,8 @@ import time
 from flwr.clientapp import ClientApp
 
 from fedshield.flower import client_app as real
-from fedshield.flower.records import STYPE_UPDATE, get_payload, put_payload
-from fedshield.flower.strategy import UPDATE
+from fedshield.flower.records import (STYPE_UPDATE, UPDATE, get_payload, message_fields,
+                                      put_payload)
 
 app = ClientApp()
 LAST = "faults.last-update"
@@ -34,7 +34,7 @@ def join(msg, context):
 
 @app.train()
 def train(msg, context):
-    round_idx = int(msg.content.config_records["config"]["round"])
+    round_idx = int(message_fields(msg)["round"])
     fault = _fault(context, round_idx)
     if fault == "raise":
         raise RuntimeError("injected crash")

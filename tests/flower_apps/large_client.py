@@ -9,13 +9,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.clientapp import ClientApp
-from flwr.common import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import ConfigRecord, Message, RecordDict
 
 import fedshield as fs
-from fedshield.flower.records import STYPE_AGGREGATE, STYPE_UPDATE, get_payload, put_payload
-from fedshield.flower.strategy import AGGREGATE, UPDATE
+from fedshield.fl.messages import EvalReply, RoundPlan, SiteInfo, TrainReply
+from fedshield.flower.records import (AGGREGATE, FIELDS, STYPE_AGGREGATE, STYPE_UPDATE, UPDATE,
+                                      get_payload, message_fields, put_payload)
 
 app = ClientApp()
+TRAIN_EXAMPLES = 3   # the server's weight bound is then 4; the weights are 1 and 2
 
 
 def _setup(context):
@@ -30,39 +32,44 @@ def _state(party, round_idx, n):
     return {"big": torch.from_numpy(rng.uniform(-1, 1, size=n).astype(np.float32))}
 
 
+def _reply(msg, fields, content=None):
+    content = content or RecordDict()
+    content[FIELDS] = ConfigRecord(fields)
+    return Message(content, reply_to=msg)
+
+
 @app.query("join")
 def join(msg, context):
-    party, ctx, _ = _setup(context)
-    return Message(RecordDict({
-        "config": ConfigRecord({"context-fp": ctx.fingerprint.hex()}),
-        "metrics": MetricRecord({"party": party, "version": 0, "eval-loss": 0.0})}),
-        reply_to=msg)
+    party, ctx, n = _setup(context)
+    info = SiteInfo(party=party, name=f"large-{party}", data="none",
+                    train_examples=TRAIN_EXAMPLES, eval_examples=1, eval_loss=0.0,
+                    context_fp=ctx.fingerprint.hex(), num_lora_values=n)
+    return _reply(msg, {**info.to_fields(), "version": 0})
 
 
 @app.train()
 def train(msg, context):
     party, ctx, n = _setup(context)
-    round_idx = int(msg.content.config_records["config"]["round"])
-    state = _state(party, round_idx, n)
+    plan = RoundPlan.from_fields(message_fields(msg))
+    state = _state(party, plan.round, n)
     start = time.perf_counter()
     upd = fs.encrypt_update(ctx, state, fs.Layout.from_state_dict(state), weight=party + 1.0,
-                            round=round_idx, weight_bound=4.0)
-    seconds = time.perf_counter() - start
-    content = RecordDict({"metrics": MetricRecord({
-        "party": party, "train-loss": 0.0, "kept": 1.0, "seconds-train": 0.0,
-        "seconds-prune": 0.0, "seconds-encrypt": seconds, "lr": 0.0, "prune-ratio": 0.0})})
+                            round=plan.round, weight_bound=plan.weight_bound)
+    reply = TrainReply(party=party, round=plan.round, train_loss=0.0, kept_fraction=1.0,
+                       seconds={"encrypt": time.perf_counter() - start})
+    content = RecordDict()
     put_payload(content, UPDATE, upd.to_bytes(), STYPE_UPDATE)
-    return Message(content, reply_to=msg)
+    return _reply(msg, reply.to_fields(), content)
 
 
 @app.evaluate()
 def evaluate(msg, context):
     party, ctx, n = _setup(context)
-    config = msg.content.config_records["config"]
-    round_idx = int(config["round"])
+    fields = message_fields(msg)
+    round_idx = int(fields["round"])
     blob = get_payload(msg.content, AGGREGATE, STYPE_AGGREGATE)
     agg = fs.EncryptedUpdate.from_bytes(blob)
-    parties = [int(p) for p in config["present"]]
+    parties = [int(p) for p in fields["clients"]]
     states = [_state(p, round_idx, n)["big"].double() for p in parties]
     weights = [p + 1.0 for p in parties]
     expected = sum(w * s for w, s in zip(weights, states)) / sum(weights)
@@ -73,6 +80,5 @@ def evaluate(msg, context):
     (out / f"large-check-{party}.json").write_text(json.dumps({
         "round": round_idx, "max_abs_err": err, "aggregate_bytes": len(blob),
         "n_summed": agg.n_summed, "parties": parties}))
-    return Message(RecordDict({"metrics": MetricRecord({
-        "party": party, "version": round_idx, "eval-loss": err, "seconds-decrypt": 0.0})}),
-        reply_to=msg)
+    reply = EvalReply(party=party, version=round_idx, eval_loss=err, eval_examples=1)
+    return _reply(msg, reply.to_fields())

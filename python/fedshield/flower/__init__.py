@@ -1,11 +1,16 @@
-"""fedshield on Flower: encrypted LoRA aggregation across processes and machines.
+"""The Flower engine: fedshield's Server and Sites on a real Flower deployment.
 
-- :mod:`.records`: encrypted updates and partial decryptions in Flower records, chunked,
-  under their own ``stype`` (a stock strategy refuses them instead of averaging bytes).
-- :mod:`.strategy`: ``EncryptedFedAvg``, a ``FedAvg`` whose aggregation step validates every
-  reply and then adds ciphertexts natively (no secret key, no openfhe import).
-- :mod:`.server_app` / :mod:`.client_app`: the Flower ``ServerApp`` and ``ClientApp``.
-- :mod:`.launcher`: ``fedshield run --engine flower``: a SuperLink and N SuperNodes on loopback.
+- :mod:`.records`: fedshield's round messages in Flower records (their fields in a
+  ConfigRecord; updates, aggregates and partial decryptions as chunked ``Array``s under their
+  own ``stype``, which a stock strategy refuses instead of averaging bytes).
+- :mod:`.strategy`: ``EncryptedFedAvg``, a ``FedAvg`` that hands every step to the Server of
+  fedshield.fl (screening, native aggregation, shares); no secret key, no openfhe, no torch.
+- :mod:`.server_app`: the ``ServerApp``; :mod:`.polling`: prompt reply collection.
+- :mod:`.client_app`: the ``ClientApp``, a thin relay to the node's site worker;
+  :mod:`.site_worker`: the long-lived process holding the node's Site; :mod:`.site_ipc`: the
+  local IPC between them.
+- :mod:`.launcher` and :mod:`.deployment`: ``fedshield run --engine flower``, a SuperLink and
+  one SuperNode per site on loopback, each site in a directory of its own.
 
 Needs the ``flower`` extra (``pip install 'fedshield[flower]'``).
 """

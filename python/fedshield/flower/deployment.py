@@ -110,11 +110,12 @@ class Deployment:
         home.mkdir(parents=True, exist_ok=True)
         return home
 
-    def _start(self, name: str, argv: list[str], home: Path) -> subprocess.Popen:
+    def _start(self, name: str, argv: list[str], home: Path,
+               cwd: Path | None = None) -> subprocess.Popen:
         log_file = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed by the child's exit
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
                                 env={**self.env, "FLWR_HOME": str(home)},
-                                start_new_session=True, cwd=str(self.work))
+                                start_new_session=True, cwd=str(cwd or self.work))
         log_file.close()
         self.procs[name] = proc
         return proc
@@ -146,15 +147,16 @@ class Deployment:
     def node_config_arg(self, config: dict) -> str:
         return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
 
-    def start_supernode(self, i: int) -> None:
+    def start_supernode(self, i: int, cwd: Path | None = None) -> subprocess.Popen:
+        """SuperNode ``i`` with its node config; ``cwd``: its own directory."""
         tool = _tool("flower-supernode")
         appio = (["--clientappio-api-address", f"127.0.0.1:{self.clientappio[i]}"]
                  if _has_flag(tool, "--clientappio-api-address") else
                  ["--host", "127.0.0.1", "--port", str(self.clientappio[i])])
-        self._start(f"supernode-{i}", [
+        return self._start(f"supernode-{i}", [
             tool, "--insecure", "--superlink", f"127.0.0.1:{self.fleet}", *appio,
             "--node-config", self.node_config_arg(self.node_configs[i])],
-            self._home(f"supernode-{i}"))
+            self._home(f"supernode-{i}"), cwd)
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():

@@ -1,19 +1,24 @@
-"""`fedshield run --engine flower`: a real SuperLink and one SuperNode per client, as separate
+"""`fedshield run --engine flower`: a real SuperLink and one SuperNode per site, as separate
 processes talking gRPC on loopback, driven by ``flwr run``.
 
-The launcher plays the key dealer: it generates the keys with the run's CKKS parameters and
-writes one key file per party (mode 0600) and the public server context. Everything a
-process needs travels as a path in its node config or the run config, as in a real
-deployment where each file sits on its own machine (README: "Deployment on Flower").
+Each site gets a directory of its own (``OUT/flower/nodes/SITE``) holding its data file and its
+key file, and its SuperNode runs there: its node config names only its own files, as in a real
+deployment where each site is its own machine (README: "Deployment on Flower"). The launcher
+plays the key dealer of a simulation (fedshield.fl.dealer): it generates the keys with the
+run's CKKS parameters and writes each party's key file (mode 0600) into that party's directory
+and the public server context beside the SuperLink's.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -21,9 +26,12 @@ from typing import Sequence
 from ..atomic import write_json_atomic
 from ..config import RunConfig
 from ..errors import FedShieldError
-from ..he import keygen_shared, keygen_threshold
-from ..runner import ckks_params
+from ..fl.dealer import deal_keys
+from ..fl.site_files import site_files
+from ..threads import ENV as THREADS_ENV
+from ..threads import available_cpus
 from .deployment import Deployment, DeploymentError, write_app_project
+from .site_ipc import SiteWorkerError, request, socket_path, spawn_worker
 
 log = logging.getLogger("fedshield")
 
@@ -39,31 +47,49 @@ class FlowerApp:
     client_app: str = CLIENT_APP
     files: Sequence[Path] = ()
     run_config: dict = field(default_factory=dict)   # extra run-config entries
+    site_workers: bool = True    # start each site's worker with its SuperNode (fedshield's apps)
 
 
-def write_keys(cfg: RunConfig, key_dir: Path) -> tuple[list[Path], Path]:
-    """One key file per party (0600) and the public server context."""
-    key_dir.mkdir(parents=True, exist_ok=True)
-    params = ckks_params(cfg)
-    if cfg.keys == "threshold":
-        parties, server_ctx = keygen_threshold(params, n_parties=cfg.clients,
-                                               threshold=cfg.threshold or None)
-    else:
-        keys = keygen_shared(params)
-        parties, server_ctx = [keys.client_context()] * cfg.clients, keys.server_context()
-    paths = []
-    for i, ctx in enumerate(parties):
-        path = key_dir / f"party-{i}.key"
+def write_keys(cfg: RunConfig, party_paths: Sequence[Path], server_dir: Path) -> Path:
+    """Each party's key file (0600) at its path, the public context in ``server_dir``;
+    returns the public context's path."""
+    server_dir.mkdir(parents=True, exist_ok=True)
+    parties, server_ctx = deal_keys(cfg)
+    for ctx, path in zip(parties, party_paths):
         ctx.save(path)
-        paths.append(path)
-    server_path = key_dir / "server.ctx"
+    server_path = server_dir / "server.ctx"
     server_ctx.save(server_path, include_secret=False)
-    return paths, server_path
+    return server_path
+
+
+def prepare_sites(cfg: RunConfig, work: Path) -> tuple[list[dict], Path]:
+    """One directory per site with its data file (a copy) and its key file; returns each
+    site's node config and the public context's path."""
+    files = site_files(cfg, work / "split")
+    node_dirs = []
+    for i, f in enumerate(files):
+        node_dir = work / "nodes" / f.name
+        if node_dir in node_dirs:
+            node_dir = work / "nodes" / f"{f.name}-{i}"
+        node_dir.mkdir(parents=True)
+        node_dirs.append(node_dir)
+    server_path = write_keys(cfg, [d / "party.key" for d in node_dirs], work / "server")
+    configs = []
+    for i, (f, node_dir) in enumerate(zip(files, node_dirs)):
+        data = node_dir / f"data{f.path.suffix}"
+        shutil.copyfile(f.path, data)
+        config = {"party-id": i, "name": f.name, "data": str(data),
+                  "key-file": str(node_dir / "party.key")}
+        if f.columns:
+            config["columns"] = f.columns
+        configs.append(config)
+    shutil.rmtree(work / "split", ignore_errors=True)  # each node holds its own copy
+    return configs, server_path
 
 
 def write_app(app_dir: Path, cfg: RunConfig, server_ctx: Path, out: Path,
-              app: FlowerApp) -> None:
-    """The Flower app project `flwr run` packs into a FAB."""
+              app: FlowerApp) -> dict:
+    """The Flower app project `flwr run` packs into a FAB; returns its run config."""
     app_dir.mkdir(parents=True, exist_ok=True)
     run_config = {"fedshield-config": json.dumps(cfg.to_dict()),
                   "server-context": str(server_ctx), "out-dir": str(out), **app.run_config}
@@ -75,6 +101,7 @@ def write_app(app_dir: Path, cfg: RunConfig, server_ctx: Path, out: Path,
     (app_dir / "fedshield_run.py").write_text('"""fedshield run (components in fedshield.flower)."""\n')
     for f in app.files:
         shutil.copy(f, app_dir / Path(f).name)
+    return run_config
 
 
 def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
@@ -82,37 +109,38 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
                node_configs: list[dict] | None = None,
                late_node_configs: Sequence[dict] = ()) -> dict:
     """Runs `cfg` on a loopback Flower deployment; returns the metrics (also in
-    cfg.out/metrics.json) after the adapter and plots are written.
+    OUT/metrics.json) after the adapter and plots are written.
 
-    ``node_configs`` adds entries to each party's node config; ``late_node_configs`` starts
-    extra SuperNodes once the parties are enrolled (they must take no part in the run)."""
+    ``node_configs`` adds entries to each site's node config; ``late_node_configs`` starts
+    extra SuperNodes once the sites are enrolled (they must take no part in the run)."""
     try:
         import flwr  # noqa: F401, PLC0415
     except ImportError as exc:
         raise FedShieldError("--engine flower needs Flower: pip install 'fedshield[flower]'") from exc
     app = app or FlowerApp()
-    out = Path(cfg.out).resolve()
+    out = Path(cfg.engine.out).resolve()
     work = out / "flower"
     if work.exists():
         shutil.rmtree(work)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.json"
-    if metrics_path.exists():
-        metrics_path.unlink()
+    metrics_path.unlink(missing_ok=True)
     start = time.perf_counter()
-    key_paths, server_path = write_keys(cfg, work / "keys")
-    log.info("flower: keys written to %s (%s mode) in %.1f s", work / "keys", cfg.keys,
-             time.perf_counter() - start)
-    configs = node_configs or [{} for _ in range(cfg.clients)]
-    configs = [{"party-id": i, "key-file": str(key_paths[i]), "out-dir": str(out), **c}
-               for i, c in enumerate(configs)]
-    write_app(work / "app", cfg, server_path, out, app)
+    configs, server_path = prepare_sites(cfg, work)
+    log.info("flower: %d site directories under %s (%s keys) in %.1f s", len(configs),
+             work / "nodes", cfg.keys.mode, time.perf_counter() - start)
+    extra = node_configs or [{} for _ in configs]
+    configs = [{**c, "out-dir": str(out), **e} for c, e in zip(configs, extra)]
+    run_config = write_app(work / "app", cfg, server_path, out, app)
     # train, share, evaluate per round plus enrolment, each bounded by round_timeout
-    budget = cfg.round_timeout * (3 * cfg.rounds + 2) + 120
+    budget = cfg.engine.round_timeout * (3 * cfg.training.rounds + 2) + 120
+    late = [{**configs[0], "out-dir": str(out / "late"), **c} for c in late_node_configs]
+    # every site of this machine gets its share of the cores (FEDSHIELD_NUM_THREADS)
+    share = str(max(1, available_cpus() // len(configs)))
+    node_env = {THREADS_ENV: share, "OMP_NUM_THREADS": share, **(node_env or {})}
     try:
-        late = [{"party-id": 0, "key-file": str(key_paths[0]), "out-dir": str(out / "late"), **c}
-                for c in late_node_configs]
-        code, metrics = _deploy(work, cfg, configs, late, node_env, budget, metrics_path)
+        code, metrics = _deploy(work, configs, late, node_env,
+                                run_config if app.site_workers else None, budget, metrics_path)
     except DeploymentError as exc:
         raise FedShieldError(str(exc)) from exc
     if code != 0 or not metrics.get("finished"):
@@ -124,15 +152,19 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
     return metrics
 
 
-def _deploy(work: Path, cfg: RunConfig, configs: list[dict], late: list[dict],
-            node_env: dict | None, budget: float, metrics_path: Path) -> tuple[int, dict]:
-    with Deployment(work, len(configs) + len(late), configs + late, env=node_env) as dep:
+def _deploy(work: Path, configs: list[dict], late: list[dict], node_env: dict | None,
+            run_config: dict | None, budget: float, metrics_path: Path) -> tuple[int, dict]:
+    """Runs the app; ``run_config`` (when given) starts each site worker with its SuperNode."""
+    n = len(configs)
+    node_dirs = [Path(c["key-file"]).parent for c in configs]
+    with Deployment(work, n + len(late), configs + late, env=node_env) as dep, \
+            _site_workers(configs, node_dirs, run_config, dep.env):
         dep.start_superlink()
-        for i in range(cfg.clients):
-            dep.start_supernode(i)
+        for i in range(n):
+            dep.start_supernode(i, cwd=node_dirs[i])
         log.info("flower: SuperLink (fleet 127.0.0.1:%d) and %d SuperNodes started; logs in %s",
-                 dep.fleet, cfg.clients, dep.logs)
-        pending = list(range(cfg.clients, cfg.clients + len(late)))
+                 dep.fleet, n, dep.logs)
+        pending = list(range(n, n + len(late)))
 
         def start_late_nodes() -> None:
             if pending and metrics_path.exists() and '"participants"' in metrics_path.read_text():
@@ -143,6 +175,27 @@ def _deploy(work: Path, cfg: RunConfig, configs: list[dict], late: list[dict],
 
         code = dep.run_app(work / "app", budget, on_poll=start_late_nodes)
         return code, _wait_for_metrics(metrics_path, 60.0 if code == 0 else 5.0)
+
+
+@contextmanager
+def _site_workers(configs: list[dict], node_dirs: list[Path], run_config: dict | None,
+                  env: dict):
+    """Starts each site's worker first (it loads its model and data while Flower starts up;
+    its ClientApp finds it by its node config) and shuts them all down at the end."""
+    if run_config is None:
+        yield
+        return
+    paths = [socket_path(c) for c in configs]
+    for path, config, node_dir in zip(paths, configs, node_dirs):
+        spawn_worker(path, config, run_config, os.getpid(), env=env, cwd=node_dir)
+    try:
+        yield
+    finally:
+        for path in paths:
+            try:
+                request(path, "shutdown", {}, timeout=30.0)
+            except SiteWorkerError:
+                pass  # it already exited after the run's final message
 
 
 def _last_error(log_path: Path) -> str:
@@ -169,7 +222,7 @@ def _wait_for_metrics(path: Path, timeout: float = 60.0) -> dict:
                 metrics = json.loads(path.read_text())
             except json.JSONDecodeError:
                 metrics = {}
-            if "finished" in metrics:
+            if metrics.get("finished") or "failure" in metrics:
                 return metrics
         time.sleep(0.5)
     return metrics
@@ -182,17 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     python -m fedshield.flower.launcher app --config run.json --server-context PATH \\
         --out DIR --dir app/
     """
-    import argparse  # noqa: PLC0415
-
     parser = argparse.ArgumentParser(prog="python -m fedshield.flower.launcher",
                                      description=main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     keys = sub.add_parser("keys", help="one key file per party (0600) and server.ctx (public)")
-    keys.add_argument("--config", required=True, help="RunConfig JSON file")
+    keys.add_argument("--config", required=True, help="run config (TOML or JSON)")
     keys.add_argument("--dir", required=True)
     app = sub.add_parser("app", help="the Flower app directory `flwr run` ships")
-    app.add_argument("--config", required=True, help="RunConfig JSON file")
+    app.add_argument("--config", required=True, help="run config (TOML or JSON)")
     app.add_argument("--server-context", required=True,
                      help="path of server.ctx on the SuperLink's machine")
     app.add_argument("--out", required=True,
@@ -201,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = RunConfig.from_file(args.config)
     if args.command == "keys":
-        paths, server = write_keys(cfg, Path(args.dir))
+        paths = [Path(args.dir) / f"party-{i}.key" for i in range(cfg.n_sites)]
+        server = write_keys(cfg, paths, Path(args.dir))
         print("\n".join(str(p) for p in [*paths, server]))
     else:
         write_app(Path(args.dir), cfg, Path(args.server_context), Path(args.out), FlowerApp())

@@ -1,4 +1,7 @@
-"""Opaque fedshield payloads (update, aggregate, partial decryption) in Flower records.
+"""fedshield's round messages in Flower records: their fields and their opaque payloads
+(update, aggregate, partial decryption).
+
+The fields of a fedshield.fl.messages message travel as one ``ConfigRecord`` named ``FIELDS``.
 
 A payload travels as an ``ArrayRecord`` of uint8 ``Array`` chunks whose ``stype`` names the
 payload, plus a ``ConfigRecord`` with its size, chunk count and SHA-256. A stock strategy calls
@@ -15,6 +18,14 @@ import logging
 from flwr.common import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from ..errors import InvalidUpdate
+from ..fl.messages import InvalidMessage
+
+FIELDS = "fedshield.fields"                  # the message's fields (a ConfigRecord)
+UPDATE = "fedshield.update"                  # payload names in a message's RecordDict
+AGGREGATE = "fedshield.aggregate"
+SHARE = "fedshield.share"
+JOIN = "query.join"                          # message types beside Flower's train/evaluate
+SHARE_REQUEST = "query.share"
 
 STYPE_UPDATE = "fedshield.update.v1"          # a client's EncryptedUpdate (wire bytes)
 STYPE_AGGREGATE = "fedshield.aggregate.v1"    # the server's aggregate EncryptedUpdate
@@ -23,6 +34,19 @@ STYPES = (STYPE_UPDATE, STYPE_AGGREGATE, STYPE_SHARE)
 
 CHUNK_BYTES = 64 << 20
 MAX_PAYLOAD_BYTES = (1 << 40)                 # 1 TiB: a sanity bound on the declared size
+
+
+def share_key(party: int) -> str:
+    """The payload name of party ``party``'s partial decryption."""
+    return f"{SHARE}.{party}"
+
+
+def message_fields(msg) -> dict:
+    """The fields of a fedshield message (plain Python values); InvalidMessage if absent."""
+    record = msg.content.config_records.get(FIELDS)
+    if record is None:
+        raise InvalidMessage(f"the message carries no {FIELDS!r} record")
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in record.items()}
 
 
 def _meta_key(name: str) -> str:

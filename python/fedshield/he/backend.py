@@ -1,4 +1,6 @@
-"""Everything that touches the openfhe module. Imported lazily: the server path never loads it."""
+"""Everything that touches the openfhe module. openfhe itself loads on the first call of
+openfhe() (key holders only): importing this module does not load it, so the server path never
+does."""
 
 from __future__ import annotations
 

@@ -12,9 +12,15 @@ import os
 import struct
 from typing import Mapping, Optional, Union
 
+import numpy as np
+
+from .. import _native
 from ..atomic import write_atomic
-from ..errors import KeyMaterialError, ParameterError
+from ..errors import InvalidUpdate, KeyMaterialError, ParameterError
+from . import backend
+from .flooding import roots_of
 from .params import CKKSParams
+from .crypto_pool import CryptoPool
 
 _MAGIC = b"FSHLDCTX"
 _VERSION = 1
@@ -101,13 +107,8 @@ class Context:
     @property
     def tower_roots(self) -> tuple[int, ...]:
         """Each tower's primitive 2N-th root of unity (what noise flooding's NTT needs)."""
-        roots = self._live.get("tower_roots")
-        if roots is None:
-            from .flooding import roots_of  # noqa: PLC0415
-
-            roots = roots_of(self._template, self.moduli, self.params.ring_dim)
-            self._live["tower_roots"] = roots
-        return roots
+        return self.cached("tower_roots",
+                           lambda: roots_of(self._template, self.moduli, self.params.ring_dim))
 
     def public(self) -> "Context":
         """The same context without the secret key (what a server gets)."""
@@ -124,15 +125,20 @@ class Context:
                 f"has_secret_key={self.has_secret_key}, "
                 f"fingerprint={self.fingerprint.hex()[:12]}...)")
 
-    # -- openfhe objects (client side only) --------------------------------------------
-    def _openfhe(self, need_secret: bool = False):
-        """(crypto_context, public_key, secret_key or None) as live openfhe objects."""
+    # -- the encryption layer's internal API (fedshield.he only) -------------------------------
+    def cached(self, key, make):
+        """A value derived from this context, made once by ``make()`` and kept with it."""
+        if key not in self._live:
+            self._live[key] = make()
+        return self._live[key]
+
+    def openfhe_objects(self, need_secret: bool = False):
+        """(crypto_context, public_key, secret_key or None) as live openfhe objects (loads
+        openfhe: key holders only, never the server path)."""
         if need_secret and self._secret_key is None:
             raise KeyMaterialError(
                 f"this {self.role} context holds no secret key: it can encrypt and aggregate "
                 "but not decrypt")
-        from . import backend  # noqa: PLC0415 - openfhe stays unloaded on the server path
-
         if "crypto_context" not in self._live:
             cc = backend.load_crypto_context(self._crypto_context)
             if self._party is not None:
@@ -145,17 +151,45 @@ class Context:
         return (self._live["crypto_context"], self._live["public_key"],
                 self._live.get("secret_key"))
 
-    def _pool(self, workers: int, need_secret: bool):
+    def crypto_pool(self, workers: int, need_secret: bool):
         """A CryptoPool for this context (started once, reused; None when workers <= 1)."""
         if workers <= 1:
             return None
         key = ("pool", workers, need_secret)
         if key not in self._live or self._live[key].broken:
-            from .workers import CryptoPool  # noqa: PLC0415
-
             blob = self.to_bytes(include_secret=need_secret)
             self._live[key] = CryptoPool(blob, self.params, workers)
         return self._live[key]
+
+    def secret_key_bytes(self) -> bytes:
+        """The serialized secret key (or key share): for native key arithmetic inside
+        fedshield.he, never to be written or sent anywhere."""
+        if self._secret_key is None:
+            raise KeyMaterialError(f"this {self.role} context holds no secret key")
+        return self._secret_key
+
+    def key_residues(self) -> list[tuple[int, np.ndarray]]:
+        """(offset, residues) of each RNS tower of the serialized secret key (share)."""
+        key = self.secret_key_bytes()
+        n = self.params.ring_dim
+        offsets = _native.locate_key_residues(key, n, list(self.moduli))
+        return [(off, np.frombuffer(key, dtype="<u8", count=n, offset=off)) for off in offsets]
+
+    def key_share(self, sender: int) -> bytes | None:
+        """t-of-n: the Shamir share of party ``sender``'s key share this party holds."""
+        return self._key_shares.get(sender)
+
+    @property
+    def key_share_senders(self) -> list[int]:
+        return sorted(self._key_shares)
+
+    def with_key_shares(self, shares: Mapping[int, bytes]) -> "Context":
+        """The same party context holding these Shamir shares of the other parties' keys."""
+        return Context(params=self.params, modulus=self.modulus, moduli=self.moduli,
+                       crypto_context=self._crypto_context, public_key=self._public_key,
+                       template=self._template, ct_layout=self._ct_layout,
+                       secret_key=self._secret_key, role=self.role, live=self._live,
+                       party=self._party, key_shares=shares)
 
     # -- serialization -------------------------------------------------------------------
     def to_bytes(self, include_secret: bool = False) -> bytes:
@@ -303,11 +337,6 @@ def _check_party(party, key_shares: dict, n_residues: int) -> tuple[int, int, in
 
 def _check_secret_key(ctx: Context, secret_key: bytes) -> None:
     """The secret key must be one residue array of this context's ring (checked natively)."""
-    import numpy as np  # noqa: PLC0415
-
-    from .. import _native  # noqa: PLC0415
-    from ..errors import InvalidUpdate  # noqa: PLC0415
-
     try:
         _native.locate_key_residues(secret_key, ctx.params.ring_dim, list(ctx.moduli))
     except InvalidUpdate as exc:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 
+from .. import _native
 from ..errors import ParameterError
 from .params import CKKSParams
 
@@ -133,8 +134,6 @@ def roots_of(template: bytes, moduli, ring_dim: int) -> tuple[int, ...]:
 def flood(blob: bytearray, offsets, moduli, roots, ring_dim: int, width: int) -> None:
     """Adds one fresh flooding polynomial to the polynomial whose residue arrays (one per
     tower, OpenFHE's NTT representation) start at ``offsets`` in ``blob``, in place."""
-    from .. import _native  # noqa: PLC0415
-
     hi, lo = split_width(width)
     _native.flood_residues(blob, [int(o) for o in offsets], [int(q) for q in moduli],
                            [int(r) for r in roots], ring_dim, hi, lo)

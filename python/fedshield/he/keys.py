@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _native
+from . import backend
 from .context import Context
+from .flooding import check_precision
 from .params import CKKSParams
 
 
-def _template(cc, public_key, params: CKKSParams) -> tuple[bytes, tuple, tuple]:
+def ciphertext_template(cc, public_key, params: CKKSParams) -> tuple[bytes, tuple, tuple]:
     """A fresh encryption of zeros, residues zeroed: every non-residue byte of our ciphertexts.
     Returns (template, layout, tower moduli)."""
-    from . import backend  # noqa: PLC0415
-
     blob = backend.encrypt_buffer(cc, public_key,
                                   np.zeros(params.values_per_ciphertext, dtype=np.float64),
                                   params)[0]
@@ -30,9 +30,7 @@ class SharedKeys:
     """One key pair shared by every client (paper mode; weaker, see docs/THREAT_MODEL.md)."""
 
     def __init__(self, params: CKKSParams, cc, key_pair) -> None:
-        from . import backend  # noqa: PLC0415
-
-        template, layout, moduli = _template(cc, key_pair.publicKey, params)
+        template, layout, moduli = ciphertext_template(cc, key_pair.publicKey, params)
         self._client = Context(
             params=params, modulus=moduli[0], moduli=moduli,
             crypto_context=backend.serialize(cc), public_key=backend.serialize(key_pair.publicKey),
@@ -52,12 +50,7 @@ class SharedKeys:
 
 def keygen_shared(params: CKKSParams | None = None) -> SharedKeys:
     """Generates one CKKS key pair for the whole federation (the paper's mode)."""
-    from . import backend  # noqa: PLC0415
-
     params = params or CKKSParams()
-    if params.flooding:
-        from .flooding import check_precision  # noqa: PLC0415
-
-        check_precision(params, 1)
+    check_precision(params, 1)
     cc = backend.make_crypto_context(params)
     return SharedKeys(params, cc, cc.KeyGen())

@@ -1,4 +1,4 @@
-"""Importance scoring + pruning of a whole LoRA state in one fused pass.
+"""Importance scoring + pruning of a whole LoRA state in one fused pass, and the masks' uses.
 
 CUDA tensors go to the Triton kernels (fedshield.kernels.importance), anything else to the
 multi-threaded native CPU path (fedshield._native.importance_mask). Both give bit-identical
@@ -7,12 +7,15 @@ masks: the semantics are pinned by the torch reference in fedshield.kernels.refe
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Mapping, NamedTuple
 
 import torch
 
-from .errors import ParameterError
+from .. import _native
+from ..errors import ParameterError
+from ..kernels.reference import importance_mask_reference
 
 CRITERIA = ("l1", "delta", "taylor")
 SCOPES = ("per_tensor", "global")
@@ -84,8 +87,6 @@ def importance_mask(state: Mapping[str, torch.Tensor], ratio: float, criterion: 
     if backend == "native":
         if device.type != "cpu":
             raise ParameterError(f"backend='native' needs CPU tensors, got device {device}")
-        from . import _native
-
         mask, kept_values, kept_indices = _native.importance_mask(
             [f.numpy() for f in flats], [o.numpy() for o in others], CRITERIA.index(criterion),
             n_prune, scope == "global", return_compact, names, other_label, threads)
@@ -95,7 +96,8 @@ def importance_mask(state: Mapping[str, torch.Tensor], ratio: float, criterion: 
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ParameterError(f"backend='triton' needs CUDA tensors (got device {device}) "
                                  "or TRITON_INTERPRET=1")
-        from .kernels.importance import importance_mask as _triton_mask
+        # triton: a GPU dependency, loaded only for CUDA tensors
+        from ..kernels.importance import importance_mask as _triton_mask  # noqa: PLC0415
 
         values = flats[0] if len(flats) == 1 else torch.cat(flats)
         other = None if not others else others[0] if len(others) == 1 else torch.cat(others)
@@ -105,8 +107,6 @@ def importance_mask(state: Mapping[str, torch.Tensor], ratio: float, criterion: 
             _check_finite(names, flats, others, other_label)
         mask = mask.view(torch.bool)
     elif backend == "torch":
-        from .kernels.reference import importance_mask_reference
-
         _check_finite(names, flats, others, other_label)
         values = torch.cat(flats)
         other = torch.cat(others) if others else None
@@ -195,3 +195,24 @@ def _check_finite(names, flats, others, other_label) -> None:
                 i = int(bad[0])
                 raise ParameterError(f"{label}[{name!r}] contains NaN or Inf "
                                      f"({float(t[i])} at index {i} of the flattened tensor)")
+
+
+def l1_mask(state: Mapping[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
+    """Per tensor, prune round(ratio * numel) values of smallest |w| (as torch.nn.utils.prune).
+
+    Ties are broken by position (lower index pruned first), so every caller gets the same mask.
+    Returns name -> bool tensor, True = kept. The fused importance_mask(criterion="l1") does it.
+    """
+    return importance_mask(state, ratio, criterion="l1", scope="per_tensor")
+
+
+def apply_mask(state: Mapping[str, torch.Tensor],
+               mask: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zeros at pruned positions (new tensors; the input is not modified)."""
+    return {name: torch.where(mask[name], t, torch.zeros_like(t)) for name, t in state.items()}
+
+
+def kept_fraction(mask: Mapping[str, torch.Tensor]) -> float:
+    kept = sum(int(m.sum()) for m in mask.values())
+    total = sum(m.numel() for m in mask.values())
+    return kept / total if total else math.nan

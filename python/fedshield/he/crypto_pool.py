@@ -1,8 +1,8 @@
-"""Encryption and decryption on every core.
+"""Encryption and decryption on every core: the parent side (the pool).
 
 The openfhe binding holds the GIL through Encrypt/Decrypt (measured: two Python threads
 encrypt no faster than one), so parallelism needs processes. Each worker is a plain
-`python -m fedshield.he.workers` child that loads the context once; afterwards only slot
+`python -m fedshield.he.crypto_worker` child that loads the context once; afterwards only slot
 buffers and serialized ciphertexts cross its pipes. Plain children rather than
 multiprocessing: "spawn" re-imports the user's __main__ (a script without a main guard
 would recurse) and fork() is unsafe after OpenFHE/torch have started OpenMP threads.
@@ -35,7 +35,7 @@ def default_workers() -> int:
 
 class _Worker:
     def __init__(self, context_blob: bytes) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "fedshield.he.workers"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedshield.he.crypto_worker"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
             self.send(("init", context_blob))
@@ -129,40 +129,3 @@ def _close_if_alive(ref) -> None:
     pool = ref()
     if pool is not None:
         pool.close()
-
-
-def _serve() -> None:
-    """Worker loop: (op, payload) in on stdin, (status, value) out on the original stdout."""
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
-    inp = sys.stdin.buffer
-    from . import backend  # noqa: PLC0415
-    from .context import load_context  # noqa: PLC0415
-
-    objects = params = None
-    while True:
-        try:
-            op, payload = pickle.load(inp)
-        except EOFError:
-            return
-        try:
-            if op == "init":
-                ctx = load_context(payload)
-                params = ctx.params
-                objects = ctx._openfhe(need_secret=ctx.has_secret_key)
-                result = None
-            elif op == "encrypt":
-                result = backend.encrypt_buffer(objects[0], objects[1], payload, params)
-            elif op == "decrypt":
-                result = backend.decrypt_ciphertexts(objects[0], objects[2], payload, params)
-            else:
-                raise ValueError(f"unknown op {op!r}")
-            reply = ("ok", result)
-        except Exception as exc:  # reported to the parent, which raises it
-            reply = ("error", f"{type(exc).__name__}: {exc}")
-        pickle.dump(reply, out, protocol=pickle.HIGHEST_PROTOCOL)
-        out.flush()
-
-
-if __name__ == "__main__":
-    _serve()

@@ -1,4 +1,4 @@
-"""DP-LoRA baseline: per-client clipping, Gaussian noise, and the privacy accountant.
+"""The privacy accountant of DP-LoRA (pure math: the server reports epsilon without torch).
 
 Client-level differential privacy, applied by each client to its own update before it
 leaves (pruning and encryption come after, as post-processing): the update's global L2 norm
@@ -19,12 +19,8 @@ read sensitivity 2C, i.e. the epsilon of sigma/2.
 from __future__ import annotations
 
 import math
-import os
-from typing import Dict, Mapping
 
-import torch
-
-from .errors import ParameterError
+from ..errors import ParameterError
 
 # Renyi orders searched by the RDP conversion (the grid Opacus uses, extended).
 RDP_ORDERS = tuple([1.0 + x / 10.0 for x in range(1, 100)] + list(range(11, 64))
@@ -58,9 +54,19 @@ def _phi(x: float) -> float:
     return 0.5 * math.erfc(-x / math.sqrt(2.0))
 
 
+def _log_phi(x: float) -> float:
+    """log Phi(x), also where Phi(x) underflows (Mills ratio: Phi(x) ~ pdf(x)/|x|, x << 0)."""
+    p = _phi(x)
+    if p > 0.0:
+        return math.log(p)
+    return -x * x / 2.0 - math.log(-x * math.sqrt(2.0 * math.pi))
+
+
 def gaussian_delta(epsilon: float, mu: float) -> float:
-    """delta(epsilon) of a mu-GDP mechanism: Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)."""
-    return _phi(-epsilon / mu + mu / 2.0) - math.exp(epsilon) * _phi(-epsilon / mu - mu / 2.0)
+    """delta(epsilon) of a mu-GDP mechanism: Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)
+    (the second term in log space: e^eps alone overflows for large epsilon)."""
+    tail = epsilon + _log_phi(-epsilon / mu - mu / 2.0)
+    return _phi(-epsilon / mu + mu / 2.0) - (math.exp(tail) if tail > -745.0 else 0.0)
 
 
 def epsilon_exact(noise_multiplier: float, rounds: int, delta: float) -> float:
@@ -82,26 +88,10 @@ def epsilon_exact(noise_multiplier: float, rounds: int, delta: float) -> float:
     return hi
 
 
-def clip_and_noise(update: Mapping[str, torch.Tensor], clip: float, noise_multiplier: float,
-                   generator: torch.Generator | None = None) -> tuple[Dict[str, torch.Tensor], float]:
-    """The update scaled to global L2 norm <= clip, plus N(0, (noise_multiplier*clip)^2) noise.
-
-    Returns (noised update, norm before clipping). Without `generator`, the noise comes from
-    a generator seeded by the OS (os.urandom): a seed anyone could read from the run config
-    would let them subtract the noise.
-    """
-    if not (clip > 0 and math.isfinite(clip)):
-        raise ParameterError(f"clip={clip!r} must be a finite number > 0")
-    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
-        raise ParameterError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0")
-    if generator is None:
-        generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-    norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in update.values()))
-    factor = min(1.0, clip / norm) if norm > 0 else 1.0
-    std = noise_multiplier * clip
-    noised = {}
-    for name in sorted(update):  # a fixed order: the same generator gives the same noise
-        value = update[name].float()
-        noise = torch.randn(value.shape, generator=generator, dtype=torch.float32) * std
-        noised[name] = value * factor + noise
-    return noised, norm
+def dp_summary(clip: float, noise_multiplier: float, delta: float, rounds: int) -> dict:
+    """What metrics.json reports under ``dp`` after ``rounds`` rounds."""
+    return {"clip": clip, "noise_multiplier": noise_multiplier, "delta": delta,
+            "rounds": rounds, "accountant": "rdp (Mironov 2017; Balle et al. 2020 conversion)",
+            "epsilon": epsilon_rdp(noise_multiplier, rounds, delta),
+            "epsilon_exact": epsilon_exact(noise_multiplier, rounds, delta),
+            "neighbouring": "one client's whole update added or removed (sensitivity = clip)"}

@@ -1,4 +1,7 @@
-"""LoRA state <-> a fixed order of named tensors, identical on every participant."""
+"""LoRA state <-> a fixed order of named tensors, identical on every participant.
+
+Works on torch tensors and numpy arrays alike, without importing torch (fedshield.he.arrays).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,10 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
-import torch
 
-from . import _native
-from .errors import IncompatibleUpdate
+from .. import _native
+from ..errors import IncompatibleUpdate
+from .arrays import bool_flat, float32_flat, is_array_like, shape_of
 
 
 @dataclass(frozen=True)
@@ -37,14 +40,17 @@ class Layout:
         self.fingerprint = hashlib.sha256(b"fedshield-layout-v1" + self.to_json().encode()).digest()
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> "Layout":
+    def from_state_dict(cls, state: Mapping) -> "Layout":
+        """From name -> tensor (torch or numpy)."""
         specs = []
         for name, tensor in state.items():
-            if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"state[{name!r}] is a {type(tensor).__name__}, expected a tensor")
-            if tensor.numel() == 0:
-                raise ValueError(f"state[{name!r}] is empty (shape {tuple(tensor.shape)})")
-            specs.append(TensorSpec(name, tuple(int(d) for d in tensor.shape)))
+            if not is_array_like(tensor):
+                raise TypeError(f"state[{name!r}] is a {type(tensor).__name__}, expected a "
+                                "tensor or a numpy array")
+            shape = shape_of(tensor)
+            if int(np.prod(shape, dtype=np.int64)) == 0:
+                raise ValueError(f"state[{name!r}] is empty (shape {shape})")
+            specs.append(TensorSpec(name, shape))
         return cls(specs)
 
     @property
@@ -74,7 +80,7 @@ class Layout:
     def from_json(cls, text: str) -> "Layout":
         return cls([TensorSpec(name, tuple(shape)) for name, shape in json.loads(text)])
 
-    def check_state(self, state: Mapping[str, torch.Tensor], what: str = "state") -> None:
+    def check_state(self, state: Mapping, what: str = "state") -> None:
         """Raises IncompatibleUpdate naming the first mismatching tensor."""
         missing = [n for n in self.names if n not in state]
         extra = [n for n in state if n not in set(self.names)]
@@ -82,37 +88,29 @@ class Layout:
             raise IncompatibleUpdate(
                 f"{what} does not match the layout: missing {missing[:3]}, unexpected {extra[:3]}")
         for spec in self.specs:
-            shape = tuple(state[spec.name].shape)
+            shape = shape_of(state[spec.name])
             if shape != spec.shape:
                 raise IncompatibleUpdate(
                     f"{what}[{spec.name!r}] has shape {shape}, the layout expects {spec.shape}")
 
-    def flat_arrays(self, state: Mapping[str, torch.Tensor]) -> list[np.ndarray]:
+    def flat_arrays(self, state: Mapping) -> list[np.ndarray]:
         """float32, C-contiguous numpy views (copies only where dtype/device/strides need it)."""
         self.check_state(state)
-        return [np.ascontiguousarray(
-                    state[s.name].detach().to("cpu", torch.float32).numpy().reshape(-1))
-                for s in self.specs]
+        return [float32_flat(state[s.name]) for s in self.specs]
 
-    def mask_arrays(self, mask: Mapping[str, torch.Tensor] | None) -> list[np.ndarray | None]:
+    def mask_arrays(self, mask: Mapping | None) -> list[np.ndarray | None]:
         if mask is None:
             return [None] * len(self.specs)
         self.check_state(mask, "mask")
-        out = []
-        for s in self.specs:
-            m = mask[s.name]
-            if m.dtype != torch.bool:
-                raise TypeError(f"mask[{s.name!r}] has dtype {m.dtype}, expected torch.bool")
-            out.append(np.ascontiguousarray(m.detach().cpu().numpy().reshape(-1)).view(np.uint8))
-        return out
+        return [bool_flat(mask[s.name], f"mask[{s.name!r}]") for s in self.specs]
 
-    def kept_count(self, mask: Mapping[str, torch.Tensor] | None) -> int:
+    def kept_count(self, mask: Mapping | None) -> int:
         """LoRA values a mask keeps (all of them for no mask)."""
         if mask is None:
             return self.numel
         return int(sum(_native.kept_counts(self.mask_arrays(mask))))
 
-    def mask_fingerprint(self, mask: Mapping[str, torch.Tensor] | None) -> bytes:
+    def mask_fingerprint(self, mask: Mapping | None) -> bytes:
         """32 zero bytes for no mask; else a hash of the layout and every mask bit."""
         if mask is None:
             return bytes(32)

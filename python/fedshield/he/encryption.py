@@ -1,4 +1,4 @@
-"""Client-side encrypted-update operations: encrypt_update and decrypt_update.
+"""Key holders' operations on updates: encrypt_update and decrypt_update.
 
 The hot work is native (packing, residue extraction, bit packing); OpenFHE is only called to
 encode/encrypt and decrypt/decode whole ciphertexts.
@@ -11,14 +11,16 @@ import math
 from typing import Mapping
 
 import numpy as np
-import torch
 
-from . import _native
-from .errors import (HeadroomError, IncompatibleUpdate, InvalidUpdate, KeyMaterialError,
-                     ParameterError)
-from .he.context import Context
+from .. import _native
+from ..errors import (HeadroomError, IncompatibleUpdate, InvalidUpdate, KeyMaterialError,
+                      ParameterError)
+from . import backend, flooding
+from .arrays import as_tensors
+from .context import Context
 from .layout import Layout
 from .update import KIND_CLIENT, PACKING_CODE, EncryptedUpdate
+from .crypto_pool import MIN_PARALLEL_CIPHERTEXTS, default_workers
 
 log = logging.getLogger("fedshield")
 
@@ -28,18 +30,15 @@ log = logging.getLogger("fedshield")
 DEFAULT_WEIGHT_BOUND = float(2 ** 16)
 
 
-
 def _workers_for(workers: int | None, n_cts: int) -> int:
     if workers is None:
-        from .he.workers import MIN_PARALLEL_CIPHERTEXTS, default_workers  # noqa: PLC0415
-
         return default_workers() if n_cts >= MIN_PARALLEL_CIPHERTEXTS else 1
     if not (isinstance(workers, int) and workers >= 1):
         raise ParameterError(f"workers={workers!r} must be None or an int >= 1")
     return workers
 
 
-def _check_context(ctx: Context) -> None:
+def check_context(ctx) -> None:
     if not isinstance(ctx, Context):
         raise TypeError(f"expected a fedshield Context, got {type(ctx).__name__}")
 
@@ -52,19 +51,16 @@ def _encryption_layout(ctx: Context, first_ct: bytes) -> tuple:
     serialized in full instead of as a cereal back-reference, 144 bytes longer than the
     template made at keygen. Using the template's offsets there failed every encryption
     ("serialized ciphertext has 263035 bytes, the template has 262891"). So parse one of our
-    own ciphertexts once and cache its layout; encode_ciphertexts still checks every
+    own ciphertexts once per size and cache its layout; encode_ciphertexts still checks every
     ciphertext against it (size, length words, residues below q).
     """
-    layout = ctx._live.get("encrypt_layout")
-    if layout is None or layout[-1] != len(first_ct):
+    def locate() -> tuple:
         template_layout = ctx.ciphertext_template[1]
         if len(first_ct) == template_layout[-1]:
-            layout = template_layout
-        else:
-            layout = tuple(_native.locate_residues(first_ct, ctx.params.ring_dim,
-                                                   list(ctx.moduli)))
-        ctx._live["encrypt_layout"] = layout
-    return layout
+            return template_layout
+        return tuple(_native.locate_residues(first_ct, ctx.params.ring_dim, list(ctx.moduli)))
+
+    return ctx.cached(("encrypt_layout", len(first_ct)), locate)
 
 
 def _describe_bad_value(layout: Layout, arrays: list, masks: list, scale: float, bound: float,
@@ -85,11 +81,12 @@ def _describe_bad_value(layout: Layout, arrays: list, masks: list, scale: float,
     return str(exc)
 
 
-def encrypt_update(ctx: Context, state: Mapping[str, torch.Tensor], layout: Layout,
-                   weight: float = 1.0, mask: Mapping[str, torch.Tensor] | None = None, *,
-                   round: int = 0, weight_bound: float = DEFAULT_WEIGHT_BOUND,
-                   threads: int = 0, workers: int | None = None) -> EncryptedUpdate:
-    """Encrypts one client's LoRA update, pre-weighted by ``weight`` (e.g. num_examples).
+def encrypt_update(ctx: Context, state: Mapping, layout: Layout, weight: float = 1.0,
+                   mask: Mapping | None = None, *, round: int = 0,
+                   weight_bound: float = DEFAULT_WEIGHT_BOUND, threads: int = 0,
+                   workers: int | None = None) -> EncryptedUpdate:
+    """Encrypts one client's LoRA update (name -> torch tensor or numpy array), pre-weighted by
+    ``weight`` (e.g. num_examples).
 
     With ``mask`` (name -> bool tensor, True = kept) only kept values are packed, so pruning
     shrinks the ciphertexts; every client of a round must then use the same mask.
@@ -97,7 +94,7 @@ def encrypt_update(ctx: Context, state: Mapping[str, torch.Tensor], layout: Layo
     ``threads``: native threads (0 = all cores); ``workers``: encryption processes
     (None = every core once the update spans several ciphertexts, 1 = in this process).
     """
-    _check_context(ctx)
+    check_context(ctx)
     params = ctx.params
     if not isinstance(layout, Layout):
         raise TypeError(f"expected a fedshield Layout, got {type(layout).__name__}")
@@ -123,13 +120,11 @@ def encrypt_update(ctx: Context, state: Mapping[str, torch.Tensor], layout: Layo
         # The native error names tensors by index; users know them by name.
         raise HeadroomError(_describe_bad_value(layout, arrays, masks, scale,
                                                 params.value_bound, exc)) from exc
-    pool = ctx._pool(_workers_for(workers, n_cts), need_secret=False)
+    pool = ctx.crypto_pool(_workers_for(workers, n_cts), need_secret=False)
     if pool is not None:
         cts = pool.encrypt(buffer)
     else:
-        cc, public_key, _ = ctx._openfhe()
-        from .he import backend  # noqa: PLC0415 - client side only
-
+        cc, public_key, _ = ctx.openfhe_objects()
         cts = backend.encrypt_buffer(cc, public_key, buffer, params)
     del buffer  # plaintext update: drop it as soon as it is encrypted
     ct_layout = _encryption_layout(ctx, cts[0])
@@ -148,8 +143,6 @@ def flood_ciphertexts(ctx: Context, cts: list, n_parties: int = 1) -> list[bytes
     """Each serialized ciphertext with a fresh flooding polynomial added to c0 (every tower),
     so that its decryption carries the flooding noise (fedshield.he.flooding): the decrypted
     values may then leave the key holder at ``flood_bits`` of statistical security."""
-    from .he import flooding  # noqa: PLC0415
-
     params = ctx.params
     width = flooding.flood_width(params, n_parties)
     towers = len(ctx.moduli)
@@ -176,8 +169,7 @@ def check_for_context(ctx: Context, update: EncryptedUpdate) -> None:
                                  f"{ctx.fingerprint.hex()[:12]}...)")
 
 
-def check_for_layout(update: EncryptedUpdate, layout: Layout,
-                     mask: Mapping[str, torch.Tensor] | None) -> None:
+def check_for_layout(update: EncryptedUpdate, layout: Layout, mask: Mapping | None) -> None:
     """The update was packed with this layout and mask, and carries their number of values."""
     if update.layout_fingerprint != layout.fingerprint:
         raise IncompatibleUpdate("the update was packed with another layout "
@@ -196,15 +188,23 @@ def check_for_layout(update: EncryptedUpdate, layout: Layout,
                             f"make {n_kept + 1} (kept values + the weight)")
 
 
+def unpack_average(buffer: np.ndarray, layout: Layout, mask: Mapping | None,
+                   threads: int = 0) -> dict:
+    """Decrypted slot values -> name -> tensor = sum(w*x) / sum(w) (zeros where masked out)."""
+    outs = [np.empty(s.numel, dtype=np.float32) for s in layout.specs]
+    _native.unpack_values(buffer, outs, layout.mask_arrays(mask), True, threads)
+    return as_tensors({s.name: o.reshape(s.shape) for s, o in zip(layout.specs, outs)})
+
+
 def decrypt_update(ctx: Context, update: EncryptedUpdate, layout: Layout,
-                   mask: Mapping[str, torch.Tensor] | None = None, *,
-                   threads: int = 0, workers: int | None = None) -> dict[str, torch.Tensor]:
-    """Decrypts an aggregate (or an update) into name -> tensor = sum(w*x) / sum(w).
+                   mask: Mapping | None = None, *, threads: int = 0,
+                   workers: int | None = None) -> dict:
+    """Decrypts an aggregate (or an update) into name -> torch tensor = sum(w*x) / sum(w).
 
     Pruned positions (mask False) come back as zeros. Needs the secret key.
     ``threads`` and ``workers`` as in :func:`encrypt_update`.
     """
-    _check_context(ctx)
+    check_context(ctx)
     if not isinstance(update, EncryptedUpdate):
         raise TypeError(f"expected an EncryptedUpdate, got {type(update).__name__}")
     if ctx.is_party:
@@ -218,18 +218,14 @@ def decrypt_update(ctx: Context, update: EncryptedUpdate, layout: Layout,
             "client context (shared-key mode) or with partial decryptions (threshold mode)")
     check_for_context(ctx, update)
     check_for_layout(update, layout, mask)
-    cc, _, secret_key = ctx._openfhe(need_secret=True)
+    cc, _, secret_key = ctx.openfhe_objects(need_secret=True)
     template, ct_layout = ctx.ciphertext_template
     cts = _native.decode_ciphertexts(update.to_bytes(), template, ct_layout, threads)
     if ctx.params.flooding:
         cts = flood_ciphertexts(ctx, cts, n_parties=1)
-    pool = ctx._pool(_workers_for(workers, len(cts)), need_secret=True)
+    pool = ctx.crypto_pool(_workers_for(workers, len(cts)), need_secret=True)
     if pool is not None:
         buffer = pool.decrypt(cts)
     else:
-        from .he import backend  # noqa: PLC0415
-
         buffer = backend.decrypt_ciphertexts(cc, secret_key, cts, ctx.params)
-    outs = [np.empty(s.numel, dtype=np.float32) for s in layout.specs]
-    _native.unpack_values(buffer, outs, layout.mask_arrays(mask), True, threads)
-    return {s.name: torch.from_numpy(o).reshape(s.shape) for s, o in zip(layout.specs, outs)}
+    return unpack_average(buffer, layout, mask, threads)

@@ -7,7 +7,7 @@ key holders from their context's template. See csrc/wire.hpp for the byte layout
 
 from __future__ import annotations
 
-from . import _native
+from .. import _native
 
 KIND_CLIENT = 1
 KIND_AGGREGATE = 2

@@ -1,15 +1,13 @@
-"""Server-side aggregation: native, streaming, no secret key, no openfhe import."""
+"""Server-side aggregation: native, streaming, no secret key, no openfhe, no torch."""
 
 from __future__ import annotations
 
 import logging
 from typing import Callable, Iterable, Mapping, Union
 
-import torch
-
-from . import _native
-from .errors import FedShieldError, ParameterError
-from .he.context import Context
+from .. import _native
+from ..errors import FedShieldError, ParameterError
+from .context import Context
 from .layout import Layout
 from .update import PACKING_CODE, EncryptedUpdate
 
@@ -19,9 +17,9 @@ UpdateLike = Union[EncryptedUpdate, bytes, bytearray, memoryview]
 
 
 def aggregate(server_ctx: Context, updates: Iterable[UpdateLike], *, round: int | None = None,
-              layout: Layout | None = None, mask: Mapping[str, torch.Tensor] | None = None,
-              weight_bound: float | None = None, allow_partial_aggregates: bool = False,
-              threads: int = 0,
+              layout: Layout | None = None, mask: Mapping | None = None,
+              mask_fingerprint: bytes | None = None, weight_bound: float | None = None,
+              allow_partial_aggregates: bool = False, threads: int = 0,
               on_reject: Callable[[int, FedShieldError], None] | None = None) -> EncryptedUpdate:
     """Adds encrypted updates slot-wise without decrypting them.
 
@@ -29,20 +27,24 @@ def aggregate(server_ctx: Context, updates: Iterable[UpdateLike], *, round: int 
     flat in the number of clients). Every update is validated before it touches the sum. By
     default the first bad update raises; with ``on_reject`` it is reported there and skipped.
 
-    What the server knows of the round, it should say: ``round``, ``layout`` (then ``mask``,
-    None meaning dense, is checked too) and ``weight_bound``. Unstated, the first accepted
-    update fixes them, and a hostile first reply can then get the honest ones rejected.
-    Updates that are themselves aggregates are refused unless ``allow_partial_aggregates``.
+    What the server knows of the round, it should say: ``round``, ``layout`` (then the mask:
+    ``mask``, or its ``mask_fingerprint`` for a server that never sees the mask itself; neither
+    means dense) and ``weight_bound``. Unstated, the first accepted update fixes them, and a
+    hostile first reply can then get the honest ones rejected. Updates that are themselves
+    aggregates are refused unless ``allow_partial_aggregates``.
     """
     if not isinstance(server_ctx, Context):
         raise TypeError(f"expected a fedshield Context, got {type(server_ctx).__name__}")
+    if mask is not None and mask_fingerprint is not None:
+        raise ParameterError("aggregate: pass mask= or mask_fingerprint=, not both")
     expect = {}
     if round is not None:
         expect["round"] = round
     if layout is not None:
         expect["layout_fp"] = layout.fingerprint
-        expect["mask_fp"] = layout.mask_fingerprint(mask)
-    elif mask is not None:
+        expect["mask_fp"] = (mask_fingerprint if mask_fingerprint is not None
+                             else layout.mask_fingerprint(mask))
+    elif mask is not None or mask_fingerprint is not None:
         raise ParameterError("aggregate(mask=...) needs layout= to fingerprint the mask")
     if weight_bound is not None:
         expect["weight_bound"] = float(weight_bound)

@@ -1,0 +1,209 @@
+"""Party: one site's crypto half, usable from any training loop.
+
+    party = fs.Party(ctx, model)              # ctx: a client or party context; model: a peft
+                                              # model whose LoRA state now is the global state
+    upd = party.encrypt_update(weight=n)      # EncryptedUpdate of (LoRA now - global)
+    party.apply_aggregate(agg)                # LoRA := global + weighted average update
+    share = party.partial_decrypt(agg)        # threshold keys; then apply_aggregate(agg, shares)
+
+The party keeps the global LoRA state (fp32, on the CPU) next to the live model and knows which
+round's aggregate it includes (``version``). Frozen base weights are never read or written:
+only the LoRA tensors move, through peft's state-dict names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+
+from ..errors import KeyMaterialError, ParameterError
+from ..he import (DEFAULT_WEIGHT_BOUND, Context, EncryptedUpdate, Layout, combine_partials,
+                  decrypt_update, encrypt_update, partial_decrypt)
+from ..model import get_lora_state, set_lora_state
+from ..pruning.mask import apply_mask, importance_mask, kept_fraction
+
+ALGORITHMS = ("delta", "paper", "ffa")
+
+
+@dataclass(frozen=True)
+class PreparedUpdate:
+    """An update ready to encrypt (or to send in the clear without HE): its values, the mask it
+    is packed with (None: dense), and the fraction of values its pruning kept."""
+
+    values: dict
+    mask: dict | None
+    kept_fraction: float
+
+
+class Party:
+    """See the module docstring. ``algorithm``: ``delta`` (weighted FedAvg of updates),
+    ``paper`` (the pruned weights themselves, whose average replaces the global state) or
+    ``ffa`` (FFA-LoRA: LoRA A frozen at its seeded initialisation, only B is sent)."""
+
+    def __init__(self, ctx: Context | None, model, *, algorithm: str = "delta",
+                 weight_bound: float = DEFAULT_WEIGHT_BOUND) -> None:
+        if algorithm not in ALGORITHMS:
+            raise ParameterError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}")
+        if ctx is not None:
+            if not isinstance(ctx, Context):
+                raise TypeError(f"expected a fedshield Context or None, got {type(ctx).__name__}")
+            if not (ctx.has_secret_key or ctx.is_party):
+                raise KeyMaterialError(f"a Party needs a client or party context; this {ctx.role} "
+                                       "context holds no key material and could never decrypt")
+        if not hasattr(model, "peft_config"):
+            raise TypeError(f"expected a peft model (LoRA attached), got {type(model).__name__}")
+        if not (math.isfinite(weight_bound) and weight_bound > 0):
+            raise ParameterError(f"weight_bound={weight_bound!r} must be a positive number")
+        self.ctx = ctx
+        self.model = model
+        self.algorithm = algorithm
+        self.weight_bound = float(weight_bound)
+        if algorithm == "ffa":  # A stays at its seeded initialisation, identical everywhere
+            for name, param in model.named_parameters():
+                if "lora_A" in name:
+                    param.requires_grad_(False)
+        self._global = get_lora_state(model)
+        if not self._global:
+            raise ParameterError("the model has no LoRA tensors (attach LoRA with peft first)")
+        self.shared_names = sorted(k for k in self._global
+                                   if algorithm != "ffa" or "lora_B" in k)
+        self.layout = Layout.from_state_dict(self._shared(self._global))
+        self.version = 0          # the last round whose aggregate the global state includes
+        self._sent: tuple[int, dict | None] | None = None   # (round, mask) of the last update
+
+    def __repr__(self) -> str:
+        return (f"Party({self.algorithm}, {self.layout.numel} LoRA values, version "
+                f"{self.version}, {self.ctx!r})")
+
+    # -- the global state ---------------------------------------------------------------------
+    @property
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """name -> fp32 CPU tensor of every LoRA tensor (A and B); do not modify in place."""
+        return self._global
+
+    def set_global(self, state: Mapping[str, torch.Tensor], version: int) -> None:
+        """Replaces the global state (every LoRA tensor, e.g. from a checkpoint) and loads it."""
+        if sorted(state) != sorted(self._global):
+            raise ParameterError("the state's LoRA tensors are not this model's: missing "
+                                 f"{sorted(set(self._global) - set(state))[:3]}, unexpected "
+                                 f"{sorted(set(state) - set(self._global))[:3]}")
+        self._global = {k: torch.as_tensor(v).detach().to("cpu", torch.float32).clone()
+                        for k, v in state.items()}
+        self.version = version
+        self.load_global()
+
+    def load_global(self) -> None:
+        """Sets the model's LoRA weights to the global state (e.g. before local training when
+        several parties share one model object)."""
+        set_lora_state(self.model, self._global)
+
+    def _shared(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: state[k] for k in self.shared_names}
+
+    def global_mask(self, ratio: float) -> dict[str, torch.Tensor]:
+        """The keep-mask every party computes alike from the global state (prune=global)."""
+        return importance_mask(self._shared(self._global), ratio)
+
+    # -- the update ----------------------------------------------------------------------------
+    def update_values(self) -> dict[str, torch.Tensor]:
+        """What this party sends, before pruning: LoRA now - global (``delta``, ``ffa``), or
+        the LoRA weights themselves (``paper``)."""
+        local = self._shared(get_lora_state(self.model))
+        if self.algorithm == "paper":
+            return local
+        return {k: local[k] - self._global[k] for k in local}
+
+    def prepare(self, *, prune_ratio: float = 0.0, mask: Mapping | None = None,
+                values: Mapping | None = None) -> PreparedUpdate:
+        """The update to send: ``values`` (default :meth:`update_values`), pruned by this
+        party's own mask of ``prune_ratio`` (sent densely, zeros at pruned positions), or by
+        ``mask`` (the round's common mask: the ciphertexts shrink)."""
+        if prune_ratio and mask is not None:
+            raise ParameterError("give prune_ratio (this party's own mask) or mask (the "
+                                 "round's common mask), not both")
+        if not (isinstance(prune_ratio, (int, float)) and 0.0 <= prune_ratio <= 1.0):
+            raise ParameterError(f"prune_ratio={prune_ratio!r} must be in [0, 1]")
+        values = dict(self.update_values() if values is None else values)
+        self.layout.check_state(values, "update values")
+        if prune_ratio:
+            own = importance_mask(values, prune_ratio)
+            return PreparedUpdate(apply_mask(values, own), None, kept_fraction(own))
+        if mask is not None:
+            mask = dict(mask)
+            return PreparedUpdate(apply_mask(values, mask), mask, kept_fraction(mask))
+        return PreparedUpdate(values, None, 1.0)
+
+    def encrypt(self, prepared: PreparedUpdate, weight: float, *, round: int | None = None,
+                weight_bound: float | None = None, **options) -> EncryptedUpdate:
+        """Encrypts a prepared update, pre-weighted by ``weight`` (e.g. its example count)."""
+        if self.ctx is None:
+            raise KeyMaterialError("this party has no context (HE off): send its update values "
+                                   "in the clear")
+        round = self.version + 1 if round is None else round
+        upd = encrypt_update(self.ctx, prepared.values, self.layout, weight=weight,
+                             mask=prepared.mask, round=round,
+                             weight_bound=self.weight_bound if weight_bound is None
+                             else weight_bound, **options)
+        self._sent = (round, prepared.mask)
+        return upd
+
+    def encrypt_update(self, weight: float, *, round: int | None = None,
+                       prune_ratio: float = 0.0, mask: Mapping | None = None,
+                       values: Mapping | None = None, **options) -> EncryptedUpdate:
+        """EncryptedUpdate of (LoRA now - global) for round ``round`` (default: the next one);
+        no pruning unless asked (``prune_ratio`` or ``mask``, see :meth:`prepare`)."""
+        return self.encrypt(self.prepare(prune_ratio=prune_ratio, mask=mask, values=values),
+                            weight, round=round, **options)
+
+    # -- the aggregate --------------------------------------------------------------------------
+    def _mask_for(self, agg: EncryptedUpdate, mask: Mapping | None):
+        if mask is not None:
+            return mask
+        if self._sent is not None and self._sent[0] == agg.round:
+            return self._sent[1]
+        return None
+
+    def partial_decrypt(self, agg, present: Iterable[int] | None = None) -> bytes:
+        """Threshold keys: this party's partial decryption of the aggregate (bytes)."""
+        if self.ctx is None:
+            raise KeyMaterialError("this party has no context (HE off)")
+        return partial_decrypt(self.ctx, agg, present=present)
+
+    def decrypt(self, agg, shares: Iterable[bytes] | None = None, *,
+                mask: Mapping | None = None) -> dict[str, torch.Tensor]:
+        """The weighted average update the aggregate holds (shared keys: decrypted with this
+        party's key; threshold keys: fused from every present party's ``shares``). ``mask``:
+        the round's common mask (default: the one this party encrypted with that round)."""
+        if self.ctx is None:
+            raise KeyMaterialError("this party has no context (HE off)")
+        agg = agg if isinstance(agg, EncryptedUpdate) else EncryptedUpdate.from_bytes(agg)
+        mask = self._mask_for(agg, mask)
+        if shares is not None:
+            return combine_partials(agg, shares, self.layout, mask=mask)
+        return decrypt_update(self.ctx, agg, self.layout, mask=mask)
+
+    def apply_average(self, average: Mapping, version: int | None = None) -> None:
+        """Folds a decrypted (or plaintext) weighted average into the global state and the
+        model: global + average (``paper``: the average replaces it)."""
+        self.layout.check_state(average, "average")
+        avg = {k: torch.as_tensor(v, dtype=torch.float32).reshape(self._global[k].shape)
+               for k, v in average.items()}
+        if self.algorithm == "paper":
+            new = {k: v.clone() for k, v in avg.items()}
+        else:
+            new = {k: self._global[k] + avg[k] for k in avg}
+        self._global = {**self._global, **new}
+        self.load_global()
+        self.version = self.version + 1 if version is None else version
+
+    def apply_aggregate(self, agg, shares: Iterable[bytes] | None = None, *,
+                        mask: Mapping | None = None) -> dict[str, torch.Tensor]:
+        """Decrypts the aggregate (see :meth:`decrypt`) and applies it: the model's LoRA becomes
+        the new global state, of version ``agg.round``. Returns the average applied."""
+        agg = agg if isinstance(agg, EncryptedUpdate) else EncryptedUpdate.from_bytes(agg)
+        average = self.decrypt(agg, shares, mask=mask)
+        self.apply_average(average, version=agg.round)
+        return average

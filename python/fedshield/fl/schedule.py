@@ -1,0 +1,38 @@
+"""What the Server plans per round: the learning rate and the pruned fraction (pure math)."""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import ParameterError
+
+
+def cosine_lr(round_idx: int, total_rounds: int, lr_max: float, lr_min: float = 0.0) -> float:
+    """Cosine decay across FL rounds: ``lr_max`` at round 0, towards ``lr_min``.
+
+    Uses ``round_idx / total_rounds`` (not ``/ (total_rounds - 1)``) so the
+    final round still trains at a useful rate instead of exactly ``lr_min``.
+    """
+    if isinstance(total_rounds, bool) or not isinstance(total_rounds, int) or total_rounds < 1:
+        raise ValueError(f"total_rounds must be an int >= 1, got {total_rounds!r}")
+    bad_idx = isinstance(round_idx, bool) or not isinstance(round_idx, int)
+    if bad_idx or not 0 <= round_idx < total_rounds:
+        raise ValueError(f"round_idx must be an int in [0, {total_rounds}), got {round_idx!r}")
+    if not lr_min >= 0:
+        raise ValueError(f"lr_min must be >= 0, got {lr_min!r}")
+    if not lr_max >= lr_min:
+        raise ValueError(f"lr_max ({lr_max!r}) must be >= lr_min ({lr_min!r})")
+    return lr_min + 0.5 * (lr_max - lr_min) * (1.0 + math.cos(math.pi * round_idx / total_rounds))
+
+
+def prune_ratio(round_idx: int, p0: float = 0.2, p_target: float = 0.5,
+                t_start: int = 1, t_end: int = 10) -> float:
+    """The paper's schedule of the pruned fraction:
+    p_t = p0 + (p_target - p0) * clip((t - t_start) / (t_end - t_start), 0, 1)."""
+    for name, p in (("p0", p0), ("p_target", p_target)):
+        if not 0.0 <= p <= 1.0:
+            raise ParameterError(f"{name}={p!r} must be in [0, 1]")
+    if t_end <= t_start:
+        raise ParameterError(f"t_end={t_end} must be greater than t_start={t_start}")
+    progress = min(max((round_idx - t_start) / (t_end - t_start), 0.0), 1.0)
+    return p0 + (p_target - p0) * progress

@@ -1,0 +1,193 @@
+"""Site: one organisation of the federation with fedshield's own training loop.
+
+A site holds its own data file (and nothing of anyone else's), a model with LoRA, and a
+:class:`Party` for the crypto. Each round it trains from the global state, clips and noises its
+update (DP), prunes it, and encrypts it pre-weighted by its example count; then it applies the
+aggregate and evaluates the new global state on its own held-out part.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from ..config import RunConfig
+from ..data.files import load_instruction_data
+from ..data.sites import holdout
+from ..data.tokenize import tokenize_fitting
+from ..dp.noise import clip_and_noise
+from ..evaluation import generate_samples, write_adapter_meta
+from ..he import EncryptedUpdate
+from ..model import save_adapter
+from ..train import evaluate_loss, train_local
+from .messages import EvalReply, RoundPlan, SiteInfo, TrainReply
+from .party import Party
+
+log = logging.getLogger("fedshield")
+
+
+@dataclass
+class SiteData:
+    """A site's examples, tokenized: what it trains on and what it holds out."""
+
+    name: str
+    path: str                       # its data file, as given
+    train: dict                     # input_ids / attention_mask / labels
+    eval: dict
+    train_examples: int
+    eval_examples: int
+    samples: list = field(default_factory=list)   # held-out prompts for generated answers
+    stats: dict = field(default_factory=dict)     # truncated / skipped examples
+
+
+def load_site_data(path: str | Path, *, tokenizer, cfg: RunConfig, columns: str = "",
+                   eval_path: str | Path | None = None, name: str | None = None) -> SiteData:
+    """Reads one site's file; holds out its last ``data.eval_fraction`` after a seeded shuffle
+    (or evaluates on ``eval_path``, a file of its own). Long prompts lose tokens from the left;
+    answers too long for ``data.max_len`` are skipped (logged)."""
+    path = str(path)
+    examples = load_instruction_data(path, columns)
+    if eval_path is not None:
+        train_ex, eval_ex = examples, load_instruction_data(eval_path, columns)
+    else:
+        train_ex, eval_ex = holdout(examples, cfg.data.eval_fraction, cfg.training.seed,
+                                    source=path)
+    compact = cfg.model.compact_template
+    train, train_stats = tokenize_fitting(train_ex, tokenizer, cfg.data.max_len, compact=compact,
+                                          source=path)
+    held, eval_stats = tokenize_fitting(eval_ex, tokenizer, cfg.data.max_len, compact=compact,
+                                        source=f"{eval_path or path}, held-out")
+    stats = {"truncated": train_stats["truncated"], "skipped": train_stats["skipped"],
+             "eval_truncated": eval_stats["truncated"], "eval_skipped": eval_stats["skipped"]}
+    return SiteData(name=name or Path(path).stem, path=path, train=train, eval=held,
+                    train_examples=train_stats["kept"], eval_examples=eval_stats["kept"],
+                    samples=list(eval_ex[:cfg.training.samples]), stats=stats)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds = {"train": 0.0, "prune": 0.0, "encrypt": 0.0}
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
+class Site:
+    """One site: its data, its model (through its Party) and fedshield's training loop."""
+
+    def __init__(self, party_id: int, party: Party, data: SiteData, cfg: RunConfig,
+                 tokenizer) -> None:
+        if (party.ctx is not None) != cfg.he.enabled:
+            raise ValueError(f"he.enabled={cfg.he.enabled} but the party has "
+                             f"{'a' if party.ctx is not None else 'no'} context")
+        self.party_id = party_id
+        self.party = party
+        self.data = data
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+
+    @property
+    def name(self) -> str:
+        return self.data.name
+
+    def __repr__(self) -> str:
+        return (f"Site({self.party_id}, {self.name!r}, {self.data.train_examples} training / "
+                f"{self.data.eval_examples} held-out examples)")
+
+    # -- enrolment and evaluation ---------------------------------------------------------------
+    def evaluate(self) -> float:
+        """Held-out loss of the global state on this site's own held-out part."""
+        self.party.load_global()
+        return evaluate_loss(self.party.model, self.data.eval, batch_size=32)
+
+    def info(self) -> SiteInfo:
+        """What the site enrols with (the held-out loss of the initial global state)."""
+        ctx = self.party.ctx
+        return SiteInfo(party=self.party_id, name=self.name, data=self.data.path,
+                        train_examples=self.data.train_examples,
+                        eval_examples=self.data.eval_examples, eval_loss=self.evaluate(),
+                        context_fp=ctx.fingerprint.hex() if ctx is not None else "",
+                        num_lora_values=self.party.layout.numel)
+
+    # -- one round --------------------------------------------------------------------------------
+    def round_mask(self, plan: RoundPlan):
+        """The round's common mask (prune=global after round 1), from the global state."""
+        return self.party.global_mask(plan.prune_ratio) if plan.global_mask else None
+
+    def train_round(self, plan: RoundPlan) -> TrainReply:
+        """Trains from the global state, then clips and noises (DP), prunes and encrypts."""
+        cfg, party = self.cfg, self.party
+        timer = _Timer()
+        party.load_global()
+        with timer.phase("train"):
+            result = train_local(party.model, self.data.train, steps=cfg.training.local_steps,
+                                 batch_size=cfg.training.batch_size, lr=plan.lr,
+                                 grad_accum=cfg.training.grad_accum,
+                                 seed=cfg.training.seed * 1_000_003 + plan.round * 1009
+                                 + self.party_id)
+            values = party.update_values()
+            norm = None
+            if cfg.dp.enabled:  # DP noise is part of producing the local update
+                values, norm = clip_and_noise(values, cfg.dp.clip, cfg.dp.noise)
+        # paper: the pruned weights themselves, averaged unweighted; else weighted FedAvg
+        weight = 1.0 if party.algorithm == "paper" else float(result["num_examples"])
+        with timer.phase("prune"):
+            local_ratio = plan.prune_ratio if plan.prune == "local" else 0.0
+            prepared = party.prepare(prune_ratio=local_ratio, mask=self.round_mask(plan),
+                                     values=values)
+        common = dict(party=self.party_id, round=plan.round, train_loss=float(result["loss"]),
+                      kept_fraction=prepared.kept_fraction, update_norm=norm)
+        if party.ctx is None:
+            values = {k: v.detach().cpu().numpy().astype(np.float32)
+                      for k, v in prepared.values.items()}
+            return TrainReply(**common, seconds=timer.seconds, values=values, weight=weight)
+        with timer.phase("encrypt"):
+            upd = party.encrypt(prepared, weight, round=plan.round,
+                                weight_bound=plan.weight_bound)
+        return TrainReply(**common, seconds=timer.seconds, update=upd.to_bytes())
+
+    def apply(self, plan: RoundPlan, *, agg: EncryptedUpdate | bytes | None = None,
+              shares: Iterable[bytes] | None = None,
+              average: Mapping | None = None) -> float:
+        """Applies the round's result: the aggregate (decrypted here, or fused from the
+        ``shares``), or an already decrypted/plaintext ``average``. Returns the seconds spent
+        decrypting."""
+        start = time.perf_counter()
+        if average is None:
+            average = self.party.decrypt(agg, shares, mask=self.round_mask(plan))
+        seconds = time.perf_counter() - start
+        self.party.apply_average(average, version=plan.round)
+        return seconds
+
+    def eval_reply(self, seconds_decrypt: float = 0.0) -> EvalReply:
+        return EvalReply(party=self.party_id, version=self.party.version,
+                         eval_loss=self.evaluate(), eval_examples=self.data.eval_examples,
+                         seconds_decrypt=seconds_decrypt)
+
+    def samples(self) -> list[dict]:
+        """The global model's greedy answers to this site's first held-out prompts."""
+        self.party.load_global()
+        return generate_samples(self.party.model, self.tokenizer, self.data.samples,
+                                compact=self.cfg.model.compact_template,
+                                max_new_tokens=self.cfg.training.sample_tokens)
+
+    def save_adapter(self, out: str | Path, show_progress: bool = False) -> Path:
+        """OUT/adapter (PEFT) with the global state, and what `fedshield eval` needs."""
+        self.party.load_global()
+        base = save_adapter(self.party.model, self.tokenizer, Path(out), self.cfg.model,
+                            seed=self.cfg.training.seed, show_progress=show_progress)
+        write_adapter_meta(Path(out) / "adapter", compact=self.cfg.model.compact_template,
+                           max_len=self.cfg.data.max_len, base=str(base))
+        return Path(out) / "adapter"
+

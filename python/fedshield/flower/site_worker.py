@@ -1,0 +1,221 @@
+"""The site worker: one long-lived process per SuperNode that holds the node's Site.
+
+Flower 1.30 runs every message in a fresh ClientApp process; loading the model and tokenizing
+the data there would cost a base-model load per message. The ClientApp
+(fedshield.flower.client_app) therefore starts this worker once, on the node's first message,
+and hands it every message over a Unix socket (fedshield.flower.site_ipc). The worker keeps the
+model, the tokenized data, the key and the global adapter between rounds and messages.
+
+It reads only what its node config names: ``data`` (its own file), ``key-file``, optionally
+``model``, ``eval-data``, ``name``, ``party-id``, ``columns`` and ``out-dir``. It exits when
+its SuperNode exits, after the run's final message, or after ``worker-idle-timeout`` seconds
+without a message (default 3600).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from ..config import RunConfig
+from ..errors import FedShieldError, KeyMaterialError, ParameterError
+from ..fl.messages import RoundPlan
+from ..fl.party import Party
+from ..fl.site import Site, load_site_data
+from ..he import EncryptedUpdate, load_context
+from ..model import build_lora_model, load_tokenizer
+from ..threads import apply_to_torch
+from .site_ipc import process_alive, recv_frame, run_digest, send_frame
+
+log = logging.getLogger("fedshield")
+
+DEFAULT_IDLE_TIMEOUT = 3600.0
+
+
+class OutOfStep(FedShieldError):
+    """This party's global adapter is not the one the server's round builds on."""
+
+
+def _node_value(node: dict, key: str, default=None):
+    value = node.get(key, default)
+    return default if value in (None, "") else value
+
+
+def build_site(node: dict, run_config: dict) -> tuple[Site, Path]:
+    """The node's Site from its node config and the run config; (site, out-dir)."""
+    try:
+        data = str(node["data"])
+        key_file = str(node["key-file"])
+    except KeyError as exc:
+        raise ParameterError(f"node config lacks {exc}: start the SuperNode with --node-config "
+                             "'data=\"FILE\" key-file=\"PATH\" party-id=I'") from exc
+    cfg = RunConfig.from_dict(json.loads(str(run_config["fedshield-config"])),
+                              source="the run config's fedshield-config")
+    model = _node_value(node, "model")
+    if model is not None:
+        cfg = cfg.replace(model=str(model))
+    ctx = load_context(key_file)
+    if cfg.keys.mode == "threshold":
+        if not ctx.is_party:
+            raise KeyMaterialError(f"{key_file} is not a threshold party's key share")
+        party_id = ctx.party_id
+        given = _node_value(node, "party-id")
+        if given is not None and int(given) != party_id:
+            raise KeyMaterialError(f"{key_file} is the key share of party {party_id}, the node "
+                                   f"config says party-id={given}")
+    else:
+        if not ctx.has_secret_key:
+            raise KeyMaterialError(f"{key_file} holds no secret key (shared-key mode)")
+        if _node_value(node, "party-id") is None:
+            raise ParameterError("node config lacks party-id (0..sites-1), which shared-key "
+                                 "mode needs")
+        party_id = int(node["party-id"])
+    tokenizer = load_tokenizer(cfg.model)
+    model_obj = build_lora_model(cfg.model, cfg.lora, seed=cfg.training.seed,
+                                 tokenizer=tokenizer, max_len=cfg.data.max_len)
+    eval_data = _node_value(node, "eval-data")
+    site_data = load_site_data(data, tokenizer=tokenizer, cfg=cfg,
+                               columns=str(_node_value(node, "columns", "")),
+                               eval_path=None if eval_data is None else str(eval_data),
+                               name=_node_value(node, "name"))
+    party = Party(ctx, model_obj, algorithm=cfg.training.algorithm)
+    out = Path(str(_node_value(node, "out-dir", "."))) 
+    return Site(party_id, party, site_data, cfg, tokenizer), out
+
+
+class SiteWorker:
+    """Serves one node's messages, one at a time, from its Site."""
+
+    def __init__(self, site: Site, out: Path, run: str) -> None:
+        self.site = site
+        self.out = out
+        self.run = run           # digest of the run config it serves
+        self.done = False
+
+    def handle(self, op: str, fields: dict, sections: list[bytes]) -> tuple[dict, list[bytes]]:
+        site, party = self.site, self.site.party
+        if op == "ping":
+            return {"party": site.party_id, "run": self.run}, []
+        if op == "join":
+            return {**site.info().to_fields(), "version": party.version}, []
+        if op == "train":
+            plan = RoundPlan.from_fields(fields)
+            if party.version != plan.base_version:
+                raise OutOfStep(f"party {site.party_id} holds the adapter of round "
+                                f"{party.version}, the server builds round {plan.round} on "
+                                f"round {plan.base_version}")
+            reply = site.train_round(plan)
+            return reply.to_fields(), [reply.update]
+        if op == "share":
+            start = time.perf_counter()
+            agg = EncryptedUpdate.from_bytes(sections[0])
+            if agg.round != int(fields["round"]):
+                raise OutOfStep(f"asked to decrypt round {agg.round}'s aggregate in round "
+                                f"{int(fields['round'])}")
+            share = party.partial_decrypt(agg, present=[int(p) for p in fields["present"]])
+            return {"seconds": time.perf_counter() - start}, [share]
+        if op == "evaluate":
+            return self._evaluate(fields, sections)
+        if op == "shutdown":
+            self.done = True
+            return {}, []
+        raise ParameterError(f"unknown site worker operation {op!r}")
+
+    def _evaluate(self, fields: dict, sections: list[bytes]) -> tuple[dict, list[bytes]]:
+        site, party = self.site, self.site.party
+        plan = RoundPlan.from_fields(fields)
+        if party.version != plan.base_version:
+            raise OutOfStep(f"party {site.party_id} holds the adapter of round {party.version}, "
+                            f"the aggregate of round {plan.round} applies to round "
+                            f"{plan.base_version}")
+        agg = EncryptedUpdate.from_bytes(sections[0])
+        if agg.round != plan.round or not agg.is_aggregate:
+            raise OutOfStep(f"expected the aggregate of round {plan.round}, got {agg!r}")
+        shares = sections[1:] if site.cfg.keys.mode == "threshold" else None
+        seconds = site.apply(plan, agg=agg, shares=shares)
+        reply = site.eval_reply(seconds)
+        if fields.get("save-adapter"):
+            site.save_adapter(self.out)
+            log.info("party %d wrote %s/adapter", site.party_id, self.out)
+        if fields.get("final"):
+            self.done = True
+        return reply.to_fields(), []
+
+    def serve(self, server: socket.socket, parent: int, idle_timeout: float) -> None:
+        """Answers requests until done, the parent exits, or nothing came for idle_timeout."""
+        server.settimeout(2.0)
+        last = time.monotonic()
+        while not self.done:
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                if not process_alive(parent) or time.monotonic() - last > idle_timeout:
+                    log.info("site worker: %s; exiting", "parent gone" if not process_alive(parent)
+                             else f"idle for {idle_timeout:.0f} s")
+                    return
+                continue
+            last = time.monotonic()
+            with conn:
+                conn.settimeout(None)
+                try:
+                    head, sections = recv_frame(conn)
+                    op = str(head.get("op"))
+                    start = time.perf_counter()
+                    out_fields, out_sections = self.handle(op, head.get("fields") or {},
+                                                           sections)
+                    send_frame(conn, {"ok": True, "fields": out_fields}, out_sections)
+                    if op != "ping":
+                        log.info("site worker: %s answered in %.2f s", op,
+                                 time.perf_counter() - start)
+                except Exception as exc:  # reported to the ClientApp, which raises it
+                    log.exception("site worker: request failed")
+                    try:
+                        send_frame(conn, {"ok": False,
+                                          "error": f"{type(exc).__name__}: {exc}"})
+                    except OSError:
+                        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedshield.flower.site_worker")
+    parser.add_argument("--socket", required=True, help="Unix socket to listen on")
+    parser.add_argument("--spec", required=True,
+                        help="JSON file: node_config and run_config (read, then deleted)")
+    parser.add_argument("--parent", type=int, default=0, help="exit when this process exits")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    spec_path = Path(args.spec)
+    spec = json.loads(spec_path.read_text())
+    spec_path.unlink(missing_ok=True)
+    node = spec["node_config"]
+    idle = float(_node_value(node, "worker-idle-timeout", DEFAULT_IDLE_TIMEOUT))
+    apply_to_torch()  # several sites on one machine share its cores (FEDSHIELD_NUM_THREADS)
+    site, out = build_site(node, spec["run_config"])
+    log.info("site worker: %r ready on %s", site, args.socket)
+    path = Path(args.socket)
+    path.unlink(missing_ok=True)
+    old = os.umask(0o177)  # the socket is this user's alone
+    try:
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(path))
+    finally:
+        os.umask(old)
+    server.listen(4)
+    try:
+        SiteWorker(site, out, run_digest(spec["run_config"])).serve(server, args.parent, idle)
+    finally:
+        server.close()
+        for leftover in (path, path.with_suffix(".pid")):
+            leftover.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The loop of one crypto worker process (started by fedshield.he.crypto_pool.CryptoPool):
+(op, payload) pickles in on stdin, (status, value) pickles out on the original stdout."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+
+from . import backend
+from .context import load_context
+
+
+def _serve() -> None:
+    """Worker loop: (op, payload) in on stdin, (status, value) out on the original stdout."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
+    inp = sys.stdin.buffer
+
+    objects = params = None
+    while True:
+        try:
+            op, payload = pickle.load(inp)
+        except EOFError:
+            return
+        try:
+            if op == "init":
+                ctx = load_context(payload)
+                params = ctx.params
+                objects = ctx.openfhe_objects(need_secret=ctx.has_secret_key)
+                result = None
+            elif op == "encrypt":
+                result = backend.encrypt_buffer(objects[0], objects[1], payload, params)
+            elif op == "decrypt":
+                result = backend.decrypt_ciphertexts(objects[0], objects[2], payload, params)
+            else:
+                raise ValueError(f"unknown op {op!r}")
+            reply = ("ok", result)
+        except Exception as exc:  # reported to the parent, which raises it
+            reply = ("error", f"{type(exc).__name__}: {exc}")
+        pickle.dump(reply, out, protocol=pickle.HIGHEST_PROTOCOL)
+        out.flush()
+
+
+if __name__ == "__main__":
+    _serve()

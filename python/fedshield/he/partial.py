@@ -1,0 +1,277 @@
+"""Threshold mode's decryption: partial decryptions and their fusion.
+
+Decryption: every present party sends :func:`partial_decrypt`, anyone fuses them with
+:func:`combine_partials`. When ``present`` leaves parties out, nobody rebuilds an absent party's
+key: the t smallest present ids T each decrypt with
+``s_i + lambda_i(T) * sum_{absent j} share_{j->i}``; since
+``sum_{i in T} lambda_i(T) share_{j->i} = s_j``, the present parties' keys still sum to
+``sum_j s_j``. Present parties beyond T decrypt with their own ``s_i``. The smallest present
+id is the lead (``MultipartyDecryptLead``).
+
+Precision: OpenFHE adds fixed flooding noise (sigma 2**20 per coefficient, not configurable for
+CKKS in openfhe 1.6.1) to every partial decryption, so the decrypted slot values carry an error
+of about 1e-6 / 2**(scale_bits - 50). Measured max |error| over 65535 values in [-1, 1]
+with sum(w) = weight_bound: 6.3e-7 (3 parties) and 8.3e-7 (5) at scale 2**50, 3.8e-7 / 3.9e-7
+at 2**51, 2.1e-7 / 2.2e-7 at 2**52. The weighted average divides by sum(w) / weight_bound,
+which multiplies this error by weight_bound / sum(w). Threshold mode therefore defaults to
+scale 2**52 (THRESHOLD_PARAMS): the error stays <= 1e-6 for values of magnitude <= 1 when
+weight_bound is within 2x of sum(w) (the Server picks it so), at the price of headroom
+(each client's |w/B * x| <= 1 with 64 clients).
+
+Noise flooding (``CKKSParams(flood_bits=lambda)``, fedshield.he.flooding): each party adds its
+own uniform flooding polynomial to its partial decryption before it leaves the party, at lambda
+bits of statistical security; key shares are then 3 RNS towers, each Shamir-shared mod its own
+prime. The pre-scaling flooding needs also drowns OpenFHE's fixed 2**20: measured max |error|
+2.98e-8 (float32 rounding) over 65535 values for 3 and 5 parties at flood_bits 20 to 50.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Mapping, Optional
+
+import numpy as np
+
+from .. import _native
+from ..errors import (IncompatibleUpdate, InvalidUpdate, KeyMaterialError, NotEnoughShares,
+                      ParameterError)
+from . import backend, flooding
+from .context import Context
+from .encryption import check_for_context, check_for_layout, unpack_average
+from .frames import frame, int_field, unframe
+from .layout import Layout
+from .threshold import MAX_PARTIES, check_party_context
+from .update import PACKING_CODE, EncryptedUpdate
+
+PARTIAL_MAGIC = b"FSHLDPDS"    # a partial decryption of one aggregate
+
+
+def _present_ids(present, n_parties: int, threshold: int) -> list[int]:
+    if present is None:
+        return list(range(n_parties))
+    try:
+        ids = sorted(set(present))
+    except TypeError as exc:
+        raise ParameterError(f"present={present!r} must be an iterable of party ids") from exc
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_parties
+               for i in ids):
+        raise ParameterError(f"present={present!r} must hold party ids in [0, {n_parties})")
+    if len(ids) < threshold:
+        raise NotEnoughShares(f"{len(ids)} parties present {ids}, decryption needs {threshold} "
+                              f"of {n_parties}")
+    return ids
+
+
+def _as_update(agg) -> EncryptedUpdate:
+    if isinstance(agg, (bytes, bytearray, memoryview)):
+        return EncryptedUpdate.from_bytes(agg)
+    if not isinstance(agg, EncryptedUpdate):
+        raise TypeError(f"expected an EncryptedUpdate, got {type(agg).__name__}")
+    return agg
+
+
+def aggregate_digest(agg: EncryptedUpdate) -> str:
+    """What a partial decryption names as the aggregate it decrypts (hex SHA-256)."""
+    return hashlib.sha256(b"fedshield-aggregate-v1" + agg.to_bytes()).hexdigest()
+
+
+def _decryption_key(ctx: Context, present: list[int]):
+    """This party's key for decrypting with ``present``: its own share, plus (among the t
+    smallest present ids) the Lagrange-weighted shares of every absent party."""
+    _, _, secret_key = ctx.openfhe_objects(need_secret=True)
+    pid, n, t = ctx.party_id, ctx.n_parties, ctx.threshold
+    absent = [j for j in range(n) if j not in present]
+    cover = present[:t]
+    if not absent or pid not in cover:
+        return secret_key
+    missing = [j for j in absent if ctx.key_share(j) is None]
+    if missing:
+        raise KeyMaterialError(f"party {pid} holds no key share from absent parties {missing} "
+                               "and cannot cover for them (were the key shares dealt?)")
+    key = bytearray(ctx.secret_key_bytes())
+    n = ctx.params.ring_dim
+    for tower, ((offset, own), q) in enumerate(zip(ctx.key_residues(), ctx.moduli)):
+        lam = _native.lagrange_at_zero([i + 1 for i in cover], cover.index(pid), q)
+        shares = [np.frombuffer(ctx.key_share(j), dtype="<u8", count=n, offset=8 * n * tower)
+                  for j in absent]
+        combined = _native.cover_absent(np.ascontiguousarray(own), shares, lam, q)
+        key[offset:offset + combined.nbytes] = combined.tobytes()
+        combined[:] = 0
+    try:
+        return backend.load_secret_key(bytes(key))
+    finally:
+        key[:] = bytes(len(key))
+
+
+def partial_decrypt(party_ctx: Context, agg, present: Optional[Iterable[int]] = None, *,
+                    threads: int = 0) -> bytes:
+    """This party's partial decryption of an aggregate, as bytes for :func:`combine_partials`.
+
+    ``present``: ids of the parties taking part (None = all); every present party must send
+    its share, and all of them must pass the same ``present``.
+    """
+    check_party_context(party_ctx)
+    agg = _as_update(agg)
+    check_for_context(party_ctx, agg)
+    if not agg.is_aggregate:
+        raise IncompatibleUpdate("threshold parties only decrypt aggregates, not a single "
+                                 "client's update (aggregate it with fs.aggregate first)")
+    if agg.n_summed < 2:
+        raise IncompatibleUpdate("an aggregate of one update is that client's update: "
+                                 "threshold parties decrypt aggregates of at least 2")
+    pid = party_ctx.party_id
+    ids = _present_ids(present, party_ctx.n_parties, party_ctx.threshold)
+    if pid not in ids:
+        raise ParameterError(f"party {pid} is not among the present parties {ids}")
+    lead = pid == ids[0]
+    cc, _, _ = party_ctx.openfhe_objects(need_secret=True)
+    key = _decryption_key(party_ctx, ids)
+    template, ct_layout = party_ctx.ciphertext_template
+    params = party_ctx.params
+    if params.flooding:
+        width = flooding.flood_width(params, party_ctx.n_parties)
+        roots = party_ctx.tower_roots
+    parts = []
+    for blob in _native.decode_ciphertexts(agg.to_bytes(), template, ct_layout, threads):
+        ct = backend.load_rebuilt_ciphertext(blob)
+        part = (cc.MultipartyDecryptLead if lead else cc.MultipartyDecryptMain)([ct], key)[0]
+        part = backend.serialize(part)
+        if params.flooding:
+            # this party's own flooding, added to its share before the share leaves it
+            # (fedshield.he.flooding): the one element of a partial decryption, every tower
+            buf = bytearray(part)
+            offsets = _native.find_residue_arrays(buf, params.ring_dim, list(party_ctx.moduli),
+                                                  len(party_ctx.moduli))
+            flooding.flood(buf, offsets, party_ctx.moduli, roots, params.ring_dim, width)
+            part = bytes(buf)
+        parts.append(part)
+    meta = {"party_id": pid, "n_parties": party_ctx.n_parties,
+            "threshold": party_ctx.threshold, "present": ids, "lead": lead,
+            "context_fp": party_ctx.fingerprint.hex(), "aggregate": aggregate_digest(agg),
+            "round": agg.round}
+    return frame(PARTIAL_MAGIC, meta, parts)
+
+
+class PartialDecryption:
+    """A parsed partial decryption: who made it, for which aggregate and set of present
+    parties, and its partial ciphertexts (checked for form here; the server screens shares
+    with it before passing them on)."""
+
+    __slots__ = ("party_id", "meta", "parts")
+
+    def __init__(self, meta: dict, parts: list[bytes]) -> None:
+        self.meta, self.parts = meta, parts
+        what = "partial decryption"
+        n = int_field(meta, "n_parties", what, InvalidUpdate, 2, MAX_PARTIES + 1)
+        int_field(meta, "threshold", what, InvalidUpdate, n // 2 + 1, n + 1)
+        self.party_id = int_field(meta, "party_id", what, InvalidUpdate, 0, n)
+        present = meta.get("present")
+        if not (isinstance(present, list) and
+                all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n
+                    for i in present) and present == sorted(set(present))):
+            raise InvalidUpdate(f"malformed {what}: present={present!r}")
+        if meta.get("lead") is not (bool(present) and self.party_id == present[0]):
+            raise InvalidUpdate(f"partial decryption of party {self.party_id}: the lead flag "
+                                "does not match the smallest present id")
+
+    @classmethod
+    def from_bytes(cls, blob) -> "PartialDecryption":
+        meta, parts = unframe(blob, PARTIAL_MAGIC, "partial decryption", InvalidUpdate)
+        return cls(meta, parts)
+
+    @property
+    def present(self) -> list[int]:
+        return list(self.meta["present"])
+
+    @property
+    def aggregate_digest(self) -> str | None:
+        return self.meta.get("aggregate")
+
+
+def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mapping] = None, *,
+                     threads: int = 0) -> dict:
+    """Fuses the partial decryptions of every present party into name -> tensor
+    = sum(w*x) / sum(w), like :func:`fedshield.decrypt_update`.
+
+    Raises NotEnoughShares when a present party's share is missing, InvalidUpdate for malformed
+    or duplicate shares, IncompatibleUpdate for shares of another aggregate, context or set of
+    present parties.
+    """
+    agg = _as_update(agg)
+    if not isinstance(layout, Layout):
+        raise TypeError(f"expected a fedshield Layout, got {type(layout).__name__}")
+    if isinstance(shares, (bytes, bytearray, memoryview)):
+        raise TypeError("shares must be an iterable of share bytes, not one bytes object")
+    parsed = [PartialDecryption.from_bytes(s) for s in shares]
+    if not parsed:
+        raise NotEnoughShares("0 partial decryptions given; every present party's is needed")
+    first = parsed[0].meta
+    digest = aggregate_digest(agg)
+    by_party: dict[int, PartialDecryption] = {}
+    for share in parsed:
+        m, pid = share.meta, share.party_id
+        if m.get("context_fp") != agg.context_fingerprint.hex():
+            raise IncompatibleUpdate(f"the share of party {pid} was made under another context")
+        if m.get("aggregate") != digest:
+            raise IncompatibleUpdate(f"the share of party {pid} decrypts a different aggregate "
+                                     f"(round {m.get('round')!r}, this is round {agg.round})")
+        if (m["present"], m["n_parties"], m["threshold"]) != (
+                first["present"], first["n_parties"], first["threshold"]):
+            raise IncompatibleUpdate(f"the share of party {pid} was made for present="
+                                     f"{m['present']}, another for present={first['present']}")
+        if pid not in m["present"]:
+            raise IncompatibleUpdate(f"the share of party {pid}, which is not among the present "
+                                     f"parties {m['present']}")
+        if pid in by_party:
+            raise InvalidUpdate(f"two shares of party {pid}")
+        if len(share.parts) != agg.n_ciphertexts:
+            raise InvalidUpdate(f"the share of party {pid} holds {len(share.parts)} partial "
+                                f"ciphertexts, the aggregate {agg.n_ciphertexts}")
+        by_party[pid] = share
+    present, n, t = first["present"], first["n_parties"], first["threshold"]
+    if len(present) < t:
+        raise NotEnoughShares(f"shares made for {len(present)} present parties {present}, "
+                              f"decryption needs {t} of {n}")
+    missing = [i for i in present if i not in by_party]
+    if missing:
+        raise NotEnoughShares(f"{len(by_party)} shares given, {len(present)} needed (every "
+                              f"present party of {present}, threshold {t} of {n}); missing "
+                              f"parties {missing}")
+    # Each share's digest binds this aggregate and partial_decrypt checked it against the
+    # party's context; here only the layout and mask remain to check.
+    check_for_layout(agg, layout, mask)
+
+    o = backend.openfhe()
+    packing = _packing_of(agg)
+    n_ct = agg.n_ciphertexts
+    order = [by_party[i] for i in present]
+    buffers = []
+    for k in range(n_ct):
+        try:
+            cts = [o.DeserializeCiphertextString(s.parts[k], o.BINARY) for s in order]
+        except Exception as exc:  # the binding raises RuntimeError or a cereal error
+            raise InvalidUpdate(f"a partial ciphertext does not deserialize: {exc}") from exc
+        if any(ct.NumberCiphertextElements() != 1 for ct in cts):
+            raise InvalidUpdate("a partial decryption holds more than one ciphertext element")
+        cc = cts[0].GetCryptoContext()
+        backend.enable_multiparty(cc)
+        try:
+            pt = cc.MultipartyDecryptFusion(cts)
+        except Exception as exc:
+            raise InvalidUpdate(f"the partial decryptions do not fuse: {exc}") from exc
+        pt.SetLength(agg.header["ring_dim"] // 2)
+        values = np.asarray(pt.GetCKKSPackedValue(), dtype=np.complex128)
+        buffers.append(values.view(np.float64) if packing == "complex" else values.real.copy())
+    return unpack_average(np.ascontiguousarray(np.concatenate(buffers)), layout, mask, threads)
+
+
+def _packing_of(agg) -> str:
+    code = agg.header["packing"]
+    for name, value in PACKING_CODE.items():
+        if value == code:
+            return name
+    raise InvalidUpdate(f"unknown packing code {code}")
+
+
+__all__ = ["PARTIAL_MAGIC", "PartialDecryption", "aggregate_digest", "combine_partials",
+           "partial_decrypt"]

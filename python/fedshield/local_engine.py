@@ -1,0 +1,204 @@
+"""The local engine: every site and the Server in one process.
+
+It drives the same Site, Party and Server objects as the Flower engine, without a transport:
+the Server plans, each site trains, prunes and encrypts, the Server screens and aggregates,
+the key holders decrypt (threshold keys: the present parties' partial decryptions, fused), and
+every site applies the result and evaluates on its own held-out part. The sites share one model
+object (they train one after another; each loads the global state before it trains).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from .config import RunConfig
+from .errors import FedShieldError, ParameterError
+from .fl.dealer import deal_keys
+from .fl.party import Party
+from .fl.record import RunRecord
+from .fl.server import Server
+from .fl.site import Site, load_site_data
+from .fl.site_files import site_files
+from .model import build_lora_model, load_tokenizer
+from .plots import plot_run
+from .threads import apply_to_torch
+
+log = logging.getLogger("fedshield")
+
+
+class LocalEngine:
+    """One federated fine-tuning run in one process; :meth:`run` writes DIR/metrics.json,
+    DIR/checkpoint/ (every round), DIR/adapter/ and DIR/plots/."""
+
+    def __init__(self, cfg: RunConfig, show_progress: bool | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.engine.out)
+        self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
+        self.first_round = 1
+        self.last_aggregate = None
+        apply_to_torch()  # FEDSHIELD_NUM_THREADS
+        files = site_files(cfg, self.out / "sites")
+        self.tokenizer = load_tokenizer(cfg.model)
+        model = build_lora_model(cfg.model, cfg.lora, seed=cfg.training.seed,
+                                 tokenizer=self.tokenizer, max_len=cfg.data.max_len)
+        ctxs, server_ctx = deal_keys(cfg) if cfg.he.enabled else ([None] * cfg.n_sites, None)
+        self.sites = []
+        for i, f in enumerate(files):
+            party = Party(ctxs[i], model, algorithm=cfg.training.algorithm)
+            data = load_site_data(f.path, tokenizer=self.tokenizer, cfg=cfg, columns=f.columns,
+                                  name=f.name)
+            self.sites.append(Site(i, party, data, cfg, self.tokenizer))
+        self.server = Server(cfg, server_ctx, engine="local",
+                             flood_bits=cfg.ckks_params().flood_bits if cfg.he.enabled else None)
+        self.server.enrol((site.party_id, site.info()) for site in self.sites)
+
+    @classmethod
+    def resume(cls, out: str | Path, show_progress: bool | None = None) -> "LocalEngine":
+        """The run of DIR continued after its last checkpointed round."""
+        ckpt = load_checkpoint(out)
+        try:
+            cfg = RunConfig.from_dict(ckpt["config"], source=f"--resume {str(out)!r}")
+            cfg = cfg.replace(out=str(out))
+        except (TypeError, ParameterError) as exc:
+            raise ParameterError(f"--resume {str(out)!r}: its checkpoint config does not fit "
+                                 f"this fedshield version: {exc}") from exc
+        if ckpt["round"] > cfg.training.rounds:
+            raise ParameterError(f"--resume {str(out)!r}: checkpoint of round {ckpt['round']} "
+                                 f"but the run has {cfg.training.rounds} rounds")
+        engine = cls(cfg, show_progress=show_progress)
+        if sorted(ckpt["state"]) != sorted(engine.sites[0].party.global_state):
+            raise ParameterError(f"--resume {str(out)!r}: the checkpoint's LoRA tensors do not "
+                                 "match the model this config builds")
+        for site in engine.sites:
+            site.party.set_global(ckpt["state"], version=ckpt["round"])
+        try:
+            record = RunRecord.from_dict(ckpt["metrics"])
+        except (TypeError, KeyError) as exc:
+            raise ParameterError(f"--resume {str(out)!r}: the checkpoint's metrics do not fit "
+                                 f"this fedshield version: {exc}") from exc
+        record.config = cfg.to_dict()
+        engine.server.record = record
+        engine.server.version = ckpt["round"]
+        engine.first_round = ckpt["round"] + 1
+        restore_rng(*ckpt["rng"])  # after set-up, so nothing above consumes the restored streams
+        return engine
+
+    # -- what every site shares in this process ------------------------------------------------
+    @property
+    def global_state(self) -> dict:
+        """The global LoRA state (every site holds the same one)."""
+        return self.sites[0].party.global_state
+
+    def set_global_state(self, state: dict, version: int | None = None) -> None:
+        for site in self.sites:
+            site.party.set_global(state, site.party.version if version is None else version)
+
+    @property
+    def layout(self):
+        return self.sites[0].party.layout
+
+    # -- one round --------------------------------------------------------------------------
+    def run_round(self, round_idx: int, progress=None) -> dict:
+        server, sites = self.server, self.sites
+        plan = server.plan(round_idx)
+        replies = []
+        for site in sites:
+            replies.append((site.party_id, site.train_round(plan)))
+            if progress is not None:
+                progress.update(1)
+        accepted = server.screen_updates(plan, replies)
+        result = self.last_aggregate = server.aggregate(plan, accepted)
+        if result is None:
+            raise FedShieldError(f"round {round_idx} failed: {server.current.failure}")
+        average = self.decrypt(plan, result, [reply.party for _, reply in accepted])
+        evals = []
+        for site in sites:  # decrypted once above: every key holder would get the same values
+            site.apply(plan, average=average)
+            evals.append((site.party_id, site.eval_reply()))
+        entry = server.finish_round(evals)
+        entry.samples = sites[0].samples()
+        return entry.to_dict()
+
+    def decrypt(self, plan, result, contributors: list[int]):
+        """The round's average: the plaintext one, the aggregate decrypted by a key holder
+        (shared keys), or fused from the present parties' partial decryptions (threshold)."""
+        start = time.perf_counter()
+        if not self.cfg.he.enabled:
+            average = result
+        elif self.cfg.keys.mode == "threshold":
+            average = self._threshold_decrypt(plan, result, contributors)
+        else:
+            site = self.sites[contributors[0]]
+            average = site.party.decrypt(result, mask=site.round_mask(plan))
+        self.server.current.seconds["decrypt"] += time.perf_counter() - start
+        return average
+
+    def _threshold_decrypt(self, plan, agg, contributors: list[int]):
+        """Sites 0..dropouts-1 (the lead among them) are gone before decryption; the present
+        ones cover for them with their Shamir shares."""
+        present = [p for p in contributors if p >= self.cfg.keys.dropouts]
+
+        def ask(parties: list[int]) -> dict[int, bytes]:
+            return {p: self.sites[p].party.partial_decrypt(agg, present=parties)
+                    for p in parties}
+
+        collected = self.server.collect_shares(agg, present, ask)
+        if collected is None:
+            raise FedShieldError(f"round {plan.round} failed: {self.server.current.failure}")
+        present, shares = collected
+        lead = self.sites[present[0]]
+        return lead.party.decrypt(agg, [shares[p] for p in present], mask=lead.round_mask(plan))
+
+    # -- the whole run ----------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, server = self.cfg, self.server
+        self.out.mkdir(parents=True, exist_ok=True)
+        record = server.record
+        first = self.first_round
+        if first > 1:
+            log.info("fedshield: resuming %s after round %d of %d", self.out, first - 1,
+                     cfg.training.rounds)
+        else:
+            log.info("fedshield: %d sites %s, %d rounds, HE %s, %d LoRA values; initial eval "
+                     "loss %.4f", cfg.n_sites, [s.name for s in self.sites], cfg.training.rounds,
+                     "on" if cfg.he.enabled else "off", record.num_lora_values,
+                     record.initial_eval_loss)
+        n = cfg.n_sites
+        bar = tqdm(total=cfg.training.rounds * n, initial=(first - 1) * n,
+                   desc="sites x rounds", unit="update", disable=not self.show_progress,
+                   file=sys.stderr)
+        with bar:
+            for r in range(first, cfg.training.rounds + 1):
+                entry = self.run_round(r, progress=bar)
+                bar.set_postfix(round=r, eval_loss=f"{entry['eval_loss']:.3f}")
+                log.info("round %d/%d: eval loss %.4f (ppl %.2f), train loss %s, %d bytes "
+                         "up/site, kept %.2f, seconds %s", r, cfg.training.rounds,
+                         entry["eval_loss"], entry["perplexity"],
+                         [round(x, 3) for x in entry["train_loss"]], max(entry["bytes_up"]),
+                         entry["kept_fraction"], entry["seconds"])
+                save_checkpoint(self.out, round_idx=r,
+                                state=self.sites[0].party.global_state,
+                                metrics=record.to_dict(), config=cfg.to_dict())
+                record.write(self.out / "metrics.json")
+        record.finished = True
+        record.write(self.out / "metrics.json")
+        self.sites[0].save_adapter(self.out, show_progress=self.show_progress)
+        metrics = record.to_dict()
+        plot_run(metrics, self.out / "plots")
+        return metrics
+
+
+def run(config: RunConfig, show_progress: bool | None = None) -> dict:
+    """Runs a federated fine-tuning job and writes metrics.json, checkpoint/, adapter/, plots/."""
+    return LocalEngine(config, show_progress=show_progress).run()
+
+
+def resume(out: str | Path, show_progress: bool | None = None) -> dict:
+    """Continues the run in `out` from its last checkpoint; no round is lost or repeated."""
+    return LocalEngine.resume(out, show_progress=show_progress).run()
