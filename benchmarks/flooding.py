@@ -56,7 +56,7 @@ def run(mode: str, params: fs.CKKSParams, n_values: int, n_clients: int = 3) -> 
             share, t = _timed(lambda: fs.partial_decrypt(p, agg))
             shares.append(share)
             t_dec = max(t_dec, t)
-        out, t_fuse = _timed(lambda: fs.combine_partials(agg, shares, layout))
+        out, t_fuse = _timed(lambda: fs.combine_partials(agg, shares, layout, ctx=encryptors[0]))
     ref = sum(w * s["w"].double().numpy() for s, w in zip(states, weights)) / sum(weights)
     return {"bytes/value": ups[0].nbytes / n_values, "encrypt s": float(np.median(enc)),
             "aggregate s": t_agg, "decrypt s": t_dec, "fuse s": t_fuse,

@@ -23,6 +23,7 @@ using namespace fedshield;
 
 void bind_importance(py::module_& m);  // bind_importance.cpp
 void bind_shamir(py::module_& m);      // bind_shamir.cpp
+void bind_partial(py::module_& m);     // bind_partial.cpp
 
 namespace {
 
@@ -430,4 +431,5 @@ PYBIND11_MODULE(_native, m) {
     bind_flood(m);
     bind_importance(m);
     bind_shamir(m);
+    bind_partial(m);
 }

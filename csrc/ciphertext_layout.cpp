@@ -92,7 +92,7 @@ CiphertextLayout locate_residues(const uint8_t* data, size_t len, uint64_t ring_
     return layout;
 }
 
-void check_layout(const CiphertextLayout& layout, size_t len) {
+void check_layout(const CiphertextLayout& layout, size_t len, size_t elements) {
     if (len != layout.total_size)
         throw InvalidUpdateError("ciphertext layout: serialized ciphertext has " +
                                  std::to_string(len) + " bytes, the template has " +
@@ -103,7 +103,7 @@ void check_layout(const CiphertextLayout& layout, size_t len) {
     // reads or writes through them. Without this a forged context file made
     // extract/write_residues read and write out of bounds (segfault on decrypt).
     const uint64_t n = layout.ring_dim;
-    bool ok = n >= 1 && n <= (1u << 17) && layout.offsets.size() == 2 * layout.towers();
+    bool ok = n >= 1 && n <= (1u << 17) && layout.offsets.size() == elements * layout.towers();
     uint64_t next = 8;  // the first array's length word starts at 0 at the earliest
     for (size_t k = 0; ok && k < layout.offsets.size(); ++k) {
         const uint64_t off = layout.offsets[k];

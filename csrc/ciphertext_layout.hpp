@@ -43,8 +43,9 @@ CiphertextLayout locate_residues(const uint8_t* data, size_t len, uint64_t ring_
                                  const std::vector<uint64_t>& moduli);
 
 // Checks that a layout (which may come from outside: a context file) fits a `len`-byte
-// serialized ciphertext: moduli valid, 2T arrays in order, inside the buffer, not overlapping.
-void check_layout(const CiphertextLayout& layout, size_t len);
+// serialized ciphertext: moduli valid, `elements` * T arrays in order (2: c0 and c1; 1: a
+// partial decryption), inside the buffer, not overlapping.
+void check_layout(const CiphertextLayout& layout, size_t len, size_t elements = 2);
 
 // Copies the residues of c0 then c1 (2 * T * ring_dim values, tower-major within each element)
 // out of a serialized ciphertext; each must be below its tower's modulus.

@@ -278,7 +278,7 @@ def test_threshold_partial_decryptions_are_flooded(flood_federation, monkeypatch
     for present in ([0, 1], None):
         ids = present or [0, 1, 2]
         out = fs.combine_partials(agg, [fs.partial_decrypt(parties[i], agg, present)
-                                        for i in ids], layout)
+                                        for i in ids], layout, ctx=parties[0])
         for name, r in ref.items():
             assert np.abs(out[name].double().numpy() - r).max() <= 1e-6 + 1e-7
     # the flooding is in every share: inflate W and measure the fused noise of 3 parties
@@ -298,7 +298,7 @@ def test_threshold_partial_decryptions_are_flooded(flood_federation, monkeypatch
                 monkeypatch.setattr(flooding, "flood_width", lambda params, n_parties=1: 0)
             shares.append(fs.partial_decrypt(parties[i], zagg))
             monkeypatch.setattr(flooding, "flood_width", lambda params, n_parties=1: width)
-        std = _zero_state_error_std(fs.combine_partials(zagg, shares, zlayout))
+        std = _zero_state_error_std(fs.combine_partials(zagg, shares, zlayout, ctx=server))
         expect = target * np.sqrt(len(ids))
         assert 0.9 * expect < std < 1.1 * expect, (ids, std, expect)
 
@@ -401,7 +401,7 @@ def test_flooding_party_context_files(flood_federation):
     agg = fs.aggregate(server2, [fs.encrypt_update(p, s, layout, weight=w)
                                  for p, s, w in zip(loaded, states, weights)])
     out = fs.combine_partials(agg, [fs.partial_decrypt(loaded[i], agg, [1, 2]) for i in (1, 2)],
-                              layout)
+                              layout, ctx=loaded[1])
     for name, r in weighted_average(states, weights).items():
         assert np.abs(out[name].double().numpy() - r).max() <= 1e-6 + 1e-7
     # a key share of one tower's length (a one-tower party file spliced in) is refused on load

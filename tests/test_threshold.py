@@ -49,6 +49,9 @@ class Federation:
     def shares(self, ids, present=None, agg=None):
         return [fs.partial_decrypt(self.parties[i], agg or self.agg, present) for i in ids]
 
+    def combine(self, shares, agg=None):
+        return fs.combine_partials(agg or self.agg, shares, self.layout, ctx=self.parties[0])
+
     def check(self, out, weights=None) -> None:
         tol = tolerance(weights or self.weights)
         for name, ref in self.reference.items():
@@ -96,9 +99,9 @@ def test_one_party_alone_cannot_decrypt(n_of_n):
     with pytest.raises(fs.KeyMaterialError, match="party 1's key share"):
         fs.decrypt_update(party, n_of_n.agg, n_of_n.layout)
     with pytest.raises(fs.NotEnoughShares, match="1 shares given, 3 needed"):
-        fs.combine_partials(n_of_n.agg, n_of_n.shares([1]), n_of_n.layout)
+        fs.combine_partials(n_of_n.agg, n_of_n.shares([1]), n_of_n.layout, ctx=party)
     with pytest.raises(fs.NotEnoughShares, match="0 partial"):
-        fs.combine_partials(n_of_n.agg, [], n_of_n.layout)
+        fs.combine_partials(n_of_n.agg, [], n_of_n.layout, ctx=party)
 
 
 def test_party_and_server_contexts_share_the_fingerprint(t_of_n):
@@ -107,12 +110,12 @@ def test_party_and_server_contexts_share_the_fingerprint(t_of_n):
 
 
 def test_n_of_n_decrypts_with_every_share(n_of_n):
-    n_of_n.check(fs.combine_partials(n_of_n.agg, n_of_n.shares([2, 0, 1]), n_of_n.layout))
+    n_of_n.check(n_of_n.combine(n_of_n.shares([2, 0, 1])))
 
 
 def test_n_minus_one_shares_fail_in_n_of_n(n_of_n):
     with pytest.raises(fs.NotEnoughShares, match=r"2 shares given, 3 needed.*missing parties \[2\]"):
-        fs.combine_partials(n_of_n.agg, n_of_n.shares([0, 1]), n_of_n.layout)
+        n_of_n.combine(n_of_n.shares([0, 1]))
     with pytest.raises(fs.NotEnoughShares, match="2 parties present"):
         fs.partial_decrypt(n_of_n.parties[0], n_of_n.agg, present=[0, 1])
 
@@ -122,7 +125,7 @@ def test_n_minus_one_shares_fail_in_n_of_n(n_of_n):
 def test_t_of_n_decrypts_with_any_present_set(t_of_n, present):
     ids = present or range(5)
     shares = t_of_n.shares(ids, present)
-    t_of_n.check(fs.combine_partials(t_of_n.agg, shares[::-1], t_of_n.layout))
+    t_of_n.check(t_of_n.combine(shares[::-1]))
 
 
 def test_t_of_n_fails_with_fewer_than_t(t_of_n):
@@ -130,38 +133,38 @@ def test_t_of_n_fails_with_fewer_than_t(t_of_n):
         fs.partial_decrypt(t_of_n.parties[1], t_of_n.agg, present=[1, 2])
     shares = t_of_n.shares([1, 2, 4], [1, 2, 4])
     with pytest.raises(fs.NotEnoughShares, match=r"2 shares given, 3 needed.*missing parties \[4\]"):
-        fs.combine_partials(t_of_n.agg, shares[:2], t_of_n.layout)
+        t_of_n.combine(shares[:2])
 
 
 def test_realistic_weights_stay_within_the_documented_tolerance():
     weights = [120.0, 75.0, 300.0]
     fed = Federation(3, threshold=2, weights=weights)
-    fed.check(fs.combine_partials(fed.agg, fed.shares([0, 2], [0, 2]), fed.layout), weights)
+    fed.check(fed.combine(fed.shares([0, 2], [0, 2])), weights)
 
 
 # -- bad shares and bad partial_decrypt calls -----------------------------------------------------
 def test_bad_shares_are_rejected(t_of_n, n_of_n):
-    agg, layout = t_of_n.agg, t_of_n.layout
+    agg, layout, ctx = t_of_n.agg, t_of_n.layout, t_of_n.parties[0]
     good = t_of_n.shares([0, 1, 2], [0, 1, 2])
     with pytest.raises(fs.InvalidUpdate, match="two shares of party 1"):
-        fs.combine_partials(agg, good + [good[1]], layout)
+        fs.combine_partials(agg, good + [good[1]], layout, ctx=ctx)
     other = t_of_n.shares([1, 2, 3], [1, 2, 3])
     with pytest.raises(fs.IncompatibleUpdate, match="present="):
-        fs.combine_partials(agg, good[:2] + other[1:2], layout)
+        fs.combine_partials(agg, good[:2] + other[1:2], layout, ctx=ctx)
     other_agg = fs.aggregate(t_of_n.server, t_of_n.updates[:2])
     with pytest.raises(fs.IncompatibleUpdate, match="different aggregate"):
-        fs.combine_partials(other_agg, good, layout)
+        fs.combine_partials(other_agg, good, layout, ctx=ctx)
     with pytest.raises(fs.IncompatibleUpdate, match="another context"):
-        fs.combine_partials(agg, n_of_n.shares([0, 1, 2]), layout)
+        fs.combine_partials(agg, n_of_n.shares([0, 1, 2]), layout, ctx=ctx)
     corrupted = bytearray(good[2])
     corrupted[len(corrupted) // 2] ^= 1
     for bad in (bytes(corrupted), good[2][:100], good[2][:-1], b"", b"FSHLDPDS" + bytes(64)):
         with pytest.raises(fs.InvalidUpdate):
-            fs.combine_partials(agg, good[:2] + [bad], layout)
+            fs.combine_partials(agg, good[:2] + [bad], layout, ctx=ctx)
     with pytest.raises(TypeError):
-        fs.combine_partials(agg, good[0], layout)
+        fs.combine_partials(agg, good[0], layout, ctx=ctx)
     with pytest.raises(fs.IncompatibleUpdate, match="another layout"):
-        fs.combine_partials(agg, good, fs.Layout.from_state_dict({"x": torch.zeros(3)}))
+        fs.combine_partials(agg, good, fs.Layout.from_state_dict({"x": torch.zeros(3)}), ctx=ctx)
 
 
 def test_forged_share_headers_are_rejected(t_of_n):
@@ -174,17 +177,16 @@ def test_forged_share_headers_are_rejected(t_of_n):
         return frame(PARTIAL_MAGIC, meta, sections)
 
     with pytest.raises(fs.InvalidUpdate, match="lead flag"):
-        fs.combine_partials(t_of_n.agg, [reframe(good[0], lead=False)] + good[1:], t_of_n.layout)
+        t_of_n.combine([reframe(good[0], lead=False)] + good[1:])
     with pytest.raises(fs.IncompatibleUpdate, match="not among the present"):
-        fs.combine_partials(t_of_n.agg, good[:2] + [reframe(good[2], party_id=3)], t_of_n.layout)
+        t_of_n.combine(good[:2] + [reframe(good[2], party_id=3)])
     with pytest.raises(fs.InvalidUpdate, match="malformed"):
-        fs.combine_partials(t_of_n.agg, good[:2] + [reframe(good[2], party_id=-1)],
-                            t_of_n.layout)
+        t_of_n.combine(good[:2] + [reframe(good[2], party_id=-1)])
     with pytest.raises(fs.InvalidUpdate, match="partial ciphertext"):
-        fs.combine_partials(t_of_n.agg, good[:2] + [frame(
+        t_of_n.combine(good[:2] + [frame(
             PARTIAL_MAGIC, {k: v for k, v in json.loads(json.dumps(
                 unframe(good[2], PARTIAL_MAGIC, "s", fs.InvalidUpdate)[0])).items()
-                if k != "sizes"}, [b"garbage"])], t_of_n.layout)
+                if k != "sizes"}, [b"garbage"])])
 
 
 def test_partial_decrypt_rejects_bad_calls(t_of_n, n_of_n):
@@ -264,7 +266,7 @@ def test_keygen_protocol_bytes_only_and_bad_messages():
            for i in range(2)]
     agg = fs.aggregate(server, ups).to_bytes()
     shares = [fs.partial_decrypt(parties[i], agg, present=[1, 2]) for i in (1, 2)]
-    out = fs.combine_partials(agg, shares, layout)
+    out = fs.combine_partials(agg, shares, layout, ctx=parties[1])
     ref = weighted_average(states, [1, 1])
     for name in ref:
         assert np.abs(out[name].double().numpy() - ref[name]).max() <= tolerance([WEIGHT_BOUND])
@@ -329,7 +331,8 @@ def test_everything_round_trips_through_bytes_and_files(t_of_n, tmp_path):
     agg = fs.aggregate(server, updates).to_bytes()
     present = [1, 3, 4]
     shares = [bytes(fs.partial_decrypt(loaded[i], agg, present)) for i in present]
-    t_of_n.check(fs.combine_partials(fs.EncryptedUpdate.from_bytes(agg), shares, t_of_n.layout))
+    t_of_n.check(fs.combine_partials(fs.EncryptedUpdate.from_bytes(agg), shares, t_of_n.layout,
+                                     ctx=server))
     # the public bytes of a party context are a server context: no party id, no key
     public = fs.load_context(loaded[2].to_bytes())
     assert not public.is_party and not public.has_secret_key
@@ -358,7 +361,8 @@ def test_shares_and_combination_in_fresh_processes(t_of_n, tmp_path):
         d = pathlib.Path(sys.argv[1])
         layout = fs.Layout.from_json((d / "layout.json").read_text())
         shares = [(d / f"share{i}.bin").read_bytes() for i in (3, 0, 2)]
-        out = fs.combine_partials((d / "agg.bin").read_bytes(), shares, layout)
+        ctx = fs.load_context(d / "party0.key")
+        out = fs.combine_partials((d / "agg.bin").read_bytes(), shares, layout, ctx=ctx)
         np.savez(d / "out.npz", **{k: v.numpy() for k, v in out.items()})
     """)
     for script in (make_shares, combine):

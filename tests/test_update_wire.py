@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 import fedshield as fs
 from fedshield import _native
 from conftest import RING_DIM, WIRE_OVERHEAD, make_state, weighted_average
+from mutation import MUTATION, mutate
+from mutation import reseal_update as reseal
 
 HEADER = 168
 FRESH_CIPHERTEXT_BYTES = 262891  # one fresh OpenFHE ciphertext at the default parameters
@@ -21,12 +23,6 @@ FRESH_CIPHERTEXT_BYTES = 262891  # one fresh OpenFHE ciphertext at the default p
 HYP = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                       HealthCheck.function_scoped_fixture])
-
-
-def reseal(data: bytes | bytearray) -> bytes:
-    """Recomputes the trailing checksum: what a forger (not a random bit flip) does."""
-    body = bytes(data[:-8])
-    return body + struct.pack("<Q", _native.checksum64(body))
 
 
 def set_residue(data: bytes, index: int, value: int, bits: int) -> bytes:
@@ -204,46 +200,6 @@ def test_forged_header_fields(small_update, offset, fmt, value, needle):
 
 
 # hypothesis: random truncations, flips, insertions and deletions of a valid update
-
-def _positions(n: int):
-    # half the edits land in the header + first residues, where the parser branches
-    return st.one_of(st.integers(0, HEADER + 64), st.integers(0, n - 1), st.just(n - 1))
-
-
-MUTATION = st.one_of(
-    st.tuples(st.just("flip"), st.integers(0, 10**9), st.integers(1, 255)),
-    st.tuples(st.just("set"), st.integers(0, 10**9), st.integers(0, 255)),
-    st.tuples(st.just("insert"), st.integers(0, 10**9), st.binary(min_size=1, max_size=16)),
-    st.tuples(st.just("delete"), st.integers(0, 10**9), st.integers(1, 16)),
-    st.tuples(st.just("truncate"), st.integers(0, 10**9), st.just(0)),
-)
-
-
-def _focus(pos: int, n: int) -> int:
-    """Maps a raw integer to a position, half of them in the header region."""
-    if n == 0:
-        return 0
-    if pos % 2 == 0:
-        return (pos // 2) % min(n, HEADER + 64)
-    return (pos // 2) % n
-
-
-def mutate(data: bytes, ops) -> bytes:
-    buf = bytearray(data)
-    for kind, pos, arg in ops:
-        at = _focus(pos, len(buf))
-        if kind == "flip" and buf:
-            buf[at] ^= arg
-        elif kind == "set" and buf:
-            buf[at] = arg
-        elif kind == "insert":
-            buf[at:at] = arg
-        elif kind == "delete":
-            del buf[at:at + arg]
-        elif kind == "truncate":
-            del buf[at:]
-    return bytes(buf)
-
 
 @HYP
 @given(ops=st.lists(MUTATION, min_size=1, max_size=4))

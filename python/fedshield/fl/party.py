@@ -182,7 +182,7 @@ class Party:
         agg = agg if isinstance(agg, EncryptedUpdate) else EncryptedUpdate.from_bytes(agg)
         mask = self._mask_for(agg, mask)
         if shares is not None:
-            return combine_partials(agg, shares, self.layout, mask=mask)
+            return combine_partials(agg, shares, self.layout, mask=mask, ctx=self.ctx)
         return decrypt_update(self.ctx, agg, self.layout, mask=mask)
 
     def apply_average(self, average: Mapping, version: int | None = None) -> None:

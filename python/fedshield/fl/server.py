@@ -24,7 +24,7 @@ import numpy as np
 from ..config import RunConfig
 from ..dp.accountant import dp_summary, epsilon_rdp
 from ..errors import FedShieldError
-from ..he import Context, EncryptedUpdate, PartialDecryption, aggregate, aggregate_digest
+from ..he import Context, EncryptedUpdate, PartialDecryption, aggregate
 from .messages import EvalReply, RoundPlan, SiteInfo, TrainReply
 from ..metrics import perplexity, weighted_loss
 from .record import RoundRecord, RunRecord
@@ -325,7 +325,6 @@ class Server:
         """
         r = self.current.round
         present = sorted(p for p in contributors if self.node_of(p) is not None)
-        digest = aggregate_digest(agg)
         for attempt in range(1, SHARE_ATTEMPTS + 1):
             if len(present) < self.threshold:
                 break
@@ -339,7 +338,7 @@ class Server:
                     self.exclude(r, "share", node, "no share before the timeout", drop=True)
                     failed.append(party)
                     continue
-                reason = self._share_problem(answer, party, digest, present)
+                reason = self._share_problem(answer, party, agg, present)
                 if reason is not None:
                     self.exclude(r, "share", node, reason)
                     failed.append(party)
@@ -356,20 +355,19 @@ class Server:
                   f"decryption needs {self.threshold}")
         return None
 
-    @staticmethod
-    def _share_problem(answer, party: int, digest: str, present: list[int]) -> str | None:
+    def _share_problem(self, answer, party: int, agg: EncryptedUpdate,
+                       present: list[int]) -> str | None:
         if isinstance(answer, BaseException):
             return str(answer)
         try:
             share = PartialDecryption.from_bytes(answer)
+            if share.party_id != party:
+                return f"share of party {share.party_id}"
+            if share.present != present:
+                return f"share made for present={share.present}"
+            share.check_for(self.ctx, agg)  # context, aggregate, residues below q (native)
         except FedShieldError as exc:
             return str(exc)
-        if share.party_id != party:
-            return f"share of party {share.party_id}"
-        if share.aggregate_digest != digest:
-            return "share of another aggregate"
-        if share.present != present:
-            return f"share made for present={share.present}"
         return None
 
     def finish_round(self, evals: Iterable[tuple[int, EvalReply | BaseException]]

@@ -23,6 +23,17 @@ own uniform flooding polynomial to its partial decryption before it leaves the p
 bits of statistical security; key shares are then 3 RNS towers, each Shamir-shared mod its own
 prime. The pre-scaling flooding needs also drowns OpenFHE's fixed 2**20: measured max |error|
 2.98e-8 (float32 rounding) over 65535 values for 3 and 5 parties at flood_bits 20 to 50.
+
+On the wire a partial ciphertext is its residues only (csrc/partial_codec.cpp: one polynomial,
+every tower bit-packed and below its modulus), like an update's. Whoever fuses the shares
+rebuilds OpenFHE's bytes from a template made from its own context (:func:`partial_template`),
+so OpenFHE never deserializes a byte that came from outside: a share whose OpenFHE
+serialization was edited used to crash the fusing process inside OpenFHE's deserializer
+(SIGSEGV, heap corruption, std::terminate), which no ``except`` can catch. Residues edited
+below q still fuse; their decryption is then uniformly spread over the modulus and fails the
+range check of :func:`combine_partials` (an honest aggregate's slots are bounded by the
+headroom), so a damaged share raises InvalidUpdate instead of returning a wrong average.
+The frame's digest is unkeyed: a share crafted by someone who relays it is not detected here.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ from ..errors import (IncompatibleUpdate, InvalidUpdate, KeyMaterialError, NotEn
                       ParameterError)
 from . import backend, flooding
 from .context import Context
-from .encryption import check_for_context, check_for_layout, unpack_average
+from .encryption import check_context, check_for_context, check_for_layout, unpack_average
 from .frames import frame, int_field, unframe
 from .layout import Layout
 from .threshold import MAX_PARTIES, check_party_context
@@ -131,20 +142,19 @@ def partial_decrypt(party_ctx: Context, agg, present: Optional[Iterable[int]] = 
     if params.flooding:
         width = flooding.flood_width(params, party_ctx.n_parties)
         roots = party_ctx.tower_roots
+    moduli = list(party_ctx.moduli)
     parts = []
     for blob in _native.decode_ciphertexts(agg.to_bytes(), template, ct_layout, threads):
         ct = backend.load_rebuilt_ciphertext(blob)
         part = (cc.MultipartyDecryptLead if lead else cc.MultipartyDecryptMain)([ct], key)[0]
-        part = backend.serialize(part)
+        buf = bytearray(backend.serialize(part))
         if params.flooding:
             # this party's own flooding, added to its share before the share leaves it
             # (fedshield.he.flooding): the one element of a partial decryption, every tower
-            buf = bytearray(part)
-            offsets = _native.find_residue_arrays(buf, params.ring_dim, list(party_ctx.moduli),
-                                                  len(party_ctx.moduli))
+            offsets = _native.find_residue_arrays(buf, params.ring_dim, moduli, len(moduli))
             flooding.flood(buf, offsets, party_ctx.moduli, roots, params.ring_dim, width)
-            part = bytes(buf)
-        parts.append(part)
+        # only the residues leave: the receiver rebuilds OpenFHE's bytes from its own template
+        parts.append(_native.encode_partial(buf, params.ring_dim, moduli))
     meta = {"party_id": pid, "n_parties": party_ctx.n_parties,
             "threshold": party_ctx.threshold, "present": ids, "lead": lead,
             "context_fp": party_ctx.fingerprint.hex(), "aggregate": aggregate_digest(agg),
@@ -187,34 +197,82 @@ class PartialDecryption:
     def aggregate_digest(self) -> str | None:
         return self.meta.get("aggregate")
 
+    def check_for(self, ctx: Context, agg: EncryptedUpdate) -> None:
+        """What anyone holding the (public) context can check without openfhe: the share was
+        made under ``ctx`` for ``agg``, holds one partial ciphertext per ciphertext of ``agg``,
+        and each is ``ctx``'s packed residues, every one below its tower's modulus (native).
+        IncompatibleUpdate or InvalidUpdate otherwise."""
+        pid = self.party_id
+        if self.meta.get("context_fp") != ctx.fingerprint.hex():
+            raise IncompatibleUpdate(f"the share of party {pid} was made under another context")
+        if self.meta.get("aggregate") != aggregate_digest(agg):
+            raise IncompatibleUpdate(f"the share of party {pid} decrypts a different aggregate "
+                                     f"(round {self.meta.get('round')!r}, this is round "
+                                     f"{agg.round})")
+        if len(self.parts) != agg.n_ciphertexts:
+            raise InvalidUpdate(f"the share of party {pid} holds {len(self.parts)} partial "
+                                f"ciphertexts, the aggregate {agg.n_ciphertexts}")
+        for k, part in enumerate(self.parts):
+            try:
+                _native.check_partial(part, ctx.params.ring_dim, list(ctx.moduli))
+            except InvalidUpdate as exc:
+                raise InvalidUpdate(f"the share of party {pid}, partial ciphertext {k}: "
+                                    f"{exc}") from exc
+
+
+def partial_template(ctx: Context) -> dict[bool, tuple[bytes, tuple]]:
+    """lead flag -> (OpenFHE serialization of a partial decryption under ``ctx`` with zeroed
+    residues, its layout: ring_dim, the moduli, one residue offset per tower, its size).
+
+    Parsed once per context from real MultipartyDecryptLead/Main outputs (of the zero
+    ciphertext, under a throwaway key: no key material of ``ctx`` is involved), never guessed:
+    OpenFHE's outputs need not share the layout of fresh ciphertexts.
+    """
+    def make() -> dict[bool, tuple[bytes, tuple]]:
+        cc, _, _ = ctx.openfhe_objects()
+        backend.enable_multiparty(cc)
+        zero = backend.load_rebuilt_ciphertext(ctx.ciphertext_template[0])
+        throwaway = cc.KeyGen().secretKey
+        n, moduli = ctx.params.ring_dim, list(ctx.moduli)
+        out = {}
+        for lead, decrypt in ((True, cc.MultipartyDecryptLead),
+                              (False, cc.MultipartyDecryptMain)):
+            blob = bytearray(backend.serialize(decrypt([zero], throwaway)[0]))
+            offsets = _native.find_residue_arrays(blob, n, moduli, len(moduli))
+            for off in offsets:
+                blob[off:off + 8 * n] = bytes(8 * n)
+            out[lead] = (bytes(blob), (n, *moduli, *offsets, len(blob)))
+        return out
+
+    return ctx.cached("partial_template", make)
+
 
 def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mapping] = None, *,
-                     threads: int = 0) -> dict:
+                     ctx: Context, threads: int = 0) -> dict:
     """Fuses the partial decryptions of every present party into name -> tensor
     = sum(w*x) / sum(w), like :func:`fedshield.decrypt_update`.
 
-    Raises NotEnoughShares when a present party's share is missing, InvalidUpdate for malformed
-    or duplicate shares, IncompatibleUpdate for shares of another aggregate, context or set of
-    present parties.
+    ``ctx``: any context of the key set (a party's, or the public one): the shares' OpenFHE
+    bytes are rebuilt from its template, never taken from the shares.
+    Raises NotEnoughShares when a present party's share is missing, InvalidUpdate for malformed,
+    damaged or duplicate shares, IncompatibleUpdate for shares of another aggregate, context or
+    set of present parties.
     """
+    check_context(ctx)
     agg = _as_update(agg)
     if not isinstance(layout, Layout):
         raise TypeError(f"expected a fedshield Layout, got {type(layout).__name__}")
     if isinstance(shares, (bytes, bytearray, memoryview)):
         raise TypeError("shares must be an iterable of share bytes, not one bytes object")
+    check_for_context(ctx, agg)
     parsed = [PartialDecryption.from_bytes(s) for s in shares]
     if not parsed:
         raise NotEnoughShares("0 partial decryptions given; every present party's is needed")
     first = parsed[0].meta
-    digest = aggregate_digest(agg)
     by_party: dict[int, PartialDecryption] = {}
     for share in parsed:
         m, pid = share.meta, share.party_id
-        if m.get("context_fp") != agg.context_fingerprint.hex():
-            raise IncompatibleUpdate(f"the share of party {pid} was made under another context")
-        if m.get("aggregate") != digest:
-            raise IncompatibleUpdate(f"the share of party {pid} decrypts a different aggregate "
-                                     f"(round {m.get('round')!r}, this is round {agg.round})")
+        share.check_for(ctx, agg)
         if (m["present"], m["n_parties"], m["threshold"]) != (
                 first["present"], first["n_parties"], first["threshold"]):
             raise IncompatibleUpdate(f"the share of party {pid} was made for present="
@@ -224,9 +282,6 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
                                      f"parties {m['present']}")
         if pid in by_party:
             raise InvalidUpdate(f"two shares of party {pid}")
-        if len(share.parts) != agg.n_ciphertexts:
-            raise InvalidUpdate(f"the share of party {pid} holds {len(share.parts)} partial "
-                                f"ciphertexts, the aggregate {agg.n_ciphertexts}")
         by_party[pid] = share
     present, n, t = first["present"], first["n_parties"], first["threshold"]
     if len(present) < t:
@@ -241,28 +296,40 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
     # party's context; here only the layout and mask remain to check.
     check_for_layout(agg, layout, mask)
 
-    o = backend.openfhe()
+    templates = partial_template(ctx)
     packing = _packing_of(agg)
-    n_ct = agg.n_ciphertexts
     order = [by_party[i] for i in present]
     buffers = []
-    for k in range(n_ct):
-        try:
-            cts = [o.DeserializeCiphertextString(s.parts[k], o.BINARY) for s in order]
-        except Exception as exc:  # the binding raises RuntimeError or a cereal error
-            raise InvalidUpdate(f"a partial ciphertext does not deserialize: {exc}") from exc
-        if any(ct.NumberCiphertextElements() != 1 for ct in cts):
-            raise InvalidUpdate("a partial decryption holds more than one ciphertext element")
+    for k in range(agg.n_ciphertexts):
+        cts = [backend.load_rebuilt_ciphertext(
+                   _native.rebuild_partial(s.parts[k], *templates[s.meta["lead"]]))
+               for s in order]
         cc = cts[0].GetCryptoContext()
         backend.enable_multiparty(cc)
         try:
             pt = cc.MultipartyDecryptFusion(cts)
-        except Exception as exc:
+            pt.SetLength(agg.header["ring_dim"] // 2)
+            values = np.asarray(pt.GetCKKSPackedValue(), dtype=np.complex128)
+        except Exception as exc:  # the binding raises RuntimeError for what OpenFHE refuses
             raise InvalidUpdate(f"the partial decryptions do not fuse: {exc}") from exc
-        pt.SetLength(agg.header["ring_dim"] // 2)
-        values = np.asarray(pt.GetCKKSPackedValue(), dtype=np.complex128)
+        _check_fused(values, agg, ctx.params)
         buffers.append(values.view(np.float64) if packing == "complex" else values.real.copy())
     return unpack_average(np.ascontiguousarray(np.concatenate(buffers)), layout, mask, threads)
+
+
+def _check_fused(values: np.ndarray, agg: EncryptedUpdate, params) -> None:
+    """Every fused slot must lie within what an aggregate of agg.n_summed updates can hold.
+
+    A share whose residues were changed fuses into values spread over the whole modulus
+    (thousands of times the headroom), so this catches damage a frame digest recomputed by a
+    relay hides; the tolerance (one unit on top of the headroom) is far above CKKS noise.
+    """
+    bound = (agg.n_summed * params.value_bound + 1.0) * 2.0 ** params.prescale_bits
+    worst = float(np.max(np.abs(values.view(np.float64)))) if values.size else 0.0
+    if not worst <= bound:  # also NaN
+        raise InvalidUpdate(f"the fused partial decryptions hold a value of magnitude "
+                            f"{worst:.3g}, beyond the {bound:.3g} an aggregate of "
+                            f"{agg.n_summed} updates can reach: a share was damaged or forged")
 
 
 def _packing_of(agg) -> str:
@@ -274,4 +341,4 @@ def _packing_of(agg) -> str:
 
 
 __all__ = ["PARTIAL_MAGIC", "PartialDecryption", "aggregate_digest", "combine_partials",
-           "partial_decrypt"]
+           "partial_decrypt", "partial_template"]
