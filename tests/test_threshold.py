@@ -19,7 +19,7 @@ import fedshield as fs
 from fedshield import _native
 from fedshield.he import threshold as th
 from fedshield.he.frames import frame, unframe
-from fedshield.he.partial import PARTIAL_MAGIC
+from fedshield.he.partial import PARTIAL_MAGIC, PartialDecryption
 
 from conftest import make_state, weighted_average
 
@@ -470,3 +470,38 @@ def test_parties_refuse_an_aggregate_of_one_update():
     lonely = fs.aggregate(server, [fs.encrypt_update(parties[0], make_state(1), layout)])
     with pytest.raises(fs.IncompatibleUpdate, match="at least 2"):
         fs.partial_decrypt(parties[1], lonely)
+
+
+def test_shares_carry_residues_only_and_are_checked_natively(t_of_n):
+    """A share's sections are its bit-packed residues (no OpenFHE bytes travel); a residue at
+    or above q, a wrong size or a second tower is refused by the native check the keyless
+    server runs too, before anything reaches OpenFHE."""
+    good = t_of_n.shares([0, 1, 2], [0, 1, 2])
+    ctx, server = t_of_n.parties[0], t_of_n.server
+    n, q = ctx.params.ring_dim, ctx.modulus
+    meta, sections = unframe(good[2], PARTIAL_MAGIC, "share", fs.InvalidUpdate)
+    assert [len(s) for s in sections] == [_native.partial_bytes(n, [q])] == [n * 60 // 8]
+    meta.pop("sizes")
+
+    def with_residue(index: int, value: int) -> bytes:
+        packed = int.from_bytes(sections[0], "little")
+        mask = ((1 << 60) - 1) << (60 * index)
+        packed = (packed & ~mask) | (value << (60 * index))
+        return frame(PARTIAL_MAGIC, meta, [packed.to_bytes(len(sections[0]), "little")])
+
+    share = PartialDecryption.from_bytes(good[2])
+    share.check_for(server, t_of_n.agg)  # the server's own check passes an honest share
+    for bad, needle in ((with_residue(7, q), "not below its modulus"),
+                        (with_residue(n - 1, 2**60 - 1), "not below its modulus"),
+                        (frame(PARTIAL_MAGIC, meta, [sections[0][:-1]]), "bytes, expected"),
+                        (frame(PARTIAL_MAGIC, meta, [sections[0] * 2]), "bytes, expected")):
+        with pytest.raises(fs.InvalidUpdate, match=needle):
+            PartialDecryption.from_bytes(bad).check_for(server, t_of_n.agg)
+        with pytest.raises(fs.InvalidUpdate, match=needle):
+            t_of_n.combine(good[:2] + [bad])
+    # q - 1 is a legal residue: it passes the native check and fails the range check of the
+    # fused values (the residue changed, so the share no longer decrypts this aggregate)
+    with pytest.raises(fs.InvalidUpdate, match="beyond the .* an aggregate of 5 updates"):
+        t_of_n.combine(good[:2] + [with_residue(7, q - 1)])
+    with pytest.raises(fs.IncompatibleUpdate, match="another context"):
+        share.check_for(fs.keygen_threshold(fs.CKKSParams(), 3)[1], t_of_n.agg)
