@@ -80,7 +80,8 @@ def test_payload_round_trip_in_chunks():
 
 
 @pytest.mark.parametrize("damage", ["drop_chunk", "flip_byte", "wrong_stype", "missing",
-                                    "bad_meta"])
+                                    "bad_meta", "extra_chunk", "renamed_chunk", "long_chunk",
+                                    "bool_chunks"])
 def test_payload_damage_is_detected(damage):
     blob = os.urandom(5000)
     content = RecordDict()
@@ -99,8 +100,61 @@ def test_payload_damage_is_detected(damage):
         del content["p"]
     elif damage == "bad_meta":
         meta["nbytes"] = -1
+    elif damage == "extra_chunk":
+        arrays["000005"] = arrays["000000"]
+    elif damage == "renamed_chunk":
+        arrays["x"] = arrays.pop("000003")
+    elif damage == "long_chunk":
+        arrays["000004"] = flwr.common.Array(dtype="uint8", shape=(1001,),
+                                             stype=records.STYPE_UPDATE, data=bytes(1001))
+    elif damage == "bool_chunks":
+        meta["chunks"] = True
     with pytest.raises(fs.InvalidUpdate):
         records.get_payload(content, "p", records.STYPE_UPDATE)
+
+
+HUGE_COUNTS_CHILD = textwrap.dedent("""
+    import json, os, sys, tracemalloc
+    from flwr.common import RecordDict
+    import fedshield as fs
+    from fedshield.flower import records
+
+    results = []
+    for nbytes, chunks in json.loads(sys.argv[1]):
+        content = RecordDict()
+        records.put_payload(content, "p", os.urandom(5000), records.STYPE_UPDATE,
+                            chunk_bytes=1000)
+        meta = content.config_records["p.meta"]
+        meta["chunks"] = chunks
+        if nbytes is not None:
+            meta["nbytes"] = nbytes
+        tracemalloc.start()
+        try:
+            records.get_payload(content, "p", records.STYPE_UPDATE)
+            outcome = "accepted"
+        except fs.InvalidUpdate as exc:
+            outcome = str(exc)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        results.append([outcome, peak])
+    print(json.dumps(results))
+""")
+
+
+def test_payload_counts_are_bounded_before_anything_is_allocated():
+    """Issue 15, item 2: chunks=10**7 in a payload's metadata cost 9.5 s and 1.25 GB before it
+    was rejected, chunks=2**62 never finished. Both values (with the true size, and with a
+    declared size that would admit them) are now refused from the arrays that arrived, with
+    at most a few kB allocated; the child's timeout only catches a regression that hangs."""
+    cases = [[None, 10**7], [None, 2**62], [2**40, 10**7], [2**40, 2**40], [5000, 6]]
+    proc = subprocess.run([sys.executable, "-c", HUGE_COUNTS_CHILD, json.dumps(cases)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (nbytes, chunks), (outcome, peak) in zip(cases, results):
+        assert outcome != "accepted", (nbytes, chunks)
+        assert f"chunks={chunks}" in outcome or f"says {chunks}" in outcome, outcome
+        assert peak < 1 << 20, (nbytes, chunks, peak)  # the old code: 1.25 GB at 10**7
 
 
 def _reply(node: int, content: RecordDict, message_type: str = "train") -> Message:
