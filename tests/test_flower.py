@@ -7,6 +7,7 @@ Skips only where flwr is not importable (`make test` installs the flower extra).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -332,6 +333,127 @@ def test_nodes_connecting_after_enrolment_are_reported(server_ctx):
     strategy = EncryptedFedAvg(enrolled_server(server_ctx, [0, 1], node=lambda p: p + 1))
     strategy.enrolment_nodes = {1, 2}
     assert strategy.late_nodes(_Grid([1, 2, 7])) == [7]
+
+
+# -- NaN and inf in a reply: that reply is excluded, the run goes on (issue 15, item 3) ---------
+
+NON_FINITE = [math.nan, math.inf, -math.inf]
+
+
+class _JoinGrid(_Grid):
+    """Answers every join query with the fields ``fields_of(node)`` (a Flower reply)."""
+
+    def __init__(self, fields_of):
+        super().__init__(sorted(fields_of.keys()))
+        self.fields_of = fields_of
+
+    def send_and_receive(self, messages, timeout=None):
+        return [Message(RecordDict({records.FIELDS: ConfigRecord(
+                    self.fields_of[m.metadata.dst_node_id])}), reply_to=m) for m in messages]
+
+
+def _site_fields(ctx, party, **changes):
+    info = SiteInfo(party=party, name=f"site-{party}", data="d.jsonl", train_examples=8,
+                    eval_examples=2, eval_loss=1.5, context_fp=ctx.fingerprint.hex())
+    return {**info.to_fields(), "version": 0, **changes}
+
+
+def test_non_finite_join_replies_are_excluded(server_ctx):
+    """A site enrolling with a NaN or infinite eval loss (the first stage that used to abort
+    the whole run with ValueError/OverflowError) is left out with its reason; the others
+    enrol and their initial loss is finite."""
+    cfg = RunConfig.from_flat(clients=5, min_clients=2, engine="flower")
+    strategy = EncryptedFedAvg(Server(cfg, server_ctx, engine="flower"))
+    fields = {1: _site_fields(server_ctx, 0), 2: _site_fields(server_ctx, 1)}
+    for node, bad in enumerate(NON_FINITE, start=3):
+        fields[node] = _site_fields(server_ctx, node - 1, **{"eval-loss": bad})
+    participants = strategy.enroll(_JoinGrid(fields), timeout=5)
+    assert participants == {1: 0, 2: 1}
+    reasons = {e["node"]: e["reason"] for e in strategy.events}
+    assert set(reasons) == {3, 4, 5}
+    for node, bad in enumerate(NON_FINITE, start=3):
+        assert f"eval-loss={bad!r}" in reasons[node] and "not a finite number" in reasons[node]
+    assert math.isfinite(strategy.server.record.initial_eval_loss)
+
+
+TRAIN_FAULTS = [("train-loss", math.nan), ("train-loss", math.inf), ("kept", math.nan),
+                ("seconds-train", math.inf), ("seconds-encrypt", -math.inf),
+                ("update-norm", math.nan)]
+EVAL_FAULTS = [("eval-loss", math.nan), ("eval-loss", math.inf),
+               ("seconds-decrypt", math.inf), ("seconds-decrypt", math.nan)]
+
+
+def test_non_finite_train_and_evaluate_replies_are_excluded(client_ctx, server_ctx):
+    """NaN/inf metrics in train replies (loss, kept fraction, timings, DP norm) and evaluate
+    replies (eval loss, decrypt time) exclude that reply with its reason; the round aggregates
+    the others, decrypts to their average, and its record holds finite numbers only."""
+    n_bad = len(TRAIN_FAULTS)
+    server = enrolled_server(server_ctx, list(range(2 + n_bad)), min_clients=2)
+    strategy = EncryptedFedAvg(server)
+    msgs = {m.metadata.dst_node_id: m
+            for m in strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None)}
+    states = [make_state(60 + i) for i in range(2 + n_bad)]
+    layout = fs.Layout.from_state_dict(states[0])
+    replies = []
+    for party, state in enumerate(states):
+        upd = fs.encrypt_update(client_ctx, state, layout, weight=2.0 + party % 2, round=1,
+                                weight_bound=8.0)
+        fields = {"party": party, "round": 1, "train-loss": 1.0, "kept": 1.0,
+                  "seconds-train": 0.1, "seconds-prune": 0.0, "seconds-encrypt": 0.1}
+        if party >= 2:
+            name, bad = TRAIN_FAULTS[party - 2]
+            fields[name] = bad
+        content = RecordDict({records.FIELDS: ConfigRecord(fields)})
+        records.put_payload(content, records.UPDATE, upd.to_bytes(), records.STYPE_UPDATE)
+        replies.append(Message(content, reply_to=msgs[100 + party]))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    entry = strategy.rounds[-1]
+    assert entry.clients == [0, 1] and metrics["train-loss"] == 1.0
+    reasons = {e["node"]: e["reason"] for e in strategy.events}
+    for party, (name, bad) in enumerate(TRAIN_FAULTS, start=2):
+        assert f"{name}={bad!r}" in reasons[100 + party], reasons
+    agg = fs.EncryptedUpdate.from_bytes(b"".join(arrays[k].data for k in sorted(arrays.keys())))
+    out = fs.decrypt_update(client_ctx, agg, layout)
+    ref = weighted_average(states[:2], [2.0, 3.0])
+    for name in ref:
+        np.testing.assert_allclose(out[name].double().numpy(), ref[name], atol=1e-6)
+
+    # evaluate: every participant applies the aggregate; party 1 reports a non-finite metric
+    for name, bad in EVAL_FAULTS:
+        events_before = len(strategy.events)
+        strategy._pending = {"agg": agg, "shares": {}, "present": [0, 1]}
+        sent = {m.metadata.dst_node_id: m for m in strategy.configure_evaluate(
+            1, ArrayRecord(), ConfigRecord(), grid=None)}
+        assert set(sent) == set(range(100, 102 + n_bad))
+        evals = []
+        for node, msg in sent.items():
+            fields = {"party": node - 100, "version": 1, "eval-loss": 1.25,
+                      "eval-examples": 2, "seconds-decrypt": 0.1}
+            if node == 101:
+                fields[name] = bad
+            evals.append(Message(RecordDict({records.FIELDS: ConfigRecord(fields)}),
+                                 reply_to=msg))
+        metrics = strategy.aggregate_evaluate(1, evals)
+        assert metrics["eval-loss"] == 1.25
+        new = strategy.events[events_before:]
+        assert [(e["node"], e["stage"]) for e in new] == [(101, "evaluate")], new
+        assert f"{name}={bad!r}" in new[0]["reason"]
+        record = strategy.rounds[-1].to_dict()
+        assert record["site_eval_loss"][:3] == [1.25, None, 1.25]
+        assert all(math.isfinite(v) for v in record["seconds"].values())
+        # the faulty site was dropped as out of step; enrol it again for the next case
+        server.participants[101] = 1
+        server.current = entry
+    json.dumps(strategy.server.record.to_dict(), allow_nan=False)  # strict JSON: no NaN
+
+
+def test_share_reply_with_non_finite_seconds_is_invalid():
+    from fedshield.fl.messages import InvalidMessage, ShareReply
+
+    assert ShareReply.from_fields({"seconds": 0.5}, b"x").seconds == 0.5
+    for bad in NON_FINITE:
+        with pytest.raises(InvalidMessage, match="seconds"):
+            ShareReply.from_fields({"seconds": bad}, b"x")
 
 
 def test_server_refuses_a_secret_key(client_ctx):

@@ -184,3 +184,19 @@ class EvalReply:
                    eval_loss=_float(fields, "eval-loss", 0.0),
                    eval_examples=_int(fields, "eval-examples", 1),
                    seconds_decrypt=_float(fields, "seconds-decrypt", 0.0))
+
+
+@dataclass(frozen=True)
+class ShareReply:
+    """A threshold party's partial decryption of the round's aggregate (its bytes are screened
+    by the Server) and how long making it took."""
+
+    share: bytes
+    seconds: float = 0.0
+
+    def to_fields(self) -> dict:
+        return {"seconds": self.seconds}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping, share: bytes) -> "ShareReply":
+        return cls(share=share, seconds=_float(fields, "seconds", 0.0))

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..errors import FedShieldError
-from ..fl.messages import EvalReply, InvalidMessage, SiteInfo, TrainReply
+from ..fl.messages import EvalReply, InvalidMessage, ShareReply, SiteInfo, TrainReply
 from ..fl.server import Server
 from ..he import EncryptedUpdate
 from .records import (AGGREGATE, CHUNK_BYTES, FIELDS, JOIN, SHARE, SHARE_REQUEST,
@@ -176,10 +176,13 @@ class EncryptedFedAvg(FedAvg):
                 try:
                     if msg.has_error():
                         raise InvalidMessage(f"error: {msg.error.reason}")
-                    answers[party] = get_payload(msg.content, SHARE, STYPE_SHARE)
-                    seconds.append(float(message_fields(msg).get("seconds", 0.0)))
-                except (FedShieldError, TypeError, ValueError) as exc:
+                    reply = ShareReply.from_fields(message_fields(msg),
+                                                   get_payload(msg.content, SHARE, STYPE_SHARE))
+                except FedShieldError as exc:
                     answers[party] = exc
+                    continue
+                answers[party] = reply.share
+                seconds.append(reply.seconds)
             self.server.current.seconds["decrypt"] += max(seconds, default=0.0)
             return answers
         return ask
