@@ -4,8 +4,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <cstring>
 #include <optional>
+#include <utility>
 
 #include "aggregate.hpp"
 #include "bitpack.hpp"
@@ -164,6 +166,8 @@ void bind_errors(py::module_&) {
             raise("IncompatibleUpdate", e.what());
         } catch (const ValueRangeError& e) {
             raise("HeadroomError", e.what());
+        } catch (const ConcurrentUseError& e) {
+            raise("ConcurrentUseError", e.what());
         }
     });
 }
@@ -369,8 +373,35 @@ void bind_flood(py::module_& m) {
        "serialized polynomial, in place.");
 }
 
+// The Aggregator releases the GIL while it folds an update in, so two Python threads sharing
+// one could interleave add() and result() on the same accumulator (wrong sums, and a
+// heap-use-after-free under ASan). The binding refuses a call while another is running.
+struct GuardedAggregator {
+    template <class... Args>
+    explicit GuardedAggregator(Args&&... args) : agg(std::forward<Args>(args)...) {}
+    Aggregator agg;
+    std::atomic<bool> busy{false};
+};
+
+class InUse {
+public:
+    InUse(std::atomic<bool>& flag, const char* call) : flag_(flag) {
+        bool idle = false;
+        if (!flag_.compare_exchange_strong(idle, true))
+            throw ConcurrentUseError(std::string("Aggregator.") + call + ": another thread is "
+                                     "using this aggregator; an Aggregator is not thread-safe: "
+                                     "use one per thread, or serialize the calls");
+    }
+    ~InUse() { flag_.store(false); }
+    InUse(const InUse&) = delete;
+    InUse& operator=(const InUse&) = delete;
+
+private:
+    std::atomic<bool>& flag_;
+};
+
 void bind_aggregator(py::module_& m) {
-    py::class_<Aggregator>(m, "Aggregator")
+    py::class_<GuardedAggregator>(m, "Aggregator")
         .def(py::init([](const py::bytes& context_fp, const py::object& modulus, uint32_t ring_dim,
                          uint32_t max_summed, unsigned threads, uint8_t packing,
                          bool allow_aggregates, std::optional<uint64_t> round,
@@ -397,24 +428,29 @@ void bind_aggregator(py::module_& m) {
                      e.has_weight_bound = true;
                      e.weight_bound = *weight_bound;
                  }
-                 return new Aggregator(fingerprint_of(context_fp, "context_fp"),
-                                       moduli_of(modulus), ring_dim,
-                                       max_summed, threads, e);
+                 return new GuardedAggregator(fingerprint_of(context_fp, "context_fp"),
+                                              moduli_of(modulus), ring_dim, max_summed,
+                                              threads, e);
              }),
              py::arg("context_fp"), py::arg("modulus"), py::arg("ring_dim"),
              py::arg("max_summed"), py::arg("threads") = 0, py::arg("packing") = 1,
              py::arg("allow_aggregates") = false, py::arg("round") = py::none(),
              py::arg("layout_fp") = py::none(), py::arg("mask_fp") = py::none(),
              py::arg("weight_bound") = py::none())
-        .def("add", [](Aggregator& self, const py::buffer& b) {
+        .def("add", [](GuardedAggregator& self, const py::buffer& b) {
             auto v = bytes_of(b);
+            InUse in_use(self.busy, "add");
             py::gil_scoped_release nogil;
-            self.add(v.data(), v.size());
+            self.agg.add(v.data(), v.size());
         }, "Validates one serialized update and folds it into the running sum.")
-        .def_property_readonly("count", &Aggregator::count)
-        .def("result", [](const Aggregator& self) {
-            return filled_bytes(self.result_size(),
-                                [&](uint8_t* out) { self.write_result(out); });
+        .def_property_readonly("count", [](GuardedAggregator& self) {
+            InUse in_use(self.busy, "count");
+            return self.agg.count();
+        })
+        .def("result", [](GuardedAggregator& self) {
+            InUse in_use(self.busy, "result");
+            return filled_bytes(self.agg.result_size(),
+                                [&](uint8_t* out) { self.agg.write_result(out); });
         }, "The running sum as a serialized aggregate update.");
 }
 

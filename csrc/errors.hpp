@@ -20,4 +20,10 @@ struct ValueRangeError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
+// An object that is not thread-safe (the Aggregator) called from a second thread while one
+// call is still running: refused, never interleaved.
+struct ConcurrentUseError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
 }  // namespace fedshield

@@ -7,8 +7,9 @@ torch (Party, importance_mask, ImportanceResult) load it when first used.
 
 from importlib import import_module
 
-from .errors import (DataError, FedShieldError, HeadroomError, IncompatibleUpdate, InvalidUpdate,
-                     KeyMaterialError, NotEnoughShares, ParameterError, UnsupportedPlatform)
+from .errors import (ConcurrentUseError, DataError, FedShieldError, HeadroomError,
+                     IncompatibleUpdate, InvalidUpdate, KeyMaterialError, NotEnoughShares,
+                     ParameterError, UnsupportedPlatform)
 from .he import (DEFAULT_WEIGHT_BOUND, CKKSParams, Context, EncryptedUpdate, Layout, SharedKeys,
                  TensorSpec, aggregate, combine_partials, decrypt_update, encrypt_update,
                  keygen_shared, keygen_threshold, load_context, partial_decrypt, threshold)
@@ -31,7 +32,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "CKKSParams", "Context", "DataError", "DEFAULT_WEIGHT_BOUND", "EncryptedUpdate",
+    "CKKSParams", "ConcurrentUseError", "Context", "DataError", "DEFAULT_WEIGHT_BOUND", "EncryptedUpdate",
     "FedShieldError", "HeadroomError", "ImportanceResult", "IncompatibleUpdate",
     "InvalidUpdate", "KeyMaterialError", "Layout", "NotEnoughShares", "ParameterError", "Party",
     "SharedKeys", "TensorSpec", "UnsupportedPlatform", "aggregate", "combine_partials",

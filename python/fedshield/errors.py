@@ -39,3 +39,8 @@ class NotEnoughShares(FedShieldError):
 
 class UnsupportedPlatform(FedShieldError, RuntimeError):
     """The openfhe wheel cannot be imported on this interpreter."""
+
+
+class ConcurrentUseError(FedShieldError, RuntimeError):
+    """An object that is not thread-safe (e.g. the native Aggregator) was called from a second
+    thread while a call was still running; the call is refused, nothing is changed."""
