@@ -3,9 +3,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <algorithm>
 #include <cstring>
 
+#include "secure_wipe.hpp"
 #include "shamir.hpp"
 
 namespace py = pybind11;
@@ -38,6 +38,7 @@ void bind_shamir(py::module_& m) {
     m.def("shamir_split", [](const U64& secret, uint64_t modulus, unsigned threshold,
                              const std::vector<uint64_t>& xs) {
         std::vector<std::vector<uint64_t>> shares;
+        WipeOnExit<std::vector<uint64_t>> wipe_shares(shares);
         {
             py::gil_scoped_release nogil;
             shares = shamir_split(secret.data(), static_cast<size_t>(secret.size()), modulus,
@@ -47,7 +48,6 @@ void bind_shamir(py::module_& m) {
         for (auto& s : shares) {
             U64 a(static_cast<py::ssize_t>(s.size()));
             std::memcpy(a.mutable_data(), s.data(), s.size() * 8);
-            std::fill(s.begin(), s.end(), 0);
             out.append(a);
         }
         return out;

@@ -17,6 +17,7 @@
 #include "flood.hpp"
 #include "packing.hpp"
 #include "parallel.hpp"
+#include "secure_wipe.hpp"
 #include "update_codec.hpp"
 #include "wire.hpp"
 
@@ -350,6 +351,7 @@ void bind_flood(py::module_& m) {
             throw py::value_error("flood_residues: ring_dim out of range");
         // Residue arrays need not be 8-byte aligned in a serialization: work on copies.
         std::vector<std::vector<uint64_t>> towers(qs.size(), std::vector<uint64_t>(ring_dim));
+        WipeOnExit<std::vector<uint64_t>> wipe_towers(towers);  // a decryption before flooding
         std::vector<uint64_t*> ptrs;
         for (size_t i = 0; i < qs.size(); ++i) {
             const uint64_t off = offsets[i];

@@ -1,6 +1,5 @@
 #include "flood.hpp"
 
-#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -8,6 +7,7 @@
 #include <tuple>
 
 #include "errors.hpp"
+#include "secure_wipe.hpp"
 #include "shamir.hpp"
 
 namespace fedshield {
@@ -47,6 +47,7 @@ std::vector<u128> uniform_0_to(u128 top, size_t n) {
     const u128 mask = bits >= 128 ? ~u128{0} : ((u128{1} << bits) - 1);
     std::vector<u128> out(n);
     std::vector<u128> pool(n + 64);
+    WipeOnExit<u128> wipe_pool(pool);
     size_t filled = 0;
     while (filled < n) {
         random_bytes(reinterpret_cast<uint8_t*>(pool.data()), pool.size() * sizeof(u128));
@@ -55,7 +56,6 @@ std::vector<u128> uniform_0_to(u128 top, size_t n) {
             if (v <= top && filled < n) out[filled++] = v;
         }
     }
-    std::memset(pool.data(), 0, pool.size() * sizeof(u128));
     return out;
 }
 
@@ -138,7 +138,9 @@ void flood_towers(const std::vector<uint64_t*>& towers, size_t n,
             if (towers[i][j] >= moduli[i]) bad("a residue is not below its modulus");
     // f_j = u_j - w with u_j uniform in [0, 2w]
     std::vector<u128> u = uniform_0_to(2 * w, n);
+    WipeOnExit<u128> wipe_u(u);
     std::vector<uint64_t> f(n);
+    WipeOnExit<uint64_t> wipe_f(f);
     for (size_t i = 0; i < towers.size(); ++i) {
         const uint64_t q = moduli[i];
         const uint64_t w_mod = static_cast<uint64_t>(w % q);
@@ -147,8 +149,6 @@ void flood_towers(const std::vector<uint64_t*>& towers, size_t n,
         uint64_t* dst = towers[i];
         for (size_t j = 0; j < n; ++j) dst[j] = add_mod(dst[j], f[j], q);
     }
-    std::memset(u.data(), 0, u.size() * sizeof(u128));
-    std::memset(f.data(), 0, f.size() * 8);
 }
 
 }  // namespace fedshield

@@ -8,6 +8,7 @@
 
 #include "ciphertext_layout.hpp"
 #include "errors.hpp"
+#include "secure_wipe.hpp"
 
 namespace fedshield {
 namespace {
@@ -24,7 +25,8 @@ void uniform_mod(uint64_t* out, size_t n, uint64_t modulus) {
     unsigned bits = 0;
     while (bits < 64 && (modulus >> bits) != 0) ++bits;
     const uint64_t mask = bits >= 64 ? ~uint64_t{0} : (uint64_t{1} << bits) - 1;
-    std::vector<uint64_t> pool(n + 64);
+    std::vector<uint64_t> pool(n + 64);  // draws are polynomial coefficients: secret
+    WipeOnExit<uint64_t> wipe_pool(pool);
     size_t filled = 0;
     while (filled < n) {
         random_bytes(reinterpret_cast<uint8_t*>(pool.data()), pool.size() * 8);
@@ -84,6 +86,7 @@ std::vector<std::vector<uint64_t>> shamir_split(const uint64_t* secret, size_t n
         if (secret[i] >= modulus) throw ShamirInputError("shamir: secret residue not below q");
     // coefficients a_1..a_{t-1}, each n values
     std::vector<uint64_t> coeffs(static_cast<size_t>(threshold - 1) * n);
+    WipeOnExit<uint64_t> wipe_coeffs(coeffs);  // the polynomial determines the secret
     uniform_mod(coeffs.data(), coeffs.size(), modulus);
     std::vector<std::vector<uint64_t>> out(xs.size(), std::vector<uint64_t>(n));
     for (size_t k = 0; k < xs.size(); ++k) {
@@ -101,7 +104,6 @@ std::vector<std::vector<uint64_t>> shamir_split(const uint64_t* secret, size_t n
             dst[i] = acc;
         }
     }
-    std::memset(coeffs.data(), 0, coeffs.size() * 8);  // the polynomial determines the secret
     return out;
 }
 
