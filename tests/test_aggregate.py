@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -18,6 +17,7 @@ import torch
 import fedshield as fs
 from fedshield import _native
 from conftest import RING_DIM, make_mask, make_state, weighted_average
+from forgery import build_context, split_context
 
 ATOL = 1e-6
 
@@ -280,25 +280,9 @@ def test_serialized_contexts_do_not_leak_the_secret_key(client_ctx, server_ctx, 
 
 # -- load_context on hostile bytes ---------------------------------------------------------------
 
-def _split(blob: bytes) -> tuple[dict, list[bytes]]:
-    head_len = struct.unpack_from("<I", blob, 10)[0]
-    meta = json.loads(blob[14:14 + head_len])
-    at, sections = 14 + head_len, []
-    for _, size in meta["sections"]:
-        sections.append(blob[at:at + size])
-        at += size
-    return meta, sections
-
-
-def _build(meta, sections, version=1, raw_head: bytes | None = None) -> bytes:
-    head = raw_head if raw_head is not None else json.dumps(meta, sort_keys=True).encode()
-    body = b"FSHLDCTX" + struct.pack("<HI", version, len(head)) + head + b"".join(sections)
-    return body + hashlib.sha256(body).digest()
-
-
 def test_load_context_rebuild_helper_is_faithful(server_ctx):
     blob = server_ctx.to_bytes()
-    assert _build(*_split(blob)) == blob
+    assert build_context(*split_context(blob)) == blob
 
 
 @pytest.mark.parametrize("mutate", [
@@ -323,7 +307,7 @@ def test_load_context_rejects_corrupted(server_ctx, client_ctx, mutate):
 
 def _forgeries(blob: bytes, foreign_pk: bytes):
     """Well-sealed (digest recomputed) but malformed contexts."""
-    meta, secs = _split(blob)
+    meta, secs = split_context(blob)
 
     def m(**kw):
         d = json.loads(json.dumps(meta))
@@ -334,30 +318,31 @@ def _forgeries(blob: bytes, foreign_pk: bytes):
                 d[k] = v
         return d
 
-    yield "version", _build(meta, secs, version=2)
-    yield "json", _build(meta, secs, raw_head=b"{not json")
-    yield "json_list", _build(meta, secs, raw_head=b"[1, 2]")
-    yield "nested", _build(meta, secs, raw_head=b"[" * 100000 + b"]" * 100000)
-    yield "utf8", _build(meta, secs, raw_head=b"\xff\xfe")
+    yield "version", build_context(meta, secs, version=3)
+    yield "version_1", build_context(meta, secs, version=1)
+    yield "json", build_context(meta, secs, raw_head=b"{not json")
+    yield "json_list", build_context(meta, secs, raw_head=b"[1, 2]")
+    yield "nested", build_context(meta, secs, raw_head=b"[" * 100000 + b"]" * 100000)
+    yield "utf8", build_context(meta, secs, raw_head=b"\xff\xfe")
     for key in ("params", "sections", "modulus", "ct_layout", "role", "fingerprint"):
-        yield f"no_{key}", _build(m(**{key: ...}), secs)
-    yield "params_bad", _build(m(params={**meta["params"], "ring_dim": 2048}), secs)
-    yield "params_unknown", _build(m(params={**meta["params"], "x": 1}), secs)
-    yield "params_type", _build(m(params=[1, 2]), secs)
-    yield "modulus_str", _build(m(modulus="abc"), secs)
-    yield "modulus_inf", _build(m(modulus=float("inf")), secs)  # JSON "Infinity"
-    yield "modulus_other", _build(m(modulus=meta["modulus"] - 2), secs)
-    yield "fingerprint", _build(m(fingerprint="00" * 32), secs)
+        yield f"no_{key}", build_context(m(**{key: ...}), secs)
+    yield "params_bad", build_context(m(params={**meta["params"], "ring_dim": 2048}), secs)
+    yield "params_unknown", build_context(m(params={**meta["params"], "x": 1}), secs)
+    yield "params_type", build_context(m(params=[1, 2]), secs)
+    yield "modulus_str", build_context(m(modulus="abc"), secs)
+    yield "modulus_inf", build_context(m(modulus=float("inf")), secs)  # JSON "Infinity"
+    yield "modulus_other", build_context(m(modulus=meta["modulus"] - 2), secs)
+    yield "fingerprint", build_context(m(fingerprint="00" * 32), secs)
     sizes = [s for _, s in meta["sections"]]
-    yield "sizes", _build(m(sections=[[n, s + 1] for n, s in meta["sections"]]), secs)
-    yield "negative", _build(m(sections=[[meta["sections"][0][0], -5]] + [
+    yield "sizes", build_context(m(sections=[[n, s + 1] for n, s in meta["sections"]]), secs)
+    yield "negative", build_context(m(sections=[[meta["sections"][0][0], -5]] + [
         [meta["sections"][0][0] + "x", sizes[0] + 5]] + meta["sections"][1:]), secs)
     idx_t = [n for n, _ in meta["sections"]].index("template")
-    yield "duplicate_section", _build(m(sections=meta["sections"] + [meta["sections"][idx_t]]),
+    yield "duplicate_section", build_context(m(sections=meta["sections"] + [meta["sections"][idx_t]]),
                                       secs + [secs[idx_t]])
-    yield "name_not_str", _build(m(sections=[[7, meta["sections"][0][1]]] + meta["sections"][1:]),
+    yield "name_not_str", build_context(m(sections=[[7, meta["sections"][0][1]]] + meta["sections"][1:]),
                                  secs)
-    yield "no_template", _build(m(sections=[x for x in meta["sections"] if x[0] != "template"]),
+    yield "no_template", build_context(m(sections=[x for x in meta["sections"] if x[0] != "template"]),
                                 [s for (n, _), s in zip(meta["sections"], secs) if n != "template"])
     lay = meta["ct_layout"]
     for name, bad in [("c0_far", [lay[0], lay[1], 10**9, lay[3], lay[4]]),
@@ -368,12 +353,12 @@ def _forgeries(blob: bytes, foreign_pk: bytes):
                       ("total", [lay[0], lay[1], lay[2], lay[3], lay[4] + 1]),
                       ("short", lay[:4]),
                       ("negative", [lay[0], lay[1], -8, lay[3], lay[4]])]:
-        yield f"ct_layout_{name}", _build(m(ct_layout=bad), secs)
+        yield f"ct_layout_{name}", build_context(m(ct_layout=bad), secs)
     # the public key of another federation, fingerprint left as it was
     idx = [n for n, _ in meta["sections"]].index("public_key")
     swapped = list(secs)
     swapped[idx] = foreign_pk
-    yield "foreign_pk", _build(m(sections=[[n, len(s)] for (n, _), s in
+    yield "foreign_pk", build_context(m(sections=[[n, len(s)] for (n, _), s in
                                            zip(meta["sections"], swapped)]), swapped)
 
 
@@ -402,11 +387,11 @@ def test_a_forged_template_is_a_key_material_error(client_ctx, small_state, smal
 
 
 def test_a_key_file_must_name_its_secret_key(client_ctx):
-    meta, secs = _split(client_ctx.to_bytes(include_secret=True))
+    meta, secs = split_context(client_ctx.to_bytes(include_secret=True))
     assert "secret_fp" in meta
     del meta["secret_fp"]
     with pytest.raises(fs.KeyMaterialError, match="secret_fp"):
-        fs.load_context(_build(meta, secs))
+        fs.load_context(build_context(meta, secs))
 
 
 def test_native_codec_refuses_out_of_bounds_layouts(client_ctx, small_update):
@@ -816,3 +801,48 @@ def test_aggregator_refuses_concurrent_use(client_ctx, server_ctx):
     # two threads adding 4 updates each overlapped at some point in 30 trials: the guard ran
     assert refused > 0
     assert issubclass(fs.ConcurrentUseError, fs.FedShieldError)
+
+
+def test_the_fingerprint_covers_the_crypto_context(server_ctx, client_ctx):
+    """Issue 15, item 5: the crypto_context section was outside the fingerprint, so a relay could
+    swap OpenFHE's parameters inside a context file (digest recomputed) and it still loaded
+    under the same fingerprint. Format version 2 covers it; version 1 files are refused with a
+    message naming the version."""
+    for blob in (server_ctx.to_bytes(), client_ctx.to_bytes(include_secret=True)):
+        meta, secs = split_context(blob)
+        idx = [n for n, _ in meta["sections"]].index("crypto_context")
+        for at in (0, len(secs[idx]) // 2, len(secs[idx]) - 1):
+            swapped = list(secs)
+            swapped[idx] = secs[idx][:at] + bytes([secs[idx][at] ^ 1]) + secs[idx][at + 1:]
+            with pytest.raises(fs.KeyMaterialError, match="fingerprint does not match"):
+                fs.load_context(build_context(meta, swapped))
+        with pytest.raises(fs.KeyMaterialError, match="version 1 is no longer loaded"):
+            fs.load_context(build_context(meta, secs, version=1))
+        assert fs.load_context(build_context(meta, secs)).fingerprint == server_ctx.fingerprint
+
+
+def test_close_wipes_key_material_and_stops_workers(client_ctx, small_state, small_layout):
+    """Issue 15, item 5: Context.close() (and `with`) zeroes the secret key the context holds,
+    drops its OpenFHE objects, stops its crypto worker processes, and refuses key operations
+    afterwards; the public material (fingerprint, public()) stays usable."""
+    ctx = fs.load_context(client_ctx.to_bytes(include_secret=True))
+    upd = fs.encrypt_update(ctx, small_state, small_layout, weight=1.0)
+    fs.decrypt_update(ctx, upd, small_layout)
+    pool = ctx.crypto_pool(2, need_secret=True)
+    workers = [w.proc for w in pool._workers]
+    held = ctx._secret_key
+    assert any(held)
+    with ctx as same:
+        assert same is ctx
+    assert ctx.closed and not ctx.has_secret_key
+    assert not any(held)  # zeroed in place, not merely dropped
+    assert all(p.wait(timeout=30) is not None for p in workers)
+    for call in (lambda: fs.decrypt_update(ctx, upd, small_layout),
+                 lambda: fs.encrypt_update(ctx, small_state, small_layout, weight=1.0),
+                 lambda: ctx.to_bytes(include_secret=True), ctx.secret_key_bytes):
+        with pytest.raises(fs.KeyMaterialError, match="closed|no secret key"):
+            call()
+    ctx.close()  # twice: harmless
+    assert ctx.public().fingerprint == client_ctx.fingerprint
+    # the original context is untouched: closing one loaded copy wipes only that copy
+    fs.decrypt_update(client_ctx, upd, small_layout)

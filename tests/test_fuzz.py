@@ -26,7 +26,7 @@ SHARE_FUZZ_CHILD = textwrap.dedent("""
     from fedshield.he.frames import unframe
     from fedshield.he.partial import PARTIAL_MAGIC
     from conftest import make_state, weighted_average
-    from mutation import mutate, random_mutations, reseal_sha256
+    from forgery import mutate, random_mutations, reseal_sha256
 
     cases, out = int(sys.argv[1]), sys.argv[2]
     rng = random.Random(15)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
-import struct
 import subprocess
 import sys
 import textwrap
@@ -22,6 +20,7 @@ from fedshield.he.frames import frame, unframe
 from fedshield.he.partial import PARTIAL_MAGIC, PartialDecryption
 
 from conftest import make_state, weighted_average
+from forgery import build_context, split_context
 
 WEIGHT_BOUND = fs.DEFAULT_WEIGHT_BOUND
 # Max |error| of one decrypted slot value at scale 2**50 (OpenFHE's multiparty flooding noise;
@@ -390,21 +389,14 @@ def test_server_path_bytes_hold_no_secret_key(t_of_n, tmp_path):
 
 def _reframe_context(blob: bytes, edit_meta=None, edit_sections=None) -> bytes:
     """Rebuilds context bytes with edited metadata/sections and a valid digest (a forgery)."""
-    fixed = 8 + 6
-    _, head_len = struct.unpack_from("<HI", blob, 8)
-    meta = json.loads(blob[fixed:fixed + head_len])
-    at, sections = fixed + head_len, []
-    for name, size in meta["sections"]:
-        sections.append([name, blob[at:at + size]])
-        at += size
+    meta, blobs = split_context(blob)
+    sections = [[name, b] for (name, _), b in zip(meta["sections"], blobs)]
     if edit_meta:
         edit_meta(meta)
     if edit_sections:
         edit_sections(sections)
     meta["sections"] = [[name, len(b)] for name, b in sections]
-    head = json.dumps(meta, sort_keys=True).encode()
-    body = blob[:8] + struct.pack("<HI", 1, len(head)) + head + b"".join(b for _, b in sections)
-    return body + hashlib.sha256(body).digest()
+    return build_context(meta, [b for _, b in sections])
 
 
 def test_bad_key_files_raise_key_material_error(t_of_n, n_of_n, tmp_path):
@@ -455,13 +447,8 @@ def test_bad_key_files_raise_key_material_error(t_of_n, n_of_n, tmp_path):
 
 
 def _sections(blob: bytes):
-    fixed = 8 + 6
-    _, head_len = struct.unpack_from("<HI", blob, 8)
-    meta = json.loads(blob[fixed:fixed + head_len])
-    at = fixed + head_len
-    for name, size in meta["sections"]:
-        yield name, blob[at:at + size]
-        at += size
+    meta, sections = split_context(blob)
+    return [(name, b) for (name, _), b in zip(meta["sections"], sections)]
 
 
 def test_parties_refuse_an_aggregate_of_one_update():
@@ -505,3 +492,69 @@ def test_shares_carry_residues_only_and_are_checked_natively(t_of_n):
         t_of_n.combine(good[:2] + [with_residue(7, q - 1)])
     with pytest.raises(fs.IncompatibleUpdate, match="another context"):
         share.check_for(fs.keygen_threshold(fs.CKKSParams(), 3)[1], t_of_n.agg)
+
+
+def test_key_share_section_names_are_parsed_strictly(t_of_n):
+    """Issue 15, item 5: int() read "key_share:01" and "key_share: 1" as sender 1, so two
+    sections of one file aliased one sender (the later replaced the earlier). Only canonical
+    decimal ids load now, and unknown sections are refused."""
+    party = t_of_n.parties[1]
+    good = party.to_bytes(include_secret=True)
+    senders = [name for name, _ in _sections(good) if name.startswith("key_share:")]
+    assert senders and fs.load_context(good).key_share_senders == [0, 2, 3, 4]
+
+    def rename(old, new):
+        return lambda sections: [s.__setitem__(0, new) for s in sections if s[0] == old]
+
+    def add_alias(alias):
+        def edit(sections):
+            sections.append([alias, dict(map(tuple, sections))["key_share:0"]])
+        return edit
+
+    for name in ("key_share:01", "key_share: 1", "key_share:+1", "key_share:1 ", "key_share:",
+                 "key_share:x", "key_share:１", "key_share:-0", "key_share:00"):
+        for blob in (_reframe_context(good, edit_sections=rename("key_share:0", name)),
+                     _reframe_context(good, edit_sections=add_alias(name))):
+            with pytest.raises(fs.KeyMaterialError, match="canonical decimal"):
+                fs.load_context(blob)
+    with pytest.raises(fs.KeyMaterialError, match="unknown section 'extra'"):
+        fs.load_context(_reframe_context(
+            good, edit_sections=lambda s: s.append(["extra", b"x"])))
+
+
+def test_malformed_share_heads_raise_invalid_update(t_of_n):
+    """Issue 15, item 5: a share whose head carried unhashable or mistyped values raised
+    TypeError. Every field of the head, set to values of the wrong type (lists, dicts, nested
+    lists, floats, strings, bools, None) or removed, gives fs.InvalidUpdate or
+    fs.IncompatibleUpdate, from the server's screening and from the fusion alike."""
+    good = t_of_n.shares([0, 1, 2], [0, 1, 2])
+    meta, sections = unframe(good[1], PARTIAL_MAGIC, "share", fs.InvalidUpdate)
+    meta.pop("sizes")
+    values = [[1], [[1]], {"a": [1]}, None, 1.5, "1", True, 2**70, -1, [0, [1], 2],
+              [0, 1, 1], [[0], 1, 2], [2, 1, 0]]
+    for key in sorted(meta):
+        for value in values + [...]:
+            head = {k: v for k, v in meta.items() if k != key}
+            if value is not ...:
+                head[key] = value
+            bad = frame(PARTIAL_MAGIC, head, sections)
+            with pytest.raises((fs.InvalidUpdate, fs.IncompatibleUpdate)):
+                t_of_n.combine([good[0], bad, good[2]])
+            try:
+                PartialDecryption.from_bytes(bad).check_for(t_of_n.server, t_of_n.agg)
+            except (fs.InvalidUpdate, fs.IncompatibleUpdate):
+                pass
+
+
+def test_closing_a_party_wipes_its_key_share_and_the_shares_it_holds(t_of_n):
+    party = fs.load_context(t_of_n.parties[2].to_bytes(include_secret=True))
+    held = [party._secret_key, *party._key_shares.values()]
+    assert len(held) == 5 and all(any(b) for b in held)
+    with party:
+        t_of_n.check(t_of_n.combine(
+            [fs.partial_decrypt(p, t_of_n.agg, [0, 2, 4]) for p in
+             (t_of_n.parties[0], party, t_of_n.parties[4])]))
+    assert not any(any(b) for b in held)
+    assert party.key_share_senders == []
+    with pytest.raises(fs.KeyMaterialError, match="closed"):
+        fs.partial_decrypt(party, t_of_n.agg, [0, 2, 4])

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 import fedshield as fs
 from fedshield import _native
 from conftest import RING_DIM, WIRE_OVERHEAD, make_state, weighted_average
-from mutation import MUTATION, mutate
-from mutation import reseal_update as reseal
+from forgery import MUTATION, mutate
+from forgery import reseal_update as reseal
 
 HEADER = 168
 FRESH_CIPHERTEXT_BYTES = 262891  # one fresh OpenFHE ciphertext at the default parameters

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from typing import Mapping, Optional, Union
 
@@ -21,21 +22,28 @@ from . import backend
 from .flooding import roots_of
 from .params import CKKSParams
 from .crypto_pool import CryptoPool
+from .wipe import wipe
 
 _MAGIC = b"FSHLDCTX"
-_VERSION = 1
+# Version 2: the fingerprint also covers the crypto_context section (version 1 left it out, so
+# a relay could swap the OpenFHE parameters inside a file without changing its fingerprint).
+_VERSION = 2
 _DIGEST = 32
+_KEY_SHARE = re.compile(r"key_share:(0|[1-9][0-9]{0,3})")  # canonical decimal party ids only
+_SECTIONS = ("crypto_context", "public_key", "template", "secret_key")
 
 
 def context_fingerprint(params: CKKSParams, modulus: int, public_key: bytes,
-                        moduli: Optional[tuple] = None) -> bytes:
-    """Binds an update to its parameters and public key: a foreign update cannot pass for ours."""
-    h = hashlib.sha256(b"fedshield-context-v1")
+                        moduli: Optional[tuple] = None, crypto_context: bytes = b"") -> bytes:
+    """Binds an update to its parameters, OpenFHE crypto context and public key: a foreign
+    update cannot pass for ours, nor a context file whose crypto context was swapped."""
+    h = hashlib.sha256(b"fedshield-context-v2")
     h.update(params.fingerprint())
     h.update(modulus.to_bytes(8, "little"))
-    if moduli is not None and len(moduli) > 1:  # one tower: the fingerprint it always had
+    if moduli is not None and len(moduli) > 1:
         for q in moduli[1:]:
             h.update(int(q).to_bytes(8, "little"))
+    h.update(hashlib.sha256(crypto_context).digest())
     h.update(hashlib.sha256(public_key).digest())
     return h.digest()
 
@@ -63,18 +71,22 @@ class Context:
         self.role = role
         self._crypto_context = crypto_context
         self._public_key = public_key
-        self._secret_key = secret_key
+        # Key material in buffers this context owns, so close() can wipe them (best effort:
+        # copies handed to OpenFHE, and OpenFHE's own key objects, are not ours to wipe).
+        self._secret_key = None if secret_key is None else bytearray(secret_key)
         # threshold mode: (party_id, n_parties, threshold) and, for t-of-n, the Shamir shares of
         # the other parties' key shares this party received (sender id -> N uint64 residues)
         self._party = None if party is None else tuple(int(v) for v in party)
-        self._key_shares = dict(key_shares or {})
+        self._key_shares = {int(j): bytearray(v) for j, v in (key_shares or {}).items()}
         if self._party is not None and secret_key is None:
             raise KeyMaterialError("a threshold party context needs its secret key share")
         self._template = template
         self._ct_layout = tuple(int(v) for v in ct_layout)
-        self.fingerprint = context_fingerprint(params, self.modulus, public_key, self.moduli)
+        self.fingerprint = context_fingerprint(params, self.modulus, public_key, self.moduli,
+                                               crypto_context)
         # openfhe objects, built on first use (never on the server path)
         self._live = dict(live or {})
+        self._closed = False
 
     @property
     def has_secret_key(self) -> bool:
@@ -125,9 +137,46 @@ class Context:
                 f"has_secret_key={self.has_secret_key}, "
                 f"fingerprint={self.fingerprint.hex()[:12]}...)")
 
+    # -- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Wipes the key material this context holds and stops its crypto worker processes.
+
+        The secret key (share) and the Shamir shares of other parties' keys are zeroed in place
+        and dropped, with every live OpenFHE object. Best effort: Python and OpenFHE may hold
+        copies this cannot reach (bytes handed to OpenFHE's deserializer, its key objects).
+        Afterwards anything that needs keys raises KeyMaterialError; closing again is harmless.
+        """
+        for value in self._live.values():
+            if isinstance(value, CryptoPool):
+                value.close()
+        self._live.clear()
+        if self._secret_key is not None:
+            wipe(self._secret_key)
+            self._secret_key = None
+        for share in self._key_shares.values():
+            wipe(share)
+        self._key_shares = {}
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KeyMaterialError(f"this {self.role} context was closed (its key material is "
+                                   "wiped): load the key file again")
+
     # -- the encryption layer's internal API (fedshield.he only) -------------------------------
     def cached(self, key, make):
         """A value derived from this context, made once by ``make()`` and kept with it."""
+        self._check_open()
         if key not in self._live:
             self._live[key] = make()
         return self._live[key]
@@ -135,6 +184,7 @@ class Context:
     def openfhe_objects(self, need_secret: bool = False):
         """(crypto_context, public_key, secret_key or None) as live openfhe objects (loads
         openfhe: key holders only, never the server path)."""
+        self._check_open()
         if need_secret and self._secret_key is None:
             raise KeyMaterialError(
                 f"this {self.role} context holds no secret key: it can encrypt and aggregate "
@@ -147,12 +197,13 @@ class Context:
         if "public_key" not in self._live:
             self._live["public_key"] = backend.load_public_key(self._public_key)
         if need_secret and "secret_key" not in self._live:
-            self._live["secret_key"] = backend.load_secret_key(self._secret_key)
+            self._live["secret_key"] = backend.load_secret_key(bytes(self._secret_key))
         return (self._live["crypto_context"], self._live["public_key"],
                 self._live.get("secret_key"))
 
     def crypto_pool(self, workers: int, need_secret: bool):
         """A CryptoPool for this context (started once, reused; None when workers <= 1)."""
+        self._check_open()
         if workers <= 1:
             return None
         key = ("pool", workers, need_secret)
@@ -162,11 +213,12 @@ class Context:
         return self._live[key]
 
     def secret_key_bytes(self) -> bytes:
-        """The serialized secret key (or key share): for native key arithmetic inside
+        """A copy of the serialized secret key (or key share): for native key arithmetic inside
         fedshield.he, never to be written or sent anywhere."""
+        self._check_open()
         if self._secret_key is None:
             raise KeyMaterialError(f"this {self.role} context holds no secret key")
-        return self._secret_key
+        return bytes(self._secret_key)
 
     def key_residues(self) -> list[tuple[int, np.ndarray]]:
         """(offset, residues) of each RNS tower of the serialized secret key (share)."""
@@ -176,8 +228,10 @@ class Context:
         return [(off, np.frombuffer(key, dtype="<u8", count=n, offset=off)) for off in offsets]
 
     def key_share(self, sender: int) -> bytes | None:
-        """t-of-n: the Shamir share of party ``sender``'s key share this party holds."""
-        return self._key_shares.get(sender)
+        """t-of-n: the Shamir share of party ``sender``'s key share this party holds (a copy)."""
+        self._check_open()
+        share = self._key_shares.get(sender)
+        return None if share is None else bytes(share)
 
     @property
     def key_share_senders(self) -> list[int]:
@@ -185,6 +239,7 @@ class Context:
 
     def with_key_shares(self, shares: Mapping[int, bytes]) -> "Context":
         """The same party context holding these Shamir shares of the other parties' keys."""
+        self._check_open()
         return Context(params=self.params, modulus=self.modulus, moduli=self.moduli,
                        crypto_context=self._crypto_context, public_key=self._public_key,
                        template=self._template, ct_layout=self._ct_layout,
@@ -194,6 +249,7 @@ class Context:
     # -- serialization -------------------------------------------------------------------
     def to_bytes(self, include_secret: bool = False) -> bytes:
         """Serializes the context; the secret key only with ``include_secret=True``."""
+        self._check_open()
         if include_secret and self._secret_key is None:
             raise KeyMaterialError("include_secret=True, but this context holds no secret key")
         sections = [("crypto_context", self._crypto_context), ("public_key", self._public_key),
@@ -259,6 +315,12 @@ def load_context(source: Union[bytes, bytearray, memoryview, str, os.PathLike]) 
     if hashlib.sha256(body).digest() != digest:
         raise KeyMaterialError("context bytes are corrupted (digest mismatch)")
     version, head_len = struct.unpack_from("<HI", blob, len(_MAGIC))
+    if version == 1:
+        raise KeyMaterialError(
+            "context format version 1 is no longer loaded: its fingerprint does not cover the "
+            "OpenFHE crypto context, so a relay could swap it unnoticed. Version 2 changes every "
+            "context fingerprint (updates made under version 1 keys would not aggregate with new "
+            "ones either): generate the keys again with this fedshield")
     if version != _VERSION:
         raise KeyMaterialError(f"context format version {version} is not supported "
                                f"(expected {_VERSION})")
@@ -280,7 +342,15 @@ def load_context(source: Union[bytes, bytearray, memoryview, str, os.PathLike]) 
         key_shares = {}
         for name in sections:
             if name.startswith("key_share:"):
-                key_shares[int(name.split(":", 1)[1])] = sections[name]
+                # strict: "key_share:01" or "key_share: 1" would alias sender 1 under int()
+                match = _KEY_SHARE.fullmatch(name)
+                if match is None:
+                    raise ValueError(f"section name {name!r} is not key_share:<party id> with a "
+                                     "canonical decimal id")
+                key_shares[int(match.group(1))] = sections[name]
+            elif name not in _SECTIONS:
+                raise ValueError(f"unknown section {name!r} (expected {', '.join(_SECTIONS)} "
+                                 "or key_share:<party id>)")
         moduli = meta.get("moduli")
         if moduli is not None and not (isinstance(moduli, list) and 2 <= len(moduli) <= 8 and
                                        all(isinstance(q, int) and not isinstance(q, bool)

@@ -116,10 +116,13 @@ class CryptoPool:
         return np.concatenate(self._run("decrypt", parts))
 
     def close(self) -> None:
+        """Stops the workers (they hold the context, maybe its secret key); a context that
+        shares this pool starts a fresh one on its next use."""
         for worker in self._workers:
             if self.broken:
                 worker.proc.kill()
             worker.close()
+        self.broken = True
 
     def __del__(self) -> None:
         self.close()

@@ -53,6 +53,7 @@ from .frames import frame, int_field, unframe
 from .layout import Layout
 from .threshold import MAX_PARTIES, check_party_context
 from .update import PACKING_CODE, EncryptedUpdate
+from .wipe import wipe
 
 PARTIAL_MAGIC = b"FSHLDPDS"    # a partial decryption of one aggregate
 
@@ -107,11 +108,11 @@ def _decryption_key(ctx: Context, present: list[int]):
                   for j in absent]
         combined = _native.cover_absent(np.ascontiguousarray(own), shares, lam, q)
         key[offset:offset + combined.nbytes] = combined.tobytes()
-        combined[:] = 0
+        wipe(combined)
     try:
         return backend.load_secret_key(bytes(key))
     finally:
-        key[:] = bytes(len(key))
+        wipe(key)
 
 
 def partial_decrypt(party_ctx: Context, agg, present: Optional[Iterable[int]] = None, *,
@@ -175,6 +176,10 @@ class PartialDecryption:
         n = int_field(meta, "n_parties", what, InvalidUpdate, 2, MAX_PARTIES + 1)
         int_field(meta, "threshold", what, InvalidUpdate, n // 2 + 1, n + 1)
         self.party_id = int_field(meta, "party_id", what, InvalidUpdate, 0, n)
+        int_field(meta, "round", what, InvalidUpdate)
+        for key in ("context_fp", "aggregate"):
+            if not isinstance(meta.get(key), str):
+                raise InvalidUpdate(f"malformed {what}: {key}={meta.get(key)!r}")
         present = meta.get("present")
         if not (isinstance(present, list) and
                 all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n
@@ -203,12 +208,11 @@ class PartialDecryption:
         and each is ``ctx``'s packed residues, every one below its tower's modulus (native).
         IncompatibleUpdate or InvalidUpdate otherwise."""
         pid = self.party_id
-        if self.meta.get("context_fp") != ctx.fingerprint.hex():
+        if self.meta["context_fp"] != ctx.fingerprint.hex():
             raise IncompatibleUpdate(f"the share of party {pid} was made under another context")
-        if self.meta.get("aggregate") != aggregate_digest(agg):
+        if self.meta["aggregate"] != aggregate_digest(agg) or self.meta["round"] != agg.round:
             raise IncompatibleUpdate(f"the share of party {pid} decrypts a different aggregate "
-                                     f"(round {self.meta.get('round')!r}, this is round "
-                                     f"{agg.round})")
+                                     f"(round {self.meta['round']}, this is round {agg.round})")
         if len(self.parts) != agg.n_ciphertexts:
             raise InvalidUpdate(f"the share of party {pid} holds {len(self.parts)} partial "
                                 f"ciphertexts, the aggregate {agg.n_ciphertexts}")

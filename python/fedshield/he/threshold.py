@@ -32,6 +32,7 @@ from .flooding import check_precision
 from .frames import frame, int_field, unframe
 from .keys import ciphertext_template
 from .params import CKKSParams
+from .wipe import wipe
 
 KEYGEN_MAGIC = b"FSHLDKGN"    # a step of the key generation chain (public)
 KEY_SHARE_MAGIC = b"FSHLDKSH"  # a Shamir share of one party's key share (secret)
@@ -213,7 +214,7 @@ def deal_key_shares(party_ctx: Context) -> dict[int, bytes]:
     shares = [np.concatenate([tower[k] for tower in per_tower]) for k in range(n)]
     for tower in per_tower:
         for a in tower:
-            a[:] = 0
+            wipe(a)
     out = {}
     for recipient in range(n):
         if recipient == pid:
@@ -222,7 +223,7 @@ def deal_key_shares(party_ctx: Context) -> dict[int, bytes]:
                 "context_fp": party_ctx.fingerprint.hex()}
         out[recipient] = frame(KEY_SHARE_MAGIC, meta, [shares[recipient].tobytes()])
     for share in shares:
-        share[:] = 0
+        wipe(share)
     return out
 
 

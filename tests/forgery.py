@@ -1,10 +1,12 @@
-"""Byte mutations of valid messages for the fuzz targets (hypothesis strategies and a seeded
-random source share one mutator), and re-sealing: what a forger who recomputes an unkeyed
-digest or checksum does."""
+"""Byte mutations and forgeries of valid messages, for the fuzz targets and the tests of
+hostile input: one mutator for hypothesis strategies and seeded random sources, re-sealing
+(what a forger who recomputes an unkeyed digest or checksum does), and context files taken
+apart and rebuilt."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import struct
 
@@ -12,6 +14,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from fedshield import _native
+from fedshield.he.context import _VERSION as CONTEXT_VERSION
 
 
 def fuzz_settings(examples: int) -> settings:
@@ -92,4 +95,23 @@ def reseal_sha256(data: bytes | bytearray) -> bytes:
     if len(data) < 32:
         return bytes(data)
     body = bytes(data[:-32])
+    return body + hashlib.sha256(body).digest()
+
+
+def split_context(blob: bytes) -> tuple[dict, list[bytes]]:
+    """(head, sections) of context bytes (fedshield.he.context's format)."""
+    head_len = struct.unpack_from("<I", blob, 10)[0]
+    meta = json.loads(blob[14:14 + head_len])
+    at, sections = 14 + head_len, []
+    for _, size in meta["sections"]:
+        sections.append(blob[at:at + size])
+        at += size
+    return meta, sections
+
+
+def build_context(meta: dict, sections: list[bytes], version: int = CONTEXT_VERSION,
+                  raw_head: bytes | None = None) -> bytes:
+    """Context bytes from a head and sections, with a valid digest (a forgery)."""
+    head = raw_head if raw_head is not None else json.dumps(meta, sort_keys=True).encode()
+    body = b"FSHLDCTX" + struct.pack("<HI", version, len(head)) + head + b"".join(sections)
     return body + hashlib.sha256(body).digest()
