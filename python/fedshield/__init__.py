@@ -9,7 +9,7 @@ from importlib import import_module
 
 from .errors import (ConcurrentUseError, DataError, FedShieldError, HeadroomError,
                      IncompatibleUpdate, InvalidUpdate, KeyMaterialError, NotEnoughShares,
-                     ParameterError, UnsupportedPlatform)
+                     ParameterError, StorageError, UnsupportedPlatform)
 from .he import (DEFAULT_WEIGHT_BOUND, CKKSParams, Context, EncryptedUpdate, Layout, SharedKeys,
                  TensorSpec, aggregate, combine_partials, decrypt_update, encrypt_update,
                  keygen_shared, keygen_threshold, load_context, partial_decrypt, threshold)
@@ -32,10 +32,11 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "CKKSParams", "ConcurrentUseError", "Context", "DataError", "DEFAULT_WEIGHT_BOUND", "EncryptedUpdate",
-    "FedShieldError", "HeadroomError", "ImportanceResult", "IncompatibleUpdate",
-    "InvalidUpdate", "KeyMaterialError", "Layout", "NotEnoughShares", "ParameterError", "Party",
-    "SharedKeys", "TensorSpec", "UnsupportedPlatform", "aggregate", "combine_partials",
-    "decrypt_update", "encrypt_update", "importance_mask", "keygen_shared", "keygen_threshold",
-    "load_context", "partial_decrypt", "threshold",
+    "CKKSParams", "ConcurrentUseError", "Context", "DataError", "DEFAULT_WEIGHT_BOUND",
+    "EncryptedUpdate", "FedShieldError", "HeadroomError", "ImportanceResult",
+    "IncompatibleUpdate", "InvalidUpdate", "KeyMaterialError", "Layout", "NotEnoughShares",
+    "ParameterError", "Party", "SharedKeys", "StorageError", "TensorSpec",
+    "UnsupportedPlatform", "aggregate", "combine_partials", "decrypt_update", "encrypt_update",
+    "importance_mask", "keygen_shared", "keygen_threshold", "load_context", "partial_decrypt",
+    "threshold",
 ]

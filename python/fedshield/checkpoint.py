@@ -9,6 +9,7 @@ Key material is never written here (a resumed simulation generates fresh keys).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -16,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import replace_durably, write_json_atomic
-from .errors import ParameterError
+from .atomic import write_atomic, write_json_atomic
+from .errors import ParameterError, StorageError
 
 CHECKPOINT_DIR = "checkpoint"
 INDEX = "checkpoint.json"
@@ -54,24 +55,31 @@ def restore_rng(tensors: dict, extra: dict) -> None:
 
 def save_checkpoint(out: Path, *, round_idx: int, state: dict, metrics: dict,
                     config: dict) -> Path:
-    """Writes the checkpoint of completed round `round_idx`; returns its index file."""
-    from safetensors.torch import save_file  # noqa: PLC0415
+    """Writes the checkpoint of completed round `round_idx`; returns its index file.
+
+    StorageError (naming the file) when the disk is full or read-only: the previous
+    checkpoint is then still complete."""
+    from safetensors.torch import save  # noqa: PLC0415
 
     ckpt = Path(out) / CHECKPOINT_DIR
-    ckpt.mkdir(parents=True, exist_ok=True)
+    try:
+        ckpt.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create the checkpoint directory {str(ckpt)!r}: "
+                           f"{exc.strerror or exc}") from exc
     rng_tensors, rng_extra = capture_rng()
     tensors = {_STATE + k: v.detach().cpu().contiguous() for k, v in state.items()}
     tensors.update(rng_tensors)
     state_name = f"state-r{round_idx:06d}.safetensors"
-    tmp = ckpt / (state_name + ".tmp")
-    save_file(tensors, str(tmp))
-    replace_durably(tmp, ckpt / state_name)
+    # serialized in memory, so every byte goes through the one atomic writer
+    write_atomic(ckpt / state_name, save(tensors))
     index = {"format": FORMAT, "round": round_idx, "state_file": state_name, "config": config,
              "rng": rng_extra, "metrics": metrics}
     write_json_atomic(ckpt / INDEX, index, indent=None)
     for old in ckpt.glob("state-r*.safetensors"):  # only after the new index points elsewhere
         if old.name != state_name:
-            old.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a stale file costs space, not correctness
+                old.unlink(missing_ok=True)
     return ckpt / INDEX
 
 

@@ -29,6 +29,11 @@ class IncompatibleUpdate(FedShieldError, ValueError):
     """A well-formed update made for another context, layout, mask or round."""
 
 
+class StorageError(FedShieldError, OSError):
+    """A file could not be written (full disk, read-only directory, I/O error). The message
+    names the path; the previous version of the file is left as it was."""
+
+
 class KeyMaterialError(FedShieldError):
     """An operation needs key material the context does not hold, or a key file is bad."""
 

@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .atomic import write_json_atomic
 from .data.files import load_instruction_data
 from .data.prompts import format_prompt, prompt_tail
 from .data.tokenize import tokenize_fitting
@@ -57,7 +58,7 @@ def generate_samples(model, tokenizer, examples: Sequence[Mapping[str, str]], *,
 
 def write_adapter_meta(adapter_dir: Path, *, compact: bool, max_len: int, base: str) -> None:
     meta = {"template": "compact" if compact else "alpaca", "max_len": max_len, "base": base}
-    (Path(adapter_dir) / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+    write_json_atomic(Path(adapter_dir) / ADAPTER_META, meta)
 
 
 def _read_adapter(adapter_dir: Path) -> tuple[dict, dict]:

@@ -16,9 +16,10 @@ from typing import Dict, Iterator, Mapping, Tuple
 
 import torch
 
+from .atomic import replacing_directory
 from .config import LoraConfig, ModelConfig
 from .data.tokenize import build_tokenizer
-from .errors import ParameterError, UnsupportedPlatform
+from .errors import ParameterError, StorageError, UnsupportedPlatform
 
 logger = logging.getLogger("fedshield")
 
@@ -431,18 +432,26 @@ def save_adapter(model, tokenizer, out: Path, model_cfg: ModelConfig, *, seed: i
     """OUT/adapter (a PEFT adapter) over its base: OUT/base_model (the tiny base and its
     tokenizer, rebuilt from ``seed``), or the --model directory itself, by absolute path.
     Returns the base directory."""
+    from safetensors import SafetensorError  # noqa: PLC0415
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create {str(out)!r}: {exc.strerror or exc}") from exc
+    # Each directory is written beside its target and swapped in whole: a full disk or a
+    # read-only directory raises StorageError and leaves the previous adapter as it was.
+    write_errors = (SafetensorError,)
     if model_cfg.name == "tiny":
         base_dir = out / "base_model"
         base = build_tiny_llama(len(tokenizer), seed=seed, init_std=TINY_INIT_STD)
-        with _hf_progress(show_progress):
-            base.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
+        with replacing_directory(base_dir, write_errors) as tmp, _hf_progress(show_progress):
+            base.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     else:
         base_dir = Path(model_cfg.name)
     for peft_config in model.peft_config.values():
         peft_config.base_model_name_or_path = str(base_dir.resolve())
-    with _hf_progress(show_progress):
-        model.save_pretrained(out / "adapter")
+    with replacing_directory(out / "adapter", write_errors) as tmp, _hf_progress(show_progress):
+        model.save_pretrained(tmp)
     return base_dir.resolve()
