@@ -1,9 +1,5 @@
 #include "shamir.hpp"
 
-#include <sys/random.h>
-
-#include <cerrno>
-#include <cstring>
 #include <string>
 
 #include "ciphertext_layout.hpp"
@@ -38,19 +34,6 @@ void uniform_mod(uint64_t* out, size_t n, uint64_t modulus) {
 }
 
 }  // namespace
-
-// Fills out with bytes from the kernel CSPRNG; never falls back to a weaker source.
-void random_bytes(uint8_t* out, size_t len) {
-    while (len > 0) {
-        const ssize_t got = getrandom(out, len, 0);
-        if (got < 0) {
-            if (errno == EINTR) continue;
-            throw std::runtime_error(std::string("getrandom failed: ") + std::strerror(errno));
-        }
-        out += got;
-        len -= static_cast<size_t>(got);
-    }
-}
 
 uint64_t mulmod(uint64_t a, uint64_t b, uint64_t modulus) {
     return static_cast<uint64_t>(static_cast<unsigned __int128>(a) * b % modulus);

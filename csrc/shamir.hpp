@@ -8,6 +8,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include "csprng.hpp"
+
 namespace fedshield {
 
 // Bad arguments to the sharing functions (threshold, points, residues not below q).
@@ -33,9 +35,6 @@ uint64_t lagrange_at_zero(const std::vector<uint64_t>& xs, size_t index, uint64_
 // out[i] = own[i] + coefficient * sum_k shares[k][i] mod q.
 void cover_absent(const uint64_t* own, const std::vector<const uint64_t*>& shares, size_t n,
                   uint64_t coefficient, uint64_t modulus, uint64_t* out);
-
-// Fills out with bytes from the kernel CSPRNG (getrandom(2)); never a weaker source.
-void random_bytes(uint8_t* out, size_t len);
 
 uint64_t mulmod(uint64_t a, uint64_t b, uint64_t modulus);
 uint64_t powmod(uint64_t a, uint64_t e, uint64_t modulus);

@@ -2,15 +2,22 @@
 
 Client-level differential privacy, applied by each client to its own update before it
 leaves (pruning and encryption come after, as post-processing): the update's global L2 norm
-is clipped to C and N(0, (sigma*C)^2) noise is added to every value. Neighbouring inputs
-differ by one client's whole contribution (its update replaced by zero), so each round is a
-Gaussian mechanism of sensitivity C and noise multiplier sigma. With every client in every
-round (no subsampling), T rounds compose to
+is clipped to C and noise of standard deviation sigma*C is added to every value. Neighbouring
+inputs differ by one client's whole contribution (its update replaced by zero).
 
-* Renyi DP of order alpha: T * alpha / (2 sigma^2) (Mironov 2017), converted to (epsilon,
-  delta) with the conversion of Balle et al. 2020 (as in Opacus and TF Privacy): ``epsilon``;
-* exactly a Gaussian mechanism with mu = sqrt(T) / sigma (Gaussian DP, Dong, Roth & Su
-  2019), whose (epsilon, delta) curve is closed-form: ``epsilon_exact`` (never larger).
+The noise is the discrete Gaussian on a fine grid (fedshield.dp.noise): each round is
+rho-zCDP with rho = 1 / (2 sigma^2), the continuous Gaussian's, up to a term below
+2**-(10**12) (Canonne, Kamath & Steinke 2020, Theorem 15, stated in fedshield.dp.noise). With
+every client in every round (no subsampling), T rounds compose to
+
+* Renyi DP of order alpha: T * alpha / (2 sigma^2) (zCDP composes additively; Mironov 2017,
+  Bun & Steinke 2016), converted to (epsilon, delta) with the conversion of Balle et al. 2020
+  (as in Opacus and TF Privacy): ``epsilon``, what fedshield reports. A test checks it against
+  Opacus's accountant.
+* ``epsilon_exact``: the exact (epsilon, delta) curve of T composed *continuous* Gaussian
+  mechanisms (mu-GDP with mu = sqrt(T) / sigma; Dong, Roth & Su 2019). It is kept as the
+  reference the RDP bound is tested against; it is not a guarantee for the discrete noise in
+  many dimensions, so metrics.json does not report it.
 
 A client that also guards against a curious peer replacing (not removing) its data should
 read sensitivity 2C, i.e. the epsilon of sigma/2.
@@ -91,7 +98,9 @@ def epsilon_exact(noise_multiplier: float, rounds: int, delta: float) -> float:
 def dp_summary(clip: float, noise_multiplier: float, delta: float, rounds: int) -> dict:
     """What metrics.json reports under ``dp`` after ``rounds`` rounds."""
     return {"clip": clip, "noise_multiplier": noise_multiplier, "delta": delta,
-            "rounds": rounds, "accountant": "rdp (Mironov 2017; Balle et al. 2020 conversion)",
+            "rounds": rounds,
+            "mechanism": "discrete Gaussian on a grid of 2**-20 of the noise std (Canonne, "
+                         "Kamath & Steinke 2020), exact integer sampling from the OS CSPRNG",
+            "accountant": "rdp via zCDP (Mironov 2017; Balle et al. 2020 conversion)",
             "epsilon": epsilon_rdp(noise_multiplier, rounds, delta),
-            "epsilon_exact": epsilon_exact(noise_multiplier, rounds, delta),
             "neighbouring": "one client's whole update added or removed (sensitivity = clip)"}

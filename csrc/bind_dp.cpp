@@ -1,0 +1,46 @@
+// pybind11 binding of the exact discrete Gaussian sampler of DP noise (csrc/discrete_gaussian.cpp).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "discrete_gaussian.hpp"
+#include "parallel.hpp"
+
+namespace py = pybind11;
+
+void bind_dp(py::module_& m) {
+    using namespace fedshield;
+
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const NoiseParameterError& e) {
+            py::object errors = py::module_::import("fedshield.errors");
+            PyErr_SetString(errors.attr("ParameterError").ptr(), e.what());
+        }
+    });
+    m.attr("MAX_NOISE_SIGMA2") = kMaxSigma2;
+    // The array is taken as a plain py::array and checked: array_t's caster would silently
+    // convert a non-contiguous or other-dtype array into a temporary, and the noise added to
+    // it would be lost.
+    m.def("add_discrete_gaussian", [](py::array values, uint64_t sigma2, unsigned threads) {
+        if (!values.dtype().is(py::dtype::of<int64_t>()) ||
+            !(values.flags() & py::array::c_style) || !values.writeable())
+            throw py::value_error("add_discrete_gaussian: values must be a writeable "
+                                  "C-contiguous int64 array");
+        auto* data = static_cast<int64_t*>(values.mutable_data());
+        const auto n = static_cast<uint64_t>(values.size());
+        py::gil_scoped_release nogil;
+        add_discrete_gaussian(data, n, sigma2, threads ? threads : default_threads());
+    }, "Adds exact N_Z(0, sigma2) samples (kernel CSPRNG, integer arithmetic) in place.");
+    m.def("squared_norm", [](py::array_t<int64_t, py::array::c_style> values) {
+        unsigned __int128 s;
+        {
+            py::gil_scoped_release nogil;
+            s = squared_norm(values.data(), static_cast<uint64_t>(values.size()));
+        }
+        py::int_ hi(static_cast<uint64_t>(s >> 64)), lo(static_cast<uint64_t>(s));
+        return hi.attr("__lshift__")(64).attr("__or__")(lo);
+    }, "Exact sum of squares of int64 values (a Python int; saturates at 2**128 - 1).");
+}

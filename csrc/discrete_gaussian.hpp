@@ -1,0 +1,28 @@
+// DP noise an attacker cannot exploit: exact samples of the discrete Gaussian N_Z(0, sigma2)
+// (Canonne, Kamath, Steinke, "The Discrete Gaussian for Differential Privacy", NeurIPS 2020,
+// Algorithms 1-3) for an integer variance parameter sigma2, drawn with integer arithmetic only
+// from the kernel CSPRNG. No floating point touches the noise, so the released values are
+// exactly update + noise on an integer grid: the attacks on floating-point Gaussian noise
+// (Mironov, CCS 2012) and on a predictable generator (MT19937) have nothing to work with.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+
+namespace fedshield {
+
+// A variance parameter or value out of the sampler's exact range.
+struct NoiseParameterError : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+
+// sigma2 must be in [1, 2^46]: every intermediate of the exact sampler then fits 128 bits.
+constexpr uint64_t kMaxSigma2 = uint64_t{1} << 46;
+
+// values[i] += a fresh N_Z(0, sigma2) sample, for i < n, on up to `threads` threads (each with
+// its own CSPRNG stream). |values[i]| must stay below 2^62.
+void add_discrete_gaussian(int64_t* values, uint64_t n, uint64_t sigma2, unsigned threads);
+
+// sum(values[i]^2) exactly, saturating at 2^128 - 1.
+unsigned __int128 squared_norm(const int64_t* values, uint64_t n);
+
+}  // namespace fedshield
