@@ -3,16 +3,36 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "secure_wipe.hpp"
 #include "shamir.hpp"
 
 namespace py = pybind11;
 
+namespace {
+
+using U64 = py::array_t<uint64_t, py::array::c_style>;
+
+// The values of `a` as an aligned uint64_t pointer: its own data when aligned, else a copy in
+// `held`. Key residues reach here as numpy views at any byte offset of a serialized key
+// (contiguous but misaligned), and reading those through uint64_t* is undefined behaviour
+// (UBSan: "load of misaligned address").
+const uint64_t* aligned_values(const U64& a, std::vector<uint64_t>& held) {
+    const void* p = a.data();
+    if (reinterpret_cast<uintptr_t>(p) % alignof(uint64_t) == 0)
+        return static_cast<const uint64_t*>(p);
+    held.resize(static_cast<size_t>(a.size()));
+    std::memcpy(held.data(), p, held.size() * sizeof(uint64_t));
+    return held.data();
+}
+
+}  // namespace
+
 void bind_shamir(py::module_& m) {
     using namespace fedshield;
-    using U64 = py::array_t<uint64_t, py::array::c_style>;
 
     py::register_exception_translator([](std::exception_ptr p) {
         try {
@@ -39,9 +59,12 @@ void bind_shamir(py::module_& m) {
                              const std::vector<uint64_t>& xs) {
         std::vector<std::vector<uint64_t>> shares;
         WipeOnExit<std::vector<uint64_t>> wipe_shares(shares);
+        std::vector<uint64_t> held;
+        WipeOnExit<uint64_t> wipe_held(held);
+        const uint64_t* values = aligned_values(secret, held);
         {
             py::gil_scoped_release nogil;
-            shares = shamir_split(secret.data(), static_cast<size_t>(secret.size()), modulus,
+            shares = shamir_split(values, static_cast<size_t>(secret.size()), modulus,
                                   threshold, xs);
         }
         py::list out;
@@ -57,18 +80,21 @@ void bind_shamir(py::module_& m) {
     m.def("cover_absent", [](const U64& own, const std::vector<U64>& shares, uint64_t coefficient,
                              uint64_t modulus) {
         const size_t n = static_cast<size_t>(own.size());
+        std::vector<std::vector<uint64_t>> held(shares.size() + 1);
+        WipeOnExit<std::vector<uint64_t>> wipe_held(held);
         std::vector<const uint64_t*> ptrs;
-        for (const auto& s : shares) {
-            if (static_cast<size_t>(s.size()) != n)
+        for (size_t k = 0; k < shares.size(); ++k) {
+            if (static_cast<size_t>(shares[k].size()) != n)
                 throw py::value_error("cover_absent: every share needs " + std::to_string(n) +
                                       " residues");
-            ptrs.push_back(s.data());
+            ptrs.push_back(aligned_values(shares[k], held[k]));
         }
+        const uint64_t* own_values = aligned_values(own, held.back());
         U64 out(static_cast<py::ssize_t>(n));
         uint64_t* dst = out.mutable_data();
         {
             py::gil_scoped_release nogil;
-            cover_absent(own.data(), ptrs, n, coefficient, modulus, dst);
+            cover_absent(own_values, ptrs, n, coefficient, modulus, dst);
         }
         return out;
     }, "own + coefficient * sum(shares) mod q, residue-wise.");
