@@ -15,7 +15,21 @@ PYTHON := $(shell for p in python3.10 python3.12 \
 	$$p -c 'import sys; assert sys.version_info[:2] in ((3,10),(3,12))' >/dev/null 2>&1 && { echo $$p; break; }; done)
 endif
 
-.PHONY: all setup demo test test-all bench clean check-python
+# `make asan-test`: csrc/ built with AddressSanitizer + UBSan by plain CMake into build/asan,
+# then the parser, aggregation and codec tests and a short fuzz run against it (the installed
+# module is swapped out by tests/asan/sitecustomize.py in every process, children included).
+# libasan is preloaded since Python is not instrumented, and libstdc++ with it, or ASan's
+# __cxa_throw interceptor finds no real __cxa_throw and every C++ exception aborts.
+ASAN_BUILD    := build/asan
+ASAN_TESTS    ?= tests/test_update_wire.py tests/test_packing.py tests/test_streaming.py \
+                 tests/test_aggregate.py tests/test_threshold.py tests/test_native_safety.py \
+                 tests/test_fuzz.py tests/test_dp.py
+ASAN_SELECT   ?=
+ASAN_EXAMPLES ?= 25
+FUZZ_EXAMPLES ?= 1000
+CMAKE         ?= $(shell command -v cmake 2>/dev/null || echo $(VENV)/bin/cmake)
+
+.PHONY: all setup demo test test-all test-default bench clean check-python asan-build asan-test fuzz
 
 all: test
 
@@ -45,14 +59,48 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedshield run --out runs/demo
 
-test: $(STAMP)
+# CI (.ci/run) runs `make test`: the default suite (a short fuzz of every parser included),
+# then the same parsers under the sanitizers.
+test: test-default asan-test
+
+test-default: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 test-all: PYTEST_ARGS =
 test-all: test
 
+# Longer fuzzing: every hypothesis target FUZZ_EXAMPLES times (README, "Fuzzing and sanitizers").
+fuzz: $(STAMP)
+	FEDSHIELD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VPY) -m pytest tests/test_fuzz.py \
+	  tests/test_update_wire.py -k "fuzz or hypothesis" --hypothesis-show-statistics -q
+
+$(VENV)/bin/cmake: | $(VPY)
+	$(VPY) -m pip install --quiet "cmake>=3.18"
+
+asan-build: $(STAMP) $(if $(findstring $(VENV)/bin/cmake,$(CMAKE)),$(VENV)/bin/cmake)
+	@$(VPY) -c "import pybind11" 2>/dev/null || $(VPY) -m pip install --quiet "pybind11>=2.12"
+	@mkdir -p $(ASAN_BUILD)
+	CXX=$(CXX) $(CMAKE) -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFEDSHIELD_SANITIZE=ON \
+	  -DPython_EXECUTABLE=$(abspath $(VPY)) -Dpybind11_DIR=$$($(VPY) -m pybind11 --cmakedir) \
+	  > $(ASAN_BUILD).log && $(CMAKE) --build $(ASAN_BUILD) -j 2 >> $(ASAN_BUILD).log \
+	  || { tail -40 $(ASAN_BUILD).log; exit 1; }
+
+asan-test: asan-build
+	@test -f "$$($(CXX) -print-file-name=libasan.so)" || { \
+	  echo "make asan-test needs the AddressSanitizer runtime of $(CXX) (libasan.so)"; exit 1; }
+	@so=$$(ls $(abspath $(ASAN_BUILD))/_native*.so); \
+	export LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so.6)" \
+	  FEDSHIELD_NATIVE=$$so \
+	  PYTHONPATH=$(abspath tests/asan) FEDSHIELD_FUZZ_EXAMPLES=$(ASAN_EXAMPLES) \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:alloc_dealloc_mismatch=0:protect_shadow_gap=0 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1; \
+	$(VPY) -c "import fedshield._native as n, sys; assert n.__file__ == '$$so', n.__file__; \
+	  assert b'__asan_init' in open(n.__file__, 'rb').read(); print('ASan build:', n.__file__)" && \
+	$(VPY) -m pytest -q -p no:cacheprovider --capture=sys -m "not slow" \
+	  $(if $(ASAN_SELECT),-k "$(ASAN_SELECT)") $(ASAN_TESTS)
+
 bench: $(STAMP)
 	$(VENV)/bin/fedshield bench
 
 clean:
-	rm -rf build dist runs .pytest_cache .benchmarks .hypothesis
+	rm -rf build dist runs .pytest_cache .benchmarks .hypothesis $(ASAN_BUILD).log

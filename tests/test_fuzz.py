@@ -9,13 +9,22 @@ sanitizers"); `make asan-test` runs them under AddressSanitizer/UBSan.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+import fedshield as fs
+from conftest import make_state, weighted_average
+from forgery import MUTATIONS, fuzz_settings, mutate, reseal_sha256, reseal_update
 
 # -- partial decryptions: the exact failure of issue 15 (a crash inside OpenFHE) ---------------
 
@@ -101,3 +110,237 @@ def test_tampered_partial_decryptions_never_crash_the_key_holder(tmp_path):
     # the edits reached the residues (past framing, into OpenFHE's fusion) and all failed there
     assert stats["residue_edits"] >= 100
     assert stats["residue_edits_rejected"] == stats["residue_edits"]
+
+
+# -- hypothesis targets: one per parser of outside bytes ---------------------------------------
+# Each runs fuzz_settings(n) cases: n in `make test`, FEDSHIELD_FUZZ_EXAMPLES when set.
+
+class ThresholdRound:
+    """A 3-party threshold round: updates, their aggregate, every party's share, the
+    reference average."""
+
+    def __init__(self) -> None:
+        self.parties, self.server = fs.keygen_threshold(fs.CKKSParams(), 3)
+        self.states = [make_state(170 + i) for i in range(3)]
+        self.layout = fs.Layout.from_state_dict(self.states[0])
+        weights = [fs.DEFAULT_WEIGHT_BOUND / 3] * 3
+        self.updates = [fs.encrypt_update(p, s, self.layout, weight=w, round=4)
+                        for p, s, w in zip(self.parties, self.states, weights)]
+        self.agg = fs.aggregate(self.server, self.updates)
+        self.shares = [fs.partial_decrypt(p, self.agg) for p in self.parties]
+        self.reference = weighted_average(self.states, weights)
+
+    def matches(self, out: dict) -> bool:
+        return all(np.abs(out[n].double().numpy() - r).max() <= 2e-6
+                   for n, r in self.reference.items())
+
+
+@pytest.fixture(scope="module")
+def threshold_round() -> ThresholdRound:
+    return ThresholdRound()
+
+
+@fuzz_settings(60)
+@given(ops=MUTATIONS, reseal=st.booleans())
+def test_fuzz_aggregates_at_the_key_holders(threshold_round, client_ctx, server_ctx,
+                                            small_update, small_layout, ops, reseal):
+    """Aggregate bytes from the server, mutated (checksum recomputed or not), at a threshold
+    party (partial_decrypt) and at a shared-key client (decrypt_update): a FedShieldError or a
+    result, never a crash (OpenFHE only sees bytes rebuilt from the party's template)."""
+    r = threshold_round
+    for ctx, blob, decrypt in (
+            (r.parties[1], r.agg.to_bytes(), lambda a: fs.partial_decrypt(r.parties[1], a)),
+            (client_ctx, fs.aggregate(server_ctx, [small_update]).to_bytes(),
+             lambda a: fs.decrypt_update(client_ctx, a, small_layout))):
+        bad = mutate(blob, ops)
+        if reseal:
+            bad = reseal_update(bad)
+        try:
+            decrypt(fs.EncryptedUpdate.from_bytes(bad))
+            event("decrypted")
+        except fs.FedShieldError as exc:
+            event(f"rejected: {type(exc).__name__}")
+
+
+@fuzz_settings(60)
+@given(ops=MUTATIONS, which=st.integers(0, 2), head=st.sampled_from([400, 3000, 10**9]))
+def test_fuzz_partial_decryptions(threshold_round, ops, which, head):
+    """A share mutated anywhere, frame digest recomputed: rejected with a FedShieldError, or it
+    fuses to the right average; never a crash and never a wrong average."""
+    r = threshold_round
+    bad = reseal_sha256(mutate(r.shares[which], ops, head=head))
+    shares = list(r.shares)
+    shares[which] = bad
+    try:
+        out = fs.combine_partials(r.agg, shares, r.layout, ctx=r.parties[0])
+    except fs.FedShieldError as exc:
+        event(f"rejected: {type(exc).__name__}"
+              + (" (fused out of range)" if "beyond" in str(exc) else ""))
+        return
+    event("fused")
+    assert r.matches(out), "a mutated share fused into a wrong average"
+
+
+@fuzz_settings(60)
+@given(ops=MUTATIONS, reseal=st.booleans(), which=st.sampled_from(["server", "party"]))
+def test_fuzz_contexts(threshold_round, server_ctx, small_update, ops, reseal, which):
+    """Context files mutated (digest recomputed or not): load_context raises KeyMaterialError
+    or loads; a loaded one aggregates natively (the server path) or refuses the update."""
+    blob = (server_ctx.to_bytes() if which == "server"
+            else threshold_round.parties[2].to_bytes(include_secret=True))
+    bad = mutate(blob, ops, head=2000)
+    if reseal:
+        bad = reseal_sha256(bad)
+    try:
+        ctx = fs.load_context(bad)
+    except fs.KeyMaterialError:
+        event("rejected by load_context")
+        return
+    try:
+        fs.aggregate(ctx, [small_update])
+        event("loaded and aggregated")
+    except fs.FedShieldError as exc:
+        event(f"loaded, update refused: {type(exc).__name__}")
+
+
+JSON_LEAF = (st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.floats()
+             | st.text(max_size=8))
+JSON_VALUE = st.recursive(JSON_LEAF, lambda c: st.lists(c, max_size=4)
+                          | st.dictionaries(st.text(max_size=6), c, max_size=4), max_leaves=10)
+
+
+@fuzz_settings(100)
+@given(edits=st.dictionaries(st.sampled_from(["stype", "nbytes", "chunks", "sha256", "extra"]),
+                             JSON_LEAF, max_size=3),
+       arrays=st.lists(st.tuples(st.sampled_from(["000000", "000001", "000002", "x", "1"]),
+                                 st.binary(max_size=40),
+                                 st.sampled_from(["fedshield.update.v1", "numpy.ndarray"]),
+                                 st.sampled_from(["uint8", "float32"])), max_size=4),
+       drop=st.booleans())
+def test_fuzz_flower_records(edits, arrays, drop):
+    """Payload records with hostile metadata (any JSON scalar: huge counts, NaN, bools, strings)
+    and hostile chunks (names, sizes, stypes, dtypes): get_payload returns the exact payload or
+    raises InvalidUpdate, without allocating for a count that did not arrive."""
+    flwr = pytest.importorskip("flwr")
+    from fedshield.flower import records
+
+    content = flwr.common.RecordDict()
+    blob = bytes(range(100))
+    records.put_payload(content, "p", blob, records.STYPE_UPDATE, chunk_bytes=40)
+    meta, record = content.config_records["p.meta"], content.array_records["p"]
+    for key, value in edits.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            try:
+                meta[key] = value
+            except (TypeError, ValueError):  # a type a ConfigRecord does not hold
+                continue
+    if drop and len(record):
+        del record[sorted(record.keys())[0]]
+    for name, data, stype, dtype in arrays:
+        record[name] = flwr.common.Array(dtype=dtype, shape=(len(data),), stype=stype, data=data)
+    try:
+        got = records.get_payload(content, "p", records.STYPE_UPDATE)
+    except fs.InvalidUpdate:
+        event("rejected")
+        return
+    event("accepted")
+    assert got == blob
+
+
+# Valid fields of every round message at once; each case overrides or drops some of them.
+VALID_FIELDS = {"party": 1, "round": 2, "train-loss": 1.5, "kept": 0.5, "seconds-train": 1.0,
+                "seconds-prune": 0.1, "seconds-encrypt": 0.2, "update-norm": 3.0,
+                "version": 2, "eval-loss": 1.25, "eval-examples": 10, "seconds-decrypt": 0.3,
+                "name": "site-1", "data": "d.jsonl", "train-examples": 40, "context-fp": "ab",
+                "num-lora-values": 1000, "lr": 0.01, "prune": "local", "prune-ratio": 0.2,
+                "weight-bound": 64.0, "base-version": 1, "seconds": 0.4}
+HOSTILE = (JSON_VALUE | st.sampled_from([math.nan, math.inf, -math.inf, -0.0, 2**63, -1,
+                                         True, False, 1e308, 5e-324, "1.0", [], {}]))
+
+
+@fuzz_settings(200)
+@given(changes=st.dictionaries(st.sampled_from(sorted(VALID_FIELDS)),
+                               st.none() | HOSTILE, min_size=1, max_size=4))
+def test_fuzz_round_messages(changes):
+    """The typed messages every reply becomes (fedshield.fl.messages), from valid fields with
+    some replaced by hostile values (NaN, inf, huge, wrong types, nested) or dropped: the
+    message with finite numbers in range, or InvalidMessage."""
+    from fedshield.fl.messages import (EvalReply, InvalidMessage, RoundPlan, ShareReply,
+                                       SiteInfo, TrainReply)
+
+    fields = {k: v for k, v in {**VALID_FIELDS, **changes}.items()
+              if not (k in changes and changes[k] is None)}
+    for parse in (lambda f: TrainReply.from_fields(f, b"u"), EvalReply.from_fields,
+                  SiteInfo.from_fields, RoundPlan.from_fields,
+                  lambda f: ShareReply.from_fields(f, b"s")):
+        try:
+            message = parse(fields)
+        except InvalidMessage:
+            event(f"refused: {parse(VALID_FIELDS).__class__.__name__}")
+            continue
+        event(f"parsed: {type(message).__name__}")
+        numbers = [v for v in vars(message).values() if isinstance(v, float)]
+        numbers += list(getattr(message, "seconds", None).values()) \
+            if isinstance(getattr(message, "seconds", None), dict) else []
+        assert all(math.isfinite(v) for v in numbers), message
+
+
+@pytest.fixture(scope="module")
+def checkpoint_files(tmp_path_factory):
+    from fedshield.checkpoint import save_checkpoint
+
+    out = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(out, round_idx=2, state={"w": torch.arange(64, dtype=torch.float32)},
+                    metrics={"rounds": [{"round": 1}, {"round": 2}]}, config={"x": 1})
+    ckpt = out / "checkpoint"
+    index = (ckpt / "checkpoint.json").read_bytes()
+    state_name = json.loads(index)["state_file"]
+    return out, index, state_name, (ckpt / state_name).read_bytes()
+
+
+@fuzz_settings(100)
+@given(ops=MUTATIONS, target=st.sampled_from(["index", "state"]))
+def test_fuzz_checkpoints(checkpoint_files, ops, target):
+    """A checkpoint's index (JSON) or state file (safetensors) mutated on disk: --resume loads
+    it or raises ParameterError naming the checkpoint, never anything else."""
+    from fedshield.checkpoint import load_checkpoint
+
+    out, index, state_name, state = checkpoint_files
+    ckpt = out / "checkpoint"
+    (ckpt / "checkpoint.json").write_bytes(mutate(index, ops, head=200)
+                                           if target == "index" else index)
+    (ckpt / state_name).write_bytes(mutate(state, ops, head=200) if target == "state"
+                                    else state)
+    try:
+        loaded = load_checkpoint(out)
+    except fs.ParameterError as exc:
+        assert str(out) in str(exc)
+        event("rejected")
+        return
+    event("loaded")
+    assert isinstance(loaded["round"], int) and isinstance(loaded["state"], dict)
+
+
+@pytest.fixture(scope="module")
+def dealt_key_share():
+    from fedshield.he import threshold as th
+
+    parties, _ = fs.keygen_threshold(fs.CKKSParams(), 3, 2)
+    return parties[1], th.deal_key_shares(parties[0])[1]
+
+
+@fuzz_settings(60)
+@given(ops=MUTATIONS)
+def test_fuzz_key_share_messages(dealt_key_share, ops):
+    """Shamir key-share messages (t-of-n keygen) mutated, digest recomputed: accepted into a
+    party context or KeyMaterialError."""
+    from fedshield.he import threshold as th
+
+    party, message = dealt_key_share
+    try:
+        th.accept_key_shares(party, [reseal_sha256(mutate(message, ops, head=300))])
+        event("accepted")
+    except fs.KeyMaterialError:
+        event("rejected")

@@ -8,21 +8,19 @@ import struct
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import fedshield as fs
 from fedshield import _native
 from conftest import RING_DIM, WIRE_OVERHEAD, make_state, weighted_average
-from forgery import MUTATION, mutate
+from forgery import MUTATION, fuzz_settings, mutate
 from forgery import reseal_update as reseal
 
 HEADER = 168
 FRESH_CIPHERTEXT_BYTES = 262891  # one fresh OpenFHE ciphertext at the default parameters
 
-HYP = settings(max_examples=200, deadline=None, derandomize=True, database=None,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                      HealthCheck.function_scoped_fixture])
+HYP = fuzz_settings(200)  # the update parser's fuzz targets (FEDSHIELD_FUZZ_EXAMPLES scales them)
 
 
 def set_residue(data: bytes, index: int, value: int, bits: int) -> bytes:
@@ -250,9 +248,7 @@ def valid_pair(client_ctx, server_ctx, small_layout):
     return ups, agg.to_bytes()
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.function_scoped_fixture])
+@fuzz_settings(100)
 @given(ops=st.lists(MUTATION, min_size=1, max_size=3))
 def test_hypothesis_mutated_bytes_to_aggregate(server_ctx, small_update, valid_pair, ops):
     data = small_update.to_bytes()
