@@ -28,14 +28,6 @@ void check_int64(const py::array& values, const char* what) {
 void bind_dp(py::module_& m) {
     using namespace fedshield;
 
-    py::register_exception_translator([](std::exception_ptr p) {
-        try {
-            if (p) std::rethrow_exception(p);
-        } catch (const NoiseParameterError& e) {
-            py::object errors = py::module_::import("fedshield.errors");
-            PyErr_SetString(errors.attr("ParameterError").ptr(), e.what());
-        }
-    });
     m.attr("MAX_NOISE_SIGMA2") = kMaxSigma2;
     m.def("add_discrete_gaussian", [](py::array values, uint64_t sigma2, unsigned threads) {
         check_int64(values, "add_discrete_gaussian");

@@ -170,6 +170,8 @@ void bind_errors(py::module_&) {
             raise("HeadroomError", e.what());
         } catch (const ConcurrentUseError& e) {
             raise("ConcurrentUseError", e.what());
+        } catch (const ParameterInputError& e) {
+            raise("ParameterError", e.what());
         }
     });
 }

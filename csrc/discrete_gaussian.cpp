@@ -91,7 +91,7 @@ bool bernoulli(RandomBits& rng, u128 num, u128 den) {
 bool bernoulli_exp_at_most_1(RandomBits& rng, u128 num, u128 den) {
     uint64_t k = 1;
     while (bernoulli(rng, num, den * k)) {
-        if (++k > kMaxK) throw NoiseParameterError("discrete Gaussian: Algorithm 1 ran away");
+        if (++k > kMaxK) throw ParameterInputError("discrete Gaussian: Algorithm 1 ran away");
     }
     return k & 1;
 }
@@ -156,12 +156,12 @@ int64_t discrete_gaussian(RandomBits& rng, uint64_t sigma2) {
 
 void add_discrete_gaussian(int64_t* values, uint64_t n, uint64_t sigma2, unsigned threads) {
     if (sigma2 < 1 || sigma2 > kMaxSigma2)
-        throw NoiseParameterError("discrete Gaussian: variance parameter " +
+        throw ParameterInputError("discrete Gaussian: variance parameter " +
                                   std::to_string(sigma2) + " is not in [1, 2**46]");
     constexpr int64_t kLimit = int64_t{1} << 62;
     for (uint64_t i = 0; i < n; ++i)
         if (values[i] >= kLimit || values[i] <= -kLimit)
-            throw NoiseParameterError("discrete Gaussian: value " + std::to_string(values[i]) +
+            throw ParameterInputError("discrete Gaussian: value " + std::to_string(values[i]) +
                                       " at index " + std::to_string(i) +
                                       " is not within (-2**62, 2**62)");
     parallel_ranges(n, threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {

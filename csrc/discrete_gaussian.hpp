@@ -6,16 +6,13 @@
 // (Mironov, CCS 2012) and on a predictable generator (MT19937) have nothing to work with.
 #pragma once
 #include <cstdint>
-#include <stdexcept>
+
+#include "errors.hpp"
 
 namespace fedshield {
 
-// A variance parameter or value out of the sampler's exact range.
-struct NoiseParameterError : std::invalid_argument {
-    using std::invalid_argument::invalid_argument;
-};
-
 // sigma2 must be in [1, 2^46]: every intermediate of the exact sampler then fits 128 bits.
+// ParameterInputError for a variance or a value out of range.
 constexpr uint64_t kMaxSigma2 = uint64_t{1} << 46;
 
 // values[i] += a fresh N_Z(0, sigma2) sample, for i < n, on up to `threads` threads (each with

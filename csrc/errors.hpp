@@ -20,6 +20,12 @@ struct ValueRangeError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
+// Arguments out of a native routine's range (a noise variance, a value to noise): the caller's
+// parameters, not hostile bytes.
+struct ParameterInputError : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+
 // An object that is not thread-safe (the Aggregator) called from a second thread while one
 // call is still running: refused, never interleaved.
 struct ConcurrentUseError : std::runtime_error {

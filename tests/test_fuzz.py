@@ -305,7 +305,7 @@ def checkpoint_files(tmp_path_factory):
 def test_fuzz_checkpoints(checkpoint_files, ops, target):
     """A checkpoint's index (JSON) or state file (safetensors) mutated on disk: --resume loads
     it or raises ParameterError naming the checkpoint, never anything else."""
-    from fedshield.checkpoint import load_checkpoint
+    from fedshield.checkpoint import capture_rng, load_checkpoint, restore_rng
 
     out, index, state_name, state = checkpoint_files
     ckpt = out / "checkpoint"
@@ -319,8 +319,15 @@ def test_fuzz_checkpoints(checkpoint_files, ops, target):
         assert str(out) in str(exc)
         event("rejected")
         return
-    event("loaded")
     assert isinstance(loaded["round"], int) and isinstance(loaded["state"], dict)
+    saved = capture_rng()
+    try:  # what --resume does next with it
+        restore_rng(*loaded["rng"])
+        event("loaded and restored")
+    except fs.ParameterError:
+        event("loaded, RNG states refused")
+    finally:
+        restore_rng(*saved)
 
 
 @pytest.fixture(scope="module")

@@ -42,15 +42,21 @@ def capture_rng() -> tuple[dict, dict]:
 
 
 def restore_rng(tensors: dict, extra: dict) -> None:
-    torch.set_rng_state(tensors[_RNG + "torch"])
-    cuda = sorted(k for k in tensors if k.startswith(_RNG + "cuda"))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][:torch.cuda.device_count()])
-    kind, pos, has_gauss, gauss = extra["numpy"]
-    keys = tensors[_RNG + "numpy"].numpy().view(np.uint32)
-    np.random.set_state((kind, keys, pos, has_gauss, gauss))
-    version, internal, gauss_next = extra["python"]
-    random.setstate((version, tuple(internal), gauss_next))
+    """Restores what capture_rng() saved; ParameterError when a checkpoint's states are not
+    what it wrote (a damaged or edited file)."""
+    try:
+        torch.set_rng_state(tensors[_RNG + "torch"])
+        cuda = sorted(k for k in tensors if k.startswith(_RNG + "cuda"))
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([tensors[k] for k in cuda][:torch.cuda.device_count()])
+        kind, pos, has_gauss, gauss = extra["numpy"]
+        keys = tensors[_RNG + "numpy"].numpy().view(np.uint32)
+        np.random.set_state((kind, keys, pos, has_gauss, gauss))
+        version, internal, gauss_next = extra["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+    except (KeyError, ValueError, TypeError, RuntimeError, OverflowError) as exc:
+        raise ParameterError(f"the checkpoint's RNG states are unreadable "
+                             f"({type(exc).__name__}: {exc})") from exc
 
 
 def save_checkpoint(out: Path, *, round_idx: int, state: dict, metrics: dict,
@@ -96,18 +102,26 @@ def load_checkpoint(out: Path) -> dict:
                              "written by `fedshield run` (which checkpoints after every round)?")
     try:
         index = json.loads(index_path.read_text())
-        if index.get("format") != FORMAT:
-            raise ValueError(f"format {index.get('format')!r}, expected {FORMAT}")
-        tensors = load_file(str(ckpt / index["state_file"]))
-        state = {k[len(_STATE):]: v for k, v in tensors.items() if k.startswith(_STATE)}
-        rng = ({k: v for k, v in tensors.items() if k.startswith(_RNG)}, index["rng"])
-        round_idx = int(index["round"])
-        metrics = index["metrics"]
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            raise ValueError(f"format {index.get('format') if isinstance(index, dict) else index!r}"
+                             f", expected {FORMAT}")
+        round_idx, state_file = index["round"], index["state_file"]
+        if isinstance(round_idx, bool) or not isinstance(round_idx, int) or round_idx < 1:
+            raise ValueError(f"round {round_idx!r} is not a completed round")
+        if state_file != f"state-r{round_idx:06d}.safetensors":  # no path from outside
+            raise ValueError(f"state file {state_file!r} is not round {round_idx}'s")
+        config, metrics, rng_extra = index["config"], index["metrics"], index["rng"]
+        if not (isinstance(config, dict) and isinstance(metrics, dict)
+                and isinstance(rng_extra, dict)):
+            raise ValueError("config, metrics and rng must be objects")
         if [r["round"] for r in metrics["rounds"]] != list(range(1, round_idx + 1)):
             raise ValueError(f"metrics hold rounds {[r['round'] for r in metrics['rounds']]}, "
                              f"not 1..{round_idx}")
+        tensors = load_file(str(ckpt / state_file))
+        state = {k[len(_STATE):]: v for k, v in tensors.items() if k.startswith(_STATE)}
+        rng = ({k: v for k, v in tensors.items() if k.startswith(_RNG)}, rng_extra)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise ParameterError(f"--resume {str(out)!r}: the checkpoint is unreadable "
                              f"({type(exc).__name__}: {exc})") from exc
-    return {"round": round_idx, "config": index["config"], "metrics": metrics, "state": state,
+    return {"round": round_idx, "config": config, "metrics": metrics, "state": state,
             "rng": rng}
