@@ -146,7 +146,9 @@ def test_threshold_round_equals_plaintext_fedavg(tmp_path):
     plain = LocalEngine(cfg.replace(keys="shared", he=False), show_progress=False)
     assert th.server.ctx.has_secret_key is False
     assert all(not s.party.ctx.has_secret_key for s in th.sites)  # each holds a share only
-    assert th.server.ctx.params.scale_bits == 52
+    # the precision profile of threshold keys (public-key and multiparty decryption noise)
+    assert th.server.ctx.params == cfg.ckks_params()
+    assert not th.server.ctx.params.seeded and cfg.replace(keys="shared").ckks_params().seeded
     m = th.run_round(1)
     plain.run_round(1)
     assert _max_diff(th.global_state, plain.global_state) <= 1e-6

@@ -246,9 +246,13 @@ class HEConfig:
 
     enabled: bool = _opt(True, "encrypt updates with CKKS (--no-he: plaintext FedAvg baseline)",
                          flag="he")
-    ring_dim: int = _opt(16384, "CKKS ring dimension", flag="ring_dim")
-    scale_bits: int = _opt(0, "CKKS scale bits (0 = 50 with shared keys, 52 with threshold "
-                           "keys)", flag="scale_bits")
+    tolerance: float = _opt(1e-6, "how far a decrypted average may be from the plaintext one "
+                            "(absolute, values of magnitude <= 1): the CKKS parameters are chosen "
+                            "for it, and a decryption that could miss it is refused",
+                            flag="he_tolerance")
+    ring_dim: int = _opt(0, "CKKS ring dimension (0 = the smallest that holds the modulus the "
+                         "tolerance needs)", flag="ring_dim")
+    scale_bits: int = _opt(0, "CKKS scale bits (0 = chosen for the tolerance)", flag="scale_bits")
     flood_bits: int = _opt(-1, "noise flooding of every decryption at this statistical "
                            "security level in bits (IND-CPA^D protection, ~2.7x the bytes: 3 "
                            "RNS towers); 0 = off; -1 = auto: 30 with threshold keys, whose "
@@ -260,6 +264,9 @@ class HEConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ParameterError(f"{name}={value!r} must be an int")
+        _finite(self.tolerance, "he_tolerance", low=0, high=0.5, low_open=True)
+        if self.ring_dim < 0:
+            raise ParameterError(f"ring_dim={self.ring_dim!r} must be 0 (auto) or a power of two")
         if self.flood_bits < -1:
             raise ParameterError(f"flood_bits={self.flood_bits!r} must be -1 (auto), 0 (off) or "
                                  "a statistical security level in bits")
@@ -451,16 +458,18 @@ class RunConfig:
         return self.data.n_sites
 
     def ckks_params(self) -> CKKSParams:
-        """The CKKS parameters of the run (every engine generates its keys with these)."""
+        """The CKKS parameters of the run (every engine generates its keys with these): the
+        profile for the tolerance (CKKSParams.for_precision), with any explicit ring_dim or
+        scale_bits on top."""
         threshold = self.keys.mode == "threshold"
-        # Threshold decryption adds OpenFHE's flooding noise: 2 more bits of scale keep it
-        # under 1e-6.
-        scale_bits = self.he.scale_bits or (52 if threshold else 50)
         # Threshold partial decryptions leave their parties: flood them by default (IND-CPA^D).
         flood_bits = self.he.flood_bits if self.he.flood_bits >= 0 else (
             AUTO_FLOOD_BITS if threshold else 0)
-        return CKKSParams(ring_dim=self.he.ring_dim, scale_bits=scale_bits,
-                          flood_bits=flood_bits)
+        params = CKKSParams.for_precision(self.he.tolerance, keys=self.keys.mode,
+                                          n_parties=self.n_sites, flood_bits=flood_bits)
+        explicit = {k: v for k, v in (("ring_dim", self.he.ring_dim),
+                                      ("scale_bits", self.he.scale_bits)) if v}
+        return dc_replace(params, **explicit) if explicit else params
 
     def to_dict(self) -> dict:
         out = asdict(self)

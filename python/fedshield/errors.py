@@ -21,6 +21,11 @@ class HeadroomError(ParameterError):
     """
 
 
+class PrecisionError(FedShieldError, ArithmeticError):
+    """A decrypted average that could be further from the plaintext one than the caller's
+    tolerance (e.g. client weights far below the weight bound): refused, never returned."""
+
+
 class InvalidUpdate(FedShieldError, ValueError):
     """Malformed, truncated, corrupted or tampered update bytes."""
 

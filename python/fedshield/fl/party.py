@@ -20,8 +20,8 @@ from typing import Iterable, Mapping
 import torch
 
 from ..errors import KeyMaterialError, ParameterError
-from ..he import (DEFAULT_WEIGHT_BOUND, Context, EncryptedUpdate, Layout, combine_partials,
-                  decrypt_update, encrypt_update, partial_decrypt)
+from ..he import (Context, EncryptedUpdate, Layout, combine_partials, decrypt_update,
+                  encrypt_update, partial_decrypt)
 from ..model import get_lora_state, set_lora_state
 from ..pruning.mask import apply_mask, importance_mask, kept_fraction
 
@@ -44,7 +44,7 @@ class Party:
     ``ffa`` (FFA-LoRA: LoRA A frozen at its seeded initialisation, only B is sent)."""
 
     def __init__(self, ctx: Context | None, model, *, algorithm: str = "delta",
-                 weight_bound: float = DEFAULT_WEIGHT_BOUND) -> None:
+                 weight_bound: float | None = None) -> None:
         if algorithm not in ALGORITHMS:
             raise ParameterError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}")
         if ctx is not None:
@@ -55,12 +55,13 @@ class Party:
                                        "context holds no key material and could never decrypt")
         if not hasattr(model, "peft_config"):
             raise TypeError(f"expected a peft model (LoRA attached), got {type(model).__name__}")
-        if not (math.isfinite(weight_bound) and weight_bound > 0):
+        if weight_bound is not None and not (math.isfinite(weight_bound) and weight_bound > 0):
             raise ParameterError(f"weight_bound={weight_bound!r} must be a positive number")
         self.ctx = ctx
         self.model = model
         self.algorithm = algorithm
-        self.weight_bound = float(weight_bound)
+        # the federation's bound on every weight (None: each update's own power of two)
+        self.weight_bound = None if weight_bound is None else float(weight_bound)
         if algorithm == "ffa":  # A stays at its seeded initialisation, identical everywhere
             for name, param in model.named_parameters():
                 if "lora_A" in name:

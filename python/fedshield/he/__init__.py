@@ -11,7 +11,7 @@ path (load_context, EncryptedUpdate.from_bytes, aggregate, to_bytes) needs neith
 from . import threshold
 from .aggregate import aggregate
 from .context import Context, load_context
-from .encryption import DEFAULT_WEIGHT_BOUND, decrypt_update, encrypt_update
+from .encryption import DEFAULT_TOLERANCE, decrypt_update, encrypt_update
 from .keys import SharedKeys, keygen_shared
 from .layout import Layout, TensorSpec
 from .params import CKKSParams
@@ -19,7 +19,7 @@ from .partial import PartialDecryption, aggregate_digest, combine_partials, part
 from .threshold import keygen_threshold
 from .update import EncryptedUpdate
 
-__all__ = ["CKKSParams", "Context", "DEFAULT_WEIGHT_BOUND", "EncryptedUpdate", "Layout",
+__all__ = ["CKKSParams", "Context", "DEFAULT_TOLERANCE", "EncryptedUpdate", "Layout",
            "PartialDecryption", "SharedKeys", "TensorSpec", "aggregate", "aggregate_digest",
            "combine_partials", "decrypt_update", "encrypt_update", "keygen_shared",
            "keygen_threshold", "load_context", "partial_decrypt", "threshold"]

@@ -106,10 +106,13 @@ class CryptoPool:
         bounds = np.linspace(0, n, len(self._workers) + 1).astype(int)
         return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
-    def encrypt(self, buffer: np.ndarray) -> list[bytes]:
+    def encrypt(self, buffer: np.ndarray, with_secret_key: bool = False) -> list[bytes]:
+        """Serialized ciphertexts of the buffer, under the public key or (a pool started with
+        the secret key) under the secret key."""
         per_ct = self.params.values_per_ciphertext
         parts = [buffer[a * per_ct:b * per_ct] for a, b in self._split(buffer.size // per_ct)]
-        return [ct for cts in self._run("encrypt", parts) for ct in cts]
+        op = "encrypt_secret" if with_secret_key else "encrypt"
+        return [ct for cts in self._run(op, parts) for ct in cts]
 
     def decrypt(self, cts: list[bytes]) -> np.ndarray:
         parts = [cts[a:b] for a, b in self._split(len(cts))]

@@ -16,7 +16,6 @@ def _serve() -> None:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
     inp = sys.stdin.buffer
-
     objects = params = None
     while True:
         try:
@@ -31,6 +30,8 @@ def _serve() -> None:
                 result = None
             elif op == "encrypt":
                 result = backend.encrypt_buffer(objects[0], objects[1], payload, params)
+            elif op == "encrypt_secret":
+                result = backend.encrypt_buffer(objects[0], objects[2], payload, params)
             elif op == "decrypt":
                 result = backend.decrypt_ciphertexts(objects[0], objects[2], payload, params)
             else:

@@ -28,6 +28,7 @@ prime. The pre-scaling flooding needs also drowns OpenFHE's fixed 2**20: measure
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Iterable, Mapping, Optional
 
 import numpy as np
@@ -37,9 +38,10 @@ from ..errors import (IncompatibleUpdate, InvalidUpdate, KeyMaterialError, NotEn
                       ParameterError)
 from . import backend, flooding
 from .context import Context
-from .encryption import check_for_context, check_for_layout, unpack_average
+from .encryption import DEFAULT_TOLERANCE, check_for_context, check_for_layout, unpack_average
 from .frames import frame, int_field, unframe
 from .layout import Layout
+from .params import CKKSParams
 from .threshold import MAX_PARTIES, check_party_context
 from .update import PACKING_CODE, EncryptedUpdate
 
@@ -116,6 +118,9 @@ def partial_decrypt(party_ctx: Context, agg, present: Optional[Iterable[int]] = 
     if not agg.is_aggregate:
         raise IncompatibleUpdate("threshold parties only decrypt aggregates, not a single "
                                  "client's update (aggregate it with fs.aggregate first)")
+    if agg.is_seeded:
+        raise IncompatibleUpdate("a seeded aggregate is decrypted with the whole secret key, "
+                                 "not by threshold parties")
     if agg.n_summed < 2:
         raise IncompatibleUpdate("an aggregate of one update is that client's update: "
                                  "threshold parties decrypt aggregates of at least 2")
@@ -148,7 +153,7 @@ def partial_decrypt(party_ctx: Context, agg, present: Optional[Iterable[int]] = 
     meta = {"party_id": pid, "n_parties": party_ctx.n_parties,
             "threshold": party_ctx.threshold, "present": ids, "lead": lead,
             "context_fp": party_ctx.fingerprint.hex(), "aggregate": aggregate_digest(agg),
-            "round": agg.round}
+            "round": agg.round, "params": json.loads(party_ctx.params.to_json())}
     return frame(PARTIAL_MAGIC, meta, parts)
 
 
@@ -189,9 +194,12 @@ class PartialDecryption:
 
 
 def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mapping] = None, *,
+                     params: Optional[CKKSParams] = None, tolerance: float = DEFAULT_TOLERANCE,
                      threads: int = 0) -> dict:
     """Fuses the partial decryptions of every present party into name -> tensor
-    = sum(w*x) / sum(w), like :func:`fedshield.decrypt_update`.
+    = sum(w*x) / sum(w), like :func:`fedshield.decrypt_update` (and like it, refuses with
+    fs.PrecisionError an average that may be further than ``tolerance`` from the plaintext;
+    ``params``: the federation's, default the ones the shares name).
 
     Raises NotEnoughShares when a present party's share is missing, InvalidUpdate for malformed
     or duplicate shares, IncompatibleUpdate for shares of another aggregate, context or set of
@@ -215,8 +223,8 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
         if m.get("aggregate") != digest:
             raise IncompatibleUpdate(f"the share of party {pid} decrypts a different aggregate "
                                      f"(round {m.get('round')!r}, this is round {agg.round})")
-        if (m["present"], m["n_parties"], m["threshold"]) != (
-                first["present"], first["n_parties"], first["threshold"]):
+        if (m["present"], m["n_parties"], m["threshold"], m.get("params")) != (
+                first["present"], first["n_parties"], first["threshold"], first.get("params")):
             raise IncompatibleUpdate(f"the share of party {pid} was made for present="
                                      f"{m['present']}, another for present={first['present']}")
         if pid not in m["present"]:
@@ -262,7 +270,14 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
         pt.SetLength(agg.header["ring_dim"] // 2)
         values = np.asarray(pt.GetCKKSPackedValue(), dtype=np.complex128)
         buffers.append(values.view(np.float64) if packing == "complex" else values.real.copy())
-    return unpack_average(np.ascontiguousarray(np.concatenate(buffers)), layout, mask, threads)
+    if params is None:
+        try:
+            params = CKKSParams.from_dict(first["params"])
+        except (KeyError, TypeError, ParameterError) as exc:
+            raise InvalidUpdate(f"the partial decryptions name no valid parameters: {exc}") \
+                from exc
+    return unpack_average(np.ascontiguousarray(np.concatenate(buffers)), layout, mask, agg,
+                          params, tolerance, decryptors=len(present), threads=threads)
 
 
 def _packing_of(agg) -> str:
