@@ -7,8 +7,9 @@ torch (Party, importance_mask, ImportanceResult) load it when first used.
 
 from importlib import import_module
 
-from .errors import (DataError, FedShieldError, HeadroomError, IncompatibleUpdate, InvalidUpdate,
-                     KeyMaterialError, NotEnoughShares, ParameterError, PrecisionError,
+from .errors import (AuthenticationError, DataError, DecryptionBudgetExceeded, FedShieldError,
+                     HeadroomError, IncompatibleUpdate, InvalidUpdate, KeyMaterialError,
+                     KeySetupError, NotEnoughShares, ParameterError, PrecisionError,
                      UnsupportedPlatform)
 from .he import (DEFAULT_TOLERANCE, CKKSParams, Context, EncryptedUpdate, Layout, SharedKeys,
                  TensorSpec, aggregate, combine_partials, decrypt_update, encrypt_update,
@@ -32,9 +33,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "CKKSParams", "Context", "DataError", "DEFAULT_TOLERANCE", "EncryptedUpdate",
-    "FedShieldError", "HeadroomError", "ImportanceResult", "IncompatibleUpdate",
-    "InvalidUpdate", "KeyMaterialError", "Layout", "NotEnoughShares", "ParameterError", "Party", "PrecisionError",
+    "AuthenticationError", "CKKSParams", "Context", "DataError", "DecryptionBudgetExceeded",
+    "DEFAULT_TOLERANCE", "EncryptedUpdate", "FedShieldError", "HeadroomError",
+    "ImportanceResult", "IncompatibleUpdate", "InvalidUpdate", "KeyMaterialError",
+    "KeySetupError", "Layout", "NotEnoughShares", "ParameterError", "Party", "PrecisionError",
     "SharedKeys", "TensorSpec", "UnsupportedPlatform", "aggregate", "combine_partials",
     "decrypt_update", "encrypt_update", "importance_mask", "keygen_shared", "keygen_threshold",
     "load_context", "partial_decrypt", "threshold",

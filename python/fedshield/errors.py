@@ -38,6 +38,21 @@ class KeyMaterialError(FedShieldError):
     """An operation needs key material the context does not hold, or a key file is bad."""
 
 
+class AuthenticationError(FedShieldError, ValueError):
+    """A signature, a sealed message or a signed record that does not verify: tampered,
+    replayed, relabelled or from another party. The message names what did not match."""
+
+
+class KeySetupError(FedShieldError):
+    """Key set-up found a party whose contribution is inconsistent; the message names the
+    party."""
+
+
+class DecryptionBudgetExceeded(FedShieldError):
+    """A key holder asked to decrypt more ciphertexts than its key's budget allows (the queries
+    the noise flooding covers): rotate keys, i.e. start a new key epoch."""
+
+
 class NotEnoughShares(FedShieldError):
     """Threshold mode: fewer partial decryptions (or present parties) than decryption needs."""
 
