@@ -42,7 +42,7 @@ ALLOWED = {
 }
 # Heavy optional dependencies a function may import on first use.
 HEAVY = {"torch", "transformers", "peft", "openfhe", "triton", "flwr", "matplotlib",
-         "safetensors", "pyarrow", "tokenizers", "bitsandbytes", "cryptography"}
+         "safetensors", "pyarrow", "tokenizers", "bitsandbytes"}
 # fedshield modules a function may import lazily, and why (each gates a heavy dependency).
 LAZY_OK = {
     ("pruning.mask", "kernels.importance"): "triton, for CUDA tensors only",

@@ -27,6 +27,7 @@ import hashlib
 import secrets
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .. import _native
 from ..errors import InvalidUpdate
@@ -58,9 +59,6 @@ def expand(seed: bytes, context_fp: bytes, round: int, n_ciphertexts: int, modul
     """The polynomials a of every ciphertext of a seeded update: uint64[n_ct * T * N],
     ciphertext-major then tower-major. With ``out``, they are added into it mod each tower's
     modulus instead (how a decryptor sums the expansions of an aggregate's seeds)."""
-    # cryptography (AES-CTR) is a key holder's dependency: the keyless server never expands
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # noqa: PLC0415
-
     key = _stream_key(context_fp, round, seed)
     towers = len(moduli)
     total = n_ciphertexts * towers * ring_dim
