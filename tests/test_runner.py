@@ -55,6 +55,9 @@ def test_run_writes_metrics_adapter_and_plots(tmp_path):
         assert set(r["seconds"]) == {"train", "prune", "encrypt", "aggregate", "decrypt"}
         assert r["bytes_down"] > 0 and 0 < r["kept_fraction"] <= 1
     assert metrics["rounds"][-1]["eval_loss"] < metrics["initial_eval_loss"]
+    # the paper's 20% -> 50% schedule over this run's 3 rounds
+    assert [r["prune_ratio"] for r in metrics["rounds"]] == pytest.approx([0.2, 0.35, 0.5])
+    assert metrics["finished"] is True
     for name in ("loss.png", "bytes.png", "time.png"):
         assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

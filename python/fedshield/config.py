@@ -228,16 +228,23 @@ class PruningConfig:
     p0: float = _opt(0.2, "pruned fraction at t_start", flag="prune_p0")
     target: float = _opt(0.5, "pruned fraction from t_end on", flag="prune_target")
     t_start: int = _opt(1, "round where the schedule starts", flag="prune_t_start")
-    t_end: int = _opt(4, "round where the target is reached", flag="prune_t_end")
+    # 0 = the run's last round: the reference code's run script ends its schedule with the run
+    # (num_rounds=200, pruning_end_round=200; solidlabnetwork/fedshield-llm, run_scripts/fed.sh
+    # and config.py), so --rounds alone keeps the paper's 20% -> 50% over any run length.
+    t_end: int = _opt(0, "round where the target is reached (0 = the run's last round, "
+                      "following --rounds)", flag="prune_t_end")
 
     def __post_init__(self) -> None:
         _check_choices(self)
         _finite(self.p0, "prune_p0", low=0, high=1)
         _finite(self.target, "prune_target", low=0, high=1)
-        _positive_ints(self, "t_start", "t_end")
-        if self.t_end <= self.t_start:
+        _positive_ints(self, "t_start")
+        if isinstance(self.t_end, bool) or not isinstance(self.t_end, int) or self.t_end < 0:
+            raise ParameterError(f"prune_t_end={self.t_end!r} must be an int >= 0 (0 = the "
+                                 "run's last round)")
+        if self.t_end and self.t_end <= self.t_start:
             raise ParameterError(f"prune_t_end={self.t_end} must be greater than "
-                                 f"prune_t_start={self.t_start}")
+                                 f"prune_t_start={self.t_start} (or 0: the run's last round)")
 
 
 @dataclass(frozen=True)
@@ -441,6 +448,12 @@ class RunConfig:
             if keys.dropouts:
                 raise ParameterError(f"dropouts={keys.dropouts} simulates absent parties in "
                                      "the local engine; on Flower, stop a SuperNode instead")
+        pruning, rounds = self.pruning, self.training.rounds
+        if pruning.mode != "off" and not pruning.t_end and pruning.t_start > rounds:
+            raise ParameterError(f"prune_t_start={pruning.t_start} is after the run's last "
+                                 f"round (rounds={rounds}), where prune_t_end=0 puts the "
+                                 f"target; give --prune-t-start {rounds} or less, or an "
+                                 "explicit --prune-t-end")
         if not self.data.site_data and self.data.path == "synthetic" \
                 and self.data.examples_per_client < 2:
             raise ParameterError(f"examples_per_client={self.data.examples_per_client}: each "
@@ -449,6 +462,11 @@ class RunConfig:
     @property
     def n_sites(self) -> int:
         return self.data.n_sites
+
+    @property
+    def prune_t_end(self) -> int:
+        """The round where the pruning schedule reaches its target (prune_t_end=0: the last)."""
+        return self.pruning.t_end or self.training.rounds
 
     def ckks_params(self) -> CKKSParams:
         """The CKKS parameters of the run (every engine generates its keys with these)."""
