@@ -181,6 +181,22 @@ def test_bad_threshold_config(bad, match):
         RunConfig.from_flat(**bad)
 
 
+@pytest.mark.parametrize("flat, expected", [
+    (dict(clients=3, dropouts=1), "dropouts=1 needs --threshold T with T <= 3 - 1: the default "
+     "threshold (0) needs all 3 sites to decrypt, so 0 may drop out; pass --threshold 2 (any "
+     "2 of 3 sites decrypt, so 1 may drop out)"),
+    (dict(clients=5, threshold=4, dropouts=2), "--threshold 4 needs 4 of 5 sites to decrypt, "
+     "so 1 may drop out; pass --threshold 3"),
+    (dict(clients=4, dropouts=2), "a threshold must be more than half of the 4 sites, so at "
+     "most 1 of them may ever drop out"),
+    (dict(clients=2, dropouts=1), "so none may drop out"),
+])
+def test_dropouts_say_which_threshold_they_need(flat, expected):
+    with pytest.raises(fs.ParameterError) as exc:
+        RunConfig.from_flat(keys="threshold", **flat)
+    assert expected in str(exc.value)
+
+
 def _site_files(root, sizes, seed=0):
     """Site files of the given sizes, each in its own directory (site-a/, site-b/, ...)."""
     from fedshield.data.sites import write_site_files

@@ -284,11 +284,12 @@ class KeysConfig:
     mode: str = _opt("shared", "shared: one key on every site (paper mode, weaker); threshold: "
                      "each site holds a key share, decryption needs partial decryptions",
                      flag="keys", choices=("shared", "threshold"))
-    threshold: int = _opt(0, "threshold keys: shares needed to decrypt (0 = every site; "
-                          "t > sites/2)", flag="threshold")
-    dropouts: int = _opt(0, "threshold keys, local engine: sites (ids 0..k-1, the lead among "
-                         "them) absent at decryption each round; needs --threshold below the "
-                         "number of sites", flag="dropouts")
+    threshold: int = _opt(0, "threshold keys: shares T needed to decrypt, sites/2 < T <= "
+                          "sites (0 = every site, so none may drop out)", flag="threshold")
+    dropouts: int = _opt(0, "threshold keys, local engine: sites K (ids 0..K-1, the lead among "
+                         "them) absent at decryption each round; needs --threshold T with "
+                         "T <= sites - K, e.g. --clients 3 --threshold 2 --dropouts 1",
+                         flag="dropouts")
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -385,6 +386,24 @@ def _options_by_flag() -> dict[str, Option]:
     return {o.flag: o for o in options()}
 
 
+def _dropouts_message(sites: int, threshold: int, dropouts: int) -> str:
+    """Why K dropouts do not fit, and the --threshold that would let them (if any does)."""
+    needed = threshold or sites
+    most = sites - dropouts   # the largest threshold that survives K dropouts
+    if most > sites / 2:
+        fix = (f"pass --threshold {most} (any {most} of {sites} sites decrypt, so {dropouts} "
+               f"may drop out)")
+    elif sites >= 3:
+        fix = (f"a threshold must be more than half of the {sites} sites, so at most "
+               f"{(sites - 1) // 2} of them may ever drop out")
+    else:
+        fix = f"a threshold must be more than half of the {sites} sites, so none may drop out"
+    given = (f"the default threshold (0) needs all {sites} sites to decrypt" if not threshold
+             else f"--threshold {threshold} needs {needed} of {sites} sites to decrypt")
+    return (f"dropouts={dropouts} needs --threshold T with T <= {sites} - {dropouts}: {given}, "
+            f"so {sites - needed} may drop out; {fix}")
+
+
 # Statistical security of flooding when flood_bits=-1 and keys=threshold.
 AUTO_FLOOD_BITS = 30
 
@@ -426,12 +445,7 @@ class RunConfig:
                                      f"({sites / 2:g}, {sites}] or 0")
             needed = keys.threshold or sites
             if keys.dropouts > sites - needed:
-                hint = (f"; with --threshold {sites - keys.dropouts} (any "
-                        f"{sites - keys.dropouts} of {sites} decrypt) {keys.dropouts} may "
-                        "drop out" if sites - keys.dropouts > sites / 2 else "")
-                raise ParameterError(f"dropouts={keys.dropouts}: with {sites} sites and "
-                                     f"{needed} shares needed, at most {sites - needed} may "
-                                     f"drop out{hint}")
+                raise ParameterError(_dropouts_message(sites, keys.threshold, keys.dropouts))
         elif keys.threshold or keys.dropouts:
             raise ParameterError(f"threshold={keys.threshold}, dropouts={keys.dropouts} apply "
                                  "to keys='threshold' only")
