@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .data.files import parse_columns
+from .data.prompts import MIN_PROMPT_TOKENS, MIN_SEQUENCE_TOKENS
 from .errors import ParameterError
 from .he.params import CKKSParams
 
@@ -56,6 +57,15 @@ def _positive_ints(section, *names: str) -> None:
         value = getattr(section, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ParameterError(f"{name}={value!r} must be a positive int")
+
+
+def check_max_len(max_len: int, flag: str = "max_len") -> None:
+    """The shortest max_len that can hold any example (the rest is the data's business: an
+    example whose answer does not fit is skipped, and a file of only those stops the run)."""
+    if max_len < MIN_SEQUENCE_TOKENS:
+        raise ParameterError(f"{flag}={max_len} is too short: a training example needs at least "
+                             f"{MIN_SEQUENCE_TOKENS} tokens (bos, {MIN_PROMPT_TOKENS} prompt "
+                             "tokens, one answer token, eos)")
 
 
 def _finite(value, name: str, *, low: float = -math.inf, high: float = math.inf,
@@ -134,6 +144,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_choices(self)
         _positive_ints(self, "clients", "examples_per_client", "max_len")
+        check_max_len(self.max_len)
         if not isinstance(self.path, str) or not self.path:
             raise ParameterError(f"data={self.path!r} must be 'synthetic' or a local file")
         if isinstance(self.site_data, (str, bytes)) or not all(
