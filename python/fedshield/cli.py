@@ -17,10 +17,26 @@ CLIENT_PACKAGES = {"torch", "transformers", "peft", "safetensors", "openfhe", "t
                    "matplotlib"}
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" only where it says something: not for None, False or empty
+    defaults, required options or positionals, nor where the help text already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.required or not action.option_strings
+                or action.default in (None, False, "", argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _add_option(p: argparse.ArgumentParser, option: Option) -> None:
     """One flag per config field: defaults stay None (= "not given", so --config values
     survive); the help shows the config's own default."""
-    flag = "--" + option.flag.replace("_", "-")
+    flag = _flag(option.flag)
     kwargs = {"dest": option.flag, "default": None}
     if isinstance(option.default, bool):
         kwargs["action"] = argparse.BooleanOptionalAction
@@ -29,7 +45,9 @@ def _add_option(p: argparse.ArgumentParser, option: Option) -> None:
         kwargs.update(action="append", metavar=option.metavar or "VALUE",
                       help=f"{option.help} (repeatable)")
     else:
-        kwargs["help"] = f"{option.help} (default: {option.default})"
+        shown = option.default if option.default != "" else "none"
+        kwargs["help"] = (option.help if "default" in option.help
+                          else f"{option.help} (default: {shown})")
         if option.choices is not None:
             kwargs["choices"] = option.choices
         else:
@@ -40,6 +58,7 @@ def _add_option(p: argparse.ArgumentParser, option: Option) -> None:
 
 def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="federated LoRA fine-tuning (embedded demo by default)",
+                       formatter_class=_HelpFormatter,
                        description="Every setting of the run config has a flag here; --config "
                                    "reads them from a TOML or JSON file (flags override it).")
     p.add_argument("--config", help="TOML (one table per section) or JSON file of run settings")
@@ -55,7 +74,7 @@ def _run_parser(sub) -> None:
 
 def _split_parser(sub) -> None:
     p = sub.add_parser("split", help="write per-site data files from one data set",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("--data", default="synthetic",
                    help="'synthetic' or an instruction-data file (.json, .jsonl, .csv, .parquet)")
     p.add_argument("--sites", type=int, default=3, help="number of sites")
@@ -71,7 +90,7 @@ def _split_parser(sub) -> None:
 
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="held-out loss, perplexity and samples of a saved adapter",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("--adapter", required=True, help="a PEFT adapter directory (a run's DIR/adapter)")
     p.add_argument("--model", help="base model directory (default: the one the adapter names)")
     p.add_argument("--data", required=True, help="instruction data: .json, .jsonl, .csv, .parquet")
@@ -82,18 +101,21 @@ def _eval_parser(sub) -> None:
                    help="prompt template (auto = as trained)")
     p.add_argument("--samples", type=int, default=3, help="prompts to answer")
     p.add_argument("--sample-tokens", type=int, default=32, help="tokens per answer")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the model runs (auto: cuda when available)")
     p.add_argument("--json", dest="json_path", help="also write the result to this JSON file")
 
 
 def _report_parser(sub) -> None:
-    p = sub.add_parser("report", help="runs side by side: loss curves, bytes and time")
+    p = sub.add_parser("report", help="runs side by side: loss curves, bytes and time",
+                       formatter_class=_HelpFormatter)
     p.add_argument("runs", nargs="+", metavar="DIR", help="output directories of `fedshield run`")
     p.add_argument("--out", default="runs/report", help="where report.png and report.md go")
 
 
 def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="headline figures: bytes per value, encrypt and aggregate speed")
+    p = sub.add_parser("bench", help="headline figures: bytes per value, encrypt and aggregate speed",
+                       formatter_class=_HelpFormatter)
     p.add_argument("--json", dest="json_path", help="also write the figures to this JSON file")
     p.add_argument("--values", type=int, default=1 << 20,
                    help="LoRA values in the benchmark state")
@@ -186,7 +208,8 @@ def _cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedshield", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fedshield", description=__doc__,
+                                     formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     _split_parser(sub)
