@@ -124,6 +124,7 @@ def test_eval_without_the_note_runs_with_template_and_max_len_given(runs, tmp_pa
 @pytest.mark.parametrize("argv, message", [
     (["--max-len", "5"], "--max-len=5 is too short"),
     (["--samples", "-1"], "--samples -1 must be an int >= 0"),
+    (["--json", "{tmp}/missing/out.json"], "the directory"),
 ])
 def test_eval_rejects_bad_settings_first(runs, tmp_path, capsys, argv, message):
     run_dir, _ = runs["he"]
