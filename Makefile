@@ -42,8 +42,9 @@ $(STAMP): $(VPY) pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.hpp)
 
 setup: $(STAMP)
 
+# The demo's own directory: a second `make demo` replaces the first demo run.
 demo: $(STAMP)
-	$(VENV)/bin/fedshield run --out runs/demo
+	$(VENV)/bin/fedshield run --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)

@@ -1,7 +1,7 @@
 """The package's layering, checked on the source: layers import downward only, and a lazy
 (function-level) import is allowed only where it gates a heavy optional dependency.
 
-Layers, bottom to top: base (errors, atomic, metrics, threads, _native) < he (encryption) <
+Layers, bottom to top: base (errors, atomic, metrics, threads, run_dir, _native) < he (encryption) <
 data, kernels < config < support (model, train, pruning, dp, evaluation, checkpoint, plots,
 report, bench) < fl (messages, record, server, party, site) < engines (local_engine, flower) <
 cli.
@@ -20,6 +20,7 @@ KERNELS = ROOT / "kernels"
 
 LAYER_OF = {
     "errors": "base", "atomic": "base", "metrics": "base", "threads": "base", "_native": "base",
+    "run_dir": "base",
     "he": "he", "data": "data", "kernels": "kernels", "config": "config",
     "model": "support", "train": "support", "pruning": "support", "dp": "support",
     "evaluation": "support", "checkpoint": "support", "plots": "support", "report": "support",

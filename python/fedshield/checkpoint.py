@@ -18,9 +18,8 @@ import torch
 
 from .atomic import replace_durably, write_json_atomic
 from .errors import ParameterError
-
-CHECKPOINT_DIR = "checkpoint"
-INDEX = "checkpoint.json"
+from .run_dir import CHECKPOINT_DIR
+from .run_dir import CHECKPOINT_INDEX as INDEX
 FORMAT = 1
 _STATE = "state."
 _RNG = "rng."
@@ -64,8 +63,12 @@ def save_checkpoint(out: Path, *, round_idx: int, state: dict, metrics: dict,
     tensors.update(rng_tensors)
     state_name = f"state-r{round_idx:06d}.safetensors"
     tmp = ckpt / (state_name + ".tmp")
-    save_file(tensors, str(tmp))
-    replace_durably(tmp, ckpt / state_name)
+    try:
+        save_file(tensors, str(tmp))
+        replace_durably(tmp, ckpt / state_name)
+    except BaseException:  # an interruption leaves no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     index = {"format": FORMAT, "round": round_idx, "state_file": state_name, "config": config,
              "rng": rng_extra, "metrics": metrics}
     write_json_atomic(ckpt / INDEX, index, indent=None)

@@ -161,7 +161,7 @@ class Server:
             raise FedShieldError("no site has enrolled: nothing to plan")
         ratio = 0.0 if cfg.pruning.mode == "off" else prune_ratio(
             round_idx, cfg.pruning.p0, cfg.pruning.target, cfg.pruning.t_start,
-            cfg.pruning.t_end)
+            cfg.prune_t_end)
         plan = RoundPlan(round=round_idx,
                          lr=cosine_lr(round_idx - 1, cfg.training.rounds, cfg.training.lr,
                                       cfg.training.lr_min),

@@ -183,16 +183,18 @@ class Deployment:
             time.sleep(0.5)
         return proc.returncode
 
-    def stop(self) -> None:
-        """SIGTERM to every process group we started, SIGKILL after a grace period."""
-        for proc in self.procs.values():
+    def stop(self, names=None) -> None:
+        """SIGTERM to every process group we started (or those of ``names``), SIGKILL after a
+        grace period."""
+        procs = [p for name, p in self.procs.items() if names is None or name in names]
+        for proc in procs:
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + 10
-        for proc in self.procs.values():
+        for proc in procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from ..config import RunConfig
 from ..errors import FedShieldError
 from ..fl.dealer import deal_keys
 from ..fl.site_files import site_files
+from ..run_dir import METRICS, claim_out_dir
 from ..threads import ENV as THREADS_ENV
 from ..threads import available_cpus
 from .deployment import Deployment, DeploymentError, write_app_project
@@ -107,9 +109,11 @@ def write_app(app_dir: Path, cfg: RunConfig, server_ctx: Path, out: Path,
 def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
                app: FlowerApp | None = None, node_env: dict | None = None,
                node_configs: list[dict] | None = None,
-               late_node_configs: Sequence[dict] = ()) -> dict:
+               late_node_configs: Sequence[dict] = (), overwrite: bool = False) -> dict:
     """Runs `cfg` on a loopback Flower deployment; returns the metrics (also in
-    OUT/metrics.json) after the adapter and plots are written.
+    OUT/metrics.json) after the adapter and plots are written. OUT must not hold a run
+    unless ``overwrite``. Every process it starts is ended when it returns or raises
+    (KeyboardInterrupt included).
 
     ``node_configs`` adds entries to each site's node config; ``late_node_configs`` starts
     extra SuperNodes once the sites are enrolled (they must take no part in the run)."""
@@ -118,13 +122,11 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
     except ImportError as exc:
         raise FedShieldError("--engine flower needs Flower: pip install 'fedshield[flower]'") from exc
     app = app or FlowerApp()
-    out = Path(cfg.engine.out).resolve()
+    out = claim_out_dir(Path(cfg.engine.out).resolve(), overwrite=overwrite)
     work = out / "flower"
     if work.exists():
         shutil.rmtree(work)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.json"
-    metrics_path.unlink(missing_ok=True)
+    metrics_path = out / METRICS
     start = time.perf_counter()
     configs, server_path = prepare_sites(cfg, work)
     log.info("flower: %d site directories under %s (%s keys) in %.1f s", len(configs),
@@ -158,44 +160,79 @@ def _deploy(work: Path, configs: list[dict], late: list[dict], node_env: dict | 
     n = len(configs)
     node_dirs = [Path(c["key-file"]).parent for c in configs]
     with Deployment(work, n + len(late), configs + late, env=node_env) as dep, \
-            _site_workers(configs, node_dirs, run_config, dep.env):
+            _site_workers(configs, node_dirs, run_config, dep):
         dep.start_superlink()
         for i in range(n):
             dep.start_supernode(i, cwd=node_dirs[i])
         log.info("flower: SuperLink (fleet 127.0.0.1:%d) and %d SuperNodes started; logs in %s",
                  dep.fleet, n, dep.logs)
         pending = list(range(n, n + len(late)))
+        reported = 0
 
-        def start_late_nodes() -> None:
+        def on_poll() -> None:
+            nonlocal reported
             if pending and metrics_path.exists() and '"participants"' in metrics_path.read_text():
                 for i in pending:
                     log.info("flower: starting a late SuperNode (%d)", i)
                     dep.start_supernode(i)
                 pending.clear()
+            reported = _log_new_rounds(metrics_path, reported)
 
-        code = dep.run_app(work / "app", budget, on_poll=start_late_nodes)
+        code = dep.run_app(work / "app", budget, on_poll=on_poll)
         return code, _wait_for_metrics(metrics_path, 60.0 if code == 0 else 5.0)
 
 
 @contextmanager
 def _site_workers(configs: list[dict], node_dirs: list[Path], run_config: dict | None,
-                  env: dict):
+                  dep: Deployment):
     """Starts each site's worker first (it loads its model and data while Flower starts up;
-    its ClientApp finds it by its node config) and shuts them all down at the end."""
+    its ClientApp finds it by its node config). At the end of a run each is asked to shut
+    down, then any still running is ended; when the run was interrupted or failed they are
+    ended at once (a busy worker answers no shutdown request)."""
     if run_config is None:
         yield
         return
     paths = [socket_path(c) for c in configs]
-    for path, config, node_dir in zip(paths, configs, node_dirs):
-        spawn_worker(path, config, run_config, os.getpid(), env=env, cwd=node_dir)
+    names = [f"site-worker-{i}" for i in range(len(configs))]
+    for name, path, config, node_dir in zip(names, paths, configs, node_dirs):
+        dep.procs[name] = spawn_worker(path, config, run_config, os.getpid(), env=dep.env,
+                                       cwd=node_dir)
+    finished = False
     try:
         yield
+        finished = True
     finally:
-        for path in paths:
+        for path in paths if finished else ():
             try:
                 request(path, "shutdown", {}, timeout=30.0)
             except SiteWorkerError:
                 pass  # it already exited after the run's final message
+        deadline = time.monotonic() + 10.0
+        for name in names if finished else ():
+            try:
+                dep.procs[name].wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        dep.stop(names)  # a worker ended by a signal leaves its socket and pid files
+        for path in paths:
+            for leftover in (path, path.with_suffix(".pid")):
+                leftover.unlink(missing_ok=True)
+
+
+def _log_new_rounds(metrics_path: Path, reported: int) -> int:
+    """One line per round the ServerApp has recorded since the last call (its own log goes to
+    the Flower logs): the user's progress. Returns the rounds reported so far."""
+    try:
+        metrics = json.loads(metrics_path.read_text())  # written atomically: whole or absent
+    except (OSError, ValueError):
+        return reported
+    rounds = metrics.get("rounds", [])
+    total = metrics.get("config", {}).get("training", {}).get("rounds")
+    for r in rounds[reported:]:
+        loss = r.get("eval_loss")
+        log.info("flower: round %s/%s %s: eval loss %s, parties %s", r.get("round"), total,
+                 r.get("status"), "n/a" if loss is None else f"{loss:.4f}", r.get("clients"))
+    return max(reported, len(rounds))
 
 
 def _last_error(log_path: Path) -> str:

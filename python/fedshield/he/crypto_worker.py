@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import sys
 
 from . import backend
@@ -13,6 +14,10 @@ from .context import load_context
 
 def _serve() -> None:
     """Worker loop: (op, payload) in on stdin, (status, value) out on the original stdout."""
+    # A Ctrl-C at a terminal reaches the whole process group: the parent handles it and ends
+    # its workers (stdin closes, or a kill); a traceback from each worker would only bury its
+    # message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
     inp = sys.stdin.buffer
