@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.clients} clients, weights {', '.join(f'{w:g}' for w in weights)}; "
           f"best of {args.repeat}")
     print(f"machine: {os.cpu_count()} CPUs, load average {load0[0]:.2f} at start, "
-          f"{load1[0]:.2f} at end; fedshield native threads {_native.default_threads}; "
+          f"{load1[0]:.2f} at end; fedshield native threads {_native.default_threads()}; "
           f"Python {platform.python_version()}; fedshield at {source}"
           + (f"; TenSEAL {peer_info['tenseal']} on Python {peer_info['python']}"
              if peer_info and peer_info.get("tenseal") else ""))
@@ -584,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
                "clients": args.clients, "weights": weights, "repeat": args.repeat,
                "peer_values": args.peer_values, "peer": peer_info, "notes": notes,
                "machine": {"cpus": os.cpu_count(), "loadavg_start": load0,
-                           "loadavg_end": load1, "native_threads": _native.default_threads,
+                           "loadavg_end": load1, "native_threads": _native.default_threads(),
                            "python": platform.python_version(),
                            "peak_rss_gib": rss_self, "peak_rss_tenseal_gib": rss_peer},
                "fedshield_version": getattr(fs, "__version__", None),

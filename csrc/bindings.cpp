@@ -505,7 +505,9 @@ void bind_aggregator(py::module_& m) {
 
 PYBIND11_MODULE(_native, m) {
     m.doc() = "fedshield native core: packing, wire format, ciphertext residue aggregation";
-    m.attr("default_threads") = default_threads();
+    m.def("default_threads", &default_threads,
+          "Threads a native call with threads=0 uses (FEDSHIELD_NUM_THREADS, else the CPUs "
+          "this process may use), read afresh on every call.");
     bind_errors(m);
     bind_wire(m);
     bind_ciphertexts(m);

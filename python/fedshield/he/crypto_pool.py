@@ -21,6 +21,8 @@ import weakref
 import numpy as np
 
 from ..errors import FedShieldError
+from ..threads import ENV as THREADS_ENV
+from ..threads import num_threads
 from .params import CKKSParams
 
 # Below this many ciphertexts the pool costs more than it saves (pipe transfer, scheduling).
@@ -28,15 +30,16 @@ MIN_PARALLEL_CIPHERTEXTS = 8
 
 
 def default_workers() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """One worker process per thread fedshield may use (FEDSHIELD_NUM_THREADS)."""
+    return num_threads()
 
 
 class _Worker:
     def __init__(self, context_blob: bytes) -> None:
+        # Each worker is one busy thread: its native calls and OpenFHE's OpenMP stay at one.
+        env = {**os.environ, THREADS_ENV: "1", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "fedshield.he.crypto_worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         try:
             self.send(("init", context_blob))
             self.receive()
