@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -86,26 +87,28 @@ def _describe_bad_value(layout: Layout, arrays: list, masks: list, scale: float,
     return str(exc)
 
 
-def encrypt_update(ctx: Context, state: Mapping, layout: Layout, weight: float = 1.0,
-                   mask: Mapping | None = None, *, round: int = 0,
-                   weight_bound: float | None = None, tolerance: float = DEFAULT_TOLERANCE,
-                   threads: int = 0, workers: int | None = None) -> EncryptedUpdate:
-    """Encrypts one client's LoRA update (name -> torch tensor or numpy array), pre-weighted by
-    ``weight`` (e.g. num_examples).
+@dataclass(frozen=True)
+class PackedUpdate:
+    """An update packed into slot values, not yet encrypted: ``buffer`` holds
+    ``n_ciphertexts * values_per_ciphertext`` pre-weighted values, ``header`` the wire header
+    its ciphertexts will travel under. Whoever encrypts it may split it by ciphertext
+    (:func:`encrypt_ciphertexts` with ``start``/``stop``, e.g. one slice per rank of a site)
+    and :func:`seal_update` stitches the serialized ciphertexts back into one update."""
 
-    ``weight_bound``: a public bound on the weights of every update summed with this one (it
-    rides in the header and cancels out of sum(w*x)/sum(w)); updates of one aggregate must
-    share it. Pass the round's: the next power of two of its largest weight, which keeps the
-    average within ``tolerance`` (a bound far above the weights makes decryption refuse with
-    fs.PrecisionError). None: this weight's own next power of two (for an update alone).
-    Parameters that cannot reach ``tolerance`` are refused here, before anything is sent.
+    buffer: np.ndarray
+    header: dict
 
-    With ``mask`` (name -> bool tensor, True = kept) only kept values are packed, so pruning
-    shrinks the ciphertexts; every client of a round must then use the same mask.
-    Raises HeadroomError if a weighted value would overflow the modulus (never wraps).
-    ``threads``: native threads (0 = all cores); ``workers``: encryption processes
-    (None = every core once the update spans several ciphertexts, 1 = in this process).
-    """
+    @property
+    def n_ciphertexts(self) -> int:
+        return self.header["n_ciphertexts"]
+
+
+def pack_update(ctx: Context, state: Mapping, layout: Layout, weight: float = 1.0,
+                mask: Mapping | None = None, *, round: int = 0,
+                weight_bound: float | None = None, tolerance: float = DEFAULT_TOLERANCE,
+                threads: int = 0) -> PackedUpdate:
+    """Checks and packs one client's update for :func:`encrypt_ciphertexts` (see
+    :func:`encrypt_update` for the arguments and the errors)."""
     check_context(ctx)
     params = ctx.params
     if not isinstance(layout, Layout):
@@ -138,33 +141,90 @@ def encrypt_update(ctx: Context, state: Mapping, layout: Layout, weight: float =
         # The native error names tensors by index; users know them by name.
         raise HeadroomError(_describe_bad_value(layout, arrays, masks, scale,
                                                 params.value_bound, exc)) from exc
-    # Seeded: the secret key encrypts (cheaper, less noise), then c1 becomes a seed's expansion.
-    use_seed = is_seeded(ctx)
-    pool = ctx.crypto_pool(_workers_for(workers, n_cts), need_secret=use_seed)
-    if pool is not None:
-        cts = pool.encrypt(buffer, with_secret_key=use_seed)
-    else:
-        cc, public_key, secret_key = ctx.openfhe_objects(need_secret=use_seed)
-        cts = backend.encrypt_buffer(cc, secret_key if use_seed else public_key, buffer, params)
-    del buffer  # plaintext update: drop it as soon as it is encrypted
-    ct_layout = _encryption_layout(ctx, cts[0])
-    seed = None
-    if use_seed:
-        seed = seeded.new_seed()
-        a = seeded.expand(seed, ctx.fingerprint, round, n_cts, ctx.moduli, params.ring_dim)
-        cts = [bytearray(ct) for ct in cts]
-        _native.reseed_ciphertexts(cts, ct_layout, a, _secret_residues(ctx), threads)
     header = {
         "kind": KIND_CLIENT, "n_summed": 1, "context_fp": ctx.fingerprint,
         "layout_fp": layout.fingerprint, "mask_fp": layout.mask_fingerprint(mask),
         "round": round, "n_values": n_values, "ring_dim": params.ring_dim,
         "n_ciphertexts": n_cts, "modulus": ctx.modulus, "moduli": ctx.moduli,
         "packing": PACKING_CODE[params.packing], "weight_bound": float(weight_bound),
-        "elements": 1 if use_seed else 2,
+        "elements": 1 if is_seeded(ctx) else 2,
     }
+    return PackedUpdate(buffer, header)
+
+
+def encrypt_ciphertexts(ctx: Context, packed: PackedUpdate, start: int = 0,
+                        stop: int | None = None, *, workers: int | None = None) -> list[bytes]:
+    """Ciphertexts ``start`` to ``stop`` (default: all) of a packed update, serialized, as
+    OpenFHE made them (seeded contexts: under the secret key; :func:`seal_update` reseeds)."""
+    check_context(ctx)
+    n_cts = packed.n_ciphertexts
+    stop = n_cts if stop is None else stop
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n_cts):
+        raise ParameterError(f"ciphertexts [{start!r}, {stop!r}) are not a slice of the "
+                             f"update's {n_cts}")
+    if start == stop:
+        return []
+    per_ct = ctx.params.values_per_ciphertext
+    part = packed.buffer[start * per_ct:stop * per_ct]
+    # Seeded: the secret key encrypts (cheaper, less noise), then c1 becomes a seed's expansion.
+    use_seed = is_seeded(ctx)
+    pool = ctx.crypto_pool(_workers_for(workers, stop - start), need_secret=use_seed)
+    if pool is not None:
+        return pool.encrypt(part, with_secret_key=use_seed)
+    cc, public_key, secret_key = ctx.openfhe_objects(need_secret=use_seed)
+    return backend.encrypt_buffer(cc, secret_key if use_seed else public_key, part, ctx.params)
+
+
+def seal_update(ctx: Context, header: dict, cts: list, threads: int = 0) -> EncryptedUpdate:
+    """One update from its header and every one of its serialized ciphertexts, in order
+    (however many processes encrypted them); a seeded context's c1 is replaced here by one
+    fresh seed's expansion."""
+    check_context(ctx)
+    n_cts = header["n_ciphertexts"]
+    if len(cts) != n_cts or not cts:
+        raise ParameterError(f"the update needs {n_cts} ciphertexts, got {len(cts)}")
+    ct_layout = _encryption_layout(ctx, bytes(cts[0]))
+    seed = None
+    if header["elements"] == 1:
+        seed = seeded.new_seed()
+        a = seeded.expand(seed, ctx.fingerprint, header["round"], n_cts, ctx.moduli,
+                          ctx.params.ring_dim)
+        cts = [bytearray(ct) for ct in cts]
+        _native.reseed_ciphertexts(cts, ct_layout, a, _secret_residues(ctx), threads)
     data = _native.encode_ciphertexts(header, [bytes(ct) for ct in cts], ct_layout, threads,
                                       seed)
     return EncryptedUpdate.from_bytes(data)
+
+
+def encrypt_update(ctx: Context, state: Mapping, layout: Layout, weight: float = 1.0,
+                   mask: Mapping | None = None, *, round: int = 0,
+                   weight_bound: float | None = None, tolerance: float = DEFAULT_TOLERANCE,
+                   threads: int = 0, workers: int | None = None) -> EncryptedUpdate:
+    """Encrypts one client's LoRA update (name -> torch tensor or numpy array), pre-weighted by
+    ``weight`` (e.g. num_examples).
+
+    ``weight_bound``: a public bound on the weights of every update summed with this one (it
+    rides in the header and cancels out of sum(w*x)/sum(w)); updates of one aggregate must
+    share it. Pass the round's: the next power of two of its largest weight, which keeps the
+    average within ``tolerance`` (a bound far above the weights makes decryption refuse with
+    fs.PrecisionError). None: this weight's own next power of two (for an update alone).
+    Parameters that cannot reach ``tolerance`` are refused here, before anything is sent.
+
+    With ``mask`` (name -> bool tensor, True = kept) only kept values are packed, so pruning
+    shrinks the ciphertexts; every client of a round must then use the same mask.
+    Raises HeadroomError if a weighted value would overflow the modulus (never wraps).
+    ``threads``: native threads (0 = FEDSHIELD_NUM_THREADS, default the CPUs this process may
+    use); ``workers``: encryption processes (None = that many once the update spans several
+    ciphertexts, 1 = in this process). The three steps (:func:`pack_update`,
+    :func:`encrypt_ciphertexts`, :func:`seal_update`) may run apart: a site of several ranks
+    encrypts a slice on each (fs.Party).
+    """
+    packed = pack_update(ctx, state, layout, weight, mask, round=round,
+                         weight_bound=weight_bound, tolerance=tolerance, threads=threads)
+    cts = encrypt_ciphertexts(ctx, packed, workers=workers)
+    header = packed.header
+    del packed  # plaintext update: drop it as soon as it is encrypted
+    return seal_update(ctx, header, cts, threads)
 
 
 def check_reachable(params, tolerance: float, decryptors: int = 0) -> None:
