@@ -3,7 +3,7 @@
 
 Layers, bottom to top: base (errors, atomic, metrics, threads, run_dir, _native) < he (encryption) <
 data, kernels < config < support (model, train, pruning, dp, evaluation, checkpoint, plots,
-report, bench) < fl (messages, record, server, party, site) < engines (local_engine, flower) <
+report, bench, hf_trainer) < fl (messages, record, server, party, site) < engines (local_engine, flower) <
 cli.
 """
 
@@ -24,7 +24,7 @@ LAYER_OF = {
     "he": "he", "data": "data", "kernels": "kernels", "config": "config",
     "model": "support", "train": "support", "pruning": "support", "dp": "support",
     "evaluation": "support", "checkpoint": "support", "plots": "support", "report": "support",
-    "bench": "support", "fl": "fl", "local_engine": "engines", "flower": "engines",
+    "bench": "support", "hf_trainer": "support", "fl": "fl", "local_engine": "engines", "flower": "engines",
     "cli": "cli",
 }
 ORDER = ["base", "he", "data", "kernels", "config", "support", "fl", "engines", "cli"]

@@ -308,6 +308,8 @@ class Server:
             entry.seconds[phase] += sum(r.seconds.get(phase, 0.0) for r in replies)
         if any(r.update_norm is not None for r in replies):
             entry.update_norm = [r.update_norm for r in replies]
+        if any(r.metrics for r in replies):
+            entry.train_metrics = [dict(r.metrics or {}) for r in replies]
         entry.decrypting_clients = list(entry.clients)
         log.info("round %d: aggregated %d updates from parties %s (%d bytes) in %.3f s",
                  plan.round, len(replies), entry.clients, bytes_down, entry.seconds["aggregate"])
