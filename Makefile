@@ -36,7 +36,7 @@ $(STAMP): $(VPY) pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.hpp)
 	  echo "error: the openfhe wheel does not import on $$($(VPY) -V)."; \
 	  echo "Use CPython 3.10 (or 3.12 on Ubuntu 24.04): rm -rf $(VENV) && make PYTHON=python3.10 test"; \
 	  exit 1; }
-	$(VPY) -m pip install --quiet -e ".[client,flower,dev]"
+	$(VPY) -m pip install --quiet -e ".[client,flower,simulation,dev]"
 	$(VPY) -c "import fedshield, fedshield._native; print('fedshield', fedshield.__version__, 'native ok')"
 	@touch $(STAMP)
 

@@ -20,25 +20,57 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 from ..atomic import write_json_atomic
 from ..config import RunConfig
-from ..errors import FedShieldError
+from ..errors import FedShieldError, ParameterError
 from ..fl.dealer import deal_keys
 from ..fl.site_files import site_files
 from ..run_dir import METRICS, claim_out_dir
 from ..threads import ENV as THREADS_ENV
 from ..threads import available_cpus
 from .deployment import Deployment, DeploymentError, write_app_project
-from .site_ipc import SiteWorkerError, request, socket_path, spawn_worker
+from .site_ipc import SIMULATION_SITES, SiteWorkerError, request, socket_path, spawn_worker
 
 log = logging.getLogger("fedshield")
 
 SERVER_APP = "fedshield.flower.server_app:app"
 CLIENT_APP = "fedshield.flower.client_app:app"
+
+
+@dataclass(frozen=True)
+class SiteResources:
+    """What each site of a simulation-runtime run declares (many sites on one node): ``cpus``
+    (its ray actors and its site worker's FEDSHIELD_NUM_THREADS) and ``gpus``, a fraction of a
+    GPU (0: CPU only). Sites run in parallel as far as the node's CPUs and GPUs allow; each
+    site worker is pinned to GPU ``devices[floor(i * gpus) % len(devices)]``."""
+
+    cpus: int = 1
+    gpus: float = 0.0
+    devices: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cpus, bool) or not isinstance(self.cpus, int) or self.cpus < 1:
+            raise ParameterError(f"cpus={self.cpus!r} must be an int >= 1 (per site)")
+        if not (isinstance(self.gpus, (int, float)) and 0.0 <= self.gpus <= 1.0):
+            raise ParameterError(f"gpus={self.gpus!r} must be a fraction of a GPU in [0, 1]")
+        if self.gpus and not self.devices:
+            raise ParameterError("gpus > 0 needs at least one GPU in devices")
+
+    def env(self, site: int) -> dict:
+        """The environment of site ``site``'s worker."""
+        out = {THREADS_ENV: str(self.cpus), "OMP_NUM_THREADS": str(self.cpus)}
+        out["CUDA_VISIBLE_DEVICES"] = (str(self.devices[int(site * self.gpus) % len(self.devices)])
+                                       if self.gpus else "")
+        return out
+
+    def federation_config(self, n_sites: int) -> dict:
+        """`flwr run --federation-config` of the simulation runtime."""
+        return {"num-supernodes": n_sites, "client-resources-num-cpus": self.cpus,
+                "client-resources-num-gpus": float(self.gpus)}
 
 
 @dataclass
@@ -109,19 +141,25 @@ def write_app(app_dir: Path, cfg: RunConfig, server_ctx: Path, out: Path,
 def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
                app: FlowerApp | None = None, node_env: dict | None = None,
                node_configs: list[dict] | None = None,
-               late_node_configs: Sequence[dict] = (), overwrite: bool = False) -> dict:
+               late_node_configs: Sequence[dict] = (), overwrite: bool = False,
+               simulation: SiteResources | None = None) -> dict:
     """Runs `cfg` on a loopback Flower deployment; returns the metrics (also in
     OUT/metrics.json) after the adapter and plots are written. OUT must not hold a run
     unless ``overwrite``. Every process it starts is ended when it returns or raises
     (KeyboardInterrupt included).
 
     ``node_configs`` adds entries to each site's node config; ``late_node_configs`` starts
-    extra SuperNodes once the sites are enrolled (they must take no part in the run)."""
+    extra SuperNodes once the sites are enrolled (they must take no part in the run).
+    ``simulation``: the same ServerApp and ClientApp on Flower's simulation runtime (one
+    SuperLink, virtual SuperNodes in ray actors, each site declaring these resources)."""
     try:
         import flwr  # noqa: F401, PLC0415
     except ImportError as exc:
         raise FedShieldError("--engine flower needs Flower: pip install 'fedshield[flower]'") from exc
     app = app or FlowerApp()
+    if simulation is not None and late_node_configs:
+        raise ParameterError("late_node_configs: the simulation runtime has no SuperNodes to "
+                             "start late")
     out = claim_out_dir(Path(cfg.engine.out).resolve(), overwrite=overwrite)
     work = out / "flower"
     if work.exists():
@@ -133,6 +171,9 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
              work / "nodes", cfg.keys.mode, time.perf_counter() - start)
     extra = node_configs or [{} for _ in configs]
     configs = [{**c, "out-dir": str(out), **e} for c, e in zip(configs, extra)]
+    if simulation is not None:  # virtual SuperNodes find their node config by partition id
+        app = replace(app, run_config={**app.run_config,
+                                       SIMULATION_SITES: json.dumps(configs)})
     run_config = write_app(work / "app", cfg, server_path, out, app)
     # train, share, evaluate per round plus enrolment, each bounded by round_timeout
     budget = cfg.engine.round_timeout * (3 * cfg.training.rounds + 2) + 120
@@ -141,8 +182,13 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
     share = str(max(1, available_cpus() // len(configs)))
     node_env = {THREADS_ENV: share, "OMP_NUM_THREADS": share, **(node_env or {})}
     try:
-        code, metrics = _deploy(work, configs, late, node_env,
-                                run_config if app.site_workers else None, budget, metrics_path)
+        if simulation is not None:
+            code, metrics = _simulate(work, configs, node_env, run_config, simulation, budget,
+                                      metrics_path)
+        else:
+            code, metrics = _deploy(work, configs, late, node_env,
+                                    run_config if app.site_workers else None, budget,
+                                    metrics_path)
     except DeploymentError as exc:
         raise FedShieldError(str(exc)) from exc
     if code != 0 or not metrics.get("finished"):
@@ -182,20 +228,39 @@ def _deploy(work: Path, configs: list[dict], late: list[dict], node_env: dict | 
         return code, _wait_for_metrics(metrics_path, 60.0 if code == 0 else 5.0)
 
 
+def _simulate(work: Path, configs: list[dict], node_env: dict, run_config: dict,
+              resources: SiteResources, budget: float, metrics_path: Path) -> tuple[int, dict]:
+    """The simulation runtime: a SuperLink with --simulation, no SuperNode processes; each
+    site's worker gets its declared CPUs (and GPU)."""
+    node_dirs = [Path(c["key-file"]).parent for c in configs]
+    envs = [{**node_env, **resources.env(i)} for i in range(len(configs))]
+    with Deployment(work, 0, [], env=node_env) as dep, \
+            _site_workers(configs, node_dirs, run_config, dep,
+                          [{**dep.env, **e} for e in envs]):
+        dep.start_superlink(simulation=True)
+        log.info("flower: simulation runtime, %d sites of %s; logs in %s", len(configs),
+                 resources, dep.logs)
+        code = dep.run_app(work / "app", budget,
+                           federation_config=resources.federation_config(len(configs)))
+        return code, _wait_for_metrics(metrics_path, 60.0 if code == 0 else 5.0)
+
+
 @contextmanager
 def _site_workers(configs: list[dict], node_dirs: list[Path], run_config: dict | None,
-                  dep: Deployment):
+                  dep: Deployment, envs: list[dict] | None = None):
     """Starts each site's worker first (it loads its model and data while Flower starts up;
-    its ClientApp finds it by its node config). At the end of a run each is asked to shut
-    down, then any still running is ended; when the run was interrupted or failed they are
-    ended at once (a busy worker answers no shutdown request)."""
+    its ClientApp finds it by its node config), in ``envs[i]`` (default: the deployment's
+    environment). At the end of a run each is asked to shut down, then any still running is
+    ended; when the run was interrupted or failed they are ended at once (a busy worker
+    answers no shutdown request)."""
     if run_config is None:
         yield
         return
     paths = [socket_path(c) for c in configs]
     names = [f"site-worker-{i}" for i in range(len(configs))]
-    for name, path, config, node_dir in zip(names, paths, configs, node_dirs):
-        dep.procs[name] = spawn_worker(path, config, run_config, os.getpid(), env=dep.env,
+    envs = envs or [dep.env] * len(configs)
+    for name, path, config, node_dir, env in zip(names, paths, configs, node_dirs, envs):
+        dep.procs[name] = spawn_worker(path, config, run_config, os.getpid(), env=env,
                                        cwd=node_dir)
     finished = False
     try:
