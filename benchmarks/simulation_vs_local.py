@@ -31,15 +31,19 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig.from_flat(clients=args.sites, rounds=args.rounds, samples=0,
                                   engine="flower", out=str(Path(tmp) / "sim"))
-        start = time.perf_counter()
-        sim = run_flower(cfg, simulation=SiteResources(cpus=args.cpus))
-        t_sim = time.perf_counter() - start
+        load = [os.getloadavg()[0]]
         start = time.perf_counter()
         local = run(cfg.replace(engine="local", out=str(Path(tmp) / "local"), min_clients=0),
                     show_progress=False)
         t_local = time.perf_counter() - start
+        load.append(os.getloadavg()[0])
+        start = time.perf_counter()
+        sim = run_flower(cfg, simulation=SiteResources(cpus=args.cpus))
+        t_sim = time.perf_counter() - start
+        load.append(os.getloadavg()[0])
     print(f"{args.sites} sites x {args.rounds} rounds, {os.cpu_count()} CPUs, "
-          f"{args.cpus} CPU(s) per simulated site")
+          f"{args.cpus} CPU(s) per simulated site; load average {load[0]:.1f} at start, "
+          f"{load[1]:.1f} after the local run, {load[2]:.1f} at the end")
     print(f"  local engine        {t_local:7.1f} s   eval loss {local['rounds'][-1]['eval_loss']:.4f}")
     print(f"  simulation runtime  {t_sim:7.1f} s   eval loss {sim['rounds'][-1]['eval_loss']:.4f}")
     return 0
