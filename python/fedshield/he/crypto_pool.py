@@ -17,10 +17,12 @@ import subprocess
 import sys
 import threading
 import weakref
+from typing import Callable
 
 import numpy as np
 
 from ..errors import FedShieldError
+from . import backend
 from ..threads import ENV as THREADS_ENV
 from ..threads import num_threads
 from .params import CKKSParams
@@ -75,15 +77,33 @@ class _Worker:
                 self.proc.kill()
 
 
-class CryptoPool:
-    """Worker processes holding one context; work is split by whole ciphertexts."""
+def dispatch(objects, params: CKKSParams, op: str, payload):
+    """One crypto operation on live openfhe objects (crypto_context, public_key, secret_key):
+    what a worker process does, and the calling process's own share of a batch."""
+    if op == "encrypt":
+        return backend.encrypt_buffer(objects[0], objects[1], payload, params)
+    if op == "encrypt_secret":
+        return backend.encrypt_buffer(objects[0], objects[2], payload, params)
+    if op == "decrypt":
+        return backend.decrypt_ciphertexts(objects[0], objects[2], payload, params)
+    raise ValueError(f"unknown op {op!r}")
 
-    def __init__(self, context_blob: bytes, params: CKKSParams, workers: int) -> None:
+
+class CryptoPool:
+    """``workers`` threads of work on one context, split by whole ciphertexts: the calling
+    process takes the last share itself (``local(op, part)``), ``workers - 1`` worker processes
+    the others. So the caller, which feeds the workers through pipes, is one of the ``workers``
+    busy threads instead of one more (measured: with 2 CPUs, 2 worker processes plus the
+    caller's pipe transfers kept 3 threads busy at times)."""
+
+    def __init__(self, context_blob: bytes, params: CKKSParams, workers: int,
+                 local: Callable[[str, object], object]) -> None:
         self.params = params
+        self._local = local
         self._workers: list[_Worker] = []
         self.broken = False  # a failed batch leaves pipes in an unknown state: start afresh
         try:
-            for _ in range(workers):
+            for _ in range(workers - 1):
                 self._workers.append(_Worker(context_blob))
         except BaseException:
             self.broken = True
@@ -95,18 +115,20 @@ class CryptoPool:
 
     def _run(self, op: str, parts: list) -> list:
         with self._lock:
-            used = self._workers[:len(parts)]
+            remote, own = parts[:-1], parts[-1]
+            used = self._workers[:len(remote)]
             try:
-                for worker, part in zip(used, parts):
+                for worker, part in zip(used, remote):
                     worker.send((op, part))
-                return [worker.receive() for worker in used]
+                mine = self._local(op, own)   # while the workers work on theirs
+                return [worker.receive() for worker in used] + [mine]
             except BaseException:
                 self.broken = True
                 self.close()
                 raise
 
     def _split(self, n: int) -> list[tuple[int, int]]:
-        bounds = np.linspace(0, n, len(self._workers) + 1).astype(int)
+        bounds = np.linspace(0, n, len(self._workers) + 2).astype(int)
         return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
     def encrypt(self, buffer: np.ndarray, with_secret_key: bool = False) -> list[bytes]:

@@ -8,8 +8,8 @@ import pickle
 import signal
 import sys
 
-from . import backend
 from .context import load_context
+from .crypto_pool import dispatch
 
 
 def _serve() -> None:
@@ -33,14 +33,8 @@ def _serve() -> None:
                 params = ctx.params
                 objects = ctx.openfhe_objects(need_secret=ctx.has_secret_key)
                 result = None
-            elif op == "encrypt":
-                result = backend.encrypt_buffer(objects[0], objects[1], payload, params)
-            elif op == "encrypt_secret":
-                result = backend.encrypt_buffer(objects[0], objects[2], payload, params)
-            elif op == "decrypt":
-                result = backend.decrypt_ciphertexts(objects[0], objects[2], payload, params)
             else:
-                raise ValueError(f"unknown op {op!r}")
+                result = dispatch(objects, params, op, payload)
             reply = ("ok", result)
         except Exception as exc:  # reported to the parent, which raises it
             reply = ("error", f"{type(exc).__name__}: {exc}")
