@@ -41,6 +41,10 @@ SERVER_APP = "fedshield.flower.server_app:app"
 CLIENT_APP = "fedshield.flower.client_app:app"
 
 
+# What ray logs when its raylet does not register within its fixed 30 s (an overloaded node).
+RAY_START_FAILURE = "timed out during startup"
+
+
 @dataclass(frozen=True)
 class SiteResources:
     """What each site of a simulation-runtime run declares (many sites on one node): ``cpus``
@@ -240,9 +244,19 @@ def _simulate(work: Path, configs: list[dict], node_env: dict, run_config: dict,
         dep.start_superlink(simulation=True)
         log.info("flower: simulation runtime, %d sites of %s; logs in %s", len(configs),
                  resources, dep.logs)
-        code = dep.run_app(work / "app", budget,
-                           federation_config=resources.federation_config(len(configs)))
-        return code, _wait_for_metrics(metrics_path, 60.0 if code == 0 else 5.0)
+        for attempt in (1, 2):
+            code = dep.run_app(work / "app", budget,
+                               federation_config=resources.federation_config(len(configs)))
+            metrics = _wait_for_metrics(metrics_path, 60.0 if code == 0 else 5.0)
+            log_text = (dep.logs / "flwr-run.log").read_text(errors="replace")
+            # ray waits a fixed 30 s for its raylet; on an overloaded node it may not make it,
+            # before any site was contacted: start the run once more
+            if metrics.get("finished") or RAY_START_FAILURE not in log_text or attempt == 2:
+                return code, metrics
+            log.warning("flower: ray did not start within its 30 s on this loaded node; "
+                        "starting the simulation once more")
+            metrics_path.unlink(missing_ok=True)
+        return code, metrics
 
 
 @contextmanager
