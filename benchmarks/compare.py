@@ -2,10 +2,14 @@
 
 One run, one LoRA state, the same client values for every row:
 
-  1. fedshield dense            fs.encrypt_update without a mask
+  1. fedshield dense            shared keys, seeded (wire v3: c0 and a seed travel)
   2. fedshield 50% global mask  the same mask on every client (mask=), pruned values not sent
-  3. reference-code style       TenSEAL CKKS N=8192 q=[60,40,40,60], one ckks_vector per tensor
-  4. NVFlare style              TenSEAL CKKS N=8192 q=[60,40,40], symmetric, per-layer vectors
+  3. fedshield FFA (B only)     FFA-LoRA: A frozen, only the B matrices travel
+  4. fedshield v2 parameters    what wire v2 sent: N=16384, 60-bit modulus, c0 and c1
+  5. fedshield threshold        3 parties' joint public key (c0 and c1), partial decryptions
+  6. ... + 30-bit flooding      the same with every partial decryption noise-flooded
+  7. reference-code style       TenSEAL CKKS N=8192 q=[60,40,40,60], one ckks_vector per tensor
+  8. NVFlare style              TenSEAL CKKS N=8192 q=[60,40,40], symmetric, per-layer vectors
 
 Columns: bytes on the wire per LoRA value (client upload, and the aggregate sent back), client
 seconds to encrypt one update and to decrypt the aggregate, server seconds to aggregate all
@@ -22,6 +26,7 @@ are skipped with a message and the fedshield rows are still printed.
 
   .venv/bin/python benchmarks/compare.py --state small      # CI-sized, seconds
   .venv/bin/python benchmarks/compare.py --state llama7b    # 16.8M values, ~5 min, ~6 GB
+  .venv/bin/python benchmarks/compare.py --state mistral7b  # 13.6M values: FlowerTune's model
   .venv/bin/python benchmarks/compare.py --state llama7b --peer-values 4194304
       # TenSEAL rows on 32 of 128 tensors, scaled to the full state (marked *)
 """
@@ -54,6 +59,10 @@ STATES = {
     # Llama-2-7B, r=32 on q_proj/v_proj: 32 layers x 2 modules x (A 32x4096, B 4096x32)
     # = 128 tensors of 131072 values, 16,777,216 values.
     "llama7b": {"layers": 32, "modules": ("q_proj", "v_proj"), "r": 32, "d": 4096, "llama": True},
+    # Mistral-7B (FlowerTune's base model), r=32 on q_proj/v_proj: grouped-query attention
+    # makes v_proj 4096 -> 1024, so B of v_proj is 1024x32: 13,631,488 values.
+    "mistral7b": {"layers": 32, "modules": ("q_proj", "v_proj"), "r": 32, "d": 4096,
+                  "llama": True, "out": {"v_proj": 1024}},
 }
 
 
@@ -67,7 +76,8 @@ def state_shapes(kind: str) -> list[tuple[str, tuple[int, int]]]:
             prefix = f"base_model.model.model.layers.{layer}.self_attn.{mod}"
             if s["llama"]:
                 shapes.append((f"{prefix}.lora_A.weight", (s["r"], s["d"])))
-                shapes.append((f"{prefix}.lora_B.weight", (s["d"], s["r"])))
+                shapes.append((f"{prefix}.lora_B.weight",
+                               (s.get("out", {}).get(mod, s["d"]), s["r"])))
             else:  # small: every tensor r x d (A-shaped), so each fills one TenSEAL ciphertext
                 shapes.append((f"{prefix}.lora_A.weight", (s["r"], s["d"])))
                 shapes.append((f"{prefix}.lora_B.weight", (s["r"], s["d"])))
@@ -180,56 +190,98 @@ def best_of(fn, repeat: int):
     return best, out
 
 
+THRESHOLD_PARTIES = 3
+FLOOD_BITS = 30
+
+
+def fedshield_setups(log):
+    """(label, client context for encryption, server context, decrypt(agg, layout, mask)) of
+    each key mode: shared keys (seeded, wire v3), threshold keys (3 parties, each partial
+    decryption fused), threshold keys with noise flooding."""
+    import fedshield as fs
+
+    keys = fs.keygen_shared()
+    client = keys.client_context()
+    yield ("", client, keys.server_context(),
+           lambda agg, layout, mask: fs.decrypt_update(client, agg, layout, mask=mask))
+    # What wire v2 shipped: N=16384, one 60-bit modulus, public-key encryption, c0 and c1.
+    v2 = fs.keygen_shared(fs.CKKSParams(ring_dim=16384, scale_bits=50, first_mod_bits=60,
+                                        seeded=False))
+    v2_client = v2.client_context()
+    yield ("v2 parameters (N=16384, 60-bit, c0+c1)", v2_client, v2.server_context(),
+           lambda agg, layout, mask: fs.decrypt_update(v2_client, agg, layout, mask=mask))
+    for flood, label in ((0, "threshold"), (FLOOD_BITS, f"threshold + {FLOOD_BITS}-bit flooding")):
+        log(f"  {label}: generating the keys of {THRESHOLD_PARTIES} parties ...")
+        params = fs.CKKSParams.for_precision(keys="threshold", flood_bits=flood)
+        parties, server = fs.keygen_threshold(params, THRESHOLD_PARTIES)
+
+        def decrypt(agg, layout, mask, parties=parties):
+            shares = [fs.partial_decrypt(p, agg) for p in parties]
+            return fs.combine_partials(agg, shares, layout, mask, ctx=parties[0])
+
+        yield label, parties[0], server, decrypt
+
+
 def fedshield_rows(kind: str, states, weights, mask, repeat: int, log) -> list[dict]:
+    """Shared keys: dense, the 50% global mask, FFA-LoRA (only the B matrices travel);
+    threshold keys, without and with flooding: dense. Bytes per value are over the whole
+    LoRA state (an FFA update leaves the frozen A matrices out)."""
     import torch
 
     import fedshield as fs
 
     n_clients = len(states)
-    keys = fs.keygen_shared()
-    client, server = keys.client_context(), keys.server_context()
+    n_values = sum(a.size for a in states[0].values())
     tstates = [{n: torch.from_numpy(a) for n, a in st.items()} for st in states]
-    layout = fs.Layout.from_state_dict(tstates[0])
-    n_values = layout.numel
     tmask = {n: torch.from_numpy(m) for n, m in mask.items()}
     kept = sum(int(m.sum()) for m in mask.values()) / n_values
-    params = client.params
+    bound = float(2 ** math.ceil(math.log2(max(weights))))  # the round's, as the Server picks
+    b_only = [{n: t for n, t in st.items() if "lora_B" in n} for st in tstates]
     rows = []
-    for name, m in (("fedshield dense", None), (f"fedshield {kept:.0%} global mask", tmask)):
-        log(f"  {name}: encrypting {n_clients} clients ...")
+    for mode, client, server, decrypt in fedshield_setups(log):
+        variants = [("dense", tstates, None)]
+        if not mode:
+            variants += [(f"{kept:.0%} global mask", tstates, tmask),
+                         ("FFA (B only)", b_only, None)]
+        for what, sts, m in variants:
+            name = f"fedshield {mode + ', ' if mode else ''}{what}"
+            layout = fs.Layout.from_state_dict(sts[0])
+            log(f"  {name}: encrypting {n_clients} clients ...")
 
-        def enc(k, m=m):
-            return fs.encrypt_update(client, tstates[k], layout, weight=weights[k],
-                                     mask=m).to_bytes()
+            def enc(k, m=m, sts=sts, layout=layout):
+                return fs.encrypt_update(client, sts[k], layout, weight=weights[k], mask=m,
+                                         weight_bound=bound).to_bytes()
 
-        t_enc, enc_cores, blobs = best_encrypt(enc, n_clients, repeat)
-        log(f"  {name}: aggregating ...")
-        t_agg, agg = best_of(lambda b=blobs: fs.aggregate(server, b).to_bytes(), repeat)
-        log(f"  {name}: decrypting ...")
-        t_dec, out = best_of(
-            lambda m=m, a=agg: fs.decrypt_update(client, fs.EncryptedUpdate.from_bytes(a), layout,
-                                                 mask=m), repeat)
-        max_err = 0.0
-        for tname, got in out.items():
-            want = weighted_mean(states, weights, tname)
-            if m is not None:
-                want = np.where(mask[tname], want, 0.0)
-            max_err = max(max_err, float(np.max(np.abs(got.numpy().astype(np.float64) - want))))
-        n_cts = fs.EncryptedUpdate.from_bytes(blobs[0]).n_ciphertexts
-        rows.append({
-            "row": name,
-            "system": "fedshield",
-            "params": {"ring_dim": params.ring_dim, "packing": params.packing,
-                       "values_per_ciphertext": params.values_per_ciphertext},
-            "target": "weighted mean" + (" x mask" if m is not None else ""),
-            "n_values": n_values, "n_values_measured": n_values, "extrapolated": False,
-            "kept_fraction": kept if m is not None else 1.0,
-            "n_ciphertexts": n_cts,
-            "bytes_up": len(blobs[0]), "bytes_down": len(agg),
-            "encrypt_s": t_enc, "aggregate_s": t_agg, "decrypt_s": t_dec,
-            "max_abs_err": max_err, "encrypt_cpu_over_wall": enc_cores,
-        })
-        blobs = agg = out = None  # free this row's ciphertexts before the next one
+            t_enc, enc_cores, blobs = best_encrypt(enc, n_clients, repeat)
+            log(f"  {name}: aggregating ...")
+            t_agg, agg = best_of(lambda b=blobs: fs.aggregate(server, b).to_bytes(), repeat)
+            log(f"  {name}: decrypting ...")
+            t_dec, out = best_of(lambda m=m, a=agg, lay=layout: decrypt(
+                fs.EncryptedUpdate.from_bytes(a), lay, m), repeat)
+            max_err = 0.0
+            for tname, got in out.items():
+                want = weighted_mean(states, weights, tname)
+                if m is not None:
+                    want = np.where(mask[tname], want, 0.0)
+                max_err = max(max_err, float(np.max(np.abs(got.numpy().astype(np.float64)
+                                                           - want))))
+            first = fs.EncryptedUpdate.from_bytes(blobs[0])
+            params = client.params
+            rows.append({
+                "row": name,
+                "system": "fedshield",
+                "params": {"ring_dim": params.ring_dim, "packing": params.packing,
+                           "modulus_bits": params.log_q, "seeded": first.is_seeded,
+                           "values_per_ciphertext": params.values_per_ciphertext},
+                "target": "weighted mean" + (" x mask" if m is not None else ""),
+                "n_values": n_values, "n_values_measured": n_values, "extrapolated": False,
+                "kept_fraction": kept if m is not None else layout.numel / n_values,
+                "n_ciphertexts": first.n_ciphertexts,
+                "bytes_up": len(blobs[0]), "bytes_down": len(agg),
+                "encrypt_s": t_enc, "aggregate_s": t_agg, "decrypt_s": t_dec,
+                "max_abs_err": max_err, "encrypt_cpu_over_wall": enc_cores,
+            })
+            blobs = agg = out = None  # free this row's ciphertexts before the next one
     return rows
 
 
@@ -487,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         res = tenseal_rows(states, weights, args.peer_values, args.repeat, args.peer_venv,
                            args.peer_python, args.peer_timeout, log)
         peer_rows, note, peer_info = res
-        rows = rows[:2] + peer_rows
+        rows = rows + peer_rows
         if note:
             notes.append(note)
     load1 = os.getloadavg()
@@ -502,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.clients} clients, weights {', '.join(f'{w:g}' for w in weights)}; "
           f"best of {args.repeat}")
     print(f"machine: {os.cpu_count()} CPUs, load average {load0[0]:.2f} at start, "
-          f"{load1[0]:.2f} at end; fedshield native threads {_native.default_threads}; "
+          f"{load1[0]:.2f} at end; fedshield native threads {_native.default_threads()}; "
           f"Python {platform.python_version()}; fedshield at {source}"
           + (f"; TenSEAL {peer_info['tenseal']} on Python {peer_info['python']}"
              if peer_info and peer_info.get("tenseal") else ""))
@@ -532,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
                "clients": args.clients, "weights": weights, "repeat": args.repeat,
                "peer_values": args.peer_values, "peer": peer_info, "notes": notes,
                "machine": {"cpus": os.cpu_count(), "loadavg_start": load0,
-                           "loadavg_end": load1, "native_threads": _native.default_threads,
+                           "loadavg_end": load1, "native_threads": _native.default_threads(),
                            "python": platform.python_version(),
                            "peak_rss_gib": rss_self, "peak_rss_tenseal_gib": rss_peer},
                "fedshield_version": getattr(fs, "__version__", None),

@@ -34,7 +34,7 @@ def run(mode: str, params: fs.CKKSParams, n_values: int, n_clients: int = 3) -> 
     states = [{"w": torch.from_numpy(rng.uniform(-1, 1, n_values).astype(np.float32))}
               for _ in range(n_clients)]
     layout = fs.Layout.from_state_dict(states[0])
-    bound = fs.DEFAULT_WEIGHT_BOUND
+    bound = 2.0 ** 16
     weights = [bound / n_clients] * n_clients
     if mode == "shared":
         keys = fs.keygen_shared(params)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One command on a CUDA machine: every importance_mask test (the GPU ones included), the
-# GPU training tests (tests/test_algorithms.py: device placement, 8/4-bit loading) and every
-# benchmark (CPU native and CUDA Triton vs torch.nn.utils.prune.l1_unstructured), then the
-# speed-ups. Works from a fresh checkout:
+# GPU training tests (tests/test_algorithms.py: device placement, 8/4-bit loading), a site of
+# several ranks on NCCL (DDP, FSDP1, FSDP2: benchmarks/nccl_site.py under torchrun), sites on
+# Flower's simulation runtime sharing the GPU (a fraction each), and every benchmark (CPU
+# native and CUDA Triton vs torch.nn.utils.prune.l1_unstructured), then the speed-ups.
+# Works from a fresh checkout:
 #
 #   bash benchmarks/gpu_check.sh [extra pytest-benchmark args, e.g. --benchmark-json=out.json]
 #
@@ -75,3 +77,34 @@ step "tests: training on the GPU (device placement, 8/4-bit loading when bitsand
 step "benchmarks: benchmarks/test_bench_importance.py"
 "$PY" -m pytest benchmarks/test_bench_importance.py -q -p no:cacheprovider \
   --benchmark-columns=min,median,max,rounds --benchmark-sort=name "$@"
+
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+  ranks=$(( gpus >= 2 ? 2 : 1 ))   # NCCL allows one rank per GPU
+  step "a site of $ranks rank(s) on NCCL: DDP, FSDP1, FSDP2 (benchmarks/nccl_site.py)"
+  key=$(mktemp -d)/site.key
+  "$PY" -c "import fedshield as fs, sys; fs.keygen_shared().client_context().save(sys.argv[1])" "$key"
+  for wrapper in ddp fsdp1 fsdp2; do
+    FEDSHIELD_SITE_KEY=$key "$PY" -m torch.distributed.run --standalone --nproc-per-node="$ranks" \
+      benchmarks/nccl_site.py --wrapper "$wrapper"
+  done
+
+  if "$PY" -c "import ray, flwr" >/dev/null 2>&1; then
+    step "2 sites on Flower's simulation runtime, half a GPU each"
+    "$PY" - <<'EOF'
+import tempfile, time
+from fedshield.config import RunConfig
+from fedshield.flower.launcher import SiteResources, run_flower
+with tempfile.TemporaryDirectory() as tmp:
+    cfg = RunConfig.from_flat(clients=2, rounds=2, samples=0, engine="flower", device="cuda",
+                              out=tmp)
+    start = time.perf_counter()
+    m = run_flower(cfg, simulation=SiteResources(cpus=1, gpus=0.5))
+    status = [r["status"] for r in m["rounds"]]
+    print(f"simulation runtime on the GPU: rounds {status}, eval loss "
+          f"{m['initial_eval_loss']:.4f} -> {m['rounds'][-1]['eval_loss']:.4f}, "
+          f"{time.perf_counter() - start:.1f} s")
+    assert status == ["ok", "ok"]
+EOF
+  fi
+fi

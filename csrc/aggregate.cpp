@@ -4,43 +4,13 @@
 
 #include "bitpack.hpp"
 #include "errors.hpp"
+#include "modarith.hpp"
 #include "parallel.hpp"
 
 namespace fedshield {
 namespace {
 
 constexpr uint64_t kBlock = 4096;  // residues per unpack block (multiple of 8: byte aligned)
-
-// The residue loops vectorise with AVX2 (unsigned 64-bit compares); a portable build gets an
-// AVX2 clone picked at load time where the CPU has it.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FEDSHIELD_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FEDSHIELD_SIMD_CLONES
-#endif
-
-FEDSHIELD_SIMD_CLONES
-bool any_not_below(const uint64_t* v, uint64_t n, uint64_t q) {
-    uint64_t bad = 0;
-    for (uint64_t i = 0; i < n; ++i) bad |= v[i] >= q;
-    return bad != 0;
-}
-
-FEDSHIELD_SIMD_CLONES
-void add_mod(uint64_t* acc, const uint64_t* v, uint64_t n, uint64_t q) {
-    for (uint64_t i = 0; i < n; ++i) {
-        const uint64_t s = acc[i] + v[i];
-        acc[i] = s >= q ? s - q : s;
-    }
-}
-
-FEDSHIELD_SIMD_CLONES
-void sub_mod(uint64_t* acc, const uint64_t* v, uint64_t n, uint64_t q) {
-    for (uint64_t i = 0; i < n; ++i) {
-        const uint64_t a = acc[i], b = v[i];
-        acc[i] = a >= b ? a - b : a + q - b;
-    }
-}
 
 std::string hex_prefix(const Fingerprint& fp) {
     static const char* digits = "0123456789abcdef";
@@ -79,6 +49,11 @@ void Aggregator::check_compatible(const UpdateHeader& h) const {
         incompatible("packing " + std::to_string(static_cast<unsigned>(h.packing)) +
                      " differs from the server's parameters (" +
                      std::to_string(static_cast<unsigned>(expect_.packing)) + ")");
+    if (h.elements != expect_.elements)
+        incompatible(std::string(h.seeded() ? "a seeded update (c0 and a seed)"
+                                            : "an update with both polynomials") +
+                     ", the server's parameters expect " +
+                     (expect_.elements == 1 ? "seeded updates" : "both polynomials"));
     if (h.kind == UpdateKind::Aggregate && !expect_.allow_aggregates)
         incompatible("an aggregate (n_summed " + std::to_string(h.n_summed) +
                      ") where client updates are expected");
@@ -157,6 +132,14 @@ void Aggregator::add(const uint8_t* data, size_t len) {
         throw ValueRangeError("aggregate: an update already sums " + std::to_string(h.n_summed) +
                               " clients, more than max_clients " + std::to_string(max_summed_));
     const uint8_t* payload = data + h.header_size();
+    const uint8_t* seeds = payload + h.payload_len;
+    std::vector<std::array<uint8_t, kSeedSize>> new_seeds(h.seeded() ? h.n_summed : 0);
+    for (size_t i = 0; i < new_seeds.size(); ++i) {
+        std::memcpy(new_seeds[i].data(), seeds + i * kSeedSize, kSeedSize);
+        if (seeds_.count(new_seeds[i]))
+            throw InvalidUpdateError("invalid update: its seed is already in the sum (the same "
+                                     "update twice, or a replay)");
+    }
     const uint64_t total = h.total_residues();
     const bool first = !started_;
     if (first) {
@@ -196,6 +179,7 @@ void Aggregator::add(const uint8_t* data, size_t len) {
     } else {
         header_.n_summed += h.n_summed;
     }
+    for (const auto& s : new_seeds) seeds_.insert(s);
 }
 
 static UpdateHeader aggregate_header(const UpdateHeader& running) {
@@ -223,6 +207,11 @@ void Aggregator::write_result(uint8_t* out) const {
             r += run;
         }
     });
+    uint8_t* seeds = payload + h.payload_len;
+    for (const auto& s : seeds_) {
+        std::memcpy(seeds, s.data(), kSeedSize);
+        seeds += kSeedSize;
+    }
     seal_update(h, out, threads_);
 }
 

@@ -1,9 +1,13 @@
 // Streaming server-side aggregation: each update is validated, then its residues are added
-// mod q_i (each residue mod its RNS tower's modulus) into one accumulator. Memory is one update's residues, whatever the number of clients.
-// An update that fails validation half-way is subtracted back out, so it never poisons the sum.
+// mod q_i (each residue mod its RNS tower's modulus) into one accumulator. Memory is one
+// update's residues (and, for seeded updates, 32 bytes per client), whatever the number of
+// clients. An update that fails validation half-way is subtracted back out, so it never
+// poisons the sum.
 #pragma once
 #include <cstddef>
+#include <array>
 #include <cstdint>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -16,6 +20,7 @@ namespace fedshield {
 // so one hostile first reply could get every honest one rejected.
 struct RoundExpectations {
     Packing packing = Packing::Complex;  // from the server's parameters: always checked
+    uint8_t elements = 2;                // likewise: 1 = seeded updates (c0 and a seed)
     bool allow_aggregates = false;       // accept partial aggregates (kind 2), e.g. tree reduce
     bool has_round = false;
     uint64_t round = 0;
@@ -62,6 +67,9 @@ private:
     bool started_ = false;
     UpdateHeader header_;
     std::vector<uint64_t> acc_;
+    // Seeded updates: every summed update's seed, sorted (the result does not depend on the
+    // order of the updates; a seed seen twice is an update summed twice, e.g. a replay).
+    std::set<std::array<uint8_t, kSeedSize>> seeds_;
 };
 
 }  // namespace fedshield

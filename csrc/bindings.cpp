@@ -16,8 +16,10 @@
 #include "errors.hpp"
 #include "flood.hpp"
 #include "packing.hpp"
+#include "modarith.hpp"
 #include "parallel.hpp"
 #include "secure_wipe.hpp"
+#include "seeded.hpp"
 #include "update_codec.hpp"
 #include "wire.hpp"
 
@@ -50,6 +52,8 @@ BufferBytes bytes_of(const py::buffer& b) {
     }
     return BufferBytes{std::move(info)};
 }
+
+using U64 = py::array_t<uint64_t, py::array::c_style>;
 
 Fingerprint fingerprint_of(const py::bytes& b, const char* name) {
     std::string s = b;
@@ -104,6 +108,7 @@ py::dict header_to_dict(const UpdateHeader& h) {
     d["packing"] = static_cast<unsigned>(h.packing);
     d["weight_bound"] = h.weight_bound;
     d["payload_len"] = h.payload_len;
+    d["elements"] = h.elements;
     return d;
 }
 
@@ -125,6 +130,7 @@ UpdateHeader header_from_dict(const py::dict& d) {
     h.residue_bits = static_cast<uint8_t>(residue_bits_of(h.moduli));
     h.packing = static_cast<Packing>(d["packing"].cast<uint8_t>());
     h.weight_bound = d["weight_bound"].cast<double>();
+    h.elements = d.contains("elements") ? d["elements"].cast<uint8_t>() : uint8_t{2};
     h.payload_len = h.n_ciphertexts * h.ciphertext_bytes();
     return h;
 }
@@ -185,6 +191,7 @@ void bind_wire(py::module_& m) {
         py::gil_scoped_release nogil;
         return wire_checksum(v.data(), v.size(), default_threads());
     }, "The wire format's 64-bit corruption checksum of a byte buffer.");
+    m.attr("SEED_SIZE") = kSeedSize;
     m.def("parse_update", [](const py::buffer& b) {
         auto v = bytes_of(b);
         UpdateHeader h;
@@ -192,17 +199,24 @@ void bind_wire(py::module_& m) {
             py::gil_scoped_release nogil;
             h = parse_update(v.data(), v.size(), default_threads());
         }
-        return header_to_dict(h);
-    }, "Validates a serialized update (every byte) and returns its header as a dict.");
-    m.def("encode_update", [](const py::dict& header, const py::buffer& payload) {
+        py::dict d = header_to_dict(h);
+        py::list seeds;  // seeded updates: each summed client update's seed
+        const uint8_t* s = v.data() + h.header_size() + h.payload_len;
+        for (uint64_t i = 0; i < h.seeds_len() / kSeedSize; ++i)
+            seeds.append(py::bytes(reinterpret_cast<const char*>(s + i * kSeedSize), kSeedSize));
+        d["seeds"] = py::tuple(seeds);
+        return d;
+    }, "Validates a serialized update (every byte) and returns its header as a dict (with its "
+       "seeds).");
+    m.def("encode_update", [](const py::dict& header, const py::buffer& body) {
         UpdateHeader h = header_from_dict(header);
-        auto v = bytes_of(payload);
-        if (v.size() != h.payload_len)
-            throw py::value_error("payload has " + std::to_string(v.size()) + " bytes, expected " +
-                                  std::to_string(h.payload_len));
+        auto v = bytes_of(body);
+        if (v.size() != body_len(h))
+            throw py::value_error("body has " + std::to_string(v.size()) + " bytes, expected " +
+                                  std::to_string(body_len(h)) + " (payload, then seeds)");
         std::string out = encode_update(h, v.data(), default_threads());
         return py::bytes(out);
-    }, "Serializes header + payload + checksum.");
+    }, "Serializes header + body (payload, then seeds) + checksum.");
 }
 
 void bind_ciphertexts(py::module_& m) {
@@ -219,8 +233,14 @@ void bind_ciphertexts(py::module_& m) {
     }, "Offsets of exactly `expected` residue arrays (cycling through the towers' moduli) in an "
        "OpenFHE BINARY serialization.");
     m.def("encode_ciphertexts", [](const py::dict& header, const std::vector<py::bytes>& cts,
-                                   const py::tuple& layout, unsigned threads) {
+                                   const py::tuple& layout, unsigned threads,
+                                   std::optional<py::bytes> seed) {
         UpdateHeader h = header_from_dict(header);
+        std::string seed_bytes = seed ? std::string(*seed) : std::string();
+        if (h.seeded() != static_cast<bool>(seed) ||
+            (seed && seed_bytes.size() != kSeedSize))
+            throw py::value_error("encode_ciphertexts: a seeded header (elements 1) needs a " +
+                                  std::to_string(kSeedSize) + "-byte seed, and only it");
         std::vector<std::string_view> held;
         std::vector<ByteView> views;
         for (const auto& c : cts) {
@@ -232,24 +252,85 @@ void bind_ciphertexts(py::module_& m) {
         const UpdateHeader full = ciphertexts_header(h, views, l);
         const unsigned n_threads = threads ? threads : default_threads();
         return filled_bytes(update_size(full), [&](uint8_t* out) {
-            encode_ciphertexts(full, views, l, n_threads, out);
+            encode_ciphertexts(full, views, l, n_threads, out,
+                               reinterpret_cast<const uint8_t*>(seed_bytes.data()));
         });
-    }, "Packs the residues of serialized ciphertexts into a wire update.");
+    }, "Packs the residues of serialized ciphertexts into a wire update (seeded: c0 and the "
+       "seed only).", py::arg("header"), py::arg("cts"), py::arg("layout"),
+       py::arg("threads") = 0, py::arg("seed") = py::none());
     m.def("decode_ciphertexts", [](const py::buffer& update, const py::bytes& tmpl,
-                                   const py::tuple& layout, unsigned threads) {
+                                   const py::tuple& layout, unsigned threads,
+                                   std::optional<U64> c1) {
         auto v = bytes_of(update);
         std::string_view t = tmpl;
         CiphertextLayout l = layout_from_tuple(layout);
+        const uint64_t* c1_data = c1 ? c1->data() : nullptr;
+        const size_t c1_len = c1 ? static_cast<size_t>(c1->size()) : 0;
         std::vector<std::string> cts;
         {
             py::gil_scoped_release nogil;
             cts = decode_ciphertexts(v.data(), v.size(), reinterpret_cast<const uint8_t*>(t.data()),
-                                     t.size(), l, threads ? threads : default_threads());
+                                     t.size(), l, threads ? threads : default_threads(), c1_data,
+                                     c1_len);
         }
         py::list out;
         for (auto& c : cts) out.append(py::bytes(c));
         return out;
-    }, "Validates an update and rebuilds its serialized ciphertexts from a template.");
+    }, "Validates an update and rebuilds its serialized ciphertexts from a template (seeded: "
+       "c1 from the given expansion, uint64[n_ciphertexts * towers * ring_dim]).",
+       py::arg("update"), py::arg("template"), py::arg("layout"), py::arg("threads") = 0,
+       py::arg("c1") = py::none());
+}
+
+void bind_seeded(py::module_& m) {
+    m.def("sample_uniform", [](const py::buffer& stream, uint64_t q, uint64_t n,
+                               std::optional<U64> accumulate) -> py::object {
+        auto v = bytes_of(stream);
+        if (v.size() % 8 != 0)
+            throw py::value_error("sample_uniform: the stream has " + std::to_string(v.size()) +
+                                  " bytes, not whole 8-byte words");
+        U64 out(static_cast<py::ssize_t>(n));
+        bool ok;
+        {
+            py::gil_scoped_release nogil;
+            ok = sample_uniform(v.data(), v.size(), q, n, out.mutable_data());
+        }
+        if (!ok) return py::none();
+        if (accumulate) {
+            if (static_cast<uint64_t>(accumulate->size()) != n)
+                throw py::value_error("sample_uniform: accumulate has the wrong size");
+            uint64_t* acc = accumulate->mutable_data();
+            if (any_not_below(acc, n, q))
+                throw InvalidUpdateError("sample_uniform: accumulator residue not below q");
+            add_mod(acc, out.data(), n, q);
+            return *accumulate;
+        }
+        return out;
+    }, "n residues uniform mod q by rejection sampling of the stream's 8-byte words (None if "
+       "the stream runs out); with accumulate, adds them into it mod q instead (in place).",
+       py::arg("stream"), py::arg("q"), py::arg("n"), py::arg("accumulate") = py::none());
+    m.def("reseed_ciphertexts", [](const std::vector<py::bytearray>& cts, const py::tuple& layout,
+                                   const U64& a, const U64& s, unsigned threads) {
+        const CiphertextLayout l = layout_from_tuple(layout);
+        const uint64_t per = l.ring_dim * l.towers();
+        if (static_cast<uint64_t>(a.size()) != per * cts.size() ||
+            static_cast<uint64_t>(s.size()) != per)
+            throw py::value_error("reseed_ciphertexts: a needs n_ciphertexts * towers * ring_dim "
+                                  "residues and s towers * ring_dim");
+        std::vector<std::pair<uint8_t*, size_t>> bufs;
+        for (const auto& c : cts)
+            bufs.emplace_back(reinterpret_cast<uint8_t*>(PyByteArray_AsString(c.ptr())),
+                              static_cast<size_t>(PyByteArray_Size(c.ptr())));
+        const uint64_t* a_data = a.data();
+        const uint64_t* s_data = s.data();
+        py::gil_scoped_release nogil;
+        parallel_ranges(bufs.size(), threads ? threads : default_threads(), 1,
+                        [&](unsigned, uint64_t begin, uint64_t end) {
+            for (uint64_t i = begin; i < end; ++i)
+                reseed_ciphertext(bufs[i].first, bufs[i].second, l, a_data + i * per, s_data);
+        });
+    }, "Rewrites serialized ciphertexts in place: c0 += (c1 - a) * s, c1 := a (evaluation "
+       "form, every tower).");
 }
 
 using F32 = py::array_t<float, py::array::c_style>;
@@ -333,7 +414,6 @@ void bind_packing(py::module_& m) {
 
 // Noise flooding (csrc/flood.hpp).
 void bind_flood(py::module_& m) {
-    using U64 = py::array_t<uint64_t, py::array::c_style>;
     m.def("ntt_forward", [](U64 a, uint64_t q, uint64_t psi) {
         U64 out(a.size());
         std::memcpy(out.mutable_data(), a.data(), static_cast<size_t>(a.size()) * 8);
@@ -409,13 +489,16 @@ void bind_aggregator(py::module_& m) {
     py::class_<GuardedAggregator>(m, "Aggregator")
         .def(py::init([](const py::bytes& context_fp, const py::object& modulus, uint32_t ring_dim,
                          uint32_t max_summed, unsigned threads, uint8_t packing,
-                         bool allow_aggregates, std::optional<uint64_t> round,
+                         bool allow_aggregates, uint8_t elements, std::optional<uint64_t> round,
                          std::optional<py::bytes> layout_fp, std::optional<py::bytes> mask_fp,
                          std::optional<double> weight_bound) {
                  RoundExpectations e;
                  if (packing != 1 && packing != 2)
                      throw py::value_error("packing must be 1 (complex) or 2 (real)");
                  e.packing = static_cast<Packing>(packing);
+                 if (elements != 1 && elements != 2)
+                     throw py::value_error("elements must be 1 (seeded) or 2");
+                 e.elements = elements;
                  e.allow_aggregates = allow_aggregates;
                  if (round) {
                      e.has_round = true;
@@ -439,7 +522,8 @@ void bind_aggregator(py::module_& m) {
              }),
              py::arg("context_fp"), py::arg("modulus"), py::arg("ring_dim"),
              py::arg("max_summed"), py::arg("threads") = 0, py::arg("packing") = 1,
-             py::arg("allow_aggregates") = false, py::arg("round") = py::none(),
+             py::arg("allow_aggregates") = false, py::arg("elements") = 2,
+             py::arg("round") = py::none(),
              py::arg("layout_fp") = py::none(), py::arg("mask_fp") = py::none(),
              py::arg("weight_bound") = py::none())
         .def("add", [](GuardedAggregator& self, const py::buffer& b) {
@@ -463,12 +547,15 @@ void bind_aggregator(py::module_& m) {
 
 PYBIND11_MODULE(_native, m) {
     m.doc() = "fedshield native core: packing, wire format, ciphertext residue aggregation";
-    m.attr("default_threads") = default_threads();
+    m.def("default_threads", &default_threads,
+          "Threads a native call with threads=0 uses (FEDSHIELD_NUM_THREADS, else the CPUs "
+          "this process may use), read afresh on every call.");
     bind_errors(m);
     bind_wire(m);
     bind_ciphertexts(m);
     bind_packing(m);
     bind_aggregator(m);
+    bind_seeded(m);
     bind_flood(m);
     bind_importance(m);
     bind_shamir(m);

@@ -9,6 +9,7 @@
 // Segments that fit one chunk run start to finish on one thread (their data stays in cache);
 // larger segments (global scope) run pass by pass with the chunks spread over the threads.
 #include "importance.hpp"
+#include "parallel.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -432,7 +433,7 @@ void importance_mask(const std::vector<ImportanceTensor>& tensors, Criterion cri
         s.pruned_before = pruned;
         pruned += s.k;
     }
-    if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
+    if (threads == 0) threads = default_threads();
 
     switch (criterion) {
         case Criterion::L1: run<Criterion::L1>(chunks, segments, out, threads); break;

@@ -70,6 +70,8 @@ void validate_header(const UpdateHeader& h) {
             std::to_string(bits) + " bits, at most 62)");
     if (h.packing != Packing::Complex && h.packing != Packing::Real)
         bad("packing " + std::to_string(static_cast<unsigned>(h.packing)) + " is not 1 or 2");
+    if (h.elements != 1 && h.elements != 2)
+        bad("elements " + std::to_string(h.elements) + " is not 1 (seeded) or 2");
     if (h.n_ciphertexts < 1) bad("n_ciphertexts is 0");
     const uint64_t cap = h.values_per_ciphertext();
     // The fewest ciphertexts that hold the values: no padding ciphertexts on the wire.
@@ -103,21 +105,32 @@ void seal_update(const UpdateHeader& h, uint8_t* out, unsigned threads) {
     put_at(144, h.residue_bits);
     put_at(145, static_cast<uint8_t>(h.packing));
     put_at(146, static_cast<uint8_t>(h.moduli.size()));
-    std::memset(out + 147, 0, 5);
+    put_at(147, h.elements);
+    std::memset(out + 148, 0, 4);
     put_at(152, h.weight_bound);
     put_at(160, h.payload_len);
     for (size_t i = 1; i < h.moduli.size(); ++i) put_at(kHeaderSize + 8 * (i - 1), h.moduli[i]);
-    const size_t body = h.header_size() + h.payload_len;
+    const size_t body = h.header_size() + body_len(h);
     put_at(body, wire_checksum(out, body, threads));
 }
 
-std::string encode_update(const UpdateHeader& h, const uint8_t* payload, unsigned threads) {
+std::string encode_update(const UpdateHeader& h, const uint8_t* body, unsigned threads) {
     validate_header(h);
     std::string out(update_size(h), '\0');
     auto* p = reinterpret_cast<uint8_t*>(&out[0]);
-    if (h.payload_len) std::memcpy(p + h.header_size(), payload, h.payload_len);
+    if (body_len(h)) std::memcpy(p + h.header_size(), body, body_len(h));
     seal_update(h, p, threads);
     return out;
+}
+
+static void check_seeds(const UpdateHeader& h, const uint8_t* seeds) {
+    if (!h.seeded()) return;
+    std::vector<std::array<uint8_t, kSeedSize>> sorted(h.n_summed);
+    for (uint64_t i = 0; i < h.n_summed; ++i)
+        std::memcpy(sorted[i].data(), seeds + i * kSeedSize, kSeedSize);
+    std::sort(sorted.begin(), sorted.end());
+    if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end())
+        bad("a seed appears twice (one client update summed in twice?)");
 }
 
 UpdateHeader parse_update(const uint8_t* data, size_t len, unsigned threads) {
@@ -126,10 +139,11 @@ UpdateHeader parse_update(const uint8_t* data, size_t len, unsigned threads) {
             std::to_string(kHeaderSize + kChecksumSize));
     if (std::memcmp(data, kMagic, 8) != 0) bad("bad magic (not a fedshield update)");
     const uint16_t version = get<uint16_t>(data, 8);
-    if (version != kWireVersion)
-        bad("wire version " + std::to_string(version) + " is not supported (expected " +
+    if (version != kWireVersion && version != 2)
+        bad("wire version " + std::to_string(version) + " is not supported (expected 2 or " +
             std::to_string(kWireVersion) + ")");
-    for (size_t i = 147; i < 152; ++i)
+    // version 2: byte 147 was reserved (zero) and every ciphertext had both elements
+    for (size_t i = version == 2 ? 147 : 148; i < 152; ++i)
         if (data[i] != 0) bad("reserved header bytes are not zero");
     UpdateHeader h;
     h.kind = static_cast<UpdateKind>(get<uint16_t>(data, 10));
@@ -154,17 +168,20 @@ UpdateHeader parse_update(const uint8_t* data, size_t len, unsigned threads) {
     for (unsigned i = 1; i < towers; ++i) h.moduli[i] = get<uint64_t>(data, kHeaderSize + 8 * (i - 1));
     h.residue_bits = get<uint8_t>(data, 144);
     h.packing = static_cast<Packing>(get<uint8_t>(data, 145));
+    h.elements = version == 2 ? 2 : get<uint8_t>(data, 147);
     h.weight_bound = get<double>(data, 152);
     h.payload_len = get<uint64_t>(data, 160);
     validate_header(h);
-    // Overflow-safe: payload_len <= 2^32 * 2^18 * 62 / 8 < 2^56 after validate_header.
-    const uint64_t expected = h.header_size() + h.payload_len + kChecksumSize;
+    // Overflow-safe: payload_len <= 2^32 * 2^18 * 62 / 8 < 2^56 after validate_header, and the
+    // seeds are at most 2^32 * 32 bytes.
+    const uint64_t expected = h.header_size() + body_len(h) + kChecksumSize;
     if (len != expected)
         bad((len < expected ? "truncated: " : "trailing bytes: ") + std::to_string(len) +
             " bytes, the header announces " + std::to_string(expected));
-    const size_t body = h.header_size() + h.payload_len;
+    const size_t body = h.header_size() + body_len(h);
     if (get<uint64_t>(data, body) != wire_checksum(data, body, threads))
         bad("checksum mismatch (corrupted or tampered bytes)");
+    check_seeds(h, data + h.header_size() + h.payload_len);
     return h;
 }
 

@@ -14,8 +14,12 @@ import torch
 
 import fedshield as fs
 
-# Default-parameter constants the tests reason with (see csrc/wire.hpp).
-RING_DIM = 16384
+# Default-parameter constants the tests reason with (see csrc/wire.hpp). The default profile
+# is seeded: a client update carries c0 only (ELEMENTS = 1) and one 32-byte seed.
+RING_DIM = fs.CKKSParams().ring_dim
+BITS = fs.CKKSParams().first_mod_bits     # bit_length of the default modulus
+ELEMENTS = 1 if fs.CKKSParams().seeded else 2
+SEED = 32
 WIRE_OVERHEAD = 168 + 8  # header + checksum
 
 
@@ -69,6 +73,13 @@ def client_ctx(shared_keys) -> fs.Context:
 @pytest.fixture(scope="session")
 def server_ctx(shared_keys) -> fs.Context:
     return shared_keys.server_context()
+
+
+@pytest.fixture(scope="session")
+def unseeded_keys() -> fs.SharedKeys:
+    """A shared key without seeding: public-key updates with both polynomials on the wire
+    (what threshold parties send), at the profile public-key noise needs for 1e-6."""
+    return fs.keygen_shared(fs.CKKSParams.for_precision(keys="threshold", n_parties=0))
 
 
 @pytest.fixture(scope="session")

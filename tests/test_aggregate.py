@@ -16,7 +16,7 @@ import torch
 
 import fedshield as fs
 from fedshield import _native
-from conftest import RING_DIM, make_mask, make_state, weighted_average
+from conftest import ELEMENTS, RING_DIM, make_mask, make_state, weighted_average
 from forgery import build_context, split_context
 
 ATOL = 1e-6
@@ -94,28 +94,64 @@ def test_weighted_fedavg_matches_plaintext(loaded, n_clients, masked):
     assert fs.aggregate(server, wire).to_bytes() == agg.to_bytes()
 
 
-def test_default_weight_bound_with_example_counts(client_ctx, server_ctx):
+def test_round_weight_bound_with_example_counts(client_ctx, server_ctx):
+    """Example counts as weights with the round's bound (the next power of two of the
+    largest); without a bound each update takes its own, and mixing them is refused."""
     weights = [1500.0, 4000.0, 65536.0]
     states = [make_state(200 + i) for i in range(3)]
     layout = fs.Layout.from_state_dict(states[0])
-    ups = [fs.encrypt_update(client_ctx, s, layout, weight=w) for s, w in zip(states, weights)]
+    ups = [fs.encrypt_update(client_ctx, s, layout, weight=w, weight_bound=65536.0)
+           for s, w in zip(states, weights)]
     out = fs.decrypt_update(client_ctx, fs.aggregate(server_ctx, ups), layout)
     assert_close(out, weighted_average(states, weights))
+    alone = [fs.encrypt_update(client_ctx, s, layout, weight=w) for s, w in zip(states, weights)]
+    assert [u.header["weight_bound"] for u in alone] == [2048.0, 4096.0, 65536.0]
+    with pytest.raises(fs.IncompatibleUpdate, match="weight_bound"):
+        fs.aggregate(server_ctx, alone)
 
 
 @pytest.mark.parametrize("weight_bound", [1.0, 2.0**8, 2.0**16])
 def test_precision_budget(client_ctx, server_ctx, weight_bound):
-    """CKKS noise is absolute in the pre-weighted domain (about 2e-10 per slot at scale
-    2**50), so the error of the average grows as weight_bound / sum(w): pick weight_bound
-    near the real weights (the runner uses the next power of two of the largest)."""
+    """CKKS noise is absolute in the pre-weighted domain, so the error of the average grows
+    as weight_bound / sum(w): an average that could miss the tolerance is refused, never
+    returned (the Server picks the next power of two of the largest weight)."""
     states = [make_state(300 + i) for i in range(2)]
     layout = fs.Layout.from_state_dict(states[0])
     ups = [fs.encrypt_update(client_ctx, s, layout, weight=1.0, weight_bound=weight_bound)
            for s in states]
-    out = fs.decrypt_update(client_ctx, fs.aggregate(server_ctx, ups), layout)
+    agg = fs.aggregate(server_ctx, ups)
     ref = weighted_average(states, [1.0, 1.0])
+    bound = client_ctx.params.average_error_bound(2, 2.0 / weight_bound)
+    if bound > fs.DEFAULT_TOLERANCE:
+        with pytest.raises(fs.PrecisionError, match="weight bound"):
+            fs.decrypt_update(client_ctx, agg, layout)
+    # the check reads the weight sum from the decrypted weight slot: a hair off the exact one
+    out = fs.decrypt_update(client_ctx, agg, layout, tolerance=max(bound * 1.01, 1e-6))
     err = max(float(np.abs(out[n].double().numpy() - ref[n]).max()) for n in ref)
-    assert err <= 1.2e-7 + 1e-9 * weight_bound / 2.0, err
+    assert err <= bound + 1.2e-7, err  # + float32 rounding
+
+
+@pytest.mark.parametrize("weights", [(5.0, 1.0, 4.0), (1.0, 1e6, 3.0), (1e6, 7e5, 1e6)])
+def test_any_weights_within_tolerance(client_ctx, server_ctx, weights):
+    """Weights from 1 to 10^6 with the round's bound: <= 1e-6 from the plaintext average."""
+    states = [make_state(330 + i, low=-1.0, high=1.0) for i in range(3)]
+    layout = fs.Layout.from_state_dict(states[0])
+    bound = float(2 ** math.ceil(math.log2(max(weights))))
+    ups = [fs.encrypt_update(client_ctx, s, layout, weight=w, weight_bound=bound, round=4)
+           for s, w in zip(states, weights)]
+    agg = fs.EncryptedUpdate.from_bytes(fs.aggregate(server_ctx, ups).to_bytes())
+    out = fs.decrypt_update(client_ctx, agg, layout)
+    ref = weighted_average(states, list(weights))
+    err = max(float(np.abs(out[n].double().numpy() - ref[n]).max()) for n in ref)
+    assert err <= 1e-6, err
+
+
+def test_parameters_that_cannot_reach_the_tolerance_are_refused(client_ctx, small_state,
+                                                                small_layout):
+    with pytest.raises(fs.ParameterError, match="tolerance=1e-09"):
+        fs.encrypt_update(client_ctx, small_state, small_layout, tolerance=1e-9)
+    with pytest.raises(fs.ParameterError, match="tolerance=0"):
+        fs.encrypt_update(client_ctx, small_state, small_layout, tolerance=0)
 
 
 def test_order_and_hierarchy_do_not_matter(client_ctx, server_ctx, small_layout):
@@ -395,24 +431,33 @@ def test_a_key_file_must_name_its_secret_key(client_ctx):
 
 
 def test_native_codec_refuses_out_of_bounds_layouts(client_ctx, small_update):
+    from fedshield.he.seeded import expand_sum
+
     template, layout = client_ctx.ciphertext_template
     data = small_update.to_bytes()
-    ok = _native.decode_ciphertexts(data, template, layout, 1)
+    with pytest.raises(fs.InvalidUpdate, match="expanded c1"):
+        _native.decode_ciphertexts(data, template, layout, 1)  # a seeded update without c1
+    c1 = expand_sum(small_update.seeds, client_ctx.fingerprint, small_update.round, 1,
+                    client_ctx.moduli, RING_DIM)
+    with pytest.raises(fs.InvalidUpdate, match="expanded c1"):
+        _native.decode_ciphertexts(data, template, layout, 1, c1[:-1].copy())
+    ok = _native.decode_ciphertexts(data, template, layout, 1, c1)
     assert len(ok) == 1 and len(ok[0]) == len(template)
-    n, q, c0, c1, total = layout
-    for bad in [(n, q, 10**12, c1, total), (n, q, c0, total - 8, total), (n, q, 0, c1, total),
-                (n, q, c0, c0 + 8, total), (n, q, c0, 2**64 - 1, total)]:
+    n, q, c0, c1_off, total = layout
+    for bad in [(n, q, 10**12, c1_off, total), (n, q, c0, total - 8, total),
+                (n, q, 0, c1_off, total), (n, q, c0, c0 + 8, total), (n, q, c0, 2**64 - 1, total)]:
         with pytest.raises(fs.InvalidUpdate, match="layout"):
-            _native.decode_ciphertexts(data, template, bad, 1)
+            _native.decode_ciphertexts(data, template, bad, 1, c1)
     with pytest.raises(fs.InvalidUpdate):
-        _native.encode_ciphertexts(small_update.header, ok, (n, q, 10**12, c1, total), 1)
+        _native.encode_ciphertexts(small_update.header, ok, (n, q, 10**12, c1_off, total), 1,
+                                   small_update.seeds[0])
 
 
 # -- headroom -----------------------------------------------------------------------------------
 
 def test_headroom_errors(client_ctx, small_state, small_layout):
-    bound = client_ctx.params.value_bound  # 4.0 at the defaults
-    assert bound == 4.0
+    bound = client_ctx.params.value_bound  # 1.0 at the defaults: |values| <= 1, 64 clients
+    assert bound == 1.0
     state = {k: v.clone() for k, v in small_state.items()}
     name = small_layout.names[1]
     state[name].view(-1)[7] = bound  # |w/wb * x| == bound: allowed
@@ -429,7 +474,7 @@ def test_headroom_errors(client_ctx, small_state, small_layout):
 
 @pytest.mark.parametrize("weight,weight_bound", [
     (0.0, 8.0), (-1.0, 8.0), (9.0, 8.0), (float("nan"), 8.0), (float("inf"), 8.0),
-    (fs.DEFAULT_WEIGHT_BOUND * 2, fs.DEFAULT_WEIGHT_BOUND),
+    (2.0 ** 16 * 2, 2.0 ** 16),
     (1.0, 0.0), (1.0, -4.0), (1.0, float("inf")), (1.0, float("nan")),
 ])
 def test_bad_weights_raise_parameter_error(client_ctx, small_state, small_layout, weight,
@@ -454,7 +499,7 @@ def two_client_keys():
 def test_too_many_clients(two_client_keys, small_state, small_layout):
     client = two_client_keys.client_context()
     server = two_client_keys.server_context()
-    assert client.params.value_bound == 128.0
+    assert client.params.value_bound == 32.0  # 2**6 of headroom shared by 2 clients
     ups = [fs.encrypt_update(client, make_state(600 + i), small_layout, weight=1.0,
                              weight_bound=1.0) for i in range(3)]
     with pytest.raises(fs.HeadroomError, match="max_clients 2"):
@@ -723,11 +768,12 @@ def test_hostile_first_update_cannot_take_over_the_round(client_ctx, server_ctx,
     # Unstated, the forged first update would have fixed round 7 for everyone.
     with pytest.raises(fs.IncompatibleUpdate, match="round 3"):
         fs.aggregate(server_ctx, [bytes(evil), *honest])
-    # A client posing as an aggregate of 64 is refused by default.
-    fake = bytearray(honest[0].to_bytes())
+    # A client posing as an aggregate of 64 (with 63 made-up seeds) is refused by default.
+    fake = bytearray(honest[0].to_bytes()[:body]) + bytes(range(63)) * 32
     fake[10:12] = (2).to_bytes(2, "little")
     fake[12:16] = (64).to_bytes(4, "little")
-    fake[body:] = _native.checksum64(bytes(fake[:body])).to_bytes(8, "little")
+    fake += _native.checksum64(bytes(fake)).to_bytes(8, "little")
+    assert fs.EncryptedUpdate.from_bytes(bytes(fake)).n_summed == 64  # well-formed
     with pytest.raises(fs.IncompatibleUpdate, match="aggregate"):
         fs.aggregate(server_ctx, [bytes(fake), *honest])
     with pytest.raises(fs.IncompatibleUpdate, match="layout"):
@@ -757,14 +803,15 @@ def test_aggregator_refuses_concurrent_use(client_ctx, server_ctx):
     result is exactly the sum of the updates that were accepted."""
     import threading
 
-    state = make_state(5, {"w": (40_000,)})  # 3 ciphertexts: each add takes a while
+    state = make_state(5, {"w": (40_000,)})  # several ciphertexts: each add takes a while
     layout = fs.Layout.from_state_dict(state)
     ups = [fs.encrypt_update(client_ctx, make_state(70 + i, {"w": (40_000,)}), layout,
                              weight=1.0 + i, round=1, weight_bound=8.0).to_bytes()
-           for i in range(4)]
+           for i in range(8)]  # distinct updates: the aggregator refuses a seed it has summed
 
     def new():
-        return _native.Aggregator(server_ctx.fingerprint, server_ctx.modulus, RING_DIM, 64, 1)
+        return _native.Aggregator(server_ctx.fingerprint, server_ctx.modulus, RING_DIM, 64, 1,
+                                  elements=ELEMENTS)
 
     refused = 0
     for trial in range(30):
@@ -784,8 +831,8 @@ def test_aggregator_refuses_concurrent_use(client_ctx, server_ctx):
                 with lock:
                     accepted.append(i)
 
-        threads = [threading.Thread(target=worker, args=(ids,)) for ids in ([0, 1, 0, 1],
-                                                                             [2, 3, 2, 3])]
+        threads = [threading.Thread(target=worker, args=(ids,)) for ids in ([0, 1, 2, 3],
+                                                                             [4, 5, 6, 7])]
         for t in threads:
             t.start()
         for t in threads:

@@ -1,6 +1,7 @@
 """`fedshield bench` runs end to end and reports consistent figures."""
 
 import json
+import math
 
 from fedshield.cli import main as cli_main
 
@@ -8,13 +9,30 @@ from fedshield.cli import main as cli_main
 def test_bench_writes_headline_figures(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert cli_main(["bench", "--values", "65536", "--clients", "2", "--json", str(out)]) == 0
-    figures = json.loads(out.read_text())
+    f = json.loads(out.read_text())
     printed = capsys.readouterr().out
-    assert "bytes/value, dense" in printed and "aggregate MB/s" in printed
-    assert figures["lora_values"] == 65536 and figures["clients"] == 2
-    # 65536 values + the weight need 5 ciphertexts of 16384 reals, ~245.8 KB each.
-    assert 15.0 * 5 / 4 <= figures["bytes_per_value_dense"] <= 15.1 * 5 / 4
-    assert figures["bytes_per_value_mask50"] < figures["bytes_per_value_dense"] * 0.7
+    for row in ("bytes/value, dense", "bytes/value, 50% mask", "bytes/value, FFA (B only)",
+                "bytes/value, threshold", "bytes/value, threshold flooded", "aggregate MB/s"):
+        assert row in printed
+    assert f["lora_values"] == 65536 and f["clients"] == 2
+    # Seeded (wire v3): only c0 travels, log_q bits per coefficient, N reals per ciphertext;
+    # 65536 values + the weight fill ceil(65537 / N) ciphertexts.
+    n_cts = math.ceil(65537 / f["ring_dim"])
+    c0_only = n_cts * f["ring_dim"] * f["modulus_bits"] / 8 / 65536
+    assert c0_only <= f["bytes_per_value_dense"] <= c0_only * 1.01
+    # A full OpenFHE ciphertext carries both polynomials plus its headers.
+    assert f["openfhe_fresh_bytes_per_value"] > 2 * c0_only
+    assert f["bytes_per_value_mask50"] < f["bytes_per_value_dense"] * 0.6
+    assert f["bytes_per_value_ffa"] < f["bytes_per_value_dense"] * 0.6
+    # Threshold mode keeps both polynomials; flooding adds towers.
+    th, fl = f["threshold"], f["threshold_flooded"]
+    assert th["bytes_per_value"] >= 2 * th["modulus_bits"] / 8
+    assert fl["modulus_bits"] > th["modulus_bits"]
+    assert fl["bytes_per_value"] > th["bytes_per_value"]
+    # Unequal weights (5 and 1, far below any fixed bound) stay within 1e-6 on every row.
+    for err in (f["max_abs_err_dense"], f["max_abs_err_mask50"], f["max_abs_err_ffa"],
+                th["max_abs_err"], fl["max_abs_err"]):
+        assert 0 <= err <= 1e-6
     for key in ("encrypt_us_per_value", "raw_openfhe_encrypt_us_per_value",
                 "aggregate_speedup_vs_openfhe", "decrypt_us_per_value"):
-        assert figures[key] > 0
+        assert f[key] > 0

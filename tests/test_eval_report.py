@@ -66,6 +66,76 @@ def test_eval_rejects_bad_paths(runs, tmp_path, capsys):
     assert "none.jsonl" in capsys.readouterr().err
 
 
+def _broken_copy(run_dir, dest, damage):
+    import shutil
+
+    shutil.copytree(run_dir / "adapter", dest)
+    damage(dest)
+    return dest
+
+
+def _truncate(adapter):
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_truncate, "adapter_model.safetensors is damaged or truncated"),
+    (lambda a: (a / "adapter_model.safetensors").unlink(),
+     "the adapter's weights are missing (no adapter_model.safetensors or adapter_model.bin"),
+    (lambda a: (a / "fedshield_adapter.json").unlink(),
+     "has no fedshield_adapter.json (which `fedshield run` writes beside the adapter: the "
+     "template and max_len it trained with); give --template alpaca|compact and --max-len N"),
+    (lambda a: (a / "fedshield_adapter.json").write_text("[1]"),
+     "fedshield_adapter.json holds a list, not an object"),
+    (lambda a: (a / "adapter_config.json").write_text("{not json"),
+     "adapter_config.json is not JSON"),
+], ids=["truncated", "no-weights", "no-meta", "bad-meta", "bad-config"])
+def test_eval_on_a_broken_adapter_is_one_line(runs, tmp_path, capsys, monkeypatch, damage,
+                                              message):
+    import fedshield.evaluation as evaluation
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the broken adapter was refused")
+
+    monkeypatch.setattr(evaluation, "load_local_model", no_model)
+    run_dir, _ = runs["he"]
+    adapter = _broken_copy(run_dir, tmp_path / "adapter", damage)
+    data = _held_out_file(tmp_path / "held_out.jsonl", run_dir)
+    assert cli_main(["eval", "--adapter", str(adapter), "--data", str(data)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedshield: error: --adapter"), lines
+    assert message in lines[0]
+
+
+def test_eval_without_the_note_runs_with_template_and_max_len_given(runs, tmp_path, capsys):
+    run_dir, metrics = runs["he"]
+    adapter = _broken_copy(run_dir, tmp_path / "adapter",
+                           lambda a: (a / "fedshield_adapter.json").unlink())
+    data = _held_out_file(tmp_path / "held_out.jsonl", run_dir)
+    max_len = metrics["config"]["data"]["max_len"]
+    assert cli_main(["eval", "--adapter", str(adapter), "--data", str(data), "--template",
+                     "compact", "--max-len", str(max_len), "--samples", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    site_loss = metrics["rounds"][-1]["site_eval_loss"][0]
+    assert result["eval_loss"] == pytest.approx(site_loss, abs=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-len", "5"], "--max-len=5 is too short"),
+    (["--samples", "-1"], "--samples -1 must be an int >= 0"),
+    (["--json", "{tmp}/missing/out.json"], "the directory"),
+])
+def test_eval_rejects_bad_settings_first(runs, tmp_path, capsys, argv, message):
+    run_dir, _ = runs["he"]
+    data = _held_out_file(tmp_path / "held_out.jsonl", run_dir)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli_main(["eval", "--adapter", str(run_dir / "adapter"), "--data", str(data),
+                     *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
 def test_report_draws_runs_side_by_side(runs, tmp_path, capsys):
     dirs = [str(runs[name][0]) for name in ("he", "plain", "dp")]
     rc = cli_main(["report", *dirs, "--out", str(tmp_path / "report")])

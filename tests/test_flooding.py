@@ -5,6 +5,7 @@ fedshield.he.flooding."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -19,7 +20,9 @@ from conftest import make_state, weighted_average
 
 # A small NTT-friendly prime for the unit tests of the transform: 2N | q - 1 for N <= 2048.
 SMALL_Q = 12289
-FLOOD = fs.CKKSParams(flood_bits=30)
+FLOOD = fs.CKKSParams.for_precision(flood_bits=30)  # shared keys: 3 towers at N = 16384
+# the towers of the flooding profiles, for parameters built by hand below
+TOWERS = dict(ring_dim=16384, first_mod_bits=60, scale_bits=50)
 
 
 def _psi(n: int, q: int = SMALL_Q) -> int:
@@ -152,28 +155,29 @@ def test_flooding_parameters():
             fs.CKKSParams(flood_bits=bad)
     with pytest.raises(fs.ParameterError, match="flood_log_queries"):
         fs.CKKSParams(flood_bits=30, flood_log_queries=41)
-    with pytest.raises(fs.ParameterError, match="security|ring_dim"):
-        fs.CKKSParams(ring_dim=8192, flood_bits=30)  # 3 towers need N = 16384 at 128 bits
+    with pytest.raises(fs.ParameterError, match="security|ring_dim"):  # 3 towers: N = 16384
+        fs.CKKSParams(**{**TOWERS, "ring_dim": 8192}, flood_bits=30)
     # the flooding must fit its quarter of Q: 64 bits of security for 5 parties at scale 2**30
     # does not
     with pytest.raises(fs.ParameterError, match="flood"):
-        flooding.flood_width(fs.CKKSParams(scale_bits=30, flood_bits=64), 5)
+        flooding.flood_width(fs.CKKSParams(**{**TOWERS, "scale_bits": 30}, flood_bits=64), 5)
 
 
 def test_keygen_refuses_flooding_that_costs_more_than_1e6():
     # scale 2**30 towers: 64 bits of security leave an error far above 1e-6 (the flooding
     # itself still fits Q/4 for one key holder)
-    p = fs.CKKSParams(scale_bits=40, flood_bits=64)
+    p = fs.CKKSParams(**{**TOWERS, "scale_bits": 40}, flood_bits=64)
     flooding.flood_width(p, 1)
     assert 6 * flooding.slot_error_std(p, 1) > 1e-6
     with pytest.raises(fs.ParameterError, match="1e-06"):
         fs.keygen_shared(p)
     with pytest.raises(fs.ParameterError, match="1e-06"):
-        fs.keygen_threshold(p, 3)
-    for bits in (20, 30, 40, 50, 64):  # every level at the default scales passes
+        fs.keygen_threshold(dataclasses.replace(p, seeded=False), 3)
+    for bits in (20, 30, 40, 50, 64):  # every level at the flooding profiles' scales passes
         for n_parties in (1, 3, 5, 16):
-            flooding.check_precision(fs.CKKSParams(flood_bits=bits), n_parties)
-            flooding.check_precision(fs.CKKSParams(scale_bits=52, flood_bits=bits), n_parties)
+            flooding.check_precision(fs.CKKSParams(**TOWERS, flood_bits=bits), n_parties)
+            flooding.check_precision(fs.CKKSParams(**{**TOWERS, "scale_bits": 52},
+                                                   flood_bits=bits), n_parties)
 
 
 def test_stated_bound_arithmetic():
@@ -254,7 +258,7 @@ def test_shared_flooding_noise_matches_the_prediction(flood_keys, monkeypatch):
     target = 1e-5
     width = int(target / np.sqrt(FLOOD.ring_dim / 2 / 3) * 2.0 ** FLOOD.effective_scale_bits)
     monkeypatch.setattr(flooding, "flood_width", lambda params, n_parties=1: width)
-    std = _zero_state_error_std(fs.decrypt_update(client, agg, layout))
+    std = _zero_state_error_std(fs.decrypt_update(client, agg, layout, tolerance=1.0))
     assert 0.9 * target < std < 1.1 * target, std
 
 
@@ -262,7 +266,9 @@ def test_shared_flooding_noise_matches_the_prediction(flood_keys, monkeypatch):
 
 @pytest.fixture(scope="module")
 def flood_federation():
-    parties, server = fs.keygen_threshold(fs.CKKSParams(flood_bits=40), 3, 2)
+    # scale-50 towers, so that the tests can inflate the flooding into view (below 2**126)
+    parties, server = fs.keygen_threshold(fs.CKKSParams(**TOWERS, flood_bits=40, seeded=False),
+                                          3, 2)
     return parties, server
 
 
@@ -270,7 +276,7 @@ def test_threshold_partial_decryptions_are_flooded(flood_federation, monkeypatch
     parties, server = flood_federation
     states = [make_state(400 + i) for i in range(3)]
     layout = fs.Layout.from_state_dict(states[0])
-    weights = [fs.DEFAULT_WEIGHT_BOUND / 3] * 3
+    weights = [2.0 ** 16 / 3] * 3
     ups = [fs.encrypt_update(p, s, layout, weight=w) for p, s, w in zip(parties, states, weights)]
     agg = fs.EncryptedUpdate.from_bytes(fs.aggregate(server, ups).to_bytes())
     ref = weighted_average(states, weights)
@@ -298,7 +304,8 @@ def test_threshold_partial_decryptions_are_flooded(flood_federation, monkeypatch
                 monkeypatch.setattr(flooding, "flood_width", lambda params, n_parties=1: 0)
             shares.append(fs.partial_decrypt(parties[i], zagg))
             monkeypatch.setattr(flooding, "flood_width", lambda params, n_parties=1: width)
-        std = _zero_state_error_std(fs.combine_partials(zagg, shares, zlayout, ctx=server))
+        std = _zero_state_error_std(fs.combine_partials(zagg, shares, zlayout, ctx=server,
+                                                        tolerance=1.0))
         expect = target * np.sqrt(len(ids))
         assert 0.9 * expect < std < 1.1 * expect, (ids, std, expect)
 
@@ -309,9 +316,10 @@ def test_flooding_with_worker_processes(flood_keys):
     client, server = flood_keys.client_context(), flood_keys.server_context()
     state = make_state(7, {"big": (3, 16384)})
     layout = fs.Layout.from_state_dict(state)
-    up = fs.encrypt_update(client, state, layout, weight=2.0, weight_bound=4.0, workers=2)
-    assert up.n_ciphertexts == 4 and up.header["n_towers"] == 3
-    agg = fs.aggregate(server, [up, up], allow_partial_aggregates=False)
+    ups = [fs.encrypt_update(client, state, layout, weight=2.0, weight_bound=4.0, workers=2)
+           for _ in range(2)]
+    assert ups[0].n_ciphertexts == 4 and ups[0].header["n_towers"] == 3
+    agg = fs.aggregate(server, ups, allow_partial_aggregates=False)
     out = fs.decrypt_update(client, agg, layout, workers=2)
     ref = weighted_average([state, state], [2.0, 2.0])
     assert np.abs(out["big"].double().numpy() - ref["big"]).max() <= 1e-6 + 1e-7
@@ -397,7 +405,7 @@ def test_flooding_party_context_files(flood_federation):
     server2 = fs.load_context(server.to_bytes())
     states = [make_state(500 + i) for i in range(2)]
     layout = fs.Layout.from_state_dict(states[0])
-    weights = [fs.DEFAULT_WEIGHT_BOUND / 2] * 2
+    weights = [2.0 ** 16 / 2] * 2
     agg = fs.aggregate(server2, [fs.encrypt_update(p, s, layout, weight=w)
                                  for p, s, w in zip(loaded, states, weights)])
     out = fs.combine_partials(agg, [fs.partial_decrypt(loaded[i], agg, [1, 2]) for i in (1, 2)],

@@ -41,13 +41,14 @@ SHARE_FUZZ_CHILD = textwrap.dedent("""
     rng = random.Random(15)
     stats = {"cases": 0, "rejected": {}, "same": 0, "wrong": [], "other": [],
              "residue_edits": 0, "residue_edits_rejected": 0}
-    for params, n_cases in ((fs.CKKSParams(), cases - cases // 3),
-                            (fs.CKKSParams(flood_bits=30), cases // 3)):
+    for params, n_cases in ((fs.CKKSParams.for_precision(keys="threshold"), cases - cases // 3),
+                            (fs.CKKSParams.for_precision(keys="threshold", flood_bits=30),
+                             cases // 3)):
         parties, server = fs.keygen_threshold(params, 3)
         states = [make_state(150 + i) for i in range(3)]
         layout = fs.Layout.from_state_dict(states[0])
-        weights = [fs.DEFAULT_WEIGHT_BOUND / 3] * 3
-        agg = fs.aggregate(server, [fs.encrypt_update(p, s, layout, weight=w)
+        weights = [3.0, 1.0, 2.0]
+        agg = fs.aggregate(server, [fs.encrypt_update(p, s, layout, weight=w, weight_bound=4.0)
                                     for p, s, w in zip(parties, states, weights)])
         ref = weighted_average(states, weights)
         shares = [fs.partial_decrypt(p, agg) for p in parties]
@@ -120,11 +121,12 @@ class ThresholdRound:
     reference average."""
 
     def __init__(self) -> None:
-        self.parties, self.server = fs.keygen_threshold(fs.CKKSParams(), 3)
+        self.parties, self.server = fs.keygen_threshold(
+            fs.CKKSParams.for_precision(keys="threshold"), 3)
         self.states = [make_state(170 + i) for i in range(3)]
         self.layout = fs.Layout.from_state_dict(self.states[0])
-        weights = [fs.DEFAULT_WEIGHT_BOUND / 3] * 3
-        self.updates = [fs.encrypt_update(p, s, self.layout, weight=w, round=4)
+        weights = [3.0, 1.0, 2.0]
+        self.updates = [fs.encrypt_update(p, s, self.layout, weight=w, round=4, weight_bound=4.0)
                         for p, s, w in zip(self.parties, self.states, weights)]
         self.agg = fs.aggregate(self.server, self.updates)
         self.shares = [fs.partial_decrypt(p, self.agg) for p in self.parties]
@@ -334,7 +336,7 @@ def test_fuzz_checkpoints(checkpoint_files, ops, target):
 def dealt_key_share():
     from fedshield.he import threshold as th
 
-    parties, _ = fs.keygen_threshold(fs.CKKSParams(), 3, 2)
+    parties, _ = fs.keygen_threshold(fs.CKKSParams.for_precision(keys="threshold"), 3, 2)
     return parties[1], th.deal_key_shares(parties[0])[1]
 
 

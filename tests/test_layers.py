@@ -1,9 +1,9 @@
 """The package's layering, checked on the source: layers import downward only, and a lazy
 (function-level) import is allowed only where it gates a heavy optional dependency.
 
-Layers, bottom to top: base (errors, atomic, metrics, threads, _native) < he (encryption) <
+Layers, bottom to top: base (errors, atomic, metrics, threads, run_dir, _native) < he (encryption) <
 data, kernels < config < support (model, train, pruning, dp, evaluation, checkpoint, plots,
-report, bench) < fl (messages, record, server, party, site) < engines (local_engine, flower) <
+report, bench, hf_trainer) < fl (messages, record, server, party, site) < engines (local_engine, flower) <
 cli.
 """
 
@@ -20,10 +20,11 @@ KERNELS = ROOT / "kernels"
 
 LAYER_OF = {
     "errors": "base", "atomic": "base", "metrics": "base", "threads": "base", "_native": "base",
+    "run_dir": "base",
     "he": "he", "data": "data", "kernels": "kernels", "config": "config",
     "model": "support", "train": "support", "pruning": "support", "dp": "support",
     "evaluation": "support", "checkpoint": "support", "plots": "support", "report": "support",
-    "bench": "support", "fl": "fl", "local_engine": "engines", "flower": "engines",
+    "bench": "support", "hf_trainer": "support", "fl": "fl", "local_engine": "engines", "flower": "engines",
     "cli": "cli",
 }
 ORDER = ["base", "he", "data", "kernels", "config", "support", "fl", "engines", "cli"]

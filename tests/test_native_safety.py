@@ -35,9 +35,10 @@ int pthread_create(pthread_t* t, const pthread_attr_t* a, void* (*f)(void*), voi
 
 NO_THREADS_CHILD = textwrap.dedent("""
     import ctypes, sys, threading
+    import numpy as np
     import fedshield as fs
     from fedshield import _native
-    from conftest import RING_DIM, make_state
+    from conftest import ELEMENTS, RING_DIM, make_state
 
     keys = fs.keygen_shared()
     client, server = keys.client_context(), keys.server_context()
@@ -46,13 +47,15 @@ NO_THREADS_CHILD = textwrap.dedent("""
                              weight=1.0 + i, round=1, weight_bound=8.0).to_bytes()
            for i in range(3)]
     blob = bytes(range(256)) * 40_000
+    values = [np.linspace(-1, 1, 300_001, dtype=np.float32)]
 
     def run(threads):
-        agg = _native.Aggregator(server.fingerprint, server.modulus, RING_DIM, 64, threads)
+        agg = _native.Aggregator(server.fingerprint, server.modulus, RING_DIM, 64, threads,
+                                 elements=ELEMENTS)
         for u in ups:
             agg.add(u)
-        return (agg.result(), _native.checksum64(blob),
-                _native.decode_ciphertexts(ups[0], *client.ciphertext_template, threads))
+        packed = _native.pack_values(values, [None], 0.5, 0.5, 4.0, 300_002, threads)
+        return agg.result(), _native.checksum64(blob), packed.tobytes()
 
     expected = run(1)
     shim = ctypes.CDLL(sys.argv[1])
@@ -73,7 +76,7 @@ def test_no_thread_to_be_had_falls_back_to_the_calling_thread(tmp_path):
     """parallel.hpp used to leave joinable threads behind (std::terminate) when starting one
     failed other than with std::system_error; now every range that gets no thread runs on the
     calling thread. A preloaded pthread_create that fails with EAGAIN: the aggregator, the
-    checksum and the decoder still finish, with the same bytes as single-threaded."""
+    checksum and the packer still finish, with the same bytes as single-threaded."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler to build the pthread_create shim")

@@ -204,7 +204,7 @@ def test_encrypt_update_names_the_bad_tensor(client_ctx):
     assert "(2, 1)" in str(info.value)
     state["b.lora_B.weight"][2, 1] = 1e6  # finite but over the headroom
     with pytest.raises(fs.HeadroomError, match="b.lora_B.weight"):
-        fs.encrypt_update(client_ctx, state, layout, weight=fs.DEFAULT_WEIGHT_BOUND)
+        fs.encrypt_update(client_ctx, state, layout, weight=2.0 ** 16)
 
 
 # -- complex interleave: value 2k is the real part of slot k, 2k+1 its imaginary part --------
@@ -221,16 +221,16 @@ def test_complex_interleave_semantics(client_ctx):
 
     # through OpenFHE itself: slot k decrypts to buf[2k] + i*buf[2k+1]
     cc, pk, sk = client_ctx.openfhe_objects(need_secret=True)
-    ct_bytes = backend.encrypt_buffer(cc, pk, buf, params)
+    ct_bytes = backend.encrypt_buffer(cc, sk, buf, params)  # the default profile's encryption
     assert len(ct_bytes) == 1
     o = backend.openfhe()
     pt = cc.Decrypt(sk, o.DeserializeCiphertextString(ct_bytes[0], o.BINARY))
     pt.SetLength(params.slots)
     got = np.asarray(pt.GetCKKSPackedValue(), dtype=np.complex128)
-    np.testing.assert_allclose(got.real, buf[0::2], atol=1e-9)
-    np.testing.assert_allclose(got.imag, buf[1::2], atol=1e-9)
+    np.testing.assert_allclose(got.real, buf[0::2], atol=1e-7)
+    np.testing.assert_allclose(got.imag, buf[1::2], atol=1e-7)
     back = backend.decrypt_ciphertexts(cc, sk, ct_bytes, params)
-    np.testing.assert_allclose(back, buf, atol=1e-9)
+    np.testing.assert_allclose(back, buf, atol=1e-7)
 
 
 # -- the wire codec: header dict round trip and residue bit packing ------------------------
@@ -272,13 +272,19 @@ def test_encode_parse_round_trip(modulus, packing, n_values, n_cts):
     data = _native.encode_update(h, payload)
     assert len(data) == _native.HEADER_SIZE + len(payload) + _native.CHECKSUM_SIZE
     assert data[:8] == b"FSHLDUPD"
-    assert int.from_bytes(data[8:10], "little") == _native.WIRE_VERSION == 2
+    assert int.from_bytes(data[8:10], "little") == _native.WIRE_VERSION == 3
     assert data[146] == 1  # one RNS tower: the same size as wire version 1
+    assert data[147] == 2  # both polynomials (unseeded)
     assert data[168:-8] == payload
     assert int.from_bytes(data[-8:], "little") == _native.checksum64(data[:-8])
     parsed = _native.parse_update(data)
     assert parsed == {**h, "residue_bits": bits, "payload_len": len(payload),
-                      "moduli": (modulus,), "n_towers": 1}
+                      "moduli": (modulus,), "n_towers": 1, "elements": 2, "seeds": ()}
+    # the same bytes as wire version 2 (byte 147 reserved, zero) parse the same way
+    v2 = bytearray(data)
+    v2[8:10], v2[147] = (2).to_bytes(2, "little"), 0
+    v2[-8:] = _native.checksum64(bytes(v2[:-8])).to_bytes(8, "little")
+    assert _native.parse_update(bytes(v2)) == parsed
 
     # the native bit unpacker agrees with the reference packer: an aggregator holding one
     # update re-packs exactly the same payload; holding it twice, the residue-wise sum mod q
@@ -380,7 +386,8 @@ def test_multi_tower_header_forgeries_are_refused():
         (146, bytes([4]), "truncated|payload_len|modulus|residue_bits"),  # grown
         (146, bytes([0]), "n_towers"),
         (146, bytes([9]), "n_towers"),
-        (147, bytes([1]), "reserved"),
+        (147, bytes([1]), "payload_len"),                               # seeded, c1 sent
+        (148, bytes([1]), "reserved"),
         (168, (2**40).to_bytes(8, "little"), "modulus"),               # even tower modulus
         (168, moduli[0].to_bytes(8, "little"), "twice"),                # duplicate tower
         (176, (2**62 + 1).to_bytes(8, "little"), "residue_bits"),       # too wide

@@ -7,22 +7,105 @@ import dataclasses
 import pytest
 
 import fedshield as fs
-from fedshield.he.params import CKKSParams
+from fedshield.he.params import (HE_STANDARD_MAX_LOGQ, KEYSWITCH_BITS, MIN_SCALE_BITS,
+                                 CKKSParams)
 
 
 def test_defaults():
     p = fs.CKKSParams()
-    assert p.ring_dim == 16384
-    assert p.scale_bits == 50
-    assert p.first_mod_bits == 60
+    assert p == CKKSParams.for_precision(1e-6, 64)  # the profile for 1e-6 at 64 clients
+    assert p.ring_dim == 4096
+    assert p.scale_bits == 34
+    assert p.first_mod_bits == 42
+    assert p.seeded is True
     assert p.packing == "complex"
     assert p.security_bits == 128
-    assert p.slots == 8192
-    assert p.values_per_ciphertext == 16384  # two reals per slot
-    assert fs.CKKSParams(packing="real").values_per_ciphertext == 8192
-    # headroom: q/2 >= 2**58, values at scale 2**50 -> |sum| <= 2**8, shared by max_clients
-    assert p.total_bound == 2.0 ** 8
-    assert p.value_bound == p.total_bound / p.max_clients
+    assert p.slots == 2048
+    assert p.values_per_ciphertext == 4096  # two reals per slot
+    assert fs.CKKSParams(packing="real").values_per_ciphertext == 2048
+    # headroom: q/2 >= 2**40, values at scale 2**34 -> |sum| <= 2**6, shared by max_clients
+    assert p.total_bound == 2.0 ** 6
+    assert p.value_bound == p.total_bound / p.max_clients == 1.0
+
+
+@pytest.mark.parametrize("keys, kwargs, expected", [
+    ("shared", {}, (4096, 34, 42)),
+    ("shared", dict(max_clients=16), (4096, 33, 39)),
+    ("shared", dict(tolerance=1e-4), (4096, MIN_SCALE_BITS, MIN_SCALE_BITS + 8)),
+    ("threshold", {}, (8192, 52, 60)),
+    ("threshold", dict(n_parties=3), (8192, 51, 59)),
+])
+def test_profiles_by_precision(keys, kwargs, expected):
+    p = CKKSParams.for_precision(keys=keys, **kwargs)
+    assert (p.ring_dim, p.scale_bits, p.first_mod_bits) == expected
+    assert p.seeded == (keys == "shared")
+    # the profile meets its own bound at the contract's worst case: weight sum >= bound / 2
+    decryptors = kwargs.get("n_parties", 16) if keys == "threshold" else 0
+    assert p.average_error_bound(p.max_clients, 0.5, decryptors) <= kwargs.get("tolerance", 1e-6)
+    # and the smallest ring OpenFHE accepts at 128-bit security for that modulus
+    smaller = p.ring_dim // 2
+    assert p.first_mod_bits + KEYSWITCH_BITS > HE_STANDARD_MAX_LOGQ[128][smaller]
+
+
+def test_profile_security_is_checked_by_openfhe():
+    """Every profile's ring dimension is one OpenFHE accepts (and one below is refused)."""
+    for p in (CKKSParams.for_precision(), CKKSParams.for_precision(keys="threshold")):
+        fs.keygen_shared(dataclasses.replace(p, seeded=True))  # builds a crypto context
+        with pytest.raises(fs.ParameterError, match="security"):
+            dataclasses.replace(p, ring_dim=p.ring_dim // 2)
+
+
+@pytest.mark.parametrize("security_bits", [128, 192, 256])
+@pytest.mark.parametrize("flood_bits", [0, 30])
+@pytest.mark.parametrize("keys", ["shared", "threshold"])
+def test_every_profile_is_within_the_he_standard(keys, flood_bits, security_bits):
+    """Across precisions and federation sizes a profile is either refused or secure: its
+    modulus plus OpenFHE's key-switching modulus fits the HE-standard table for its ring."""
+    table = HE_STANDARD_MAX_LOGQ[security_bits]
+    made = 0
+    for tolerance in (1e-3, 1e-6, 1e-8):
+        for max_clients in (2, 64, 1024):
+            try:
+                p = CKKSParams.for_precision(tolerance, max_clients, keys=keys,
+                                             flood_bits=flood_bits, security_bits=security_bits)
+            except fs.ParameterError as exc:
+                assert "tolerance" in str(exc) or "ring dimension" in str(exc)
+                continue
+            made += 1
+            assert p.security_bits == security_bits
+            assert p.log_q + KEYSWITCH_BITS <= table[p.ring_dim]
+            assert p.n_towers == (3 if flood_bits else 1)
+    assert made >= 5
+
+
+def test_flooding_profiles_are_accepted_by_openfhe():
+    for keys in ("shared", "threshold"):
+        p = CKKSParams.for_precision(keys=keys, flood_bits=30)
+        keys_ = fs.keygen_shared(p)
+        assert keys_.client_context().moduli and len(keys_.client_context().moduli) == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tolerance=0.0), "tolerance=0.0"),
+    (dict(tolerance=1e-12), "60-bit"),
+    (dict(max_clients=0), "max_clients=0"),
+    (dict(keys="triple"), "keys='triple'"),
+    (dict(security_bits=100), "security_bits=100"),
+])
+def test_bad_profile_requests(kwargs, match):
+    with pytest.raises(fs.ParameterError, match=match):
+        CKKSParams.for_precision(**kwargs)
+
+
+def test_contexts_written_before_seeding_load_as_unseeded():
+    import json
+
+    old = json.loads(fs.CKKSParams(ring_dim=16384, scale_bits=50, first_mod_bits=60).to_json())
+    old.pop("seeded")  # what a version-2 context file holds
+    p = CKKSParams.from_dict(old)
+    assert p.seeded is False
+    # and its fingerprint is the one it had: the JSON of unseeded params names no "seeded"
+    assert "seeded" not in p.to_json()
 
 
 def test_frozen_and_hashable():
@@ -37,10 +120,12 @@ def test_frozen_and_hashable():
 
 
 def test_json_round_trip():
-    p = fs.CKKSParams(ring_dim=32768, scale_bits=45, packing="real", max_clients=16)
     import json
 
-    assert CKKSParams.from_dict(json.loads(p.to_json())) == p
+    for seeded in (True, False):
+        p = fs.CKKSParams(ring_dim=32768, scale_bits=45, first_mod_bits=60, packing="real",
+                          max_clients=16, seeded=seeded)
+        assert CKKSParams.from_dict(json.loads(p.to_json())) == p
 
 
 def test_parameter_error_is_value_error():
@@ -59,10 +144,11 @@ def _raises(match_values: list[str], **kwargs) -> str:
 
 
 @pytest.mark.parametrize("ring_dim,first_mod_bits,security", [
-    (2048, 60, 128),    # log2(QP) ~ 120 > 54
-    (4096, 60, 128),    # 120 > 109
-    (8192, 60, 256),    # 120 > 118
-    (16384, 60, 256),   # 120 <= 237: fine, see below
+    (2048, 60, 128),    # log2(QP) ~ 60 + 61 > 54
+    (4096, 60, 128),    # 121 > 109
+    (4096, 49, 128),    # 110 > 109: OpenFHE refuses it too
+    (8192, 60, 256),    # 121 > 118
+    (16384, 60, 256),   # 121 <= 237: fine, see below
 ])
 def test_below_security(ring_dim, first_mod_bits, security):
     kwargs = dict(ring_dim=ring_dim, first_mod_bits=first_mod_bits, security_bits=security,
@@ -81,12 +167,13 @@ def test_scale_not_below_modulus():
 
 def test_no_headroom():
     # 60 - 57 = 3 bits: |sum| <= 2**1 cannot hold 64 clients' values of magnitude 1
-    msg = _raises(["scale_bits=57", "max_clients=64"], scale_bits=57, max_clients=64)
+    big = dict(ring_dim=16384, first_mod_bits=60)
+    msg = _raises(["scale_bits=57", "max_clients=64"], scale_bits=57, max_clients=64, **big)
     assert "headroom" in msg
     # the boundary is exact: 2 + ceil(log2(max_clients)) bits between scale and modulus
-    fs.CKKSParams(scale_bits=52, max_clients=64)        # 8 bits: 2**6 / 64 = 1
-    _raises(["65"], scale_bits=52, max_clients=65)       # needs 9 bits
-    fs.CKKSParams(scale_bits=57, max_clients=2)          # 3 bits: 2 / 2 = 1
+    fs.CKKSParams(scale_bits=52, max_clients=64, **big)        # 8 bits: 2**6 / 64 = 1
+    _raises(["65"], scale_bits=52, max_clients=65, **big)       # needs 9 bits
+    fs.CKKSParams(scale_bits=57, max_clients=2, **big)          # 3 bits: 2 / 2 = 1
 
 
 def test_bad_packing():
@@ -115,6 +202,7 @@ def test_bad_ring_dim(ring_dim):
     (dict(first_mod_bits=61), "first_mod_bits=61"),
     (dict(first_mod_bits=0), "first_mod_bits=0"),
     (dict(scale_bits=20, first_mod_bits=40), "scale_bits=20"),
+    (dict(seeded="yes"), "seeded"),
     (dict(max_clients=0), "max_clients=0"),
     (dict(max_clients=-3), "max_clients=-3"),
 ])

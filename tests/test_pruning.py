@@ -41,6 +41,42 @@ def test_schedule_follows_the_paper():
     assert prune_ratio(4, 0.2, 0.5, 1, 7) == pytest.approx(0.2 + 0.3 * 3 / 6)
 
 
+def _planned_ratios(**flat) -> list[float]:
+    """The pruned fraction the Server plans for every round of a run of ``flat`` settings."""
+    from fedshield.config import RunConfig
+    from fedshield.fl.messages import SiteInfo
+    from fedshield.fl.server import Server
+
+    cfg = RunConfig.from_flat(he=False, **flat)
+    server = Server(cfg, None, engine="local")
+    server.enrol([(p, SiteInfo(party=p, name=f"site-{p}", data="d.jsonl", train_examples=8,
+                               eval_examples=2, eval_loss=1.0)) for p in range(cfg.n_sites)])
+    return [server.plan(r).prune_ratio for r in range(1, cfg.training.rounds + 1)]
+
+
+@pytest.mark.parametrize("rounds", [1, 2, 3, 4, 7, 200])
+def test_the_default_schedule_reaches_its_target_at_the_runs_last_round(rounds):
+    """prune_t_end=0 (the default) is the run's last round, whatever --rounds is."""
+    ratios = _planned_ratios(rounds=rounds)
+    assert ratios[-1] == pytest.approx(0.5)
+    assert ratios[0] == pytest.approx(0.5 if rounds == 1 else 0.2)
+    assert all(a < b for a, b in zip(ratios, ratios[1:]))  # rises every round up to the end
+    if rounds == 3:
+        assert ratios == pytest.approx([0.2, 0.35, 0.5])
+
+
+def test_an_explicit_schedule_end_is_kept():
+    ratios = _planned_ratios(rounds=10, prune_t_start=2, prune_t_end=4, prune_p0=0.1,
+                             prune_target=0.7)
+    assert ratios == pytest.approx([0.1, 0.1, 0.4, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7])
+    assert _planned_ratios(rounds=3, prune="off") == [0.0, 0.0, 0.0]
+
+
+def test_one_round_schedule_is_the_target_from_its_start():
+    assert prune_ratio(1, 0.2, 0.5, 1, 1) == pytest.approx(0.5)
+    assert prune_ratio(0, 0.2, 0.5, 1, 1) == pytest.approx(0.2)
+
+
 def test_apply_mask_zeros_pruned_and_keeps_input():
     w = torch.randn(4, 4)
     original = w.clone()
@@ -65,7 +101,7 @@ def test_non_finite_and_empty_tensors_are_rejected():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(p0=-0.2), "p0"), (dict(p_target=2.0), "p_target"), (dict(t_start=5, t_end=5), "t_end"),
+    (dict(p0=-0.2), "p0"), (dict(p_target=2.0), "p_target"), (dict(t_start=5, t_end=4), "t_end"),
 ])
 def test_bad_schedule(kwargs, match):
     with pytest.raises(fs.ParameterError, match=match):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from fedshield.checkpoint import capture_rng, load_checkpoint, restore_rng
 from fedshield.cli import main as cli_main
 from fedshield.config import RunConfig
 from fedshield.local_engine import LocalEngine, resume
+
+from interrupting import interrupt, live_processes, start_run, wait_until
 
 SMALL = dict(clients=2, rounds=3, examples_per_client=16, local_steps=2,
              batch_size=4, lora_r=4, samples=1, sample_tokens=4, prune="global")
@@ -123,8 +126,53 @@ def test_resume_refuses_missing_corrupt_or_overridden_checkpoints(tmp_path, caps
     (tmp_path / "run" / "checkpoint" / data["state_file"]).write_bytes(b"garbage")
     with pytest.raises(fs.ParameterError, match="unreadable"):
         resume(tmp_path / "run")
-    rc = cli_main(["run", "--resume", str(tmp_path / "run"), "--rounds", "5", "--no-progress"])
-    assert rc == 2 and "drop ['rounds']" in capsys.readouterr().err
+    rc = cli_main(["run", "--resume", str(tmp_path / "run"), "--lr", "0.5", "--overwrite",
+                   "--no-progress"])
+    assert rc == 2 and "drop ['--lr', '--overwrite']" in capsys.readouterr().err
+
+
+def test_resume_extends_a_finished_run_and_the_schedules_follow_the_new_total(tmp_path,
+                                                                                capsys):
+    """--resume DIR --rounds N: the rounds done keep their learning rate and pruned fraction;
+    the new ones get what an N-round run has there (a warm restart of the cosine), and the
+    pruning target is reached at the new last round."""
+    from fedshield.fl.schedule import cosine_lr
+
+    cfg = RunConfig.from_flat(**{**SMALL, "rounds": 2, "prune": "local"}, he=False,
+                              out=str(tmp_path / "run"))
+    first = LocalEngine(cfg, show_progress=False).run()
+    assert [r["prune_ratio"] for r in first["rounds"]] == pytest.approx([0.2, 0.5])
+    rc = cli_main(["run", "--resume", str(tmp_path / "run"), "--rounds", "4", "--no-progress"])
+    assert rc == 0
+    assert "after 4 rounds" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3, 4] and metrics["finished"]
+    assert metrics["config"]["training"]["rounds"] == 4
+    assert metrics["rounds_changed"] == [{"after_round": 2, "rounds": 4, "was": 2}]
+    lr, lr_min = cfg.training.lr, cfg.training.lr_min
+    assert [r["lr"] for r in metrics["rounds"]] == pytest.approx(
+        [cosine_lr(0, 2, lr, lr_min), cosine_lr(1, 2, lr, lr_min),
+         cosine_lr(2, 4, lr, lr_min), cosine_lr(3, 4, lr, lr_min)])
+    assert [r["prune_ratio"] for r in metrics["rounds"]] == pytest.approx(
+        [0.2, 0.5, 0.2 + 0.3 * 2 / 3, 0.5])
+    assert metrics["rounds"][:2] == first["rounds"]  # the rounds done are kept as they were
+    assert load_checkpoint(tmp_path / "run")["round"] == 4
+
+
+def test_resume_may_shorten_a_run_but_not_below_its_completed_rounds(tmp_path, monkeypatch,
+                                                                      capsys):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _crash_in_round(m, 3)
+        with pytest.raises(Crash):
+            LocalEngine(RunConfig.from_flat(**{**SMALL, "rounds": 5}, he=False, out=str(out)),
+                        show_progress=False).run()
+    assert cli_main(["run", "--resume", str(out), "--rounds", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fedshield: error: --resume {str(out)!r}: --rounds 1 is fewer than the 2 "
+                   "rounds the run has completed; give --rounds 2 or more")
+    resumed = resume(out, show_progress=False, rounds=3)
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3] and resumed["finished"]
 
 
 def test_killing_a_run_mid_round_then_resuming_loses_and_repeats_nothing(tmp_path):
@@ -163,3 +211,78 @@ def test_killing_a_run_mid_round_then_resuming_loses_and_repeats_nothing(tmp_pat
     assert rc.returncode == 0, rc.stderr.decode()[-2000:]
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     assert [r["eval_loss"] for r in resumed["rounds"]] == [r["eval_loss"] for r in whole["rounds"]]
+
+
+INTERRUPTED = re.compile(r"fedshield: interrupted during round (\d+); (?:round 1 is|rounds "
+                         r"1\.\.(\d+) are) saved; resume with `fedshield run --resume (.+)`")
+
+
+@pytest.mark.parametrize("how", [
+    "SIGINT to the process group",
+    pytest.param("SIGTERM to the process", marks=pytest.mark.slow)])  # in-process test below
+def test_a_signal_stops_a_run_with_one_line_and_it_resumes(tmp_path, how):
+    """Ctrl-C at a terminal (SIGINT to the whole foreground group: the run and its crypto
+    worker processes) and a scheduler's SIGTERM (to the run alone): one line naming the
+    round and the resume command, exit 130, every child process gone, the checkpoint whole;
+    the resume finishes the run."""
+    # r=256 on the tiny model: 131072 LoRA values, 9 ciphertexts, so encryption and
+    # decryption run in crypto worker processes
+    args = ["--clients", "2", "--rounds", "3", "--examples-per-client", "16",
+            "--local-steps", "10", "--batch-size", "4", "--lora-r", "256", "--samples", "0",
+            "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    proc = start_run([*args, "--out", str(out)], env=env)
+    index = out / "checkpoint" / "checkpoint.json"
+
+    def session() -> list[dict]:
+        return [p for p in live_processes() if p["session"] == proc.pid]
+
+    def ready() -> bool:
+        return index.is_file() and any("fedshield.he.crypto_worker" in p["cmdline"]
+                                       for p in session())
+
+    def send() -> None:
+        if how.startswith("SIGINT"):
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+
+    last = interrupt(proc, ready, send)
+    match = INTERRUPTED.fullmatch(last)
+    assert match, last
+    done = load_checkpoint(out)["round"]  # whole, and the round the line names
+    assert int(match.group(1)) == done + 1 and int(match.group(2) or 1) == done
+    assert match.group(3) == str(out)
+    assert not list(out.rglob("*.tmp*")), "a temporary file was left behind"
+    wait_until(lambda: not session(), 30, "the child processes to end")
+
+    rc = subprocess.run([sys.executable, "-m", "fedshield.cli", "run", "--resume", str(out),
+                         "--no-progress"], env=env, capture_output=True, timeout=300)
+    assert rc.returncode == 0, rc.stderr.decode()[-2000:]
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3] and resumed["finished"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_in_a_round_stops_the_cli_with_one_line(tmp_path, monkeypatch, capsys,
+                                                         signum):
+    """The same handling in this process: the signal arrives while round 2 trains."""
+    original = LocalEngine.run_round
+
+    def run_round(self, round_idx, progress=None):
+        if round_idx == 2:
+            os.kill(os.getpid(), signum)
+        return original(self, round_idx, progress)
+
+    monkeypatch.setattr(LocalEngine, "run_round", run_round)
+    out = tmp_path / "run"
+    rc = cli_main(["run", "--clients", "2", "--rounds", "3", "--examples-per-client", "16",
+                   "--local-steps", "2", "--lora-r", "4", "--samples", "0", "--no-he",
+                   "--no-progress", "--out", str(out)])
+    assert rc == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fedshield: interrupted during round 2; round 1 is saved; resume with "
+        f"`fedshield run --resume {out}`")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert load_checkpoint(out)["round"] == 1 and not (out / "adapter").exists()

@@ -55,6 +55,9 @@ def test_run_writes_metrics_adapter_and_plots(tmp_path):
         assert set(r["seconds"]) == {"train", "prune", "encrypt", "aggregate", "decrypt"}
         assert r["bytes_down"] > 0 and 0 < r["kept_fraction"] <= 1
     assert metrics["rounds"][-1]["eval_loss"] < metrics["initial_eval_loss"]
+    # the paper's 20% -> 50% schedule over this run's 3 rounds
+    assert [r["prune_ratio"] for r in metrics["rounds"]] == pytest.approx([0.2, 0.35, 0.5])
+    assert metrics["finished"] is True
     for name in ("loss.png", "bytes.png", "time.png"):
         assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -146,7 +149,9 @@ def test_threshold_round_equals_plaintext_fedavg(tmp_path):
     plain = LocalEngine(cfg.replace(keys="shared", he=False), show_progress=False)
     assert th.server.ctx.has_secret_key is False
     assert all(not s.party.ctx.has_secret_key for s in th.sites)  # each holds a share only
-    assert th.server.ctx.params.scale_bits == 52
+    # the precision profile of threshold keys (public-key and multiparty decryption noise)
+    assert th.server.ctx.params == cfg.ckks_params()
+    assert not th.server.ctx.params.seeded and cfg.replace(keys="shared").ckks_params().seeded
     m = th.run_round(1)
     plain.run_round(1)
     assert _max_diff(th.global_state, plain.global_state) <= 1e-6
@@ -176,6 +181,22 @@ def test_threshold_run_survives_a_dropout_of_the_lead(tmp_path):
 def test_bad_threshold_config(bad, match):
     with pytest.raises(fs.ParameterError, match=match):
         RunConfig.from_flat(**bad)
+
+
+@pytest.mark.parametrize("flat, expected", [
+    (dict(clients=3, dropouts=1), "dropouts=1 needs --threshold T with T <= 3 - 1: the default "
+     "threshold (0) needs all 3 sites to decrypt, so 0 may drop out; pass --threshold 2 (any "
+     "2 of 3 sites decrypt, so 1 may drop out)"),
+    (dict(clients=5, threshold=4, dropouts=2), "--threshold 4 needs 4 of 5 sites to decrypt, "
+     "so 1 may drop out; pass --threshold 3"),
+    (dict(clients=4, dropouts=2), "a threshold must be more than half of the 4 sites, so at "
+     "most 1 of them may ever drop out"),
+    (dict(clients=2, dropouts=1), "so none may drop out"),
+])
+def test_dropouts_say_which_threshold_they_need(flat, expected):
+    with pytest.raises(fs.ParameterError) as exc:
+        RunConfig.from_flat(keys="threshold", **flat)
+    assert expected in str(exc.value)
 
 
 def _site_files(root, sizes, seed=0):

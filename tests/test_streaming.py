@@ -10,14 +10,15 @@ import fedshield as fs
 
 def _write_updates(tmp_path, client_ctx, n_clients):
     g = torch.Generator().manual_seed(1)
-    state = {"w": torch.rand(4, 16384, generator=g) * 2 - 1}  # 5 ciphertexts, ~1.2 MB/update
+    state = {"w": torch.rand(16, 4096, generator=g) * 2 - 1}  # 17 ciphertexts, ~0.37 MB/update
     layout = fs.Layout.from_state_dict(state)
-    upd = fs.encrypt_update(client_ctx, state, layout, weight=1.0, weight_bound=1.0,
-                            workers=1).to_bytes()
     paths = []
     for i in range(n_clients):
         path = tmp_path / f"update_{i}.bin"
-        path.write_bytes(upd)  # identical updates: the sum is n * state, easy to check
+        # the same state each time (the average is the state, easy to check), each its own
+        # encryption: a seeded update sent twice would be refused as a replay
+        path.write_bytes(fs.encrypt_update(client_ctx, state, layout, weight=1.0,
+                                           weight_bound=1.0, workers=1).to_bytes())
         paths.append(path)
     return paths, state, layout
 
@@ -50,13 +51,14 @@ def test_generator_is_consumed_lazily(shared_keys):
     client, server = shared_keys.client_context(), shared_keys.server_context()
     state = {"w": torch.ones(3, 3) * 0.5}
     layout = fs.Layout.from_state_dict(state)
-    blob = fs.encrypt_update(client, state, layout, weight_bound=1.0).to_bytes()
+    blobs = [fs.encrypt_update(client, state, layout, weight_bound=1.0).to_bytes()
+             for _ in range(5)]
     pulled = []
 
     def source():
         for i in range(5):
             pulled.append(i)
-            yield blob
+            yield blobs[i]
 
     gen = source()
     assert pulled == []  # nothing is read before aggregate asks
@@ -68,11 +70,15 @@ def test_bad_update_in_stream_is_skipped_with_on_reject(shared_keys):
     client, server = shared_keys.client_context(), shared_keys.server_context()
     state = {"w": torch.full((2, 2), 0.25)}
     layout = fs.Layout.from_state_dict(state)
-    good = fs.encrypt_update(client, state, layout, weight_bound=1.0).to_bytes()
+    good, other = (fs.encrypt_update(client, state, layout, weight_bound=1.0).to_bytes()
+                   for _ in range(2))
     rejected = []
-    agg = fs.aggregate(server, [good, good[:-1], good],
+    agg = fs.aggregate(server, [good, good[:-1], other],
                        on_reject=lambda i, exc: rejected.append((i, type(exc))))
     assert rejected == [(1, fs.InvalidUpdate)] and agg.n_summed == 2
     assert torch.allclose(fs.decrypt_update(client, agg, layout)["w"], state["w"], atol=1e-6)
     with pytest.raises(fs.InvalidUpdate):
         fs.aggregate(server, [good, good[:-1]])
+    # the same seeded update twice: refused as a replay, whatever the order
+    with pytest.raises(fs.InvalidUpdate, match="seed is already in the sum"):
+        fs.aggregate(server, [good, other, good])

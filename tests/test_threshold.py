@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import json
 import os
 import stat
@@ -22,25 +23,32 @@ from fedshield.he.partial import PARTIAL_MAGIC, PartialDecryption
 from conftest import make_state, weighted_average
 from forgery import build_context, split_context
 
-WEIGHT_BOUND = fs.DEFAULT_WEIGHT_BOUND
+WEIGHT_BOUND = 2.0 ** 16  # a common bound for the parties of one aggregate
 # Max |error| of one decrypted slot value at scale 2**50 (OpenFHE's multiparty flooding noise;
 # measured ~6e-7 with 3 parties, ~8e-7 with 5). The weighted average divides by
 # sum(w)/weight_bound, which scales it by weight_bound/sum(w).
 SLOT_TOLERANCE = 2e-6
 
 
+def round_bound(weights) -> float:
+    """The weight bound of a round: the next power of two of its largest weight."""
+    return float(2 ** math.ceil(math.log2(max(weights))))
+
+
 def tolerance(weights) -> float:
-    return SLOT_TOLERANCE * WEIGHT_BOUND / sum(weights) + 1e-7  # + float32 rounding
+    return SLOT_TOLERANCE * round_bound(weights) / sum(weights) + 1e-7  # + float32 rounding
 
 
 class Federation:
-    def __init__(self, n_parties: int, threshold=None, weights=None) -> None:
-        self.parties, self.server = fs.keygen_threshold(fs.CKKSParams(), n_parties, threshold)
+    def __init__(self, n_parties: int, threshold=None, weights=None,
+                 params=th.THRESHOLD_PARAMS) -> None:
+        self.parties, self.server = fs.keygen_threshold(params, n_parties, threshold)
         self.states = [make_state(100 + i) for i in range(n_parties)]
         self.layout = fs.Layout.from_state_dict(self.states[0])
         # weights summing to the bound: the slot error reaches the average unamplified
         self.weights = weights or [WEIGHT_BOUND / n_parties] * n_parties
-        self.updates = [fs.encrypt_update(p, s, self.layout, weight=w)
+        self.updates = [fs.encrypt_update(p, s, self.layout, weight=w,
+                                          weight_bound=round_bound(self.weights))
                         for p, s, w in zip(self.parties, self.states, self.weights)]
         self.agg = fs.aggregate(self.server, self.updates)
         self.reference = weighted_average(self.states, self.weights)
@@ -141,6 +149,18 @@ def test_realistic_weights_stay_within_the_documented_tolerance():
     fed.check(fed.combine(fed.shares([0, 2], [0, 2])), weights)
 
 
+@pytest.mark.parametrize("flood_bits", [0, 30])
+@pytest.mark.parametrize("weights", [(5.0, 1.0, 4.0), (1.0, 1e6, 3.0)])
+def test_tiny_and_huge_weights_stay_within_1e6(weights, flood_bits):
+    """Example counts of small and huge sites, with the round's bound (the next power of two
+    of the largest): <= 1e-6 absolute on values in [-1, 1], flooded or not."""
+    params = fs.CKKSParams.for_precision(keys="threshold", flood_bits=flood_bits)
+    fed = Federation(3, threshold=2, weights=list(weights), params=params)
+    out = fed.combine(fed.shares([0, 2], [0, 2]))
+    err = max(float(np.abs(out[n].double().numpy() - r).max()) for n, r in fed.reference.items())
+    assert err <= 1e-6, err
+
+
 # -- bad shares and bad partial_decrypt calls -----------------------------------------------------
 def test_bad_shares_are_rejected(t_of_n, n_of_n):
     agg, layout, ctx = t_of_n.agg, t_of_n.layout, t_of_n.parties[0]
@@ -206,7 +226,7 @@ def test_partial_decrypt_rejects_bad_calls(t_of_n, n_of_n):
 
 
 def test_party_without_key_shares_cannot_cover_for_the_absent():
-    state, message = th.start_keygen(fs.CKKSParams(), 3, 2)
+    state, message = th.start_keygen(th.THRESHOLD_PARAMS, 3, 2)
     states = [state]
     for i in (1, 2):
         state, message = th.join_keygen(message, i)
@@ -222,7 +242,7 @@ def test_party_without_key_shares_cannot_cover_for_the_absent():
 
 # -- the key generation protocol as bytes ------------------------------------------------------
 def test_keygen_protocol_bytes_only_and_bad_messages():
-    params = fs.CKKSParams()
+    params = th.THRESHOLD_PARAMS
     s0, m1 = th.start_keygen(params, 3, 2)
     with pytest.raises(fs.KeyMaterialError, match="for party 1, not party 2"):
         th.join_keygen(m1, 2)
@@ -275,7 +295,7 @@ def test_keygen_protocol_bytes_only_and_bad_messages():
                                                   (True, None), (3, 0)])
 def test_keygen_threshold_rejects_bad_party_counts(n_parties, threshold):
     with pytest.raises(fs.ParameterError):
-        fs.keygen_threshold(fs.CKKSParams(), n_parties, threshold)
+        fs.keygen_threshold(th.THRESHOLD_PARAMS, n_parties, threshold)
 
 
 def test_deal_key_shares_is_empty_in_n_of_n(n_of_n):
@@ -467,19 +487,20 @@ def test_shares_carry_residues_only_and_are_checked_natively(t_of_n):
     ctx, server = t_of_n.parties[0], t_of_n.server
     n, q = ctx.params.ring_dim, ctx.modulus
     meta, sections = unframe(good[2], PARTIAL_MAGIC, "share", fs.InvalidUpdate)
-    assert [len(s) for s in sections] == [_native.partial_bytes(n, [q])] == [n * 60 // 8]
+    bits = q.bit_length()
+    assert [len(s) for s in sections] == [_native.partial_bytes(n, [q])] == [n * bits // 8]
     meta.pop("sizes")
 
     def with_residue(index: int, value: int) -> bytes:
         packed = int.from_bytes(sections[0], "little")
-        mask = ((1 << 60) - 1) << (60 * index)
-        packed = (packed & ~mask) | (value << (60 * index))
+        mask = ((1 << bits) - 1) << (bits * index)
+        packed = (packed & ~mask) | (value << (bits * index))
         return frame(PARTIAL_MAGIC, meta, [packed.to_bytes(len(sections[0]), "little")])
 
     share = PartialDecryption.from_bytes(good[2])
     share.check_for(server, t_of_n.agg)  # the server's own check passes an honest share
     for bad, needle in ((with_residue(7, q), "not below its modulus"),
-                        (with_residue(n - 1, 2**60 - 1), "not below its modulus"),
+                        (with_residue(n - 1, 2**bits - 1), "not below its modulus"),
                         (frame(PARTIAL_MAGIC, meta, [sections[0][:-1]]), "bytes, expected"),
                         (frame(PARTIAL_MAGIC, meta, [sections[0] * 2]), "bytes, expected")):
         with pytest.raises(fs.InvalidUpdate, match=needle):
@@ -491,7 +512,7 @@ def test_shares_carry_residues_only_and_are_checked_natively(t_of_n):
     with pytest.raises(fs.InvalidUpdate, match="beyond the .* an aggregate of 5 updates"):
         t_of_n.combine(good[:2] + [with_residue(7, q - 1)])
     with pytest.raises(fs.IncompatibleUpdate, match="another context"):
-        share.check_for(fs.keygen_threshold(fs.CKKSParams(), 3)[1], t_of_n.agg)
+        share.check_for(fs.keygen_threshold(th.THRESHOLD_PARAMS, 3)[1], t_of_n.agg)
 
 
 def test_key_share_section_names_are_parsed_strictly(t_of_n):

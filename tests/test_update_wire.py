@@ -13,26 +13,31 @@ from hypothesis import strategies as st
 
 import fedshield as fs
 from fedshield import _native
-from conftest import RING_DIM, WIRE_OVERHEAD, make_state, weighted_average
+from conftest import (BITS, ELEMENTS, RING_DIM, SEED, WIRE_OVERHEAD, make_state,
+                      weighted_average)
 from forgery import MUTATION, fuzz_settings, mutate
 from forgery import reseal_update as reseal
 
 HEADER = 168
-FRESH_CIPHERTEXT_BYTES = 262891  # one fresh OpenFHE ciphertext at the default parameters
 
 HYP = fuzz_settings(200)  # the update parser's fuzz targets (FEDSHIELD_FUZZ_EXAMPLES scales them)
 
 
+def _payload_end(data: bytes) -> int:
+    return HEADER + struct.unpack_from("<Q", data, 160)[0]
+
+
 def set_residue(data: bytes, index: int, value: int, bits: int) -> bytes:
     """Overwrites residue `index` of the bit-packed payload (LSB-first, `bits` bits each)."""
-    payload = int.from_bytes(data[HEADER:-8], "little")
+    end = _payload_end(data)
+    payload = int.from_bytes(data[HEADER:end], "little")
     mask = ((1 << bits) - 1) << (index * bits)
     payload = (payload & ~mask) | (value << (index * bits))
-    return data[:HEADER] + payload.to_bytes(len(data) - HEADER - 8, "little") + data[-8:]
+    return data[:HEADER] + payload.to_bytes(end - HEADER, "little") + data[end:]
 
 
 def get_residue(data: bytes, index: int, bits: int) -> int:
-    payload = int.from_bytes(data[HEADER:-8], "little")
+    payload = int.from_bytes(data[HEADER:_payload_end(data)], "little")
     return (payload >> (index * bits)) & ((1 << bits) - 1)
 
 
@@ -48,8 +53,11 @@ def test_round_trip_and_header(client_ctx, small_update, small_layout):
     assert again.header == small_update.header
 
     assert data[:8] == b"FSHLDUPD"
-    assert struct.unpack_from("<H", data, 8)[0] == 2          # version
+    assert struct.unpack_from("<H", data, 8)[0] == 3          # version
     assert data[146] == 1                                     # one RNS tower
+    assert data[147] == ELEMENTS == 1                         # seeded: c0 only
+    assert again.is_seeded and len(again.seeds) == 1 and len(again.seeds[0]) == SEED
+    assert data[-8 - SEED:-8] == again.seeds[0]
     assert struct.unpack_from("<H", data, 10)[0] == 1         # kind: client update
     assert struct.unpack_from("<Q", data, len(data) - 8)[0] == _native.checksum64(data[:-8])
     assert again.round == 7 and struct.unpack_from("<Q", data, 112)[0] == 7
@@ -60,11 +68,11 @@ def test_round_trip_and_header(client_ctx, small_update, small_layout):
     assert again.n_values == small_layout.numel + 1
     assert again.n_ciphertexts == 1
     h = again.header
-    assert h["modulus"] == client_ctx.modulus and h["residue_bits"] == 60
+    assert h["modulus"] == client_ctx.modulus and h["residue_bits"] == BITS
     assert h["ring_dim"] == RING_DIM and h["packing"] == 1
     assert h["weight_bound"] == 4.0
-    assert len(data) == WIRE_OVERHEAD + h["payload_len"]
-    assert h["payload_len"] == 2 * RING_DIM * 60 // 8
+    assert len(data) == WIRE_OVERHEAD + h["payload_len"] + SEED
+    assert h["payload_len"] == RING_DIM * BITS // 8
     assert again.nbytes == len(again) == len(data)
     # header is a copy: mutating it does not change the update
     h["round"] = 99
@@ -82,36 +90,41 @@ def test_round_trip_decrypts(client_ctx, small_update, small_state, small_layout
 
 @pytest.mark.parametrize("n_values", [1, 100, RING_DIM - 1, RING_DIM, 2 * RING_DIM - 1,
                                       2 * RING_DIM + 5])
-def test_size_is_at_most_fresh_ciphertexts(client_ctx, n_values):
+@pytest.mark.parametrize("seeded", [True, False])
+def test_size_is_at_most_fresh_ciphertexts(client_ctx, unseeded_keys, n_values, seeded):
+    ctx = client_ctx if seeded else unseeded_keys.client_context()
+    ring, bits = ctx.params.ring_dim, ctx.modulus.bit_length()
     state = make_state(n_values, {"w": (n_values,)})
     layout = fs.Layout.from_state_dict(state)
-    upd = fs.encrypt_update(client_ctx, state, layout, weight=1.0)
-    n_cts = math.ceil((n_values + 1) / RING_DIM)
-    assert upd.n_ciphertexts == n_cts
-    assert len(upd.to_bytes()) <= n_cts * FRESH_CIPHERTEXT_BYTES + WIRE_OVERHEAD
-    # and it is exactly the residues at 60 bits plus the fixed overhead
-    assert len(upd.to_bytes()) == n_cts * 2 * RING_DIM * 60 // 8 + WIRE_OVERHEAD
+    upd = fs.encrypt_update(ctx, state, layout, weight=1.0)
+    n_cts = math.ceil((n_values + 1) / ring)
+    assert upd.n_ciphertexts == n_cts and upd.is_seeded == seeded
+    fresh = len(ctx.ciphertext_template[0])  # one fresh OpenFHE ciphertext
+    assert len(upd.to_bytes()) <= n_cts * fresh + WIRE_OVERHEAD + SEED
+    # and it is exactly the residues at bit_length(q) bits plus the fixed overhead (and seed)
+    elements, extra = (1, SEED) if seeded else (2, 0)
+    assert len(upd.to_bytes()) == n_cts * elements * ring * bits // 8 + WIRE_OVERHEAD + extra
 
 
 def test_fresh_ciphertext_size_matches(client_ctx):
     template, layout = client_ctx.ciphertext_template
-    assert len(template) == FRESH_CIPHERTEXT_BYTES == layout[4]
+    # two polynomials of 8-byte residues and OpenFHE's framing around them
+    assert len(template) == layout[4] > 2 * RING_DIM * 8
 
 
 def test_bytes_per_value_large_state(client_ctx):
-    # 8 full ciphertexts: 8 * 16384 - 1 LoRA values + the weight (one more value would
-    # need a ninth ciphertext for the weight alone)
+    # 8 full ciphertexts: 8 * N - 1 LoRA values + the weight (one more value would need a
+    # ninth ciphertext for the weight alone)
     n = 8 * RING_DIM - 1
-    state = make_state(11, {"a.lora_A.weight": (16, 4096), "a.lora_B.weight": (4095, 16),
-                            "c": (15,)})
+    state = make_state(11, {"a.lora_A.weight": (4, RING_DIM), "a.lora_B.weight": (RING_DIM, 3),
+                            "c": (RING_DIM - 1,)})
     layout = fs.Layout.from_state_dict(state)
     assert layout.numel == n
     upd = fs.encrypt_update(client_ctx, state, layout, weight=2.0, weight_bound=2.0)
     assert upd.n_ciphertexts == 8
     per_value = len(upd.to_bytes()) / n
     print(f"bytes per LoRA value: {per_value:.3f}")
-    assert per_value <= 16.1
-    assert 15.0 <= per_value < 15.01
+    assert BITS / 8 <= per_value < BITS / 8 + 0.01  # c0 at BITS bits, a seed, a header
     out = fs.decrypt_update(client_ctx, upd, layout)
     for name in state:
         np.testing.assert_allclose(out[name].numpy(), state[name].numpy(), atol=1e-6, rtol=0)
@@ -156,7 +169,7 @@ def test_wrong_magic(small_update):
             fs.EncryptedUpdate.from_bytes(reseal(magic + data[8:]))
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, 0xFFFF])
+@pytest.mark.parametrize("version", [0, 1, 4, 0xFFFF])
 def test_wrong_version(small_update, version):
     data = small_update.to_bytes()
     forged = reseal(data[:8] + struct.pack("<H", version) + data[10:])
@@ -182,7 +195,10 @@ def test_wrong_version(small_update, version):
     (146, "<B", 0, "n_towers"),
     (146, "<B", 9, "n_towers"),
     (146, "<B", 2, "truncated|payload_len|modulus|checksum"),  # a forged tower count
-    (147, "<B", 1, "reserved"),
+    (147, "<B", 0, "elements"),
+    (147, "<B", 3, "elements"),
+    (147, "<B", 2, "payload_len"),              # both polynomials announced, c0 and a seed sent
+    (148, "<B", 1, "reserved"),
     (151, "<B", 0x80, "reserved"),
     (152, "<d", 0.0, "weight_bound"),
     (152, "<d", -1.0, "weight_bound"),
@@ -228,7 +244,7 @@ def test_hypothesis_resealed_header_edits(small_update, server_ctx, ops):
     except fs.InvalidUpdate:
         return
     # it parsed: the header is still self-consistent; the server may still refuse it
-    assert len(forged) == WIRE_OVERHEAD + upd.header["payload_len"]
+    assert len(forged) == WIRE_OVERHEAD + upd.header["payload_len"] + SEED * len(upd.seeds)
     try:
         fs.aggregate(server_ctx, [upd])
     except (fs.InvalidUpdate, fs.IncompatibleUpdate, fs.HeadroomError):
@@ -274,32 +290,35 @@ def test_hypothesis_mutated_bytes_to_aggregate(server_ctx, small_update, valid_p
 def test_forged_residue_is_rejected(client_ctx, server_ctx, small_update, small_layout):
     q = client_ctx.modulus
     data = small_update.to_bytes()
-    total = 2 * RING_DIM
-    for index, value in [(0, q), (total - 1, (1 << 60) - 1), (4096, q + 1), (12345, q)]:
-        forged = reseal(set_residue(data, index, value, 60))
-        assert get_residue(forged, index, 60) == value
+    total = ELEMENTS * RING_DIM
+    for index, value in [(0, q), (total - 1, (1 << BITS) - 1), (total // 2, q + 1), (1234, q)]:
+        forged = reseal(set_residue(data, index, value, BITS))
+        assert get_residue(forged, index, BITS) == value
         upd = fs.EncryptedUpdate.from_bytes(forged)  # header and checksum are fine ...
         with pytest.raises(fs.InvalidUpdate, match="modulus"):  # ... the residue is not
             fs.aggregate(server_ctx, [upd])
         with pytest.raises(fs.InvalidUpdate, match="modulus"):
             fs.decrypt_update(client_ctx, upd, small_layout)
     # control: q - 1 is a legal residue
-    fs.aggregate(server_ctx, [reseal(set_residue(data, 5, q - 1, 60))])
+    fs.aggregate(server_ctx, [reseal(set_residue(data, 5, q - 1, BITS))])
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("bad_index", [0, 4095, 4096, 2 * RING_DIM - 1, RING_DIM + 7])
-def test_aggregator_rejects_midway_and_keeps_its_sum(client_ctx, server_ctx, small_layout,
-                                                    threads, bad_index):
+# three ciphertexts: residues in the first, the last and the middle of the aggregator's blocks
+@pytest.mark.parametrize("bad_index", [0, 4095, 4096, 3 * RING_DIM - 1, RING_DIM + 7])
+def test_aggregator_rejects_midway_and_keeps_its_sum(client_ctx, server_ctx, threads,
+                                                    bad_index):
     q = client_ctx.modulus
-    states = [make_state(31), make_state(32), make_state(33)]
-    a, b, c = (fs.encrypt_update(client_ctx, s, small_layout, weight=w, round=1,
+    states = [make_state(31 + i, {"w": (3 * RING_DIM - 1,)}) for i in range(3)]
+    layout = fs.Layout.from_state_dict(states[0])
+    a, b, c = (fs.encrypt_update(client_ctx, s, layout, weight=w, round=1,
                                  weight_bound=4.0).to_bytes()
                for s, w in zip(states, [1.0, 4.0, 2.0]))
-    forged_b = reseal(set_residue(b, bad_index, q + bad_index % 7, 60))
+    forged_b = reseal(set_residue(b, bad_index, q + bad_index % 7, BITS))
 
     def new():
-        return _native.Aggregator(server_ctx.fingerprint, q, RING_DIM, 64, threads)
+        return _native.Aggregator(server_ctx.fingerprint, q, RING_DIM, 64, threads,
+                                  elements=ELEMENTS)
 
     reference = new()
     reference.add(a)
@@ -327,8 +346,7 @@ def test_aggregator_rejects_midway_and_keeps_its_sum(client_ctx, server_ctx, sma
     first.add(c)
     assert first.result() == reference.result()
 
-    out = fs.decrypt_update(client_ctx, fs.EncryptedUpdate.from_bytes(agg.result()),
-                            small_layout)
+    out = fs.decrypt_update(client_ctx, fs.EncryptedUpdate.from_bytes(agg.result()), layout)
     ref = weighted_average([states[0], states[2]], [1.0, 2.0])
     for name in ref:
         np.testing.assert_allclose(out[name].double().numpy(), ref[name], atol=1e-6, rtol=0)

@@ -7,10 +7,11 @@ torch (Party, importance_mask, ImportanceResult) load it when first used.
 
 from importlib import import_module
 
-from .errors import (ConcurrentUseError, DataError, FedShieldError, HeadroomError,
-                     IncompatibleUpdate, InvalidUpdate, KeyMaterialError, NotEnoughShares,
-                     ParameterError, StorageError, UnsupportedPlatform)
-from .he import (DEFAULT_WEIGHT_BOUND, CKKSParams, Context, EncryptedUpdate, Layout, SharedKeys,
+from .errors import (AuthenticationError, ConcurrentUseError, DataError,
+                     DecryptionBudgetExceeded, FedShieldError, HeadroomError, IncompatibleUpdate,
+                     InvalidUpdate, KeyMaterialError, KeySetupError, NotEnoughShares,
+                     ParameterError, PrecisionError, StorageError, UnsupportedPlatform)
+from .he import (DEFAULT_TOLERANCE, CKKSParams, Context, EncryptedUpdate, Layout, SharedKeys,
                  TensorSpec, aggregate, combine_partials, decrypt_update, encrypt_update,
                  keygen_shared, keygen_threshold, load_context, partial_decrypt, threshold)
 
@@ -32,11 +33,11 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "CKKSParams", "ConcurrentUseError", "Context", "DataError", "DEFAULT_WEIGHT_BOUND",
-    "EncryptedUpdate", "FedShieldError", "HeadroomError", "ImportanceResult",
-    "IncompatibleUpdate", "InvalidUpdate", "KeyMaterialError", "Layout", "NotEnoughShares",
-    "ParameterError", "Party", "SharedKeys", "StorageError", "TensorSpec",
-    "UnsupportedPlatform", "aggregate", "combine_partials", "decrypt_update", "encrypt_update",
-    "importance_mask", "keygen_shared", "keygen_threshold", "load_context", "partial_decrypt",
-    "threshold",
+    "AuthenticationError", "CKKSParams", "ConcurrentUseError", "Context", "DataError",
+    "DecryptionBudgetExceeded", "DEFAULT_TOLERANCE", "EncryptedUpdate", "FedShieldError",
+    "HeadroomError", "ImportanceResult", "IncompatibleUpdate", "InvalidUpdate",
+    "KeyMaterialError", "KeySetupError", "Layout", "NotEnoughShares", "ParameterError", "Party",
+    "PrecisionError", "SharedKeys", "StorageError", "TensorSpec", "UnsupportedPlatform",
+    "aggregate", "combine_partials", "decrypt_update", "encrypt_update", "importance_mask",
+    "keygen_shared", "keygen_threshold", "load_context", "partial_decrypt", "threshold",
 ]

@@ -19,9 +19,9 @@ import torch
 
 from .atomic import write_atomic, write_json_atomic
 from .errors import ParameterError, StorageError
+from .run_dir import CHECKPOINT_DIR
+from .run_dir import CHECKPOINT_INDEX as INDEX
 
-CHECKPOINT_DIR = "checkpoint"
-INDEX = "checkpoint.json"
 FORMAT = 1
 _STATE = "state."
 _RNG = "rng."
@@ -77,7 +77,8 @@ def save_checkpoint(out: Path, *, round_idx: int, state: dict, metrics: dict,
     tensors = {_STATE + k: v.detach().cpu().contiguous() for k, v in state.items()}
     tensors.update(rng_tensors)
     state_name = f"state-r{round_idx:06d}.safetensors"
-    # serialized in memory, so every byte goes through the one atomic writer
+    # serialized in memory, so every byte goes through the one atomic writer (an interruption
+    # or a full disk leaves no partial file behind)
     write_atomic(ckpt / state_name, save(tensors))
     index = {"format": FORMAT, "round": round_idx, "state_file": state_name, "config": config,
              "rng": rng_extra, "metrics": metrics}

@@ -6,21 +6,46 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
+from pathlib import Path
+from typing import Callable
 
 from .config import SECTIONS, Option, RunConfig, options
 from .data.sites import SPLITS, data_set, split_into_sites, write_site_files
 from .errors import FedShieldError, ParameterError
+from .run_dir import METRICS, check_out_dir, checkpointed_round, recorded_rounds
 
 # What the `client` extra brings: a command that needs one of them says to install it.
 CLIENT_PACKAGES = {"torch", "transformers", "peft", "safetensors", "openfhe", "tqdm",
                    "matplotlib"}
 
 
+# Exit status of a run stopped by SIGINT or SIGTERM (the shell's 128 + SIGINT).
+EXIT_INTERRUPTED = 130
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" only where it says something: not for None, False or empty
+    defaults, required options or positionals, nor where the help text already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.required or not action.option_strings
+                or action.default in (None, False, "", argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _add_option(p: argparse.ArgumentParser, option: Option) -> None:
     """One flag per config field: defaults stay None (= "not given", so --config values
     survive); the help shows the config's own default."""
-    flag = "--" + option.flag.replace("_", "-")
+    flag = _flag(option.flag)
     kwargs = {"dest": option.flag, "default": None}
     if isinstance(option.default, bool):
         kwargs["action"] = argparse.BooleanOptionalAction
@@ -29,7 +54,9 @@ def _add_option(p: argparse.ArgumentParser, option: Option) -> None:
         kwargs.update(action="append", metavar=option.metavar or "VALUE",
                       help=f"{option.help} (repeatable)")
     else:
-        kwargs["help"] = f"{option.help} (default: {option.default})"
+        shown = option.default if option.default != "" else "none"
+        kwargs["help"] = (option.help if "default" in option.help
+                          else f"{option.help} (default: {shown})")
         if option.choices is not None:
             kwargs["choices"] = option.choices
         else:
@@ -40,8 +67,11 @@ def _add_option(p: argparse.ArgumentParser, option: Option) -> None:
 
 def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="federated LoRA fine-tuning (embedded demo by default)",
+                       formatter_class=_HelpFormatter,
                        description="Every setting of the run config has a flag here; --config "
-                                   "reads them from a TOML or JSON file (flags override it).")
+                                   "reads them from a TOML or JSON file (flags override it). "
+                                   "Ctrl-C or SIGTERM stops a run after saving what is done; "
+                                   "--resume DIR continues it.")
     p.add_argument("--config", help="TOML (one table per section) or JSON file of run settings")
     for section, cls in SECTIONS.items():
         group = p.add_argument_group(f"{section} settings", cls.__doc__)
@@ -49,13 +79,17 @@ def _run_parser(sub) -> None:
             if option.section == section:
                 _add_option(group, option)
     p.add_argument("--resume", metavar="DIR",
-                   help="continue the run in DIR after its last checkpointed round (its config)")
+                   help="continue the run in DIR after its last checkpointed round, with its "
+                        "own config; only --rounds may be given, to extend it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --out already holds (its metrics.json, "
+                        "checkpoint/, adapter/ and plots/ are removed when the new run starts)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bars")
 
 
 def _split_parser(sub) -> None:
     p = sub.add_parser("split", help="write per-site data files from one data set",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("--data", default="synthetic",
                    help="'synthetic' or an instruction-data file (.json, .jsonl, .csv, .parquet)")
     p.add_argument("--sites", type=int, default=3, help="number of sites")
@@ -71,7 +105,7 @@ def _split_parser(sub) -> None:
 
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="held-out loss, perplexity and samples of a saved adapter",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("--adapter", required=True, help="a PEFT adapter directory (a run's DIR/adapter)")
     p.add_argument("--model", help="base model directory (default: the one the adapter names)")
     p.add_argument("--data", required=True, help="instruction data: .json, .jsonl, .csv, .parquet")
@@ -82,18 +116,21 @@ def _eval_parser(sub) -> None:
                    help="prompt template (auto = as trained)")
     p.add_argument("--samples", type=int, default=3, help="prompts to answer")
     p.add_argument("--sample-tokens", type=int, default=32, help="tokens per answer")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the model runs (auto: cuda when available)")
     p.add_argument("--json", dest="json_path", help="also write the result to this JSON file")
 
 
 def _report_parser(sub) -> None:
-    p = sub.add_parser("report", help="runs side by side: loss curves, bytes and time")
+    p = sub.add_parser("report", help="runs side by side: loss curves, bytes and time",
+                       formatter_class=_HelpFormatter)
     p.add_argument("runs", nargs="+", metavar="DIR", help="output directories of `fedshield run`")
     p.add_argument("--out", default="runs/report", help="where report.png and report.md go")
 
 
 def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="headline figures: bytes per value, encrypt and aggregate speed")
+    p = sub.add_parser("bench", help="headline figures: bytes per value, encrypt and aggregate speed",
+                       formatter_class=_HelpFormatter)
     p.add_argument("--json", dest="json_path", help="also write the figures to this JSON file")
     p.add_argument("--values", type=int, default=1 << 20,
                    help="LoRA values in the benchmark state")
@@ -103,30 +140,139 @@ def _bench_parser(sub) -> None:
 def _cmd_run(args) -> int:
     changes = {o.flag: getattr(args, o.flag) for o in options()
                if getattr(args, o.flag) is not None}
-    show = False if args.no_progress else None
     if args.resume:
-        if changes or args.config:
-            given = sorted(changes) + (["config"] if args.config else [])
-            raise ParameterError(f"--resume {args.resume!r} continues the run with its own "
-                                 f"config; drop {given}")
-        from .local_engine import resume  # noqa: PLC0415 - torch loads only for `run`
+        return _resume(args, changes)
+    config = RunConfig.from_file(args.config) if args.config else RunConfig()
+    config = config.replace(**changes, _source="command line")
+    # before torch, the model and the keys load: a bad --out costs nothing
+    check_out_dir(config.engine.out, overwrite=args.overwrite)
+    if config.engine.name == "flower":
+        return _run_flower(config, args)
+    from .local_engine import LocalEngine  # noqa: PLC0415 - torch loads only for `run`
 
-        metrics = resume(args.resume, show_progress=show)
-        out = args.resume
-    else:
-        config = RunConfig.from_file(args.config) if args.config else RunConfig()
-        config = config.replace(**changes, _source="command line")
-        if config.engine.name == "flower":
-            return _run_flower(config, args)
-        from .local_engine import run  # noqa: PLC0415 - torch loads only for `run`
+    out = config.engine.out
 
-        metrics = run(config, show_progress=show)
-        out = config.engine.out
+    def work(state: dict) -> dict:
+        return _start(LocalEngine(config, show_progress=_show(args), overwrite=args.overwrite),
+                      state)
+
+    metrics = _interruptible(work, lambda state: _local_interrupted(
+        out, state, resume=f"fedshield run --resume {out}"))
+    return EXIT_INTERRUPTED if metrics is None else _done(metrics, out)
+
+
+def _resume(args, changes: dict) -> int:
+    """--resume DIR: the run's own config; --rounds alone may change (to extend it)."""
+    rounds = changes.pop("rounds", None)
+    extra = ["--config"] * bool(args.config) + ["--overwrite"] * args.overwrite
+    if changes or extra:
+        given = sorted(_flag(k) for k in changes) + extra
+        raise ParameterError(f"--resume {args.resume!r} continues the run with its own "
+                             f"config (only --rounds may change, to extend it); drop {given}")
+    from .local_engine import LocalEngine  # noqa: PLC0415 - torch loads only for `run`
+
+    out = args.resume
+    command = f"fedshield run --resume {out}" + (f" --rounds {rounds}" if rounds else "")
+
+    def work(state: dict) -> dict:
+        return _start(LocalEngine.resume(out, show_progress=_show(args), rounds=rounds), state)
+
+    metrics = _interruptible(work, lambda state: _local_interrupted(
+        out, state, resume=command, resuming=True))
+    return EXIT_INTERRUPTED if metrics is None else _done(metrics, out)
+
+
+def _start(engine, state: dict) -> dict:
+    """Runs a set-up engine, noting in ``state`` that its rounds started and how many."""
+    state.update(started=True, rounds=engine.cfg.training.rounds)
+    return engine.run()
+
+
+def _show(args) -> bool | None:
+    return False if args.no_progress else None
+
+
+def _done(metrics: dict, out: str) -> int:
     last = metrics["rounds"][-1]
     print(f"done: eval loss {metrics['initial_eval_loss']:.4f} -> {last['eval_loss']:.4f} "
-          f"after {len(metrics['rounds'])} rounds; wrote {out}/metrics.json, "
+          f"after {len(metrics['rounds'])} rounds; wrote {out}/{METRICS}, "
           f"{out}/adapter/, {out}/plots/")
     return 0
+
+
+class _StopOnSignals:
+    """While active (in the main thread), SIGINT and SIGTERM raise KeyboardInterrupt once: a
+    second signal cannot cut short the clean-up the first one started (child processes,
+    temporary files). ``signum`` is the signal received, if any."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "_StopOnSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+def _interruptible(work: Callable[[dict], dict], explain: Callable[[dict], str]) -> dict | None:
+    """``work(state)``'s result; on SIGINT or SIGTERM, None after one line (``explain(state)``)
+    on stderr. ``work`` notes in ``state`` how far it got."""
+    state: dict = {}
+    with _StopOnSignals() as stop:
+        try:
+            return work(state)
+        except KeyboardInterrupt:
+            pass
+        except FedShieldError:
+            if stop.signum is None:  # not a child process that the same signal ended first
+                raise
+        print(f"fedshield: {explain(state)}", file=sys.stderr)
+        return None
+
+
+def _saved(rounds: int, where: str = "saved") -> str:
+    return f"round 1 is {where}" if rounds == 1 else f"rounds 1..{rounds} are {where}"
+
+
+def _local_interrupted(out: str, state: dict, *, resume: str, resuming: bool = False) -> str:
+    """What an interrupted local run has saved (its checkpoint, read back) and what next;
+    ``state``: whether its rounds had started, and how many it has."""
+    done = checkpointed_round(out)
+    if not state.get("started"):
+        if resuming and done:
+            return f"interrupted during set-up; {_saved(done)}; resume with `{resume}`"
+        return "interrupted during set-up, before round 1; nothing was saved"
+    if done == 0:
+        return ("interrupted during round 1; no round was completed, so nothing is saved; "
+                "run the same command again")
+    rounds = state.get("rounds")
+    if rounds is not None and done >= rounds:
+        return (f"interrupted after the last round ({done}) while writing the adapter and "
+                f"plots; {_saved(done)}; resume with `{resume}` to write them")
+    return f"interrupted during round {done + 1}; {_saved(done)}; resume with `{resume}`"
+
+
+def _flower_interrupted(out: str) -> str:
+    """What an interrupted Flower run left (its metrics.json; it keeps no checkpoints)."""
+    done, _ = recorded_rounds(out)
+    stopped = "of the Flower run; its processes are stopped"
+    if not (Path(out) / METRICS).is_file():
+        return f"interrupted during set-up {stopped}; nothing was saved"
+    recorded = _saved(done, f"recorded in {out}/{METRICS}") if done else "no round was completed"
+    return (f"interrupted during round {done + 1} {stopped}; {recorded}; the Flower engine "
+            "keeps no checkpoints to resume from: run it again with --overwrite")
 
 
 def _cmd_split(args) -> int:
@@ -138,7 +284,20 @@ def _cmd_split(args) -> int:
     return 0
 
 
+def _output_file(path: str | None, flag: str) -> None:
+    """Refuses, before any work, an output file that cannot be written where it is asked."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ParameterError(f"{flag} {path!r} is a directory; expected a file path")
+    if not target.resolve().parent.is_dir():
+        raise ParameterError(f"{flag} {path!r}: the directory {str(target.parent)!r} does "
+                             "not exist")
+
+
 def _cmd_eval(args) -> int:
+    _output_file(args.json_path, "--json")
     from .evaluation import evaluate_adapter  # noqa: PLC0415
 
     result = evaluate_adapter(args.adapter, args.model, args.data, columns=args.columns,
@@ -165,17 +324,22 @@ def _cmd_report(args) -> int:
 def _run_flower(config: RunConfig, args) -> int:
     from .flower.launcher import run_flower  # noqa: PLC0415 - flwr only for this engine
 
-    metrics = run_flower(config, show_progress=False if args.no_progress else None)
+    out = config.engine.out
+    metrics = _interruptible(
+        lambda state: run_flower(config, show_progress=_show(args), overwrite=args.overwrite),
+        lambda state: _flower_interrupted(out))
+    if metrics is None:
+        return EXIT_INTERRUPTED
     ok = [r for r in metrics["rounds"] if r.get("status") == "ok"]
     last = f"{ok[-1]['eval_loss']:.4f}" if ok else "n/a"
-    out = config.engine.out
     print(f"done (flower): eval loss {metrics['initial_eval_loss']:.4f} -> {last} after "
           f"{len(ok)}/{len(metrics['rounds'])} rounds, {len(metrics['events'])} exclusions; "
-          f"wrote {out}/metrics.json, {out}/adapter/, {out}/plots/")
+          f"wrote {out}/{METRICS}, {out}/adapter/, {out}/plots/")
     return 0
 
 
 def _cmd_bench(args) -> int:
+    _output_file(args.json_path, "--json")
     from .bench import run_bench  # noqa: PLC0415
 
     figures = run_bench(n_values=args.values, n_clients=args.clients)
@@ -186,7 +350,8 @@ def _cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedshield", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fedshield", description=__doc__,
+                                     formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     _split_parser(sub)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .data.files import parse_columns
+from .data.prompts import MIN_PROMPT_TOKENS, MIN_SEQUENCE_TOKENS
 from .errors import ParameterError
 from .he.params import CKKSParams
 
@@ -56,6 +57,15 @@ def _positive_ints(section, *names: str) -> None:
         value = getattr(section, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ParameterError(f"{name}={value!r} must be a positive int")
+
+
+def check_max_len(max_len: int, flag: str = "max_len") -> None:
+    """The shortest max_len that can hold any example (the rest is the data's business: an
+    example whose answer does not fit is skipped, and a file of only those stops the run)."""
+    if max_len < MIN_SEQUENCE_TOKENS:
+        raise ParameterError(f"{flag}={max_len} is too short: a training example needs at least "
+                             f"{MIN_SEQUENCE_TOKENS} tokens (bos, {MIN_PROMPT_TOKENS} prompt "
+                             "tokens, one answer token, eos)")
 
 
 def _finite(value, name: str, *, low: float = -math.inf, high: float = math.inf,
@@ -134,6 +144,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_choices(self)
         _positive_ints(self, "clients", "examples_per_client", "max_len")
+        check_max_len(self.max_len)
         if not isinstance(self.path, str) or not self.path:
             raise ParameterError(f"data={self.path!r} must be 'synthetic' or a local file")
         if isinstance(self.site_data, (str, bytes)) or not all(
@@ -228,16 +239,23 @@ class PruningConfig:
     p0: float = _opt(0.2, "pruned fraction at t_start", flag="prune_p0")
     target: float = _opt(0.5, "pruned fraction from t_end on", flag="prune_target")
     t_start: int = _opt(1, "round where the schedule starts", flag="prune_t_start")
-    t_end: int = _opt(4, "round where the target is reached", flag="prune_t_end")
+    # 0 = the run's last round: the reference code's run script ends its schedule with the run
+    # (num_rounds=200, pruning_end_round=200; solidlabnetwork/fedshield-llm, run_scripts/fed.sh
+    # and config.py), so --rounds alone keeps the paper's 20% -> 50% over any run length.
+    t_end: int = _opt(0, "round where the target is reached (0 = the run's last round, "
+                      "following --rounds)", flag="prune_t_end")
 
     def __post_init__(self) -> None:
         _check_choices(self)
         _finite(self.p0, "prune_p0", low=0, high=1)
         _finite(self.target, "prune_target", low=0, high=1)
-        _positive_ints(self, "t_start", "t_end")
-        if self.t_end <= self.t_start:
+        _positive_ints(self, "t_start")
+        if isinstance(self.t_end, bool) or not isinstance(self.t_end, int) or self.t_end < 0:
+            raise ParameterError(f"prune_t_end={self.t_end!r} must be an int >= 0 (0 = the "
+                                 "run's last round)")
+        if self.t_end and self.t_end <= self.t_start:
             raise ParameterError(f"prune_t_end={self.t_end} must be greater than "
-                                 f"prune_t_start={self.t_start}")
+                                 f"prune_t_start={self.t_start} (or 0: the run's last round)")
 
 
 @dataclass(frozen=True)
@@ -246,9 +264,13 @@ class HEConfig:
 
     enabled: bool = _opt(True, "encrypt updates with CKKS (--no-he: plaintext FedAvg baseline)",
                          flag="he")
-    ring_dim: int = _opt(16384, "CKKS ring dimension", flag="ring_dim")
-    scale_bits: int = _opt(0, "CKKS scale bits (0 = 50 with shared keys, 52 with threshold "
-                           "keys)", flag="scale_bits")
+    tolerance: float = _opt(1e-6, "how far a decrypted average may be from the plaintext one "
+                            "(absolute, values of magnitude <= 1): the CKKS parameters are chosen "
+                            "for it, and a decryption that could miss it is refused",
+                            flag="he_tolerance")
+    ring_dim: int = _opt(0, "CKKS ring dimension (0 = the smallest that holds the modulus the "
+                         "tolerance needs)", flag="ring_dim")
+    scale_bits: int = _opt(0, "CKKS scale bits (0 = chosen for the tolerance)", flag="scale_bits")
     flood_bits: int = _opt(-1, "noise flooding of every decryption at this statistical "
                            "security level in bits (IND-CPA^D protection, ~2.7x the bytes: 3 "
                            "RNS towers); 0 = off; -1 = auto: 30 with threshold keys, whose "
@@ -260,6 +282,9 @@ class HEConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ParameterError(f"{name}={value!r} must be an int")
+        _finite(self.tolerance, "he_tolerance", low=0, high=0.5, low_open=True)
+        if self.ring_dim < 0:
+            raise ParameterError(f"ring_dim={self.ring_dim!r} must be 0 (auto) or a power of two")
         if self.flood_bits < -1:
             raise ParameterError(f"flood_bits={self.flood_bits!r} must be -1 (auto), 0 (off) or "
                                  "a statistical security level in bits")
@@ -277,11 +302,12 @@ class KeysConfig:
     mode: str = _opt("shared", "shared: one key on every site (paper mode, weaker); threshold: "
                      "each site holds a key share, decryption needs partial decryptions",
                      flag="keys", choices=("shared", "threshold"))
-    threshold: int = _opt(0, "threshold keys: shares needed to decrypt (0 = every site; "
-                          "t > sites/2)", flag="threshold")
-    dropouts: int = _opt(0, "threshold keys, local engine: sites (ids 0..k-1, the lead among "
-                         "them) absent at decryption each round; needs --threshold below the "
-                         "number of sites", flag="dropouts")
+    threshold: int = _opt(0, "threshold keys: shares T needed to decrypt, sites/2 < T <= "
+                          "sites (0 = every site, so none may drop out)", flag="threshold")
+    dropouts: int = _opt(0, "threshold keys, local engine: sites K (ids 0..K-1, the lead among "
+                         "them) absent at decryption each round; needs --threshold T with "
+                         "T <= sites - K, e.g. --clients 3 --threshold 2 --dropouts 1",
+                         flag="dropouts")
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -378,6 +404,24 @@ def _options_by_flag() -> dict[str, Option]:
     return {o.flag: o for o in options()}
 
 
+def _dropouts_message(sites: int, threshold: int, dropouts: int) -> str:
+    """Why K dropouts do not fit, and the --threshold that would let them (if any does)."""
+    needed = threshold or sites
+    most = sites - dropouts   # the largest threshold that survives K dropouts
+    if most > sites / 2:
+        fix = (f"pass --threshold {most} (any {most} of {sites} sites decrypt, so {dropouts} "
+               f"may drop out)")
+    elif sites >= 3:
+        fix = (f"a threshold must be more than half of the {sites} sites, so at most "
+               f"{(sites - 1) // 2} of them may ever drop out")
+    else:
+        fix = f"a threshold must be more than half of the {sites} sites, so none may drop out"
+    given = (f"the default threshold (0) needs all {sites} sites to decrypt" if not threshold
+             else f"--threshold {threshold} needs {needed} of {sites} sites to decrypt")
+    return (f"dropouts={dropouts} needs --threshold T with T <= {sites} - {dropouts}: {given}, "
+            f"so {sites - needed} may drop out; {fix}")
+
+
 # Statistical security of flooding when flood_bits=-1 and keys=threshold.
 AUTO_FLOOD_BITS = 30
 
@@ -419,12 +463,7 @@ class RunConfig:
                                      f"({sites / 2:g}, {sites}] or 0")
             needed = keys.threshold or sites
             if keys.dropouts > sites - needed:
-                hint = (f"; with --threshold {sites - keys.dropouts} (any "
-                        f"{sites - keys.dropouts} of {sites} decrypt) {keys.dropouts} may "
-                        "drop out" if sites - keys.dropouts > sites / 2 else "")
-                raise ParameterError(f"dropouts={keys.dropouts}: with {sites} sites and "
-                                     f"{needed} shares needed, at most {sites - needed} may "
-                                     f"drop out{hint}")
+                raise ParameterError(_dropouts_message(sites, keys.threshold, keys.dropouts))
         elif keys.threshold or keys.dropouts:
             raise ParameterError(f"threshold={keys.threshold}, dropouts={keys.dropouts} apply "
                                  "to keys='threshold' only")
@@ -441,6 +480,12 @@ class RunConfig:
             if keys.dropouts:
                 raise ParameterError(f"dropouts={keys.dropouts} simulates absent parties in "
                                      "the local engine; on Flower, stop a SuperNode instead")
+        pruning, rounds = self.pruning, self.training.rounds
+        if pruning.mode != "off" and not pruning.t_end and pruning.t_start > rounds:
+            raise ParameterError(f"prune_t_start={pruning.t_start} is after the run's last "
+                                 f"round (rounds={rounds}), where prune_t_end=0 puts the "
+                                 f"target; give --prune-t-start {rounds} or less, or an "
+                                 "explicit --prune-t-end")
         if not self.data.site_data and self.data.path == "synthetic" \
                 and self.data.examples_per_client < 2:
             raise ParameterError(f"examples_per_client={self.data.examples_per_client}: each "
@@ -450,17 +495,24 @@ class RunConfig:
     def n_sites(self) -> int:
         return self.data.n_sites
 
+    @property
+    def prune_t_end(self) -> int:
+        """The round where the pruning schedule reaches its target (prune_t_end=0: the last)."""
+        return self.pruning.t_end or self.training.rounds
+
     def ckks_params(self) -> CKKSParams:
-        """The CKKS parameters of the run (every engine generates its keys with these)."""
+        """The CKKS parameters of the run (every engine generates its keys with these): the
+        profile for the tolerance (CKKSParams.for_precision), with any explicit ring_dim or
+        scale_bits on top."""
         threshold = self.keys.mode == "threshold"
-        # Threshold decryption adds OpenFHE's flooding noise: 2 more bits of scale keep it
-        # under 1e-6.
-        scale_bits = self.he.scale_bits or (52 if threshold else 50)
         # Threshold partial decryptions leave their parties: flood them by default (IND-CPA^D).
         flood_bits = self.he.flood_bits if self.he.flood_bits >= 0 else (
             AUTO_FLOOD_BITS if threshold else 0)
-        return CKKSParams(ring_dim=self.he.ring_dim, scale_bits=scale_bits,
-                          flood_bits=flood_bits)
+        params = CKKSParams.for_precision(self.he.tolerance, keys=self.keys.mode,
+                                          n_parties=self.n_sites, flood_bits=flood_bits)
+        explicit = {k: v for k, v in (("ring_dim", self.he.ring_dim),
+                                      ("scale_bits", self.he.scale_bits)) if v}
+        return dc_replace(params, **explicit) if explicit else params
 
     def to_dict(self) -> dict:
         out = asdict(self)

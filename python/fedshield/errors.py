@@ -21,6 +21,11 @@ class HeadroomError(ParameterError):
     """
 
 
+class PrecisionError(FedShieldError, ArithmeticError):
+    """A decrypted average that could be further from the plaintext one than the caller's
+    tolerance (e.g. client weights far below the weight bound): refused, never returned."""
+
+
 class InvalidUpdate(FedShieldError, ValueError):
     """Malformed, truncated, corrupted or tampered update bytes."""
 
@@ -36,6 +41,21 @@ class StorageError(FedShieldError, OSError):
 
 class KeyMaterialError(FedShieldError):
     """An operation needs key material the context does not hold, or a key file is bad."""
+
+
+class AuthenticationError(FedShieldError, ValueError):
+    """A signature, a sealed message or a signed record that does not verify: tampered,
+    replayed, relabelled or from another party. The message names what did not match."""
+
+
+class KeySetupError(FedShieldError):
+    """Key set-up found a party whose contribution is inconsistent; the message names the
+    party."""
+
+
+class DecryptionBudgetExceeded(FedShieldError):
+    """A key holder asked to decrypt more ciphertexts than its key's budget allows (the queries
+    the noise flooding covers): rotate keys, i.e. start a new key epoch."""
 
 
 class NotEnoughShares(FedShieldError):

@@ -13,6 +13,7 @@ from .atomic import write_json_atomic
 from .data.files import load_instruction_data
 from .data.prompts import format_prompt, prompt_tail
 from .data.tokenize import tokenize_fitting
+from .config import check_max_len
 from .errors import ParameterError
 from .metrics import perplexity
 from .model import load_local_model, load_local_tokenizer, resolve_device
@@ -61,19 +62,50 @@ def write_adapter_meta(adapter_dir: Path, *, compact: bool, max_len: int, base: 
     write_json_atomic(Path(adapter_dir) / ADAPTER_META, meta)
 
 
+# The weight files peft may write, in the order it looks for them.
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
 def _read_adapter(adapter_dir: Path) -> tuple[dict, dict]:
+    """The adapter's PEFT config and fedshield's note beside it ({} when absent), once its
+    weights are known to be whole: every check a damaged directory fails, before any model
+    loads."""
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+
+    flag = f"--adapter {str(adapter_dir)!r}"
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
-        raise ParameterError(f"--adapter {str(adapter_dir)!r}: no adapter_config.json; expected "
-                             "a PEFT adapter directory (a run's DIR/adapter)")
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as exc:
-        raise ParameterError(f"--adapter {str(adapter_dir)!r}: adapter_config.json is not "
-                             f"JSON: {exc}") from exc
+        raise ParameterError(f"{flag}: no adapter_config.json; expected a PEFT adapter "
+                             "directory (a run's DIR/adapter)")
+    config = _json_object(config_path, flag)
+    weights = next((adapter_dir / n for n in ADAPTER_WEIGHTS if (adapter_dir / n).is_file()),
+                   None)
+    if weights is None:
+        raise ParameterError(f"{flag}: the adapter's weights are missing (no "
+                             f"{' or '.join(ADAPTER_WEIGHTS)} beside adapter_config.json)")
+    if weights.suffix == ".safetensors":
+        try:
+            with safe_open(str(weights), framework="pt") as fh:
+                tensors = list(fh.keys())
+        except (SafetensorError, OSError) as exc:
+            raise ParameterError(f"{flag}: {weights.name} is damaged or truncated ({exc}); "
+                                 "write the adapter again (`fedshield run --resume DIR` "
+                                 "rewrites a run's adapter)") from exc
+        if not tensors:
+            raise ParameterError(f"{flag}: {weights.name} holds no tensors")
     meta_path = adapter_dir / ADAPTER_META
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return config, meta
+    return config, _json_object(meta_path, flag) if meta_path.is_file() else {}
+
+
+def _json_object(path: Path, flag: str) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise ParameterError(f"{flag}: {path.name} is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ParameterError(f"{flag}: {path.name} holds a {type(value).__name__}, not an "
+                             "object")
+    return value
 
 
 def evaluate_adapter(adapter: str | Path, model: str | Path | None = None,
@@ -87,9 +119,23 @@ def evaluate_adapter(adapter: str | Path, model: str | Path | None = None,
     what the run trained with (read from the adapter directory).
     """
     from peft import PeftModel  # noqa: PLC0415
+    from safetensors import SafetensorError  # noqa: PLC0415
 
+    for name, value in (("--max-examples", max_examples), ("--samples", samples),
+                        ("--sample-tokens", sample_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ParameterError(f"{name} {value!r} must be an int >= 0")
+    if max_len is not None:
+        check_max_len(max_len, "--max-len")
+    if template not in ("auto", "alpaca", "compact"):
+        raise ParameterError(f"template={template!r} is not one of ('auto', 'alpaca', 'compact')")
     adapter = Path(adapter)
     config, meta = _read_adapter(adapter)
+    if not meta and (template == "auto" or max_len is None):
+        raise ParameterError(f"--adapter {str(adapter)!r} has no {ADAPTER_META} (which "
+                             "`fedshield run` writes beside the adapter: the template and "
+                             "max_len it trained with); give --template alpaca|compact and "
+                             "--max-len N to evaluate it anyway")
     base = Path(model) if model else Path(config.get("base_model_name_or_path") or "")
     if not str(base) or not base.is_dir():
         raise ParameterError(f"--model {str(base)!r}: the adapter's base model is not a local "
@@ -97,11 +143,17 @@ def evaluate_adapter(adapter: str | Path, model: str | Path | None = None,
     if data is None:
         raise ParameterError("--data PATH is needed: an instruction-data file to evaluate on")
     if template == "auto":
-        template = meta.get("template", "alpaca")
-    if template not in ("alpaca", "compact"):
-        raise ParameterError(f"template={template!r} is not one of ('auto', 'alpaca', 'compact')")
+        template = meta.get("template")
+        if template not in ("alpaca", "compact"):
+            raise ParameterError(f"--adapter {str(adapter)!r}: {ADAPTER_META} names the "
+                                 f"template {template!r}; give --template alpaca|compact")
     compact = template == "compact"
-    max_len = max_len or int(meta.get("max_len", 512))
+    if max_len is None:
+        max_len = meta.get("max_len")
+        if isinstance(max_len, bool) or not isinstance(max_len, int):
+            raise ParameterError(f"--adapter {str(adapter)!r}: {ADAPTER_META} has max_len="
+                                 f"{max_len!r}; give --max-len N")
+        check_max_len(max_len, f"{ADAPTER_META}: max_len")
     examples = load_instruction_data(data, columns)
     if max_examples:
         examples = examples[:max_examples]
@@ -109,7 +161,7 @@ def evaluate_adapter(adapter: str | Path, model: str | Path | None = None,
     base_model = load_local_model(base, vocab_size=len(tokenizer), max_len=max_len)
     try:
         peft_model = PeftModel.from_pretrained(base_model, str(adapter))
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         raise ParameterError(f"--adapter {str(adapter)!r} does not load onto --model "
                              f"{str(base)!r}: {exc}") from exc
     peft_model.to(resolve_device(device))

@@ -22,11 +22,13 @@ from .errors import FedShieldError, ParameterError
 from .fl.dealer import deal_keys
 from .fl.party import Party
 from .fl.record import RunRecord
+from .fl.schedule import prune_ratio
 from .fl.server import Server
 from .fl.site import Site, load_site_data
 from .fl.site_files import site_files
 from .model import build_lora_model, load_tokenizer
 from .plots import plot_run
+from .run_dir import METRICS, PLOTS_DIR, check_out_dir, claim_out_dir
 from .threads import apply_to_torch
 
 log = logging.getLogger("fedshield")
@@ -34,44 +36,65 @@ log = logging.getLogger("fedshield")
 
 class LocalEngine:
     """One federated fine-tuning run in one process; :meth:`run` writes DIR/metrics.json,
-    DIR/checkpoint/ (every round), DIR/adapter/ and DIR/plots/."""
+    DIR/checkpoint/ (every round), DIR/adapter/ and DIR/plots/.
 
-    def __init__(self, cfg: RunConfig, show_progress: bool | None = None) -> None:
+    A DIR that already holds a run is refused unless ``overwrite`` (then its results are
+    removed when :meth:`run` starts); :meth:`resume` continues the run of a DIR instead.
+    Set-up reads and tokenizes every site's data before the model and the keys, so that bad
+    data stops the run before the expensive steps."""
+
+    def __init__(self, cfg: RunConfig, show_progress: bool | None = None, *,
+                 overwrite: bool = False, resuming: bool = False) -> None:
         self.cfg = cfg
         self.out = Path(cfg.engine.out)
+        self.overwrite = overwrite
+        if not resuming:
+            check_out_dir(self.out, overwrite=overwrite)
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
         self.first_round = 1
         self.last_aggregate = None
         apply_to_torch()  # FEDSHIELD_NUM_THREADS
+        start = time.perf_counter()
+        log.info("fedshield: set-up of %d sites: data, model %r, %s", cfg.n_sites,
+                 cfg.model.name, f"{cfg.keys.mode} keys" if cfg.he.enabled else "no HE")
         files = site_files(cfg, self.out / "sites")
         self.tokenizer = load_tokenizer(cfg.model)
+        data = [load_site_data(f.path, tokenizer=self.tokenizer, cfg=cfg, columns=f.columns,
+                               name=f.name) for f in files]
         model = build_lora_model(cfg.model, cfg.lora, seed=cfg.training.seed,
                                  tokenizer=self.tokenizer, max_len=cfg.data.max_len)
+        log.info("fedshield: set-up: data and model ready (%.1f s)", time.perf_counter() - start)
         ctxs, server_ctx = deal_keys(cfg) if cfg.he.enabled else ([None] * cfg.n_sites, None)
-        self.sites = []
-        for i, f in enumerate(files):
-            party = Party(ctxs[i], model, algorithm=cfg.training.algorithm)
-            data = load_site_data(f.path, tokenizer=self.tokenizer, cfg=cfg, columns=f.columns,
-                                  name=f.name)
-            self.sites.append(Site(i, party, data, cfg, self.tokenizer))
+        self.sites = [Site(i, Party(ctxs[i], model, algorithm=cfg.training.algorithm), d, cfg,
+                           self.tokenizer) for i, d in enumerate(data)]
         self.server = Server(cfg, server_ctx, engine="local",
                              flood_bits=cfg.ckks_params().flood_bits if cfg.he.enabled else None)
         self.server.enrol((site.party_id, site.info()) for site in self.sites)
+        log.info("fedshield: set-up done in %.1f s (keys, initial evaluation)",
+                 time.perf_counter() - start)
 
     @classmethod
-    def resume(cls, out: str | Path, show_progress: bool | None = None) -> "LocalEngine":
-        """The run of DIR continued after its last checkpointed round."""
+    def resume(cls, out: str | Path, show_progress: bool | None = None, *,
+               rounds: int | None = None) -> "LocalEngine":
+        """The run of DIR continued after its last checkpointed round; ``rounds`` extends it
+        (or shortens it, down to the rounds already done). Every other setting stays as the
+        run was started."""
         ckpt = load_checkpoint(out)
+        done = ckpt["round"]
         try:
             cfg = RunConfig.from_dict(ckpt["config"], source=f"--resume {str(out)!r}")
             cfg = cfg.replace(out=str(out))
         except (TypeError, ParameterError) as exc:
             raise ParameterError(f"--resume {str(out)!r}: its checkpoint config does not fit "
                                  f"this fedshield version: {exc}") from exc
-        if ckpt["round"] > cfg.training.rounds:
-            raise ParameterError(f"--resume {str(out)!r}: checkpoint of round {ckpt['round']} "
-                                 f"but the run has {cfg.training.rounds} rounds")
-        engine = cls(cfg, show_progress=show_progress)
+        planned = cfg.training.rounds
+        if rounds is not None:
+            cfg = cfg.replace(rounds=rounds, _source=f"--resume {str(out)!r}")
+        if done > cfg.training.rounds:
+            given = f"--rounds {rounds}" if rounds is not None else f"its rounds={planned}"
+            raise ParameterError(f"--resume {str(out)!r}: {given} is fewer than the {done} "
+                                 f"rounds the run has completed; give --rounds {done} or more")
+        engine = cls(cfg, show_progress=show_progress, resuming=True)
         if sorted(ckpt["state"]) != sorted(engine.sites[0].party.global_state):
             raise ParameterError(f"--resume {str(out)!r}: the checkpoint's LoRA tensors do not "
                                  "match the model this config builds")
@@ -82,6 +105,11 @@ class LocalEngine:
         except (TypeError, KeyError) as exc:
             raise ParameterError(f"--resume {str(out)!r}: the checkpoint's metrics do not fit "
                                  f"this fedshield version: {exc}") from exc
+        if cfg.training.rounds != planned:  # the schedules follow the new total (README)
+            record.extra.setdefault("rounds_changed", []).append(
+                {"after_round": done, "rounds": cfg.training.rounds, "was": planned})
+            log.info("fedshield: %s resumes after round %d with rounds=%d (was %d)", out, done,
+                     cfg.training.rounds, planned)
         record.config = cfg.to_dict()
         engine.server.record = record
         engine.server.version = ckpt["round"]
@@ -158,17 +186,19 @@ class LocalEngine:
     # -- the whole run ----------------------------------------------------------------------
     def run(self) -> dict:
         cfg, server = self.cfg, self.server
-        self.out.mkdir(parents=True, exist_ok=True)
         record = server.record
         first = self.first_round
         if first > 1:
+            self.out.mkdir(parents=True, exist_ok=True)
             log.info("fedshield: resuming %s after round %d of %d", self.out, first - 1,
                      cfg.training.rounds)
         else:
+            claim_out_dir(self.out, overwrite=self.overwrite)
             log.info("fedshield: %d sites %s, %d rounds, HE %s, %d LoRA values; initial eval "
                      "loss %.4f", cfg.n_sites, [s.name for s in self.sites], cfg.training.rounds,
                      "on" if cfg.he.enabled else "off", record.num_lora_values,
                      record.initial_eval_loss)
+        log.info("fedshield: %s", prune_schedule(cfg))
         n = cfg.n_sites
         bar = tqdm(total=cfg.training.rounds * n, initial=(first - 1) * n,
                    desc="sites x rounds", unit="update", disable=not self.show_progress,
@@ -185,20 +215,41 @@ class LocalEngine:
                 save_checkpoint(self.out, round_idx=r,
                                 state=self.sites[0].party.global_state,
                                 metrics=record.to_dict(), config=cfg.to_dict())
-                record.write(self.out / "metrics.json")
-        record.finished = True
-        record.write(self.out / "metrics.json")
+                record.write(self.out / METRICS)
+        # metrics.json says finished only once the adapter and the plots are written: an
+        # interruption before that leaves a run that --resume completes.
         self.sites[0].save_adapter(self.out, show_progress=self.show_progress)
-        metrics = record.to_dict()
-        plot_run(metrics, self.out / "plots")
-        return metrics
+        plot_run(record.to_dict(), self.out / PLOTS_DIR)
+        record.finished = True
+        record.write(self.out / METRICS)
+        return record.to_dict()
 
 
-def run(config: RunConfig, show_progress: bool | None = None) -> dict:
-    """Runs a federated fine-tuning job and writes metrics.json, checkpoint/, adapter/, plots/."""
-    return LocalEngine(config, show_progress=show_progress).run()
+def prune_schedule(cfg: RunConfig) -> str:
+    """The pruning schedule of a run in words (logged when it starts)."""
+    p = cfg.pruning
+    if p.mode == "off":
+        return "pruning off"
+    end, rounds = cfg.prune_t_end, cfg.training.rounds
+    if end == p.t_start:
+        return f"pruning {p.mode}: pruned fraction {p.target:.2f} from round {end}"
+    text = (f"pruning {p.mode}: pruned fraction {p.p0:.2f} at round {p.t_start} -> "
+            f"{p.target:.2f} at round {end}")
+    if end > rounds:
+        last = prune_ratio(rounds, p.p0, p.target, p.t_start, end)
+        text += f" (after the last round, {rounds}: the run ends at {last:.2f})"
+    return text
 
 
-def resume(out: str | Path, show_progress: bool | None = None) -> dict:
-    """Continues the run in `out` from its last checkpoint; no round is lost or repeated."""
-    return LocalEngine.resume(out, show_progress=show_progress).run()
+def run(config: RunConfig, show_progress: bool | None = None, *,
+        overwrite: bool = False) -> dict:
+    """Runs a federated fine-tuning job and writes metrics.json, checkpoint/, adapter/, plots/
+    (into a directory without a run, unless ``overwrite``)."""
+    return LocalEngine(config, show_progress=show_progress, overwrite=overwrite).run()
+
+
+def resume(out: str | Path, show_progress: bool | None = None, *,
+           rounds: int | None = None) -> dict:
+    """Continues the run in `out` from its last checkpoint; no round is lost or repeated.
+    ``rounds`` changes the run's total (not below the rounds it has completed)."""
+    return LocalEngine.resume(out, show_progress=show_progress, rounds=rounds).run()

@@ -161,55 +161,129 @@ def attach_lora(model, settings: LoraSettings = LoraSettings(), seed: int = 0):
     return peft_model
 
 
-def get_lora_state(peft_model) -> Dict[str, torch.Tensor]:
-    """LoRA parameters as detached, cloned fp32 CPU tensors.
+# Name parts that wrappers insert between a peft model's own parameter names: FSDP1's flat
+# wrapper, activation checkpointing, torch.compile.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
-    Names are those of ``peft.get_peft_model_state_dict`` (adapter name
-    stripped), e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``.
-    Cloning matters: peft returns views of live parameters, so a later
-    optimiser step would otherwise silently change a "snapshot".
+
+def unwrap_peft(model) -> torch.nn.Module:
+    """The peft model inside DDP, FSDP1, DataParallel or torch.compile wrappers (``.module``,
+    ``._orig_mod``); FSDP2 (``fully_shard``) keeps the model itself. TypeError when there is no
+    peft model inside."""
+    inner = model
+    for _ in range(16):
+        if hasattr(inner, "peft_config"):
+            return inner
+        nested = getattr(inner, "_orig_mod", None)
+        if nested is None:
+            nested = getattr(inner, "module", None)
+        if not isinstance(nested, torch.nn.Module):
+            break
+        inner = nested
+    raise TypeError(f"expected a peft model (LoRA attached), possibly wrapped by DDP or FSDP, "
+                    f"got {type(model).__name__}")
+
+
+def _fsdp1_roots(model) -> list:
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return list(FSDP.fsdp_modules(model, root_only=True))
+
+
+@contextlib.contextmanager
+def _full_parameters(model, writeback: bool) -> Iterator[None]:
+    """FSDP1 shards flat parameters: gather every rank's full parameters for the block (a
+    collective: every rank enters it)."""
+    roots = _fsdp1_roots(model)
+    if not roots:
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with contextlib.ExitStack() as stack:
+        for root in roots:
+            stack.enter_context(FSDP.summon_full_params(root, writeback=writeback))
+        yield
+
+
+def _lora_parameters(peft_model) -> Dict[str, torch.nn.Parameter]:
+    """peft state-dict name -> live LoRA parameter of the active adapter (peft's own rule:
+    names holding ``lora_`` and the adapter name, which is then dropped from them)."""
+    adapter = peft_model.active_adapter
+    out = {}
+    for name, param in peft_model.named_parameters():
+        for part in _WRAPPER_PARTS:
+            name = name.replace(part, "")
+        if "lora_" in name and adapter in name:
+            out[name.replace(f".{adapter}", "")] = param
+    return out
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def get_lora_state(model) -> Dict[str, torch.Tensor]:
+    """LoRA parameters as detached, cloned fp32 CPU tensors, full size on every rank.
+
+    ``model``: a peft model, possibly wrapped by DDP, FSDP1 or torch.compile, or sharded by
+    FSDP2; a sharded model's parameters are gathered (a collective: every rank calls this).
+    Names are those of ``peft.get_peft_model_state_dict`` (adapter name stripped), e.g.
+    ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. Cloning matters: the
+    parameters are live, so a later optimiser step would otherwise change a "snapshot".
     """
-    from peft import get_peft_model_state_dict
+    peft_model = unwrap_peft(model)
+    out = {}
+    with _full_parameters(model, writeback=False):
+        params = _lora_parameters(peft_model)
+        for name in sorted(params):
+            t = params[name].detach()
+            if _is_dtensor(t):
+                t = t.full_tensor()
+            out[name] = t.to(device="cpu", dtype=torch.float32).clone()
+    return out
 
-    state = get_peft_model_state_dict(peft_model)
-    return {k: v.detach().to(device="cpu", dtype=torch.float32).clone() for k, v in state.items()}
 
-
-def set_lora_state(peft_model, state: Mapping[str, torch.Tensor]) -> None:
+def set_lora_state(model, state: Mapping[str, torch.Tensor]) -> None:
     """Load LoRA parameters, requiring exactly the model's names and shapes.
 
-    ``set_peft_model_state_dict`` only reports unexpected keys and would leave
-    missing ones at their old values, which in FL means a client silently
-    training on a mix of rounds; so every mismatch raises ``ValueError``.
+    Every rank of a DDP or FSDP model calls it with the same state: each writes its own copy
+    (DDP) or its own shard (FSDP). peft's ``set_peft_model_state_dict`` only reports unexpected
+    keys and would leave missing ones at their old values, which in FL means a client silently
+    training on a mix of rounds; so every mismatch raises ``ValueError``, before anything is
+    written.
     """
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    peft_model = unwrap_peft(model)
+    with _full_parameters(model, writeback=True):
+        params = _lora_parameters(peft_model)
+        missing = sorted(set(params) - set(state))
+        unexpected = sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"LoRA state keys do not match the model: missing={missing}, "
+                             f"unexpected={unexpected}")
+        bad_type = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+        if bad_type:
+            raise ValueError(f"LoRA state values must be tensors; not tensors: {bad_type}")
+        mismatched = [f"{k}: got {tuple(state[k].shape)}, expected {tuple(params[k].shape)}"
+                      for k in sorted(params) if tuple(state[k].shape) != tuple(params[k].shape)]
+        if mismatched:
+            raise ValueError("LoRA state shape mismatch: " + "; ".join(mismatched))
+        with torch.no_grad():
+            for name in sorted(params):
+                param = params[name]
+                if _is_dtensor(param):
+                    from torch.distributed.tensor import distribute_tensor
 
-    expected = get_peft_model_state_dict(peft_model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"LoRA state keys do not match the model: missing={missing}, unexpected={unexpected}"
-        )
-    bad_type = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
-    if bad_type:
-        raise ValueError(f"LoRA state values must be tensors; not tensors: {bad_type}")
-    mismatched = [
-        f"{k}: got {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}"
-        for k in sorted(expected)
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    if mismatched:
-        raise ValueError("LoRA state shape mismatch: " + "; ".join(mismatched))
-
-    # Match the live parameters' dtype/device so load_state_dict copies cleanly.
-    ready = {k: v.detach().to(device=expected[k].device, dtype=expected[k].dtype)
-             for k, v in state.items()}
-    result = set_peft_model_state_dict(peft_model, ready)
-    leftover = list(getattr(result, "unexpected_keys", []) or [])
-    if leftover:
-        # Should be impossible after the checks above; fail rather than ignore.
-        raise ValueError(f"peft rejected LoRA keys: {sorted(leftover)}")
+                    local = param.to_local()
+                    value = state[name].detach().to(device=local.device, dtype=local.dtype)
+                    # src_data_rank=None: each rank cuts its own shard, no communication
+                    shard = distribute_tensor(value, param.device_mesh, param.placements,
+                                              src_data_rank=None).to_local()
+                    local.copy_(shard)
+                else:
+                    param.copy_(state[name].detach().to(device=param.device, dtype=param.dtype))
 
 
 # LoRA targets per architecture (HF ``config.model_type``): the paper's q/v projections,

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
+# A prompt cut from the left keeps at least this many tokens besides bos (fewer would lose the
+# "### Response:" marker); an example that cannot keep them is skipped.
+MIN_PROMPT_TOKENS = 8
+# The shortest sequence that can hold an example: bos, the kept prompt, one answer token, eos.
+MIN_SEQUENCE_TOKENS = MIN_PROMPT_TOKENS + 3
+
 # Exact Alpaca prompt templates (Taori et al., 2023).
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task, paired with an input that "

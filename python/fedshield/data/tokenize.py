@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError, ParameterError
-from .prompts import format_prompt, prompt_tail
+from .prompts import MIN_PROMPT_TOKENS, format_prompt, prompt_tail
 
 log = logging.getLogger("fedshield")
 
@@ -142,7 +142,7 @@ def tokenize_fitting(examples: Sequence[Mapping[str, str]], tokenizer, max_len: 
     for attr in ("pad_token_id", "eos_token_id"):
         if getattr(tokenizer, attr, None) is None:
             raise ParameterError(f"tokenizer has no {attr}")
-    min_prompt = 8
+    min_prompt = MIN_PROMPT_TOKENS
     rows, label_rows = [], []
     truncated = skipped = 0
     for ex in examples:

@@ -19,6 +19,7 @@ from ..errors import FedShieldError
 PHASES = ("train", "prune", "encrypt", "aggregate", "decrypt")
 SITE_PHASES = ("train", "prune", "encrypt")
 PRUNE_MODES = ("local", "global", "off")
+METRIC_PREFIX = "metric."     # a site's own training metrics in TrainReply fields
 
 
 class InvalidMessage(FedShieldError, ValueError):
@@ -137,6 +138,7 @@ class TrainReply:
     values: dict | None = None                      # plaintext baseline: name -> numpy array
     weight: float | None = None                     # plaintext baseline only
     update_norm: float | None = None                # DP: L2 norm before clipping
+    metrics: dict | None = None                     # a site's own training: name -> number
 
     @property
     def nbytes(self) -> int:
@@ -151,17 +153,22 @@ class TrainReply:
                **{f"seconds-{k}": float(self.seconds.get(k, 0.0)) for k in SITE_PHASES}}
         if self.update_norm is not None:
             out["update-norm"] = self.update_norm
+        for name, value in (self.metrics or {}).items():
+            out[METRIC_PREFIX + name] = value
         return out
 
     @classmethod
     def from_fields(cls, fields: Mapping, update: bytes) -> "TrainReply":
         norm = fields.get("update-norm") if isinstance(fields, Mapping) else None
+        metrics = {k[len(METRIC_PREFIX):]: _float(fields, k) for k in fields
+                   if isinstance(k, str) and k.startswith(METRIC_PREFIX)}
         return cls(party=_int(fields, "party"), round=_int(fields, "round", 1),
                    train_loss=_float(fields, "train-loss", 0.0),
                    kept_fraction=_float(fields, "kept", 0.0, 1.0),
                    seconds={k: _float(fields, f"seconds-{k}", 0.0) for k in SITE_PHASES},
                    update=update,
-                   update_norm=None if norm is None else _float(fields, "update-norm", 0.0))
+                   update_norm=None if norm is None else _float(fields, "update-norm", 0.0),
+                   metrics=metrics or None)
 
 
 @dataclass(frozen=True)

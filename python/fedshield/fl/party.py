@@ -9,6 +9,14 @@
 The party keeps the global LoRA state (fp32, on the CPU) next to the live model and knows which
 round's aggregate it includes (``version``). Frozen base weights are never read or written:
 only the LoRA tensors move, through peft's state-dict names.
+
+The model may live on a GPU and be wrapped by DDP, FSDP (1 or 2) or torch.compile. A site that
+trains on several ranks (torchrun) makes one Party per rank, on the same process group: its
+LoRA weights are read and written on every rank; ``encrypt_update`` is a collective where each
+rank encrypts its slice of the ciphertexts and the lead rank (rank 0) returns the site's one
+update (the others get None); ``apply_aggregate`` is a collective where the lead decrypts the
+aggregate it received and broadcasts the average to every rank. ``partial_decrypt`` and
+``decrypt`` run on the lead alone.
 """
 
 from __future__ import annotations
@@ -19,11 +27,12 @@ from typing import Iterable, Mapping
 
 import torch
 
-from ..errors import KeyMaterialError, ParameterError
-from ..he import (DEFAULT_WEIGHT_BOUND, Context, EncryptedUpdate, Layout, combine_partials,
-                  decrypt_update, encrypt_update, partial_decrypt)
-from ..model import get_lora_state, set_lora_state
+from ..errors import FedShieldError, KeyMaterialError, ParameterError
+from ..he import Context, EncryptedUpdate, Layout, combine_partials, decrypt_update, partial_decrypt
+from ..he.encryption import DEFAULT_TOLERANCE, encrypt_ciphertexts, pack_update, seal_update
+from ..model import get_lora_state, set_lora_state, unwrap_peft
 from ..pruning.mask import apply_mask, importance_mask, kept_fraction
+from .ranks import WORLD, Ranks
 
 ALGORITHMS = ("delta", "paper", "ffa")
 
@@ -41,10 +50,14 @@ class PreparedUpdate:
 class Party:
     """See the module docstring. ``algorithm``: ``delta`` (weighted FedAvg of updates),
     ``paper`` (the pruned weights themselves, whose average replaces the global state) or
-    ``ffa`` (FFA-LoRA: LoRA A frozen at its seeded initialisation, only B is sent)."""
+    ``ffa`` (FFA-LoRA: LoRA A frozen at its seeded initialisation, only B is sent; with DDP,
+    make the Party before wrapping the model, so that DDP sees A frozen).
+    ``process_group``: the ranks that train this site's model (see the module docstring):
+    ``"world"`` (every rank when torch.distributed is initialised), ``None`` (this process
+    alone) or a ProcessGroup."""
 
     def __init__(self, ctx: Context | None, model, *, algorithm: str = "delta",
-                 weight_bound: float = DEFAULT_WEIGHT_BOUND) -> None:
+                 weight_bound: float | None = None, process_group=WORLD) -> None:
         if algorithm not in ALGORITHMS:
             raise ParameterError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}")
         if ctx is not None:
@@ -53,14 +66,15 @@ class Party:
             if not (ctx.has_secret_key or ctx.is_party):
                 raise KeyMaterialError(f"a Party needs a client or party context; this {ctx.role} "
                                        "context holds no key material and could never decrypt")
-        if not hasattr(model, "peft_config"):
-            raise TypeError(f"expected a peft model (LoRA attached), got {type(model).__name__}")
-        if not (math.isfinite(weight_bound) and weight_bound > 0):
+        unwrap_peft(model)  # TypeError unless a peft model is inside
+        if weight_bound is not None and not (math.isfinite(weight_bound) and weight_bound > 0):
             raise ParameterError(f"weight_bound={weight_bound!r} must be a positive number")
         self.ctx = ctx
         self.model = model
+        self.ranks = Ranks(process_group)
         self.algorithm = algorithm
-        self.weight_bound = float(weight_bound)
+        # the federation's bound on every weight (None: each update's own power of two)
+        self.weight_bound = None if weight_bound is None else float(weight_bound)
         if algorithm == "ffa":  # A stays at its seeded initialisation, identical everywhere
             for name, param in model.named_parameters():
                 if "lora_A" in name:
@@ -71,12 +85,35 @@ class Party:
         self.shared_names = sorted(k for k in self._global
                                    if algorithm != "ffa" or "lora_B" in k)
         self.layout = Layout.from_state_dict(self._shared(self._global))
+        if self.ranks.distributed:  # every rank starts from the lead's global state
+            self._global = self._unflatten(self.ranks.broadcast(
+                self._flatten(self._global, sorted(self._global)), self._numel_all()),
+                sorted(self._global))
+            self.load_global()
         self.version = 0          # the last round whose aggregate the global state includes
         self._sent: tuple[int, dict | None] | None = None   # (round, mask) of the last update
 
     def __repr__(self) -> str:
+        ranks = f", {self.ranks}" if self.ranks.distributed else ""
         return (f"Party({self.algorithm}, {self.layout.numel} LoRA values, version "
-                f"{self.version}, {self.ctx!r})")
+                f"{self.version}{ranks}, {self.ctx!r})")
+
+    # -- flat forms, for broadcasting between ranks ----------------------------------------------
+    def _numel_all(self) -> int:
+        return sum(t.numel() for t in self._global.values())
+
+    @staticmethod
+    def _flatten(state: Mapping, names: list[str]) -> torch.Tensor:
+        return torch.cat([torch.as_tensor(state[k], dtype=torch.float32).reshape(-1)
+                          for k in names])
+
+    def _unflatten(self, flat: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+        out, at = {}, 0
+        for k in names:
+            n = self._global[k].numel()
+            out[k] = flat[at:at + n].reshape(self._global[k].shape).clone()
+            at += n
+        return out
 
     # -- the global state ---------------------------------------------------------------------
     @property
@@ -137,24 +174,43 @@ class Party:
         return PreparedUpdate(values, None, 1.0)
 
     def encrypt(self, prepared: PreparedUpdate, weight: float, *, round: int | None = None,
-                weight_bound: float | None = None, **options) -> EncryptedUpdate:
-        """Encrypts a prepared update, pre-weighted by ``weight`` (e.g. its example count)."""
+                weight_bound: float | None = None, tolerance: float = DEFAULT_TOLERANCE,
+                threads: int = 0, workers: int | None = None) -> EncryptedUpdate | None:
+        """Encrypts a prepared update, pre-weighted by ``weight`` (e.g. its example count).
+
+        On a site of several ranks this is a collective: each rank encrypts its slice of the
+        ciphertexts, and the lead rank returns the one update stitched from every slice (the
+        other ranks return None). ``threads``/``workers`` as in :func:`fs.encrypt_update`, per
+        rank."""
         if self.ctx is None:
             raise KeyMaterialError("this party has no context (HE off): send its update values "
                                    "in the clear")
         round = self.version + 1 if round is None else round
-        upd = encrypt_update(self.ctx, prepared.values, self.layout, weight=weight,
-                             mask=prepared.mask, round=round,
-                             weight_bound=self.weight_bound if weight_bound is None
-                             else weight_bound, **options)
+        bound = self.weight_bound if weight_bound is None else weight_bound
+        ranks = self.ranks
+        names = [s.name for s in self.layout.specs]
+        mask = prepared.mask or {}
+        ranks.check_same("the update", [*(prepared.values[k] for k in names),
+                                        *(mask[k] for k in sorted(mask)), weight, round, bound])
+        packed = pack_update(self.ctx, prepared.values, self.layout, weight=weight,
+                             mask=prepared.mask, round=round, weight_bound=bound,
+                             tolerance=tolerance, threads=threads)
+        start, stop = ranks.slice(packed.n_ciphertexts)
+        cts = encrypt_ciphertexts(self.ctx, packed, start, stop, workers=workers)
+        header = packed.header
+        del packed  # plaintext update: drop it as soon as it is encrypted
+        slices = ranks.gather(cts)
         self._sent = (round, prepared.mask)
-        return upd
+        if slices is None:
+            return None
+        return seal_update(self.ctx, header, [ct for part in slices for ct in part], threads)
 
     def encrypt_update(self, weight: float, *, round: int | None = None,
                        prune_ratio: float = 0.0, mask: Mapping | None = None,
-                       values: Mapping | None = None, **options) -> EncryptedUpdate:
+                       values: Mapping | None = None, **options) -> EncryptedUpdate | None:
         """EncryptedUpdate of (LoRA now - global) for round ``round`` (default: the next one);
-        no pruning unless asked (``prune_ratio`` or ``mask``, see :meth:`prepare`)."""
+        no pruning unless asked (``prune_ratio`` or ``mask``, see :meth:`prepare`). Several
+        ranks: a collective, the update comes back on the lead rank (see :meth:`encrypt`)."""
         return self.encrypt(self.prepare(prune_ratio=prune_ratio, mask=mask, values=values),
                             weight, round=round, **options)
 
@@ -185,9 +241,19 @@ class Party:
             return combine_partials(agg, shares, self.layout, mask=mask, ctx=self.ctx)
         return decrypt_update(self.ctx, agg, self.layout, mask=mask)
 
-    def apply_average(self, average: Mapping, version: int | None = None) -> None:
+    def apply_average(self, average: Mapping | None, version: int | None = None) -> dict:
         """Folds a decrypted (or plaintext) weighted average into the global state and the
-        model: global + average (``paper``: the average replaces it)."""
+        model: global + average (``paper``: the average replaces it). Several ranks: a
+        collective; the lead's ``average`` and ``version`` reach every rank (the others may
+        pass None). Returns the average applied."""
+        names = self.shared_names
+        if self.ranks.distributed:
+            if self.ranks.is_lead:
+                self.layout.check_state(average, "average")
+            flat = self._flatten(average, names) if self.ranks.is_lead else None
+            version = self.ranks.broadcast_object(version)
+            average = self._unflatten(self.ranks.broadcast(
+                flat, sum(self._global[k].numel() for k in names)), names)
         self.layout.check_state(average, "average")
         avg = {k: torch.as_tensor(v, dtype=torch.float32).reshape(self._global[k].shape)
                for k, v in average.items()}
@@ -198,12 +264,30 @@ class Party:
         self._global = {**self._global, **new}
         self.load_global()
         self.version = self.version + 1 if version is None else version
+        return avg
 
     def apply_aggregate(self, agg, shares: Iterable[bytes] | None = None, *,
                         mask: Mapping | None = None) -> dict[str, torch.Tensor]:
         """Decrypts the aggregate (see :meth:`decrypt`) and applies it: the model's LoRA becomes
-        the new global state, of version ``agg.round``. Returns the average applied."""
-        agg = agg if isinstance(agg, EncryptedUpdate) else EncryptedUpdate.from_bytes(agg)
-        average = self.decrypt(agg, shares, mask=mask)
-        self.apply_average(average, version=agg.round)
-        return average
+        the new global state, of version ``agg.round``. Returns the average applied.
+
+        Several ranks: a collective; the lead rank, which received the aggregate, decrypts it
+        and broadcasts the average (the other ranks may pass None for ``agg``). If the lead
+        cannot decrypt, every rank raises."""
+        ranks = self.ranks
+        average = version = failure = None
+        if ranks.is_lead:
+            try:
+                agg = agg if isinstance(agg, EncryptedUpdate) else EncryptedUpdate.from_bytes(agg)
+                average, version = self.decrypt(agg, shares, mask=mask), agg.round
+            except (FedShieldError, ValueError, TypeError) as exc:
+                if not ranks.distributed:
+                    raise
+                failure = exc
+        status = ranks.broadcast_object(None if failure is None
+                                        else f"{type(failure).__name__}: {failure}")
+        if failure is not None:
+            raise failure
+        if status is not None:
+            raise FedShieldError(f"the lead rank could not decrypt the aggregate: {status}")
+        return self.apply_average(average, version=version)

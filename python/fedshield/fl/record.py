@@ -40,12 +40,13 @@ class RoundRecord:
     wall_seconds: float = 0.0
     samples: list[dict] | None = None              # local engine: the global model's answers
     update_norm: list[float] | None = None         # DP: each client's norm before clipping
+    train_metrics: list[dict] | None = None        # sites' own training (train-fn): per client
     dp_epsilon: float | None = None
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["seconds"] = {k: round(float(v), 4) for k, v in self.seconds.items()}
-        for optional in ("failure", "samples", "update_norm", "dp_epsilon"):
+        for optional in ("failure", "samples", "update_norm", "train_metrics", "dp_epsilon"):
             if out[optional] is None:
                 del out[optional]
         return out

@@ -161,7 +161,7 @@ class Server:
             raise FedShieldError("no site has enrolled: nothing to plan")
         ratio = 0.0 if cfg.pruning.mode == "off" else prune_ratio(
             round_idx, cfg.pruning.p0, cfg.pruning.target, cfg.pruning.t_start,
-            cfg.pruning.t_end)
+            cfg.prune_t_end)
         plan = RoundPlan(round=round_idx,
                          lr=cosine_lr(round_idx - 1, cfg.training.rounds, cfg.training.lr,
                                       cfg.training.lr_min),
@@ -308,6 +308,8 @@ class Server:
             entry.seconds[phase] += sum(r.seconds.get(phase, 0.0) for r in replies)
         if any(r.update_norm is not None for r in replies):
             entry.update_norm = [r.update_norm for r in replies]
+        if any(r.metrics for r in replies):
+            entry.train_metrics = [dict(r.metrics or {}) for r in replies]
         entry.decrypting_clients = list(entry.clients)
         log.info("round %d: aggregated %d updates from parties %s (%d bytes) in %.3f s",
                  plan.round, len(replies), entry.clients, bytes_down, entry.seconds["aggregate"])

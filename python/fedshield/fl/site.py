@@ -22,12 +22,14 @@ from ..data.files import load_instruction_data
 from ..data.sites import holdout
 from ..data.tokenize import tokenize_fitting
 from ..dp.noise import clip_and_noise
+from ..errors import ParameterError
 from ..evaluation import generate_samples, write_adapter_meta
 from ..he import EncryptedUpdate
 from ..model import save_adapter
 from ..train import evaluate_loss, train_local
 from .messages import EvalReply, RoundPlan, SiteInfo, TrainReply
 from .party import Party
+from .train_fn import TrainPlan, run_train_fn
 
 log = logging.getLogger("fedshield")
 
@@ -84,10 +86,11 @@ class _Timer:
 
 
 class Site:
-    """One site: its data, its model (through its Party) and fedshield's training loop."""
+    """One site: its data, its model (through its Party) and fedshield's training loop, or the
+    site's own (``train_fn``, see fedshield.fl.train_fn; ``node_config`` is handed to it)."""
 
     def __init__(self, party_id: int, party: Party, data: SiteData, cfg: RunConfig,
-                 tokenizer) -> None:
+                 tokenizer, *, train_fn=None, node_config: Mapping | None = None) -> None:
         if (party.ctx is not None) != cfg.he.enabled:
             raise ValueError(f"he.enabled={cfg.he.enabled} but the party has "
                              f"{'a' if party.ctx is not None else 'no'} context")
@@ -96,6 +99,8 @@ class Site:
         self.data = data
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.train_fn = train_fn
+        self.node_config = dict(node_config or {})
 
     @property
     def name(self) -> str:
@@ -130,12 +135,17 @@ class Site:
         cfg, party = self.cfg, self.party
         timer = _Timer()
         party.load_global()
+        seed = cfg.training.seed * 1_000_003 + plan.round * 1009 + self.party_id
+        metrics = None
         with timer.phase("train"):
-            result = train_local(party.model, self.data.train, steps=cfg.training.local_steps,
-                                 batch_size=cfg.training.batch_size, lr=plan.lr,
-                                 grad_accum=cfg.training.grad_accum,
-                                 seed=cfg.training.seed * 1_000_003 + plan.round * 1009
-                                 + self.party_id)
+            if self.train_fn is None:
+                result = train_local(party.model, self.data.train,
+                                     steps=cfg.training.local_steps,
+                                     batch_size=cfg.training.batch_size, lr=plan.lr,
+                                     grad_accum=cfg.training.grad_accum, seed=seed)
+            else:
+                result = self._own_training(plan, seed)
+                metrics = result["metrics"]
             values = party.update_values()
             norm = None
             if cfg.dp.enabled:  # DP noise is part of producing the local update
@@ -147,7 +157,7 @@ class Site:
             prepared = party.prepare(prune_ratio=local_ratio, mask=self.round_mask(plan),
                                      values=values)
         common = dict(party=self.party_id, round=plan.round, train_loss=float(result["loss"]),
-                      kept_fraction=prepared.kept_fraction, update_norm=norm)
+                      kept_fraction=prepared.kept_fraction, update_norm=norm, metrics=metrics)
         if party.ctx is None:
             values = {k: v.detach().cpu().numpy().astype(np.float32)
                       for k, v in prepared.values.items()}
@@ -156,6 +166,21 @@ class Site:
             upd = party.encrypt(prepared, weight, round=plan.round,
                                 weight_bound=plan.weight_bound)
         return TrainReply(**common, seconds=timer.seconds, update=upd.to_bytes())
+
+    def _own_training(self, plan: RoundPlan, seed: int) -> dict:
+        """The site's train-fn for this round; its example count must stay within the
+        federation's weight bound (set from the counts the sites enrolled with)."""
+        cfg = self.cfg
+        own = TrainPlan(round=plan.round, lr=plan.lr, steps=cfg.training.local_steps,
+                        batch_size=cfg.training.batch_size, grad_accum=cfg.training.grad_accum,
+                        seed=seed, tokenizer=self.tokenizer, train=self.data.train,
+                        node_config=self.node_config)
+        n, metrics = run_train_fn(self.train_fn, self.party.model, own)
+        if n > plan.weight_bound:
+            raise ParameterError(f"train-fn returned num_examples={n}, above the federation's "
+                                 f"weight bound {plan.weight_bound:g} (set from the example "
+                                 "counts the sites enrolled with)")
+        return {"loss": metrics["loss"], "num_examples": n, "metrics": metrics}
 
     def apply(self, plan: RoundPlan, *, agg: EncryptedUpdate | bytes | None = None,
               shares: Iterable[bytes] | None = None,

@@ -10,11 +10,13 @@ Node config (``flower-supernode --node-config``): ``data`` (this site's own data
 share's), and optionally ``model`` (its own model directory), ``eval-data`` (its own held-out
 file instead of a held-out part of ``data``), ``name``, ``columns``, ``out-dir`` (where the
 adapter goes when the server asks this node to write it) and ``worker-idle-timeout``.
-Run config: ``fedshield-config`` (the run config as JSON).
+Run config: ``fedshield-config`` (the run config as JSON); on the simulation runtime also
+``simulation-sites`` (each virtual SuperNode's node config, by partition id).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from flwr.common import ConfigRecord, Context, Message, RecordDict
 from .records import (AGGREGATE, FIELDS, SHARE, STYPE_AGGREGATE, STYPE_SHARE, STYPE_UPDATE,
                       UPDATE, get_payload, message_fields, put_payload, route_logs_to_flower,
                       share_key)
-from .site_ipc import ensure_worker, request
+from .site_ipc import SIMULATION_SITES, ensure_worker, request
 
 route_logs_to_flower()
 app = ClientApp()
@@ -33,9 +35,20 @@ app = ClientApp()
 WORKER_START_TIMEOUT = 600.0
 
 
+def node_config(context: Context) -> dict:
+    """This site's node config. On Flower's simulation runtime a virtual SuperNode's node
+    config holds only its ``partition-id``: the run config's ``simulation-sites`` (a JSON list)
+    holds each site's by partition id."""
+    node = dict(context.node_config)
+    sites = context.run_config.get(SIMULATION_SITES)
+    if "data" not in node and sites and "partition-id" in node:
+        node = json.loads(str(sites))[int(node["partition-id"])]
+    return node
+
+
 def worker(context: Context) -> Path:
     """The socket of this node's site worker (started, or waited for, when needed)."""
-    return ensure_worker(dict(context.node_config), dict(context.run_config), os.getppid(),
+    return ensure_worker(node_config(context), dict(context.run_config), os.getppid(),
                          WORKER_START_TIMEOUT)
 
 

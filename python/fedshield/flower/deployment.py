@@ -120,7 +120,9 @@ class Deployment:
         self.procs[name] = proc
         return proc
 
-    def start_superlink(self) -> None:
+    def start_superlink(self, simulation: bool = False) -> None:
+        """The SuperLink; ``simulation``: Flower's simulation runtime (its ServerApp process
+        runs the virtual SuperNodes' ClientApps in ray actors; no SuperNode processes)."""
         tool = _tool("flower-superlink")
         if _has_flag(tool, "--serverappio-api-address"):  # Flower 1.30: one gRPC port per API
             apis = ["--fleet-api-address", f"127.0.0.1:{self.fleet}",
@@ -129,7 +131,8 @@ class Deployment:
         else:  # later releases serve every API over HTTP on one --host/--port
             self.fleet = self.control = self.serverappio
             apis = ["--host", "127.0.0.1", "--port", str(self.serverappio)]
-        self._start("superlink", [tool, "--insecure", *apis], self._home("superlink"))
+        mode = ["--simulation"] if simulation else []
+        self._start("superlink", [tool, "--insecure", *mode, *apis], self._home("superlink"))
         self._wait_for_port(self.control)
 
     def _wait_for_port(self, port: int, timeout: float = 120.0) -> None:
@@ -164,14 +167,19 @@ class Deployment:
                 raise DeploymentError(f"{name} exited with code {proc.returncode}; see "
                                      f"{self.logs / (name + '.log')}")
 
-    def run_app(self, app_dir: Path, timeout: float, on_poll=None) -> int:
-        """`flwr run` against this SuperLink; returns its exit code."""
+    def run_app(self, app_dir: Path, timeout: float, on_poll=None,
+                federation_config: dict | None = None) -> int:
+        """`flwr run` against this SuperLink; returns its exit code. ``federation_config``:
+        the simulation runtime's settings (num-supernodes, client-resources-num-cpus, ...)."""
         home = self._home("cli")
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.control}"\ninsecure = true\n')
+        extra = [] if not federation_config else [
+            "--federation-config", " ".join(f"{k}={_toml_value(v)}"
+                                            for k, v in federation_config.items())]
         proc = self._start("flwr-run", [_tool("flwr"), "run", str(app_dir), CONNECTION,
-                                        "--stream"], home)
+                                        "--stream", *extra], home)
         deadline = time.monotonic() + timeout
         while proc.poll() is None:
             if time.monotonic() > deadline:
@@ -183,16 +191,18 @@ class Deployment:
             time.sleep(0.5)
         return proc.returncode
 
-    def stop(self) -> None:
-        """SIGTERM to every process group we started, SIGKILL after a grace period."""
-        for proc in self.procs.values():
+    def stop(self, names=None) -> None:
+        """SIGTERM to every process group we started (or those of ``names``), SIGKILL after a
+        grace period."""
+        procs = [p for name, p in self.procs.items() if names is None or name in names]
+        for proc in procs:
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + 10
-        for proc in self.procs.values():
+        for proc in procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

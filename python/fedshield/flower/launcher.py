@@ -16,27 +16,65 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 from ..atomic import write_json_atomic
 from ..config import RunConfig
-from ..errors import FedShieldError
+from ..errors import FedShieldError, ParameterError
 from ..fl.dealer import deal_keys
 from ..fl.site_files import site_files
+from ..run_dir import METRICS, claim_out_dir
 from ..threads import ENV as THREADS_ENV
 from ..threads import available_cpus
 from .deployment import Deployment, DeploymentError, write_app_project
-from .site_ipc import SiteWorkerError, request, socket_path, spawn_worker
+from .site_ipc import SIMULATION_SITES, SiteWorkerError, request, socket_path, spawn_worker
 
 log = logging.getLogger("fedshield")
 
 SERVER_APP = "fedshield.flower.server_app:app"
 CLIENT_APP = "fedshield.flower.client_app:app"
+
+
+# What ray logs when its raylet does not register within its fixed 30 s (an overloaded node).
+RAY_START_FAILURE = "timed out during startup"
+
+
+@dataclass(frozen=True)
+class SiteResources:
+    """What each site of a simulation-runtime run declares (many sites on one node): ``cpus``
+    (its ray actors and its site worker's FEDSHIELD_NUM_THREADS) and ``gpus``, a fraction of a
+    GPU (0: CPU only). Sites run in parallel as far as the node's CPUs and GPUs allow; each
+    site worker is pinned to GPU ``devices[floor(i * gpus) % len(devices)]``."""
+
+    cpus: int = 1
+    gpus: float = 0.0
+    devices: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cpus, bool) or not isinstance(self.cpus, int) or self.cpus < 1:
+            raise ParameterError(f"cpus={self.cpus!r} must be an int >= 1 (per site)")
+        if not (isinstance(self.gpus, (int, float)) and 0.0 <= self.gpus <= 1.0):
+            raise ParameterError(f"gpus={self.gpus!r} must be a fraction of a GPU in [0, 1]")
+        if self.gpus and not self.devices:
+            raise ParameterError("gpus > 0 needs at least one GPU in devices")
+
+    def env(self, site: int) -> dict:
+        """The environment of site ``site``'s worker."""
+        out = {THREADS_ENV: str(self.cpus), "OMP_NUM_THREADS": str(self.cpus)}
+        out["CUDA_VISIBLE_DEVICES"] = (str(self.devices[int(site * self.gpus) % len(self.devices)])
+                                       if self.gpus else "")
+        return out
+
+    def federation_config(self, n_sites: int) -> dict:
+        """`flwr run --federation-config` of the simulation runtime."""
+        return {"num-supernodes": n_sites, "client-resources-num-cpus": self.cpus,
+                "client-resources-num-gpus": float(self.gpus)}
 
 
 @dataclass
@@ -107,30 +145,39 @@ def write_app(app_dir: Path, cfg: RunConfig, server_ctx: Path, out: Path,
 def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
                app: FlowerApp | None = None, node_env: dict | None = None,
                node_configs: list[dict] | None = None,
-               late_node_configs: Sequence[dict] = ()) -> dict:
+               late_node_configs: Sequence[dict] = (), overwrite: bool = False,
+               simulation: SiteResources | None = None) -> dict:
     """Runs `cfg` on a loopback Flower deployment; returns the metrics (also in
-    OUT/metrics.json) after the adapter and plots are written.
+    OUT/metrics.json) after the adapter and plots are written. OUT must not hold a run
+    unless ``overwrite``. Every process it starts is ended when it returns or raises
+    (KeyboardInterrupt included).
 
     ``node_configs`` adds entries to each site's node config; ``late_node_configs`` starts
-    extra SuperNodes once the sites are enrolled (they must take no part in the run)."""
+    extra SuperNodes once the sites are enrolled (they must take no part in the run).
+    ``simulation``: the same ServerApp and ClientApp on Flower's simulation runtime (one
+    SuperLink, virtual SuperNodes in ray actors, each site declaring these resources)."""
     try:
         import flwr  # noqa: F401, PLC0415
     except ImportError as exc:
         raise FedShieldError("--engine flower needs Flower: pip install 'fedshield[flower]'") from exc
     app = app or FlowerApp()
-    out = Path(cfg.engine.out).resolve()
+    if simulation is not None and late_node_configs:
+        raise ParameterError("late_node_configs: the simulation runtime has no SuperNodes to "
+                             "start late")
+    out = claim_out_dir(Path(cfg.engine.out).resolve(), overwrite=overwrite)
     work = out / "flower"
     if work.exists():
         shutil.rmtree(work)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.json"
-    metrics_path.unlink(missing_ok=True)
+    metrics_path = out / METRICS
     start = time.perf_counter()
     configs, server_path = prepare_sites(cfg, work)
     log.info("flower: %d site directories under %s (%s keys) in %.1f s", len(configs),
              work / "nodes", cfg.keys.mode, time.perf_counter() - start)
     extra = node_configs or [{} for _ in configs]
     configs = [{**c, "out-dir": str(out), **e} for c, e in zip(configs, extra)]
+    if simulation is not None:  # virtual SuperNodes find their node config by partition id
+        app = replace(app, run_config={**app.run_config,
+                                       SIMULATION_SITES: json.dumps(configs)})
     run_config = write_app(work / "app", cfg, server_path, out, app)
     # train, share, evaluate per round plus enrolment, each bounded by round_timeout
     budget = cfg.engine.round_timeout * (3 * cfg.training.rounds + 2) + 120
@@ -139,8 +186,13 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
     share = str(max(1, available_cpus() // len(configs)))
     node_env = {THREADS_ENV: share, "OMP_NUM_THREADS": share, **(node_env or {})}
     try:
-        code, metrics = _deploy(work, configs, late, node_env,
-                                run_config if app.site_workers else None, budget, metrics_path)
+        if simulation is not None:
+            code, metrics = _simulate(work, configs, node_env, run_config, simulation, budget,
+                                      metrics_path)
+        else:
+            code, metrics = _deploy(work, configs, late, node_env,
+                                    run_config if app.site_workers else None, budget,
+                                    metrics_path)
     except DeploymentError as exc:
         raise FedShieldError(str(exc)) from exc
     if code != 0 or not metrics.get("finished"):
@@ -158,44 +210,108 @@ def _deploy(work: Path, configs: list[dict], late: list[dict], node_env: dict | 
     n = len(configs)
     node_dirs = [Path(c["key-file"]).parent for c in configs]
     with Deployment(work, n + len(late), configs + late, env=node_env) as dep, \
-            _site_workers(configs, node_dirs, run_config, dep.env):
+            _site_workers(configs, node_dirs, run_config, dep):
         dep.start_superlink()
         for i in range(n):
             dep.start_supernode(i, cwd=node_dirs[i])
         log.info("flower: SuperLink (fleet 127.0.0.1:%d) and %d SuperNodes started; logs in %s",
                  dep.fleet, n, dep.logs)
         pending = list(range(n, n + len(late)))
+        reported = 0
 
-        def start_late_nodes() -> None:
+        def on_poll() -> None:
+            nonlocal reported
             if pending and metrics_path.exists() and '"participants"' in metrics_path.read_text():
                 for i in pending:
                     log.info("flower: starting a late SuperNode (%d)", i)
                     dep.start_supernode(i)
                 pending.clear()
+            reported = _log_new_rounds(metrics_path, reported)
 
-        code = dep.run_app(work / "app", budget, on_poll=start_late_nodes)
+        code = dep.run_app(work / "app", budget, on_poll=on_poll)
         return code, _wait_for_metrics(metrics_path, 60.0 if code == 0 else 5.0)
+
+
+def _simulate(work: Path, configs: list[dict], node_env: dict, run_config: dict,
+              resources: SiteResources, budget: float, metrics_path: Path) -> tuple[int, dict]:
+    """The simulation runtime: a SuperLink with --simulation, no SuperNode processes; each
+    site's worker gets its declared CPUs (and GPU)."""
+    node_dirs = [Path(c["key-file"]).parent for c in configs]
+    envs = [{**node_env, **resources.env(i)} for i in range(len(configs))]
+    with Deployment(work, 0, [], env=node_env) as dep, \
+            _site_workers(configs, node_dirs, run_config, dep,
+                          [{**dep.env, **e} for e in envs]):
+        dep.start_superlink(simulation=True)
+        log.info("flower: simulation runtime, %d sites of %s; logs in %s", len(configs),
+                 resources, dep.logs)
+        for attempt in (1, 2):
+            code = dep.run_app(work / "app", budget,
+                               federation_config=resources.federation_config(len(configs)))
+            metrics = _wait_for_metrics(metrics_path, 60.0 if code == 0 else 5.0)
+            log_text = (dep.logs / "flwr-run.log").read_text(errors="replace")
+            # ray waits a fixed 30 s for its raylet; on an overloaded node it may not make it,
+            # before any site was contacted: start the run once more
+            if metrics.get("finished") or RAY_START_FAILURE not in log_text or attempt == 2:
+                return code, metrics
+            log.warning("flower: ray did not start within its 30 s on this loaded node; "
+                        "starting the simulation once more")
+            metrics_path.unlink(missing_ok=True)
+        return code, metrics
 
 
 @contextmanager
 def _site_workers(configs: list[dict], node_dirs: list[Path], run_config: dict | None,
-                  env: dict):
+                  dep: Deployment, envs: list[dict] | None = None):
     """Starts each site's worker first (it loads its model and data while Flower starts up;
-    its ClientApp finds it by its node config) and shuts them all down at the end."""
+    its ClientApp finds it by its node config), in ``envs[i]`` (default: the deployment's
+    environment). At the end of a run each is asked to shut down, then any still running is
+    ended; when the run was interrupted or failed they are ended at once (a busy worker
+    answers no shutdown request)."""
     if run_config is None:
         yield
         return
     paths = [socket_path(c) for c in configs]
-    for path, config, node_dir in zip(paths, configs, node_dirs):
-        spawn_worker(path, config, run_config, os.getpid(), env=env, cwd=node_dir)
+    names = [f"site-worker-{i}" for i in range(len(configs))]
+    envs = envs or [dep.env] * len(configs)
+    for name, path, config, node_dir, env in zip(names, paths, configs, node_dirs, envs):
+        dep.procs[name] = spawn_worker(path, config, run_config, os.getpid(), env=env,
+                                       cwd=node_dir)
+    finished = False
     try:
         yield
+        finished = True
     finally:
-        for path in paths:
+        for path in paths if finished else ():
             try:
                 request(path, "shutdown", {}, timeout=30.0)
             except SiteWorkerError:
                 pass  # it already exited after the run's final message
+        deadline = time.monotonic() + 10.0
+        for name in names if finished else ():
+            try:
+                dep.procs[name].wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        dep.stop(names)  # a worker ended by a signal leaves its socket and pid files
+        for path in paths:
+            for leftover in (path, path.with_suffix(".pid")):
+                leftover.unlink(missing_ok=True)
+
+
+def _log_new_rounds(metrics_path: Path, reported: int) -> int:
+    """One line per round the ServerApp has recorded since the last call (its own log goes to
+    the Flower logs): the user's progress. Returns the rounds reported so far."""
+    try:
+        metrics = json.loads(metrics_path.read_text())  # written atomically: whole or absent
+    except (OSError, ValueError):
+        return reported
+    rounds = metrics.get("rounds", [])
+    total = metrics.get("config", {}).get("training", {}).get("rounds")
+    for r in rounds[reported:]:
+        loss = r.get("eval_loss")
+        log.info("flower: round %s/%s %s: eval loss %s, parties %s", r.get("round"), total,
+                 r.get("status"), "n/a" if loss is None else f"{loss:.4f}", r.get("clients"))
+    return max(reported, len(rounds))
 
 
 def _last_error(log_path: Path) -> str:

@@ -7,7 +7,9 @@ and hands it every message over a Unix socket (fedshield.flower.site_ipc). The w
 model, the tokenized data, the key and the global adapter between rounds and messages.
 
 It reads only what its node config names: ``data`` (its own file), ``key-file``, optionally
-``model``, ``eval-data``, ``name``, ``party-id``, ``columns`` and ``out-dir``. It exits when
+``model``, ``eval-data``, ``name``, ``party-id``, ``columns``, ``out-dir`` and ``train-fn`` (the
+site's own training function, "package.module:function", which the run config may also name
+for every site; see fedshield.fl.train_fn). It exits when
 its SuperNode exits, after the run's final message, or after ``worker-idle-timeout`` seconds
 without a message (default 3600).
 """
@@ -28,6 +30,8 @@ from ..errors import FedShieldError, KeyMaterialError, ParameterError
 from ..fl.messages import RoundPlan
 from ..fl.party import Party
 from ..fl.site import Site, load_site_data
+from ..fl.train_fn import SETTING as TRAIN_FN
+from ..fl.train_fn import load_train_fn
 from ..he import EncryptedUpdate, load_context
 from ..model import build_lora_model, load_tokenizer
 from ..threads import apply_to_torch
@@ -85,8 +89,13 @@ def build_site(node: dict, run_config: dict) -> tuple[Site, Path]:
                                eval_path=None if eval_data is None else str(eval_data),
                                name=_node_value(node, "name"))
     party = Party(ctx, model_obj, algorithm=cfg.training.algorithm)
-    out = Path(str(_node_value(node, "out-dir", "."))) 
-    return Site(party_id, party, site_data, cfg, tokenizer), out
+    out = Path(str(_node_value(node, "out-dir", ".")))
+    spec = _node_value(node, TRAIN_FN, run_config.get(TRAIN_FN) or None)
+    train_fn = None if spec is None else load_train_fn(str(spec))
+    if train_fn is not None:
+        log.info("site worker: party %d trains with its own %s", party_id, spec)
+    return Site(party_id, party, site_data, cfg, tokenizer, train_fn=train_fn,
+                node_config=node), out
 
 
 class SiteWorker:

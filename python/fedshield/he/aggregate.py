@@ -51,6 +51,7 @@ def aggregate(server_ctx: Context, updates: Iterable[UpdateLike], *, round: int 
     agg = _native.Aggregator(server_ctx.fingerprint, list(server_ctx.moduli),
                              server_ctx.params.ring_dim, server_ctx.params.max_clients, threads,
                              packing=PACKING_CODE[server_ctx.params.packing],
+                             elements=1 if server_ctx.params.seeded else 2,
                              allow_aggregates=allow_partial_aggregates, **expect)
     for index, update in enumerate(updates):
         data = update.to_bytes() if isinstance(update, EncryptedUpdate) else update

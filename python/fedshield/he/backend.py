@@ -123,8 +123,9 @@ def load_secret_key(blob: bytes):
         raise KeyMaterialError(f"cannot load the secret key: {exc}") from exc
 
 
-def encrypt_buffer(cc, public_key, buffer: np.ndarray, params: CKKSParams) -> list[bytes]:
-    """Encrypts a float64 buffer of n_ciphertexts * values_per_ciphertext reals."""
+def encrypt_buffer(cc, key, buffer: np.ndarray, params: CKKSParams) -> list[bytes]:
+    """Encrypts a float64 buffer of n_ciphertexts * values_per_ciphertext reals, with the
+    public key or the secret key (OpenFHE's Encrypt takes either)."""
     o = openfhe()
     per_ct = params.values_per_ciphertext
     assert buffer.dtype == np.float64 and buffer.size % per_ct == 0
@@ -136,7 +137,7 @@ def encrypt_buffer(cc, public_key, buffer: np.ndarray, params: CKKSParams) -> li
         if params.packing == "real":
             chunk = chunk.astype(np.complex128)
         pt = cc.MakeCKKSPackedPlaintext(chunk)
-        out.append(bytes(o.Serialize(cc.Encrypt(public_key, pt), o.BINARY)))
+        out.append(bytes(o.Serialize(cc.Encrypt(key, pt), o.BINARY)))
     return out
 
 

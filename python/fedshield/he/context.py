@@ -21,7 +21,7 @@ from ..errors import InvalidUpdate, KeyMaterialError, ParameterError
 from . import backend
 from .flooding import roots_of
 from .params import CKKSParams
-from .crypto_pool import CryptoPool
+from .crypto_pool import CryptoPool, dispatch
 from .wipe import wipe
 
 _MAGIC = b"FSHLDCTX"
@@ -209,7 +209,12 @@ class Context:
         key = ("pool", workers, need_secret)
         if key not in self._live or self._live[key].broken:
             blob = self.to_bytes(include_secret=need_secret)
-            self._live[key] = CryptoPool(blob, self.params, workers)
+
+            def local(op: str, payload):  # this process's own share of a batch
+                return dispatch(self.openfhe_objects(need_secret=need_secret), self.params, op,
+                                payload)
+
+            self._live[key] = CryptoPool(blob, self.params, workers, local)
         return self._live[key]
 
     def secret_key_bytes(self) -> bytes:

@@ -17,10 +17,14 @@ import subprocess
 import sys
 import threading
 import weakref
+from typing import Callable
 
 import numpy as np
 
 from ..errors import FedShieldError
+from . import backend
+from ..threads import ENV as THREADS_ENV
+from ..threads import num_threads
 from .params import CKKSParams
 
 # Below this many ciphertexts the pool costs more than it saves (pipe transfer, scheduling).
@@ -28,15 +32,16 @@ MIN_PARALLEL_CIPHERTEXTS = 8
 
 
 def default_workers() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """One worker process per thread fedshield may use (FEDSHIELD_NUM_THREADS)."""
+    return num_threads()
 
 
 class _Worker:
     def __init__(self, context_blob: bytes) -> None:
+        # Each worker is one busy thread: its native calls and OpenFHE's OpenMP stay at one.
+        env = {**os.environ, THREADS_ENV: "1", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "fedshield.he.crypto_worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         try:
             self.send(("init", context_blob))
             self.receive()
@@ -72,15 +77,33 @@ class _Worker:
                 self.proc.kill()
 
 
-class CryptoPool:
-    """Worker processes holding one context; work is split by whole ciphertexts."""
+def dispatch(objects, params: CKKSParams, op: str, payload):
+    """One crypto operation on live openfhe objects (crypto_context, public_key, secret_key):
+    what a worker process does, and the calling process's own share of a batch."""
+    if op == "encrypt":
+        return backend.encrypt_buffer(objects[0], objects[1], payload, params)
+    if op == "encrypt_secret":
+        return backend.encrypt_buffer(objects[0], objects[2], payload, params)
+    if op == "decrypt":
+        return backend.decrypt_ciphertexts(objects[0], objects[2], payload, params)
+    raise ValueError(f"unknown op {op!r}")
 
-    def __init__(self, context_blob: bytes, params: CKKSParams, workers: int) -> None:
+
+class CryptoPool:
+    """``workers`` threads of work on one context, split by whole ciphertexts: the calling
+    process takes the last share itself (``local(op, part)``), ``workers - 1`` worker processes
+    the others. So the caller, which feeds the workers through pipes, is one of the ``workers``
+    busy threads instead of one more (measured: with 2 CPUs, 2 worker processes plus the
+    caller's pipe transfers kept 3 threads busy at times)."""
+
+    def __init__(self, context_blob: bytes, params: CKKSParams, workers: int,
+                 local: Callable[[str, object], object]) -> None:
         self.params = params
+        self._local = local
         self._workers: list[_Worker] = []
         self.broken = False  # a failed batch leaves pipes in an unknown state: start afresh
         try:
-            for _ in range(workers):
+            for _ in range(workers - 1):
                 self._workers.append(_Worker(context_blob))
         except BaseException:
             self.broken = True
@@ -92,24 +115,29 @@ class CryptoPool:
 
     def _run(self, op: str, parts: list) -> list:
         with self._lock:
-            used = self._workers[:len(parts)]
+            remote, own = parts[:-1], parts[-1]
+            used = self._workers[:len(remote)]
             try:
-                for worker, part in zip(used, parts):
+                for worker, part in zip(used, remote):
                     worker.send((op, part))
-                return [worker.receive() for worker in used]
+                mine = self._local(op, own)   # while the workers work on theirs
+                return [worker.receive() for worker in used] + [mine]
             except BaseException:
                 self.broken = True
                 self.close()
                 raise
 
     def _split(self, n: int) -> list[tuple[int, int]]:
-        bounds = np.linspace(0, n, len(self._workers) + 1).astype(int)
+        bounds = np.linspace(0, n, len(self._workers) + 2).astype(int)
         return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
-    def encrypt(self, buffer: np.ndarray) -> list[bytes]:
+    def encrypt(self, buffer: np.ndarray, with_secret_key: bool = False) -> list[bytes]:
+        """Serialized ciphertexts of the buffer, under the public key or (a pool started with
+        the secret key) under the secret key."""
         per_ct = self.params.values_per_ciphertext
         parts = [buffer[a * per_ct:b * per_ct] for a, b in self._split(buffer.size // per_ct)]
-        return [ct for cts in self._run("encrypt", parts) for ct in cts]
+        op = "encrypt_secret" if with_secret_key else "encrypt"
+        return [ct for cts in self._run(op, parts) for ct in cts]
 
     def decrypt(self, cts: list[bytes]) -> np.ndarray:
         parts = [cts[a:b] for a, b in self._split(len(cts))]

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import sys
 
-from . import backend
 from .context import load_context
+from .crypto_pool import dispatch
 
 
 def _serve() -> None:
     """Worker loop: (op, payload) in on stdin, (status, value) out on the original stdout."""
+    # A Ctrl-C at a terminal reaches the whole process group: the parent handles it and ends
+    # its workers (stdin closes, or a kill); a traceback from each worker would only bury its
+    # message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
     inp = sys.stdin.buffer
-
     objects = params = None
     while True:
         try:
@@ -29,12 +33,8 @@ def _serve() -> None:
                 params = ctx.params
                 objects = ctx.openfhe_objects(need_secret=ctx.has_secret_key)
                 result = None
-            elif op == "encrypt":
-                result = backend.encrypt_buffer(objects[0], objects[1], payload, params)
-            elif op == "decrypt":
-                result = backend.decrypt_ciphertexts(objects[0], objects[2], payload, params)
             else:
-                raise ValueError(f"unknown op {op!r}")
+                result = dispatch(objects, params, op, payload)
             reply = ("ok", result)
         except Exception as exc:  # reported to the parent, which raises it
             reply = ("error", f"{type(exc).__name__}: {exc}")

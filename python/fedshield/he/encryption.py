@@ -8,26 +8,32 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
 from .. import _native
 from ..errors import (HeadroomError, IncompatibleUpdate, InvalidUpdate, KeyMaterialError,
-                      ParameterError)
-from . import backend, flooding
+                      ParameterError, PrecisionError)
+from . import backend, flooding, seeded
 from .arrays import as_tensors
 from .context import Context
+from .crypto_pool import MIN_PARALLEL_CIPHERTEXTS, default_workers
 from .layout import Layout
 from .update import KIND_CLIENT, PACKING_CODE, EncryptedUpdate
-from .crypto_pool import MIN_PARALLEL_CIPHERTEXTS, default_workers
 
 log = logging.getLogger("fedshield")
 
-# Weights (num_examples) are divided by this public bound before encryption so that every
-# pre-weighted value stays within the CKKS headroom. All clients of a round must use the same
-# bound (it rides in the header); it cancels out of sum(w*x)/sum(w).
-DEFAULT_WEIGHT_BOUND = float(2 ** 16)
+# What a decrypted average may differ from the plaintext one by (absolute, values of magnitude
+# <= 1) unless the caller says otherwise: encryption refuses parameters that cannot reach it,
+# decryption refuses an average that may be off by more.
+DEFAULT_TOLERANCE = 1e-6
+
+
+def auto_weight_bound(weight: float) -> float:
+    """The weight bound of an update encrypted alone: its weight's next power of two."""
+    return float(2 ** max(0, math.ceil(math.log2(weight))))
 
 
 def _workers_for(workers: int | None, n_cts: int) -> int:
@@ -81,29 +87,44 @@ def _describe_bad_value(layout: Layout, arrays: list, masks: list, scale: float,
     return str(exc)
 
 
-def encrypt_update(ctx: Context, state: Mapping, layout: Layout, weight: float = 1.0,
-                   mask: Mapping | None = None, *, round: int = 0,
-                   weight_bound: float = DEFAULT_WEIGHT_BOUND, threads: int = 0,
-                   workers: int | None = None) -> EncryptedUpdate:
-    """Encrypts one client's LoRA update (name -> torch tensor or numpy array), pre-weighted by
-    ``weight`` (e.g. num_examples).
+@dataclass(frozen=True)
+class PackedUpdate:
+    """An update packed into slot values, not yet encrypted: ``buffer`` holds
+    ``n_ciphertexts * values_per_ciphertext`` pre-weighted values, ``header`` the wire header
+    its ciphertexts will travel under. Whoever encrypts it may split it by ciphertext
+    (:func:`encrypt_ciphertexts` with ``start``/``stop``, e.g. one slice per rank of a site)
+    and :func:`seal_update` stitches the serialized ciphertexts back into one update."""
 
-    With ``mask`` (name -> bool tensor, True = kept) only kept values are packed, so pruning
-    shrinks the ciphertexts; every client of a round must then use the same mask.
-    Raises HeadroomError if a weighted value would overflow the modulus (never wraps).
-    ``threads``: native threads (0 = all cores); ``workers``: encryption processes
-    (None = every core once the update spans several ciphertexts, 1 = in this process).
-    """
+    buffer: np.ndarray
+    header: dict
+
+    @property
+    def n_ciphertexts(self) -> int:
+        return self.header["n_ciphertexts"]
+
+
+def pack_update(ctx: Context, state: Mapping, layout: Layout, weight: float = 1.0,
+                mask: Mapping | None = None, *, round: int = 0,
+                weight_bound: float | None = None, tolerance: float = DEFAULT_TOLERANCE,
+                threads: int = 0) -> PackedUpdate:
+    """Checks and packs one client's update for :func:`encrypt_ciphertexts` (see
+    :func:`encrypt_update` for the arguments and the errors)."""
     check_context(ctx)
     params = ctx.params
     if not isinstance(layout, Layout):
         raise TypeError(f"expected a fedshield Layout, got {type(layout).__name__}")
     if not (isinstance(round, int) and round >= 0):
         raise ParameterError(f"round={round!r} must be a non-negative int")
-    if not (math.isfinite(weight_bound) and weight_bound > 0):
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+        raise ParameterError(f"weight={weight!r} must be a positive finite number")
+    if weight_bound is None:
+        weight_bound = auto_weight_bound(weight)
+    if not (isinstance(weight_bound, (int, float)) and math.isfinite(weight_bound)
+            and weight_bound > 0):
         raise ParameterError(f"weight_bound={weight_bound!r} must be a positive finite number")
-    if not (math.isfinite(weight) and 0 < weight <= weight_bound):
+    if not weight <= weight_bound:
         raise ParameterError(f"weight={weight!r} must be in (0, weight_bound={weight_bound:g}]")
+    check_reachable(params, tolerance, decryptors=ctx.n_parties or 0)
     arrays = layout.flat_arrays(state)
     masks = layout.mask_arrays(mask)
     n_values = layout.kept_count(mask) + 1  # + the weight
@@ -120,23 +141,158 @@ def encrypt_update(ctx: Context, state: Mapping, layout: Layout, weight: float =
         # The native error names tensors by index; users know them by name.
         raise HeadroomError(_describe_bad_value(layout, arrays, masks, scale,
                                                 params.value_bound, exc)) from exc
-    pool = ctx.crypto_pool(_workers_for(workers, n_cts), need_secret=False)
-    if pool is not None:
-        cts = pool.encrypt(buffer)
-    else:
-        cc, public_key, _ = ctx.openfhe_objects()
-        cts = backend.encrypt_buffer(cc, public_key, buffer, params)
-    del buffer  # plaintext update: drop it as soon as it is encrypted
-    ct_layout = _encryption_layout(ctx, cts[0])
     header = {
         "kind": KIND_CLIENT, "n_summed": 1, "context_fp": ctx.fingerprint,
         "layout_fp": layout.fingerprint, "mask_fp": layout.mask_fingerprint(mask),
         "round": round, "n_values": n_values, "ring_dim": params.ring_dim,
         "n_ciphertexts": n_cts, "modulus": ctx.modulus, "moduli": ctx.moduli,
         "packing": PACKING_CODE[params.packing], "weight_bound": float(weight_bound),
+        "elements": 1 if is_seeded(ctx) else 2,
     }
-    data = _native.encode_ciphertexts(header, cts, ct_layout, threads)
+    return PackedUpdate(buffer, header)
+
+
+def encrypt_ciphertexts(ctx: Context, packed: PackedUpdate, start: int = 0,
+                        stop: int | None = None, *, workers: int | None = None) -> list[bytes]:
+    """Ciphertexts ``start`` to ``stop`` (default: all) of a packed update, serialized, as
+    OpenFHE made them (seeded contexts: under the secret key; :func:`seal_update` reseeds)."""
+    check_context(ctx)
+    n_cts = packed.n_ciphertexts
+    stop = n_cts if stop is None else stop
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n_cts):
+        raise ParameterError(f"ciphertexts [{start!r}, {stop!r}) are not a slice of the "
+                             f"update's {n_cts}")
+    if start == stop:
+        return []
+    per_ct = ctx.params.values_per_ciphertext
+    part = packed.buffer[start * per_ct:stop * per_ct]
+    # Seeded: the secret key encrypts (cheaper, less noise), then c1 becomes a seed's expansion.
+    use_seed = is_seeded(ctx)
+    pool = ctx.crypto_pool(_workers_for(workers, stop - start), need_secret=use_seed)
+    if pool is not None:
+        return pool.encrypt(part, with_secret_key=use_seed)
+    cc, public_key, secret_key = ctx.openfhe_objects(need_secret=use_seed)
+    return backend.encrypt_buffer(cc, secret_key if use_seed else public_key, part, ctx.params)
+
+
+def seal_update(ctx: Context, header: dict, cts: list, threads: int = 0) -> EncryptedUpdate:
+    """One update from its header and every one of its serialized ciphertexts, in order
+    (however many processes encrypted them); a seeded context's c1 is replaced here by one
+    fresh seed's expansion."""
+    check_context(ctx)
+    n_cts = header["n_ciphertexts"]
+    if len(cts) != n_cts or not cts:
+        raise ParameterError(f"the update needs {n_cts} ciphertexts, got {len(cts)}")
+    ct_layout = _encryption_layout(ctx, bytes(cts[0]))
+    seed = None
+    if header["elements"] == 1:
+        seed = seeded.new_seed()
+        a = seeded.expand(seed, ctx.fingerprint, header["round"], n_cts, ctx.moduli,
+                          ctx.params.ring_dim)
+        cts = [bytearray(ct) for ct in cts]
+        _native.reseed_ciphertexts(cts, ct_layout, a, _secret_residues(ctx), threads)
+    data = _native.encode_ciphertexts(header, [bytes(ct) for ct in cts], ct_layout, threads,
+                                      seed)
     return EncryptedUpdate.from_bytes(data)
+
+
+def encrypt_update(ctx: Context, state: Mapping, layout: Layout, weight: float = 1.0,
+                   mask: Mapping | None = None, *, round: int = 0,
+                   weight_bound: float | None = None, tolerance: float = DEFAULT_TOLERANCE,
+                   threads: int = 0, workers: int | None = None) -> EncryptedUpdate:
+    """Encrypts one client's LoRA update (name -> torch tensor or numpy array), pre-weighted by
+    ``weight`` (e.g. num_examples).
+
+    ``weight_bound``: a public bound on the weights of every update summed with this one (it
+    rides in the header and cancels out of sum(w*x)/sum(w)); updates of one aggregate must
+    share it. Pass the round's: the next power of two of its largest weight, which keeps the
+    average within ``tolerance`` (a bound far above the weights makes decryption refuse with
+    fs.PrecisionError). None: this weight's own next power of two (for an update alone).
+    Parameters that cannot reach ``tolerance`` are refused here, before anything is sent.
+
+    With ``mask`` (name -> bool tensor, True = kept) only kept values are packed, so pruning
+    shrinks the ciphertexts; every client of a round must then use the same mask.
+    Raises HeadroomError if a weighted value would overflow the modulus (never wraps).
+    ``threads``: native threads (0 = FEDSHIELD_NUM_THREADS, default the CPUs this process may
+    use); ``workers``: encryption processes (None = that many once the update spans several
+    ciphertexts, 1 = in this process). The three steps (:func:`pack_update`,
+    :func:`encrypt_ciphertexts`, :func:`seal_update`) may run apart: a site of several ranks
+    encrypts a slice on each (fs.Party).
+    """
+    packed = pack_update(ctx, state, layout, weight, mask, round=round,
+                         weight_bound=weight_bound, tolerance=tolerance, threads=threads)
+    cts = encrypt_ciphertexts(ctx, packed, workers=workers)
+    header = packed.header
+    del packed  # plaintext update: drop it as soon as it is encrypted
+    return seal_update(ctx, header, cts, threads)
+
+
+def check_reachable(params, tolerance: float, decryptors: int = 0) -> None:
+    """ParameterError when even a round whose weight bound is within 2x of its largest weight
+    could decrypt further than ``tolerance`` from the plaintext average at these parameters."""
+    if not (isinstance(tolerance, (int, float)) and tolerance > 0):
+        raise ParameterError(f"tolerance={tolerance!r} must be a positive number")
+    best = params.average_error_bound(params.max_clients, 0.5, decryptors)
+    if params.flooding:
+        best += 2 * flooding.PRECISION_SIGMAS * flooding.slot_error_std(params, max(decryptors, 1))
+    if best > tolerance:
+        raise ParameterError(
+            f"these parameters ({params.ring_dim=}, {params.scale_bits=}, "
+            f"{params.max_clients=}) keep a decrypted average within {best:.2g} at best, not "
+            f"within tolerance={tolerance:g}: use fs.CKKSParams.for_precision({tolerance:g}) "
+            "or raise tolerance")
+
+
+def check_weight_sum(weight_sum: float, n_summed: int) -> None:
+    """InvalidUpdate unless sum(w) / weight_bound decrypted in (0, n_summed]: each summed
+    weight is in (0, weight_bound], so anything else means the aggregate was altered after
+    encryption (a seed or a residue changed, checksum rewritten) or came from other keys."""
+    # 1e-3 absorbs CKKS noise, far above it, far below the spread of a garbage decryption
+    # (thousands of weight bounds at the default parameters).
+    if not 0.0 < weight_sum <= n_summed + 1e-3:
+        raise InvalidUpdate(
+            f"the aggregate decrypts to a total weight of {weight_sum:.6g} weight bounds, "
+            f"outside (0, {n_summed}] for {n_summed} summed updates: it was altered after "
+            "encryption (a seed or ciphertext changed) or encrypted under other keys")
+
+
+def check_average(params, weight_sum: float, n_summed: int, tolerance: float,
+                  decryptors: int = 0) -> None:
+    """PrecisionError when the decrypted average of ``n_summed`` updates whose weights sum to
+    ``weight_sum`` times their bound may be further than ``tolerance`` from the plaintext."""
+    bound = params.average_error_bound(n_summed, weight_sum, decryptors)
+    if params.flooding:
+        bound += (flooding.PRECISION_SIGMAS * flooding.slot_error_std(params, max(decryptors, 1))
+                  / weight_sum)
+    if bound > tolerance:
+        raise PrecisionError(
+            f"the weights of this aggregate sum to {weight_sum:.3g} x its weight bound, so its "
+            f"average may be off by up to {bound:.2g}, above tolerance={tolerance:g}: encrypt "
+            "with the round's weight bound (the next power of two of its largest weight), or "
+            "raise tolerance")
+
+
+def is_seeded(ctx: Context) -> bool:
+    """Whether this context's updates are seeded: seeded parameters and the whole secret key
+    (a threshold party holds a share and encrypts with the joint public key)."""
+    return ctx.params.seeded and ctx.has_secret_key
+
+
+def _secret_residues(ctx: Context) -> np.ndarray:
+    """The secret key's residues, every tower (evaluation form, as OpenFHE serializes them)."""
+    return ctx.cached("secret_residues", lambda: np.ascontiguousarray(
+        np.concatenate([residues for _, residues in ctx.key_residues()])))
+
+
+def rebuild_ciphertexts(ctx: Context, update: EncryptedUpdate, threads: int = 0) -> list[bytes]:
+    """The update's OpenFHE ciphertexts, rebuilt from the context's template (a seeded
+    update's c1: the sum of its seeds' expansions)."""
+    template, ct_layout = ctx.ciphertext_template
+    c1 = None
+    if update.is_seeded:
+        c1 = seeded.expand_sum(update.seeds, ctx.fingerprint, update.round,
+                               update.n_ciphertexts, ctx.moduli, ctx.params.ring_dim)
+    return _native.decode_ciphertexts(update.to_bytes(), template, ct_layout, threads, c1)
 
 
 def flood_ciphertexts(ctx: Context, cts: list, n_parties: int = 1) -> list[bytes]:
@@ -188,21 +344,28 @@ def check_for_layout(update: EncryptedUpdate, layout: Layout, mask: Mapping | No
                             f"make {n_kept + 1} (kept values + the weight)")
 
 
-def unpack_average(buffer: np.ndarray, layout: Layout, mask: Mapping | None,
-                   threads: int = 0) -> dict:
-    """Decrypted slot values -> name -> tensor = sum(w*x) / sum(w) (zeros where masked out)."""
+def unpack_average(buffer: np.ndarray, layout: Layout, mask: Mapping | None, update,
+                   params, tolerance: float, decryptors: int = 0, threads: int = 0) -> dict:
+    """Decrypted slot values -> name -> tensor = sum(w*x) / sum(w) (zeros where masked out),
+    refused (fs.PrecisionError) when the weights are too far below their bound for
+    ``tolerance``."""
+    check_weight_sum(float(buffer[update.n_values - 1]) / 2.0 ** params.prescale_bits,
+                     update.n_summed)
     outs = [np.empty(s.numel, dtype=np.float32) for s in layout.specs]
-    _native.unpack_values(buffer, outs, layout.mask_arrays(mask), True, threads)
+    weight = _native.unpack_values(buffer, outs, layout.mask_arrays(mask), True, threads)
+    check_average(params, weight / 2.0 ** params.prescale_bits, update.n_summed, tolerance,
+                  decryptors)
     return as_tensors({s.name: o.reshape(s.shape) for s, o in zip(layout.specs, outs)})
 
 
 def decrypt_update(ctx: Context, update: EncryptedUpdate, layout: Layout,
-                   mask: Mapping | None = None, *, threads: int = 0,
-                   workers: int | None = None) -> dict:
+                   mask: Mapping | None = None, *, tolerance: float = DEFAULT_TOLERANCE,
+                   threads: int = 0, workers: int | None = None) -> dict:
     """Decrypts an aggregate (or an update) into name -> torch tensor = sum(w*x) / sum(w).
 
-    Pruned positions (mask False) come back as zeros. Needs the secret key.
-    ``threads`` and ``workers`` as in :func:`encrypt_update`.
+    Pruned positions (mask False) come back as zeros. Needs the secret key. Raises
+    fs.PrecisionError rather than return an average that may be further than ``tolerance``
+    from the plaintext one. ``threads`` and ``workers`` as in :func:`encrypt_update`.
     """
     check_context(ctx)
     if not isinstance(update, EncryptedUpdate):
@@ -219,8 +382,7 @@ def decrypt_update(ctx: Context, update: EncryptedUpdate, layout: Layout,
     check_for_context(ctx, update)
     check_for_layout(update, layout, mask)
     cc, _, secret_key = ctx.openfhe_objects(need_secret=True)
-    template, ct_layout = ctx.ciphertext_template
-    cts = _native.decode_ciphertexts(update.to_bytes(), template, ct_layout, threads)
+    cts = rebuild_ciphertexts(ctx, update, threads)
     if ctx.params.flooding:
         cts = flood_ciphertexts(ctx, cts, n_parties=1)
     pool = ctx.crypto_pool(_workers_for(workers, len(cts)), need_secret=True)
@@ -228,4 +390,4 @@ def decrypt_update(ctx: Context, update: EncryptedUpdate, layout: Layout,
         buffer = pool.decrypt(cts)
     else:
         buffer = backend.decrypt_ciphertexts(cc, secret_key, cts, ctx.params)
-    return unpack_average(buffer, layout, mask, threads)
+    return unpack_average(buffer, layout, mask, update, ctx.params, tolerance, threads=threads)

@@ -39,6 +39,7 @@ The frame's digest is unkeyed: a share crafted by someone who relays it is not d
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Iterable, Mapping, Optional
 
 import numpy as np
@@ -48,7 +49,8 @@ from ..errors import (IncompatibleUpdate, InvalidUpdate, KeyMaterialError, NotEn
                       ParameterError)
 from . import backend, flooding
 from .context import Context
-from .encryption import check_context, check_for_context, check_for_layout, unpack_average
+from .encryption import (DEFAULT_TOLERANCE, check_context, check_for_context, check_for_layout,
+                         unpack_average)
 from .frames import frame, int_field, unframe
 from .layout import Layout
 from .threshold import MAX_PARTIES, check_party_context
@@ -128,6 +130,9 @@ def partial_decrypt(party_ctx: Context, agg, present: Optional[Iterable[int]] = 
     if not agg.is_aggregate:
         raise IncompatibleUpdate("threshold parties only decrypt aggregates, not a single "
                                  "client's update (aggregate it with fs.aggregate first)")
+    if agg.is_seeded:
+        raise IncompatibleUpdate("a seeded aggregate is decrypted with the whole secret key, "
+                                 "not by threshold parties")
     if agg.n_summed < 2:
         raise IncompatibleUpdate("an aggregate of one update is that client's update: "
                                  "threshold parties decrypt aggregates of at least 2")
@@ -159,7 +164,7 @@ def partial_decrypt(party_ctx: Context, agg, present: Optional[Iterable[int]] = 
     meta = {"party_id": pid, "n_parties": party_ctx.n_parties,
             "threshold": party_ctx.threshold, "present": ids, "lead": lead,
             "context_fp": party_ctx.fingerprint.hex(), "aggregate": aggregate_digest(agg),
-            "round": agg.round}
+            "round": agg.round, "params": json.loads(party_ctx.params.to_json())}
     return frame(PARTIAL_MAGIC, meta, parts)
 
 
@@ -210,6 +215,9 @@ class PartialDecryption:
         pid = self.party_id
         if self.meta["context_fp"] != ctx.fingerprint.hex():
             raise IncompatibleUpdate(f"the share of party {pid} was made under another context")
+        if self.meta.get("params") != json.loads(ctx.params.to_json()):
+            raise IncompatibleUpdate(f"the share of party {pid} names other parameters than the "
+                                     "context's")
         if self.meta["aggregate"] != aggregate_digest(agg) or self.meta["round"] != agg.round:
             raise IncompatibleUpdate(f"the share of party {pid} decrypts a different aggregate "
                                      f"(round {self.meta['round']}, this is round {agg.round})")
@@ -252,9 +260,11 @@ def partial_template(ctx: Context) -> dict[bool, tuple[bytes, tuple]]:
 
 
 def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mapping] = None, *,
-                     ctx: Context, threads: int = 0) -> dict:
+                     ctx: Context, tolerance: float = DEFAULT_TOLERANCE, threads: int = 0
+                     ) -> dict:
     """Fuses the partial decryptions of every present party into name -> tensor
-    = sum(w*x) / sum(w), like :func:`fedshield.decrypt_update`.
+    = sum(w*x) / sum(w), like :func:`fedshield.decrypt_update` (and like it, refuses with
+    fs.PrecisionError an average that may be further than ``tolerance`` from the plaintext).
 
     ``ctx``: any context of the key set (a party's, or the public one): the shares' OpenFHE
     bytes are rebuilt from its template, never taken from the shares.
@@ -318,7 +328,8 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
             raise InvalidUpdate(f"the partial decryptions do not fuse: {exc}") from exc
         _check_fused(values, agg, ctx.params)
         buffers.append(values.view(np.float64) if packing == "complex" else values.real.copy())
-    return unpack_average(np.ascontiguousarray(np.concatenate(buffers)), layout, mask, threads)
+    return unpack_average(np.ascontiguousarray(np.concatenate(buffers)), layout, mask, agg,
+                          ctx.params, tolerance, decryptors=len(present), threads=threads)
 
 
 def _check_fused(values: np.ndarray, agg: EncryptedUpdate, params) -> None:

@@ -38,9 +38,9 @@ KEYGEN_MAGIC = b"FSHLDKGN"    # a step of the key generation chain (public)
 KEY_SHARE_MAGIC = b"FSHLDKSH"  # a Shamir share of one party's key share (secret)
 MAX_PARTIES = 1024
 
-# Partial decryptions carry OpenFHE's fixed flooding noise: two more bits of scale keep the
-# fused error below 1e-6 (see the module docstring for the measurements).
-THRESHOLD_PARAMS = CKKSParams(scale_bits=52)
+# Threshold parties encrypt with the joint public key, and partial decryptions carry OpenFHE's
+# fixed multiparty noise: the profile for 1e-6 sizes the scale for both (fedshield.he.partial).
+THRESHOLD_PARAMS = CKKSParams.for_precision(keys="threshold")
 
 
 def _check_parties(n_parties, threshold) -> tuple[int, int]:
@@ -108,6 +108,11 @@ def start_keygen(params: Optional[CKKSParams] = None, n_parties: int = 3,
     """Party 0's step: a fresh crypto context and key pair. Send the message to party 1."""
     params = params or THRESHOLD_PARAMS
     n_parties, threshold = _check_parties(n_parties, threshold)
+    if params.seeded:
+        raise ParameterError(
+            "threshold parties hold key shares and encrypt with the joint public key: use "
+            "unseeded parameters, e.g. fs.CKKSParams.for_precision(keys='threshold') "
+            "(or seeded=False)")
     check_precision(params, n_parties)
     cc = backend.make_crypto_context(params)
     backend.enable_multiparty(cc)

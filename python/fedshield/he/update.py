@@ -2,7 +2,9 @@
 
 Only the CKKS residues travel (bit-packed to bit_length(q) bits); every other byte of an
 OpenFHE ciphertext is identical across fresh ciphertexts of a context and is rebuilt by the
-key holders from their context's template. See csrc/wire.hpp for the byte layout.
+key holders from their context's template. Seeded updates carry c0 and a 32-byte seed per
+summed client instead of c0 and c1 (fedshield.he.seeded). See csrc/wire.hpp for the byte
+layout (version 3; version-2 updates still parse).
 """
 
 from __future__ import annotations
@@ -70,6 +72,16 @@ class EncryptedUpdate:
     @property
     def n_ciphertexts(self) -> int:
         return self._header["n_ciphertexts"]
+
+    @property
+    def is_seeded(self) -> bool:
+        """Only c0 travels; c1 is the sum of the expansions of ``seeds`` (fedshield.he.seeded)."""
+        return self._header["elements"] == 1
+
+    @property
+    def seeds(self) -> tuple[bytes, ...]:
+        """The 32-byte seed of every client update summed in (seeded updates; else empty)."""
+        return self._header["seeds"]
 
     @property
     def nbytes(self) -> int:
