@@ -374,12 +374,13 @@ def _forgeries(blob: bytes, foreign_pk: bytes):
     yield "negative", build_context(m(sections=[[meta["sections"][0][0], -5]] + [
         [meta["sections"][0][0] + "x", sizes[0] + 5]] + meta["sections"][1:]), secs)
     idx_t = [n for n, _ in meta["sections"]].index("template")
-    yield "duplicate_section", build_context(m(sections=meta["sections"] + [meta["sections"][idx_t]]),
-                                      secs + [secs[idx_t]])
-    yield "name_not_str", build_context(m(sections=[[7, meta["sections"][0][1]]] + meta["sections"][1:]),
-                                 secs)
-    yield "no_template", build_context(m(sections=[x for x in meta["sections"] if x[0] != "template"]),
-                                [s for (n, _), s in zip(meta["sections"], secs) if n != "template"])
+    yield "duplicate_section", build_context(
+        m(sections=meta["sections"] + [meta["sections"][idx_t]]), secs + [secs[idx_t]])
+    yield "name_not_str", build_context(
+        m(sections=[[7, meta["sections"][0][1]]] + meta["sections"][1:]), secs)
+    yield "no_template", build_context(
+        m(sections=[x for x in meta["sections"] if x[0] != "template"]),
+        [s for (n, _), s in zip(meta["sections"], secs) if n != "template"])
     lay = meta["ct_layout"]
     for name, bad in [("c0_far", [lay[0], lay[1], 10**9, lay[3], lay[4]]),
                       ("c1_far", [lay[0], lay[1], lay[2], lay[4] - 8, lay[4]]),
