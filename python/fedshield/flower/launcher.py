@@ -41,8 +41,12 @@ SERVER_APP = "fedshield.flower.server_app:app"
 CLIENT_APP = "fedshield.flower.client_app:app"
 
 
-# What ray logs when its raylet does not register within its fixed 30 s (an overloaded node).
-RAY_START_FAILURE = "timed out during startup"
+# What ray logs when it could not start on an overloaded node: its raylet did not register
+# within its fixed 30 s, or its GCS server did not answer (nor write its logs) in time.
+RAY_START_FAILURES = ("timed out during startup", "Failed to start GCS", "gcs_server.err")
+# Ray gives its GCS server one second per retry to come up (20 by default): two minutes on
+# a loaded node.
+RAY_PATIENCE = {"RAY_NUM_REDIS_GET_RETRIES": "120"}
 
 
 @dataclass(frozen=True)
@@ -238,23 +242,24 @@ def _simulate(work: Path, configs: list[dict], node_env: dict, run_config: dict,
     site's worker gets its declared CPUs (and GPU)."""
     node_dirs = [Path(c["key-file"]).parent for c in configs]
     envs = [{**node_env, **resources.env(i)} for i in range(len(configs))]
-    with Deployment(work, 0, [], env=node_env) as dep, \
+    with Deployment(work, 0, [], env={**node_env, **RAY_PATIENCE}) as dep, \
             _site_workers(configs, node_dirs, run_config, dep,
                           [{**dep.env, **e} for e in envs]):
         dep.start_superlink(simulation=True)
         log.info("flower: simulation runtime, %d sites of %s; logs in %s", len(configs),
                  resources, dep.logs)
-        for attempt in (1, 2):
+        attempts = 3
+        for attempt in range(1, attempts + 1):
             code = dep.run_app(work / "app", budget,
                                federation_config=resources.federation_config(len(configs)))
             metrics = _wait_for_metrics(metrics_path, 60.0 if code == 0 else 5.0)
             log_text = (dep.logs / "flwr-run.log").read_text(errors="replace")
-            # ray waits a fixed 30 s for its raylet; on an overloaded node it may not make it,
-            # before any site was contacted: start the run once more
-            if metrics.get("finished") or RAY_START_FAILURE not in log_text or attempt == 2:
+            # ray failed to start before any site was contacted: start the run once more
+            ray_failed = any(f in log_text for f in RAY_START_FAILURES)
+            if metrics.get("finished") or not ray_failed or attempt == attempts:
                 return code, metrics
-            log.warning("flower: ray did not start within its 30 s on this loaded node; "
-                        "starting the simulation once more")
+            log.warning("flower: ray did not start on this loaded node (attempt %d of %d); "
+                        "starting the simulation once more", attempt, attempts)
             metrics_path.unlink(missing_ok=True)
         return code, metrics
 
