@@ -420,6 +420,12 @@ void bind_flood(py::module_& m) {
         ntt_forward(out.mutable_data(), static_cast<size_t>(out.size()), q, psi);
         return out;
     }, "OpenFHE's evaluation representation of coefficients mod q (bit-reversed order).");
+    m.def("ntt_inverse", [](U64 a, uint64_t q, uint64_t psi) {
+        U64 out(a.size());
+        std::memcpy(out.mutable_data(), a.data(), static_cast<size_t>(a.size()) * 8);
+        ntt_inverse(out.mutable_data(), static_cast<size_t>(out.size()), q, psi);
+        return out;
+    }, "Coefficients mod q of OpenFHE's evaluation representation (the inverse of ntt_forward).");
     m.def("flood_residues", [](py::buffer blob, const std::vector<uint64_t>& offsets,
                                const py::object& moduli, const std::vector<uint64_t>& roots,
                                uint64_t ring_dim, uint64_t w_hi, uint64_t w_lo) {

@@ -92,15 +92,20 @@ std::shared_ptr<const Twiddles> twiddles(size_t n, uint64_t q, uint64_t psi) {
     return t;
 }
 
-}  // namespace
-
-void ntt_forward(uint64_t* a, size_t n, uint64_t q, uint64_t psi) {
+// The arguments of both transforms: a power-of-two ring, q < 2^62, psi of order 2N mod q.
+void check_ntt_args(size_t n, uint64_t q, uint64_t psi) {
     const unsigned logn = log2_exact(n);
     if (n < 2 || n > (size_t{1} << 17) || (size_t{1} << logn) != n)
         bad("ring dimension " + std::to_string(n) + " is not a power of two in [2, 131072]");
     if (q < 3 || q >= (uint64_t{1} << 62)) bad("modulus is not in [3, 2^62)");
     if (psi == 0 || psi >= q || powmod(psi, n, q) != q - 1)
         bad("root " + std::to_string(psi) + " is not a primitive 2N-th root of unity mod q");
+}
+
+}  // namespace
+
+void ntt_forward(uint64_t* a, size_t n, uint64_t q, uint64_t psi) {
+    check_ntt_args(n, q, psi);
     // Products by a fixed twiddle use Shoup's precomputed quotient floor(s * 2^64 / q): one
     // high multiply and one correction instead of a 128-bit division (q < 2^62).
     const auto tw = twiddles(n, q, psi);
@@ -122,6 +127,33 @@ void ntt_forward(uint64_t* a, size_t n, uint64_t q, uint64_t psi) {
             }
         }
     }
+}
+
+void ntt_inverse(uint64_t* a, size_t n, uint64_t q, uint64_t psi) {
+    check_ntt_args(n, q, psi);
+    // Gentleman-Sande with the inverse root's twiddles (Longa-Naehrig 2016, Algorithm 2): the
+    // exact inverse of ntt_forward, bit-reversed evaluations back to natural coefficients.
+    const auto tw = twiddles(n, q, powmod(psi, 2 * n - 1, q));
+    const uint64_t* inv_rev = tw->rev.data();
+    const uint64_t* inv_shoup = tw->shoup.data();
+    size_t t = 1;
+    for (size_t m = n; m > 1; m >>= 1) {
+        const size_t h = m >> 1;
+        for (size_t i = 0, j1 = 0; i < h; ++i, j1 += 2 * t) {
+            const uint64_t s = inv_rev[h + i], s_shoup = inv_shoup[h + i];
+            for (size_t j = j1; j < j1 + t; ++j) {
+                const uint64_t u = a[j], x = sub_mod(a[j], a[j + t], q);
+                a[j] = add_mod(u, a[j + t], q);
+                const uint64_t hi = static_cast<uint64_t>((static_cast<u128>(x) * s_shoup) >> 64);
+                uint64_t v = x * s - hi * q;
+                if (v >= q) v -= q;
+                a[j + t] = v;
+            }
+        }
+        t <<= 1;
+    }
+    const uint64_t n_inv = powmod(static_cast<uint64_t>(n) % q, q - 2, q);
+    for (size_t j = 0; j < n; ++j) a[j] = mul_mod(a[j], n_inv, q);
 }
 
 void flood_towers(const std::vector<uint64_t*>& towers, size_t n,

@@ -19,6 +19,9 @@ namespace fedshield {
 // order (see above). n a power of two in [2, 2^17], psi a primitive 2n-th root of unity mod q.
 void ntt_forward(uint64_t* a, size_t n, uint64_t q, uint64_t psi);
 
+// In place: the inverse of ntt_forward (evaluations in OpenFHE's order -> coefficients).
+void ntt_inverse(uint64_t* a, size_t n, uint64_t q, uint64_t psi);
+
 // Adds one fresh flooding polynomial (uniform integers in [-w, w], w = w_hi * 2^64 + w_lo)
 // to T residue arrays of one polynomial in evaluation representation: towers[i] holds n
 // residues mod moduli[i] (primitive 2n-th roots roots[i]). Throws InvalidUpdateError on bad

@@ -37,7 +37,9 @@ from fedshield.flower.launcher import FlowerApp, run_flower  # noqa: E402
 from fedshield.flower.strategy import EncryptedFedAvg  # noqa: E402
 
 from conftest import BITS, make_state, weighted_average  # noqa: E402
+from signing import identity_hex, signed  # noqa: E402
 from interrupting import interrupt, live_processes, start_run, wait_until  # noqa: E402
+from key_scan import assert_key_material_only_in_own_node  # noqa: E402
 
 APPS = Path(__file__).parent / "flower_apps"
 # Small enough for 2 cores: each Flower message starts a fresh ClientApp process.
@@ -50,7 +52,8 @@ def enrolled_server(ctx, parties, *, weight_bound_examples=8, node=lambda p: 100
                     engine="flower")
     server.enrol([(node(p), SiteInfo(party=p, name=f"site-{p}", data="d.jsonl",
                                      train_examples=weight_bound_examples, eval_examples=1,
-                                     eval_loss=1.0, context_fp=ctx.fingerprint.hex()))
+                                     eval_loss=1.0, context_fp=ctx.fingerprint.hex(),
+                                     identity=identity_hex(p)))
                   for p in parties])
     return server
 
@@ -225,7 +228,8 @@ SCREEN_CHILD = textwrap.dedent("""
     server = Server(cfg, ctx, engine="flower")
     server.enrol([(100 + p, SiteInfo(party=p, name=f"s{p}", data="d", train_examples=8,
                                      eval_examples=1, eval_loss=1.0,
-                                     context_fp=ctx.fingerprint.hex())) for p in parties])
+                                     context_fp=ctx.fingerprint.hex(),
+                                     identity=spec["identities"][str(p)])) for p in parties])
     strategy = EncryptedFedAvg(server)
     msgs = list(strategy.configure_train(2, None, ConfigRecord(), grid=None))
     sent = {m.metadata.dst_node_id: m for m in msgs}
@@ -238,8 +242,10 @@ SCREEN_CHILD = textwrap.dedent("""
         if item.get("error"):
             replies.append(Message(Error(code=0, reason=item["error"]), reply_to=sent[node]))
             continue
-        content = RecordDict({FIELDS: ConfigRecord({**fields, "party": item["party"]})})
         blob = open(f"{work}/{item['file']}", "rb").read()
+        signature = open(f"{work}/{item['file']}.sig{item['party']}", "rb").read()
+        content = RecordDict({FIELDS: ConfigRecord({**fields, "party": item["party"],
+                                                    "signature": signature})})
         records.put_payload(content, UPDATE, blob, records.STYPE_UPDATE, chunk_bytes=40000)
         replies.append(Message(content, reply_to=sent[node]))
     arrays, _ = strategy.aggregate_train(2, replies)
@@ -274,6 +280,9 @@ def test_strategy_screens_every_reply_without_openfhe(tmp_path, client_ctx, serv
     files["copy"] = files["good0"]
     for name, blob in files.items():
         (tmp_path / name).write_bytes(blob)
+        for party in range(10):  # what each party would sign, were the bytes its own
+            (tmp_path / f"{name}.sig{party}").write_bytes(
+                signed(party, blob) if name != "garbage" else b"\0" * 113)
     (tmp_path / "server.ctx").write_bytes(server_ctx.to_bytes())
     replies = [{"node": 100, "party": 0, "file": "good0"},
                {"node": 101, "party": 1, "file": "good1"},
@@ -284,7 +293,8 @@ def test_strategy_screens_every_reply_without_openfhe(tmp_path, client_ctx, serv
                {"node": 106, "error": "ClientApp raised: injected"},
                {"node": 999, "party": 0, "file": "good1"},
                {"node": 108, "party": 0, "file": "good1"}]   # claims party 0, enrolled as 8
-    spec = {"parties": list(range(10)), "replies": replies}
+    spec = {"parties": list(range(10)), "replies": replies,
+            "identities": {str(p): identity_hex(p) for p in range(10)}}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     proc = subprocess.run([sys.executable, "-c", SCREEN_CHILD, str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
@@ -355,7 +365,8 @@ class _JoinGrid(_Grid):
 
 def _site_fields(ctx, party, **changes):
     info = SiteInfo(party=party, name=f"site-{party}", data="d.jsonl", train_examples=8,
-                    eval_examples=2, eval_loss=1.5, context_fp=ctx.fingerprint.hex())
+                    eval_examples=2, eval_loss=1.5, context_fp=ctx.fingerprint.hex(),
+                    identity=identity_hex(party))
     return {**info.to_fields(), "version": 0, **changes}
 
 
@@ -400,7 +411,8 @@ def test_non_finite_train_and_evaluate_replies_are_excluded(client_ctx, server_c
         upd = fs.encrypt_update(client_ctx, state, layout, weight=2.0 + party % 2, round=1,
                                 weight_bound=8.0)
         fields = {"party": party, "round": 1, "train-loss": 1.0, "kept": 1.0,
-                  "seconds-train": 0.1, "seconds-prune": 0.0, "seconds-encrypt": 0.1}
+                  "seconds-train": 0.1, "seconds-prune": 0.0, "seconds-encrypt": 0.1,
+                  "signature": signed(party, upd.to_bytes())}
         if party >= 2:
             name, bad = TRAIN_FAULTS[party - 2]
             fields[name] = bad
@@ -451,10 +463,12 @@ def test_non_finite_train_and_evaluate_replies_are_excluded(client_ctx, server_c
 def test_share_reply_with_non_finite_seconds_is_invalid():
     from fedshield.fl.messages import InvalidMessage, ShareReply
 
-    assert ShareReply.from_fields({"seconds": 0.5}, b"x").seconds == 0.5
+    assert ShareReply.from_fields({"seconds": 0.5}, b"x", signature=b"r").seconds == 0.5
     for bad in NON_FINITE:
         with pytest.raises(InvalidMessage, match="seconds"):
-            ShareReply.from_fields({"seconds": bad}, b"x")
+            ShareReply.from_fields({"seconds": bad}, b"x", signature=b"r")
+    with pytest.raises(InvalidMessage, match="signed record"):
+        ShareReply.from_fields({"seconds": 0.5}, b"x")
 
 
 def test_server_refuses_a_secret_key(client_ctx):
@@ -464,7 +478,7 @@ def test_server_refuses_a_secret_key(client_ctx):
 
 # -- the client half in-process --------------------------------------------------------------
 
-def test_client_refuses_to_train_out_of_step(tmp_path, shared_keys):
+def test_client_refuses_to_train_out_of_step(tmp_path):
     """A party whose adapter is not the one the round builds on (it joined late or missed an
     aggregate) refuses to train instead of sending an update of another model. The ClientApp
     runs in this process; the site worker it starts holds the site."""
@@ -474,8 +488,7 @@ def test_client_refuses_to_train_out_of_step(tmp_path, shared_keys):
     from fedshield.flower.records import FIELDS
     from fedshield.flower.site_ipc import SiteWorkerError, request
 
-    key = tmp_path / "party-0.key"
-    shared_keys.client_context().save(key)
+    key = tmp_path / "party-0.key"  # written by the key set-up, which this test never runs
     (data,) = write_site_files([make_synthetic_examples(16, 0)], tmp_path)
     cfg = RunConfig.from_flat(**TINY, out=str(tmp_path))
     node = {"party-id": 0, "key-file": str(key), "data": str(data)}
@@ -492,7 +505,11 @@ def test_client_refuses_to_train_out_of_step(tmp_path, shared_keys):
                                context)
         fields = records.message_fields(join)
         assert fields["version"] == 0 and fields["party"] == 0
-        assert fields["context-fp"] == shared_keys.client_context().fingerprint.hex()
+        assert fields["context-fp"] == ""  # no key before the key set-up
+        # the node made its identity key on first start, 0600, and enrols with its public half
+        identity = fs.he.Identity.load(f"{key}.identity")
+        assert fields["identity"] == identity.public.to_bytes().hex()
+        assert (tmp_path / "party-0.key.identity").stat().st_mode & 0o777 == 0o600
         assert (fields["train-examples"], fields["eval-examples"]) == (13, 3)
     finally:
         request(client_app.worker(context), "shutdown", {})
@@ -659,6 +676,14 @@ def test_flower_threshold_excludes_failing_clients(tmp_path, case, monkeypatch):
     assert got["server_loaded_openfhe"] is False
     log = (tmp_path / "flower" / "flower" / "logs" / "flwr-run.log").read_text()
     assert "excluded party" in log and "connected after enrolment" in log
+    # keys made on the nodes (no dealer), checked before round 1, and the model learned
+    epochs = got["key_epochs"]
+    assert [e["epoch"] for e in epochs] == [1] and epochs[0]["subsets_checked"] > 0
+    assert got["rounds"][-1]["eval_loss"] < got["initial_eval_loss"]
+    key_files = {fs.load_context(f).party_id: f
+                 for f in (tmp_path / "flower" / "flower" / "nodes").rglob("party.key")}
+    assert sorted(key_files) == [0, 1, 2]
+    assert_key_material_only_in_own_node(tmp_path, key_files)   # every file the run wrote
 
     # the local engine's steps on the same subsets, with its own threshold keys
     with _flower_site_threads(cfg, monkeypatch):
@@ -671,6 +696,8 @@ def _replay_locally(cfg: RunConfig, subsets: list[list[int]], got: dict) -> None
 
     sim = LocalEngine(cfg, show_progress=False)
     for r, subset in enumerate(subsets, start=1):
+        if sim.server.needs_new_keys():   # its own keys, by the same protocol
+            sim.set_up_keys(before_round=r)
         plan = sim.server.plan(r)
         replies = [(p, sim.sites[p].train_round(plan)) for p in subset]
         average = sim.decrypt(plan, sim.server.aggregate(plan, replies), subset)
@@ -691,8 +718,8 @@ def test_flower_large_update(tmp_path, n_values):
     aggregate sent back to both): no message limit breaks it, the average is exact."""
     cfg = RunConfig.from_flat(clients=2, rounds=1, engine="flower", out=str(tmp_path),
                               round_timeout=600.0)
-    app = FlowerApp(client_app="large_client:app", files=[APPS / "large_client.py"],
-                    site_workers=False)
+    # the site workers make the identities and keys; the app sends the large updates
+    app = FlowerApp(client_app="large_client:app", files=[APPS / "large_client.py"])
     got = run_flower(cfg, app=app, node_configs=[{"large-values": n_values}] * 2)
     assert got["rounds"][0]["status"] == "ok", got["rounds"]
     wire = BITS / 8 * n_values    # c0 only (seeded): bit_length(q) bits per value

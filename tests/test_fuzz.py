@@ -276,7 +276,7 @@ def test_fuzz_round_messages(changes):
               if not (k in changes and changes[k] is None)}
     for parse in (lambda f: TrainReply.from_fields(f, b"u"), EvalReply.from_fields,
                   SiteInfo.from_fields, RoundPlan.from_fields,
-                  lambda f: ShareReply.from_fields(f, b"s")):
+                  lambda f: ShareReply.from_fields(f, b"s", signature=b"r")):
         try:
             message = parse(fields)
         except InvalidMessage:

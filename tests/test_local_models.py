@@ -88,9 +88,9 @@ def test_encrypted_round_on_a_local_model_equals_plaintext(tmp_path, model_dirs)
                     split="dirichlet", dirichlet_alpha=5.0)  # 8 + 4 examples
     he = LocalEngine(cfg, show_progress=False)
     plain = LocalEngine(cfg.replace(he=False), show_progress=False)
-    assert he.server.ctx is not None and not he.server.ctx.has_secret_key
     start = {k: v.clone() for k, v in he.global_state.items()}
-    m = he.run_round(1)
+    m = he.run_round(1)   # sets up the keys first (each site makes its own)
+    assert he.server.ctx is not None and not he.server.ctx.has_secret_key
     assert max(m["bytes_up"]) > 4 * he.layout.numel  # ciphertexts, not plaintext floats
     assert max((he.global_state[k] - start[k]).abs().max().item() for k in start) > 1e-4
     plain.run_round(1)

@@ -147,13 +147,16 @@ def test_threshold_round_equals_plaintext_fedavg(tmp_path):
     cfg = RunConfig.from_flat(**SMALL, keys="threshold", out=str(tmp_path))
     th = LocalEngine(cfg, show_progress=False)
     plain = LocalEngine(cfg.replace(keys="shared", he=False), show_progress=False)
+    assert th.server.ctx is None  # no dealer: the keys are set up by the protocol, round 1
+    m = th.run_round(1)
+    plain.run_round(1)
     assert th.server.ctx.has_secret_key is False
     assert all(not s.party.ctx.has_secret_key for s in th.sites)  # each holds a share only
     # the precision profile of threshold keys (public-key and multiparty decryption noise)
     assert th.server.ctx.params == cfg.ckks_params()
     assert not th.server.ctx.params.seeded and cfg.replace(keys="shared").ckks_params().seeded
-    m = th.run_round(1)
-    plain.run_round(1)
+    epochs = th.server.record.extra["key_epochs"]
+    assert [e["epoch"] for e in epochs] == [1] and epochs[0]["before_round"] == 1
     assert _max_diff(th.global_state, plain.global_state) <= 1e-6
     assert m["decrypting_clients"] == [0, 1] and m["bytes_partial_decryptions"] > 0
 

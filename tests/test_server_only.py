@@ -43,18 +43,24 @@ CHILD = textwrap.dedent("""
     # the whole Flower server side and the Server of the FL layer
     from fedshield.config import RunConfig
     from fedshield.fl.messages import SiteInfo, TrainReply
+    from fedshield.fl.guard import sign_update
     from fedshield.fl.server import Server
     from fedshield.flower import records, server_app, strategy  # noqa: F401
+    from fedshield.he.identity import Identity
+    ids = {p: Identity.generate() for p in range(3)}  # the sites' (signing needs no openfhe)
+    identity_hex = lambda p: ids[p].public.to_bytes().hex()
     server = Server(RunConfig.from_flat(clients=3), ctx, engine="local")
     server.enrol([(p, SiteInfo(party=p, name=str(p), data="-", train_examples=8,
                                eval_examples=1, eval_loss=1.0,
-                               context_fp=ctx.fingerprint.hex())) for p in range(3)])
+                               context_fp=ctx.fingerprint.hex(),
+                               identity=identity_hex(p))) for p in range(3)])
     for r in (1, 2, 3):  # the test's updates are of round 4
         server.plan(r)
         server.fail("skipped")
     plan = server.plan(4)
     replies = [(p, TrainReply(party=p, round=4, train_loss=1.0, kept_fraction=1.0,
-                              update=u.to_bytes())) for p, u in enumerate(updates)]
+                              update=u.to_bytes(), signature=sign_update(ids[p], p, u.to_bytes())))
+               for p, u in enumerate(updates)]
     accepted = server.screen_updates(plan, replies)
     agg2 = server.aggregate(plan, accepted)
     assert agg2.n_summed == 3 and server.current.clients == [0, 1, 2]

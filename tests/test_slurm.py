@@ -113,10 +113,7 @@ def test_superlink_and_site_jobs(tmp_path, slurm):
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.json").write_text(json.dumps(cfg.to_dict()))
-    keys = tmp_path / "keys"
-    subprocess.run([sys.executable, "-m", "fedshield.flower.launcher", "keys", "--config",
-                    str(run / "run.json"), "--dir", str(keys)], check=True, capture_output=True)
-    shutil.copy(keys / "server.ctx", run / "server.ctx")
+    keys = tmp_path / "keys"  # each site's own: the key set-up writes its key there
     fleet, control, appio = _ports(3)
     common = dict(FEDSHIELD_INSECURE="1", FEDSHIELD_PYTHON=sys.executable,
                   FEDSHIELD_RUN=str(run), FEDSHIELD_WAIT="10")
@@ -141,4 +138,7 @@ def test_superlink_and_site_jobs(tmp_path, slurm):
     assert metrics["rounds"][0]["clients"] == [0, 1]
     assert [s["data"] for s in metrics["sites"]] == [str(f) for f in files]
     assert (tmp_path / "site-0" / "adapter" / "adapter_model.safetensors").exists()
+    assert (run / "server.ctx").exists()  # the public context the sites' key set-up made
+    for i in range(len(files)):
+        assert (keys / f"party-{i}.key").stat().st_mode & 0o777 == 0o600
     assert not (run / "superlink.address").exists()

@@ -8,9 +8,10 @@ torch (Party, importance_mask, ImportanceResult) load it when first used.
 from importlib import import_module
 
 from .errors import (AuthenticationError, ConcurrentUseError, DataError,
-                     DecryptionBudgetExceeded, FedShieldError, HeadroomError, IncompatibleUpdate,
-                     InvalidUpdate, KeyMaterialError, KeySetupError, NotEnoughShares,
-                     ParameterError, PrecisionError, StorageError, UnsupportedPlatform)
+                     DecryptionBudgetExceeded, DecryptionRefused, FedShieldError, HeadroomError,
+                     IncompatibleUpdate, InvalidUpdate, KeyMaterialError, KeySetupError,
+                     NotEnoughShares, ParameterError, PrecisionError, StorageError,
+                     UnsupportedPlatform)
 from .he import (DEFAULT_TOLERANCE, CKKSParams, Context, EncryptedUpdate, Layout, SharedKeys,
                  TensorSpec, aggregate, combine_partials, decrypt_update, encrypt_update,
                  keygen_shared, keygen_threshold, load_context, partial_decrypt, threshold)
@@ -34,7 +35,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "AuthenticationError", "CKKSParams", "ConcurrentUseError", "Context", "DataError",
-    "DecryptionBudgetExceeded", "DEFAULT_TOLERANCE", "EncryptedUpdate", "FedShieldError",
+    "DecryptionBudgetExceeded", "DecryptionRefused", "DEFAULT_TOLERANCE", "EncryptedUpdate",
+    "FedShieldError",
     "HeadroomError", "ImportanceResult", "IncompatibleUpdate", "InvalidUpdate",
     "KeyMaterialError", "KeySetupError", "Layout", "NotEnoughShares", "ParameterError", "Party",
     "PrecisionError", "SharedKeys", "StorageError", "TensorSpec", "UnsupportedPlatform",

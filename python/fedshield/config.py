@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping
 from .data.files import parse_columns
 from .data.prompts import MIN_PROMPT_TOKENS, MIN_SEQUENCE_TOKENS
 from .errors import ParameterError
-from .he.params import CKKSParams
+from .he.params import DEFAULT_LOG_QUERIES, CKKSParams
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -276,8 +276,16 @@ class HEConfig:
                            "RNS towers); 0 = off; -1 = auto: 30 with threshold keys, whose "
                            "partial decryptions leave the parties, off with shared keys, whose "
                            "decryptions stay with the key holders", flag="flood_bits")
+    decryption_budget: int = _opt(DEFAULT_LOG_QUERIES, "log2 of the ciphertexts each key may decrypt (the "
+                                  "flooding bound's query count); the parties count them on "
+                                  "disk, and the server rotates the keys (a new key epoch) "
+                                  "before a round would exceed it", flag="decryption_budget")
 
     def __post_init__(self) -> None:
+        if (isinstance(self.decryption_budget, bool) or not isinstance(self.decryption_budget, int)
+                or not 0 <= self.decryption_budget <= 40):
+            raise ParameterError(f"decryption_budget={self.decryption_budget!r} must be an int "
+                                 "in [0, 40] (log2 of the decryptions per key)")
         for name in ("ring_dim", "scale_bits", "flood_bits"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -308,6 +316,14 @@ class KeysConfig:
                          "them) absent at decryption each round; needs --threshold T with "
                          "T <= sites - K, e.g. --clients 3 --threshold 2 --dropouts 1",
                          flag="dropouts")
+    setup: str = _opt("protocol", "protocol: every site makes its key material on its own node "
+                      "(threshold: the multiparty key generation chain and sealed Shamir "
+                      "dealing, checked by joint test decryptions); dealer: one process makes "
+                      "every key (a simulation shortcut: that process sees all of them)",
+                      flag="key_setup", choices=("protocol", "dealer"))
+    verify: bool = _opt(False, "each key holder also receives the signed updates and "
+                        "recomputes the aggregate before decrypting it (costs their bytes per "
+                        "party and round)", flag="verify_aggregates")
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -315,6 +331,8 @@ class KeysConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ParameterError(f"{name}={value!r} must be an int >= 0")
+        if not isinstance(self.verify, bool):
+            raise ParameterError(f"verify_aggregates={self.verify!r} must be true or false")
 
 
 @dataclass(frozen=True)
@@ -512,7 +530,7 @@ class RunConfig:
                                           n_parties=self.n_sites, flood_bits=flood_bits)
         explicit = {k: v for k, v in (("ring_dim", self.he.ring_dim),
                                       ("scale_bits", self.he.scale_bits)) if v}
-        return dc_replace(params, **explicit) if explicit else params
+        return dc_replace(params, flood_log_queries=self.he.decryption_budget, **explicit)
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -53,6 +53,11 @@ class KeySetupError(FedShieldError):
     party."""
 
 
+class DecryptionRefused(FedShieldError):
+    """A key holder refuses to decrypt: not an aggregate of enough signed updates of its round,
+    or a second aggregate of a round it already decrypted."""
+
+
 class DecryptionBudgetExceeded(FedShieldError):
     """A key holder asked to decrypt more ciphertexts than its key's budget allows (the queries
     the noise flooding covers): rotate keys, i.e. start a new key epoch."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,12 +21,14 @@ from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from .config import RunConfig
 from .errors import FedShieldError, ParameterError
 from .fl.dealer import deal_keys
+from .fl.key_setup import KeySetup
 from .fl.party import Party
 from .fl.record import RunRecord
 from .fl.schedule import prune_ratio
 from .fl.server import Server
 from .fl.site import Site, load_site_data
 from .fl.site_files import site_files
+from .he.identity import Identity
 from .model import build_lora_model, load_tokenizer
 from .plots import plot_run
 from .run_dir import METRICS, PLOTS_DIR, check_out_dir, claim_out_dir
@@ -64,14 +67,23 @@ class LocalEngine:
         model = build_lora_model(cfg.model, cfg.lora, seed=cfg.training.seed,
                                  tokenizer=self.tokenizer, max_len=cfg.data.max_len)
         log.info("fedshield: set-up: data and model ready (%.1f s)", time.perf_counter() - start)
-        ctxs, server_ctx = deal_keys(cfg) if cfg.he.enabled else ([None] * cfg.n_sites, None)
+        he, dealer = cfg.he.enabled, cfg.keys.setup == "dealer"
+        ctxs, server_ctx = deal_keys(cfg) if he and dealer else ([None] * cfg.n_sites, None)
         self.sites = [Site(i, Party(ctxs[i], model, algorithm=cfg.training.algorithm), d, cfg,
-                           self.tokenizer) for i, d in enumerate(data)]
+                           self.tokenizer, identity=Identity.generate() if he else None)
+                      for i, d in enumerate(data)]
         self.server = Server(cfg, server_ctx, engine="local",
-                             flood_bits=cfg.ckks_params().flood_bits if cfg.he.enabled else None)
+                             flood_bits=cfg.ckks_params().flood_bits if he else None)
         self.server.enrol((site.party_id, site.info()) for site in self.sites)
-        log.info("fedshield: set-up done in %.1f s (keys, initial evaluation)",
-                 time.perf_counter() - start)
+        # Key files and decryption budgets of this process's parties: a private directory
+        # that goes with the engine (a resumed run sets up new keys).
+        self._keys_dir = tempfile.TemporaryDirectory(prefix="fedshield-keys-") if he else None
+        if he and dealer:
+            for site, ctx in zip(self.sites, ctxs):
+                site.use_keys(ctx, self.server.roster, self.server.identity.public,
+                              self._party_dir(site) / "party.budget")
+        log.info("fedshield: set-up done in %.1f s (initial evaluation%s)",
+                 time.perf_counter() - start, ", keys dealt" if he and dealer else "")
 
     @classmethod
     def resume(cls, out: str | Path, show_progress: bool | None = None, *,
@@ -117,6 +129,37 @@ class LocalEngine:
         restore_rng(*ckpt["rng"])  # after set-up, so nothing above consumes the restored streams
         return engine
 
+    # -- keys ---------------------------------------------------------------------------------
+    def _party_dir(self, site: Site) -> Path:
+        path = Path(self._keys_dir.name) / f"party-{site.party_id}"
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
+    def set_up_keys(self, before_round: int) -> None:
+        """A key epoch by the protocol (fedshield.fl.key_setup), every party in this process:
+        the first one, or a rotation when a key's decryption budget runs low."""
+        server = self.server
+        holders = {s.party_id: s.keys or s.key_holder(self._party_dir(s) / "party.key")
+                   for s in self.sites}
+
+        def ask(op: str, requests):
+            out = {}
+            for party, (fields, sections) in requests.items():
+                try:
+                    out[party] = holders[party].handle(op, fields, sections)
+                except FedShieldError as exc:
+                    out[party] = exc
+            return out
+
+        cfg = self.cfg
+        epoch = server.epoch + 1
+        result = KeySetup(cfg.ckks_params(), cfg.keys.mode, cfg.keys.threshold or cfg.n_sites,
+                          server.roster, server.identity.public, ask).run(epoch)
+        server.key_epoch_done(epoch, result.context, before_round, result.seconds,
+                              result.subsets_checked)
+        for site in self.sites:
+            site.take_committed_keys()
+
     # -- what every site shares in this process ------------------------------------------------
     @property
     def global_state(self) -> dict:
@@ -134,6 +177,8 @@ class LocalEngine:
     # -- one round --------------------------------------------------------------------------
     def run_round(self, round_idx: int, progress=None) -> dict:
         server, sites = self.server, self.sites
+        if server.needs_new_keys():  # the first key epoch, or a rotation (budget)
+            self.set_up_keys(before_round=round_idx)
         plan = server.plan(round_idx)
         replies = []
         for site in sites:
@@ -163,7 +208,8 @@ class LocalEngine:
             average = self._threshold_decrypt(plan, result, contributors)
         else:
             site = self.sites[contributors[0]]
-            average = site.party.decrypt(result, mask=site.round_mask(plan))
+            average = site.party.decrypt(result, mask=site.round_mask(plan),
+                                         provenance=self.server.provenance)
         self.server.current.seconds["decrypt"] += time.perf_counter() - start
         return average
 
@@ -172,16 +218,25 @@ class LocalEngine:
         ones cover for them with their Shamir shares."""
         present = [p for p in contributors if p >= self.cfg.keys.dropouts]
 
-        def ask(parties: list[int]) -> dict[int, bytes]:
-            return {p: self.sites[p].party.partial_decrypt(agg, present=parties)
-                    for p in parties}
+        server = self.server
 
-        collected = self.server.collect_shares(agg, present, ask)
+        def ask(parties: list[int]) -> dict[int, object]:
+            out = {}
+            for p in parties:
+                try:
+                    out[p] = self.sites[p].partial_decrypt(agg, parties,
+                                                           provenance=server.provenance)
+                except FedShieldError as exc:
+                    out[p] = exc
+            return out
+
+        collected = server.collect_shares(agg, present, ask)
         if collected is None:
-            raise FedShieldError(f"round {plan.round} failed: {self.server.current.failure}")
+            raise FedShieldError(f"round {plan.round} failed: {server.current.failure}")
         present, shares = collected
         lead = self.sites[present[0]]
-        return lead.party.decrypt(agg, [shares[p] for p in present], mask=lead.round_mask(plan))
+        return lead.party.decrypt(agg, [shares[p] for p in present], mask=lead.round_mask(plan),
+                                  share_records=[server.share_records[p] for p in present])
 
     # -- the whole run ----------------------------------------------------------------------
     def run(self) -> dict:
@@ -222,6 +277,8 @@ class LocalEngine:
         plot_run(record.to_dict(), self.out / PLOTS_DIR)
         record.finished = True
         record.write(self.out / METRICS)
+        if self._keys_dir is not None:
+            self._keys_dir.cleanup()
         return record.to_dict()
 
 

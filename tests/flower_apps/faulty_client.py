@@ -9,13 +9,15 @@ import os
 import time
 
 from flwr.clientapp import ClientApp
+from flwr.common import ConfigRecord
 
 from fedshield.flower import client_app as real
-from fedshield.flower.records import (STYPE_UPDATE, UPDATE, get_payload, message_fields,
-                                      put_payload)
+from fedshield.flower.records import (FIELDS, STYPE_UPDATE, UPDATE, get_payload,
+                                      message_fields, put_payload)
 
 app = ClientApp()
 LAST = "faults.last-update"
+LAST_SIGNATURE = "faults.last-signature"
 
 
 def _fault(context, round_idx):
@@ -32,6 +34,11 @@ def join(msg, context):
     return real.join(msg, context)
 
 
+@app.query("keys")
+def keys(msg, context):
+    return real.keys(msg, context)
+
+
 @app.train()
 def train(msg, context):
     round_idx = int(message_fields(msg)["round"])
@@ -44,12 +51,17 @@ def train(msg, context):
         time.sleep(float(context.node_config.get("sleep", 120)))
     reply = real.train(msg, context)
     blob = get_payload(reply.content, UPDATE, STYPE_UPDATE)
+    fields = reply.content[FIELDS]
+    signature = fields["signature"]
     if fault == "garbage":
         put_payload(reply.content, UPDATE, os.urandom(len(blob)), STYPE_UPDATE)
     elif fault == "replay" and LAST in context.state.array_records:
+        # the previous round's update with its own signed record, as a replaying relay would
         put_payload(reply.content, UPDATE, get_payload(context.state, LAST, STYPE_UPDATE),
                     STYPE_UPDATE)
+        fields["signature"] = context.state[LAST_SIGNATURE]["signature"]
     put_payload(context.state, LAST, blob, STYPE_UPDATE)
+    context.state[LAST_SIGNATURE] = ConfigRecord({"signature": signature})
     return reply
 
 

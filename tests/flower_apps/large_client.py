@@ -1,6 +1,9 @@
 """A ClientApp that sends one large synthetic encrypted update per round (no training), to
 push big payloads through real Flower processes; it checks the decrypted average itself and
-writes the result to out-dir/large-check-<party>.json for the test to read."""
+writes the result to out-dir/large-check-<party>.json for the test to read.
+
+Enrolment and the key set-up go to the node's real site worker (its identity and key file,
+made on the node); the large update is signed with that identity like a real one."""
 
 import json
 import time
@@ -12,7 +15,10 @@ from flwr.clientapp import ClientApp
 from flwr.common import ConfigRecord, Message, RecordDict
 
 import fedshield as fs
+from fedshield.fl.guard import sign_update
 from fedshield.fl.messages import EvalReply, RoundPlan, SiteInfo, TrainReply
+from fedshield.flower import client_app as real
+from fedshield.he.identity import Identity
 from fedshield.flower.records import (AGGREGATE, FIELDS, STYPE_AGGREGATE, STYPE_UPDATE, UPDATE,
                                       get_payload, message_fields, put_payload)
 
@@ -21,6 +27,7 @@ TRAIN_EXAMPLES = 3   # the server's weight bound is then 4; the weights are 1 an
 
 
 def _setup(context):
+    """The party, its key (committed by the key set-up) and the update's size."""
     party = int(context.node_config["party-id"])
     ctx = fs.load_context(str(context.node_config["key-file"]))
     n = int(context.node_config["large-values"])
@@ -40,11 +47,20 @@ def _reply(msg, fields, content=None):
 
 @app.query("join")
 def join(msg, context):
-    party, ctx, n = _setup(context)
-    info = SiteInfo(party=party, name=f"large-{party}", data="none",
+    """The site worker's enrolment (its identity), with this app's weight and size."""
+    reply = real.join(msg, context)
+    fields = message_fields(reply)
+    info = SiteInfo.from_fields(fields)
+    info = SiteInfo(party=info.party, name=f"large-{info.party}", data="none",
                     train_examples=TRAIN_EXAMPLES, eval_examples=1, eval_loss=0.0,
-                    context_fp=ctx.fingerprint.hex(), num_lora_values=n)
-    return _reply(msg, {**info.to_fields(), "version": 0})
+                    context_fp=info.context_fp, identity=info.identity,
+                    num_lora_values=int(context.node_config["large-values"]))
+    return _reply(msg, {**fields, **info.to_fields()})
+
+
+@app.query("keys")
+def keys(msg, context):
+    return real.keys(msg, context)
 
 
 @app.train()
@@ -57,9 +73,12 @@ def train(msg, context):
                             round=plan.round, weight_bound=plan.weight_bound)
     reply = TrainReply(party=party, round=plan.round, train_loss=0.0, kept_fraction=1.0,
                        seconds={"encrypt": time.perf_counter() - start})
+    blob = upd.to_bytes()
+    identity = Identity.load(str(context.node_config["identity-file"]))
     content = RecordDict()
-    put_payload(content, UPDATE, upd.to_bytes(), STYPE_UPDATE)
-    return _reply(msg, reply.to_fields(), content)
+    put_payload(content, UPDATE, blob, STYPE_UPDATE)
+    return _reply(msg, {**reply.to_fields(), "signature": sign_update(identity, party, blob)},
+                  content)
 
 
 @app.evaluate()

@@ -100,14 +100,16 @@ class SiteInfo:
     train_examples: int
     eval_examples: int
     eval_loss: float              # held-out loss of the initial (global) adapter
-    context_fp: str = ""          # hex fingerprint of its key's context ("" without HE)
+    context_fp: str = ""          # hex fingerprint of its key's context ("" without HE, or
+                                  # before the key set-up made its key)
     num_lora_values: int = 0
+    identity: str = ""            # hex of its PublicIdentity ("" without HE)
 
     def to_fields(self) -> dict:
         return {"party": self.party, "name": self.name, "data": self.data,
                 "train-examples": self.train_examples, "eval-examples": self.eval_examples,
                 "eval-loss": self.eval_loss, "context-fp": self.context_fp,
-                "num-lora-values": self.num_lora_values}
+                "num-lora-values": self.num_lora_values, "identity": self.identity}
 
     @classmethod
     def from_fields(cls, fields: Mapping) -> "SiteInfo":
@@ -116,7 +118,8 @@ class SiteInfo:
                    eval_examples=_int(fields, "eval-examples", 1),
                    eval_loss=_float(fields, "eval-loss", 0.0),
                    context_fp=_str(fields, "context-fp"),
-                   num_lora_values=_int(fields, "num-lora-values"))
+                   num_lora_values=_int(fields, "num-lora-values"),
+                   identity=_str(fields, "identity") if "identity" in fields else "")
 
     def summary(self) -> dict:
         """Its entry in metrics.json's ``sites``."""
@@ -139,6 +142,7 @@ class TrainReply:
     weight: float | None = None                     # plaintext baseline only
     update_norm: float | None = None                # DP: L2 norm before clipping
     metrics: dict | None = None                     # a site's own training: name -> number
+    signature: bytes | None = None                  # the party's signed record of `update`
 
     @property
     def nbytes(self) -> int:
@@ -158,7 +162,8 @@ class TrainReply:
         return out
 
     @classmethod
-    def from_fields(cls, fields: Mapping, update: bytes) -> "TrainReply":
+    def from_fields(cls, fields: Mapping, update: bytes,
+                    signature: bytes | None = None) -> "TrainReply":
         norm = fields.get("update-norm") if isinstance(fields, Mapping) else None
         metrics = {k[len(METRIC_PREFIX):]: _float(fields, k) for k in fields
                    if isinstance(k, str) and k.startswith(METRIC_PREFIX)}
@@ -168,7 +173,7 @@ class TrainReply:
                    seconds={k: _float(fields, f"seconds-{k}", 0.0) for k in SITE_PHASES},
                    update=update,
                    update_norm=None if norm is None else _float(fields, "update-norm", 0.0),
-                   metrics=metrics or None)
+                   metrics=metrics or None, signature=signature)
 
 
 @dataclass(frozen=True)
@@ -180,17 +185,21 @@ class EvalReply:
     eval_loss: float
     eval_examples: int
     seconds_decrypt: float = 0.0
+    budget_left: int = -1         # ciphertexts its key may still decrypt (-1: not counted)
 
     def to_fields(self) -> dict:
         return {"party": self.party, "version": self.version, "eval-loss": self.eval_loss,
-                "eval-examples": self.eval_examples, "seconds-decrypt": self.seconds_decrypt}
+                "eval-examples": self.eval_examples, "seconds-decrypt": self.seconds_decrypt,
+                "budget-left": self.budget_left}
 
     @classmethod
     def from_fields(cls, fields: Mapping) -> "EvalReply":
         return cls(party=_int(fields, "party"), version=_int(fields, "version"),
                    eval_loss=_float(fields, "eval-loss", 0.0),
                    eval_examples=_int(fields, "eval-examples", 1),
-                   seconds_decrypt=_float(fields, "seconds-decrypt", 0.0))
+                   seconds_decrypt=_float(fields, "seconds-decrypt", 0.0),
+                   budget_left=(_int(fields, "budget-left", -1) if "budget-left" in fields
+                                else -1))
 
 
 @dataclass(frozen=True)
@@ -200,10 +209,13 @@ class ShareReply:
 
     share: bytes
     seconds: float = 0.0
+    signature: bytes = b""        # the party's signed record of `share`
 
     def to_fields(self) -> dict:
         return {"seconds": self.seconds}
 
     @classmethod
-    def from_fields(cls, fields: Mapping, share: bytes) -> "ShareReply":
-        return cls(share=share, seconds=_float(fields, "seconds", 0.0))
+    def from_fields(cls, fields: Mapping, share: bytes, signature=None) -> "ShareReply":
+        if not isinstance(signature, bytes):
+            raise InvalidMessage("the share comes without its signed record")
+        return cls(share=share, seconds=_float(fields, "seconds", 0.0), signature=signature)

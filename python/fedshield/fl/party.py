@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
 from ..errors import FedShieldError, KeyMaterialError, ParameterError
 from ..he import Context, EncryptedUpdate, Layout, combine_partials, decrypt_update, partial_decrypt
+from ..he.budget import DecryptionBudget
 from ..he.encryption import DEFAULT_TOLERANCE, encrypt_ciphertexts, pack_update, seal_update
 from ..model import get_lora_state, set_lora_state, unwrap_peft
 from ..pruning.mask import apply_mask, importance_mask, kept_fraction
+from .guard import AggregateGuard, Provenance
 from .ranks import WORLD, Ranks
 
 ALGORITHMS = ("delta", "paper", "ffa")
@@ -47,6 +49,16 @@ class PreparedUpdate:
     kept_fraction: float
 
 
+def _check_key_context(ctx) -> None:
+    if ctx is None:
+        return
+    if not isinstance(ctx, Context):
+        raise TypeError(f"expected a fedshield Context or None, got {type(ctx).__name__}")
+    if not (ctx.has_secret_key or ctx.is_party):
+        raise KeyMaterialError(f"a Party needs a client or party context; this {ctx.role} "
+                               "context holds no key material and could never decrypt")
+
+
 class Party:
     """See the module docstring. ``algorithm``: ``delta`` (weighted FedAvg of updates),
     ``paper`` (the pruned weights themselves, whose average replaces the global state) or
@@ -57,19 +69,20 @@ class Party:
     alone) or a ProcessGroup."""
 
     def __init__(self, ctx: Context | None, model, *, algorithm: str = "delta",
-                 weight_bound: float | None = None, process_group=WORLD) -> None:
+                 weight_bound: float | None = None, process_group=WORLD,
+                 guard: AggregateGuard | None = None,
+                 budget: DecryptionBudget | None = None) -> None:
         if algorithm not in ALGORITHMS:
             raise ParameterError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}")
-        if ctx is not None:
-            if not isinstance(ctx, Context):
-                raise TypeError(f"expected a fedshield Context or None, got {type(ctx).__name__}")
-            if not (ctx.has_secret_key or ctx.is_party):
-                raise KeyMaterialError(f"a Party needs a client or party context; this {ctx.role} "
-                                       "context holds no key material and could never decrypt")
+        _check_key_context(ctx)
         unwrap_peft(model)  # TypeError unless a peft model is inside
         if weight_bound is not None and not (math.isfinite(weight_bound) and weight_bound > 0):
             raise ParameterError(f"weight_bound={weight_bound!r} must be a positive number")
         self.ctx = ctx
+        # what this party checks and counts before its key touches an aggregate (None: nothing,
+        # for loops that trust their transport; fedshield's sites always set both)
+        self.guard = guard
+        self.budget = budget
         self.model = model
         self.ranks = Ranks(process_group)
         self.algorithm = algorithm
@@ -214,7 +227,27 @@ class Party:
         return self.encrypt(self.prepare(prune_ratio=prune_ratio, mask=mask, values=values),
                             weight, round=round, **options)
 
+    def set_keys(self, ctx: Context, budget: DecryptionBudget | None = None) -> None:
+        """Switches to the keys of a new key epoch (the global state stays as it is)."""
+        _check_key_context(ctx)
+        if ctx is None:
+            raise KeyMaterialError("set_keys needs a client or party context")
+        self.ctx = ctx
+        self.budget = budget
+
     # -- the aggregate --------------------------------------------------------------------------
+    def _admit(self, agg: EncryptedUpdate, provenance: Provenance | None) -> None:
+        """The guard's checks, then the budget's charge, before the key touches ``agg``."""
+        if self.guard is not None:
+            self.guard.check_aggregate(self.ctx, agg, provenance)
+        if self.budget is not None:
+            self.budget.charge(self.ctx.fingerprint, agg.n_ciphertexts)
+
+    @property
+    def budget_left(self) -> int:
+        """Ciphertexts this party's key may still decrypt (-1: not counted)."""
+        return -1 if self.budget is None else self.budget.remaining
+
     def _mask_for(self, agg: EncryptedUpdate, mask: Mapping | None):
         if mask is not None:
             return mask
@@ -222,23 +255,35 @@ class Party:
             return self._sent[1]
         return None
 
-    def partial_decrypt(self, agg, present: Iterable[int] | None = None) -> bytes:
-        """Threshold keys: this party's partial decryption of the aggregate (bytes)."""
+    def partial_decrypt(self, agg, present: Iterable[int] | None = None, *,
+                        provenance: Provenance | None = None) -> bytes:
+        """Threshold keys: this party's partial decryption of the aggregate (bytes), once its
+        guard admits it (``provenance``: the aggregate's signed manifest) and its budget
+        allows it."""
         if self.ctx is None:
             raise KeyMaterialError("this party has no context (HE off)")
+        agg = agg if isinstance(agg, EncryptedUpdate) else EncryptedUpdate.from_bytes(agg)
+        self._admit(agg, provenance)
         return partial_decrypt(self.ctx, agg, present=present)
 
     def decrypt(self, agg, shares: Iterable[bytes] | None = None, *,
-                mask: Mapping | None = None) -> dict[str, torch.Tensor]:
+                mask: Mapping | None = None, provenance: Provenance | None = None,
+                share_records: Sequence[bytes] | None = None) -> dict[str, torch.Tensor]:
         """The weighted average update the aggregate holds (shared keys: decrypted with this
-        party's key; threshold keys: fused from every present party's ``shares``). ``mask``:
-        the round's common mask (default: the one this party encrypted with that round)."""
+        party's key, once its guard admits it and its budget allows it; threshold keys: fused
+        from every present party's ``shares``, each checked against its signed record in
+        ``share_records`` by the guard). ``mask``: the round's common mask (default: the one
+        this party encrypted with that round)."""
         if self.ctx is None:
             raise KeyMaterialError("this party has no context (HE off)")
         agg = agg if isinstance(agg, EncryptedUpdate) else EncryptedUpdate.from_bytes(agg)
         mask = self._mask_for(agg, mask)
         if shares is not None:
+            shares = list(shares)
+            if self.guard is not None:
+                self.guard.check_shares(agg, shares, share_records or [])
             return combine_partials(agg, shares, self.layout, mask=mask, ctx=self.ctx)
+        self._admit(agg, provenance)
         return decrypt_update(self.ctx, agg, self.layout, mask=mask)
 
     def apply_average(self, average: Mapping | None, version: int | None = None) -> dict:
@@ -267,9 +312,10 @@ class Party:
         return avg
 
     def apply_aggregate(self, agg, shares: Iterable[bytes] | None = None, *,
-                        mask: Mapping | None = None) -> dict[str, torch.Tensor]:
+                        mask: Mapping | None = None, **checks) -> dict[str, torch.Tensor]:
         """Decrypts the aggregate (see :meth:`decrypt`) and applies it: the model's LoRA becomes
         the new global state, of version ``agg.round``. Returns the average applied.
+        ``checks``: ``provenance``, ``share_records`` for the guard (see decrypt).
 
         Several ranks: a collective; the lead rank, which received the aggregate, decrypts it
         and broadcasts the average (the other ranks may pass None for ``agg``). If the lead
@@ -279,7 +325,7 @@ class Party:
         if ranks.is_lead:
             try:
                 agg = agg if isinstance(agg, EncryptedUpdate) else EncryptedUpdate.from_bytes(agg)
-                average, version = self.decrypt(agg, shares, mask=mask), agg.round
+                average, version = self.decrypt(agg, shares, mask=mask, **checks), agg.round
             except (FedShieldError, ValueError, TypeError) as exc:
                 if not ranks.distributed:
                     raise

@@ -33,6 +33,7 @@ class RoundRecord:
     seconds: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     decrypting_clients: list[int] = field(default_factory=list)
     bytes_partial_decryptions: int = 0
+    n_ciphertexts: int = 0                         # of the aggregate (what a key decrypts)
     eval_loss: float | None = None                 # example-weighted mean over the sites
     site_eval_loss: list[float | None] = field(default_factory=list)
     perplexity: float | None = None

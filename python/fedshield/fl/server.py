@@ -25,7 +25,10 @@ from ..config import RunConfig
 from ..dp.accountant import dp_summary, epsilon_rdp
 from ..errors import FedShieldError
 from ..he import Context, EncryptedUpdate, PartialDecryption, aggregate
+from ..he.identity import Identity, PublicIdentity, verify_blob
+from .guard import SHARE_DOMAIN, UPDATE_DOMAIN, Provenance
 from .messages import EvalReply, RoundPlan, SiteInfo, TrainReply
+from .quorum import min_updates_for
 from ..metrics import perplexity, weighted_loss
 from .record import RoundRecord, RunRecord
 from .schedule import cosine_lr, prune_ratio
@@ -35,16 +38,6 @@ log = logging.getLogger("fedshield")
 # Shares asked for at most this many times per round (each time without the parties that
 # failed, as long as enough remain).
 SHARE_ATTEMPTS = 2
-
-
-def min_updates_for(cfg: RunConfig) -> int:
-    """Fewest accepted updates a round needs: engine.min_clients, else a majority of the sites;
-    threshold keys need at least t (and 2: one update alone is never decrypted)."""
-    sites = cfg.n_sites
-    need = cfg.engine.min_clients or sites // 2 + 1
-    if cfg.keys.mode == "threshold":
-        need = max(need, cfg.keys.threshold or sites, 2)
-    return min(need, sites)
 
 
 def weight_bound_for(train_examples: Iterable[int]) -> float:
@@ -67,14 +60,12 @@ class Server:
 
     def __init__(self, cfg: RunConfig, ctx: Context | None, *, engine: str,
                  flood_bits: int | None = None) -> None:
-        if ctx is not None and (ctx.has_secret_key or ctx.is_party):
-            raise FedShieldError("the server must hold a public context only (saved without "
-                                 "its secret key)")
-        if (ctx is not None) != cfg.he.enabled:
-            raise FedShieldError(f"he.enabled={cfg.he.enabled} but the server was given "
-                                 f"{'a' if ctx is not None else 'no'} context")
+        if ctx is not None and not cfg.he.enabled:
+            raise FedShieldError("he.enabled=False but the server was given a context")
         self.cfg = cfg
-        self.ctx = ctx
+        self.ctx: Context | None = None
+        if ctx is not None:
+            self.set_context(ctx)
         self.min_updates = min_updates_for(cfg)
         self.participants: dict[int, int] = {}     # node -> party
         self.sites: dict[int, SiteInfo] = {}       # party -> what it enrolled with
@@ -83,10 +74,48 @@ class Server:
         self.num_lora_values = 0
         self.current: RoundRecord | None = None
         self._seen: set[bytes] = set()             # digests of every update accepted so far
+        self.roster: dict[int, PublicIdentity] = {}  # party -> identity (HE: from enrolment)
+        # its own identity key, made here: it signs each aggregate's provenance
+        self.identity = Identity.generate() if cfg.he.enabled else None
+        self.provenance: Provenance | None = None  # of the round's aggregate
+        self.share_records: dict[int, bytes] = {}  # party -> signed record of its share
+        self.epoch = 0                             # key epoch (0: keys not set up yet)
+        self.budget_left: int | None = None        # smallest count the parties reported
         self._wall_start = 0.0
         self.record = RunRecord(config=cfg.to_dict(), engine=engine,
-                                server_has_secret_key=False if ctx is not None else None,
+                                server_has_secret_key=False if cfg.he.enabled else None,
                                 flood_bits=flood_bits, min_clients=self.min_updates)
+
+    def set_context(self, ctx: Context) -> None:
+        """The public context of the federation's keys (after each key epoch's set-up)."""
+        if ctx.has_secret_key or ctx.is_party:
+            raise FedShieldError("the server must hold a public context only (saved without "
+                                 "its secret key)")
+        self.ctx = ctx
+
+    def key_epoch_done(self, epoch: int, ctx: Context, before_round: int, seconds: float,
+                       checked: int) -> None:
+        """Records a key set-up (or rotation) and switches to its public context."""
+        self.set_context(ctx)
+        self.epoch = epoch
+        self.budget_left = None
+        self.record.extra.setdefault("key_epochs", []).append(
+            {"epoch": epoch, "before_round": before_round, "seconds": round(seconds, 3),
+             "subsets_checked": checked, "context_fp": ctx.fingerprint.hex()})
+
+    def needs_new_keys(self) -> bool:
+        """Before planning a round: no keys yet, or some party's key may not decrypt one more
+        round (its aggregate's ciphertexts, as often as shares may be asked for)."""
+        if not self.cfg.he.enabled:
+            return False
+        if self.ctx is None:
+            return True
+        if self.budget_left is None or not self.record.rounds:
+            return False
+        last = next((r for r in reversed(self.record.rounds) if r.n_ciphertexts), None)
+        per_round = (last.n_ciphertexts if last else 0) * (
+            SHARE_ATTEMPTS if self.cfg.keys.mode == "threshold" else 1)
+        return self.budget_left < per_round
 
     # -- bookkeeping -------------------------------------------------------------------------
     @property
@@ -120,17 +149,22 @@ class Server:
         fp = self.ctx.fingerprint.hex() if self.ctx is not None else ""
         accepted: list[tuple[int, SiteInfo]] = []
         for node, info in joins:
+            identity = self._identity(info)
             if not 0 <= info.party < n_sites:
                 self.exclude(0, "join", node, f"party id {info.party} not in [0, {n_sites})",
                              party=info.party)
-            elif info.context_fp != fp:
+            elif self.ctx is not None and info.context_fp != fp:
                 self.exclude(0, "join", node, "holds a key of another context", party=info.party)
             elif info.party in self.sites:
                 self.exclude(0, "join", node, f"party id {info.party} claimed twice",
                              party=info.party)
+            elif isinstance(identity, str):
+                self.exclude(0, "join", node, identity, party=info.party)
             else:
                 self.participants[node] = info.party
                 self.sites[info.party] = info
+                if identity is not None:
+                    self.roster[info.party] = identity
                 accepted.append((node, info))
         sizes = Counter(info.num_lora_values for _, info in accepted)
         if sizes:
@@ -149,9 +183,29 @@ class Server:
         record.num_lora_values = self.num_lora_values
         record.initial_eval_loss = weighted_loss(losses, examples)
         record.initial_site_eval_loss = [losses.get(p) for p in range(n_sites)]
+        if self.roster:
+            record.extra["identities"] = {str(p): r.fingerprint()
+                                          for p, r in sorted(self.roster.items())}
+            record.extra["server_identity"] = self.identity.public.fingerprint()
+            log.info("server identity fingerprint %s", self.identity.public.fingerprint())
+            for party, identity in sorted(self.roster.items()):
+                log.info("party %d identity fingerprint %s (compare it with the site out of "
+                         "band)", party, identity.fingerprint())
         log.info("participants (node -> party): %s; weight bound %s", self.participants,
                  self.weight_bound)
         return dict(self.participants)
+
+    def _identity(self, info: SiteInfo) -> PublicIdentity | str | None:
+        """The site's public identity, None without HE, or why it cannot be used."""
+        if not self.cfg.he.enabled:
+            return None
+        try:
+            identity = PublicIdentity.from_bytes(bytes.fromhex(info.identity))
+        except (ValueError, FedShieldError) as exc:
+            return f"no usable identity key: {exc}"
+        if identity in self.roster.values():
+            return "the same identity key as another party"
+        return identity
 
     # -- one round -----------------------------------------------------------------------------
     def plan(self, round_idx: int) -> RoundPlan:
@@ -159,6 +213,8 @@ class Server:
         cfg = self.cfg
         if self.weight_bound is None:
             raise FedShieldError("no site has enrolled: nothing to plan")
+        if cfg.he.enabled and self.ctx is None:
+            raise FedShieldError("the keys are not set up yet: run the key set-up first")
         ratio = 0.0 if cfg.pruning.mode == "off" else prune_ratio(
             round_idx, cfg.pruning.p0, cfg.pruning.target, cfg.pruning.t_start,
             cfg.prune_t_end)
@@ -239,6 +295,11 @@ class Server:
         if upd.header["weight_bound"] != plan.weight_bound:
             return (f"weight bound {upd.header['weight_bound']:g} is not the round's "
                     f"{plan.weight_bound:g}")
+        try:
+            verify_blob(self.roster[party], UPDATE_DOMAIN, reply.signature or b"", reply.update,
+                        party_id=party, round=plan.round)
+        except FedShieldError as exc:
+            return f"unauthenticated update: {exc}"
         return None
 
     def _majority(self, round_idx: int, candidates: list[tuple[int, TrainReply]]
@@ -295,7 +356,13 @@ class Server:
                 return self.fail(f"{len(accepted)} valid updates after native validation, "
                                  f"{self.min_updates} needed")
             self._seen.update(hashlib.sha256(reply.update).digest() for _, reply in accepted)
+            # verify_aggregates: the key holders get the signed updates too
+            self.provenance = Provenance.make(
+                self.identity, result, [reply.signature for _, reply in accepted],
+                [reply.update for _, reply in accepted] if self.cfg.keys.verify else None)
+            self.share_records = {}
             bytes_down = result.nbytes
+            entry.n_ciphertexts = result.n_ciphertexts
         entry.seconds["aggregate"] += time.perf_counter() - start
         accepted.sort(key=lambda a: a[1].party)
         replies = [reply for _, reply in accepted]
@@ -321,7 +388,8 @@ class Server:
         """Threshold keys: partial decryptions of ``agg`` from the contributing parties.
 
         ``ask(present)`` asks every party of ``present`` for its share made for ``present``
-        and returns party -> share bytes, an exception (its error), or nothing (no reply).
+        and returns party -> (share bytes, signed record), an exception (its error), or
+        nothing (no reply). The records are kept in ``share_records`` for the key holders.
         When some fail and at least t remain, it asks once more without them (each share
         depends on who is present). Returns (present, shares), or None when the round fails.
         """
@@ -345,7 +413,8 @@ class Server:
                     self.exclude(r, "share", node, reason)
                     failed.append(party)
                     continue
-                shares[party] = bytes(answer)
+                shares[party] = bytes(answer[0])
+                self.share_records[party] = bytes(answer[1])
             if not failed:
                 log.info("round %d: partial decryptions from parties %s in %.2f s (attempt %d)",
                          r, present, time.perf_counter() - start, attempt)
@@ -361,8 +430,13 @@ class Server:
                        present: list[int]) -> str | None:
         if isinstance(answer, BaseException):
             return str(answer)
+        if not (isinstance(answer, tuple) and len(answer) == 2):
+            return "malformed share reply (a share and its signed record expected)"
+        blob, record = answer
         try:
-            share = PartialDecryption.from_bytes(answer)
+            verify_blob(self.roster[party], SHARE_DOMAIN, record, blob, party_id=party,
+                        round=agg.round)
+            share = PartialDecryption.from_bytes(blob)
             if share.party_id != party:
                 return f"share of party {share.party_id}"
             if share.present != present:
@@ -380,7 +454,7 @@ class Server:
         r = entry.round
         losses: dict[int, float] = {}
         examples: dict[int, int] = {}
-        decrypt, answered = [], set()
+        decrypt, answered, budgets = [], set(), []
         for node, reply in evals:
             if node not in self.participants or node in answered:
                 self.exclude(r, "evaluate", node, "unexpected evaluate reply")
@@ -397,9 +471,13 @@ class Server:
                 continue
             losses[party], examples[party] = reply.eval_loss, reply.eval_examples
             decrypt.append(reply.seconds_decrypt)
+            if reply.budget_left >= 0:
+                budgets.append(reply.budget_left)
         for node in sorted(set(self.participants) - answered):
             self.exclude(r, "evaluate", node, "no reply before the timeout", drop=True)
         self.version = r
+        if budgets:  # the tightest key decides when the next key epoch is due
+            self.budget_left = min(budgets)
         entry.seconds["decrypt"] += max(decrypt, default=0.0)
         entry.site_eval_loss = [losses.get(p) for p in range(self.cfg.n_sites)]
         entry.eval_loss = weighted_loss(losses, examples)

@@ -22,13 +22,18 @@ from ..data.files import load_instruction_data
 from ..data.sites import holdout
 from ..data.tokenize import tokenize_fitting
 from ..dp.noise import clip_and_noise
-from ..errors import ParameterError
+from ..errors import KeyMaterialError, ParameterError
 from ..evaluation import generate_samples, write_adapter_meta
-from ..he import EncryptedUpdate
+from ..he import Context, EncryptedUpdate
+from ..he.budget import DecryptionBudget
+from ..he.identity import Identity, PublicIdentity
 from ..model import save_adapter
 from ..train import evaluate_loss, train_local
+from .guard import AggregateGuard, Provenance, sign_share, sign_update
+from .key_setup import KeyHolder
 from .messages import EvalReply, RoundPlan, SiteInfo, TrainReply
 from .party import Party
+from .quorum import min_updates_for
 from .train_fn import TrainPlan, run_train_fn
 
 log = logging.getLogger("fedshield")
@@ -90,12 +95,17 @@ class Site:
     site's own (``train_fn``, see fedshield.fl.train_fn; ``node_config`` is handed to it)."""
 
     def __init__(self, party_id: int, party: Party, data: SiteData, cfg: RunConfig,
-                 tokenizer, *, train_fn=None, node_config: Mapping | None = None) -> None:
-        if (party.ctx is not None) != cfg.he.enabled:
-            raise ValueError(f"he.enabled={cfg.he.enabled} but the party has "
-                             f"{'a' if party.ctx is not None else 'no'} context")
+                 tokenizer, *, train_fn=None, node_config: Mapping | None = None,
+                 identity: Identity | None = None) -> None:
+        if party.ctx is not None and not cfg.he.enabled:
+            raise ValueError("he.enabled=False but the party has a context")
+        if cfg.he.enabled and identity is None:
+            raise ValueError("an encrypted federation needs the site's identity (it signs "
+                             "every update and share)")
         self.party_id = party_id
         self.party = party
+        self.identity = identity
+        self.keys: KeyHolder | None = None       # the key set-up's party half (protocol)
         self.data = data
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -123,7 +133,36 @@ class Site:
                         train_examples=self.data.train_examples,
                         eval_examples=self.data.eval_examples, eval_loss=self.evaluate(),
                         context_fp=ctx.fingerprint.hex() if ctx is not None else "",
-                        num_lora_values=self.party.layout.numel)
+                        num_lora_values=self.party.layout.numel,
+                        identity=("" if self.identity is None
+                                  else self.identity.public.to_bytes().hex()))
+
+    # -- keys -------------------------------------------------------------------------------------
+    def key_holder(self, key_file: str | Path) -> KeyHolder:
+        """This site's half of the key set-up (protocol), writing its key to ``key_file``."""
+        self.keys = KeyHolder(self.party_id, self.identity, key_file)
+        return self.keys
+
+    def use_keys(self, ctx: Context, roster: Mapping[int, PublicIdentity],
+                 server: PublicIdentity, budget_file: str | Path | None = None) -> None:
+        """Takes the keys of a (new) key epoch: the party decrypts with ``ctx``, only what its
+        guard admits (bound by the ``server``'s record to updates signed by the ``roster``'s
+        parties, at least the run's quorum) and within the decryption budget counted in
+        ``budget_file``."""
+        budget = None if budget_file is None else DecryptionBudget(
+            budget_file, 2 ** ctx.params.flood_log_queries)
+        if budget is not None and budget.context_fp != ctx.fingerprint:
+            budget.reset_for(ctx.fingerprint)
+        self.party.set_keys(ctx, budget)
+        self.party.guard = AggregateGuard(roster, server, min_updates_for(self.cfg),
+                                          verify=self.cfg.keys.verify)
+
+    def take_committed_keys(self) -> None:
+        """After the key set-up's commit: the keys it wrote become the party's."""
+        holder = self.keys
+        if holder is None or holder.committed is None:
+            raise KeyMaterialError(f"site {self.party_id} holds no committed key")
+        self.use_keys(holder.committed, holder.roster, holder.server, holder.budget_file)
 
     # -- one round --------------------------------------------------------------------------------
     def round_mask(self, plan: RoundPlan):
@@ -164,8 +203,9 @@ class Site:
             return TrainReply(**common, seconds=timer.seconds, values=values, weight=weight)
         with timer.phase("encrypt"):
             upd = party.encrypt(prepared, weight, round=plan.round,
-                                weight_bound=plan.weight_bound)
-        return TrainReply(**common, seconds=timer.seconds, update=upd.to_bytes())
+                                weight_bound=plan.weight_bound).to_bytes()
+            signature = sign_update(self.identity, self.party_id, upd)
+        return TrainReply(**common, seconds=timer.seconds, update=upd, signature=signature)
 
     def _own_training(self, plan: RoundPlan, seed: int) -> dict:
         """The site's train-fn for this round; its example count must stay within the
@@ -182,15 +222,24 @@ class Site:
                                  "counts the sites enrolled with)")
         return {"loss": metrics["loss"], "num_examples": n, "metrics": metrics}
 
+    def partial_decrypt(self, agg: EncryptedUpdate | bytes, present: list[int], *,
+                        provenance: Provenance | None = None) -> tuple[bytes, bytes]:
+        """Threshold keys: (this party's partial decryption, its signed record), once the
+        party's guard admits the aggregate."""
+        agg = agg if isinstance(agg, EncryptedUpdate) else EncryptedUpdate.from_bytes(agg)
+        share = self.party.partial_decrypt(agg, present=present, provenance=provenance)
+        return share, sign_share(self.identity, self.party_id, agg.round, share)
+
     def apply(self, plan: RoundPlan, *, agg: EncryptedUpdate | bytes | None = None,
               shares: Iterable[bytes] | None = None,
-              average: Mapping | None = None) -> float:
+              average: Mapping | None = None, **checks) -> float:
         """Applies the round's result: the aggregate (decrypted here, or fused from the
-        ``shares``), or an already decrypted/plaintext ``average``. Returns the seconds spent
+        ``shares``), or an already decrypted/plaintext ``average``. ``checks``: ``provenance``
+        and ``share_records`` for the party's guard. Returns the seconds spent
         decrypting."""
         start = time.perf_counter()
         if average is None:
-            average = self.party.decrypt(agg, shares, mask=self.round_mask(plan))
+            average = self.party.decrypt(agg, shares, mask=self.round_mask(plan), **checks)
         seconds = time.perf_counter() - start
         self.party.apply_average(average, version=plan.round)
         return seconds
@@ -198,7 +247,7 @@ class Site:
     def eval_reply(self, seconds_decrypt: float = 0.0) -> EvalReply:
         return EvalReply(party=self.party_id, version=self.party.version,
                          eval_loss=self.evaluate(), eval_examples=self.data.eval_examples,
-                         seconds_decrypt=seconds_decrypt)
+                         seconds_decrypt=seconds_decrypt, budget_left=self.party.budget_left)
 
     def samples(self) -> list[dict]:
         """The global model's greedy answers to this site's first held-out prompts."""

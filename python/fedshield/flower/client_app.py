@@ -6,10 +6,12 @@ of the global adapter. This process imports neither torch nor openfhe, so the pe
 ClientApp process Flower 1.30 starts stays cheap.
 
 Node config (``flower-supernode --node-config``): ``data`` (this site's own data file),
-``key-file`` (its context, mode 0600), ``party-id`` (0..sites-1; threshold keys: the key
-share's), and optionally ``model`` (its own model directory), ``eval-data`` (its own held-out
-file instead of a held-out part of ``data``), ``name``, ``columns``, ``out-dir`` (where the
-adapter goes when the server asks this node to write it) and ``worker-idle-timeout``.
+``key-file`` (where the key set-up writes its context, mode 0600), ``party-id`` (0..sites-1),
+and optionally ``identity-file`` (its long-term identity key, made on first start; default
+the key file's path + ``.identity``), ``model`` (its own model directory), ``eval-data`` (its
+own held-out file instead of a held-out part of ``data``), ``name``, ``columns``, ``out-dir``
+(where the adapter goes when the server asks this node to write it) and
+``worker-idle-timeout``.
 Run config: ``fedshield-config`` (the run config as JSON); on the simulation runtime also
 ``simulation-sites`` (each virtual SuperNode's node config, by partition id).
 """
@@ -24,8 +26,8 @@ from flwr.clientapp import ClientApp
 from flwr.common import ConfigRecord, Context, Message, RecordDict
 
 from .records import (AGGREGATE, FIELDS, SHARE, STYPE_AGGREGATE, STYPE_SHARE, STYPE_UPDATE,
-                      UPDATE, get_payload, message_fields, put_payload, route_logs_to_flower,
-                      share_key)
+                      UPDATE, get_blobs, get_payload, message_fields, put_blobs, put_payload,
+                      route_logs_to_flower, share_key)
 from .site_ipc import SIMULATION_SITES, ensure_worker, request
 
 route_logs_to_flower()
@@ -52,11 +54,19 @@ def worker(context: Context) -> Path:
                          WORKER_START_TIMEOUT)
 
 
-def _reply(msg: Message, fields: dict, payloads: dict[str, tuple[bytes, str]] = ()) -> Message:
-    content = RecordDict({FIELDS: ConfigRecord(fields)})
+def _reply(msg: Message, fields: dict, payloads: dict[str, tuple[bytes, str]] = (),
+           blobs: list[bytes] = ()) -> Message:
+    content = RecordDict()
     for name, (blob, stype) in dict(payloads).items():
         put_payload(content, name, blob, stype)
+    if blobs:
+        fields = {**fields, "blobs": put_blobs(content, blobs)}
+    content[FIELDS] = ConfigRecord(fields)
     return Message(content=content, reply_to=msg)
+
+
+def _blobs(msg: Message, fields: dict) -> list[bytes]:
+    return get_blobs(msg.content, fields.get("blobs", 0))
 
 
 @app.query("join")
@@ -66,19 +76,29 @@ def join(msg: Message, context: Context) -> Message:
     return _reply(msg, fields)
 
 
+@app.query("keys")
+def keys(msg: Message, context: Context) -> Message:
+    """One step of the key set-up (fedshield.fl.key_setup), answered by the site worker."""
+    fields = message_fields(msg)
+    out, sections = request(worker(context), str(fields.get("op")), fields, _blobs(msg, fields))
+    return _reply(msg, out, blobs=sections)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Trains from the global adapter, prunes, encrypts (in the site worker)."""
+    """Trains from the global adapter, prunes, encrypts and signs (in the site worker)."""
     fields, sections = request(worker(context), "train", message_fields(msg))
-    return _reply(msg, fields, {UPDATE: (sections[0], STYPE_UPDATE)})
+    return _reply(msg, {**fields, "signature": sections[1]},
+                  {UPDATE: (sections[0], STYPE_UPDATE)})
 
 
 @app.query("share")
 def share(msg: Message, context: Context) -> Message:
-    """Threshold keys: this party's partial decryption of the round's aggregate."""
+    """Threshold keys: this party's signed partial decryption of the round's aggregate."""
+    fields = message_fields(msg)
     agg = get_payload(msg.content, AGGREGATE, STYPE_AGGREGATE)
-    fields, sections = request(worker(context), "share", message_fields(msg), [agg])
-    return _reply(msg, fields, {SHARE: (sections[0], STYPE_SHARE)})
+    out, sections = request(worker(context), "share", fields, [agg, *_blobs(msg, fields)])
+    return _reply(msg, {**out, "signature": sections[1]}, {SHARE: (sections[0], STYPE_SHARE)})
 
 
 @app.evaluate()
@@ -88,5 +108,5 @@ def apply_and_evaluate(msg: Message, context: Context) -> Message:
     sections = [get_payload(msg.content, AGGREGATE, STYPE_AGGREGATE)]
     sections += [get_payload(msg.content, share_key(int(p)), STYPE_SHARE)
                  for p in fields.get("shares", [])]
-    out, _ = request(worker(context), "evaluate", fields, sections)
+    out, _ = request(worker(context), "evaluate", fields, sections + _blobs(msg, fields))
     return _reply(msg, out)

@@ -1,12 +1,12 @@
 """`fedshield run --engine flower`: a real SuperLink and one SuperNode per site, as separate
 processes talking gRPC on loopback, driven by ``flwr run``.
 
-Each site gets a directory of its own (``OUT/flower/nodes/SITE``) holding its data file and its
-key file, and its SuperNode runs there: its node config names only its own files, as in a real
-deployment where each site is its own machine (README: "Deployment on Flower"). The launcher
-plays the key dealer of a simulation (fedshield.fl.dealer): it generates the keys with the
-run's CKKS parameters and writes each party's key file (mode 0600) into that party's directory
-and the public server context beside the SuperLink's.
+Each site gets a directory of its own (``OUT/flower/nodes/SITE``) holding its data file, and its
+SuperNode runs there: its node config names only its own files, as in a real deployment where
+each site is its own machine (README: "Deployment on Flower"). No key is made here: each site
+makes its identity key and, in the key set-up the ServerApp runs before round 1, its key (or
+key share) in its own directory (fedshield.fl.key_setup); the ServerApp writes the public
+context beside the SuperLink's (``OUT/flower/server/server.ctx``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from typing import Sequence
 from ..atomic import write_json_atomic
 from ..config import RunConfig
 from ..errors import FedShieldError, ParameterError
-from ..fl.dealer import deal_keys
 from ..fl.site_files import site_files
 from ..run_dir import METRICS, claim_out_dir
 from ..threads import ENV as THREADS_ENV
@@ -92,21 +91,12 @@ class FlowerApp:
     site_workers: bool = True    # start each site's worker with its SuperNode (fedshield's apps)
 
 
-def write_keys(cfg: RunConfig, party_paths: Sequence[Path], server_dir: Path) -> Path:
-    """Each party's key file (0600) at its path, the public context in ``server_dir``;
-    returns the public context's path."""
-    server_dir.mkdir(parents=True, exist_ok=True)
-    parties, server_ctx = deal_keys(cfg)
-    for ctx, path in zip(parties, party_paths):
-        ctx.save(path)
-    server_path = server_dir / "server.ctx"
-    server_ctx.save(server_path, include_secret=False)
-    return server_path
-
-
 def prepare_sites(cfg: RunConfig, work: Path) -> tuple[list[dict], Path]:
-    """One directory per site with its data file (a copy) and its key file; returns each
-    site's node config and the public context's path."""
+    """One directory per site with its data file (a copy); returns each site's node config
+    and where the ServerApp writes the public context."""
+    if cfg.keys.setup == "dealer":
+        raise ParameterError("--key-setup dealer is a simulation shortcut of the local engine; "
+                             "on Flower every site makes its own keys (--key-setup protocol)")
     files = site_files(cfg, work / "split")
     node_dirs = []
     for i, f in enumerate(files):
@@ -115,13 +105,15 @@ def prepare_sites(cfg: RunConfig, work: Path) -> tuple[list[dict], Path]:
             node_dir = work / "nodes" / f"{f.name}-{i}"
         node_dir.mkdir(parents=True)
         node_dirs.append(node_dir)
-    server_path = write_keys(cfg, [d / "party.key" for d in node_dirs], work / "server")
+    server_path = work / "server" / "server.ctx"
+    server_path.parent.mkdir(parents=True, exist_ok=True)
     configs = []
     for i, (f, node_dir) in enumerate(zip(files, node_dirs)):
         data = node_dir / f"data{f.path.suffix}"
         shutil.copyfile(f.path, data)
         config = {"party-id": i, "name": f.name, "data": str(data),
-                  "key-file": str(node_dir / "party.key")}
+                  "key-file": str(node_dir / "party.key"),
+                  "identity-file": str(node_dir / "identity.key")}
         if f.columns:
             config["columns"] = f.columns
         configs.append(config)
@@ -183,8 +175,9 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
         app = replace(app, run_config={**app.run_config,
                                        SIMULATION_SITES: json.dumps(configs)})
     run_config = write_app(work / "app", cfg, server_path, out, app)
-    # train, share, evaluate per round plus enrolment, each bounded by round_timeout
-    budget = cfg.engine.round_timeout * (3 * cfg.training.rounds + 2) + 120
+    # train, share, evaluate per round plus enrolment and the key set-up's steps (the chain
+    # and ~8 more), each bounded by round_timeout
+    budget = cfg.engine.round_timeout * (3 * cfg.training.rounds + cfg.n_sites + 10) + 120
     late = [{**configs[0], "out-dir": str(out / "late"), **c} for c in late_node_configs]
     # every site of this machine gets its share of the cores (FEDSHIELD_NUM_THREADS)
     share = str(max(1, available_cpus() // len(configs)))
@@ -352,33 +345,30 @@ def _wait_for_metrics(path: Path, timeout: float = 60.0) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Files for a multi-machine deployment (README, "Deployment on Flower"):
 
-    python -m fedshield.flower.launcher keys --config run.json --dir keys/
     python -m fedshield.flower.launcher app --config run.json --server-context PATH \\
         --out DIR --dir app/
+
+    No key file is made here: every site makes its own in the key set-up the ServerApp runs.
     """
     parser = argparse.ArgumentParser(prog="python -m fedshield.flower.launcher",
                                      description=main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    keys = sub.add_parser("keys", help="one key file per party (0600) and server.ctx (public)")
-    keys.add_argument("--config", required=True, help="run config (TOML or JSON)")
-    keys.add_argument("--dir", required=True)
     app = sub.add_parser("app", help="the Flower app directory `flwr run` ships")
     app.add_argument("--config", required=True, help="run config (TOML or JSON)")
     app.add_argument("--server-context", required=True,
-                     help="path of server.ctx on the SuperLink's machine")
+                     help="where the ServerApp writes the public context (server.ctx) of each "
+                          "key epoch, on the SuperLink's machine")
     app.add_argument("--out", required=True,
                      help="directory for metrics.json and plots/ on the SuperLink's machine")
     app.add_argument("--dir", required=True)
     args = parser.parse_args(argv)
     cfg = RunConfig.from_file(args.config)
-    if args.command == "keys":
-        paths = [Path(args.dir) / f"party-{i}.key" for i in range(cfg.n_sites)]
-        server = write_keys(cfg, paths, Path(args.dir))
-        print("\n".join(str(p) for p in [*paths, server]))
-    else:
-        write_app(Path(args.dir), cfg, Path(args.server_context), Path(args.out), FlowerApp())
-        print(Path(args.dir) / "pyproject.toml")
+    if cfg.keys.setup == "dealer":
+        parser.error("--key-setup dealer is a simulation shortcut of the local engine; on "
+                     "Flower every site makes its own keys")
+    write_app(Path(args.dir), cfg, Path(args.server_context), Path(args.out), FlowerApp())
+    print(Path(args.dir) / "pyproject.toml")
     return 0
 
 

@@ -24,13 +24,18 @@ FIELDS = "fedshield.fields"                  # the message's fields (a ConfigRec
 UPDATE = "fedshield.update"                  # payload names in a message's RecordDict
 AGGREGATE = "fedshield.aggregate"
 SHARE = "fedshield.share"
+BLOB = "fedshield.blob"                      # the i-th of a message's other byte strings
 JOIN = "query.join"                          # message types beside Flower's train/evaluate
 SHARE_REQUEST = "query.share"
+KEYS = "query.keys"                          # one key set-up operation (fedshield.fl.key_setup)
 
 STYPE_UPDATE = "fedshield.update.v1"          # a client's EncryptedUpdate (wire bytes)
 STYPE_AGGREGATE = "fedshield.aggregate.v1"    # the server's aggregate EncryptedUpdate
 STYPE_SHARE = "fedshield.partial.v1"          # a threshold party's partial decryption
-STYPES = (STYPE_UPDATE, STYPE_AGGREGATE, STYPE_SHARE)
+# key set-up messages, sealed key shares, and the signed updates a verifying key holder gets
+STYPE_BLOB = "fedshield.blob.v1"
+STYPES = (STYPE_UPDATE, STYPE_AGGREGATE, STYPE_SHARE, STYPE_BLOB)
+MAX_BLOBS = 1 << 14                           # byte strings one message may carry
 
 CHUNK_BYTES = 64 << 20
 MAX_PAYLOAD_BYTES = (1 << 40)                 # 1 TiB: a sanity bound on the declared size
@@ -113,6 +118,25 @@ def get_payload(content: RecordDict, name: str, stype: str) -> bytes:
     if hashlib.sha256(blob).hexdigest() != digest:
         raise InvalidUpdate(f"{name!r} payload does not match its SHA-256 (corrupted in transit?)")
     return blob
+
+
+def put_blobs(content: RecordDict, blobs, *, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Stores byte strings as payloads ``BLOB.0``, ``BLOB.1``, ...; returns how many (the
+    receiver's count, sent in the fields)."""
+    blobs = list(blobs)
+    if len(blobs) > MAX_BLOBS:
+        raise ValueError(f"{len(blobs)} byte strings in one message, at most {MAX_BLOBS}")
+    for i, blob in enumerate(blobs):
+        put_payload(content, f"{BLOB}.{i}", blob, STYPE_BLOB, chunk_bytes=chunk_bytes)
+    return len(blobs)
+
+
+def get_blobs(content: RecordDict, count) -> list[bytes]:
+    """The ``count`` byte strings of :func:`put_blobs`; InvalidUpdate for a bad count or a
+    missing or corrupted one."""
+    if not (_is_int(count) and 0 <= count <= MAX_BLOBS):
+        raise InvalidUpdate(f"blob count {count!r} is not in [0, {MAX_BLOBS}]")
+    return [get_payload(content, f"{BLOB}.{i}", STYPE_BLOB) for i in range(count)]
 
 
 def _is_int(value) -> bool:

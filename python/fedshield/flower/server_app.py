@@ -1,9 +1,10 @@
 """The fedshield ServerApp: enrols the sites, runs the rounds, writes metrics.json and plots.
 
-Run config: ``fedshield-config`` (the run config as JSON), ``server-context`` (path of the
-PUBLIC context file on the SuperLink's machine) and ``out-dir`` (where metrics.json and plots/
-go). It holds no secret key and never imports openfhe or torch; it never sees a plaintext
-update, the global adapter or a site's data.
+Run config: ``fedshield-config`` (the run config as JSON), ``server-context`` (where it writes
+the PUBLIC context each key set-up makes) and ``out-dir`` (where metrics.json and plots/ go).
+The keys are made by the parties on their own nodes (fedshield.fl.key_setup); the server only
+relays the set-up's messages. It holds no secret key and never imports openfhe or torch; it
+never sees a plaintext update, the global adapter or a site's data.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from flwr.common import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import RunConfig
-from ..errors import FedShieldError
+from ..errors import FedShieldError, KeySetupError
 from ..fl.server import Server
-from ..he import load_context
 from .polling import PromptGrid
 from .records import CHUNK_BYTES, route_logs_to_flower
 from .strategy import EncryptedFedAvg
@@ -48,9 +48,14 @@ def main(grid: Grid, context: Context) -> None:
                               source="the run config's fedshield-config")
     out = Path(str(rc["out-dir"]))
     out.mkdir(parents=True, exist_ok=True)
-    server_ctx = load_context(str(rc["server-context"]))
-    server = Server(cfg, server_ctx, engine="flower", flood_bits=server_ctx.params.flood_bits)
+    context_path = Path(str(rc["server-context"]))
+    server = Server(cfg, None, engine="flower", flood_bits=cfg.ckks_params().flood_bits)
     record, metrics_path = server.record, out / "metrics.json"
+
+    def on_keys(ctx) -> None:
+        context_path.parent.mkdir(parents=True, exist_ok=True)
+        ctx.save(context_path, include_secret=False)
+        record.write(metrics_path)
 
     def on_round(entry: dict) -> None:
         record.write(metrics_path)
@@ -58,7 +63,7 @@ def main(grid: Grid, context: Context) -> None:
                  entry["status"], entry.get("eval_loss"), entry.get("clients"),
                  [(e["party"], e["reason"]) for e in entry.get("excluded", [])])
 
-    strategy = EncryptedFedAvg(server, on_round=on_round,
+    strategy = EncryptedFedAvg(server, on_round=on_round, on_keys=on_keys,
                                chunk_bytes=int(rc.get("chunk-bytes", CHUNK_BYTES)))
     participants = strategy.enroll(grid, timeout=cfg.engine.round_timeout)
     record.extra["participants"] = sorted(participants.values())
@@ -68,8 +73,13 @@ def main(grid: Grid, context: Context) -> None:
                                    f"{server.min_updates} needed")
         record.write(metrics_path)
         raise FedShieldError(record.extra["failure"])
-    strategy.start(grid, ArrayRecord(), num_rounds=cfg.training.rounds,
-                   timeout=cfg.engine.round_timeout)
+    try:
+        strategy.start(grid, ArrayRecord(), num_rounds=cfg.training.rounds,
+                       timeout=cfg.engine.round_timeout)
+    except KeySetupError as exc:  # a party failed the key set-up: nothing can be decrypted
+        record.extra["failure"] = str(exc)
+        record.write(metrics_path)
+        raise
     record.extra["not_enrolled"] = strategy.late_nodes(grid)
     # what the whole server process loaded, not only our modules
     record.extra["server_loaded_openfhe"] = "openfhe" in sys.modules

@@ -6,10 +6,12 @@ the data there would cost a base-model load per message. The ClientApp
 and hands it every message over a Unix socket (fedshield.flower.site_ipc). The worker keeps the
 model, the tokenized data, the key and the global adapter between rounds and messages.
 
-It reads only what its node config names: ``data`` (its own file), ``key-file``, optionally
-``model``, ``eval-data``, ``name``, ``party-id``, ``columns``, ``out-dir`` and ``train-fn`` (the
-site's own training function, "package.module:function", which the run config may also name
-for every site; see fedshield.fl.train_fn). It exits when
+It reads only what its node config names: ``data`` (its own file), ``key-file`` (where the key
+set-up writes this party's key: it never leaves the node), ``party-id``, optionally
+``identity-file`` (the node's long-term identity key, made here on first start), ``model``,
+``eval-data``, ``name``, ``columns``, ``out-dir`` and ``train-fn`` (the site's own training
+function, "package.module:function", which the run config may also name for every site; see
+fedshield.fl.train_fn). It exits when
 its SuperNode exits, after the run's final message, or after ``worker-idle-timeout`` seconds
 without a message (default 3600).
 """
@@ -26,13 +28,15 @@ import time
 from pathlib import Path
 
 from ..config import RunConfig
-from ..errors import FedShieldError, KeyMaterialError, ParameterError
+from ..errors import FedShieldError, ParameterError
 from ..fl.messages import RoundPlan
+from ..fl.guard import Provenance
 from ..fl.party import Party
 from ..fl.site import Site, load_site_data
 from ..fl.train_fn import SETTING as TRAIN_FN
 from ..fl.train_fn import load_train_fn
-from ..he import EncryptedUpdate, load_context
+from ..he import EncryptedUpdate
+from ..he.identity import Identity
 from ..model import build_lora_model, load_tokenizer
 from ..threads import apply_to_torch
 from .site_ipc import process_alive, recv_frame, run_digest, send_frame
@@ -64,22 +68,11 @@ def build_site(node: dict, run_config: dict) -> tuple[Site, Path]:
     model = _node_value(node, "model")
     if model is not None:
         cfg = cfg.replace(model=str(model))
-    ctx = load_context(key_file)
-    if cfg.keys.mode == "threshold":
-        if not ctx.is_party:
-            raise KeyMaterialError(f"{key_file} is not a threshold party's key share")
-        party_id = ctx.party_id
-        given = _node_value(node, "party-id")
-        if given is not None and int(given) != party_id:
-            raise KeyMaterialError(f"{key_file} is the key share of party {party_id}, the node "
-                                   f"config says party-id={given}")
-    else:
-        if not ctx.has_secret_key:
-            raise KeyMaterialError(f"{key_file} holds no secret key (shared-key mode)")
-        if _node_value(node, "party-id") is None:
-            raise ParameterError("node config lacks party-id (0..sites-1), which shared-key "
-                                 "mode needs")
-        party_id = int(node["party-id"])
+    if _node_value(node, "party-id") is None:
+        raise ParameterError("node config lacks party-id (0..sites-1)")
+    party_id = int(node["party-id"])
+    identity = node_identity(Path(str(_node_value(node, "identity-file",
+                                                  f"{key_file}.identity"))))
     tokenizer = load_tokenizer(cfg.model)
     model_obj = build_lora_model(cfg.model, cfg.lora, seed=cfg.training.seed,
                                  tokenizer=tokenizer, max_len=cfg.data.max_len)
@@ -88,14 +81,28 @@ def build_site(node: dict, run_config: dict) -> tuple[Site, Path]:
                                columns=str(_node_value(node, "columns", "")),
                                eval_path=None if eval_data is None else str(eval_data),
                                name=_node_value(node, "name"))
-    party = Party(ctx, model_obj, algorithm=cfg.training.algorithm)
+    party = Party(None, model_obj, algorithm=cfg.training.algorithm)
     out = Path(str(_node_value(node, "out-dir", ".")))
     spec = _node_value(node, TRAIN_FN, run_config.get(TRAIN_FN) or None)
     train_fn = None if spec is None else load_train_fn(str(spec))
     if train_fn is not None:
         log.info("site worker: party %d trains with its own %s", party_id, spec)
-    return Site(party_id, party, site_data, cfg, tokenizer, train_fn=train_fn,
-                node_config=node), out
+    site = Site(party_id, party, site_data, cfg, tokenizer, train_fn=train_fn,
+                node_config=node, identity=identity)
+    site.key_holder(key_file)  # the keys come from the key set-up, made here
+    return site, out
+
+
+def node_identity(path: Path) -> Identity:
+    """The node's long-term identity key: loaded, or made here (mode 0600) on first start."""
+    if path.exists():
+        return Identity.load(path)
+    identity = Identity.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    identity.save(path)
+    log.info("site worker: new identity key %s, fingerprint %s", path,
+             identity.public.fingerprint())
+    return identity
 
 
 class SiteWorker:
@@ -113,6 +120,11 @@ class SiteWorker:
             return {"party": site.party_id, "run": self.run}, []
         if op == "join":
             return {**site.info().to_fields(), "version": party.version}, []
+        if op.startswith("keys."):
+            out = site.keys.handle(op, fields, sections)
+            if op == "keys.commit":  # the key this node just wrote becomes the party's
+                site.take_committed_keys()
+            return out
         if op == "train":
             plan = RoundPlan.from_fields(fields)
             if party.version != plan.base_version:
@@ -120,15 +132,16 @@ class SiteWorker:
                                 f"{party.version}, the server builds round {plan.round} on "
                                 f"round {plan.base_version}")
             reply = site.train_round(plan)
-            return reply.to_fields(), [reply.update]
+            return reply.to_fields(), [reply.update, reply.signature]
         if op == "share":
             start = time.perf_counter()
             agg = EncryptedUpdate.from_bytes(sections[0])
             if agg.round != int(fields["round"]):
                 raise OutOfStep(f"asked to decrypt round {agg.round}'s aggregate in round "
                                 f"{int(fields['round'])}")
-            share = party.partial_decrypt(agg, present=[int(p) for p in fields["present"]])
-            return {"seconds": time.perf_counter() - start}, [share]
+            share, record = site.partial_decrypt(agg, [int(p) for p in fields["present"]],
+                                                 provenance=Provenance.from_blobs(sections[1:]))
+            return {"seconds": time.perf_counter() - start}, [share, record]
         if op == "evaluate":
             return self._evaluate(fields, sections)
         if op == "shutdown":
@@ -146,8 +159,16 @@ class SiteWorker:
         agg = EncryptedUpdate.from_bytes(sections[0])
         if agg.round != plan.round or not agg.is_aggregate:
             raise OutOfStep(f"expected the aggregate of round {plan.round}, got {agg!r}")
-        shares = sections[1:] if site.cfg.keys.mode == "threshold" else None
-        seconds = site.apply(plan, agg=agg, shares=shares)
+        # sections: the aggregate, the shares (threshold), their signed records, then the
+        # aggregate's provenance (manifest, server record, verify_aggregates: the updates)
+        n_shares = len(fields.get("shares", []))
+        shares = sections[1:1 + n_shares]
+        records = sections[1 + n_shares:1 + 2 * n_shares]
+        provenance = Provenance.from_blobs(sections[1 + 2 * n_shares:])
+        if site.cfg.keys.mode == "threshold":
+            seconds = site.apply(plan, agg=agg, shares=shares, share_records=records)
+        else:
+            seconds = site.apply(plan, agg=agg, provenance=provenance)
         reply = site.eval_reply(seconds)
         if fields.get("save-adapter"):
             site.save_adapter(self.out)

@@ -26,12 +26,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..errors import FedShieldError
+from ..fl.key_setup import KeySetup
 from ..fl.messages import EvalReply, InvalidMessage, ShareReply, SiteInfo, TrainReply
 from ..fl.server import Server
-from ..he import EncryptedUpdate
-from .records import (AGGREGATE, CHUNK_BYTES, FIELDS, JOIN, SHARE, SHARE_REQUEST,
-                      STYPE_AGGREGATE, STYPE_SHARE, STYPE_UPDATE, UPDATE, get_payload,
-                      message_fields, put_payload, share_key)
+from ..he import Context, EncryptedUpdate
+from .records import (AGGREGATE, CHUNK_BYTES, FIELDS, JOIN, KEYS, SHARE, SHARE_REQUEST,
+                      STYPE_AGGREGATE, STYPE_SHARE, STYPE_UPDATE, UPDATE, get_blobs, get_payload,
+                      message_fields, put_blobs, put_payload, share_key)
 
 log = logging.getLogger("fedshield")
 
@@ -40,8 +41,9 @@ class EncryptedFedAvg(FedAvg):
     """FedAvg whose aggregation adds CKKS ciphertexts without any secret key (the Server)."""
 
     def __init__(self, server: Server, *, chunk_bytes: int = CHUNK_BYTES,
-                 on_round: Callable[[dict], None] | None = None) -> None:
-        if server.ctx is None:
+                 on_round: Callable[[dict], None] | None = None,
+                 on_keys: Callable[[Context], None] | None = None) -> None:
+        if not server.cfg.he.enabled:
             raise FedShieldError("the Flower engine runs encrypted aggregation only")
         need = server.min_updates
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=need,
@@ -49,6 +51,7 @@ class EncryptedFedAvg(FedAvg):
         self.server = server
         self.chunk_bytes = chunk_bytes
         self.on_round = on_round
+        self.on_keys = on_keys          # called with each key epoch's public context
         self.enrolment_nodes: set[int] = set()
         self._grid: Grid | None = None
         self._plan = None
@@ -114,6 +117,8 @@ class EncryptedFedAvg(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self._grid = grid
         self._pending = None
+        if self.server.needs_new_keys():  # the first key epoch, or a rotation (budget)
+            self.set_up_keys(grid, before_round=server_round)
         self._plan = self.server.plan(server_round)
         fields = self._plan.to_fields()
         return self._messages(sorted(self.participants), "train",
@@ -124,10 +129,56 @@ class EncryptedFedAvg(FedAvg):
         if msg.has_error():
             return InvalidMessage(f"error: {msg.error.reason}")
         try:
-            return TrainReply.from_fields(message_fields(msg),
-                                          get_payload(msg.content, UPDATE, STYPE_UPDATE))
+            fields = message_fields(msg)
+            signature = fields.pop("signature", None)
+            if not isinstance(signature, bytes):
+                raise InvalidMessage("the update comes without its signed record")
+            return TrainReply.from_fields(fields, get_payload(msg.content, UPDATE, STYPE_UPDATE),
+                                          signature=signature)
         except FedShieldError as exc:
             return InvalidMessage(f"invalid reply: {exc}")
+
+    # -- keys ----------------------------------------------------------------------------------
+    def set_up_keys(self, grid: Grid, before_round: int) -> None:
+        """A key epoch by the protocol (fedshield.fl.key_setup) over ``query.keys`` messages:
+        the first one, or a rotation when a key's decryption budget runs low. A party that
+        fails it stops the run (KeySetupError naming the party)."""
+        server = self.server
+        cfg = server.cfg
+        epoch = server.epoch + 1
+        result = KeySetup(cfg.ckks_params(), cfg.keys.mode, cfg.keys.threshold or cfg.n_sites,
+                          server.roster, server.identity.public, self._ask_keys(grid)).run(epoch)
+        server.key_epoch_done(epoch, result.context, before_round, result.seconds,
+                              result.subsets_checked)
+        if self.on_keys is not None:
+            self.on_keys(result.context)
+
+    def _ask_keys(self, grid: Grid):
+        def ask(op: str, requests) -> dict[int, object]:
+            messages = []
+            for party, (fields, blobs) in requests.items():
+                node = self.server.node_of(party)
+                if node is None:
+                    continue
+                content = RecordDict()
+                count = put_blobs(content, blobs, chunk_bytes=self.chunk_bytes)
+                content[FIELDS] = ConfigRecord({**fields, "op": op, "blobs": count})
+                messages.append(Message(content=content, message_type=KEYS, dst_node_id=node))
+            answers: dict[int, object] = {}
+            for msg in grid.send_and_receive(messages,
+                                             timeout=self.server.cfg.engine.round_timeout):
+                party = self.participants.get(msg.metadata.src_node_id)
+                if party not in requests or party in answers:
+                    continue
+                try:
+                    if msg.has_error():
+                        raise InvalidMessage(f"error: {msg.error.reason}")
+                    fields = message_fields(msg)
+                    answers[party] = (fields, get_blobs(msg.content, fields.pop("blobs", 0)))
+                except FedShieldError as exc:
+                    answers[party] = exc
+            return answers
+        return ask
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -154,12 +205,15 @@ class EncryptedFedAvg(FedAvg):
             "clients": len(entry.clients)})
 
     def _ask_shares(self, agg: EncryptedUpdate):
-        """The transport of Server.collect_shares: one query.share per present party."""
+        """The transport of Server.collect_shares: one query.share per present party, with
+        the aggregate's manifest (and, verify_aggregates, its signed updates)."""
         def ask(present: list[int]) -> dict[int, object]:
             payload = RecordDict()  # one copy of the aggregate's chunks for every message
             put_payload(payload, AGGREGATE, agg.to_bytes(), STYPE_AGGREGATE,
                         chunk_bytes=self.chunk_bytes)
-            fields = {"round": agg.round, "present": present}
+            count = put_blobs(payload, self.server.provenance.to_blobs(),
+                              chunk_bytes=self.chunk_bytes)
+            fields = {"round": agg.round, "present": present, "blobs": count}
             nodes = [self.server.node_of(p) for p in present]
             replies = self._grid.send_and_receive(
                 self._messages(nodes, SHARE_REQUEST, lambda _node: RecordDict(
@@ -176,12 +230,14 @@ class EncryptedFedAvg(FedAvg):
                 try:
                     if msg.has_error():
                         raise InvalidMessage(f"error: {msg.error.reason}")
-                    reply = ShareReply.from_fields(message_fields(msg),
-                                                   get_payload(msg.content, SHARE, STYPE_SHARE))
+                    fields = message_fields(msg)
+                    reply = ShareReply.from_fields(fields,
+                                                   get_payload(msg.content, SHARE, STYPE_SHARE),
+                                                   signature=fields.get("signature"))
                 except FedShieldError as exc:
                     answers[party] = exc
                     continue
-                answers[party] = reply.share
+                answers[party] = (reply.share, reply.signature)
                 seconds.append(reply.seconds)
             self.server.current.seconds["decrypt"] += max(seconds, default=0.0)
             return answers
@@ -201,8 +257,13 @@ class EncryptedFedAvg(FedAvg):
         for party, share in pending["shares"].items():
             put_payload(payload, share_key(party), share, STYPE_SHARE,
                         chunk_bytes=self.chunk_bytes)
+        server = self.server
+        sharers = sorted(pending["shares"])
+        count = put_blobs(payload, [*(server.share_records[p] for p in sharers),
+                                    *server.provenance.to_blobs()],
+                          chunk_bytes=self.chunk_bytes)
         fields = {**self._plan.to_fields(), "clients": list(self.server.current.clients),
-                  "shares": sorted(pending["shares"]), "final": last}
+                  "shares": sharers, "final": last, "blobs": count}
 
         def content(node):
             return RecordDict({**payload, FIELDS: ConfigRecord({

@@ -225,6 +225,10 @@ class Context:
             raise KeyMaterialError(f"this {self.role} context holds no secret key")
         return bytes(self._secret_key)
 
+    def public_key_bytes(self) -> bytes:
+        """The (joint) public key, as OpenFHE serializes it."""
+        return self._public_key
+
     def key_residues(self) -> list[tuple[int, np.ndarray]]:
         """(offset, residues) of each RNS tower of the serialized secret key (share)."""
         key = self.secret_key_bytes()

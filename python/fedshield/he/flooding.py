@@ -120,11 +120,16 @@ def roots_of(template: bytes, moduli, ring_dim: int) -> tuple[int, ...]:
     writes a tower's parameters as (..., modulus, root of unity, ...). Checked: root^N = -1."""
     out = []
     for q in moduli:
-        at = template.find(int(q).to_bytes(8, "little"))
-        if at < 0 or at + 16 > len(template):
+        needle = int(q).to_bytes(8, "little")
+        at, root = template.find(needle), None
+        if at < 0:
             raise ParameterError(f"tower modulus {q} is not in the ciphertext template")
-        root = int.from_bytes(template[at + 8:at + 16], "little")
-        if not (1 < root < q and pow(root, ring_dim, q) == q - 1):
+        while at >= 0 and root is None:  # the modulus also appears in the context's own params
+            value = int.from_bytes(template[at + 8:at + 16], "little")
+            if 1 < value < q and pow(value, ring_dim, q) == q - 1:
+                root = value
+            at = template.find(needle, at + 1)
+        if root is None:
             raise ParameterError(f"no primitive {2 * ring_dim}-th root of unity next to the "
                                  f"tower modulus {q} in the ciphertext template")
         out.append(root)

@@ -349,6 +349,19 @@ def sign_blob(identity: Identity, domain: str, party_id: int, round: int, blob: 
     return head + identity._sign_framed(_RECORD_DOMAIN + domain, head)
 
 
+def record_signer(record: Bytes) -> tuple[int, int]:
+    """(party id, round) a record claims, unverified: which roster entry and round to verify
+    it against. AuthenticationError for anything that is not a record."""
+    record = _as_bytes(record, "signed record")
+    if len(record) != RECORD_SIZE:
+        raise AuthenticationError(f"signed record is {len(record)} bytes, expected {RECORD_SIZE}")
+    magic, version, party, round_, _ = _RECORD_HEAD.unpack_from(record)
+    if magic != _RECORD_MAGIC or version != _RECORD_VERSION:
+        raise AuthenticationError(f"not a fedshield signed record (magic {magic!r}, version "
+                                  f"{version}; expected {_RECORD_MAGIC!r}, {_RECORD_VERSION})")
+    return party, round_
+
+
 def verify_record(public: PublicIdentity, domain: str, record: Bytes, *, party_id: int,
                   round: int) -> bytes:
     """The SHA-256 a record signs, once its party and round are the expected ones and its
@@ -406,5 +419,5 @@ def _as_bytes_view(value, what: str):
     return value
 
 
-__all__ = ["Identity", "PublicIdentity", "RECORD_SIZE", "SIGNATURE_PREFIX", "sign_blob",
-           "verify_blob", "verify_record"]
+__all__ = ["Identity", "PublicIdentity", "RECORD_SIZE", "SIGNATURE_PREFIX", "record_signer",
+           "sign_blob", "verify_blob", "verify_record"]

@@ -57,6 +57,10 @@ def sum_noise(n_summed: int, *, seeded: bool, decryptors: int = 0) -> float:
     return noise
 
 
+# log2 of the decryptions one key may make, unless a run says otherwise (--decryption_budget)
+DEFAULT_LOG_QUERIES = 20
+
+
 @dataclass(frozen=True)
 class CKKSParams:
     """CKKS parameters of a federation (depth 0: ciphertexts are only added).
@@ -84,7 +88,7 @@ class CKKSParams:
     flood_bits: int = field(default=0, metadata={
         "help": "noise flooding of every decryption at this statistical security level "
                 "(bits; 0 = off). Runs on 3 RNS towers (3x the bytes)"})
-    flood_log_queries: int = field(default=20, metadata={
+    flood_log_queries: int = field(default=DEFAULT_LOG_QUERIES, metadata={
         "help": "log2 of the decrypted ciphertexts the flooding guarantee covers"})
     seeded: bool = field(default=True, metadata={
         "help": "key holders with the secret key send seeded updates (c0 and a seed)"})
@@ -275,8 +279,10 @@ class CKKSParams:
         d = asdict(self)
         if not self.flooding:
             # Parameters without flooding keep the JSON (and so the fingerprints) they had
-            # before flooding existed.
-            del d["flood_bits"], d["flood_log_queries"]
+            # before flooding existed; a non-default decryption budget is still part of them.
+            del d["flood_bits"]
+            if self.flood_log_queries == DEFAULT_LOG_QUERIES:
+                del d["flood_log_queries"]
         if not self.seeded:
             del d["seeded"]  # likewise for the parameters of unseeded (wire v2) contexts
         return json.dumps(d, sort_keys=True)

@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import _native
 from ..errors import KeyMaterialError, ParameterError
-from . import backend
+from . import backend, flooding
 from .context import Context
 from .flooding import check_precision
 from .frames import frame, int_field, unframe
@@ -191,6 +191,89 @@ def finish_keygen(state: KeygenState, message: bytes) -> Context:
                           role="party", secret_key=state._secret_key,
                           party=(state.party_id, state.n_parties, state.threshold),
                           live={"secret_key": state._live["secret_key"]})
+
+
+# -- each party's own key, checked against its step of the chain --------------------------------
+def _public_polys(message: bytes, ring_dim: int, moduli) -> tuple[list, list]:
+    """(b, a) of the public key a key generation message carries, residues per tower."""
+    _, _, _, public_key = _read_keygen_message(message)
+    return _key_polys(public_key, ring_dim, moduli)
+
+
+def _key_polys(public_key: bytes, ring_dim: int, moduli) -> tuple[list, list]:
+    towers = len(moduli)
+    offsets = _native.find_residue_arrays(public_key, ring_dim, list(moduli), 2 * towers)
+    polys = [np.frombuffer(public_key, dtype="<u8", count=ring_dim, offset=o) for o in offsets]
+    return polys[:towers], polys[towers:]
+
+
+def step_contribution(previous: Optional[bytes], message: bytes, ring_dim: int,
+                      moduli) -> list[np.ndarray]:
+    """What one step of the chain added to the joint public key: b_k = b(after) - b(before)
+    (party 0: its own b), per tower. With a of the joint key, (b_k, a) is party k's own public
+    key: b_k = e_k - a * s_k."""
+    after, _ = _public_polys(message, ring_dim, moduli)
+    if previous is None:
+        return [np.array(b) for b in after]
+    before, _ = _public_polys(previous, ring_dim, moduli)
+    # q < 2**62: x + q - y stays below 2**64
+    return [(x + np.uint64(q) - y) % np.uint64(q) for x, y, q in zip(after, before, moduli)]
+
+
+def _probe_ciphertext(ctx: Context) -> bytes:
+    """(c0, c1) = (0, a), a of the joint public key, in the context's ciphertext template."""
+    template, layout = ctx.ciphertext_template
+    towers = len(ctx.moduli)
+    n = ctx.params.ring_dim
+    c0, c1 = layout[1 + towers:1 + 2 * towers], layout[1 + 2 * towers:1 + 3 * towers]
+    _, a = _key_polys(ctx.public_key_bytes(), n, ctx.moduli)
+    buf = bytearray(template)
+    for t in range(towers):
+        buf[c0[t]:c0[t] + 8 * n] = bytes(8 * n)
+        buf[c1[t]:c1[t] + 8 * n] = a[t].tobytes()
+    return bytes(buf)
+
+
+def own_key_probe(party_ctx: Context) -> bytes:
+    """This party's partial decryption, with its own key share alone, of (0, a): a * s_k plus
+    OpenFHE's noise and (flooding contexts) this party's flooding, as residues (uint64, tower
+    after tower). Added to the party's step contribution b_k it is small iff the party decrypts
+    with the share its step of the chain committed to (:func:`own_key_matches`)."""
+    check_party_context(party_ctx)
+    cc, _, secret_key = party_ctx.openfhe_objects(need_secret=True)
+    ct = backend.load_rebuilt_ciphertext(_probe_ciphertext(party_ctx))
+    part = bytearray(backend.serialize(cc.MultipartyDecryptMain([ct], secret_key)[0]))
+    params, moduli = party_ctx.params, list(party_ctx.moduli)
+    offsets = _native.find_residue_arrays(part, params.ring_dim, moduli, len(moduli))
+    if params.flooding:  # it leaves the party like any partial decryption
+        flooding.flood(part, offsets, moduli, party_ctx.tower_roots, params.ring_dim,
+                       flooding.flood_width(params, party_ctx.n_parties))
+    n = params.ring_dim
+    return b"".join(bytes(part[o:o + 8 * n]) for o in offsets)
+
+
+def own_key_matches(public_ctx: Context, contribution: list[np.ndarray], probe: bytes) -> bool:
+    """Whether probe + b_k is a small polynomial (its coefficients, CRT-combined over the
+    towers, far below the modulus): the probing party decrypts with the key share its chain
+    step committed to. A wrong share leaves a uniform polynomial mod Q."""
+    n, moduli = public_ctx.params.ring_dim, [int(q) for q in public_ctx.moduli]
+    if len(probe) != 8 * n * len(moduli):
+        return False
+    d = np.frombuffer(probe, dtype="<u8")
+    modulus, value = 1, 0
+    for q in moduli:
+        modulus *= q
+    for t, (q, root) in enumerate(zip(moduli, public_ctx.tower_roots)):
+        part = d[t * n:(t + 1) * n]
+        if (part >= q).any():
+            return False
+        total = (part + contribution[t]) % np.uint64(q)
+        coeffs = _native.ntt_inverse(np.ascontiguousarray(total), q, root)
+        rest = modulus // q
+        value = value + coeffs.astype(object) * (rest * pow(rest, -1, q))
+    value = value % modulus
+    largest = max(min(int(v), modulus - int(v)) for v in value)
+    return largest.bit_length() <= modulus.bit_length() - 16
 
 
 def check_party_context(ctx) -> None:

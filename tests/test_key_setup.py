@@ -1,0 +1,207 @@
+"""Key set-up with no dealer (fedshield.fl.key_setup): every party makes its key material
+itself, a relay can neither read nor forge what passes through it, and a party whose key share
+or Shamir dealing is inconsistent is named before round 1."""
+
+from __future__ import annotations
+
+import itertools
+import stat
+
+import numpy as np
+import pytest
+
+import fedshield as fs
+from fedshield.fl.key_setup import (KeyHolder, KeySetup, check_subsets, describe,
+                                    keycheck_values, suspects, used_material)
+from fedshield.he import threshold as th
+from fedshield.he.budget import DecryptionBudget
+from fedshield.he.identity import Identity
+
+from conftest import make_state, weighted_average
+from key_scan import assert_key_material_only_in_own_node, key_windows
+
+THRESHOLD = fs.CKKSParams.for_precision(keys="threshold")
+
+
+class Federation:
+    """n in-process parties, each with its own directory, and the server's key set-up; the
+    relay can be replaced to tamper with what it carries."""
+
+    def __init__(self, tmp_path, n: int, mode: str = "threshold", t: int | None = None,
+                 params=None) -> None:
+        self.n, self.mode, self.t = n, mode, t or n
+        self.params = params or (THRESHOLD if mode == "threshold" else fs.CKKSParams())
+        self.holders = [KeyHolder(i, Identity.generate(), tmp_path / f"node-{i}" / "party.key")
+                        for i in range(n)]
+        self.relay = None     # (op, party, fields, sections) -> (fields, sections)
+        self.roster = {h.party_id: h.identity.public for h in self.holders}
+        self.server = Identity.generate()
+
+    def ask(self, op, requests):
+        out = {}
+        for party, (fields, sections) in requests.items():
+            if self.relay is not None:
+                fields, sections = self.relay(op, party, dict(fields), list(sections))
+            try:
+                out[party] = self.holders[party].handle(op, fields, sections)
+            except fs.FedShieldError as exc:
+                out[party] = exc
+        return out
+
+    def run(self, epoch: int = 1):
+        return KeySetup(self.params, self.mode, self.t, self.roster, self.server.public,
+                        self.ask).run(epoch)
+
+
+# -- which subsets, and who is to blame ---------------------------------------------------------
+@pytest.mark.parametrize("n", range(2, 9))
+def test_check_subsets_use_every_own_and_every_dealt_share(n):
+    for t in range(n // 2 + 1, n + 1):
+        subsets = check_subsets(n, t)
+        assert subsets[0] == tuple(range(n))
+        assert all(len(s) == t for s in subsets[1:]) and len(set(subsets)) == len(subsets)
+        used = set().union(*[used_material(s, n, t) for s in subsets])
+        assert {("own", i) for i in range(n)} <= used
+        if t < n:
+            assert {("dealt", j, i) for i in range(n) for j in range(n) if i != j} <= used
+
+
+def test_suspects_point_at_one_dealing():
+    n, t = 4, 3
+    bad = ("dealt", 1, 2)
+    results = {s: bad not in used_material(s, n, t) for s in check_subsets(n, t)}
+    assert not all(results.values())
+    named = suspects(results, n, t, {("own", p) for p in range(n)})
+    # subsets of t without party 1 use its shares to several recipients at once: the dealer
+    # is named, the recipient narrowed down as far as the subsets allow
+    assert bad in named and {m[1] for m in named} == {1}
+    assert "party 1 (the Shamir share it dealt to one of parties" in describe(named)
+
+
+# -- the protocol ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode, n, t", [("threshold", 3, 2), ("threshold", 3, 3), ("shared", 3, 3)])
+def test_protocol_makes_working_keys_on_each_node(tmp_path, mode, n, t):
+    fed = Federation(tmp_path, n, mode, t)
+    result = fed.run()
+    public = result.context
+    assert not public.has_secret_key and not public.is_party
+    ctxs = []
+    for h in fed.holders:
+        path = h.key_file
+        assert path.parent == tmp_path / f"node-{h.party_id}"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        ctx = fs.load_context(path)
+        assert ctx.fingerprint == public.fingerprint
+        assert ctx.is_party == (mode == "threshold")
+        budget = DecryptionBudget(h.budget_file, 2 ** ctx.params.flood_log_queries)
+        assert budget.context_fp == public.fingerprint
+        assert budget.decrypted >= 1  # the key check's decryptions count for the new key
+        ctxs.append(ctx)
+    # a round with the keys: every party's update, the sum decrypted
+    states = [make_state(900 + i) for i in range(n)]
+    layout = fs.Layout.from_state_dict(states[0])
+    agg = fs.aggregate(public, [fs.encrypt_update(c, s, layout, weight=3.0, weight_bound=4.0)
+                                for c, s in zip(ctxs, states)])
+    if mode == "threshold":
+        present = list(range(t))
+        out = fs.combine_partials(agg, [fs.partial_decrypt(c, agg, present)
+                                        for c in ctxs[:t]], layout, ctx=ctxs[0])
+    else:
+        out = fs.decrypt_update(ctxs[1], agg, layout)
+    want = weighted_average(states, [3.0] * n)
+    assert max(float(np.abs(out[k].double().numpy() - want[k]).max()) for k in want) <= 1e-6
+
+
+def test_no_key_share_outside_its_node(tmp_path):
+    fed = Federation(tmp_path, 3, "threshold", 2)
+    fed.run()
+    key_files = {h.party_id: h.key_file for h in fed.holders}
+    assert all(len(key_windows(f)) == 3 for f in key_files.values())   # own + 2 dealt to it
+    assert assert_key_material_only_in_own_node(tmp_path, key_files) >= 3
+
+
+def test_a_bad_shamir_dealing_is_caught_and_named(tmp_path, monkeypatch):
+    fed = Federation(tmp_path, 3, "threshold", 2)
+    real = th.deal_key_shares
+
+    def bad_dealer(ctx):
+        dealt = real(ctx)
+        if ctx.party_id == 1:  # party 1 gives party 2 a share of another secret
+            meta, sections = th.unframe(dealt[2], th.KEY_SHARE_MAGIC, "share", fs.KeyMaterialError)
+            share = np.frombuffer(sections[0], dtype="<u8").copy()
+            share[:16] = (share[:16] + np.uint64(12345)) % np.uint64(ctx.moduli[0])
+            dealt[2] = th.frame(th.KEY_SHARE_MAGIC, meta, [share.tobytes()])
+        return dealt
+
+    monkeypatch.setattr(th, "deal_key_shares", bad_dealer)
+    with pytest.raises(fs.KeySetupError, match=r"party 1 \(the Shamir share it dealt to"):
+        fed.run()
+
+
+def test_a_party_that_lies_in_the_chain_is_named(tmp_path, monkeypatch):
+    fed = Federation(tmp_path, 3, "threshold", 2)
+    real = th.join_keygen
+
+    def lying_join(message, party_id):
+        if party_id != 1:
+            return real(message, party_id)
+        kept, _ = real(message, 1)             # the key share it will decrypt with
+        shown, shown_message = real(message, 1)  # the one it adds to the joint key
+        kept._step_digest = shown._step_digest  # and it claims the chain step as its own
+        return kept, shown_message
+
+    monkeypatch.setattr(th, "join_keygen", lying_join)
+    with pytest.raises(fs.KeySetupError, match=r"party 1 \(its key share does not match"):
+        fed.run()
+
+
+@pytest.mark.parametrize("op", ["keys.step", "keys.finish", "keys.shares", "keys.check-share",
+                                "keys.shared-take"])
+def test_a_relay_cannot_alter_what_it_carries(tmp_path, op):
+    mode = "shared" if op == "keys.shared-take" else "threshold"
+    fed = Federation(tmp_path, 3, mode, 2)
+    hits = []
+
+    def relay(this_op, party, fields, sections):
+        if this_op == op and sections:
+            blob = bytearray(sections[0])
+            blob[len(blob) // 2] ^= 1
+            sections[0] = bytes(blob)
+            hits.append(party)
+        return fields, sections
+
+    fed.relay = relay
+    with pytest.raises(fs.KeySetupError, match="does not verify|SHA-256|signature|sum|sealed"):
+        fed.run()
+    assert hits
+
+
+def test_a_substituted_roster_entry_is_refused(tmp_path):
+    fed = Federation(tmp_path, 3, "threshold")
+    fed.roster[2] = Identity.generate().public  # the relay's own key in party 2's place
+    with pytest.raises(fs.KeySetupError, match="party 2 failed keys.begin: .*not this node's own"):
+        fed.run()
+
+
+def test_epochs_only_move_forward_and_rotation_replaces_the_key(tmp_path):
+    fed = Federation(tmp_path, 2, "shared")
+    first = fed.run(epoch=1).context
+    with pytest.raises(fs.KeySetupError, match="epoch 1 is not after 1"):
+        fed.run(epoch=1)
+    second = fed.run(epoch=2).context
+    assert second.fingerprint != first.fingerprint
+    assert fs.load_context(fed.holders[0].key_file).fingerprint == second.fingerprint
+    budget = DecryptionBudget(fed.holders[0].budget_file, 2 ** 20)
+    assert budget.context_fp == second.fingerprint
+
+
+def test_keycheck_values_are_public_and_per_context():
+    a, b = keycheck_values(bytes(32)), keycheck_values(b"\1" + bytes(31))
+    assert np.array_equal(a, keycheck_values(bytes(32))) and not np.array_equal(a, b)
+    assert a.shape == (64,) and np.abs(a).max() <= 1.0
+
+
+def test_every_check_subset_pair_is_listed_once():
+    for n, t in itertools.product(range(3, 7), repeat=2):
+        if n // 2 < t <= n:
+            assert len(check_subsets(n, t)) <= 1 + n * -(-(n - 1) // t)
