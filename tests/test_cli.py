@@ -189,7 +189,11 @@ def test_interrupted_messages_say_what_is_saved(tmp_path):
         "interrupted during set-up of the Flower run; its processes are stopped; nothing was "
         "saved")
     (tmp_path / "metrics.json").write_text(json.dumps({"rounds": [{"round": 1}, {"round": 2}]}))
+    assert _flower_interrupted(out) == (   # no server state: nothing to go on from
+        f"interrupted during round 3 of the Flower run; its processes are stopped; rounds "
+        f"1..2 are recorded in {out}/metrics.json, but no server state to resume from: run it "
+        "again with --overwrite")
+    (tmp_path / "server-state.json").write_text("{}")
     assert _flower_interrupted(out) == (
         f"interrupted during round 3 of the Flower run; its processes are stopped; rounds "
-        f"1..2 are recorded in {out}/metrics.json; the Flower engine keeps no checkpoints to "
-        "resume from: run it again with --overwrite")
+        f"1..2 are recorded in {out}/metrics.json; resume with `fedshield run --resume {out}`")

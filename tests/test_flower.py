@@ -480,8 +480,9 @@ def test_server_refuses_a_secret_key(client_ctx):
 
 def test_client_refuses_to_train_out_of_step(tmp_path):
     """A party whose adapter is not the one the round builds on (it joined late or missed an
-    aggregate) refuses to train instead of sending an update of another model. The ClientApp
-    runs in this process; the site worker it starts holds the site."""
+    aggregate) refuses to train instead of sending an update of another model; a restarted
+    worker goes on from the adapter its directory kept, and a new run there starts afresh.
+    The ClientApp runs in this process; the site worker it starts holds the site."""
     from fedshield.data.sites import write_site_files
     from fedshield.data.synthetic import make_synthetic_examples
     from fedshield.flower import client_app
@@ -496,13 +497,36 @@ def test_client_refuses_to_train_out_of_step(tmp_path):
                       run_config={"fedshield-config": json.dumps(cfg.to_dict())})
     plan = {"round": 3, "lr": 0.01, "prune": "off", "prune-ratio": 0.0, "weight-bound": 16.0,
             "base-version": 2}
-    msg = Message(RecordDict({FIELDS: ConfigRecord(plan)}), dst_node_id=5, message_type="train")
+
+    def message(kind, fields):
+        return Message(RecordDict({FIELDS: ConfigRecord(fields)}), dst_node_id=5,
+                       message_type=kind)
+
+    # what an earlier run left in this node's directory: its adapters of rounds 1 and 2
+    from fedshield.fl.adapter_store import AdapterStore
+    from fedshield.model import build_lora_model, get_lora_state, load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+    lora = get_lora_state(build_lora_model(cfg.model, cfg.lora, seed=1, tokenizer=tok,
+                                           max_len=cfg.data.max_len))
+    store = AdapterStore(tmp_path / "global")
+    store.save(1, lora)
+    store.save(2, {k: v + 1 for k, v in lora.items()})
     try:
+        # the worker goes on from round 2; round 0 is not one it kept, so it cannot step back
         with pytest.raises(SiteWorkerError, match="OutOfStep: party 0 holds the adapter of "
-                                                  "round 0"):
-            client_app.train(msg, context)
+                                                  "round 2"):
+            client_app.train(message("train", {**plan, "base-version": 0}), context)
+        resumed = records.message_fields(client_app.join(
+            message("query.join", {"resume": True}), context))
+        assert resumed["version"] == 2
+        # a new run (not a resume) in the same directory starts from the initial adapter
         join = client_app.join(Message(RecordDict(), dst_node_id=5, message_type="query.join"),
                                context)
+        assert store.latest() is None
+        with pytest.raises(SiteWorkerError, match="OutOfStep: party 0 holds the adapter of "
+                                                  "round 0"):
+            client_app.train(message("train", plan), context)
         fields = records.message_fields(join)
         assert fields["version"] == 0 and fields["party"] == 0
         assert fields["context-fp"] == ""  # no key before the key set-up
@@ -733,18 +757,19 @@ def test_flower_large_update(tmp_path, n_values):
 
 
 @pytest.mark.slow
-def test_flower_dead_and_slow_clients_are_dropped(tmp_path):
+def test_flower_dead_and_slow_clients_are_excluded_and_stay(tmp_path):
     """Round 1: party 2's ClientApp process dies (no reply at all); round 2: party 1 replies
-    after the timeout. Both are excluded and dropped (they missed an aggregate); every round
-    still completes with min_clients=1 (shared keys)."""
-    cfg = RunConfig.from_flat(**{**TINY, "clients": 3, "round_timeout": 60.0}, min_clients=1,
-                              engine="flower", out=str(tmp_path / "flower"))
+    after the timeout. Each is excluded from that round's aggregate but stays in the run: its
+    site worker still applies the aggregate, so it trains again the next round (shared keys,
+    min_clients=1)."""
+    cfg = RunConfig.from_flat(**{**TINY, "clients": 3, "rounds": 3, "round_timeout": 60.0},
+                              min_clients=1, engine="flower", out=str(tmp_path / "flower"))
     faults = [{}, {"fault": "sleep@2", "sleep": 100}, {"fault": "exit@1"}]
     got = run_flower(cfg, app=_faulty_app(), node_configs=faults)
-    assert [r["status"] for r in got["rounds"]] == ["ok", "ok"]
-    assert [r["clients"] for r in got["rounds"]] == [[0, 1], [0]]
+    assert [r["status"] for r in got["rounds"]] == ["ok", "ok", "ok"]
+    assert [r["clients"] for r in got["rounds"]] == [[0, 1], [0, 2], [0, 1, 2]]
     events = [(e["round"], e["party"], e.get("dropped", False)) for e in got["events"]]
-    assert events == [(1, 2, True), (2, 1, True)], got["events"]
+    assert events == [(1, 2, False), (2, 1, False)], got["events"]
     assert all("no reply before the timeout" in e["reason"] for e in got["events"])
 
 

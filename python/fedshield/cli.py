@@ -15,7 +15,8 @@ from typing import Callable
 from .config import SECTIONS, Option, RunConfig, options
 from .data.sites import SPLITS, data_set, split_into_sites, write_site_files
 from .errors import FedShieldError, ParameterError
-from .run_dir import METRICS, check_out_dir, checkpointed_round, recorded_rounds
+from .run_dir import (METRICS, SERVER_STATE, check_out_dir, checkpointed_round,
+                      recorded_rounds)
 
 # What the `client` extra brings: a command that needs one of them says to install it.
 CLIENT_PACKAGES = {"torch", "transformers", "peft", "safetensors", "openfhe", "tqdm",
@@ -169,9 +170,11 @@ def _resume(args, changes: dict) -> int:
         given = sorted(_flag(k) for k in changes) + extra
         raise ParameterError(f"--resume {args.resume!r} continues the run with its own "
                              f"config (only --rounds may change, to extend it); drop {given}")
+    out = args.resume
+    if (Path(out) / SERVER_STATE).is_file():   # a Flower run: its sites go on from their state
+        return _run_flower(None, args, resume_rounds=rounds)
     from .local_engine import LocalEngine  # noqa: PLC0415 - torch loads only for `run`
 
-    out = args.resume
     command = f"fedshield run --resume {out}" + (f" --rounds {rounds}" if rounds else "")
 
     def work(state: dict) -> dict:
@@ -265,14 +268,21 @@ def _local_interrupted(out: str, state: dict, *, resume: str, resuming: bool = F
 
 
 def _flower_interrupted(out: str) -> str:
-    """What an interrupted Flower run left (its metrics.json; it keeps no checkpoints)."""
+    """What an interrupted Flower run left: its metrics.json and, once a round was recorded,
+    the server state --resume goes on from."""
     done, _ = recorded_rounds(out)
     stopped = "of the Flower run; its processes are stopped"
     if not (Path(out) / METRICS).is_file():
         return f"interrupted during set-up {stopped}; nothing was saved"
-    recorded = _saved(done, f"recorded in {out}/{METRICS}") if done else "no round was completed"
-    return (f"interrupted during round {done + 1} {stopped}; {recorded}; the Flower engine "
-            "keeps no checkpoints to resume from: run it again with --overwrite")
+    if not done:
+        return (f"interrupted during round 1 {stopped}; no round was completed: run it again "
+                "with --overwrite")
+    recorded = _saved(done, f"recorded in {out}/{METRICS}")
+    if not (Path(out) / SERVER_STATE).is_file():
+        return (f"interrupted during round {done + 1} {stopped}; {recorded}, but no server "
+                "state to resume from: run it again with --overwrite")
+    return (f"interrupted during round {done + 1} {stopped}; {recorded}; resume with "
+            f"`fedshield run --resume {out}`")
 
 
 def _cmd_split(args) -> int:
@@ -321,13 +331,18 @@ def _cmd_report(args) -> int:
     return 0
 
 
-def _run_flower(config: RunConfig, args) -> int:
-    from .flower.launcher import run_flower  # noqa: PLC0415 - flwr only for this engine
+def _run_flower(config: RunConfig, args, *, resume_rounds: int | None = None) -> int:
+    """A Flower run; with ``args.resume``, the recorded one in that directory goes on."""
+    from .flower.launcher import resume_flower, run_flower  # noqa: PLC0415 - flwr only here
 
-    out = config.engine.out
-    metrics = _interruptible(
-        lambda state: run_flower(config, show_progress=_show(args), overwrite=args.overwrite),
-        lambda state: _flower_interrupted(out))
+    out = args.resume or config.engine.out
+
+    def work(state: dict) -> dict:
+        if args.resume:
+            return resume_flower(out, show_progress=_show(args), rounds=resume_rounds)
+        return run_flower(config, show_progress=_show(args), overwrite=args.overwrite)
+
+    metrics = _interruptible(work, lambda state: _flower_interrupted(out))
     if metrics is None:
         return EXIT_INTERRUPTED
     ok = [r for r in metrics["rounds"] if r.get("status") == "ok"]

@@ -21,11 +21,12 @@ CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_INDEX = "checkpoint.json"
 ADAPTER_DIR = "adapter"
 PLOTS_DIR = "plots"
+SERVER_STATE = "server-state.json"   # a Flower run's server state (--resume goes on from it)
 # Any of these means the directory holds (part of) a run that --out would replace.
 RUN_MARKERS = (METRICS, CHECKPOINT_DIR, ADAPTER_DIR)
 # What --overwrite removes before a new run starts: the old run's results. Not sites/ or
 # base_model/ (rewritten file by file; a user may keep --site-data files under sites/).
-REPLACED = (METRICS, CHECKPOINT_DIR, ADAPTER_DIR, PLOTS_DIR)
+REPLACED = (METRICS, CHECKPOINT_DIR, ADAPTER_DIR, PLOTS_DIR, SERVER_STATE)
 
 
 def _flag(path: Path) -> str:

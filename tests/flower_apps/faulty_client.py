@@ -2,7 +2,9 @@
 
 Node config ``fault``: comma-separated ``KIND@ROUND`` entries, KIND one of
 garbage (random bytes as the update), replay (this party's update of the previous round),
-raise (the ClientApp raises), exit (the ClientApp process dies), sleep (replies too late).
+raise (the ClientApp raises), exit (the ClientApp process dies), sleep (replies too late),
+miss-eval (the ClientApp raises on that round's evaluate message: the site never applies that
+aggregate, so it is behind until it catches up).
 """
 
 import os
@@ -39,6 +41,11 @@ def keys(msg, context):
     return real.keys(msg, context)
 
 
+@app.query("catchup")
+def catchup(msg, context):
+    return real.catchup(msg, context)
+
+
 @app.train()
 def train(msg, context):
     round_idx = int(message_fields(msg)["round"])
@@ -72,4 +79,6 @@ def share(msg, context):
 
 @app.evaluate()
 def evaluate(msg, context):
+    if _fault(context, int(message_fields(msg)["round"])) == "miss-eval":
+        raise RuntimeError("injected crash before applying the aggregate")
     return real.apply_and_evaluate(msg, context)

@@ -70,6 +70,10 @@ class Server:
         self.participants: dict[int, int] = {}     # node -> party
         self.sites: dict[int, SiteInfo] = {}       # party -> what it enrolled with
         self.version = 0                           # last round whose aggregate was applied
+        # party -> the round of the global adapter it holds, as far as the server knows (None:
+        # it missed an aggregate; it is sent the current adapter before it trains again)
+        self.party_versions: dict[int, int | None] = {}
+        self.restored_roster: dict[int, PublicIdentity] | None = None   # a resumed run's
         self.weight_bound: float | None = None
         self.num_lora_values = 0
         self.current: RoundRecord | None = None
@@ -142,9 +146,13 @@ class Server:
                     node, ", dropped from the run" if drop else "", reason)
 
     # -- enrolment -----------------------------------------------------------------------------
-    def enrol(self, joins: Iterable[tuple[int, SiteInfo]]) -> dict[int, int]:
+    def enrol(self, joins: Iterable[tuple[int, SiteInfo]],
+              versions: Mapping[int, int] | None = None) -> dict[int, int]:
         """Fixes the participants (node -> party) from the sites' join replies; a node that
-        comes later is never sent work. Sets the weight bound and the initial eval loss."""
+        comes later is never sent work. Sets the weight bound and the initial eval loss.
+        ``versions``: party -> the round of the adapter it holds (0 when not given). A resumed
+        run takes back only the identities it had, and keeps its initial eval loss."""
+        versions = versions or {}
         n_sites = self.cfg.n_sites
         fp = self.ctx.fingerprint.hex() if self.ctx is not None else ""
         accepted: list[tuple[int, SiteInfo]] = []
@@ -160,9 +168,14 @@ class Server:
                              party=info.party)
             elif isinstance(identity, str):
                 self.exclude(0, "join", node, identity, party=info.party)
+            elif (self.restored_roster is not None
+                  and self.restored_roster.get(info.party) != identity):
+                self.exclude(0, "join", node, f"not the identity party {info.party} had before "
+                             "the run was resumed", party=info.party)
             else:
                 self.participants[node] = info.party
                 self.sites[info.party] = info
+                self.party_versions[info.party] = int(versions.get(info.party, 0))
                 if identity is not None:
                     self.roster[info.party] = identity
                 accepted.append((node, info))
@@ -179,10 +192,11 @@ class Server:
         losses = {p: s.eval_loss for p, s in self.sites.items()}
         examples = {p: s.eval_examples for p, s in self.sites.items()}
         record = self.record
-        record.sites = [self.sites[p] for p in sorted(self.sites)]
         record.num_lora_values = self.num_lora_values
-        record.initial_eval_loss = weighted_loss(losses, examples)
-        record.initial_site_eval_loss = [losses.get(p) for p in range(n_sites)]
+        if self.restored_roster is None:  # a resumed run measured these when it started
+            record.sites = [self.sites[p] for p in sorted(self.sites)]
+            record.initial_eval_loss = weighted_loss(losses, examples)
+            record.initial_site_eval_loss = [losses.get(p) for p in range(n_sites)]
         if self.roster:
             record.extra["identities"] = {str(p): r.fingerprint()
                                           for p, r in sorted(self.roster.items())}
@@ -206,6 +220,56 @@ class Server:
         if identity in self.roster.values():
             return "the same identity key as another party"
         return identity
+
+    # -- parties that missed an aggregate ------------------------------------------------------
+    def behind(self) -> list[int]:
+        """Participants whose global adapter is not the current one (they missed an
+        aggregate, or come back to a resumed run from an older round)."""
+        return sorted(p for p in self.participants.values()
+                      if self.party_versions.get(p) != self.version)
+
+    def catch_up_source(self) -> int | None:
+        """The lowest participant that holds the current global adapter."""
+        current = [p for p in self.participants.values()
+                   if self.party_versions.get(p) == self.version]
+        return min(current, default=None)
+
+    def caught_up(self, party: int, source: int, before_round: int) -> None:
+        self.party_versions[party] = self.version
+        self.record.extra.setdefault("catch_ups", []).append(
+            {"before_round": before_round, "party": party, "from": source,
+             "version": self.version})
+        log.info("party %d caught up with the global adapter of round %d (from party %d)",
+                 party, self.version, source)
+
+    def catch_up_failed(self, party: int, before_round: int, reason: str) -> None:
+        """A party that cannot be brought to the current adapter leaves the run."""
+        self.exclude(before_round, "catch-up", self.node_of(party), reason, party=party,
+                     drop=True)
+
+    # -- checkpoint (a resumed ServerApp goes on from here) -------------------------------------
+    def checkpoint(self) -> dict:
+        """What a restarted server needs besides metrics.json: everything public."""
+        return {"format": 1, "version": self.version, "epoch": self.epoch,
+                "weight_bound": self.weight_bound, "num_lora_values": self.num_lora_values,
+                "roster": {str(p): r.to_bytes().hex() for p, r in sorted(self.roster.items())},
+                "party_versions": {str(p): v for p, v in sorted(self.party_versions.items())},
+                "record": self.record.to_dict()}
+
+    def restore(self, state: dict) -> None:
+        """Continues the run ``state`` (from :meth:`checkpoint`): its record, rounds, key epoch
+        and roster; the sites enrol again and must be the same parties."""
+        if state.get("format") != 1:
+            raise FedShieldError(f"server state format {state.get('format')!r} is not 1")
+        self.record = RunRecord.from_dict(state["record"])
+        self.record.config = self.cfg.to_dict()
+        self.record.finished = False
+        self.version = int(state["version"])
+        self.epoch = int(state["epoch"])
+        self.restored_roster = {int(p): PublicIdentity.from_bytes(bytes.fromhex(h))
+                                for p, h in state["roster"].items()}
+        log.info("resuming after round %d (key epoch %d): %d parties expected", self.version,
+                 self.epoch, len(self.restored_roster))
 
     # -- one round -----------------------------------------------------------------------------
     def plan(self, round_idx: int) -> RoundPlan:
@@ -258,7 +322,9 @@ class Server:
             else:
                 self.exclude(r, "train", node, reason)
         for node in sorted(set(self.participants) - answered):
-            self.exclude(r, "train", node, "no reply before the timeout", drop=True)
+            # a slow party still gets the aggregate; one that is gone misses it and is dropped
+            # when it does not answer its catch-up either
+            self.exclude(r, "train", node, "no reply before the timeout")
         if self.ctx is None:
             return candidates
         return self._majority(r, candidates)
@@ -405,7 +471,7 @@ class Server:
                 node = self.node_of(party)
                 answer = answers.get(party)
                 if answer is None:
-                    self.exclude(r, "share", node, "no share before the timeout", drop=True)
+                    self.exclude(r, "share", node, "no share before the timeout")
                     failed.append(party)
                     continue
                 reason = self._share_problem(answer, party, agg, present)
@@ -449,7 +515,8 @@ class Server:
     def finish_round(self, evals: Iterable[tuple[int, EvalReply | BaseException]]
                      ) -> RoundRecord:
         """Takes every participant's held-out loss after it applied the aggregate; one that
-        failed to apply it is out of step and dropped. Closes the round's record."""
+        failed to apply it is behind (it catches up before it trains again). Closes the
+        round's record."""
         entry = self.current
         r = entry.round
         losses: dict[int, float] = {}
@@ -462,19 +529,25 @@ class Server:
             answered.add(node)
             party = self.participants[node]
             if isinstance(reply, BaseException):
-                self.exclude(r, "evaluate", node, f"did not apply the aggregate: {reply}",
-                             drop=True)
+                self.exclude(r, "evaluate", node, f"did not apply the aggregate: {reply}")
+                self.party_versions[party] = None
                 continue
-            if reply.version != r or reply.party != party:
-                self.exclude(r, "evaluate", node, f"did not apply the aggregate: party "
-                             f"{reply.party} reports version {reply.version}", drop=True)
+            if reply.party != party:
+                self.exclude(r, "evaluate", node, f"replied as party {reply.party}", drop=True)
+                continue
+            if reply.version != r:
+                self.exclude(r, "evaluate", node, f"did not apply the aggregate: it reports "
+                             f"version {reply.version}")
+                self.party_versions[party] = None
                 continue
             losses[party], examples[party] = reply.eval_loss, reply.eval_examples
+            self.party_versions[party] = r
             decrypt.append(reply.seconds_decrypt)
             if reply.budget_left >= 0:
                 budgets.append(reply.budget_left)
         for node in sorted(set(self.participants) - answered):
-            self.exclude(r, "evaluate", node, "no reply before the timeout", drop=True)
+            self.exclude(r, "evaluate", node, "no reply before the timeout")
+            self.party_versions[self.participants[node]] = None
         self.version = r
         if budgets:  # the tightest key decides when the next key epoch is due
             self.budget_left = min(budgets)

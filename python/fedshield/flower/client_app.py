@@ -71,17 +71,30 @@ def _blobs(msg: Message, fields: dict) -> list[bytes]:
 
 @app.query("join")
 def join(msg: Message, context: Context) -> Message:
-    """This site's party id, data sizes, context fingerprint and initial held-out loss."""
-    fields, _ = request(worker(context), "join", {})
+    """This site's party id, data sizes, context fingerprint and initial held-out loss (and,
+    for a resumed run, the round of the adapter it holds)."""
+    asked = message_fields(msg) if FIELDS in msg.content.config_records else {}
+    fields, _ = request(worker(context), "join", asked)
     return _reply(msg, fields)
+
+
+def _relay(msg: Message, context: Context) -> Message:
+    """A key set-up or catch-up operation, answered by the site worker as it is."""
+    fields = message_fields(msg)
+    out, sections = request(worker(context), str(fields.get("op")), fields, _blobs(msg, fields))
+    return _reply(msg, out, blobs=sections)
 
 
 @app.query("keys")
 def keys(msg: Message, context: Context) -> Message:
-    """One step of the key set-up (fedshield.fl.key_setup), answered by the site worker."""
-    fields = message_fields(msg)
-    out, sections = request(worker(context), str(fields.get("op")), fields, _blobs(msg, fields))
-    return _reply(msg, out, blobs=sections)
+    """One step of the key set-up (fedshield.fl.key_setup)."""
+    return _relay(msg, context)
+
+
+@app.query("catchup")
+def catchup(msg: Message, context: Context) -> Message:
+    """This party sends the global adapter sealed to a party that missed rounds, or takes it."""
+    return _relay(msg, context)
 
 
 @app.train()

@@ -28,15 +28,17 @@ from ..atomic import write_json_atomic
 from ..config import RunConfig
 from ..errors import FedShieldError, ParameterError
 from ..fl.site_files import site_files
-from ..run_dir import METRICS, claim_out_dir
+from ..run_dir import METRICS, SERVER_STATE, claim_out_dir
 from ..threads import ENV as THREADS_ENV
 from ..threads import available_cpus
 from .deployment import Deployment, DeploymentError, write_app_project
-from .site_ipc import SIMULATION_SITES, SiteWorkerError, request, socket_path, spawn_worker
+from .site_ipc import (RESUME_STATE, SIMULATION_SITES, SiteWorkerError, request, socket_path,
+                       spawn_worker)
 
 log = logging.getLogger("fedshield")
 
 SERVER_APP = "fedshield.flower.server_app:app"
+SITES_FILE = "sites.json"     # OUT/flower/: every site's node config (what --resume starts)
 CLIENT_APP = "fedshield.flower.client_app:app"
 
 
@@ -152,10 +154,7 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
     extra SuperNodes once the sites are enrolled (they must take no part in the run).
     ``simulation``: the same ServerApp and ClientApp on Flower's simulation runtime (one
     SuperLink, virtual SuperNodes in ray actors, each site declaring these resources)."""
-    try:
-        import flwr  # noqa: F401, PLC0415
-    except ImportError as exc:
-        raise FedShieldError("--engine flower needs Flower: pip install 'fedshield[flower]'") from exc
+    _need_flower()
     app = app or FlowerApp()
     if simulation is not None and late_node_configs:
         raise ParameterError("late_node_configs: the simulation runtime has no SuperNodes to "
@@ -164,20 +163,74 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
     work = out / "flower"
     if work.exists():
         shutil.rmtree(work)
-    metrics_path = out / METRICS
     start = time.perf_counter()
     configs, server_path = prepare_sites(cfg, work)
     log.info("flower: %d site directories under %s (%s keys) in %.1f s", len(configs),
              work / "nodes", cfg.keys.mode, time.perf_counter() - start)
     extra = node_configs or [{} for _ in configs]
     configs = [{**c, "out-dir": str(out), **e} for c, e in zip(configs, extra)]
+    # what --resume starts the same sites from (their directories keep their files)
+    write_json_atomic(work / SITES_FILE, {"sites": configs, "server-context": str(server_path)})
+    return _run(cfg, out, configs, server_path, app, node_env, late_node_configs, simulation,
+                rounds_left=cfg.training.rounds, start=start)
+
+
+def resume_flower(out: str | Path, show_progress: bool | None = None, *,
+                  rounds: int | None = None, app: FlowerApp | None = None,
+                  node_env: dict | None = None) -> dict:
+    """Goes on with the Flower run in OUT after its last recorded round (a killed SuperLink,
+    ServerApp or launcher): the same sites from their own directories, each from the global
+    adapter it last applied; parties that are behind catch up (README, "Resume").
+    ``rounds`` extends the run."""
+    _need_flower()
+    out = Path(out).resolve()
+    state_path, metrics_path = out / SERVER_STATE, out / METRICS
+    sites_path = out / "flower" / SITES_FILE
+    for path in (state_path, metrics_path, sites_path):
+        if not path.is_file():
+            raise ParameterError(f"--resume {str(out)!r}: no {path.name} there, so no Flower "
+                                 "round was recorded to go on from (run it again with "
+                                 "--overwrite)")
+    try:
+        recorded = json.loads(metrics_path.read_text())
+        cfg = RunConfig.from_dict(recorded["config"], source=f"--resume {str(out)!r}")
+        sites = json.loads(sites_path.read_text())
+        configs, server_path = sites["sites"], Path(sites["server-context"])
+        done = int(json.loads(state_path.read_text())["record"]["rounds"][-1]["round"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ParameterError(f"--resume {str(out)!r}: its server state does not load: "
+                             f"{exc}") from exc
+    cfg = cfg.replace(out=str(out), **({} if rounds is None else {"rounds": rounds}),
+                      _source=f"--resume {str(out)!r}")
+    if done > cfg.training.rounds:
+        raise ParameterError(f"--resume {str(out)!r}: --rounds {cfg.training.rounds} is fewer "
+                             f"than the {done} rounds the run has recorded")
+    app = app or FlowerApp()
+    app = replace(app, run_config={**app.run_config, RESUME_STATE: str(state_path)})
+    log.info("flower: resuming %s after round %d of %d", out, done, cfg.training.rounds)
+    return _run(cfg, out, configs, server_path, app, node_env, (), None,
+                rounds_left=cfg.training.rounds - done, start=time.perf_counter())
+
+
+def _need_flower() -> None:
+    try:
+        import flwr  # noqa: F401, PLC0415
+    except ImportError as exc:
+        raise FedShieldError("--engine flower needs Flower: pip install 'fedshield[flower]'") from exc
+
+
+def _run(cfg: RunConfig, out: Path, configs: list[dict], server_path: Path, app: FlowerApp,
+         node_env: dict | None, late_node_configs: Sequence[dict],
+         simulation: SiteResources | None, *, rounds_left: int, start: float) -> dict:
+    """Deploys the sites ``configs`` and runs the app until the run is finished."""
+    work, metrics_path = out / "flower", out / METRICS
     if simulation is not None:  # virtual SuperNodes find their node config by partition id
         app = replace(app, run_config={**app.run_config,
                                        SIMULATION_SITES: json.dumps(configs)})
     run_config = write_app(work / "app", cfg, server_path, out, app)
     # train, share, evaluate per round plus enrolment and the key set-up's steps (the chain
     # and ~8 more), each bounded by round_timeout
-    budget = cfg.engine.round_timeout * (3 * cfg.training.rounds + cfg.n_sites + 10) + 120
+    budget = cfg.engine.round_timeout * (3 * rounds_left + cfg.n_sites + 10) + 120
     late = [{**configs[0], "out-dir": str(out / "late"), **c} for c in late_node_configs]
     # every site of this machine gets its share of the cores (FEDSHIELD_NUM_THREADS)
     share = str(max(1, available_cpus() // len(configs)))

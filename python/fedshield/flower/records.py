@@ -28,6 +28,7 @@ BLOB = "fedshield.blob"                      # the i-th of a message's other byt
 JOIN = "query.join"                          # message types beside Flower's train/evaluate
 SHARE_REQUEST = "query.share"
 KEYS = "query.keys"                          # one key set-up operation (fedshield.fl.key_setup)
+CATCHUP = "query.catchup"    # the global adapter for a party that missed rounds, sealed to it
 
 STYPE_UPDATE = "fedshield.update.v1"          # a client's EncryptedUpdate (wire bytes)
 STYPE_AGGREGATE = "fedshield.aggregate.v1"    # the server's aggregate EncryptedUpdate

@@ -17,11 +17,14 @@ from pathlib import Path
 from flwr.common import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from ..atomic import write_json_atomic
 from ..config import RunConfig
 from ..errors import FedShieldError, KeySetupError
 from ..fl.server import Server
+from ..run_dir import METRICS, SERVER_STATE
 from .polling import PromptGrid
 from .records import CHUNK_BYTES, route_logs_to_flower
+from .site_ipc import RESUME_STATE
 from .strategy import EncryptedFedAvg
 
 log = logging.getLogger("fedshield")
@@ -50,22 +53,29 @@ def main(grid: Grid, context: Context) -> None:
     out.mkdir(parents=True, exist_ok=True)
     context_path = Path(str(rc["server-context"]))
     server = Server(cfg, None, engine="flower", flood_bits=cfg.ckks_params().flood_bits)
-    record, metrics_path = server.record, out / "metrics.json"
+    resume = str(rc.get(RESUME_STATE, ""))
+    if resume:  # a restarted ServerApp: the run's record, rounds, key epoch and parties
+        server.restore(json.loads(Path(resume).read_text()))
+    metrics_path, state_path = out / METRICS, out / SERVER_STATE
+    done = server.record.rounds[-1].round if server.record.rounds else 0
 
     def on_keys(ctx) -> None:
         context_path.parent.mkdir(parents=True, exist_ok=True)
         ctx.save(context_path, include_secret=False)
-        record.write(metrics_path)
+        server.record.write(metrics_path)
 
     def on_round(entry: dict) -> None:
-        record.write(metrics_path)
+        server.record.write(metrics_path)
+        write_json_atomic(state_path, server.checkpoint())  # what --resume goes on from
         log.info("round %d %s: eval loss %s, parties %s, excluded %s", entry["round"],
                  entry["status"], entry.get("eval_loss"), entry.get("clients"),
                  [(e["party"], e["reason"]) for e in entry.get("excluded", [])])
 
     strategy = EncryptedFedAvg(server, on_round=on_round, on_keys=on_keys,
                                chunk_bytes=int(rc.get("chunk-bytes", CHUNK_BYTES)))
+    strategy.first_round = done + 1
     participants = strategy.enroll(grid, timeout=cfg.engine.round_timeout)
+    record = server.record
     record.extra["participants"] = sorted(participants.values())
     record.write(metrics_path)
     if len(participants) < server.min_updates:
@@ -73,9 +83,13 @@ def main(grid: Grid, context: Context) -> None:
                                    f"{server.min_updates} needed")
         record.write(metrics_path)
         raise FedShieldError(record.extra["failure"])
+    if resume:
+        record.extra.setdefault("resumed", []).append(
+            {"after_round": done, "parties": sorted(participants.values())})
     try:
-        strategy.start(grid, ArrayRecord(), num_rounds=cfg.training.rounds,
-                       timeout=cfg.engine.round_timeout)
+        if cfg.training.rounds > done:
+            strategy.start(grid, ArrayRecord(), num_rounds=cfg.training.rounds - done,
+                           timeout=cfg.engine.round_timeout)
     except KeySetupError as exc:  # a party failed the key set-up: nothing can be decrypted
         record.extra["failure"] = str(exc)
         record.write(metrics_path)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import FedShieldError, ParameterError
+from ..fl.adapter_store import AdapterStore, adapter_fingerprint, pack_adapter, unpack_adapter
 from ..fl.messages import RoundPlan
 from ..fl.guard import Provenance
 from ..fl.party import Party
@@ -93,6 +94,15 @@ def build_site(node: dict, run_config: dict) -> tuple[Site, Path]:
     return site, out
 
 
+def adapter_store(node: dict) -> AdapterStore:
+    """The node's global adapters, beside its key file (its own directory)."""
+    return AdapterStore(Path(str(node["key-file"])).parent / "global")
+
+
+def _catch_up_aad(sender: int, recipient: int, version: int) -> bytes:
+    return f"fedshield-catchup|round {version}|from {sender}|to {recipient}".encode()
+
+
 def node_identity(path: Path) -> Identity:
     """The node's long-term identity key: loaded, or made here (mode 0600) on first start."""
     if path.exists():
@@ -113,13 +123,31 @@ class SiteWorker:
         self.out = out
         self.run = run           # digest of the run config it serves
         self.done = False
+        self.store = adapter_store(site.node_config)
+        party = site.party
+        self.initial = {k: v.clone() for k, v in party.global_state.items()}  # a new run's
+        saved = self.store.latest()
+        if saved is not None:  # a restarted worker goes on from the round it last applied
+            version, state = saved
+            party.set_global(state, version)
+            log.info("site worker: party %d goes on from its global adapter of round %d",
+                     site.party_id, version)
 
     def handle(self, op: str, fields: dict, sections: list[bytes]) -> tuple[dict, list[bytes]]:
         site, party = self.site, self.site.party
         if op == "ping":
             return {"party": site.party_id, "run": self.run}, []
         if op == "join":
-            return {**site.info().to_fields(), "version": party.version}, []
+            if not fields.get("resume") and party.version != 0:
+                # a new run in a directory an earlier run used: start from the initial adapter
+                log.info("site worker: a new run; party %d sets aside its adapter of round %d",
+                         site.party_id, party.version)
+                party.set_global(self.initial, 0)
+                self.store.clear()
+            return {**site.info().to_fields(), "version": party.version,
+                    "adapter-fp": adapter_fingerprint(party.global_state)}, []
+        if op.startswith("catchup."):
+            return self._catch_up(op, fields, sections)
         if op.startswith("keys."):
             out = site.keys.handle(op, fields, sections)
             if op == "keys.commit":  # the key this node just wrote becomes the party's
@@ -127,10 +155,7 @@ class SiteWorker:
             return out
         if op == "train":
             plan = RoundPlan.from_fields(fields)
-            if party.version != plan.base_version:
-                raise OutOfStep(f"party {site.party_id} holds the adapter of round "
-                                f"{party.version}, the server builds round {plan.round} on "
-                                f"round {plan.base_version}")
+            self._step_back_to(plan)
             reply = site.train_round(plan)
             return reply.to_fields(), [reply.update, reply.signature]
         if op == "share":
@@ -169,6 +194,7 @@ class SiteWorker:
             seconds = site.apply(plan, agg=agg, shares=shares, share_records=records)
         else:
             seconds = site.apply(plan, agg=agg, provenance=provenance)
+        self.store.save(party.version, party.global_state)
         reply = site.eval_reply(seconds)
         if fields.get("save-adapter"):
             site.save_adapter(self.out)
@@ -176,6 +202,51 @@ class SiteWorker:
         if fields.get("final"):
             self.done = True
         return reply.to_fields(), []
+
+    def _step_back_to(self, plan: RoundPlan) -> None:
+        """A server that was stopped after this party applied round r's aggregate, but before
+        it recorded round r, redoes round r from r - 1: step back to it if it is kept here."""
+        site, party = self.site, self.site.party
+        if party.version == plan.base_version:
+            return
+        state = self.store.at(plan.base_version) if party.version > plan.base_version else None
+        if state is None:
+            raise OutOfStep(f"party {site.party_id} holds the adapter of round "
+                            f"{party.version}, the server builds round {plan.round} on "
+                            f"round {plan.base_version}")
+        log.info("site worker: party %d steps back from round %d to round %d (the server redoes "
+                 "round %d)", site.party_id, party.version, plan.base_version, plan.round)
+        party.set_global(state, plan.base_version)
+
+    def _catch_up(self, op: str, fields: dict, sections: list[bytes]
+                  ) -> tuple[dict, list[bytes]]:
+        """catchup.send: this party's global adapter of round ``version``, sealed to each party
+        in ``to`` and signed; catchup.take: the adapter sealed to this party by ``from``."""
+        site, party, keys = self.site, self.site.party, self.site.keys
+        version = int(fields["version"])
+        if op == "catchup.send":
+            if party.version != version:
+                raise OutOfStep(f"party {site.party_id} holds round {party.version}, not "
+                                f"round {version}")
+            blob = pack_adapter(version, party.global_state)
+            to = [int(p) for p in fields["to"]]
+            return {}, [keys.roster[p].seal(blob, site.identity,
+                                            _catch_up_aad(site.party_id, p, version))
+                        for p in to]
+        if op == "catchup.take":
+            sender = int(fields["from"])
+            blob = site.identity.open_sealed(sections[0], keys.roster[sender],
+                                             _catch_up_aad(sender, site.party_id, version))
+            got, state = unpack_adapter(blob, f"party {sender}'s adapter")
+            if got != version or sorted(state) != sorted(party.global_state):
+                raise OutOfStep(f"party {sender} sent the adapter of round {got} with "
+                                f"{len(state)} tensors; expected round {version}")
+            party.set_global(state, version)
+            self.store.save(version, state)
+            log.info("site worker: party %d caught up with round %d from party %d",
+                     site.party_id, version, sender)
+            return {"version": version, "adapter-fp": adapter_fingerprint(state)}, []
+        raise ParameterError(f"unknown site worker operation {op!r}")
 
     def serve(self, server: socket.socket, parent: int, idle_timeout: float) -> None:
         """Answers requests until done, the parent exits, or nothing came for idle_timeout."""

@@ -30,9 +30,9 @@ from ..fl.key_setup import KeySetup
 from ..fl.messages import EvalReply, InvalidMessage, ShareReply, SiteInfo, TrainReply
 from ..fl.server import Server
 from ..he import Context, EncryptedUpdate
-from .records import (AGGREGATE, CHUNK_BYTES, FIELDS, JOIN, KEYS, SHARE, SHARE_REQUEST,
-                      STYPE_AGGREGATE, STYPE_SHARE, STYPE_UPDATE, UPDATE, get_blobs, get_payload,
-                      message_fields, put_blobs, put_payload, share_key)
+from .records import (AGGREGATE, CATCHUP, CHUNK_BYTES, FIELDS, JOIN, KEYS, SHARE,
+                      SHARE_REQUEST, STYPE_AGGREGATE, STYPE_SHARE, STYPE_UPDATE, UPDATE,
+                      get_blobs, get_payload, message_fields, put_blobs, put_payload, share_key)
 
 log = logging.getLogger("fedshield")
 
@@ -56,6 +56,7 @@ class EncryptedFedAvg(FedAvg):
         self._grid: Grid | None = None
         self._plan = None
         self._pending: dict | None = None        # the round's aggregate awaiting `evaluate`
+        self.first_round = 1     # a resumed run's Flower round 1 is the run's round k + 1
 
     @property
     def participants(self) -> dict[int, int]:
@@ -85,8 +86,9 @@ class EncryptedFedAvg(FedAvg):
         self.enrolment_nodes = set(nodes)
         log.info("enrolling %d connected nodes (%d sites configured)", len(nodes), n_sites)
         replies = grid.send_and_receive(
-            self._messages(nodes, JOIN, lambda _node: RecordDict()), timeout=timeout)
-        joins = []
+            self._messages(nodes, JOIN, lambda _node: RecordDict({FIELDS: ConfigRecord(
+                {"resume": self.server.restored_roster is not None})})), timeout=timeout)
+        joins, versions = [], {}
         for msg in replies:
             node = msg.metadata.src_node_id
             try:
@@ -98,12 +100,15 @@ class EncryptedFedAvg(FedAvg):
             except FedShieldError as exc:
                 self.server.exclude(0, "join", node, f"malformed join reply: {exc}")
                 continue
-            if version != 0:
+            resumed = self.server.restored_roster is not None
+            if not isinstance(version, int) or isinstance(version, bool) or version < 0 or (
+                    not resumed and version != 0):
                 self.server.exclude(0, "join", node, f"holds state of round {version}, "
                                     "expected a fresh node", party=info.party)
                 continue
             joins.append((node, info))
-        return self.server.enrol(joins)
+            versions[info.party] = version
+        return self.server.enrol(joins, versions)
 
     def late_nodes(self, grid: Grid) -> list[int]:
         """Connected nodes that are not participants (they joined after enrolment)."""
@@ -113,13 +118,19 @@ class EncryptedFedAvg(FedAvg):
         return late
 
     # -- training ------------------------------------------------------------------------------
+    def run_round(self, server_round: int) -> int:
+        """The run's round number of Flower's ``server_round``."""
+        return self.first_round + server_round - 1
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._grid = grid
         self._pending = None
+        r = self.run_round(server_round)
         if self.server.needs_new_keys():  # the first key epoch, or a rotation (budget)
-            self.set_up_keys(grid, before_round=server_round)
-        self._plan = self.server.plan(server_round)
+            self.set_up_keys(grid, before_round=r)
+        self.catch_up(grid, before_round=r)
+        self._plan = self.server.plan(r)
         fields = self._plan.to_fields()
         return self._messages(sorted(self.participants), "train",
                               lambda _node: RecordDict({FIELDS: ConfigRecord(fields)}))
@@ -147,13 +158,16 @@ class EncryptedFedAvg(FedAvg):
         cfg = server.cfg
         epoch = server.epoch + 1
         result = KeySetup(cfg.ckks_params(), cfg.keys.mode, cfg.keys.threshold or cfg.n_sites,
-                          server.roster, server.identity.public, self._ask_keys(grid)).run(epoch)
+                          server.roster, server.identity.public,
+                          self._relay(grid, KEYS)).run(epoch)
         server.key_epoch_done(epoch, result.context, before_round, result.seconds,
                               result.subsets_checked)
         if self.on_keys is not None:
             self.on_keys(result.context)
 
-    def _ask_keys(self, grid: Grid):
+    def _relay(self, grid: Grid, message_type: str):
+        """``ask(op, {party: (fields, blobs)})`` over ``message_type`` messages to the parties'
+        site workers: their answers, or the error each one raised."""
         def ask(op: str, requests) -> dict[int, object]:
             messages = []
             for party, (fields, blobs) in requests.items():
@@ -163,7 +177,8 @@ class EncryptedFedAvg(FedAvg):
                 content = RecordDict()
                 count = put_blobs(content, blobs, chunk_bytes=self.chunk_bytes)
                 content[FIELDS] = ConfigRecord({**fields, "op": op, "blobs": count})
-                messages.append(Message(content=content, message_type=KEYS, dst_node_id=node))
+                messages.append(Message(content=content, message_type=message_type,
+                                        dst_node_id=node))
             answers: dict[int, object] = {}
             for msg in grid.send_and_receive(messages,
                                              timeout=self.server.cfg.engine.round_timeout):
@@ -179,6 +194,39 @@ class EncryptedFedAvg(FedAvg):
                     answers[party] = exc
             return answers
         return ask
+
+    def catch_up(self, grid: Grid, before_round: int) -> None:
+        """Parties behind the current global adapter get it from one that holds it, sealed to
+        them (``catchup.send`` to the source, ``catchup.take`` to each behind party; the
+        server relays what it cannot read). A party that cannot take it leaves the run."""
+        server = self.server
+        behind = server.behind()
+        if not behind:
+            return
+        source = server.catch_up_source()
+        if source is None:
+            for party in behind:
+                server.catch_up_failed(party, before_round, "no participant holds the global "
+                                       f"adapter of round {server.version}")
+            return
+        ask = self._relay(grid, CATCHUP)
+        sent = ask("catchup.send", {source: ({"version": server.version, "to": behind}, [])})
+        answer = sent.get(source)
+        if not isinstance(answer, tuple) or len(answer[1]) != len(behind):
+            for party in behind:
+                server.catch_up_failed(party, before_round, f"party {source} did not send the "
+                                       f"adapter of round {server.version}: {answer}")
+            return
+        took = ask("catchup.take", {p: ({"version": server.version, "from": source}, [blob])
+                                    for p, blob in zip(behind, answer[1])})
+        for party in behind:
+            got = took.get(party)
+            if isinstance(got, tuple) and got[0].get("version") == server.version:
+                server.caught_up(party, source, before_round)
+            else:
+                server.catch_up_failed(party, before_round, "could not take the global "
+                                       f"adapter of round {server.version}: "
+                                       f"{got if got is not None else 'no reply'}")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -249,7 +297,7 @@ class EncryptedFedAvg(FedAvg):
         pending = self._pending
         if pending is None:
             return []  # the round failed: nothing to apply
-        last = server_round == self.server.cfg.training.rounds
+        last = self.run_round(server_round) == self.server.cfg.training.rounds
         writer = min(pending["present"])
         payload = RecordDict()  # the aggregate and the shares, chunked once for every message
         put_payload(payload, AGGREGATE, pending["agg"].to_bytes(), STYPE_AGGREGATE,
