@@ -38,6 +38,18 @@ def test_encrypted_round_equals_plaintext_fedavg(tmp_path, prune):
         assert max(m_he["bytes_up"]) < he.server.ctx.params.ring_dim * 8 * 2  # compacted
 
 
+@pytest.mark.parametrize("algorithm", ["paper", "delta"])
+def test_the_weight_bound_follows_the_weights(tmp_path, algorithm):
+    """paper averages unweighted (each site weighs 1): its weight bound is 1, not the next
+    power of two of the example counts, which at the demo's 96 examples per site made the
+    first decryption refuse the round (the weights summed to 0.023 of the bound)."""
+    cfg = RunConfig.from_flat(**{**SMALL, "examples_per_client": 120, "local_steps": 1},
+                              algorithm=algorithm, out=str(tmp_path))
+    engine = LocalEngine(cfg, show_progress=False)
+    assert engine.server.weight_bound == (1.0 if algorithm == "paper" else 128.0)
+    assert engine.run_round(1)["status"] == "ok"
+
+
 def test_run_writes_metrics_adapter_and_plots(tmp_path):
     out = tmp_path / "run"
     rc = cli_main(["run", "--clients", "2", "--rounds", "3", "--local-steps", "4",

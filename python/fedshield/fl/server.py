@@ -188,7 +188,11 @@ class Server:
                                  f"values, the others' {self.num_lora_values}", drop=True)
                     del self.sites[info.party]
         if self.sites:
-            self.weight_bound = weight_bound_for(s.train_examples for s in self.sites.values())
+            # paper: every site weighs 1 (an unweighted average); else its example count. A
+            # bound far above the weights would cost precision (encrypt_update refuses it).
+            self.weight_bound = weight_bound_for(
+                [1] if self.cfg.training.algorithm == "paper"
+                else [s.train_examples for s in self.sites.values()])
         losses = {p: s.eval_loss for p, s in self.sites.items()}
         examples = {p: s.eval_examples for p, s in self.sites.items()}
         record = self.record
