@@ -34,10 +34,17 @@ def _local(cfg: RunConfig, out: Path, monkeypatch) -> dict:
 def test_a_party_that_missed_an_aggregate_catches_up(tmp_path, monkeypatch):
     """Party 1 fails to apply round 1's aggregate; before round 2 party 0 seals it the global
     adapter of round 1, and party 1 trains in rounds 2 and 3 as if it had never missed it: the
-    run equals the local engine's, where nobody missed anything."""
+    run equals the local engine's, where nobody missed anything (and whose keys are rotated
+    as often)."""
+    # a decryption budget of 2^3 that one round (5 ciphertexts) nearly spends: the keys are
+    # also rotated before every round, over Flower, without disturbing the catch-up
     cfg = RunConfig.from_flat(**{**TINY, "clients": 3, "rounds": 3}, prune="off",
-                              engine="flower", out=str(tmp_path / "flower"))
+                              decryption_budget=3, engine="flower",
+                              out=str(tmp_path / "flower"))
     got = run_flower(cfg, app=_faulty_app(), node_configs=[{}, {"fault": "miss-eval@1"}, {}])
+    assert [(e["epoch"], e["before_round"]) for e in got["key_epochs"]] == [(1, 1), (2, 2),
+                                                                              (3, 3)]
+    assert len({e["context_fp"] for e in got["key_epochs"]}) == 3
     assert [r["status"] for r in got["rounds"]] == ["ok"] * 3
     assert [r["clients"] for r in got["rounds"]] == [[0, 1, 2]] * 3     # nobody dropped
     assert [(e["round"], e["party"], e["stage"]) for e in got["events"]] == [(1, 1, "evaluate")]
