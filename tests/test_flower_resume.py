@@ -31,6 +31,18 @@ def _local(cfg: RunConfig, out: Path, monkeypatch) -> dict:
                    show_progress=False)
 
 
+def assert_adapters_match(x: dict, y: dict) -> None:
+    """Two runs' adapters: CKKS noise (~1e-9 per round) moves a LoRA value whose gradient is
+    near zero by a noise-driven fraction of lr in the next rounds under AdamW (seen: 2 of 16384
+    values off by more than 1e-4, the largest by 1.9e-3, after 3 rounds), so all but 0.5% of
+    the values must agree to 1e-4 and every one to 1e-2. A party that trained from a stale
+    adapter changes the aggregate, and so most values."""
+    assert set(x) == set(y)
+    diff = torch.cat([(x[k].double() - y[k].double()).abs().flatten() for k in x])
+    assert float(diff.max()) <= 1e-2, float(diff.max())
+    assert float((diff > 1e-4).double().mean()) <= 0.005, int((diff > 1e-4).sum())
+
+
 def test_a_party_that_missed_an_aggregate_catches_up(tmp_path, monkeypatch):
     """Party 1 fails to apply round 1's aggregate; before round 2 party 0 seals it the global
     adapter of round 1, and party 1 trains in rounds 2 and 3 as if it had never missed it: the
@@ -58,9 +70,7 @@ def test_a_party_that_missed_an_aggregate_catches_up(tmp_path, monkeypatch):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4), r
         if r > 1:   # round 1's mean lacks party 1's loss (it did not apply the aggregate)
             assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-4), r
-    x, y = _adapter(tmp_path / "flower"), _adapter(tmp_path / "local")
-    for k in x:
-        torch.testing.assert_close(x[k], y[k], atol=1e-4, rtol=0)
+    assert_adapters_match(_adapter(tmp_path / "flower"), _adapter(tmp_path / "local"))
     # every site keeps the adapter it applied last (round 3) in its own directory
     nodes = tmp_path / "flower" / "flower" / "nodes"
     kept = [AdapterStore(d / "global").latest() for d in sorted(nodes.iterdir())]
@@ -130,6 +140,4 @@ def test_a_killed_server_resumes_without_losing_or_repeating_a_round(tmp_path, m
     for a, b in zip(got["rounds"], ref["rounds"]):
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-5)
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
-    x, y = _adapter(out), _adapter(tmp_path / "local")
-    for k in x:
-        torch.testing.assert_close(x[k], y[k], atol=1e-4, rtol=0)
+    assert_adapters_match(_adapter(out), _adapter(tmp_path / "local"))

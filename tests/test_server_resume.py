@@ -34,8 +34,8 @@ def finish(server: Server, r: int, applied: list[int], missing: dict[int, object
     to its error (or None: no reply at all)."""
     server.current = RoundRecord(round=r)
     server.record.rounds.append(server.current)
-    evals = [(100 + p, EvalReply(party=p, version=r, eval_loss=1.0, eval_examples=2))
-             for p in applied]
+    evals = [(100 + p, EvalReply(party=p, version=r, eval_loss=1.0, eval_examples=2,
+                                 adapter_fp=f"a{p}" * 32)) for p in applied]
     evals += [(100 + p, err) for p, err in dict(missing).items() if err is not None]
     return server.finish_round(evals)
 
@@ -47,7 +47,11 @@ def test_a_party_that_misses_an_aggregate_is_behind_not_dropped():
     assert server.behind() == [1] and server.catch_up_source() == 0
     assert sorted(server.participants.values()) == [0, 1, 2]        # still a participant
     assert not any(e.get("dropped") for e in server.record.events)
-    server.caught_up(1, 0, before_round=2)
+    assert not server.caught_up(1, 0, before_round=2, fingerprint="f" * 64)  # not 0's adapter
+    assert server.record.events[-1]["dropped"] and server.behind() == []
+    server = fresh_server()
+    finish(server, 1, [0, 2], {1: fs.FedShieldError("crashed")})
+    assert server.caught_up(1, 0, before_round=2, fingerprint="a0" * 32)
     assert server.behind() == []
     assert server.record.extra["catch_ups"] == [
         {"before_round": 2, "party": 1, "from": 0, "version": 1}]
@@ -73,8 +77,16 @@ def test_checkpoint_and_restore_go_on_from_the_recorded_round():
     assert again.version == 1 and [r.round for r in again.record.rounds] == [1]
     initial = again.record.initial_eval_loss
     # the same parties come back (site 1 one round behind); the recorded start is kept
-    again.enrol([(200 + p, info(p)) for p in range(3)], versions={0: 1, 1: 0, 2: 1})
+    again.enrol([(200 + p, info(p)) for p in range(3)], versions={0: 1, 1: 0, 2: 1},
+                fingerprints={0: "a0" * 32, 1: "", 2: "a2" * 32})
     assert sorted(again.participants.values()) == [0, 1, 2] and again.behind() == [1]
+    assert state["participants"] == [0, 1, 2] and state["dropped"] == []
+    # a party that claims the round but holds another adapter than it reported is behind
+    other = Server(RunConfig.from_flat(clients=3, engine="flower"), None, engine="flower")
+    other.restore(state)
+    other.enrol([(200 + p, info(p)) for p in range(3)], versions={0: 1, 1: 1, 2: 1},
+                fingerprints={0: "a0" * 32, 1: "a1" * 32, 2: "e" * 64})
+    assert other.behind() == [2]
     assert again.record.initial_eval_loss == initial
     # another identity claiming a party of the run is refused
     third = Server(RunConfig.from_flat(clients=3, engine="flower"), None, engine="flower")

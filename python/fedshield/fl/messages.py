@@ -186,11 +186,12 @@ class EvalReply:
     eval_examples: int
     seconds_decrypt: float = 0.0
     budget_left: int = -1         # ciphertexts its key may still decrypt (-1: not counted)
+    adapter_fp: str = ""          # fingerprint of the global adapter it now holds
 
     def to_fields(self) -> dict:
         return {"party": self.party, "version": self.version, "eval-loss": self.eval_loss,
                 "eval-examples": self.eval_examples, "seconds-decrypt": self.seconds_decrypt,
-                "budget-left": self.budget_left}
+                "budget-left": self.budget_left, "adapter-fp": self.adapter_fp}
 
     @classmethod
     def from_fields(cls, fields: Mapping) -> "EvalReply":
@@ -199,7 +200,8 @@ class EvalReply:
                    eval_examples=_int(fields, "eval-examples", 1),
                    seconds_decrypt=_float(fields, "seconds-decrypt", 0.0),
                    budget_left=(_int(fields, "budget-left", -1) if "budget-left" in fields
-                                else -1))
+                                else -1),
+                   adapter_fp=_str(fields, "adapter-fp") if "adapter-fp" in fields else "")
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ class Server:
         # it missed an aggregate; it is sent the current adapter before it trains again)
         self.party_versions: dict[int, int | None] = {}
         self.restored_roster: dict[int, PublicIdentity] | None = None   # a resumed run's
+        self.adapter_fps: dict[int, str] = {}      # party -> fingerprint of what it applied
         self.weight_bound: float | None = None
         self.num_lora_values = 0
         self.current: RoundRecord | None = None
@@ -147,12 +148,15 @@ class Server:
 
     # -- enrolment -----------------------------------------------------------------------------
     def enrol(self, joins: Iterable[tuple[int, SiteInfo]],
-              versions: Mapping[int, int] | None = None) -> dict[int, int]:
+              versions: Mapping[int, int] | None = None,
+              fingerprints: Mapping[int, str] | None = None) -> dict[int, int]:
         """Fixes the participants (node -> party) from the sites' join replies; a node that
         comes later is never sent work. Sets the weight bound and the initial eval loss.
-        ``versions``: party -> the round of the adapter it holds (0 when not given). A resumed
-        run takes back only the identities it had, and keeps its initial eval loss."""
-        versions = versions or {}
+        ``versions``: party -> the round of the adapter it holds (0 when not given), and
+        ``fingerprints`` that adapter's fingerprint. A resumed run takes back only the
+        identities it had, counts a party as behind when its adapter is not the one it last
+        reported, and keeps its initial eval loss."""
+        versions, fingerprints = versions or {}, fingerprints or {}
         n_sites = self.cfg.n_sites
         fp = self.ctx.fingerprint.hex() if self.ctx is not None else ""
         accepted: list[tuple[int, SiteInfo]] = []
@@ -176,6 +180,12 @@ class Server:
                 self.participants[node] = info.party
                 self.sites[info.party] = info
                 self.party_versions[info.party] = int(versions.get(info.party, 0))
+                known = self.adapter_fps.get(info.party)
+                if (known and self.party_versions[info.party] == self.version
+                        and fingerprints.get(info.party) != known):
+                    log.warning("party %d holds another adapter of round %d than it reported; "
+                                "it catches up", info.party, self.version)
+                    self.party_versions[info.party] = None
                 if identity is not None:
                     self.roster[info.party] = identity
                 accepted.append((node, info))
@@ -238,13 +248,23 @@ class Server:
                    if self.party_versions.get(p) == self.version]
         return min(current, default=None)
 
-    def caught_up(self, party: int, source: int, before_round: int) -> None:
+    def caught_up(self, party: int, source: int, before_round: int,
+                  fingerprint: str = "") -> bool:
+        """Records a catch-up; False (and the party leaves) when what it took is not the
+        adapter its source reported."""
+        expected = self.adapter_fps.get(source)
+        if expected and fingerprint != expected:
+            self.catch_up_failed(party, before_round, f"took an adapter ({fingerprint[:12]}) "
+                                 f"that is not party {source}'s ({expected[:12]})")
+            return False
         self.party_versions[party] = self.version
+        self.adapter_fps[party] = fingerprint or expected or ""
         self.record.extra.setdefault("catch_ups", []).append(
             {"before_round": before_round, "party": party, "from": source,
              "version": self.version})
         log.info("party %d caught up with the global adapter of round %d (from party %d)",
                  party, self.version, source)
+        return True
 
     def catch_up_failed(self, party: int, before_round: int, reason: str) -> None:
         """A party that cannot be brought to the current adapter leaves the run."""
@@ -254,10 +274,17 @@ class Server:
     # -- checkpoint (a resumed ServerApp goes on from here) -------------------------------------
     def checkpoint(self) -> dict:
         """What a restarted server needs besides metrics.json: everything public."""
-        return {"format": 1, "version": self.version, "epoch": self.epoch,
+        dropped = sorted({e["party"] for e in self.record.events if e.get("dropped")
+                          and e["party"] is not None})
+        return {"format": 1, "round": self.current.round if self.current else 0,
+                "version": self.version, "epoch": self.epoch,
                 "weight_bound": self.weight_bound, "num_lora_values": self.num_lora_values,
+                "participants": sorted(self.participants.values()), "dropped": dropped,
                 "roster": {str(p): r.to_bytes().hex() for p, r in sorted(self.roster.items())},
                 "party_versions": {str(p): v for p, v in sorted(self.party_versions.items())},
+                # each party's global adapter as it reported it: one that comes back to a
+                # resumed run holding another is behind, whatever round it claims
+                "adapter_fps": {str(p): f for p, f in sorted(self.adapter_fps.items())},
                 "record": self.record.to_dict()}
 
     def restore(self, state: dict) -> None:
@@ -272,6 +299,7 @@ class Server:
         self.epoch = int(state["epoch"])
         self.restored_roster = {int(p): PublicIdentity.from_bytes(bytes.fromhex(h))
                                 for p, h in state["roster"].items()}
+        self.adapter_fps = {int(p): f for p, f in state.get("adapter_fps", {}).items()}
         log.info("resuming after round %d (key epoch %d): %d parties expected", self.version,
                  self.epoch, len(self.restored_roster))
 
@@ -546,6 +574,7 @@ class Server:
                 continue
             losses[party], examples[party] = reply.eval_loss, reply.eval_examples
             self.party_versions[party] = r
+            self.adapter_fps[party] = reply.adapter_fp
             decrypt.append(reply.seconds_decrypt)
             if reply.budget_left >= 0:
                 budgets.append(reply.budget_left)

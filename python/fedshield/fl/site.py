@@ -31,6 +31,7 @@ from ..model import save_adapter
 from ..train import evaluate_loss, train_local
 from .guard import AggregateGuard, Provenance, sign_share, sign_update
 from .key_setup import KeyHolder
+from .adapter_store import adapter_fingerprint
 from .messages import EvalReply, RoundPlan, SiteInfo, TrainReply
 from .party import Party
 from .quorum import min_updates_for
@@ -247,7 +248,8 @@ class Site:
     def eval_reply(self, seconds_decrypt: float = 0.0) -> EvalReply:
         return EvalReply(party=self.party_id, version=self.party.version,
                          eval_loss=self.evaluate(), eval_examples=self.data.eval_examples,
-                         seconds_decrypt=seconds_decrypt, budget_left=self.party.budget_left)
+                         seconds_decrypt=seconds_decrypt, budget_left=self.party.budget_left,
+                         adapter_fp=adapter_fingerprint(self.party.global_state))
 
     def samples(self) -> list[dict]:
         """The global model's greedy answers to this site's first held-out prompts."""

@@ -88,7 +88,7 @@ class EncryptedFedAvg(FedAvg):
         replies = grid.send_and_receive(
             self._messages(nodes, JOIN, lambda _node: RecordDict({FIELDS: ConfigRecord(
                 {"resume": self.server.restored_roster is not None})})), timeout=timeout)
-        joins, versions = [], {}
+        joins, versions, fingerprints = [], {}, {}
         for msg in replies:
             node = msg.metadata.src_node_id
             try:
@@ -108,7 +108,8 @@ class EncryptedFedAvg(FedAvg):
                 continue
             joins.append((node, info))
             versions[info.party] = version
-        return self.server.enrol(joins, versions)
+            fingerprints[info.party] = str(fields.get("adapter-fp", ""))
+        return self.server.enrol(joins, versions, fingerprints)
 
     def late_nodes(self, grid: Grid) -> list[int]:
         """Connected nodes that are not participants (they joined after enrolment)."""
@@ -222,7 +223,7 @@ class EncryptedFedAvg(FedAvg):
         for party in behind:
             got = took.get(party)
             if isinstance(got, tuple) and got[0].get("version") == server.version:
-                server.caught_up(party, source, before_round)
+                server.caught_up(party, source, before_round, str(got[0].get("adapter-fp", "")))
             else:
                 server.catch_up_failed(party, before_round, "could not take the global "
                                        f"adapter of round {server.version}: "
