@@ -126,13 +126,15 @@ def test_the_guard_admits_a_real_aggregate_once_per_round(federation):
     # another aggregate of the same round (two of the three updates): its difference with the
     # first would be the third party's update
     server2 = make_server(server_ctx, threshold=2)
+    server2.identity = server.identity            # the same server, asking a second time
     plan2 = server2.plan(ROUND)
     two = server2.aggregate(plan2, screened(server2, plan2, updates[:2]))
-    two_guard = AggregateGuard(guard.roster, server2.identity.public, 2)
-    two_guard.check_aggregate(parties[0], two, server2.provenance)  # fine on its own
-    two_guard._decrypted = dict(guard._decrypted)
+    AggregateGuard(guard.roster, server.identity.public, 2).check_aggregate(
+        parties[0], two, server2.provenance)      # fine on its own
+    low = AggregateGuard(guard.roster, server.identity.public, 2)
+    low.check_aggregate(parties[0], agg, server.provenance)
     with pytest.raises(fs.DecryptionRefused, match="another aggregate of round 3"):
-        two_guard.check_aggregate(parties[0], two, server2.provenance)
+        low.check_aggregate(parties[0], two, server2.provenance)
     with pytest.raises(fs.DecryptionRefused, match="needs 3"):
         AggregateGuard(guard.roster, server2.identity.public, 3).check_aggregate(
             parties[0], two, server2.provenance)
