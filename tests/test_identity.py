@@ -36,6 +36,14 @@ def _edits():
     return st.lists(edit, min_size=1, max_size=4)
 
 
+def _bit_flips(blob: bytes):
+    """``blob`` with each one of its bits flipped in turn."""
+    for bit in range(8 * len(blob)):
+        flipped = bytearray(blob)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        yield bytes(flipped)
+
+
 def _apply(blob: bytes, edits) -> bytes:
     out = bytearray(blob)
     for op, where, value in edits:
@@ -284,11 +292,9 @@ def test_sealed_argument_types():
 
 
 def test_every_single_bit_flip_of_a_sealed_message_is_refused():
-    for bit in range(8 * len(SEALED)):
-        flipped = bytearray(SEALED)
-        flipped[bit // 8] ^= 1 << (bit % 8)
+    for flipped in _bit_flips(SEALED):
         with pytest.raises(fs.AuthenticationError):
-            BOB.open_sealed(bytes(flipped), ALICE.public, AAD)
+            BOB.open_sealed(flipped, ALICE.public, AAD)
 
 
 @EDIT_SETTINGS
@@ -366,11 +372,9 @@ def test_record_extreme_party_and_round_round_trip():
 
 
 def test_every_single_bit_flip_of_a_record_is_refused():
-    for bit in range(8 * len(RECORD)):
-        flipped = bytearray(RECORD)
-        flipped[bit // 8] ^= 1 << (bit % 8)
+    for flipped in _bit_flips(RECORD):
         with pytest.raises(fs.AuthenticationError):
-            verify_blob(ALICE.public, "update", bytes(flipped), BLOB, party_id=2, round=5)
+            verify_blob(ALICE.public, "update", flipped, BLOB, party_id=2, round=5)
 
 
 @EDIT_SETTINGS

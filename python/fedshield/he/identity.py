@@ -352,14 +352,21 @@ def sign_blob(identity: Identity, domain: str, party_id: int, round: int, blob: 
 def record_signer(record: Bytes) -> tuple[int, int]:
     """(party id, round) a record claims, unverified: which roster entry and round to verify
     it against. AuthenticationError for anything that is not a record."""
+    _, party, round_, _ = _unpack_record(record, "signed record")
+    return party, round_
+
+
+def _unpack_record(record: Bytes, label: str) -> tuple[bytes, int, int, bytes]:
+    """(bytes, party, round, digest) of a record whose size, magic and version are right;
+    AuthenticationError naming ``label`` otherwise. Nothing here is verified yet."""
     record = _as_bytes(record, "signed record")
     if len(record) != RECORD_SIZE:
-        raise AuthenticationError(f"signed record is {len(record)} bytes, expected {RECORD_SIZE}")
-    magic, version, party, round_, _ = _RECORD_HEAD.unpack_from(record)
+        raise AuthenticationError(f"{label} is {len(record)} bytes, expected {RECORD_SIZE}")
+    magic, version, party, round_, digest = _RECORD_HEAD.unpack_from(record)
     if magic != _RECORD_MAGIC or version != _RECORD_VERSION:
         raise AuthenticationError(f"not a fedshield signed record (magic {magic!r}, version "
                                   f"{version}; expected {_RECORD_MAGIC!r}, {_RECORD_VERSION})")
-    return party, round_
+    return record, party, round_, digest
 
 
 def verify_record(public: PublicIdentity, domain: str, record: Bytes, *, party_id: int,
@@ -375,14 +382,8 @@ def verify_record(public: PublicIdentity, domain: str, record: Bytes, *, party_i
     domain = _check_domain(domain)
     party_id = _uint(party_id, "party_id", MAX_PARTY_ID)
     round = _uint(round, "round", MAX_ROUND)
-    record = _as_bytes(record, "signed record")
-    if len(record) != RECORD_SIZE:
-        raise AuthenticationError(f"signed record ({domain!r}) is {len(record)} bytes, "
-                                  f"expected {RECORD_SIZE}")
-    magic, version, signed_party, signed_round, digest = _RECORD_HEAD.unpack_from(record)
-    if magic != _RECORD_MAGIC or version != _RECORD_VERSION:
-        raise AuthenticationError(f"not a fedshield signed record (magic {magic!r}, version "
-                                  f"{version}; expected {_RECORD_MAGIC!r}, {_RECORD_VERSION})")
+    record, signed_party, signed_round, digest = _unpack_record(
+        record, f"signed record ({domain!r})")
     if signed_party != party_id:
         raise AuthenticationError(f"signed record ({domain!r}) names party {signed_party}, "
                                   f"expected party {party_id}")
