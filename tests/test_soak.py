@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from soak_aggregate import soak  # noqa: E402
+
+from process_sampling import PeakMemory  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -42,39 +43,6 @@ def test_hundred_clients_through_the_native_aggregator(tmp_path):
     growth = figures["server_peak_rss_after_mb"] - figures["server_peak_rss_before_mb"]
     # streaming: a few updates' worth, not the 100 that went through
     assert growth < 0.2 * figures["all_updates_mb"], figures
-
-
-class _PeakMemory:
-    """Peak of the summed resident memory of this process's descendants, sampled each second
-    (pages shared between processes, such as torch's libraries, count once per process)."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._me = psutil.Process()
-        self.peak_mb, self.processes = 0.0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            total, n = 0, 0
-            for p in self._me.children(recursive=True):
-                try:
-                    total += p.memory_info().rss
-                    n += 1
-                except Exception:  # noqa: BLE001 - a process that just ended
-                    continue
-            if total / 2**20 > self.peak_mb:
-                self.peak_mb, self.processes = total / 2**20, n
-
-    def __enter__(self) -> "_PeakMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def test_twenty_supernodes_with_random_faults(tmp_path):
@@ -103,7 +71,7 @@ def test_twenty_supernodes_with_random_faults(tmp_path):
                               batch_size=4, round_timeout=120.0, engine="flower",
                               out=str(tmp_path / "soak"))
     start = time.perf_counter()
-    with _PeakMemory() as memory:
+    with PeakMemory() as memory:
         got = run_flower(cfg, app=_faulty_app(), node_configs=faults)
     seconds = time.perf_counter() - start
     _keep("soak_flower", {"supernodes": n, "rounds": rounds, "faults": {

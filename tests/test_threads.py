@@ -83,7 +83,7 @@ def test_settings_are_read_on_every_call(monkeypatch):
 
 BUSY = """
 import json, torch, fedshield as fs
-from busy_threads import BusyThreads
+from process_sampling import BusyThreads
 ctx = fs.keygen_shared().client_context()
 torch.manual_seed(0)
 state = {"w": torch.rand(1 << 20) - 0.5}          # 64 ciphertexts: the worker pool is used
