@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedshield.bench import lora_like_state
 from fedshield.he import (CKKSParams, EncryptedUpdate, Layout, aggregate, decrypt_update,
                           encrypt_update, keygen_shared, load_context)
 
@@ -38,24 +39,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # not Linux: KiB
 
 
-def client_state(n_values: int, seed: int) -> dict[str, np.ndarray]:
-    cols = 1024
-    rng = np.random.default_rng(seed)
-    return {f"t{i}": rng.uniform(-1, 1, (32, cols)).astype(np.float32)
-            for i in range(max(1, n_values // (32 * cols)))}
-
-
 def soak(n_clients: int, n_values: int, workdir: Path, log=print) -> dict:
     params = CKKSParams.for_precision(TOLERANCE, max_clients=n_clients)
     keys = keygen_shared(params)
     client, server = keys.client_context(), keys.server_context()
-    layout = Layout.from_state_dict(client_state(n_values, 0))
+    layout = Layout.from_state_dict(lora_like_state(n_values, 0, scale=1.0))
     weights = [1.0 + (k % 7) for k in range(n_clients)]
     bound = 2.0 * max(weights)
     total = None
     start = time.perf_counter()
     for k in range(n_clients):
-        state = client_state(n_values, k)
+        state = lora_like_state(n_values, k, scale=1.0)
         upd = encrypt_update(client, state, layout, weight=weights[k], round=1,
                              weight_bound=bound)
         (workdir / f"u{k:04d}.bin").write_bytes(upd.to_bytes())

@@ -21,13 +21,13 @@ import json
 import os
 import time
 
-import numpy as np
 
-from fedshield.fl.guard import AggregateGuard, Provenance, sign_share, sign_update
+from fedshield.bench import lora_like_state
+from fedshield.fl.guard import (UPDATE_DOMAIN, AggregateGuard, Provenance, sign_share,
+                                sign_update)
 from fedshield.he import (CKKSParams, Layout, aggregate, decrypt_update, encrypt_update,
                           keygen_shared, keygen_threshold, partial_decrypt)
 from fedshield.he.identity import RECORD_SIZE, Identity, verify_blob
-from fedshield.fl.guard import UPDATE_DOMAIN
 
 ROUND = 1
 
@@ -41,24 +41,13 @@ def best_of(repeat: int, fn):
     return min(times), out
 
 
-def states(n_parties: int, n_values: int) -> list[dict]:
-    cols = 1024
-    n_tensors = max(1, n_values // (32 * cols))
-    out = []
-    for seed in range(n_parties):
-        rng = np.random.default_rng(seed)
-        out.append({f"t{i}": rng.uniform(-0.01, 0.01, (32, cols)).astype(np.float32)
-                    for i in range(n_tensors)})
-    return out
-
-
 def one_setting(mode: str, n: int, n_values: int, repeat: int) -> dict:
     if mode == "shared":
         keys = keygen_shared(CKKSParams.for_precision(keys="shared"))
         ctxs, server_ctx = [keys.client_context()] * n, keys.server_context()
     else:
         ctxs, server_ctx = keygen_threshold(CKKSParams.for_precision(keys="threshold"), n)
-    sts = states(n, n_values)
+    sts = [lora_like_state(n_values, seed) for seed in range(n)]
     layout = Layout.from_state_dict(sts[0])
     ids = [Identity.generate() for _ in range(n)]
     server_id = Identity.generate()

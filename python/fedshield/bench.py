@@ -24,13 +24,15 @@ THRESHOLD_PARTIES = 3
 FLOOD_BITS = 30
 
 
-def _state(n_values: int, seed: int) -> dict[str, np.ndarray]:
-    """A LoRA-shaped state: (32 x 1024) A/B tensors, values like fine-tuning deltas."""
+def lora_like_state(n_values: int, seed: int, scale: float = 0.01) -> dict[str, np.ndarray]:
+    """A LoRA-shaped state of about ``n_values`` values: (32 x 1024) A/B tensors, uniform in
+    [-scale, scale] (the default: values like fine-tuning deltas). The benchmarks' one client
+    state."""
     rng = np.random.default_rng(seed)
     cols = 1024
     n_tensors = max(2, n_values // (32 * cols))
     return {f"layers.{i // 2}.lora_{'AB'[i % 2]}.weight":
-            rng.uniform(-0.01, 0.01, (32, cols)).astype(np.float32) for i in range(n_tensors)}
+            rng.uniform(-scale, scale, (32, cols)).astype(np.float32) for i in range(n_tensors)}
 
 
 def _weights(n_clients: int) -> list[float]:
@@ -187,7 +189,7 @@ def _threshold_row(states, weights, n: int, cores: int, flood_bits: int) -> dict
 
 
 def run_bench(n_values: int = 1 << 20, n_clients: int = 4, verbose: bool = True) -> dict:
-    states = [_state(n_values, seed) for seed in range(n_clients)]
+    states = [lora_like_state(n_values, seed) for seed in range(n_clients)]
     n = sum(v.size for v in states[0].values())
     weights = _weights(n_clients)
     cores = default_workers()
