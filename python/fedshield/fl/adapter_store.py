@@ -66,6 +66,21 @@ def _version_of(blob: bytes) -> int:
     return version
 
 
+def _file_version(path: Path) -> int | None:
+    """The round of the adapter file at ``path`` (None: no file), from its header alone: the
+    tensors are not read to learn which round a file holds."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            head += f.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
+    except FileNotFoundError:
+        return None
+    try:
+        return _version_of(head)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StorageError(f"{path}: not a saved global adapter ({exc})") from exc
+
+
 class AdapterStore:
     """The last two global adapters a site applied, in ``directory`` (its node's own)."""
 
@@ -76,13 +91,11 @@ class AdapterStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         current = self.directory / CURRENT
         blob = pack_adapter(version, state)
-        if current.exists():
-            try:
-                if _version_of(current.read_bytes()) == int(version):
-                    write_atomic(current, blob, mode=0o600)   # the same round again
-                    return
-            except (OSError, ValueError, KeyError):
-                pass
+        try:
+            kept = _file_version(current)
+        except StorageError:
+            kept = -1                              # a damaged file: set aside all the same
+        if kept is not None and kept != int(version):   # else none yet, or the same round again
             os.replace(current, self.directory / PREVIOUS)
         write_atomic(current, blob, mode=0o600)
 
@@ -104,7 +117,6 @@ class AdapterStore:
     def at(self, version: int) -> dict[str, torch.Tensor] | None:
         """The state of round ``version`` if it is one of the two kept."""
         for name in (CURRENT, PREVIOUS):
-            got = self._read(name)
-            if got is not None and got[0] == version:
-                return got[1]
+            if _file_version(self.directory / name) == version:
+                return self._read(name)[1]
         return None
