@@ -412,19 +412,22 @@ void bind_packing(py::module_& m) {
     }, "Number of kept values in each mask.");
 }
 
+// A transform of a copy of `a` (the caller's array stays as it is).
+U64 transformed(const U64& a, uint64_t q, uint64_t psi,
+                void (*transform)(uint64_t*, size_t, uint64_t, uint64_t)) {
+    U64 out(a.size());
+    std::memcpy(out.mutable_data(), a.data(), static_cast<size_t>(a.size()) * 8);
+    transform(out.mutable_data(), static_cast<size_t>(out.size()), q, psi);
+    return out;
+}
+
 // Noise flooding (csrc/flood.hpp).
 void bind_flood(py::module_& m) {
     m.def("ntt_forward", [](U64 a, uint64_t q, uint64_t psi) {
-        U64 out(a.size());
-        std::memcpy(out.mutable_data(), a.data(), static_cast<size_t>(a.size()) * 8);
-        ntt_forward(out.mutable_data(), static_cast<size_t>(out.size()), q, psi);
-        return out;
+        return transformed(a, q, psi, ntt_forward);
     }, "OpenFHE's evaluation representation of coefficients mod q (bit-reversed order).");
     m.def("ntt_inverse", [](U64 a, uint64_t q, uint64_t psi) {
-        U64 out(a.size());
-        std::memcpy(out.mutable_data(), a.data(), static_cast<size_t>(a.size()) * 8);
-        ntt_inverse(out.mutable_data(), static_cast<size_t>(out.size()), q, psi);
-        return out;
+        return transformed(a, q, psi, ntt_inverse);
     }, "Coefficients mod q of OpenFHE's evaluation representation (the inverse of ntt_forward).");
     m.def("flood_residues", [](py::buffer blob, const std::vector<uint64_t>& offsets,
                                const py::object& moduli, const std::vector<uint64_t>& roots,
