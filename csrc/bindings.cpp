@@ -29,6 +29,7 @@ using namespace fedshield;
 void bind_importance(py::module_& m);  // bind_importance.cpp
 void bind_shamir(py::module_& m);      // bind_shamir.cpp
 void bind_partial(py::module_& m);     // bind_partial.cpp
+void bind_key_codec(py::module_& m);   // bind_key_codec.cpp
 void bind_dp(py::module_& m);          // bind_dp.cpp
 
 namespace {
@@ -569,5 +570,6 @@ PYBIND11_MODULE(_native, m) {
     bind_importance(m);
     bind_shamir(m);
     bind_partial(m);
+    bind_key_codec(m);
     bind_dp(m);
 }

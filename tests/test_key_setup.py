@@ -142,11 +142,11 @@ def test_a_party_that_lies_in_the_chain_is_named(tmp_path, monkeypatch):
     fed = Federation(tmp_path, 3, "threshold", 2)
     real = th.join_keygen
 
-    def lying_join(message, party_id):
+    def lying_join(message, party_id, *federation):
         if party_id != 1:
-            return real(message, party_id)
-        kept, _ = real(message, 1)             # the key share it will decrypt with
-        shown, shown_message = real(message, 1)  # the one it adds to the joint key
+            return real(message, party_id, *federation)
+        kept, _ = real(message, 1, *federation)             # the key share it will decrypt with
+        shown, shown_message = real(message, 1, *federation)  # the one it adds to the joint key
         kept._step_digest = shown._step_digest  # and it claims the chain step as its own
         return kept, shown_message
 

@@ -229,10 +229,10 @@ def test_party_without_key_shares_cannot_cover_for_the_absent():
     state, message = th.start_keygen(th.THRESHOLD_PARAMS, 3, 2)
     states = [state]
     for i in (1, 2):
-        state, message = th.join_keygen(message, i)
+        state, message = th.join_keygen(message, i, th.THRESHOLD_PARAMS, 3, 2)
         states.append(state)
     parties = [th.finish_keygen(s, message) for s in states]
-    server = th.server_context(message)
+    server = th.server_context(message, th.THRESHOLD_PARAMS, 3, 2)
     layout = fs.Layout.from_state_dict(make_state(1))
     agg = fs.aggregate(server, [fs.encrypt_update(parties[i], make_state(i), layout)
                                 for i in range(2)])
@@ -243,29 +243,33 @@ def test_party_without_key_shares_cannot_cover_for_the_absent():
 # -- the key generation protocol as bytes ------------------------------------------------------
 def test_keygen_protocol_bytes_only_and_bad_messages():
     params = th.THRESHOLD_PARAMS
-    s0, m1 = th.start_keygen(params, 3, 2)
+    fed = (params, 3, 2)
+    s0, m1 = th.start_keygen(*fed)
     with pytest.raises(fs.KeyMaterialError, match="for party 1, not party 2"):
-        th.join_keygen(m1, 2)
+        th.join_keygen(m1, 2, *fed)
     with pytest.raises(fs.KeyMaterialError, match="not complete"):
-        th.server_context(m1)
+        th.server_context(m1, *fed)
     with pytest.raises(fs.KeyMaterialError, match="not complete"):
         th.finish_keygen(s0, m1)
-    s1, m2 = th.join_keygen(bytes(m1), 1)
-    s2, m3 = th.join_keygen(bytearray(m2), 2)
+    s1, m2 = th.join_keygen(bytes(m1), 1, *fed)
+    s2, m3 = th.join_keygen(bytearray(m2), 2, *fed)
     with pytest.raises(fs.KeyMaterialError, match="already complete"):
-        th.join_keygen(m3, 3)
+        th.join_keygen(m3, 3, *fed)
+    with pytest.raises(fs.KeyMaterialError, match="n_parties=3"):
+        th.join_keygen(m3, 3, params, 4, 3)   # a message of another federation
     bad = bytearray(m3)
     bad[-40] ^= 1
     for broken in (bytes(bad), m3[:50], b"", b"FSHLDCTX" + m3[8:]):
         with pytest.raises(fs.KeyMaterialError):
-            th.server_context(broken)
+            th.server_context(broken, *fed)
     # a joint key made by another chain does not contain party 0's step
-    _, other = th.start_keygen(params, 3, 2)
-    other = th.join_keygen(th.join_keygen(other, 1)[1], 2)[1]
+    _, other = th.start_keygen(*fed)
+    other = th.join_keygen(th.join_keygen(other, 1, *fed)[1], 2, *fed)[1]
     with pytest.raises(fs.KeyMaterialError, match="not part of the chain"):
         th.finish_keygen(s0, other)
     parties = [th.finish_keygen(s, m3) for s in (s0, s1, s2)]
-    server = fs.load_context(th.server_context(m3).to_bytes())
+    server = fs.load_context(th.server_context(m3, *fed).to_bytes())
+    assert server.fingerprint == parties[0].fingerprint
     dealt = [th.deal_key_shares(p) for p in parties]
     assert sorted(dealt[0]) == [1, 2]
     with pytest.raises(fs.KeyMaterialError, match="addressed to party 2"):

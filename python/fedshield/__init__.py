@@ -9,8 +9,8 @@ from importlib import import_module
 
 from .errors import (AuthenticationError, ConcurrentUseError, DataError,
                      DecryptionBudgetExceeded, DecryptionRefused, FedShieldError, HeadroomError,
-                     IncompatibleUpdate, InvalidUpdate, KeyMaterialError, KeySetupError,
-                     NotEnoughShares, ParameterError, PrecisionError, StorageError,
+                     IncompatibleUpdate, InvalidUpdate, KeyMaterialError, KeyMessageRefused,
+                     KeySetupError, NotEnoughShares, ParameterError, PrecisionError, StorageError,
                      UnsupportedPlatform)
 from .he import (DEFAULT_TOLERANCE, CKKSParams, Context, EncryptedUpdate, Layout, SharedKeys,
                  TensorSpec, aggregate, combine_partials, decrypt_update, encrypt_update,
@@ -38,7 +38,7 @@ __all__ = [
     "DecryptionBudgetExceeded", "DecryptionRefused", "DEFAULT_TOLERANCE", "EncryptedUpdate",
     "FedShieldError",
     "HeadroomError", "ImportanceResult", "IncompatibleUpdate", "InvalidUpdate",
-    "KeyMaterialError", "KeySetupError", "Layout", "NotEnoughShares", "ParameterError", "Party",
+    "KeyMaterialError", "KeyMessageRefused", "KeySetupError", "Layout", "NotEnoughShares", "ParameterError", "Party",
     "PrecisionError", "SharedKeys", "StorageError", "TensorSpec", "UnsupportedPlatform",
     "aggregate", "combine_partials", "decrypt_update", "encrypt_update", "importance_mask",
     "keygen_shared", "keygen_threshold", "load_context", "partial_decrypt", "threshold",

@@ -50,7 +50,27 @@ class AuthenticationError(FedShieldError, ValueError):
 
 class KeySetupError(FedShieldError):
     """Key set-up found a party whose contribution is inconsistent; the message names the
-    party."""
+    party, and ``culprit`` holds its id when one party is to blame (None otherwise)."""
+
+    def __init__(self, message: str = "", culprit: "int | None" = None) -> None:
+        super().__init__(message)
+        self.culprit = culprit
+
+    def __reduce__(self):
+        return type(self), (str(self), self.culprit)
+
+
+class KeyMessageRefused(KeySetupError):
+    """A party refused a key set-up message that another party signed (malformed, made for
+    other parameters or moduli, residues out of range, not its step of the chain...): the
+    signer, ``sender``, is to blame for the failed set-up, not the party that refused it."""
+
+    def __init__(self, message: str, sender: int) -> None:
+        super().__init__(message, culprit=sender)
+        self.sender = sender
+
+    def __reduce__(self):
+        return type(self), (str(self), self.sender)
 
 
 class DecryptionRefused(FedShieldError):

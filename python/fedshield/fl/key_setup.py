@@ -42,18 +42,23 @@ import hashlib
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
-from ..errors import FedShieldError, KeySetupError, ParameterError
-from ..he import (CKKSParams, Context, EncryptedUpdate, Layout, aggregate, combine_partials,
-                  decrypt_update, encrypt_update, keygen_shared, load_context, partial_decrypt)
+from ..errors import (AuthenticationError, FedShieldError, IncompatibleUpdate, InvalidUpdate,
+                      KeyMaterialError, KeyMessageRefused, KeySetupError, ParameterError)
+from ..he import (CKKSParams, Context, EncryptedUpdate, Layout, PartialDecryption, aggregate,
+                  combine_partials, decrypt_update, encrypt_update, keygen_shared, load_context,
+                  partial_decrypt)
 from ..he import threshold as th
 from ..he.budget import DecryptionBudget
 from ..he.identity import Identity, PublicIdentity, sign_blob, verify_blob
+from ..he.keys import open_shared_key_material, shared_key_material
+from ..he.wipe import wipe
 
 log = logging.getLogger("fedshield")
 
@@ -155,6 +160,52 @@ def _client_aad(public_fp: bytes, epoch: int, recipient: int) -> bytes:
     return _CLIENT_AAD + public_fp + epoch.to_bytes(8, "little") + recipient.to_bytes(4, "little")
 
 
+def _sections(sections: list, count: int, op: str, party: int) -> list:
+    if len(sections) != count:
+        raise KeySetupError(f"party {party}: {op} request with {len(sections)} sections, "
+                            f"expected {count}")
+    return list(sections)
+
+
+def _party_ids(value, n: int, what: str, party: int) -> tuple[int, ...]:
+    """A server-given list of distinct party ids in increasing order."""
+    if not (isinstance(value, (list, tuple)) and
+            all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < n for p in value)
+            and list(value) == sorted(set(value)) and value):
+        raise KeySetupError(f"party {party}: malformed {what} {value!r:.80} (ids in [0, {n}))")
+    return tuple(value)
+
+
+def _check_update(ctx: Context, blob) -> bytes:
+    """A party's key-check update: one client update of one ciphertext under ``ctx``."""
+    upd = EncryptedUpdate.from_bytes(blob)
+    if upd.is_aggregate or upd.n_ciphertexts != 1 or upd.round != 0:
+        raise IncompatibleUpdate(f"not a key-check update ({upd!r:.120})")
+    if upd.header["context_fp"] != ctx.fingerprint:
+        raise IncompatibleUpdate("a key-check update made under another context")
+    return bytes(blob)
+
+
+# -- refusals that name their sender, across transports ---------------------------------------
+REFUSED = "refused-by-sender"   # reply field: a party refused a message another party signed
+
+
+def refusal_fields(exc: KeyMessageRefused) -> dict:
+    """A refusal as reply fields (a transport that carries errors as text keeps the sender
+    this way): the error type, the sender's id and a bounded message."""
+    return {REFUSED: type(exc).__name__, "sender": int(exc.sender), "reason": str(exc)[:400]}
+
+
+def refusal_from(fields: Mapping) -> Optional[KeyMessageRefused]:
+    """The KeyMessageRefused of :func:`refusal_fields`, or None for an ordinary reply."""
+    if REFUSED not in fields:
+        return None
+    sender = fields.get("sender")
+    if not (isinstance(sender, int) and not isinstance(sender, bool) and sender >= 0):
+        raise KeySetupError(f"a refusal naming sender {sender!r:.40}, not a party id")
+    return KeyMessageRefused(str(fields.get("reason", ""))[:400], sender=sender)
+
+
 # -- a party's half ---------------------------------------------------------------------------
 class KeyHolder:
     """A party's side of the key set-up: its identity, its in-progress key material and,
@@ -197,7 +248,16 @@ class KeyHolder:
             raise ParameterError(f"unknown key set-up operation {op!r}")
         if op != "keys.begin":
             self._expect_epoch(fields)
-        return ops[op](fields, sections)
+        try:
+            return ops[op](fields, sections)
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            if isinstance(exc, FedShieldError):
+                raise
+            # the request's own fields and sections, which the server (the relay) assembles
+            log.debug("key set-up: party %d, malformed %s request", self.party_id, op,
+                      exc_info=True)
+            raise KeySetupError(f"party {self.party_id}: malformed {op} request from the server "
+                                f"({type(exc).__name__})") from exc
 
     def _expect_epoch(self, fields: Mapping) -> None:
         if self.epoch is None or fields.get("epoch") != self.epoch:
@@ -208,7 +268,36 @@ class KeyHolder:
         return sign_blob(self.identity, domain, self.party_id, self.epoch, blob)
 
     def _verify(self, domain: str, record: bytes, blob: bytes, party: int) -> None:
-        verify_blob(self.roster[party], domain, record, blob, party_id=party, round=self.epoch)
+        """The signature of ``party`` on ``blob``. The server verified it before relaying it:
+        a signature that fails here means the relay altered the message, not that its sender
+        is to blame."""
+        try:
+            verify_blob(self.roster[party], domain, record, blob, party_id=party,
+                        round=self.epoch)
+        except AuthenticationError as exc:
+            raise KeySetupError(f"party {self.party_id}: party {party}'s {domain} message does "
+                                f"not verify: the relay altered it ({exc})") from exc
+
+    def _open(self, sealed, sender: int, aad: bytes) -> bytes:
+        """A message ``sender`` sealed to this party; one that does not open was altered on the
+        way (the relay cannot tell a sealed message from another), not blamed on ``sender``."""
+        try:
+            return self.identity.open_sealed(sealed, self.roster[sender], aad)
+        except AuthenticationError as exc:
+            raise KeySetupError(f"party {self.party_id}: the message party {sender} sealed to it "
+                                f"does not open: altered on the way ({exc})") from exc
+
+    @contextmanager
+    def _from(self, sender: int, what: str):
+        """Refusals of a message ``sender`` signed (or sealed) are KeyMessageRefused naming the
+        sender: the set-up fails by its doing, not this party's."""
+        try:
+            yield
+        except KeySetupError:
+            raise
+        except FedShieldError as exc:
+            raise KeyMessageRefused(f"party {self.party_id} refused the {what} that party "
+                                    f"{sender} signed: {exc}", sender=sender) from exc
 
     def _begin(self, fields: Mapping, sections: list) -> Request:
         roster = roster_from(fields.get("roster"))
@@ -241,17 +330,27 @@ class KeyHolder:
         if self.party_id == 0:
             self._state, message = th.start_keygen(self._params, self._n, self._t)
         else:
-            message, record = sections
-            self._verify("keygen", record, message, self.party_id - 1)
-            self._state, message = th.join_keygen(message, self.party_id)
+            message, record = _sections(sections, 2, "keys.step", self.party_id)
+            sender = self.party_id - 1
+            self._verify("keygen", record, message, sender)
+            with self._from(sender, "key generation step"):
+                self._state, message = th.join_keygen(message, self.party_id, self._params,
+                                                      self._n, self._t)
         return {}, [message, self._sign("keygen", message)]
 
     def _finish(self, fields: Mapping, sections: list) -> Request:
-        message, record = sections
+        message, record = _sections(sections, 2, "keys.finish", self.party_id)
         self._verify("keygen", record, message, self._n - 1)
         if self._state is None:
             raise KeySetupError(f"party {self.party_id} took no step of this epoch's chain")
-        ctx = th.finish_keygen(self._state, message)
+        with self._from(self._n - 1, "joint public key"):
+            th.read_keygen_message(message, self._params, self._n, self._t, self._state.moduli)
+        try:
+            ctx = th.finish_keygen(self._state, message)
+        except KeyMaterialError as exc:
+            # the server checked that every step of the chain is the one its party signed:
+            # a well-formed joint key without this party's own step is this party's failure
+            raise KeySetupError(f"party {self.party_id}: {exc}", culprit=self.party_id) from exc
         self._state = None
         self._ctx = ctx
         dealt = th.deal_key_shares(ctx)
@@ -272,11 +371,19 @@ class KeyHolder:
         if not (isinstance(senders, list) and len(senders) == len(sections)):
             raise KeySetupError(f"party {self.party_id}: malformed key shares message")
         ctx = self._require_ctx()
-        opened = [self.identity.open_sealed(blob, self.roster[int(s)],
-                                            _share_aad(ctx.fingerprint, self.epoch, int(s),
-                                                       self.party_id))
-                  for s, blob in zip(senders, sections)]
-        self._ctx = th.accept_key_shares(ctx, opened)
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s in self.roster
+                   for s in senders):
+            raise KeySetupError(f"party {self.party_id}: key shares from {senders!r:.80}, not "
+                                "parties of the roster")
+        for sender, blob in zip(senders, sections):
+            opened = self._open(blob, sender, _share_aad(ctx.fingerprint, self.epoch, sender,
+                                                         self.party_id))
+            try:
+                with self._from(sender, "key share"):
+                    ctx = th.accept_key_shares(ctx, [opened], sender=sender)
+            finally:
+                wipe(bytearray(opened))
+        self._ctx = ctx
         return {}, []
 
     def _require_ctx(self) -> Context:
@@ -291,23 +398,36 @@ class KeyHolder:
                                 "does)")
         ctx = keygen_shared(self._params).client_context()
         self._ctx = ctx
-        secret = ctx.to_bytes(include_secret=True)
+        # residues only: the recipients rebuild the key on crypto contexts of their own
+        secret = bytearray(shared_key_material(ctx))
         public = ctx.public().to_bytes()
         to = [p for p in range(self._n) if p != 0]
-        sealed = [self.roster[r].seal(secret, self.identity,
-                                      _client_aad(ctx.fingerprint, self.epoch, r)) for r in to]
+        try:
+            sealed = [self.roster[r].seal(secret, self.identity,
+                                          _client_aad(ctx.fingerprint, self.epoch, r))
+                      for r in to]
+        finally:
+            wipe(secret)
         return {"to": to}, [public, self._sign("public-context", public), *sealed]
 
     def _shared_take(self, fields: Mapping, sections: list) -> Request:
-        public, record, sealed = sections
+        public, record, sealed = _sections(sections, 3, "keys.shared-take", self.party_id)
         self._verify("public-context", record, public, 0)
-        public_ctx = load_context(public)
-        secret = self.identity.open_sealed(sealed, self.roster[0],
-                                           _client_aad(public_ctx.fingerprint, self.epoch,
-                                                       self.party_id))
-        ctx = load_context(secret)
-        if ctx.fingerprint != public_ctx.fingerprint or not ctx.has_secret_key:
-            raise KeySetupError("party 0 sealed a key that is not the signed public context's")
+        with self._from(0, "public context"):
+            # parsed natively, no openfhe: only its fingerprint is used
+            public_ctx = load_context(public)
+            if public_ctx.has_secret_key or public_ctx.params != self._params:
+                raise KeyMaterialError("the public context holds a secret key or other "
+                                       "parameters than this party's")
+        secret = bytearray(self._open(sealed, 0, _client_aad(public_ctx.fingerprint, self.epoch,
+                                                              self.party_id)))
+        try:
+            with self._from(0, "shared key"):
+                ctx = open_shared_key_material(secret, self._params)
+                if ctx.fingerprint != public_ctx.fingerprint:
+                    raise KeyMaterialError("the sealed key is not the signed public context's")
+        finally:
+            wipe(secret)
         self._ctx = ctx
         return {}, []
 
@@ -328,15 +448,16 @@ class KeyHolder:
         """The test aggregate, once every party's signed test update in the manifest checks
         and the aggregate is their sum (recomputed here: it is one small ciphertext)."""
         ctx = self._require_ctx()
-        agg_bytes, *signed = sections
-        if len(signed) != 2 * self._n:
+        if len(sections) != 1 + 2 * self._n:
             raise KeySetupError("the key-check aggregate must come with every party's signed "
                                 "test update")
+        agg_bytes, *signed = sections
         updates = []
         for party in range(self._n):
             upd, record = signed[2 * party], signed[2 * party + 1]
             self._verify("keycheck", record, upd, party)
-            updates.append(upd)
+            with self._from(party, "key-check update"):
+                updates.append(_check_update(ctx, upd))
         agg = aggregate(ctx.public(), updates, round=0, weight_bound=1.0)
         if agg.to_bytes() != bytes(agg_bytes):
             raise KeySetupError("the key-check aggregate is not the sum of the signed test "
@@ -345,7 +466,7 @@ class KeyHolder:
 
     def _check_share(self, fields: Mapping, sections: list) -> Request:
         ctx = self._require_ctx()
-        present = tuple(int(p) for p in fields["present"])
+        present = _party_ids(fields.get("present"), self._n, "present", self.party_id)
         agg = self._check_aggregate(sections)
         share = partial_decrypt(ctx, agg, list(present))
         self._check_decryptions += agg.n_ciphertexts
@@ -354,7 +475,17 @@ class KeyHolder:
     def _verdict(self, fields: Mapping, sections: list) -> Request:
         """For each subset: do its members' shares fuse to the test vector?"""
         ctx = self._require_ctx()
-        subsets = [tuple(s) for s in json.loads(str(fields["subsets"]))]
+        try:
+            subsets = json.loads(str(fields["subsets"]))
+        except RecursionError as exc:
+            raise KeySetupError(f"party {self.party_id}: malformed key-check subsets") from exc
+        if not isinstance(subsets, list):
+            raise KeySetupError(f"party {self.party_id}: malformed key-check subsets")
+        subsets = [_party_ids(s, self._n, "subset", self.party_id) for s in subsets]
+        shares = 2 * sum(map(len, subsets)) if self._mode == "threshold" else 0
+        if len(sections) != 1 + 2 * self._n + shares:
+            raise KeySetupError(f"party {self.party_id}: the key-check verdict request holds "
+                                f"{len(sections)} sections")
         n_agg = 1 + 2 * self._n
         agg = self._check_aggregate(sections[:n_agg])
         rest = sections[n_agg:]
@@ -366,6 +497,13 @@ class KeyHolder:
                 share, record = rest[at], rest[at + 1]
                 at += 2
                 self._verify("keycheck-share", record, share, party)
+                with self._from(party, "key-check share"):
+                    parsed = PartialDecryption.from_bytes(share)
+                    parsed.check_for(ctx, agg)
+                    if parsed.party_id != party or parsed.present != list(subset):
+                        raise InvalidUpdate(f"a share of party {parsed.party_id} for present "
+                                            f"{parsed.present}, expected party {party}'s for "
+                                            f"{list(subset)}")
                 shares.append(share)
             try:
                 if self._mode == "threshold":
@@ -435,9 +573,25 @@ class KeySetup:
             reply = replies.get(party)
             if reply is None:
                 raise KeySetupError(f"party {party} did not answer {op} (key set-up needs "
-                                    "every party)")
+                                    "every party)", culprit=party)
+            if isinstance(reply, tuple) and len(reply) == 2 and isinstance(reply[0], Mapping):
+                try:  # a refusal that crossed a transport as reply fields (the site worker's)
+                    reply = refusal_from(reply[0]) or reply
+                except KeySetupError as exc:
+                    raise KeySetupError(f"party {party} failed {op}: {exc}",
+                                        culprit=party) from exc
+            if isinstance(reply, KeyMessageRefused) and 0 <= reply.sender < self.n \
+                    and reply.sender != party:
+                # the party that signed what was refused failed the set-up, not its receiver
+                raise KeyMessageRefused(f"party {reply.sender} sent a bad key set-up message "
+                                        f"({op}): {reply}", sender=reply.sender)
             if isinstance(reply, BaseException):
-                raise KeySetupError(f"party {party} failed {op}: {reply}")
+                # a party may blame itself, or nobody (the relay altered what it got); another
+                # party only through KeyMessageRefused, above
+                plain = isinstance(reply, KeySetupError) and not isinstance(reply,
+                                                                             KeyMessageRefused)
+                culprit = None if plain and reply.culprit != party else party
+                raise KeySetupError(f"party {party} failed {op}: {reply}", culprit=culprit)
             out[party] = reply
         return out
 
@@ -445,7 +599,8 @@ class KeySetup:
         try:
             verify_blob(self.roster[party], domain, record, blob, party_id=party, round=epoch)
         except FedShieldError as exc:
-            raise KeySetupError(f"party {party}'s {domain} message: {exc}") from exc
+            raise KeySetupError(f"party {party}'s {domain} message: {exc}",
+                                culprit=party) from exc
 
     def run(self, epoch: int) -> KeySetupResult:
         """Sets up and checks the keys of ``epoch``; KeySetupError naming the party if not."""
@@ -471,21 +626,45 @@ class KeySetup:
                  checked, seconds, public.fingerprint.hex()[:12])
         return KeySetupResult(public, epoch, checked, seconds)
 
+    def _screen_step(self, party: int, message: bytes) -> th.KeygenMessage:
+        """A chain step checked before it is relayed (natively, no openfhe): well-formed for
+        this federation, party ``party``'s, extending the previous step's chain with the same
+        moduli and the same a. KeyMessageRefused naming ``party`` otherwise."""
+        try:
+            step = th.read_keygen_message(message, self.params, self.n, self.t)
+            if step.sender != party:
+                raise KeyMaterialError(f"the step names party {step.sender}")
+            if party:
+                before = self._steps[-1]
+                if step.chain[:-1] != before.chain or step.moduli != before.moduli:
+                    raise KeyMaterialError("its chain or moduli do not extend the previous "
+                                           "step's")
+                if step.a_bytes() != before.a_bytes():
+                    raise KeyMaterialError("its public key's a is not the previous step's")
+        except FedShieldError as exc:
+            raise KeyMessageRefused(f"party {party}'s key generation step is malformed: {exc}",
+                                    sender=party) from exc
+        return step
+
     def _threshold(self, e: dict, epoch: int) -> Context:
         message, record = b"", b""
-        self._steps: list[bytes] = []
+        self._steps: list[th.KeygenMessage] = []
         for party in range(self.n):
             _, out = self._one("keys.step", party, e, [] if party == 0 else [message, record])
             if len(out) != 2:
-                raise KeySetupError(f"party {party}'s key generation step is malformed")
+                raise KeySetupError(f"party {party}'s key generation step is malformed",
+                                    culprit=party)
             message, record = bytes(out[0]), bytes(out[1])
             self._verified("keygen", party, message, record, epoch)
-            self._steps.append(message)
+            self._steps.append(self._screen_step(party, message))
         dealt = self._all("keys.finish", {p: (e, [message, record]) for p in range(self.n)})
         head = list(dealt[0][1][:2])
         if len(head) != 2:
             raise KeySetupError("party 0 sent no public context")
         public = self._public_context(0, bytes(head[0]), bytes(head[1]), epoch)
+        if public.moduli != self._steps[-1].moduli:
+            raise KeySetupError("party 0's public context has other moduli than the chain",
+                                culprit=0)
         dealt[0] = (dealt[0][0], dealt[0][1][2:])
         inbox: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(self.n)}
         for sender, (fields, sealed) in dealt.items():
@@ -536,12 +715,12 @@ class KeySetup:
                 raise KeySetupError(f"party {party}'s key probe is malformed")
             self._verified("keycheck-own", party, bytes(out[0]), bytes(out[1]), epoch)
             contribution = th.step_contribution(self._steps[party - 1] if party else None,
-                                                self._steps[party], self.params.ring_dim,
-                                                public.moduli)
+                                                self._steps[party])
             if not th.own_key_matches(public, contribution, bytes(out[0])):
                 liars.append(party)
         if liars:
-            raise KeySetupError(f"key set-up, epoch {epoch}: {describe(('own', p) for p in liars)}")
+            raise KeySetupError(f"key set-up, epoch {epoch}: {describe(('own', p) for p in liars)}",
+                                culprit=liars[0] if len(liars) == 1 else None)
 
     def _check(self, e: dict, epoch: int, public: Context) -> int:
         """The joint test decryptions (threshold keys: each party's own key share first,

@@ -28,10 +28,11 @@ import time
 from pathlib import Path
 
 from ..config import RunConfig
-from ..errors import FedShieldError, ParameterError
+from ..errors import FedShieldError, KeyMessageRefused, ParameterError
 from ..fl.adapter_store import AdapterStore, adapter_fingerprint, pack_adapter, unpack_adapter
 from ..fl.messages import RoundPlan
 from ..fl.guard import Provenance
+from ..fl.key_setup import refusal_fields
 from ..fl.party import Party
 from ..fl.site import Site, load_site_data
 from ..fl.train_fn import SETTING as TRAIN_FN
@@ -149,7 +150,11 @@ class SiteWorker:
         if op.startswith("catchup."):
             return self._catch_up(op, fields, sections)
         if op.startswith("keys."):
-            out = site.keys.handle(op, fields, sections)
+            try:
+                out = site.keys.handle(op, fields, sections)
+            except KeyMessageRefused as exc:  # the sender's id rides in the reply's fields
+                log.warning("site worker: %s", exc)
+                return refusal_fields(exc), []
             if op == "keys.commit":  # the key this node just wrote becomes the party's
                 site.take_committed_keys()
             return out

@@ -50,13 +50,18 @@ def make_crypto_context(params: CKKSParams):
         cc = o.GenCryptoContext(p)
     except RuntimeError as exc:
         raise ParameterError(f"OpenFHE rejected {params}: {exc}") from exc
+    # GenCryptoContext hands back one shared object per parameter set, and its serialization
+    # lists the enabled features: enabling MULTIPARTY on every context (it adds operations and
+    # changes nothing for encryption) makes the bytes, hence the context fingerprint, the same
+    # on every machine whatever else its process made before.
     cc.Enable(o.PKE)
+    cc.Enable(o.MULTIPARTY)
     return cc
 
 
 def enable_multiparty(cc) -> None:
-    """Threshold mode's extra OpenFHE feature. Only ever enabled on threshold contexts: it adds
-    operations and changes nothing for encryption, so shared mode is unaffected."""
+    """Threshold mode's extra OpenFHE feature (make_crypto_context enables it already; a crypto
+    context loaded from a key file of an earlier release may lack it)."""
     o = openfhe()
     cc.Enable(o.MULTIPARTY)
 
@@ -97,6 +102,18 @@ def moduli_of(cc, ciphertext: bytes) -> tuple[int, ...]:
 def serialize(obj) -> bytes:
     o = openfhe()
     return bytes(o.Serialize(obj, o.BINARY))
+
+
+# OpenFHE names every key with a random 32-character tag, the only part of a key's serialization
+# that its context and residues do not fix. fedshield's keys all carry this one, so a key
+# rebuilt from its residues on another machine serializes to the bytes its maker's did.
+KEY_TAG = "fedshield-key-v1-0000000000000000"[:32]
+
+
+def serialize_key(key) -> bytes:
+    """A public or secret key serialized under fedshield's fixed key tag (sets it on ``key``)."""
+    key.SetKeyTag(KEY_TAG)
+    return serialize(key)
 
 
 def load_crypto_context(blob: bytes):

@@ -15,14 +15,16 @@ VERSION = 1
 DIGEST = 32
 
 
-def frame(magic: bytes, meta: dict, sections: Sequence[bytes]) -> bytes:
+def frame(magic: bytes, meta: dict, sections: Sequence[bytes], version: int = VERSION) -> bytes:
     head = json.dumps({**meta, "sizes": [len(s) for s in sections]}, sort_keys=True).encode()
-    body = b"".join([magic, struct.pack("<HI", VERSION, len(head)), head, *sections])
+    body = b"".join([magic, struct.pack("<HI", version, len(head)), head, *sections])
     return body + hashlib.sha256(body).digest()
 
 
-def unframe(blob, magic: bytes, what: str, error: type) -> tuple[dict, list[bytes]]:
-    """(head, sections) of a frame; ``error`` (naming ``what``) for anything malformed."""
+def unframe(blob, magic: bytes, what: str, error: type, version: int = VERSION
+            ) -> tuple[dict, list[bytes]]:
+    """(head, sections) of a frame of ``version``; ``error`` (naming ``what``) for anything
+    malformed."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise TypeError(f"{what}: expected bytes, got {type(blob).__name__}")
     blob = bytes(blob)
@@ -32,9 +34,9 @@ def unframe(blob, magic: bytes, what: str, error: type) -> tuple[dict, list[byte
     body = blob[:-DIGEST]
     if hashlib.sha256(body).digest() != blob[-DIGEST:]:
         raise error(f"{what} bytes are corrupted (digest mismatch)")
-    version, head_len = struct.unpack_from("<HI", blob, len(magic))
-    if version != VERSION:
-        raise error(f"{what} format version {version} is not supported (expected {VERSION})")
+    got, head_len = struct.unpack_from("<HI", blob, len(magic))
+    if got != version:
+        raise error(f"{what} format version {got} is not supported (expected {version})")
     try:
         meta = json.loads(body[fixed:fixed + head_len])
         if not isinstance(meta, dict):

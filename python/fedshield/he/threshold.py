@@ -25,17 +25,24 @@ from typing import Iterable, Optional
 import numpy as np
 
 from .. import _native
-from ..errors import KeyMaterialError, ParameterError
+from ..errors import InvalidUpdate, KeyMaterialError, ParameterError
 from . import backend, flooding
 from .context import Context
 from .flooding import check_precision
-from .frames import frame, int_field, unframe
-from .keys import ciphertext_template
+from .frames import DIGEST, frame, int_field, unframe
+from .keys import PUBLIC, check_head, check_size, local_crypto
 from .params import CKKSParams
 from .wipe import wipe
 
 KEYGEN_MAGIC = b"FSHLDKGN"    # a step of the key generation chain (public)
+# Version 1 carried OpenFHE's serialized crypto context and public key, which the receiver
+# deserialized: one edited byte crashed it. Version 2 carries residues only.
+KEYGEN_VERSION = 2
+_STEP_DOMAIN = b"fedshield-keygen-step-v2"
+_HEAD_LIMIT = 1 << 17         # parameters, moduli and up to MAX_PARTIES digests
 KEY_SHARE_MAGIC = b"FSHLDKSH"  # a Shamir share of one party's key share (secret)
+_SHARE_FIELDS = {"sender", "recipient", "n_parties", "threshold", "context_fp", "sizes"}
+_SHARE_HEAD_LIMIT = 1 << 10
 MAX_PARTIES = 1024
 
 # Threshold parties encrypt with the joint public key, and partial decryptions carry OpenFHE's
@@ -73,39 +80,108 @@ class KeygenState:
         self._step_digest = step_digest
         self._live = live
 
+    @property
+    def moduli(self) -> tuple[int, ...]:
+        """The tower moduli of the party's own crypto context."""
+        return self._live["local"].moduli
+
     def __repr__(self) -> str:
         return (f"KeygenState(party={self.party_id}/{self.n_parties}, "
                 f"threshold={self.threshold})")
 
 
-def _keygen_message(params: CKKSParams, n_parties: int, threshold: int, modulus: int,
-                    chain: list[str], crypto_context: bytes, public_key: bytes) -> bytes:
+def step_digest(packed) -> str:
+    """The digest a chain step is known by: SHA-256 of its public key's packed residues."""
+    return hashlib.sha256(_STEP_DOMAIN + bytes(packed)).hexdigest()
+
+
+class KeygenMessage:
+    """A parsed step of the key generation chain (:func:`read_keygen_message`): its sender
+    (party len(chain) - 1), the tower moduli it claims, the chain of step digests and the
+    packed residues of the public key so far (b, then a; T towers each)."""
+
+    __slots__ = ("sender", "moduli", "chain", "packed", "ring_dim")
+
+    def __init__(self, sender: int, moduli: tuple, chain: list, packed: bytes,
+                 ring_dim: int) -> None:
+        self.sender, self.moduli, self.chain = sender, moduli, chain
+        self.packed, self.ring_dim = packed, ring_dim
+
+    def polys(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(b, a) of the public key, residues per tower."""
+        n, towers = self.ring_dim, len(self.moduli)
+        r = _native.decode_key_polys(self.packed, n, list(self.moduli), PUBLIC, "chain step")
+        polys = [r[k * n:(k + 1) * n] for k in range(2 * towers)]
+        return polys[:towers], polys[towers:]
+
+    def a_bytes(self) -> bytes:
+        """The packed residues of a (every step keeps the first step's)."""
+        return self.packed[len(self.packed) // 2:]
+
+
+def _keygen_message(params: CKKSParams, n_parties: int, threshold: int, moduli,
+                    chain: list[str], packed) -> bytes:
     meta = {"params": json.loads(params.to_json()), "n_parties": n_parties,
-            "threshold": threshold, "modulus": modulus, "chain": chain}
-    return frame(KEYGEN_MAGIC, meta, [crypto_context, public_key])
+            "threshold": threshold, "party": len(chain) - 1, "ring_dim": params.ring_dim,
+            "moduli": [int(q) for q in moduli], "chain": chain}
+    return frame(KEYGEN_MAGIC, meta, [bytes(packed)], version=KEYGEN_VERSION)
 
 
-def _read_keygen_message(message) -> tuple[dict, CKKSParams, bytes, bytes]:
-    meta, sections = unframe(message, KEYGEN_MAGIC, "key generation message",
-                              KeyMaterialError)
+def _is_digest(value) -> bool:
+    return (isinstance(value, str) and len(value) == 64
+            and all(c in "0123456789abcdef" for c in value))
+
+
+def read_keygen_message(message, params: CKKSParams, n_parties: int, threshold: int,
+                        moduli=None) -> KeygenMessage:
+    """A chain step checked against the reader's own federation (``params``, n, t; and its
+    own tower ``moduli`` when it has a crypto context): exact head, exact sizes, every residue
+    below its modulus (native), the last digest of the chain its own. No openfhe: the server
+    screens every step with it too. KeyMaterialError for anything else."""
+    what = "key generation message"
+    n, towers = params.ring_dim, params.n_towers
+    # an upper bound from the parameters alone (q < 2**62): checked before anything is read
+    check_size(message, len(KEYGEN_MAGIC) + 6 + _HEAD_LIMIT + 2 * towers * n * 8 + DIGEST, what)
+    meta, sections = unframe(message, KEYGEN_MAGIC, what, KeyMaterialError,
+                             version=KEYGEN_VERSION)
+    claimed = meta.get("moduli")
+    if not (isinstance(claimed, list) and len(claimed) == towers and
+            all(isinstance(q, int) and not isinstance(q, bool) for q in claimed)):
+        raise KeyMaterialError(f"malformed {what}: moduli={claimed!r:.200} are not "
+                               f"{towers} ints")
+    if moduli is not None and claimed != [int(q) for q in moduli]:
+        raise KeyMaterialError(f"{what} made for the tower moduli {claimed}, this party's "
+                               f"context has {list(moduli)}")
     try:
-        params = CKKSParams.from_dict(meta["params"])
-        n_parties, threshold = _check_parties(meta["n_parties"], meta["threshold"])
-        chain = meta["chain"]
-        if not (isinstance(chain, list) and 1 <= len(chain) <= n_parties
-                and all(isinstance(c, str) and len(c) == 64 for c in chain)):
-            raise ValueError(f"chain of {len(chain) if isinstance(chain, list) else chain!r}")
-        int_field(meta, "modulus", "key generation message", ValueError, 3, 2**62)
-        if len(sections) != 2:
-            raise ValueError(f"{len(sections)} sections, expected 2")
-    except (KeyError, ValueError, TypeError, ParameterError) as exc:
-        raise KeyMaterialError(f"malformed key generation message: {exc}") from exc
-    return meta, params, sections[0], sections[1]
+        size = _native.key_polys_bytes(n, claimed, PUBLIC)
+    except (TypeError, OverflowError) as exc:
+        raise KeyMaterialError(f"malformed {what}: moduli={claimed!r:.200}") from exc
+    check_head(meta, {"params": json.loads(params.to_json()), "n_parties": n_parties,
+                      "threshold": threshold, "ring_dim": n, "moduli": claimed,
+                      "sizes": [size]}, {"party", "chain"}, what)
+    chain = meta["chain"]
+    if not (isinstance(chain, list) and 1 <= len(chain) <= n_parties
+            and all(_is_digest(c) for c in chain)):
+        raise KeyMaterialError(f"malformed {what}: the chain is not 1 to {n_parties} "
+                               "SHA-256 digests")
+    sender = int_field(meta, "party", what, KeyMaterialError, 0, n_parties)
+    if sender != len(chain) - 1:
+        raise KeyMaterialError(f"{what} of party {sender} holds {len(chain)} steps")
+    packed = sections[0]
+    try:  # the moduli (odd, distinct, below 2**62) and every residue, natively
+        wipe(_native.decode_key_polys(packed, n, claimed, PUBLIC, what))
+    except InvalidUpdate as exc:
+        raise KeyMaterialError(str(exc)) from exc
+    if chain[-1] != step_digest(packed):
+        raise KeyMaterialError(f"{what} of party {sender}: the last digest of its chain is not "
+                               "its own public key's")
+    return KeygenMessage(sender, tuple(claimed), chain, packed, n)
 
 
 def start_keygen(params: Optional[CKKSParams] = None, n_parties: int = 3,
                  threshold: Optional[int] = None) -> tuple[KeygenState, bytes]:
-    """Party 0's step: a fresh crypto context and key pair. Send the message to party 1."""
+    """Party 0's step: a crypto context made here from ``params`` and a key pair. Send the
+    message to party 1."""
     params = params or THRESHOLD_PARAMS
     n_parties, threshold = _check_parties(n_parties, threshold)
     if params.seeded:
@@ -114,92 +190,84 @@ def start_keygen(params: Optional[CKKSParams] = None, n_parties: int = 3,
             "unseeded parameters, e.g. fs.CKKSParams.for_precision(keys='threshold') "
             "(or seeded=False)")
     check_precision(params, n_parties)
-    cc = backend.make_crypto_context(params)
-    backend.enable_multiparty(cc)
-    key_pair = cc.KeyGen()
-    public_key = backend.serialize(key_pair.publicKey)
-    step = hashlib.sha256(public_key).hexdigest()
-    state = KeygenState(params, 0, n_parties, threshold, backend.serialize(key_pair.secretKey),
-                        step, {"crypto_context": cc, "secret_key": key_pair.secretKey})
-    message = _keygen_message(params, n_parties, threshold, int(cc.GetModulusCKKS()), [step],
-                              backend.serialize(cc), public_key)
-    return state, message
+    local = local_crypto(params)
+    key_pair = local.cc.KeyGen()
+    return _step(local, key_pair, params, n_parties, threshold, 0, [])
 
 
-def join_keygen(message: bytes, party_id: int) -> tuple[KeygenState, bytes]:
-    """Party ``party_id``'s step on the previous party's message; send the result onward
-    (the last party's message is the joint public key: give it to everyone and the server)."""
-    meta, params, cc_bytes, public_key = _read_keygen_message(message)
-    n_parties, chain = meta["n_parties"], meta["chain"]
-    if len(chain) >= n_parties:
+def _step(local, key_pair, params, n_parties, threshold, party_id, chain):
+    packed = local.pack(key_pair.publicKey, PUBLIC)
+    step = step_digest(packed)
+    state = KeygenState(params, party_id, n_parties, threshold,
+                        backend.serialize_key(key_pair.secretKey), step,
+                        {"local": local, "secret_key": key_pair.secretKey})
+    return state, _keygen_message(params, n_parties, threshold, local.moduli, chain + [step],
+                                  packed)
+
+
+def join_keygen(message: bytes, party_id: int, params: Optional[CKKSParams] = None,
+                n_parties: int = 3, threshold: Optional[int] = None
+                ) -> tuple[KeygenState, bytes]:
+    """Party ``party_id``'s step on party ``party_id - 1``'s message, in a federation of
+    ``params`` (this party's own: its crypto context is made here from them), ``n_parties``
+    and ``threshold``; send the result onward (the last party's message is the joint public
+    key: give it to everyone and the server)."""
+    params = params or THRESHOLD_PARAMS
+    n_parties, threshold = _check_parties(n_parties, threshold)
+    local = local_crypto(params)
+    got = read_keygen_message(message, params, n_parties, threshold, local.moduli)
+    if len(got.chain) >= n_parties:
         raise KeyMaterialError(f"key generation is already complete ({n_parties} parties)")
-    if party_id != len(chain):
-        raise KeyMaterialError(f"this message is for party {len(chain)}, not party {party_id!r}")
-    cc = backend.load_crypto_context(cc_bytes)
-    backend.enable_multiparty(cc)
-    key_pair = cc.MultipartyKeyGen(backend.load_public_key(public_key))
-    next_public = backend.serialize(key_pair.publicKey)
-    step = hashlib.sha256(next_public).hexdigest()
-    state = KeygenState(params, party_id, n_parties, meta["threshold"],
-                        backend.serialize(key_pair.secretKey), step,
-                        {"crypto_context": cc, "secret_key": key_pair.secretKey})
-    return state, _keygen_message(params, n_parties, meta["threshold"], meta["modulus"],
-                                  chain + [step], cc_bytes, next_public)
+    if party_id != len(got.chain):
+        raise KeyMaterialError(f"this message is for party {len(got.chain)}, not party "
+                               f"{party_id!r}")
+    _, previous = local.public_key(got.packed, "chain step")
+    key_pair = local.cc.MultipartyKeyGen(previous)
+    return _step(local, key_pair, params, n_parties, threshold, party_id, got.chain)
 
 
-def _joint(message: bytes):
-    meta, params, cc_bytes, public_key = _read_keygen_message(message)
-    if len(meta["chain"]) != meta["n_parties"]:
-        raise KeyMaterialError(f"key generation is not complete: {len(meta['chain'])} of "
-                               f"{meta['n_parties']} parties have joined")
-    return meta, params, cc_bytes, public_key
+def _joint(message, params: CKKSParams, n_parties: int, threshold: int, local):
+    got = read_keygen_message(message, params, n_parties, threshold, local.moduli)
+    if len(got.chain) != n_parties:
+        raise KeyMaterialError(f"key generation is not complete: {len(got.chain)} of "
+                               f"{n_parties} parties have joined")
+    return got
 
 
-def _build_context(params: CKKSParams, cc, cc_bytes: bytes, public_key: bytes, **extra) -> Context:
-    pk = backend.load_public_key(public_key)
-    template, layout, moduli = ciphertext_template(cc, pk, params)
-    live = {"crypto_context": cc, "public_key": pk, **extra.pop("live", {})}
-    return Context(params=params, modulus=moduli[0], moduli=moduli, crypto_context=cc_bytes,
-                   public_key=public_key, template=template, ct_layout=layout, live=live,
-                   **extra)
-
-
-def server_context(message: bytes) -> Context:
-    """The server's context from the final key generation message: joint public key only."""
-    _, params, cc_bytes, public_key = _joint(message)
-    cc = backend.load_crypto_context(cc_bytes)
-    backend.enable_multiparty(cc)
-    return _build_context(params, cc, cc_bytes, public_key, role="server")
+def server_context(message: bytes, params: Optional[CKKSParams] = None, n_parties: int = 3,
+                   threshold: Optional[int] = None) -> Context:
+    """A public context of the joint public key in the final key generation message, on a
+    crypto context made here from ``params`` (a simulation's; the key set-up's server takes
+    party 0's public context instead and never loads openfhe)."""
+    params = params or THRESHOLD_PARAMS
+    n_parties, threshold = _check_parties(n_parties, threshold)
+    local = local_crypto(params)
+    got = _joint(message, params, n_parties, threshold, local)
+    public_key, pk = local.public_key(got.packed, "joint public key")
+    return local.context(public_key, pk, role="server")
 
 
 def finish_keygen(state: KeygenState, message: bytes) -> Context:
-    """A party's context: its key share, encrypting under the joint public key of ``message``.
+    """A party's context: its key share, encrypting under the joint public key of ``message``,
+    rebuilt on the party's own crypto context.
 
-    Checks that the party's own step is part of the chain that made the joint key.
+    Checks that the message is for the party's federation and that the party's own step is
+    part of the chain that made the joint key.
     """
     if not isinstance(state, KeygenState):
         raise TypeError(f"expected a KeygenState, got {type(state).__name__}")
-    meta, params, cc_bytes, public_key = _joint(message)
-    if (params != state.params or meta["n_parties"] != state.n_parties
-            or meta["threshold"] != state.threshold):
-        raise KeyMaterialError("the final key generation message is for another federation "
-                               "(parameters, n_parties or threshold differ)")
-    if meta["chain"][state.party_id] != state._step_digest:
+    local = state._live["local"]
+    got = _joint(message, state.params, state.n_parties, state.threshold, local)
+    if got.chain[state.party_id] != state._step_digest:
         raise KeyMaterialError(f"party {state.party_id}'s key share is not part of the chain "
                                "that made this joint public key")
-    return _build_context(params, state._live["crypto_context"], cc_bytes, public_key,
-                          role="party", secret_key=state._secret_key,
-                          party=(state.party_id, state.n_parties, state.threshold),
-                          live={"secret_key": state._live["secret_key"]})
+    public_key, pk = local.public_key(got.packed, "joint public key")
+    return local.context(public_key, pk, role="party", secret_key=state._secret_key,
+                         party=(state.party_id, state.n_parties, state.threshold),
+                         live={"secret_key": state._live["secret_key"]})
 
 
 # -- each party's own key, checked against its step of the chain --------------------------------
-def _public_polys(message: bytes, ring_dim: int, moduli) -> tuple[list, list]:
-    """(b, a) of the public key a key generation message carries, residues per tower."""
-    _, _, _, public_key = _read_keygen_message(message)
-    return _key_polys(public_key, ring_dim, moduli)
-
-
 def _key_polys(public_key: bytes, ring_dim: int, moduli) -> tuple[list, list]:
     towers = len(moduli)
     offsets = _native.find_residue_arrays(public_key, ring_dim, list(moduli), 2 * towers)
@@ -207,17 +275,18 @@ def _key_polys(public_key: bytes, ring_dim: int, moduli) -> tuple[list, list]:
     return polys[:towers], polys[towers:]
 
 
-def step_contribution(previous: Optional[bytes], message: bytes, ring_dim: int,
-                      moduli) -> list[np.ndarray]:
+def step_contribution(previous: Optional[KeygenMessage], message: KeygenMessage
+                      ) -> list[np.ndarray]:
     """What one step of the chain added to the joint public key: b_k = b(after) - b(before)
     (party 0: its own b), per tower. With a of the joint key, (b_k, a) is party k's own public
     key: b_k = e_k - a * s_k."""
-    after, _ = _public_polys(message, ring_dim, moduli)
+    after, _ = message.polys()
     if previous is None:
         return [np.array(b) for b in after]
-    before, _ = _public_polys(previous, ring_dim, moduli)
+    before, _ = previous.polys()
     # q < 2**62: x + q - y stays below 2**64
-    return [(x + np.uint64(q) - y) % np.uint64(q) for x, y, q in zip(after, before, moduli)]
+    return [(x + np.uint64(q) - y) % np.uint64(q)
+            for x, y, q in zip(after, before, message.moduli)]
 
 
 def _probe_ciphertext(ctx: Context) -> bytes:
@@ -315,37 +384,47 @@ def deal_key_shares(party_ctx: Context) -> dict[int, bytes]:
     return out
 
 
-def accept_key_shares(party_ctx: Context, messages: Iterable[bytes]) -> Context:
+def accept_key_shares(party_ctx: Context, messages: Iterable[bytes],
+                      sender: Optional[int] = None) -> Context:
     """A new party context that also holds the key shares in ``messages`` (from deal_key_shares
-    of the other parties); rejects shares for another party, context or federation."""
+    of the other parties; all of party ``sender``'s when given); rejects shares for another
+    party, context or federation."""
     check_party_context(party_ctx)
     shares = {j: party_ctx.key_share(j) for j in party_ctx.key_share_senders}
     n_bytes = 8 * party_ctx.params.ring_dim * len(party_ctx.moduli)
     bounds = np.repeat(np.array(party_ctx.moduli, dtype=np.uint64), party_ctx.params.ring_dim)
+    expected = 8 + 6 + _SHARE_HEAD_LIMIT + n_bytes + DIGEST
     for message in messages:
         what = "key share message"
+        check_size(message, expected, what)
         meta, sections = unframe(message, KEY_SHARE_MAGIC, what, KeyMaterialError)
-        sender = int_field(meta, "sender", what, KeyMaterialError, 0, MAX_PARTIES)
+        if set(meta) != _SHARE_FIELDS:
+            raise KeyMaterialError(f"malformed {what}: fields {sorted(meta)!r:.200}")
+        claimed = int_field(meta, "sender", what, KeyMaterialError, 0, MAX_PARTIES)
+        if sender is not None and claimed != sender:
+            raise KeyMaterialError(f"a key share that names party {claimed} as its dealer, "
+                                   f"from party {sender}")
+        sender_id = claimed
         recipient = int_field(meta, "recipient", what, KeyMaterialError, 0, MAX_PARTIES)
         if meta.get("context_fp") != party_ctx.fingerprint.hex():
-            raise KeyMaterialError(f"key share from party {sender} belongs to another context")
+            raise KeyMaterialError(f"key share from party {sender_id} belongs to another context")
         if (meta.get("n_parties"), meta.get("threshold")) != (party_ctx.n_parties,
                                                                party_ctx.threshold):
-            raise KeyMaterialError(f"key share from party {sender} is for a different "
+            raise KeyMaterialError(f"key share from party {sender_id} is for a different "
                                    "n_parties/threshold")
         if recipient != party_ctx.party_id:
-            raise KeyMaterialError(f"key share from party {sender} is addressed to party "
+            raise KeyMaterialError(f"key share from party {sender_id} is addressed to party "
                                    f"{recipient}, this is party {party_ctx.party_id}")
-        if sender == party_ctx.party_id or sender >= party_ctx.n_parties:
-            raise KeyMaterialError(f"key share from party {sender}: not another party of "
+        if sender_id == party_ctx.party_id or sender_id >= party_ctx.n_parties:
+            raise KeyMaterialError(f"key share from party {sender_id}: not another party of "
                                    f"{party_ctx.n_parties}")
-        if sender in shares:
-            raise KeyMaterialError(f"a key share from party {sender} is already held")
+        if sender_id in shares:
+            raise KeyMaterialError(f"a key share from party {sender_id} is already held")
         if len(sections) != 1 or len(sections[0]) != n_bytes:
-            raise KeyMaterialError(f"key share from party {sender} does not hold {n_bytes} bytes")
+            raise KeyMaterialError(f"key share from party {sender_id} does not hold {n_bytes} bytes")
         if not (np.frombuffer(sections[0], dtype="<u8") < bounds).all():
-            raise KeyMaterialError(f"key share from party {sender} has residues not below q")
-        shares[sender] = sections[0]
+            raise KeyMaterialError(f"key share from party {sender_id} has residues not below q")
+        shares[sender_id] = sections[0]
     return party_ctx.with_key_shares(shares)
 
 
@@ -360,16 +439,17 @@ def keygen_threshold(params: Optional[CKKSParams] = None, n_parties: int = 3,
     state, message = start_keygen(params, n_parties, threshold)
     states = [state]
     for party_id in range(1, n_parties):
-        state, message = join_keygen(message, party_id)
+        state, message = join_keygen(message, party_id, params, n_parties, threshold)
         states.append(state)
     parties = [finish_keygen(s, message) for s in states]
     if threshold < n_parties:
         dealt = [deal_key_shares(p) for p in parties]
         parties = [accept_key_shares(p, [dealt[j][i] for j in range(n_parties) if j != i])
                    for i, p in enumerate(parties)]
-    return parties, server_context(message)
+    return parties, parties[0].public()
 
 
-__all__ = ["KeygenState", "MAX_PARTIES", "THRESHOLD_PARAMS", "accept_key_shares",
+__all__ = ["KeygenMessage", "KeygenState", "MAX_PARTIES", "THRESHOLD_PARAMS", "accept_key_shares",
            "check_party_context", "deal_key_shares", "finish_keygen", "join_keygen",
-           "keygen_threshold", "server_context", "start_keygen"]
+           "keygen_threshold", "read_keygen_message", "server_context", "start_keygen",
+           "step_contribution", "step_digest"]
