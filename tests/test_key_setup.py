@@ -5,16 +5,29 @@ or Shamir dealing is inconsistent is named before round 1."""
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import stat
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from flwr.common import Error, Message
 
 import fedshield as fs
 from fedshield.fl.key_setup import (KeyHolder, KeySetup, check_subsets, describe,
                                     keycheck_values, suspects, used_material)
+from fedshield.flower import client_app
+from fedshield.flower.records import KEYS, message_fields
+from fedshield.flower.site_worker import SiteWorker
+from fedshield.flower.strategy import EncryptedFedAvg
+from fedshield.he import keys
 from fedshield.he import threshold as th
 from fedshield.he.budget import DecryptionBudget
+from fedshield.he.flooding import roots_of
 from fedshield.he.identity import Identity
 
 from conftest import make_state, weighted_average
@@ -205,3 +218,116 @@ def test_every_check_subset_pair_is_listed_once():
     for n, t in itertools.product(range(3, 7), repeat=2):
         if n // 2 < t <= n:
             assert len(check_subsets(n, t)) <= 1 + n * -(-(n - 1) // t)
+
+
+# -- blame: a refused message names its sender, in both engines -------------------------------
+def _step_for_other_moduli(real):
+    """Party 0's step claiming moduli of its own choosing (odd, below 2**62, above every
+    residue): well-formed, so the server's screening relays it; party 1's own crypto context
+    has other moduli and refuses it."""
+    def start(*args):
+        state, message = real(*args)
+        meta, sections = th.unframe(message, th.KEYGEN_MAGIC, "step", fs.KeyMaterialError,
+                                    version=th.KEYGEN_VERSION)
+        meta.pop("sizes")
+        meta["moduli"] = [q + 2 for q in meta["moduli"]]
+        return state, th.frame(th.KEYGEN_MAGIC, meta, sections, version=th.KEYGEN_VERSION)
+    return start
+
+
+class _SiteWorkers:
+    """Flower's Grid as far as the strategy's key relay uses it: each message goes through the
+    ClientApp's relay to its node's SiteWorker (fedshield.flower.site_worker), and the reply
+    comes back as a Flower Message, as in a deployment."""
+
+    def __init__(self, holders) -> None:
+        self.workers = {}
+        for h in holders:
+            worker = SiteWorker.__new__(SiteWorker)
+            worker.site = SimpleNamespace(keys=h, party=None, party_id=h.party_id)
+            self.workers[100 + h.party_id] = worker
+
+    def send_and_receive(self, messages, timeout):
+        replies = []
+        for msg in messages:
+            fields = message_fields(msg)
+            try:
+                out, sections = self.workers[msg.metadata.dst_node_id].handle(
+                    str(fields["op"]), fields, client_app._blobs(msg, fields))
+                replies.append(client_app._reply(msg, out, blobs=sections))
+            except fs.FedShieldError as exc:  # the worker's error reply, raised by the ClientApp
+                replies.append(Message(Error(0, f"{type(exc).__name__}: {exc}"), reply_to=msg))
+        return replies
+
+
+@pytest.mark.parametrize("engine", ["local", "flower"])
+def test_a_refused_chain_step_names_its_sender_not_its_receiver(tmp_path, monkeypatch, engine):
+    """Party 0 sends a chain step for other moduli. Party 1 refuses it (KeyMessageRefused,
+    sender 0); the set-up fails naming party 0, in the local engine (the exception in-process)
+    and through Flower (the site worker's reply fields, the ClientApp's reply, the strategy's
+    relay)."""
+    monkeypatch.setattr(th, "start_keygen", _step_for_other_moduli(th.start_keygen))
+    fed = Federation(tmp_path, 3, "threshold", 2)
+    if engine == "flower":
+        strategy = EncryptedFedAvg.__new__(EncryptedFedAvg)
+        strategy.chunk_bytes = 1 << 20
+        strategy.server = SimpleNamespace(
+            node_of=lambda p: 100 + p, participants={100 + p: p for p in range(3)},
+            cfg=SimpleNamespace(engine=SimpleNamespace(round_timeout=60)))
+        fed.ask = strategy._relay(_SiteWorkers(fed.holders), KEYS)
+    with pytest.raises(fs.KeyMessageRefused, match=r"party 0 sent a bad key set-up message "
+                       r"\(keys.step\): party 1 refused the key generation step that party 0 "
+                       r"signed: .*tower moduli") as err:
+        fed.run()
+    assert err.value.sender == 0 and err.value.culprit == 0
+
+
+# -- every party's own crypto context ----------------------------------------------------------
+CONTEXTS_CHILD = textwrap.dedent("""
+    import json, sys
+    import fedshield as fs
+    from fedshield.he import keys
+    sys.path.insert(0, sys.argv[1])
+    from test_key_setup import PARAM_SETS, summary
+    material = bytes.fromhex(sys.stdin.read())
+    # made in the reverse order of the parent's: what the process made before does not matter
+    out = {name: summary(keys.local_crypto(PARAM_SETS[name]))
+           for name in reversed(list(PARAM_SETS))}
+    ctx = keys.open_shared_key_material(material, PARAM_SETS["shared"])
+    out["shared key"] = [ctx.fingerprint.hex(), ctx.public_key_bytes().hex()[:0]]
+    print(json.dumps(out))
+""")
+
+PARAM_SETS = {"shared": fs.CKKSParams(), "threshold": THRESHOLD,
+              "flooding": fs.CKKSParams.for_precision(keys="threshold", flood_bits=30)}
+
+
+def summary(local) -> dict:
+    """What two parties' own contexts of the same parameters must agree on."""
+    pk = local.cc.KeyGen().publicKey
+    template, _, moduli = keys.ciphertext_template(local.cc, pk, local.params)
+    return {"crypto_context": local.cc_bytes.hex(), "moduli": [str(q) for q in local.moduli],
+            "roots": [str(r) for r in roots_of(template, moduli, local.params.ring_dim)],
+            "key templates": {e: [local._templates[e][0].hex(), list(local._templates[e][1])]
+                              for e in (keys.PUBLIC, keys.SECRET)}}
+
+
+def test_two_parties_build_the_same_crypto_context_from_the_same_parameters():
+    """Key set-up relies on this: every party (and a shared-key recipient) makes its crypto
+    context itself from the parameters; another process, which made them in another order,
+    gets the same moduli, roots of unity, serialized crypto context and key templates, and
+    the shared key rebuilt there has party 0's fingerprint."""
+    here = {name: summary(keys.local_crypto(p)) for name, p in PARAM_SETS.items()}
+    shared = fs.keygen_shared(PARAM_SETS["shared"]).client_context()
+    material = keys.shared_key_material(shared)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    proc = subprocess.run([sys.executable, "-c", CONTEXTS_CHILD, os.path.dirname(__file__)],
+                          input=material.hex(), capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    there = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in PARAM_SETS:
+        for key in here[name]:
+            assert json.loads(json.dumps(here[name][key])) == there[name][key], (name, key)
+    assert len(here["flooding"]["moduli"]) == 3
+    assert there["shared key"][0] == shared.fingerprint.hex()
