@@ -13,7 +13,9 @@ with ``round`` = the epoch):
 1. ``keys.begin``: every party gets the roster (party -> public identity, exchanged at
    enrolment), the parameters, n and t, and checks that its own entry is its own key.
 2. ``keys.step``: OpenFHE's multiparty key generation chain. Party 0 starts it; party i extends
-   party i-1's message once that party's signature verifies, and signs its own.
+   party i-1's message once that party's signature verifies, and signs its own. The server
+   screens each step (well-formed, the sender's, extending the previous step's chain, moduli
+   and a) before relaying it.
 3. ``keys.finish``: every party gets the last message, checks the last party's signature and
    that its own step is in the chain, and (t-of-n) deals Shamir shares of its key share, each
    sealed to its one recipient (X25519 + ChaCha20-Poly1305, signed by the dealer). Party 0
@@ -30,8 +32,22 @@ with ``round`` = the epoch):
 6. ``keys.commit``: every party writes its context (its key share, mode 0600) to its own key
    file and starts a decryption budget for the new key; the server keeps the public context.
 
-Shared keys (the paper's mode): party 0 makes the key pair and seals the client context to
-every other party (``keys.shared-make`` / ``keys.shared-take``); the server gets the public part.
+Shared keys (the paper's mode): party 0 makes the key pair and seals its residues to every
+other party (``keys.shared-make`` / ``keys.shared-take``), which rebuilds the client context on
+its own crypto context and keeps it only if its fingerprint is that of the public context party
+0 signed; the server gets the public context.
+
+No party hands another machine's bytes to OpenFHE: each makes its crypto context from the
+parameters of ``keys.begin``, and chain steps, the joint public key and the shared key travel
+as residues (docs/WIRE.md, "Key set-up messages") that are checked natively and rebuilt on the
+receiver's own key template. The server never loads openfhe.
+
+Blame falls on the sender. A party that refuses a message another party signed or sealed
+(malformed, for other parameters or moduli, residues out of range, not its step of the chain)
+raises fs.KeyMessageRefused naming that sender (across Flower: :func:`refusal_fields` in the
+site worker's reply), and :class:`KeySetup` fails naming the sender, not the party that refused.
+A signature that does not verify at a party means the relay altered the message: the party
+says so and nobody is blamed.
 
 Nothing here writes key material anywhere but the party's own key file.
 """

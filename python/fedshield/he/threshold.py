@@ -2,9 +2,16 @@
 
 Key generation is a chain (OpenFHE ``MultipartyKeyGen``): party 0 calls :func:`start_keygen`,
 each next party :func:`join_keygen` on the previous party's message, and the last message holds
-the joint public key, for the server (:func:`server_context`) and for every party
-(:func:`finish_keygen`). The joint secret key is the sum of the parties' key shares; nobody
-ever holds it.
+the joint public key, for every party (:func:`finish_keygen`) and for the server. The joint
+secret key is the sum of the parties' key shares; nobody ever holds it.
+
+No OpenFHE bytes travel. Every party makes its crypto context itself from the federation's
+parameters (its own, never a message's: :func:`fedshield.he.keys.local_crypto`), and a chain
+step carries only the residues of the public key so far (docs/WIRE.md, "Key set-up messages"),
+which :func:`read_keygen_message` checks against the reader's own parameters and moduli (the
+native codec checks sizes and residues) before they are written into a public key of the
+reader's own template. A step's OpenFHE serialization used to travel and be deserialized by the
+next party: one edited byte killed it.
 
 t-of-n (t > n/2): each party Shamir-shares its own key share among the others
 (:func:`deal_key_shares` -> one message per recipient, :func:`accept_key_shares`). OpenFHE's
