@@ -112,6 +112,19 @@ def expect_blamed(exc: BaseException, sender: int) -> None:
     event(f"refused: {type(exc).__name__}")
 
 
+def receive(r, op: str, party: int, fields: dict, sections: list, sender: int,
+            taken: str) -> bool:
+    """Party ``party`` handles a forged ``op`` request: True if it takes it (event ``taken``),
+    False if it refuses it as :func:`expect_blamed` requires."""
+    try:
+        r.replay(op, party, fields, sections)
+    except BaseException as exc:
+        expect_blamed(exc, sender)
+        return False
+    event(taken)
+    return True
+
+
 # -- one recorded key set-up: every message and each party's state before each operation ------
 class Recorded:
     """A real key set-up of n in-process parties; records every request and reply, and each
@@ -179,11 +192,7 @@ def test_fuzz_chain_step(threshold_setup, how):
         event("screened: passed")
     except BaseException as exc:
         expect_blamed(exc, 0)
-    try:
-        r.replay("keys.step", 1, {}, [bad, r.sign(0, "keygen", bad)])
-        event("joined")
-    except BaseException as exc:
-        expect_blamed(exc, 0)
+    receive(r, "keys.step", 1, {}, [bad, r.sign(0, "keygen", bad)], 0, "joined")
 
 
 @fuzz_settings(FUZZ)
@@ -195,11 +204,7 @@ def test_fuzz_joint_public_key(threshold_setup, how, party):
     last = r.n - 1
     message = r.requests["keys.finish", party][1][0]
     bad = forge(message, how, restep=True)
-    try:
-        r.replay("keys.finish", party, {}, [bad, r.sign(last, "keygen", bad)])
-        event("finished")
-    except BaseException as exc:
-        expect_blamed(exc, last)
+    receive(r, "keys.finish", party, {}, [bad, r.sign(last, "keygen", bad)], last, "finished")
 
 
 @fuzz_settings(FUZZ)
@@ -216,11 +221,7 @@ def test_fuzz_key_shares(threshold_setup, how):
     share = h1.identity.open_sealed(sections[at], r.roster[0], aad)
     bad = forge(share, how)
     sealed = r.roster[1].seal(bad, r.holders[0].identity, aad)
-    try:
-        r.replay("keys.shares", 1, {"from": [0]}, [sealed])
-        event("accepted")
-    except BaseException as exc:
-        expect_blamed(exc, 0)
+    receive(r, "keys.shares", 1, {"from": [0]}, [sealed], 0, "accepted")
 
 
 @fuzz_settings(FUZZ)
@@ -243,12 +244,8 @@ def test_fuzz_shared_key_material(shared_setup, how, public):
         aad = _client_aad(fp, EPOCH, 1)
         material = r.holders[1].identity.open_sealed(sealed, r.roster[0], aad)
         sealed = r.roster[1].seal(forge(material, how), r.holders[0].identity, aad)
-    try:
-        r.replay("keys.shared-take", 1, {}, [public_ctx, record, sealed])
+    if receive(r, "keys.shared-take", 1, {}, [public_ctx, record, sealed], 0, "taken"):
         assert r.holders[1]._ctx.fingerprint == fp
-        event("taken")
-    except BaseException as exc:
-        expect_blamed(exc, 0)
 
 
 @fuzz_settings(FUZZ)
@@ -281,11 +278,7 @@ def test_fuzz_key_check_messages(threshold_setup, how, which):
             fields["subsets"] = json.dumps(how[2] if how[0] == "field" else [[0, 1, 2]] * 3)
         op = "keys.check-verdict"
     fields.pop("epoch", None)
-    try:
-        r.replay(op, 0, fields, sections)
-        event("answered")
-    except BaseException as exc:
-        expect_blamed(exc, sender)
+    receive(r, op, 0, fields, sections, sender, "answered")
 
 
 @fuzz_settings(FUZZ)
