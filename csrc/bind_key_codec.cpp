@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include "key_codec.hpp"
+#include "py_buffer.hpp"
 #include "secure_wipe.hpp"
 
 namespace py = pybind11;
@@ -15,15 +16,6 @@ namespace py = pybind11;
 namespace {
 
 using namespace fedshield;
-
-std::string_view view_of(const py::buffer& b, py::buffer_info& info) {
-    info = b.request();
-    if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize))
-        throw py::value_error("expected a contiguous one-dimensional buffer");
-    return {static_cast<const char*>(info.ptr), static_cast<size_t>(info.size * info.itemsize)};
-}
-
-const uint8_t* bytes_ptr(std::string_view v) { return reinterpret_cast<const uint8_t*>(v.data()); }
 
 // A key layout as a flat tuple of 2 + T + E*T ints: (ring_dim, q_0..q_{T-1}, the offsets of
 // the E*T residue arrays, total_size).
@@ -60,7 +52,7 @@ void bind_key_codec(py::module_& m) {
     m.def("encode_key_polys", [](const py::buffer& blob, uint64_t ring_dim,
                                  const std::vector<uint64_t>& moduli, size_t elements) {
         py::buffer_info info;
-        const std::string_view v = view_of(blob, info);
+        const std::string_view v = buffer_view(blob, info);
         std::string out;
         {
             py::gil_scoped_release nogil;
@@ -73,7 +65,7 @@ void bind_key_codec(py::module_& m) {
                                  const std::vector<uint64_t>& moduli, size_t elements,
                                  const std::string& what) {
         py::buffer_info info;
-        const std::string_view v = view_of(packed, info);
+        const std::string_view v = buffer_view(packed, info);
         std::vector<uint64_t> residues;
         {
             py::gil_scoped_release nogil;
@@ -91,7 +83,7 @@ void bind_key_codec(py::module_& m) {
     m.def("rebuild_key", [](const py::buffer& packed, const py::bytes& tmpl,
                             const py::tuple& layout, size_t elements, const std::string& what) {
         py::buffer_info info;
-        const std::string_view v = view_of(packed, info);
+        const std::string_view v = buffer_view(packed, info);
         const std::string_view t = tmpl;
         const CiphertextLayout l = key_layout_from_tuple(layout, elements);
         std::string out;

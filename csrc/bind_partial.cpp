@@ -6,21 +6,13 @@
 #include <string_view>
 
 #include "partial_codec.hpp"
+#include "py_buffer.hpp"
 
 namespace py = pybind11;
 
 namespace {
 
 using namespace fedshield;
-
-std::string_view view_of(const py::buffer& b, py::buffer_info& info) {
-    info = b.request();
-    if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize))
-        throw py::value_error("expected a contiguous one-dimensional buffer");
-    return {static_cast<const char*>(info.ptr), static_cast<size_t>(info.size * info.itemsize)};
-}
-
-const uint8_t* bytes_ptr(std::string_view v) { return reinterpret_cast<const uint8_t*>(v.data()); }
 
 // A partial-decryption layout as a flat tuple of 2 + 2T ints: (ring_dim, q_0..q_{T-1}, the
 // offsets of towers 0..T-1, total_size).
@@ -45,7 +37,7 @@ void bind_partial(py::module_& m) {
     m.def("encode_partial", [](const py::buffer& blob, uint64_t ring_dim,
                                const std::vector<uint64_t>& moduli) {
         py::buffer_info info;
-        const std::string_view v = view_of(blob, info);
+        const std::string_view v = buffer_view(blob, info);
         std::string out;
         {
             py::gil_scoped_release nogil;
@@ -56,14 +48,14 @@ void bind_partial(py::module_& m) {
     m.def("check_partial", [](const py::buffer& packed, uint64_t ring_dim,
                               const std::vector<uint64_t>& moduli) {
         py::buffer_info info;
-        const std::string_view v = view_of(packed, info);
+        const std::string_view v = buffer_view(packed, info);
         py::gil_scoped_release nogil;
         decode_partial(bytes_ptr(v), v.size(), ring_dim, moduli);
     }, "Validates a packed partial decryption (size, every residue below its modulus).");
     m.def("rebuild_partial", [](const py::buffer& packed, const py::bytes& tmpl,
                                 const py::tuple& layout) {
         py::buffer_info info;
-        const std::string_view v = view_of(packed, info);
+        const std::string_view v = buffer_view(packed, info);
         const std::string_view t = tmpl;
         const CiphertextLayout l = partial_layout_from_tuple(layout);
         std::string out;
