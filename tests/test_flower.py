@@ -492,7 +492,8 @@ def test_client_refuses_to_train_out_of_step(tmp_path):
     key = tmp_path / "party-0.key"  # written by the key set-up, which this test never runs
     (data,) = write_site_files([make_synthetic_examples(16, 0)], tmp_path)
     cfg = RunConfig.from_flat(**TINY, out=str(tmp_path))
-    node = {"party-id": 0, "key-file": str(key), "data": str(data)}
+    node = {"party-id": 0, "key-file": str(key), "data": str(data),
+            "insecure-trust-server-roster": True}  # no key set-up here, no federation
     context = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(),
                       run_config={"fedshield-config": json.dumps(cfg.to_dict())})
     plan = {"round": 3, "lr": 0.01, "prune": "off", "prune-ratio": 0.0, "weight-bound": 16.0,
