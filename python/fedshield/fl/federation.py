@@ -143,14 +143,15 @@ class RunSettings:
         return cls(bool(verify), int(quorum), int(params.flood_bits),
                    int(params.flood_log_queries))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_json(self) -> str:
+        """As a key set-up field (transports carry scalars and strings)."""
+        return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data) -> "RunSettings":
+    def from_json(cls, text) -> "RunSettings":
         try:
-            settings = cls(**data)
-        except TypeError as exc:
+            settings = cls(**json.loads(str(text)))
+        except (TypeError, ValueError, RecursionError) as exc:
             raise KeySetupError(f"malformed run settings in the key set-up: {exc}") from None
         if not isinstance(settings.verify_aggregates, bool) or not all(
                 isinstance(v, int) and not isinstance(v, bool)

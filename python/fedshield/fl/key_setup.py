@@ -230,7 +230,7 @@ class KeyHolder:
         """Takes a key epoch's roster, parameters and settings: with a pinned federation only
         exactly its own (and the run's settings at or above its floor)."""
         roster = roster_from(fields.get("roster"))
-        settings = RunSettings.from_dict(fields.get("settings"))
+        settings = RunSettings.from_json(fields.get("settings"))
         try:
             params = CKKSParams.from_dict(json.loads(str(fields["params"])))
             n, t, mode = int(fields["n"]), int(fields["t"]), str(fields["mode"])
@@ -489,7 +489,7 @@ class KeySetup:
         begin = {"epoch": epoch, "mode": self.mode, "params": self.params.to_json(),
                  "n": self.n, "t": self.t, "roster": roster_fields(self.roster),
                  "server": self.server.to_bytes().hex(),
-                 "settings": self.settings.to_dict()}
+                 "settings": self.settings.to_json()}
         self._all("keys.begin", {p: (begin, []) for p in range(self.n)})
         e = {"epoch": epoch}
         if self.mode == "threshold":
