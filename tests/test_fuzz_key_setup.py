@@ -29,11 +29,12 @@ from hypothesis import strategies as st
 
 import fedshield as fs
 from fedshield import _native
+from fedshield.fl.federation import RunSettings
 from fedshield.fl.key_setup import (KeyHolder, KeySetup, _client_aad, _share_aad,
                                     refusal_fields, refusal_from)
 from fedshield.he import threshold as th
 from fedshield.he.identity import Identity, sign_blob
-from fedshield.he.keys import SHARED_KEY_MAGIC, shared_key_material
+from federation_fixtures import pinned_federation
 from forgery import MUTATIONS, fuzz_settings, mutate, reseal_sha256
 
 THRESHOLD = fs.CKKSParams.for_precision(keys="threshold")
@@ -133,15 +134,25 @@ class Recorded:
     def __init__(self, tmp: Path, mode: str, n: int = 3, t: int = 2) -> None:
         self.mode, self.n, self.t = mode, n, (t if mode == "threshold" else n)
         self.params = THRESHOLD if mode == "threshold" else SHARED
-        self.holders = [KeyHolder(i, Identity.generate(), tmp / f"{mode}-{i}" / "party.key")
-                        for i in range(n)]
+        identities = [Identity.generate() for _ in range(n)]
+        server = Identity.generate()
+        pinned = pinned_federation(identities, server, mode, self.t, self.params)
+        self.holders = [KeyHolder(i, identity, tmp / f"{mode}-{i}" / "party.key",
+                                  federation=pinned)
+                        for i, identity in enumerate(identities)]
         self.roster = {h.party_id: h.identity.public for h in self.holders}
         self.requests: dict = {}
         self.replies: dict = {}
         self.before: dict = {}
-        server = Identity.generate()
-        self.setup = KeySetup(self.params, mode, self.t, self.roster, server.public, self.ask)
+        self.server, self.settings = server.public, RunSettings.of(self.params, False,
+                                                                    pinned.floor.quorum)
+        self.setup = self.key_setup(self.ask)
         self.result = self.setup.run(EPOCH)
+
+    def key_setup(self, ask) -> KeySetup:
+        """The server's half of this federation's key set-up, asking through ``ask``."""
+        return KeySetup(self.params, self.mode, self.t, self.roster, self.server, ask,
+                        settings=self.settings)
 
     def ask(self, op, requests):
         out = {}
@@ -185,7 +196,7 @@ def test_fuzz_chain_step(threshold_setup, how):
     r = threshold_setup
     message = r.replies["keys.step", 0][1][0]
     bad = forge(message, how, restep=True)
-    screen = KeySetup(r.params, "threshold", r.t, r.roster, r.setup.server, r.ask)
+    screen = r.key_setup(r.ask)
     screen._steps = []
     try:
         screen._screen_step(0, bad)
@@ -462,15 +473,13 @@ def test_a_refusal_names_its_sender_in_process_and_through_reply_fields(threshol
     refused = fs.KeyMessageRefused("party 2 refused the key generation step that party 1 "
                                    "signed: bad", sender=1)
     for reply in (refused, (refusal_fields(refused), [])):
-        setup = KeySetup(r.params, "threshold", r.t, r.roster, r.setup.server,
-                         lambda op, requests: {2: reply})
+        setup = r.key_setup(lambda op, requests: {2: reply})
         with pytest.raises(fs.KeyMessageRefused, match="party 1 sent a bad key set-up") as err:
             setup._all("keys.step", {2: ({}, [])})
         assert err.value.sender == 1 and err.value.culprit == 1
     for sender in (2, 7):
         fields = {**refusal_fields(refused), "sender": sender}
-        setup = KeySetup(r.params, "threshold", r.t, r.roster, r.setup.server,
-                         lambda op, requests: {2: (fields, [])})
+        setup = r.key_setup(lambda op, requests: {2: (fields, [])})
         with pytest.raises(fs.KeySetupError, match="party 2 failed keys.step") as err:
             setup._all("keys.step", {2: ({}, [])})
         assert err.value.culprit == 2

@@ -8,9 +8,10 @@ torch (Party, importance_mask, ImportanceResult) load it when first used.
 from importlib import import_module
 
 from .errors import (AuthenticationError, ConcurrentUseError, DataError,
-                     DecryptionBudgetExceeded, DecryptionRefused, FedShieldError, HeadroomError,
-                     IncompatibleUpdate, InvalidUpdate, KeyMaterialError, KeyMessageRefused,
-                     KeySetupError, NotEnoughShares, ParameterError, PrecisionError, StorageError,
+                     DecryptionBudgetExceeded, DecryptionRefused, FederationError, FedShieldError,
+                     HeadroomError, IncompatibleUpdate, InvalidUpdate, KeyMaterialError,
+                     KeyMessageRefused, KeySetupError, NotEnoughShares, ParameterError,
+                     PrecisionError, StorageError,
                      UnsupportedPlatform)
 from .he import (DEFAULT_TOLERANCE, CKKSParams, Context, EncryptedUpdate, Layout, SharedKeys,
                  TensorSpec, aggregate, combine_partials, decrypt_update, encrypt_update,
@@ -36,9 +37,10 @@ def __getattr__(name: str):
 __all__ = [
     "AuthenticationError", "CKKSParams", "ConcurrentUseError", "Context", "DataError",
     "DecryptionBudgetExceeded", "DecryptionRefused", "DEFAULT_TOLERANCE", "EncryptedUpdate",
-    "FedShieldError",
+    "FederationError", "FedShieldError",
     "HeadroomError", "ImportanceResult", "IncompatibleUpdate", "InvalidUpdate",
-    "KeyMaterialError", "KeyMessageRefused", "KeySetupError", "Layout", "NotEnoughShares", "ParameterError", "Party",
+    "KeyMaterialError", "KeyMessageRefused", "KeySetupError", "Layout", "NotEnoughShares",
+    "ParameterError", "Party",
     "PrecisionError", "SharedKeys", "StorageError", "TensorSpec", "UnsupportedPlatform",
     "aggregate", "combine_partials", "decrypt_update", "encrypt_update", "importance_mask",
     "keygen_shared", "keygen_threshold", "load_context", "partial_decrypt", "threshold",
