@@ -315,26 +315,53 @@ def test_fuzz_what_the_server_reads(threshold_setup, how):
     event(f"probe matches: {verdict}")
 
 
+NATIVE_CASES = st.one_of(
+    # anything at all
+    st.tuples(st.binary(max_size=3000), st.integers(0, 3),
+              st.lists(st.integers(0, 2**64 - 1), min_size=0, max_size=9),
+              st.sampled_from([0, 7, 8, 16, 1024, 2**17, 2**17 + 8]), st.just(False)),
+    # bytes of exactly the size valid arguments imply (moduli near powers of two, so that
+    # random residues are mostly below them)
+    st.tuples(st.binary(min_size=1, max_size=600), st.integers(1, 2),
+              st.lists(st.sampled_from([97, 2**20 - 3, 2**40 - 87, 2**61 - 1]), min_size=1,
+                       max_size=3, unique=True),
+              st.sampled_from([8, 16, 1024]), st.just(True)))
+
+
 @fuzz_settings(FUZZ)
-@given(data=st.binary(max_size=3000), elements=st.integers(0, 3),
-       moduli=st.lists(st.integers(0, 2**64 - 1), min_size=0, max_size=9),
-       ring_dim=st.sampled_from([0, 7, 8, 16, 1024, 2**17, 2**17 + 8]))
-def test_fuzz_native_key_codec(data, elements, moduli, ring_dim):
-    """The native codec on any bytes, moduli, ring dimension and polynomial count: a result
-    of exactly the size the arguments imply with every residue below its modulus, or
-    InvalidUpdate; a hostile template layout: InvalidUpdate or ValueError."""
+@given(case=NATIVE_CASES)
+def test_fuzz_native_key_codec(case):
+    """The native codec on any bytes, moduli, ring dimension and polynomial count, and on
+    bytes of the exact size: a result of that size with every residue below its modulus, or
+    InvalidUpdate; the same bytes written into a template through its layout (or a hostile
+    one): a key of the template's size, or InvalidUpdate or ValueError."""
+    data, elements, moduli, ring_dim, exact = case
+    if exact:
+        need = _native.key_polys_bytes(ring_dim, moduli, elements)
+        data = (data * (need // len(data) + 1))[:need]
+    out = None
     try:
         out = _native.decode_key_polys(data, ring_dim, moduli, elements)
     except fs.InvalidUpdate as exc:
-        event(f"refused: {str(exc).split(':')[1][:30]}")
+        event("refused: " + "".join(c for c in str(exc).split(":")[1] if not c.isdigit())[:32])
     else:
         assert out.size == elements * len(moduli) * ring_dim
         assert all((out[k * ring_dim:(k + 1) * ring_dim] < moduli[k % len(moduli)]).all()
                    for k in range(elements * len(moduli)))
         event("decoded")
-    layout = (ring_dim, *moduli, *range(8, 8 + 8 * elements * len(moduli), 8), len(data))
+    # a template of length words and zeroed arrays, as a serialized key lays them out
+    offsets = range(8, 8 + (8 * ring_dim + 8) * elements * len(moduli), 8 * ring_dim + 8)
+    template = bytearray(8 + (8 * ring_dim + 8) * elements * len(moduli) + 64)
+    for off in offsets:
+        template[off - 8:off] = (ring_dim % 2**64).to_bytes(8, "little")
+    template = bytes(template)
+    layout = (ring_dim, *moduli, *offsets, len(template))
     try:
-        _native.rebuild_key(data[:64], data, layout, elements)
+        key = _native.rebuild_key(data, template, layout, elements)
+        assert len(key) == len(template) and out is not None
+        got = [np.frombuffer(bytes(key), dtype="<u8", count=ring_dim, offset=off)
+               for off in offsets]
+        assert np.array_equal(np.concatenate(got), out)   # the residues decode_key_polys read
         event("rebuilt")
     except (fs.InvalidUpdate, ValueError, TypeError) as exc:
         event(f"rebuild refused: {type(exc).__name__}")
