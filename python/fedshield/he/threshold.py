@@ -428,7 +428,8 @@ def accept_key_shares(party_ctx: Context, messages: Iterable[bytes],
         if sender_id in shares:
             raise KeyMaterialError(f"a key share from party {sender_id} is already held")
         if len(sections) != 1 or len(sections[0]) != n_bytes:
-            raise KeyMaterialError(f"key share from party {sender_id} does not hold {n_bytes} bytes")
+            raise KeyMaterialError(f"key share from party {sender_id} does not hold {n_bytes} "
+                                   "bytes")
         if not (np.frombuffer(sections[0], dtype="<u8") < bounds).all():
             raise KeyMaterialError(f"key share from party {sender_id} has residues not below q")
         shares[sender_id] = sections[0]
