@@ -9,6 +9,7 @@ from :func:`namespace`. A ```toml block loads as a run config. In a ```bash bloc
 other shell lines are documentation. A fence without a language is text (output, a tree).
 """
 
+import json
 import re
 import shlex
 import unicodedata
@@ -240,3 +241,29 @@ def test_the_extractor_sees_blocks_and_markers(tmp_path):
                                               ("bash", 14)]
     assert blocks[1][2] == "[a]\n" and NOT_RUN.match(blocks[2][2])
     assert _commands(blocks[3][2]) == [["run", "--rounds", "2"]]
+
+
+def test_the_reference_experiment_config_runs(tmp_path):
+    """examples/fedshield-llm.toml as the README says to run it, on the tiny model: its own
+    settings (LoRA r=32, alpha 64, the paper's unweighted mean, seq len 512...) with the model,
+    data and length of the run overridden."""
+    config = ROOT / "examples" / "fedshield-llm.toml"
+    cfg = RunConfig.from_file(config)
+    assert (cfg.data.clients, cfg.training.rounds, cfg.training.local_steps,
+            cfg.training.batch_size, cfg.data.max_len) == (3, 200, 10, 16, 512)
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (32, 64, 0.05)
+    assert (cfg.training.lr, cfg.training.lr_min, cfg.training.algorithm) == (5e-5, 1e-6, "paper")
+    assert (cfg.pruning.p0, cfg.pruning.t_start, cfg.pruning.target, cfg.prune_t_end) == \
+        (0.2, 40, 0.5, 200)
+    out = tmp_path / "run"
+    rc = cli.main(["run", "--config", str(config), "--model", "tiny", "--data", "synthetic",
+                   "--dtype", "fp32", "--rounds", "2", "--local-steps", "1", "--batch-size", "2",
+                   "--examples-per-client", "6", "--samples", "0", "--out", str(out),
+                   "--no-progress"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["finished"] and len(metrics["rounds"]) == 2
+    assert metrics["config"]["training"]["algorithm"] == "paper"
+    assert metrics["config"]["lora"]["r"] == 32 and metrics["config"]["data"]["max_len"] == 512
+    assert [r["prune_ratio"] for r in metrics["rounds"]] == [0.0, 0.0]   # pruning from round 40
+    assert metrics["server_has_secret_key"] is False
