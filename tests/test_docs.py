@@ -182,6 +182,9 @@ def test_python_examples_run(doc, tmp_path):
             exec(compile(src, f"{doc.name}:{line}", "exec"), ns)  # noqa: S102 - our own docs
 
 
+PARSED_ONLY = {"run", "split", "eval", "report", "bench", "federation"}
+
+
 def _commands(src: str) -> list[list[str]]:
     """The ``fedshield`` command lines of a shell block, continuations joined."""
     text = re.sub(r"\\\n\s*", " ", src)
@@ -205,8 +208,11 @@ def test_shell_commands_parse(doc, monkeypatch):
     for name in ("split", "eval", "report", "bench"):
         monkeypatch.setattr(cli, f"_cmd_{name}", lambda args: 0)
     monkeypatch.setattr(cli, "_cmd_run", check_run)
+    monkeypatch.setattr(cli.cli_federation, "run", lambda args: 0)
     for lang, line, src in code_blocks(doc):
         for argv in _commands(src) if lang == "bash" else []:
+            # a new subcommand must be stubbed above before its documented lines parse here
+            assert argv[:1] and argv[0] in PARSED_ONLY, f"{doc.name}:{line}: fedshield {argv}"
             try:
                 status = cli.main(argv)
             except SystemExit as exc:  # argparse refused a flag or a value
