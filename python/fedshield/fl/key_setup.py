@@ -394,7 +394,8 @@ class KeyHolder:
         if self._state is None:
             raise KeySetupError(f"party {self.party_id} took no step of this epoch's chain")
         with self._from(self._n - 1, "joint public key"):
-            th.read_keygen_message(message, self._params, self._n, self._t, self._state.moduli)
+            th.read_keygen_message(message, self._state.params, self._n, self._t,
+                                   self._state.moduli)
         try:
             ctx = th.finish_keygen(self._state, message)
         except KeyMaterialError as exc:
@@ -466,14 +467,14 @@ class KeyHolder:
         with self._from(0, "public context"):
             # parsed natively, no openfhe: only its fingerprint is used
             public_ctx = load_context(public)
-            if public_ctx.has_secret_key or public_ctx.params != self._params:
+            if public_ctx.has_secret_key or public_ctx.params != self._params.for_keys("shared"):
                 raise KeyMaterialError("the public context holds a secret key or other "
                                        "parameters than this party's")
         secret = bytearray(self._open(sealed, 0, _client_aad(public_ctx.fingerprint, self.epoch,
                                                               self.party_id)))
         try:
             with self._from(0, "shared key"):
-                ctx = open_shared_key_material(secret, self._params)
+                ctx = open_shared_key_material(secret, self._params.for_keys("shared"))
                 if ctx.fingerprint != public_ctx.fingerprint:
                     raise KeyMaterialError("the sealed key is not the signed public context's")
         finally:
@@ -684,7 +685,8 @@ class KeySetup:
         this federation, party ``party``'s, extending the previous step's chain with the same
         moduli and the same a. KeyMessageRefused naming ``party`` otherwise."""
         try:
-            step = th.read_keygen_message(message, self.params, self.n, self.t)
+            step = th.read_keygen_message(message, th.resolve(self.params, self.n), self.n,
+                                          self.t)
             if step.sender != party:
                 raise KeyMaterialError(f"the step names party {step.sender}")
             if party:

@@ -57,6 +57,15 @@ MAX_PARTIES = 1024
 THRESHOLD_PARAMS = CKKSParams.for_precision(keys="threshold")
 
 
+def resolve(params: Optional[CKKSParams], n_parties) -> CKKSParams:
+    """The threshold parameters of a federation of ``n_parties`` (a request resolved as every
+    party resolves it: the chain's messages must name the same parameters everywhere)."""
+    params = params or THRESHOLD_PARAMS
+    if not isinstance(params, CKKSParams):
+        raise TypeError(f"expected CKKSParams, got {type(params).__name__}")
+    return params.for_keys("threshold", n_parties if isinstance(n_parties, int) else 0)
+
+
 def _check_parties(n_parties, threshold) -> tuple[int, int]:
     if not (isinstance(n_parties, int) and not isinstance(n_parties, bool)
             and 2 <= n_parties <= MAX_PARTIES):
@@ -187,9 +196,9 @@ def read_keygen_message(message, params: CKKSParams, n_parties: int, threshold: 
 
 def start_keygen(params: Optional[CKKSParams] = None, n_parties: int = 3,
                  threshold: Optional[int] = None) -> tuple[KeygenState, bytes]:
-    """Party 0's step: a crypto context made here from ``params`` and a key pair. Send the
-    message to party 1."""
-    params = params or THRESHOLD_PARAMS
+    """Party 0's step: a crypto context made here from ``params`` (a request is resolved for
+    threshold keys) and a key pair. Send the message to party 1."""
+    params = resolve(params, n_parties)
     n_parties, threshold = _check_parties(n_parties, threshold)
     if params.seeded:
         raise ParameterError(
@@ -219,7 +228,7 @@ def join_keygen(message: bytes, party_id: int, params: Optional[CKKSParams] = No
     ``params`` (this party's own: its crypto context is made here from them), ``n_parties``
     and ``threshold``; send the result onward (the last party's message is the joint public
     key: give it to everyone and the server)."""
-    params = params or THRESHOLD_PARAMS
+    params = resolve(params, n_parties)
     n_parties, threshold = _check_parties(n_parties, threshold)
     local = local_crypto(params)
     got = read_keygen_message(message, params, n_parties, threshold, local.moduli)
@@ -246,7 +255,7 @@ def server_context(message: bytes, params: Optional[CKKSParams] = None, n_partie
     """A public context of the joint public key in the final key generation message, on a
     crypto context made here from ``params`` (a simulation's; the key set-up's server takes
     party 0's public context instead and never loads openfhe)."""
-    params = params or THRESHOLD_PARAMS
+    params = resolve(params, n_parties)
     n_parties, threshold = _check_parties(n_parties, threshold)
     local = local_crypto(params)
     got = _joint(message, params, n_parties, threshold, local)
@@ -457,7 +466,8 @@ def keygen_threshold(params: Optional[CKKSParams] = None, n_parties: int = 3,
     return parties, parties[0].public()
 
 
-__all__ = ["KeygenMessage", "KeygenState", "MAX_PARTIES", "THRESHOLD_PARAMS", "accept_key_shares",
+__all__ = ["KeygenMessage", "KeygenState", "MAX_PARTIES", "THRESHOLD_PARAMS",
+           "accept_key_shares",
            "check_party_context", "deal_key_shares", "finish_keygen", "join_keygen",
-           "keygen_threshold", "read_keygen_message", "server_context", "start_keygen",
+           "keygen_threshold", "read_keygen_message", "resolve", "server_context", "start_keygen",
            "step_contribution", "step_digest"]
