@@ -64,8 +64,6 @@ class Server:
             raise FedShieldError("he.enabled=False but the server was given a context")
         self.cfg = cfg
         self.ctx: Context | None = None
-        if ctx is not None:
-            self.set_context(ctx)
         self.min_updates = min_updates_for(cfg)
         self.participants: dict[int, int] = {}     # node -> party
         self.sites: dict[int, SiteInfo] = {}       # party -> what it enrolled with
@@ -91,6 +89,8 @@ class Server:
         self.record = RunRecord(config=cfg.to_dict(), engine=engine,
                                 server_has_secret_key=False if cfg.he.enabled else None,
                                 flood_bits=flood_bits, min_clients=self.min_updates)
+        if ctx is not None:  # after the record: set_context writes the resolved parameters in it
+            self.set_context(ctx)
 
     def set_context(self, ctx: Context) -> None:
         """The public context of the federation's keys (after each key epoch's set-up)."""
