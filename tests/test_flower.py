@@ -489,7 +489,7 @@ def test_client_refuses_to_train_out_of_step(tmp_path):
     from fedshield.flower.site_ipc import WorkerRefused
     from test_flower_site import _site, worker_thread
 
-    site_cfg = _site(tmp_path)
+    site_cfg = _site(tmp_path, insecure_trust_server_roster=True)  # no key set-up here
     cfg = RunConfig.from_flat(**TINY, out=str(tmp_path))
     node = {"socket": str(site_cfg.path("socket")), "token-file": str(site_cfg.path("token_file"))}
     context = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(),
@@ -917,3 +917,20 @@ def test_flower_run_stopped_by_sigterm_ends_every_process(tmp_path):
     assert last.startswith("fedshield: interrupted during round ") and \
         "of the Flower run; its processes are stopped" in last and "--overwrite" in last, last
     wait_until(lambda: not _processes_under(out), 30, "every Flower process to end")
+
+
+@pytest.mark.parametrize("keys", ["shared", pytest.param("threshold", marks=pytest.mark.slow)])
+def test_a_server_made_roster_is_refused_by_the_pinned_sites(tmp_path, keys):
+    """A malicious ServerApp enrols identities of its own for parties 1 and 2: party 0, which
+    pinned its federation file, refuses the key set-up; the run fails before any key exists
+    and nothing is decrypted."""
+    app = FlowerApp(server_app="malicious_server:app", files=[APPS / "malicious_server.py"])
+    cfg = RunConfig.from_flat(**{**TINY, "clients": 3}, keys=keys, engine="flower",
+                              out=str(tmp_path / "run"))
+    with pytest.raises(fs.FedShieldError, match="the Flower run failed"):
+        run_flower(cfg, app=app)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "pinned federation" in metrics["failure"] and "parties [1, 2]" in metrics["failure"]
+    assert metrics["rounds"] == []
+    work = tmp_path / "run" / "flower"
+    assert not list(work.glob("nodes/*/party.key")) and not (work / "server" / "server.ctx").exists()

@@ -138,6 +138,12 @@ def test_the_worker_answers_only_the_protocol_over_an_authenticated_relay(tmp_pa
                                                              "train-fn": "functools:partial"})})
         assert worker.cfg == site_cfg and worker.site is None and worker.train_fn is None
         assert relay.request("ping", {}) == ({}, [])
+        # a site without a pinned federation (and no opt-in) does not join, and says why
+        run = json.dumps({"fedshield-config": json.dumps(RunConfig.from_flat(
+            clients=2, lora_r=2).to_dict())})
+        with pytest.raises(WorkerRefused, match="^KeySetupError: the key set-up failed at this "
+                                                "site \\(this site has no pinned federation"):
+            relay.request("join", {"run-config": run})
 
 
 def test_train_fn_errors_leave_the_site_as_a_type_and_a_fixed_message(tmp_path):
@@ -146,7 +152,8 @@ def test_train_fn_errors_leave_the_site_as_a_type_and_a_fixed_message(tmp_path):
     the details are in the site's own log."""
     sys.path.insert(0, str(APPS))
     try:
-        site_cfg = _site(tmp_path, train_fn="leaky_train:train")
+        site_cfg = _site(tmp_path, train_fn="leaky_train:train",
+                         insecure_trust_server_roster=True)
         cfg = RunConfig.from_flat(clients=2, rounds=1, local_steps=1, examples_per_client=16,
                                   lora_r=2, samples=0, he=False)
         run = json.dumps({"fedshield-config": json.dumps(cfg.to_dict())})
@@ -188,7 +195,6 @@ def test_error_reply_carries_no_value_of_the_site():
         chained = exc
     cases = [(chained, "TrainFnError", "the site's training function failed"),
              (sw.OutOfStep(secret), "OutOfStep", sw.FIXED_MESSAGES[sw.OutOfStep]),
-             (fs.KeySetupError(secret), "KeySetupError", sw.FIXED_MESSAGES[fs.KeySetupError]),
              (fs.InvalidUpdate(secret), "InvalidUpdate", sw.FIXED_MESSAGES[fs.InvalidUpdate]),
              (ValueError(secret), "SiteError", "the site could not answer this request"),
              (_Custom(secret), "SiteError", "the site could not answer this request")]
@@ -196,6 +202,13 @@ def test_error_reply_carries_no_value_of_the_site():
         reply = sw.error_reply(exc)
         assert reply == {"ok": False, "error-type": kind, "error": message}
         assert secret not in json.dumps(reply)
+    # a key set-up refusal also says what it refuses: text the protocol composes from the
+    # request's own values (e.g. the setting below the site's floor), capped
+    refusal = fs.KeySetupError("party 0 refuses: verify_aggregates=False (floor: True)" * 20)
+    reply = sw.error_reply(refusal)
+    assert reply["error"] == sw.FIXED_MESSAGES[fs.KeySetupError]
+    assert reply["detail"].startswith("party 0 refuses: verify_aggregates=False")
+    assert len(reply["detail"]) == sw.MAX_DETAIL
 
 
 def test_metrics_policies(tmp_path):
@@ -247,6 +260,7 @@ def test_files_that_hold_state_or_logs_are_private(tmp_path):
     site_cfg = _site(tmp_path)
     Path(site_cfg.node_dir).chmod(0o755)   # the worker closes what was left open
     config = site_cfg.save(tmp_path / "site.toml")
+    in_tmp = set(Path("/tmp").glob("fedshield-*"))   # other runs on this machine leave theirs
     proc = subprocess.Popen([sys.executable, "-m", "fedshield.cli", "site", "worker",
                              "--config", str(config), "--exit-with", str(os.getpid())],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -257,7 +271,7 @@ def test_files_that_hold_state_or_logs_are_private(tmp_path):
         for name in ("relay.token", "identity.key", "worker.log"):
             assert _mode(node / name) == 0o600, name
         assert _mode(node / "worker.sock") == 0o660
-        assert not list(Path("/tmp").glob("fedshield-site-*"))
+        assert set(Path("/tmp").glob("fedshield-*")) <= in_tmp
     finally:
         proc.terminate()
         proc.wait(30)

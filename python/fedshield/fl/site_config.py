@@ -17,7 +17,9 @@ A TOML file with one ``[site]`` table; relative paths are relative to ``node_dir
     metrics = "aggregate"
 
 A new setting is one more field here (a default, help text, and a check in
-``__post_init__``); the file format and the CLI follow.
+``__post_init__``); the file format follows. A site joins a run only with its pinned
+federation file (``federation``) or, for simulations, the loudly named opt-in
+``insecure_trust_server_roster``.
 """
 
 from __future__ import annotations
@@ -79,6 +81,11 @@ class SiteConfig:
     log_file: str = _opt("worker.log", "the worker's log (mode 0600)")
     idle_timeout: float = _opt(0.0, "seconds without a request after which the worker exits "
                                "(0: it serves until stopped)")
+    federation: str = _opt("", "the site's pinned, co-signed federation file (`fedshield "
+                           "federation`); every key set-up is held to it")
+    insecure_trust_server_roster: bool = _opt(False, "SIMULATIONS ONLY: join without a "
+                                              "federation file, taking the server's word for "
+                                              "who the other parties are")
 
     def __post_init__(self) -> None:
         if self.metrics not in METRICS_POLICIES:
@@ -105,6 +112,9 @@ class SiteConfig:
             raise ParameterError(f"site idle_timeout={self.idle_timeout!r} must be a number of "
                                  "seconds >= 0 (0: never)")
         parse_columns(self.columns)
+        if not isinstance(self.insecure_trust_server_roster, bool):
+            raise ParameterError(f"site insecure_trust_server_roster="
+                                 f"{self.insecure_trust_server_roster!r} must be true or false")
 
     # -- where things are ---------------------------------------------------------------------
     def path(self, name: str) -> Path:
@@ -171,7 +181,8 @@ class SiteConfig:
 # The settings a run config may not name (in either spelling): what code runs, which files
 # are read or written, what leaves the site. (A run config's own out-dir is the ServerApp's.)
 SITE_ONLY = ("train_fn", "metrics", "model", "data", "eval_data", "columns", "key_file",
-             "identity_file", "node_dir", "party_id", "socket", "token_file", "log_file")
+             "identity_file", "node_dir", "party_id", "socket", "token_file", "log_file",
+             "federation", "insecure_trust_server_roster")
 
 
 def site_settings_in(keys: Iterable[str]) -> list[str]:

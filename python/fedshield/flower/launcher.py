@@ -31,14 +31,16 @@ from typing import Sequence
 from ..atomic import write_json_atomic
 from ..config import RunConfig
 from ..errors import FedShieldError, ParameterError
+from ..fl.federation import federation_for_run
 from ..fl.site_config import SiteConfig
 from ..fl.site_files import site_files
+from ..he.identity import Identity
 from ..run_dir import METRICS, SERVER_STATE, claim_out_dir
 from ..threads import ENV as THREADS_ENV
 from ..threads import available_cpus
 from .deployment import Deployment, DeploymentError, write_app_project
-from .site_ipc import (NODE_SOCKET, NODE_TOKEN, RESUME_STATE, SIMULATION_SITES, Relay,
-                       SiteWorkerError)
+from .site_ipc import (NODE_SOCKET, NODE_TOKEN, RESUME_STATE, SERVER_IDENTITY,
+                       SIMULATION_SITES, Relay, SiteWorkerError)
 
 log = logging.getLogger("fedshield")
 
@@ -47,6 +49,7 @@ SITES_FILE = "sites.json"     # OUT/flower/: every site's config and relay (what
 SITE_CONFIG = "site.toml"     # in each site's node directory
 WORKER_START_TIMEOUT = 600.0  # a worker's first answer (it imports torch before it listens)
 CLIENT_APP = "fedshield.flower.client_app:app"
+SERVER_IDENTITY_FILE = "identity.key"   # OUT/flower/server/: the server's (pinned) identity
 
 
 # What ray logs when it could not start on an overloaded node: its raylet did not register
@@ -135,6 +138,7 @@ def prepare_sites(cfg: RunConfig, work: Path, out: Path,
     extra = list(site_settings) or [{} for _ in files]
     if len(extra) != len(files):
         raise ParameterError(f"site_settings: {len(extra)} entries for {len(files)} sites")
+    pin_federation(cfg, [(f.name, d) for f, d in zip(files, node_dirs)], server_path.parent)
     sites = []
     for i, (f, node_dir, own) in enumerate(zip(files, node_dirs, extra)):
         data = node_dir / f"data{f.path.suffix}"
@@ -142,7 +146,8 @@ def prepare_sites(cfg: RunConfig, work: Path, out: Path,
         site = SiteConfig.from_dict({"node_dir": str(node_dir), "party_id": i, "name": f.name,
                                      "data": data.name, "columns": f.columns,
                                      "model": cfg.model.name, "out_dir": str(out),
-                                     "metrics": "all", **own}, source=f"site {i}")
+                                     "federation": FEDERATION_FILE, "metrics": "all", **own},
+                                    source=f"site {i}")
         path = site.save(node_dir / SITE_CONFIG)
         sites.append(LocalSite(path, {NODE_SOCKET: str(site.path("socket")),
                                       NODE_TOKEN: str(site.path("token_file"))}))
@@ -150,12 +155,38 @@ def prepare_sites(cfg: RunConfig, work: Path, out: Path,
     return sites, server_path
 
 
+FEDERATION_FILE = "federation.json"   # in each site's node directory
+
+
+def pin_federation(cfg: RunConfig, sites: Sequence[tuple[str, Path]], server_dir: Path) -> None:
+    """What the sites of a real deployment do out of band (`fedshield federation`), done here
+    for the sites this launcher deploys: every site and the server make an identity key in
+    their own directory, the federation of the run's roster, parameters and floor is signed by
+    all of them, and each site pins its copy (site config ``federation``). ``sites``: each
+    site's (name, node directory)."""
+    server = Identity.generate()
+    server.save(server_dir / SERVER_IDENTITY_FILE)
+    fed = federation_for_run(cfg, server.public)
+    identities = []
+    for name, node_dir in sites:
+        identity = Identity.generate()
+        identity.save(node_dir / "identity.key")
+        identities.append(identity)
+        fed = fed.with_member(name, identity.public)
+    for identity in identities + [server]:
+        fed = fed.signed_by(identity)
+    for _, node_dir in sites:
+        fed.save(node_dir / FEDERATION_FILE)
+
+
 def write_app(app_dir: Path, cfg: RunConfig, server_ctx: Path, out: Path,
               app: FlowerApp) -> dict:
     """The Flower app project `flwr run` packs into a FAB; returns its run config."""
     app_dir.mkdir(parents=True, exist_ok=True)
     run_config = {"fedshield-config": json.dumps(cfg.to_dict()),
-                  "server-context": str(server_ctx), "out-dir": str(out), **app.run_config}
+                  "server-context": str(server_ctx), "out-dir": str(out),
+                  SERVER_IDENTITY: str(server_ctx.parent / SERVER_IDENTITY_FILE),
+                  **app.run_config}
     write_app_project(app_dir, name="fedshield-run",
                       description="fedshield encrypted LoRA aggregation",
                       server_app=app.server_app, client_app=app.client_app, config=run_config,

@@ -37,6 +37,7 @@ SIMULATION_SITES = "simulation-sites"
 RESUME_STATE = "resume-state"   # run config: the server state a restarted ServerApp goes on from
 # Node config of a SuperNode: all that its ClientApp needs (never a data or key path).
 NODE_SOCKET, NODE_TOKEN = "socket", "token-file"
+SERVER_IDENTITY = "server-identity"  # run config: the server's identity key (pinned by the sites)
 MAX_HEAD = 1 << 20            # a JSON head is small: fields and section sizes
 MAX_FRAME = 1 << 40           # what one message may declare (payloads are checked later)
 MAGIC = b"FSRELAY1"
@@ -222,8 +223,10 @@ class Relay:
             raise SiteWorkerError(f"the site worker cannot be reached "
                                   f"({type(exc).__name__})") from exc
         if head.get("ok") is not True:
+            detail = head.get("detail")
             raise WorkerRefused(f"{head.get('error-type', 'SiteError')}: "
-                                f"{head.get('error', 'the site worker failed')}")
+                                f"{head.get('error', 'the site worker failed')}"
+                                + (f" ({detail})" if isinstance(detail, str) else ""))
         fields_out = head.get("fields", {})
         if not isinstance(fields_out, dict):
             raise SiteWorkerError("malformed reply from the site worker")

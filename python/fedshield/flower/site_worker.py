@@ -37,6 +37,8 @@ from ..errors import (AuthenticationError, DataError, DecryptionBudgetExceeded,
                       DecryptionRefused, FedShieldError, IncompatibleUpdate, InvalidUpdate,
                       KeyMaterialError, KeySetupError, NotEnoughShares, ParameterError,
                       StorageError)
+from ..fl.federation import load_pinned
+from ..fl.key_setup import NOT_PINNED
 from ..fl.adapter_store import AdapterStore, adapter_fingerprint, pack_adapter, unpack_adapter
 from ..fl.guard import Provenance
 from ..fl.messages import InvalidMessage, RoundPlan
@@ -96,14 +98,26 @@ FIXED_MESSAGES: dict[type, str] = {
 UNEXPECTED = ("SiteError", "the site could not answer this request")
 
 
+# Errors whose own text also leaves the site (as "detail"): the key set-up protocol composes
+# it from what the server and the other parties sent (party ids, epochs, the run's settings,
+# the pinned federation's name), never from the site's files, data or keys, and the server
+# needs it to learn which setting or party a site refuses.
+PROTOCOL_DETAIL = (KeySetupError,)
+MAX_DETAIL = 600
+
+
 def error_reply(exc: BaseException) -> dict:
     """A site-side exception as the reply that leaves the site: its type (a fedshield error's
-    own class name, else the nearest fedshield class or 'SiteError') and a fixed message."""
+    own class name, else the nearest fedshield class or 'SiteError') and a fixed message; a
+    key set-up refusal also names what it refuses (PROTOCOL_DETAIL)."""
     for cls in type(exc).__mro__:
         if cls in FIXED_MESSAGES:
             own = type(exc).__module__.startswith("fedshield.")
-            return {"ok": False, "error-type": type(exc).__name__ if own else cls.__name__,
-                    "error": FIXED_MESSAGES[cls]}
+            reply = {"ok": False, "error-type": type(exc).__name__ if own else cls.__name__,
+                     "error": FIXED_MESSAGES[cls]}
+            if isinstance(exc, PROTOCOL_DETAIL) and own:
+                reply["detail"] = str(exc)[:MAX_DETAIL]
+            return reply
     return {"ok": False, "error-type": UNEXPECTED[0], "error": UNEXPECTED[1]}
 
 
@@ -256,8 +270,21 @@ def build_site(site_cfg: SiteConfig, cfg: RunConfig, identity: Identity, train_f
     party = Party(None, model, algorithm=cfg.training.algorithm)
     site = Site(site_cfg.party_id, party, data, cfg, tokenizer, train_fn=train_fn,
                 site_config=dataclasses.asdict(site_cfg), identity=identity)
-    site.key_holder(site_cfg.path("key_file"))  # the keys come from the key set-up, made here
+    # the keys come from the key set-up, made here, held to the site's pinned federation
+    site.key_holder(site_cfg.path("key_file"), **pinned_federation(site_cfg))
     return site
+
+
+def pinned_federation(site_cfg: SiteConfig) -> dict:
+    """The site's pinned federation (its co-signed file) or, for simulations only, the opt-in
+    to trust the server's roster; without either the site does not join."""
+    if site_cfg.federation:
+        return {"federation": load_pinned(site_cfg.path("federation"))}
+    if not site_cfg.insecure_trust_server_roster:
+        raise KeySetupError(NOT_PINNED)
+    log.warning("site worker: insecure_trust_server_roster = true: this site TRUSTS THE "
+                "SERVER'S ROSTER (simulations only)")
+    return {"trust_server_roster": True}
 
 
 def _catch_up_aad(sender: int, recipient: int, version: int) -> bytes:
