@@ -5,9 +5,13 @@ differs from it, and a floor no run config can lower."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import stat
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -252,3 +256,18 @@ def test_the_local_engine_pins_its_sites_federation(tmp_path, keys):
     fed.check_pinnable()
     assert fed.roster == honest and fed.params == cfg.ckks_params()
     assert fed.floor.verify_aggregates and Federation.from_json(fed.to_json()) == fed
+
+
+def test_the_deployment_ceremony_as_written_pins_a_federation(tmp_path):
+    """docs/DEPLOYMENT.md's federation ceremony, run as written: a file every site can pin."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "DEPLOYMENT.md").read_text()
+    block = doc.split("<!-- run: federation ceremony", 1)[1].split("```bash\n", 1)[1]
+    block = block.split("```", 1)[0]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    fed = load_pinned(tmp_path / "federation.json")
+    assert [m.name for m in fed.members] == ["site-a", "site-b", "site-c"]
+    assert fed.roster[1] == Identity.load(tmp_path / "site-b" / "identity.key").public
+    assert (fed.keys, fed.n, fed.t, fed.floor.verify_aggregates) == ("threshold", 3, 2, True)

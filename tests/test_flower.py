@@ -807,7 +807,7 @@ def _run_quiet(argv, **kw):
 @pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
                     reason="needs openssl and ssh-keygen")
 def test_tls_and_supernode_authentication(tmp_path):
-    """The README's TLS + node authentication commands on loopback (toy app): registered
+    """docs/DEPLOYMENT.md's TLS + node authentication commands on loopback (toy app): registered
     SuperNodes run the app over TLS; an unregistered one is refused."""
     from fedshield.flower.deployment import _free_ports, _tool, write_app_project
 
