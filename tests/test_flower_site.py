@@ -86,6 +86,18 @@ def test_site_config_validates_and_round_trips(tmp_path):
         SiteConfig.from_file(tmp_path / "two.toml")
 
 
+def test_the_site_config_in_the_deployment_docs_loads():
+    """docs/DEPLOYMENT.md's example site config is a valid one, as written."""
+    import re
+
+    from fedshield.fl.site_config import tomllib
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "DEPLOYMENT.md").read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", text, re.S)
+    cfg = SiteConfig.from_dict(tomllib.loads(block)["site"])
+    assert cfg.metrics == "aggregate" and cfg.federation and cfg.path("identity_file").is_absolute()
+
+
 def test_a_run_config_that_names_a_site_setting_is_refused():
     """train-fn (what code runs), the metrics policy (what leaves) and every file are the
     site's: a run config naming one, in either spelling, is refused with the names."""
