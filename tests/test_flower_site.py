@@ -98,6 +98,17 @@ def test_the_site_config_in_the_deployment_docs_loads():
     assert cfg.metrics == "aggregate" and cfg.federation and cfg.path("identity_file").is_absolute()
 
 
+def test_site_worker_command_refuses_a_bad_config(tmp_path, capsys):
+    from fedshield.cli import main
+
+    assert main(["site", "worker", "--config", str(tmp_path / "none.toml")]) == 2
+    assert "cannot read site config" in capsys.readouterr().err
+    (tmp_path / "bad.toml").write_text('[site]\nnode_dir = "n"\nparty_id = 0\ndata = "d"\n'
+                                       'metrics = "everything"\n')
+    assert main(["site", "worker", "--config", str(tmp_path / "bad.toml")]) == 2
+    assert "metrics='everything'" in capsys.readouterr().err
+
+
 def test_a_run_config_that_names_a_site_setting_is_refused():
     """train-fn (what code runs), the metrics policy (what leaves) and every file are the
     site's: a run config naming one, in either spelling, is refused with the names."""

@@ -43,7 +43,7 @@ MAX_FRAME = 1 << 40           # what one message may declare (payloads are check
 MAGIC = b"FSRELAY1"
 NONCE = 32
 TOKEN_BYTES = 32
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0     # what the worker gives a peer to prove the token
 MAX_SUN_PATH = 107
 
 
@@ -200,12 +200,11 @@ class Relay:
     def connect(self, timeout: float | None = None) -> socket.socket:
         """An authenticated connection to the worker."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(HANDSHAKE_TIMEOUT if timeout is None else timeout)
+        try:   # a busy worker greets a queued connection when it is done: wait as for a reply
+            sock.settimeout(timeout)
             with unix_address(self.socket) as address:
                 sock.connect(address)
             _prove_relay(sock, self.token)
-            sock.settimeout(timeout)
         except BaseException:
             sock.close()
             raise

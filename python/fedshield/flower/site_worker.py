@@ -50,8 +50,8 @@ from ..he import EncryptedUpdate
 from ..he.identity import Identity
 from ..model import build_lora_model, load_tokenizer
 from ..threads import apply_to_torch
-from .site_ipc import (MAX_HEAD, SiteWorkerError, make_token, prove_worker, read_token,
-                       recv_frame, send_frame, unix_address)
+from .site_ipc import (HANDSHAKE_TIMEOUT, MAX_HEAD, SiteWorkerError, make_token, prove_worker,
+                       read_token, recv_frame, send_frame, unix_address)
 
 log = logging.getLogger("fedshield")
 
@@ -488,7 +488,7 @@ class SiteWorker:
 
     def _one(self, conn: socket.socket, token: bytes) -> None:
         try:
-            conn.settimeout(10.0)   # a peer that stalls the handshake holds nobody up
+            conn.settimeout(HANDSHAKE_TIMEOUT)   # a peer that stalls holds nobody up
             if not prove_worker(conn, token):
                 log.warning("site worker: a connection without the relay token; closed")
                 return
