@@ -27,7 +27,7 @@ from fedshield.fl.site_config import SiteConfig, site_settings_in
 from fedshield.fl.train_fn import TrainFnError
 from fedshield.flower import site_worker as sw
 from fedshield.flower.site_ipc import (MAGIC, Relay, RelayAuthError, WorkerRefused, make_token,
-                                       read_token, recv_frame, send_frame)
+                                       read_token, send_frame)
 
 APPS = Path(__file__).parent / "flower_apps"
 REFUSED = "RequestRefused: the site worker does not answer this request"
@@ -167,6 +167,16 @@ def test_the_worker_answers_only_the_protocol_over_an_authenticated_relay(tmp_pa
         with pytest.raises(WorkerRefused, match="^KeySetupError: the key set-up failed at this "
                                                 "site \\(this site has no pinned federation"):
             relay.request("join", {"run-config": run})
+
+
+def test_a_socket_path_longer_than_sun_path(tmp_path):
+    """A site may put its socket under a deep directory: paths beyond AF_UNIX's 107 bytes are
+    bound and reached through the directory's /proc/self/fd entry."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    site_cfg = _site(tmp_path, socket=str(deep / "worker.sock"))
+    assert len(str(site_cfg.path("socket"))) > 107
+    with worker_thread(site_cfg) as (_, relay):
+        assert relay.request("ping", {}) == ({}, [])
 
 
 def test_train_fn_errors_leave_the_site_as_a_type_and_a_fixed_message(tmp_path):

@@ -344,7 +344,6 @@ class SiteWorker:
         if op == "join":
             return self._join(fields)
         site = self._site()
-        party = site.party
         if op.startswith("catchup."):
             return self._catch_up(op, fields, sections)
         if op.startswith("keys."):
