@@ -98,6 +98,7 @@ class Server:
             raise FedShieldError("the server must hold a public context only (saved without "
                                  "its secret key)")
         self.ctx = ctx
+        self.record.extra["ckks_params"] = ctx.params.to_dict()  # what the keys resolved to
 
     def key_epoch_done(self, epoch: int, ctx: Context, before_round: int, seconds: float,
                        checked: int) -> None:
