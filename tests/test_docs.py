@@ -4,8 +4,9 @@ example runs, extracted from the files themselves.
 The convention, stated in the README's Python API section: a ```python block runs, in order,
 in one namespace per file, unless its first line is ``# not run: <reason>`` (visible to the
 reader); placeholders (``lora_state``, ``sites``, ``peft_model``, ``send``/``receive``...) come
-from :func:`namespace`. A ```toml block loads as a run config. In a ```bash block every
-``fedshield`` command line is parsed by the CLI and its settings validated (nothing runs);
+from :func:`namespace`. A ```toml block loads as a run config (a ``[site]`` one as a site's
+config). In a ```bash block every ``fedshield`` command line is parsed by the CLI and its
+settings validated (nothing runs);
 other shell lines are documentation. A fence without a language is text (output, a tree).
 """
 
@@ -21,6 +22,8 @@ import torch
 import fedshield as fs
 from fedshield import cli
 from fedshield.config import RunConfig
+from fedshield.fl.site_config import TABLE as SITE_TABLE
+from fedshield.fl.site_config import SiteConfig
 from fedshield.he.context import Context
 
 from conftest import make_state
@@ -182,7 +185,7 @@ def test_python_examples_run(doc, tmp_path):
             exec(compile(src, f"{doc.name}:{line}", "exec"), ns)  # noqa: S102 - our own docs
 
 
-PARSED_ONLY = {"run", "split", "eval", "report", "bench", "federation"}
+PARSED_ONLY = {"run", "split", "eval", "report", "bench", "federation", "site"}
 
 
 def _commands(src: str) -> list[list[str]]:
@@ -205,7 +208,7 @@ def test_shell_commands_parse(doc, monkeypatch):
         return 0
 
     monkeypatch.chdir(ROOT)
-    for name in ("split", "eval", "report", "bench"):
+    for name in ("split", "eval", "report", "bench", "site"):
         monkeypatch.setattr(cli, f"_cmd_{name}", lambda args: 0)
     monkeypatch.setattr(cli, "_cmd_run", check_run)
     monkeypatch.setattr(cli.cli_federation, "run", lambda args: 0)
@@ -229,7 +232,10 @@ def test_toml_examples_load(doc, tmp_path):
         if lang == "toml":
             path = tmp_path / f"block{n}.toml"
             path.write_text(src)
-            RunConfig.from_file(path)
+            if src.startswith(f"[{SITE_TABLE}]"):   # a site's own config
+                SiteConfig.from_file(path)
+            else:
+                RunConfig.from_file(path)
 
 
 def test_shipped_configs_load():

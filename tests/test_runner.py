@@ -83,6 +83,8 @@ def test_run_writes_metrics_adapter_and_plots(tmp_path):
     from fedshield.fl.site import load_site_data
     from fedshield.train import evaluate_loss
 
+    weights = list((out / "adapter").glob("adapter_model.*"))
+    assert weights and all(w.stat().st_mode & 0o777 == 0o600 for w in weights)  # model state
     base = AutoModelForCausalLM.from_pretrained(out / "base_model")
     model = PeftModel.from_pretrained(base, out / "adapter")
     tok = AutoTokenizer.from_pretrained(out / "base_model")
