@@ -22,8 +22,9 @@ from fedshield.fl.federation import RunSettings
 from fedshield.fl.key_setup import (KeyHolder, KeySetup, check_subsets, describe,
                                     keycheck_values, suspects, used_material)
 from fedshield.flower import client_app
+from fedshield.flower.client_app import RELAY_FIELDS
 from fedshield.flower.records import KEYS, message_fields
-from fedshield.flower.site_worker import SiteWorker
+from fedshield.flower.site_worker import SiteWorker, error_reply
 from fedshield.flower.strategy import EncryptedFedAvg
 from fedshield.he import keys
 from fedshield.he import threshold as th
@@ -251,21 +252,25 @@ class _SiteWorkers:
 
     def __init__(self, holders) -> None:
         self.workers = {}
-        for h in holders:
+        for h in holders:  # a joined worker as far as key requests need one
             worker = SiteWorker.__new__(SiteWorker)
             worker.site = SimpleNamespace(keys=h, party=None, party_id=h.party_id)
+            worker.cfg = SimpleNamespace(metrics="all")
             self.workers[100 + h.party_id] = worker
 
     def send_and_receive(self, messages, timeout):
         replies = []
         for msg in messages:
             fields = message_fields(msg)
+            asked = {k: v for k, v in fields.items() if k not in RELAY_FIELDS}
             try:
                 out, sections = self.workers[msg.metadata.dst_node_id].handle(
-                    str(fields["op"]), fields, client_app._blobs(msg, fields))
+                    str(fields["op"]), asked, client_app._blobs(msg, fields))
                 replies.append(client_app._reply(msg, out, blobs=sections))
             except fs.FedShieldError as exc:  # the worker's error reply, raised by the ClientApp
-                replies.append(Message(Error(0, f"{type(exc).__name__}: {exc}"), reply_to=msg))
+                reply = error_reply(exc)
+                replies.append(Message(Error(0, f"{reply['error-type']}: {reply['error']}"),
+                                       reply_to=msg))
         return replies
 
 
