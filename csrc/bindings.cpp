@@ -30,6 +30,7 @@ void bind_importance(py::module_& m);  // bind_importance.cpp
 void bind_shamir(py::module_& m);      // bind_shamir.cpp
 void bind_partial(py::module_& m);     // bind_partial.cpp
 void bind_dp(py::module_& m);          // bind_dp.cpp
+void bind_ckks(py::module_& m);        // bind_ckks.cpp
 
 namespace {
 
@@ -554,6 +555,9 @@ void bind_aggregator(py::module_& m) {
 
 }  // namespace
 
+// For the other binding files (bind_ckks.cpp): an update header from its Python dict.
+UpdateHeader header_from_pydict(const py::dict& d) { return header_from_dict(d); }
+
 PYBIND11_MODULE(_native, m) {
     m.doc() = "fedshield native core: packing, wire format, ciphertext residue aggregation";
     m.def("default_threads", &default_threads,
@@ -570,4 +574,5 @@ PYBIND11_MODULE(_native, m) {
     bind_shamir(m);
     bind_partial(m);
     bind_dp(m);
+    bind_ckks(m);
 }

@@ -411,10 +411,11 @@ def test_load_context_rejects_forged(server_ctx, foreign_keys):
 
 
 def test_a_forged_template_is_a_key_material_error(client_ctx, small_state, small_layout):
-    """A context file forged with recomputed checksums carries a template that OpenFHE cannot
-    deserialize: decryption names the context, not a raw RuntimeError or MemoryError."""
+    """A context file forged with recomputed checksums carries a template whose tower
+    parameters (the roots of unity native decryption reads from it) are gone: decryption names
+    the context, not a raw error."""
     ctx = fs.load_context(client_ctx.to_bytes(include_secret=True))
-    upd = fs.encrypt_update(ctx, small_state, small_layout, weight=1.0)
+    upd = fs.encrypt_update(client_ctx, small_state, small_layout, weight=1.0)
     template, layout = ctx.ciphertext_template
     forged = bytearray(template)
     forged[: layout[2] - 16] = b"\xff" * (layout[2] - 16)  # the header before c0's residues
