@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "aes_ctr.hpp"
 #include "ckks.hpp"
 #include "parallel.hpp"
 #include "secure_wipe.hpp"
@@ -84,9 +85,32 @@ void bind_ckks(py::module_& m) {
         decode_coefficients(r, c, o);
         return out;
     }, "Residues of a plaintext in coefficient form -> its values (OpenFHE's decoding).");
+    m.attr("HAVE_AES_NI") = have_aes_ni();
+    m.def("expand_uniform", [](const py::bytes& key, uint64_t k, uint32_t t, uint64_t q,
+                               uint64_t n) {
+        const std::string kb = key;
+        if (kb.size() != 32) throw py::value_error("expand_uniform: the key must be 32 bytes");
+        U64 out(static_cast<py::ssize_t>(n));
+        uint64_t* o = out.mutable_data();
+        py::gil_scoped_release nogil;
+        expand_uniform(reinterpret_cast<const uint8_t*>(kb.data()), k, t, q, n, o, false);
+        return out;
+    }, "n residues uniform mod q from AES-256-CTR (key, counter block (k, t)): a seeded "
+       "update's a for ciphertext k, tower t.");
+    m.def("aes256_ctr", [](const py::bytes& key, const py::bytes& counter, uint64_t blocks) {
+        const std::string kb = key, cb = counter;
+        if (kb.size() != 32 || cb.size() != 16)
+            throw py::value_error("aes256_ctr: a 32-byte key and a 16-byte counter block");
+        std::string out(16 * blocks, '\0');
+        AesCtr aes(reinterpret_cast<const uint8_t*>(kb.data()),
+                   reinterpret_cast<const uint8_t*>(cb.data()));
+        aes.stream(reinterpret_cast<uint8_t*>(&out[0]), blocks);
+        return py::bytes(out);
+    }, "The AES-256-CTR key stream (SP 800-38A counter: one 128-bit big-endian integer).");
     m.def("ckks_decrypt", [](const py::buffer& update, const py::tuple& ring, const U64& s,
-                             std::optional<U64> c1, uint64_t flood_hi, uint64_t flood_lo,
-                             uint64_t n_values, unsigned threads) {
+                             std::optional<U64> c1, const std::vector<py::bytes>& stream_keys,
+                             uint64_t flood_hi, uint64_t flood_lo, uint64_t n_values,
+                             unsigned threads) {
         const CkksRing r = ring_of(ring);
         check_key(s, r, "ckks_decrypt: the secret key");
         py::buffer_info info;
@@ -94,15 +118,23 @@ void bind_ckks(py::module_& m) {
         F64 out(static_cast<py::ssize_t>(n_values));
         const uint64_t* c1_data = c1 ? c1->data() : nullptr;
         const size_t c1_len = c1 ? static_cast<size_t>(c1->size()) : 0;
+        std::string keys;
+        for (const auto& k : stream_keys) {
+            const std::string kb = k;
+            if (kb.size() != 32) throw py::value_error("ckks_decrypt: stream keys are 32 bytes");
+            keys += kb;
+        }
         const uint64_t* key = s.data();
         double* o = out.mutable_data();
         py::gil_scoped_release nogil;
-        decrypt_update(u8(v), v.size(), r, key, c1_data, c1_len, FloodWidth{flood_hi, flood_lo},
-                       threads_or_default(threads), o, n_values);
+        decrypt_update(u8(v), v.size(), r, key, c1_data, c1_len, u8(keys), stream_keys.size(),
+                       FloodWidth{flood_hi, flood_lo}, threads_or_default(threads), o, n_values);
         return out;
     }, "Decrypts every ciphertext of an update with the secret key (seeded: c1 = the sum of "
-       "its seeds' expansions); n_values = n_ciphertexts * values per ciphertext.",
-       py::arg("update"), py::arg("ring"), py::arg("s"), py::arg("c1"), py::arg("flood_hi"),
+       "its seeds' expansions, given as c1 or expanded here from the seeds' stream keys); "
+       "n_values = n_ciphertexts * values per ciphertext.",
+       py::arg("update"), py::arg("ring"), py::arg("s"), py::arg("c1"),
+       py::arg("stream_keys"), py::arg("flood_hi"),
        py::arg("flood_lo"), py::arg("n_values"), py::arg("threads") = 0);
     m.def("ckks_partial_decrypt", [](const py::buffer& update, const py::tuple& ring,
                                      const U64& s, bool lead, uint64_t flood_hi,
@@ -149,18 +181,24 @@ void bind_ckks(py::module_& m) {
        py::arg("shares"), py::arg("ring"), py::arg("n_values"), py::arg("threads") = 0);
     m.def("ckks_encrypt", [](const py::dict& header, const py::tuple& ring, const F64& values,
                              std::optional<U64> s, std::optional<U64> a,
-                             std::optional<py::bytes> seed, std::optional<U64> p0,
-                             std::optional<U64> p1, unsigned threads) {
+                             std::optional<py::bytes> a_key, std::optional<py::bytes> seed,
+                             std::optional<U64> p0, std::optional<U64> p1, unsigned threads) {
         const CkksRing r = ring_of(ring);
         const UpdateHeader h = header_from_pydict(header);
-        std::string seed_bytes;
+        std::string seed_bytes, a_key_bytes;
         if (h.seeded()) {
-            if (!s || !a || !seed) throw py::value_error("ckks_encrypt: seeded needs s, a and seed");
+            if (!s || !(a || a_key) || !seed)
+                throw py::value_error("ckks_encrypt: seeded needs s, a (or its key) and seed");
+            if (a_key) {
+                a_key_bytes = *a_key;
+                if (a_key_bytes.size() != 32)
+                    throw py::value_error("ckks_encrypt: the stream key of a must be 32 bytes");
+            }
             check_key(*s, r, "ckks_encrypt: the secret key");
             seed_bytes = *seed;
             if (seed_bytes.size() != kSeedSize)
                 throw py::value_error("ckks_encrypt: the seed must be 32 bytes");
-            if (static_cast<uint64_t>(a->size()) != h.n_ciphertexts * r.towers() * r.ring_dim)
+            if (a && static_cast<uint64_t>(a->size()) != h.n_ciphertexts * r.towers() * r.ring_dim)
                 throw py::value_error("ckks_encrypt: a needs n_ciphertexts * towers * ring_dim "
                                       "residues");
         } else {
@@ -178,6 +216,7 @@ void bind_ckks(py::module_& m) {
         {
             py::gil_scoped_release nogil;
             out = encrypt_update(h, r, v, n, sp, ap,
+                                 a_key ? u8(a_key_bytes) : nullptr,
                                  reinterpret_cast<const uint8_t*>(seed_bytes.data()), p0p, p1p,
                                  threads_or_default(threads));
         }
@@ -187,7 +226,8 @@ void bind_ckks(py::module_& m) {
     }, "Encrypts a packed buffer into a whole update: seeded secret-key encryption (s, a, "
        "seed) or public-key encryption (p0, p1).",
        py::arg("header"), py::arg("ring"), py::arg("values"), py::arg("s") = py::none(),
-       py::arg("a") = py::none(), py::arg("seed") = py::none(), py::arg("p0") = py::none(),
+       py::arg("a") = py::none(), py::arg("a_key") = py::none(), py::arg("seed") = py::none(),
+       py::arg("p0") = py::none(),
        py::arg("p1") = py::none(), py::arg("threads") = 0);
     m.def("ckks_sample_error", [](uint64_t n) {
         I64 out(static_cast<py::ssize_t>(n));

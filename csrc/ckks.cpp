@@ -6,6 +6,7 @@
 #include <memory>
 #include <mutex>
 
+#include "aes_ctr.hpp"
 #include "bitpack.hpp"
 #include "csprng.hpp"
 #include "discrete_gaussian.hpp"
@@ -150,7 +151,90 @@ void fft_special_inv(double* v, const FftTables& t) {
 
 constexpr int kPow2 = 1100;  // above any double's binary exponent
 
+// One tower's negacyclic NTT in OpenFHE's order (the same transform as flood.hpp's
+// ntt_forward/ntt_inverse, tested equal), with lazy reduction (Harvey 2014): values stay in
+// [0, 4q) between butterflies, q < 2^62.
+struct NttPlan {
+    uint64_t q = 0;
+    std::vector<uint64_t> w, w_shoup, iw, iw_shoup;  // psi^bitrev(k), (psi^-1)^bitrev(k)
+    uint64_t n_inv = 0, n_inv_shoup = 0;
+};
+
+NttPlan make_plan(uint64_t n, uint64_t q, uint64_t psi) {
+    NttPlan p;
+    p.q = q;
+    unsigned logn = 0;
+    while ((uint64_t{1} << logn) < n) ++logn;
+    const uint64_t psi_inv = powmod(psi, 2 * n - 1, q);
+    std::vector<uint64_t> pw(n), ipw(n);
+    pw[0] = ipw[0] = 1;
+    for (uint64_t k = 1; k < n; ++k) {
+        pw[k] = static_cast<uint64_t>(static_cast<u128>(pw[k - 1]) * psi % q);
+        ipw[k] = static_cast<uint64_t>(static_cast<u128>(ipw[k - 1]) * psi_inv % q);
+    }
+    p.w.resize(n);
+    p.w_shoup.resize(n);
+    p.iw.resize(n);
+    p.iw_shoup.resize(n);
+    for (uint64_t k = 0; k < n; ++k) {
+        uint64_t r = 0;
+        for (unsigned b = 0; b < logn; ++b) r |= ((k >> b) & 1) << (logn - 1 - b);
+        p.w[k] = pw[r];
+        p.w_shoup[k] = shoup_of(pw[r], q);
+        p.iw[k] = ipw[r];
+        p.iw_shoup[k] = shoup_of(ipw[r], q);
+    }
+    p.n_inv = powmod(n % q, q - 2, q);
+    p.n_inv_shoup = shoup_of(p.n_inv, q);
+    return p;
+}
+
+// a * w mod q in [0, 2q), for any a < 2^64.
+inline uint64_t mul_shoup_lazy(uint64_t a, uint64_t w, uint64_t w_shoup, uint64_t q) {
+    const uint64_t hi = static_cast<uint64_t>((static_cast<u128>(a) * w_shoup) >> 64);
+    return a * w - hi * q;
+}
+
+// coefficients (below q) -> evaluations (below q), Cooley-Tukey, bit-reversed output.
+void ntt_fwd(uint64_t* a, uint64_t n, const NttPlan& p) {
+    const uint64_t q = p.q, two_q = 2 * q;
+    for (uint64_t m = 1, t = n >> 1; m < n; m <<= 1, t >>= 1) {
+        for (uint64_t i = 0; i < m; ++i) {
+            const uint64_t w = p.w[m + i], ws = p.w_shoup[m + i];
+            uint64_t* x = a + 2 * i * t;
+            uint64_t* y = x + t;
+            for (uint64_t j = 0; j < t; ++j) {
+                const uint64_t u = csub(x[j], two_q);
+                const uint64_t v = mul_shoup_lazy(y[j], w, ws, q);
+                x[j] = u + v;
+                y[j] = u - v + two_q;
+            }
+        }
+    }
+    for (uint64_t j = 0; j < n; ++j) a[j] = csub(csub(a[j], two_q), q);
+}
+
+// evaluations (below q) -> coefficients (below q), Gentleman-Sande.
+void ntt_inv(uint64_t* a, uint64_t n, const NttPlan& p) {
+    const uint64_t q = p.q, two_q = 2 * q;
+    for (uint64_t m = n, t = 1; m > 1; m >>= 1, t <<= 1) {
+        const uint64_t h = m >> 1;
+        for (uint64_t i = 0; i < h; ++i) {
+            const uint64_t w = p.iw[h + i], ws = p.iw_shoup[h + i];
+            uint64_t* x = a + 2 * i * t;
+            uint64_t* y = x + t;
+            for (uint64_t j = 0; j < t; ++j) {
+                const uint64_t u = x[j], v = y[j];
+                x[j] = csub(u + v, two_q);
+                y[j] = mul_shoup_lazy(u - v + two_q, w, ws, q);
+            }
+        }
+    }
+    for (uint64_t j = 0; j < n; ++j) a[j] = csub(mul_shoup_lazy(a[j], p.n_inv, p.n_inv_shoup, q), q);
+}
+
 struct RingTables {
+    std::vector<NttPlan> ntt;              // one per tower
     std::vector<uint64_t> mu;              // floor(2^64 / q_i)
     std::vector<std::vector<uint64_t>> pow2;  // 2^k mod q_i, k < kPow2 (large coefficients)
     // CRT (T > 1): y_i = x_i * qhat_inv_i mod q_i, x = Q * frac(sum y_i / q_i)
@@ -163,6 +247,7 @@ std::shared_ptr<const RingTables> ring_tables(const CkksRing& ring) {
     static std::mutex lock;
     static std::map<std::vector<uint64_t>, std::shared_ptr<const RingTables>> cache;
     std::vector<uint64_t> key(ring.moduli);
+    key.insert(key.end(), ring.roots.begin(), ring.roots.end());
     key.push_back(ring.ring_dim);
     std::lock_guard<std::mutex> guard(lock);
     auto it = cache.find(key);
@@ -172,6 +257,7 @@ std::shared_ptr<const RingTables> ring_tables(const CkksRing& ring) {
     for (size_t i = 0; i < towers; ++i) {
         const uint64_t q = ring.moduli[i];
         t->mu.push_back(static_cast<uint64_t>((u128{1} << 64) / q));
+        t->ntt.push_back(make_plan(ring.ring_dim, q, ring.roots[i]));
         uint64_t qhat = 1;
         for (size_t j = 0; j < towers; ++j)
             if (j != i) qhat = static_cast<uint64_t>(static_cast<u128>(qhat) * (ring.moduli[j] % q) % q);
@@ -191,27 +277,6 @@ std::shared_ptr<const RingTables> ring_tables(const CkksRing& ring) {
 }
 
 // --- randomness --------------------------------------------------------------------------------
-
-// 64-bit words from the kernel CSPRNG, drawn in blocks; the block is wiped.
-class RandomWords {
-public:
-    RandomWords() = default;
-    RandomWords(const RandomWords&) = delete;
-    RandomWords& operator=(const RandomWords&) = delete;
-    ~RandomWords() { secure_wipe(block_, sizeof block_); }
-    uint64_t next() {
-        if (used_ == kWords) {
-            random_bytes(reinterpret_cast<uint8_t*>(block_), sizeof block_);
-            used_ = 0;
-        }
-        return block_[used_++];
-    }
-
-private:
-    static constexpr size_t kWords = 1024;
-    uint64_t block_[kWords];
-    size_t used_ = kWords;
-};
 
 // Cumulative table of |x| for the discrete Gaussian exp(-x^2 / (2 sigma^2)), sigma = 3.19:
 // cdt[k] = 2^63 * P(|x| <= k). |x| > kTail has probability below 2^-110 and is not drawn.
@@ -237,17 +302,47 @@ const std::vector<uint64_t>& error_cdt() {
     return table;
 }
 
-// One error sample: |x| = number of thresholds a uniform 63-bit word reaches (every entry is
-// compared: no early exit, no look-up indexed by the sample), then a uniform sign.
-inline int64_t error_sample(RandomWords& rng, const uint64_t* cdt) {
-    const uint64_t w = rng.next();
-    const uint64_t u = w >> 1, sign = w & 1;
-    uint64_t mag = 0;
-    for (int k = 0; k < kTail; ++k) mag += static_cast<uint64_t>(u >= cdt[k]);
-    return static_cast<int64_t>((mag ^ (0 - sign)) + sign);
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FEDSHIELD_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FEDSHIELD_SIMD_CLONES
+#endif
+
+// Error samples from uniform words: |x| = the number of thresholds a 63-bit word reaches
+// (every entry compared for every sample: no early exit, no look-up indexed by a sample), then
+// the word's low bit as the sign. Signed compares (both sides < 2^63) vectorise with AVX2.
+FEDSHIELD_SIMD_CLONES
+void error_block(const uint64_t* __restrict__ words, int64_t* __restrict__ out, size_t count,
+                 const int64_t* __restrict__ cdt) {
+    constexpr size_t kLane = 64;  // samples compared together (registers, not memory)
+    for (size_t at = 0; at < count; at += kLane) {
+        const size_t m = count - at < kLane ? count - at : kLane;
+        int64_t u[kLane], acc[kLane];
+        for (size_t i = 0; i < kLane; ++i) {
+            u[i] = i < m ? static_cast<int64_t>(words[at + i] >> 1) : 0;
+            acc[i] = 0;
+        }
+        for (int k = 0; k < kTail; ++k) {
+            const int64_t c = cdt[k];
+            for (size_t i = 0; i < kLane; ++i) acc[i] += static_cast<int64_t>(u[i] >= c);
+        }
+        for (size_t i = 0; i < m; ++i) {
+            const int64_t sign = static_cast<int64_t>(words[at + i] & 1);
+            out[at + i] = (acc[i] ^ -sign) + sign;
+        }
+        secure_wipe(u, sizeof u);
+        secure_wipe(acc, sizeof acc);
+    }
 }
 
-inline int64_t ternary_sample(RandomWords& rng) {
+// n error samples into out (words: scratch of n).
+void sample_errors(FastRandom& rng, int64_t* out, size_t n, uint64_t* words) {
+    for (size_t i = 0; i < n; ++i) words[i] = rng.next();
+    error_block(words, out, n, reinterpret_cast<const int64_t*>(error_cdt().data()));
+    secure_wipe(words, n * sizeof(uint64_t));
+}
+
+inline int64_t ternary_sample(FastRandom& rng) {
     return static_cast<int64_t>((static_cast<u128>(rng.next()) * 3) >> 64) - 1;
 }
 
@@ -406,8 +501,9 @@ void decode_coefficients(const CkksRing& ring, const uint64_t* coeffs, double* o
 }
 
 void decrypt_update(const uint8_t* data, size_t len, const CkksRing& ring, const uint64_t* s,
-                    const uint64_t* c1, size_t c1_len, FloodWidth w, unsigned threads,
-                    double* out, size_t out_len) {
+                    const uint64_t* c1, size_t c1_len, const uint8_t* stream_keys,
+                    size_t n_keys, FloodWidth w, unsigned threads, double* out,
+                    size_t out_len) {
     check_ring(ring);
     const UpdateHeader h = parse_update(data, len, threads);
     check_header_ring(h, ring);
@@ -416,12 +512,17 @@ void decrypt_update(const uint8_t* data, size_t len, const CkksRing& ring, const
     if (out_len != h.n_ciphertexts * per_ct)
         bad_arg("the output holds " + std::to_string(out_len) + " values, the update " +
                 std::to_string(h.n_ciphertexts * per_ct));
-    if (h.seeded() && (c1 == nullptr || c1_len != h.n_ciphertexts * element))
+    const bool expand = h.seeded() && c1 == nullptr && n_keys > 0;
+    if (expand && n_keys != h.n_summed)
+        throw InvalidUpdateError("decrypt: " + std::to_string(n_keys) + " seed stream keys for " +
+                                 std::to_string(h.n_summed) + " summed updates");
+    if (h.seeded() && !expand && (c1 == nullptr || c1_len != h.n_ciphertexts * element))
         throw InvalidUpdateError("decrypt: a seeded update needs its expanded c1 (" +
                                  std::to_string(h.n_ciphertexts * element) + " residues), got " +
                                  std::to_string(c1 ? c1_len : 0));
     const KeyTowers key(ring, s);
     const Payload payload{h, data + h.header_size()};
+    const auto tables = ring_tables(ring);
     parallel_ranges(h.n_ciphertexts, threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
         std::vector<uint64_t> b(element), x(n);
         WipeOnExit<uint64_t> wipe_b(b);
@@ -432,7 +533,14 @@ void decrypt_update(const uint8_t* data, size_t len, const CkksRing& ring, const
                 const uint64_t q = ring.moduli[t];
                 payload.unpack(k, 0, t, parts[t]);
                 const uint64_t* c1t;
-                if (h.seeded()) {
+                if (expand) {
+                    // c1 = the sum of every summed update's a, expanded here (no full-size copy)
+                    std::fill(x.begin(), x.end(), 0);
+                    for (size_t i = 0; i < n_keys; ++i)
+                        expand_uniform(stream_keys + 32 * i, k, static_cast<uint32_t>(t), q, n,
+                                       x.data(), true);
+                    c1t = x.data();
+                } else if (h.seeded()) {
                     c1t = c1 + k * element + t * n;
                     uint64_t over = 0;
                     for (uint64_t j = 0; j < n; ++j) over |= static_cast<uint64_t>(c1t[j] >= q);
@@ -442,7 +550,7 @@ void decrypt_update(const uint8_t* data, size_t len, const CkksRing& ring, const
                     c1t = x.data();
                 }
                 mul_acc(parts[t], c1t, key.s.data() + t * n, key.shoup.data() + t * n, n, q);
-                ntt_inverse(parts[t], n, q, ring.roots[t]);
+                ntt_inv(parts[t], n, tables->ntt[t]);
             }
             if (w.any()) flood_coefficients(parts.data(), towers, n, ring.moduli.data(), w.hi, w.lo);
             decode_coefficients(ring, b.data(), out + k * per_ct);
@@ -484,7 +592,7 @@ std::vector<std::string> partial_decrypt_update(const uint8_t* data, size_t len,
             for (uint64_t t = 0; t < towers; ++t) {
                 const uint64_t q = ring.moduli[t];
                 uint64_t* bt = b.data() + t * n;
-                ntt_forward(parts[t], n, q, ring.roots[t]);
+                ntt_fwd(parts[t], n, tables->ntt[t]);
                 if (lead) {
                     payload.unpack(k, 0, t, bt);
                     for (uint64_t j = 0; j < n; ++j) bt[j] = add_q(bt[j], parts[t][j], q);
@@ -515,6 +623,7 @@ void fuse_partials(const std::vector<std::vector<std::pair<const uint8_t*, size_
     if (out_len != n_cts * per_ct)
         bad_arg("the output holds " + std::to_string(out_len) + " values, the shares " +
                 std::to_string(n_cts * per_ct));
+    const auto tables = ring_tables(ring);
     parallel_ranges(n_cts, threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
         std::vector<uint64_t> b(element);
         WipeOnExit<uint64_t> wipe_b(b);
@@ -530,7 +639,7 @@ void fuse_partials(const std::vector<std::vector<std::pair<const uint8_t*, size_
                 }
             }
             for (uint64_t t = 0; t < towers; ++t)
-                ntt_inverse(b.data() + t * n, n, ring.moduli[t], ring.roots[t]);
+                ntt_inv(b.data() + t * n, n, tables->ntt[t]);
             decode_coefficients(ring, b.data(), out + k * per_ct);
         }
     });
@@ -538,8 +647,8 @@ void fuse_partials(const std::vector<std::vector<std::pair<const uint8_t*, size_
 
 std::string encrypt_update(UpdateHeader header, const CkksRing& ring, const double* values,
                            size_t n_values, const uint64_t* s, const uint64_t* a,
-                           const uint8_t* seed, const uint64_t* p0, const uint64_t* p1,
-                           unsigned threads) {
+                           const uint8_t* a_key, const uint8_t* seed, const uint64_t* p0,
+                           const uint64_t* p1, unsigned threads) {
     check_ring(ring);
     check_header_ring(header, ring);
     const uint64_t n = ring.ring_dim, towers = ring.towers(), element = n * towers;
@@ -548,7 +657,8 @@ std::string encrypt_update(UpdateHeader header, const CkksRing& ring, const doub
         bad_arg(std::to_string(n_values) + " values for " + std::to_string(header.n_ciphertexts) +
                 " ciphertexts of " + std::to_string(per_ct));
     const bool seeded = header.seeded();
-    if (seeded ? (s == nullptr || a == nullptr || seed == nullptr) : (p0 == nullptr || p1 == nullptr))
+    if (seeded ? (s == nullptr || (a == nullptr && a_key == nullptr) || seed == nullptr)
+               : (p0 == nullptr || p1 == nullptr))
         bad_arg(seeded ? "seeded encryption needs the secret key, a and the seed"
                        : "public-key encryption needs both public-key polynomials");
     header.payload_len = header.n_ciphertexts * header.ciphertext_bytes();
@@ -576,33 +686,34 @@ std::string encrypt_update(UpdateHeader header, const CkksRing& ring, const doub
     uint8_t* payload = bytes + header.header_size();
     const uint64_t wire_per_ct = header.residues_per_ciphertext();
     parallel_ranges(header.n_ciphertexts, threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
-        const std::vector<uint64_t>& cdt = error_cdt();
-        RandomWords rng;
-        std::vector<uint64_t> m(element), c1(element), v(element);
+        FastRandom rng;
+        std::vector<uint64_t> m(element), c1(element), v(element), a_ct(n);
         std::vector<int64_t> e(n), small(n);
-        WipeOnExit<uint64_t> wipe_m(m), wipe_c1(c1), wipe_v(v);
+        std::vector<uint64_t> words(n);
+        WipeOnExit<uint64_t> wipe_m(m), wipe_c1(c1), wipe_v(v), wipe_words(words);
         WipeOnExit<int64_t> wipe_e(e), wipe_small(small);
         const auto tables = ring_tables(ring);
         for (uint64_t k = begin; k < end; ++k) {
-            for (uint64_t j = 0; j < n; ++j) e[j] = error_sample(rng, cdt.data());
+            sample_errors(rng, e.data(), n, words.data());
             encode_coefficients(ring, values + k * per_ct, e.data(), m.data());  // m + e
             if (!seeded) {
                 for (uint64_t j = 0; j < n; ++j) small[j] = ternary_sample(rng);
                 for (uint64_t t = 0; t < towers; ++t)
                     for (uint64_t j = 0; j < n; ++j)
                         v[t * n + j] = signed_mod(small[j], ring.moduli[t], tables->mu[t]);
-                for (uint64_t j = 0; j < n; ++j) small[j] = error_sample(rng, cdt.data());
+                sample_errors(rng, small.data(), n, words.data());
                 for (uint64_t t = 0; t < towers; ++t)
                     for (uint64_t j = 0; j < n; ++j)
                         c1[t * n + j] = signed_mod(small[j], ring.moduli[t], tables->mu[t]);
             }
             for (uint64_t t = 0; t < towers; ++t) {
-                const uint64_t q = ring.moduli[t], root = ring.roots[t];
+                const uint64_t q = ring.moduli[t];
                 uint64_t* mt = m.data() + t * n;
-                ntt_forward(mt, n, q, root);
+                ntt_fwd(mt, n, tables->ntt[t]);
                 if (seeded) {
                     // c0 = m + e - a * s
-                    const uint64_t* at = a + k * element + t * n;
+                    const uint64_t* at = a ? a + k * element + t * n : a_ct.data();
+                    if (!a) expand_uniform(a_key, k, static_cast<uint32_t>(t), q, n, a_ct.data(), false);
                     const uint64_t* st = key->s.data() + t * n;
                     const uint64_t* sh = key->shoup.data() + t * n;
                     uint64_t over = 0;
@@ -615,8 +726,8 @@ std::string encrypt_update(UpdateHeader header, const CkksRing& ring, const doub
                     // c0 = p0 * v + e0 + m, c1 = p1 * v + e1
                     uint64_t* vt = v.data() + t * n;
                     uint64_t* ct = c1.data() + t * n;
-                    ntt_forward(vt, n, q, root);
-                    ntt_forward(ct, n, q, root);
+                    ntt_fwd(vt, n, tables->ntt[t]);
+                    ntt_fwd(ct, n, tables->ntt[t]);
                     const uint64_t* p0t = p0 + t * n;
                     const uint64_t* p1t = p1 + t * n;
                     const uint64_t* p0s = p0_shoup.data() + t * n;
@@ -644,13 +755,13 @@ std::string encrypt_update(UpdateHeader header, const CkksRing& ring, const doub
 }
 
 void sample_error(int64_t* out, size_t n) {
-    RandomWords rng;
-    const std::vector<uint64_t>& cdt = error_cdt();
-    for (size_t i = 0; i < n; ++i) out[i] = error_sample(rng, cdt.data());
+    FastRandom rng;
+    std::vector<uint64_t> words(n);
+    sample_errors(rng, out, n, words.data());
 }
 
 void sample_ternary(int64_t* out, size_t n) {
-    RandomWords rng;
+    FastRandom rng;
     for (size_t i = 0; i < n; ++i) out[i] = ternary_sample(rng);
 }
 

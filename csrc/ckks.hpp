@@ -70,11 +70,13 @@ void decode_coefficients(const CkksRing& ring, const uint64_t* coeffs, double* o
 
 // Decrypts every ciphertext of a serialized update (parsed and validated here) with the secret
 // key s (T * N residues, evaluation form): out[k * values_per_ciphertext + j]. A seeded
-// update's c1 comes from `c1` (n_ciphertexts * T * N residues); flooding `w` is added to each
-// decryption before decoding.
+// update's c1 is the sum of the expansions (aes_ctr.hpp: expand_uniform) of its n_summed seeds'
+// stream keys (n_keys * 32 bytes), or, when `c1` is given, c1 (n_ciphertexts * T * N
+// residues); flooding `w` is added to each decryption before decoding.
 void decrypt_update(const uint8_t* data, size_t len, const CkksRing& ring, const uint64_t* s,
-                    const uint64_t* c1, size_t c1_len, FloodWidth w, unsigned threads,
-                    double* out, size_t out_len);
+                    const uint64_t* c1, size_t c1_len, const uint8_t* stream_keys,
+                    size_t n_keys, FloodWidth w, unsigned threads, double* out,
+                    size_t out_len);
 
 // A party's partial decryption of every ciphertext of an (unseeded) aggregate with its key
 // s_i: (lead ? c0 : 0) + c1 * s_i + e + f, e a discrete Gaussian of variance kSmudgingSigma2,
@@ -92,13 +94,14 @@ void fuse_partials(const std::vector<std::vector<std::pair<const uint8_t*, size_
 
 // Encrypts n_ciphertexts * values_per_ciphertext reals into a whole serialized update for
 // `header` (ring_dim, moduli and packing must be the ring's; payload_len is filled in).
-// Seeded (header.elements == 1): c0 = m + e - a*s with a = `a` (n_ciphertexts * T * N residues
-// expanded from `seed`, written after the payload). Otherwise public-key encryption under
-// (p0, p1) (T * N residues each), both elements on the wire.
+// Seeded (header.elements == 1): c0 = m + e - a*s with a expanded from the seed's stream key
+// `a_key` (32 bytes) per ciphertext, or taken from `a` (n_ciphertexts * T * N residues) when
+// given; `seed` is written after the payload. Otherwise public-key encryption under (p0, p1)
+// (T * N residues each), both elements on the wire.
 std::string encrypt_update(UpdateHeader header, const CkksRing& ring, const double* values,
                            size_t n_values, const uint64_t* s, const uint64_t* a,
-                           const uint8_t* seed, const uint64_t* p0, const uint64_t* p1,
-                           unsigned threads);
+                           const uint8_t* a_key, const uint8_t* seed, const uint64_t* p0,
+                           const uint64_t* p1, unsigned threads);
 
 // --- samplers (exposed for the statistical tests) -----------------------------------------
 

@@ -190,10 +190,16 @@ def encrypt_packed(ctx: Context, packed: PackedUpdate, threads: int = 0) -> Encr
     ring = ckks_ring(ctx)
     if header["elements"] == 1:
         seed = seeded.new_seed()
-        a = seeded.expand(seed, ctx.fingerprint, header["round"], header["n_ciphertexts"],
-                          ctx.moduli, ctx.params.ring_dim)
-        blob = _native.ckks_encrypt(header, ring, packed.buffer, s=_secret_residues(ctx), a=a,
-                                    seed=seed, threads=threads)
+        if _native.HAVE_AES_NI:  # a expanded per ciphertext inside the native call
+            blob = _native.ckks_encrypt(header, ring, packed.buffer, s=_secret_residues(ctx),
+                                        a_key=seeded.stream_key(ctx.fingerprint,
+                                                                header["round"], seed),
+                                        seed=seed, threads=threads)
+        else:
+            a = seeded.expand(seed, ctx.fingerprint, header["round"], header["n_ciphertexts"],
+                              ctx.moduli, ctx.params.ring_dim)
+            blob = _native.ckks_encrypt(header, ring, packed.buffer, s=_secret_residues(ctx),
+                                        a=a, seed=seed, threads=threads)
     else:
         p0, p1 = _public_residues(ctx)
         blob = _native.ckks_encrypt(header, ring, packed.buffer, p0=p0, p1=p1, threads=threads)
@@ -427,12 +433,14 @@ def decrypt_values(ctx: Context, update: EncryptedUpdate, threads: int = 0) -> n
     when the parameters say so (the decryption leaves the key holder): float64 buffer of
     n_ciphertexts * values_per_ciphertext values."""
     params = ctx.params
-    c1 = None
-    if update.is_seeded:
+    c1, keys = None, []
+    if update.is_seeded and _native.HAVE_AES_NI:  # c1 expanded per ciphertext, natively
+        keys = [seeded.stream_key(ctx.fingerprint, update.round, s) for s in update.seeds]
+    elif update.is_seeded:
         c1 = seeded.expand_sum(update.seeds, ctx.fingerprint, update.round,
                                update.n_ciphertexts, ctx.moduli, params.ring_dim)
     hi, lo = (flooding.split_width(flooding.flood_width(params, 1)) if params.flooding
               else (0, 0))
     return _native.ckks_decrypt(update.to_bytes(), ckks_ring(ctx), _secret_residues(ctx), c1,
-                                hi, lo, update.n_ciphertexts * params.values_per_ciphertext,
+                                keys, hi, lo, update.n_ciphertexts * params.values_per_ciphertext,
                                 threads)
