@@ -13,9 +13,9 @@ import time
 import numpy as np
 
 from . import _native
+from .threads import num_threads
 from .he import (CKKSParams, Layout, aggregate, backend, combine_partials, decrypt_update,
                  encrypt_update, keygen_shared, keygen_threshold, partial_decrypt)
-from .he.crypto_pool import default_workers
 from .he.encryption import auto_weight_bound, rebuild_ciphertexts
 
 # Unequal example counts, far below any default bound: the weighted average must stay exact.
@@ -192,7 +192,7 @@ def run_bench(n_values: int = 1 << 20, n_clients: int = 4, verbose: bool = True)
     states = [lora_like_state(n_values, seed) for seed in range(n_clients)]
     n = sum(v.size for v in states[0].values())
     weights = _weights(n_clients)
-    cores = default_workers()
+    cores = num_threads()
     figures = {"lora_values": n, "clients": n_clients, "weights": weights, "cores": cores,
                "native_threads": _native.default_threads()}
     figures.update(_shared_rows(states, weights, n, cores))

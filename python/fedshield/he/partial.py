@@ -204,24 +204,28 @@ class PartialDecryption:
     def aggregate_digest(self) -> str | None:
         return self.meta.get("aggregate")
 
-    def check_for(self, ctx: Context, agg: EncryptedUpdate) -> None:
+    def check_for(self, ctx: Context, agg: EncryptedUpdate, *, digest: str | None = None,
+                  residues: bool = True) -> None:
         """What anyone holding the (public) context can check without openfhe: the share was
         made under ``ctx`` for ``agg``, holds one partial ciphertext per ciphertext of ``agg``,
-        and each is ``ctx``'s packed residues, every one below its tower's modulus (native).
-        IncompatibleUpdate or InvalidUpdate otherwise."""
+        and each is ``ctx``'s packed residues, every one below its tower's modulus (native;
+        ``residues=False`` leaves that to a caller that fuses natively, which checks them).
+        ``digest``: :func:`aggregate_digest` of ``agg`` when the caller has it (it hashes the
+        whole aggregate). IncompatibleUpdate or InvalidUpdate otherwise."""
         pid = self.party_id
         if self.meta["context_fp"] != ctx.fingerprint.hex():
             raise IncompatibleUpdate(f"the share of party {pid} was made under another context")
         if self.meta.get("params") != json.loads(ctx.params.to_json()):
             raise IncompatibleUpdate(f"the share of party {pid} names other parameters than the "
                                      "context's")
-        if self.meta["aggregate"] != aggregate_digest(agg) or self.meta["round"] != agg.round:
+        digest = aggregate_digest(agg) if digest is None else digest
+        if self.meta["aggregate"] != digest or self.meta["round"] != agg.round:
             raise IncompatibleUpdate(f"the share of party {pid} decrypts a different aggregate "
                                      f"(round {self.meta['round']}, this is round {agg.round})")
         if len(self.parts) != agg.n_ciphertexts:
             raise InvalidUpdate(f"the share of party {pid} holds {len(self.parts)} partial "
                                 f"ciphertexts, the aggregate {agg.n_ciphertexts}")
-        for k, part in enumerate(self.parts):
+        for k, part in enumerate(self.parts if residues else ()):
             try:
                 _native.check_partial(part, ctx.params.ring_dim, list(ctx.moduli))
             except InvalidUpdate as exc:
@@ -281,9 +285,10 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
         raise NotEnoughShares("0 partial decryptions given; every present party's is needed")
     first = parsed[0].meta
     by_party: dict[int, PartialDecryption] = {}
+    digest = aggregate_digest(agg)
     for share in parsed:
         m, pid = share.meta, share.party_id
-        share.check_for(ctx, agg)
+        share.check_for(ctx, agg, digest=digest, residues=False)  # ckks_fuse checks residues
         if (m["present"], m["n_parties"], m["threshold"]) != (
                 first["present"], first["n_parties"], first["threshold"]):
             raise IncompatibleUpdate(f"the share of party {pid} was made for present="
@@ -308,8 +313,13 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
     check_for_layout(agg, layout, mask)
 
     order = [by_party[i] for i in present]
-    buffer = _native.ckks_fuse([share.parts for share in order], ckks_ring(ctx),
-                               agg.n_ciphertexts * ctx.params.values_per_ciphertext, threads)
+    try:
+        buffer = _native.ckks_fuse([share.parts for share in order], ckks_ring(ctx),
+                                   agg.n_ciphertexts * ctx.params.values_per_ciphertext, threads)
+    except InvalidUpdate:
+        for share in order:  # error path only: name the share and ciphertext at fault
+            share.check_for(ctx, agg, digest=digest)
+        raise
     try:
         _check_fused(buffer, agg, ctx.params)
         return unpack_average(buffer, layout, mask, agg, ctx.params, tolerance,
