@@ -70,7 +70,7 @@ test-default: $(STAMP)
 test-all: PYTEST_ARGS =
 test-all: test
 
-# Longer fuzzing: every hypothesis target FUZZ_EXAMPLES times (README, "Fuzzing and sanitizers").
+# Longer fuzzing: every hypothesis target FUZZ_EXAMPLES times (docs/FUZZING.md).
 fuzz: $(STAMP)
 	FEDSHIELD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VPY) -m pytest tests/test_fuzz.py \
 	  tests/test_update_wire.py -k "fuzz or hypothesis" --hypothesis-show-statistics -q

@@ -19,7 +19,7 @@ from fedshield.he.context import _VERSION as CONTEXT_VERSION
 
 def fuzz_settings(examples: int) -> settings:
     """Deterministic hypothesis settings for a fuzz target: ``examples`` cases, or
-    FEDSHIELD_FUZZ_EXAMPLES when set (README, "Fuzzing and sanitizers": longer runs)."""
+    FEDSHIELD_FUZZ_EXAMPLES when set (docs/FUZZING.md: longer runs)."""
     import os  # noqa: PLC0415 - read at collection, once per target
 
     n = int(os.environ.get("FEDSHIELD_FUZZ_EXAMPLES", examples))

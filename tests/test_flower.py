@@ -492,7 +492,8 @@ def test_client_refuses_to_train_out_of_step(tmp_path):
     key = tmp_path / "party-0.key"  # written by the key set-up, which this test never runs
     (data,) = write_site_files([make_synthetic_examples(16, 0)], tmp_path)
     cfg = RunConfig.from_flat(**TINY, out=str(tmp_path))
-    node = {"party-id": 0, "key-file": str(key), "data": str(data)}
+    node = {"party-id": 0, "key-file": str(key), "data": str(data),
+            "insecure-trust-server-roster": True}  # no key set-up here, no federation
     context = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(),
                       run_config={"fedshield-config": json.dumps(cfg.to_dict())})
     plan = {"round": 3, "lr": 0.01, "prune": "off", "prune-ratio": 0.0, "weight-bound": 16.0,
@@ -799,7 +800,7 @@ def _run_quiet(argv, **kw):
 @pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
                     reason="needs openssl and ssh-keygen")
 def test_tls_and_supernode_authentication(tmp_path):
-    """The README's TLS + node authentication commands on loopback (toy app): registered
+    """docs/DEPLOYMENT.md's TLS + node authentication commands on loopback (toy app): registered
     SuperNodes run the app over TLS; an unregistered one is refused."""
     from fedshield.flower.deployment import _free_ports, _tool, write_app_project
 
@@ -909,3 +910,20 @@ def test_flower_run_stopped_by_sigterm_ends_every_process(tmp_path):
     assert last.startswith("fedshield: interrupted during round ") and \
         "of the Flower run; its processes are stopped" in last and "--overwrite" in last, last
     wait_until(lambda: not _processes_under(out), 30, "every Flower process to end")
+
+
+@pytest.mark.parametrize("keys", ["shared", pytest.param("threshold", marks=pytest.mark.slow)])
+def test_a_server_made_roster_is_refused_by_the_pinned_sites(tmp_path, keys):
+    """A malicious ServerApp enrols identities of its own for parties 1 and 2: party 0, which
+    pinned its federation file, refuses the key set-up; the run fails before any key exists
+    and nothing is decrypted."""
+    app = FlowerApp(server_app="malicious_server:app", files=[APPS / "malicious_server.py"])
+    cfg = RunConfig.from_flat(**{**TINY, "clients": 3}, keys=keys, engine="flower",
+                              out=str(tmp_path / "run"))
+    with pytest.raises(fs.FedShieldError, match="the Flower run failed"):
+        run_flower(cfg, app=app)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "pinned federation" in metrics["failure"] and "parties [1, 2]" in metrics["failure"]
+    assert metrics["rounds"] == []
+    work = tmp_path / "run" / "flower"
+    assert not list(work.glob("nodes/*/party.key")) and not (work / "server" / "server.ctx").exists()

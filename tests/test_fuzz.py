@@ -2,7 +2,7 @@
 
 Each target accepts nothing but fs.FedShieldError subclasses (or a result that matches the
 unmutated input's), never a crash. Case counts are small in `make test`;
-FEDSHIELD_FUZZ_EXAMPLES=N runs every hypothesis target N times (README, "Fuzzing and
+FEDSHIELD_FUZZ_EXAMPLES=N runs every hypothesis target N times (docs/FUZZING.md, "Fuzzing and
 sanitizers"); `make asan-test` runs them under AddressSanitizer/UBSan.
 """
 

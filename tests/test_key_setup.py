@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import fedshield as fs
+from fedshield.fl.federation import RunSettings
 from fedshield.fl.key_setup import (KeyHolder, KeySetup, check_subsets, describe,
                                     keycheck_values, suspects, used_material)
 from fedshield.he import threshold as th
@@ -18,6 +19,7 @@ from fedshield.he.budget import DecryptionBudget
 from fedshield.he.identity import Identity
 
 from conftest import make_state, weighted_average
+from federation_fixtures import pinned_federation
 from key_scan import assert_key_material_only_in_own_node, key_windows
 
 THRESHOLD = fs.CKKSParams.for_precision(keys="threshold")
@@ -28,14 +30,20 @@ class Federation:
     relay can be replaced to tamper with what it carries."""
 
     def __init__(self, tmp_path, n: int, mode: str = "threshold", t: int | None = None,
-                 params=None) -> None:
+                 params=None, *, pinned: bool = True) -> None:
         self.n, self.mode, self.t = n, mode, t or n
         self.params = params or (THRESHOLD if mode == "threshold" else fs.CKKSParams())
-        self.holders = [KeyHolder(i, Identity.generate(), tmp_path / f"node-{i}" / "party.key")
-                        for i in range(n)]
+        self.server = Identity.generate()
+        identities = [Identity.generate() for _ in range(n)]
+        # what the sites signed out of band; pinned=False: they trust the server's roster
+        self.pinned = pinned_federation(identities, self.server, mode, self.t, self.params)
+        self.settings = RunSettings.of(self.params, False, self.pinned.floor.quorum)
+        self.holders = [KeyHolder(i, identity, tmp_path / f"node-{i}" / "party.key",
+                                  federation=self.pinned if pinned else None,
+                                  trust_server_roster=not pinned)
+                        for i, identity in enumerate(identities)]
         self.relay = None     # (op, party, fields, sections) -> (fields, sections)
         self.roster = {h.party_id: h.identity.public for h in self.holders}
-        self.server = Identity.generate()
 
     def ask(self, op, requests):
         out = {}
@@ -50,7 +58,7 @@ class Federation:
 
     def run(self, epoch: int = 1):
         return KeySetup(self.params, self.mode, self.t, self.roster, self.server.public,
-                        self.ask).run(epoch)
+                        self.ask, settings=self.settings).run(epoch)
 
 
 # -- which subsets, and who is to blame ---------------------------------------------------------
@@ -177,7 +185,8 @@ def test_a_relay_cannot_alter_what_it_carries(tmp_path, op):
 
 
 def test_a_substituted_roster_entry_is_refused(tmp_path):
-    fed = Federation(tmp_path, 3, "threshold")
+    # even a site that trusts the server's roster checks its own entry
+    fed = Federation(tmp_path, 3, "threshold", pinned=False)
     fed.roster[2] = Identity.generate().public  # the relay's own key in party 2's place
     with pytest.raises(fs.KeySetupError, match="party 2 failed keys.begin: .*not this node's own"):
         fed.run()

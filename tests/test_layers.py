@@ -25,7 +25,7 @@ LAYER_OF = {
     "model": "support", "train": "support", "pruning": "support", "dp": "support",
     "evaluation": "support", "checkpoint": "support", "plots": "support", "report": "support",
     "bench": "support", "hf_trainer": "support", "fl": "fl", "local_engine": "engines", "flower": "engines",
-    "cli": "cli",
+    "cli": "cli", "cli_federation": "cli",
 }
 ORDER = ["base", "he", "data", "kernels", "config", "support", "fl", "engines", "cli"]
 # What each layer may import besides itself (data and kernels are peers: neither imports the

@@ -102,7 +102,7 @@ def test_the_blocker_really_blocks(tmp_path):
 @pytest.mark.slow
 def test_server_only_install_pulls_no_torch(tmp_path):
     """`pip install ".[server]"` into a fresh venv: no torch, transformers, peft or openfhe,
-    and the aggregation path works there. Prints the venv's size (README, "Server-only
+    and the aggregation path works there. Prints the venv's size (docs/ARCHITECTURE.md, "Server-only
     install")."""
     root = Path(__file__).resolve().parents[1]
     env_dir = tmp_path / "server-venv"

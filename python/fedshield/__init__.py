@@ -8,7 +8,8 @@ torch (Party, importance_mask, ImportanceResult) load it when first used.
 from importlib import import_module
 
 from .errors import (AuthenticationError, ConcurrentUseError, DataError,
-                     DecryptionBudgetExceeded, DecryptionRefused, FedShieldError, HeadroomError,
+                     DecryptionBudgetExceeded, DecryptionRefused, FederationError, FedShieldError,
+                     HeadroomError,
                      IncompatibleUpdate, InvalidUpdate, KeyMaterialError, KeySetupError,
                      NotEnoughShares, ParameterError, PrecisionError, StorageError,
                      UnsupportedPlatform)
@@ -36,7 +37,7 @@ def __getattr__(name: str):
 __all__ = [
     "AuthenticationError", "CKKSParams", "ConcurrentUseError", "Context", "DataError",
     "DecryptionBudgetExceeded", "DecryptionRefused", "DEFAULT_TOLERANCE", "EncryptedUpdate",
-    "FedShieldError",
+    "FederationError", "FedShieldError",
     "HeadroomError", "ImportanceResult", "IncompatibleUpdate", "InvalidUpdate",
     "KeyMaterialError", "KeySetupError", "Layout", "NotEnoughShares", "ParameterError", "Party",
     "PrecisionError", "SharedKeys", "StorageError", "TensorSpec", "UnsupportedPlatform",

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from . import cli_federation
 from .config import SECTIONS, Option, RunConfig, options
 from .data.sites import SPLITS, data_set, split_into_sites, write_site_files
 from .errors import FedShieldError, ParameterError
@@ -373,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     _eval_parser(sub)
     _report_parser(sub)
     _bench_parser(sub)
+    cli_federation.add_parser(sub, _HelpFormatter)
     args = parser.parse_args(argv)
     # fedshield's own progress at INFO; other libraries (flwr's database set-up...) warnings only
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
@@ -380,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("fedshield").setLevel(logging.INFO)
     try:
         commands = {"run": _cmd_run, "split": _cmd_split, "eval": _cmd_eval,
-                    "report": _cmd_report, "bench": _cmd_bench}
+                    "report": _cmd_report, "bench": _cmd_bench,
+                    "federation": cli_federation.run}
         return commands[args.command](args)
     except FedShieldError as exc:
         print(f"fedshield: error: {exc}", file=sys.stderr)

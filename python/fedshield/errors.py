@@ -53,6 +53,11 @@ class KeySetupError(FedShieldError):
     party."""
 
 
+class FederationError(FedShieldError, ValueError):
+    """A federation file that is malformed, incomplete, not signed by every member and the
+    server, or that a signer does not belong to (fedshield.fl.federation)."""
+
+
 class DecryptionRefused(FedShieldError):
     """A key holder refuses to decrypt: not an aggregate of enough signed updates of its round,
     or a second aggregate of a round it already decrypted."""

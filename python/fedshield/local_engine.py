@@ -21,6 +21,7 @@ from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from .config import RunConfig
 from .errors import FedShieldError, ParameterError
 from .fl.dealer import deal_keys
+from .fl.federation import Federation, federation_for_run, run_settings
 from .fl.key_setup import KeySetup
 from .fl.party import Party
 from .fl.record import RunRecord
@@ -56,6 +57,7 @@ class LocalEngine:
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
         self.first_round = 1
         self.last_aggregate = None
+        self.federation: Federation | None = None   # pinned by every site at its first key set-up
         apply_to_torch()  # FEDSHIELD_NUM_THREADS
         start = time.perf_counter()
         log.info("fedshield: set-up of %d sites: data, model %r, %s", cfg.n_sites,
@@ -135,11 +137,25 @@ class LocalEngine:
         path.mkdir(mode=0o700, exist_ok=True)
         return path
 
+    def pin_federation(self) -> Federation:
+        """The federation of this process's sites, made as real sites make theirs out of band:
+        the run's roster, parameters and floor, signed by every site and the server; each site
+        then holds every key set-up to it."""
+        fed = federation_for_run(self.cfg, self.server.identity.public)
+        for site in self.sites:
+            fed = fed.with_member(site.name, site.identity.public)
+        for identity in [site.identity for site in self.sites] + [self.server.identity]:
+            fed = fed.signed_by(identity)
+        self.federation = fed
+        return fed
+
     def set_up_keys(self, before_round: int) -> None:
         """A key epoch by the protocol (fedshield.fl.key_setup), every party in this process:
         the first one, or a rotation when a key's decryption budget runs low."""
         server = self.server
-        holders = {s.party_id: s.keys or s.key_holder(self._party_dir(s) / "party.key")
+        federation = self.federation or self.pin_federation()
+        holders = {s.party_id: s.keys or s.key_holder(self._party_dir(s) / "party.key",
+                                                      federation=federation)
                    for s in self.sites}
 
         def ask(op: str, requests):
@@ -154,7 +170,8 @@ class LocalEngine:
         cfg = self.cfg
         epoch = server.epoch + 1
         result = KeySetup(cfg.ckks_params(), cfg.keys.mode, cfg.keys.threshold or cfg.n_sites,
-                          server.roster, server.identity.public, ask).run(epoch)
+                          server.roster, server.identity.public, ask,
+                          settings=run_settings(cfg)).run(epoch)
         server.key_epoch_done(epoch, result.context, before_round, result.seconds,
                               result.subsets_checked)
         for site in self.sites:

@@ -54,6 +54,7 @@ from ..he import (CKKSParams, Context, EncryptedUpdate, Layout, aggregate, combi
 from ..he import threshold as th
 from ..he.budget import DecryptionBudget
 from ..he.identity import Identity, PublicIdentity, sign_blob, verify_blob
+from .federation import Federation, RunSettings
 
 log = logging.getLogger("fedshield")
 
@@ -64,6 +65,10 @@ KEYCHECK_VALUES = 64           # the public test vector's length (one ciphertext
 KEYCHECK_TOLERANCE = 1e-4      # a wrong key decrypts to noise of thousands; right, to ~1e-7
 _SHARE_AAD = b"fedshield-key-share-v1"
 _CLIENT_AAD = b"fedshield-shared-key-v1"
+NOT_PINNED = ("this site has no pinned federation file, so it would take the server's word for "
+              "who the other parties are (a malicious server could enrol identities of its "
+              "own): give the site its co-signed federation file (`fedshield federation`), or, "
+              "for simulations only, opt in with insecure_trust_server_roster")
 
 
 # -- what both halves compute the same way -----------------------------------------------------
@@ -161,12 +166,23 @@ class KeyHolder:
     once committed, its context (written to ``key_file``, mode 0600) and decryption budget
     (``key_file`` + ".budget")."""
 
-    def __init__(self, party_id: int, identity: Identity, key_file: str | Path) -> None:
+    def __init__(self, party_id: int, identity: Identity, key_file: str | Path, *,
+                 federation: Optional[Federation] = None,
+                 trust_server_roster: bool = False) -> None:
         if not isinstance(identity, Identity):
             raise TypeError(f"expected an Identity, got {type(identity).__name__}")
+        if federation is None and trust_server_roster is not True:
+            raise KeySetupError(NOT_PINNED)
+        if federation is not None:
+            if not isinstance(federation, Federation):
+                raise TypeError(f"expected a Federation, got {type(federation).__name__}")
+            federation.check_pinnable()
         self.party_id = int(party_id)
         self.identity = identity
         self.key_file = Path(key_file)
+        self.federation = federation
+        # (fewest parties per aggregate, verify): the run's settings, raised to the floor
+        self.guard_settings: tuple[int, bool] = (2, True)
         self.roster: dict[int, PublicIdentity] = {}
         self.server: Optional[PublicIdentity] = None   # signs each aggregate's provenance
         self.epoch: Optional[int] = None
@@ -211,7 +227,27 @@ class KeyHolder:
         verify_blob(self.roster[party], domain, record, blob, party_id=party, round=self.epoch)
 
     def _begin(self, fields: Mapping, sections: list) -> Request:
+        """Takes a key epoch's roster, parameters and settings: with a pinned federation only
+        exactly its own (and the run's settings at or above its floor)."""
         roster = roster_from(fields.get("roster"))
+        settings = RunSettings.from_json(fields.get("settings"))
+        try:
+            params = CKKSParams.from_dict(json.loads(str(fields["params"])))
+            n, t, mode = int(fields["n"]), int(fields["t"]), str(fields["mode"])
+        except (KeyError, TypeError, ValueError, FedShieldError) as exc:
+            raise KeySetupError(f"party {self.party_id}: malformed key set-up request "
+                                f"({type(exc).__name__})") from None
+        if not fields.get("server"):
+            raise KeySetupError(f"party {self.party_id}: the key set-up names no server identity")
+        server = roster_from([fields.get("server")])[0]
+        if self.federation is not None:
+            self.federation.check_key_setup(self.party_id, self.identity.public, mode=mode,
+                                            n=n, t=t, params=params, roster=roster,
+                                            server=server, settings=settings)
+        else:
+            log.warning("key set-up: party %d TRUSTS THE SERVER'S ROSTER (no pinned federation "
+                        "file): a malicious server could enrol identities of its own",
+                        self.party_id)
         if roster.get(self.party_id) != self.identity.public:
             raise KeySetupError(f"party {self.party_id}: the roster's identity for this party "
                                 "is not this node's own (a relay substituted it?)")
@@ -220,15 +256,13 @@ class KeyHolder:
                 self.epoch is not None and epoch <= self.epoch):
             raise KeySetupError(f"party {self.party_id}: key epoch {epoch!r} is not after "
                                 f"{self.epoch}")
-        self._params = CKKSParams.from_dict(json.loads(str(fields["params"])))
-        self._mode = str(fields["mode"])
-        self._n, self._t = int(fields["n"]), int(fields["t"])
-        if len(roster) != self._n:
-            raise KeySetupError(f"the roster names {len(roster)} parties, n = {self._n}")
-        server = roster_from([fields.get("server")])[0] if fields.get("server") else None
-        if server is None:
-            raise KeySetupError(f"party {self.party_id}: the key set-up names no server identity")
+        if len(roster) != n:
+            raise KeySetupError(f"the roster names {len(roster)} parties, n = {n}")
+        self._params, self._mode, self._n, self._t = params, mode, n, t
         self.roster, self.server, self.epoch = roster, server, epoch
+        self.guard_settings = (self.federation.floor.guard_settings(settings)
+                               if self.federation is not None
+                               else (settings.quorum, settings.verify_aggregates))
         self._state = self._ctx = None
         self._check_decryptions = 0
         log.info("key set-up, epoch %d: party %d, %s keys; identity fingerprints (compare them "
@@ -415,10 +449,12 @@ class KeySetup:
     """The server's side: relays, verifies what it relays, names a party that fails."""
 
     def __init__(self, params: CKKSParams, mode: str, threshold: int,
-                 roster: Mapping[int, PublicIdentity], server: PublicIdentity, ask: Ask) -> None:
+                 roster: Mapping[int, PublicIdentity], server: PublicIdentity, ask: Ask, *,
+                 settings: RunSettings) -> None:
         if mode not in ("shared", "threshold"):
             raise ParameterError(f"key mode {mode!r} is not 'shared' or 'threshold'")
         self.params, self.mode, self.roster, self.ask = params, mode, dict(roster), ask
+        self.settings = settings
         self.server = server
         self.n = len(self.roster)
         self.t = threshold if mode == "threshold" else self.n
@@ -452,7 +488,8 @@ class KeySetup:
         start = time.perf_counter()
         begin = {"epoch": epoch, "mode": self.mode, "params": self.params.to_json(),
                  "n": self.n, "t": self.t, "roster": roster_fields(self.roster),
-                 "server": self.server.to_bytes().hex()}
+                 "server": self.server.to_bytes().hex(),
+                 "settings": self.settings.to_json()}
         self._all("keys.begin", {p: (begin, []) for p in range(self.n)})
         e = {"epoch": epoch}
         if self.mode == "threshold":

@@ -59,7 +59,7 @@ class Server:
     """See the module docstring. ``ctx`` is the public context (None: plaintext baseline)."""
 
     def __init__(self, cfg: RunConfig, ctx: Context | None, *, engine: str,
-                 flood_bits: int | None = None) -> None:
+                 flood_bits: int | None = None, identity: Identity | None = None) -> None:
         if ctx is not None and not cfg.he.enabled:
             raise FedShieldError("he.enabled=False but the server was given a context")
         self.cfg = cfg
@@ -80,8 +80,9 @@ class Server:
         self.current: RoundRecord | None = None
         self._seen: set[bytes] = set()             # digests of every update accepted so far
         self.roster: dict[int, PublicIdentity] = {}  # party -> identity (HE: from enrolment)
-        # its own identity key, made here: it signs each aggregate's provenance
-        self.identity = Identity.generate() if cfg.he.enabled else None
+        # its identity key (a deployment's is pinned in the sites' federation file; else one
+        # made here): it signs each aggregate's provenance
+        self.identity = (identity or Identity.generate()) if cfg.he.enabled else None
         self.provenance: Provenance | None = None  # of the round's aggregate
         self.share_records: dict[int, bytes] = {}  # party -> signed record of its share
         self.epoch = 0                             # key epoch (0: keys not set up yet)

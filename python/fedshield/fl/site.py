@@ -30,6 +30,7 @@ from ..he.identity import Identity, PublicIdentity
 from ..model import save_adapter
 from ..train import evaluate_loss, train_local
 from .guard import AggregateGuard, Provenance, sign_share, sign_update
+from .federation import Federation
 from .key_setup import KeyHolder
 from .adapter_store import adapter_fingerprint
 from .messages import EvalReply, RoundPlan, SiteInfo, TrainReply
@@ -139,31 +140,38 @@ class Site:
                                   else self.identity.public.to_bytes().hex()))
 
     # -- keys -------------------------------------------------------------------------------------
-    def key_holder(self, key_file: str | Path) -> KeyHolder:
-        """This site's half of the key set-up (protocol), writing its key to ``key_file``."""
-        self.keys = KeyHolder(self.party_id, self.identity, key_file)
+    def key_holder(self, key_file: str | Path, *, federation: Federation | None = None,
+                   trust_server_roster: bool = False) -> KeyHolder:
+        """This site's half of the key set-up (protocol), writing its key to ``key_file`` and
+        holding every key set-up to its pinned ``federation`` (or, simulations only, trusting
+        the server's roster: ``trust_server_roster``)."""
+        self.keys = KeyHolder(self.party_id, self.identity, key_file, federation=federation,
+                              trust_server_roster=trust_server_roster)
         return self.keys
 
     def use_keys(self, ctx: Context, roster: Mapping[int, PublicIdentity],
-                 server: PublicIdentity, budget_file: str | Path | None = None) -> None:
+                 server: PublicIdentity, budget_file: str | Path | None = None, *,
+                 guard: tuple[int, bool] | None = None) -> None:
         """Takes the keys of a (new) key epoch: the party decrypts with ``ctx``, only what its
         guard admits (bound by the ``server``'s record to updates signed by the ``roster``'s
-        parties, at least the run's quorum) and within the decryption budget counted in
-        ``budget_file``."""
+        parties, at least ``guard`` = (fewest parties, verify); default: the run's quorum and
+        verify_aggregates) and within the decryption budget counted in ``budget_file``."""
         budget = None if budget_file is None else DecryptionBudget(
             budget_file, 2 ** ctx.params.flood_log_queries)
         if budget is not None and budget.context_fp != ctx.fingerprint:
             budget.reset_for(ctx.fingerprint)
         self.party.set_keys(ctx, budget)
-        self.party.guard = AggregateGuard(roster, server, min_updates_for(self.cfg),
-                                          verify=self.cfg.keys.verify)
+        min_parties, verify = guard or (min_updates_for(self.cfg), self.cfg.keys.verify)
+        self.party.guard = AggregateGuard(roster, server, min_parties, verify=verify)
 
     def take_committed_keys(self) -> None:
-        """After the key set-up's commit: the keys it wrote become the party's."""
+        """After the key set-up's commit: the keys it wrote become the party's, guarded as the
+        key set-up agreed (the pinned floor at least)."""
         holder = self.keys
         if holder is None or holder.committed is None:
             raise KeyMaterialError(f"site {self.party_id} holds no committed key")
-        self.use_keys(holder.committed, holder.roster, holder.server, holder.budget_file)
+        self.use_keys(holder.committed, holder.roster, holder.server, holder.budget_file,
+                      guard=holder.guard_settings)
 
     # -- one round --------------------------------------------------------------------------------
     def round_mask(self, plan: RoundPlan):

@@ -27,12 +27,14 @@ from typing import Sequence
 from ..atomic import write_json_atomic
 from ..config import RunConfig
 from ..errors import FedShieldError, ParameterError
+from ..fl.federation import federation_for_run
 from ..fl.site_files import site_files
+from ..he.identity import Identity
 from ..run_dir import METRICS, SERVER_STATE, claim_out_dir
 from ..threads import ENV as THREADS_ENV
 from ..threads import available_cpus
 from .deployment import Deployment, DeploymentError, write_app_project
-from .site_ipc import (RESUME_STATE, SIMULATION_SITES, SiteWorkerError, request, socket_path,
+from .site_ipc import (RESUME_STATE, SERVER_IDENTITY, SIMULATION_SITES, SiteWorkerError, request, socket_path,
                        spawn_worker)
 
 log = logging.getLogger("fedshield")
@@ -40,6 +42,7 @@ log = logging.getLogger("fedshield")
 SERVER_APP = "fedshield.flower.server_app:app"
 SITES_FILE = "sites.json"     # OUT/flower/: every site's node config (what --resume starts)
 CLIENT_APP = "fedshield.flower.client_app:app"
+SERVER_IDENTITY_FILE = "identity.key"   # OUT/flower/server/: the server's (pinned) identity
 
 
 # What ray logs when it could not start on an overloaded node: its raylet did not register
@@ -120,7 +123,30 @@ def prepare_sites(cfg: RunConfig, work: Path) -> tuple[list[dict], Path]:
             config["columns"] = f.columns
         configs.append(config)
     shutil.rmtree(work / "split", ignore_errors=True)  # each node holds its own copy
+    pin_federation(cfg, configs, server_path.parent)
     return configs, server_path
+
+
+def pin_federation(cfg: RunConfig, configs: list[dict], server_dir: Path) -> None:
+    """What the sites of a real deployment do out of band (`fedshield federation`), done here
+    for the sites this launcher deploys: every site and the server make an identity key in
+    their own directory, the federation of the run's roster, parameters and floor is signed by
+    all of them, and each site pins its copy (node config ``federation``)."""
+    server = Identity.generate()
+    server.save(server_dir / SERVER_IDENTITY_FILE)
+    fed = federation_for_run(cfg, server.public)
+    identities = []
+    for config in configs:
+        identity = Identity.generate()
+        identity.save(config["identity-file"])
+        identities.append(identity)
+        fed = fed.with_member(config["name"], identity.public)
+    for identity in identities + [server]:
+        fed = fed.signed_by(identity)
+    for config in configs:
+        path = Path(config["key-file"]).parent / "federation.json"
+        fed.save(path)
+        config["federation"] = str(path)
 
 
 def write_app(app_dir: Path, cfg: RunConfig, server_ctx: Path, out: Path,
@@ -128,7 +154,9 @@ def write_app(app_dir: Path, cfg: RunConfig, server_ctx: Path, out: Path,
     """The Flower app project `flwr run` packs into a FAB; returns its run config."""
     app_dir.mkdir(parents=True, exist_ok=True)
     run_config = {"fedshield-config": json.dumps(cfg.to_dict()),
-                  "server-context": str(server_ctx), "out-dir": str(out), **app.run_config}
+                  "server-context": str(server_ctx), "out-dir": str(out),
+                  SERVER_IDENTITY: str(server_ctx.parent / SERVER_IDENTITY_FILE),
+                  **app.run_config}
     write_app_project(app_dir, name="fedshield-run",
                       description="fedshield encrypted LoRA aggregation",
                       server_app=app.server_app, client_app=app.client_app, config=run_config,

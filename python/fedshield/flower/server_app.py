@@ -21,10 +21,11 @@ from ..atomic import write_json_atomic
 from ..config import RunConfig
 from ..errors import FedShieldError, KeySetupError
 from ..fl.server import Server
+from ..he.identity import Identity
 from ..run_dir import METRICS, SERVER_STATE
 from .polling import PromptGrid
 from .records import CHUNK_BYTES, route_logs_to_flower
-from .site_ipc import RESUME_STATE
+from .site_ipc import RESUME_STATE, SERVER_IDENTITY
 from .strategy import EncryptedFedAvg
 
 log = logging.getLogger("fedshield")
@@ -52,7 +53,11 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(str(rc["out-dir"]))
     out.mkdir(parents=True, exist_ok=True)
     context_path = Path(str(rc["server-context"]))
-    server = Server(cfg, None, engine="flower", flood_bits=cfg.ckks_params().flood_bits)
+    # the identity the sites' federation file pins (one made here would be refused by them)
+    identity = (Identity.load(str(rc[SERVER_IDENTITY])) if str(rc.get(SERVER_IDENTITY, ""))
+                else None)
+    server = Server(cfg, None, engine="flower", flood_bits=cfg.ckks_params().flood_bits,
+                    identity=identity)
     resume = str(rc.get(RESUME_STATE, ""))
     if resume:  # a restarted ServerApp: the run's record, rounds, key epoch and parties
         server.restore(json.loads(Path(resume).read_text()))

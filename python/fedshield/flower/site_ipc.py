@@ -33,6 +33,7 @@ from ..errors import FedShieldError
 # partition id; the virtual SuperNodes' own node configs hold only their partition id).
 SIMULATION_SITES = "simulation-sites"
 RESUME_STATE = "resume-state"   # run config: the server state a restarted ServerApp goes on from
+SERVER_IDENTITY = "server-identity"  # run config: the server's identity key (pinned by the sites)
 MAX_HEAD = 1 << 20            # a JSON head is small: fields and section sizes
 MAX_FRAME = 1 << 40           # what one message may declare (payloads are checked later)
 

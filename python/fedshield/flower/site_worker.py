@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 
 from ..config import RunConfig
-from ..errors import FedShieldError, ParameterError
+from ..errors import FedShieldError, KeySetupError, ParameterError
+from ..fl.federation import load_pinned
+from ..fl.key_setup import NOT_PINNED
 from ..fl.adapter_store import AdapterStore, adapter_fingerprint, pack_adapter, unpack_adapter
 from ..fl.messages import RoundPlan
 from ..fl.guard import Provenance
@@ -45,6 +47,8 @@ from .site_ipc import process_alive, recv_frame, run_digest, send_frame
 log = logging.getLogger("fedshield")
 
 DEFAULT_IDLE_TIMEOUT = 3600.0
+FEDERATION = "federation"   # node config: the site's pinned, co-signed federation file
+TRUST_SERVER_ROSTER = "insecure-trust-server-roster"   # node config: simulations only
 
 
 class OutOfStep(FedShieldError):
@@ -90,8 +94,25 @@ def build_site(node: dict, run_config: dict) -> tuple[Site, Path]:
         log.info("site worker: party %d trains with its own %s", party_id, spec)
     site = Site(party_id, party, site_data, cfg, tokenizer, train_fn=train_fn,
                 node_config=node, identity=identity)
-    site.key_holder(key_file)  # the keys come from the key set-up, made here
+    # the keys come from the key set-up, made here, held to the site's pinned federation
+    site.key_holder(key_file, **pinned_federation(node))
     return site, out
+
+
+def pinned_federation(node: dict) -> dict:
+    """The site's pinned federation (node config ``federation``: its co-signed file) or, for
+    simulations only, ``insecure-trust-server-roster = true``; neither refuses to start."""
+    path = _node_value(node, FEDERATION)
+    trust = _node_value(node, TRUST_SERVER_ROSTER, False)
+    if not isinstance(trust, bool):
+        raise ParameterError(f"node config {TRUST_SERVER_ROSTER}={trust!r} must be true or false")
+    if path is None:
+        if not trust:
+            raise KeySetupError(NOT_PINNED)
+        log.warning("site worker: %s = true: this site TRUSTS THE SERVER'S ROSTER (simulations "
+                    "only)", TRUST_SERVER_ROSTER)
+        return {"trust_server_roster": True}
+    return {"federation": load_pinned(str(path))}
 
 
 def adapter_store(node: dict) -> AdapterStore:

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..errors import FedShieldError
+from ..fl.federation import run_settings
 from ..fl.key_setup import KeySetup
 from ..fl.messages import EvalReply, InvalidMessage, ShareReply, SiteInfo, TrainReply
 from ..fl.server import Server
@@ -160,7 +161,7 @@ class EncryptedFedAvg(FedAvg):
         epoch = server.epoch + 1
         result = KeySetup(cfg.ckks_params(), cfg.keys.mode, cfg.keys.threshold or cfg.n_sites,
                           server.roster, server.identity.public,
-                          self._relay(grid, KEYS)).run(epoch)
+                          self._relay(grid, KEYS), settings=run_settings(cfg)).run(epoch)
         server.key_epoch_done(epoch, result.context, before_round, result.seconds,
                               result.subsets_checked)
         if self.on_keys is not None:
