@@ -73,6 +73,14 @@ FEDSHIELD_AES void ctr_blocks(const uint8_t* round_keys, uint64_t& hi, uint64_t&
         rk[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(round_keys + 16 * i));
 #define counter() next_counter(hi, lo)
     size_t b = 0;
+    for (; b + 8 <= blocks; b += 8) {  // eight independent blocks keep the AES unit busy
+        __m128i x[8];
+        for (int i = 0; i < 8; ++i) x[i] = _mm_xor_si128(counter(), rk[0]);
+        for (int r = 1; r < 14; ++r)
+            for (int i = 0; i < 8; ++i) x[i] = _mm_aesenc_si128(x[i], rk[r]);
+        __m128i* o = reinterpret_cast<__m128i*>(out + 16 * b);
+        for (int i = 0; i < 8; ++i) _mm_storeu_si128(o + i, _mm_aesenclast_si128(x[i], rk[14]));
+    }
     for (; b + 4 <= blocks; b += 4) {
         __m128i x0 = _mm_xor_si128(counter(), rk[0]), x1 = _mm_xor_si128(counter(), rk[0]);
         __m128i x2 = _mm_xor_si128(counter(), rk[0]), x3 = _mm_xor_si128(counter(), rk[0]);

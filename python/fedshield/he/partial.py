@@ -46,11 +46,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
 from .. import _native
+from ..threads import num_threads
 from ..errors import (IncompatibleUpdate, InvalidUpdate, KeyMaterialError, NotEnoughShares,
                       ParameterError)
 from . import backend, flooding
@@ -280,12 +282,16 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
     if isinstance(shares, (bytes, bytearray, memoryview)):
         raise TypeError("shares must be an iterable of share bytes, not one bytes object")
     check_for_context(ctx, agg)
-    parsed = [PartialDecryption.from_bytes(s) for s in shares]
+    shares = list(shares)
+    # the frames' SHA-256 digests and the aggregate's: hashlib releases the GIL, so on threads
+    with ThreadPoolExecutor(max_workers=max(1, min(num_threads(), len(shares) + 1))) as pool:
+        digest_job = pool.submit(aggregate_digest, agg)
+        parsed = list(pool.map(PartialDecryption.from_bytes, shares))
+        digest = digest_job.result()
     if not parsed:
         raise NotEnoughShares("0 partial decryptions given; every present party's is needed")
     first = parsed[0].meta
     by_party: dict[int, PartialDecryption] = {}
-    digest = aggregate_digest(agg)
     for share in parsed:
         m, pid = share.meta, share.party_id
         share.check_for(ctx, agg, digest=digest, residues=False)  # ckks_fuse checks residues
