@@ -342,7 +342,7 @@ def _check_fused(values: np.ndarray, agg: EncryptedUpdate, params) -> None:
     relay hides; the tolerance (one unit on top of the headroom) is far above CKKS noise.
     """
     bound = (agg.n_summed * params.value_bound + 1.0) * 2.0 ** params.prescale_bits
-    worst = float(np.max(np.abs(values))) if values.size else 0.0
+    worst = max(float(values.max()), -float(values.min())) if values.size else 0.0
     if not worst <= bound:  # also NaN
         raise InvalidUpdate(f"the fused partial decryptions hold a value of magnitude "
                             f"{worst:.3g}, beyond the {bound:.3g} an aggregate of "
