@@ -14,26 +14,20 @@ namespace {
 
 #define FEDSHIELD_AES __attribute__((target("aes,ssse3,sse4.1")))
 
+// w0, w0^w1, w0^w1^w2, w0^w1^w2^w3 of the four 32-bit words of a round key: the running XOR
+// every step of the key schedule applies.
+FEDSHIELD_AES inline __m128i prefix_xor(__m128i x) {
+    x = _mm_xor_si128(x, _mm_slli_si128(x, 4));
+    return _mm_xor_si128(x, _mm_slli_si128(x, 8));
+}
+
 FEDSHIELD_AES inline __m128i next_even(__m128i prev, __m128i assist) {
-    assist = _mm_shuffle_epi32(assist, 0xff);
-    __m128i t = _mm_slli_si128(prev, 4);
-    prev = _mm_xor_si128(prev, t);
-    t = _mm_slli_si128(t, 4);
-    prev = _mm_xor_si128(prev, t);
-    t = _mm_slli_si128(t, 4);
-    prev = _mm_xor_si128(prev, t);
-    return _mm_xor_si128(prev, assist);
+    return _mm_xor_si128(prefix_xor(prev), _mm_shuffle_epi32(assist, 0xff));
 }
 
 FEDSHIELD_AES inline __m128i next_odd(__m128i even, __m128i prev) {
-    __m128i assist = _mm_shuffle_epi32(_mm_aeskeygenassist_si128(even, 0x00), 0xaa);
-    __m128i t = _mm_slli_si128(prev, 4);
-    prev = _mm_xor_si128(prev, t);
-    t = _mm_slli_si128(t, 4);
-    prev = _mm_xor_si128(prev, t);
-    t = _mm_slli_si128(t, 4);
-    prev = _mm_xor_si128(prev, t);
-    return _mm_xor_si128(prev, assist);
+    return _mm_xor_si128(prefix_xor(prev),
+                         _mm_shuffle_epi32(_mm_aeskeygenassist_si128(even, 0x00), 0xaa));
 }
 
 // The AES-256 key schedule (FIPS 197, 5.2): 15 round keys.

@@ -12,6 +12,7 @@
 #include "discrete_gaussian.hpp"
 #include "errors.hpp"
 #include "flood.hpp"
+#include "modarith.hpp"
 #include "parallel.hpp"
 #include "partial_codec.hpp"
 #include "secure_wipe.hpp"
@@ -301,12 +302,6 @@ const std::vector<uint64_t>& error_cdt() {
     }();
     return table;
 }
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FEDSHIELD_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FEDSHIELD_SIMD_CLONES
-#endif
 
 // Error samples from uniform words: |x| = the number of thresholds a 63-bit word reaches
 // (every entry compared for every sample: no early exit, no look-up indexed by a sample), then

@@ -255,6 +255,39 @@ def test_ternary_and_seeded_uniform_pass_chi_square(client_ctx):
     assert chi2 < bins - 1 + 6 * math.sqrt(2 * (bins - 1))
 
 
+# --- AES-256-CTR: a's expansion and the noise generator ---------------------------------------
+
+@pytest.mark.skipif(not _native.HAVE_AES_NI, reason="this CPU has no AES-NI")
+def test_aes256_ctr_matches_sp800_38a_and_cryptography():
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    # NIST SP 800-38A, F.5.5 (CTR-AES256.Encrypt), blocks 1 and 2
+    key = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
+    counter = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")
+    plain = bytes.fromhex("6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51")
+    stream = _native.aes256_ctr(key, counter, 2)
+    assert bytes(a ^ b for a, b in zip(stream, plain)).hex() == (
+        "601ec313775789a5b7a7f504bbf3d228f443e3ca4d62b59aca84e990cacaf5c5")
+    # the counter is one 128-bit big-endian integer: the carry crosses the 64-bit halves
+    for start in ("00000000000000fffffffffffffffff9", "ffffffffffffffffffffffffffffffff"):
+        c = bytes.fromhex(start)
+        want = Cipher(algorithms.AES(key), modes.CTR(c)).encryptor().update(bytes(16 * 21))
+        assert _native.aes256_ctr(key, c, 21) == want
+
+
+@pytest.mark.skipif(not _native.HAVE_AES_NI, reason="this CPU has no AES-NI")
+def test_native_expansion_is_the_cryptography_packages(client_ctx, flood_keys):
+    """The native expansion of a (inside encryption and decryption) is bit for bit the wire
+    format's, which he/seeded.py computes with the `cryptography` package."""
+    from fedshield.he import seeded
+    for ctx in (client_ctx, flood_keys.client_context()):
+        seed, n = bytes(range(32)), ctx.params.ring_dim
+        want = seeded.expand(seed, ctx.fingerprint, 5, 3, ctx.moduli, n)
+        key = seeded.stream_key(ctx.fingerprint, 5, seed)
+        got = np.concatenate([_native.expand_uniform(key, k, t, q, n) for k in range(3)
+                              for t, q in enumerate(ctx.moduli)])
+        assert np.array_equal(got, want)
+
+
 # --- safety ----------------------------------------------------------------------------------
 
 KEY_DEPENDENT = ("csub", "add_q", "sub_q", "mul_shoup", "mul_shoup_lazy", "signed_mod",
