@@ -1,6 +1,7 @@
 #include "aggregate.hpp"
 
 #include <cstring>
+#include <sstream>
 
 #include "bitpack.hpp"
 #include "errors.hpp"
@@ -20,6 +21,12 @@ std::string hex_prefix(const Fingerprint& fp) {
         s += digits[fp[i] & 15];
     }
     return s;
+}
+
+std::string number(double x) {  // 64, not 64.000000
+    std::ostringstream out;
+    out << x;
+    return out.str();
 }
 
 [[noreturn]] void incompatible(const std::string& what) {
@@ -83,9 +90,14 @@ void Aggregator::check_compatible(const UpdateHeader& h) const {
     if (h.n_values != header_.n_values || h.n_ciphertexts != header_.n_ciphertexts ||
         h.packing != header_.packing)
         incompatible("shape (values/ciphertexts/packing) differs from the round's");
+    // Each update's weights are pre-divided by its bound, and no exact operation on a
+    // ciphertext mod a prime divides by a power of two, so one aggregate needs one bound.
     if (h.weight_bound != header_.weight_bound)
-        incompatible("weight_bound " + std::to_string(h.weight_bound) + " differs from " +
-                     std::to_string(header_.weight_bound));
+        incompatible("weight_bound " + number(h.weight_bound) + " differs from " +
+                     number(header_.weight_bound) +
+                     ": the updates of one aggregate share one weight bound; encrypt every "
+                     "update of the round with weight_bound= the round's (at least its largest "
+                     "weight, e.g. the next power of two of it, as fedshield's Server sends)");
 }
 
 uint64_t Aggregator::fold(const uint8_t* payload, uint64_t len, uint64_t begin, uint64_t end,

@@ -495,7 +495,9 @@ def test_bad_round_raises_parameter_error(client_ctx, small_state, small_layout)
 
 @pytest.fixture(scope="module")
 def two_client_keys():
-    return fs.keygen_shared(fs.CKKSParams(max_clients=2))
+    # explicit sizes: CKKSParams(max_clients=2) alone is a request, resolved to a smaller modulus
+    return fs.keygen_shared(fs.CKKSParams(ring_dim=4096, first_mod_bits=42, scale_bits=34,
+                                          max_clients=2))
 
 
 def test_too_many_clients(two_client_keys, small_state, small_layout):

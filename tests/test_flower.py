@@ -482,18 +482,16 @@ def test_client_refuses_to_train_out_of_step(tmp_path):
     """A party whose adapter is not the one the round builds on (it joined late or missed an
     aggregate) refuses to train instead of sending an update of another model; a restarted
     worker goes on from the adapter its directory kept, and a new run there starts afresh.
-    The ClientApp runs in this process; the site worker it starts holds the site."""
-    from fedshield.data.sites import write_site_files
-    from fedshield.data.synthetic import make_synthetic_examples
+    The ClientApp runs in this process and relays to the site's worker (a thread here), whose
+    refusals come back as their type and fixed message."""
     from fedshield.flower import client_app
     from fedshield.flower.records import FIELDS
-    from fedshield.flower.site_ipc import SiteWorkerError, request
+    from fedshield.flower.site_ipc import WorkerRefused
+    from test_flower_site import _site, worker_thread
 
-    key = tmp_path / "party-0.key"  # written by the key set-up, which this test never runs
-    (data,) = write_site_files([make_synthetic_examples(16, 0)], tmp_path)
+    site_cfg = _site(tmp_path, insecure_trust_server_roster=True)  # no key set-up here
     cfg = RunConfig.from_flat(**TINY, out=str(tmp_path))
-    node = {"party-id": 0, "key-file": str(key), "data": str(data),
-            "insecure-trust-server-roster": True}  # no key set-up here, no federation
+    node = {"socket": str(site_cfg.path("socket")), "token-file": str(site_cfg.path("token_file"))}
     context = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(),
                       run_config={"fedshield-config": json.dumps(cfg.to_dict())})
     plan = {"round": 3, "lr": 0.01, "prune": "off", "prune-ratio": 0.0, "weight-bound": 16.0,
@@ -510,34 +508,39 @@ def test_client_refuses_to_train_out_of_step(tmp_path):
     tok = load_tokenizer(cfg.model)
     lora = get_lora_state(build_lora_model(cfg.model, cfg.lora, seed=1, tokenizer=tok,
                                            max_len=cfg.data.max_len))
-    store = AdapterStore(tmp_path / "global")
+    store = AdapterStore(site_cfg.path("node_dir") / "global")
     store.save(1, lora)
     store.save(2, {k: v + 1 for k, v in lora.items()})
-    try:
-        # the worker goes on from round 2; round 0 is not one it kept, so it cannot step back
-        with pytest.raises(SiteWorkerError, match="OutOfStep: party 0 holds the adapter of "
-                                                  "round 2"):
-            client_app.train(message("train", {**plan, "base-version": 0}), context)
+    out_of_step = "OutOfStep: the party's global adapter is not the one this request builds on"
+    with worker_thread(site_cfg):
+        with pytest.raises(WorkerRefused, match="NotJoined"):   # the run's settings come first
+            client_app.train(message("train", plan), context)
         resumed = records.message_fields(client_app.join(
             message("query.join", {"resume": True}), context))
         assert resumed["version"] == 2
+        # the worker goes on from round 2; round 0 is not one it kept, so it cannot step back
+        with pytest.raises(WorkerRefused, match=f"^{out_of_step}$"):
+            client_app.train(message("train", {**plan, "base-version": 0}), context)
         # a new run (not a resume) in the same directory starts from the initial adapter
         join = client_app.join(Message(RecordDict(), dst_node_id=5, message_type="query.join"),
                                context)
         assert store.latest() is None
-        with pytest.raises(SiteWorkerError, match="OutOfStep: party 0 holds the adapter of "
-                                                  "round 0"):
+        with pytest.raises(WorkerRefused, match=f"^{out_of_step}$"):
             client_app.train(message("train", plan), context)
-        fields = records.message_fields(join)
-        assert fields["version"] == 0 and fields["party"] == 0
-        assert fields["context-fp"] == ""  # no key before the key set-up
-        # the node made its identity key on first start, 0600, and enrols with its public half
-        identity = fs.he.Identity.load(f"{key}.identity")
-        assert fields["identity"] == identity.public.to_bytes().hex()
-        assert (tmp_path / "party-0.key.identity").stat().st_mode & 0o777 == 0o600
-        assert (fields["train-examples"], fields["eval-examples"]) == (13, 3)
-    finally:
-        request(client_app.worker(context), "shutdown", {})
+    fields = records.message_fields(join)
+    assert fields["version"] == 0 and fields["party"] == 0
+    assert fields["context-fp"] == ""  # no key before the key set-up
+    # the node made its identity key on first start, 0600, and enrols with its public half
+    identity = fs.he.Identity.load(site_cfg.path("identity_file"))
+    assert fields["identity"] == identity.public.to_bytes().hex()
+    assert site_cfg.path("identity_file").stat().st_mode & 0o777 == 0o600
+    assert (fields["train-examples"], fields["eval-examples"]) == (13, 3)
+    assert fields["data"] == "" and "eval-loss" in fields     # the default policy: aggregate
+    # without its relay settings the ClientApp reaches nothing, and says so without a path
+    bare = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(),
+                   run_config=context.run_config)
+    with pytest.raises(Exception, match="^RelayError: the site worker cannot be reached$"):
+        client_app.train(message("train", plan), bare)
 
 
 # -- real deployments ----------------------------------------------------------------------
@@ -614,7 +617,7 @@ def _opened_jsonl(log_dir: Path) -> dict[tuple[Path, bool], set[Path]]:
     for log in log_dir.glob("*.txt"):
         lines = log.read_text().splitlines()
         head = dict(line.split(" ", 1) for line in lines[:2])
-        key = (Path(head["cwd"]), "site_worker" in head["argv"])
+        key = (Path(head["cwd"]), "site worker" in head["argv"])
         seen[key] = {Path(line.split(" ", 1)[1]) for line in lines[2:]}
     return seen
 
@@ -745,7 +748,11 @@ def test_flower_large_update(tmp_path, n_values):
                               round_timeout=600.0)
     # the site workers make the identities and keys; the app sends the large updates
     app = FlowerApp(client_app="large_client:app", files=[APPS / "large_client.py"])
-    got = run_flower(cfg, app=app, node_configs=[{"large-values": n_values}] * 2)
+    nodes = tmp_path / "flower" / "nodes"    # what this test app reads of each site's
+    got = run_flower(cfg, app=app, node_configs=[
+        {"large-values": n_values, "out-dir": str(tmp_path), "party-id": i,
+         "key-file": str(nodes / f"site-{i}" / "party.key"),
+         "identity-file": str(nodes / f"site-{i}" / "identity.key")} for i in (0, 1)])
     assert got["rounds"][0]["status"] == "ok", got["rounds"]
     wire = BITS / 8 * n_values    # c0 only (seeded): bit_length(q) bits per value
     assert min(got["rounds"][0]["bytes_up"]) > wire

@@ -142,26 +142,53 @@ def threshold_round() -> ThresholdRound:
     return ThresholdRound()
 
 
+@pytest.fixture(scope="module")
+def shared_round(client_ctx, server_ctx, small_state, small_layout):
+    """A shared-key aggregate of two updates and its reference average."""
+    states = [small_state, make_state(171)]
+    agg = fs.aggregate(server_ctx, [
+        fs.encrypt_update(client_ctx, s, small_layout, weight=w, weight_bound=4.0, round=7)
+        for s, w in zip(states, (3.0, 1.0))])
+    return agg, weighted_average(states, [3.0, 1.0])
+
+
+def _max_error(out: dict, reference: dict) -> float:
+    return max(float(np.abs(out[n].double().numpy() - r).max()) for n, r in reference.items())
+
+
 @fuzz_settings(60)
 @given(ops=MUTATIONS, reseal=st.booleans())
-def test_fuzz_aggregates_at_the_key_holders(threshold_round, client_ctx, server_ctx,
-                                            small_update, small_layout, ops, reseal):
-    """Aggregate bytes from the server, mutated (checksum recomputed or not), at a threshold
-    party (partial_decrypt) and at a shared-key client (decrypt_update): a FedShieldError or a
-    result, never a crash (OpenFHE only sees bytes rebuilt from the party's template)."""
+def test_fuzz_aggregates_at_the_key_holders(threshold_round, shared_round, client_ctx,
+                                            small_layout, ops, reseal):
+    """Aggregate bytes from the server, mutated (checksum recomputed or not), at threshold
+    parties (partial_decrypt by each, then the fusion) and at a shared-key client
+    (decrypt_update): a FedShieldError or the right average, never a crash (OpenFHE only sees
+    bytes rebuilt from the party's template) and never a wrong average; changed bytes under
+    the original checksum are always refused."""
     r = threshold_round
-    for ctx, blob, decrypt in (
-            (r.parties[1], r.agg.to_bytes(), lambda a: fs.partial_decrypt(r.parties[1], a)),
-            (client_ctx, fs.aggregate(server_ctx, [small_update]).to_bytes(),
-             lambda a: fs.decrypt_update(client_ctx, a, small_layout))):
+    shared_agg, shared_ref = shared_round
+
+    def threshold_average(agg):
+        shares = [fs.partial_decrypt(p, agg) for p in r.parties]
+        return fs.combine_partials(agg, shares, r.layout, ctx=r.parties[1])
+
+    for blob, decrypt, reference in (
+            (r.agg.to_bytes(), threshold_average, r.reference),
+            (shared_agg.to_bytes(), lambda a: fs.decrypt_update(client_ctx, a, small_layout),
+             shared_ref)):
         bad = mutate(blob, ops)
         if reseal:
             bad = reseal_update(bad)
         try:
-            decrypt(fs.EncryptedUpdate.from_bytes(bad))
-            event("decrypted")
+            out = decrypt(fs.EncryptedUpdate.from_bytes(bad))
         except fs.FedShieldError as exc:
+            assert bad != blob, f"the untouched aggregate was refused: {exc}"
             event(f"rejected: {type(exc).__name__}")
+            continue
+        assert reseal or bad == blob, "changed bytes passed the original checksum"
+        err = _max_error(out, reference)
+        assert err <= 2e-6, f"a mutated aggregate decrypted to a wrong average (error {err:.3g})"
+        event("decrypted: the right average" + (" (unchanged)" if bad == blob else ""))
 
 
 @fuzz_settings(60)
@@ -336,20 +363,38 @@ def test_fuzz_checkpoints(checkpoint_files, ops, target):
 def dealt_key_share():
     from fedshield.he import threshold as th
 
-    parties, _ = fs.keygen_threshold(fs.CKKSParams.for_precision(keys="threshold"), 3, 2)
+    # the keygen chain of 2-of-3 keys, before any dealing: party 1 holds no share yet
+    state, message = th.start_keygen(fs.CKKSParams.for_precision(keys="threshold"), 3, 2)
+    states = [state]
+    for party_id in (1, 2):
+        state, message = th.join_keygen(message, party_id)
+        states.append(state)
+    parties = [th.finish_keygen(s, message) for s in states]
     return parties[1], th.deal_key_shares(parties[0])[1]
 
 
 @fuzz_settings(60)
 @given(ops=MUTATIONS)
 def test_fuzz_key_share_messages(dealt_key_share, ops):
-    """Shamir key-share messages (t-of-n keygen) mutated, digest recomputed: accepted into a
-    party context or KeyMaterialError."""
+    """Shamir key-share messages (t-of-n keygen) mutated, digest recomputed: KeyMaterialError,
+    or accepted exactly as framed: from party 0 to this party of this context and federation,
+    the share held is the bytes the message carried (an edit of the residues themselves is
+    not detectable here: the key set-up's joint test decryptions name the sender), and the
+    party's own context is left as it was."""
     from fedshield.he import threshold as th
+    from fedshield.he.frames import unframe
 
     party, message = dealt_key_share
+    genuine_meta, _ = unframe(message, th.KEY_SHARE_MAGIC, "share", fs.KeyMaterialError)
+    bad = reseal_sha256(mutate(message, ops, head=300))
     try:
-        th.accept_key_shares(party, [reseal_sha256(mutate(message, ops, head=300))])
-        event("accepted")
+        accepted = th.accept_key_shares(party, [bad])
     except fs.KeyMaterialError:
+        assert bad != message, "the genuine key share was refused"
         event("rejected")
+        return
+    meta, sections = unframe(bad, th.KEY_SHARE_MAGIC, "share", fs.KeyMaterialError)
+    assert {k: meta[k] for k in genuine_meta} == genuine_meta, meta
+    assert accepted.key_share_senders == [0] and party.key_share_senders == []
+    assert accepted.key_share(0) == sections[0]
+    event("accepted unchanged" if bad == message else "accepted: residues edited")

@@ -49,6 +49,7 @@ LAZY_OK = {
     ("pruning.mask", "kernels.importance"): "triton, for CUDA tensors only",
     ("cli", "local_engine"): "torch: `fedshield run` only",
     ("cli", "flower.launcher"): "flwr: --engine flower only",
+    ("cli", "flower.site_worker"): "torch and openfhe: `fedshield site worker` only",
     ("cli", "evaluation"): "torch: `fedshield eval` only",
     ("cli", "report"): "matplotlib: `fedshield report` only",
     ("cli", "bench"): "torch and openfhe: `fedshield bench` only",

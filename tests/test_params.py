@@ -185,6 +185,8 @@ def test_bad_packing():
                                    "max_clients"])
 @pytest.mark.parametrize("value", [16384.0, "50", True, None])
 def test_non_int(field, value):
+    if value is None and field in ("ring_dim", "scale_bits", "first_mod_bits"):
+        return  # None there is a request, resolved (test_a_request_is_resolved_per_key_mode)
     _raises([field, repr(value)], **{field: value})
 
 
@@ -219,3 +221,39 @@ def test_insecure_params_never_reach_openfhe():
     # ParameterError at construction: keygen is never attempted with insecure values
     with pytest.raises(fs.ParameterError):
         fs.keygen_shared(fs.CKKSParams(ring_dim=2048))
+
+
+def test_a_request_is_resolved_per_key_mode():
+    """CKKSParams() with no ring, modulus or scale states a precision request: the fields show
+    its shared-key (seeded) resolution, and each keygen resolves it for its own key mode."""
+    request = fs.CKKSParams()
+    assert request.request and request == fs.CKKSParams.for_precision(keys="shared")
+    assert request.fingerprint() == fs.CKKSParams.for_precision().fingerprint()
+    threshold = request.for_keys("threshold", n_parties=3)
+    assert threshold == fs.CKKSParams.for_precision(keys="threshold") and not threshold.seeded
+    flooded = fs.CKKSParams(flood_bits=30)
+    assert flooded.request and flooded.n_towers == 3 and flooded.ring_dim == 16384
+    flooded_t = flooded.for_keys("threshold", 3)
+    assert (flooded_t.flooding, flooded_t.seeded) == (True, False)
+    loose = fs.CKKSParams(tolerance=1e-4)
+    assert loose.scale_bits < request.scale_bits and "tolerance" not in loose.to_json()
+    # explicit values are honoured (the rest comes from the request) and validated
+    explicit = fs.CKKSParams(ring_dim=8192)
+    assert not explicit.request and (explicit.ring_dim, explicit.first_mod_bits) == (8192, 42)
+    assert explicit.for_keys("threshold", 3) is explicit
+    _raises(["ring_dim=2048", "42"], ring_dim=2048)
+    _raises(["tolerance", "2"], tolerance=2)
+    _raises(["tolerance", "True"], tolerance=True)
+
+
+def test_each_keygen_resolves_the_request():
+    shared = fs.keygen_shared(fs.CKKSParams()).client_context()
+    assert shared.params.seeded and shared.params.ring_dim == 4096
+    parties, server = fs.keygen_threshold(fs.CKKSParams(), n_parties=3)
+    assert server.params == parties[0].params == fs.CKKSParams.for_precision(keys="threshold")
+    parties, server = fs.keygen_threshold(fs.CKKSParams(flood_bits=30), n_parties=3)
+    assert parties[0].params.flood_bits == 30 and not parties[0].params.seeded
+    assert fs.load_context(server.to_bytes()).params == server.params
+    with pytest.raises(fs.ParameterError, match="seeded"):   # explicit and seeded: refused
+        fs.keygen_threshold(fs.CKKSParams(ring_dim=8192, first_mod_bits=60, scale_bits=52),
+                            n_parties=3)

@@ -37,7 +37,9 @@ def test_schedule_follows_the_paper():
     assert prune_ratio(1, 0.2, 0.5, 1, 10) == pytest.approx(0.2)
     assert prune_ratio(10, 0.2, 0.5, 1, 10) == pytest.approx(0.5)
     assert prune_ratio(50, 0.2, 0.5, 1, 10) == pytest.approx(0.5)
-    assert prune_ratio(0, 0.2, 0.5, 1, 10) == pytest.approx(0.2)
+    assert prune_ratio(0, 0.2, 0.5, 1, 10) == 0.0   # before t_start: nothing pruned
+    assert [prune_ratio(t, 0.2, 0.5, 40, 200) for t in (1, 39, 40, 120, 200)] == \
+        pytest.approx([0.0, 0.0, 0.2, 0.35, 0.5])   # the reference code's schedule
     assert prune_ratio(4, 0.2, 0.5, 1, 7) == pytest.approx(0.2 + 0.3 * 3 / 6)
 
 
@@ -68,13 +70,13 @@ def test_the_default_schedule_reaches_its_target_at_the_runs_last_round(rounds):
 def test_an_explicit_schedule_end_is_kept():
     ratios = _planned_ratios(rounds=10, prune_t_start=2, prune_t_end=4, prune_p0=0.1,
                              prune_target=0.7)
-    assert ratios == pytest.approx([0.1, 0.1, 0.4, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7])
+    assert ratios == pytest.approx([0.0, 0.1, 0.4, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7])
     assert _planned_ratios(rounds=3, prune="off") == [0.0, 0.0, 0.0]
 
 
 def test_one_round_schedule_is_the_target_from_its_start():
     assert prune_ratio(1, 0.2, 0.5, 1, 1) == pytest.approx(0.5)
-    assert prune_ratio(0, 0.2, 0.5, 1, 1) == pytest.approx(0.2)
+    assert prune_ratio(0, 0.2, 0.5, 1, 1) == 0.0   # before t_start nothing is pruned
 
 
 def test_apply_mask_zeros_pruned_and_keeps_input():

@@ -58,6 +58,8 @@ def test_run_writes_metrics_adapter_and_plots(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["server_has_secret_key"] is False
     assert metrics["config"]["he"]["enabled"] is True
+    # the parameters the keys were made with, resolved from the run's precision request
+    assert metrics["ckks_params"] == RunConfig.from_flat(clients=2).ckks_params().to_dict()
     assert metrics["config"]["data"]["clients"] == 2
     assert [s["name"] for s in metrics["sites"]] == ["site-0", "site-1"]
     assert len(metrics["rounds"]) == 3
@@ -81,6 +83,8 @@ def test_run_writes_metrics_adapter_and_plots(tmp_path):
     from fedshield.fl.site import load_site_data
     from fedshield.train import evaluate_loss
 
+    weights = list((out / "adapter").glob("adapter_model.*"))
+    assert weights and all(w.stat().st_mode & 0o777 == 0o600 for w in weights)  # model state
     base = AutoModelForCausalLM.from_pretrained(out / "base_model")
     model = PeftModel.from_pretrained(base, out / "adapter")
     tok = AutoTokenizer.from_pretrained(out / "base_model")
@@ -181,6 +185,7 @@ def test_threshold_run_survives_a_dropout_of_the_lead(tmp_path):
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["server_has_secret_key"] is False
+    assert metrics["ckks_params"]["seeded"] is False and metrics["ckks_params"]["flood_bits"] > 0
     assert [r["decrypting_clients"] for r in metrics["rounds"]] == [[1, 2], [1, 2]]
     assert metrics["rounds"][-1]["eval_loss"] < metrics["initial_eval_loss"]
 

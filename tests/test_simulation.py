@@ -30,20 +30,23 @@ def test_site_resources():
 
 
 def test_a_virtual_supernode_finds_its_node_config():
+    """A virtual SuperNode's relay settings (the site worker's socket and token) come from the
+    run config by partition id; a real SuperNode's from its own node config."""
     pytest.importorskip("flwr.clientapp")
     from flwr.common import Context, RecordDict
 
     from fedshield.flower.client_app import node_config
 
-    sites = [{"data": "a.jsonl", "party-id": 0}, {"data": "b.jsonl", "party-id": 1}]
+    sites = [{"socket": "a/worker.sock", "token-file": "a/relay.token"},
+             {"socket": "b/worker.sock", "token-file": "b/relay.token"}]
     run = {"simulation-sites": json.dumps(sites)}
     virtual = Context(run_id=1, node_id=7, node_config={"partition-id": 1,
                                                         "num-partitions": 2},
                       state=RecordDict(), run_config=run)
     assert node_config(virtual) == sites[1]
-    real = Context(run_id=1, node_id=7, node_config={"data": "own.jsonl", "party-id": 0},
-                   state=RecordDict(), run_config=run)
-    assert node_config(real) == {"data": "own.jsonl", "party-id": 0}
+    own = {"socket": "own.sock", "token-file": "own.token"}
+    real = Context(run_id=1, node_id=7, node_config=own, state=RecordDict(), run_config=run)
+    assert node_config(real) == own
 
 
 def test_simulation_runtime_matches_local_engine(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedshield.config import RunConfig
+from fedshield.fl.site_config import SiteConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "examples" / "slurm"
@@ -120,11 +121,13 @@ def test_superlink_and_site_jobs(tmp_path, slurm):
     jobs = [_sbatch(slurm, SLURM / "superlink.sbatch", tmp_path, **common,
                     FEDSHIELD_CONFIG=str(run / "run.json"), FEDSHIELD_FLEET_PORT=fleet,
                     FEDSHIELD_CONTROL_PORT=control, FEDSHIELD_APPIO_PORT=appio)]
-    for i, f in enumerate(files):
-        node = (f'party-id={i} data="{f}" key-file="{keys / f"party-{i}.key"}" '
-                f'out-dir="{tmp_path / f"site-{i}"}"')
+    for i, f in enumerate(files):   # each site's own config; these jobs test the scheduling
+        site = SiteConfig.from_dict({"node_dir": str(keys / f"site-{i}"), "party_id": i,
+                                     "data": str(f), "out_dir": str(tmp_path / f"site-{i}"),
+                                     "metrics": "all", "insecure_trust_server_roster": True})
+        (keys / f"site-{i}").mkdir(parents=True, mode=0o700)
         jobs.append(_sbatch(slurm, SLURM / "site.sbatch", f.parent, **common,
-                            FEDSHIELD_NODE_CONFIG=node))
+                            FEDSHIELD_SITE_CONFIG=site.save(keys / f"site-{i}" / "site.toml")))
     deadline = time.monotonic() + 1200
     while subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], env=slurm,
                          capture_output=True, text=True).stdout.strip():
@@ -140,5 +143,5 @@ def test_superlink_and_site_jobs(tmp_path, slurm):
     assert (tmp_path / "site-0" / "adapter" / "adapter_model.safetensors").exists()
     assert (run / "server.ctx").exists()  # the public context the sites' key set-up made
     for i in range(len(files)):
-        assert (keys / f"party-{i}.key").stat().st_mode & 0o777 == 0o600
+        assert (keys / f"site-{i}" / "party.key").stat().st_mode & 0o777 == 0o600
     assert not (run / "superlink.address").exists()

@@ -11,7 +11,7 @@ import torch
 
 import fedshield as fs
 from fedshield.config import RunConfig
-from fedshield.fl.train_fn import TrainPlan, load_train_fn, run_train_fn
+from fedshield.fl.train_fn import TrainFnError, TrainPlan, load_train_fn, run_train_fn
 from fedshield.hf_trainer import StopAfterSteps, train_round
 
 from rank_site import VOCAB, tiny_peft
@@ -80,13 +80,31 @@ def test_bad_train_fn_names_its_value(spec, match):
     ((4, {"acc": 0.5}), "without a training 'loss'"),
 ])
 def test_a_train_fn_that_returns_nonsense_is_refused(result, match):
-    with pytest.raises(fs.ParameterError, match=match):
+    with pytest.raises(TrainFnError, match=match):
         run_train_fn(lambda model, plan: result, None, _plan())
 
 
+def test_what_a_train_fn_gets_or_returns_is_never_in_an_error():
+    """A train-fn that raises, or returns an object holding the plan (what
+    functools.partial(model, plan) would): the error names types only, never the plan's
+    training rows or the site's config; the plan's own repr leaves them out."""
+    plan = _plan(site_config={"data": "/srv/site/train.jsonl", "key_file": "/srv/k"})
+    rows = str(plan.train["input_ids"][0, :4].tolist())[1:-1]
+    assert "/srv" not in repr(plan) and rows not in repr(plan)
+
+    def raises(model, p):
+        raise RuntimeError(f"{p.site_config['data']} {p.train['input_ids'].tolist()}")
+
+    for fn in (raises, lambda model, p: p, lambda model, p: (p, {"loss": 1.0}),
+               lambda model, p: (3, {"loss": p})):
+        with pytest.raises(TrainFnError) as info:
+            run_train_fn(fn, None, plan)
+        assert "/srv" not in str(info.value) and rows not in str(info.value), str(info.value)
+
+
 def test_trainer_sites_on_flower(tmp_path):
-    """Two SuperNodes whose sites train with the example's transformers.Trainer (train-fn in
-    their node configs), 2 rounds: every round aggregates both and records each site's own
+    """Two SuperNodes whose sites train with the example's transformers.Trainer (train_fn in
+    their site configs), 2 rounds: every round aggregates both and records each site's own
     metrics (its Trainer's loss, the round's steps: fedshield's own loop reports none), and
     the global adapter moves."""
     pytest.importorskip("flwr")
@@ -96,7 +114,7 @@ def test_trainer_sites_on_flower(tmp_path):
                               round_timeout=240.0, prune="off", samples=0, engine="flower",
                               out=str(tmp_path / "run"))
     got = run_flower(cfg, node_env={"PYTHONPATH": str(EXAMPLE)},
-                     node_configs=[{"train-fn": "trainer_site:train"}] * 2)
+                     site_settings=[{"train_fn": "trainer_site:train"}] * 2)
     assert [r["status"] for r in got["rounds"]] == ["ok", "ok"] and got["events"] == []
     for r in got["rounds"]:
         assert r["clients"] == [0, 1]

@@ -1,11 +1,10 @@
 """A site that trains with its own ``transformers.Trainer`` in a fedshield federation.
 
-Name it in the SuperNode's node config (or the run config) and put this directory on the site
-worker's PYTHONPATH:
+Name it in the site's own site config and put this directory on the site worker's
+PYTHONPATH:
 
-    flower-supernode ... --node-config 'party-id=0 data="/srv/site/train.jsonl"
-                                        key-file="/secure/party-0.key"
-                                        train-fn="trainer_site:train"'
+    # site.toml: [site] ... train_fn = "trainer_site:train"
+    PYTHONPATH=examples/hf_trainer fedshield site worker --config site.toml
 
 Each round fedshield loads the global adapter into ``model``, calls ``train(model, plan)``,
 then computes, prunes, encrypts and sends the update. This site trains on its own data file

@@ -4,6 +4,7 @@ DIR/checkpoint/ holds `state-rNNNNNN.safetensors` (the global state and the RNG 
 tensors) and `checkpoint.json` (round, config, metrics, the python RNG state, the name of the
 state file). A checkpoint is written file by file, each fsynced and renamed into place, and
 `checkpoint.json` last: a crash at any point leaves the previous complete checkpoint readable.
+Both are mode 0600 (the model state and the RNG states are the run owner's alone).
 Key material is never written here (a resumed simulation generates fresh keys).
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import write_atomic, write_json_atomic
+from .atomic import write_atomic
 from .errors import ParameterError, StorageError
 from .run_dir import CHECKPOINT_DIR
 from .run_dir import CHECKPOINT_INDEX as INDEX
@@ -79,10 +80,10 @@ def save_checkpoint(out: Path, *, round_idx: int, state: dict, metrics: dict,
     state_name = f"state-r{round_idx:06d}.safetensors"
     # serialized in memory, so every byte goes through the one atomic writer (an interruption
     # or a full disk leaves no partial file behind)
-    write_atomic(ckpt / state_name, save(tensors))
+    write_atomic(ckpt / state_name, save(tensors), mode=0o600)   # model state: the owner's
     index = {"format": FORMAT, "round": round_idx, "state_file": state_name, "config": config,
              "rng": rng_extra, "metrics": metrics}
-    write_json_atomic(ckpt / INDEX, index, indent=None)
+    write_atomic(ckpt / INDEX, json.dumps(index).encode(), mode=0o600)
     for old in ckpt.glob("state-r*.safetensors"):  # only after the new index points elsewhere
         if old.name != state_name:
             with contextlib.suppress(OSError):  # a stale file costs space, not correctness

@@ -1,5 +1,6 @@
-"""`fedshield` command line: run (federated fine-tuning), split (per-site data files), eval (a
-saved adapter), report (runs side by side) and bench (headline figures)."""
+"""`fedshield` command line: run (federated fine-tuning), site (a site's own worker), split
+(per-site data files), eval (a saved adapter), report (runs side by side) and bench (headline
+figures)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,24 @@ def _run_parser(sub) -> None:
                    help="replace the run that --out already holds (its metrics.json, "
                         "checkpoint/, adapter/ and plots/ are removed when the new run starts)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bars")
+
+
+def _site_parser(sub) -> None:
+    p = sub.add_parser("site", help="a site of a Flower federation: its own worker",
+                       formatter_class=_HelpFormatter)
+    commands = p.add_subparsers(dest="site_command", required=True)
+    w = commands.add_parser(
+        "worker", formatter_class=_HelpFormatter,
+        help="serve this site's key, data and training to its SuperNode's ClientApp",
+        description="Runs the site's worker from its site config (TOML, one [site] table: "
+                    "node_dir, party_id, data, model, train_fn, metrics, socket, token_file, "
+                    "...). It listens on the config's Unix socket and answers only requests "
+                    "that prove the relay token; the SuperNode's node config names the socket "
+                    "and a copy of the token. Run it under an account the SuperNode's account "
+                    "cannot read.")
+    w.add_argument("--config", required=True, help="the site config (TOML)")
+    w.add_argument("--exit-with", type=int, default=0, metavar="PID",
+                   help="exit when process PID exits (0: serve until stopped)")
 
 
 def _split_parser(sub) -> None:
@@ -286,6 +305,12 @@ def _flower_interrupted(out: str) -> str:
             f"`fedshield run --resume {out}`")
 
 
+def _cmd_site(args) -> int:
+    from .flower.site_worker import run_worker  # noqa: PLC0415 - torch loads only here
+
+    return run_worker(args.config, exit_with=args.exit_with)
+
+
 def _cmd_split(args) -> int:
     examples = data_set(args.data, args.sites, args.examples_per_site, args.seed, args.columns)
     shards = split_into_sites(examples, args.sites, args.how, args.seed, args.alpha,
@@ -370,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    _site_parser(sub)
     _split_parser(sub)
     _eval_parser(sub)
     _report_parser(sub)
@@ -381,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     logging.getLogger("fedshield").setLevel(logging.INFO)
     try:
-        commands = {"run": _cmd_run, "split": _cmd_split, "eval": _cmd_eval,
+        commands = {"run": _cmd_run, "site": _cmd_site, "split": _cmd_split, "eval": _cmd_eval,
                     "report": _cmd_report, "bench": _cmd_bench,
                     "federation": cli_federation.run}
         return commands[args.command](args)

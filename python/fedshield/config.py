@@ -238,7 +238,8 @@ class PruningConfig:
                      choices=("local", "global", "off"))
     p0: float = _opt(0.2, "pruned fraction at t_start", flag="prune_p0")
     target: float = _opt(0.5, "pruned fraction from t_end on", flag="prune_target")
-    t_start: int = _opt(1, "round where the schedule starts", flag="prune_t_start")
+    t_start: int = _opt(1, "first round that prunes (nothing is pruned before it)",
+                        flag="prune_t_start")
     # 0 = the run's last round: the reference code's run script ends its schedule with the run
     # (num_rounds=200, pruning_end_round=200; solidlabnetwork/fedshield-llm, run_scripts/fed.sh
     # and config.py), so --rounds alone keeps the paper's 20% -> 50% over any run length.

@@ -528,4 +528,6 @@ def save_adapter(model, tokenizer, out: Path, model_cfg: ModelConfig, *, seed: i
         peft_config.base_model_name_or_path = str(base_dir.resolve())
     with replacing_directory(out / "adapter", write_errors) as tmp, _hf_progress(show_progress):
         model.save_pretrained(tmp)
+        for weights in Path(tmp).glob("adapter_model.*"):   # model state: the owner's only
+            weights.chmod(0o600)
     return base_dir.resolve()

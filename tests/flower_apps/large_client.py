@@ -3,7 +3,9 @@ push big payloads through real Flower processes; it checks the decrypted average
 writes the result to out-dir/large-check-<party>.json for the test to read.
 
 Enrolment and the key set-up go to the node's real site worker (its identity and key file,
-made on the node); the large update is signed with that identity like a real one."""
+made on the node); the large update is signed with that identity like a real one. This app
+reads the site's key and identity files itself (the test names them in its node config): it
+runs under the site's own account, which a real site's SuperNode does not."""
 
 import json
 import time

@@ -50,6 +50,13 @@ def _float(fields: Mapping, name: str, low: float = -math.inf, high: float = mat
     return value
 
 
+def _optional(fields: Mapping, name: str) -> float | None:
+    """A loss a site may keep to itself (its metrics policy): absent is None."""
+    if isinstance(fields, Mapping) and name not in fields:
+        return None
+    return _float(fields, name, 0.0)
+
+
 def _str(fields: Mapping, name: str) -> str:
     value = _get(fields, name)
     if not isinstance(value, str):
@@ -99,24 +106,28 @@ class SiteInfo:
     data: str                     # its data file, as the site names it
     train_examples: int
     eval_examples: int
-    eval_loss: float              # held-out loss of the initial (global) adapter
+    eval_loss: float | None       # held-out loss of the initial (global) adapter (None: the
+                                  # site's metrics policy keeps it)
     context_fp: str = ""          # hex fingerprint of its key's context ("" without HE, or
                                   # before the key set-up made its key)
     num_lora_values: int = 0
     identity: str = ""            # hex of its PublicIdentity ("" without HE)
 
     def to_fields(self) -> dict:
-        return {"party": self.party, "name": self.name, "data": self.data,
-                "train-examples": self.train_examples, "eval-examples": self.eval_examples,
-                "eval-loss": self.eval_loss, "context-fp": self.context_fp,
-                "num-lora-values": self.num_lora_values, "identity": self.identity}
+        out = {"party": self.party, "name": self.name, "data": self.data,
+               "train-examples": self.train_examples, "eval-examples": self.eval_examples,
+               "context-fp": self.context_fp, "num-lora-values": self.num_lora_values,
+               "identity": self.identity}
+        if self.eval_loss is not None:
+            out["eval-loss"] = self.eval_loss
+        return out
 
     @classmethod
     def from_fields(cls, fields: Mapping) -> "SiteInfo":
         return cls(party=_int(fields, "party"), name=_str(fields, "name"),
                    data=_str(fields, "data"), train_examples=_int(fields, "train-examples", 1),
                    eval_examples=_int(fields, "eval-examples", 1),
-                   eval_loss=_float(fields, "eval-loss", 0.0),
+                   eval_loss=_optional(fields, "eval-loss"),
                    context_fp=_str(fields, "context-fp"),
                    num_lora_values=_int(fields, "num-lora-values"),
                    identity=_str(fields, "identity") if "identity" in fields else "")
@@ -134,7 +145,7 @@ class TrainReply:
 
     party: int
     round: int
-    train_loss: float
+    train_loss: float | None        # None: the site's metrics policy keeps it
     kept_fraction: float
     seconds: dict = field(default_factory=dict)     # train, prune, encrypt
     update: bytes | None = None                     # EncryptedUpdate wire bytes
@@ -152,9 +163,11 @@ class TrainReply:
         return 4 * sum(int(v.size) for v in (self.values or {}).values())
 
     def to_fields(self) -> dict:
-        out = {"party": self.party, "round": self.round, "train-loss": self.train_loss,
-               "kept": self.kept_fraction,
-               **{f"seconds-{k}": float(self.seconds.get(k, 0.0)) for k in SITE_PHASES}}
+        out = {"party": self.party, "round": self.round, "kept": self.kept_fraction,
+               **{f"seconds-{k}": float(self.seconds[k]) for k in SITE_PHASES
+                  if k in self.seconds}}
+        if self.train_loss is not None:
+            out["train-loss"] = self.train_loss
         if self.update_norm is not None:
             out["update-norm"] = self.update_norm
         for name, value in (self.metrics or {}).items():
@@ -168,9 +181,10 @@ class TrainReply:
         metrics = {k[len(METRIC_PREFIX):]: _float(fields, k) for k in fields
                    if isinstance(k, str) and k.startswith(METRIC_PREFIX)}
         return cls(party=_int(fields, "party"), round=_int(fields, "round", 1),
-                   train_loss=_float(fields, "train-loss", 0.0),
+                   train_loss=_optional(fields, "train-loss"),
                    kept_fraction=_float(fields, "kept", 0.0, 1.0),
-                   seconds={k: _float(fields, f"seconds-{k}", 0.0) for k in SITE_PHASES},
+                   seconds={k: _float(fields, f"seconds-{k}", 0.0) for k in SITE_PHASES
+                            if isinstance(fields, Mapping) and f"seconds-{k}" in fields},
                    update=update,
                    update_norm=None if norm is None else _float(fields, "update-norm", 0.0),
                    metrics=metrics or None, signature=signature)
@@ -182,23 +196,27 @@ class EvalReply:
 
     party: int
     version: int
-    eval_loss: float
+    eval_loss: float | None       # None: the site's metrics policy keeps it
     eval_examples: int
     seconds_decrypt: float = 0.0
     budget_left: int = -1         # ciphertexts its key may still decrypt (-1: not counted)
     adapter_fp: str = ""          # fingerprint of the global adapter it now holds
 
     def to_fields(self) -> dict:
-        return {"party": self.party, "version": self.version, "eval-loss": self.eval_loss,
-                "eval-examples": self.eval_examples, "seconds-decrypt": self.seconds_decrypt,
-                "budget-left": self.budget_left, "adapter-fp": self.adapter_fp}
+        out = {"party": self.party, "version": self.version,
+               "eval-examples": self.eval_examples, "seconds-decrypt": self.seconds_decrypt,
+               "budget-left": self.budget_left, "adapter-fp": self.adapter_fp}
+        if self.eval_loss is not None:
+            out["eval-loss"] = self.eval_loss
+        return out
 
     @classmethod
     def from_fields(cls, fields: Mapping) -> "EvalReply":
         return cls(party=_int(fields, "party"), version=_int(fields, "version"),
-                   eval_loss=_float(fields, "eval-loss", 0.0),
+                   eval_loss=_optional(fields, "eval-loss"),
                    eval_examples=_int(fields, "eval-examples", 1),
-                   seconds_decrypt=_float(fields, "seconds-decrypt", 0.0),
+                   seconds_decrypt=(_float(fields, "seconds-decrypt", 0.0)
+                                    if "seconds-decrypt" in fields else 0.0),
                    budget_left=(_int(fields, "budget-left", -1) if "budget-left" in fields
                                 else -1),
                    adapter_fp=_str(fields, "adapter-fp") if "adapter-fp" in fields else "")
@@ -220,4 +238,5 @@ class ShareReply:
     def from_fields(cls, fields: Mapping, share: bytes, signature=None) -> "ShareReply":
         if not isinstance(signature, bytes):
             raise InvalidMessage("the share comes without its signed record")
-        return cls(share=share, seconds=_float(fields, "seconds", 0.0), signature=signature)
+        seconds = _float(fields, "seconds", 0.0) if "seconds" in fields else 0.0  # a site
+        return cls(share=share, seconds=seconds, signature=signature)    # may keep its timings

@@ -27,7 +27,8 @@ def cosine_lr(round_idx: int, total_rounds: int, lr_max: float, lr_min: float = 
 
 def prune_ratio(round_idx: int, p0: float = 0.2, p_target: float = 0.5,
                 t_start: int = 1, t_end: int = 10) -> float:
-    """The paper's schedule of the pruned fraction:
+    """The paper's schedule of the pruned fraction: nothing pruned before round t_start (the
+    FedShield-LLM reference code starts pruning at its round 40), then
     p_t = p0 + (p_target - p0) * clip((t - t_start) / (t_end - t_start), 0, 1).
     ``t_end == t_start`` (a run of one round from t_start): the target from t_start on."""
     for name, p in (("p0", p0), ("p_target", p_target)):
@@ -35,7 +36,9 @@ def prune_ratio(round_idx: int, p0: float = 0.2, p_target: float = 0.5,
             raise ParameterError(f"{name}={p!r} must be in [0, 1]")
     if t_end < t_start:
         raise ParameterError(f"t_end={t_end} must be at least t_start={t_start}")
+    if round_idx < t_start:
+        return 0.0
     if t_end == t_start:
-        return p_target if round_idx >= t_start else p0
+        return p_target
     progress = min(max((round_idx - t_start) / (t_end - t_start), 0.0), 1.0)
     return p0 + (p_target - p0) * progress

@@ -98,6 +98,7 @@ class Server:
             raise FedShieldError("the server must hold a public context only (saved without "
                                  "its secret key)")
         self.ctx = ctx
+        self.record.extra["ckks_params"] = ctx.params.to_dict()  # what the keys resolved to
 
     def key_epoch_done(self, epoch: int, ctx: Context, before_round: int, seconds: float,
                        checked: int) -> None:
@@ -204,7 +205,7 @@ class Server:
             self.weight_bound = weight_bound_for(
                 [1] if self.cfg.training.algorithm == "paper"
                 else [s.train_examples for s in self.sites.values()])
-        losses = {p: s.eval_loss for p, s in self.sites.items()}
+        losses = {p: s.eval_loss for p, s in self.sites.items() if s.eval_loss is not None}
         examples = {p: s.eval_examples for p, s in self.sites.items()}
         record = self.record
         record.num_lora_values = self.num_lora_values
@@ -554,7 +555,7 @@ class Server:
         r = entry.round
         losses: dict[int, float] = {}
         examples: dict[int, int] = {}
-        decrypt, answered, budgets = [], set(), []
+        decrypt, answered, budgets, applied = [], set(), [], []
         for node, reply in evals:
             if node not in self.participants or node in answered:
                 self.exclude(r, "evaluate", node, "unexpected evaluate reply")
@@ -573,7 +574,9 @@ class Server:
                              f"version {reply.version}")
                 self.party_versions[party] = None
                 continue
-            losses[party], examples[party] = reply.eval_loss, reply.eval_examples
+            applied.append(party)
+            if reply.eval_loss is not None:   # else the site's metrics policy keeps it
+                losses[party], examples[party] = reply.eval_loss, reply.eval_examples
             self.party_versions[party] = r
             self.adapter_fps[party] = reply.adapter_fp
             decrypt.append(reply.seconds_decrypt)
@@ -589,7 +592,7 @@ class Server:
         entry.site_eval_loss = [losses.get(p) for p in range(self.cfg.n_sites)]
         entry.eval_loss = weighted_loss(losses, examples)
         entry.perplexity = None if entry.eval_loss is None else perplexity(entry.eval_loss)
-        if losses:
+        if applied:
             entry.status = "ok"
         else:
             entry.failure = "no participant applied the aggregate"

@@ -94,10 +94,10 @@ class _Timer:
 
 class Site:
     """One site: its data, its model (through its Party) and fedshield's training loop, or the
-    site's own (``train_fn``, see fedshield.fl.train_fn; ``node_config`` is handed to it)."""
+    site's own (``train_fn``, see fedshield.fl.train_fn; ``site_config`` is handed to it)."""
 
     def __init__(self, party_id: int, party: Party, data: SiteData, cfg: RunConfig,
-                 tokenizer, *, train_fn=None, node_config: Mapping | None = None,
+                 tokenizer, *, train_fn=None, site_config: Mapping | None = None,
                  identity: Identity | None = None) -> None:
         if party.ctx is not None and not cfg.he.enabled:
             raise ValueError("he.enabled=False but the party has a context")
@@ -112,7 +112,7 @@ class Site:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.train_fn = train_fn
-        self.node_config = dict(node_config or {})
+        self.site_config = dict(site_config or {})
 
     @property
     def name(self) -> str:
@@ -223,7 +223,7 @@ class Site:
         own = TrainPlan(round=plan.round, lr=plan.lr, steps=cfg.training.local_steps,
                         batch_size=cfg.training.batch_size, grad_accum=cfg.training.grad_accum,
                         seed=seed, tokenizer=self.tokenizer, train=self.data.train,
-                        node_config=self.node_config)
+                        site_config=self.site_config)
         n, metrics = run_train_fn(self.train_fn, self.party.model, own)
         if n > plan.weight_bound:
             raise ParameterError(f"train-fn returned num_examples={n}, above the federation's "

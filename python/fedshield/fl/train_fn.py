@@ -1,5 +1,6 @@
-"""A site's own training function: ``train-fn = "package.module:function"`` in its node config
-(or the run config) replaces fedshield's training loop with the site's own.
+"""A site's own training function: ``train_fn = "package.module:function"`` in its site config
+(fedshield.fl.site_config; never the server's run config) replaces fedshield's training loop
+with the site's own.
 
 Each round the site worker calls ``function(model, plan)`` with the site's peft model (its LoRA
 weights are the global adapter when it is called) and a :class:`TrainPlan`; the function
@@ -8,6 +9,11 @@ fedshield.hf_trainer for a callback that stops a Trainer after the round's steps
 ``(num_examples, metrics)``: the example count it trained on (its FedAvg weight) and a dict of
 numbers that includes ``loss`` (its training loss). fedshield then computes, prunes and
 encrypts the update as for its own loop.
+
+Whatever the function raises or returns stays on the site: the worker logs it in the site's
+own log, and the server learns only that the site's training function failed
+(:class:`TrainFnError`, a fixed message). Nothing here puts a plan, a result or training rows
+into an error message.
 """
 
 from __future__ import annotations
@@ -17,9 +23,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from ..errors import ParameterError
+from ..errors import FedShieldError, ParameterError
 
-SETTING = "train-fn"
+SETTING = "train_fn"
+
+
+class TrainFnError(FedShieldError):
+    """The site's own training function raised, or returned something that is not
+    ``(num_examples, metrics)``."""
 
 
 @dataclass(frozen=True)
@@ -32,10 +43,12 @@ class TrainPlan:
     batch_size: int
     grad_accum: int
     seed: int                    # a seed for this site and round
-    tokenizer: Any = None
-    train: Mapping | None = None     # the site's data file, tokenized: input_ids, attention_mask,
-                                     # labels (tensors); a function may read its own data instead
-    node_config: Mapping = field(default_factory=dict)   # this site's node config
+    # what the site holds: never in a repr (a repr ends up in logs and error messages)
+    tokenizer: Any = field(default=None, repr=False)
+    train: Mapping | None = field(default=None, repr=False)  # the site's data file, tokenized:
+                                     # input_ids, attention_mask, labels (tensors); a function
+                                     # may read its own data instead
+    site_config: Mapping = field(default_factory=dict, repr=False)  # this site's own config
 
 
 def load_train_fn(spec: str) -> Callable:
@@ -59,18 +72,23 @@ def load_train_fn(spec: str) -> Callable:
 
 
 def run_train_fn(fn: Callable, model, plan: TrainPlan) -> tuple[int, dict[str, float]]:
-    """Calls a site's training function and checks what it returns."""
-    result = fn(model, plan)
-    name = getattr(fn, "__qualname__", repr(fn))
+    """Calls a site's training function and checks what it returns; TrainFnError (chained to
+    the function's own exception, for the site's log) when it fails."""
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    try:
+        result = fn(model, plan)
+    except Exception as exc:
+        raise TrainFnError(f"{SETTING} {name} raised {type(exc).__name__}") from exc
     if not (isinstance(result, tuple) and len(result) == 2):
-        raise ParameterError(f"{SETTING} {name} returned {result!r}; expected "
-                             "(num_examples, metrics)")
+        raise TrainFnError(f"{SETTING} {name} returned a {type(result).__name__}; expected "
+                           "(num_examples, metrics)")
     n, metrics = result
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ParameterError(f"{SETTING} {name} returned num_examples={n!r}; expected an "
-                             "int >= 1")
+        raise TrainFnError(f"{SETTING} {name} returned num_examples={_brief(n)}; expected an "
+                           "int >= 1")
     if not isinstance(metrics, Mapping):
-        raise ParameterError(f"{SETTING} {name} returned metrics={metrics!r}; expected a dict")
+        raise TrainFnError(f"{SETTING} {name} returned metrics of type "
+                           f"{type(metrics).__name__}; expected a dict")
     out = {}
     for key, value in metrics.items():
         try:
@@ -78,10 +96,19 @@ def run_train_fn(fn: Callable, model, plan: TrainPlan) -> tuple[int, dict[str, f
         except (TypeError, ValueError):
             value = math.nan
         if not (isinstance(key, str) and key and math.isfinite(value)):
-            raise ParameterError(f"{SETTING} {name} returned metric {key!r}={metrics[key]!r}; "
-                                 "metrics are finite numbers under string names")
+            raise TrainFnError(f"{SETTING} {name} returned metric {_brief(key)}="
+                               f"{_brief(metrics[key])}; metrics are finite numbers under "
+                               "string names")
         out[key] = value
     if "loss" not in out or out["loss"] < 0:
-        raise ParameterError(f"{SETTING} {name} returned metrics without a training 'loss' "
-                             f"(>= 0): {sorted(out)}")
+        raise TrainFnError(f"{SETTING} {name} returned metrics without a training 'loss' "
+                           f"(>= 0): {sorted(out)}")
     return n, out
+
+
+def _brief(value) -> str:
+    """A number or short name as it is; anything else by its type (no reprs of objects that
+    may hold a site's data)."""
+    if isinstance(value, (int, float)) or (isinstance(value, str) and len(value) <= 40):
+        return repr(value)
+    return f"<{type(value).__name__}>"

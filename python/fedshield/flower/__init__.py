@@ -6,11 +6,13 @@
 - :mod:`.strategy`: ``EncryptedFedAvg``, a ``FedAvg`` that hands every step to the Server of
   fedshield.fl (screening, native aggregation, shares); no secret key, no openfhe, no torch.
 - :mod:`.server_app`: the ``ServerApp``; :mod:`.polling`: prompt reply collection.
-- :mod:`.client_app`: the ``ClientApp``, a thin relay to the node's site worker;
-  :mod:`.site_worker`: the long-lived process holding the node's Site; :mod:`.site_ipc`: the
-  local IPC between them.
-- :mod:`.launcher` and :mod:`.deployment`: ``fedshield run --engine flower``, a SuperLink and
-  one SuperNode per site on loopback, each site in a directory of its own.
+- :mod:`.client_app`: the ``ClientApp`` (shipped in the server's FAB), a relay to the site's
+  own worker; :mod:`.site_worker`: the process the site starts itself
+  (``fedshield site worker``) holding its Site and answering the protocol only;
+  :mod:`.site_ipc`: the authenticated local channel between them.
+- :mod:`.launcher` and :mod:`.deployment`: ``fedshield run --engine flower``, each site's
+  worker, then a SuperLink and one SuperNode per site on loopback, each site in a directory
+  of its own.
 
 Needs the ``flower`` extra (``pip install 'fedshield[flower]'``).
 """

@@ -1,57 +1,69 @@
-"""The fedshield ClientApp: a thin relay between Flower and the node's site worker.
+"""The fedshield ClientApp: it relays each of the server's requests to the site's own worker.
 
-Each message is handed to the node's long-lived site worker (fedshield.flower.site_worker),
-started on the node's first message, which holds the Site: its own data, model, key and copy
-of the global adapter. This process imports neither torch nor openfhe, so the per-message
-ClientApp process Flower 1.30 starts stays cheap.
+Flower ships this module to every SuperNode in the app package (FAB), so a site does not trust
+it. It holds nothing of the site's: the site starts its worker itself
+(``fedshield site worker --config SITE.toml``), and the SuperNode's node config names only how
+to reach it: ``socket`` (the worker's Unix socket) and ``token-file`` (a copy of the worker's
+relay secret), e.g. ``--node-config 'socket="/run/fedshield/a/worker.sock"
+token-file="/home/flwr/site-a.token"'``. The worker answers the protocol's requests only
+(fedshield.flower.site_worker); what it answers is what goes back to the server. This process
+imports neither torch nor openfhe, so the per-message ClientApp process Flower 1.30 starts
+stays cheap.
 
-Node config (``flower-supernode --node-config``): ``data`` (this site's own data file),
-``key-file`` (where the key set-up writes its context, mode 0600), ``party-id`` (0..sites-1),
-and optionally ``identity-file`` (its long-term identity key, made on first start; default
-the key file's path + ``.identity``), ``model`` (its own model directory), ``eval-data`` (its
-own held-out file instead of a held-out part of ``data``), ``name``, ``columns``, ``out-dir``
-(where the adapter goes when the server asks this node to write it) and
-``worker-idle-timeout``.
-Run config: ``fedshield-config`` (the run config as JSON); on the simulation runtime also
-``simulation-sites`` (each virtual SuperNode's node config, by partition id).
+On the simulation runtime a virtual SuperNode's node config holds only its ``partition-id``:
+the run config's ``simulation-sites`` (a JSON list) holds each site's ``socket`` and
+``token-file``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
+import logging
+from typing import Sequence
 
 from flwr.clientapp import ClientApp
 from flwr.common import ConfigRecord, Context, Message, RecordDict
 
+from ..errors import FedShieldError
 from .records import (AGGREGATE, FIELDS, SHARE, STYPE_AGGREGATE, STYPE_SHARE, STYPE_UPDATE,
                       UPDATE, get_blobs, get_payload, message_fields, put_blobs, put_payload,
                       route_logs_to_flower, share_key)
-from .site_ipc import SIMULATION_SITES, ensure_worker, request
+from .site_ipc import (NODE_SOCKET, SIMULATION_SITES, Relay, SiteWorkerError, WorkerRefused)
 
+log = logging.getLogger("fedshield")
 route_logs_to_flower()
 app = ClientApp()
 
-# How long a node's first message waits for its site worker to load the model and data.
-WORKER_START_TIMEOUT = 600.0
+# How long one request may take at the worker (the first join loads the model and the data).
+REQUEST_TIMEOUT = 3600.0
+# What the ClientApp itself adds to the server's fields: not for the worker.
+RELAY_FIELDS = ("op", "blobs")
 
 
 def node_config(context: Context) -> dict:
-    """This site's node config. On Flower's simulation runtime a virtual SuperNode's node
-    config holds only its ``partition-id``: the run config's ``simulation-sites`` (a JSON list)
-    holds each site's by partition id."""
+    """This SuperNode's relay settings. On Flower's simulation runtime a virtual SuperNode's
+    node config holds only its ``partition-id``: the run config's ``simulation-sites`` (a JSON
+    list) holds each site's by partition id."""
     node = dict(context.node_config)
     sites = context.run_config.get(SIMULATION_SITES)
-    if "data" not in node and sites and "partition-id" in node:
+    if NODE_SOCKET not in node and sites and "partition-id" in node:
         node = json.loads(str(sites))[int(node["partition-id"])]
     return node
 
 
-def worker(context: Context) -> Path:
-    """The socket of this node's site worker (started, or waited for, when needed)."""
-    return ensure_worker(node_config(context), dict(context.run_config), os.getppid(),
-                         WORKER_START_TIMEOUT)
+def ask(context: Context, op: str, fields: dict, sections: Sequence[bytes] = ()
+        ) -> tuple[dict, list[bytes]]:
+    """One request to this node's site worker. What fails here (no token, no socket) is logged
+    on this node and leaves it as a fixed message."""
+    fields = {k: v for k, v in fields.items() if k not in RELAY_FIELDS}
+    try:
+        return Relay.from_node_config(node_config(context)).request(
+            op, fields, sections, timeout=REQUEST_TIMEOUT)
+    except WorkerRefused:
+        raise
+    except FedShieldError as exc:
+        log.error("fedshield relay: %s", exc)
+        raise SiteWorkerError("RelayError: the site worker cannot be reached") from None
 
 
 def _reply(msg: Message, fields: dict, payloads: dict[str, tuple[bytes, str]] = (),
@@ -72,16 +84,18 @@ def _blobs(msg: Message, fields: dict) -> list[bytes]:
 @app.query("join")
 def join(msg: Message, context: Context) -> Message:
     """This site's party id, data sizes, context fingerprint and initial held-out loss (and,
-    for a resumed run, the round of the adapter it holds)."""
+    for a resumed run, the round of the adapter it holds). It hands the worker the run's
+    settings (the run config), which the worker checks."""
     asked = message_fields(msg) if FIELDS in msg.content.config_records else {}
-    fields, _ = request(worker(context), "join", asked)
+    run_config = {k: v for k, v in context.run_config.items() if k != SIMULATION_SITES}
+    fields, _ = ask(context, "join", {**asked, "run-config": json.dumps(run_config)})
     return _reply(msg, fields)
 
 
 def _relay(msg: Message, context: Context) -> Message:
     """A key set-up or catch-up operation, answered by the site worker as it is."""
     fields = message_fields(msg)
-    out, sections = request(worker(context), str(fields.get("op")), fields, _blobs(msg, fields))
+    out, sections = ask(context, str(fields.get("op")), fields, _blobs(msg, fields))
     return _reply(msg, out, blobs=sections)
 
 
@@ -100,7 +114,7 @@ def catchup(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Trains from the global adapter, prunes, encrypts and signs (in the site worker)."""
-    fields, sections = request(worker(context), "train", message_fields(msg))
+    fields, sections = ask(context, "train", message_fields(msg))
     return _reply(msg, {**fields, "signature": sections[1]},
                   {UPDATE: (sections[0], STYPE_UPDATE)})
 
@@ -110,7 +124,7 @@ def share(msg: Message, context: Context) -> Message:
     """Threshold keys: this party's signed partial decryption of the round's aggregate."""
     fields = message_fields(msg)
     agg = get_payload(msg.content, AGGREGATE, STYPE_AGGREGATE)
-    out, sections = request(worker(context), "share", fields, [agg, *_blobs(msg, fields)])
+    out, sections = ask(context, "share", fields, [agg, *_blobs(msg, fields)])
     return _reply(msg, {**out, "signature": sections[1]}, {SHARE: (sections[0], STYPE_SHARE)})
 
 
@@ -121,5 +135,5 @@ def apply_and_evaluate(msg: Message, context: Context) -> Message:
     sections = [get_payload(msg.content, AGGREGATE, STYPE_AGGREGATE)]
     sections += [get_payload(msg.content, share_key(int(p)), STYPE_SHARE)
                  for p in fields.get("shares", [])]
-    out, _ = request(worker(context), "evaluate", fields, sections + _blobs(msg, fields))
+    out, _ = ask(context, "evaluate", fields, sections + _blobs(msg, fields))
     return _reply(msg, out)

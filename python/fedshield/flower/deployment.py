@@ -93,7 +93,7 @@ class Deployment:
                  env: dict | None = None) -> None:
         self.work = work
         self.logs = work / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.n_nodes = n_nodes
         self.node_configs = node_configs
         self.procs: dict[str, subprocess.Popen] = {}
@@ -112,11 +112,17 @@ class Deployment:
 
     def _start(self, name: str, argv: list[str], home: Path,
                cwd: Path | None = None) -> subprocess.Popen:
-        log_file = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed by the child's exit
-        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
-                                env={**self.env, "FLWR_HOME": str(home)},
-                                start_new_session=True, cwd=str(cwd or self.work))
-        log_file.close()
+        return self.start(name, argv, env={**self.env, "FLWR_HOME": str(home)}, cwd=cwd)
+
+    def start(self, name: str, argv: list[str], *, env: dict | None = None,
+              cwd: Path | None = None) -> subprocess.Popen:
+        """Starts ``argv`` in a session of its own; its output goes to logs/NAME.log (mode
+        0600: a log may name a site's files)."""
+        fd = os.open(self.logs / f"{name}.log", os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "wb") as log_file:
+            proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
+                                    env=env or self.env, start_new_session=True,
+                                    cwd=str(cwd or self.work))
         self.procs[name] = proc
         return proc
 

@@ -1,12 +1,17 @@
 """`fedshield run --engine flower`: a real SuperLink and one SuperNode per site, as separate
 processes talking gRPC on loopback, driven by ``flwr run``.
 
-Each site gets a directory of its own (``OUT/flower/nodes/SITE``) holding its data file, and its
-SuperNode runs there: its node config names only its own files, as in a real deployment where
-each site is its own machine (README: "Deployment on Flower"). No key is made here: each site
-makes its identity key and, in the key set-up the ServerApp runs before round 1, its key (or
-key share) in its own directory (fedshield.fl.key_setup); the ServerApp writes the public
-context beside the SuperLink's (``OUT/flower/server/server.ctx``).
+The launcher does what each site would do on its own machine (docs: "Deployment on Flower"):
+it gives every site a directory of its own (``OUT/flower/nodes/SITE``, mode 0700) with its data
+file and its site config (``site.toml``), starts the site's worker from it
+(``fedshield site worker --config site.toml``), and only then starts the site's SuperNode,
+whose node config names nothing but the worker's socket and relay token. No key is made here:
+each site's worker makes its identity key and, in the key set-up the ServerApp runs before
+round 1, its key (or key share) in its own directory (fedshield.fl.key_setup); the ServerApp
+writes the public context beside the SuperLink's (``OUT/flower/server/server.ctx``).
+
+The sites of a launcher run report every metric (``metrics = "all"``): their one owner runs
+them all on this machine. A real site chooses its own policy (default ``aggregate``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -28,19 +32,22 @@ from ..atomic import write_json_atomic
 from ..config import RunConfig
 from ..errors import FedShieldError, ParameterError
 from ..fl.federation import federation_for_run
+from ..fl.site_config import SiteConfig
 from ..fl.site_files import site_files
 from ..he.identity import Identity
 from ..run_dir import METRICS, SERVER_STATE, claim_out_dir
 from ..threads import ENV as THREADS_ENV
 from ..threads import available_cpus
 from .deployment import Deployment, DeploymentError, write_app_project
-from .site_ipc import (RESUME_STATE, SERVER_IDENTITY, SIMULATION_SITES, SiteWorkerError, request, socket_path,
-                       spawn_worker)
+from .site_ipc import (NODE_SOCKET, NODE_TOKEN, RESUME_STATE, SERVER_IDENTITY,
+                       SIMULATION_SITES, Relay, SiteWorkerError)
 
 log = logging.getLogger("fedshield")
 
 SERVER_APP = "fedshield.flower.server_app:app"
-SITES_FILE = "sites.json"     # OUT/flower/: every site's node config (what --resume starts)
+SITES_FILE = "sites.json"     # OUT/flower/: every site's config and relay (what --resume starts)
+SITE_CONFIG = "site.toml"     # in each site's node directory
+WORKER_START_TIMEOUT = 600.0  # a worker's first answer (it imports torch before it listens)
 CLIENT_APP = "fedshield.flower.client_app:app"
 SERVER_IDENTITY_FILE = "identity.key"   # OUT/flower/server/: the server's (pinned) identity
 
@@ -93,12 +100,28 @@ class FlowerApp:
     client_app: str = CLIENT_APP
     files: Sequence[Path] = ()
     run_config: dict = field(default_factory=dict)   # extra run-config entries
-    site_workers: bool = True    # start each site's worker with its SuperNode (fedshield's apps)
 
 
-def prepare_sites(cfg: RunConfig, work: Path) -> tuple[list[dict], Path]:
-    """One directory per site with its data file (a copy); returns each site's node config
-    and where the ServerApp writes the public context."""
+@dataclass(frozen=True)
+class LocalSite:
+    """A site of a launcher run: its site config file and its SuperNode's node config."""
+
+    config: Path
+    node: dict
+
+    def to_dict(self) -> dict:
+        return {"site-config": str(self.config), "node-config": self.node}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LocalSite":
+        return cls(Path(d["site-config"]), dict(d["node-config"]))
+
+
+def prepare_sites(cfg: RunConfig, work: Path, out: Path,
+                  site_settings: Sequence[dict] = ()) -> tuple[list[LocalSite], Path]:
+    """One directory per site (mode 0700) with its data file (a copy) and its site config
+    (``site_settings[i]`` on top of the launcher's); returns the sites and where the
+    ServerApp writes the public context."""
     if cfg.keys.setup == "dealer":
         raise ParameterError("--key-setup dealer is a simulation shortcut of the local engine; "
                              "on Flower every site makes its own keys (--key-setup protocol)")
@@ -108,45 +131,52 @@ def prepare_sites(cfg: RunConfig, work: Path) -> tuple[list[dict], Path]:
         node_dir = work / "nodes" / f.name
         if node_dir in node_dirs:
             node_dir = work / "nodes" / f"{f.name}-{i}"
-        node_dir.mkdir(parents=True)
+        node_dir.mkdir(parents=True, mode=0o700)
         node_dirs.append(node_dir)
     server_path = work / "server" / "server.ctx"
     server_path.parent.mkdir(parents=True, exist_ok=True)
-    configs = []
-    for i, (f, node_dir) in enumerate(zip(files, node_dirs)):
+    extra = list(site_settings) or [{} for _ in files]
+    if len(extra) != len(files):
+        raise ParameterError(f"site_settings: {len(extra)} entries for {len(files)} sites")
+    pin_federation(cfg, [(f.name, d) for f, d in zip(files, node_dirs)], server_path.parent)
+    sites = []
+    for i, (f, node_dir, own) in enumerate(zip(files, node_dirs, extra)):
         data = node_dir / f"data{f.path.suffix}"
         shutil.copyfile(f.path, data)
-        config = {"party-id": i, "name": f.name, "data": str(data),
-                  "key-file": str(node_dir / "party.key"),
-                  "identity-file": str(node_dir / "identity.key")}
-        if f.columns:
-            config["columns"] = f.columns
-        configs.append(config)
+        site = SiteConfig.from_dict({"node_dir": str(node_dir), "party_id": i, "name": f.name,
+                                     "data": data.name, "columns": f.columns,
+                                     "model": cfg.model.name, "out_dir": str(out),
+                                     "federation": FEDERATION_FILE, "metrics": "all", **own},
+                                    source=f"site {i}")
+        path = site.save(node_dir / SITE_CONFIG)
+        sites.append(LocalSite(path, {NODE_SOCKET: str(site.path("socket")),
+                                      NODE_TOKEN: str(site.path("token_file"))}))
     shutil.rmtree(work / "split", ignore_errors=True)  # each node holds its own copy
-    pin_federation(cfg, configs, server_path.parent)
-    return configs, server_path
+    return sites, server_path
 
 
-def pin_federation(cfg: RunConfig, configs: list[dict], server_dir: Path) -> None:
+FEDERATION_FILE = "federation.json"   # in each site's node directory
+
+
+def pin_federation(cfg: RunConfig, sites: Sequence[tuple[str, Path]], server_dir: Path) -> None:
     """What the sites of a real deployment do out of band (`fedshield federation`), done here
     for the sites this launcher deploys: every site and the server make an identity key in
     their own directory, the federation of the run's roster, parameters and floor is signed by
-    all of them, and each site pins its copy (node config ``federation``)."""
+    all of them, and each site pins its copy (site config ``federation``). ``sites``: each
+    site's (name, node directory)."""
     server = Identity.generate()
     server.save(server_dir / SERVER_IDENTITY_FILE)
     fed = federation_for_run(cfg, server.public)
     identities = []
-    for config in configs:
+    for name, node_dir in sites:
         identity = Identity.generate()
-        identity.save(config["identity-file"])
+        identity.save(node_dir / "identity.key")
         identities.append(identity)
-        fed = fed.with_member(config["name"], identity.public)
+        fed = fed.with_member(name, identity.public)
     for identity in identities + [server]:
         fed = fed.signed_by(identity)
-    for config in configs:
-        path = Path(config["key-file"]).parent / "federation.json"
-        fed.save(path)
-        config["federation"] = str(path)
+    for _, node_dir in sites:
+        fed.save(node_dir / FEDERATION_FILE)
 
 
 def write_app(app_dir: Path, cfg: RunConfig, server_ctx: Path, out: Path,
@@ -170,7 +200,7 @@ def write_app(app_dir: Path, cfg: RunConfig, server_ctx: Path, out: Path,
 
 def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
                app: FlowerApp | None = None, node_env: dict | None = None,
-               node_configs: list[dict] | None = None,
+               node_configs: list[dict] | None = None, site_settings: Sequence[dict] = (),
                late_node_configs: Sequence[dict] = (), overwrite: bool = False,
                simulation: SiteResources | None = None) -> dict:
     """Runs `cfg` on a loopback Flower deployment; returns the metrics (also in
@@ -178,8 +208,9 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
     unless ``overwrite``. Every process it starts is ended when it returns or raises
     (KeyboardInterrupt included).
 
-    ``node_configs`` adds entries to each site's node config; ``late_node_configs`` starts
-    extra SuperNodes once the sites are enrolled (they must take no part in the run).
+    ``node_configs`` adds entries to each SuperNode's node config (what a test's ClientApp
+    reads); ``site_settings`` to each site's config (e.g. ``train_fn``); ``late_node_configs``
+    starts extra SuperNodes once the sites are enrolled (they must take no part in the run).
     ``simulation``: the same ServerApp and ClientApp on Flower's simulation runtime (one
     SuperLink, virtual SuperNodes in ray actors, each site declaring these resources)."""
     _need_flower()
@@ -192,14 +223,15 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
     if work.exists():
         shutil.rmtree(work)
     start = time.perf_counter()
-    configs, server_path = prepare_sites(cfg, work)
-    log.info("flower: %d site directories under %s (%s keys) in %.1f s", len(configs),
+    sites, server_path = prepare_sites(cfg, work, out, site_settings)
+    log.info("flower: %d site directories under %s (%s keys) in %.1f s", len(sites),
              work / "nodes", cfg.keys.mode, time.perf_counter() - start)
-    extra = node_configs or [{} for _ in configs]
-    configs = [{**c, "out-dir": str(out), **e} for c, e in zip(configs, extra)]
+    extra = node_configs or [{} for _ in sites]
+    sites = [replace(s, node={**s.node, **e}) for s, e in zip(sites, extra)]
     # what --resume starts the same sites from (their directories keep their files)
-    write_json_atomic(work / SITES_FILE, {"sites": configs, "server-context": str(server_path)})
-    return _run(cfg, out, configs, server_path, app, node_env, late_node_configs, simulation,
+    write_json_atomic(work / SITES_FILE, {"sites": [s.to_dict() for s in sites],
+                                          "server-context": str(server_path)})
+    return _run(cfg, out, sites, server_path, app, node_env, late_node_configs, simulation,
                 rounds_left=cfg.training.rounds, start=start)
 
 
@@ -222,8 +254,9 @@ def resume_flower(out: str | Path, show_progress: bool | None = None, *,
     try:
         recorded = json.loads(metrics_path.read_text())
         cfg = RunConfig.from_dict(recorded["config"], source=f"--resume {str(out)!r}")
-        sites = json.loads(sites_path.read_text())
-        configs, server_path = sites["sites"], Path(sites["server-context"])
+        saved = json.loads(sites_path.read_text())
+        sites = [LocalSite.from_dict(d) for d in saved["sites"]]
+        server_path = Path(saved["server-context"])
         done = int(json.loads(state_path.read_text())["record"]["rounds"][-1]["round"])
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise ParameterError(f"--resume {str(out)!r}: its server state does not load: "
@@ -236,7 +269,7 @@ def resume_flower(out: str | Path, show_progress: bool | None = None, *,
     app = app or FlowerApp()
     app = replace(app, run_config={**app.run_config, RESUME_STATE: str(state_path)})
     log.info("flower: resuming %s after round %d of %d", out, done, cfg.training.rounds)
-    return _run(cfg, out, configs, server_path, app, node_env, (), None,
+    return _run(cfg, out, sites, server_path, app, node_env, (), None,
                 rounds_left=cfg.training.rounds - done, start=time.perf_counter())
 
 
@@ -247,30 +280,28 @@ def _need_flower() -> None:
         raise FedShieldError("--engine flower needs Flower: pip install 'fedshield[flower]'") from exc
 
 
-def _run(cfg: RunConfig, out: Path, configs: list[dict], server_path: Path, app: FlowerApp,
+def _run(cfg: RunConfig, out: Path, sites: list[LocalSite], server_path: Path, app: FlowerApp,
          node_env: dict | None, late_node_configs: Sequence[dict],
          simulation: SiteResources | None, *, rounds_left: int, start: float) -> dict:
-    """Deploys the sites ``configs`` and runs the app until the run is finished."""
+    """Starts the sites' workers, deploys their SuperNodes and runs the app until the run is
+    finished."""
     work, metrics_path = out / "flower", out / METRICS
-    if simulation is not None:  # virtual SuperNodes find their node config by partition id
+    if simulation is not None:  # virtual SuperNodes find their relay by partition id
         app = replace(app, run_config={**app.run_config,
-                                       SIMULATION_SITES: json.dumps(configs)})
-    run_config = write_app(work / "app", cfg, server_path, out, app)
+                                       SIMULATION_SITES: json.dumps([s.node for s in sites])})
+    write_app(work / "app", cfg, server_path, out, app)
     # train, share, evaluate per round plus enrolment and the key set-up's steps (the chain
     # and ~8 more), each bounded by round_timeout
     budget = cfg.engine.round_timeout * (3 * rounds_left + cfg.n_sites + 10) + 120
-    late = [{**configs[0], "out-dir": str(out / "late"), **c} for c in late_node_configs]
+    late = [{**sites[0].node, **c} for c in late_node_configs]   # never sent any work
     # every site of this machine gets its share of the cores (FEDSHIELD_NUM_THREADS)
-    share = str(max(1, available_cpus() // len(configs)))
+    share = str(max(1, available_cpus() // len(sites)))
     node_env = {THREADS_ENV: share, "OMP_NUM_THREADS": share, **(node_env or {})}
     try:
         if simulation is not None:
-            code, metrics = _simulate(work, configs, node_env, run_config, simulation, budget,
-                                      metrics_path)
+            code, metrics = _simulate(work, sites, node_env, simulation, budget, metrics_path)
         else:
-            code, metrics = _deploy(work, configs, late, node_env,
-                                    run_config if app.site_workers else None, budget,
-                                    metrics_path)
+            code, metrics = _deploy(work, sites, late, node_env, budget, metrics_path)
     except DeploymentError as exc:
         raise FedShieldError(str(exc)) from exc
     if code != 0 or not metrics.get("finished"):
@@ -282,16 +313,15 @@ def _run(cfg: RunConfig, out: Path, configs: list[dict], server_path: Path, app:
     return metrics
 
 
-def _deploy(work: Path, configs: list[dict], late: list[dict], node_env: dict | None,
-            run_config: dict | None, budget: float, metrics_path: Path) -> tuple[int, dict]:
-    """Runs the app; ``run_config`` (when given) starts each site worker with its SuperNode."""
-    n = len(configs)
-    node_dirs = [Path(c["key-file"]).parent for c in configs]
-    with Deployment(work, n + len(late), configs + late, env=node_env) as dep, \
-            _site_workers(configs, node_dirs, run_config, dep):
+def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict | None,
+            budget: float, metrics_path: Path) -> tuple[int, dict]:
+    """Runs the app: each site's worker first, then its SuperNode (in its own home)."""
+    n = len(sites)
+    with Deployment(work, n + len(late), [s.node for s in sites] + late, env=node_env) as dep, \
+            _site_workers(sites, dep):
         dep.start_superlink()
         for i in range(n):
-            dep.start_supernode(i, cwd=node_dirs[i])
+            dep.start_supernode(i)
         log.info("flower: SuperLink (fleet 127.0.0.1:%d) and %d SuperNodes started; logs in %s",
                  dep.fleet, n, dep.logs)
         pending = list(range(n, n + len(late)))
@@ -310,22 +340,20 @@ def _deploy(work: Path, configs: list[dict], late: list[dict], node_env: dict | 
         return code, _wait_for_metrics(metrics_path, 60.0 if code == 0 else 5.0)
 
 
-def _simulate(work: Path, configs: list[dict], node_env: dict, run_config: dict,
-              resources: SiteResources, budget: float, metrics_path: Path) -> tuple[int, dict]:
+def _simulate(work: Path, sites: list[LocalSite], node_env: dict, resources: SiteResources,
+              budget: float, metrics_path: Path) -> tuple[int, dict]:
     """The simulation runtime: a SuperLink with --simulation, no SuperNode processes; each
     site's worker gets its declared CPUs (and GPU)."""
-    node_dirs = [Path(c["key-file"]).parent for c in configs]
-    envs = [{**node_env, **resources.env(i)} for i in range(len(configs))]
+    envs = [{**node_env, **resources.env(i)} for i in range(len(sites))]
     with Deployment(work, 0, [], env={**node_env, **RAY_PATIENCE}) as dep, \
-            _site_workers(configs, node_dirs, run_config, dep,
-                          [{**dep.env, **e} for e in envs]):
+            _site_workers(sites, dep, [{**dep.env, **e} for e in envs]):
         dep.start_superlink(simulation=True)
-        log.info("flower: simulation runtime, %d sites of %s; logs in %s", len(configs),
+        log.info("flower: simulation runtime, %d sites of %s; logs in %s", len(sites),
                  resources, dep.logs)
         attempts = 3
         for attempt in range(1, attempts + 1):
             code = dep.run_app(work / "app", budget,
-                               federation_config=resources.federation_config(len(configs)))
+                               federation_config=resources.federation_config(len(sites)))
             metrics = _wait_for_metrics(metrics_path, 60.0 if code == 0 else 5.0)
             log_text = (dep.logs / "flwr-run.log").read_text(errors="replace")
             # ray failed to start before any site was contacted: start the run once more
@@ -339,42 +367,42 @@ def _simulate(work: Path, configs: list[dict], node_env: dict, run_config: dict,
 
 
 @contextmanager
-def _site_workers(configs: list[dict], node_dirs: list[Path], run_config: dict | None,
-                  dep: Deployment, envs: list[dict] | None = None):
-    """Starts each site's worker first (it loads its model and data while Flower starts up;
-    its ClientApp finds it by its node config), in ``envs[i]`` (default: the deployment's
-    environment). At the end of a run each is asked to shut down, then any still running is
-    ended; when the run was interrupted or failed they are ended at once (a busy worker
-    answers no shutdown request)."""
-    if run_config is None:
-        yield
-        return
-    paths = [socket_path(c) for c in configs]
-    names = [f"site-worker-{i}" for i in range(len(configs))]
-    envs = envs or [dep.env] * len(configs)
-    for name, path, config, node_dir, env in zip(names, paths, configs, node_dirs, envs):
-        dep.procs[name] = spawn_worker(path, config, run_config, os.getpid(), env=env,
-                                       cwd=node_dir)
-    finished = False
+def _site_workers(sites: list[LocalSite], dep: Deployment, envs: list[dict] | None = None):
+    """Starts each site's worker as the site would (``fedshield site worker --config``, in
+    its node directory, in ``envs[i]``; default: the deployment's environment) and waits until
+    each answers over its relay. They are stopped with everything else the deployment
+    started."""
+    names = [f"site-worker-{i}" for i in range(len(sites))]
+    envs = envs or [dep.env] * len(sites)
+    for name, site, env in zip(names, sites, envs):
+        dep.start(name, [sys.executable, "-m", "fedshield.cli", "site", "worker", "--config",
+                         str(site.config), "--exit-with", str(os.getpid())],
+                  env=env, cwd=site.config.parent)
     try:
+        for name, site in zip(names, sites):
+            _wait_for_worker(dep, name, site)
+        log.info("flower: %d site workers ready", len(sites))
         yield
-        finished = True
     finally:
-        for path in paths if finished else ():
-            try:
-                request(path, "shutdown", {}, timeout=30.0)
-            except SiteWorkerError:
-                pass  # it already exited after the run's final message
-        deadline = time.monotonic() + 10.0
-        for name in names if finished else ():
-            try:
-                dep.procs[name].wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        dep.stop(names)  # a worker ended by a signal leaves its socket and pid files
-        for path in paths:
-            for leftover in (path, path.with_suffix(".pid")):
-                leftover.unlink(missing_ok=True)
+        dep.stop(names)
+
+
+def _wait_for_worker(dep: Deployment, name: str, site: LocalSite) -> None:
+    deadline = time.monotonic() + WORKER_START_TIMEOUT
+    proc = dep.procs[name]
+    while True:
+        try:
+            Relay.from_node_config(site.node).request("ping", {}, timeout=30.0)
+            return
+        except SiteWorkerError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            site_log = SiteConfig.from_file(site.config).path("log_file")
+            tail = site_log.read_text(errors="replace")[-2000:] if site_log.exists() else ""
+            raise FedShieldError(f"the site worker of {site.config} "
+                                 f"{'exited' if proc.poll() is not None else 'did not answer'}; "
+                                 f"see {dep.logs / (name + '.log')} and {site_log}: {tail}")
+        time.sleep(0.2)
 
 
 def _log_new_rounds(metrics_path: Path, reported: int) -> int:

@@ -1,61 +1,130 @@
-"""Local IPC between a ClientApp process and its node's site worker (fedshield.flower.site_worker),
-and the starting of that worker.
+"""The local channel between a SuperNode's ClientApp (Flower ships it in the app package, so a
+site does not trust it) and the site's own worker (fedshield.flower.site_worker, started by the
+site from its own install and site config).
 
-Flower 1.30 starts a fresh ClientApp process for every message; the site worker is one
-long-lived process per node that holds the Site (model, tokenized data, key) across rounds. The
-ClientApp hands it each message over a Unix socket private to this user and reads the reply.
-The worker is keyed by its node config and serves one run config: a ClientApp of another run
-has it exit and starts a fresh one.
+The worker listens on a Unix socket in a directory the site chooses. Every connection opens
+with a challenge-response over the relay secret, a token file the site's administrator hands
+to the SuperNode (its node config's ``token-file``); the token itself never crosses the socket:
 
-A message is a frame: an 8-byte little-endian length, then a JSON head (``op`` or ``ok``,
-``fields``, ``sizes``) and byte sections (updates, aggregates, shares). No pickle: neither side
-runs code it receives.
+    worker -> relay:  MAGIC, 32-byte nonce Nw
+    relay  -> worker: 32-byte nonce Nr, HMAC-SHA256(token, "relay" | Nw | Nr)
+    worker -> relay:  HMAC-SHA256(token, "worker" | Nw | Nr)       (else it hangs up)
+
+then one request and its reply, each a frame: an 8-byte little-endian length, then a JSON head
+(``op`` and ``fields``, or ``ok`` and ``fields``/``error-type``/``error``, and ``sizes``) and
+byte sections (updates, aggregates, shares). No pickle: neither side runs code it receives.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import socket
 import struct
-import subprocess
-import sys
-import tempfile
-import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from ..errors import FedShieldError
 
-# Run config of the simulation runtime: each virtual SuperNode's node config (a JSON list by
+# Run config of the simulation runtime: each virtual SuperNode's relay settings (a JSON list by
 # partition id; the virtual SuperNodes' own node configs hold only their partition id).
 SIMULATION_SITES = "simulation-sites"
 RESUME_STATE = "resume-state"   # run config: the server state a restarted ServerApp goes on from
+# Node config of a SuperNode: all that its ClientApp needs (never a data or key path).
+NODE_SOCKET, NODE_TOKEN = "socket", "token-file"
 SERVER_IDENTITY = "server-identity"  # run config: the server's identity key (pinned by the sites)
 MAX_HEAD = 1 << 20            # a JSON head is small: fields and section sizes
 MAX_FRAME = 1 << 40           # what one message may declare (payloads are checked later)
+MAGIC = b"FSRELAY1"
+NONCE = 32
+TOKEN_BYTES = 32
+HANDSHAKE_TIMEOUT = 10.0     # what the worker gives a peer to prove the token
+MAX_SUN_PATH = 107
 
 
 class SiteWorkerError(FedShieldError):
-    """The site worker failed, refused a message, or could not be reached."""
+    """The site worker refused a request or could not be reached; the text is the worker's
+    error type and its fixed message."""
 
 
-def socket_path(node_config: dict) -> Path:
-    """Where this node's site worker listens: short (AF_UNIX paths hold ~107 bytes) and
-    unique per user and node config."""
-    key = json.dumps([os.getuid(), sorted(node_config.items())], default=str)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return Path(tempfile.gettempdir()) / f"fedshield-site-{digest}.sock"
+class WorkerRefused(SiteWorkerError):
+    """The worker answered with a refusal: its error type and fixed message."""
 
 
-def run_digest(run_config: dict) -> str:
-    """Names the run a worker serves (its run config)."""
-    return hashlib.sha256(json.dumps(sorted(run_config.items()), default=str).encode()
-                          ).hexdigest()[:32]
+class RelayAuthError(SiteWorkerError):
+    """The other end of the relay socket does not hold the relay secret."""
 
 
+# -- the relay secret --------------------------------------------------------------------------
+def make_token(path: str | Path) -> Path:
+    """A new relay secret at ``path`` (mode 0600) unless one is there already."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        read_token(path)   # a file that is there must be a token
+        return path
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(TOKEN_BYTES) + "\n")
+    return path
+
+
+def read_token(path: str | Path) -> bytes:
+    """The relay secret in ``path`` (64 hex digits)."""
+    try:
+        text = Path(path).read_text().strip()
+        token = bytes.fromhex(text)
+    except OSError as exc:
+        raise RelayAuthError(f"cannot read the relay token file {str(path)!r}: "
+                             f"{exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise RelayAuthError(f"the relay token file {str(path)!r} does not hold "
+                             f"{2 * TOKEN_BYTES} hex digits") from exc
+    if len(token) != TOKEN_BYTES:
+        raise RelayAuthError(f"the relay token file {str(path)!r} holds {len(token)} bytes, "
+                             f"expected {TOKEN_BYTES}")
+    return token
+
+
+def _mac(token: bytes, role: bytes, nonce_w: bytes, nonce_r: bytes) -> bytes:
+    return hmac.new(token, b"fedshield-relay|" + role + b"|" + nonce_w + nonce_r,
+                    hashlib.sha256).digest()
+
+
+def prove_worker(conn: socket.socket, token: bytes) -> bool:
+    """The worker's side of the handshake: whether the peer holds the token (it then knows
+    the worker does too)."""
+    nonce_w = secrets.token_bytes(NONCE)
+    conn.sendall(MAGIC + nonce_w)
+    got = _recv_exact(conn, NONCE + 32)
+    nonce_r, mac = got[:NONCE], got[NONCE:]
+    if not hmac.compare_digest(mac, _mac(token, b"relay", nonce_w, nonce_r)):
+        return False
+    conn.sendall(_mac(token, b"worker", nonce_w, nonce_r))
+    return True
+
+
+def _prove_relay(conn: socket.socket, token: bytes) -> None:
+    hello = _recv_exact(conn, len(MAGIC) + NONCE)
+    if hello[:len(MAGIC)] != MAGIC:
+        raise RelayAuthError("the socket does not speak the fedshield relay protocol")
+    nonce_w, nonce_r = hello[len(MAGIC):], secrets.token_bytes(NONCE)
+    conn.sendall(nonce_r + _mac(token, b"relay", nonce_w, nonce_r))
+    try:
+        answer = _recv_exact(conn, 32)
+    except SiteWorkerError as exc:
+        raise RelayAuthError("the site worker refused the relay token") from exc
+    if not hmac.compare_digest(answer, _mac(token, b"worker", nonce_w, nonce_r)):
+        raise RelayAuthError("the socket's owner does not hold the relay token")
+
+
+# -- frames ------------------------------------------------------------------------------------
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
     view, at = memoryview(buf), 0
@@ -85,120 +154,79 @@ def recv_frame(sock: socket.socket) -> tuple[dict, list[bytes]]:
         head = json.loads(_recv_exact(sock, head_len))
         sizes = head["sizes"]
         if not (isinstance(head, dict) and isinstance(sizes, list) and all(
-                isinstance(s, int) and s >= 0 for s in sizes)
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes)
                 and 4 + head_len + sum(sizes) == body_len):
-            raise ValueError(f"section sizes {sizes!r} do not add up to {body_len}")
+            raise ValueError("section sizes do not add up to the frame")
     except (ValueError, KeyError, TypeError) as exc:
         raise SiteWorkerError(f"malformed frame head: {exc}") from exc
     return head, [_recv_exact(sock, s) for s in sizes]
 
 
-def connect(path: Path, timeout: float | None = None) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+# -- addresses ---------------------------------------------------------------------------------
+@contextmanager
+def unix_address(path: str | Path):
+    """``path`` as an AF_UNIX address; one longer than sun_path holds goes through the
+    directory's /proc/self/fd entry (Linux)."""
+    path = Path(path)
+    if len(os.fsencode(str(path))) <= MAX_SUN_PATH:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        sock.connect(str(path))
-    except OSError:
-        sock.close()
-        raise
-    return sock
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
-def request(path: Path, op: str, fields: dict, sections: Sequence[bytes] = (),
-            timeout: float | None = None) -> tuple[dict, list[bytes]]:
-    """Sends one request to the worker at ``path`` and returns its reply (fields, sections);
-    the worker's own error comes back as SiteWorkerError with its message."""
-    try:
-        with connect(path, timeout) as sock:
-            send_frame(sock, {"op": op, "fields": fields}, sections)
-            head, out = recv_frame(sock)
-    except OSError as exc:
-        raise SiteWorkerError(f"site worker at {path}: {exc}") from exc
-    if not head.get("ok"):
-        raise SiteWorkerError(str(head.get("error", "the site worker failed")))
-    return head.get("fields", {}), out
+@dataclass(frozen=True)
+class Relay:
+    """Where a site's worker listens and the secret that opens it (what a SuperNode's node
+    config names)."""
 
+    socket: Path
+    token: bytes
 
-def spawn_worker(path: Path, node_config: dict, run_config: dict, parent: int, *,
-                 env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
-    """Starts a site worker for ``path`` in its own session (it outlives the process that
-    starts it and exits with ``parent``); its pid goes to ``<socket>.pid``, its log to
-    ``<socket>.log``."""
-    spec_file = path.with_suffix(".spec.json")
-    fd = os.open(spec_file, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"node_config": dict(node_config), "run_config": dict(run_config)}, fh)
-    with open(path.with_suffix(".log"), "ab") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fedshield.flower.site_worker", "--socket", str(path),
-             "--spec", str(spec_file), "--parent", str(parent)],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-            env=env, cwd=cwd)
-    path.with_suffix(".pid").write_text(str(proc.pid))
-    return proc
+    @classmethod
+    def from_node_config(cls, node: Mapping) -> "Relay":
+        try:
+            sock, token_file = str(node[NODE_SOCKET]), str(node[NODE_TOKEN])
+        except KeyError as exc:
+            raise SiteWorkerError(
+                f"the node config lacks {exc}: start the SuperNode with --node-config "
+                f"'{NODE_SOCKET}=\"SOCKET\" {NODE_TOKEN}=\"FILE\"' (the site worker's socket "
+                "and a copy of its relay token)") from exc
+        return cls(Path(sock), read_token(token_file))
 
+    def connect(self, timeout: float | None = None) -> socket.socket:
+        """An authenticated connection to the worker."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:   # a busy worker greets a queued connection when it is done: wait as for a reply
+            sock.settimeout(timeout)
+            with unix_address(self.socket) as address:
+                sock.connect(address)
+            _prove_relay(sock, self.token)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (0: no process to watch, always true)."""
-    if pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _starting_pid(path: Path) -> int | None:
-    """The pid of a worker started for ``path`` that is still alive (maybe still loading)."""
-    try:
-        pid = int(path.with_suffix(".pid").read_text())
-    except (OSError, ValueError):
-        return None
-    return pid if process_alive(pid) else None
-
-
-def _ping(path: Path) -> dict | None:
-    try:
-        fields, _ = request(path, "ping", {}, timeout=5.0)
-        return fields
-    except SiteWorkerError:
-        return None
-
-
-def ensure_worker(node_config: dict, run_config: dict, parent: int,
-                  timeout: float) -> Path:
-    """The socket of this node's site worker for this run: the running one, one still
-    loading, or a new one (a lock keeps two messages of a node from starting two)."""
-    path = socket_path(node_config)
-    digest = run_digest(run_config)
-    info = _ping(path)
-    if info is not None and info.get("run") == digest:
-        return path
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        info = _ping(path)
-        if info is not None and info.get("run") != digest:
-            request(path, "shutdown", {}, timeout=30.0)  # a worker of another run
-            info = None
-        if info is not None:
-            return path
-        pid = _starting_pid(path)
-        if pid is None:
-            pid = spawn_worker(path, node_config, run_config, parent).pid
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = _ping(path)
-            if info is not None:
-                if info.get("run") != digest:
-                    raise SiteWorkerError(f"the site worker at {path} serves another run")
-                return path
-            if not process_alive(pid):
-                tail = path.with_suffix(".log").read_text(errors="replace")[-2000:]
-                raise SiteWorkerError(f"the site worker (pid {pid}) exited before it was "
-                                      f"ready; its log ends: {tail}")
-            time.sleep(0.2)
-        raise SiteWorkerError(f"the site worker (pid {pid}) was not ready after "
-                              f"{timeout:.0f} s; see {path.with_suffix('.log')}")
+    def request(self, op: str, fields: Mapping, sections: Sequence[bytes] = (),
+                timeout: float | None = None) -> tuple[dict, list[bytes]]:
+        """Sends one request and returns the reply (fields, sections); a refusal comes back as
+        SiteWorkerError with the worker's error type and fixed message."""
+        try:
+            with self.connect(timeout) as sock:
+                send_frame(sock, {"op": op, "fields": dict(fields)}, sections)
+                head, out = recv_frame(sock)
+        except OSError as exc:   # which socket stays on this node, in its log
+            raise SiteWorkerError(f"the site worker cannot be reached "
+                                  f"({type(exc).__name__})") from exc
+        if head.get("ok") is not True:
+            detail = head.get("detail")
+            raise WorkerRefused(f"{head.get('error-type', 'SiteError')}: "
+                                f"{head.get('error', 'the site worker failed')}"
+                                + (f" ({detail})" if isinstance(detail, str) else ""))
+        fields_out = head.get("fields", {})
+        if not isinstance(fields_out, dict):
+            raise SiteWorkerError("malformed reply from the site worker")
+        return fields_out, out

@@ -1,129 +1,229 @@
-"""The site worker: one long-lived process per SuperNode that holds the node's Site.
+"""The site worker: the part of a site that holds its key, its data and its guard.
 
-Flower 1.30 runs every message in a fresh ClientApp process; loading the model and tokenizing
-the data there would cost a base-model load per message. The ClientApp
-(fedshield.flower.client_app) therefore starts this worker once, on the node's first message,
-and hands it every message over a Unix socket (fedshield.flower.site_ipc). The worker keeps the
-model, the tokenized data, the key and the global adapter between rounds and messages.
+A site starts it from its own fedshield install with its own site config
+(``fedshield site worker --config SITE.toml``, fedshield.fl.site_config), under an account the
+SuperNode's account cannot read. It keeps the model, the tokenized data, the key and the global
+adapter between rounds, in the site's node directory (mode 0700).
 
-It reads only what its node config names: ``data`` (its own file), ``key-file`` (where the key
-set-up writes this party's key: it never leaves the node), ``party-id``, optionally
-``identity-file`` (the node's long-term identity key, made here on first start), ``model``,
-``eval-data``, ``name``, ``columns``, ``out-dir`` and ``train-fn`` (the site's own training
-function, "package.module:function", which the run config may also name for every site; see
-fedshield.fl.train_fn). It exits when
-its SuperNode exits, after the run's final message, or after ``worker-idle-timeout`` seconds
-without a message (default 3600).
+Flower ships the ClientApp to the SuperNode in the app package (FAB), so the site does not trust
+it: the ClientApp only relays the server's requests over the worker's Unix socket, after proving
+it holds the relay secret (fedshield.flower.site_ipc). The worker answers the protocol's
+requests and nothing else (:data:`REQUESTS`): every field is checked against its type, no
+request returns a file, a key, the data or a setting, and none changes a setting. The run's
+hyperparameters come with ``join`` (the server's run config); a run config that names a site
+setting (train_fn, the metrics policy, any file) is refused. What leaves the site follows its
+metrics policy (:data:`WITHHELD`), and a failure leaves it as an error type and a fixed
+message (:func:`error_reply`); the details go to the site's own log.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import logging
+import math
 import os
+import re
+import signal
 import socket
 import sys
 import time
 from pathlib import Path
 
 from ..config import RunConfig
-from ..errors import FedShieldError, KeySetupError, ParameterError
+from ..errors import (AuthenticationError, DataError, DecryptionBudgetExceeded,
+                      DecryptionRefused, FedShieldError, IncompatibleUpdate, InvalidUpdate,
+                      KeyMaterialError, KeySetupError, NotEnoughShares, ParameterError,
+                      StorageError)
 from ..fl.federation import load_pinned
 from ..fl.key_setup import NOT_PINNED
 from ..fl.adapter_store import AdapterStore, adapter_fingerprint, pack_adapter, unpack_adapter
-from ..fl.messages import RoundPlan
 from ..fl.guard import Provenance
+from ..fl.messages import InvalidMessage, RoundPlan
 from ..fl.party import Party
 from ..fl.site import Site, load_site_data
-from ..fl.train_fn import SETTING as TRAIN_FN
-from ..fl.train_fn import load_train_fn
+from ..fl.site_config import SiteConfig, site_settings_in
+from ..fl.train_fn import TrainFnError, load_train_fn
 from ..he import EncryptedUpdate
 from ..he.identity import Identity
 from ..model import build_lora_model, load_tokenizer
 from ..threads import apply_to_torch
-from .site_ipc import process_alive, recv_frame, run_digest, send_frame
+from .site_ipc import (HANDSHAKE_TIMEOUT, MAX_HEAD, SiteWorkerError, make_token, prove_worker,
+                       read_token, recv_frame, send_frame, unix_address)
 
 log = logging.getLogger("fedshield")
 
-DEFAULT_IDLE_TIMEOUT = 3600.0
-FEDERATION = "federation"   # node config: the site's pinned, co-signed federation file
-TRUST_SERVER_ROSTER = "insecure-trust-server-roster"   # node config: simulations only
+
+class RequestRefused(FedShieldError):
+    """A relayed request outside the protocol: an unknown operation, an unknown field, or a
+    field of the wrong type."""
+
+
+class NotJoined(FedShieldError):
+    """A round request before the server's ``join`` told the worker the run's settings."""
+
+
+class RunConfigRefused(FedShieldError):
+    """The server's run config names a setting that only the site decides."""
 
 
 class OutOfStep(FedShieldError):
     """This party's global adapter is not the one the server's round builds on."""
 
 
-def _node_value(node: dict, key: str, default=None):
-    value = node.get(key, default)
-    return default if value in (None, "") else value
+# The only text of a failure that leaves the site: per error type (the first match along the
+# exception's classes), a fixed message. No value, repr or path of the site's goes with it.
+FIXED_MESSAGES: dict[type, str] = {
+    RequestRefused: "the site worker does not answer this request",
+    NotJoined: "the site has not joined a run",
+    RunConfigRefused: "the run config names a setting that only the site decides",
+    OutOfStep: "the party's global adapter is not the one this request builds on",
+    TrainFnError: "the site's training function failed",
+    KeySetupError: "the key set-up failed at this site",
+    AuthenticationError: "a signature or sealed message did not verify",
+    DecryptionRefused: "the site's guard refused to decrypt",
+    DecryptionBudgetExceeded: "the site's decryption budget is spent",
+    NotEnoughShares: "not enough partial decryptions to decrypt",
+    InvalidMessage: "a request field is malformed",
+    InvalidUpdate: "an update or aggregate was refused",
+    IncompatibleUpdate: "an update or aggregate does not match this site's",
+    KeyMaterialError: "the site lacks the key material for this request",
+    StorageError: "the site could not write its files",
+    DataError: "the site's data could not be used",
+    ParameterError: "a setting or request value is invalid",
+    FedShieldError: "the site refused this request",
+}
+UNEXPECTED = ("SiteError", "the site could not answer this request")
 
 
-def build_site(node: dict, run_config: dict) -> tuple[Site, Path]:
-    """The node's Site from its node config and the run config; (site, out-dir)."""
-    try:
-        data = str(node["data"])
-        key_file = str(node["key-file"])
-    except KeyError as exc:
-        raise ParameterError(f"node config lacks {exc}: start the SuperNode with --node-config "
-                             "'data=\"FILE\" key-file=\"PATH\" party-id=I'") from exc
-    cfg = RunConfig.from_dict(json.loads(str(run_config["fedshield-config"])),
-                              source="the run config's fedshield-config")
-    model = _node_value(node, "model")
-    if model is not None:
-        cfg = cfg.replace(model=str(model))
-    if _node_value(node, "party-id") is None:
-        raise ParameterError("node config lacks party-id (0..sites-1)")
-    party_id = int(node["party-id"])
-    identity = node_identity(Path(str(_node_value(node, "identity-file",
-                                                  f"{key_file}.identity"))))
-    tokenizer = load_tokenizer(cfg.model)
-    model_obj = build_lora_model(cfg.model, cfg.lora, seed=cfg.training.seed,
-                                 tokenizer=tokenizer, max_len=cfg.data.max_len)
-    eval_data = _node_value(node, "eval-data")
-    site_data = load_site_data(data, tokenizer=tokenizer, cfg=cfg,
-                               columns=str(_node_value(node, "columns", "")),
-                               eval_path=None if eval_data is None else str(eval_data),
-                               name=_node_value(node, "name"))
-    party = Party(None, model_obj, algorithm=cfg.training.algorithm)
-    out = Path(str(_node_value(node, "out-dir", ".")))
-    spec = _node_value(node, TRAIN_FN, run_config.get(TRAIN_FN) or None)
-    train_fn = None if spec is None else load_train_fn(str(spec))
-    if train_fn is not None:
-        log.info("site worker: party %d trains with its own %s", party_id, spec)
-    site = Site(party_id, party, site_data, cfg, tokenizer, train_fn=train_fn,
-                node_config=node, identity=identity)
-    # the keys come from the key set-up, made here, held to the site's pinned federation
-    site.key_holder(key_file, **pinned_federation(node))
-    return site, out
+# Errors whose own text also leaves the site (as "detail"): the key set-up protocol composes
+# it from what the server and the other parties sent (party ids, epochs, the run's settings,
+# the pinned federation's name), never from the site's files, data or keys, and the server
+# needs it to learn which setting or party a site refuses.
+PROTOCOL_DETAIL = (KeySetupError,)
+MAX_DETAIL = 600
 
 
-def pinned_federation(node: dict) -> dict:
-    """The site's pinned federation (node config ``federation``: its co-signed file) or, for
-    simulations only, ``insecure-trust-server-roster = true``; neither refuses to start."""
-    path = _node_value(node, FEDERATION)
-    trust = _node_value(node, TRUST_SERVER_ROSTER, False)
-    if not isinstance(trust, bool):
-        raise ParameterError(f"node config {TRUST_SERVER_ROSTER}={trust!r} must be true or false")
-    if path is None:
-        if not trust:
-            raise KeySetupError(NOT_PINNED)
-        log.warning("site worker: %s = true: this site TRUSTS THE SERVER'S ROSTER (simulations "
-                    "only)", TRUST_SERVER_ROSTER)
-        return {"trust_server_roster": True}
-    return {"federation": load_pinned(str(path))}
+def error_reply(exc: BaseException) -> dict:
+    """A site-side exception as the reply that leaves the site: its type (a fedshield error's
+    own class name, else the nearest fedshield class or 'SiteError') and a fixed message; a
+    key set-up refusal also names what it refuses (PROTOCOL_DETAIL)."""
+    for cls in type(exc).__mro__:
+        if cls in FIXED_MESSAGES:
+            own = type(exc).__module__.startswith("fedshield.")
+            reply = {"ok": False, "error-type": type(exc).__name__ if own else cls.__name__,
+                     "error": FIXED_MESSAGES[cls]}
+            if isinstance(exc, PROTOCOL_DETAIL) and own:
+                reply["detail"] = str(exc)[:MAX_DETAIL]
+            return reply
+    return {"ok": False, "error-type": UNEXPECTED[0], "error": UNEXPECTED[1]}
 
 
-def adapter_store(node: dict) -> AdapterStore:
-    """The node's global adapters, beside its key file (its own directory)."""
-    return AdapterStore(Path(str(node["key-file"])).parent / "global")
+# -- the requests the worker answers -----------------------------------------------------------
+MAX_LIST = 1 << 14
+MAX_SECTIONS = 1 << 14
 
 
-def _catch_up_aad(sender: int, recipient: int, version: int) -> bytes:
-    return f"fedshield-catchup|round {version}|from {sender}|to {recipient}".encode()
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62
 
 
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+def _str(v) -> bool:
+    return isinstance(v, str) and len(v) <= MAX_HEAD
+
+
+def _ints(v) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_LIST and all(_int(x) for x in v)
+
+
+PLAN = {"round": _int, "lr": _num, "prune": _str, "prune-ratio": _num, "weight-bound": _num,
+        "base-version": _int}
+# op -> (the fields it may carry and their types, fewest and most byte sections)
+REQUESTS: dict[str, tuple[dict, int, int]] = {
+    "ping": ({}, 0, 0),
+    "join": ({"resume": _bool, "run-config": _str}, 0, 0),
+    "train": (PLAN, 0, 0),
+    "share": ({"round": _int, "present": _ints}, 1, MAX_SECTIONS),
+    "evaluate": ({**PLAN, "clients": _ints, "shares": _ints, "final": _bool,
+                  "save-adapter": _bool}, 1, MAX_SECTIONS),
+    "catchup.send": ({"version": _int, "to": _ints}, 0, 0),
+    "catchup.take": ({"version": _int, "from": _int}, 1, 1),
+}
+# The key set-up's messages belong to fedshield.fl.key_setup, whose KeyHolder validates each
+# one and refuses an operation it does not know; here only their shape is checked.
+KEY_OP = re.compile(r"keys\.[a-z][a-z-]{0,31}")
+MAX_KEY_FIELDS = 64
+
+
+def _scalar(v) -> bool:
+    return _bool(v) or _str(v) or (isinstance(v, int) and abs(v) < 1 << 62) or _num(v)
+
+
+def check_request(op, fields, sections: list) -> None:
+    """RequestRefused unless ``op`` is one of the protocol's with fields of the right names
+    and types and a fitting number of byte sections."""
+    if not isinstance(op, str) or not isinstance(fields, dict):
+        raise RequestRefused(f"a request needs an op name and a fields object (op {op!r:.40})")
+    if KEY_OP.fullmatch(op):
+        if len(fields) > MAX_KEY_FIELDS or len(sections) > MAX_SECTIONS:
+            raise RequestRefused(f"{op}: {len(fields)} fields, {len(sections)} sections")
+        for name, value in fields.items():
+            ok = _scalar(value) or (isinstance(value, list) and len(value) <= MAX_LIST
+                                    and all(_scalar(x) for x in value))
+            if not (isinstance(name, str) and len(name) <= 64 and ok):
+                raise RequestRefused(f"{op}: field {name!r:.64} is not a scalar or a list of "
+                                     "scalars")
+        return
+    if op not in REQUESTS:
+        raise RequestRefused(f"unknown operation {op!r:.64}; the worker answers "
+                             f"{sorted(REQUESTS)} and keys.*")
+    schema, fewest, most = REQUESTS[op]
+    unknown = sorted(set(fields) - set(schema))
+    if unknown:
+        raise RequestRefused(f"{op}: unknown fields {[str(u)[:64] for u in unknown]}; "
+                             f"expected some of {sorted(schema)}")
+    for name, value in fields.items():
+        if not schema[name](value):
+            raise RequestRefused(f"{op}: field {name!r} has a value of the wrong type or range "
+                                 f"({type(value).__name__})")
+    if not fewest <= len(sections) <= most:
+        raise RequestRefused(f"{op}: {len(sections)} byte sections, expected {fewest}..{most}")
+
+
+# What each metrics policy keeps from the replies that leave the site (fields, or field
+# prefixes ending in "-" or "."); ``data`` is sent empty rather than dropped.
+WITHHELD: dict[str, tuple[str, ...]] = {
+    "all": (),
+    "aggregate": ("train-loss", "update-norm", "metric.", "seconds-", "seconds", "data"),
+    "none": ("train-loss", "update-norm", "metric.", "seconds-", "seconds", "data",
+             "eval-loss"),
+}
+
+
+def withhold(fields: dict, policy: str) -> dict:
+    """``fields`` as the site's metrics policy lets them leave."""
+    drop = WITHHELD[policy]
+    out = {}
+    for name, value in fields.items():
+        hit = any(name == d or (d.endswith(("-", ".")) and name.startswith(d)) for d in drop)
+        if not hit:
+            out[name] = value
+        elif name == "data":
+            out[name] = ""
+    return out
+
+
+# -- the site ----------------------------------------------------------------------------------
 def node_identity(path: Path) -> Identity:
     """The node's long-term identity key: loaded, or made here (mode 0600) on first start."""
     if path.exists():
@@ -136,15 +236,85 @@ def node_identity(path: Path) -> Identity:
     return identity
 
 
-class SiteWorker:
-    """Serves one node's messages, one at a time, from its Site."""
+def run_config_of(text: str) -> RunConfig:
+    """The run's settings from the server's run config (JSON of Flower's run config); refuses
+    one that names a site setting."""
+    try:
+        run_config = json.loads(text)
+        if not isinstance(run_config, dict):
+            raise ValueError("not an object")
+        settings = json.loads(str(run_config["fedshield-config"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidMessage(f"the run config does not load: {exc}") from exc
+    # (fedshield-config's own model and data sections are the server's; the site ignores them)
+    named = site_settings_in(run_config)
+    if named:
+        raise RunConfigRefused(f"the run config sets {named}: only the site config decides "
+                               "these")
+    return RunConfig.from_dict(settings, source="the run config's fedshield-config")
 
-    def __init__(self, site: Site, out: Path, run: str) -> None:
-        self.site = site
-        self.out = out
-        self.run = run           # digest of the run config it serves
-        self.done = False
-        self.store = adapter_store(site.node_config)
+
+def build_site(site_cfg: SiteConfig, cfg: RunConfig, identity: Identity, train_fn) -> Site:
+    """The site of a run: the run's hyperparameters, the site's own model, data and key."""
+    if cfg.model.name != site_cfg.model:
+        log.info("site worker: the run config names model %r; this site trains its own %r",
+                 cfg.model.name, site_cfg.model)
+    cfg = cfg.replace(model=site_cfg.model, _source="the site config's model")
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_lora_model(cfg.model, cfg.lora, seed=cfg.training.seed, tokenizer=tokenizer,
+                             max_len=cfg.data.max_len)
+    eval_data = site_cfg.path("eval_data") if site_cfg.eval_data else None
+    data = load_site_data(site_cfg.path("data"), tokenizer=tokenizer, cfg=cfg,
+                          columns=site_cfg.columns, eval_path=eval_data,
+                          name=site_cfg.site_name)
+    party = Party(None, model, algorithm=cfg.training.algorithm)
+    site = Site(site_cfg.party_id, party, data, cfg, tokenizer, train_fn=train_fn,
+                site_config=dataclasses.asdict(site_cfg), identity=identity)
+    # the keys come from the key set-up, made here, held to the site's pinned federation
+    site.key_holder(site_cfg.path("key_file"), **pinned_federation(site_cfg))
+    return site
+
+
+def pinned_federation(site_cfg: SiteConfig) -> dict:
+    """The site's pinned federation (its co-signed file) or, for simulations only, the opt-in
+    to trust the server's roster; without either the site does not join."""
+    if site_cfg.federation:
+        return {"federation": load_pinned(site_cfg.path("federation"))}
+    if not site_cfg.insecure_trust_server_roster:
+        raise KeySetupError(NOT_PINNED)
+    log.warning("site worker: insecure_trust_server_roster = true: this site TRUSTS THE "
+                "SERVER'S ROSTER (simulations only)")
+    return {"trust_server_roster": True}
+
+
+def _catch_up_aad(sender: int, recipient: int, version: int) -> bytes:
+    return f"fedshield-catchup|round {version}|from {sender}|to {recipient}".encode()
+
+
+class SiteWorker:
+    """Serves the relay's requests, one at a time, for the site its config describes."""
+
+    def __init__(self, site_cfg: SiteConfig) -> None:
+        self.cfg = site_cfg
+        self.identity = node_identity(site_cfg.path("identity_file"))
+        self.train_fn = load_train_fn(site_cfg.train_fn) if site_cfg.train_fn else None
+        if self.train_fn is not None:
+            log.info("site worker: party %d trains with its own %s", site_cfg.party_id,
+                     site_cfg.train_fn)
+        self.store = AdapterStore(site_cfg.path("node_dir") / "global")
+        self.site: Site | None = None
+        self.run = ""            # digest of the run config the site was built for
+        self.initial: dict | None = None
+        self.stopping = False    # set from another thread: serve() returns within 2 s
+
+    # -- a run ----------------------------------------------------------------------------------
+    def _start_run(self, text: str) -> None:
+        cfg = run_config_of(text)
+        digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+        if digest == self.run:
+            return
+        self.site, self.run = None, ""   # the previous run's model goes before the next loads
+        site = build_site(self.cfg, cfg, self.identity, self.train_fn)
         party = site.party
         self.initial = {k: v.clone() for k, v in party.global_state.items()}  # a new run's
         saved = self.store.latest()
@@ -153,20 +323,27 @@ class SiteWorker:
             party.set_global(state, version)
             log.info("site worker: party %d goes on from its global adapter of round %d",
                      site.party_id, version)
+        self.site, self.run = site, digest
+        log.info("site worker: %r serves a run", site)
 
-    def handle(self, op: str, fields: dict, sections: list[bytes]) -> tuple[dict, list[bytes]]:
-        site, party = self.site, self.site.party
+    def _site(self) -> Site:
+        if self.site is None:
+            raise NotJoined("a round request came before the server's join")
+        return self.site
+
+    def handle(self, op, fields, sections: list[bytes]) -> tuple[dict, list[bytes]]:
+        """One relayed request: checked, answered, and its reply fields as the site's metrics
+        policy lets them leave."""
+        check_request(op, fields, sections)
+        out, blobs = self._answer(op, fields, sections)
+        return withhold(out, self.cfg.metrics), blobs
+
+    def _answer(self, op: str, fields: dict, sections: list[bytes]) -> tuple[dict, list[bytes]]:
         if op == "ping":
-            return {"party": site.party_id, "run": self.run}, []
+            return {}, []
         if op == "join":
-            if not fields.get("resume") and party.version != 0:
-                # a new run in a directory an earlier run used: start from the initial adapter
-                log.info("site worker: a new run; party %d sets aside its adapter of round %d",
-                         site.party_id, party.version)
-                party.set_global(self.initial, 0)
-                self.store.clear()
-            return {**site.info().to_fields(), "version": party.version,
-                    "adapter-fp": adapter_fingerprint(party.global_state)}, []
+            return self._join(fields)
+        site = self._site()
         if op.startswith("catchup."):
             return self._catch_up(op, fields, sections)
         if op.startswith("keys."):
@@ -182,21 +359,33 @@ class SiteWorker:
         if op == "share":
             start = time.perf_counter()
             agg = EncryptedUpdate.from_bytes(sections[0])
-            if agg.round != int(fields["round"]):
+            if agg.round != fields.get("round"):
                 raise OutOfStep(f"asked to decrypt round {agg.round}'s aggregate in round "
-                                f"{int(fields['round'])}")
-            share, record = site.partial_decrypt(agg, [int(p) for p in fields["present"]],
+                                f"{fields.get('round')}")
+            share, record = site.partial_decrypt(agg, list(fields.get("present", [])),
                                                  provenance=Provenance.from_blobs(sections[1:]))
             return {"seconds": time.perf_counter() - start}, [share, record]
         if op == "evaluate":
             return self._evaluate(fields, sections)
-        if op == "shutdown":
-            self.done = True
-            return {}, []
-        raise ParameterError(f"unknown site worker operation {op!r}")
+        raise RequestRefused(f"unknown operation {op!r}")   # check_request let it through
+
+    def _join(self, fields: dict) -> tuple[dict, list[bytes]]:
+        if "run-config" not in fields:
+            raise InvalidMessage("join carries no run config")
+        self._start_run(fields["run-config"])
+        site, party = self.site, self.site.party
+        if not fields.get("resume") and party.version != 0:
+            # a new run in a directory an earlier run used: start from the initial adapter
+            log.info("site worker: a new run; party %d sets aside its adapter of round %d",
+                     site.party_id, party.version)
+            party.set_global(self.initial, 0)
+            self.store.clear()
+        return {**site.info().to_fields(), "version": party.version,
+                "adapter-fp": adapter_fingerprint(party.global_state)}, []
 
     def _evaluate(self, fields: dict, sections: list[bytes]) -> tuple[dict, list[bytes]]:
-        site, party = self.site, self.site.party
+        site = self._site()
+        party = site.party
         plan = RoundPlan.from_fields(fields)
         if party.version != plan.base_version:
             raise OutOfStep(f"party {site.party_id} holds the adapter of round {party.version}, "
@@ -204,10 +393,14 @@ class SiteWorker:
                             f"{plan.base_version}")
         agg = EncryptedUpdate.from_bytes(sections[0])
         if agg.round != plan.round or not agg.is_aggregate:
-            raise OutOfStep(f"expected the aggregate of round {plan.round}, got {agg!r}")
+            raise OutOfStep(f"expected the aggregate of round {plan.round}, got round "
+                            f"{agg.round}")
         # sections: the aggregate, the shares (threshold), their signed records, then the
         # aggregate's provenance (manifest, server record, verify_aggregates: the updates)
         n_shares = len(fields.get("shares", []))
+        if len(sections) < 1 + 2 * n_shares:
+            raise RequestRefused(f"evaluate: {n_shares} shares need {1 + 2 * n_shares} "
+                                 f"sections, got {len(sections)}")
         shares = sections[1:1 + n_shares]
         records = sections[1 + n_shares:1 + 2 * n_shares]
         provenance = Provenance.from_blobs(sections[1 + 2 * n_shares:])
@@ -217,17 +410,15 @@ class SiteWorker:
             seconds = site.apply(plan, agg=agg, provenance=provenance)
         self.store.save(party.version, party.global_state)
         reply = site.eval_reply(seconds)
-        if fields.get("save-adapter"):
-            site.save_adapter(self.out)
-            log.info("party %d wrote %s/adapter", site.party_id, self.out)
-        if fields.get("final"):
-            self.done = True
+        if fields.get("save-adapter"):   # into the site's own out_dir, nowhere else
+            site.save_adapter(self.cfg.path("out_dir"))
+            log.info("party %d wrote %s/adapter", site.party_id, self.cfg.path("out_dir"))
         return reply.to_fields(), []
 
     def _step_back_to(self, plan: RoundPlan) -> None:
         """A server that was stopped after this party applied round r's aggregate, but before
         it recorded round r, redoes round r from r - 1: step back to it if it is kept here."""
-        site, party = self.site, self.site.party
+        site, party = self._site(), self._site().party
         if party.version == plan.base_version:
             return
         state = self.store.at(plan.base_version) if party.version > plan.base_version else None
@@ -243,101 +434,174 @@ class SiteWorker:
                   ) -> tuple[dict, list[bytes]]:
         """catchup.send: this party's global adapter of round ``version``, sealed to each party
         in ``to`` and signed; catchup.take: the adapter sealed to this party by ``from``."""
-        site, party, keys = self.site, self.site.party, self.site.keys
-        version = int(fields["version"])
+        site = self._site()
+        party, keys = site.party, site.keys
+        version = fields.get("version")
         if op == "catchup.send":
             if party.version != version:
                 raise OutOfStep(f"party {site.party_id} holds round {party.version}, not "
                                 f"round {version}")
+            to = list(fields.get("to", []))
+            if not all(p in keys.roster for p in to):
+                raise KeySetupError(f"catchup.send to {to}: not all are in the key roster")
             blob = pack_adapter(version, party.global_state)
-            to = [int(p) for p in fields["to"]]
             return {}, [keys.roster[p].seal(blob, site.identity,
                                             _catch_up_aad(site.party_id, p, version))
                         for p in to]
-        if op == "catchup.take":
-            sender = int(fields["from"])
-            blob = site.identity.open_sealed(sections[0], keys.roster[sender],
-                                             _catch_up_aad(sender, site.party_id, version))
-            got, state = unpack_adapter(blob, f"party {sender}'s adapter")
-            if got != version or sorted(state) != sorted(party.global_state):
-                raise OutOfStep(f"party {sender} sent the adapter of round {got} with "
-                                f"{len(state)} tensors; expected round {version}")
-            party.set_global(state, version)
-            self.store.save(version, state)
-            log.info("site worker: party %d caught up with round %d from party %d",
-                     site.party_id, version, sender)
-            return {"version": version, "adapter-fp": adapter_fingerprint(state)}, []
-        raise ParameterError(f"unknown site worker operation {op!r}")
+        sender = fields.get("from")
+        if sender not in keys.roster:
+            raise KeySetupError(f"catchup.take from party {sender}: not in the key roster")
+        blob = site.identity.open_sealed(sections[0], keys.roster[sender],
+                                         _catch_up_aad(sender, site.party_id, version))
+        got, state = unpack_adapter(blob, f"party {sender}'s adapter")
+        if got != version or sorted(state) != sorted(party.global_state):
+            raise OutOfStep(f"party {sender} sent the adapter of round {got} with "
+                            f"{len(state)} tensors; expected round {version}")
+        party.set_global(state, version)
+        self.store.save(version, state)
+        log.info("site worker: party %d caught up with round %d from party %d",
+                 site.party_id, version, sender)
+        return {"version": version, "adapter-fp": adapter_fingerprint(state)}, []
 
-    def serve(self, server: socket.socket, parent: int, idle_timeout: float) -> None:
-        """Answers requests until done, the parent exits, or nothing came for idle_timeout."""
+    # -- the socket -----------------------------------------------------------------------------
+    def serve(self, server: socket.socket, token: bytes, *, exit_with: int = 0) -> None:
+        """Answers authenticated requests until stopped, until ``exit_with`` (a pid) exits, or
+        until nothing came for the site's idle_timeout."""
         server.settimeout(2.0)
+        idle = self.cfg.idle_timeout
         last = time.monotonic()
-        while not self.done:
+        while not self.stopping:
             try:
                 conn, _ = server.accept()
             except socket.timeout:
-                if not process_alive(parent) or time.monotonic() - last > idle_timeout:
-                    log.info("site worker: %s; exiting", "parent gone" if not process_alive(parent)
-                             else f"idle for {idle_timeout:.0f} s")
+                if not process_alive(exit_with):
+                    log.info("site worker: process %d exited; exiting", exit_with)
+                    return
+                if idle and time.monotonic() - last > idle:
+                    log.info("site worker: idle for %.0f s; exiting", idle)
                     return
                 continue
             last = time.monotonic()
             with conn:
-                conn.settimeout(None)
-                try:
-                    head, sections = recv_frame(conn)
-                    op = str(head.get("op"))
-                    start = time.perf_counter()
-                    out_fields, out_sections = self.handle(op, head.get("fields") or {},
-                                                           sections)
-                    send_frame(conn, {"ok": True, "fields": out_fields}, out_sections)
-                    if op != "ping":
-                        log.info("site worker: %s answered in %.2f s", op,
-                                 time.perf_counter() - start)
-                except Exception as exc:  # reported to the ClientApp, which raises it
-                    log.exception("site worker: request failed")
-                    try:
-                        send_frame(conn, {"ok": False,
-                                          "error": f"{type(exc).__name__}: {exc}"})
-                    except OSError:
-                        pass
+                self._one(conn, token)
+
+    def _one(self, conn: socket.socket, token: bytes) -> None:
+        try:
+            conn.settimeout(HANDSHAKE_TIMEOUT)   # a peer that stalls holds nobody up
+            if not prove_worker(conn, token):
+                log.warning("site worker: a connection without the relay token; closed")
+                return
+            conn.settimeout(None)
+            head, sections = recv_frame(conn)
+        except (OSError, SiteWorkerError) as exc:
+            log.warning("site worker: a connection failed before its request: %s", exc)
+            return
+        op = head.get("op")
+        start = time.perf_counter()
+        try:
+            fields, blobs = self.handle(op, head.get("fields"), sections)
+            reply, out = {"ok": True, "fields": fields}, blobs
+        except Exception as exc:  # the details stay here; the relay gets type + fixed message
+            log.exception("site worker: %.64r refused", op)
+            reply, out = error_reply(exc), []
+        try:
+            send_frame(conn, reply, out)
+        except OSError as exc:
+            log.warning("site worker: could not send the reply to %.64r: %s", op, exc)
+        if op != "ping":
+            log.info("site worker: %.64r answered in %.2f s", op, time.perf_counter() - start)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (0: no process to watch, always true)."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:
+        log.warning("site worker: %s was open to others; it is now mode 0700", path)
+        path.chmod(0o700)
+
+
+def _log_to(path: Path) -> None:
+    """The worker's log: its own file, mode 0600 (it names the site's files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))
+    path.chmod(0o600)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _listen(path: Path) -> socket.socket:
+    """The worker's socket at ``path`` (mode 0660: the socket's directory decides who may
+    connect); refuses a path where another worker answers."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with unix_address(path) as address:
+        if path.exists():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(address)
+                raise StorageError(f"another process listens on {path}")
+            except OSError:
+                path.unlink()   # left behind by a worker that was killed
+            finally:
+                probe.close()
+        old = os.umask(0o117)
+        try:
+            server.bind(address)
+        finally:
+            os.umask(old)
+    server.listen(8)
+    return server
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise SystemExit(0)
+
+
+def run_worker(config_path: str | Path, *, exit_with: int = 0) -> int:
+    """``fedshield site worker``: serves the site its config describes until stopped."""
+    site_cfg = SiteConfig.from_file(config_path)
+    _private_dir(site_cfg.path("node_dir"))
+    _log_to(site_cfg.path("log_file"))
+    token = read_token(make_token(site_cfg.path("token_file")))
+    apply_to_torch()  # several sites on one machine share its cores (FEDSHIELD_NUM_THREADS)
+    worker = SiteWorker(site_cfg)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    path = site_cfg.path("socket")
+    server = _listen(path)
+    log.info("site worker: party %d listening on %s", site_cfg.party_id, path)
+    print(f"fedshield site worker: party {site_cfg.party_id} listening on {path}; log in "
+          f"{site_cfg.path('log_file')}", flush=True)
+    try:
+        worker.serve(server, token, exit_with=exit_with)
+    finally:
+        server.close()
+        path.unlink(missing_ok=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedshield.flower.site_worker")
-    parser.add_argument("--socket", required=True, help="Unix socket to listen on")
-    parser.add_argument("--spec", required=True,
-                        help="JSON file: node_config and run_config (read, then deleted)")
-    parser.add_argument("--parent", type=int, default=0, help="exit when this process exits")
+    parser.add_argument("--config", required=True, help="the site config (TOML, [site])")
+    parser.add_argument("--exit-with", type=int, default=0, help="exit when this pid exits")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
-    spec_path = Path(args.spec)
-    spec = json.loads(spec_path.read_text())
-    spec_path.unlink(missing_ok=True)
-    node = spec["node_config"]
-    idle = float(_node_value(node, "worker-idle-timeout", DEFAULT_IDLE_TIMEOUT))
-    apply_to_torch()  # several sites on one machine share its cores (FEDSHIELD_NUM_THREADS)
-    site, out = build_site(node, spec["run_config"])
-    log.info("site worker: %r ready on %s", site, args.socket)
-    path = Path(args.socket)
-    path.unlink(missing_ok=True)
-    old = os.umask(0o177)  # the socket is this user's alone
-    try:
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(str(path))
-    finally:
-        os.umask(old)
-    server.listen(4)
-    try:
-        SiteWorker(site, out, run_digest(spec["run_config"])).serve(server, args.parent, idle)
-    finally:
-        server.close()
-        for leftover in (path, path.with_suffix(".pid")):
-            leftover.unlink(missing_ok=True)
-    return 0
+    return run_worker(args.config, exit_with=args.exit_with)
 
 
 if __name__ == "__main__":
     sys.exit(main())
+

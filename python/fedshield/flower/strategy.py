@@ -250,9 +250,11 @@ class EncryptedFedAvg(FedAvg):
         put_payload(record, AGGREGATE, agg.to_bytes(), STYPE_AGGREGATE,
                     chunk_bytes=self.chunk_bytes)
         entry = server.current
-        return record.array_records[AGGREGATE], MetricRecord({
-            "train-loss": sum(entry.train_loss) / len(entry.train_loss),
-            "clients": len(entry.clients)})
+        losses = [x for x in entry.train_loss if x is not None]  # the sites' policies decide
+        summary = {"clients": len(entry.clients)}
+        if losses:
+            summary["train-loss"] = sum(losses) / len(losses)
+        return record.array_records[AGGREGATE], MetricRecord(summary)
 
     def _ask_shares(self, agg: EncryptedUpdate):
         """The transport of Server.collect_shares: one query.share per present party, with

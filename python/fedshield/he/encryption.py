@@ -21,14 +21,13 @@ from . import flooding, seeded
 from .arrays import as_tensors
 from .context import Context
 from .layout import Layout
+from .params import DEFAULT_TOLERANCE
 from .update import KIND_CLIENT, PACKING_CODE, EncryptedUpdate
 
 log = logging.getLogger("fedshield")
 
-# What a decrypted average may differ from the plaintext one by (absolute, values of magnitude
-# <= 1) unless the caller says otherwise: encryption refuses parameters that cannot reach it,
-# decryption refuses an average that may be off by more.
-DEFAULT_TOLERANCE = 1e-6
+# DEFAULT_TOLERANCE (params): encryption refuses parameters that cannot reach it, decryption
+# refuses an average that may be off by more.
 
 
 def auto_weight_bound(weight: float) -> float:

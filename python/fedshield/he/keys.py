@@ -50,7 +50,7 @@ class SharedKeys:
 
 def keygen_shared(params: CKKSParams | None = None) -> SharedKeys:
     """Generates one CKKS key pair for the whole federation (the paper's mode)."""
-    params = params or CKKSParams()
+    params = (params or CKKSParams()).for_keys("shared")  # a request: the seeded profile
     check_precision(params, 1)
     cc = backend.make_crypto_context(params)
     return SharedKeys(params, cc, cc.KeyGen())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..errors import ParameterError
 
@@ -59,11 +59,26 @@ def sum_noise(n_summed: int, *, seeded: bool, decryptors: int = 0) -> float:
 
 # log2 of the decryptions one key may make, unless a run says otherwise (--decryption_budget)
 DEFAULT_LOG_QUERIES = 20
+# What a decrypted average may differ from the plaintext one by (absolute, values of magnitude
+# <= 1) unless the caller says otherwise.
+DEFAULT_TOLERANCE = 1e-6
+# Threshold profiles are sized for this many parties at least (the documented profile).
+THRESHOLD_PROFILE_PARTIES = 16
+# Fields that state a request or record how the parameters came about: never part of the
+# parameters' JSON, so they change no fingerprint.
+_REQUEST_FIELDS = ("tolerance", "request")
 
 
 @dataclass(frozen=True)
 class CKKSParams:
     """CKKS parameters of a federation (depth 0: ciphertexts are only added).
+
+    A precision request when none of ``ring_dim``, ``first_mod_bits`` and ``scale_bits`` is
+    given: ``tolerance``, ``max_clients``, ``security_bits`` and ``flood_bits`` state what the
+    caller wants, and the fields show its resolution for shared keys (:meth:`for_precision`);
+    each keygen resolves it for its own key mode (:meth:`for_keys`; ``request`` is True).
+    Whatever is given explicitly is honoured and validated; what is not comes from the
+    resolution.
 
     The modulus q is one prime of ``first_mod_bits`` bits; values are encoded at scale
     2**scale_bits. What lies between them is headroom for the sum of ``max_clients`` updates.
@@ -79,9 +94,12 @@ class CKKSParams:
     (first_mod_bits + 2 * scale_bits bits) and values are pre-scaled by 2**prescale_bits.
     """
 
-    ring_dim: int = field(default=4096, metadata={"help": "ring dimension N (power of two); N/2 slots"})
-    scale_bits: int = field(default=34, metadata={"help": "log2 of the CKKS scaling factor (precision)"})
-    first_mod_bits: int = field(default=42, metadata={"help": "bits of the ciphertext modulus q"})
+    ring_dim: int = field(default=None, metadata={
+        "help": "ring dimension N (power of two); N/2 slots (None: resolved from the request)"})
+    scale_bits: int = field(default=None, metadata={
+        "help": "log2 of the CKKS scaling factor (None: resolved from the request)"})
+    first_mod_bits: int = field(default=None, metadata={
+        "help": "bits of the ciphertext modulus q (None: resolved from the request)"})
     packing: str = field(default="complex", metadata={"help": "'complex': 2 reals per slot; 'real': 1"})
     security_bits: int = field(default=128, metadata={"help": "HE-standard security level: 128, 192 or 256"})
     max_clients: int = field(default=64, metadata={"help": "most updates one aggregate may sum"})
@@ -92,13 +110,31 @@ class CKKSParams:
         "help": "log2 of the decrypted ciphertexts the flooding guarantee covers"})
     seeded: bool = field(default=True, metadata={
         "help": "key holders with the secret key send seeded updates (c0 and a seed)"})
+    tolerance: float = field(default=DEFAULT_TOLERANCE, compare=False, metadata={
+        "help": "the request: how far a decrypted average may be from the plaintext one "
+                "(absolute, values of magnitude <= 1)"})
+    request: bool = field(default=False, init=False, compare=False, metadata={
+        "help": "True when no ring_dim, first_mod_bits or scale_bits was given"})
 
     def __post_init__(self) -> None:
         for name in ("ring_dim", "scale_bits", "first_mod_bits", "security_bits", "max_clients",
                      "flood_bits", "flood_log_queries"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ParameterError(f"CKKSParams.{name} must be an int, got {value!r}")
+        sized = ("ring_dim", "first_mod_bits", "scale_bits")
+        if any(getattr(self, name) is None for name in sized):
+            # A request (or partly one): the shared-key profile fills in what was not given.
+            profile = self.for_precision(self.tolerance, self.max_clients, keys="shared",
+                                         flood_bits=self.flood_bits,
+                                         security_bits=self.security_bits, packing=self.packing)
+            object.__setattr__(self, "request", all(getattr(self, n) is None for n in sized))
+            for name in sized:
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, getattr(profile, name))
+        if isinstance(self.tolerance, bool) or not (isinstance(self.tolerance, (int, float))
+                                                    and 0 < self.tolerance < 1):
+            raise ParameterError(f"CKKSParams.tolerance={self.tolerance!r} must be in (0, 1)")
         if self.security_bits not in HE_STANDARD_MAX_LOGQ:
             raise ParameterError(
                 f"CKKSParams.security_bits={self.security_bits} is not one of 128, 192, 256")
@@ -172,7 +208,8 @@ class CKKSParams:
         """
         if keys not in NOISE_BITS_OF_ENCRYPTION:
             raise ParameterError(f"keys={keys!r} is not 'shared' or 'threshold'")
-        if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
+        if isinstance(tolerance, bool) or not (isinstance(tolerance, (int, float))
+                                               and 0 < tolerance < 1):
             raise ParameterError(f"tolerance={tolerance!r} must be in (0, 1)")
         if isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1:
             raise ParameterError(f"max_clients={max_clients!r} must be a positive int")
@@ -202,7 +239,20 @@ class CKKSParams:
                                  f"{security_bits}-bit security")
         return cls(ring_dim=ring_dim, scale_bits=scale_bits, first_mod_bits=first_mod_bits,
                    packing=packing, security_bits=security_bits, max_clients=max_clients,
-                   flood_bits=flood_bits, seeded=keys == "shared")
+                   flood_bits=flood_bits, seeded=keys == "shared", tolerance=tolerance)
+
+    def for_keys(self, keys: str, n_parties: int = 0) -> "CKKSParams":
+        """These parameters for a key mode: a request is resolved (``keys="threshold"``:
+        unseeded, sized for max(n_parties, 16) parties' decryption noise), explicit
+        parameters come back as they are (each keygen validates them)."""
+        if not self.request:
+            return self
+        profile = self.for_precision(
+            self.tolerance, self.max_clients, keys=keys,
+            n_parties=max(n_parties, THRESHOLD_PROFILE_PARTIES), flood_bits=self.flood_bits,
+            security_bits=self.security_bits, packing=self.packing)
+        return replace(profile, flood_log_queries=self.flood_log_queries,
+                       seeded=self.seeded and keys == "shared")
 
     def average_error_bound(self, n_summed: int, weight_sum: float,
                             decryptors: int = 0) -> float:
@@ -275,8 +325,16 @@ class CKKSParams:
         """Largest |weight * value| one client may send so max_clients of them still fit."""
         return self.total_bound / self.max_clients
 
+    def to_dict(self) -> dict:
+        """Every parameter and the tolerance they were resolved for (what metrics.json records)."""
+        d = asdict(self)
+        del d["request"]
+        return d
+
     def to_json(self) -> str:
         d = asdict(self)
+        for name in _REQUEST_FIELDS:
+            del d[name]
         if not self.flooding:
             # Parameters without flooding keep the JSON (and so the fingerprints) they had
             # before flooding existed; a non-default decryption budget is still part of them.
@@ -289,7 +347,7 @@ class CKKSParams:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CKKSParams":
-        known = set(cls.__dataclass_fields__)
+        known = {f.name for f in fields(cls) if f.init}
         unknown = set(d) - known
         if unknown:
             raise ParameterError(f"unknown CKKSParams fields {sorted(unknown)}")

@@ -106,7 +106,7 @@ def _read_keygen_message(message) -> tuple[dict, CKKSParams, bytes, bytes]:
 def start_keygen(params: Optional[CKKSParams] = None, n_parties: int = 3,
                  threshold: Optional[int] = None) -> tuple[KeygenState, bytes]:
     """Party 0's step: a fresh crypto context and key pair. Send the message to party 1."""
-    params = params or THRESHOLD_PARAMS
+    params = (params or THRESHOLD_PARAMS).for_keys("threshold", n_parties)  # a request: resolved
     n_parties, threshold = _check_parties(n_parties, threshold)
     if params.seeded:
         raise ParameterError(
