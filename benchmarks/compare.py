@@ -27,6 +27,8 @@ are skipped with a message and the fedshield rows are still printed.
   .venv/bin/python benchmarks/compare.py --state small      # CI-sized, seconds
   .venv/bin/python benchmarks/compare.py --state llama7b    # 16.8M values, ~5 min, ~6 GB
   .venv/bin/python benchmarks/compare.py --state mistral7b  # 13.6M values: FlowerTune's model
+      # (every run also prints each per-round step of a site against OpenFHE's own call on one
+      # thread, measured in the same run, and the Mistral-7B per-round totals)
   .venv/bin/python benchmarks/compare.py --state llama7b --peer-values 4194304
       # TenSEAL rows on 32 of 128 tensors, scaled to the full state (marked *)
 """
@@ -532,6 +534,10 @@ def main(argv: list[str] | None = None) -> int:
     n_tensors = len(states[0])
 
     rows = fedshield_rows(args.state, states, weights, mask, args.repeat, log)
+    log("  each step against OpenFHE's own single-threaded call ...")
+    from fedshield.bench import load_average, step_table  # noqa: PLC0415 - after the import check
+    step_load = load_average()
+    steps = step_table(states, weights, repeat=min(args.repeat, 3))
     notes, peer_info = [], None
     if args.no_peers:
         notes.append("TenSEAL rows skipped (--no-peers)")
@@ -576,6 +582,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{n_values / n_meas:.2f} to the full {n_values:,} values.")
     for n in notes:
         print(f"NOTE: {n}")
+    print()
+    from fedshield.bench import print_step_table  # noqa: PLC0415
+    print_step_table(steps, _native.default_threads(), step_load)
+    if n_values == steps["mistral7b_round_s"]["values"]:
+        print("(this state is the Mistral-7B one: the per-round totals are measured, not scaled)")
     print(f"(whole run: {wall:.0f} s; peak RSS {rss_self:.1f} GiB in this process"
           + (f", {rss_peer:.1f} GiB in the TenSEAL one)" if rss_peer else ")"))
 
@@ -589,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                            "peak_rss_gib": rss_self, "peak_rss_tenseal_gib": rss_peer},
                "fedshield_version": getattr(fs, "__version__", None),
                "fedshield_source": source,
-               "wall_s": wall, "rows": rows}
+               "wall_s": wall, "rows": rows, "steps": steps}
         for r in doc["rows"]:
             r["bytes_up_per_value"] = r["bytes_up"] / n_values
             r["bytes_down_per_value"] = r["bytes_down"] / n_values

@@ -31,6 +31,7 @@ void bind_shamir(py::module_& m);      // bind_shamir.cpp
 void bind_partial(py::module_& m);     // bind_partial.cpp
 void bind_key_codec(py::module_& m);   // bind_key_codec.cpp
 void bind_dp(py::module_& m);          // bind_dp.cpp
+void bind_ckks(py::module_& m);        // bind_ckks.cpp
 
 namespace {
 
@@ -555,6 +556,9 @@ void bind_aggregator(py::module_& m) {
 
 }  // namespace
 
+// For the other binding files (bind_ckks.cpp): an update header from its Python dict.
+UpdateHeader header_from_pydict(const py::dict& d) { return header_from_dict(d); }
+
 PYBIND11_MODULE(_native, m) {
     m.doc() = "fedshield native core: packing, wire format, ciphertext residue aggregation";
     m.def("default_threads", &default_threads,
@@ -572,4 +576,5 @@ PYBIND11_MODULE(_native, m) {
     bind_partial(m);
     bind_key_codec(m);
     bind_dp(m);
+    bind_ckks(m);
 }

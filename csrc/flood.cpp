@@ -153,7 +153,30 @@ void ntt_inverse(uint64_t* a, size_t n, uint64_t q, uint64_t psi) {
         t <<= 1;
     }
     const uint64_t n_inv = powmod(static_cast<uint64_t>(n) % q, q - 2, q);
-    for (size_t j = 0; j < n; ++j) a[j] = mul_mod(a[j], n_inv, q);
+    const uint64_t n_inv_shoup = static_cast<uint64_t>((static_cast<u128>(n_inv) << 64) / q);
+    for (size_t j = 0; j < n; ++j) {
+        const uint64_t hi = static_cast<uint64_t>((static_cast<u128>(a[j]) * n_inv_shoup) >> 64);
+        const uint64_t v = a[j] * n_inv - hi * q;
+        a[j] = v >= q ? v - q : v;
+    }
+}
+
+void flood_coefficients(uint64_t* const* towers, size_t count, size_t n, const uint64_t* moduli,
+                        uint64_t w_hi, uint64_t w_lo) {
+    const u128 w = (static_cast<u128>(w_hi) << 64) | w_lo;
+    if (w >> 126) bad("the flooding bound must be below 2^126");
+    for (size_t i = 0; i < count; ++i)
+        if (moduli[i] < 3 || moduli[i] >= (uint64_t{1} << 62)) bad("a modulus is not in [3, 2^62)");
+    // f_j = u_j - w with u_j uniform in [0, 2w]
+    std::vector<u128> u = uniform_0_to(2 * w, n);
+    WipeOnExit<u128> wipe_u(u);
+    for (size_t i = 0; i < count; ++i) {
+        const uint64_t q = moduli[i];
+        const uint64_t w_mod = static_cast<uint64_t>(w % q);
+        uint64_t* dst = towers[i];
+        for (size_t j = 0; j < n; ++j)
+            dst[j] = add_mod(dst[j], sub_mod(static_cast<uint64_t>(u[j] % q), w_mod, q), q);
+    }
 }
 
 void flood_towers(const std::vector<uint64_t*>& towers, size_t n,
@@ -161,25 +184,22 @@ void flood_towers(const std::vector<uint64_t*>& towers, size_t n,
                   uint64_t w_hi, uint64_t w_lo) {
     if (towers.empty() || towers.size() != moduli.size() || towers.size() != roots.size())
         bad("one modulus and one root per tower are needed");
-    const u128 w = (static_cast<u128>(w_hi) << 64) | w_lo;
-    if (w >> 126) bad("the flooding bound must be below 2^126");
     for (uint64_t q : moduli)
         if (q < 3 || q >= (uint64_t{1} << 62)) bad("a modulus is not in [3, 2^62)");
     for (size_t i = 0; i < towers.size(); ++i)
         for (size_t j = 0; j < n; ++j)
             if (towers[i][j] >= moduli[i]) bad("a residue is not below its modulus");
-    // f_j = u_j - w with u_j uniform in [0, 2w]
-    std::vector<u128> u = uniform_0_to(2 * w, n);
-    WipeOnExit<u128> wipe_u(u);
-    std::vector<uint64_t> f(n);
+    // The flooding polynomial in coefficient form, then in each tower's evaluation form.
+    std::vector<uint64_t> f(towers.size() * n, 0);
     WipeOnExit<uint64_t> wipe_f(f);
+    std::vector<uint64_t*> parts;
+    for (size_t i = 0; i < towers.size(); ++i) parts.push_back(f.data() + i * n);
+    flood_coefficients(parts.data(), parts.size(), n, moduli.data(), w_hi, w_lo);
     for (size_t i = 0; i < towers.size(); ++i) {
         const uint64_t q = moduli[i];
-        const uint64_t w_mod = static_cast<uint64_t>(w % q);
-        for (size_t j = 0; j < n; ++j) f[j] = sub_mod(static_cast<uint64_t>(u[j] % q), w_mod, q);
-        ntt_forward(f.data(), n, q, roots[i]);
+        ntt_forward(parts[i], n, q, roots[i]);
         uint64_t* dst = towers[i];
-        for (size_t j = 0; j < n; ++j) dst[j] = add_mod(dst[j], f[j], q);
+        for (size_t j = 0; j < n; ++j) dst[j] = add_mod(dst[j], parts[i][j], q);
     }
 }
 

@@ -30,4 +30,9 @@ void flood_towers(const std::vector<uint64_t*>& towers, size_t n,
                   const std::vector<uint64_t>& moduli, const std::vector<uint64_t>& roots,
                   uint64_t w_hi, uint64_t w_lo);
 
+// Adds one fresh flooding polynomial (uniform integers in [-w, w]) to `count` arrays of n
+// coefficients (coefficient form), towers[i] mod moduli[i], each below its modulus.
+void flood_coefficients(uint64_t* const* towers, size_t count, size_t n, const uint64_t* moduli,
+                        uint64_t w_hi, uint64_t w_lo);
+
 }  // namespace fedshield

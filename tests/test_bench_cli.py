@@ -36,3 +36,11 @@ def test_bench_writes_headline_figures(tmp_path, capsys):
     for key in ("encrypt_us_per_value", "raw_openfhe_encrypt_us_per_value",
                 "aggregate_speedup_vs_openfhe", "decrypt_us_per_value"):
         assert f[key] > 0
+    # every per-round step against OpenFHE's own call, measured in this run (no typed figures)
+    for key in ("encrypt", "decrypt", "threshold_encrypt", "partial", "combine"):
+        row = f["steps"][key]
+        assert row["fedshield_us_per_value"] > 0 and row["openfhe_1thread_us_per_value"] > 0
+        assert math.isclose(row["ratio"], row["fedshield_us_per_value"]
+                            / row["openfhe_1thread_us_per_value"])
+    assert f["steps"]["mistral7b_round_s"]["shared"] > 0
+    assert "| shared-key decrypt |" in printed and "Mistral-7B per round" in printed

@@ -221,12 +221,11 @@ INTERRUPTED = re.compile(r"fedshield: interrupted during round (\d+); (?:round 1
     "SIGINT to the process group",
     pytest.param("SIGTERM to the process", marks=pytest.mark.slow)])  # in-process test below
 def test_a_signal_stops_a_run_with_one_line_and_it_resumes(tmp_path, how):
-    """Ctrl-C at a terminal (SIGINT to the whole foreground group: the run and its crypto
-    worker processes) and a scheduler's SIGTERM (to the run alone): one line naming the
+    """Ctrl-C at a terminal (SIGINT to the whole foreground group: the run and any child
+    process) and a scheduler's SIGTERM (to the run alone): one line naming the
     round and the resume command, exit 130, every child process gone, the checkpoint whole;
     the resume finishes the run."""
-    # r=256 on the tiny model: 131072 LoRA values, 9 ciphertexts, so encryption and
-    # decryption run in crypto worker processes
+    # r=256 on the tiny model: 131072 LoRA values, 9 ciphertexts (native threads, no process)
     args = ["--clients", "2", "--rounds", "3", "--examples-per-client", "16",
             "--local-steps", "10", "--batch-size", "4", "--lora-r", "256", "--samples", "0",
             "--no-progress"]
@@ -239,8 +238,7 @@ def test_a_signal_stops_a_run_with_one_line_and_it_resumes(tmp_path, how):
         return [p for p in live_processes() if p["session"] == proc.pid]
 
     def ready() -> bool:
-        return index.is_file() and any("fedshield.he.crypto_worker" in p["cmdline"]
-                                       for p in session())
+        return index.is_file()
 
     def send() -> None:
         if how.startswith("SIGINT"):

@@ -1,4 +1,4 @@
-"""FEDSHIELD_NUM_THREADS: one setting for native threads, crypto worker processes and torch;
+"""FEDSHIELD_NUM_THREADS: one setting for native threads (encryption included) and torch;
 its default is the CPUs this process may use; measured, encryption never keeps more threads
 busy than that; nothing is global."""
 
@@ -18,7 +18,6 @@ import torch
 
 import fedshield as fs
 from fedshield import _native
-from fedshield.he.crypto_pool import default_workers
 from fedshield.threads import available_cpus, num_threads
 
 from conftest import make_state, weighted_average
@@ -44,9 +43,8 @@ def _child(code: str, env: dict, cpus: list[int] | None = None, timeout: float =
 SETTINGS = """
 import json
 from fedshield import _native
-from fedshield.he.crypto_pool import default_workers
 from fedshield.threads import num_threads
-print(json.dumps([num_threads(), _native.default_threads(), default_workers()]))
+print(json.dumps([num_threads(), _native.default_threads()]))
 """
 
 
@@ -59,10 +57,10 @@ print(json.dumps([num_threads(), _native.default_threads(), default_workers()]))
     ({"LOCAL_WORLD_SIZE": "2"}, None, max(1, len(CPUS) // 2)),   # torchrun ranks share a node
     ({"SLURM_CPUS_PER_TASK": "junk"}, None, len(CPUS)),
 ])
-def test_one_setting_for_native_threads_and_workers(env, cpus, expected):
-    """Python (threads.num_threads, crypto workers) and C++ (_native.default_threads, what
-    threads=0 means in every native call) apply the same rule."""
-    assert _child(SETTINGS, env, cpus) == [expected] * 3
+def test_one_setting_for_python_and_native_threads(env, cpus, expected):
+    """Python (threads.num_threads) and C++ (_native.default_threads, what threads=0 means in
+    every native call, encryption and decryption included) apply the same rule."""
+    assert _child(SETTINGS, env, cpus) == [expected] * 2
 
 
 def test_a_bad_setting_names_its_value(monkeypatch):
@@ -74,9 +72,9 @@ def test_a_bad_setting_names_its_value(monkeypatch):
 def test_settings_are_read_on_every_call(monkeypatch):
     """No value is cached at import: a change applies to the next call, native included."""
     monkeypatch.setenv("FEDSHIELD_NUM_THREADS", "5")
-    assert (num_threads(), _native.default_threads(), default_workers()) == (5, 5, 5)
+    assert (num_threads(), _native.default_threads()) == (5, 5)
     monkeypatch.setenv("FEDSHIELD_NUM_THREADS", "1")
-    assert (num_threads(), _native.default_threads(), default_workers()) == (1, 1, 1)
+    assert (num_threads(), _native.default_threads()) == (1, 1)
     monkeypatch.delenv("FEDSHIELD_NUM_THREADS")
     assert num_threads() == available_cpus() == _native.default_threads()
 
@@ -86,13 +84,13 @@ import json, torch, fedshield as fs
 from process_sampling import BusyThreads
 ctx = fs.keygen_shared().client_context()
 torch.manual_seed(0)
-state = {"w": torch.rand(1 << 20) - 0.5}          # 64 ciphertexts: the worker pool is used
+state = {"w": torch.rand(1 << 20) - 0.5}          # 257 ciphertexts: every native thread works
 layout = fs.Layout.from_state_dict(state)
-upd = fs.encrypt_update(ctx, state, layout, weight=3.0, weight_bound=4.0)  # starts the pool
-with BusyThreads() as busy:
-    for _ in range(3):
+upd = fs.encrypt_update(ctx, state, layout, weight=3.0, weight_bound=4.0)
+with BusyThreads() as busy:  # native encryption is fast: enough rounds for the 20 ms windows
+    for _ in range(12):
         upd = fs.encrypt_update(ctx, state, layout, weight=3.0, weight_bound=4.0)
-    avg = fs.decrypt_update(ctx, upd, layout)
+        avg = fs.decrypt_update(ctx, upd, layout)
 err = float((avg["w"] - state["w"]).abs().max())
 print(json.dumps({"max_busy": busy.max_busy, "windows": len(busy.counts), "err": err}))
 """
@@ -105,7 +103,7 @@ print(json.dumps({"max_busy": busy.max_busy, "windows": len(busy.counts), "err":
 ])
 def test_encryption_never_oversubscribes(env, cpus, allowed):
     """Sampled every 20 ms from /proc (time on a CPU or queued for one, per thread, across the
-    process and its crypto workers): encrypting and decrypting a 1M-value update keeps at most
+    process and any child): encrypting and decrypting a 1M-value update keeps at most
     ``allowed`` threads busy."""
     got = _child(BUSY, env, cpus)
     assert got["windows"] >= 10 and got["err"] < 1e-6
@@ -113,8 +111,8 @@ def test_encryption_never_oversubscribes(env, cpus, allowed):
 
 
 def test_two_contexts_in_one_process_never_interfere():
-    """Two federations' contexts encrypt and decrypt at the same time from two threads, each
-    with its own worker processes; each gets its own average, and neither decrypts the
+    """Two federations' contexts encrypt and decrypt at the same time from two threads (the
+    native calls release the GIL); each gets its own average, and neither decrypts the
     other's updates."""
     keys = [fs.keygen_shared(), fs.keygen_shared()]
     ctxs = [k.client_context() for k in keys]
@@ -125,10 +123,10 @@ def test_two_contexts_in_one_process_never_interfere():
     def federation(i: int) -> None:
         try:
             mine = states[2 * i:2 * i + 2]
-            ups = [fs.encrypt_update(ctxs[i], s, layout, weight=w, weight_bound=4.0, workers=2)
+            ups = [fs.encrypt_update(ctxs[i], s, layout, weight=w, weight_bound=4.0)
                    for s, w in zip(mine, (1.0, 3.0))]
             agg = fs.aggregate(keys[i].server_context(), ups)
-            results[i] = (agg, fs.decrypt_update(ctxs[i], agg, layout, workers=2))
+            results[i] = (agg, fs.decrypt_update(ctxs[i], agg, layout))
         except Exception as exc:  # reported below
             results[i] = exc
 
@@ -144,9 +142,6 @@ def test_two_contexts_in_one_process_never_interfere():
         np.testing.assert_allclose(avg["w"].numpy(), ref["w"], atol=1e-6, rtol=0)
         with pytest.raises(fs.IncompatibleUpdate):
             fs.decrypt_update(ctxs[1 - i], agg, layout)
-    pools = [[{w.proc.pid for w in pool._workers} for key, pool in c._live.items()
-              if isinstance(key, tuple) and key[0] == "pool"] for c in ctxs]
-    assert all(pools) and not set().union(*pools[0]) & set().union(*pools[1])
 
 
 def test_torch_threads_follow_the_setting(monkeypatch):

@@ -3,19 +3,22 @@
 Rows: shared keys (seeded, wire v3) dense, with a 50% global mask, FFA-LoRA (only the B
 matrices travel); threshold keys (joint public key, 3 parties); threshold keys with 30-bit
 noise flooding. Baselines on the same ciphertexts: raw OpenFHE encode + encrypt, and OpenFHE's
-own server path (deserialize + EvalAddInPlace).
+own server path (deserialize + EvalAddInPlace). Then every per-round step of a site (encrypt,
+decrypt, partial decryptions, their fusion) against OpenFHE's own call on one thread, in the
+same run, and the Mistral-7B per-round totals those figures give (:func:`step_table`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 
 from . import _native
+from .threads import num_threads
 from .he import (CKKSParams, Layout, aggregate, backend, combine_partials, decrypt_update,
                  encrypt_update, keygen_shared, keygen_threshold, partial_decrypt)
-from .he.crypto_pool import default_workers
 from .he.encryption import auto_weight_bound, rebuild_ciphertexts
 
 # Unequal example counts, far below any default bound: the weighted average must stay exact.
@@ -104,13 +107,12 @@ def _shared_rows(states, weights, n: int, cores: int) -> dict:
     params = client.params
     bound = auto_weight_bound(max(weights))  # one bound for the round, as the Server picks
 
-    def enc(k, workers=None, mask=None, st=None, lay=layout):
-        return encrypt_update(client, st or states[k], lay, weight=weights[k], workers=workers,
-                              mask=mask, weight_bound=bound)
+    def enc(k, mask=None, st=None, lay=layout, threads=0):
+        return encrypt_update(client, st or states[k], lay, weight=weights[k], mask=mask,
+                              weight_bound=bound, threads=threads)
 
-    t_enc = _best(lambda: enc(0, workers=1), repeat=2)
-    enc(0, workers=cores)  # start the pool
-    t_enc_all = _best(lambda: enc(0, workers=cores), repeat=2)
+    t_enc = _best(lambda: enc(0, threads=1), repeat=2)
+    t_enc_all = _best(lambda: enc(0), repeat=2)
     updates = [enc(k) for k in range(len(states))]
     t_raw = _best(openfhe_encrypt_baseline(client, updates[0].n_ciphertexts), repeat=2)
 
@@ -119,9 +121,8 @@ def _shared_rows(states, weights, n: int, cores: int) -> dict:
     agg = aggregate(server, blobs)
     openfhe_aggregate, openfhe_bytes = openfhe_aggregate_baseline(client, updates)
     t_ofhe = _best(openfhe_aggregate, repeat=1)
-    t_dec = _best(lambda: decrypt_update(client, agg, layout, workers=1), repeat=2)
-    decrypt_update(client, agg, layout, workers=cores)  # start the pool
-    t_dec_all = _best(lambda: decrypt_update(client, agg, layout, workers=cores), repeat=2)
+    t_dec = _best(lambda: decrypt_update(client, agg, layout, threads=1), repeat=2)
+    t_dec_all = _best(lambda: decrypt_update(client, agg, layout), repeat=2)
     err = _max_error(decrypt_update(client, agg, layout), _reference(states, weights))
 
     half = {k: np.arange(v.size).reshape(v.shape) % 2 == 0 for k, v in states[0].items()}
@@ -168,10 +169,10 @@ def _threshold_row(states, weights, n: int, cores: int, flood_bits: int) -> dict
     bound = auto_weight_bound(max(weights))
 
     def enc(k):
-        return encrypt_update(parties[0], states[k], layout, weight=weights[k], workers=cores,
+        return encrypt_update(parties[0], states[k], layout, weight=weights[k],
                               weight_bound=bound)
 
-    enc(0)  # start the pool
+    enc(0)  # first call: the native tables
     t_enc = _best(lambda: enc(0), repeat=2)
     agg = aggregate(server, [enc(k) for k in range(len(states))])
 
@@ -188,18 +189,147 @@ def _threshold_row(states, weights, n: int, cores: int, flood_bits: int) -> dict
             "max_abs_err": _max_error(decrypt(), _reference(states, weights))}
 
 
+# Mistral-7B, r=32 on q_proj/v_proj (benchmarks/compare.py --state mistral7b): LoRA values
+MISTRAL7B_VALUES = 13_631_488
+# OpenFHE's own calls are timed on at most this many ciphertexts (their cost per value does not
+# depend on how many there are): the baseline of a 13.6M-value state stays seconds, not minutes.
+OPENFHE_CIPHERTEXTS = 64
+
+
+def _openfhe_steps(ctx, parties, agg, tagg, repeat: int) -> dict:
+    """Seconds per value of OpenFHE's own single-threaded calls on the same parameters:
+    MakeCKKSPackedPlaintext + Encrypt (secret key for seeded shared keys, the joint public key
+    for threshold keys), Decrypt, MultipartyDecryptLead/Main of every party, Fusion."""
+    o = backend.openfhe()
+    rng = np.random.default_rng(0)
+
+    def setup(c, update):
+        k = min(update.n_ciphertexts, OPENFHE_CIPHERTEXTS)
+        n_slots = c.params.slots
+        slots = rng.uniform(-0.01, 0.01, k * 2 * n_slots).view(np.complex128)
+        chunks = [slots[i * n_slots:(i + 1) * n_slots] for i in range(k)]
+        cts = [o.DeserializeCiphertextString(b, o.BINARY)
+               for b in rebuild_ciphertexts(c, update)[:k]]
+        return chunks, cts, k * c.params.values_per_ciphertext
+
+    cc, _, sk = ctx.openfhe_objects(need_secret=True)
+    tcc, tpk, _ = parties[0].openfhe_objects()
+    keys = [p.openfhe_objects(need_secret=True)[2] for p in parties]
+    chunks, cts, n = setup(ctx, agg)
+    tchunks, tcts, tn = setup(parties[0], tagg)
+    calls = [tcc.MultipartyDecryptLead] + [tcc.MultipartyDecryptMain] * (len(parties) - 1)
+    shares = [[call([ct], key)[0] for ct in tcts] for call, key in zip(calls, keys)]
+
+    def decrypt():
+        for ct in cts:
+            cc.Decrypt(sk, ct)
+
+    def partials():
+        for call, key in zip(calls, keys):
+            for ct in tcts:
+                call([ct], key)
+
+    def fuse():
+        for j in range(len(tcts)):
+            tcc.MultipartyDecryptFusion([row[j] for row in shares])
+
+    return {
+        "encrypt": _best(lambda: [cc.Encrypt(sk, cc.MakeCKKSPackedPlaintext(c))
+                                  for c in chunks], repeat) / n,
+        "decrypt": _best(decrypt, repeat) / n,
+        "threshold_encrypt": _best(lambda: [tcc.Encrypt(tpk, tcc.MakeCKKSPackedPlaintext(c))
+                                            for c in tchunks], repeat) / tn,
+        "partial": _best(partials, repeat) / tn,
+        "combine": _best(fuse, repeat) / tn,
+    }
+
+
+STEPS = (("encrypt", "shared-key encrypt", "MakeCKKSPackedPlaintext + Encrypt(sk)"),
+         ("decrypt", "shared-key decrypt", "Decrypt"),
+         ("threshold_encrypt", "threshold encrypt", "MakeCKKSPackedPlaintext + Encrypt(pk)"),
+         ("partial", f"threshold partial decryption, {THRESHOLD_PARTIES} parties",
+          "MultipartyDecryptLead/Main"),
+         ("combine", "threshold combine", "MultipartyDecryptFusion"))
+
+
+def step_table(states, weights, repeat: int = 2) -> dict:
+    """Each per-round step of a site, fedshield on every core against OpenFHE's own call on one
+    thread, same parameters, one run: {step: {fedshield, openfhe (seconds per value), ratio}},
+    plus the Mistral-7B per-round totals (seconds) those figures give."""
+    layout = Layout.from_state_dict(states[0])
+    n = layout.numel
+    bound = auto_weight_bound(max(weights))
+    keys = keygen_shared(CKKSParams())
+    client, server = keys.client_context(), keys.server_context()
+    params = CKKSParams.for_precision(keys="threshold")
+    parties, tserver = keygen_threshold(params, n_parties=THRESHOLD_PARTIES)
+    ours = {}
+
+    def enc(ctx, k):
+        return encrypt_update(ctx, states[k], layout, weight=weights[k], weight_bound=bound)
+
+    enc(client, 0)  # first call: tables
+    ours["encrypt"] = _best(lambda: enc(client, 0), repeat) / n
+    agg = aggregate(server, [enc(client, k) for k in range(len(states))])
+    ours["decrypt"] = _best(lambda: decrypt_update(client, agg, layout), repeat) / n
+    ours["threshold_encrypt"] = _best(lambda: enc(parties[0], 0), repeat) / n
+    tagg = aggregate(tserver, [enc(parties[0], k) for k in range(len(states))])
+    ours["partial"] = _best(lambda: [partial_decrypt(p, tagg) for p in parties], repeat) / n
+    shares = [partial_decrypt(p, tagg) for p in parties]
+    ours["combine"] = _best(lambda: combine_partials(tagg, shares, layout, ctx=parties[0]),
+                            repeat) / n
+    theirs = _openfhe_steps(client, parties, agg, tagg, repeat)
+    table = {key: {"fedshield_us_per_value": ours[key] * 1e6,
+                   "openfhe_1thread_us_per_value": theirs[key] * 1e6,
+                   "ratio": ours[key] / theirs[key]} for key, _, _ in STEPS}
+    m = MISTRAL7B_VALUES
+    # a site's round: it encrypts, and decrypts (shared) or sends its partial and fuses
+    table["mistral7b_round_s"] = {
+        "shared": (ours["encrypt"] + ours["decrypt"]) * m,
+        "threshold": (ours["threshold_encrypt"] + ours["partial"] / THRESHOLD_PARTIES
+                      + ours["combine"]) * m,
+        "values": m, "measured_on_values": n,
+    }
+    return table
+
+
+def print_step_table(table: dict, cores: int, load: str = "") -> None:
+    print(f"each step against OpenFHE's own call on 1 thread (fedshield: {cores} threads"
+          f"{'; ' + load if load else ''}):")
+    print("| step | fedshield µs/value | OpenFHE 1 thread | ratio |")
+    print("|---|---|---|---|")
+    for key, label, call in STEPS:
+        row = table[key]
+        print(f"| {label} | {row['fedshield_us_per_value']:.4f} | "
+              f"{row['openfhe_1thread_us_per_value']:.4f} (`{call}`) | {row['ratio']:.2f}x |")
+    tot = table["mistral7b_round_s"]
+    print(f"Mistral-7B per round ({tot['values']:,} values, from {tot['measured_on_values']:,}):"
+          f" shared keys encrypt + decrypt {tot['shared']:.2f} s; threshold keys encrypt + "
+          f"partial + combine {tot['threshold']:.2f} s")
+
+
+def load_average() -> str:
+    try:
+        return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return ""
+
+
 def run_bench(n_values: int = 1 << 20, n_clients: int = 4, verbose: bool = True) -> dict:
     states = [lora_like_state(n_values, seed) for seed in range(n_clients)]
     n = sum(v.size for v in states[0].values())
     weights = _weights(n_clients)
-    cores = default_workers()
+    cores = num_threads()
     figures = {"lora_values": n, "clients": n_clients, "weights": weights, "cores": cores,
                "native_threads": _native.default_threads()}
     figures.update(_shared_rows(states, weights, n, cores))
     figures["threshold"] = _threshold_row(states, weights, n, cores, 0)
     figures["threshold_flooded"] = _threshold_row(states, weights, n, cores, FLOOD_BITS)
+    figures["load_before_steps"] = load_average()
+    figures["steps"] = step_table(states, weights)
     if verbose:
         _print(figures)
+        print_step_table(figures["steps"], cores, figures["load_before_steps"])
     return figures
 
 

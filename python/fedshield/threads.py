@@ -1,7 +1,7 @@
 """How many CPU threads fedshield may use: one setting, FEDSHIELD_NUM_THREADS.
 
-It drives the native module's threads (``threads=0`` in any fedshield call), the crypto worker
-processes (one per thread) and, in fedshield's own training, torch's intra-op threads. Its
+It drives the native module's threads (``threads=0`` in any fedshield call: encryption and
+decryption included) and, in fedshield's own training, torch's intra-op threads. Its
 default is what this process may really use: the CPUs of its affinity mask, capped by a cgroup
 CPU quota and by SLURM_CPUS_PER_TASK, and shared among torchrun's LOCAL_WORLD_SIZE ranks of one
 node. Several sites on one machine each get their share (the Flower launcher sets it per site),

@@ -30,7 +30,8 @@ import torch
 from ..errors import FedShieldError, KeyMaterialError, ParameterError
 from ..he import Context, EncryptedUpdate, Layout, combine_partials, decrypt_update, partial_decrypt
 from ..he.budget import DecryptionBudget
-from ..he.encryption import DEFAULT_TOLERANCE, encrypt_ciphertexts, pack_update, seal_update
+from ..he.encryption import (DEFAULT_TOLERANCE, encrypt_ciphertexts, encrypt_packed, pack_update,
+                             seal_update)
 from ..model import get_lora_state, set_lora_state, unwrap_peft
 from ..pruning.mask import apply_mask, importance_mask, kept_fraction
 from .guard import AggregateGuard, Provenance
@@ -208,6 +209,13 @@ class Party:
         packed = pack_update(self.ctx, prepared.values, self.layout, weight=weight,
                              mask=prepared.mask, round=round, weight_bound=bound,
                              tolerance=tolerance, threads=threads)
+        if not ranks.distributed:  # one rank: straight to the update, natively
+            try:
+                update = encrypt_packed(self.ctx, packed, threads)
+            finally:
+                packed.buffer.fill(0.0)  # the plaintext update: wiped once encrypted
+            self._sent = (round, prepared.mask)
+            return update
         start, stop = ranks.slice(packed.n_ciphertexts)
         cts = encrypt_ciphertexts(self.ctx, packed, start, stop, workers=workers)
         header = packed.header

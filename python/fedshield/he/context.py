@@ -21,7 +21,6 @@ from ..errors import InvalidUpdate, KeyMaterialError, ParameterError
 from . import backend
 from .flooding import roots_of
 from .params import CKKSParams
-from .crypto_pool import CryptoPool, dispatch
 from .wipe import wipe
 
 _MAGIC = b"FSHLDCTX"
@@ -139,7 +138,7 @@ class Context:
 
     # -- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
-        """Wipes the key material this context holds and stops its crypto worker processes.
+        """Wipes the key material this context holds.
 
         The secret key (share) and the Shamir shares of other parties' keys are zeroed in place
         and dropped, with every live OpenFHE object. Best effort: Python and OpenFHE may hold
@@ -147,8 +146,8 @@ class Context:
         Afterwards anything that needs keys raises KeyMaterialError; closing again is harmless.
         """
         for value in self._live.values():
-            if isinstance(value, CryptoPool):
-                value.close()
+            if isinstance(value, np.ndarray) and value.flags.writeable:
+                value.fill(0)  # derived key residues (secret_residues) and friends
         self._live.clear()
         if self._secret_key is not None:
             wipe(self._secret_key)
@@ -200,22 +199,6 @@ class Context:
             self._live["secret_key"] = backend.load_secret_key(bytes(self._secret_key))
         return (self._live["crypto_context"], self._live["public_key"],
                 self._live.get("secret_key"))
-
-    def crypto_pool(self, workers: int, need_secret: bool):
-        """A CryptoPool for this context (started once, reused; None when workers <= 1)."""
-        self._check_open()
-        if workers <= 1:
-            return None
-        key = ("pool", workers, need_secret)
-        if key not in self._live or self._live[key].broken:
-            blob = self.to_bytes(include_secret=need_secret)
-
-            def local(op: str, payload):  # this process's own share of a batch
-                return dispatch(self.openfhe_objects(need_secret=need_secret), self.params, op,
-                                payload)
-
-            self._live[key] = CryptoPool(blob, self.params, workers, local)
-        return self._live[key]
 
     def secret_key_bytes(self) -> bytes:
         """A copy of the serialized secret key (or key share): for native key arithmetic inside

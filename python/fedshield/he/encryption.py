@@ -1,7 +1,8 @@
 """Key holders' operations on updates: encrypt_update and decrypt_update.
 
-The hot work is native (packing, residue extraction, bit packing); OpenFHE is only called to
-encode/encrypt and decrypt/decode whole ciphertexts.
+All of it is native (csrc/ckks.cpp: OpenFHE's encoding, encryption and decryption, written
+anew and checked against OpenFHE in the tests), on the native thread pool with the GIL
+released. OpenFHE only generates the keys.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import numpy as np
 from .. import _native
 from ..errors import (HeadroomError, IncompatibleUpdate, InvalidUpdate, KeyMaterialError,
                       ParameterError, PrecisionError)
-from . import backend, flooding, seeded
+from . import flooding, seeded
 from .arrays import as_tensors
 from .context import Context
-from .crypto_pool import MIN_PARALLEL_CIPHERTEXTS, default_workers
 from .layout import Layout
 from .params import DEFAULT_TOLERANCE
 from .update import KIND_CLIENT, PACKING_CODE, EncryptedUpdate
@@ -35,12 +35,41 @@ def auto_weight_bound(weight: float) -> float:
     return float(2 ** max(0, math.ceil(math.log2(weight))))
 
 
-def _workers_for(workers: int | None, n_cts: int) -> int:
-    if workers is None:
-        return default_workers() if n_cts >= MIN_PARALLEL_CIPHERTEXTS else 1
-    if not (isinstance(workers, int) and workers >= 1):
+def _check_workers(workers) -> None:
+    """``workers`` is accepted for callers written when encryption ran in worker processes;
+    every call now runs on the native thread pool (``threads``)."""
+    if not (workers is None or (isinstance(workers, int) and workers >= 1)):
         raise ParameterError(f"workers={workers!r} must be None or an int >= 1")
-    return workers
+
+
+def ckks_ring(ctx: Context) -> tuple:
+    """(ring_dim, moduli, roots of unity, scale_bits, complex packing): the ring the native
+    CKKS calls (csrc/ckks.cpp) work in."""
+    p = ctx.params
+
+    def ring() -> tuple:
+        try:
+            roots = ctx.tower_roots
+        except ParameterError as exc:
+            raise KeyMaterialError(f"the context's ciphertext template names no usable tower "
+                                   f"parameters ({exc}); is the context file genuine?") from exc
+        return p.ring_dim, list(ctx.moduli), list(roots), p.scale_bits, p.packing == "complex"
+
+    return ctx.cached("ckks_ring", ring)
+
+
+def _public_residues(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """The public key's two polynomials (p0, p1), every tower, evaluation form, as OpenFHE
+    serializes them (parsed, never guessed: exactly 2T residue arrays)."""
+    def parse():
+        blob = ctx.public_key_bytes()
+        n, moduli = ctx.params.ring_dim, list(ctx.moduli)
+        offsets = _native.find_residue_arrays(blob, n, moduli, 2 * len(moduli))
+        arrays = [np.frombuffer(blob, dtype="<u8", count=n, offset=off) for off in offsets]
+        towers = len(moduli)
+        return (np.ascontiguousarray(np.concatenate(arrays[:towers])),
+                np.ascontiguousarray(np.concatenate(arrays[towers:])))
+    return ctx.cached("public_residues", parse)
 
 
 def check_context(ctx) -> None:
@@ -151,11 +180,40 @@ def pack_update(ctx: Context, state: Mapping, layout: Layout, weight: float = 1.
     return PackedUpdate(buffer, header)
 
 
-def encrypt_ciphertexts(ctx: Context, packed: PackedUpdate, start: int = 0,
-                        stop: int | None = None, *, workers: int | None = None) -> list[bytes]:
-    """Ciphertexts ``start`` to ``stop`` (default: all) of a packed update, serialized, as
-    OpenFHE made them (seeded contexts: under the secret key; :func:`seal_update` reseeds)."""
+def encrypt_packed(ctx: Context, packed: PackedUpdate, threads: int = 0) -> EncryptedUpdate:
+    """A packed update encrypted natively into one update: seeded contexts under the secret key
+    with ``a`` expanded from a fresh seed (only c0 and the seed travel), others under the
+    (joint) public key."""
     check_context(ctx)
+    header = packed.header
+    ring = ckks_ring(ctx)
+    if header["elements"] == 1:
+        seed = seeded.new_seed()
+        if _native.HAVE_AES_NI:  # a expanded per ciphertext inside the native call
+            blob = _native.ckks_encrypt(header, ring, packed.buffer, s=_secret_residues(ctx),
+                                        a_key=seeded.stream_key(ctx.fingerprint,
+                                                                header["round"], seed),
+                                        seed=seed, threads=threads)
+        else:
+            a = seeded.expand(seed, ctx.fingerprint, header["round"], header["n_ciphertexts"],
+                              ctx.moduli, ctx.params.ring_dim)
+            blob = _native.ckks_encrypt(header, ring, packed.buffer, s=_secret_residues(ctx),
+                                        a=a, seed=seed, threads=threads)
+    else:
+        p0, p1 = _public_residues(ctx)
+        blob = _native.ckks_encrypt(header, ring, packed.buffer, p0=p0, p1=p1, threads=threads)
+    return EncryptedUpdate.from_bytes(blob)
+
+
+def encrypt_ciphertexts(ctx: Context, packed: PackedUpdate, start: int = 0,
+                        stop: int | None = None, *, workers: int | None = None,
+                        threads: int = 0) -> list[bytes]:
+    """Ciphertexts ``start`` to ``stop`` (default: all) of a packed update, as OpenFHE
+    serializations (for a site whose ranks each encrypt a slice; :func:`seal_update` stitches
+    them, and reseeds a seeded context's under one fresh seed). Encrypted natively: seeded
+    contexts under the secret key with a throwaway seed's ``a``, others under the public key."""
+    check_context(ctx)
+    _check_workers(workers)
     n_cts = packed.n_ciphertexts
     stop = n_cts if stop is None else stop
     if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n_cts):
@@ -164,14 +222,10 @@ def encrypt_ciphertexts(ctx: Context, packed: PackedUpdate, start: int = 0,
     if start == stop:
         return []
     per_ct = ctx.params.values_per_ciphertext
-    part = packed.buffer[start * per_ct:stop * per_ct]
-    # Seeded: the secret key encrypts (cheaper, less noise), then c1 becomes a seed's expansion.
-    use_seed = is_seeded(ctx)
-    pool = ctx.crypto_pool(_workers_for(workers, stop - start), need_secret=use_seed)
-    if pool is not None:
-        return pool.encrypt(part, with_secret_key=use_seed)
-    cc, public_key, secret_key = ctx.openfhe_objects(need_secret=use_seed)
-    return backend.encrypt_buffer(cc, secret_key if use_seed else public_key, part, ctx.params)
+    header = {**packed.header, "n_ciphertexts": stop - start,
+              "n_values": (stop - start) * per_ct}
+    part = PackedUpdate(packed.buffer[start * per_ct:stop * per_ct], header)
+    return rebuild_ciphertexts(ctx, encrypt_packed(ctx, part, threads), threads)
 
 
 def seal_update(ctx: Context, header: dict, cts: list, threads: int = 0) -> EncryptedUpdate:
@@ -213,17 +267,18 @@ def encrypt_update(ctx: Context, state: Mapping, layout: Layout, weight: float =
     shrinks the ciphertexts; every client of a round must then use the same mask.
     Raises HeadroomError if a weighted value would overflow the modulus (never wraps).
     ``threads``: native threads (0 = FEDSHIELD_NUM_THREADS, default the CPUs this process may
-    use); ``workers``: encryption processes (None = that many once the update spans several
-    ciphertexts, 1 = in this process). The three steps (:func:`pack_update`,
-    :func:`encrypt_ciphertexts`, :func:`seal_update`) may run apart: a site of several ranks
-    encrypts a slice on each (fs.Party).
+    use); ``workers`` is accepted and ignored (encryption ran in worker processes once; it now
+    runs on the native threads). The steps (:func:`pack_update`, :func:`encrypt_ciphertexts`,
+    :func:`seal_update`) may run apart: a site of several ranks encrypts a slice on each
+    (fs.Party).
     """
+    _check_workers(workers)
     packed = pack_update(ctx, state, layout, weight, mask, round=round,
                          weight_bound=weight_bound, tolerance=tolerance, threads=threads)
-    cts = encrypt_ciphertexts(ctx, packed, workers=workers)
-    header = packed.header
-    del packed  # plaintext update: drop it as soon as it is encrypted
-    return seal_update(ctx, header, cts, threads)
+    try:
+        return encrypt_packed(ctx, packed, threads)
+    finally:
+        packed.buffer.fill(0.0)  # the plaintext update, pre-weighted: wipe it once encrypted
 
 
 def check_reachable(params, tolerance: float, decryptors: int = 0) -> None:
@@ -292,23 +347,6 @@ def rebuild_ciphertexts(ctx: Context, update: EncryptedUpdate, threads: int = 0)
         c1 = seeded.expand_sum(update.seeds, ctx.fingerprint, update.round,
                                update.n_ciphertexts, ctx.moduli, ctx.params.ring_dim)
     return _native.decode_ciphertexts(update.to_bytes(), template, ct_layout, threads, c1)
-
-
-def flood_ciphertexts(ctx: Context, cts: list, n_parties: int = 1) -> list[bytes]:
-    """Each serialized ciphertext with a fresh flooding polynomial added to c0 (every tower),
-    so that its decryption carries the flooding noise (fedshield.he.flooding): the decrypted
-    values may then leave the key holder at ``flood_bits`` of statistical security."""
-    params = ctx.params
-    width = flooding.flood_width(params, n_parties)
-    towers = len(ctx.moduli)
-    c0_offsets = ctx.ciphertext_template[1][1 + towers:1 + 2 * towers]
-    roots = ctx.tower_roots
-    out = []
-    for blob in cts:
-        buf = bytearray(blob)
-        flooding.flood(buf, c0_offsets, ctx.moduli, roots, params.ring_dim, width)
-        out.append(bytes(buf))
-    return out
 
 
 def check_for_context(ctx: Context, update: EncryptedUpdate) -> None:
@@ -380,13 +418,28 @@ def decrypt_update(ctx: Context, update: EncryptedUpdate, layout: Layout,
             "client context (shared-key mode) or with partial decryptions (threshold mode)")
     check_for_context(ctx, update)
     check_for_layout(update, layout, mask)
-    cc, _, secret_key = ctx.openfhe_objects(need_secret=True)
-    cts = rebuild_ciphertexts(ctx, update, threads)
-    if ctx.params.flooding:
-        cts = flood_ciphertexts(ctx, cts, n_parties=1)
-    pool = ctx.crypto_pool(_workers_for(workers, len(cts)), need_secret=True)
-    if pool is not None:
-        buffer = pool.decrypt(cts)
-    else:
-        buffer = backend.decrypt_ciphertexts(cc, secret_key, cts, ctx.params)
-    return unpack_average(buffer, layout, mask, update, ctx.params, tolerance, threads=threads)
+    _check_workers(workers)
+    buffer = decrypt_values(ctx, update, threads)
+    try:
+        return unpack_average(buffer, layout, mask, update, ctx.params, tolerance,
+                              threads=threads)
+    finally:
+        buffer.fill(0.0)  # decrypted slot values: wiped once unpacked
+
+
+def decrypt_values(ctx: Context, update: EncryptedUpdate, threads: int = 0) -> np.ndarray:
+    """Every slot value of an update decrypted natively with the context's secret key, flooded
+    when the parameters say so (the decryption leaves the key holder): float64 buffer of
+    n_ciphertexts * values_per_ciphertext values."""
+    params = ctx.params
+    c1, keys = None, []
+    if update.is_seeded and _native.HAVE_AES_NI:  # c1 expanded per ciphertext, natively
+        keys = [seeded.stream_key(ctx.fingerprint, update.round, s) for s in update.seeds]
+    elif update.is_seeded:
+        c1 = seeded.expand_sum(update.seeds, ctx.fingerprint, update.round,
+                               update.n_ciphertexts, ctx.moduli, params.ring_dim)
+    hi, lo = (flooding.split_width(flooding.flood_width(params, 1)) if params.flooding
+              else (0, 0))
+    return _native.ckks_decrypt(update.to_bytes(), ckks_ring(ctx), _secret_residues(ctx), c1,
+                                keys, hi, lo, update.n_ciphertexts * params.values_per_ciphertext,
+                                threads)

@@ -8,9 +8,17 @@ key: the t smallest present ids T each decrypt with
 ``sum_j s_j``. Present parties beyond T decrypt with their own ``s_i``. The smallest present
 id is the lead (``MultipartyDecryptLead``).
 
-Precision: OpenFHE adds fixed flooding noise (sigma 2**20 per coefficient, not configurable for
-CKKS in openfhe 1.6.1) to every partial decryption, so the decrypted slot values carry an error
-of about 1e-6 / 2**(scale_bits - 50). Measured max |error| over 65535 values in [-1, 1]
+Both steps are native (csrc/ckks.cpp) and follow OpenFHE's MultipartyDecryptLead/Main and
+MultipartyDecryptFusion, which the tests check them against in both directions: a share is
+(lead: c0 +) c1 * s_i + e, with e a discrete Gaussian of standard deviation
+NoiseFlooding::MP_SD = 2**20 (OpenFHE's src/pke/include/constants.h, added in
+src/pke/lib/schemerns/rns-multiparty.cpp in its default FIXED_NOISE_MULTIPARTY mode; drawn here
+by the project's exact sampler, csrc/discrete_gaussian.cpp, at variance 2**40); fusion sums
+the shares and decodes.
+
+Precision: that fixed noise (not configurable for CKKS in openfhe 1.6.1) on every partial
+decryption gives the decrypted slot values an error of about 1e-6 / 2**(scale_bits - 50).
+Measured with OpenFHE's own calls, max |error| over 65535 values in [-1, 1]
 with sum(w) = weight_bound: 6.3e-7 (3 parties) and 8.3e-7 (5) at scale 2**50, 3.8e-7 / 3.9e-7
 at 2**51, 2.1e-7 / 2.2e-7 at 2**52. The weighted average divides by sum(w) / weight_bound,
 which multiplies this error by weight_bound / sum(w). Threshold mode therefore defaults to
@@ -25,14 +33,12 @@ prime. The pre-scaling flooding needs also drowns OpenFHE's fixed 2**20: measure
 2.98e-8 (float32 rounding) over 65535 values for 3 and 5 parties at flood_bits 20 to 50.
 
 On the wire a partial ciphertext is its residues only (csrc/partial_codec.cpp: one polynomial,
-every tower bit-packed and below its modulus), like an update's. Whoever fuses the shares
-rebuilds OpenFHE's bytes from a template made from its own context (:func:`partial_template`),
-so OpenFHE never deserializes a byte that came from outside: a share whose OpenFHE
-serialization was edited used to crash the fusing process inside OpenFHE's deserializer
-(SIGSEGV, heap corruption, std::terminate), which no ``except`` can catch. Residues edited
-below q still fuse; their decryption is then uniformly spread over the modulus and fails the
-range check of :func:`combine_partials` (an honest aggregate's slots are bounded by the
-headroom), so a damaged share raises InvalidUpdate instead of returning a wrong average.
+every tower bit-packed and below its modulus), like an update's. Fusion reads them natively
+and never hands a byte from outside to OpenFHE (:func:`partial_template` still rebuilds
+OpenFHE's bytes from a template of one's own context, for checks against OpenFHE). Residues
+edited below q still fuse; their decryption is then uniformly spread over the modulus and
+fails the range check of :func:`combine_partials` (an honest aggregate's slots are bounded by
+the headroom), so a damaged share raises InvalidUpdate instead of returning a wrong average.
 The frame's digest is unkeyed: a share crafted by someone who relays it is not detected here.
 """
 
@@ -40,21 +46,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
 from .. import _native
+from ..threads import num_threads
 from ..errors import (IncompatibleUpdate, InvalidUpdate, KeyMaterialError, NotEnoughShares,
                       ParameterError)
 from . import backend, flooding
 from .context import Context
 from .encryption import (DEFAULT_TOLERANCE, check_context, check_for_context, check_for_layout,
-                         unpack_average)
+                         ckks_ring, unpack_average)
 from .frames import frame, int_field, unframe
 from .layout import Layout
 from .threshold import MAX_PARTIES, check_party_context
-from .update import PACKING_CODE, EncryptedUpdate
+from .update import EncryptedUpdate
 from .wipe import wipe
 
 PARTIAL_MAGIC = b"FSHLDPDS"    # a partial decryption of one aggregate
@@ -89,32 +97,33 @@ def aggregate_digest(agg: EncryptedUpdate) -> str:
     return hashlib.sha256(b"fedshield-aggregate-v1" + agg.to_bytes()).hexdigest()
 
 
-def _decryption_key(ctx: Context, present: list[int]):
-    """This party's key for decrypting with ``present``: its own share, plus (among the t
-    smallest present ids) the Lagrange-weighted shares of every absent party."""
-    _, _, secret_key = ctx.openfhe_objects(need_secret=True)
+def _decryption_residues(ctx: Context, present: list[int]) -> np.ndarray:
+    """This party's key for decrypting with ``present`` (T * N residues, evaluation form; the
+    caller wipes it): its own share, plus (among the t smallest present ids) the
+    Lagrange-weighted shares of every absent party."""
     pid, n, t = ctx.party_id, ctx.n_parties, ctx.threshold
     absent = [j for j in range(n) if j not in present]
     cover = present[:t]
-    if not absent or pid not in cover:
-        return secret_key
-    missing = [j for j in absent if ctx.key_share(j) is None]
-    if missing:
-        raise KeyMaterialError(f"party {pid} holds no key share from absent parties {missing} "
-                               "and cannot cover for them (were the key shares dealt?)")
-    key = bytearray(ctx.secret_key_bytes())
-    n = ctx.params.ring_dim
-    for tower, ((offset, own), q) in enumerate(zip(ctx.key_residues(), ctx.moduli)):
-        lam = _native.lagrange_at_zero([i + 1 for i in cover], cover.index(pid), q)
-        shares = [np.frombuffer(ctx.key_share(j), dtype="<u8", count=n, offset=8 * n * tower)
-                  for j in absent]
-        combined = _native.cover_absent(np.ascontiguousarray(own), shares, lam, q)
-        key[offset:offset + combined.nbytes] = combined.tobytes()
-        wipe(combined)
+    own = [np.array(residues) for _, residues in ctx.key_residues()]
     try:
-        return backend.load_secret_key(bytes(key))
+        if absent and pid in cover:
+            missing = [j for j in absent if ctx.key_share(j) is None]
+            if missing:
+                raise KeyMaterialError(f"party {pid} holds no key share from absent parties "
+                                       f"{missing} and cannot cover for them (were the key "
+                                       "shares dealt?)")
+            ring = ctx.params.ring_dim
+            for tower, q in enumerate(ctx.moduli):
+                lam = _native.lagrange_at_zero([i + 1 for i in cover], cover.index(pid), q)
+                shares = [np.frombuffer(ctx.key_share(j), dtype="<u8", count=ring,
+                                        offset=8 * ring * tower) for j in absent]
+                combined = _native.cover_absent(own[tower], shares, lam, q)
+                wipe(own[tower])
+                own[tower] = combined
+        return np.ascontiguousarray(np.concatenate(own))
     finally:
-        wipe(key)
+        for residues in own:
+            wipe(residues)
 
 
 def partial_decrypt(party_ctx: Context, agg, present: Optional[Iterable[int]] = None, *,
@@ -141,26 +150,16 @@ def partial_decrypt(party_ctx: Context, agg, present: Optional[Iterable[int]] = 
     if pid not in ids:
         raise ParameterError(f"party {pid} is not among the present parties {ids}")
     lead = pid == ids[0]
-    cc, _, _ = party_ctx.openfhe_objects(need_secret=True)
-    key = _decryption_key(party_ctx, ids)
-    template, ct_layout = party_ctx.ciphertext_template
     params = party_ctx.params
-    if params.flooding:
-        width = flooding.flood_width(params, party_ctx.n_parties)
-        roots = party_ctx.tower_roots
-    moduli = list(party_ctx.moduli)
-    parts = []
-    for blob in _native.decode_ciphertexts(agg.to_bytes(), template, ct_layout, threads):
-        ct = backend.load_rebuilt_ciphertext(blob)
-        part = (cc.MultipartyDecryptLead if lead else cc.MultipartyDecryptMain)([ct], key)[0]
-        buf = bytearray(backend.serialize(part))
-        if params.flooding:
-            # this party's own flooding, added to its share before the share leaves it
-            # (fedshield.he.flooding): the one element of a partial decryption, every tower
-            offsets = _native.find_residue_arrays(buf, params.ring_dim, moduli, len(moduli))
-            flooding.flood(buf, offsets, party_ctx.moduli, roots, params.ring_dim, width)
-        # only the residues leave: the receiver rebuilds OpenFHE's bytes from its own template
-        parts.append(_native.encode_partial(buf, params.ring_dim, moduli))
+    hi, lo = ((flooding.split_width(flooding.flood_width(params, party_ctx.n_parties)))
+              if params.flooding else (0, 0))
+    key = _decryption_residues(party_ctx, ids)
+    try:
+        # natively: (lead: c0 +) c1 * s_i + smudging noise (+ flooding), packed residues only
+        parts = _native.ckks_partial_decrypt(agg.to_bytes(), ckks_ring(party_ctx), key, lead,
+                                             hi, lo, threads)
+    finally:
+        wipe(key)
     meta = {"party_id": pid, "n_parties": party_ctx.n_parties,
             "threshold": party_ctx.threshold, "present": ids, "lead": lead,
             "context_fp": party_ctx.fingerprint.hex(), "aggregate": aggregate_digest(agg),
@@ -207,24 +206,28 @@ class PartialDecryption:
     def aggregate_digest(self) -> str | None:
         return self.meta.get("aggregate")
 
-    def check_for(self, ctx: Context, agg: EncryptedUpdate) -> None:
+    def check_for(self, ctx: Context, agg: EncryptedUpdate, *, digest: str | None = None,
+                  residues: bool = True) -> None:
         """What anyone holding the (public) context can check without openfhe: the share was
         made under ``ctx`` for ``agg``, holds one partial ciphertext per ciphertext of ``agg``,
-        and each is ``ctx``'s packed residues, every one below its tower's modulus (native).
-        IncompatibleUpdate or InvalidUpdate otherwise."""
+        and each is ``ctx``'s packed residues, every one below its tower's modulus (native;
+        ``residues=False`` leaves that to a caller that fuses natively, which checks them).
+        ``digest``: :func:`aggregate_digest` of ``agg`` when the caller has it (it hashes the
+        whole aggregate). IncompatibleUpdate or InvalidUpdate otherwise."""
         pid = self.party_id
         if self.meta["context_fp"] != ctx.fingerprint.hex():
             raise IncompatibleUpdate(f"the share of party {pid} was made under another context")
         if self.meta.get("params") != json.loads(ctx.params.to_json()):
             raise IncompatibleUpdate(f"the share of party {pid} names other parameters than the "
                                      "context's")
-        if self.meta["aggregate"] != aggregate_digest(agg) or self.meta["round"] != agg.round:
+        digest = aggregate_digest(agg) if digest is None else digest
+        if self.meta["aggregate"] != digest or self.meta["round"] != agg.round:
             raise IncompatibleUpdate(f"the share of party {pid} decrypts a different aggregate "
                                      f"(round {self.meta['round']}, this is round {agg.round})")
         if len(self.parts) != agg.n_ciphertexts:
             raise InvalidUpdate(f"the share of party {pid} holds {len(self.parts)} partial "
                                 f"ciphertexts, the aggregate {agg.n_ciphertexts}")
-        for k, part in enumerate(self.parts):
+        for k, part in enumerate(self.parts if residues else ()):
             try:
                 _native.check_partial(part, ctx.params.ring_dim, list(ctx.moduli))
             except InvalidUpdate as exc:
@@ -279,14 +282,19 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
     if isinstance(shares, (bytes, bytearray, memoryview)):
         raise TypeError("shares must be an iterable of share bytes, not one bytes object")
     check_for_context(ctx, agg)
-    parsed = [PartialDecryption.from_bytes(s) for s in shares]
+    shares = list(shares)
+    # the frames' SHA-256 digests and the aggregate's: hashlib releases the GIL, so on threads
+    with ThreadPoolExecutor(max_workers=max(1, min(num_threads(), len(shares) + 1))) as pool:
+        digest_job = pool.submit(aggregate_digest, agg)
+        parsed = list(pool.map(PartialDecryption.from_bytes, shares))
+        digest = digest_job.result()
     if not parsed:
         raise NotEnoughShares("0 partial decryptions given; every present party's is needed")
     first = parsed[0].meta
     by_party: dict[int, PartialDecryption] = {}
     for share in parsed:
         m, pid = share.meta, share.party_id
-        share.check_for(ctx, agg)
+        share.check_for(ctx, agg, digest=digest, residues=False)  # ckks_fuse checks residues
         if (m["present"], m["n_parties"], m["threshold"]) != (
                 first["present"], first["n_parties"], first["threshold"]):
             raise IncompatibleUpdate(f"the share of party {pid} was made for present="
@@ -310,26 +318,20 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
     # party's context; here only the layout and mask remain to check.
     check_for_layout(agg, layout, mask)
 
-    templates = partial_template(ctx)
-    packing = _packing_of(agg)
     order = [by_party[i] for i in present]
-    buffers = []
-    for k in range(agg.n_ciphertexts):
-        cts = [backend.load_rebuilt_ciphertext(
-                   _native.rebuild_partial(s.parts[k], *templates[s.meta["lead"]]))
-               for s in order]
-        cc = cts[0].GetCryptoContext()
-        backend.enable_multiparty(cc)
-        try:
-            pt = cc.MultipartyDecryptFusion(cts)
-            pt.SetLength(agg.header["ring_dim"] // 2)
-            values = np.asarray(pt.GetCKKSPackedValue(), dtype=np.complex128)
-        except Exception as exc:  # the binding raises RuntimeError for what OpenFHE refuses
-            raise InvalidUpdate(f"the partial decryptions do not fuse: {exc}") from exc
-        _check_fused(values, agg, ctx.params)
-        buffers.append(values.view(np.float64) if packing == "complex" else values.real.copy())
-    return unpack_average(np.ascontiguousarray(np.concatenate(buffers)), layout, mask, agg,
-                          ctx.params, tolerance, decryptors=len(present), threads=threads)
+    try:
+        buffer = _native.ckks_fuse([share.parts for share in order], ckks_ring(ctx),
+                                   agg.n_ciphertexts * ctx.params.values_per_ciphertext, threads)
+    except InvalidUpdate:
+        for share in order:  # error path only: name the share and ciphertext at fault
+            share.check_for(ctx, agg, digest=digest)
+        raise
+    try:
+        _check_fused(buffer, agg, ctx.params)
+        return unpack_average(buffer, layout, mask, agg, ctx.params, tolerance,
+                              decryptors=len(present), threads=threads)
+    finally:
+        buffer.fill(0.0)  # decrypted slot values: wiped once unpacked
 
 
 def _check_fused(values: np.ndarray, agg: EncryptedUpdate, params) -> None:
@@ -340,19 +342,11 @@ def _check_fused(values: np.ndarray, agg: EncryptedUpdate, params) -> None:
     relay hides; the tolerance (one unit on top of the headroom) is far above CKKS noise.
     """
     bound = (agg.n_summed * params.value_bound + 1.0) * 2.0 ** params.prescale_bits
-    worst = float(np.max(np.abs(values.view(np.float64)))) if values.size else 0.0
+    worst = max(float(values.max()), -float(values.min())) if values.size else 0.0
     if not worst <= bound:  # also NaN
         raise InvalidUpdate(f"the fused partial decryptions hold a value of magnitude "
                             f"{worst:.3g}, beyond the {bound:.3g} an aggregate of "
                             f"{agg.n_summed} updates can reach: a share was damaged or forged")
-
-
-def _packing_of(agg) -> str:
-    code = agg.header["packing"]
-    for name, value in PACKING_CODE.items():
-        if value == code:
-            return name
-    raise InvalidUpdate(f"unknown packing code {code}")
 
 
 __all__ = ["PARTIAL_MAGIC", "PartialDecryption", "aggregate_digest", "combine_partials",

@@ -41,7 +41,8 @@ def new_seed() -> bytes:
     return secrets.token_bytes(SEED_BYTES)
 
 
-def _stream_key(context_fp: bytes, round: int, seed: bytes) -> bytes:
+def stream_key(context_fp: bytes, round: int, seed: bytes) -> bytes:
+    """The AES-256 key of one update's expansion (the same for every ciphertext and tower)."""
     if len(seed) != SEED_BYTES:
         raise InvalidUpdate(f"a seed has {len(seed)} bytes, expected {SEED_BYTES}")
     return hashlib.sha256(_DOMAIN + bytes(context_fp) + int(round).to_bytes(8, "little")
@@ -59,7 +60,7 @@ def expand(seed: bytes, context_fp: bytes, round: int, n_ciphertexts: int, modul
     """The polynomials a of every ciphertext of a seeded update: uint64[n_ct * T * N],
     ciphertext-major then tower-major. With ``out``, they are added into it mod each tower's
     modulus instead (how a decryptor sums the expansions of an aggregate's seeds)."""
-    key = _stream_key(context_fp, round, seed)
+    key = stream_key(context_fp, round, seed)
     towers = len(moduli)
     total = n_ciphertexts * towers * ring_dim
     result = np.empty(total, dtype=np.uint64) if out is None else out

@@ -1,0 +1,763 @@
+#include "ckks.hpp"
+
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include "aes_ctr.hpp"
+#include "bitpack.hpp"
+#include "csprng.hpp"
+#include "discrete_gaussian.hpp"
+#include "errors.hpp"
+#include "flood.hpp"
+#include "modarith.hpp"
+#include "parallel.hpp"
+#include "partial_codec.hpp"
+#include "secure_wipe.hpp"
+#include "shamir.hpp"
+
+namespace fedshield {
+namespace {
+
+using u128 = unsigned __int128;
+
+[[noreturn]] void bad_arg(const std::string& what) { throw ParameterInputError("ckks: " + what); }
+
+// Branch-free modular helpers (inputs below q < 2^62): the compiler sees masks, not branches.
+inline uint64_t csub(uint64_t x, uint64_t q) { return x - (q & (0 - static_cast<uint64_t>(x >= q))); }
+inline uint64_t add_q(uint64_t a, uint64_t b, uint64_t q) { return csub(a + b, q); }
+inline uint64_t sub_q(uint64_t a, uint64_t b, uint64_t q) { return csub(a + q - b, q); }
+
+// Shoup multiplication by a fixed w < q: w_shoup = floor(w * 2^64 / q).
+inline uint64_t shoup_of(uint64_t w, uint64_t q) {
+    return static_cast<uint64_t>((static_cast<u128>(w) << 64) / q);
+}
+inline uint64_t mul_shoup(uint64_t a, uint64_t w, uint64_t w_shoup, uint64_t q) {
+    const uint64_t hi = static_cast<uint64_t>((static_cast<u128>(a) * w_shoup) >> 64);
+    return csub(a * w - hi * q, q);
+}
+
+// r mod q for |r| < 2^63, as a residue in [0, q) (Barrett with mu = floor(2^64 / q)).
+inline uint64_t signed_mod(int64_t r, uint64_t q, uint64_t mu) {
+    const uint64_t neg = 0 - static_cast<uint64_t>(r < 0);
+    const uint64_t mag = (static_cast<uint64_t>(r) ^ neg) - neg;
+    const uint64_t quot = static_cast<uint64_t>((static_cast<u128>(mag) * mu) >> 64);
+    const uint64_t rem = csub(mag - quot * q, q);
+    // -rem mod q: q - rem, and 0 stays 0
+    const uint64_t flipped = csub(q - rem, q);
+    return (rem & ~neg) | (flipped & neg);
+}
+
+// --- the special FFT of CKKS over OpenFHE's rotation group ----------------------------------
+
+struct FftTables {
+    size_t slots = 0, m = 0;
+    std::vector<uint64_t> rot;     // 5^j mod m
+    std::vector<double> re, im;    // exp(2 pi i k / m), k in [0, m]
+    std::vector<uint32_t> rev;     // bit reversal over log2(slots) bits
+};
+
+std::shared_ptr<const FftTables> fft_tables(size_t n) {
+    static std::mutex lock;
+    static std::map<size_t, std::shared_ptr<const FftTables>> cache;
+    std::lock_guard<std::mutex> guard(lock);
+    auto it = cache.find(n);
+    if (it != cache.end()) return it->second;
+    auto t = std::make_shared<FftTables>();
+    t->slots = n / 2;
+    t->m = 2 * n;
+    t->rot.resize(t->slots);
+    uint64_t g = 1;
+    for (size_t j = 0; j < t->slots; ++j) {
+        t->rot[j] = g;
+        g = g * 5 % t->m;
+    }
+    t->re.resize(t->m + 1);
+    t->im.resize(t->m + 1);
+    for (size_t k = 0; k <= t->m; ++k) {
+        const long double angle = 2.0L * 3.14159265358979323846264338327950288L * k / t->m;
+        t->re[k] = static_cast<double>(std::cos(angle));
+        t->im[k] = static_cast<double>(std::sin(angle));
+    }
+    unsigned bits = 0;
+    while ((size_t{1} << bits) < t->slots) ++bits;
+    t->rev.resize(t->slots);
+    for (size_t i = 0; i < t->slots; ++i) {
+        size_t r = 0;
+        for (unsigned b = 0; b < bits; ++b) r |= ((i >> b) & 1) << (bits - 1 - b);
+        t->rev[i] = static_cast<uint32_t>(r);
+    }
+    cache.emplace(n, t);
+    return t;
+}
+
+void bit_reverse(double* v, const FftTables& t) {
+    for (size_t i = 0; i < t.slots; ++i) {
+        const size_t r = t.rev[i];
+        if (i < r) {
+            std::swap(v[2 * i], v[2 * r]);
+            std::swap(v[2 * i + 1], v[2 * r + 1]);
+        }
+    }
+}
+
+// v (slots complex values, re/im interleaved): coefficients -> slot values (decoding).
+void fft_special(double* v, const FftTables& t) {
+    bit_reverse(v, t);
+    for (size_t len = 2; len <= t.slots; len <<= 1) {
+        const size_t half = len >> 1, lenq = len << 2, gap = t.m / lenq;
+        for (size_t i = 0; i < t.slots; i += len) {
+            for (size_t j = 0; j < half; ++j) {
+                const size_t k = (t.rot[j] & (lenq - 1)) * gap;
+                double* a = v + 2 * (i + j);
+                double* b = v + 2 * (i + j + half);
+                const double wr = t.re[k], wi = t.im[k];
+                const double xr = b[0] * wr - b[1] * wi, xi = b[0] * wi + b[1] * wr;
+                b[0] = a[0] - xr;
+                b[1] = a[1] - xi;
+                a[0] += xr;
+                a[1] += xi;
+            }
+        }
+    }
+}
+
+// The inverse of fft_special (encoding): slot values -> coefficients.
+void fft_special_inv(double* v, const FftTables& t) {
+    for (size_t len = t.slots; len >= 2; len >>= 1) {
+        const size_t half = len >> 1, lenq = len << 2, gap = t.m / lenq;
+        for (size_t i = 0; i < t.slots; i += len) {
+            for (size_t j = 0; j < half; ++j) {
+                const size_t k = (lenq - (t.rot[j] & (lenq - 1))) * gap;
+                double* a = v + 2 * (i + j);
+                double* b = v + 2 * (i + j + half);
+                const double ur = a[0] + b[0], ui = a[1] + b[1];
+                const double dr = a[0] - b[0], di = a[1] - b[1];
+                const double wr = t.re[k], wi = t.im[k];
+                a[0] = ur;
+                a[1] = ui;
+                b[0] = dr * wr - di * wi;
+                b[1] = dr * wi + di * wr;
+            }
+        }
+    }
+    bit_reverse(v, t);
+    const double inv = 1.0 / static_cast<double>(t.slots);
+    for (size_t i = 0; i < 2 * t.slots; ++i) v[i] *= inv;
+}
+
+// --- per-ring constants ----------------------------------------------------------------------
+
+constexpr int kPow2 = 1100;  // above any double's binary exponent
+
+// One tower's negacyclic NTT in OpenFHE's order (the same transform as flood.hpp's
+// ntt_forward/ntt_inverse, tested equal), with lazy reduction (Harvey 2014): values stay in
+// [0, 4q) between butterflies, q < 2^62.
+struct NttPlan {
+    uint64_t q = 0;
+    std::vector<uint64_t> w, w_shoup, iw, iw_shoup;  // psi^bitrev(k), (psi^-1)^bitrev(k)
+    uint64_t n_inv = 0, n_inv_shoup = 0;
+};
+
+NttPlan make_plan(uint64_t n, uint64_t q, uint64_t psi) {
+    NttPlan p;
+    p.q = q;
+    unsigned logn = 0;
+    while ((uint64_t{1} << logn) < n) ++logn;
+    const uint64_t psi_inv = powmod(psi, 2 * n - 1, q);
+    std::vector<uint64_t> pw(n), ipw(n);
+    pw[0] = ipw[0] = 1;
+    for (uint64_t k = 1; k < n; ++k) {
+        pw[k] = static_cast<uint64_t>(static_cast<u128>(pw[k - 1]) * psi % q);
+        ipw[k] = static_cast<uint64_t>(static_cast<u128>(ipw[k - 1]) * psi_inv % q);
+    }
+    p.w.resize(n);
+    p.w_shoup.resize(n);
+    p.iw.resize(n);
+    p.iw_shoup.resize(n);
+    for (uint64_t k = 0; k < n; ++k) {
+        uint64_t r = 0;
+        for (unsigned b = 0; b < logn; ++b) r |= ((k >> b) & 1) << (logn - 1 - b);
+        p.w[k] = pw[r];
+        p.w_shoup[k] = shoup_of(pw[r], q);
+        p.iw[k] = ipw[r];
+        p.iw_shoup[k] = shoup_of(ipw[r], q);
+    }
+    p.n_inv = powmod(n % q, q - 2, q);
+    p.n_inv_shoup = shoup_of(p.n_inv, q);
+    return p;
+}
+
+// a * w mod q in [0, 2q), for any a < 2^64.
+inline uint64_t mul_shoup_lazy(uint64_t a, uint64_t w, uint64_t w_shoup, uint64_t q) {
+    const uint64_t hi = static_cast<uint64_t>((static_cast<u128>(a) * w_shoup) >> 64);
+    return a * w - hi * q;
+}
+
+// coefficients (below q) -> evaluations (below q), Cooley-Tukey, bit-reversed output.
+void ntt_fwd(uint64_t* a, uint64_t n, const NttPlan& p) {
+    const uint64_t q = p.q, two_q = 2 * q;
+    for (uint64_t m = 1, t = n >> 1; m < n; m <<= 1, t >>= 1) {
+        for (uint64_t i = 0; i < m; ++i) {
+            const uint64_t w = p.w[m + i], ws = p.w_shoup[m + i];
+            uint64_t* x = a + 2 * i * t;
+            uint64_t* y = x + t;
+            for (uint64_t j = 0; j < t; ++j) {
+                const uint64_t u = csub(x[j], two_q);
+                const uint64_t v = mul_shoup_lazy(y[j], w, ws, q);
+                x[j] = u + v;
+                y[j] = u - v + two_q;
+            }
+        }
+    }
+    for (uint64_t j = 0; j < n; ++j) a[j] = csub(csub(a[j], two_q), q);
+}
+
+// evaluations (below q) -> coefficients (below q), Gentleman-Sande.
+void ntt_inv(uint64_t* a, uint64_t n, const NttPlan& p) {
+    const uint64_t q = p.q, two_q = 2 * q;
+    for (uint64_t m = n, t = 1; m > 1; m >>= 1, t <<= 1) {
+        const uint64_t h = m >> 1;
+        for (uint64_t i = 0; i < h; ++i) {
+            const uint64_t w = p.iw[h + i], ws = p.iw_shoup[h + i];
+            uint64_t* x = a + 2 * i * t;
+            uint64_t* y = x + t;
+            for (uint64_t j = 0; j < t; ++j) {
+                const uint64_t u = x[j], v = y[j];
+                x[j] = csub(u + v, two_q);
+                y[j] = mul_shoup_lazy(u - v + two_q, w, ws, q);
+            }
+        }
+    }
+    for (uint64_t j = 0; j < n; ++j) a[j] = csub(mul_shoup_lazy(a[j], p.n_inv, p.n_inv_shoup, q), q);
+}
+
+struct RingTables {
+    std::vector<NttPlan> ntt;              // one per tower
+    std::vector<uint64_t> mu;              // floor(2^64 / q_i)
+    std::vector<std::vector<uint64_t>> pow2;  // 2^k mod q_i, k < kPow2 (large coefficients)
+    // CRT (T > 1): y_i = x_i * qhat_inv_i mod q_i, x = Q * frac(sum y_i / q_i)
+    std::vector<uint64_t> qhat_inv, qhat_inv_shoup;
+    long double big_q = 1;
+    std::shared_ptr<const FftTables> fft;
+};
+
+std::shared_ptr<const RingTables> ring_tables(const CkksRing& ring) {
+    static std::mutex lock;
+    static std::map<std::vector<uint64_t>, std::shared_ptr<const RingTables>> cache;
+    std::vector<uint64_t> key(ring.moduli);
+    key.insert(key.end(), ring.roots.begin(), ring.roots.end());
+    key.push_back(ring.ring_dim);
+    std::lock_guard<std::mutex> guard(lock);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+    auto t = std::make_shared<RingTables>();
+    const size_t towers = ring.towers();
+    for (size_t i = 0; i < towers; ++i) {
+        const uint64_t q = ring.moduli[i];
+        t->mu.push_back(static_cast<uint64_t>((u128{1} << 64) / q));
+        t->ntt.push_back(make_plan(ring.ring_dim, q, ring.roots[i]));
+        uint64_t qhat = 1;
+        for (size_t j = 0; j < towers; ++j)
+            if (j != i) qhat = static_cast<uint64_t>(static_cast<u128>(qhat) * (ring.moduli[j] % q) % q);
+        const uint64_t inv = powmod(qhat, q - 2, q);  // q prime
+        t->qhat_inv.push_back(inv);
+        t->qhat_inv_shoup.push_back(shoup_of(inv, q));
+        t->big_q *= static_cast<long double>(q);
+        std::vector<uint64_t> p(kPow2);
+        p[0] = 1 % q;
+        for (int k = 1; k < kPow2; ++k) p[k] = add_q(p[k - 1], p[k - 1], q);
+        t->pow2.push_back(std::move(p));
+    }
+    t->fft = fft_tables(ring.ring_dim);
+    if (cache.size() > 64) cache.clear();
+    cache.emplace(key, t);
+    return t;
+}
+
+// --- randomness --------------------------------------------------------------------------------
+
+// Cumulative table of |x| for the discrete Gaussian exp(-x^2 / (2 sigma^2)), sigma = 3.19:
+// cdt[k] = 2^63 * P(|x| <= k). |x| > kTail has probability below 2^-110 and is not drawn.
+constexpr int kTail = 40;
+
+const std::vector<uint64_t>& error_cdt() {
+    static const std::vector<uint64_t> table = [] {
+        const long double s2 = static_cast<long double>(kErrorSigma) * kErrorSigma;
+        std::vector<long double> rho(kTail + 1);
+        long double total = 0;
+        for (int k = 0; k <= kTail; ++k) {
+            rho[k] = std::exp(-static_cast<long double>(k) * k / (2 * s2));
+            total += k == 0 ? rho[k] : 2 * rho[k];
+        }
+        std::vector<uint64_t> cdt(kTail);
+        long double acc = 0;
+        for (int k = 0; k < kTail; ++k) {
+            acc += (k == 0 ? rho[k] : 2 * rho[k]) / total;
+            cdt[k] = static_cast<uint64_t>(std::ldexp(acc, 63));
+        }
+        return cdt;
+    }();
+    return table;
+}
+
+// Error samples from uniform words: |x| = the number of thresholds a 63-bit word reaches
+// (every entry compared for every sample: no early exit, no look-up indexed by a sample), then
+// the word's low bit as the sign. Signed compares (both sides < 2^63) vectorise with AVX2.
+FEDSHIELD_SIMD_CLONES
+void error_block(const uint64_t* __restrict__ words, int64_t* __restrict__ out, size_t count,
+                 const int64_t* __restrict__ cdt) {
+    constexpr size_t kLane = 64;  // samples compared together (registers, not memory)
+    for (size_t at = 0; at < count; at += kLane) {
+        const size_t m = count - at < kLane ? count - at : kLane;
+        int64_t u[kLane], acc[kLane];
+        for (size_t i = 0; i < kLane; ++i) {
+            u[i] = i < m ? static_cast<int64_t>(words[at + i] >> 1) : 0;
+            acc[i] = 0;
+        }
+        for (int k = 0; k < kTail; ++k) {
+            const int64_t c = cdt[k];
+            for (size_t i = 0; i < kLane; ++i) acc[i] += static_cast<int64_t>(u[i] >= c);
+        }
+        for (size_t i = 0; i < m; ++i) {
+            const int64_t sign = static_cast<int64_t>(words[at + i] & 1);
+            out[at + i] = (acc[i] ^ -sign) + sign;
+        }
+        secure_wipe(u, sizeof u);
+        secure_wipe(acc, sizeof acc);
+    }
+}
+
+// n error samples into out (words: scratch of n).
+void sample_errors(FastRandom& rng, int64_t* out, size_t n, uint64_t* words) {
+    for (size_t i = 0; i < n; ++i) words[i] = rng.next();
+    error_block(words, out, n, reinterpret_cast<const int64_t*>(error_cdt().data()));
+    secure_wipe(words, n * sizeof(uint64_t));
+}
+
+inline int64_t ternary_sample(FastRandom& rng) {
+    return static_cast<int64_t>((static_cast<u128>(rng.next()) * 3) >> 64) - 1;
+}
+
+// --- the pieces of one ciphertext -------------------------------------------------------------
+
+// Pointers into a parsed update's payload.
+struct Payload {
+    const UpdateHeader& h;
+    const uint8_t* data;
+    // Unpacks element e (0: c0, 1: c1), tower t of ciphertext k into out (N residues), checked.
+    void unpack(uint64_t k, uint64_t e, uint64_t t, uint64_t* out) const {
+        const uint64_t r = k * h.residues_per_ciphertext() + (e * h.towers() + t) * h.ring_dim;
+        const uint64_t at = h.byte_offset(r);
+        unpack_residues(data + at, h.payload_len - at, 0, h.ring_dim, h.bits_of(r), out);
+        const uint64_t q = h.moduli[t];
+        uint64_t over = 0;
+        for (uint64_t j = 0; j < h.ring_dim; ++j) over |= static_cast<uint64_t>(out[j] >= q);
+        if (over) throw InvalidUpdateError("invalid update: a residue is not below the modulus");
+    }
+};
+
+void check_header_ring(const UpdateHeader& h, const CkksRing& ring) {
+    if (h.ring_dim != ring.ring_dim || h.moduli != ring.moduli)
+        throw IncompatibleUpdateError("the update's ring_dim or modulus differ from the context's");
+    if ((h.packing == Packing::Complex) != ring.complex_packing)
+        throw IncompatibleUpdateError("the update's packing differs from the context's");
+}
+
+// s with its Shoup quotients (secret: wiped when it goes).
+struct KeyTowers {
+    std::vector<uint64_t> s, shoup;
+    KeyTowers(const CkksRing& ring, const uint64_t* key) : s(key, key + ring.towers() * ring.ring_dim),
+                                                           shoup(s.size()) {
+        const uint64_t n = ring.ring_dim;
+        uint64_t over = 0;
+        for (size_t t = 0; t < ring.towers(); ++t) {
+            const uint64_t q = ring.moduli[t];
+            for (uint64_t j = 0; j < n; ++j) {
+                over |= static_cast<uint64_t>(s[t * n + j] >= q);
+                shoup[t * n + j] = shoup_of(csub(s[t * n + j], q), q);
+            }
+        }
+        if (over) bad_arg("a key residue is not below its modulus");
+    }
+    ~KeyTowers() {
+        secure_wipe(s);
+        secure_wipe(shoup);
+    }
+    KeyTowers(const KeyTowers&) = delete;
+    KeyTowers& operator=(const KeyTowers&) = delete;
+};
+
+// acc[j] = (acc[j] + x[j] * s[j]) mod q
+inline void mul_acc(uint64_t* acc, const uint64_t* x, const uint64_t* s, const uint64_t* s_shoup,
+                    uint64_t n, uint64_t q) {
+    for (uint64_t j = 0; j < n; ++j) acc[j] = add_q(acc[j], mul_shoup(x[j], s[j], s_shoup[j], q), q);
+}
+
+}  // namespace
+
+void check_ring(const CkksRing& ring) {
+    const uint64_t n = ring.ring_dim;
+    if (n < 1024 || n > (uint64_t{1} << 17) || (n & (n - 1)) != 0)
+        bad_arg("ring dimension " + std::to_string(n) + " is not a power of two in [1024, 2^17]");
+    check_moduli(ring.moduli, "ckks ring");
+    if (ring.roots.size() != ring.moduli.size()) bad_arg("one root of unity per tower is needed");
+    for (size_t i = 0; i < ring.towers(); ++i) {
+        const uint64_t q = ring.moduli[i], psi = ring.roots[i];
+        if (psi == 0 || psi >= q || powmod(psi, n, q) != q - 1)
+            bad_arg("root " + std::to_string(psi) + " is not a primitive 2N-th root mod " +
+                    std::to_string(q));
+    }
+    if (ring.scale_bits < 1 || ring.scale_bits > 120)
+        bad_arg("scale_bits " + std::to_string(ring.scale_bits) + " is not in [1, 120]");
+}
+
+void encode_coefficients(const CkksRing& ring, const double* values, const int64_t* add,
+                         uint64_t* out) {
+    const auto tables = ring_tables(ring);
+    const FftTables& fft = *tables->fft;
+    const uint64_t n = ring.ring_dim, slots = n / 2, towers = ring.towers();
+    std::vector<double> v(2 * slots, 0.0);
+    WipeOnExit<double> wipe_v(v);
+    if (ring.complex_packing) {
+        std::memcpy(v.data(), values, 2 * slots * sizeof(double));
+    } else {
+        for (uint64_t i = 0; i < slots; ++i) v[2 * i] = values[i];
+    }
+    fft_special_inv(v.data(), fft);
+    const double scale = std::ldexp(1.0, ring.scale_bits);
+    constexpr double kWord = 4611686018427387904.0;  // 2^62
+    for (uint64_t j = 0; j < n; ++j) {
+        // coefficient j < N/2: real part of entry j; j >= N/2: imaginary part of entry j - N/2
+        const double c = (j < slots ? v[2 * j] : v[2 * (j - slots) + 1]) * scale;
+        const int64_t e = add ? add[j] : 0;
+        if (!std::isfinite(c))
+            throw ValueRangeError("ckks: a value to encode is not finite");
+        if (std::fabs(c) < kWord) {
+            const int64_t r = std::llround(c);
+            for (uint64_t t = 0; t < towers; ++t) {
+                const uint64_t q = ring.moduli[t], mu = tables->mu[t];
+                out[t * n + j] = add_q(signed_mod(r, q, mu), signed_mod(e, q, mu), q);
+            }
+        } else {
+            // c = m * 2^x exactly, |m| < 2^53, x > 0: residue (m mod q) * (2^x mod q)
+            int exp2 = 0;
+            const double mant = std::frexp(c, &exp2);
+            const int64_t m = static_cast<int64_t>(std::ldexp(mant, 53));
+            for (uint64_t t = 0; t < towers; ++t) {
+                const uint64_t q = ring.moduli[t], mu = tables->mu[t];
+                const uint64_t p = tables->pow2[t][exp2 - 53];
+                const uint64_t big = static_cast<uint64_t>(
+                    static_cast<u128>(signed_mod(m, q, mu)) * p % q);
+                out[t * n + j] = add_q(big, signed_mod(e, q, mu), q);
+            }
+        }
+    }
+}
+
+void decode_coefficients(const CkksRing& ring, const uint64_t* coeffs, double* out) {
+    const auto tables = ring_tables(ring);
+    const FftTables& fft = *tables->fft;
+    const uint64_t n = ring.ring_dim, slots = n / 2, towers = ring.towers();
+    std::vector<double> scratch;
+    WipeOnExit<double> wipe_scratch(scratch);
+    double* v = out;  // complex packing: the slots are the output, re/im interleaved
+    if (!ring.complex_packing) {
+        scratch.resize(2 * slots);
+        v = scratch.data();
+    }
+    const double inv_scale = std::ldexp(1.0, -ring.scale_bits);
+    // coefficient j as a centered integer, over the scale
+    auto centered = [&](uint64_t j) -> double {
+        if (towers == 1) {
+            const uint64_t q = ring.moduli[0], x = coeffs[j];
+            const uint64_t wrap = q & (0 - static_cast<uint64_t>(x > (q >> 1)));
+            return static_cast<double>(static_cast<int64_t>(x) - static_cast<int64_t>(wrap));
+        }
+        long double frac = 0;
+        for (uint64_t t = 0; t < towers; ++t) {
+            const uint64_t q = ring.moduli[t];
+            const uint64_t y = mul_shoup(coeffs[t * n + j], tables->qhat_inv[t],
+                                         tables->qhat_inv_shoup[t], q);
+            frac += static_cast<long double>(y) / static_cast<long double>(q);
+        }
+        frac -= std::nearbyint(frac);  // centered: x / Q in [-1/2, 1/2]
+        return static_cast<double>(frac * tables->big_q);
+    };
+    for (uint64_t i = 0; i < slots; ++i) {
+        v[2 * i] = centered(i) * inv_scale;
+        v[2 * i + 1] = centered(i + slots) * inv_scale;
+    }
+    fft_special(v, fft);
+    if (!ring.complex_packing)
+        for (uint64_t i = 0; i < slots; ++i) out[i] = v[2 * i];
+}
+
+void decrypt_update(const uint8_t* data, size_t len, const CkksRing& ring, const uint64_t* s,
+                    const uint64_t* c1, size_t c1_len, const uint8_t* stream_keys,
+                    size_t n_keys, FloodWidth w, unsigned threads, double* out,
+                    size_t out_len) {
+    check_ring(ring);
+    const UpdateHeader h = parse_update(data, len, threads);
+    check_header_ring(h, ring);
+    const uint64_t n = ring.ring_dim, towers = ring.towers(), element = n * towers;
+    const uint64_t per_ct = ring.values_per_ciphertext();
+    if (out_len != h.n_ciphertexts * per_ct)
+        bad_arg("the output holds " + std::to_string(out_len) + " values, the update " +
+                std::to_string(h.n_ciphertexts * per_ct));
+    const bool expand = h.seeded() && c1 == nullptr && n_keys > 0;
+    if (expand && n_keys != h.n_summed)
+        throw InvalidUpdateError("decrypt: " + std::to_string(n_keys) + " seed stream keys for " +
+                                 std::to_string(h.n_summed) + " summed updates");
+    if (h.seeded() && !expand && (c1 == nullptr || c1_len != h.n_ciphertexts * element))
+        throw InvalidUpdateError("decrypt: a seeded update needs its expanded c1 (" +
+                                 std::to_string(h.n_ciphertexts * element) + " residues), got " +
+                                 std::to_string(c1 ? c1_len : 0));
+    const KeyTowers key(ring, s);
+    const Payload payload{h, data + h.header_size()};
+    const auto tables = ring_tables(ring);
+    parallel_ranges(h.n_ciphertexts, threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
+        std::vector<uint64_t> b(element), x(n);
+        WipeOnExit<uint64_t> wipe_b(b);
+        std::vector<uint64_t*> parts;
+        for (uint64_t t = 0; t < towers; ++t) parts.push_back(b.data() + t * n);
+        for (uint64_t k = begin; k < end; ++k) {
+            for (uint64_t t = 0; t < towers; ++t) {
+                const uint64_t q = ring.moduli[t];
+                payload.unpack(k, 0, t, parts[t]);
+                const uint64_t* c1t;
+                if (expand) {
+                    // c1 = the sum of every summed update's a, expanded here (no full-size copy)
+                    std::fill(x.begin(), x.end(), 0);
+                    for (size_t i = 0; i < n_keys; ++i)
+                        expand_uniform(stream_keys + 32 * i, k, static_cast<uint32_t>(t), q, n,
+                                       x.data(), true);
+                    c1t = x.data();
+                } else if (h.seeded()) {
+                    c1t = c1 + k * element + t * n;
+                    uint64_t over = 0;
+                    for (uint64_t j = 0; j < n; ++j) over |= static_cast<uint64_t>(c1t[j] >= q);
+                    if (over) bad_arg("an expanded c1 residue is not below its modulus");
+                } else {
+                    payload.unpack(k, 1, t, x.data());
+                    c1t = x.data();
+                }
+                mul_acc(parts[t], c1t, key.s.data() + t * n, key.shoup.data() + t * n, n, q);
+                ntt_inv(parts[t], n, tables->ntt[t]);
+            }
+            if (w.any()) flood_coefficients(parts.data(), towers, n, ring.moduli.data(), w.hi, w.lo);
+            decode_coefficients(ring, b.data(), out + k * per_ct);
+        }
+    });
+}
+
+std::vector<std::string> partial_decrypt_update(const uint8_t* data, size_t len,
+                                                const CkksRing& ring, const uint64_t* s,
+                                                bool lead, FloodWidth w, unsigned threads) {
+    check_ring(ring);
+    const UpdateHeader h = parse_update(data, len, threads);
+    check_header_ring(h, ring);
+    if (h.seeded()) throw IncompatibleUpdateError("a seeded update has no c1 to decrypt with a key share");
+    const uint64_t n = ring.ring_dim, towers = ring.towers(), element = n * towers;
+    const KeyTowers key(ring, s);
+    const Payload payload{h, data + h.header_size()};
+    std::vector<std::string> out(h.n_ciphertexts);
+    const uint64_t share_bytes = partial_bytes(n, ring.moduli);
+    parallel_ranges(h.n_ciphertexts, threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
+        std::vector<uint64_t> b(element), g(element), x(n);
+        std::vector<int64_t> e(n);
+        WipeOnExit<uint64_t> wipe_b(b), wipe_g(g);
+        WipeOnExit<int64_t> wipe_e(e);
+        std::vector<uint64_t*> parts;
+        for (uint64_t t = 0; t < towers; ++t) parts.push_back(g.data() + t * n);
+        const auto tables = ring_tables(ring);
+        for (uint64_t k = begin; k < end; ++k) {
+            // the smudging noise (and flooding) as an integer polynomial, then per tower
+            std::fill(e.begin(), e.end(), 0);
+            add_discrete_gaussian(e.data(), n, kSmudgingSigma2, 1);
+            for (uint64_t t = 0; t < towers; ++t) {
+                const uint64_t q = ring.moduli[t], mu = tables->mu[t];
+                for (uint64_t j = 0; j < n; ++j) parts[t][j] = signed_mod(e[j], q, mu);
+            }
+            if (w.any()) flood_coefficients(parts.data(), towers, n, ring.moduli.data(), w.hi, w.lo);
+            std::string share(share_bytes, '\0');
+            auto* dst = reinterpret_cast<uint8_t*>(&share[0]);
+            for (uint64_t t = 0; t < towers; ++t) {
+                const uint64_t q = ring.moduli[t];
+                uint64_t* bt = b.data() + t * n;
+                ntt_fwd(parts[t], n, tables->ntt[t]);
+                if (lead) {
+                    payload.unpack(k, 0, t, bt);
+                    for (uint64_t j = 0; j < n; ++j) bt[j] = add_q(bt[j], parts[t][j], q);
+                } else {
+                    std::memcpy(bt, parts[t], n * 8);
+                }
+                payload.unpack(k, 1, t, x.data());
+                mul_acc(bt, x.data(), key.s.data() + t * n, key.shoup.data() + t * n, n, q);
+                const unsigned bits = bit_length(q);
+                pack_residues(bt, n, bits, dst);
+                dst += packed_bytes(n, bits);
+            }
+            out[k] = std::move(share);
+        }
+    });
+    return out;
+}
+
+void fuse_partials(const std::vector<std::vector<std::pair<const uint8_t*, size_t>>>& shares,
+                   const CkksRing& ring, unsigned threads, double* out, size_t out_len) {
+    check_ring(ring);
+    if (shares.empty()) bad_arg("no partial decryptions to fuse");
+    const uint64_t n_cts = shares[0].size();
+    for (const auto& party : shares)
+        if (party.size() != n_cts) bad_arg("the shares hold different numbers of ciphertexts");
+    const uint64_t n = ring.ring_dim, towers = ring.towers(), element = n * towers;
+    const uint64_t per_ct = ring.values_per_ciphertext();
+    if (out_len != n_cts * per_ct)
+        bad_arg("the output holds " + std::to_string(out_len) + " values, the shares " +
+                std::to_string(n_cts * per_ct));
+    const auto tables = ring_tables(ring);
+    parallel_ranges(n_cts, threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
+        std::vector<uint64_t> b(element);
+        WipeOnExit<uint64_t> wipe_b(b);
+        for (uint64_t k = begin; k < end; ++k) {
+            std::fill(b.begin(), b.end(), 0);
+            for (const auto& party : shares) {
+                const std::vector<uint64_t> r =
+                    decode_partial(party[k].first, party[k].second, n, ring.moduli);
+                for (uint64_t t = 0; t < towers; ++t) {
+                    const uint64_t q = ring.moduli[t];
+                    for (uint64_t j = 0; j < n; ++j)
+                        b[t * n + j] = add_q(b[t * n + j], r[t * n + j], q);
+                }
+            }
+            for (uint64_t t = 0; t < towers; ++t)
+                ntt_inv(b.data() + t * n, n, tables->ntt[t]);
+            decode_coefficients(ring, b.data(), out + k * per_ct);
+        }
+    });
+}
+
+std::string encrypt_update(UpdateHeader header, const CkksRing& ring, const double* values,
+                           size_t n_values, const uint64_t* s, const uint64_t* a,
+                           const uint8_t* a_key, const uint8_t* seed, const uint64_t* p0,
+                           const uint64_t* p1, unsigned threads) {
+    check_ring(ring);
+    check_header_ring(header, ring);
+    const uint64_t n = ring.ring_dim, towers = ring.towers(), element = n * towers;
+    const uint64_t per_ct = ring.values_per_ciphertext();
+    if (n_values != header.n_ciphertexts * per_ct)
+        bad_arg(std::to_string(n_values) + " values for " + std::to_string(header.n_ciphertexts) +
+                " ciphertexts of " + std::to_string(per_ct));
+    const bool seeded = header.seeded();
+    if (seeded ? (s == nullptr || (a == nullptr && a_key == nullptr) || seed == nullptr)
+               : (p0 == nullptr || p1 == nullptr))
+        bad_arg(seeded ? "seeded encryption needs the secret key, a and the seed"
+                       : "public-key encryption needs both public-key polynomials");
+    header.payload_len = header.n_ciphertexts * header.ciphertext_bytes();
+    validate_header(header);
+    std::unique_ptr<KeyTowers> key;
+    std::vector<uint64_t> p0_shoup, p1_shoup;
+    if (seeded) {
+        key.reset(new KeyTowers(ring, s));
+    } else {
+        p0_shoup.resize(element);
+        p1_shoup.resize(element);
+        uint64_t over = 0;
+        for (uint64_t t = 0; t < towers; ++t) {
+            const uint64_t q = ring.moduli[t];
+            for (uint64_t j = 0; j < n; ++j) {
+                over |= static_cast<uint64_t>(p0[t * n + j] >= q) | static_cast<uint64_t>(p1[t * n + j] >= q);
+                p0_shoup[t * n + j] = shoup_of(p0[t * n + j] % q, q);
+                p1_shoup[t * n + j] = shoup_of(p1[t * n + j] % q, q);
+            }
+        }
+        if (over) bad_arg("a public-key residue is not below its modulus");
+    }
+    std::string out(update_size(header), '\0');
+    auto* bytes = reinterpret_cast<uint8_t*>(&out[0]);
+    uint8_t* payload = bytes + header.header_size();
+    const uint64_t wire_per_ct = header.residues_per_ciphertext();
+    parallel_ranges(header.n_ciphertexts, threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
+        FastRandom rng;
+        std::vector<uint64_t> m(element), c1(element), v(element), a_ct(n);
+        std::vector<int64_t> e(n), small(n);
+        std::vector<uint64_t> words(n);
+        WipeOnExit<uint64_t> wipe_m(m), wipe_c1(c1), wipe_v(v), wipe_words(words);
+        WipeOnExit<int64_t> wipe_e(e), wipe_small(small);
+        const auto tables = ring_tables(ring);
+        for (uint64_t k = begin; k < end; ++k) {
+            sample_errors(rng, e.data(), n, words.data());
+            encode_coefficients(ring, values + k * per_ct, e.data(), m.data());  // m + e
+            if (!seeded) {
+                for (uint64_t j = 0; j < n; ++j) small[j] = ternary_sample(rng);
+                for (uint64_t t = 0; t < towers; ++t)
+                    for (uint64_t j = 0; j < n; ++j)
+                        v[t * n + j] = signed_mod(small[j], ring.moduli[t], tables->mu[t]);
+                sample_errors(rng, small.data(), n, words.data());
+                for (uint64_t t = 0; t < towers; ++t)
+                    for (uint64_t j = 0; j < n; ++j)
+                        c1[t * n + j] = signed_mod(small[j], ring.moduli[t], tables->mu[t]);
+            }
+            for (uint64_t t = 0; t < towers; ++t) {
+                const uint64_t q = ring.moduli[t];
+                uint64_t* mt = m.data() + t * n;
+                ntt_fwd(mt, n, tables->ntt[t]);
+                if (seeded) {
+                    // c0 = m + e - a * s
+                    const uint64_t* at = a ? a + k * element + t * n : a_ct.data();
+                    if (!a) expand_uniform(a_key, k, static_cast<uint32_t>(t), q, n, a_ct.data(), false);
+                    const uint64_t* st = key->s.data() + t * n;
+                    const uint64_t* sh = key->shoup.data() + t * n;
+                    uint64_t over = 0;
+                    for (uint64_t j = 0; j < n; ++j) {
+                        over |= static_cast<uint64_t>(at[j] >= q);
+                        mt[j] = sub_q(mt[j], mul_shoup(at[j], st[j], sh[j], q), q);
+                    }
+                    if (over) bad_arg("an expanded residue of a is not below its modulus");
+                } else {
+                    // c0 = p0 * v + e0 + m, c1 = p1 * v + e1
+                    uint64_t* vt = v.data() + t * n;
+                    uint64_t* ct = c1.data() + t * n;
+                    ntt_fwd(vt, n, tables->ntt[t]);
+                    ntt_fwd(ct, n, tables->ntt[t]);
+                    const uint64_t* p0t = p0 + t * n;
+                    const uint64_t* p1t = p1 + t * n;
+                    const uint64_t* p0s = p0_shoup.data() + t * n;
+                    const uint64_t* p1s = p1_shoup.data() + t * n;
+                    for (uint64_t j = 0; j < n; ++j) {
+                        mt[j] = add_q(mt[j], mul_shoup(vt[j], p0t[j], p0s[j], q), q);
+                        ct[j] = add_q(ct[j], mul_shoup(vt[j], p1t[j], p1s[j], q), q);
+                    }
+                }
+            }
+            for (uint64_t t = 0; t < towers; ++t) {
+                const uint64_t r = k * wire_per_ct + t * n;
+                pack_residues(m.data() + t * n, n, header.bits_of(r), payload + header.byte_offset(r));
+                if (!seeded) {
+                    const uint64_t r1 = r + element;
+                    pack_residues(c1.data() + t * n, n, header.bits_of(r1),
+                                  payload + header.byte_offset(r1));
+                }
+            }
+        }
+    });
+    if (seeded) std::memcpy(payload + header.payload_len, seed, kSeedSize);
+    seal_update(header, bytes, threads);
+    return out;
+}
+
+void sample_error(int64_t* out, size_t n) {
+    FastRandom rng;
+    std::vector<uint64_t> words(n);
+    sample_errors(rng, out, n, words.data());
+}
+
+void sample_ternary(int64_t* out, size_t n) {
+    FastRandom rng;
+    for (size_t i = 0; i < n; ++i) out[i] = ternary_sample(rng);
+}
+
+}  // namespace fedshield

@@ -1,0 +1,406 @@
+"""fedshield's own CKKS arithmetic (csrc/ckks.cpp) against OpenFHE, the reference: our
+ciphertexts decrypt with OpenFHE and OpenFHE's with ours, in both key modes, after a serialize ->
+load round trip; threshold shares fuse across the two implementations; the samplers pass
+statistical tests; hostile bytes reach the new native entry points only as fs errors."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+
+import fedshield as fs
+from fedshield import _native
+from fedshield.he import backend, encryption, partial
+from fedshield.he.encryption import (ckks_ring, decrypt_values, pack_update, rebuild_ciphertexts,
+                                     seal_update)
+from forgery import MUTATIONS, fuzz_settings, mutate, reseal_update
+
+TOL = 1e-6  # the package's precision promise, values of magnitude <= 1
+
+
+def _state(seed: int, n: int = 6000) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"a.lora_A.weight": rng.uniform(-1, 1, (3, n // 3)).astype(np.float32),
+            "a.lora_B.weight": rng.uniform(-1, 1, (n // 3, 1)).astype(np.float32)}
+
+
+def _flat(tensors: dict) -> np.ndarray:
+    return np.concatenate([np.asarray(tensors[k], dtype=np.float64).ravel() for k in sorted(tensors)])
+
+
+def _average(states, weights) -> np.ndarray:
+    return sum(w * _flat(s) for w, s in zip(weights, states)) / sum(weights)
+
+
+def _roundtrip(ctx: fs.Context) -> fs.Context:
+    return fs.load_context(ctx.to_bytes(include_secret=ctx._secret_key is not None))
+
+
+def _openfhe_update(ctx: fs.Context, state, layout, weight, bound) -> fs.EncryptedUpdate:
+    """An update whose ciphertexts OpenFHE encrypted (Encrypt with the secret key when seeded,
+    else the public key), assembled by the wire codec."""
+    packed = pack_update(ctx, state, layout, weight=weight, weight_bound=bound)
+    cc, pk, sk = ctx.openfhe_objects(need_secret=packed.header["elements"] == 1)
+    key = sk if packed.header["elements"] == 1 else pk
+    cts = backend.encrypt_buffer(cc, key, packed.buffer, ctx.params)
+    return fs.EncryptedUpdate.from_bytes(seal_update(ctx, packed.header, cts).to_bytes())
+
+
+def _openfhe_decrypt(ctx: fs.Context, update: fs.EncryptedUpdate) -> np.ndarray:
+    cc, _, sk = ctx.openfhe_objects(need_secret=True)
+    return backend.decrypt_ciphertexts(cc, sk, rebuild_ciphertexts(ctx, update), ctx.params)
+
+
+@pytest.fixture(scope="module")
+def flood_keys() -> fs.SharedKeys:
+    return fs.keygen_shared(fs.CKKSParams.for_precision(flood_bits=30))
+
+
+@pytest.fixture(scope="module")
+def threshold_keys():
+    return fs.keygen_threshold(fs.CKKSParams.for_precision(keys="threshold"), n_parties=3)
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("packing", ["complex", "real"])
+def test_encode_then_decode_is_the_identity_up_to_rounding(client_ctx, packing):
+    params = client_ctx.params
+    ring = (params.ring_dim, list(client_ctx.moduli), list(client_ctx.tower_roots),
+            params.scale_bits, packing == "complex")
+    per_ct = params.ring_dim if packing == "complex" else params.ring_dim // 2
+    values = np.random.default_rng(0).uniform(-1, 1, per_ct)
+    back = _native.ckks_decode(ring, _native.ckks_encode(ring, values))
+    # rounding to integers at scale 2**scale_bits, spread by the canonical embedding
+    assert np.max(np.abs(back - values)) < params.ring_dim * 2.0 ** -params.scale_bits
+
+
+def test_decoding_matches_openfhe_on_its_own_ciphertexts(client_ctx):
+    """OpenFHE's Decrypt and ours on the same OpenFHE ciphertexts: the same arithmetic, so
+    they agree far below the encryption noise."""
+    ctx = _roundtrip(client_ctx)
+    state = _state(1)
+    layout = fs.Layout.from_state_dict(state)
+    upd = _openfhe_update(ctx, state, layout, 3.0, 4.0)
+    ours, theirs = decrypt_values(ctx, upd), _openfhe_decrypt(ctx, upd)
+    assert np.max(np.abs(ours - theirs)) < 1e-12
+
+
+# --- shared keys -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("keys", ["client", "flood"])
+def test_ours_decrypt_with_openfhe_and_theirs_with_ours(client_ctx, flood_keys, keys):
+    ctx = _roundtrip(client_ctx if keys == "client" else flood_keys.client_context())
+    params = ctx.params
+    pre = 2.0 ** params.prescale_bits
+    states, weights = [_state(2), _state(3)], [3.0, 4.0]
+    layout = fs.Layout.from_state_dict(states[0])
+    ours = fs.EncryptedUpdate.from_bytes(fs.encrypt_update(
+        ctx, states[0], layout, weight=weights[0], weight_bound=4.0).to_bytes())
+    n = layout.kept_count(None)
+    # OpenFHE decrypts ours (without flooding: OpenFHE's own decryption)
+    got = _openfhe_decrypt(ctx, ours)[:n] / pre
+    assert np.max(np.abs(got - 0.75 * _flat(states[0]))) < TOL
+    # ours decrypts OpenFHE's, and the sum of one of each
+    theirs = _openfhe_update(ctx, states[1], layout, weights[1], 4.0)
+    agg = fs.aggregate(ctx.public(), [ours.to_bytes(), theirs.to_bytes()])
+    avg = fs.decrypt_update(ctx, fs.EncryptedUpdate.from_bytes(agg.to_bytes()), layout)
+    assert np.max(np.abs(_flat(avg) - _average(states, weights))) < TOL
+
+
+def test_public_key_encryption_decrypts_with_openfhe(unseeded_keys):
+    """Unseeded shared keys: our public-key encryption (both polynomials on the wire)."""
+    ctx = _roundtrip(unseeded_keys.client_context())
+    state = _state(4)
+    layout = fs.Layout.from_state_dict(state)
+    upd = fs.encrypt_update(ctx, state, layout, weight=1.0)
+    assert not upd.is_seeded
+    got = _openfhe_decrypt(ctx, fs.EncryptedUpdate.from_bytes(upd.to_bytes()))
+    assert np.max(np.abs(got[:layout.kept_count(None)] - _flat(state))) < TOL
+
+
+# --- threshold keys --------------------------------------------------------------------------
+
+def _openfhe_shares(parties, agg) -> list[list[bytes]]:
+    """OpenFHE's MultipartyDecryptLead/Main of every ciphertext, as packed residues."""
+    out = []
+    for i, party in enumerate(parties):
+        cc, _, sk = party.openfhe_objects(need_secret=True)
+        decrypt = cc.MultipartyDecryptLead if i == 0 else cc.MultipartyDecryptMain
+        params = party.params
+        row = []
+        for blob in rebuild_ciphertexts(party, agg):
+            share = backend.serialize(decrypt([backend.load_rebuilt_ciphertext(blob)], sk)[0])
+            row.append(_native.encode_partial(share, params.ring_dim, list(party.moduli)))
+        out.append(row)
+    return out
+
+
+def _openfhe_fuse(ctx, shares: list[list[bytes]], lead_first=True) -> np.ndarray:
+    templates = partial.partial_template(ctx)
+    values = []
+    for k in range(len(shares[0])):
+        cts = [backend.load_rebuilt_ciphertext(_native.rebuild_partial(
+            row[k], *templates[lead_first and i == 0])) for i, row in enumerate(shares)]
+        cc = cts[0].GetCryptoContext()
+        backend.enable_multiparty(cc)
+        pt = cc.MultipartyDecryptFusion(cts)
+        pt.SetLength(ctx.params.slots)
+        values.append(np.asarray(pt.GetCKKSPackedValue(), dtype=np.complex128).view(np.float64))
+    return np.concatenate(values)
+
+
+def test_threshold_interop_both_ways(threshold_keys):
+    parties, server = threshold_keys
+    parties = [_roundtrip(p) for p in parties]
+    states, weights = [_state(5), _state(6)], [2.0, 1.0]
+    layout = fs.Layout.from_state_dict(states[0])
+    ours = fs.encrypt_update(parties[1], states[0], layout, weight=weights[0], weight_bound=2.0)
+    theirs = _openfhe_update(parties[2], states[1], layout, weights[1], 2.0)
+    agg = fs.EncryptedUpdate.from_bytes(fs.aggregate(server, [ours, theirs]).to_bytes())
+    want = _average(states, weights)
+    n = layout.kept_count(None)
+    # our shares, fused by us
+    shares = [partial.partial_decrypt(p, agg) for p in parties]
+    avg = fs.combine_partials(agg, shares, layout, ctx=server)
+    assert np.max(np.abs(_flat(avg) - want)) < TOL
+    total = 1.5  # sum(w) / weight_bound
+    # our shares fused by OpenFHE, OpenFHE's shares fused by us
+    ours_packed = [partial.PartialDecryption.from_bytes(s).parts for s in shares]
+    theirs_packed = _openfhe_shares(parties, agg)
+    for fused in (_openfhe_fuse(parties[0], ours_packed),
+                  _native.ckks_fuse(theirs_packed, ckks_ring(server), len(ours_packed[0]) *
+                                    server.params.values_per_ciphertext, 0)):
+        assert np.max(np.abs(fused[:n] / total - want)) < TOL
+    # and a mix: the lead's share from OpenFHE, the others ours
+    mixed = [theirs_packed[0], *ours_packed[1:]]
+    fused = _native.ckks_fuse(mixed, ckks_ring(server), len(mixed[0]) *
+                              server.params.values_per_ciphertext, 0)
+    assert np.max(np.abs(fused[:n] / total - want)) < TOL
+
+
+def test_smudging_noise_has_openfhes_size(threshold_keys):
+    """A non-lead share of an aggregate whose c1 is zero, with a zero key, is the smudging
+    noise alone: standard deviation 2**20 (OpenFHE's MP_SD), mean 0, Gaussian tails."""
+    parties, server = threshold_keys
+    params, ring = server.params, ckks_ring(server)
+    state = _state(7, 3 * params.ring_dim)
+    layout = fs.Layout.from_state_dict(state)
+    upd = fs.encrypt_update(parties[0], state, layout, weight=1.0)
+    header = upd.header
+    h = _native.HEADER_SIZE + 8 * (len(server.moduli) - 1)
+    body = bytearray(upd.to_bytes())
+    body[h:h + header["payload_len"]] = bytes(header["payload_len"])  # c0 = c1 = 0
+    zero = reseal_update(body)
+    key = np.zeros(params.ring_dim * len(server.moduli), dtype=np.uint64)
+    parts = _native.ckks_partial_decrypt(zero, ring, key, False, 0, 0, 0)
+    q, n = server.moduli[0], params.ring_dim
+    samples = []
+    for part in parts:
+        residues = np.frombuffer(_native.rebuild_partial(
+            part, bytes(8 * n + 16), (n, q, 8, 8 * n + 16)), dtype="<u8")[1:1 + n]
+        coeffs = _native.ntt_inverse(np.ascontiguousarray(residues), q, ring[2][0])
+        samples.append(np.where(coeffs > q // 2, coeffs.astype(np.float64) - q, coeffs))
+    e = np.concatenate(samples).astype(np.float64)
+    sigma = 2.0 ** 20
+    assert abs(e.mean()) < 5 * sigma / math.sqrt(e.size)
+    assert abs(e.std() / sigma - 1) < 0.02
+    assert np.mean(np.abs(e) > 3 * sigma) < 2 * 0.0027 and np.max(np.abs(e)) < 8 * sigma
+
+
+# --- samplers --------------------------------------------------------------------------------
+
+def test_encryption_error_is_openfhes_discrete_gaussian():
+    """Moments, a chi-square against exp(-x^2 / (2 * 3.19^2)) and the tails."""
+    x = _native.ckks_sample_error(400_000)
+    sigma = _native.CKKS_ERROR_SIGMA
+    support = np.arange(-40, 41)
+    p = np.exp(-support.astype(float) ** 2 / (2 * sigma ** 2))
+    p /= p.sum()
+    var = float((p * support ** 2).sum())
+    assert abs(x.mean()) < 5 * math.sqrt(var / x.size)
+    assert abs(x.var() / var - 1) < 0.02
+    assert np.max(np.abs(x)) <= 40
+    counts = np.bincount(np.clip(x + 40, 0, 80), minlength=81)
+    expected = p * x.size
+    keep = expected >= 20  # pool the sparse tails into one cell
+    chi2 = (((counts[keep] - expected[keep]) ** 2) / expected[keep]).sum()
+    tail_obs, tail_exp = counts[~keep].sum(), expected[~keep].sum()
+    chi2 += (tail_obs - tail_exp) ** 2 / max(tail_exp, 1.0)
+    dof = int(keep.sum())
+    assert chi2 < dof + 6 * math.sqrt(2 * dof)  # about 6 standard deviations
+    assert np.mean(np.abs(x) >= 10) < 5 * 2 * p[support >= 10].sum() + 1e-4
+
+
+def test_ternary_and_seeded_uniform_pass_chi_square(client_ctx):
+    t = _native.ckks_sample_ternary(300_000)
+    assert set(np.unique(t)) == {-1, 0, 1}
+    counts = np.bincount(t + 1)
+    chi2 = ((counts - t.size / 3) ** 2 / (t.size / 3)).sum()
+    assert chi2 < 2 + 6 * 2  # dof 2
+    from fedshield.he import seeded
+    q = client_ctx.moduli[0]
+    a = seeded.expand(bytes(range(32)), client_ctx.fingerprint, 0, 40, client_ctx.moduli,
+                      client_ctx.params.ring_dim)
+    assert int(a.max()) < q
+    bins = 64
+    counts = np.bincount((a.astype(np.float64) / q * bins).astype(int), minlength=bins)
+    expected = a.size / bins
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < bins - 1 + 6 * math.sqrt(2 * (bins - 1))
+
+
+# --- AES-256-CTR: a's expansion and the noise generator ---------------------------------------
+
+@pytest.mark.skipif(not _native.HAVE_AES_NI, reason="this CPU has no AES-NI")
+def test_aes256_ctr_matches_sp800_38a_and_cryptography():
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    # NIST SP 800-38A, F.5.5 (CTR-AES256.Encrypt), blocks 1 and 2
+    key = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
+    counter = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")
+    plain = bytes.fromhex("6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51")
+    stream = _native.aes256_ctr(key, counter, 2)
+    assert bytes(a ^ b for a, b in zip(stream, plain)).hex() == (
+        "601ec313775789a5b7a7f504bbf3d228f443e3ca4d62b59aca84e990cacaf5c5")
+    # the counter is one 128-bit big-endian integer: the carry crosses the 64-bit halves
+    for start in ("00000000000000fffffffffffffffff9", "ffffffffffffffffffffffffffffffff"):
+        c = bytes.fromhex(start)
+        want = Cipher(algorithms.AES(key), modes.CTR(c)).encryptor().update(bytes(16 * 21))
+        assert _native.aes256_ctr(key, c, 21) == want
+
+
+@pytest.mark.skipif(not _native.HAVE_AES_NI, reason="this CPU has no AES-NI")
+def test_native_expansion_is_the_cryptography_packages(client_ctx, flood_keys):
+    """The native expansion of a (inside encryption and decryption) is bit for bit the wire
+    format's, which he/seeded.py computes with the `cryptography` package."""
+    from fedshield.he import seeded
+    for ctx in (client_ctx, flood_keys.client_context()):
+        seed, n = bytes(range(32)), ctx.params.ring_dim
+        want = seeded.expand(seed, ctx.fingerprint, 5, 3, ctx.moduli, n)
+        key = seeded.stream_key(ctx.fingerprint, 5, seed)
+        got = np.concatenate([_native.expand_uniform(key, k, t, q, n) for k in range(3)
+                              for t, q in enumerate(ctx.moduli)])
+        assert np.array_equal(got, want)
+
+
+# --- safety ----------------------------------------------------------------------------------
+
+KEY_DEPENDENT = ("csub", "add_q", "sub_q", "mul_shoup", "mul_shoup_lazy", "signed_mod",
+                 "mul_acc", "error_block", "ternary_sample", "ntt_fwd", "ntt_inv")
+
+
+def test_key_dependent_helpers_have_no_branches_or_lookups_by_value():
+    """The helpers every key-, noise- or plaintext-dependent loop of csrc/ckks.cpp goes through
+    compute with masks: no if, no ?:, no early exit, no array indexed by a computed value."""
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "ckks.cpp").read_text()
+    for name in KEY_DEPENDENT:
+        m = re.search(r"\n(?:inline )?[\w:<>]+ " + name + r"\(([^)]*)\) \{(.*?)\n\}", src, re.S)
+        assert m, f"{name} not found in csrc/ckks.cpp"
+        body = m.group(2)
+        # the only ?: allowed picks a block's length, a public count
+        body = body.replace("count - at < kLane ? count - at : kLane", "")
+        body = body.replace("i < m ? static_cast<int64_t>(words[at + i] >> 1) : 0", "")
+        assert not re.search(r"\bif\b|\?|\bbreak\b|\breturn\b.*\breturn\b", body), name
+        # array indexing only by loop counters and positions of fixed bounds
+        for index in re.findall(r"\w+\[([^\]]+)\]", body):
+            assert index in ("i", "j", "k", "m + i", "h + i", "at + i", "kLane"), \
+                f"{name} indexes by {index!r}"
+
+
+def test_decrypted_and_packed_plaintexts_are_wiped(client_ctx, monkeypatch):
+    state = _state(8)
+    layout = fs.Layout.from_state_dict(state)
+    kept = {}
+    real_pack, real_decrypt = encryption.pack_update, _native.ckks_decrypt
+
+    def pack(*args, **kw):
+        kept["packed"] = real_pack(*args, **kw)
+        return kept["packed"]
+
+    def decrypt(*args, **kw):
+        kept["decrypted"] = real_decrypt(*args, **kw)
+        return kept["decrypted"]
+
+    monkeypatch.setattr(encryption, "pack_update", pack)
+    monkeypatch.setattr(_native, "ckks_decrypt", decrypt)
+    upd = fs.encrypt_update(client_ctx, state, layout)
+    avg = fs.decrypt_update(client_ctx, upd, layout)
+    assert np.max(np.abs(_flat(avg) - _flat(state))) < TOL
+    assert not kept["packed"].buffer.any() and not kept["decrypted"].any()
+
+
+def test_bad_arguments_are_refused(client_ctx, small_update):
+    ring = ckks_ring(client_ctx)
+    s = encryption._secret_residues(client_ctx)
+    n_values = small_update.n_ciphertexts * client_ctx.params.values_per_ciphertext
+    with pytest.raises(fs.InvalidUpdate, match="expanded c1"):
+        _native.ckks_decrypt(small_update.to_bytes(), ring, s, None, [], 0, 0, n_values, 1)
+    with pytest.raises(fs.ParameterError, match="root"):
+        _native.ckks_decrypt(small_update.to_bytes(), (*ring[:2], [3], *ring[3:]), s, None, [],
+                             0, 0, n_values, 1)
+    with pytest.raises(fs.ParameterError, match="output holds"):
+        _native.ckks_decrypt(small_update.to_bytes(), ring, s, np.zeros(4096, np.uint64), [],
+                             0, 0, n_values + 1, 1)
+    with pytest.raises(fs.IncompatibleUpdate, match="seeded"):
+        _native.ckks_partial_decrypt(small_update.to_bytes(), ring, s, True, 0, 0, 1)
+    with pytest.raises(fs.HeadroomError, match="not finite"):
+        _native.ckks_encode(ring, np.full(client_ctx.params.values_per_ciphertext, np.nan))
+    with pytest.raises(fs.InvalidUpdate, match="partial decryption"):
+        _native.ckks_fuse([[b"\x00" * 10]], ring, client_ctx.params.values_per_ciphertext, 1)
+
+
+# --- fuzz targets ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def threshold_aggregate(threshold_keys):
+    parties, server = threshold_keys
+    state = _state(9, 300)
+    layout = fs.Layout.from_state_dict(state)
+    agg = fs.aggregate(server, [fs.encrypt_update(parties[k], state, layout) for k in (0, 1)])
+    shares = [partial.PartialDecryption.from_bytes(partial.partial_decrypt(p, agg)).parts
+              for p in parties]
+    return agg, shares
+
+
+@fuzz_settings(60)
+@given(ops=MUTATIONS)
+def test_fuzz_native_decrypt(client_ctx, small_update, ops):
+    """Mutated (and re-checksummed) updates reach the native decryption as fs errors or as
+    some decryption, never a crash."""
+    from fedshield.he import seeded
+    upd = small_update
+    c1 = seeded.expand_sum(upd.seeds, client_ctx.fingerprint, upd.round, upd.n_ciphertexts,
+                           client_ctx.moduli, client_ctx.params.ring_dim)
+    n_values = upd.n_ciphertexts * client_ctx.params.values_per_ciphertext
+    for data in (mutate(upd.to_bytes(), ops), reseal_update(mutate(upd.to_bytes(), ops))):
+        try:
+            _native.ckks_decrypt(data, ckks_ring(client_ctx),
+                                 encryption._secret_residues(client_ctx), c1, [], 0, 0, n_values,
+                                 1)
+        except (fs.InvalidUpdate, fs.IncompatibleUpdate, fs.ParameterError):
+            pass
+
+
+@fuzz_settings(60)
+@given(ops=MUTATIONS)
+def test_fuzz_native_partial_and_fusion(threshold_keys, threshold_aggregate, ops):
+    parties, server = threshold_keys
+    agg, shares = threshold_aggregate
+    ring = ckks_ring(server)
+    n_values = agg.n_ciphertexts * server.params.values_per_ciphertext
+    bad = [[mutate(part, ops, head=64) for part in shares[0]], *shares[1:]]
+    try:
+        _native.ckks_fuse(bad, ring, n_values, 1)
+    except (fs.InvalidUpdate, fs.ParameterError):
+        pass
+    key = np.ascontiguousarray(np.concatenate([r for _, r in parties[0].key_residues()]))
+    for data in (mutate(agg.to_bytes(), ops), reseal_update(mutate(agg.to_bytes(), ops))):
+        try:
+            _native.ckks_partial_decrypt(data, ring, key, True, 0, 0, 1)
+        except (fs.InvalidUpdate, fs.IncompatibleUpdate, fs.ParameterError):
+            pass
