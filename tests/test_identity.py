@@ -339,7 +339,7 @@ def test_relabelled_or_misattributed_records_name_what_mismatched():
     refused("signature does not verify", domain="share")    # an update presented as a share
     refused("SHA-256 digest differs", blob=BLOB[:-1] + bytes([BLOB[-1] ^ 1]))
     # an edited blob whose digest the relay also rewrote in the record
-    edited = b"\0" + BLOB[1:]
+    edited = bytes([BLOB[0] ^ 1]) + BLOB[1:]   # always another blob
     recomputed = RECORD[:17] + hashlib.sha256(edited).digest() + RECORD[49:]
     refused("signature does not verify", record=recomputed, blob=edited)
 

@@ -202,8 +202,10 @@ def test_smudging_noise_has_openfhes_size(threshold_keys):
     q, n = server.moduli[0], params.ring_dim
     samples = []
     for part in parts:
+        # a one-tower template: the array's length word (n), its n residues, 8 more bytes
+        template = np.uint64(n).tobytes() + bytes(8 * n + 8)
         residues = np.frombuffer(_native.rebuild_partial(
-            part, bytes(8 * n + 16), (n, q, 8, 8 * n + 16)), dtype="<u8")[1:1 + n]
+            part, template, (n, q, 8, 8 * n + 16)), dtype="<u8")[1:1 + n]
         coeffs = _native.ntt_inverse(np.ascontiguousarray(residues), q, ring[2][0])
         samples.append(np.where(coeffs > q // 2, coeffs.astype(np.float64) - q, coeffs))
     e = np.concatenate(samples).astype(np.float64)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,14 +94,14 @@ def test_rng_states_round_trip():
 
 def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     cfg = RunConfig.from_flat(**SMALL, he=False, out=str(tmp_path))
-    real = ckpt_mod.write_json_atomic
+    real = ckpt_mod.write_atomic
 
-    def fail_on_round_2_index(path, obj, indent=2):
-        if path.name == ckpt_mod.INDEX and obj["round"] == 2:
+    def fail_on_round_2_index(path, data, mode=0o644):
+        if Path(path).name == ckpt_mod.INDEX and json.loads(data)["round"] == 2:
             raise OSError("disk full")
-        real(path, obj, indent)
+        real(path, data, mode)
 
-    monkeypatch.setattr(ckpt_mod, "write_json_atomic", fail_on_round_2_index)
+    monkeypatch.setattr(ckpt_mod, "write_atomic", fail_on_round_2_index)
     with pytest.raises(OSError, match="disk full"):
         LocalEngine(cfg, show_progress=False).run()
     ckpt = load_checkpoint(tmp_path)

@@ -79,7 +79,7 @@ def openfhe_aggregate_baseline(ctx, updates: list):
     ciphertexts (ctx must hold the template, not the key). Returns (callable, bytes read)."""
     o = backend.openfhe()
     cc, _, _ = ctx.openfhe_objects()
-    cc.Enable(o.LEVELEDSHE)  # EvalAdd needs it; fedshield's own path never calls OpenFHE here
+    # EvalAdd needs LEVELEDSHE: backend.make_crypto_context enables it on every context
     serialized = [rebuild_ciphertexts(ctx, u) for u in updates]
 
     def openfhe_aggregate():

@@ -51,11 +51,12 @@ def make_crypto_context(params: CKKSParams):
     except RuntimeError as exc:
         raise ParameterError(f"OpenFHE rejected {params}: {exc}") from exc
     # GenCryptoContext hands back one shared object per parameter set, and its serialization
-    # lists the enabled features: enabling MULTIPARTY on every context (it adds operations and
-    # changes nothing for encryption) makes the bytes, hence the context fingerprint, the same
-    # on every machine whatever else its process made before.
-    cc.Enable(o.PKE)
-    cc.Enable(o.MULTIPARTY)
+    # lists the enabled features: enabling every feature any fedshield code enables
+    # (MULTIPARTY for threshold keys, LEVELEDSHE for the bench's OpenFHE baseline; each adds
+    # operations and changes nothing for encryption) makes the bytes, hence the context
+    # fingerprint, the same on every machine whatever else its process made before.
+    for feature in (o.PKE, o.MULTIPARTY, o.LEVELEDSHE):
+        cc.Enable(feature)
     return cc
 
 
