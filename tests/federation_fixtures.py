@@ -24,6 +24,20 @@ def pinned_federation(identities, server, mode: str, t: int, params, *,
     return fed
 
 
+def answer(holders, op, requests, relay=None) -> dict:
+    """Each key holder's reply to ``op`` (its error, if it refuses), as the key set-up's
+    ``ask`` expects; ``relay(op, party, fields, sections)`` may alter what it carries."""
+    out = {}
+    for party, (fields, sections) in requests.items():
+        if relay is not None:
+            fields, sections = relay(op, party, dict(fields), list(sections))
+        try:
+            out[party] = holders[party].handle(op, fields, sections)
+        except fs.FedShieldError as exc:
+            out[party] = exc
+    return out
+
+
 class Sites:
     """n in-process key holders that pinned ``fed`` (or trust the server's roster), and a
     server whose key set-up may lie about the roster: ``roster`` is what the server sends,
@@ -47,13 +61,7 @@ class Sites:
                                         trust_server_roster=True)
 
     def ask(self, op, requests):
-        out = {}
-        for party, (fields, sections) in requests.items():
-            try:
-                out[party] = self.holders[party].handle(op, fields, sections)
-            except fs.FedShieldError as exc:
-                out[party] = exc
-        return out
+        return answer(self.holders, op, requests)
 
     def run(self, epoch: int = 1):
         return KeySetup(self.params, self.mode, self.t, self.roster, self.server.public,

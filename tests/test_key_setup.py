@@ -33,7 +33,7 @@ from fedshield.he.flooding import roots_of
 from fedshield.he.identity import Identity
 
 from conftest import make_state, weighted_average
-from federation_fixtures import pinned_federation
+from federation_fixtures import answer, pinned_federation
 from key_scan import assert_key_material_only_in_own_node, key_windows
 
 THRESHOLD = fs.CKKSParams.for_precision(keys="threshold")
@@ -60,15 +60,7 @@ class Federation:
         self.roster = {h.party_id: h.identity.public for h in self.holders}
 
     def ask(self, op, requests):
-        out = {}
-        for party, (fields, sections) in requests.items():
-            if self.relay is not None:
-                fields, sections = self.relay(op, party, dict(fields), list(sections))
-            try:
-                out[party] = self.holders[party].handle(op, fields, sections)
-            except fs.FedShieldError as exc:
-                out[party] = exc
-        return out
+        return answer(self.holders, op, requests, self.relay)
 
     def run(self, epoch: int = 1):
         return KeySetup(self.params, self.mode, self.t, self.roster, self.server.public,

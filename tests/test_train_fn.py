@@ -102,6 +102,7 @@ def test_what_a_train_fn_gets_or_returns_is_never_in_an_error():
         assert "/srv" not in str(info.value) and rows not in str(info.value), str(info.value)
 
 
+@pytest.mark.slow  # ~70 s; the default suite runs a failing train-fn over Flower (test_flower_site)
 def test_trainer_sites_on_flower(tmp_path):
     """Two SuperNodes whose sites train with the example's transformers.Trainer (train_fn in
     their site configs), 2 rounds: every round aggregates both and records each site's own
