@@ -1,4 +1,4 @@
-"""What authentication (fedshield.he.identity) costs on this machine, best of --repeat runs:
+"""What authentication (fedshield.trust.identity) costs on this machine, best of --repeat runs:
 
   - a signed record (sign_blob / verify_blob) of a 72 MB update: SHA-256 of the blob, then
     Ed25519 over the 49-byte record head; SHA-256 alone is printed beside it
@@ -18,7 +18,7 @@ import json
 import os
 import time
 
-from fedshield.he.identity import Identity, sign_blob, verify_blob
+from fedshield.trust.identity import Identity, sign_blob, verify_blob
 
 UPDATE_BYTES = 72_000_000
 HEADER_BYTES = 1_000

@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = fedshield_rows(args.state, states, weights, mask, args.repeat, log)
     log("  each step against OpenFHE's own single-threaded call ...")
-    from fedshield.bench import load_average, step_table  # noqa: PLC0415 - after the import check
+    from fedshield.run.bench import load_average, step_table  # noqa: PLC0415 - after the import check
     step_load = load_average()
     steps = step_table(states, weights, repeat=min(args.repeat, 3))
     notes, peer_info = [], None
@@ -583,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in notes:
         print(f"NOTE: {n}")
     print()
-    from fedshield.bench import print_step_table  # noqa: PLC0415
+    from fedshield.run.bench import print_step_table  # noqa: PLC0415
     print_step_table(steps, _native.default_threads(), step_load)
     if n_values == steps["mistral7b_round_s"]["values"]:
         print("(this state is the Mistral-7B one: the per-round totals are measured, not scaled)")

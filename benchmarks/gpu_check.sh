@@ -94,7 +94,7 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     "$PY" - <<'EOF'
 import tempfile, time
 from fedshield.config import RunConfig
-from fedshield.flower.launcher import SiteResources, run_flower
+from fedshield.engines.flower.launcher import SiteResources, run_flower
 with tempfile.TemporaryDirectory() as tmp:
     cfg = RunConfig.from_flat(clients=2, rounds=2, samples=0, engine="flower", device="cuda",
                               out=tmp)

@@ -29,13 +29,14 @@ def main(argv=None) -> int:
     torch.distributed.init_process_group("nccl")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     import fedshield as fs
-    from fedshield.model import LoraSettings, attach_lora, build_tiny_llama, get_lora_state
-
+    from fedshield.config import LoraConfig
+    from fedshield.training.lora import attach_lora, get_lora_state
+    from fedshield.training.base_model import build_tiny_llama
     key = os.environ["FEDSHIELD_SITE_KEY"]
     ctx = fs.load_context(key)
     server = ctx.public()
     model = attach_lora(build_tiny_llama(64, seed=0),
-                        LoraSettings(r=args.rank_lora, alpha=2 * args.rank_lora), seed=0).cuda()
+                        LoraConfig(r=args.rank_lora, alpha=2 * args.rank_lora), seed=0).cuda()
     if args.wrapper == "ddp":
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local])
     elif args.wrapper == "fsdp1":

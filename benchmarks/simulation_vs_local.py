@@ -25,8 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cpus", type=int, default=1)
     args = parser.parse_args(argv)
     from fedshield.config import RunConfig
-    from fedshield.flower.launcher import SiteResources, run_flower
-    from fedshield.local_engine import run
+    from fedshield.engines.flower.launcher import SiteResources, run_flower
+    from fedshield.engines.local import run
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig.from_flat(clients=args.sites, rounds=args.rounds, samples=0,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedshield.bench import lora_like_state
+from fedshield.run.bench import lora_like_state
 from fedshield.he import (CKKSParams, EncryptedUpdate, Layout, aggregate, decrypt_update,
                           encrypt_update, keygen_shared, load_context)
 

@@ -10,7 +10,7 @@ import torch
 
 import fedshield as fs
 from fedshield import _native
-from fedshield.bench import openfhe_aggregate_baseline, openfhe_encrypt_baseline
+from fedshield.run.bench import openfhe_aggregate_baseline, openfhe_encrypt_baseline
 
 N_VALUES = 1 << 20  # 32 tensors of 32x1024: 64 ciphertexts at N=2^14
 CLIENTS = 4

@@ -1,5 +1,5 @@
 """What authenticated rounds cost per round, and what --verify-aggregates adds, at 3 and 10
-parties (fedshield.fl.guard), on real updates of --values values:
+parties (fedshield.trust.guard), on real updates of --values values:
 
   - every party signs its update (sign_update); the server verifies every record (screen) and
     signs the aggregate's provenance; every key holder checks the provenance (AggregateGuard)
@@ -22,12 +22,12 @@ import os
 import time
 
 
-from fedshield.bench import lora_like_state
-from fedshield.fl.guard import (UPDATE_DOMAIN, AggregateGuard, Provenance, sign_share,
+from fedshield.run.bench import lora_like_state
+from fedshield.trust.guard import (UPDATE_DOMAIN, AggregateGuard, Provenance, sign_share,
                                 sign_update)
 from fedshield.he import (CKKSParams, Layout, aggregate, decrypt_update, encrypt_update,
                           keygen_shared, keygen_threshold, partial_decrypt)
-from fedshield.he.identity import RECORD_SIZE, Identity, verify_blob
+from fedshield.trust.identity import RECORD_SIZE, Identity, verify_blob
 
 ROUND = 1
 

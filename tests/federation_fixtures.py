@@ -1,12 +1,12 @@
 """A federation file as the sites would make it out of band: every member's identity added in
-party order, then signed by every member and the server (fedshield.fl.federation)."""
+party order, then signed by every member and the server (fedshield.trust.federation)."""
 
 from __future__ import annotations
 
 import fedshield as fs
-from fedshield.fl.federation import Federation, Floor, RunSettings
+from fedshield.trust.federation import Federation, Floor, RunSettings
 from fedshield.fl.key_setup import KeyHolder, KeySetup
-from fedshield.he.identity import Identity
+from fedshield.trust.identity import Identity
 
 
 def pinned_federation(identities, server, mode: str, t: int, params, *,

@@ -16,9 +16,10 @@ VOCAB = 64
 
 def tiny_peft(r: int = 4):
     """The federation's initial model: every site builds the same one (same seeds)."""
-    from fedshield.model import LoraSettings, attach_lora, build_tiny_llama
-
-    return attach_lora(build_tiny_llama(VOCAB, seed=0), LoraSettings(r=r, alpha=2 * r), seed=0)
+    from fedshield.config import LoraConfig
+    from fedshield.training.lora import attach_lora
+    from fedshield.training.base_model import build_tiny_llama
+    return attach_lora(build_tiny_llama(VOCAB, seed=0), LoraConfig(r=r, alpha=2 * r), seed=0)
 
 
 def train_steps(model, seed: int, steps: int = 3, lr: float = 2e-2) -> None:
@@ -51,8 +52,7 @@ def multi_rank_site(rank: int, world: int, work: str, port: int, wrapper: str, r
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     import fedshield as fs
-    from fedshield.model import get_lora_state
-
+    from fedshield.training.lora import get_lora_state
     work = Path(work)
     ctx = fs.load_context(work / "site.key")
     model = tiny_peft()

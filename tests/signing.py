@@ -3,8 +3,8 @@ enrolment, and the signed records a real site would send beside its messages."""
 
 from __future__ import annotations
 
-from fedshield.fl.guard import sign_update
-from fedshield.he.identity import Identity
+from fedshield.trust.guard import sign_update
+from fedshield.trust.identity import Identity
 
 IDENTITIES = {p: Identity.generate() for p in range(64)}
 

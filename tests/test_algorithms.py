@@ -8,8 +8,8 @@ import torch
 
 import fedshield as fs
 from fedshield.config import RunConfig
-from fedshield.model import load_local_model, resolve_device
-from fedshield.local_engine import LocalEngine
+from fedshield.training.base_model import load_local_model, resolve_device
+from fedshield.engines.local import LocalEngine
 
 SMALL = dict(clients=2, rounds=2, examples_per_client=16, local_steps=3,
              batch_size=4, lora_r=4, samples=0, prune="off")
@@ -141,8 +141,7 @@ def test_a_round_trains_on_the_gpu(tmp_path):
 def test_quantized_loading_trains_lora_on_the_gpu(tmp_path, mode):
     pytest.importorskip("bitsandbytes")
     from fedshield.data import tokenize
-    from fedshield.model import build_tiny_llama
-
+    from fedshield.training.base_model import build_tiny_llama
     base = tmp_path / "base"
     tok = tokenize.build_tokenizer()
     build_tiny_llama(len(tok), hidden_size=128, intermediate=256).save_pretrained(base)

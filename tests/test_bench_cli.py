@@ -3,7 +3,7 @@
 import json
 import math
 
-from fedshield.cli import main as cli_main
+from fedshield.cli.commands import main as cli_main
 
 
 def test_bench_writes_headline_figures(tmp_path, capsys):

@@ -11,9 +11,9 @@ import re
 
 import pytest
 
-import fedshield.local_engine as local_engine
-from fedshield.cli import _flower_interrupted, _local_interrupted
-from fedshield.cli import main as cli_main
+import fedshield.engines.local as local_engine
+from fedshield.cli.commands import _flower_interrupted, _local_interrupted
+from fedshield.cli.commands import main as cli_main
 
 SMALL = ["--clients", "2", "--examples-per-client", "16", "--local-steps", "2",
          "--lora-r", "4", "--samples", "0", "--no-progress"]
@@ -21,7 +21,7 @@ SMALL = ["--clients", "2", "--examples-per-client", "16", "--local-steps", "2",
 
 def _subparsers():
     """(name, parser) of every `fedshield` command, as main() builds them."""
-    import fedshield.cli as cli
+    import fedshield.cli.commands as cli
 
     parser = argparse.ArgumentParser(prog="fedshield")
     sub = parser.add_subparsers(dest="command")

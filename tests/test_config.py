@@ -10,7 +10,7 @@ from dataclasses import fields
 import pytest
 
 import fedshield as fs
-from fedshield.cli import _run_parser
+from fedshield.cli.commands import _run_parser
 from fedshield.config import RETIRED, SECTIONS, RunConfig, options
 
 

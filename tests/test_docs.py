@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fedshield as fs
-from fedshield import cli
+from fedshield.cli import commands as cli
 from fedshield.config import RunConfig
 from fedshield.fl.site_config import TABLE as SITE_TABLE
 from fedshield.fl.site_config import SiteConfig

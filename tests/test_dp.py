@@ -12,7 +12,7 @@ from fedshield.config import RunConfig
 from fedshield.dp.accountant import RDP_ORDERS, epsilon_exact, epsilon_rdp, gaussian_delta
 from fedshield import _native
 from fedshield.dp.noise import clip_and_noise, grid_step, to_grid
-from fedshield.local_engine import LocalEngine
+from fedshield.engines.local import LocalEngine
 
 SMALL = dict(clients=2, rounds=2, examples_per_client=16, local_steps=2,
              batch_size=4, lora_r=4, samples=0, he=False, prune="off")

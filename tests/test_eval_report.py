@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from fedshield.cli import main as cli_main
+from fedshield.cli.commands import main as cli_main
 from fedshield.config import RunConfig
 from fedshield.data.files import load_instruction_data
 from fedshield.data.sites import holdout
-from fedshield.local_engine import LocalEngine
+from fedshield.engines.local import LocalEngine
 
 SMALL = dict(clients=2, rounds=2, examples_per_client=16, local_steps=3,
              batch_size=4, lora_r=4, samples=1, sample_tokens=4)
@@ -93,7 +93,7 @@ def _truncate(adapter):
 ], ids=["truncated", "no-weights", "no-meta", "bad-meta", "bad-config"])
 def test_eval_on_a_broken_adapter_is_one_line(runs, tmp_path, capsys, monkeypatch, damage,
                                               message):
-    import fedshield.evaluation as evaluation
+    import fedshield.training.evaluation as evaluation
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model loaded before the broken adapter was refused")

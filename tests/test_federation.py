@@ -1,4 +1,4 @@
-"""The sites decide who is in the federation (fedshield.fl.federation): a co-signed federation
+"""The sites decide who is in the federation (fedshield.trust.federation): a co-signed federation
 file that every site pins, a key set-up that refuses any roster, parameter or setting that
 differs from it, and a floor no run config can lower."""
 
@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 import fedshield as fs
-from fedshield.cli import main as cli_main
+from fedshield.cli.commands import main as cli_main
 from fedshield.config import RunConfig
-from fedshield.fl.federation import Federation, Floor, RunSettings, load_pinned
+from fedshield.trust.federation import Federation, Floor, RunSettings, load_pinned
 from fedshield.fl.key_setup import KeyHolder
-from fedshield.he.identity import Identity
-from fedshield.local_engine import LocalEngine
+from fedshield.trust.identity import Identity
+from fedshield.engines.local import LocalEngine
 
 from federation_fixtures import Sites, pinned_federation
 

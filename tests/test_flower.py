@@ -31,10 +31,12 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 import fedshield as fs  # noqa: E402
 from fedshield.config import RunConfig  # noqa: E402
 from fedshield.fl.messages import SiteInfo  # noqa: E402
-from fedshield.fl.server import Server, min_updates_for  # noqa: E402
-from fedshield.flower import records  # noqa: E402
-from fedshield.flower.launcher import FlowerApp, run_flower  # noqa: E402
-from fedshield.flower.strategy import EncryptedFedAvg  # noqa: E402
+from fedshield.trust.identity import Identity  # noqa: E402
+from fedshield.fl.server import Server  # noqa: E402
+from fedshield.trust.quorum import min_updates_for  # noqa: E402
+from fedshield.engines.flower import records  # noqa: E402
+from fedshield.engines.flower.launcher import FlowerApp, run_flower  # noqa: E402
+from fedshield.engines.flower.strategy import EncryptedFedAvg  # noqa: E402
 
 from conftest import BITS, make_state, weighted_average  # noqa: E402
 from signing import identity_hex, signed  # noqa: E402
@@ -122,7 +124,7 @@ HUGE_COUNTS_CHILD = textwrap.dedent("""
     import json, os, sys, tracemalloc
     from flwr.common import RecordDict
     import fedshield as fs
-    from fedshield.flower import records
+    from fedshield.engines.flower import records
 
     results = []
     for nbytes, chunks in json.loads(sys.argv[1]):
@@ -216,9 +218,9 @@ SCREEN_CHILD = textwrap.dedent("""
     from fedshield.config import RunConfig
     from fedshield.fl.messages import SiteInfo
     from fedshield.fl.server import Server
-    from fedshield.flower import records, server_app  # noqa: F401 - the whole server side
-    from fedshield.flower.records import FIELDS, UPDATE
-    from fedshield.flower.strategy import EncryptedFedAvg
+    from fedshield.engines.flower import records, server_app  # noqa: F401 - the whole server side
+    from fedshield.engines.flower.records import FIELDS, UPDATE
+    from fedshield.engines.flower.strategy import EncryptedFedAvg
 
     work = sys.argv[1]
     spec = json.load(open(f"{work}/spec.json"))
@@ -484,9 +486,9 @@ def test_client_refuses_to_train_out_of_step(tmp_path):
     worker goes on from the adapter its directory kept, and a new run there starts afresh.
     The ClientApp runs in this process and relays to the site's worker (a thread here), whose
     refusals come back as their type and fixed message."""
-    from fedshield.flower import client_app
-    from fedshield.flower.records import FIELDS
-    from fedshield.flower.site_ipc import WorkerRefused
+    from fedshield.engines.flower import client_app
+    from fedshield.engines.flower.records import FIELDS
+    from fedshield.engines.flower.site_ipc import WorkerRefused
     from test_flower_site import _site, worker_thread
 
     site_cfg = _site(tmp_path, insecure_trust_server_roster=True)  # no key set-up here
@@ -503,8 +505,8 @@ def test_client_refuses_to_train_out_of_step(tmp_path):
 
     # what an earlier run left in this node's directory: its adapters of rounds 1 and 2
     from fedshield.fl.adapter_store import AdapterStore
-    from fedshield.model import build_lora_model, get_lora_state, load_tokenizer
-
+    from fedshield.training.lora import build_lora_model, get_lora_state
+    from fedshield.training.base_model import load_tokenizer
     tok = load_tokenizer(cfg.model)
     lora = get_lora_state(build_lora_model(cfg.model, cfg.lora, seed=1, tokenizer=tok,
                                            max_len=cfg.data.max_len))
@@ -531,7 +533,7 @@ def test_client_refuses_to_train_out_of_step(tmp_path):
     assert fields["version"] == 0 and fields["party"] == 0
     assert fields["context-fp"] == ""  # no key before the key set-up
     # the node made its identity key on first start, 0600, and enrols with its public half
-    identity = fs.he.Identity.load(site_cfg.path("identity_file"))
+    identity = Identity.load(site_cfg.path("identity_file"))
     assert fields["identity"] == identity.public.to_bytes().hex()
     assert site_cfg.path("identity_file").stat().st_mode & 0o777 == 0o600
     assert (fields["train-examples"], fields["eval-examples"]) == (13, 3)
@@ -549,7 +551,7 @@ def test_client_refuses_to_train_out_of_step(tmp_path):
 def _flower_site_threads(cfg: RunConfig, monkeypatch):
     """The local engine with the threads each Flower site had: torch's results depend on how
     its reductions are split across threads."""
-    from fedshield.threads import ENV, available_cpus
+    from fedshield.base.threads import ENV, available_cpus
 
     monkeypatch.setenv(ENV, str(max(1, available_cpus() // cfg.n_sites)))
     try:
@@ -560,7 +562,7 @@ def _flower_site_threads(cfg: RunConfig, monkeypatch):
 
 
 def _local_reference(cfg: RunConfig, out: Path, monkeypatch) -> dict:
-    from fedshield.local_engine import run
+    from fedshield.engines.local import run
 
     with _flower_site_threads(cfg, monkeypatch):
         return run(cfg.replace(engine="local", out=str(out), min_clients=0),
@@ -720,7 +722,7 @@ def test_flower_threshold_excludes_failing_clients(tmp_path, case, monkeypatch):
 
 
 def _replay_locally(cfg: RunConfig, subsets: list[list[int]], got: dict) -> None:
-    from fedshield.local_engine import LocalEngine
+    from fedshield.engines.local import LocalEngine
 
     sim = LocalEngine(cfg, show_progress=False)
     for r, subset in enumerate(subsets, start=1):
@@ -789,7 +791,7 @@ def test_flower_dead_and_slow_clients_are_excluded_and_stay(tmp_path):
 def test_deployment_under_another_flower_release(tmp_path):
     """The launcher's process management and fedshield's message pattern (custom-stype
     chunks, a 150 MB reply) on another Flower release, without fedshield installed there."""
-    import fedshield.flower.deployment as deployment
+    import fedshield.engines.flower.deployment as deployment
 
     python = os.environ["FEDSHIELD_FLWR_PYTHON"]
     proc = subprocess.run([python, str(APPS / "compat" / "compat_check.py"),
@@ -810,7 +812,7 @@ def _run_quiet(argv, **kw):
 def test_tls_and_supernode_authentication(tmp_path):
     """docs/DEPLOYMENT.md's TLS + node authentication commands on loopback (toy app): registered
     SuperNodes run the app over TLS; an unregistered one is refused."""
-    from fedshield.flower.deployment import _free_ports, _tool, write_app_project
+    from fedshield.engines.flower.deployment import _free_ports, _tool, write_app_project
 
     t = tmp_path
     _run_quiet(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",

@@ -17,14 +17,14 @@ flwr = pytest.importorskip("flwr")
 
 from fedshield.config import RunConfig  # noqa: E402
 from fedshield.fl.adapter_store import AdapterStore  # noqa: E402
-from fedshield.flower.launcher import run_flower  # noqa: E402
+from fedshield.engines.flower.launcher import run_flower  # noqa: E402
 
 from interrupting import live_processes, start_run, wait_until  # noqa: E402
 from test_flower import TINY, _adapter, _faulty_app, _flower_site_threads  # noqa: E402
 
 
 def _local(cfg: RunConfig, out: Path, monkeypatch) -> dict:
-    from fedshield.local_engine import run
+    from fedshield.engines.local import run
 
     with _flower_site_threads(cfg, monkeypatch):
         return run(cfg.replace(engine="local", out=str(out), min_clients=0),

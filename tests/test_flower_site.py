@@ -25,8 +25,8 @@ from fedshield.config import RunConfig
 from fedshield.fl.messages import EvalReply, SiteInfo, TrainReply
 from fedshield.fl.site_config import SiteConfig, site_settings_in
 from fedshield.fl.train_fn import TrainFnError
-from fedshield.flower import site_worker as sw
-from fedshield.flower.site_ipc import (MAGIC, Relay, RelayAuthError, WorkerRefused, make_token,
+from fedshield.engines.flower import site_worker as sw
+from fedshield.engines.flower.site_ipc import (MAGIC, Relay, RelayAuthError, WorkerRefused, make_token,
                                        read_token, send_frame)
 
 APPS = Path(__file__).parent / "flower_apps"
@@ -87,7 +87,7 @@ def test_site_config_validates_and_round_trips(tmp_path):
 
 
 def test_site_worker_command_refuses_a_bad_config(tmp_path, capsys):
-    from fedshield.cli import main
+    from fedshield.cli.commands import main
 
     assert main(["site", "worker", "--config", str(tmp_path / "none.toml")]) == 2
     assert "cannot read site config" in capsys.readouterr().err
@@ -266,7 +266,7 @@ def test_files_that_hold_state_or_logs_are_private(tmp_path):
     """Checkpoints (model state), the global adapters a site keeps, the worker's log, its
     token, identity and socket: mode 0600 (the socket 0660: its directory decides who may
     connect), all in the run's or the site's own directory (0700)."""
-    from fedshield.checkpoint import save_checkpoint
+    from fedshield.run.checkpoint import save_checkpoint
     from fedshield.fl.adapter_store import AdapterStore
 
     save_checkpoint(tmp_path / "run", round_idx=1, state={"w": torch.ones(3)},
@@ -282,7 +282,7 @@ def test_files_that_hold_state_or_logs_are_private(tmp_path):
     Path(site_cfg.node_dir).chmod(0o755)   # the worker closes what was left open
     config = site_cfg.save(tmp_path / "site.toml")
     in_tmp = set(Path("/tmp").glob("fedshield-*"))   # other runs on this machine leave theirs
-    proc = subprocess.Popen([sys.executable, "-m", "fedshield.cli", "site", "worker",
+    proc = subprocess.Popen([sys.executable, "-m", "fedshield.cli.commands", "site", "worker",
                              "--config", str(config), "--exit-with", str(os.getpid())],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -368,7 +368,7 @@ def _accounts(base: Path, worker_uid: int, relay_uid: int, python_for_relay: boo
     for f in [node, *node.iterdir()]:
         os.chown(f, worker_uid, worker_uid)
     env = {**os.environ, "HOME": str(node), "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "fedshield.cli", "site", "worker",
+    proc = subprocess.Popen([sys.executable, "-m", "fedshield.cli.commands", "site", "worker",
                              "--config", str(config), "--exit-with", str(os.getpid())],
                             user=worker_uid, group=worker_uid, extra_groups=[relay_uid],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -410,7 +410,7 @@ def test_a_hostile_clientapp_gets_nothing_and_a_failing_train_fn_leaks_nothing(t
     message: the server's log and metrics.json hold neither, only the fixed text. Every file
     of the run that holds model state, keys or logs is mode 0600, none under /tmp."""
     pytest.importorskip("flwr")
-    from fedshield.flower.launcher import FlowerApp, run_flower
+    from fedshield.engines.flower.launcher import FlowerApp, run_flower
 
     out = tmp_path / "run"
     nodes = out / "flower" / "nodes"

@@ -251,7 +251,7 @@ def test_fuzz_flower_records(edits, arrays, drop):
     and hostile chunks (names, sizes, stypes, dtypes): get_payload returns the exact payload or
     raises InvalidUpdate, without allocating for a count that did not arrive."""
     flwr = pytest.importorskip("flwr")
-    from fedshield.flower import records
+    from fedshield.engines.flower import records
 
     content = flwr.common.RecordDict()
     blob = bytes(range(100))
@@ -318,7 +318,7 @@ def test_fuzz_round_messages(changes):
 
 @pytest.fixture(scope="module")
 def checkpoint_files(tmp_path_factory):
-    from fedshield.checkpoint import save_checkpoint
+    from fedshield.run.checkpoint import save_checkpoint
 
     out = tmp_path_factory.mktemp("ckpt")
     save_checkpoint(out, round_idx=2, state={"w": torch.arange(64, dtype=torch.float32)},
@@ -334,7 +334,7 @@ def checkpoint_files(tmp_path_factory):
 def test_fuzz_checkpoints(checkpoint_files, ops, target):
     """A checkpoint's index (JSON) or state file (safetensors) mutated on disk: --resume loads
     it or raises ParameterError naming the checkpoint, never anything else."""
-    from fedshield.checkpoint import capture_rng, load_checkpoint, restore_rng
+    from fedshield.run.checkpoint import capture_rng, load_checkpoint, restore_rng
 
     out, index, state_name, state = checkpoint_files
     ckpt = out / "checkpoint"

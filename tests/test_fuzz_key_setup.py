@@ -29,11 +29,11 @@ from hypothesis import strategies as st
 
 import fedshield as fs
 from fedshield import _native
-from fedshield.fl.federation import RunSettings
+from fedshield.trust.federation import RunSettings
 from fedshield.fl.key_setup import (KeyHolder, KeySetup, _client_aad, _share_aad,
                                     refusal_fields, refusal_from)
 from fedshield.he import threshold as th
-from fedshield.he.identity import Identity, sign_blob
+from fedshield.trust.identity import Identity, sign_blob
 from federation_fixtures import pinned_federation
 from forgery import MUTATIONS, fuzz_settings, mutate, reseal_sha256
 

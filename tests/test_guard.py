@@ -1,5 +1,5 @@
 """Authenticated updates and shares, and what a key holder refuses to decrypt
-(fedshield.fl.guard): edits in transit, relabelled headers, a single update presented as an
+(fedshield.trust.guard): edits in transit, relabelled headers, a single update presented as an
 aggregate, a second aggregate of a round, too few parties; and the decryption budget."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import pytest
 import fedshield as fs
 from fedshield import _native
 from fedshield.config import RunConfig
-from fedshield.fl.guard import AggregateGuard, Provenance, sign_share
+from fedshield.trust.guard import AggregateGuard, Provenance, sign_share
 from fedshield.fl.messages import SiteInfo, TrainReply
 from fedshield.fl.server import Server
 from fedshield.he import threshold as th
 from fedshield.he.budget import DecryptionBudget
 from fedshield.he.frames import frame, unframe
-from fedshield.he.identity import Identity
+from fedshield.trust.identity import Identity
 from fedshield.he.partial import PARTIAL_MAGIC
 
 from conftest import make_state
@@ -221,7 +221,7 @@ def test_rotation_continues_the_run(tmp_path):
     """A decryption budget that one round nearly spends: the server starts a new key epoch
     before every round that would exceed it, and the run goes on from the same global
     adapter."""
-    from fedshield.local_engine import LocalEngine
+    from fedshield.engines.local import LocalEngine
 
     cfg = RunConfig.from_flat(clients=2, rounds=3, examples_per_client=16, local_steps=2,
                               batch_size=4, lora_r=4, decryption_budget=1, out=str(tmp_path))
@@ -236,7 +236,7 @@ def test_rotation_continues_the_run(tmp_path):
 
 
 def test_a_budget_too_small_for_one_round_fails_the_round(tmp_path):
-    from fedshield.local_engine import LocalEngine
+    from fedshield.engines.local import LocalEngine
 
     cfg = RunConfig.from_flat(clients=2, rounds=1, examples_per_client=16, local_steps=2,
                               batch_size=4, lora_r=16, decryption_budget=1, out=str(tmp_path))
@@ -245,7 +245,7 @@ def test_a_budget_too_small_for_one_round_fails_the_round(tmp_path):
 
 
 def test_identities_of_the_enrolled_sites_are_recorded(tmp_path):
-    from fedshield.local_engine import LocalEngine
+    from fedshield.engines.local import LocalEngine
 
     cfg = RunConfig.from_flat(clients=2, rounds=1, examples_per_client=16, local_steps=1,
                               batch_size=4, lora_r=2, out=str(tmp_path))

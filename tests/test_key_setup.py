@@ -18,19 +18,19 @@ import pytest
 from flwr.common import Error, Message
 
 import fedshield as fs
-from fedshield.fl.federation import RunSettings
+from fedshield.trust.federation import RunSettings
 from fedshield.fl.key_setup import (KeyHolder, KeySetup, check_subsets, describe,
                                     keycheck_values, suspects, used_material)
-from fedshield.flower import client_app
-from fedshield.flower.client_app import RELAY_FIELDS
-from fedshield.flower.records import KEYS, message_fields
-from fedshield.flower.site_worker import SiteWorker, error_reply
-from fedshield.flower.strategy import EncryptedFedAvg
+from fedshield.engines.flower import client_app
+from fedshield.engines.flower.client_app import RELAY_FIELDS
+from fedshield.engines.flower.records import KEYS, message_fields
+from fedshield.engines.flower.site_worker import SiteWorker, error_reply
+from fedshield.engines.flower.strategy import EncryptedFedAvg
 from fedshield.he import keys
 from fedshield.he import threshold as th
 from fedshield.he.budget import DecryptionBudget
 from fedshield.he.flooding import roots_of
-from fedshield.he.identity import Identity
+from fedshield.trust.identity import Identity
 
 from conftest import make_state, weighted_average
 from federation_fixtures import answer, pinned_federation
@@ -239,7 +239,7 @@ def _step_for_other_moduli(real):
 
 class _SiteWorkers:
     """Flower's Grid as far as the strategy's key relay uses it: each message goes through the
-    ClientApp's relay to its node's SiteWorker (fedshield.flower.site_worker), and the reply
+    ClientApp's relay to its node's SiteWorker (fedshield.engines.flower.site_worker), and the reply
     comes back as a Flower Message, as in a deployment."""
 
     def __init__(self, holders) -> None:

@@ -1,10 +1,18 @@
 """The package's layering, checked on the source: layers import downward only, and a lazy
 (function-level) import is allowed only where it gates a heavy optional dependency.
 
-Layers, bottom to top: base (errors, atomic, metrics, threads, run_dir, _native) < he (encryption) <
-data, kernels < config < support (model, train, pruning, dp, evaluation, checkpoint, plots,
-report, bench, hf_trainer) < fl (messages, record, server, party, site) < engines (local_engine, flower) <
-cli.
+The package's top level is the layer table, bottom to top:
+
+- base (errors, atomic writes, threads, value checks; the native module _native)
+- he (CKKS: parameters, keys, encryption, aggregation, partial decryption, wire formats)
+- data, kernels (peers: data files and prompts; the Triton importance kernel)
+- config (the run's settings)
+- trust, training (peers: identities, the pinned federation, quorum, the decryption guard;
+  the base model, LoRA, adapter I/O, the training loop, evaluation, pruning, DP)
+- run (a run on disk: directory, checkpoints, plots, report, benchmarks)
+- fl (the protocol: messages, server, party, site, key set-up)
+- engines (the transports: local, flower)
+- cli
 """
 
 from __future__ import annotations
@@ -19,26 +27,31 @@ PACKAGE = ROOT / "python" / "fedshield"
 KERNELS = ROOT / "kernels"
 
 LAYER_OF = {
-    "errors": "base", "atomic": "base", "metrics": "base", "threads": "base", "_native": "base",
-    "run_dir": "base",
-    "he": "he", "data": "data", "kernels": "kernels", "config": "config",
-    "model": "support", "train": "support", "pruning": "support", "dp": "support",
-    "evaluation": "support", "checkpoint": "support", "plots": "support", "report": "support",
-    "bench": "support", "hf_trainer": "support", "fl": "fl", "local_engine": "engines", "flower": "engines",
-    "cli": "cli", "cli_federation": "cli",
+    "base": "base", "_native": "base",
+    "he": "he",
+    "data": "data", "kernels": "kernels",
+    "config": "config",
+    "trust": "trust",
+    "training": "training", "pruning": "training", "dp": "training",
+    "run": "run",
+    "fl": "fl",
+    "engines": "engines",
+    "cli": "cli",
 }
-ORDER = ["base", "he", "data", "kernels", "config", "support", "fl", "engines", "cli"]
-# What each layer may import besides itself (data and kernels are peers: neither imports the
-# other; config reads data files' column specs and he parameters).
+ORDER = ["base", "he", "data", "kernels", "config", "trust", "training", "run", "fl", "engines",
+         "cli"]
+# What each layer may import besides itself (peers import neither each other).
 ALLOWED = {
     "base": set(),
     "he": {"base"},
     "data": {"base"},
     "kernels": set(),
     "config": {"base", "data", "he"},
-    "support": {"base", "he", "data", "kernels", "config"},
-    "fl": {"base", "he", "data", "kernels", "config", "support"},
-    "engines": {"base", "he", "data", "kernels", "config", "support", "fl"},
+    "trust": {"base", "he", "config"},
+    "training": {"base", "he", "data", "kernels", "config"},
+    "run": {"base", "he", "data", "kernels", "config", "training"},
+    "fl": {"base", "he", "data", "kernels", "config", "trust", "training", "run"},
+    "engines": set(ORDER[:ORDER.index("engines")]),
     "cli": set(ORDER) - {"cli"},
 }
 # Heavy optional dependencies a function may import on first use.
@@ -47,13 +60,13 @@ HEAVY = {"torch", "transformers", "peft", "openfhe", "triton", "flwr", "matplotl
 # fedshield modules a function may import lazily, and why (each gates a heavy dependency).
 LAZY_OK = {
     ("pruning.mask", "kernels.importance"): "triton, for CUDA tensors only",
-    ("cli", "local_engine"): "torch: `fedshield run` only",
-    ("cli", "flower.launcher"): "flwr: --engine flower only",
-    ("cli", "flower.site_worker"): "torch and openfhe: `fedshield site worker` only",
-    ("cli", "evaluation"): "torch: `fedshield eval` only",
-    ("cli", "report"): "matplotlib: `fedshield report` only",
-    ("cli", "bench"): "torch and openfhe: `fedshield bench` only",
-    ("flower.server_app", "plots"): "matplotlib, optional on a server",
+    ("cli.commands", "engines.local"): "torch: `fedshield run` only",
+    ("cli.commands", "engines.flower.launcher"): "flwr: --engine flower only",
+    ("cli.commands", "engines.flower.site_worker"): "torch and openfhe: `fedshield site worker` only",
+    ("cli.commands", "training.evaluation"): "torch: `fedshield eval` only",
+    ("cli.commands", "run.report"): "matplotlib: `fedshield report` only",
+    ("cli.commands", "run.bench"): "torch and openfhe: `fedshield bench` only",
+    ("engines.flower.server_app", "run.plots"): "matplotlib, optional on a server",
 }
 
 

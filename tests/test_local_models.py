@@ -9,10 +9,10 @@ import torch
 
 import fedshield as fs
 from fedshield.data import tokenize
-from fedshield.cli import main as cli_main
+from fedshield.cli.commands import main as cli_main
 from fedshield.config import RunConfig
-from fedshield.model import load_local_model, load_local_tokenizer, seeded_rng
-from fedshield.local_engine import LocalEngine
+from fedshield.training.base_model import load_local_model, load_local_tokenizer, seeded_rng
+from fedshield.engines.local import LocalEngine
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FLASHCARDS = FIXTURES / "medical_meadow_flashcards.jsonl"
@@ -75,7 +75,7 @@ def test_one_round_on_a_local_model_and_file(tmp_path, model_dirs, arch, targets
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fedshield.train import evaluate_loss
+    from fedshield.training.loop import evaluate_loss
 
     base = AutoModelForCausalLM.from_pretrained(adapter_cfg["base_model_name_or_path"])
     model = PeftModel.from_pretrained(base, out / "adapter")

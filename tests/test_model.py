@@ -1,18 +1,22 @@
-"""Tests for fedshield.model: tiny Llama, LoRA settings, LoRA state exchange."""
+"""Tests for fedshield.training.base_model and .lora: tiny Llama, LoRA settings, LoRA state
+exchange."""
 
 import dataclasses
 
 import pytest
 import torch
 
-from fedshield import model
+import fedshield as fs
+
+from fedshield.config import LoraConfig
+from fedshield.training import base_model, lora
 
 VOCAB = 101
 
 
 def _lora(seed=0, r=8, model_seed=0, **kw):
-    return model.attach_lora(
-        model.build_tiny_llama(VOCAB, seed=model_seed), model.LoraSettings(r=r, alpha=2 * r, **kw), seed=seed
+    return lora.attach_lora(
+        base_model.build_tiny_llama(VOCAB, seed=model_seed), LoraConfig(r=r, alpha=2 * r, **kw), seed=seed
     )
 
 
@@ -24,7 +28,7 @@ def _ids(n=2, length=12):
 
 
 def test_build_tiny_llama_config_and_size():
-    m = model.build_tiny_llama(VOCAB)
+    m = base_model.build_tiny_llama(VOCAB)
     c = m.config
     assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads) == (VOCAB, 64, 2, 4)
     assert (c.intermediate_size, c.max_position_embeddings) == (128, 256)
@@ -35,9 +39,9 @@ def test_build_tiny_llama_config_and_size():
 
 
 def test_build_tiny_llama_deterministic_per_seed():
-    a = model.build_tiny_llama(VOCAB, seed=7).state_dict()
-    b = model.build_tiny_llama(VOCAB, seed=7).state_dict()
-    c = model.build_tiny_llama(VOCAB, seed=8).state_dict()
+    a = base_model.build_tiny_llama(VOCAB, seed=7).state_dict()
+    b = base_model.build_tiny_llama(VOCAB, seed=7).state_dict()
+    c = base_model.build_tiny_llama(VOCAB, seed=8).state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])
@@ -47,13 +51,13 @@ def test_build_tiny_llama_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    model.build_tiny_llama(VOCAB, seed=5)
+    base_model.build_tiny_llama(VOCAB, seed=5)
     assert torch.equal(torch.rand(3), expected)
 
 
 def test_build_tiny_llama_init_std_scales_weights():
-    small = model.build_tiny_llama(VOCAB, init_std=0.02).lm_head.weight.detach().std()
-    big = model.build_tiny_llama(VOCAB, init_std=0.1).lm_head.weight.detach().std()
+    small = base_model.build_tiny_llama(VOCAB, init_std=0.02).lm_head.weight.detach().std()
+    big = base_model.build_tiny_llama(VOCAB, init_std=0.1).lm_head.weight.detach().std()
     assert abs(float(small) - 0.02) < 0.003 and abs(float(big) - 0.1) < 0.01
 
 
@@ -69,38 +73,21 @@ def test_build_tiny_llama_init_std_scales_weights():
 )
 def test_build_tiny_llama_bad_inputs(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        model.build_tiny_llama(**kwargs)
+        base_model.build_tiny_llama(**kwargs)
 
 
 # ---------------------------------------------------------------- LoRA settings
 
 
-def test_lora_settings_paper_defaults_and_frozen():
-    s = model.LoraSettings()
-    assert (s.r, s.alpha, s.dropout, s.target_modules) == (32, 64, 0.05, ("q_proj", "v_proj"))
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        s.r = 4
-    assert model.LoraSettings(target_modules=["q_proj"]).target_modules == ("q_proj",)
-    hash(model.LoraSettings(target_modules=["q_proj"]))  # list normalised to a tuple
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(r=0), "r must be an int >= 1, got 0"),
-        (dict(r=2.5), "got 2.5"),
-        (dict(alpha=0), "alpha must be > 0, got 0"),
-        (dict(alpha=-1.0), "got -1.0"),
-        (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
-        (dict(dropout=-0.1), "got -0.1"),
-        (dict(target_modules=()), r"target_modules must be non-empty names, got \(\)"),
-        (dict(target_modules="q_proj"), "got string 'q_proj'"),
-        (dict(target_modules=("q_proj", "")), "non-empty names"),
-    ],
-)
-def test_lora_settings_validation(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        model.LoraSettings(**kwargs)
+def test_attach_lora_takes_the_run_config_lora_section():
+    """One definition of the LoRA settings: config.LoraConfig (the paper's defaults), whose
+    targets override the architecture's defaults."""
+    assert LoraConfig() == LoraConfig(r=32, alpha=64.0, dropout=0.05, targets="")
+    default = lora.attach_lora(base_model.build_tiny_llama(VOCAB), LoraConfig(r=4, alpha=8))
+    assert {n.split(".")[-3] for n in lora.get_lora_state(default)} == {"q_proj", "v_proj"}
+    only_q = lora.attach_lora(base_model.build_tiny_llama(VOCAB),
+                              LoraConfig(r=4, alpha=8, targets="q_proj"))
+    assert {n.split(".")[-3] for n in lora.get_lora_state(only_q)} == {"q_proj"}
 
 
 # ---------------------------------------------------------------- attach_lora
@@ -109,10 +96,10 @@ def test_lora_settings_validation(kwargs, match):
 def test_attach_lora_trainable_params_and_identity_at_init():
     from peft import PeftModel
 
-    base = model.build_tiny_llama(VOCAB)
+    base = base_model.build_tiny_llama(VOCAB)
     with torch.no_grad():
         ref = base(input_ids=_ids()).logits.clone()
-    pm = model.attach_lora(base, model.LoraSettings(r=8, alpha=16))
+    pm = lora.attach_lora(base, LoraConfig(r=8, alpha=16))
     assert isinstance(pm, PeftModel)
     assert pm.peft_config["default"].task_type == "CAUSAL_LM"
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
@@ -127,18 +114,18 @@ def test_attach_lora_deterministic_per_seed_and_rng_untouched():
     torch.manual_seed(42)
     expected = torch.rand(2)
     torch.manual_seed(42)
-    a = model.get_lora_state(_lora(seed=1))
+    a = lora.get_lora_state(_lora(seed=1))
     assert torch.equal(torch.rand(2), expected)
-    b = model.get_lora_state(_lora(seed=1))
-    c = model.get_lora_state(_lora(seed=2))
+    b = lora.get_lora_state(_lora(seed=1))
+    c = lora.get_lora_state(_lora(seed=2))
     assert all(torch.equal(a[k], b[k]) for k in a)
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     assert not torch.equal(a[key], c[key])
 
 
 def test_attach_lora_rejects_non_settings():
-    with pytest.raises(ValueError, match="settings must be a LoraSettings, got dict"):
-        model.attach_lora(model.build_tiny_llama(VOCAB), {"r": 8})
+    with pytest.raises(fs.ParameterError, match="lora must be a fedshield LoraConfig, got dict"):
+        lora.attach_lora(base_model.build_tiny_llama(VOCAB), {"r": 8})
 
 
 # ---------------------------------------------------------------- LoRA state
@@ -146,7 +133,7 @@ def test_attach_lora_rejects_non_settings():
 
 def test_get_lora_state_names_shapes_dtype():
     r = 8
-    state = model.get_lora_state(_lora(r=r))
+    state = lora.get_lora_state(_lora(r=r))
     expected = {
         f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
         for i in range(2)
@@ -165,73 +152,73 @@ def test_get_lora_state_names_shapes_dtype():
 
 def test_get_lora_state_is_a_snapshot_not_a_view():
     pm = _lora()
-    state = model.get_lora_state(pm)
+    state = lora.get_lora_state(pm)
     before = {k: v.clone() for k, v in state.items()}
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_" in n:
                 p.add_(1.0)
     assert all(torch.equal(state[k], before[k]) for k in state)
-    assert not any(torch.equal(model.get_lora_state(pm)[k], before[k]) for k in state)
+    assert not any(torch.equal(lora.get_lora_state(pm)[k], before[k]) for k in state)
 
 
 def test_set_lora_state_round_trip_changes_outputs():
     pm = _lora(seed=0)
     donor = _lora(seed=3)
     g = torch.Generator().manual_seed(0)
-    new = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in model.get_lora_state(donor).items()}
+    new = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in lora.get_lora_state(donor).items()}
     pm.eval()
     with torch.no_grad():
         before = pm(input_ids=_ids()).logits.clone()
-    model.set_lora_state(pm, new)
-    got = model.get_lora_state(pm)
+    lora.set_lora_state(pm, new)
+    got = lora.get_lora_state(pm)
     assert all(torch.equal(got[k], new[k]) for k in new)
     with torch.no_grad():
         assert not torch.allclose(pm(input_ids=_ids()).logits, before)
     # the loaded tensors were copied in, not aliased
     new[next(iter(new))].add_(5.0)
-    assert not torch.equal(model.get_lora_state(pm)[next(iter(new))], new[next(iter(new))])
+    assert not torch.equal(lora.get_lora_state(pm)[next(iter(new))], new[next(iter(new))])
 
 
 def test_set_lora_state_accepts_other_dtypes():
     pm = _lora()
-    state = {k: v.to(torch.float64) + 0.5 for k, v in model.get_lora_state(pm).items()}
-    model.set_lora_state(pm, state)
-    got = model.get_lora_state(pm)
+    state = {k: v.to(torch.float64) + 0.5 for k, v in lora.get_lora_state(pm).items()}
+    lora.set_lora_state(pm, state)
+    got = lora.get_lora_state(pm)
     assert all(torch.allclose(got[k], state[k].float()) for k in state)
 
 
 def test_set_lora_state_missing_key_fails_loudly():
     pm = _lora()
-    state = model.get_lora_state(pm)
+    state = lora.get_lora_state(pm)
     key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
     del state[key]
     with pytest.raises(ValueError, match=r"missing=\[.*layers\.1\.self_attn\.v_proj\.lora_B\.weight"):
-        model.set_lora_state(pm, state)
+        lora.set_lora_state(pm, state)
 
 
 def test_set_lora_state_unexpected_key_fails_loudly():
     pm = _lora()
-    state = model.get_lora_state(pm)
+    state = lora.get_lora_state(pm)
     state["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"] = torch.zeros(8, 64)
     with pytest.raises(ValueError, match=r"unexpected=\[.*k_proj\.lora_A\.weight"):
-        model.set_lora_state(pm, state)
+        lora.set_lora_state(pm, state)
 
 
 def test_set_lora_state_shape_mismatch_fails_and_leaves_model_unchanged():
     pm = _lora(r=8)
-    original = model.get_lora_state(pm)
-    wrong_rank = model.get_lora_state(_lora(r=4))  # same names, rank 4
+    original = lora.get_lora_state(pm)
+    wrong_rank = lora.get_lora_state(_lora(r=4))  # same names, rank 4
     with pytest.raises(ValueError, match=r"shape mismatch: .*lora_A\.weight: got \(4, 64\), expected \(8, 64\)"):
-        model.set_lora_state(pm, wrong_rank)
-    now = model.get_lora_state(pm)
+        lora.set_lora_state(pm, wrong_rank)
+    now = lora.get_lora_state(pm)
     assert all(torch.equal(now[k], original[k]) for k in original)
 
 
 def test_set_lora_state_non_tensor_fails():
     pm = _lora()
-    state = model.get_lora_state(pm)
+    state = lora.get_lora_state(pm)
     key = next(iter(state))
     state[key] = state[key].tolist()
     with pytest.raises(ValueError, match="not tensors"):
-        model.set_lora_state(pm, state)
+        lora.set_lora_state(pm, state)

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import fedshield as fs
-from fedshield.model import get_lora_state
-
+from fedshield.training.lora import get_lora_state
 from rank_site import multi_rank_site, tiny_peft, train_steps, wait_for
 
 WEIGHTS = (8.0, 24.0)

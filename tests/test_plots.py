@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedshield.plots import bytes_figure, plot_run, time_figure
+from fedshield.run.plots import bytes_figure, plot_run, time_figure
 
 PHASES = ("train", "prune", "encrypt", "aggregate", "decrypt")
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import fedshield as fs
-from fedshield.cli import main as cli_main
+from fedshield.cli.commands import main as cli_main
 from fedshield.config import RunConfig
-from fedshield.local_engine import LocalEngine
+from fedshield.engines.local import LocalEngine
 
 SMALL = dict(clients=2, rounds=2, examples_per_client=16, local_steps=2, batch_size=4, lora_r=4)
 
@@ -81,7 +81,7 @@ def test_run_writes_metrics_adapter_and_plots(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fedshield.fl.site import load_site_data
-    from fedshield.train import evaluate_loss
+    from fedshield.training.loop import evaluate_loss
 
     weights = list((out / "adapter").glob("adapter_model.*"))
     assert weights and all(w.stat().st_mode & 0o777 == 0o600 for w in weights)  # model state

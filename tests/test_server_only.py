@@ -43,10 +43,10 @@ CHILD = textwrap.dedent("""
     # the whole Flower server side and the Server of the FL layer
     from fedshield.config import RunConfig
     from fedshield.fl.messages import SiteInfo, TrainReply
-    from fedshield.fl.guard import sign_update
+    from fedshield.trust.guard import sign_update
     from fedshield.fl.server import Server
-    from fedshield.flower import records, server_app, strategy  # noqa: F401
-    from fedshield.he.identity import Identity
+    from fedshield.engines.flower import records, server_app, strategy  # noqa: F401
+    from fedshield.trust.identity import Identity
     ids = {p: Identity.generate() for p in range(3)}  # the sites' (signing needs no openfhe)
     identity_hex = lambda p: ids[p].public.to_bytes().hex()
     server = Server(RunConfig.from_flat(clients=3), ctx, engine="local")

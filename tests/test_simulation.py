@@ -11,7 +11,7 @@ import torch
 
 import fedshield as fs
 from fedshield.config import RunConfig
-from fedshield.flower.launcher import SiteResources
+from fedshield.engines.flower.launcher import SiteResources
 
 flwr = pytest.importorskip("flwr")
 
@@ -35,7 +35,7 @@ def test_a_virtual_supernode_finds_its_node_config():
     pytest.importorskip("flwr.clientapp")
     from flwr.common import Context, RecordDict
 
-    from fedshield.flower.client_app import node_config
+    from fedshield.engines.flower.client_app import node_config
 
     sites = [{"socket": "a/worker.sock", "token-file": "a/relay.token"},
              {"socket": "b/worker.sock", "token-file": "b/relay.token"}]
@@ -53,7 +53,7 @@ def test_simulation_runtime_matches_local_engine(tmp_path, monkeypatch):
     """2 sites of 1 CPU each on the simulation runtime, 2 rounds: the same rounds as the local
     engine (and the deployment runtime, tests/test_flower.py) for the same seed."""
     pytest.importorskip("ray")
-    from fedshield.flower.launcher import run_flower
+    from fedshield.engines.flower.launcher import run_flower
     from test_flower import TINY, _adapter, _local_reference
 
     cfg = RunConfig.from_flat(**TINY, prune="off", engine="flower", out=str(tmp_path / "sim"))

@@ -54,7 +54,7 @@ def test_twenty_supernodes_with_random_faults(tmp_path):
     sys.path.insert(0, str(ROOT / "tests"))
     from test_flower import _faulty_app
 
-    from fedshield.flower.launcher import run_flower
+    from fedshield.engines.flower.launcher import run_flower
 
     n, rounds = 20, 3
     rng = np.random.default_rng(2026)

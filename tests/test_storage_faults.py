@@ -3,7 +3,7 @@ writing key files, checkpoints, metrics.json or adapters raises fs.StorageError 
 path, and leaves the previous files as they were (no half-written file, no temp file).
 
 Tests run as root, which a chmod-ed directory does not stop: faults come from an injector in
-the os calls of fedshield.atomic's paths (and open() for libraries writing into a directory),
+the os calls of fedshield.base.atomic's paths (and open() for libraries writing into a directory),
 and, where this process may mount one, from a real tiny tmpfs (full, then read-only).
 """
 
@@ -19,12 +19,14 @@ import pytest
 import torch
 
 import fedshield as fs
-from fedshield.checkpoint import load_checkpoint, save_checkpoint
+from fedshield.run.checkpoint import load_checkpoint, save_checkpoint
 from fedshield.config import ModelConfig
 from fedshield.fl.record import RunRecord
 from fedshield.data.tokenize import build_tokenizer
-from fedshield.model import (LoraSettings, attach_lora, build_tiny_llama, get_lora_state,
-                             save_adapter, set_lora_state)
+from fedshield.config import LoraConfig
+from fedshield.training.adapter_io import save_adapter
+from fedshield.training.base_model import build_tiny_llama
+from fedshield.training.lora import attach_lora, get_lora_state, set_lora_state
 
 
 class FaultyDisk:
@@ -106,7 +108,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 def _tiny_lora(value: float):
     tokenizer = build_tokenizer()
-    model = attach_lora(build_tiny_llama(len(tokenizer), seed=0), LoraSettings(r=4, alpha=8),
+    model = attach_lora(build_tiny_llama(len(tokenizer), seed=0), LoraConfig(r=4, alpha=8),
                         seed=0)
     set_lora_state(model, {k: torch.full_like(v, value) for k, v in get_lora_state(model).items()})
     return model, tokenizer

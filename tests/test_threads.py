@@ -18,7 +18,7 @@ import torch
 
 import fedshield as fs
 from fedshield import _native
-from fedshield.threads import available_cpus, num_threads
+from fedshield.base.threads import available_cpus, num_threads
 
 from conftest import make_state, weighted_average
 
@@ -43,7 +43,7 @@ def _child(code: str, env: dict, cpus: list[int] | None = None, timeout: float =
 SETTINGS = """
 import json
 from fedshield import _native
-from fedshield.threads import num_threads
+from fedshield.base.threads import num_threads
 print(json.dumps([num_threads(), _native.default_threads()]))
 """
 
@@ -145,7 +145,7 @@ def test_two_contexts_in_one_process_never_interfere():
 
 
 def test_torch_threads_follow_the_setting(monkeypatch):
-    from fedshield.threads import apply_to_torch
+    from fedshield.base.threads import apply_to_torch
 
     before = torch.get_num_threads()
     monkeypatch.setenv("FEDSHIELD_NUM_THREADS", "1")

@@ -1,4 +1,4 @@
-"""Tests for fedshield.train: local training, evaluation, LR schedule."""
+"""Tests for fedshield.training.loop: local training, evaluation, LR schedule."""
 
 import math
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from fedshield.data import synthetic, tokenize
-from fedshield import model, train
+from fedshield.config import LoraConfig
+from fedshield.training import base_model, lora
+from fedshield.training import loop as train
 from fedshield.fl import schedule
 
 TASKS = ("reverse", "uppercase", "add")
@@ -28,8 +30,8 @@ def eval_set(tok):
 
 
 def _lora(tok, r=8, seed=0, dropout=0.05):
-    return model.attach_lora(
-        model.build_tiny_llama(len(tok)), model.LoraSettings(r=r, alpha=2 * r, dropout=dropout), seed=seed
+    return lora.attach_lora(
+        base_model.build_tiny_llama(len(tok)), LoraConfig(r=r, alpha=2 * r, dropout=dropout), seed=seed
     )
 
 
@@ -60,10 +62,10 @@ def test_training_reduces_eval_loss(tok, train_set, eval_set):
 def test_training_changes_only_lora_params(tok, train_set):
     pm = _lora(tok)
     base_before = {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" not in n}
-    lora_before = model.get_lora_state(pm)
+    lora_before = lora.get_lora_state(pm)
     train.train_local(pm, train_set, steps=3, batch_size=4, lr=1e-2, seed=0)
     assert all(torch.equal(p, base_before[n]) for n, p in pm.named_parameters() if "lora_" not in n)
-    lora_after = model.get_lora_state(pm)
+    lora_after = lora.get_lora_state(pm)
     assert not any(torch.equal(lora_after[k], lora_before[k]) for k in lora_before)
 
 
@@ -72,7 +74,7 @@ def test_training_deterministic_for_seed(tok, train_set):
     for seed in (5, 5, 6):
         pm = _lora(tok)  # dropout > 0, so the seed must also fix dropout masks
         results.append(train.train_local(pm, train_set, steps=4, batch_size=4, lr=1e-2, seed=seed))
-        states.append(model.get_lora_state(pm))
+        states.append(lora.get_lora_state(pm))
     assert results[0] == results[1]
     assert _states_equal(states[0], states[1])
     assert not _states_equal(states[0], states[2])
@@ -108,7 +110,7 @@ def test_grad_accum_matches_one_big_batch(tok):
     for bs, accum in ((8, 1), (4, 2)):
         pm = _lora(tok, dropout=0.0)
         res = train.train_local(pm, same_len, steps=2, batch_size=bs, lr=1e-3, seed=0, grad_accum=accum)
-        runs.append((res, model.get_lora_state(pm)))
+        runs.append((res, lora.get_lora_state(pm)))
     (r1, s1), (r2, s2) = runs
     assert r1["examples_seen"] == r2["examples_seen"] == 16
     assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5)
@@ -125,7 +127,7 @@ def test_train_accepts_instruction_dataset(tok):
 
 def test_full_finetune_of_plain_model_is_possible(tok, train_set):
     # train_local trains whatever requires grad, e.g. a base model before LoRA.
-    base = model.build_tiny_llama(len(tok))
+    base = base_model.build_tiny_llama(len(tok))
     w = base.lm_head.weight.detach().clone()
     train.train_local(base, train_set, steps=1, batch_size=4, lr=1e-3, seed=0)
     assert not torch.equal(base.lm_head.weight, w)
@@ -214,7 +216,7 @@ def test_evaluate_rejects_labels_only_on_first_token(tok, train_set):
 
 
 def test_no_trainable_params_rejected(tok, train_set):
-    base = model.build_tiny_llama(len(tok))
+    base = base_model.build_tiny_llama(len(tok))
     base.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         train.train_local(base, train_set, 1, 2, 1e-3, 0)

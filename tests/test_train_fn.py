@@ -12,7 +12,7 @@ import torch
 import fedshield as fs
 from fedshield.config import RunConfig
 from fedshield.fl.train_fn import TrainFnError, TrainPlan, load_train_fn, run_train_fn
-from fedshield.hf_trainer import StopAfterSteps, train_round
+from fedshield.training.hf_trainer import StopAfterSteps, train_round
 
 from rank_site import VOCAB, tiny_peft
 
@@ -64,8 +64,8 @@ def test_train_round_on_a_trainer_with_its_own_max_steps(trainer_site, tmp_path)
 @pytest.mark.parametrize("spec, match", [
     ("no_colon", "must be 'package.module:function'"),
     ("fedshield_no_such_module:f", "cannot import"),
-    ("fedshield.threads:no_such_function", "has no 'no_such_function'"),
-    ("fedshield.threads:ENV", "names a str, not a function"),
+    ("fedshield.base.threads:no_such_function", "has no 'no_such_function'"),
+    ("fedshield.base.threads:ENV", "names a str, not a function"),
 ])
 def test_bad_train_fn_names_its_value(spec, match):
     with pytest.raises(fs.ParameterError, match=match):
@@ -109,7 +109,7 @@ def test_trainer_sites_on_flower(tmp_path):
     metrics (its Trainer's loss, the round's steps: fedshield's own loop reports none), and
     the global adapter moves."""
     pytest.importorskip("flwr")
-    from fedshield.flower.launcher import run_flower
+    from fedshield.engines.flower.launcher import run_flower
 
     cfg = RunConfig.from_flat(clients=2, rounds=2, local_steps=2, examples_per_client=16,
                               round_timeout=240.0, prune="off", samples=0, engine="flower",

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 import fedshield as fs
-from fedshield.model import get_lora_state
-
+from fedshield.training.lora import get_lora_state
 from conftest import make_state, weighted_average
 from rank_site import tiny_peft, train_steps
 

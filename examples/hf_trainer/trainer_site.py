@@ -9,7 +9,7 @@ PYTHONPATH:
 Each round fedshield loads the global adapter into ``model``, calls ``train(model, plan)``,
 then computes, prunes, encrypts and sends the update. This site trains on its own data file
 (as fedshield tokenized it, ``plan.train``; a site may as well load its own data set here) with
-its own TrainingArguments; fedshield.hf_trainer.train_round stops the Trainer after the round's
+its own TrainingArguments; fedshield.training.hf_trainer.train_round stops the Trainer after the round's
 ``plan.steps`` optimizer steps and returns (example count, metrics).
 """
 
@@ -20,7 +20,7 @@ import tempfile
 import torch
 from transformers import Trainer, TrainingArguments, default_data_collator
 
-from fedshield.hf_trainer import train_round
+from fedshield.training.hf_trainer import train_round
 
 
 class Rows(torch.utils.data.Dataset):

@@ -7,7 +7,7 @@ torch (Party, importance_mask, ImportanceResult) load it when first used.
 
 from importlib import import_module
 
-from .errors import (AuthenticationError, ConcurrentUseError, DataError,
+from .base.errors import (AuthenticationError, ConcurrentUseError, DataError,
                      DecryptionBudgetExceeded, DecryptionRefused, FederationError, FedShieldError,
                      HeadroomError, IncompatibleUpdate, InvalidUpdate, KeyMaterialError,
                      KeyMessageRefused, KeySetupError, NotEnoughShares, ParameterError,

@@ -19,8 +19,9 @@ from typing import Any, Iterator, Mapping
 
 from .data.files import parse_columns
 from .data.prompts import MIN_PROMPT_TOKENS, MIN_SEQUENCE_TOKENS
-from .errors import ParameterError
+from .base.errors import ParameterError
 from .he.params import DEFAULT_LOG_QUERIES, CKKSParams
+from .base.validate import is_int, is_real
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,7 +56,7 @@ def _check_choices(section) -> None:
 def _positive_ints(section, *names: str) -> None:
     for name in names:
         value = getattr(section, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ParameterError(f"{name}={value!r} must be a positive int")
 
 
@@ -70,7 +71,7 @@ def check_max_len(max_len: int, flag: str = "max_len") -> None:
 
 def _finite(value, name: str, *, low: float = -math.inf, high: float = math.inf,
             low_open: bool = False) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+    ok = (is_real(value)
           and math.isfinite(value) and (value > low if low_open else value >= low)
           and value <= high)
     if not ok:
@@ -217,7 +218,7 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _check_choices(self)
         _positive_ints(self, "rounds", "local_steps", "batch_size", "grad_accum")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_int(self.seed):
             raise ParameterError(f"seed={self.seed!r} must be an int")
         if not (isinstance(self.lr, (int, float)) and isinstance(self.lr_min, (int, float))
                 and self.lr > 0 and 0 <= self.lr_min <= self.lr and math.isfinite(self.lr)):
@@ -225,7 +226,7 @@ class TrainingConfig:
                                  "0 <= lr_min <= lr, lr > 0")
         for name in ("samples", "sample_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ParameterError(f"{name}={value!r} must be an int >= 0")
 
 
@@ -251,7 +252,7 @@ class PruningConfig:
         _finite(self.p0, "prune_p0", low=0, high=1)
         _finite(self.target, "prune_target", low=0, high=1)
         _positive_ints(self, "t_start")
-        if isinstance(self.t_end, bool) or not isinstance(self.t_end, int) or self.t_end < 0:
+        if not is_int(self.t_end) or self.t_end < 0:
             raise ParameterError(f"prune_t_end={self.t_end!r} must be an int >= 0 (0 = the "
                                  "run's last round)")
         if self.t_end and self.t_end <= self.t_start:
@@ -283,13 +284,13 @@ class HEConfig:
                                   "before a round would exceed it", flag="decryption_budget")
 
     def __post_init__(self) -> None:
-        if (isinstance(self.decryption_budget, bool) or not isinstance(self.decryption_budget, int)
+        if (not is_int(self.decryption_budget)
                 or not 0 <= self.decryption_budget <= 40):
             raise ParameterError(f"decryption_budget={self.decryption_budget!r} must be an int "
                                  "in [0, 40] (log2 of the decryptions per key)")
         for name in ("ring_dim", "scale_bits", "flood_bits"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise ParameterError(f"{name}={value!r} must be an int")
         _finite(self.tolerance, "he_tolerance", low=0, high=0.5, low_open=True)
         if self.ring_dim < 0:
@@ -330,7 +331,7 @@ class KeysConfig:
         _check_choices(self)
         for name in ("threshold", "dropouts"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ParameterError(f"{name}={value!r} must be an int >= 0")
         if not isinstance(self.verify, bool):
             raise ParameterError(f"verify_aggregates={self.verify!r} must be true or false")
@@ -378,7 +379,7 @@ class EngineConfig:
         _check_choices(self)
         if not isinstance(self.out, str) or not self.out:
             raise ParameterError(f"out={self.out!r} must be a directory path")
-        if isinstance(self.min_clients, bool) or not isinstance(self.min_clients, int) \
+        if not is_int(self.min_clients) \
                 or self.min_clients < 0:
             raise ParameterError(f"min_clients={self.min_clients!r} must be an int >= 0")
         _finite(self.round_timeout, "round_timeout", low=0, low_open=True)

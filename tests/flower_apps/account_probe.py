@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from fedshield.flower.site_ipc import Relay, SiteWorkerError, read_token
+from fedshield.engines.flower.site_ipc import Relay, SiteWorkerError, read_token
 
 node, sock, token = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 read = {}

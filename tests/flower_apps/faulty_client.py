@@ -13,8 +13,8 @@ import time
 from flwr.clientapp import ClientApp
 from flwr.common import ConfigRecord
 
-from fedshield.flower import client_app as real
-from fedshield.flower.records import (FIELDS, STYPE_UPDATE, UPDATE, get_payload,
+from fedshield.engines.flower import client_app as real
+from fedshield.engines.flower.records import (FIELDS, STYPE_UPDATE, UPDATE, get_payload,
                                       message_fields, put_payload)
 
 app = ClientApp()

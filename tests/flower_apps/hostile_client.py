@@ -14,9 +14,9 @@ from pathlib import Path
 
 from flwr.clientapp import ClientApp
 
-from fedshield.flower import client_app as real
-from fedshield.flower.records import message_fields
-from fedshield.flower.site_ipc import Relay, SiteWorkerError
+from fedshield.engines.flower import client_app as real
+from fedshield.engines.flower.records import message_fields
+from fedshield.engines.flower.site_ipc import Relay, SiteWorkerError
 
 app = ClientApp()
 

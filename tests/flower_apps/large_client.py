@@ -17,11 +17,11 @@ from flwr.clientapp import ClientApp
 from flwr.common import ConfigRecord, Message, RecordDict
 
 import fedshield as fs
-from fedshield.fl.guard import sign_update
+from fedshield.trust.guard import sign_update
 from fedshield.fl.messages import EvalReply, RoundPlan, SiteInfo, TrainReply
-from fedshield.flower import client_app as real
-from fedshield.he.identity import Identity
-from fedshield.flower.records import (AGGREGATE, FIELDS, STYPE_AGGREGATE, STYPE_UPDATE, UPDATE,
+from fedshield.engines.flower import client_app as real
+from fedshield.trust.identity import Identity
+from fedshield.engines.flower.records import (AGGREGATE, FIELDS, STYPE_AGGREGATE, STYPE_UPDATE, UPDATE,
                                       get_payload, message_fields, put_payload)
 
 app = ClientApp()

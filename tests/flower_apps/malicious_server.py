@@ -3,8 +3,8 @@ identity of every party but party 0 by an identity it made itself (tests/test_fl
 it in the FAB). A site that pinned its federation must refuse the key set-up."""
 
 from fedshield.fl.server import Server
-from fedshield.flower import server_app as real
-from fedshield.he.identity import Identity
+from fedshield.engines.flower import server_app as real
+from fedshield.trust.identity import Identity
 
 _honest_enrol = Server.enrol
 

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Mapping, Union
 
-from ..errors import DataError, ParameterError
+from ..base.errors import DataError, ParameterError
 
 log = logging.getLogger("fedshield")
 

@@ -13,8 +13,8 @@ import random
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..atomic import write_atomic
-from ..errors import DataError, ParameterError
+from ..base.atomic import write_atomic
+from ..base.errors import DataError, ParameterError
 from .files import TASK_FIELD, load_instruction_data
 from .splits import split_dirichlet, split_iid, split_non_iid
 from .synthetic import make_synthetic_examples

@@ -11,8 +11,9 @@ from typing import Callable, Dict, List, Mapping, Sequence, Union
 
 import numpy as np
 
-from ..errors import DataError, ParameterError
+from ..base.errors import DataError, ParameterError
 from .files import TASK_FIELD
+from ..base.validate import is_int
 
 log = logging.getLogger("fedshield")
 
@@ -33,7 +34,7 @@ def split_non_iid(
     at most one, and the result depends only on ``seed``.
     """
     n = len(examples)
-    if isinstance(n_clients, bool) or not isinstance(n_clients, int) or n_clients < 1:
+    if not is_int(n_clients) or n_clients < 1:
         raise ValueError(f"n_clients must be an int >= 1, got {n_clients!r}")
     if n_clients > n:
         raise ValueError(
@@ -97,7 +98,7 @@ def split_non_iid(
 
 
 def _check_split_args(examples: Sequence, n_clients) -> None:
-    if isinstance(n_clients, bool) or not isinstance(n_clients, int) or n_clients < 1:
+    if not is_int(n_clients) or n_clients < 1:
         raise ParameterError(f"n_clients must be an int >= 1, got {n_clients!r}")
     if len(examples) < n_clients:
         raise DataError(f"{len(examples)} examples cannot give each of {n_clients} clients "
@@ -140,7 +141,7 @@ def dirichlet_labels(examples: Sequence[Mapping], key: Union[str, Callable, None
         values = [str(key(ex)) for ex in examples]
     else:
         raise ParameterError(f"key must be a field name, a function or None, got {key!r}")
-    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
+    if not is_int(buckets) or buckets < 1:
         raise ParameterError(f"buckets must be an int >= 1, got {buckets!r}")
     if len(set(values)) > buckets:
         values = [f"bucket{_stable_bucket(v, buckets)}" for v in values]

@@ -9,7 +9,7 @@ from typing import Dict, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import DataError, ParameterError
+from ..base.errors import DataError, ParameterError
 from .prompts import MIN_PROMPT_TOKENS, format_prompt, prompt_tail
 
 log = logging.getLogger("fedshield")
@@ -111,7 +111,7 @@ class InstructionDataset(Dataset):
     """Map-style dataset over :func:`tokenize_examples` output.
 
     ``.tensors`` holds the full batch-first tensors, which is what
-    :func:`fedshield.train.train_local` and ``evaluate_loss`` consume.
+    :func:`fedshield.training.loop.train_local` and ``evaluate_loss`` consume.
     """
 
     def __init__(self, examples, tokenizer, max_len: int = 96, compact: bool = True):

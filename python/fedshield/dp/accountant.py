@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 
-from ..errors import ParameterError
+from ..base.errors import ParameterError
+from ..base.validate import is_int
 
 # Renyi orders searched by the RDP conversion (the grid Opacus uses, extended).
 RDP_ORDERS = tuple([1.0 + x / 10.0 for x in range(1, 100)] + list(range(11, 64))
@@ -38,7 +39,7 @@ def _check(noise_multiplier: float, rounds: int, delta: float) -> None:
     if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0
             and math.isfinite(noise_multiplier)):
         raise ParameterError(f"noise_multiplier={noise_multiplier!r} must be a finite number > 0")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+    if not is_int(rounds) or rounds < 0:
         raise ParameterError(f"rounds={rounds!r} must be an int >= 0")
     if not (isinstance(delta, (int, float)) and 0 < delta < 1):
         raise ParameterError(f"delta={delta!r} must be in (0, 1)")

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .. import _native
-from ..errors import ParameterError
+from ..base.errors import ParameterError
 
 # The grid step is 2**-GRID_BITS to 2**-(GRID_BITS + 1) of the noise's standard deviation.
 GRID_BITS = 20

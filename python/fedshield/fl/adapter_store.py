@@ -22,8 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..atomic import write_atomic
-from ..errors import StorageError
+from ..base.atomic import write_atomic
+from ..base.errors import StorageError
 
 CURRENT = "global-adapter.safetensors"
 PREVIOUS = "global-adapter.prev.safetensors"

@@ -7,7 +7,7 @@ them; a request and a reply are ``(fields, sections)``: scalars and lists of sca
 strings. The local engine calls ``handle`` in-process; the Flower engine carries the same pairs
 in messages to each site worker.
 
-Threshold keys, key epoch ``e`` (signatures: each party's identity key, fedshield.he.identity,
+Threshold keys, key epoch ``e`` (signatures: each party's identity key, fedshield.trust.identity,
 with ``round`` = the epoch):
 
 1. ``keys.begin``: every party gets the roster (party -> public identity, exchanged at
@@ -65,17 +65,17 @@ from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
-from ..errors import (AuthenticationError, FedShieldError, IncompatibleUpdate, InvalidUpdate,
+from ..base.errors import (AuthenticationError, FedShieldError, IncompatibleUpdate, InvalidUpdate,
                       KeyMaterialError, KeyMessageRefused, KeySetupError, ParameterError)
 from ..he import (CKKSParams, Context, EncryptedUpdate, Layout, PartialDecryption, aggregate,
                   combine_partials, decrypt_update, encrypt_update, keygen_shared, load_context,
                   partial_decrypt)
 from ..he import threshold as th
 from ..he.budget import DecryptionBudget
-from ..he.identity import Identity, PublicIdentity, sign_blob, verify_blob
+from ..trust.identity import Identity, PublicIdentity, sign_blob, verify_blob
 from ..he.keys import open_shared_key_material, shared_key_material
 from ..he.wipe import wipe
-from .federation import Federation, RunSettings
+from ..trust.federation import Federation, RunSettings
 
 log = logging.getLogger("fedshield")
 

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from ..errors import FedShieldError
+from ..base.errors import FedShieldError
 
 PHASES = ("train", "prune", "encrypt", "aggregate", "decrypt")
 SITE_PHASES = ("train", "prune", "encrypt")

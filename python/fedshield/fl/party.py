@@ -27,14 +27,14 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from ..errors import FedShieldError, KeyMaterialError, ParameterError
+from ..base.errors import FedShieldError, KeyMaterialError, ParameterError
 from ..he import Context, EncryptedUpdate, Layout, combine_partials, decrypt_update, partial_decrypt
 from ..he.budget import DecryptionBudget
 from ..he.encryption import (DEFAULT_TOLERANCE, encrypt_ciphertexts, encrypt_packed, pack_update,
                              seal_update)
-from ..model import get_lora_state, set_lora_state, unwrap_peft
+from ..training.lora import get_lora_state, set_lora_state, unwrap_peft
 from ..pruning.mask import apply_mask, importance_mask, kept_fraction
-from .guard import AggregateGuard, Provenance
+from ..trust.guard import AggregateGuard, Provenance
 from .ranks import WORLD, Ranks
 
 ALGORITHMS = ("delta", "paper", "ffa")

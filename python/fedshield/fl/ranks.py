@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import ParameterError
+from ..base.errors import ParameterError
 
 WORLD = "world"
 

@@ -10,8 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..atomic import write_json_atomic
-from ..metrics import perplexity
+from ..base.atomic import write_json_atomic
+from ..training.metrics import perplexity
 from .messages import PHASES, SiteInfo
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from ..errors import ParameterError
+from ..base.errors import ParameterError
+from ..base.validate import is_int
 
 
 def cosine_lr(round_idx: int, total_rounds: int, lr_max: float, lr_min: float = 0.0) -> float:
@@ -13,9 +14,9 @@ def cosine_lr(round_idx: int, total_rounds: int, lr_max: float, lr_min: float = 
     Uses ``round_idx / total_rounds`` (not ``/ (total_rounds - 1)``) so the
     final round still trains at a useful rate instead of exactly ``lr_min``.
     """
-    if isinstance(total_rounds, bool) or not isinstance(total_rounds, int) or total_rounds < 1:
+    if not is_int(total_rounds) or total_rounds < 1:
         raise ValueError(f"total_rounds must be an int >= 1, got {total_rounds!r}")
-    bad_idx = isinstance(round_idx, bool) or not isinstance(round_idx, int)
+    bad_idx = not is_int(round_idx)
     if bad_idx or not 0 <= round_idx < total_rounds:
         raise ValueError(f"round_idx must be an int in [0, {total_rounds}), got {round_idx!r}")
     if not lr_min >= 0:

@@ -23,13 +23,13 @@ import numpy as np
 
 from ..config import RunConfig
 from ..dp.accountant import dp_summary, epsilon_rdp
-from ..errors import FedShieldError
+from ..base.errors import FedShieldError
 from ..he import Context, EncryptedUpdate, PartialDecryption, aggregate
-from ..he.identity import Identity, PublicIdentity, verify_blob
-from .guard import SHARE_DOMAIN, UPDATE_DOMAIN, Provenance
+from ..trust.identity import Identity, PublicIdentity, verify_blob
+from ..trust.guard import SHARE_DOMAIN, UPDATE_DOMAIN, Provenance
 from .messages import EvalReply, RoundPlan, SiteInfo, TrainReply
-from .quorum import min_updates_for
-from ..metrics import perplexity, weighted_loss
+from ..trust.quorum import min_updates_for
+from ..training.metrics import perplexity, weighted_loss
 from .record import RoundRecord, RunRecord
 from .schedule import cosine_lr, prune_ratio
 

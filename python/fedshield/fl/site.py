@@ -22,20 +22,20 @@ from ..data.files import load_instruction_data
 from ..data.sites import holdout
 from ..data.tokenize import tokenize_fitting
 from ..dp.noise import clip_and_noise
-from ..errors import KeyMaterialError, ParameterError
-from ..evaluation import generate_samples, write_adapter_meta
+from ..base.errors import KeyMaterialError, ParameterError
+from ..training.evaluation import generate_samples, write_adapter_meta
 from ..he import Context, EncryptedUpdate
 from ..he.budget import DecryptionBudget
-from ..he.identity import Identity, PublicIdentity
-from ..model import save_adapter
-from ..train import evaluate_loss, train_local
-from .guard import AggregateGuard, Provenance, sign_share, sign_update
-from .federation import Federation
+from ..trust.identity import Identity, PublicIdentity
+from ..training.adapter_io import save_adapter
+from ..training.loop import evaluate_loss, train_local
+from ..trust.guard import AggregateGuard, Provenance, sign_share, sign_update
+from ..trust.federation import Federation
 from .key_setup import KeyHolder
 from .adapter_store import adapter_fingerprint
 from .messages import EvalReply, RoundPlan, SiteInfo, TrainReply
 from .party import Party
-from .quorum import min_updates_for
+from ..trust.quorum import min_updates_for
 from .train_fn import TrainPlan, run_train_fn
 
 log = logging.getLogger("fedshield")

@@ -31,10 +31,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from ..atomic import write_atomic
+from ..base.atomic import write_atomic
 from ..config import _opt
 from ..data.files import parse_columns
-from ..errors import ParameterError
+from ..base.errors import ParameterError
+from ..base.validate import is_int, is_real
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -98,7 +99,7 @@ class SiteConfig:
                      "token_file", "log_file"):
             if not getattr(self, name):
                 raise ParameterError(f"site {name}={getattr(self, name)!r}: a path is needed")
-        if isinstance(self.party_id, bool) or not isinstance(self.party_id, int) \
+        if not is_int(self.party_id) \
                 or self.party_id < 0:
             raise ParameterError(f"site party_id={self.party_id!r} must be an int >= 0 (this "
                                  "site's party id in the federation)")
@@ -107,7 +108,7 @@ class SiteConfig:
             if not (sep and module and attr):
                 raise ParameterError(f"site train_fn={self.train_fn!r} must be "
                                      "'package.module:function'")
-        if (isinstance(self.idle_timeout, bool) or not isinstance(self.idle_timeout, (int, float))
+        if (not is_real(self.idle_timeout)
                 or not math.isfinite(self.idle_timeout) or self.idle_timeout < 0):
             raise ParameterError(f"site idle_timeout={self.idle_timeout!r} must be a number of "
                                  "seconds >= 0 (0: never)")

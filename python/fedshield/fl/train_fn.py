@@ -5,7 +5,7 @@ with the site's own.
 Each round the site worker calls ``function(model, plan)`` with the site's peft model (its LoRA
 weights are the global adapter when it is called) and a :class:`TrainPlan`; the function
 trains in place, any way it likes (a ``transformers.Trainer``, accelerate, a plain loop: see
-fedshield.hf_trainer for a callback that stops a Trainer after the round's steps), and returns
+fedshield.training.hf_trainer for a callback that stops a Trainer after the round's steps), and returns
 ``(num_examples, metrics)``: the example count it trained on (its FedAvg weight) and a dict of
 numbers that includes ``loss`` (its training loss). fedshield then computes, prunes and
 encrypts the update as for its own loop.
@@ -23,7 +23,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from ..errors import FedShieldError, ParameterError
+from ..base.errors import FedShieldError, ParameterError
+from ..base.validate import is_int
 
 SETTING = "train_fn"
 
@@ -83,7 +84,7 @@ def run_train_fn(fn: Callable, model, plan: TrainPlan) -> tuple[int, dict[str, f
         raise TrainFnError(f"{SETTING} {name} returned a {type(result).__name__}; expected "
                            "(num_examples, metrics)")
     n, metrics = result
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise TrainFnError(f"{SETTING} {name} returned num_examples={_brief(n)}; expected an "
                            "int >= 1")
     if not isinstance(metrics, Mapping):

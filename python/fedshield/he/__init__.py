@@ -16,7 +16,6 @@ from .aggregate import aggregate
 from .budget import DecryptionBudget
 from .context import Context, load_context
 from .encryption import DEFAULT_TOLERANCE, decrypt_update, encrypt_update
-from .identity import Identity, PublicIdentity
 from .keys import SharedKeys, keygen_shared
 from .layout import Layout, TensorSpec
 from .params import CKKSParams
@@ -25,7 +24,7 @@ from .threshold import keygen_threshold
 from .update import EncryptedUpdate
 
 __all__ = ["CKKSParams", "Context", "DEFAULT_TOLERANCE", "DecryptionBudget", "EncryptedUpdate",
-           "Identity", "Layout", "PartialDecryption", "PublicIdentity", "SharedKeys",
+           "Layout", "PartialDecryption", "SharedKeys",
            "TensorSpec", "aggregate", "aggregate_digest",
            "combine_partials", "decrypt_update", "encrypt_update", "keygen_shared",
            "keygen_threshold", "load_context", "partial_decrypt", "threshold"]

@@ -6,7 +6,7 @@ import logging
 from typing import Callable, Iterable, Mapping, Union
 
 from .. import _native
-from ..errors import FedShieldError, ParameterError
+from ..base.errors import FedShieldError, ParameterError
 from .context import Context
 from .layout import Layout
 from .update import PACKING_CODE, EncryptedUpdate

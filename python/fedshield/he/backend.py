@@ -9,7 +9,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..errors import KeyMaterialError, ParameterError, UnsupportedPlatform
+from ..base.errors import KeyMaterialError, ParameterError, UnsupportedPlatform
 from .params import CKKSParams
 
 

@@ -27,8 +27,8 @@ import re
 from contextlib import contextmanager
 from typing import Optional, Union
 
-from ..atomic import write_atomic
-from ..errors import DecryptionBudgetExceeded, KeyMaterialError, ParameterError
+from ..base.atomic import write_atomic
+from ..base.errors import DecryptionBudgetExceeded, KeyMaterialError, ParameterError
 
 VERSION = 1
 FINGERPRINT_SIZE = 32            # a context fingerprint (SHA-256)

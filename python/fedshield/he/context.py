@@ -16,12 +16,13 @@ from typing import Mapping, Optional, Union
 import numpy as np
 
 from .. import _native
-from ..atomic import write_atomic
-from ..errors import InvalidUpdate, KeyMaterialError, ParameterError
+from ..base.atomic import write_atomic
+from ..base.errors import InvalidUpdate, KeyMaterialError, ParameterError
 from . import backend
 from .flooding import roots_of
 from .params import CKKSParams
 from .wipe import wipe
+from ..base.validate import is_int
 
 _MAGIC = b"FSHLDCTX"
 # Version 2: the fingerprint also covers the crypto_context section (version 1 left it out, so
@@ -345,7 +346,7 @@ def load_context(source: Union[bytes, bytearray, memoryview, str, os.PathLike]) 
                                  "or key_share:<party id>)")
         moduli = meta.get("moduli")
         if moduli is not None and not (isinstance(moduli, list) and 2 <= len(moduli) <= 8 and
-                                       all(isinstance(q, int) and not isinstance(q, bool)
+                                       all(is_int(q)
                                            for q in moduli)):
             raise ValueError(f"moduli {moduli!r} is not a list of 2 to 8 ints")
         party = meta.get("party")
@@ -381,7 +382,7 @@ def load_context(source: Union[bytes, bytearray, memoryview, str, os.PathLike]) 
 
 def _check_party(party, key_shares: dict, n_residues: int) -> tuple[int, int, int]:
     if not (isinstance(party, list) and len(party) == 3 and
-            all(isinstance(v, int) and not isinstance(v, bool) for v in party)):
+            all(is_int(v) for v in party)):
         raise ValueError(f"party {party!r} is not [party_id, n_parties, threshold]")
     party_id, n_parties, threshold = party
     if not (2 <= n_parties <= 1024 and 0 <= party_id < n_parties and

@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from .. import _native
-from ..errors import (HeadroomError, IncompatibleUpdate, InvalidUpdate, KeyMaterialError,
+from ..base.errors import (HeadroomError, IncompatibleUpdate, InvalidUpdate, KeyMaterialError,
                       ParameterError, PrecisionError)
 from . import flooding, seeded
 from .arrays import as_tensors

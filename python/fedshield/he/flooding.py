@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 
 from .. import _native
-from ..errors import ParameterError
+from ..base.errors import ParameterError
 from .params import CKKSParams
 
 # OpenFHE's default standard deviation of the encryption error (CCParams GetStandardDeviation).

@@ -11,6 +11,8 @@ import json
 import struct
 from typing import Sequence
 
+from ..base.validate import is_int
+
 VERSION = 1
 DIGEST = 32
 
@@ -58,6 +60,6 @@ def int_field(meta: dict, name: str, what: str, error: type, low: int = 0,
               high: int = 2**63) -> int:
     """meta[name] as an int in [low, high); ``error`` otherwise (bools are not ints here)."""
     value = meta.get(name)
-    if not (isinstance(value, int) and not isinstance(value, bool) and low <= value < high):
+    if not (is_int(value) and low <= value < high):
         raise error(f"malformed {what}: {name}={value!r}")
     return value

@@ -19,7 +19,7 @@ import json
 import numpy as np
 
 from .. import _native
-from ..errors import InvalidUpdate, KeyMaterialError
+from ..base.errors import InvalidUpdate, KeyMaterialError
 from . import backend
 from .context import Context
 from .flooding import check_precision

@@ -13,7 +13,7 @@ from typing import Mapping
 import numpy as np
 
 from .. import _native
-from ..errors import IncompatibleUpdate
+from ..base.errors import IncompatibleUpdate
 from .arrays import bool_flat, float32_flat, is_array_like, shape_of
 
 

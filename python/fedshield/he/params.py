@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from ..errors import ParameterError
+from ..base.errors import ParameterError
 
 # Largest log2(Q*P) per ring dimension for a ternary secret, classical attacks, from the
 # Homomorphic Encryption Standard (Albrecht et al., 2018), the same table OpenFHE enforces.

@@ -52,8 +52,8 @@ from typing import Iterable, Mapping, Optional
 import numpy as np
 
 from .. import _native
-from ..threads import num_threads
-from ..errors import (IncompatibleUpdate, InvalidUpdate, KeyMaterialError, NotEnoughShares,
+from ..base.threads import num_threads
+from ..base.errors import (IncompatibleUpdate, InvalidUpdate, KeyMaterialError, NotEnoughShares,
                       ParameterError)
 from . import backend, flooding
 from .context import Context

@@ -30,7 +30,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .. import _native
-from ..errors import InvalidUpdate
+from ..base.errors import InvalidUpdate
 
 SEED_BYTES = 32
 _DOMAIN = b"fedshield-seeded-a-v3"

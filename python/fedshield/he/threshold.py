@@ -32,7 +32,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from .. import _native
-from ..errors import InvalidUpdate, KeyMaterialError, ParameterError
+from ..base.errors import InvalidUpdate, KeyMaterialError, ParameterError
 from . import backend, flooding
 from .context import Context
 from .flooding import check_precision

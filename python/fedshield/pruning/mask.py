@@ -14,8 +14,9 @@ from typing import Mapping, NamedTuple
 import torch
 
 from .. import _native
-from ..errors import ParameterError
+from ..base.errors import ParameterError
 from ..kernels.reference import importance_mask_reference
+from ..base.validate import is_real
 
 CRITERIA = ("l1", "delta", "taylor")
 SCOPES = ("per_tensor", "global")
@@ -125,7 +126,7 @@ def importance_mask(state: Mapping[str, torch.Tensor], ratio: float, criterion: 
 
 
 def _prepare(state, ratio, criterion, scope, reference, grads):
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+    if not is_real(ratio) or not 0.0 <= ratio <= 1.0:
         raise ParameterError(f"ratio={ratio!r} must be a number in [0, 1]")
     if criterion not in CRITERIA:
         raise ParameterError(f"criterion={criterion!r} must be one of {CRITERIA}")

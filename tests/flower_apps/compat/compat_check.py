@@ -1,5 +1,5 @@
 """Runs tests/flower_apps/compat/toy_apps.py (fedshield's message pattern: custom-stype uint8
-chunks, query/train, a large reply) on fedshield.flower.deployment.Deployment under any
+chunks, query/train, a large reply) on fedshield.engines.flower.deployment.Deployment under any
 interpreter with any Flower release; fedshield itself need not be installed there.
 
     python compat_check.py PATH/TO/deployment.py NBYTES WORKDIR

@@ -1,6 +1,6 @@
 """What a key holder checks before its key touches an aggregate, and what it signs.
 
-Every update and every partial decryption travels with a signed record (fedshield.he.identity:
+Every update and every partial decryption travels with a signed record (fedshield.trust.identity:
 party id, round and the SHA-256 of the whole message, header included, under the party's
 identity key). An aggregate travels with its :class:`Provenance`: its *manifest* (the records
 of the updates summed in) and the server's own record binding the aggregate's digest to that
@@ -30,9 +30,9 @@ import hashlib
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from ..errors import AuthenticationError, DecryptionRefused
+from ..base.errors import AuthenticationError, DecryptionRefused
 from ..he import Context, EncryptedUpdate, aggregate, aggregate_digest
-from ..he.identity import (MAX_PARTY_ID, RECORD_SIZE, Identity, PublicIdentity, record_signer,
+from .identity import (MAX_PARTY_ID, RECORD_SIZE, Identity, PublicIdentity, record_signer,
                            sign_blob, verify_blob, verify_record)
 from ..he.partial import PartialDecryption
 

@@ -17,7 +17,7 @@ key-agreement key; and what the party signs and seals with them.
   party's signature, so a relay can neither edit the blob nor relabel its party or round.
 
 Only the ``cryptography`` package's primitives are used; nothing here is hand-written crypto.
-Every verification failure raises :class:`~fedshield.errors.AuthenticationError`, never a
+Every verification failure raises :class:`~fedshield.base.errors.AuthenticationError`, never a
 ``cryptography`` exception. Formats (integers little-endian):
 
   identity key file  b"FSHLDIDK", u16 version 1, Ed25519 private key (32), X25519 private key
@@ -48,8 +48,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..atomic import write_atomic
-from ..errors import AuthenticationError, KeyMaterialError, ParameterError
+from ..base.atomic import write_atomic
+from ..base.errors import AuthenticationError, KeyMaterialError, ParameterError
+from ..base.validate import is_int
 
 Bytes = Union[bytes, bytearray, memoryview]
 
@@ -104,7 +105,7 @@ def _framed(domain: str, message: bytes) -> bytes:
 
 
 def _uint(value, name: str, high: int) -> int:
-    if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high):
+    if not (is_int(value) and 0 <= value <= high):
         raise ParameterError(f"{name}={value!r} must be an int in [0, {high}]")
     return value
 

@@ -17,12 +17,12 @@ from pathlib import Path
 from flwr.common import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from ..atomic import write_json_atomic
-from ..config import RunConfig
-from ..errors import FedShieldError, KeySetupError
-from ..fl.server import Server
-from ..he.identity import Identity
-from ..run_dir import METRICS, SERVER_STATE
+from ...base.atomic import write_json_atomic
+from ...config import RunConfig
+from ...base.errors import FedShieldError, KeySetupError
+from ...fl.server import Server
+from ...trust.identity import Identity
+from ...run.run_dir import METRICS, SERVER_STATE
 from .polling import PromptGrid
 from .records import CHUNK_BYTES, route_logs_to_flower
 from .site_ipc import RESUME_STATE, SERVER_IDENTITY
@@ -37,7 +37,7 @@ app = ServerApp()
 def _plot(metrics: dict, out: Path) -> None:
     """plots/ beside metrics.json, where matplotlib is installed (the `server` extra has it)."""
     try:
-        from ..plots import plot_run  # noqa: PLC0415 - matplotlib is optional on a server
+        from ...run.plots import plot_run  # noqa: PLC0415 - matplotlib is optional on a server
     except ImportError as exc:
         log.warning("no plots: %s (pip install 'fedshield[server]')", exc)
         return

@@ -13,11 +13,11 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from . import cli_federation
-from .config import SECTIONS, Option, RunConfig, options
-from .data.sites import SPLITS, data_set, split_into_sites, write_site_files
-from .errors import FedShieldError, ParameterError
-from .run_dir import (METRICS, SERVER_STATE, check_out_dir, checkpointed_round,
+from . import federation as cli_federation
+from ..config import SECTIONS, Option, RunConfig, options
+from ..data.sites import SPLITS, data_set, split_into_sites, write_site_files
+from ..base.errors import FedShieldError, ParameterError
+from ..run.run_dir import (METRICS, SERVER_STATE, check_out_dir, checkpointed_round,
                       recorded_rounds)
 
 # What the `client` extra brings: a command that needs one of them says to install it.
@@ -169,7 +169,7 @@ def _cmd_run(args) -> int:
     check_out_dir(config.engine.out, overwrite=args.overwrite)
     if config.engine.name == "flower":
         return _run_flower(config, args)
-    from .local_engine import LocalEngine  # noqa: PLC0415 - torch loads only for `run`
+    from ..engines.local import LocalEngine  # noqa: PLC0415 - torch loads only for `run`
 
     out = config.engine.out
 
@@ -193,7 +193,7 @@ def _resume(args, changes: dict) -> int:
     out = args.resume
     if (Path(out) / SERVER_STATE).is_file():   # a Flower run: its sites go on from their state
         return _run_flower(None, args, resume_rounds=rounds)
-    from .local_engine import LocalEngine  # noqa: PLC0415 - torch loads only for `run`
+    from ..engines.local import LocalEngine  # noqa: PLC0415 - torch loads only for `run`
 
     command = f"fedshield run --resume {out}" + (f" --rounds {rounds}" if rounds else "")
 
@@ -306,7 +306,7 @@ def _flower_interrupted(out: str) -> str:
 
 
 def _cmd_site(args) -> int:
-    from .flower.site_worker import run_worker  # noqa: PLC0415 - torch loads only here
+    from ..engines.flower.site_worker import run_worker  # noqa: PLC0415 - torch loads only here
 
     return run_worker(args.config, exit_with=args.exit_with)
 
@@ -334,7 +334,7 @@ def _output_file(path: str | None, flag: str) -> None:
 
 def _cmd_eval(args) -> int:
     _output_file(args.json_path, "--json")
-    from .evaluation import evaluate_adapter  # noqa: PLC0415
+    from ..training.evaluation import evaluate_adapter  # noqa: PLC0415
 
     result = evaluate_adapter(args.adapter, args.model, args.data, columns=args.columns,
                               max_examples=args.max_examples, max_len=args.max_len or None,
@@ -349,7 +349,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .report import report  # noqa: PLC0415
+    from ..run.report import report  # noqa: PLC0415
 
     result = report(args.runs, args.out)
     print(result["table"], end="")
@@ -359,7 +359,7 @@ def _cmd_report(args) -> int:
 
 def _run_flower(config: RunConfig, args, *, resume_rounds: int | None = None) -> int:
     """A Flower run; with ``args.resume``, the recorded one in that directory goes on."""
-    from .flower.launcher import resume_flower, run_flower  # noqa: PLC0415 - flwr only here
+    from ..engines.flower.launcher import resume_flower, run_flower  # noqa: PLC0415 - flwr only here
 
     out = args.resume or config.engine.out
 
@@ -381,7 +381,7 @@ def _run_flower(config: RunConfig, args, *, resume_rounds: int | None = None) ->
 
 def _cmd_bench(args) -> int:
     _output_file(args.json_path, "--json")
-    from .bench import run_bench  # noqa: PLC0415
+    from ..run.bench import run_bench  # noqa: PLC0415
 
     figures = run_bench(n_values=args.values, n_clients=args.clients)
     if args.json_path:

@@ -19,7 +19,7 @@ File format (JSON, UTF-8)::
 
 A member's party id is its index in ``members``. Each signature is over the body's canonical
 JSON (sorted keys, no spaces) in the signature domain ``federation`` with the signer's identity
-key (fedshield.he.identity), so a file edited after signing no longer verifies; changing the
+key (fedshield.trust.identity), so a file edited after signing no longer verifies; changing the
 body drops every signature.
 """
 
@@ -33,12 +33,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Mapping, Optional
 
-from ..atomic import write_atomic
+from ..base.atomic import write_atomic
 from ..config import RunConfig
-from ..errors import AuthenticationError, FederationError, FedShieldError, KeySetupError
+from ..base.errors import AuthenticationError, FederationError, FedShieldError, KeySetupError
 from ..he import CKKSParams
-from ..he.identity import Identity, PublicIdentity
+from .identity import Identity, PublicIdentity
 from .quorum import min_updates_for
+from ..base.validate import is_int
 
 log = logging.getLogger("fedshield")
 
@@ -51,7 +52,7 @@ _NAME_MAX = 100
 
 
 def _int(value, name: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    if not is_int(value) or not low <= value <= high:
         raise FederationError(f"{name}={value!r} must be an int in [{low}, {high}]")
     return value
 
@@ -154,7 +155,7 @@ class RunSettings:
         except (TypeError, ValueError, RecursionError) as exc:
             raise KeySetupError(f"malformed run settings in the key set-up: {exc}") from None
         if not isinstance(settings.verify_aggregates, bool) or not all(
-                isinstance(v, int) and not isinstance(v, bool)
+                is_int(v)
                 for v in (settings.quorum, settings.flood_bits, settings.decryption_budget)):
             raise KeySetupError("malformed run settings in the key set-up")
         return settings

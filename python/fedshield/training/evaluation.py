@@ -9,15 +9,16 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .atomic import write_json_atomic
-from .data.files import load_instruction_data
-from .data.prompts import format_prompt, prompt_tail
-from .data.tokenize import tokenize_fitting
-from .config import check_max_len
-from .errors import ParameterError
+from ..base.atomic import write_json_atomic
+from ..data.files import load_instruction_data
+from ..data.prompts import format_prompt, prompt_tail
+from ..data.tokenize import tokenize_fitting
+from ..config import check_max_len
+from ..base.errors import ParameterError
 from .metrics import perplexity
-from .model import load_local_model, load_local_tokenizer, resolve_device
-from .train import evaluate_loss
+from .base_model import load_local_model, load_local_tokenizer, resolve_device
+from .loop import evaluate_loss
+from ..base.validate import is_int
 
 log = logging.getLogger("fedshield")
 
@@ -123,7 +124,7 @@ def evaluate_adapter(adapter: str | Path, model: str | Path | None = None,
 
     for name, value in (("--max-examples", max_examples), ("--samples", samples),
                         ("--sample-tokens", sample_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not is_int(value) or value < 0:
             raise ParameterError(f"{name} {value!r} must be an int >= 0")
     if max_len is not None:
         check_max_len(max_len, "--max-len")
@@ -150,7 +151,7 @@ def evaluate_adapter(adapter: str | Path, model: str | Path | None = None,
     compact = template == "compact"
     if max_len is None:
         max_len = meta.get("max_len")
-        if isinstance(max_len, bool) or not isinstance(max_len, int):
+        if not is_int(max_len):
             raise ParameterError(f"--adapter {str(adapter)!r}: {ADAPTER_META} has max_len="
                                  f"{max_len!r}; give --max-len N")
         check_max_len(max_len, f"{ADAPTER_META}: max_len")

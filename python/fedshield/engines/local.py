@@ -17,23 +17,24 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
-from .config import RunConfig
-from .errors import FedShieldError, ParameterError
-from .fl.dealer import deal_keys
-from .fl.federation import Federation, federation_for_run, run_settings
-from .fl.key_setup import KeySetup
-from .fl.party import Party
-from .fl.record import RunRecord
-from .fl.schedule import prune_ratio
-from .fl.server import Server
-from .fl.site import Site, load_site_data
-from .fl.site_files import site_files
-from .he.identity import Identity
-from .model import build_lora_model, load_tokenizer
-from .plots import plot_run
-from .run_dir import METRICS, PLOTS_DIR, check_out_dir, claim_out_dir
-from .threads import apply_to_torch
+from ..run.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from ..config import RunConfig
+from ..base.errors import FedShieldError, ParameterError
+from ..fl.dealer import deal_keys
+from ..trust.federation import Federation, federation_for_run, run_settings
+from ..fl.key_setup import KeySetup
+from ..fl.party import Party
+from ..fl.record import RunRecord
+from ..fl.schedule import prune_ratio
+from ..fl.server import Server
+from ..fl.site import Site, load_site_data
+from ..fl.site_files import site_files
+from ..trust.identity import Identity
+from ..training.lora import build_lora_model
+from ..training.base_model import load_tokenizer
+from ..run.plots import plot_run
+from ..run.run_dir import METRICS, PLOTS_DIR, check_out_dir, claim_out_dir
+from ..base.threads import apply_to_torch
 
 log = logging.getLogger("fedshield")
 

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import write_atomic
-from .errors import ParameterError, StorageError
+from ..base.atomic import write_atomic
+from ..base.errors import ParameterError, StorageError
 from .run_dir import CHECKPOINT_DIR
 from .run_dir import CHECKPOINT_INDEX as INDEX
+from ..base.validate import is_int
 
 FORMAT = 1
 _STATE = "state."
@@ -108,7 +109,7 @@ def load_checkpoint(out: Path) -> dict:
             raise ValueError(f"format {index.get('format') if isinstance(index, dict) else index!r}"
                              f", expected {FORMAT}")
         round_idx, state_file = index["round"], index["state_file"]
-        if isinstance(round_idx, bool) or not isinstance(round_idx, int) or round_idx < 1:
+        if not is_int(round_idx) or round_idx < 1:
             raise ValueError(f"round {round_idx!r} is not a completed round")
         if state_file != f"state-r{round_idx:06d}.safetensors":  # no path from outside
             raise ValueError(f"state file {state_file!r} is not round {round_idx}'s")

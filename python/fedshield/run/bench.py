@@ -15,11 +15,11 @@ import time
 
 import numpy as np
 
-from . import _native
-from .threads import num_threads
-from .he import (CKKSParams, Layout, aggregate, backend, combine_partials, decrypt_update,
+from .. import _native
+from ..base.threads import num_threads
+from ..he import (CKKSParams, Layout, aggregate, backend, combine_partials, decrypt_update,
                  encrypt_update, keygen_shared, keygen_threshold, partial_decrypt)
-from .he.encryption import auto_weight_bound, rebuild_ciphertexts
+from ..he.encryption import auto_weight_bound, rebuild_ciphertexts
 
 # Unequal example counts, far below any default bound: the weighted average must stay exact.
 WEIGHTS = (5.0, 1.0, 4.0, 7.0)

@@ -6,7 +6,7 @@ it. It holds nothing of the site's: the site starts its worker itself
 to reach it: ``socket`` (the worker's Unix socket) and ``token-file`` (a copy of the worker's
 relay secret), e.g. ``--node-config 'socket="/run/fedshield/a/worker.sock"
 token-file="/home/flwr/site-a.token"'``. The worker answers the protocol's requests only
-(fedshield.flower.site_worker); what it answers is what goes back to the server. This process
+(fedshield.engines.flower.site_worker); what it answers is what goes back to the server. This process
 imports neither torch nor openfhe, so the per-message ClientApp process Flower 1.30 starts
 stays cheap.
 
@@ -24,7 +24,7 @@ from typing import Sequence
 from flwr.clientapp import ClientApp
 from flwr.common import ConfigRecord, Context, Message, RecordDict
 
-from ..errors import FedShieldError
+from ...base.errors import FedShieldError
 from .records import (AGGREGATE, FIELDS, SHARE, STYPE_AGGREGATE, STYPE_SHARE, STYPE_UPDATE,
                       UPDATE, get_blobs, get_payload, message_fields, put_blobs, put_payload,
                       route_logs_to_flower, share_key)

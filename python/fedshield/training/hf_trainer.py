@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from .errors import ParameterError
+from ..base.errors import ParameterError
+from ..base.validate import is_int
 
 
 class StopAfterSteps(TrainerCallback):
@@ -19,7 +20,7 @@ class StopAfterSteps(TrainerCallback):
     whatever the Trainer's own epochs or max_steps say."""
 
     def __init__(self, steps: int) -> None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        if not is_int(steps) or steps < 1:
             raise ParameterError(f"steps={steps!r} must be an int >= 1")
         self.steps = steps
         self.start = 0

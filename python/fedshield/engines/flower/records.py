@@ -17,8 +17,8 @@ import logging
 
 from flwr.common import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from ..errors import InvalidUpdate
-from ..fl.messages import InvalidMessage
+from ...base.errors import InvalidUpdate
+from ...fl.messages import InvalidMessage
 
 FIELDS = "fedshield.fields"                  # the message's fields (a ConfigRecord)
 UPDATE = "fedshield.update"                  # payload names in a message's RecordDict

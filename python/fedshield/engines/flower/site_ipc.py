@@ -1,5 +1,5 @@
 """The local channel between a SuperNode's ClientApp (Flower ships it in the app package, so a
-site does not trust it) and the site's own worker (fedshield.flower.site_worker, started by the
+site does not trust it) and the site's own worker (fedshield.engines.flower.site_worker, started by the
 site from its own install and site config).
 
 The worker listens on a Unix socket in a directory the site chooses. Every connection opens
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..errors import FedShieldError
+from ...base.errors import FedShieldError
 
 # Run config of the simulation runtime: each virtual SuperNode's relay settings (a JSON list by
 # partition id; the virtual SuperNodes' own node configs hold only their partition id).

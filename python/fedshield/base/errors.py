@@ -75,7 +75,7 @@ class KeyMessageRefused(KeySetupError):
 
 class FederationError(FedShieldError, ValueError):
     """A federation file that is malformed, incomplete, not signed by every member and the
-    server, or that a signer does not belong to (fedshield.fl.federation)."""
+    server, or that a signer does not belong to (fedshield.trust.federation)."""
 
 
 class DecryptionRefused(FedShieldError):

@@ -7,7 +7,7 @@ adapter between rounds, in the site's node directory (mode 0700).
 
 Flower ships the ClientApp to the SuperNode in the app package (FAB), so the site does not trust
 it: the ClientApp only relays the server's requests over the worker's Unix socket, after proving
-it holds the relay secret (fedshield.flower.site_ipc). The worker answers the protocol's
+it holds the relay secret (fedshield.engines.flower.site_ipc). The worker answers the protocol's
 requests and nothing else (:data:`REQUESTS`): every field is checked against its type, no
 request returns a file, a key, the data or a setting, and none changes a setting. The run's
 hyperparameters come with ``join`` (the server's run config); a run config that names a site
@@ -32,24 +32,25 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import RunConfig
-from ..errors import (AuthenticationError, DataError, DecryptionBudgetExceeded,
+from ...config import RunConfig
+from ...base.errors import (AuthenticationError, DataError, DecryptionBudgetExceeded,
                       DecryptionRefused, FedShieldError, IncompatibleUpdate, InvalidUpdate,
                       KeyMaterialError, KeyMessageRefused, KeySetupError, NotEnoughShares,
                       ParameterError, StorageError)
-from ..fl.federation import load_pinned
-from ..fl.key_setup import NOT_PINNED, refusal_fields
-from ..fl.adapter_store import AdapterStore, adapter_fingerprint, pack_adapter, unpack_adapter
-from ..fl.guard import Provenance
-from ..fl.messages import InvalidMessage, RoundPlan
-from ..fl.party import Party
-from ..fl.site import Site, load_site_data
-from ..fl.site_config import SiteConfig, site_settings_in
-from ..fl.train_fn import TrainFnError, load_train_fn
-from ..he import EncryptedUpdate
-from ..he.identity import Identity
-from ..model import build_lora_model, load_tokenizer
-from ..threads import apply_to_torch
+from ...trust.federation import load_pinned
+from ...fl.key_setup import NOT_PINNED, refusal_fields
+from ...fl.adapter_store import AdapterStore, adapter_fingerprint, pack_adapter, unpack_adapter
+from ...trust.guard import Provenance
+from ...fl.messages import InvalidMessage, RoundPlan
+from ...fl.party import Party
+from ...fl.site import Site, load_site_data
+from ...fl.site_config import SiteConfig, site_settings_in
+from ...fl.train_fn import TrainFnError, load_train_fn
+from ...he import EncryptedUpdate
+from ...trust.identity import Identity
+from ...training.lora import build_lora_model
+from ...training.base_model import load_tokenizer
+from ...base.threads import apply_to_torch
 from .site_ipc import (HANDSHAKE_TIMEOUT, MAX_HEAD, SiteWorkerError, make_token, prove_worker,
                        read_token, recv_frame, send_frame, unix_address)
 
@@ -599,7 +600,7 @@ def run_worker(config_path: str | Path, *, exit_with: int = 0) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedshield.flower.site_worker")
+    parser = argparse.ArgumentParser(prog="python -m fedshield.engines.flower.site_worker")
     parser.add_argument("--config", required=True, help="the site config (TOML, [site])")
     parser.add_argument("--exit-with", type=int, default=0, help="exit when this pid exits")
     args = parser.parse_args(argv)

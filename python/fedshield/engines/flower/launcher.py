@@ -28,27 +28,27 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-from ..atomic import write_json_atomic
-from ..config import RunConfig
-from ..errors import FedShieldError, ParameterError
-from ..fl.federation import federation_for_run
-from ..fl.site_config import SiteConfig
-from ..fl.site_files import site_files
-from ..he.identity import Identity
-from ..run_dir import METRICS, SERVER_STATE, claim_out_dir
-from ..threads import ENV as THREADS_ENV
-from ..threads import available_cpus
+from ...base.atomic import write_json_atomic
+from ...config import RunConfig
+from ...base.errors import FedShieldError, ParameterError
+from ...trust.federation import federation_for_run
+from ...fl.site_config import SiteConfig
+from ...fl.site_files import site_files
+from ...trust.identity import Identity
+from ...run.run_dir import METRICS, SERVER_STATE, claim_out_dir
+from ...base.threads import ENV as THREADS_ENV
+from ...base.threads import available_cpus
 from .deployment import Deployment, DeploymentError, write_app_project
 from .site_ipc import (NODE_SOCKET, NODE_TOKEN, RESUME_STATE, SERVER_IDENTITY,
                        SIMULATION_SITES, Relay, SiteWorkerError)
 
 log = logging.getLogger("fedshield")
 
-SERVER_APP = "fedshield.flower.server_app:app"
+SERVER_APP = "fedshield.engines.flower.server_app:app"
 SITES_FILE = "sites.json"     # OUT/flower/: every site's config and relay (what --resume starts)
 SITE_CONFIG = "site.toml"     # in each site's node directory
 WORKER_START_TIMEOUT = 600.0  # a worker's first answer (it imports torch before it listens)
-CLIENT_APP = "fedshield.flower.client_app:app"
+CLIENT_APP = "fedshield.engines.flower.client_app:app"
 SERVER_IDENTITY_FILE = "identity.key"   # OUT/flower/server/: the server's (pinned) identity
 
 
@@ -192,7 +192,7 @@ def write_app(app_dir: Path, cfg: RunConfig, server_ctx: Path, out: Path,
                       server_app=app.server_app, client_app=app.client_app, config=run_config,
                       dependencies=("fedshield[flower]",))
     # The FAB needs at least one module of its own; the apps themselves live in fedshield.
-    (app_dir / "fedshield_run.py").write_text('"""fedshield run (components in fedshield.flower)."""\n')
+    (app_dir / "fedshield_run.py").write_text('"""fedshield run (components in fedshield.engines.flower)."""\n')
     for f in app.files:
         shutil.copy(f, app_dir / Path(f).name)
     return run_config
@@ -375,7 +375,7 @@ def _site_workers(sites: list[LocalSite], dep: Deployment, envs: list[dict] | No
     names = [f"site-worker-{i}" for i in range(len(sites))]
     envs = envs or [dep.env] * len(sites)
     for name, site, env in zip(names, sites, envs):
-        dep.start(name, [sys.executable, "-m", "fedshield.cli", "site", "worker", "--config",
+        dep.start(name, [sys.executable, "-m", "fedshield.cli.commands.main", "site", "worker", "--config",
                          str(site.config), "--exit-with", str(os.getpid())],
                   env=env, cwd=site.config.parent)
     try:
@@ -454,12 +454,12 @@ def _wait_for_metrics(path: Path, timeout: float = 60.0) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Files for a multi-machine deployment (README, "Deployment on Flower"):
 
-    python -m fedshield.flower.launcher app --config run.json --server-context PATH \\
+    python -m fedshield.engines.flower.launcher app --config run.json --server-context PATH \\
         --out DIR --dir app/
 
     No key file is made here: every site makes its own in the key set-up the ServerApp runs.
     """
-    parser = argparse.ArgumentParser(prog="python -m fedshield.flower.launcher",
+    parser = argparse.ArgumentParser(prog="python -m fedshield.engines.flower.launcher",
                                      description=main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -12,7 +12,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from .errors import ParameterError
+from ..base.errors import ParameterError
+from ..base.validate import is_int
 
 log = logging.getLogger("fedshield")
 
@@ -86,7 +87,7 @@ def checkpointed_round(out: str | Path) -> int:
         value = json.loads(index.read_text()).get("round", 0)
     except (OSError, ValueError, AttributeError):
         return 0
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    return value if is_int(value) and value > 0 else 0
 
 
 def recorded_rounds(out: str | Path) -> tuple[int, int | None]:

@@ -25,12 +25,12 @@ from flwr.common import ArrayRecord, ConfigRecord, Message, MetricRecord, Record
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from ..errors import FedShieldError
-from ..fl.federation import run_settings
-from ..fl.key_setup import KeySetup
-from ..fl.messages import EvalReply, InvalidMessage, ShareReply, SiteInfo, TrainReply
-from ..fl.server import Server
-from ..he import Context, EncryptedUpdate
+from ...base.errors import FedShieldError
+from ...trust.federation import run_settings
+from ...fl.key_setup import KeySetup
+from ...fl.messages import EvalReply, InvalidMessage, ShareReply, SiteInfo, TrainReply
+from ...fl.server import Server
+from ...he import Context, EncryptedUpdate
 from .records import (AGGREGATE, CATCHUP, CHUNK_BYTES, FIELDS, JOIN, KEYS, SHARE,
                       SHARE_REQUEST, STYPE_AGGREGATE, STYPE_SHARE, STYPE_UPDATE, UPDATE,
                       get_blobs, get_payload, message_fields, put_blobs, put_payload, share_key)

@@ -1,5 +1,5 @@
 """`fedshield federation identity | init | add | sign | show`: making the federation file that
-every site pins, out of band (fedshield.fl.federation).
+every site pins, out of band (fedshield.trust.federation).
 
 The ceremony: each member and the server make an identity key on their own machine
 (``identity``) and hand out its public part (``KEY.pub``); one of them writes the file with the
@@ -15,10 +15,10 @@ import argparse
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-from .config import RunConfig, options
-from .errors import FederationError, KeyMaterialError
-from .fl.federation import SERVER, Federation, Floor, federation_for_run
-from .he.identity import Identity, PublicIdentity
+from ..config import RunConfig, options
+from ..base.errors import FederationError, KeyMaterialError
+from ..trust.federation import SERVER, Federation, Floor, federation_for_run
+from ..trust.identity import Identity, PublicIdentity
 
 PUBLIC_SUFFIX = ".pub"
 # run settings that decide a federation's keys and parameters (the rest is each run's own)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import RunConfig
-from .errors import ParameterError
+from ..config import RunConfig
+from ..base.errors import ParameterError
 
 PHASES = ("train", "prune", "encrypt", "aggregate", "decrypt")
 

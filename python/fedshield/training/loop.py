@@ -9,8 +9,8 @@ from typing import Callable, Dict, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from .model import seeded_rng
-
+from .base_model import seeded_rng
+from ..base.validate import is_int
 logger = logging.getLogger("fedshield")
 
 IGNORE_INDEX = -100
@@ -65,7 +65,7 @@ def train_local(
     Minibatches are drawn without replacement from a seeded permutation,
     reshuffled each time the data is exhausted (so small client sets cycle).
     Sampling uses a private ``torch.Generator``; dropout needs the global
-    RNG, so it runs inside :func:`fedshield.model.seeded_rng` -- training is
+    RNG, so it runs inside :func:`fedshield.training.base_model.seeded_rng` -- training is
     reproducible and the caller's RNG state is unchanged afterwards.
 
     A fresh optimiser is built per call: in FL each round starts from the
@@ -79,7 +79,7 @@ def train_local(
     norm (None disables); it keeps the high demo learning rates stable.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("grad_accum", grad_accum)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
@@ -148,7 +148,7 @@ def evaluate_loss(peft_model, tensors, batch_size: int = 32) -> float:
     Summed over all unmasked tokens then divided once, so batches with
     longer answers weigh proportionally (unlike averaging batch means).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     data = _as_tensors(tensors)
     n = data["input_ids"].shape[0]

@@ -1,0 +1,1 @@
+"""The transports of a run: the local engine (in-process) and the Flower engine."""

@@ -1,0 +1,2 @@
+"""Who may take part and what a party accepts: identities and their signatures, the pinned
+federation, the quorum rule and the decryption guard."""
