@@ -254,7 +254,7 @@ def test_a_relay_re_signing_a_sealed_message_as_its_own_is_refused():
     """Carol strips Alice's signature and signs the same body as hers: the signature verifies
     as Carol's, but the key was derived for Alice as sender, so Bob refuses it."""
     body = SEALED[:-64]
-    binding = idm._seal_binding(CAROL.public, BOB.public, AAD)
+    binding = idm.seal_binding(CAROL.public, BOB.public, AAD)
     forged = body + CAROL._sign_framed(idm._SEALED_DOMAIN, binding + body)
     with pytest.raises(fs.AuthenticationError, match="does not decrypt"):
         BOB.open_sealed(forged, CAROL.public, AAD)
@@ -265,7 +265,7 @@ def test_a_sender_sealing_with_a_low_order_key_gets_an_authentication_error():
     AuthenticationError, not cryptography's ValueError."""
     head = b"FSHLDSLD" + struct.pack("<H", 1) + bytes(32) + bytes(12)
     body = head + os.urandom(40 + 16)
-    binding = idm._seal_binding(ALICE.public, BOB.public, AAD)
+    binding = idm.seal_binding(ALICE.public, BOB.public, AAD)
     signed = body + ALICE._sign_framed(idm._SEALED_DOMAIN, binding + body)
     with pytest.raises(fs.AuthenticationError, match="does not decrypt"):
         BOB.open_sealed(signed, ALICE.public, AAD)

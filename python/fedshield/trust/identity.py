@@ -192,13 +192,13 @@ class PublicIdentity:
                                    "X25519 public key") from exc
         nonce = os.urandom(NONCE_SIZE)
         head = b"".join([_SEAL_MAGIC, struct.pack("<H", _SEAL_VERSION), ephemeral_public, nonce])
-        binding = _seal_binding(sender.public, self, aad)
+        binding = seal_binding(sender.public, self, aad)
         key = _seal_key(shared, binding, ephemeral_public)
         body = head + ChaCha20Poly1305(key).encrypt(nonce, plaintext, head + binding + aad)
         return body + sender._sign_framed(_SEALED_DOMAIN, binding + body)
 
 
-def _seal_binding(sender: PublicIdentity, recipient: PublicIdentity, aad: bytes) -> bytes:
+def seal_binding(sender: PublicIdentity, recipient: PublicIdentity, aad: bytes) -> bytes:
     """Who sealed, for whom, with what aad: bound into the key, the AEAD and the signature."""
     return sender.digest() + recipient.digest() + hashlib.sha256(aad).digest()
 
@@ -313,7 +313,7 @@ class Identity:
             raise AuthenticationError(f"sealed message format version {version} is not "
                                       f"supported (expected {_SEAL_VERSION})")
         body, signature = sealed[:-SIGNATURE_SIZE], sealed[-SIGNATURE_SIZE:]
-        binding = _seal_binding(sender, self.public, aad)
+        binding = seal_binding(sender, self.public, aad)
         try:
             sender._verify_framed(_SEALED_DOMAIN, binding + body, signature)
         except AuthenticationError as exc:
@@ -422,4 +422,5 @@ def _as_bytes_view(value, what: str):
 
 
 __all__ = ["Identity", "PublicIdentity", "RECORD_SIZE", "SIGNATURE_PREFIX", "record_signer",
+           "seal_binding",
            "sign_blob", "verify_blob", "verify_record"]
