@@ -154,3 +154,18 @@ def test_report_draws_runs_side_by_side(runs, tmp_path, capsys):
 def test_report_rejects_a_directory_without_metrics(tmp_path, capsys):
     assert cli_main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "metrics.json" in capsys.readouterr().err
+
+
+def test_report_shows_a_dash_where_the_sites_withheld_their_losses(runs, tmp_path, capsys):
+    """Sites whose metrics policy is `none` send no loss: the run's record has None where a
+    loss would be, and the report says "-" there instead of failing."""
+    metrics = json.loads((runs["he"][0] / "metrics.json").read_text())
+    metrics["initial_eval_loss"] = None
+    for entry in metrics["rounds"]:
+        entry.update(eval_loss=None, perplexity=None)
+    withheld = tmp_path / "withheld"
+    withheld.mkdir()
+    (withheld / "metrics.json").write_text(json.dumps(metrics))
+    assert cli_main(["report", str(withheld), "--out", str(tmp_path / "report")]) == 0
+    row = (tmp_path / "report" / "report.md").read_text().splitlines()[2]
+    assert "| - -> - | - |" in row

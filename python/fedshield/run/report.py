@@ -39,6 +39,16 @@ def label_of(metrics: dict, run_dir: str | Path) -> str:
     return ", ".join(parts)
 
 
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def _loss(value) -> str:
+    """A loss, or "-" where the sites' metrics policy withheld it (none)."""
+    return f"{value:.4f}" if value is not None else "-"
+
+
 def summarize(metrics: dict) -> dict:
     rounds = metrics["rounds"]
     last = rounds[-1]
@@ -47,8 +57,7 @@ def summarize(metrics: dict) -> dict:
         "initial_eval_loss": metrics.get("initial_eval_loss"),
         "final_eval_loss": last["eval_loss"],
         "final_perplexity": last.get("perplexity"),
-        "mb_up_per_client_round": (sum(sum(r["bytes_up"]) / len(r["bytes_up"]) for r in rounds)
-                                   / len(rounds) / 1e6),
+        "mb_up_per_client_round": _mean(_mean(r["bytes_up"]) for r in rounds) / 1e6,
         "seconds_per_round": sum(sum(r["seconds"].values()) for r in rounds) / len(rounds),
         "crypto_seconds_per_round": sum(sum(v for k, v in r["seconds"].items() if k != "train")
                                         for r in rounds) / len(rounds),
@@ -66,8 +75,8 @@ def markdown_table(runs: list[tuple[str, dict]]) -> str:
         s = summarize(m)
         ppl = f"{s['final_perplexity']:.2f}" if s["final_perplexity"] is not None else "-"
         eps = f"{s['dp_epsilon']:.2f}" if "dp_epsilon" in s else "-"
-        start = f"{s['initial_eval_loss']:.4f}" if s["initial_eval_loss"] is not None else "?"
-        lines.append(f"| {label} | {s['rounds']} | {start} -> {s['final_eval_loss']:.4f} | {ppl} "
+        lines.append(f"| {label} | {s['rounds']} | {_loss(s['initial_eval_loss'])} -> "
+                     f"{_loss(s['final_eval_loss'])} | {ppl} "
                      f"| {s['mb_up_per_client_round']:.4f} | {s['seconds_per_round']:.2f} "
                      f"({s['crypto_seconds_per_round']:.3f}) | {eps} |")
     return "\n".join(lines) + "\n"
@@ -94,7 +103,7 @@ def report(run_dirs: list[str | Path], out: str | Path) -> dict:
             [r["eval_loss"] for r in m["rounds"]]
         ax_loss.plot(xs, ys, "o-", label=label)
         offset = [x - 0.4 + width * (i + 0.5) for x in rounds]
-        ax_bytes.bar(offset, [sum(r["bytes_up"]) / len(r["bytes_up"]) / 1e6 for r in m["rounds"]],
+        ax_bytes.bar(offset, [_mean(r["bytes_up"]) / 1e6 for r in m["rounds"]],
                      width=width, label=label)
         ax_time.bar(offset, [sum(r["seconds"].values()) for r in m["rounds"]], width=width,
                     label=label)
