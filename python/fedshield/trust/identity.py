@@ -111,6 +111,18 @@ def _uint(value, name: str, high: int) -> int:
 
 
 # -- public identity --------------------------------------------------------------------------
+def _check_head(data: bytes, magic: bytes, size: int, version: int, what: str) -> int:
+    """Where the body of ``data`` starts, once its size, magic and format version are those of
+    ``what``; KeyMaterialError naming what differs otherwise."""
+    if len(data) != size or data[:len(magic)] != magic:
+        raise KeyMaterialError(f"not {what}: {len(data)} bytes (expected {size}) or bad magic")
+    (got,) = struct.unpack_from("<H", data, len(magic))
+    if got != version:
+        raise KeyMaterialError(f"not {what}: format version {got} is not supported (expected "
+                               f"{version})")
+    return len(magic) + 2
+
+
 @dataclass(frozen=True)
 class PublicIdentity:
     """What a party publishes at enrolment: its Ed25519 and X25519 public keys (32 bytes each).
@@ -138,14 +150,7 @@ class PublicIdentity:
     def from_bytes(cls, data: Bytes) -> "PublicIdentity":
         """Strict: exactly :meth:`to_bytes`'s 74 bytes, else KeyMaterialError."""
         data = _as_bytes(data, "public identity")
-        if len(data) != _PUB_SIZE or data[:len(_PUB_MAGIC)] != _PUB_MAGIC:
-            raise KeyMaterialError(f"not a fedshield public identity: {len(data)} bytes "
-                                   f"(expected {_PUB_SIZE}) or bad magic")
-        (version,) = struct.unpack_from("<H", data, len(_PUB_MAGIC))
-        if version != _PUB_VERSION:
-            raise KeyMaterialError(f"public identity format version {version} is not supported "
-                                   f"(expected {_PUB_VERSION})")
-        at = len(_PUB_MAGIC) + 2
+        at = _check_head(data, _PUB_MAGIC, _PUB_SIZE, _PUB_VERSION, "a fedshield public identity")
         return cls(data[at:at + KEY_SIZE], data[at + KEY_SIZE:])
 
     def digest(self) -> bytes:
@@ -276,17 +281,11 @@ class Identity:
                 data += chunk
         finally:
             os.close(fd)
-        if len(data) != _ID_SIZE or data[:len(_ID_MAGIC)] != _ID_MAGIC:
-            raise KeyMaterialError(f"{path!r} is not a fedshield identity key file "
-                                   f"({len(data)} bytes, expected {_ID_SIZE}, or bad magic)")
-        (version,) = struct.unpack_from("<H", data, len(_ID_MAGIC))
-        if version != _ID_VERSION:
-            raise KeyMaterialError(f"identity key file {path!r} has format version {version}, "
-                                   f"expected {_ID_VERSION}")
+        at = _check_head(data, _ID_MAGIC, _ID_SIZE, _ID_VERSION,
+                         f"{path!r}: a fedshield identity key file")
         body = data[:_ID_BODY]
         if hashlib.sha256(body).digest() != data[_ID_BODY:]:
             raise KeyMaterialError(f"identity key file {path!r} is corrupted (digest mismatch)")
-        at = len(_ID_MAGIC) + 2
         return cls(Ed25519PrivateKey.from_private_bytes(body[at:at + KEY_SIZE]),
                    X25519PrivateKey.from_private_bytes(body[at + KEY_SIZE:]))
 
