@@ -15,7 +15,7 @@ void bind_importance(py::module_& m) {
         try {
             if (p) std::rethrow_exception(p);
         } catch (const ImportanceInputError& e) {
-            py::object errors = py::module_::import("fedshield.errors");
+            py::object errors = py::module_::import("fedshield.base.errors");
             PyErr_SetString(errors.attr("ParameterError").ptr(), e.what());
         }
     });

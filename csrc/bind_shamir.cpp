@@ -38,7 +38,7 @@ void bind_shamir(py::module_& m) {
         try {
             if (p) std::rethrow_exception(p);
         } catch (const ShamirInputError& e) {
-            py::object errors = py::module_::import("fedshield.errors");
+            py::object errors = py::module_::import("fedshield.base.errors");
             PyErr_SetString(errors.attr("ParameterError").ptr(), e.what());
         }
     });

@@ -161,11 +161,11 @@ py::tuple layout_to_tuple(const CiphertextLayout& l) {
     return py::tuple(out);
 }
 
-// C++ errors become the public Python errors of fedshield.errors (one hierarchy for users).
+// C++ errors become the public Python errors of fedshield.base.errors (one hierarchy for users).
 void bind_errors(py::module_&) {
     py::register_exception_translator([](std::exception_ptr p) {
         auto raise = [](const char* cls, const char* msg) {
-            py::object errors = py::module_::import("fedshield.errors");
+            py::object errors = py::module_::import("fedshield.base.errors");
             PyErr_SetString(errors.attr(cls).ptr(), msg);
         };
         try {

@@ -44,7 +44,7 @@ inline unsigned cgroup_quota() {
 }  // namespace detail
 
 // Threads fedshield may use, read afresh on every call (no global state), by the same rule as
-// fedshield.threads.num_threads: FEDSHIELD_NUM_THREADS when set; otherwise the CPUs of this
+// fedshield.base.threads.num_threads: FEDSHIELD_NUM_THREADS when set; otherwise the CPUs of this
 // process's affinity mask, capped by a cgroup CPU quota and SLURM_CPUS_PER_TASK, divided
 // among torchrun's LOCAL_WORLD_SIZE ranks.
 inline unsigned default_threads() {
