@@ -40,7 +40,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
 
 def start_run(argv: list[str], **kwargs) -> subprocess.Popen:
     """`fedshield run ARGV` in a session of its own (its pid is its process group)."""
-    return subprocess.Popen([sys.executable, "-m", "fedshield.cli.commands", "run", *argv],
+    return subprocess.Popen([sys.executable, "-m", "fedshield.cli", "run", *argv],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True, **kwargs)
 

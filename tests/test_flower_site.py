@@ -282,7 +282,7 @@ def test_files_that_hold_state_or_logs_are_private(tmp_path):
     Path(site_cfg.node_dir).chmod(0o755)   # the worker closes what was left open
     config = site_cfg.save(tmp_path / "site.toml")
     in_tmp = set(Path("/tmp").glob("fedshield-*"))   # other runs on this machine leave theirs
-    proc = subprocess.Popen([sys.executable, "-m", "fedshield.cli.commands", "site", "worker",
+    proc = subprocess.Popen([sys.executable, "-m", "fedshield.cli", "site", "worker",
                              "--config", str(config), "--exit-with", str(os.getpid())],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -368,7 +368,7 @@ def _accounts(base: Path, worker_uid: int, relay_uid: int, python_for_relay: boo
     for f in [node, *node.iterdir()]:
         os.chown(f, worker_uid, worker_uid)
     env = {**os.environ, "HOME": str(node), "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "fedshield.cli.commands", "site", "worker",
+    proc = subprocess.Popen([sys.executable, "-m", "fedshield.cli", "site", "worker",
                              "--config", str(config), "--exit-with", str(os.getpid())],
                             user=worker_uid, group=worker_uid, extra_groups=[relay_uid],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -183,7 +183,7 @@ def test_killing_a_run_mid_round_then_resuming_loses_and_repeats_nothing(tmp_pat
             "--lora-r", "4", "--samples", "0", "--no-he", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fedshield.cli.commands", "run", *args, "--out",
+    proc = subprocess.Popen([sys.executable, "-m", "fedshield.cli", "run", *args, "--out",
                              str(out)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     index = out / "checkpoint" / "checkpoint.json"
@@ -202,12 +202,12 @@ def test_killing_a_run_mid_round_then_resuming_loses_and_repeats_nothing(tmp_pat
             proc.wait()
     done = json.loads(index.read_text())["round"]
     assert 2 <= done < 5
-    rc = subprocess.run([sys.executable, "-m", "fedshield.cli.commands", "run", "--resume", str(out),
+    rc = subprocess.run([sys.executable, "-m", "fedshield.cli", "run", "--resume", str(out),
                          "--no-progress"], env=env, capture_output=True, timeout=300)
     assert rc.returncode == 0, rc.stderr.decode()[-2000:]
     resumed = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4, 5]
-    rc = subprocess.run([sys.executable, "-m", "fedshield.cli.commands", "run", *args, "--out",
+    rc = subprocess.run([sys.executable, "-m", "fedshield.cli", "run", *args, "--out",
                          str(tmp_path / "whole")], env=env, capture_output=True, timeout=300)
     assert rc.returncode == 0, rc.stderr.decode()[-2000:]
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
@@ -256,7 +256,7 @@ def test_a_signal_stops_a_run_with_one_line_and_it_resumes(tmp_path, how):
     assert not list(out.rglob("*.tmp*")), "a temporary file was left behind"
     wait_until(lambda: not session(), 30, "the child processes to end")
 
-    rc = subprocess.run([sys.executable, "-m", "fedshield.cli.commands", "run", "--resume", str(out),
+    rc = subprocess.run([sys.executable, "-m", "fedshield.cli", "run", "--resume", str(out),
                          "--no-progress"], env=env, capture_output=True, timeout=300)
     assert rc.returncode == 0, rc.stderr.decode()[-2000:]
     resumed = json.loads((out / "metrics.json").read_text())

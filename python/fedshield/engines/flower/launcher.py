@@ -375,7 +375,7 @@ def _site_workers(sites: list[LocalSite], dep: Deployment, envs: list[dict] | No
     names = [f"site-worker-{i}" for i in range(len(sites))]
     envs = envs or [dep.env] * len(sites)
     for name, site, env in zip(names, sites, envs):
-        dep.start(name, [sys.executable, "-m", "fedshield.cli.commands.main", "site", "worker", "--config",
+        dep.start(name, [sys.executable, "-m", "fedshield.cli", "site", "worker", "--config",
                          str(site.config), "--exit-with", str(os.getpid())],
                   env=env, cwd=site.config.parent)
     try:
