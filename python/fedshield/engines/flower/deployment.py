@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 CONNECTION = "fedshield-loopback"
+# A SuperNode whose SuperLink went away keeps trying to reconnect for this long (Flower's
+# --max-wait-time; unset, it would try forever), then exits, and the launcher says so.
+SUPERNODE_MAX_WAIT = 300
 
 
 class DeploymentError(RuntimeError):
@@ -72,6 +75,15 @@ def _tool(name: str) -> str:
         raise DeploymentError(f"{name} not found: install the flower extra "
                              "(pip install 'fedshield[flower]')")
     return found
+
+
+def _gave_up(log: Path) -> bool:
+    """Whether a SuperNode's log shows it stopped trying to reach its SuperLink."""
+    try:
+        text = log.read_text(errors="replace")[-4000:]
+    except OSError:
+        return False
+    return "Giving up reconnection" in text   # Flower's retry invoker, at --max-wait-time
 
 
 _HELP: dict[str, str] = {}
@@ -162,15 +174,20 @@ class Deployment:
         appio = (["--clientappio-api-address", f"127.0.0.1:{self.clientappio[i]}"]
                  if _has_flag(tool, "--clientappio-api-address") else
                  ["--host", "127.0.0.1", "--port", str(self.clientappio[i])])
+        retry = (["--max-wait-time", str(SUPERNODE_MAX_WAIT)]
+                 if _has_flag(tool, "--max-wait-time") else [])
         return self._start(f"supernode-{i}", [
-            tool, "--insecure", "--superlink", f"127.0.0.1:{self.fleet}", *appio,
+            tool, "--insecure", "--superlink", f"127.0.0.1:{self.fleet}", *appio, *retry,
             "--node-config", self.node_config_arg(self.node_configs[i])],
             self._home(f"supernode-{i}"), cwd)
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
             if name.startswith(("superlink", "supernode")) and proc.poll() is not None:
-                raise DeploymentError(f"{name} exited with code {proc.returncode}; see "
+                why = (f" (it could not reach the SuperLink within {SUPERNODE_MAX_WAIT} s)"
+                       if name.startswith("supernode") and _gave_up(self.logs / f"{name}.log")
+                       else "")
+                raise DeploymentError(f"{name} exited with code {proc.returncode}{why}; see "
                                      f"{self.logs / (name + '.log')}")
 
     def run_app(self, app_dir: Path, timeout: float, on_poll=None,

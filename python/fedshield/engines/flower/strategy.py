@@ -31,6 +31,7 @@ from ...fl.key_setup import KeySetup
 from ...fl.messages import EvalReply, InvalidMessage, ShareReply, SiteInfo, TrainReply
 from ...fl.server import Server
 from ...he import Context, EncryptedUpdate
+from .reasons import reason_text
 from .records import (AGGREGATE, CATCHUP, CHUNK_BYTES, FIELDS, JOIN, KEYS, SHARE,
                       SHARE_REQUEST, STYPE_AGGREGATE, STYPE_SHARE, STYPE_UPDATE, UPDATE,
                       get_blobs, get_payload, message_fields, put_blobs, put_payload, share_key)
@@ -92,9 +93,11 @@ class EncryptedFedAvg(FedAvg):
         joins, versions, fingerprints = [], {}, {}
         for msg in replies:
             node = msg.metadata.src_node_id
+            if msg.has_error():   # e.g. a site that failed its start-up checks says which
+                self.server.exclude(0, "join", node,
+                                    f"refused to join: {reason_text(msg.error.reason)}")
+                continue
             try:
-                if msg.has_error():
-                    raise InvalidMessage(f"error: {msg.error.reason}")
                 fields = message_fields(msg)
                 info = SiteInfo.from_fields(fields)
                 version = fields.get("version")
