@@ -111,6 +111,8 @@ def check_site(site: SiteConfig) -> list[Problem]:
             problems.append(Problem("node_dir", "directory", str(node_dir)))
     except OSError as exc:
         problems.append(Problem("node_dir", "directory", f"{node_dir}: {exc.strerror or exc}"))
+    if problems:   # every other file of the site is under it
+        return problems
     for setting in ("data", "eval_data"):
         if setting == "data" or site.eval_data:
             problem = check_data_file(site.path(setting), site.columns, setting)

@@ -138,9 +138,9 @@ def precheck(cfg: RunConfig) -> RunConfig:
                              f"{cwd / model})")
     changes = {}
     if cfg.data.site_data:
-        changes["site_data"] = [str(cwd / p) for p in cfg.data.site_data]
+        changes["site_data"] = [os.path.abspath(p) for p in cfg.data.site_data]
     if model != "tiny":
-        changes["model"] = str(cwd / model)
+        changes["model"] = os.path.abspath(model)
     return cfg.replace(**changes, _source="the launcher's absolute paths") if changes else cfg
 
 
