@@ -128,5 +128,10 @@ def test_a_site_that_refuses_to_join_is_named_and_stops_the_run_at_once(server_c
         "refused to join: SiteCheckFailed: the site failed its start-up checks (party 2 (c): "
         "site setting 'data': a configured column is missing)")
     text = enrolment_failure(strategy.server, 3, [2])
-    assert text.startswith("2 of 3 sites enrolled (parties [2] did not), and the key set-up "
-                           "needs every site: node 3: refused to join: SiteCheckFailed")
+    assert text.startswith("1 site(s) refused to join, and the key set-up needs every site: "
+                           "node 3: refused to join: SiteCheckFailed")
+    silent = Server(RunConfig.from_flat(clients=3, engine="flower"), server_ctx,
+                    engine="flower")
+    assert enrolment_failure(silent, 3, [1, 2]) == (
+        "1 of 3 sites enrolled (parties [1, 2] did not answer), and the key set-up needs "
+        "every site")

@@ -203,3 +203,30 @@ def test_a_worker_keeps_its_files_in_its_node_directory_wherever_it_starts(tmp_p
     for setting in ("key_file", "identity_file", "token_file", "log_file", "socket", "out_dir"):
         assert site.path(setting).parent == node, setting
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_flower_run_stops_at_enrolment_when_a_site_fails_its_checks(tmp_path):
+    """A real deployment whose site 1 names a model it does not have (as a site's own config
+    may, where the launcher cannot check it): its worker refuses to join, and the run stops
+    right after enrolment with status 3's kind, naming the site and the check, never the
+    path."""
+    pytest.importorskip("flwr")
+    from fedshield.engines.flower.launcher import run_flower
+    from fedshield.run.outcome import RunFailed
+
+    cfg = RunConfig.from_flat(clients=2, rounds=2, local_steps=2, examples_per_client=16,
+                              round_timeout=240.0, engine="flower", out=str(tmp_path / "run"))
+    start = time.monotonic()
+    with pytest.raises(RunFailed) as info:
+        run_flower(cfg, site_settings=[{}, {"model": "/srv/secret-model"}])
+    seconds = time.monotonic() - start
+    assert info.value.kind == "site"
+    text = str(info.value)
+    assert "1 site(s) refused to join" in text, text
+    assert "SiteCheckFailed" in text and "site setting 'model'" in text, text
+    assert "secret-model" not in text
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["failure_kind"] == "site" and metrics["rounds"] == []
+    assert "site setting 'model'" in metrics["failure"]
+    assert seconds < 120, seconds

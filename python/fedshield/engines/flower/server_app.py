@@ -50,9 +50,11 @@ def enrolment_failure(server: Server, n_sites: int, missing: list[int]) -> str:
     start-up checks names itself, the setting and the check)."""
     refusals = [f"node {e['node']}: {e['reason']}" for e in server.record.events
                 if e["stage"] == "join"]
+    if refusals:   # the server stopped waiting at the first refusal
+        return (f"{len(refusals)} site(s) refused to join, and the key set-up needs every "
+                f"site: {'; '.join(refusals)}")
     return (f"{n_sites - len(missing)} of {n_sites} sites enrolled (parties {missing} did "
-            f"not), and the key set-up needs every site"
-            + (f": {'; '.join(refusals)}" if refusals else ""))
+            "not answer), and the key set-up needs every site")
 
 
 def _fail(record, metrics_path: Path, kind: str, message: str,

@@ -87,9 +87,14 @@ class EncryptedFedAvg(FedAvg):
         nodes = sorted(grid.get_node_ids())
         self.enrolment_nodes = set(nodes)
         log.info("enrolling %d connected nodes (%d sites configured)", len(nodes), n_sites)
-        replies = grid.send_and_receive(
-            self._messages(nodes, JOIN, lambda _node: RecordDict({FIELDS: ConfigRecord(
-                {"resume": self.server.restored_roster is not None})})), timeout=timeout)
+        messages = self._messages(nodes, JOIN, lambda _node: RecordDict({FIELDS: ConfigRecord(
+            {"resume": self.server.restored_roster is not None})}))
+        # the key set-up needs every site: one that refuses ends the run, so stop waiting
+        # for the others (a model can take minutes to load); a plain Grid waits for all
+        send_until = getattr(grid, "send_until", None)
+        replies = (send_until(messages, timeout=timeout, stop=Message.has_error)
+                   if send_until is not None else
+                   grid.send_and_receive(messages, timeout=timeout))
         joins, versions, fingerprints = [], {}, {}
         for msg in replies:
             node = msg.metadata.src_node_id
