@@ -89,3 +89,21 @@ def test_a_killed_superlink_restarted_as_documented_finishes_every_round_once(tm
     assert [r["round"] for r in got["rounds"]] == [1, 2, 3]
     assert [r["status"] for r in got["rounds"]] == ["ok"] * 3
     assert got["resumed"][0]["after_round"] == done[-1]
+
+
+@pytest.mark.slow   # ~25 s on 2 loaded cores: two Flower processes start
+def test_a_supernode_that_cannot_reach_its_superlink_says_so_in_bounded_time(tmp_path,
+                                                                              monkeypatch):
+    """No SuperLink listens: the SuperNode gives up after Flower's --max-wait-time, which the
+    launcher sets, and the launcher's error says why in its own words."""
+    from fedshield.engines.flower import deployment
+
+    monkeypatch.setattr(deployment, "SUPERNODE_MAX_WAIT", 2)
+    with Deployment(tmp_path, 1, [{}]) as dep:
+        start = time.monotonic()
+        proc = dep.start_supernode(0)
+        proc.wait(timeout=120)
+        with pytest.raises(DeploymentError, match=r"supernode-0 exited with code \d+ \(it could "
+                                                  r"not reach the SuperLink within 2 s\)"):
+            dep.check_alive()
+    assert time.monotonic() - start < 120
