@@ -182,6 +182,9 @@ def test_the_launcher_resolves_a_relative_model_and_site_files_against_its_own_d
     # the sites' configs name it as given here, not inside their own node directories
     sites, _ = prepare_sites(cfg, tmp_path / "work", tmp_path / "out")
     assert {SiteConfig.from_file(s.config).model for s in sites} == {cfg.model.name}
+    for s in sites:   # each worker runs in its node directory: its model check passes there
+        monkeypatch.chdir(s.config.parent)
+        assert [p.setting for p in check_site(SiteConfig.from_file(s.config))] == []
 
 
 def test_a_worker_keeps_its_files_in_its_node_directory_wherever_it_starts(tmp_path,
