@@ -125,10 +125,14 @@ def test_a_site_that_fails_a_check_refuses_to_join_naming_only_the_setting(tmp_p
     config = _site(tmp_path, name="clinic")
     (tmp_path / "node" / "data.jsonl").write_text(json.dumps({"instruction": "x",
                                                               "secret_col": "y"}) + "\n")
+    (tmp_path / "node" / "identity.key").unlink()
     site = SiteConfig.from_file(config)
     problems = check_site(site)
-    assert [p.check for p in problems] == ["columns"]
+    assert [(p.setting, p.check) for p in problems] == [("data", "columns"),
+                                                        ("identity_file", "missing")]
     worker = sw.SiteWorker(site, problems)
+    # no new identity key that the federation file would not pin
+    assert not (tmp_path / "node" / "identity.key").exists()
     assert worker.handle("ping", {}, []) == ({}, [])
     with pytest.raises(SiteCheckFailed) as info:
         worker.handle("join", {"resume": False, "run-config": "{}"}, [])
@@ -137,7 +141,6 @@ def test_a_site_that_fails_a_check_refuses_to_join_naming_only_the_setting(tmp_p
                      "error": "the site failed its start-up checks",
                      "detail": "party 0 (clinic): site setting 'data': a configured column "
                                "is missing"}
-    assert not (tmp_path / "node" / "relay.token").exists()   # nothing more was made
 
 
 def _run_flower_cli(tmp_path: Path, capsys, *argv: str) -> tuple[int, str, float]:
