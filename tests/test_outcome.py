@@ -135,3 +135,12 @@ def test_a_site_that_refuses_to_join_is_named_and_stops_the_run_at_once(server_c
     assert enrolment_failure(silent, 3, [1, 2]) == (
         "1 of 3 sites enrolled (parties [1, 2] did not answer), and the key set-up needs "
         "every site")
+
+
+def test_an_os_error_fedshield_did_not_wrap_is_still_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli_main(["split", "--sites", "2", "--out", str(blocker / "sites")]) == EXIT_ERROR
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedshield: error: ") and \
+        "a-file" in lines[0], lines
