@@ -18,7 +18,7 @@ from . import site_check as cli_site_check
 from ..config import SECTIONS, Option, RunConfig, options
 from ..data.sites import SPLITS, data_set, split_into_sites, write_site_files
 from ..base.errors import FedShieldError, ParameterError
-from ..run.outcome import EXIT_ERROR, EXIT_INTERRUPTED, exit_code
+from ..run.outcome import EXIT_ERROR, EXIT_INTERRUPTED, exit_code, status_help
 from ..run.run_dir import (METRICS, SERVER_STATE, check_out_dir, checkpointed_round,
                       recorded_rounds)
 
@@ -394,7 +394,8 @@ def _cmd_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedshield", description=__doc__,
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=_HelpFormatter,
+                                     epilog=status_help())
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     _site_parser(sub)

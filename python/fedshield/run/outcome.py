@@ -30,6 +30,10 @@ EXIT_INTERRUPTED = 130     # the shell's 128 + SIGINT
 
 EXIT_CODES = {"error": EXIT_ERROR, "site": EXIT_SITE, "keys": EXIT_KEYS,
               "storage": EXIT_STORAGE, "run": EXIT_FAILED, "interrupted": EXIT_INTERRUPTED}
+# a few words per kind, for `fedshield --help`
+WORDS = {"error": "refused input", "site": "a site cannot take part",
+         "keys": "key set-up failed", "storage": "storage", "run": "the run failed",
+         "interrupted": "interrupted"}
 NEXT_STEP = {
     "site": "run `fedshield site check --config SITE.toml` on that site's machine, fix what it "
             "reports, and start the run again",
@@ -51,6 +55,13 @@ class RunFailed(FedShieldError):
         self.kind = kind
 
 
+def status_help() -> str:
+    """The exit statuses in one line (`fedshield --help`)."""
+    return ("Exit status: 0 done, " + ", ".join(f"{code} {WORDS[kind]}"
+                                                for kind, code in EXIT_CODES.items())
+            + " (docs/RUNS.md).")
+
+
 def failure_kind(exc: BaseException) -> str:
     """The kind of failure an exception reports."""
     if isinstance(exc, RunFailed):
@@ -68,5 +79,5 @@ def exit_code(exc: BaseException) -> int:
 
 
 __all__ = ["EXIT_CODES", "EXIT_ERROR", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_KEYS",
-           "EXIT_OK", "EXIT_SITE", "EXIT_STORAGE", "NEXT_STEP", "RunFailed", "exit_code",
-           "failure_kind"]
+           "EXIT_OK", "EXIT_SITE", "EXIT_STORAGE", "NEXT_STEP", "RunFailed", "WORDS", "exit_code",
+           "failure_kind", "status_help"]
