@@ -368,9 +368,9 @@ def test_shared_flooding_noise_matches_the_prediction(flood_keys, monkeypatch):
 
 @pytest.fixture(scope="module")
 def flood_federation():
-    # towers of 55 + 30 bits (effective scale 2**75): precise at flood_bits 20, and the tests
+    # towers of 54 + 30 bits (effective scale 2**75): precise at flood_bits 20, and the tests
     # can inflate the flooding into view within the sampler's 2**112
-    params = fs.CKKSParams(ring_dim=16384, first_mod_bits=55, scale_bits=30, flood_bits=20,
+    params = fs.CKKSParams(ring_dim=16384, first_mod_bits=54, scale_bits=30, flood_bits=20,
                            seeded=False)
     parties, server = fs.keygen_threshold(params, 3, 2)
     return parties, server

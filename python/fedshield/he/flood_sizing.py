@@ -13,8 +13,8 @@ a polynomial whose coefficients are discrete Gaussians of standard deviation
 
 makes approximate decryption IND-CPA^D secure with ``s`` bits of statistical security for up to
 ``tau`` decrypted ciphertexts, where ``t`` bounds the l2 norm (coefficient embedding) of every
-decrypted ciphertext's error. (OpenFHE's documentation notes that the corollary's extra
-sqrt(2n) factor does not belong in the coefficient embedding; OpenFHE estimates ``t`` as the
+decrypted ciphertext's error. (OpenFHE's src/pke/examples/CKKS_NOISE_FLOODING.md notes that
+the corollary's extra sqrt(2n) factor does not belong in the coefficient embedding; OpenFHE estimates ``t`` as the
 rms of the canonical-embedding error, which equals the coefficient l2 norm by Parseval.)
 fedshield takes ``s = flood_bits`` and ``tau = 2**flood_log_queries``.
 

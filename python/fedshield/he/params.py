@@ -112,7 +112,7 @@ class CKKSParams:
     max_clients: int = field(default=64, metadata={"help": "most updates one aggregate may sum"})
     flood_bits: int = field(default=0, metadata={
         "help": "noise flooding of every decryption at this statistical security level "
-                "(bits; 0 = off). Runs on 3 RNS towers (3x the bytes)"})
+                "(bits; 0 = off). Runs on flood_towers RNS towers (2 at the profiles)"})
     flood_log_queries: int = field(default=DEFAULT_LOG_QUERIES, metadata={
         "help": "log2 of the decrypted ciphertexts the flooding guarantee covers"})
     flood_towers: int = field(default=None, metadata={
@@ -277,7 +277,7 @@ class CKKSParams:
             effective = math.ceil(math.log2(2 * (PRECISION_SIGMAS * std + noise) / tolerance))
             need = effective + 2 + sum_bits  # log_q_min: the values' Q/4 and the noise's
             for towers in range(MIN_FLOOD_TOWERS, MAX_FLOOD_TOWERS + 1):
-                log_q = need + towers  # each prime may lose one bit (log_q_min)
+                log_q = need + 1  # log_q_min
                 scale_bits = max(MIN_SCALE_BITS, -(-(log_q - MAX_MODULUS_BITS) // (towers - 1)))
                 first_mod_bits = log_q - (towers - 1) * scale_bits
                 if first_mod_bits <= scale_bits or log_q + KEYSWITCH_BITS > table[ring_dim]:
@@ -349,7 +349,11 @@ class CKKSParams:
 
     @property
     def log_q_min(self) -> int:
-        """A lower bound on log2(Q): each tower's prime has exactly its bit size."""
+        """A lower bound on log2(Q), which every context checks against its moduli: each
+        tower's prime has exactly its bit size; the LMSS22-sized flooding towers count on
+        OpenFHE's primes next to 2**bits (their product reaches 2**(log_q - 1))."""
+        if self.flooding and not self.legacy_flooding:
+            return self.log_q - 1
         return (self.first_mod_bits - 1) + (self.n_towers - 1) * (self.scale_bits - 1)
 
     @property
