@@ -240,10 +240,19 @@ u128 isqrt128(u128 n) {
 // One N_Z(0, sigma2) sample for sigma2 < 2^112 (CKS Algorithm 3, as discrete_gaussian above):
 // t = floor(sigma) + 1 <= 2^56 + 1; Laplace draws of magnitude >= 64 t are rejected outright
 // (their acceptance probability is below exp(-(63 sigma)^2 / (2 sigma^2)) < exp(-1900)).
-int64_t wide_discrete_gaussian(RandomBits& rng, u128 sigma2) {
-    const uint64_t t = static_cast<uint64_t>(isqrt128(sigma2)) + 1;
-    const uint64_t cap = 64 * t;  // < 2^63
-    const U256 den = shl1(mul(sigma2, static_cast<u128>(t) * t));  // 2 sigma2 t^2 < 2^227
+struct WideGaussian {
+    explicit WideGaussian(u128 s2)
+        : sigma2(s2), t(static_cast<uint64_t>(isqrt128(s2)) + 1), cap(64 * t),
+          den(shl1(mul(s2, static_cast<u128>(t) * t))) {}
+    u128 sigma2;
+    uint64_t t, cap;  // cap < 2^63
+    U256 den;         // 2 sigma2 t^2 < 2^227
+};
+
+int64_t wide_discrete_gaussian(RandomBits& rng, const WideGaussian& g) {
+    const u128 sigma2 = g.sigma2;
+    const uint64_t t = g.t, cap = g.cap;
+    const U256& den = g.den;
     for (;;) {
         // the discrete Laplace of scale t (CKS Algorithm 2), as discrete_laplace above
         const uint64_t u = rng.below(t);
@@ -300,7 +309,8 @@ void sample_wide_discrete_gaussian(int64_t* out, uint64_t n, unsigned __int128 s
                                   std::to_string(static_cast<double>(sigma2)) +
                                   " is not in [1, 2**112)");
     RandomBits rng;
-    for (uint64_t i = 0; i < n; ++i) out[i] = wide_discrete_gaussian(rng, sigma2);
+    const WideGaussian g(sigma2);
+    for (uint64_t i = 0; i < n; ++i) out[i] = wide_discrete_gaussian(rng, g);
 }
 
 }  // namespace fedshield
