@@ -414,6 +414,31 @@ def test_threshold_partial_decryptions_are_flooded(flood_federation, monkeypatch
         assert 0.9 * expect < std < 1.1 * expect, (ids, std, expect)
 
 
+@pytest.mark.parametrize("weights", [(5.0, 1.0, 4.0), (1.0, 1e6, 3.0)])
+def test_the_threshold_profile_round_trips_within_1e6(weights):
+    """The LMSS22-sized threshold profile a keygen resolves for 3 parties: party files, updates,
+    the aggregate and every share go through bytes; the fused average is within 1e-6 of the
+    plaintext one (weights of small and huge sites, the round's bound their next power of
+    two), with every share flooded."""
+    parties, server = fs.keygen_threshold(fs.CKKSParams(flood_bits=30), 3)
+    params = parties[0].params
+    assert params == fs.CKKSParams.for_precision(keys="threshold", n_parties=3, flood_bits=30)
+    assert params.flooding and params.n_towers == params.flood_towers == 2
+    loaded = [fs.load_context(p.to_bytes(include_secret=True)) for p in parties]
+    server = fs.load_context(server.to_bytes())
+    states = [make_state(700 + i, {"a": (64, 300), "b": (7, 11)}) for i in range(3)]
+    layout = fs.Layout.from_state_dict(states[0])
+    bound = float(2 ** math.ceil(math.log2(max(weights))))
+    ups = [fs.EncryptedUpdate.from_bytes(
+        fs.encrypt_update(p, s, layout, weight=w, weight_bound=bound).to_bytes())
+        for p, s, w in zip(loaded, states, weights)]
+    agg = fs.EncryptedUpdate.from_bytes(fs.aggregate(server, ups).to_bytes())
+    shares = [bytes(fs.partial_decrypt(p, agg)) for p in loaded]
+    out = fs.combine_partials(agg, shares, layout, ctx=loaded[0])
+    for name, ref in weighted_average(states, list(weights)).items():
+        assert np.abs(out[name].double().numpy() - ref).max() <= 1e-6
+
+
 def test_flooding_with_worker_processes(flood_keys):
     """The encryption and decryption pools load the multi-tower context from its bytes;
     decrypted values are flooded before the pool sees the ciphertexts."""
