@@ -3,12 +3,13 @@
 // flooding polynomial itself, in OpenFHE's evaluation (NTT) representation.
 //
 // A flooding polynomial f has N integer coefficients drawn independently from the discrete
-// Gaussian N_Z(0, sigma2), sigma2 an integer below 2^112 (exact sampling with integer arithmetic
-// from getrandom(2), discrete_gaussian.hpp; fedshield.he.flood_sizing sizes sigma2). The same integer
-// polynomial is reduced mod every tower q_i and taken to the evaluation representation OpenFHE
-// stores: out[j] = f(psi^(2 * bitrev(j) + 1)) mod q_i, psi the tower's primitive 2N-th root of
-// unity (serialized next to its modulus), j in [0, N), bitrev over log2(N) bits. Adding it to
-// c0 before decryption (or to a partial decryption) adds f to the decrypted coefficients.
+// Gaussian N_Z(0, sigma2), sigma2 an integer below 2^112 (exact sampling with integer
+// arithmetic from getrandom(2), discrete_gaussian.hpp; fedshield.he.flood_sizing sizes
+// sigma2). The same integer polynomial is reduced mod every tower q_i and taken to the
+// evaluation representation OpenFHE stores: out[j] = f(psi^(2 * bitrev(j) + 1)) mod q_i, psi
+// the tower's primitive 2N-th root of unity (serialized next to its modulus), j in [0, N),
+// bitrev over log2(N) bits. Adding it to c0 before decryption (or to a partial decryption)
+// adds f to the decrypted coefficients.
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -69,7 +69,8 @@ class Context:
             raise KeyMaterialError(
                 f"{len(self.moduli)} tower moduli starting at {self.moduli[0]}: these "
                 f"parameters need {params.n_towers} starting at the modulus {self.modulus}")
-        if math.prod(self.moduli) < 2 ** params.log_q_min:  # the headroom and pre-scaling rest on it
+        # the headroom and the pre-scaling rest on it
+        if math.prod(self.moduli) < 2 ** params.log_q_min:
             raise KeyMaterialError(
                 f"tower moduli {self.moduli} multiply to less than 2**{params.log_q_min}, the "
                 "modulus these parameters' headroom and pre-scaling assume")

@@ -5,17 +5,18 @@ modulus from it and fedshield.he.flooding can draw the noise it states.
 
 **The analysis** (Li, Micciancio, Schultz, Sorrell, "Securing Approximate Homomorphic
 Encryption Using Differential Privacy", CRYPTO 2022, Corollary 2, in the form OpenFHE's
-``NOISE_FLOODING_DECRYPT`` implements it: ``floodingNoiseStd = sqrt(12 tau) 2^(s/2) 2^noiseEstimate``
-in ``gen-cryptocontext-ckksrns-internal.h``). Adding to every decryption, before it is released,
-a polynomial whose coefficients are discrete Gaussians of standard deviation
+``NOISE_FLOODING_DECRYPT`` implements it: ``floodingNoiseStd = sqrt(12 tau) 2^(s/2)
+2^noiseEstimate`` in ``gen-cryptocontext-ckksrns-internal.h``). Adding to every decryption,
+before it is released, a polynomial whose coefficients are discrete Gaussians of standard deviation
 
     sigma = sqrt(12 * tau) * 2**(s / 2) * t
 
 makes approximate decryption IND-CPA^D secure with ``s`` bits of statistical security for up to
 ``tau`` decrypted ciphertexts, where ``t`` bounds the l2 norm (coefficient embedding) of every
 decrypted ciphertext's error. (OpenFHE's src/pke/examples/CKKS_NOISE_FLOODING.md notes that
-the corollary's extra sqrt(2n) factor does not belong in the coefficient embedding; OpenFHE estimates ``t`` as the
-rms of the canonical-embedding error, which equals the coefficient l2 norm by Parseval.)
+the corollary's extra sqrt(2n) factor does not belong in the coefficient embedding; OpenFHE
+estimates ``t`` as the rms of the canonical-embedding error, which equals the coefficient l2
+norm by Parseval.)
 fedshield takes ``s = flood_bits`` and ``tau = 2**flood_log_queries``.
 
 **The aggregate's noise bound t**, computed from the parameters rather than estimated.
