@@ -26,7 +26,7 @@ FLOOD = fs.CKKSParams.for_precision(flood_bits=30)  # shared keys: LMSS22-sized 
 # towers for parameters built by hand below
 TOWERS = dict(ring_dim=16384, first_mod_bits=60, scale_bits=50)
 # a flooding context as made before the LMSS22 sizing: 3 towers, no flood_towers in its JSON
-LEGACY = fs.CKKSParams(**TOWERS, flood_bits=30, flood_towers=3)
+LEGACY = fs.CKKSParams.from_dict({**TOWERS, "flood_bits": 30, "seeded": True})
 
 
 def _psi(n: int, q: int = SMALL_Q) -> int:
@@ -209,6 +209,14 @@ def test_contexts_made_before_the_lmss22_sizing_keep_their_layout_and_fingerprin
     assert "flood_towers" not in data and data["flood_bits"] == 30
     again = fs.CKKSParams.from_dict(data)
     assert again == LEGACY and again.n_towers == 3 and again.legacy_flooding
+    assert fs.CKKSParams.from_dict(LEGACY.to_dict()) == LEGACY  # metrics.json's form
+    # 3 towers of today's sizing are not the legacy layout: their JSON names them
+    new3 = fs.CKKSParams(**TOWERS, flood_bits=30, flood_towers=3)
+    assert not new3.legacy_flooding and new3 != LEGACY
+    assert json.loads(new3.to_json())["flood_towers"] == 3
+    assert new3.prescale_bits > LEGACY.prescale_bits
+    with pytest.raises(fs.ParameterError, match="legacy_flooding"):
+        fs.CKKSParams(**TOWERS, flood_bits=30, flood_towers=2, legacy_flooding=True)
     assert again.fingerprint() == LEGACY.fingerprint()
     assert again.value_bound == 4.0
     assert again.prescale_bits == again.log_q_min - 2 - (6 + 2) - again.scale_bits

@@ -34,7 +34,8 @@ MIN_SCALE_BITS = 30
 # noise next to the values (docs/THREAT_MODEL.md).
 MIN_FLOOD_TOWERS, MAX_FLOOD_TOWERS = 2, 4
 # Flooding contexts made before the flooding was sized by LMSS22 (uniform smudging): 3 towers,
-# slot values up to 4 per client. Their JSON names no flood_towers, so their fingerprints stay.
+# slot values up to 4 per client, each prime counted one bit short. Their JSON names no
+# flood_towers (CKKSParams.legacy_flooding), so their fingerprints stay.
 LEGACY_FLOOD_TOWERS = 3
 LEGACY_FLOOD_VALUE_BOUND = 4.0
 # Statistical security levels (bits) noise flooding accepts.
@@ -116,8 +117,10 @@ class CKKSParams:
     flood_log_queries: int = field(default=DEFAULT_LOG_QUERIES, metadata={
         "help": "log2 of the decrypted ciphertexts the flooding guarantee covers"})
     flood_towers: int = field(default=None, metadata={
-        "help": "RNS towers of a flooding context (None: as for_precision sizes them; "
-                "3 in contexts made before the LMSS22 sizing)"})
+        "help": "RNS towers of a flooding context (None: as for_precision sizes them)"})
+    legacy_flooding: bool = field(default=False, metadata={
+        "help": "a flooding context written before the LMSS22 sizing (its JSON names no "
+                "flood_towers): 3 towers, slot values up to 4 per client"})
     seeded: bool = field(default=True, metadata={
         "help": "key holders with the secret key send seeded updates (c0 and a seed)"})
     tolerance: float = field(default=DEFAULT_TOLERANCE, compare=False, metadata={
@@ -149,6 +152,13 @@ class CKKSParams:
                 MIN_FLOOD_TOWERS <= self.flood_towers <= MAX_FLOOD_TOWERS):
             raise ParameterError(f"CKKSParams.flood_towers={self.flood_towers} is not in "
                                  f"[{MIN_FLOOD_TOWERS}, {MAX_FLOOD_TOWERS}]")
+        if self.legacy_flooding is not False and not (
+                self.legacy_flooding is True and self.flood_bits
+                and self.flood_towers == LEGACY_FLOOD_TOWERS):
+            raise ParameterError(
+                f"CKKSParams.legacy_flooding={self.legacy_flooding!r} needs flood_bits > 0 and "
+                f"flood_towers={LEGACY_FLOOD_TOWERS} (got {self.flood_bits}, "
+                f"{self.flood_towers})")
         if isinstance(self.tolerance, bool) or not (isinstance(self.tolerance, (int, float))
                                                     and 0 < self.tolerance < 1):
             raise ParameterError(f"CKKSParams.tolerance={self.tolerance!r} must be in (0, 1)")
@@ -337,11 +347,6 @@ class CKKSParams:
         return self.flood_towers if self.flooding else 1
 
     @property
-    def legacy_flooding(self) -> bool:
-        """A flooding context made before the LMSS22 sizing (3 towers, values up to 4)."""
-        return self.flooding and self.flood_towers == LEGACY_FLOOD_TOWERS
-
-    @property
     def log_q(self) -> int:
         """log2(Q) as OpenFHE sizes it: the first modulus, then one scale-sized prime per
         further tower."""
@@ -402,7 +407,8 @@ class CKKSParams:
             del d["flood_bits"]
             if self.flood_log_queries == DEFAULT_LOG_QUERIES:
                 del d["flood_log_queries"]
-        if not self.flooding or self.flood_towers == LEGACY_FLOOD_TOWERS:
+        del d["legacy_flooding"]
+        if not self.flooding or self.legacy_flooding:
             del d["flood_towers"]  # fingerprints of contexts made before flood_towers existed
         if not self.seeded:
             del d["seeded"]  # likewise for the parameters of unseeded (wire v2) contexts
@@ -415,8 +421,10 @@ class CKKSParams:
         if unknown:
             raise ParameterError(f"unknown CKKSParams fields {sorted(unknown)}")
         # Contexts written before seeded updates existed name no "seeded": they are unseeded,
-        # whatever today's default; flooding contexts that name no flood_towers have 3.
-        legacy = {"flood_towers": LEGACY_FLOOD_TOWERS} if d.get("flood_bits", 0) else {}
+        # whatever today's default; flooding contexts that name no flood_towers are the
+        # 3-tower contexts made before the LMSS22 sizing.
+        legacy = ({"flood_towers": LEGACY_FLOOD_TOWERS, "legacy_flooding": True}
+                  if d.get("flood_bits", 0) and "flood_towers" not in d else {})
         return cls(**{"seeded": False, **legacy, **d})
 
     def fingerprint(self) -> bytes:
