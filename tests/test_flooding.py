@@ -272,6 +272,42 @@ def test_the_flooding_variance_follows_lmss22_for_the_aggregate_bound():
     assert widths[0] < widths[1] < widths[2]
 
 
+def _negacyclic(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a * b in Z[X]/(X^N + 1)."""
+    n, full = len(a), np.convolve(a, b)
+    out = full[:n].copy()
+    out[:n - 1] -= full[n:]
+    return out
+
+
+@pytest.mark.parametrize("public_key", [True, False])
+def test_the_l2_bound_covers_simulated_aggregates(public_key):
+    """The noise model of fedshield.he.flood_sizing, simulated: C fresh encryptions' errors
+    (public-key: v * e_pk + e0 + s * e1 under P parties' ternary secrets and key errors;
+    secret-key: e) summed, N = 1024. The bound t exceeds every simulated ||e||_2 and is not
+    vacuous (within a few times the largest)."""
+    rng = np.random.default_rng(7)
+    n, c, p = 1024, 4, 3
+
+    def gauss():
+        return np.rint(rng.normal(0, flood_sizing.ERROR_SIGMA, n)).astype(np.int64)
+
+    def ternary():
+        return rng.integers(-1, 2, n).astype(np.int64)
+
+    s = sum(ternary() for _ in range(p))
+    e_pk = sum(gauss() for _ in range(p))
+    norms = []
+    for _ in range(30):
+        e = np.zeros(n, dtype=np.int64)
+        for _ in range(c):
+            e += (_negacyclic(ternary(), e_pk) + gauss() + _negacyclic(s, gauss())
+                  if public_key else gauss())
+        norms.append(float(np.linalg.norm(e)))
+    t = flood_sizing.noise_l2_bound(n, c, 30, 20, public_key=public_key, n_parties=p)
+    assert max(norms) < t < (5 if public_key else 2) * max(norms)
+
+
 def test_the_flooding_profile_is_the_smallest_that_keeps_1e6():
     """for_precision's flooding profile: within 1e-6 (6 standard deviations over the weight
     sum's 1/2) and one bit less of effective scale would not be."""
