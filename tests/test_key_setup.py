@@ -335,5 +335,5 @@ def test_two_parties_build_the_same_crypto_context_from_the_same_parameters():
     for name in PARAM_SETS:
         for key in here[name]:
             assert json.loads(json.dumps(here[name][key])) == there[name][key], (name, key)
-    assert len(here["flooding"]["moduli"]) == 3
+    assert len(here["flooding"]["moduli"]) == PARAM_SETS["flooding"].n_towers >= 2
     assert there["shared key"][0] == shared.fingerprint.hex()

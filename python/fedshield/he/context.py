@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -68,6 +69,11 @@ class Context:
             raise KeyMaterialError(
                 f"{len(self.moduli)} tower moduli starting at {self.moduli[0]}: these "
                 f"parameters need {params.n_towers} starting at the modulus {self.modulus}")
+        # the headroom and the pre-scaling rest on it
+        if math.prod(self.moduli) < 2 ** params.log_q_min:
+            raise KeyMaterialError(
+                f"tower moduli {self.moduli} multiply to less than 2**{params.log_q_min}, the "
+                "modulus these parameters' headroom and pre-scaling assume")
         self.role = role
         self._crypto_context = crypto_context
         self._public_key = public_key

@@ -27,10 +27,10 @@ weight_bound is within 2x of sum(w) (the Server picks it so), at the price of he
 (each client's |w/B * x| <= 1 with 64 clients).
 
 Noise flooding (``CKKSParams(flood_bits=lambda)``, fedshield.he.flooding): each party adds its
-own uniform flooding polynomial to its partial decryption before it leaves the party, at lambda
-bits of statistical security; key shares are then 3 RNS towers, each Shamir-shared mod its own
-prime. The pre-scaling flooding needs also drowns OpenFHE's fixed 2**20: measured max |error|
-2.98e-8 (float32 rounding) over 65535 values for 3 and 5 parties at flood_bits 20 to 50.
+own discrete Gaussian flooding polynomial (sized by LMSS22 for the aggregate's noise,
+fedshield.he.flood_sizing) to its partial decryption before it leaves the party, at lambda bits
+of statistical security; key shares are then CKKSParams.flood_towers RNS towers, each
+Shamir-shared mod its own prime.
 
 On the wire a partial ciphertext is its residues only (csrc/partial_codec.cpp: one polynomial,
 every tower bit-packed and below its modulus), like an update's. Fusion reads them natively
@@ -151,7 +151,7 @@ def partial_decrypt(party_ctx: Context, agg, present: Optional[Iterable[int]] = 
         raise ParameterError(f"party {pid} is not among the present parties {ids}")
     lead = pid == ids[0]
     params = party_ctx.params
-    hi, lo = ((flooding.split_width(flooding.flood_width(params, party_ctx.n_parties)))
+    hi, lo = ((flooding.split_width(flooding.flood_variance(params, party_ctx.n_parties)))
               if params.flooding else (0, 0))
     key = _decryption_residues(party_ctx, ids)
     try:

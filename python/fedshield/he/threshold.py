@@ -332,7 +332,7 @@ def own_key_probe(party_ctx: Context) -> bytes:
     offsets = _native.find_residue_arrays(part, params.ring_dim, moduli, len(moduli))
     if params.flooding:  # it leaves the party like any partial decryption
         flooding.flood(part, offsets, moduli, party_ctx.tower_roots, params.ring_dim,
-                       flooding.flood_width(params, party_ctx.n_parties))
+                       flooding.flood_variance(params, party_ctx.n_parties))
     n = params.ring_dim
     return b"".join(bytes(part[o:o + 8 * n]) for o in offsets)
 
