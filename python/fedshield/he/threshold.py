@@ -252,20 +252,33 @@ def read_contribution(message, params: CKKSParams, n_parties: int, threshold: in
     if moduli is not None and claimed != [int(q) for q in moduli]:
         raise KeyMaterialError(f"{what} made for the tower moduli {claimed}, this party's "
                                f"context has {list(moduli)}")
-    try:
-        size = _native.key_polys_bytes(n, claimed, 1)
-    except (TypeError, OverflowError) as exc:
-        raise KeyMaterialError(f"malformed {what}: moduli={claimed!r:.200}") from exc
+    size = packed_size(n, claimed, what)
     check_head(meta, {"params": json.loads(params.to_json()), "n_parties": n_parties,
                       "threshold": threshold, "ring_dim": n, "moduli": claimed,
                       "seed": _check_seed(seed).hex(), "sizes": [size]}, {"party"}, what)
     sender = int_field(meta, "party", what, KeyMaterialError, 0, n_parties)
     packed = sections[0]
-    try:  # the moduli (odd, distinct, below 2**62) and every residue, natively
-        wipe(_native.decode_key_polys(packed, n, claimed, 1, what))
+    check_packed(packed, n, claimed, what)
+    return Contribution(sender, tuple(claimed), packed)
+
+
+def packed_size(ring_dim: int, moduli, what: str = "key polynomial") -> int:
+    """Bytes of one packed polynomial of ``ring_dim`` and ``moduli`` (KeyMaterialError for
+    moduli that are not ints)."""
+    try:
+        return _native.key_polys_bytes(ring_dim, [int(q) for q in moduli], 1)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise KeyMaterialError(f"malformed {what}: moduli={moduli!r:.200}") from exc
+
+
+def check_packed(packed, ring_dim: int, moduli, what: str) -> None:
+    """KeyMaterialError naming ``what`` unless ``packed`` is one packed polynomial of these
+    moduli: exact size, the moduli odd, distinct and below 2**62, every residue below its
+    modulus (natively)."""
+    try:
+        wipe(_native.decode_key_polys(packed, ring_dim, [int(q) for q in moduli], 1, what))
     except InvalidUpdate as exc:
         raise KeyMaterialError(str(exc)) from exc
-    return Contribution(sender, tuple(claimed), packed)
 
 
 def joint_b(contributions: Sequence[bytes], ring_dim: int, moduli) -> bytes:
@@ -447,7 +460,7 @@ def keygen_threshold(params: Optional[CKKSParams] = None, n_parties: int = 3,
 
 
 __all__ = ["Contribution", "KeygenState", "MAX_PARTIES", "SEED_BYTES", "THRESHOLD_PARAMS",
-           "accept_key_shares", "check_joint_key", "check_party_context", "commitment",
+           "accept_key_shares", "check_joint_key", "check_packed", "check_party_context", "commitment",
            "common_a", "contribution_message", "deal_key_shares", "finish_keygen", "joint_b",
-           "keygen_seed", "keygen_threshold", "packed_a", "read_contribution", "resolve",
+           "keygen_seed", "keygen_threshold", "packed_a", "packed_size", "read_contribution", "resolve",
            "server_context", "start_keygen"]
