@@ -474,10 +474,10 @@ class KeyHolder:
                                                          self.party_id))
             try:
                 with self._from(sender, "key share"):
-                    th.accept_key_shares(state, [opened], sender=sender)
+                    state = th.accept_key_shares(state, [opened], sender=sender)
             finally:
                 wipe(bytearray(opened))
-        self._commitments = commitments
+        self._state, self._commitments = state, commitments
         probes = [key_probe(state.own_context, s)
                   for s in probe_sets(self.party_id, n, self._t)]
         self._check_decryptions += len(probes)
@@ -688,7 +688,6 @@ class KeySetup:
     def _threshold(self, made: dict, e: dict, epoch: int) -> tuple[Context, int]:
         n, t = self.n, self.t
         seed = epoch_seed(self.params, n, t, self.roster, self.server, epoch)
-        params = th.resolve(self.params, n)
         commitments: list[bytes] = []
         inbox: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(n)}
         for party in range(n):
@@ -724,17 +723,8 @@ class KeySetup:
             message, record, checks, check_record = map(bytes, out)
             self._verified("keygen", party, message, record, epoch)
             self._verified("keygen-probe", party, checks, check_record, epoch)
-            try:  # natively, no openfhe: this epoch's seed (so a), sizes, residues in range
-                got = th.read_contribution(message, params, n, t, seed)
-                if got.sender != party:
-                    raise KeyMaterialError(f"the contribution names party {got.sender}")
-                if th.commitment(seed, party, got.packed) != commitments[2 * party]:
-                    raise KeyMaterialError("its b_i is not the one it committed to before the "
-                                           "others were revealed (a rogue key?)")
-                probes[party] = read_probes(checks, params, n, t, seed, party, got.moduli)
-            except FedShieldError as exc:
-                raise KeyMessageRefused(f"party {party}'s key contribution is refused: {exc}",
-                                        sender=party) from exc
+            got, probes[party] = self.screen_contribution(party, message, checks,
+                                                          commitments[2 * party], seed)
             contributions.append(got.packed)
             claimed.append(got.moduli)
             signed += [message, record]
@@ -752,13 +742,33 @@ class KeySetup:
         try:
             th.check_joint_key(public, contributions, seed)
         except FedShieldError as exc:
-            raise KeySetupError(f"party 0's public context is not the joint key: {exc}",
-                                culprit=0) from exc
+            raise KeyMessageRefused(f"party 0's public context is not the joint key: {exc}",
+                                    sender=0) from exc
         for party, (fields, _) in joined.items():
             if fields.get("context-fp") != public.fingerprint.hex():
                 raise KeySetupError(f"party {party} joined another key than the sum of the "
                                     "contributions", culprit=party)
         return public, self._check(public, contributions, probes, epoch)
+
+    def screen_contribution(self, party: int, message: bytes, checks: bytes,
+                            commitment: bytes, seed: bytes) -> tuple[th.Contribution, dict]:
+        """Party ``party``'s b_i and probes as the server screens them before relaying
+        anything (natively, no openfhe): this epoch's seed (so the common a), exact sizes,
+        residues below the moduli it claims, the b_i it committed to. KeyMessageRefused
+        naming ``party`` otherwise."""
+        params = th.resolve(self.params, self.n)
+        try:
+            got = th.read_contribution(message, params, self.n, self.t, seed)
+            if got.sender != party:
+                raise KeyMaterialError(f"the contribution names party {got.sender}")
+            if th.commitment(seed, party, got.packed) != commitment:
+                raise KeyMaterialError("its b_i is not the one it committed to before the "
+                                       "others were revealed (a rogue key?)")
+            probes = read_probes(checks, params, self.n, self.t, seed, party, got.moduli)
+        except FedShieldError as exc:
+            raise KeyMessageRefused(f"party {party}'s key contribution is refused: {exc}",
+                                    sender=party) from exc
+        return got, probes
 
     def _check(self, public: Context, contributions: list[bytes], probes: dict,
                epoch: int) -> int:
@@ -806,11 +816,11 @@ class KeySetup:
         try:
             public = load_context(blob)
         except FedShieldError as exc:
-            raise KeySetupError(f"party {party}'s public context does not load: {exc}",
-                                culprit=party) from exc
+            raise KeyMessageRefused(f"party {party}'s public context does not load: {exc}",
+                                    sender=party) from exc
         if public.has_secret_key or public.is_party or public.params != self.params:
-            raise KeySetupError(f"party {party} sent secret key material or other parameters "
-                                "as the public context", culprit=party)
+            raise KeyMessageRefused(f"party {party} sent secret key material or other "
+                                    "parameters as the public context", sender=party)
         return public
 
 

@@ -393,10 +393,10 @@ def deal_key_shares(state: KeygenState) -> dict[int, bytes]:
 
 
 def accept_key_shares(state: KeygenState, messages: Iterable[bytes],
-                      sender: Optional[int] = None) -> None:
-    """Adds the key shares in ``messages`` (from deal_key_shares of the other parties; all of
-    party ``sender``'s when given) to ``state``; rejects shares for another party, key epoch
-    or federation."""
+                      sender: Optional[int] = None) -> KeygenState:
+    """A new state that also holds the key shares in ``messages`` (from deal_key_shares of the
+    other parties; all of party ``sender``'s when given); rejects shares for another party,
+    key epoch or federation."""
     if not isinstance(state, KeygenState):
         raise TypeError(f"expected a KeygenState, got {type(state).__name__}")
     own = state._own
@@ -437,7 +437,9 @@ def accept_key_shares(state: KeygenState, messages: Iterable[bytes],
         if not (np.frombuffer(sections[0], dtype="<u8") < bounds).all():
             raise KeyMaterialError(f"key share from party {sender_id} has residues not below q")
         shares[sender_id] = sections[0]
-    state._own = own.with_key_shares(shares)
+    return KeygenState(state.params, state.party_id, state.n_parties, state.threshold,
+                       state.seed, state.contribution, own.with_key_shares(shares),
+                       state._local)
 
 
 def keygen_threshold(params: Optional[CKKSParams] = None, n_parties: int = 3,
@@ -452,8 +454,8 @@ def keygen_threshold(params: Optional[CKKSParams] = None, n_parties: int = 3,
     states = [start_keygen(params, n_parties, threshold, i, seed) for i in range(n_parties)]
     if threshold < n_parties:
         dealt = [deal_key_shares(s) for s in states]
-        for i, state in enumerate(states):
-            accept_key_shares(state, [dealt[j][i] for j in range(n_parties) if j != i])
+        states = [accept_key_shares(state, [dealt[j][i] for j in range(n_parties) if j != i])
+                  for i, state in enumerate(states)]
     contributions = [s.contribution for s in states]
     parties = [finish_keygen(s, contributions) for s in states]
     return parties, parties[0].public()
