@@ -86,7 +86,7 @@ from ..he import CKKSParams, Context, keygen_shared, load_context
 from ..he import threshold as th
 from ..he.budget import DecryptionBudget
 from ..he.frames import DIGEST, frame, unframe
-from ..he.keys import check_size, open_shared_key_material, shared_key_material
+from ..he.keys import check_head, check_size, open_shared_key_material, shared_key_material
 from ..he.partial import key_probe, probes_match
 from ..he.wipe import wipe
 from ..trust.federation import Federation, RunSettings
@@ -225,9 +225,7 @@ def read_probes(message, params: CKKSParams, n: int, t: int, seed: bytes, party:
     want = {"party": party, "n_parties": n, "threshold": t, "seed": seed.hex(),
             "moduli": moduli, "present": [list(s) for s in sets],
             "sizes": [size] * len(sets)}
-    if meta != want:
-        bad = sorted(k for k in set(meta) | set(want) if meta.get(k) != want.get(k))
-        raise KeyMaterialError(f"{what} of party {party}: {bad} are not this federation's")
+    check_head(meta, want, set(), what)
     for probe in sections:
         th.check_packed(probe, params.ring_dim, moduli, what)
     return dict(zip(sets, sections))
@@ -238,15 +236,6 @@ def _sections(sections: list, count: int, op: str, party: int) -> list:
         raise KeySetupError(f"party {party}: {op} request with {len(sections)} sections, "
                             f"expected {count}")
     return list(sections)
-
-
-def _party_ids(value, n: int, what: str, party: int) -> tuple[int, ...]:
-    """A server-given list of distinct party ids in increasing order."""
-    if not (isinstance(value, (list, tuple)) and
-            all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < n for p in value)
-            and list(value) == sorted(set(value)) and value):
-        raise KeySetupError(f"party {party}: malformed {what} {value!r:.80} (ids in [0, {n}))")
-    return tuple(value)
 
 
 # -- refusals that name their sender, across transports ---------------------------------------

@@ -4,8 +4,8 @@ Shared-key mode is the paper's: every client holds the one secret key.
 
 Every machine builds its OpenFHE crypto context itself from the parameters (:func:`local_crypto`;
 OpenFHE picks the same primes and roots of unity for the same parameters, and the serialized
-context is the same bytes everywhere). Key material from another machine (a chain step's public
-key, the joint public key, the shared secret key) travels as its residues, bit-packed and
+context is the same bytes everywhere). Key material from another machine (a party's b_i, the
+joint public key, the shared secret key) travels as its residues, bit-packed and
 checked natively (csrc/key_codec.cpp: exact size, every residue below its tower's modulus), and
 is written into a key of the receiver's own context before OpenFHE sees it. OpenFHE never
 deserializes a byte from outside: an edited byte of a serialized crypto context or key used to
