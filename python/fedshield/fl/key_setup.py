@@ -23,7 +23,7 @@ b_i = -a * s_i + e_i; the joint public key is (sum_i b_i, a).
    checks every signature, opens its shares, and only then reveals its b_i (signed), with its
    key-check probes (signed): a partial decryption of (0, a) with its own key share and, for
    each present set of :func:`check_subsets` that it is in, with the key it would decrypt
-   with in that set (fedshield.he.partial.key_probe). The server screens every b_i natively
+   with in that set (fedshield.he.partial.key_probes). The server screens every b_i natively
    (size, the same moduli for everyone, the epoch's seed, residues below their moduli) and
    checks it against the commitment its party signed before anyone had revealed one.
 3. ``keys.join``: every party gets every signed b_i, checks each against its commitment, sums
@@ -87,7 +87,7 @@ from ..he import threshold as th
 from ..he.budget import DecryptionBudget
 from ..he.frames import DIGEST, frame, unframe
 from ..he.keys import check_head, check_size, open_shared_key_material, shared_key_material
-from ..he.partial import key_probe, probes_match
+from ..he.partial import key_probes, probes_match
 from ..he.wipe import wipe
 from ..trust.federation import Federation, RunSettings
 from ..trust.identity import Identity, PublicIdentity, sign_blob, verify_blob
@@ -467,8 +467,7 @@ class KeyHolder:
             finally:
                 wipe(bytearray(opened))
         self._state, self._commitments = state, commitments
-        probes = [key_probe(state.own_context, s)
-                  for s in probe_sets(self.party_id, n, self._t)]
+        probes = key_probes(state.own_context, probe_sets(self.party_id, n, self._t))
         self._check_decryptions += len(probes)
         message = th.contribution_message(state)
         self._revealed = message

@@ -366,44 +366,50 @@ def _probe_ciphertext(ctx: Context) -> bytes:
     return bytes(buf)
 
 
-def key_probe(party_ctx: Context, present: Optional[Iterable[int]] = None) -> bytes:
-    """This party's partial decryption of (0, a), a of its context's public key, with the key
-    it would decrypt with when ``present`` take part (None: all; its own key share, plus the
-    Lagrange-weighted shares of absent parties when it covers for them): a * s' + OpenFHE's
-    smudging noise and (flooding contexts) this party's flooding, packed (one polynomial).
+def key_probes(party_ctx: Context, present_sets: Iterable[Optional[Iterable[int]]]
+               ) -> list[bytes]:
+    """This party's partial decryptions of (0, a), a of its context's public key, one per
+    present set (None: all), each with the key it would decrypt with when that set takes part
+    (its own key share, plus the Lagrange-weighted shares of absent parties when it covers for
+    them): a * s' + OpenFHE's smudging noise and (flooding contexts) this party's flooding,
+    packed (one polynomial each).
 
     The sum of the probes of one present set plus the joint b is small iff their keys sum to
     the joint secret (:func:`probes_match`); a party's probe with everyone present plus its
     own b_i is small iff it decrypts with the key share its b_i was made with.
     """
     check_party_context(party_ctx)
-    ids = _present_ids(present, party_ctx.n_parties, party_ctx.threshold)
-    if party_ctx.party_id not in ids:
-        raise ParameterError(f"party {party_ctx.party_id} is not among the present parties "
-                             f"{ids}")
     cc, _, _ = party_ctx.openfhe_objects(need_secret=True)
     params, moduli = party_ctx.params, list(party_ctx.moduli)
     n = params.ring_dim
-    key = _decryption_residues(party_ctx, ids)
-    blob = bytearray(party_ctx.secret_key_bytes())
-    part = bytearray()
-    try:
-        for t, (offset, _) in enumerate(party_ctx.key_residues()):
-            blob[offset:offset + 8 * n] = key[t * n:(t + 1) * n].tobytes()
-        secret = backend.load_secret_key(bytes(blob))
-        ct = backend.load_rebuilt_ciphertext(_probe_ciphertext(party_ctx))
-        part = bytearray(backend.serialize(cc.MultipartyDecryptMain([ct], secret)[0]))
-        offsets = _native.find_residue_arrays(part, n, moduli, len(moduli))
-        if params.flooding:  # it leaves the party like any partial decryption
-            flooding.flood(part, offsets, moduli, party_ctx.tower_roots, n,
-                           flooding.flood_width(params, party_ctx.n_parties))
-        residues = np.concatenate([np.frombuffer(part, dtype="<u8", count=n, offset=o)
-                                   for o in offsets])
-        return bytes(_native.pack_key_polys(residues, n, moduli, 1, "key probe"))
-    finally:
-        wipe(key)
-        wipe(blob)
-        wipe(part)
+    ct = backend.load_rebuilt_ciphertext(_probe_ciphertext(party_ctx))
+    offsets_of_key = [offset for offset, _ in party_ctx.key_residues()]
+    out = []
+    for present in present_sets:
+        ids = _present_ids(present, party_ctx.n_parties, party_ctx.threshold)
+        if party_ctx.party_id not in ids:
+            raise ParameterError(f"party {party_ctx.party_id} is not among the present "
+                                 f"parties {ids}")
+        key = _decryption_residues(party_ctx, ids)
+        blob = bytearray(party_ctx.secret_key_bytes())
+        part = bytearray()
+        try:
+            for t, offset in enumerate(offsets_of_key):
+                blob[offset:offset + 8 * n] = key[t * n:(t + 1) * n].tobytes()
+            secret = backend.load_secret_key(bytes(blob))
+            part = bytearray(backend.serialize(cc.MultipartyDecryptMain([ct], secret)[0]))
+            offsets = _native.find_residue_arrays(part, n, moduli, len(moduli))
+            if params.flooding:  # it leaves the party like any partial decryption
+                flooding.flood(part, offsets, moduli, party_ctx.tower_roots, n,
+                               flooding.flood_width(params, party_ctx.n_parties))
+            residues = np.concatenate([np.frombuffer(part, dtype="<u8", count=n, offset=o)
+                                       for o in offsets])
+            out.append(bytes(_native.pack_key_polys(residues, n, moduli, 1, "key probe")))
+        finally:
+            wipe(key)
+            wipe(blob)
+            wipe(part)
+    return out
 
 
 def probes_match(public_ctx: Context, probes: Iterable[bytes], b) -> bool:
@@ -421,6 +427,11 @@ def probes_match(public_ctx: Context, probes: Iterable[bytes], b) -> bool:
     modulus, value = 1, 0
     for q in moduli:
         modulus *= q
+    if len(moduli) == 1:   # one tower: the centered residues are the coefficients
+        q = moduli[0]
+        coeffs = _native.ntt_inverse(np.ascontiguousarray(d), q, public_ctx.tower_roots[0])
+        largest = int(np.minimum(coeffs, np.uint64(q) - coeffs).max())
+        return largest.bit_length() <= modulus.bit_length() - 16
     for t, (q, root) in enumerate(zip(moduli, public_ctx.tower_roots)):
         coeffs = _native.ntt_inverse(np.ascontiguousarray(d[t * n:(t + 1) * n]), q, root)
         rest = modulus // q
@@ -431,4 +442,4 @@ def probes_match(public_ctx: Context, probes: Iterable[bytes], b) -> bool:
 
 
 __all__ = ["PARTIAL_MAGIC", "PartialDecryption", "aggregate_digest", "combine_partials",
-           "key_probe", "partial_decrypt", "partial_template", "probes_match"]
+           "key_probes", "partial_decrypt", "partial_template", "probes_match"]
