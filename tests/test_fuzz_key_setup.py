@@ -31,7 +31,7 @@ import fedshield as fs
 from fedshield import _native
 from fedshield.trust.federation import RunSettings
 from fedshield.fl.key_setup import (KeyHolder, KeySetup, _client_aad, _share_aad, epoch_seed,
-                                    probes_match, read_probes, refusal_fields, refusal_from)
+                                    probes_match, refusal_fields, refusal_from)
 from fedshield.he import threshold as th
 from fedshield.trust.identity import Identity, sign_blob
 from federation_fixtures import pinned_federation
