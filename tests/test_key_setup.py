@@ -94,7 +94,8 @@ def test_suspects_point_at_one_dealing():
 
 
 # -- the protocol ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode, n, t", [("threshold", 3, 2), ("threshold", 3, 3), ("shared", 3, 3)])
+@pytest.mark.parametrize("mode, n, t", [("threshold", 3, 2), ("threshold", 3, 3),
+                                        ("threshold", 5, 3), ("shared", 3, 3)])
 def test_protocol_makes_working_keys_on_each_node(tmp_path, mode, n, t):
     fed = Federation(tmp_path, n, mode, t)
     result = fed.run()
