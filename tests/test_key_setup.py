@@ -277,6 +277,7 @@ class _SiteWorkers:
             worker = SiteWorker.__new__(SiteWorker)
             worker.site = SimpleNamespace(keys=h, party=None, party_id=h.party_id)
             worker.cfg = SimpleNamespace(metrics="all")
+            worker.problems = []   # passed its start-up checks
             self.workers[100 + h.party_id] = worker
 
     def send_and_receive(self, messages, timeout):
