@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from ...base.atomic import write_json_atomic
 from ...config import RunConfig
 from ...base.errors import FedShieldError, KeySetupError
+from ...fl.record import Resumption
 from ...fl.server import Server
 from ...trust.identity import Identity
 from ...run.run_dir import METRICS, SERVER_STATE
@@ -81,28 +82,28 @@ def main(grid: Grid, context: Context) -> None:
     strategy.first_round = done + 1
     participants = strategy.enroll(grid, timeout=cfg.engine.round_timeout)
     record = server.record
-    record.extra["participants"] = sorted(participants.values())
+    record.participants = sorted(participants.values())
     record.write(metrics_path)
     if len(participants) < server.min_updates:
-        record.extra["failure"] = (f"{len(participants)} parties enrolled, "
-                                   f"{server.min_updates} needed")
+        record.failure = (f"{len(participants)} parties enrolled, "
+                          f"{server.min_updates} needed")
         record.write(metrics_path)
-        raise FedShieldError(record.extra["failure"])
+        raise FedShieldError(record.failure)
     if resume:
-        record.extra.setdefault("resumed", []).append(
-            {"after_round": done, "parties": sorted(participants.values())})
+        record.resumed.append(Resumption(after_round=done,
+                                         parties=sorted(participants.values())))
     try:
         if cfg.training.rounds > done:
             strategy.start(grid, ArrayRecord(), num_rounds=cfg.training.rounds - done,
                            timeout=cfg.engine.round_timeout)
     except KeySetupError as exc:  # a party failed the key set-up: nothing can be decrypted
-        record.extra["failure"] = str(exc)
+        record.failure = str(exc)
         record.write(metrics_path)
         raise
-    record.extra["not_enrolled"] = strategy.late_nodes(grid)
+    record.not_enrolled = strategy.late_nodes(grid)
     # what the whole server process loaded, not only our modules
-    record.extra["server_loaded_openfhe"] = "openfhe" in sys.modules
-    record.extra["server_loaded_torch"] = "torch" in sys.modules
+    record.server_loaded_openfhe = "openfhe" in sys.modules
+    record.server_loaded_torch = "torch" in sys.modules
     record.finished = True
     record.write(metrics_path)
     _plot(record.to_dict(), out)
