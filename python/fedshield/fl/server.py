@@ -78,15 +78,11 @@ class Server:
         if ctx is not None:  # after the record: set_context writes the resolved parameters in it
             self.set_context(ctx)
 
-    # -- the parts' state, read through the Server -------------------------------------------
+    # -- what the engines read of the parts ----------------------------------------------------
     @property
     def participants(self) -> dict[int, int]:
         """node -> party of every participant still in the run."""
         return self.members.participants
-
-    @property
-    def sites(self) -> dict[int, SiteInfo]:
-        return self.members.sites
 
     @property
     def roster(self) -> dict[int, PublicIdentity]:
@@ -96,14 +92,6 @@ class Server:
     def version(self) -> int:
         """The last round whose aggregate was applied."""
         return self.members.version
-
-    @property
-    def party_versions(self) -> dict[int, int | None]:
-        return self.members.party_versions
-
-    @property
-    def adapter_fps(self) -> dict[int, str]:
-        return self.members.adapter_fps
 
     @property
     def restored_roster(self) -> dict[int, PublicIdentity] | None:
@@ -119,10 +107,6 @@ class Server:
         return self.members.weight_bound
 
     @property
-    def num_lora_values(self) -> int:
-        return self.members.num_lora_values
-
-    @property
     def ctx(self) -> Context | None:
         return self.keys.ctx
 
@@ -130,10 +114,6 @@ class Server:
     def epoch(self) -> int:
         """The key epoch (0: keys not set up yet)."""
         return self.keys.epoch
-
-    @property
-    def budget_left(self) -> int | None:
-        return self.keys.budget_left
 
     @property
     def threshold(self) -> int:
@@ -189,8 +169,8 @@ class Server:
         for rejected in self.members.enrol(joins, versions or {}, fingerprints or {}, fp):
             self.exclude(0, "join", rejected.node, rejected.reason, party=rejected.party,
                          drop=rejected.drop)
-        sites, record = self.sites, self.record
-        record.num_lora_values = self.num_lora_values
+        sites, record = self.members.sites, self.record
+        record.num_lora_values = self.members.num_lora_values
         if not self.resumed:  # a resumed run measured these when it started
             losses = {p: s.eval_loss for p, s in sites.items() if s.eval_loss is not None}
             examples = {p: s.eval_examples for p, s in sites.items()}
