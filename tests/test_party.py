@@ -277,6 +277,35 @@ def test_ranks_that_disagree_are_refused(tmp_path, shared_keys):
                                                            ).read_text()
 
 
+def test_a_two_rank_site_with_dp_sends_one_clipped_update(tmp_path, shared_keys):
+    """DP on a site of 2 gloo ranks (DDP): the lead draws the noise and every rank encrypts
+    its slice of the same clipped, noised update; the one update moves the global state by
+    dp_clip, and both ranks apply the same aggregate."""
+    import torch.multiprocessing as mp
+
+    shared_keys.client_context().save(tmp_path / "site.key")
+    procs = mp.start_processes(multi_rank_site, nprocs=2, join=False, start_method="spawn",
+                               args=(2, str(tmp_path), _free_port(), "ddp-dp", 1, 8.0, BOUND))
+    try:
+        upd = fs.EncryptedUpdate.from_bytes(wait_for(tmp_path / "update-r1.bin"))
+        agg = fs.aggregate(shared_keys.server_context(), [upd], round=1)
+        (tmp_path / "aggregate-r1.bin").write_bytes(agg.to_bytes())
+        layout = fs.Layout.from_state_dict(get_lora_state(tiny_peft()))
+        avg = fs.decrypt_update(shared_keys.client_context(), agg, layout)
+        assert float(flat(avg).norm()) == pytest.approx(1e-3, rel=1e-3)
+        wait_for(tmp_path / "global-r1-rank1.pt")
+        wait_for(tmp_path / "global-r1-rank0.pt")
+        ranks = [torch.load(tmp_path / f"global-r1-rank{k}.pt") for k in (0, 1)]
+        assert_lora_equal(ranks[1], ranks[0], atol=0)
+    except BaseException:
+        for proc in procs.processes:
+            proc.terminate()
+            proc.join()
+        raise
+    while not procs.join(timeout=300):
+        pass
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
