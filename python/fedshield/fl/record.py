@@ -15,8 +15,8 @@ from typing import TypedDict
 
 from ..base.atomic import write_json_atomic
 from ..base.errors import ParameterError
-from ..training.metrics import perplexity
-from .messages import PHASES, SiteInfo
+from ..training.metrics import perplexity, weighted_loss
+from .messages import PHASES, SiteInfo, TrainReply
 
 
 class _ExclusionBase(TypedDict):
@@ -109,6 +109,33 @@ class RoundRecord:
     train_metrics: list[dict] | None = None        # sites' own training (train-fn): per client
     dp_epsilon: float | None = None
 
+    def take_contributions(self, replies: list[TrainReply], bytes_down: int) -> None:
+        """The aggregated replies (in party order) and the aggregate's size."""
+        self.clients = [r.party for r in replies]
+        self.train_loss = [r.train_loss for r in replies]
+        self.bytes_up = [r.nbytes for r in replies]
+        self.bytes_down = bytes_down
+        self.kept_fraction = sum(r.kept_fraction for r in replies) / len(replies)
+        for phase in ("train", "prune", "encrypt"):
+            self.seconds[phase] += sum(r.seconds.get(phase, 0.0) for r in replies)
+        if any(r.update_norm is not None for r in replies):
+            self.update_norm = [r.update_norm for r in replies]
+        if any(r.metrics for r in replies):
+            self.train_metrics = [dict(r.metrics or {}) for r in replies]
+        self.decrypting_clients = list(self.clients)
+
+    def take_evaluation(self, losses: dict[int, float], examples: dict[int, int],
+                        n_sites: int, applied: bool) -> None:
+        """The held-out losses party -> loss (of ``examples``) after the aggregate was applied
+        (``applied``: by at least one participant, else the round failed)."""
+        self.site_eval_loss = [losses.get(p) for p in range(n_sites)]
+        self.eval_loss = weighted_loss(losses, examples)
+        self.perplexity = None if self.eval_loss is None else perplexity(self.eval_loss)
+        if applied:
+            self.status = "ok"
+        else:
+            self.failure = "no participant applied the aggregate"
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["seconds"] = {k: round(float(v), 4) for k, v in self.seconds.items()}
@@ -154,6 +181,14 @@ class RunRecord:
     not_enrolled: list[int] | None = None          # Flower: nodes that connected too late
     server_loaded_openfhe: bool | None = None      # Flower: what the server process loaded
     server_loaded_torch: bool | None = None
+
+    def take_sites(self, sites: dict[int, SiteInfo], n_sites: int) -> None:
+        """The enrolled sites and the held-out loss of the initial global state."""
+        losses = {p: s.eval_loss for p, s in sites.items() if s.eval_loss is not None}
+        examples = {p: s.eval_examples for p, s in sites.items()}
+        self.sites = [sites[p] for p in sorted(sites)]
+        self.initial_eval_loss = weighted_loss(losses, examples)
+        self.initial_site_eval_loss = [losses.get(p) for p in range(n_sites)]
 
     def to_dict(self) -> dict:
         out = {

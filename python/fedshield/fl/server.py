@@ -26,7 +26,6 @@ from ..base.errors import FedShieldError
 from ..config import RunConfig
 from ..dp.accountant import dp_summary, epsilon_rdp
 from ..he import Context, EncryptedUpdate, aggregate
-from ..training.metrics import perplexity, weighted_loss
 from ..trust.guard import Provenance
 from ..trust.identity import Identity, PublicIdentity
 from ..trust.quorum import min_updates_for
@@ -169,14 +168,10 @@ class Server:
         for rejected in self.members.enrol(joins, versions or {}, fingerprints or {}, fp):
             self.exclude(0, "join", rejected.node, rejected.reason, party=rejected.party,
                          drop=rejected.drop)
-        sites, record = self.members.sites, self.record
+        record = self.record
         record.num_lora_values = self.members.num_lora_values
         if not self.resumed:  # a resumed run measured these when it started
-            losses = {p: s.eval_loss for p, s in sites.items() if s.eval_loss is not None}
-            examples = {p: s.eval_examples for p, s in sites.items()}
-            record.sites = [sites[p] for p in sorted(sites)]
-            record.initial_eval_loss = weighted_loss(losses, examples)
-            record.initial_site_eval_loss = [losses.get(p) for p in range(self.cfg.n_sites)]
+            record.take_sites(self.members.sites, self.cfg.n_sites)
         if self.roster:
             record.identities = {str(p): r.fingerprint() for p, r in sorted(self.roster.items())}
             record.server_identity = self.identity.public.fingerprint()
@@ -330,28 +325,12 @@ class Server:
             bytes_down = result.nbytes
             entry.n_ciphertexts = result.n_ciphertexts
         entry.seconds["aggregate"] += time.perf_counter() - start
-        self._record_contributions(sorted((s.reply for s in accepted), key=lambda r: r.party),
-                                   bytes_down)
+        entry.take_contributions(sorted((s.reply for s in accepted), key=lambda r: r.party),
+                                 bytes_down)
         log.info("round %d: aggregated %d updates from parties %s (%d bytes) in %.3f s",
                  plan.round, len(accepted), entry.clients, bytes_down,
                  entry.seconds["aggregate"])
         return result
-
-    def _record_contributions(self, replies: list[TrainReply], bytes_down: int) -> None:
-        """The round's record of the aggregated replies (in party order)."""
-        entry = self.current
-        entry.clients = [r.party for r in replies]
-        entry.train_loss = [r.train_loss for r in replies]
-        entry.bytes_up = [r.nbytes for r in replies]
-        entry.bytes_down = bytes_down
-        entry.kept_fraction = sum(r.kept_fraction for r in replies) / len(replies)
-        for phase in ("train", "prune", "encrypt"):
-            entry.seconds[phase] += sum(r.seconds.get(phase, 0.0) for r in replies)
-        if any(r.update_norm is not None for r in replies):
-            entry.update_norm = [r.update_norm for r in replies]
-        if any(r.metrics for r in replies):
-            entry.train_metrics = [dict(r.metrics or {}) for r in replies]
-        entry.decrypting_clients = list(entry.clients)
 
     def collect_shares(self, agg: EncryptedUpdate, contributors: list[int],
                        ask: Callable[[list[int]], Mapping[int, object]]
@@ -441,13 +420,7 @@ class Server:
         self.members.version = r
         self.keys.report_budgets(budgets)
         entry.seconds["decrypt"] += max(decrypt, default=0.0)
-        entry.site_eval_loss = [losses.get(p) for p in range(self.cfg.n_sites)]
-        entry.eval_loss = weighted_loss(losses, examples)
-        entry.perplexity = None if entry.eval_loss is None else perplexity(entry.eval_loss)
-        if applied:
-            entry.status = "ok"
-        else:
-            entry.failure = "no participant applied the aggregate"
+        entry.take_evaluation(losses, examples, self.cfg.n_sites, bool(applied))
         dp = self.cfg.dp
         if dp.enabled:
             entry.dp_epsilon = epsilon_rdp(dp.noise, r, dp.delta)
