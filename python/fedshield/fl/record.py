@@ -147,7 +147,7 @@ class RoundRecord:
 
 # metrics.json keys written only once the run has the fact (an absent key: not known)
 _OPTIONAL = ("ckks_params", "identities", "server_identity", "participants", "failure",
-             "not_enrolled", "server_loaded_openfhe", "server_loaded_torch", "dp")
+             "failure_kind", "not_enrolled", "server_loaded_openfhe", "server_loaded_torch", "dp")
 _LISTS = {"key_epochs": KeyEpoch, "rounds_changed": RoundsChange, "resumed": Resumption}
 
 
@@ -178,6 +178,7 @@ class RunRecord:
     resumed: list[Resumption] = field(default_factory=list)
     participants: list[int] | None = None          # Flower: the parties enrolled
     failure: str | None = None                     # Flower: why the run stopped
+    failure_kind: str | None = None                # Flower: its kind (fedshield.run.outcome)
     not_enrolled: list[int] | None = None          # Flower: nodes that connected too late
     server_loaded_openfhe: bool | None = None      # Flower: what the server process loaded
     server_loaded_torch: bool | None = None

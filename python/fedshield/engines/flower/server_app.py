@@ -19,10 +19,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from ...base.atomic import write_json_atomic
 from ...config import RunConfig
-from ...base.errors import FedShieldError, KeySetupError
+from ...base.errors import FedShieldError
 from ...fl.record import Resumption
 from ...fl.server import Server
 from ...trust.identity import Identity
+from ...run.outcome import NEXT_STEP, RunFailed, failure_kind
 from ...run.run_dir import METRICS, SERVER_STATE
 from .polling import PromptGrid
 from .records import CHUNK_BYTES, route_logs_to_flower
@@ -43,6 +44,29 @@ def _plot(metrics: dict, out: Path) -> None:
         log.warning("no plots: %s (pip install 'fedshield[server]')", exc)
         return
     plot_run(metrics, out / "plots")
+
+
+def enrolment_failure(server: Server, n_sites: int, missing: list[int]) -> str:
+    """Which sites did not enrol, and each refusal the server got (a site that failed its
+    start-up checks names itself, the setting and the check)."""
+    refusals = [f"node {e['node']}: {e['reason']}" for e in server.record.events
+                if e["stage"] == "join"]
+    if refusals:   # the server stopped waiting at the first refusal
+        return (f"{len(refusals)} site(s) refused to join, and the key set-up needs every "
+                f"site: {'; '.join(refusals)}")
+    return (f"{n_sites - len(missing)} of {n_sites} sites enrolled (parties {missing} did "
+            "not answer), and the key set-up needs every site")
+
+
+def _fail(record, metrics_path: Path, kind: str, message: str,
+          cause: BaseException | None = None) -> None:
+    """Records the failure and its kind in metrics.json (how `flwr run`'s user reads it) and
+    raises, so the ServerApp exits non-zero and Flower marks the run failed."""
+    record.failure = message
+    record.failure_kind = kind
+    record.write(metrics_path)
+    log.error("the run failed (%s): %s; %s", kind, message, NEXT_STEP.get(kind, ""))
+    raise RunFailed(message, kind) from cause
 
 
 @app.main()
@@ -84,11 +108,9 @@ def main(grid: Grid, context: Context) -> None:
     record = server.record
     record.participants = sorted(participants.values())
     record.write(metrics_path)
-    if len(participants) < server.min_updates:
-        record.failure = (f"{len(participants)} parties enrolled, "
-                          f"{server.min_updates} needed")
-        record.write(metrics_path)
-        raise FedShieldError(record.failure)
+    missing = sorted(set(range(cfg.n_sites)) - set(participants.values()))
+    if missing:   # every run starts with a key set-up, and it needs every party
+        _fail(record, metrics_path, "site", enrolment_failure(server, cfg.n_sites, missing))
     if resume:
         record.resumed.append(Resumption(after_round=done,
                                          parties=sorted(participants.values())))
@@ -96,10 +118,9 @@ def main(grid: Grid, context: Context) -> None:
         if cfg.training.rounds > done:
             strategy.start(grid, ArrayRecord(), num_rounds=cfg.training.rounds - done,
                            timeout=cfg.engine.round_timeout)
-    except KeySetupError as exc:  # a party failed the key set-up: nothing can be decrypted
-        record.failure = str(exc)
-        record.write(metrics_path)
-        raise
+    except FedShieldError as exc:  # e.g. a party failed the key set-up: nothing decrypts
+        kind = failure_kind(exc)
+        _fail(record, metrics_path, "run" if kind == "error" else kind, str(exc), exc)
     record.not_enrolled = strategy.late_nodes(grid)
     # what the whole server process loaded, not only our modules
     record.server_loaded_openfhe = "openfhe" in sys.modules

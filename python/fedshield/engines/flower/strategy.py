@@ -31,6 +31,7 @@ from ...fl.key_setup import KeySetup
 from ...fl.messages import EvalReply, InvalidMessage, ShareReply, SiteInfo, TrainReply
 from ...fl.server import Server
 from ...he import Context, EncryptedUpdate
+from .reasons import reason_text
 from .records import (AGGREGATE, CATCHUP, CHUNK_BYTES, FIELDS, JOIN, KEYS, SHARE,
                       SHARE_REQUEST, STYPE_AGGREGATE, STYPE_SHARE, STYPE_UPDATE, UPDATE,
                       get_blobs, get_payload, message_fields, put_blobs, put_payload, share_key)
@@ -86,15 +87,22 @@ class EncryptedFedAvg(FedAvg):
         nodes = sorted(grid.get_node_ids())
         self.enrolment_nodes = set(nodes)
         log.info("enrolling %d connected nodes (%d sites configured)", len(nodes), n_sites)
-        replies = grid.send_and_receive(
-            self._messages(nodes, JOIN, lambda _node: RecordDict({FIELDS: ConfigRecord(
-                {"resume": self.server.restored_roster is not None})})), timeout=timeout)
+        messages = self._messages(nodes, JOIN, lambda _node: RecordDict({FIELDS: ConfigRecord(
+            {"resume": self.server.restored_roster is not None})}))
+        # the key set-up needs every site: one that refuses ends the run, so stop waiting
+        # for the others (a model can take minutes to load); a plain Grid waits for all
+        send_until = getattr(grid, "send_until", None)
+        replies = (send_until(messages, timeout=timeout, stop=Message.has_error)
+                   if send_until is not None else
+                   grid.send_and_receive(messages, timeout=timeout))
         joins, versions, fingerprints = [], {}, {}
         for msg in replies:
             node = msg.metadata.src_node_id
+            if msg.has_error():   # e.g. a site that failed its start-up checks says which
+                self.server.exclude(0, "join", node,
+                                    f"refused to join: {reason_text(msg.error.reason)}")
+                continue
             try:
-                if msg.has_error():
-                    raise InvalidMessage(f"error: {msg.error.reason}")
                 fields = message_fields(msg)
                 info = SiteInfo.from_fields(fields)
                 version = fields.get("version")
