@@ -5,6 +5,7 @@ update in slices and broadcasts the decrypted global adapter."""
 from __future__ import annotations
 
 import socket
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -286,7 +287,7 @@ def test_a_two_rank_site_with_dp_sends_one_clipped_update(tmp_path, shared_keys)
     shared_keys.client_context().save(tmp_path / "site.key")
     procs = mp.start_processes(multi_rank_site, nprocs=2, join=False, start_method="spawn",
                                args=(2, str(tmp_path), _free_port(), "ddp-dp", 1, 8.0, BOUND))
-    try:
+    with ranks_running(procs):
         upd = fs.EncryptedUpdate.from_bytes(wait_for(tmp_path / "update-r1.bin"))
         agg = fs.aggregate(shared_keys.server_context(), [upd], round=1)
         (tmp_path / "aggregate-r1.bin").write_bytes(agg.to_bytes())
@@ -297,6 +298,14 @@ def test_a_two_rank_site_with_dp_sends_one_clipped_update(tmp_path, shared_keys)
         wait_for(tmp_path / "global-r1-rank0.pt")
         ranks = [torch.load(tmp_path / f"global-r1-rank{k}.pt") for k in (0, 1)]
         assert_lora_equal(ranks[1], ranks[0], atol=0)
+
+
+@contextmanager
+def ranks_running(procs):
+    """The body runs beside a site's rank processes: they are stopped if it fails, else
+    waited for."""
+    try:
+        yield
     except BaseException:
         for proc in procs.processes:
             proc.terminate()
@@ -325,7 +334,7 @@ def test_a_two_rank_site(tmp_path, shared_keys, wrapper):
     procs = mp.start_processes(multi_rank_site, nprocs=2, join=False, start_method="spawn",
                                args=(2, str(tmp_path), _free_port(), wrapper, rounds,
                                      WEIGHTS[0], BOUND))
-    try:
+    with ranks_running(procs):
         model = tiny_peft()
         party = fs.Party(shared_keys.client_context(), model, weight_bound=BOUND)
         server = shared_keys.server_context()
@@ -345,10 +354,3 @@ def test_a_two_rank_site(tmp_path, shared_keys, wrapper):
             assert_lora_equal(get_lora_state(model), ref)
             for k in (0, 1):
                 assert_lora_equal(torch.load(tmp_path / f"global-r{r}-rank{k}.pt"), ref)
-    except BaseException:
-        for proc in procs.processes:
-            proc.terminate()
-            proc.join()
-        raise
-    while not procs.join(timeout=300):
-        pass
