@@ -392,6 +392,20 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted, not when main() first ran:
+    main() is called more than once in one process (tests, embedding), and a stream captured
+    by an earlier caller may be closed by now."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedshield", description=__doc__,
                                      formatter_class=_HelpFormatter,
@@ -407,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # fedshield's own progress at INFO; other libraries (flwr's database set-up...) warnings only
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+                        handlers=[_CurrentStderr()])
     logging.getLogger("fedshield").setLevel(logging.INFO)
     try:
         commands = {"run": _cmd_run, "site": _cmd_site, "split": _cmd_split, "eval": _cmd_eval,

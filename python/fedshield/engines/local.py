@@ -179,7 +179,7 @@ class LocalEngine:
                           server.roster, server.identity.public, ask,
                           settings=run_settings(cfg)).run(epoch)
         server.key_epoch_done(epoch, result.context, before_round, result.seconds,
-                              result.subsets_checked)
+                              result.subsets_checked, result.message_steps)
         for site in self.sites:
             site.take_committed_keys()
 

@@ -37,13 +37,14 @@ class KeyEpochs:
         self.ctx = ctx
 
     def begin(self, epoch: int, ctx: Context, before_round: int, seconds: float,
-              checked: int) -> KeyEpoch:
+              checked: int, message_steps: int = 0) -> KeyEpoch:
         """Switches to a new epoch's public context; returns its entry in the run record."""
         self.set_context(ctx)
         self.epoch = epoch
         self.budget_left = None
         return KeyEpoch(epoch=epoch, before_round=before_round, seconds=round(seconds, 3),
-                        subsets_checked=checked, context_fp=ctx.fingerprint.hex())
+                        subsets_checked=checked, context_fp=ctx.fingerprint.hex(),
+                        message_steps=message_steps)
 
     def report_budgets(self, budgets: list[int]) -> None:
         """The budgets the parties reported after a round: the tightest key decides."""

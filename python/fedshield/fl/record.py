@@ -42,6 +42,7 @@ class KeyEpoch:
     seconds: float
     subsets_checked: int
     context_fp: str
+    message_steps: int = 0         # the set-up's message steps (each a round trip)
 
 
 @dataclass(frozen=True)

@@ -128,10 +128,10 @@ class Server:
         self.record.ckks_params = ctx.params.to_dict()  # what the keys resolved to
 
     def key_epoch_done(self, epoch: int, ctx: Context, before_round: int, seconds: float,
-                       checked: int) -> None:
+                       checked: int, message_steps: int = 0) -> None:
         """Records a key set-up (or rotation) and switches to its public context."""
         self.record.key_epochs.append(self.keys.begin(epoch, ctx, before_round, seconds,
-                                                      checked))
+                                                      checked, message_steps))
         self.record.ckks_params = ctx.params.to_dict()
 
     def needs_new_keys(self) -> bool:

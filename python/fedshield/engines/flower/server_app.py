@@ -31,8 +31,6 @@ from .site_ipc import RESUME_STATE, SERVER_IDENTITY
 from .strategy import EncryptedFedAvg
 
 log = logging.getLogger("fedshield")
-
-route_logs_to_flower()
 app = ServerApp()
 
 
@@ -71,6 +69,7 @@ def _fail(record, metrics_path: Path, kind: str, message: str,
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    route_logs_to_flower()   # in the ServerApp process only: importing this module changes no logger
     grid = PromptGrid(grid)
     rc = context.run_config
     cfg = RunConfig.from_dict(json.loads(str(rc["fedshield-config"])),

@@ -171,7 +171,7 @@ class EncryptedFedAvg(FedAvg):
                           server.roster, server.identity.public,
                           self._relay(grid, KEYS), settings=run_settings(cfg)).run(epoch)
         server.key_epoch_done(epoch, result.context, before_round, result.seconds,
-                              result.subsets_checked)
+                              result.subsets_checked, result.message_steps)
         if self.on_keys is not None:
             self.on_keys(result.context)
 
