@@ -56,6 +56,9 @@ def multi_rank_site(rank: int, world: int, work: str, port: int, wrapper: str, r
     work = Path(work)
     ctx = fs.load_context(work / "site.key")
     model = tiny_peft()
+    dp = {}
+    if wrapper == "ddp-dp":       # DP-LoRA: the lead draws the noise, every rank sends it
+        wrapper, dp = "ddp", {"dp_clip": 1e-3, "dp_noise": 2.0 ** -30}
     if wrapper == "ddp":
         trained = torch.nn.parallel.DistributedDataParallel(model)
     elif wrapper == "unsynced":   # each rank trains its own copy: the ranks disagree
@@ -64,7 +67,7 @@ def multi_rank_site(rank: int, world: int, work: str, port: int, wrapper: str, r
         from torch.distributed.fsdp import fully_shard
 
         trained = fully_shard(model)
-    party = fs.Party(ctx, trained, weight_bound=weight_bound)
+    party = fs.Party(ctx, trained, weight_bound=weight_bound, **dp)
     for r in range(1, rounds + 1):
         train_steps(trained, seed=1000 * r + rank)   # each rank its own batches
         local = get_lora_state(trained)

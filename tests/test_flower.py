@@ -731,7 +731,8 @@ def _replay_locally(cfg: RunConfig, subsets: list[list[int]], got: dict) -> None
             sim.set_up_keys(before_round=r)
         plan = sim.server.plan(r)
         replies = [(p, sim.sites[p].train_round(plan)) for p in subset]
-        average = sim.decrypt(plan, sim.server.aggregate(plan, replies), subset)
+        accepted = sim.server.screen_updates(plan, replies)
+        average = sim.decrypt(plan, sim.server.aggregate(plan, accepted), subset)
         for site in sim.sites:
             site.apply(plan, average=average)
         entry = sim.server.finish_round([(s.party_id, s.eval_reply()) for s in sim.sites])

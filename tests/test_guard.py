@@ -177,7 +177,7 @@ def test_edited_partial_decryptions_are_refused_by_server_and_parties(federation
     share = fs.partial_decrypt(parties[1], agg)
     record = sign_share(IDENTITIES[1], 1, ROUND, share)
     guard = guard_for(server)
-    assert server._share_problem((share, record), 1, agg, [0, 1, 2]) is None
+    assert server.share_problem((share, record), 1, agg, [0, 1, 2]) is None
     guard.check_shares(agg, [share], [record])
     meta, parts = unframe(share, PARTIAL_MAGIC, "share", fs.InvalidUpdate)
     rng = np.random.default_rng(3)
@@ -188,7 +188,7 @@ def test_edited_partial_decryptions_are_refused_by_server_and_parties(federation
         at = int(rng.integers(0, len(target)))
         target[at] ^= int(rng.integers(1, 256))
         edited = frame(PARTIAL_MAGIC, meta, [bytes(p) for p in new_parts])
-        assert server._share_problem((edited, record), 1, agg, [0, 1, 2]) is not None
+        assert server.share_problem((edited, record), 1, agg, [0, 1, 2]) is not None
         try:
             guard.check_shares(agg, [edited], [record])
             silent += 1

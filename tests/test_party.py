@@ -5,6 +5,7 @@ update in slices and broadcasts the decrypted global adapter."""
 from __future__ import annotations
 
 import socket
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -135,6 +136,97 @@ def test_pruned_update_and_the_rounds_mask(shared_keys):
         assert float((avg[k].double() - want).abs().max()) <= 1e-5
 
 
+def flat(state: dict) -> torch.Tensor:
+    return torch.cat([state[k].double().reshape(-1) for k in sorted(state)])
+
+
+def test_a_plain_party_clips_and_noises_its_updates_dp(shared_keys):
+    """DP-LoRA is the party's: a plain fs.Party with dp_clip and dp_noise sends its update
+    clipped to dp_clip (the global state moves by at most that, plus the noise) with discrete
+    Gaussian noise of standard deviation dp_noise * dp_clip; without DP it sends it as is."""
+    clip = 1e-3
+    model = tiny_peft()
+    party = fs.Party(None, model, dp_clip=clip, dp_noise=2.0 ** -30)
+    train_steps(model, seed=5)
+    raw = party.update_values()
+    norm = float(flat(raw).norm())
+    assert norm > 10 * clip                     # the training moved it well past the clip
+    prepared = party.prepare()
+    assert prepared.update_norm == pytest.approx(norm, rel=1e-6)
+    assert float(flat(prepared.values).norm()) == pytest.approx(clip, rel=1e-4)
+    scaled = {k: v * (clip / norm) for k, v in raw.items()}   # same direction, shorter
+    assert float((flat(prepared.values) - flat(scaled)).abs().max()) <= 1e-6
+    # the noise: std dp_noise * dp_clip on every coordinate, drawn afresh each time
+    noisy = fs.Party(None, model, dp_clip=clip, dp_noise=1.0)   # its update: zero
+    a, b = noisy.prepare().values, noisy.prepare().values
+    diff = flat(a) - flat(b)                    # two draws: std sqrt(2) * sigma * clip
+    assert diff.numel() > 1000
+    assert float(diff.std()) == pytest.approx(2 ** 0.5 * clip, rel=0.1)
+    # through encrypt_update and the aggregate: the global state moves by the clipped update
+    model = tiny_peft()
+    party = fs.Party(shared_keys.client_context(), model, weight_bound=BOUND, dp_clip=clip,
+                     dp_noise=2.0 ** -30)
+    before = flat(party.global_state)
+    train_steps(model, seed=5)
+    upd = party.encrypt_update(weight=8)
+    party.apply_aggregate(fs.aggregate(shared_keys.server_context(), [upd]))
+    assert float((flat(party.global_state) - before).norm()) == pytest.approx(clip, rel=1e-3)
+    plain = fs.Party(None, tiny_peft())
+    assert plain.prepare().update_norm is None and not plain.dp
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dp_clip=1.0), "needs both"),
+    (dict(dp_noise=1.0), "needs both"),
+    (dict(dp_clip=-1.0, dp_noise=1.0), "dp_clip=-1.0"),
+    (dict(dp_clip=1.0, dp_noise=float("nan")), "dp_noise=nan"),
+    (dict(dp_clip=1.0, dp_noise=1.0, algorithm="paper"), "algorithm='paper' sends weights"),
+])
+def test_a_party_refuses_dp_settings_that_cannot_hold(kwargs, match):
+    with pytest.raises(fs.ParameterError, match=match):
+        fs.Party(None, tiny_peft(), **kwargs)
+
+
+def test_a_plain_party_of_the_paper_algorithm_weighs_one(shared_keys):
+    """paper's weight rule is the party's: whatever example counts the loop reports, every
+    party weighs 1 and the global state becomes the plain mean of the local weights."""
+    ctx, server = shared_keys.client_context(), shared_keys.server_context()
+    models = [tiny_peft(), tiny_peft()]
+    parties = [fs.Party(ctx, m, algorithm="paper", weight_bound=BOUND) for m in models]
+    assert [p.weight_for(n) for p, n in zip(parties, WEIGHTS)] == [1.0, 1.0]
+    assert fs.Party(ctx, tiny_peft()).weight_for(24) == 24.0
+    with pytest.raises(fs.ParameterError, match="weight=0"):
+        parties[0].weight_for(0)
+    [locals_] = run_rounds(parties, models, server, rounds=1, weights=WEIGHTS, check=False)
+    for party in parties:          # the unweighted mean, not the (8, 24)-weighted one
+        assert_lora_equal(party.global_state, weighted(locals_, (1.0, 1.0)))
+
+
+def test_the_rounds_mask_has_one_owner_the_party(shared_keys):
+    """round_mask makes the round's common mask once, from the global state the round starts
+    from; the update is packed with it and the aggregate unpacked with it (nothing passed in),
+    and it is gone once the round's aggregate is applied."""
+    ctx, server = shared_keys.client_context(), shared_keys.server_context()
+    models = [tiny_peft(), tiny_peft()]
+    parties = [fs.Party(ctx, m, weight_bound=BOUND) for m in models]
+    run_rounds(parties, models, server, rounds=1)          # magnitudes to rank
+    masks = [p.round_mask(2, 0.5) for p in parties]
+    for i, m in enumerate(models):
+        train_steps(m, seed=10 + i)
+    assert all(p.round_mask(2, 0.5) is mask for p, mask in zip(parties, masks))  # kept
+    assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])       # alike
+    locals_ = [p.update_values() for p in parties]
+    ups = [p.encrypt(p.prepare(mask=p.round_mask(2)), w, round=2)
+           for p, w in zip(parties, WEIGHTS)]
+    agg = fs.aggregate(server, ups, round=2)
+    avg = parties[1].apply_aggregate(agg)
+    ref = weighted(locals_, WEIGHTS)
+    for k in avg:
+        want = torch.where(masks[0][k], ref[k], torch.zeros_like(ref[k]))
+        assert float((avg[k].double() - want).abs().max()) <= 1e-5
+    assert parties[1].round_mask(2) is None          # forgotten with its round
+
+
 def test_wrapped_models_are_read_and_written_through_the_wrapper(shared_keys):
     """A DDP-wrapped model (one gloo rank) and a torch.compile'd one: the party reads and
     writes the LoRA weights of the peft model inside, under peft's own names."""
@@ -186,6 +278,43 @@ def test_ranks_that_disagree_are_refused(tmp_path, shared_keys):
                                                            ).read_text()
 
 
+def test_a_two_rank_site_with_dp_sends_one_clipped_update(tmp_path, shared_keys):
+    """DP on a site of 2 gloo ranks (DDP): the lead draws the noise and every rank encrypts
+    its slice of the same clipped, noised update; the one update moves the global state by
+    dp_clip, and both ranks apply the same aggregate."""
+    import torch.multiprocessing as mp
+
+    shared_keys.client_context().save(tmp_path / "site.key")
+    procs = mp.start_processes(multi_rank_site, nprocs=2, join=False, start_method="spawn",
+                               args=(2, str(tmp_path), _free_port(), "ddp-dp", 1, 8.0, BOUND))
+    with ranks_running(procs):
+        upd = fs.EncryptedUpdate.from_bytes(wait_for(tmp_path / "update-r1.bin"))
+        agg = fs.aggregate(shared_keys.server_context(), [upd], round=1)
+        (tmp_path / "aggregate-r1.bin").write_bytes(agg.to_bytes())
+        layout = fs.Layout.from_state_dict(get_lora_state(tiny_peft()))
+        avg = fs.decrypt_update(shared_keys.client_context(), agg, layout)
+        assert float(flat(avg).norm()) == pytest.approx(1e-3, rel=1e-3)
+        wait_for(tmp_path / "global-r1-rank1.pt")
+        wait_for(tmp_path / "global-r1-rank0.pt")
+        ranks = [torch.load(tmp_path / f"global-r1-rank{k}.pt") for k in (0, 1)]
+        assert_lora_equal(ranks[1], ranks[0], atol=0)
+
+
+@contextmanager
+def ranks_running(procs):
+    """The body runs beside a site's rank processes: they are stopped if it fails, else
+    waited for."""
+    try:
+        yield
+    except BaseException:
+        for proc in procs.processes:
+            proc.terminate()
+            proc.join()
+        raise
+    while not procs.join(timeout=300):
+        pass
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -205,7 +334,7 @@ def test_a_two_rank_site(tmp_path, shared_keys, wrapper):
     procs = mp.start_processes(multi_rank_site, nprocs=2, join=False, start_method="spawn",
                                args=(2, str(tmp_path), _free_port(), wrapper, rounds,
                                      WEIGHTS[0], BOUND))
-    try:
+    with ranks_running(procs):
         model = tiny_peft()
         party = fs.Party(shared_keys.client_context(), model, weight_bound=BOUND)
         server = shared_keys.server_context()
@@ -225,10 +354,3 @@ def test_a_two_rank_site(tmp_path, shared_keys, wrapper):
             assert_lora_equal(get_lora_state(model), ref)
             for k in (0, 1):
                 assert_lora_equal(torch.load(tmp_path / f"global-r{r}-rank{k}.pt"), ref)
-    except BaseException:
-        for proc in procs.processes:
-            proc.terminate()
-            proc.join()
-        raise
-    while not procs.join(timeout=300):
-        pass

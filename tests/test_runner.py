@@ -171,8 +171,8 @@ def test_threshold_round_equals_plaintext_fedavg(tmp_path):
     # the precision profile of threshold keys (public-key and multiparty decryption noise)
     assert th.server.ctx.params == cfg.ckks_params()
     assert not th.server.ctx.params.seeded and cfg.replace(keys="shared").ckks_params().seeded
-    epochs = th.server.record.extra["key_epochs"]
-    assert [e["epoch"] for e in epochs] == [1] and epochs[0]["before_round"] == 1
+    epochs = th.server.record.key_epochs
+    assert [e.epoch for e in epochs] == [1] and epochs[0].before_round == 1
     assert _max_diff(th.global_state, plain.global_state) <= 1e-6
     assert m["decrypting_clients"] == [0, 1] and m["bytes_partial_decryptions"] > 0
 

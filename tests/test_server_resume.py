@@ -53,7 +53,7 @@ def test_a_party_that_misses_an_aggregate_is_behind_not_dropped():
     finish(server, 1, [0, 2], {1: fs.FedShieldError("crashed")})
     assert server.caught_up(1, 0, before_round=2, fingerprint="a0" * 32)
     assert server.behind() == []
-    assert server.record.extra["catch_ups"] == [
+    assert server.record.to_dict()["catch_ups"] == [
         {"before_round": 2, "party": 1, "from": 0, "version": 1}]
     finish(server, 2, [0, 1], {2: None})                             # party 2: no reply
     assert server.behind() == [2]

@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 from ..run.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from ..config import RunConfig
 from ..base.errors import FedShieldError, ParameterError
+from ..fl.adapter_store import adapter_fingerprint
 from ..fl.dealer import deal_keys
 from ..trust.federation import Federation, federation_for_run, run_settings
 from ..fl.key_setup import KeySetup
 from ..fl.party import Party
-from ..fl.record import RunRecord
 from ..fl.schedule import prune_ratio
 from ..fl.server import Server
 from ..fl.site import Site, load_site_data
@@ -49,11 +49,13 @@ class LocalEngine:
     data stops the run before the expensive steps."""
 
     def __init__(self, cfg: RunConfig, show_progress: bool | None = None, *,
-                 overwrite: bool = False, resuming: bool = False) -> None:
+                 overwrite: bool = False, checkpoint: dict | None = None) -> None:
+        """``checkpoint``: a run's last checkpoint (load_checkpoint), which this engine goes
+        on from (see :meth:`resume`)."""
         self.cfg = cfg
         self.out = Path(cfg.engine.out)
         self.overwrite = overwrite
-        if not resuming:
+        if checkpoint is None:
             check_out_dir(self.out, overwrite=overwrite)
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
         self.first_round = 1
@@ -72,12 +74,31 @@ class LocalEngine:
         log.info("fedshield: set-up: data and model ready (%.1f s)", time.perf_counter() - start)
         he, dealer = cfg.he.enabled, cfg.keys.setup == "dealer"
         ctxs, server_ctx = deal_keys(cfg) if he and dealer else ([None] * cfg.n_sites, None)
-        self.sites = [Site(i, Party(ctxs[i], model, algorithm=cfg.training.algorithm), d, cfg,
-                           self.tokenizer, identity=Identity.generate() if he else None)
+        self.sites = [Site(i, Party.for_run(ctxs[i], model, cfg), d, cfg, self.tokenizer,
+                           identity=Identity.generate() if he else None)
                       for i, d in enumerate(data)]
         self.server = Server(cfg, server_ctx, engine="local",
                              flood_bits=cfg.ckks_params().flood_bits if he else None)
-        self.server.enrol((site.party_id, site.info()) for site in self.sites)
+        versions = fingerprints = None
+        if checkpoint is not None:  # the same path as a resumed Flower server's
+            done = checkpoint["round"]
+            if sorted(checkpoint["state"]) != sorted(self.global_state):
+                raise ParameterError(f"--resume {str(self.out)!r}: the checkpoint's LoRA "
+                                     "tensors do not match the model this config builds")
+            for site in self.sites:
+                site.party.set_global(checkpoint["state"], version=done)
+            try:  # the sites of this process make new identity keys (none is ever written)
+                self.server.restore(checkpoint["server"], new_identities=True)
+            except (TypeError, KeyError, ValueError, FedShieldError) as exc:
+                raise ParameterError(f"--resume {str(self.out)!r}: the checkpoint's server "
+                                     f"state does not fit this fedshield version: {exc}"
+                                     ) from exc
+            fp = adapter_fingerprint(self.global_state)
+            versions = {s.party_id: done for s in self.sites}
+            fingerprints = {s.party_id: fp for s in self.sites}
+            self.first_round = done + 1
+        self.server.enrol(((site.party_id, site.info()) for site in self.sites), versions,
+                          fingerprints)
         # Key files and decryption budgets of this process's parties: a private directory
         # that goes with the engine (a resumed run sets up new keys).
         self._keys_dir = tempfile.TemporaryDirectory(prefix="fedshield-keys-") if he else None
@@ -109,26 +130,10 @@ class LocalEngine:
             given = f"--rounds {rounds}" if rounds is not None else f"its rounds={planned}"
             raise ParameterError(f"--resume {str(out)!r}: {given} is fewer than the {done} "
                                  f"rounds the run has completed; give --rounds {done} or more")
-        engine = cls(cfg, show_progress=show_progress, resuming=True)
-        if sorted(ckpt["state"]) != sorted(engine.sites[0].party.global_state):
-            raise ParameterError(f"--resume {str(out)!r}: the checkpoint's LoRA tensors do not "
-                                 "match the model this config builds")
-        for site in engine.sites:
-            site.party.set_global(ckpt["state"], version=ckpt["round"])
-        try:
-            record = RunRecord.from_dict(ckpt["metrics"])
-        except (TypeError, KeyError) as exc:
-            raise ParameterError(f"--resume {str(out)!r}: the checkpoint's metrics do not fit "
-                                 f"this fedshield version: {exc}") from exc
+        engine = cls(cfg, show_progress=show_progress, checkpoint=ckpt)
         if cfg.training.rounds != planned:  # the schedules follow the new total (README)
-            record.extra.setdefault("rounds_changed", []).append(
-                {"after_round": done, "rounds": cfg.training.rounds, "was": planned})
             log.info("fedshield: %s resumes after round %d with rounds=%d (was %d)", out, done,
                      cfg.training.rounds, planned)
-        record.config = cfg.to_dict()
-        engine.server.record = record
-        engine.server.version = ckpt["round"]
-        engine.first_round = ckpt["round"] + 1
         restore_rng(*ckpt["rng"])  # after set-up, so nothing above consumes the restored streams
         return engine
 
@@ -225,9 +230,8 @@ class LocalEngine:
         elif self.cfg.keys.mode == "threshold":
             average = self._threshold_decrypt(plan, result, contributors)
         else:
-            site = self.sites[contributors[0]]
-            average = site.party.decrypt(result, mask=site.round_mask(plan),
-                                         provenance=self.server.provenance)
+            average = self.sites[contributors[0]].party.decrypt(
+                result, provenance=self.server.provenance)
         self.server.current.seconds["decrypt"] += time.perf_counter() - start
         return average
 
@@ -253,7 +257,7 @@ class LocalEngine:
             raise FedShieldError(f"round {plan.round} failed: {server.current.failure}")
         present, shares = collected
         lead = self.sites[present[0]]
-        return lead.party.decrypt(agg, [shares[p] for p in present], mask=lead.round_mask(plan),
+        return lead.party.decrypt(agg, [shares[p] for p in present],
                                   share_records=[server.share_records[p] for p in present])
 
     # -- the whole run ----------------------------------------------------------------------
@@ -285,9 +289,10 @@ class LocalEngine:
                          entry["eval_loss"], entry["perplexity"],
                          [round(x, 3) for x in entry["train_loss"]], max(entry["bytes_up"]),
                          entry["kept_fraction"], entry["seconds"])
-                save_checkpoint(self.out, round_idx=r,
-                                state=self.sites[0].party.global_state,
-                                metrics=record.to_dict(), config=cfg.to_dict())
+                state = server.checkpoint()
+                save_checkpoint(self.out, round_idx=r, state=self.sites[0].party.global_state,
+                                metrics=state.pop("record"), config=cfg.to_dict(),
+                                server=state)
                 record.write(self.out / METRICS)
         # metrics.json says finished only once the adapter and the plots are written: an
         # interruption before that leaves a run that --resume completes.

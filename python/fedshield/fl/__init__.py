@@ -1,10 +1,13 @@
 """The federated-learning layer, on top of the encryption layer (fedshield.he):
 
 - messages.py: the typed messages of a round (plan, replies) and their flat fields;
-- record.py: the run record (metrics.json), one writer for every engine;
-- server.py: the Server (enrol, plan, screen, aggregate, check shares, record); no torch,
-  no openfhe;
-- party.py: Party, a site's crypto half, usable from any training loop (torch);
+- the Server in parts, none importing torch or openfhe: server.py (the Server, a thin
+  coordinator: plan, aggregate, collect shares, checkpoint/restore), membership.py (who is
+  in the run), screening.py (a pure screen of every reply: each update parsed and hashed
+  once), record.py (the run record, metrics.json, typed), key_epochs.py (the public context
+  and key rotation);
+- party.py: Party, every site-side rule (DP, the algorithm's weight, the round's mask) and
+  the crypto, usable from any training loop (torch);
 - site.py: Site, one organisation with its own data and fedshield's training loop;
 - schedule.py, dealer.py (keys of a one-process simulation), site_files.py.
 

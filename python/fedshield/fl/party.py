@@ -2,13 +2,20 @@
 
     party = fs.Party(ctx, model)              # ctx: a client or party context; model: a peft
                                               # model whose LoRA state now is the global state
-    upd = party.encrypt_update(weight=n)      # EncryptedUpdate of (LoRA now - global)
+    upd = party.encrypt_update(weight=n)      # EncryptedUpdate of (LoRA now - global), n: the
+                                              # examples it trained on
     party.apply_aggregate(agg)                # LoRA := global + weighted average update
     share = party.partial_decrypt(agg)        # threshold keys; then apply_aggregate(agg, shares)
 
 The party keeps the global LoRA state (fp32, on the CPU) next to the live model and knows which
 round's aggregate it includes (``version``). Frozen base weights are never read or written:
 only the LoRA tensors move, through peft's state-dict names.
+
+The party owns every site-side rule of the federation, whatever loop trains the model: DP-LoRA's
+clipping and noise of each update it prepares (``dp_clip``, ``dp_noise``), the algorithm's
+weight of an update (:meth:`Party.weight_for`: ``paper`` weighs every party 1), and each round's
+common mask (:meth:`Party.round_mask`): made once, from the global state the round starts from,
+and used both for the update it encrypts and for the aggregate it decrypts.
 
 The model may live on a GPU and be wrapped by DDP, FSDP (1 or 2) or torch.compile. A site that
 trains on several ranks (torchrun) makes one Party per rank, on the same process group: its
@@ -28,6 +35,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from ..base.errors import FedShieldError, KeyMaterialError, ParameterError
+from ..config import RunConfig
+from ..dp.noise import MIN_NOISE_MULTIPLIER, clip_and_noise
 from ..he import Context, EncryptedUpdate, Layout, combine_partials, decrypt_update, partial_decrypt
 from ..he.budget import DecryptionBudget
 from ..he.encryption import (DEFAULT_TOLERANCE, encrypt_ciphertexts, encrypt_packed, pack_update,
@@ -43,11 +52,29 @@ ALGORITHMS = ("delta", "paper", "ffa")
 @dataclass(frozen=True)
 class PreparedUpdate:
     """An update ready to encrypt (or to send in the clear without HE): its values, the mask it
-    is packed with (None: dense), and the fraction of values its pruning kept."""
+    is packed with (None: dense), the fraction of values its pruning kept, and (DP) its L2
+    norm before clipping."""
 
     values: dict
     mask: dict | None
     kept_fraction: float
+    update_norm: float | None = None
+
+
+def _check_dp(algorithm: str, clip: float, noise: float) -> None:
+    for name, value in (("dp_clip", clip), ("dp_noise", noise)):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and value >= 0):
+            raise ParameterError(f"{name}={value!r} must be a finite number >= 0 (0: no DP)")
+    if bool(clip) != bool(noise):
+        raise ParameterError(f"dp_clip={clip!r}, dp_noise={noise!r}: DP-LoRA needs both a "
+                             "clipping norm and a noise multiplier > 0 (or neither)")
+    if noise and noise < MIN_NOISE_MULTIPLIER:
+        raise ParameterError(f"dp_noise={noise!r} is below the smallest noise multiplier, "
+                             "2**-40")
+    if clip and algorithm == "paper":
+        raise ParameterError("DP-LoRA clips and noises updates; algorithm='paper' sends "
+                             "weights. Use algorithm 'delta' or 'ffa' with dp_clip")
 
 
 def _check_key_context(ctx) -> None:
@@ -67,14 +94,18 @@ class Party:
     make the Party before wrapping the model, so that DDP sees A frozen).
     ``process_group``: the ranks that train this site's model (see the module docstring):
     ``"world"`` (every rank when torch.distributed is initialised), ``None`` (this process
-    alone) or a ProcessGroup."""
+    alone) or a ProcessGroup. ``dp_clip``, ``dp_noise``: DP-LoRA (both > 0, or both 0 for no
+    DP): every update is clipped to L2 norm ``dp_clip`` and gets discrete Gaussian noise of
+    standard deviation ``dp_noise * dp_clip`` (fedshield.dp.noise) before pruning."""
 
     def __init__(self, ctx: Context | None, model, *, algorithm: str = "delta",
                  weight_bound: float | None = None, process_group=WORLD,
                  guard: AggregateGuard | None = None,
-                 budget: DecryptionBudget | None = None) -> None:
+                 budget: DecryptionBudget | None = None, dp_clip: float = 0.0,
+                 dp_noise: float = 0.0) -> None:
         if algorithm not in ALGORITHMS:
             raise ParameterError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}")
+        _check_dp(algorithm, dp_clip, dp_noise)
         _check_key_context(ctx)
         unwrap_peft(model)  # TypeError unless a peft model is inside
         if weight_bound is not None and not (math.isfinite(weight_bound) and weight_bound > 0):
@@ -87,6 +118,7 @@ class Party:
         self.model = model
         self.ranks = Ranks(process_group)
         self.algorithm = algorithm
+        self.dp_clip, self.dp_noise = float(dp_clip), float(dp_noise)
         # the federation's bound on every weight (None: each update's own power of two)
         self.weight_bound = None if weight_bound is None else float(weight_bound)
         if algorithm == "ffa":  # A stays at its seeded initialisation, identical everywhere
@@ -105,7 +137,15 @@ class Party:
                 sorted(self._global))
             self.load_global()
         self.version = 0          # the last round whose aggregate the global state includes
-        self._sent: tuple[int, dict | None] | None = None   # (round, mask) of the last update
+        # round -> its common mask (None: dense), from when it is made or an update is
+        # encrypted with it until the round's aggregate is applied
+        self._masks: dict[int, dict | None] = {}
+
+    @classmethod
+    def for_run(cls, ctx: Context | None, model, cfg: RunConfig, **options) -> "Party":
+        """A party with a run's site-side rules: its algorithm and its DP settings."""
+        return cls(ctx, model, algorithm=cfg.training.algorithm, dp_clip=cfg.dp.clip,
+                   dp_noise=cfg.dp.noise, **options)
 
     def __repr__(self) -> str:
         ranks = f", {self.ranks}" if self.ranks.distributed else ""
@@ -144,6 +184,7 @@ class Party:
         self._global = {k: torch.as_tensor(v).detach().to("cpu", torch.float32).clone()
                         for k, v in state.items()}
         self.version = version
+        self._masks = {}          # made from the state replaced
         self.load_global()
 
     def load_global(self) -> None:
@@ -158,6 +199,31 @@ class Party:
         """The keep-mask every party computes alike from the global state (prune=global)."""
         return importance_mask(self._shared(self._global), ratio)
 
+    def round_mask(self, round: int, ratio: float = 0.0) -> dict[str, torch.Tensor] | None:
+        """Round ``round``'s common mask (prune=global): :meth:`global_mask` of ``ratio``, made
+        from the global state the round starts from the first time it is asked for, then kept
+        until the round's aggregate is applied; the update and the aggregate of the round use
+        this one. None (dense) for a ``ratio`` of 0. An update encrypted for the round with
+        a mask of the caller's makes that one the round's."""
+        if round not in self._masks:
+            self._masks[round] = self.global_mask(ratio) if ratio else None
+        return self._masks[round]
+
+    @property
+    def dp(self) -> bool:
+        """Whether this party clips and noises its updates (DP-LoRA)."""
+        return self.dp_clip > 0
+
+    def weight_for(self, num_examples: float) -> float:
+        """The weight the algorithm gives an update trained on ``num_examples`` examples: the
+        count itself (weighted FedAvg), or 1 for ``paper`` (the unweighted average of the
+        parties' pruned weights)."""
+        if not (isinstance(num_examples, (int, float)) and not isinstance(num_examples, bool)
+                and math.isfinite(num_examples) and num_examples > 0):
+            raise ParameterError(f"weight={num_examples!r} must be a positive number (the "
+                                 "examples the update was trained on)")
+        return 1.0 if self.algorithm == "paper" else float(num_examples)
+
     # -- the update ----------------------------------------------------------------------------
     def update_values(self) -> dict[str, torch.Tensor]:
         """What this party sends, before pruning: LoRA now - global (``delta``, ``ffa``), or
@@ -169,9 +235,10 @@ class Party:
 
     def prepare(self, *, prune_ratio: float = 0.0, mask: Mapping | None = None,
                 values: Mapping | None = None) -> PreparedUpdate:
-        """The update to send: ``values`` (default :meth:`update_values`), pruned by this
-        party's own mask of ``prune_ratio`` (sent densely, zeros at pruned positions), or by
-        ``mask`` (the round's common mask: the ciphertexts shrink)."""
+        """The update to send: ``values`` (default :meth:`update_values`), clipped and noised
+        when the party does DP, then pruned by this party's own mask of ``prune_ratio`` (sent
+        densely, zeros at pruned positions), or by ``mask`` (the round's common mask, see
+        :meth:`round_mask`: the ciphertexts shrink)."""
         if prune_ratio and mask is not None:
             raise ParameterError("give prune_ratio (this party's own mask) or mask (the "
                                  "round's common mask), not both")
@@ -179,18 +246,40 @@ class Party:
             raise ParameterError(f"prune_ratio={prune_ratio!r} must be in [0, 1]")
         values = dict(self.update_values() if values is None else values)
         self.layout.check_state(values, "update values")
+        norm = None
+        if self.dp:  # the noise is part of producing the update, before anything is dropped
+            values, norm = self._clip_and_noise(values)
         if prune_ratio:
             own = importance_mask(values, prune_ratio)
-            return PreparedUpdate(apply_mask(values, own), None, kept_fraction(own))
+            return PreparedUpdate(apply_mask(values, own), None, kept_fraction(own), norm)
         if mask is not None:
             mask = dict(mask)
-            return PreparedUpdate(apply_mask(values, mask), mask, kept_fraction(mask))
-        return PreparedUpdate(values, None, 1.0)
+            return PreparedUpdate(apply_mask(values, mask), mask, kept_fraction(mask), norm)
+        return PreparedUpdate(values, None, 1.0, norm)
+
+    def _clip_and_noise(self, values: dict) -> tuple[dict, float]:
+        """DP-LoRA on ``values``; several ranks: the lead draws the noise and every rank
+        gets its result (they send one update)."""
+        if not self.ranks.distributed:
+            return clip_and_noise(values, self.dp_clip, self.dp_noise)
+        names = sorted(values)
+        noised, norm = (clip_and_noise(values, self.dp_clip, self.dp_noise)
+                        if self.ranks.is_lead else (None, None))
+        flat = self._flatten(noised, names) if self.ranks.is_lead else None
+        norm = self.ranks.broadcast_object(norm)
+        flat = self.ranks.broadcast(flat, sum(values[k].numel() for k in names))
+        out, at = {}, 0
+        for k in names:
+            n = values[k].numel()
+            out[k] = flat[at:at + n].reshape(values[k].shape).clone()
+            at += n
+        return out, norm
 
     def encrypt(self, prepared: PreparedUpdate, weight: float, *, round: int | None = None,
                 weight_bound: float | None = None, tolerance: float = DEFAULT_TOLERANCE,
                 threads: int = 0, workers: int | None = None) -> EncryptedUpdate | None:
-        """Encrypts a prepared update, pre-weighted by ``weight`` (e.g. its example count).
+        """Encrypts a prepared update, pre-weighted by the algorithm's weight for ``weight``
+        examples (:meth:`weight_for`: the count itself, 1 for ``paper``).
 
         On a site of several ranks this is a collective: each rank encrypts its slice of the
         ciphertexts, and the lead rank returns the one update stitched from every slice (the
@@ -200,6 +289,7 @@ class Party:
             raise KeyMaterialError("this party has no context (HE off): send its update values "
                                    "in the clear")
         round = self.version + 1 if round is None else round
+        weight = self.weight_for(weight)
         bound = self.weight_bound if weight_bound is None else weight_bound
         ranks = self.ranks
         names = [s.name for s in self.layout.specs]
@@ -214,14 +304,14 @@ class Party:
                 update = encrypt_packed(self.ctx, packed, threads)
             finally:
                 packed.buffer.fill(0.0)  # the plaintext update: wiped once encrypted
-            self._sent = (round, prepared.mask)
+            self._masks[round] = prepared.mask
             return update
         start, stop = ranks.slice(packed.n_ciphertexts)
         cts = encrypt_ciphertexts(self.ctx, packed, start, stop, workers=workers)
         header = packed.header
         del packed  # plaintext update: drop it as soon as it is encrypted
         slices = ranks.gather(cts)
-        self._sent = (round, prepared.mask)
+        self._masks[round] = prepared.mask
         if slices is None:
             return None
         return seal_update(self.ctx, header, [ct for part in slices for ct in part], threads)
@@ -229,8 +319,9 @@ class Party:
     def encrypt_update(self, weight: float, *, round: int | None = None,
                        prune_ratio: float = 0.0, mask: Mapping | None = None,
                        values: Mapping | None = None, **options) -> EncryptedUpdate | None:
-        """EncryptedUpdate of (LoRA now - global) for round ``round`` (default: the next one);
-        no pruning unless asked (``prune_ratio`` or ``mask``, see :meth:`prepare`). Several
+        """EncryptedUpdate of (LoRA now - global) for round ``round`` (default: the next one),
+        with DP when the party does it, weighted by :meth:`weight_for`; no pruning unless
+        asked (``prune_ratio`` or ``mask``, see :meth:`prepare`). Several
         ranks: a collective, the update comes back on the lead rank (see :meth:`encrypt`)."""
         return self.encrypt(self.prepare(prune_ratio=prune_ratio, mask=mask, values=values),
                             weight, round=round, **options)
@@ -256,13 +347,6 @@ class Party:
         """Ciphertexts this party's key may still decrypt (-1: not counted)."""
         return -1 if self.budget is None else self.budget.remaining
 
-    def _mask_for(self, agg: EncryptedUpdate, mask: Mapping | None):
-        if mask is not None:
-            return mask
-        if self._sent is not None and self._sent[0] == agg.round:
-            return self._sent[1]
-        return None
-
     def partial_decrypt(self, agg, present: Iterable[int] | None = None, *,
                         provenance: Provenance | None = None) -> bytes:
         """Threshold keys: this party's partial decryption of the aggregate (bytes), once its
@@ -275,17 +359,17 @@ class Party:
         return partial_decrypt(self.ctx, agg, present=present)
 
     def decrypt(self, agg, shares: Iterable[bytes] | None = None, *,
-                mask: Mapping | None = None, provenance: Provenance | None = None,
+                provenance: Provenance | None = None,
                 share_records: Sequence[bytes] | None = None) -> dict[str, torch.Tensor]:
         """The weighted average update the aggregate holds (shared keys: decrypted with this
         party's key, once its guard admits it and its budget allows it; threshold keys: fused
         from every present party's ``shares``, each checked against its signed record in
-        ``share_records`` by the guard). ``mask``: the round's common mask (default: the one
-        this party encrypted with that round)."""
+        ``share_records`` by the guard), unpacked with the round's mask (:meth:`round_mask`;
+        none made or used: dense)."""
         if self.ctx is None:
             raise KeyMaterialError("this party has no context (HE off)")
         agg = agg if isinstance(agg, EncryptedUpdate) else EncryptedUpdate.from_bytes(agg)
-        mask = self._mask_for(agg, mask)
+        mask = self._masks.get(agg.round)
         if shares is not None:
             shares = list(shares)
             if self.guard is not None:
@@ -317,10 +401,11 @@ class Party:
         self._global = {**self._global, **new}
         self.load_global()
         self.version = self.version + 1 if version is None else version
+        self._masks = {r: m for r, m in self._masks.items() if r > self.version}
         return avg
 
-    def apply_aggregate(self, agg, shares: Iterable[bytes] | None = None, *,
-                        mask: Mapping | None = None, **checks) -> dict[str, torch.Tensor]:
+    def apply_aggregate(self, agg, shares: Iterable[bytes] | None = None,
+                        **checks) -> dict[str, torch.Tensor]:
         """Decrypts the aggregate (see :meth:`decrypt`) and applies it: the model's LoRA becomes
         the new global state, of version ``agg.round``. Returns the average applied.
         ``checks``: ``provenance``, ``share_records`` for the guard (see decrypt).
@@ -333,7 +418,7 @@ class Party:
         if ranks.is_lead:
             try:
                 agg = agg if isinstance(agg, EncryptedUpdate) else EncryptedUpdate.from_bytes(agg)
-                average, version = self.decrypt(agg, shares, mask=mask, **checks), agg.round
+                average, version = self.decrypt(agg, shares, **checks), agg.round
             except (FedShieldError, ValueError, TypeError) as exc:
                 if not ranks.distributed:
                     raise

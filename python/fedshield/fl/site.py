@@ -1,9 +1,10 @@
 """Site: one organisation of the federation with fedshield's own training loop.
 
 A site holds its own data file (and nothing of anyone else's), a model with LoRA, and a
-:class:`Party` for the crypto. Each round it trains from the global state, clips and noises its
-update (DP), prunes it, and encrypts it pre-weighted by its example count; then it applies the
-aggregate and evaluates the new global state on its own held-out part.
+:class:`Party` for everything else. Each round it trains from the global state and hands the
+result to its party, which applies the federation's rules (DP, the algorithm's weight, the
+round's mask), prunes and encrypts it; then the party applies the aggregate and the site
+evaluates the new global state on its own held-out part.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from ..config import RunConfig
 from ..data.files import load_instruction_data
 from ..data.sites import holdout
 from ..data.tokenize import tokenize_fitting
-from ..dp.noise import clip_and_noise
 from ..base.errors import KeyMaterialError, ParameterError
 from ..training.evaluation import generate_samples, write_adapter_meta
 from ..he import Context, EncryptedUpdate
@@ -101,6 +101,13 @@ class Site:
                  identity: Identity | None = None) -> None:
         if party.ctx is not None and not cfg.he.enabled:
             raise ValueError("he.enabled=False but the party has a context")
+        if party.algorithm != cfg.training.algorithm:
+            raise ValueError(f"the party runs algorithm {party.algorithm!r}, the run "
+                             f"{cfg.training.algorithm!r}")
+        if (party.dp_clip, party.dp_noise) != (cfg.dp.clip, cfg.dp.noise):
+            raise ValueError(f"the party's DP (clip {party.dp_clip:g}, noise "
+                             f"{party.dp_noise:g}) is not the run's (clip {cfg.dp.clip:g}, "
+                             f"noise {cfg.dp.noise:g}): make it with Party.for_run")
         if cfg.he.enabled and identity is None:
             raise ValueError("an encrypted federation needs the site's identity (it signs "
                              "every update and share)")
@@ -175,11 +182,12 @@ class Site:
 
     # -- one round --------------------------------------------------------------------------------
     def round_mask(self, plan: RoundPlan):
-        """The round's common mask (prune=global after round 1), from the global state."""
-        return self.party.global_mask(plan.prune_ratio) if plan.global_mask else None
+        """The round's common mask (prune=global after round 1), as the party keeps it."""
+        return self.party.round_mask(plan.round,
+                                     plan.prune_ratio if plan.global_mask else 0.0)
 
     def train_round(self, plan: RoundPlan) -> TrainReply:
-        """Trains from the global state, then clips and noises (DP), prunes and encrypts."""
+        """Trains from the global state; the party prepares (DP, pruning) and encrypts."""
         cfg, party = self.cfg, self.party
         timer = _Timer()
         party.load_global()
@@ -194,24 +202,20 @@ class Site:
             else:
                 result = self._own_training(plan, seed)
                 metrics = result["metrics"]
-            values = party.update_values()
-            norm = None
-            if cfg.dp.enabled:  # DP noise is part of producing the local update
-                values, norm = clip_and_noise(values, cfg.dp.clip, cfg.dp.noise)
-        # paper: the pruned weights themselves, averaged unweighted; else weighted FedAvg
-        weight = 1.0 if party.algorithm == "paper" else float(result["num_examples"])
+        examples = result["num_examples"]
         with timer.phase("prune"):
             local_ratio = plan.prune_ratio if plan.prune == "local" else 0.0
-            prepared = party.prepare(prune_ratio=local_ratio, mask=self.round_mask(plan),
-                                     values=values)
+            prepared = party.prepare(prune_ratio=local_ratio, mask=self.round_mask(plan))
         common = dict(party=self.party_id, round=plan.round, train_loss=float(result["loss"]),
-                      kept_fraction=prepared.kept_fraction, update_norm=norm, metrics=metrics)
+                      kept_fraction=prepared.kept_fraction, update_norm=prepared.update_norm,
+                      metrics=metrics)
         if party.ctx is None:
             values = {k: v.detach().cpu().numpy().astype(np.float32)
                       for k, v in prepared.values.items()}
-            return TrainReply(**common, seconds=timer.seconds, values=values, weight=weight)
+            return TrainReply(**common, seconds=timer.seconds, values=values,
+                              weight=party.weight_for(examples))
         with timer.phase("encrypt"):
-            upd = party.encrypt(prepared, weight, round=plan.round,
+            upd = party.encrypt(prepared, examples, round=plan.round,
                                 weight_bound=plan.weight_bound).to_bytes()
             signature = sign_update(self.identity, self.party_id, upd)
         return TrainReply(**common, seconds=timer.seconds, update=upd, signature=signature)
@@ -225,7 +229,7 @@ class Site:
                         seed=seed, tokenizer=self.tokenizer, train=self.data.train,
                         site_config=self.site_config)
         n, metrics = run_train_fn(self.train_fn, self.party.model, own)
-        if n > plan.weight_bound:
+        if self.party.weight_for(n) > plan.weight_bound:
             raise ParameterError(f"train-fn returned num_examples={n}, above the federation's "
                                  f"weight bound {plan.weight_bound:g} (set from the example "
                                  "counts the sites enrolled with)")
@@ -248,7 +252,8 @@ class Site:
         decrypting."""
         start = time.perf_counter()
         if average is None:
-            average = self.party.decrypt(agg, shares, mask=self.round_mask(plan), **checks)
+            self.round_mask(plan)  # made now unless this party trained in the round
+            average = self.party.decrypt(agg, shares, **checks)
         seconds = time.perf_counter() - start
         self.party.apply_average(average, version=plan.round)
         return seconds

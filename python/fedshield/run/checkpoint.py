@@ -1,8 +1,9 @@
 """Round checkpoints of a run: global LoRA state, round number, RNG states, metrics.
 
 DIR/checkpoint/ holds `state-rNNNNNN.safetensors` (the global state and the RNG states as
-tensors) and `checkpoint.json` (round, config, metrics, the python RNG state, the name of the
-state file). A checkpoint is written file by file, each fsynced and renamed into place, and
+tensors) and `checkpoint.json` (round, config, metrics, the Server's public state, the python
+RNG state, the name of the state file). A resumed run's Server restores from the last two, as
+a resumed Flower server does from its server state (fedshield.fl.server.Server.restore). A checkpoint is written file by file, each fsynced and renamed into place, and
 `checkpoint.json` last: a crash at any point leaves the previous complete checkpoint readable.
 Both are mode 0600 (the model state and the RNG states are the run owner's alone).
 Key material is never written here (a resumed simulation generates fresh keys).
@@ -62,8 +63,9 @@ def restore_rng(tensors: dict, extra: dict) -> None:
 
 
 def save_checkpoint(out: Path, *, round_idx: int, state: dict, metrics: dict,
-                    config: dict) -> Path:
+                    config: dict, server: dict | None = None) -> Path:
     """Writes the checkpoint of completed round `round_idx`; returns its index file.
+    ``server``: the Server's checkpoint without its record (which is ``metrics``).
 
     StorageError (naming the file) when the disk is full or read-only: the previous
     checkpoint is then still complete."""
@@ -84,6 +86,8 @@ def save_checkpoint(out: Path, *, round_idx: int, state: dict, metrics: dict,
     write_atomic(ckpt / state_name, save(tensors), mode=0o600)   # model state: the owner's
     index = {"format": FORMAT, "round": round_idx, "state_file": state_name, "config": config,
              "rng": rng_extra, "metrics": metrics}
+    if server is not None:
+        index["server"] = server
     write_atomic(ckpt / INDEX, json.dumps(index).encode(), mode=0o600)
     for old in ckpt.glob("state-r*.safetensors"):  # only after the new index points elsewhere
         if old.name != state_name:
@@ -93,8 +97,9 @@ def save_checkpoint(out: Path, *, round_idx: int, state: dict, metrics: dict,
 
 
 def load_checkpoint(out: Path) -> dict:
-    """{'round', 'config', 'metrics', 'state', 'rng'} of DIR's checkpoint; the caller restores
-    the RNG states with restore_rng(*ckpt['rng']) once its set-up is done."""
+    """{'round', 'config', 'metrics', 'server', 'state', 'rng'} of DIR's checkpoint: 'server'
+    is what Server.restore takes (its record is 'metrics'); the caller restores the RNG states
+    with restore_rng(*ckpt['rng']) once its set-up is done."""
     from safetensors import SafetensorError  # noqa: PLC0415
     from safetensors.torch import load_file  # noqa: PLC0415
 
@@ -117,6 +122,11 @@ def load_checkpoint(out: Path) -> dict:
         if not (isinstance(config, dict) and isinstance(metrics, dict)
                 and isinstance(rng_extra, dict)):
             raise ValueError("config, metrics and rng must be objects")
+        # a checkpoint of an earlier version has no server state: the one its metrics imply
+        server = index.get("server", {"format": 1, "round": round_idx, "version": round_idx,
+                                      "epoch": 0, "roster": {}})
+        if not isinstance(server, dict):
+            raise ValueError("the server state must be an object")
         if [r["round"] for r in metrics["rounds"]] != list(range(1, round_idx + 1)):
             raise ValueError(f"metrics hold rounds {[r['round'] for r in metrics['rounds']]}, "
                              f"not 1..{round_idx}")
@@ -126,5 +136,5 @@ def load_checkpoint(out: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise ParameterError(f"--resume {str(out)!r}: the checkpoint is unreadable "
                              f"({type(exc).__name__}: {exc})") from exc
-    return {"round": round_idx, "config": config, "metrics": metrics, "state": state,
-            "rng": rng}
+    return {"round": round_idx, "config": config, "metrics": metrics,
+            "server": {**server, "record": metrics}, "state": state, "rng": rng}

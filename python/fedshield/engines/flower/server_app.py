@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from ...base.atomic import write_json_atomic
 from ...config import RunConfig
 from ...base.errors import FedShieldError
+from ...fl.record import Resumption
 from ...fl.server import Server
 from ...trust.identity import Identity
 from ...run.outcome import NEXT_STEP, RunFailed, failure_kind
@@ -59,8 +60,8 @@ def _fail(record, metrics_path: Path, kind: str, message: str,
           cause: BaseException | None = None) -> None:
     """Records the failure and its kind in metrics.json (how `flwr run`'s user reads it) and
     raises, so the ServerApp exits non-zero and Flower marks the run failed."""
-    record.extra["failure"] = message
-    record.extra["failure_kind"] = kind
+    record.failure = message
+    record.failure_kind = kind
     record.write(metrics_path)
     log.error("the run failed (%s): %s; %s", kind, message, NEXT_STEP.get(kind, ""))
     raise RunFailed(message, kind) from cause
@@ -104,14 +105,14 @@ def main(grid: Grid, context: Context) -> None:
     strategy.first_round = done + 1
     participants = strategy.enroll(grid, timeout=cfg.engine.round_timeout)
     record = server.record
-    record.extra["participants"] = sorted(participants.values())
+    record.participants = sorted(participants.values())
     record.write(metrics_path)
     missing = sorted(set(range(cfg.n_sites)) - set(participants.values()))
     if missing:   # every run starts with a key set-up, and it needs every party
         _fail(record, metrics_path, "site", enrolment_failure(server, cfg.n_sites, missing))
     if resume:
-        record.extra.setdefault("resumed", []).append(
-            {"after_round": done, "parties": sorted(participants.values())})
+        record.resumed.append(Resumption(after_round=done,
+                                         parties=sorted(participants.values())))
     try:
         if cfg.training.rounds > done:
             strategy.start(grid, ArrayRecord(), num_rounds=cfg.training.rounds - done,
@@ -119,10 +120,10 @@ def main(grid: Grid, context: Context) -> None:
     except FedShieldError as exc:  # e.g. a party failed the key set-up: nothing decrypts
         kind = failure_kind(exc)
         _fail(record, metrics_path, "run" if kind == "error" else kind, str(exc), exc)
-    record.extra["not_enrolled"] = strategy.late_nodes(grid)
+    record.not_enrolled = strategy.late_nodes(grid)
     # what the whole server process loaded, not only our modules
-    record.extra["server_loaded_openfhe"] = "openfhe" in sys.modules
-    record.extra["server_loaded_torch"] = "torch" in sys.modules
+    record.server_loaded_openfhe = "openfhe" in sys.modules
+    record.server_loaded_torch = "torch" in sys.modules
     record.finished = True
     record.write(metrics_path)
     _plot(record.to_dict(), out)

@@ -271,7 +271,7 @@ def build_site(site_cfg: SiteConfig, cfg: RunConfig, identity: Identity, train_f
     data = load_site_data(site_cfg.path("data"), tokenizer=tokenizer, cfg=cfg,
                           columns=site_cfg.columns, eval_path=eval_data,
                           name=site_cfg.site_name)
-    party = Party(None, model, algorithm=cfg.training.algorithm)
+    party = Party.for_run(None, model, cfg)
     site = Site(site_cfg.party_id, party, data, cfg, tokenizer, train_fn=train_fn,
                 site_config=dataclasses.asdict(site_cfg), identity=identity)
     # the keys come from the key set-up, made here, held to the site's pinned federation
