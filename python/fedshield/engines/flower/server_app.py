@@ -1,5 +1,9 @@
 """The fedshield ServerApp: enrols the sites, runs the rounds, writes metrics.json and plots.
 
+Its loop is driven by the Grid: enrolment, then fedshield.fl.rounds.RoundDriver over the Grid
+transport (fedshield.engines.flower.transport): with shared keys one message step per round
+(and one more for the run's last aggregate), with threshold keys two.
+
 Run config: ``fedshield-config`` (the run config as JSON), ``server-context`` (where it writes
 the PUBLIC context each key set-up makes) and ``out-dir`` (where metrics.json and plots/ go).
 The keys are made by the parties on their own nodes (fedshield.fl.key_setup); the server only
@@ -14,19 +18,21 @@ import logging
 import sys
 from pathlib import Path
 
-from flwr.common import ArrayRecord, Context
+from flwr.common import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ...base.atomic import write_json_atomic
 from ...config import RunConfig
 from ...base.errors import FedShieldError, KeySetupError
+from ...fl.record import RoundRecord
+from ...fl.rounds import RoundDriver
 from ...fl.server import Server
 from ...trust.identity import Identity
 from ...run.run_dir import METRICS, SERVER_STATE
 from .polling import PromptGrid
 from .records import CHUNK_BYTES, route_logs_to_flower
 from .site_ipc import RESUME_STATE, SERVER_IDENTITY
-from .strategy import EncryptedFedAvg
+from .transport import GridTransport
 
 log = logging.getLogger("fedshield")
 
@@ -69,17 +75,17 @@ def main(grid: Grid, context: Context) -> None:
         ctx.save(context_path, include_secret=False)
         server.record.write(metrics_path)
 
-    def on_round(entry: dict) -> None:
+    def on_round(entry: RoundRecord) -> None:
         server.record.write(metrics_path)
         write_json_atomic(state_path, server.checkpoint())  # what --resume goes on from
-        log.info("round %d %s: eval loss %s, parties %s, excluded %s", entry["round"],
-                 entry["status"], entry.get("eval_loss"), entry.get("clients"),
-                 [(e["party"], e["reason"]) for e in entry.get("excluded", [])])
+        log.info("round %d %s: eval loss %s, parties %s, excluded %s", entry.round,
+                 entry.status, entry.eval_loss, entry.clients,
+                 [(e["party"], e["reason"]) for e in entry.excluded])
 
-    strategy = EncryptedFedAvg(server, on_round=on_round, on_keys=on_keys,
-                               chunk_bytes=int(rc.get("chunk-bytes", CHUNK_BYTES)))
-    strategy.first_round = done + 1
-    participants = strategy.enroll(grid, timeout=cfg.engine.round_timeout)
+    transport = GridTransport(grid, server, chunk_bytes=int(rc.get("chunk-bytes", CHUNK_BYTES)))
+    participants = transport.enroll(timeout=cfg.engine.round_timeout)
+    driver = RoundDriver(server, transport.send, on_round=on_round, on_keys=on_keys)
+    driver.steps["join"] = 1
     record = server.record
     record.extra["participants"] = sorted(participants.values())
     record.write(metrics_path)
@@ -92,14 +98,13 @@ def main(grid: Grid, context: Context) -> None:
         record.extra.setdefault("resumed", []).append(
             {"after_round": done, "parties": sorted(participants.values())})
     try:
-        if cfg.training.rounds > done:
-            strategy.start(grid, ArrayRecord(), num_rounds=cfg.training.rounds - done,
-                           timeout=cfg.engine.round_timeout)
+        for r in range(done + 1, cfg.training.rounds + 1):
+            driver.run_round(r, last=r == cfg.training.rounds)
     except KeySetupError as exc:  # a party failed the key set-up: nothing can be decrypted
         record.extra["failure"] = str(exc)
         record.write(metrics_path)
         raise
-    record.extra["not_enrolled"] = strategy.late_nodes(grid)
+    record.extra["not_enrolled"] = transport.late_nodes()
     # what the whole server process loaded, not only our modules
     record.extra["server_loaded_openfhe"] = "openfhe" in sys.modules
     record.extra["server_loaded_torch"] = "torch" in sys.modules
