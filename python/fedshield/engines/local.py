@@ -93,7 +93,7 @@ class LocalEngine:
         self.rounds = [SiteRounds(site) for site in self.sites]
         dropouts = cfg.keys.dropouts
         self.driver = RoundDriver(
-            self.server, self._send, pipeline=False, on_round=self._round_closed,
+            self.server, self.send, pipeline=False, on_round=self._round_closed,
             # sites 0..dropouts-1 are gone before decryption: the others cover for them
             decrypting=lambda parties: [p for p in parties if p >= dropouts])
         log.info("fedshield: set-up done in %.1f s (initial evaluation%s)",
@@ -179,7 +179,8 @@ class LocalEngine:
         return out
 
     # -- the transport: each request to its site's handler, in this process -----------------
-    def _send(self, requests) -> list:
+    def send(self, requests) -> list:
+        """One message step: each request (by node, the party id here) to its site."""
         out = []
         for node, request in requests.items():
             site = self.sites[node]
@@ -210,6 +211,11 @@ class LocalEngine:
     @property
     def layout(self):
         return self.sites[0].party.layout
+
+    @property
+    def last_aggregate(self):
+        """The last round's aggregate (without HE: its plaintext average)."""
+        return self.driver.last_result
 
     # -- one round --------------------------------------------------------------------------
     def run_round(self, round_idx: int, progress=None) -> dict:

@@ -67,6 +67,7 @@ class RoundDriver:
         self.on_keys = on_keys
         self.decrypting = decrypting or (lambda parties: parties)
         self.pending: Pending | None = None
+        self.last_result = None        # the last round's aggregate (or plaintext average)
         self.steps: dict[str, int] = {}
 
     # -- message steps --------------------------------------------------------------------------
@@ -250,6 +251,7 @@ class RoundDriver:
                 return self._round_done(server.current)
             present, got = collected
             shares = {p: (got[p], server.share_records[p]) for p in present}
+        self.last_result = result
         provenance = tuple(server.provenance.to_blobs()) if server.ctx is not None else ()
         self.pending = Pending(plan, result, present, shares, provenance)
         if last:
