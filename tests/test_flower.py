@@ -706,10 +706,12 @@ THRESHOLD_FAULTS = {
     # name: (rounds, per-party faults, parties aggregated per round, (round, party, reason)...)
     "crash-replay": (2, [{}, {"fault": "replay@2"}, {"fault": "raise@1"}], [[0, 1], [0, 2]],
                      [(1, 2, "injected crash"), (2, 1, "update of round 1 in round 2")]),
+    # round 3's train request also carries round 2's aggregate: a ClientApp that raises on it
+    # loses both (the party catches up with the last aggregate)
     "garbage-replay-crash": (
         3, [{}, {"fault": "replay@2"}, {"fault": "garbage@1,raise@3"}], [[0, 1], [0, 2], [0, 1]],
         [(1, 2, "invalid reply"), (2, 1, "update of round 1 in round 2"),
-         (3, 2, "injected crash")]),
+         (2, 2, "injected crash"), (3, 2, "injected crash")]),
 }
 
 
@@ -808,9 +810,10 @@ def test_flower_large_update(tmp_path, n_values):
 @pytest.mark.slow
 def test_flower_dead_and_slow_clients_are_excluded_and_stay(tmp_path):
     """Round 1: party 2's ClientApp process dies (no reply at all); round 2: party 1 replies
-    after the timeout. Each is excluded from that round's aggregate but stays in the run: its
-    site worker still applies the aggregate, so it trains again the next round (shared keys,
-    min_clients=1)."""
+    after the timeout. Each is excluded from that round's aggregate but stays in the run, and
+    trains again the next round (shared keys, min_clients=1). Round 2's one message also
+    carried round 1's aggregate: party 1's evaluation of it is missing too, and party 1 catches
+    up before round 3."""
     cfg = RunConfig.from_flat(**{**TINY, "clients": 3, "rounds": 3, "round_timeout": 60.0},
                               min_clients=1, engine="flower", out=str(tmp_path / "flower"))
     faults = [{}, {"fault": "sleep@2", "sleep": 100}, {"fault": "exit@1"}]
@@ -818,7 +821,8 @@ def test_flower_dead_and_slow_clients_are_excluded_and_stay(tmp_path):
     assert [r["status"] for r in got["rounds"]] == ["ok", "ok", "ok"]
     assert [r["clients"] for r in got["rounds"]] == [[0, 1], [0, 2], [0, 1, 2]]
     events = [(e["round"], e["party"], e.get("dropped", False)) for e in got["events"]]
-    assert events == [(1, 2, False), (2, 1, False)], got["events"]
+    assert events == [(1, 2, False), (1, 1, False), (2, 1, False)], got["events"]
+    assert [e["stage"] for e in got["events"]] == ["train", "evaluate", "train"]
     assert all("no reply before the timeout" in e["reason"] for e in got["events"])
 
 

@@ -182,14 +182,24 @@ class RoundDriver:
         if pending is None:
             return None
         server = self.server
+        after = pending.plan.round + 1
+        catch_ups = self.catch_up(after, label)   # who missed an aggregate takes it first
         writer = min(pending.present) if final else None
         applies = self._aggregate(pending, writer)
-        replies = self.step(label, {server.node_of(p): TrainRequest(None, a)
-                                    for p, a in applies.items()})
-        if writer is not None and not isinstance(self._by_party(replies).get(writer),
-                                                 TrainResult):
+        requests = {server.node_of(p): TrainRequest(None, a, catch_ups.get(p))
+                    for p, a in applies.items()}
+        replies = self.step(label, requests)
+        by_party = self._by_party(replies)
+        self._caught_up(catch_ups, by_party, after)
+        if writer is not None and not isinstance(by_party.get(writer), TrainResult):
             log.error("party %d was to write the adapter and did not reply", writer)
-        return self._finish(replies)
+        return self._finish(self._of_participants(replies, requests))
+
+    def _of_participants(self, replies: list, requests: Mapping) -> list:
+        """The replies without those of parties that left the run in this step (a failed
+        catch-up): theirs count for nothing. A reply from a node never asked is kept (the
+        Server records it)."""
+        return [(n, x) for n, x in replies if n in self.server.participants or n not in requests]
 
     def _finish(self, replies: list) -> RoundRecord:
         evals = []
@@ -224,8 +234,7 @@ class RoundDriver:
         replies = self.step(label, requests)
         by_party = self._by_party(replies)
         self._caught_up(catch_ups, by_party, r)
-        # a party whose catch-up failed has left the run: its reply counts for nothing
-        replies = [(n, x) for n, x in replies if n in server.participants or n not in requests]
+        replies = self._of_participants(replies, requests)
         if pending is not None:
             self.pending = None
             self._finish(replies)
