@@ -24,8 +24,8 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from flwr.common import (ArrayRecord, ConfigRecord, Context, Error, Message,  # noqa: E402
-                         MetricRecord, RecordDict)
+from flwr.common import (ConfigRecord, Context, Error, Message, MetricRecord,  # noqa: E402
+                         RecordDict)
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
 import fedshield as fs  # noqa: E402
