@@ -18,6 +18,7 @@ flwr = pytest.importorskip("flwr")
 from fedshield.config import RunConfig  # noqa: E402
 from fedshield.fl.adapter_store import AdapterStore  # noqa: E402
 from fedshield.engines.flower.launcher import run_flower  # noqa: E402
+from fedshield.run.outcome import EXIT_FAILED  # noqa: E402
 
 from interrupting import live_processes, start_run, wait_until  # noqa: E402
 from test_flower import TINY, _adapter, _faulty_app, _flower_site_threads  # noqa: E402
@@ -122,7 +123,11 @@ def test_a_killed_server_resumes_without_losing_or_repeating_a_round(tmp_path, m
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode != 0
+    # status 6 (the run failed) and one line that names the command that goes on
+    assert proc.returncode == EXIT_FAILED, err.decode()[-3000:]
+    last = err.decode().strip().splitlines()[-1]
+    assert last.startswith("fedshield: error: ") and \
+        last.endswith(f"resume with `fedshield run --resume {out}`"), last
     before = json.loads(metrics.read_text())
     assert not before["finished"] and [r["round"] for r in before["rounds"]][:1] == [1]
     done = [r["round"] for r in before["rounds"] if r["status"] == "ok"]

@@ -479,8 +479,9 @@ class RunConfig:
                 raise ParameterError(f"keys='threshold' with clients={sites}: an aggregate of "
                                      "one site is that site's update; use at least 2 sites")
             if keys.threshold and not sites / 2 < keys.threshold <= sites:
-                raise ParameterError(f"threshold={keys.threshold} must be in "
-                                     f"({sites / 2:g}, {sites}] or 0")
+                raise ParameterError(f"threshold={keys.threshold} must be more than half "
+                                     f"the number of sites and at most the number of sites "
+                                     f"({sites}): in ({sites / 2:g}, {sites}], or 0 for all")
             needed = keys.threshold or sites
             if keys.dropouts > sites - needed:
                 raise ParameterError(_dropouts_message(sites, keys.threshold, keys.dropouts))

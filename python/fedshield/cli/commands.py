@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 from . import federation as cli_federation
+from . import site_check as cli_site_check
 from ..config import SECTIONS, Option, RunConfig, options
 from ..data.sites import SPLITS, data_set, split_into_sites, write_site_files
 from ..base.errors import FedShieldError, ParameterError
+from ..run.outcome import EXIT_ERROR, EXIT_INTERRUPTED, exit_code, status_help
 from ..run.run_dir import (METRICS, SERVER_STATE, check_out_dir, checkpointed_round,
                       recorded_rounds)
 
@@ -24,9 +26,6 @@ from ..run.run_dir import (METRICS, SERVER_STATE, check_out_dir, checkpointed_ro
 CLIENT_PACKAGES = {"torch", "transformers", "peft", "safetensors", "openfhe", "tqdm",
                    "matplotlib"}
 
-
-# Exit status of a run stopped by SIGINT or SIGTERM (the shell's 128 + SIGINT).
-EXIT_INTERRUPTED = 130
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -106,6 +105,7 @@ def _site_parser(sub) -> None:
     w.add_argument("--config", required=True, help="the site config (TOML)")
     w.add_argument("--exit-with", type=int, default=0, metavar="PID",
                    help="exit when process PID exits (0: serve until stopped)")
+    cli_site_check.add_parser(commands, _HelpFormatter)
 
 
 def _split_parser(sub) -> None:
@@ -306,6 +306,8 @@ def _flower_interrupted(out: str) -> str:
 
 
 def _cmd_site(args) -> int:
+    if args.site_command == "check":
+        return cli_site_check.run(args)
     from ..engines.flower.site_worker import run_worker  # noqa: PLC0415 - torch loads only here
 
     return run_worker(args.config, exit_with=args.exit_with)
@@ -390,9 +392,24 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted, not when main() first ran:
+    main() is called more than once in one process (tests, embedding), and a stream captured
+    by an earlier caller may be closed by now."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedshield", description=__doc__,
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=_HelpFormatter,
+                                     epilog=status_help())
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     _site_parser(sub)
@@ -404,16 +421,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # fedshield's own progress at INFO; other libraries (flwr's database set-up...) warnings only
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+                        handlers=[_CurrentStderr()])
     logging.getLogger("fedshield").setLevel(logging.INFO)
     try:
         commands = {"run": _cmd_run, "site": _cmd_site, "split": _cmd_split, "eval": _cmd_eval,
                     "report": _cmd_report, "bench": _cmd_bench,
                     "federation": cli_federation.run}
         return commands[args.command](args)
-    except FedShieldError as exc:
+    except FedShieldError as exc:   # its kind decides the status (fedshield.run.outcome)
         print(f"fedshield: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     except ImportError as exc:  # e.g. a server-only install asked to train
         missing = (exc.name or "").split(".")[0]
         if missing not in CLIENT_PACKAGES:
@@ -421,7 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedshield: error: `fedshield {args.command}` needs {missing}, which this "
               "install lacks (a server-only install?): pip install 'fedshield[client]'",
               file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except OSError as exc:   # a file fedshield did not wrap: still one line, no traceback
+        print(f"fedshield: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:   # outside a run's own handling (set-up, other commands)
+        print("fedshield: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

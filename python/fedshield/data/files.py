@@ -25,6 +25,12 @@ TASK_FIELD = "task"
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
+class MissingColumns(DataError):
+    """A data file without a column its mapping (or the default field names) asks for; the
+    message names the file and the columns. A site's start-up check tells it from other
+    data errors (fedshield.fl.site_check)."""
+
+
 def parse_columns(spec: Union[str, Mapping[str, str], None]) -> Dict[str, str]:
     """``"instruction=question,output=answer"`` (or a mapping) -> {field: column in the file}.
 
@@ -145,7 +151,7 @@ def load_instruction_data(path: Union[str, Path],
     missing = [f"{source[f]!r}" + (f" (for {f})" if source[f] != f else "")
                for f in wanted if source[f] not in present]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the file has "
+        raise MissingColumns(f"{path}: missing column(s) {', '.join(missing)}; the file has "
                         f"{sorted(present)} (map others with columns, e.g. "
                         "instruction=question,output=answer)")
 

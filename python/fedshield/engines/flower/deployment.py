@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 CONNECTION = "fedshield-loopback"
+# A SuperNode whose SuperLink went away keeps trying to reconnect for this long (Flower's
+# --max-wait-time; unset, it would try forever), then exits, and the launcher says so.
+SUPERNODE_MAX_WAIT = 300
 
 
 class DeploymentError(RuntimeError):
@@ -74,6 +77,15 @@ def _tool(name: str) -> str:
     return found
 
 
+def _gave_up(log: Path) -> bool:
+    """Whether a SuperNode's log shows it stopped trying to reach its SuperLink."""
+    try:
+        text = log.read_text(errors="replace")[-4000:]
+    except OSError:
+        return False
+    return "Giving up reconnection" in text   # Flower's retry invoker, at --max-wait-time
+
+
 _HELP: dict[str, str] = {}
 
 
@@ -126,9 +138,11 @@ class Deployment:
         self.procs[name] = proc
         return proc
 
-    def start_superlink(self, simulation: bool = False) -> None:
-        """The SuperLink; ``simulation``: Flower's simulation runtime (its ServerApp process
-        runs the virtual SuperNodes' ClientApps in ray actors; no SuperNode processes)."""
+    def start_superlink(self, simulation: bool = False, database: Path | None = None) -> None:
+        """The SuperLink (again, after it died: the same ports); ``simulation``: Flower's
+        simulation runtime (its ServerApp process runs the virtual SuperNodes' ClientApps in
+        ray actors; no SuperNode processes); ``database``: its state in that file, which a
+        restarted SuperLink takes up."""
         tool = _tool("flower-superlink")
         if _has_flag(tool, "--serverappio-api-address"):  # Flower 1.30: one gRPC port per API
             apis = ["--fleet-api-address", f"127.0.0.1:{self.fleet}",
@@ -138,6 +152,7 @@ class Deployment:
             self.fleet = self.control = self.serverappio
             apis = ["--host", "127.0.0.1", "--port", str(self.serverappio)]
         mode = ["--simulation"] if simulation else []
+        mode += ["--database", str(database)] if database is not None else []
         self._start("superlink", [tool, "--insecure", *mode, *apis], self._home("superlink"))
         self._wait_for_port(self.control)
 
@@ -162,21 +177,27 @@ class Deployment:
         appio = (["--clientappio-api-address", f"127.0.0.1:{self.clientappio[i]}"]
                  if _has_flag(tool, "--clientappio-api-address") else
                  ["--host", "127.0.0.1", "--port", str(self.clientappio[i])])
+        retry = (["--max-wait-time", str(SUPERNODE_MAX_WAIT)]
+                 if _has_flag(tool, "--max-wait-time") else [])
         return self._start(f"supernode-{i}", [
-            tool, "--insecure", "--superlink", f"127.0.0.1:{self.fleet}", *appio,
+            tool, "--insecure", "--superlink", f"127.0.0.1:{self.fleet}", *appio, *retry,
             "--node-config", self.node_config_arg(self.node_configs[i])],
             self._home(f"supernode-{i}"), cwd)
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
             if name.startswith(("superlink", "supernode")) and proc.poll() is not None:
-                raise DeploymentError(f"{name} exited with code {proc.returncode}; see "
+                why = (f" (it could not reach the SuperLink within {SUPERNODE_MAX_WAIT} s)"
+                       if name.startswith("supernode") and _gave_up(self.logs / f"{name}.log")
+                       else "")
+                raise DeploymentError(f"{name} exited with code {proc.returncode}{why}; see "
                                      f"{self.logs / (name + '.log')}")
 
     def run_app(self, app_dir: Path, timeout: float, on_poll=None,
-                federation_config: dict | None = None) -> int:
+                federation_config: dict | None = None, run_config: dict | None = None) -> int:
         """`flwr run` against this SuperLink; returns its exit code. ``federation_config``:
-        the simulation runtime's settings (num-supernodes, client-resources-num-cpus, ...)."""
+        the simulation runtime's settings (num-supernodes, client-resources-num-cpus, ...);
+        ``run_config``: `--run-config` overrides of keys the app declares."""
         home = self._home("cli")
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
@@ -184,6 +205,9 @@ class Deployment:
         extra = [] if not federation_config else [
             "--federation-config", " ".join(f"{k}={_toml_value(v)}"
                                             for k, v in federation_config.items())]
+        if run_config:
+            extra += ["--run-config", " ".join(f"{k}={_toml_value(v)}"
+                                               for k, v in run_config.items())]
         proc = self._start("flwr-run", [_tool("flwr"), "run", str(app_dir), CONNECTION,
                                         "--stream", *extra], home)
         deadline = time.monotonic() + timeout

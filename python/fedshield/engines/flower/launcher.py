@@ -30,11 +30,13 @@ from typing import Sequence
 
 from ...base.atomic import write_json_atomic
 from ...config import RunConfig
-from ...base.errors import FedShieldError, ParameterError
+from ...base.errors import DataError, FedShieldError, ParameterError
 from ...trust.federation import federation_for_run
+from ...fl.site_check import CHECKS, check_data_file, check_model
 from ...fl.site_config import SiteConfig
 from ...fl.site_files import site_files
 from ...trust.identity import Identity
+from ...run.outcome import RunFailed
 from ...run.run_dir import METRICS, SERVER_STATE, claim_out_dir
 from ...base.threads import ENV as THREADS_ENV
 from ...base.threads import available_cpus
@@ -117,6 +119,31 @@ class LocalSite:
         return cls(Path(d["site-config"]), dict(d["node-config"]))
 
 
+def precheck(cfg: RunConfig) -> RunConfig:
+    """Before anything starts: every --site-data file exists, reads and has its columns, and
+    --model is 'tiny' or a model directory; relative paths are made absolute against this
+    process's directory (each site worker runs in its own node directory)."""
+    cwd = Path.cwd()
+    for path in cfg.data.site_data:
+        problem = check_data_file(cwd / path, cfg.data.columns, "--site-data")
+        if problem is None:
+            continue
+        if problem.check in ("columns", "content"):   # DataError's text names the file
+            raise DataError(f"--site-data: {problem.detail}")
+        raise DataError(f"--site-data {path!r}: {CHECKS[problem.check]} (looked for "
+                        f"{problem.detail})")
+    model = cfg.model.name
+    if check_model(str(cwd / model) if model != "tiny" else model) is not None:
+        raise ParameterError(f"--model {model!r}: {CHECKS['model']} (looked in "
+                             f"{cwd / model})")
+    changes = {}
+    if cfg.data.site_data:
+        changes["site_data"] = [os.path.abspath(p) for p in cfg.data.site_data]
+    if model != "tiny":
+        changes["model"] = os.path.abspath(model)
+    return cfg.replace(**changes, _source="the launcher's absolute paths") if changes else cfg
+
+
 def prepare_sites(cfg: RunConfig, work: Path, out: Path,
                   site_settings: Sequence[dict] = ()) -> tuple[list[LocalSite], Path]:
     """One directory per site (mode 0700) with its data file (a copy) and its site config
@@ -186,6 +213,9 @@ def write_app(app_dir: Path, cfg: RunConfig, server_ctx: Path, out: Path,
     run_config = {"fedshield-config": json.dumps(cfg.to_dict()),
                   "server-context": str(server_ctx), "out-dir": str(out),
                   SERVER_IDENTITY: str(server_ctx.parent / SERVER_IDENTITY_FILE),
+                  # declared so that `flwr run --run-config` may set them (Flower refuses a
+                  # key the app does not declare)
+                  RESUME_STATE: "",
                   **app.run_config}
     write_app_project(app_dir, name="fedshield-run",
                       description="fedshield encrypted LoRA aggregation",
@@ -214,6 +244,7 @@ def run_flower(cfg: RunConfig, show_progress: bool | None = None, *,
     ``simulation``: the same ServerApp and ClientApp on Flower's simulation runtime (one
     SuperLink, virtual SuperNodes in ray actors, each site declaring these resources)."""
     _need_flower()
+    cfg = precheck(cfg)
     app = app or FlowerApp()
     if simulation is not None and late_node_configs:
         raise ParameterError("late_node_configs: the simulation runtime has no SuperNodes to "
@@ -302,12 +333,15 @@ def _run(cfg: RunConfig, out: Path, sites: list[LocalSite], server_path: Path, a
             code, metrics = _simulate(work, sites, node_env, simulation, budget, metrics_path)
         else:
             code, metrics = _deploy(work, sites, late, node_env, budget, metrics_path)
-    except DeploymentError as exc:
-        raise FedShieldError(str(exc)) from exc
+    except DeploymentError as exc:   # e.g. a killed SuperLink: what was recorded goes on
+        raise RunFailed(str(exc), "run", _resume_hint(out)) from exc
     if code != 0 or not metrics.get("finished"):
-        raise FedShieldError(f"the Flower run failed (flwr run exit code {code}): "
-                             f"{_last_error(work / 'logs' / 'flwr-run.log')}; see "
-                             f"{work / 'logs'} and {metrics_path}")
+        last = _last_error(work / "logs" / "flwr-run.log")
+        kind = metrics.get("failure_kind") or _kind_of(last)
+        raise RunFailed(f"the Flower run failed (flwr run exit code {code}): "
+                        f"{metrics.get('failure') or last}; see {work / 'logs'} and "
+                        f"{metrics_path}", kind,
+                        None if kind in ("site", "keys") else _resume_hint(out))
     metrics["seconds_total"] = round(time.perf_counter() - start, 2)
     write_json_atomic(metrics_path, metrics)
     return metrics
@@ -421,6 +455,21 @@ def _log_new_rounds(metrics_path: Path, reported: int) -> int:
     return max(reported, len(rounds))
 
 
+def _resume_hint(out: Path) -> str:
+    """What to do after a run stopped: resume it once it recorded a round."""
+    if (out / SERVER_STATE).is_file():
+        return f"resume with `fedshield run --resume {out}`"
+    return "no round was recorded: run it again with --overwrite"
+
+
+def _kind_of(error_line: str) -> str:
+    """The failure kind of the ServerApp's last exception line (before it wrote one)."""
+    head = error_line.split(":", 1)[0]
+    if head.endswith(("KeySetupError", "KeyMessageRefused")):
+        return "keys"
+    return "storage" if head.endswith("StorageError") else "run"
+
+
 def _last_error(log_path: Path) -> str:
     """The last exception line of the ServerApp's streamed log (flwr run exits 0 even when
     the ServerApp raised)."""
@@ -472,11 +521,15 @@ def main(argv: list[str] | None = None) -> int:
                      help="directory for metrics.json and plots/ on the SuperLink's machine")
     app.add_argument("--dir", required=True)
     args = parser.parse_args(argv)
-    cfg = RunConfig.from_file(args.config)
-    if cfg.keys.setup == "dealer":
-        parser.error("--key-setup dealer is a simulation shortcut of the local engine; on "
-                     "Flower every site makes its own keys")
-    write_app(Path(args.dir), cfg, Path(args.server_context), Path(args.out), FlowerApp())
+    try:
+        cfg = RunConfig.from_file(args.config)
+        if cfg.keys.setup == "dealer":
+            raise ParameterError("--key-setup dealer is a simulation shortcut of the local "
+                                 "engine; on Flower every site makes its own keys")
+        write_app(Path(args.dir), cfg, Path(args.server_context), Path(args.out), FlowerApp())
+    except (FedShieldError, OSError) as exc:   # one line, as every fedshield command
+        print(f"fedshield: error: {exc}", file=sys.stderr)
+        return 2
     print(Path(args.dir) / "pyproject.toml")
     return 0
 

@@ -28,6 +28,12 @@ class PromptGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> list[Message]:
+        return self.send_until(messages, timeout=timeout)
+
+    def send_until(self, messages: Iterable[Message], *, timeout: float | None = None,
+                   stop=None) -> list[Message]:
+        """send_and_receive that returns early, with the replies so far, once ``stop(reply)``
+        holds for one (e.g. a site's refusal to join, which ends the run anyway)."""
         pending = set(self._grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
@@ -36,6 +42,8 @@ class PromptGrid:
             got = list(self._grid.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if stop is not None and any(stop(m) for m in got):
+                break
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(wait)

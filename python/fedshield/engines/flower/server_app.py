@@ -23,11 +23,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from ...base.atomic import write_json_atomic
 from ...config import RunConfig
-from ...base.errors import FedShieldError, KeySetupError
+from ...base.errors import FedShieldError
 from ...fl.record import RoundRecord
 from ...fl.rounds import RoundDriver
 from ...fl.server import Server
 from ...trust.identity import Identity
+from ...run.outcome import NEXT_STEP, RunFailed, failure_kind
 from ...run.run_dir import METRICS, SERVER_STATE
 from .polling import PromptGrid
 from .records import CHUNK_BYTES, route_logs_to_flower
@@ -35,8 +36,6 @@ from .site_ipc import RESUME_STATE, SERVER_IDENTITY
 from .transport import GridTransport
 
 log = logging.getLogger("fedshield")
-
-route_logs_to_flower()
 app = ServerApp()
 
 
@@ -50,8 +49,32 @@ def _plot(metrics: dict, out: Path) -> None:
     plot_run(metrics, out / "plots")
 
 
+def enrolment_failure(server: Server, n_sites: int, missing: list[int]) -> str:
+    """Which sites did not enrol, and each refusal the server got (a site that failed its
+    start-up checks names itself, the setting and the check)."""
+    refusals = [f"node {e['node']}: {e['reason']}" for e in server.record.events
+                if e["stage"] == "join"]
+    if refusals:   # the server stopped waiting at the first refusal
+        return (f"{len(refusals)} site(s) refused to join, and the key set-up needs every "
+                f"site: {'; '.join(refusals)}")
+    return (f"{n_sites - len(missing)} of {n_sites} sites enrolled (parties {missing} did "
+            "not answer), and the key set-up needs every site")
+
+
+def _fail(record, metrics_path: Path, kind: str, message: str,
+          cause: BaseException | None = None) -> None:
+    """Records the failure and its kind in metrics.json (how `flwr run`'s user reads it) and
+    raises, so the ServerApp exits non-zero and Flower marks the run failed."""
+    record.extra["failure"] = message
+    record.extra["failure_kind"] = kind
+    record.write(metrics_path)
+    log.error("the run failed (%s): %s; %s", kind, message, NEXT_STEP.get(kind, ""))
+    raise RunFailed(message, kind) from cause
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    route_logs_to_flower()   # in the ServerApp process only: importing this module changes no logger
     grid = PromptGrid(grid)
     rc = context.run_config
     cfg = RunConfig.from_dict(json.loads(str(rc["fedshield-config"])),
@@ -89,21 +112,18 @@ def main(grid: Grid, context: Context) -> None:
     record = server.record
     record.extra["participants"] = sorted(participants.values())
     record.write(metrics_path)
-    if len(participants) < server.min_updates:
-        record.extra["failure"] = (f"{len(participants)} parties enrolled, "
-                                   f"{server.min_updates} needed")
-        record.write(metrics_path)
-        raise FedShieldError(record.extra["failure"])
+    missing = sorted(set(range(cfg.n_sites)) - set(participants.values()))
+    if missing:   # every run starts with a key set-up, and it needs every party
+        _fail(record, metrics_path, "site", enrolment_failure(server, cfg.n_sites, missing))
     if resume:
         record.extra.setdefault("resumed", []).append(
             {"after_round": done, "parties": sorted(participants.values())})
     try:
         for r in range(done + 1, cfg.training.rounds + 1):
             driver.run_round(r, last=r == cfg.training.rounds)
-    except KeySetupError as exc:  # a party failed the key set-up: nothing can be decrypted
-        record.extra["failure"] = str(exc)
-        record.write(metrics_path)
-        raise
+    except FedShieldError as exc:  # e.g. a party failed the key set-up: nothing decrypts
+        kind = failure_kind(exc)
+        _fail(record, metrics_path, "run" if kind == "error" else kind, str(exc), exc)
     record.extra["not_enrolled"] = transport.late_nodes()
     # what the whole server process loaded, not only our modules
     record.extra["server_loaded_openfhe"] = "openfhe" in sys.modules

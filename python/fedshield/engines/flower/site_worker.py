@@ -45,6 +45,7 @@ from ...fl.party import Party
 from ...fl.protocol import (APPLY, CATCH, CATCHUP, PLAN_FIELDS, SHARE, TRAIN, reply_to_wire,
                             request_from_wire)
 from ...fl.site import Site, load_site_data
+from ...fl.site_check import SiteCheckFailed, check_site
 from ...fl.site_config import SiteConfig, site_settings_in
 from ...fl.site_rounds import OutOfStep, SiteRounds
 from ...fl.train_fn import TrainFnError, load_train_fn
@@ -75,6 +76,7 @@ class RunConfigRefused(FedShieldError):
 # exception's classes), a fixed message. No value, repr or path of the site's goes with it.
 FIXED_MESSAGES: dict[type, str] = {
     RequestRefused: "the site worker does not answer this request",
+    SiteCheckFailed: "the site failed its start-up checks",
     NotJoined: "the site has not joined a run",
     RunConfigRefused: "the run config names a setting that only the site decides",
     OutOfStep: "the party's global adapter is not the one this request builds on",
@@ -100,7 +102,8 @@ UNEXPECTED = ("SiteError", "the site could not answer this request")
 # it from what the server and the other parties sent (party ids, epochs, the run's settings,
 # the pinned federation's name), never from the site's files, data or keys, and the server
 # needs it to learn which setting or party a site refuses.
-PROTOCOL_DETAIL = (KeySetupError,)
+# A failed start-up check names only the party, the setting and the check's fixed words.
+PROTOCOL_DETAIL = (KeySetupError, SiteCheckFailed)
 MAX_DETAIL = 600
 
 
@@ -295,10 +298,16 @@ def pinned_federation(site_cfg: SiteConfig) -> dict:
 class SiteWorker:
     """Serves the relay's requests, one at a time, for the site its config describes."""
 
-    def __init__(self, site_cfg: SiteConfig) -> None:
+    def __init__(self, site_cfg: SiteConfig, problems=()) -> None:
         self.cfg = site_cfg
-        self.identity = node_identity(site_cfg.path("identity_file"))
-        self.train_fn = load_train_fn(site_cfg.train_fn) if site_cfg.train_fn else None
+        # a site that failed its start-up checks only answers ping, and join with the first
+        # problem; it makes no identity that its federation file would not pin
+        self.problems = list(problems)
+        if self.problems:
+            self.identity, self.train_fn = None, None
+        else:
+            self.identity = node_identity(site_cfg.path("identity_file"))
+            self.train_fn = load_train_fn(site_cfg.train_fn) if site_cfg.train_fn else None
         if self.train_fn is not None:
             log.info("site worker: party %d trains with its own %s", site_cfg.party_id,
                      site_cfg.train_fn)
@@ -345,6 +354,8 @@ class SiteWorker:
         policy = self.cfg.metrics
         if op == "ping":
             return {}, []
+        if self.problems:
+            raise SiteCheckFailed(self.cfg, self.problems[0])
         if op == "join":
             out, blobs = self._join(fields)
             return withhold(out, policy), blobs
@@ -492,7 +503,11 @@ def run_worker(config_path: str | Path, *, exit_with: int = 0) -> int:
     _log_to(site_cfg.path("log_file"))
     token = read_token(make_token(site_cfg.path("token_file")))
     apply_to_torch()  # several sites on one machine share its cores (FEDSHIELD_NUM_THREADS)
-    worker = SiteWorker(site_cfg)
+    problems = check_site(site_cfg)
+    for problem in problems:   # the details, for the site's own eyes only
+        log.error("site worker: start-up check failed: %s", problem)
+        print(f"fedshield site worker: {config_path}: {problem}", file=sys.stderr, flush=True)
+    worker = SiteWorker(site_cfg, problems)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     path = site_cfg.path("socket")
     server = _listen(path)

@@ -25,6 +25,7 @@ from ...base.errors import FedShieldError
 from ...fl.messages import InvalidMessage, SiteInfo
 from ...fl.protocol import TRAIN
 from ...fl.server import Server
+from .reasons import reason_text
 from .records import CHUNK_BYTES, FIELDS, get_blobs, message_fields, put_blobs
 
 log = logging.getLogger("fedshield")
@@ -43,7 +44,7 @@ def triage(msg: Message, parse: Callable[[dict, list[bytes]], object]) -> object
     that says why it is not one: a Flower error, missing records, a corrupted payload or a
     malformed field."""
     if msg.has_error():
-        return InvalidMessage(f"error: {msg.error.reason}")
+        return InvalidMessage(f"error: {reason_text(msg.error.reason)}")
     try:
         fields = message_fields(msg)
         blobs = get_blobs(msg.content, fields.pop("blobs", 0))
@@ -100,12 +101,20 @@ class GridTransport:
         log.info("enrolling %d connected nodes (%d sites configured)", len(nodes), n_sites)
         resumed = server.restored_roster is not None
         cache: dict = {}
-        replies = grid.send_and_receive(
-            [self.message(node, JOIN, {"resume": resumed}, [], cache) for node in nodes],
-            timeout=timeout)
+        messages = [self.message(node, JOIN, {"resume": resumed}, [], cache) for node in nodes]
+        # the key set-up needs every site: one that refuses ends the run, so stop waiting
+        # for the others (a model can take minutes to load); a plain Grid waits for all
+        send_until = getattr(grid, "send_until", None)
+        replies = (send_until(messages, timeout=timeout, stop=Message.has_error)
+                   if send_until is not None else
+                   grid.send_and_receive(messages, timeout=timeout))
         joins, versions, fingerprints = [], {}, {}
         for msg in replies:
             node = msg.metadata.src_node_id
+            if msg.has_error():   # e.g. a site that failed its start-up checks says which
+                server.exclude(0, "join", node,
+                               f"refused to join: {reason_text(msg.error.reason)}")
+                continue
             got = triage(msg, lambda fields, _: (SiteInfo.from_fields(fields), fields))
             if isinstance(got, FedShieldError):
                 server.exclude(0, "join", node, f"malformed join reply: {got}")
