@@ -226,8 +226,10 @@ class RoundDriver:
             self.set_up_keys(before_round=r)
         catch_ups = self.catch_up(r, label)
         pending = self.pending
-        base = pending.plan.round if pending is not None else server.version
-        plan = server.plan_for(r, base_version=base)
+        # with nothing pending the round's record opens now (its wall time is the round's);
+        # else once the previous round is closed, with the plan sent now
+        plan = (server.plan(r) if pending is None
+                else server.plan_for(r, base_version=pending.plan.round))
         applies = self._aggregate(pending) if pending is not None else {}
         requests = {server.node_of(p): TrainRequest(plan, applies.get(p), catch_ups.get(p))
                     for p in sorted(server.participants.values())}
@@ -238,10 +240,10 @@ class RoundDriver:
         if pending is not None:
             self.pending = None
             self._finish(replies)
-        opened = server.plan(r)
-        if opened != plan:
-            raise FedShieldError(f"round {r}: the plan sent ({plan}) is not the server's "
-                                 f"({opened})")
+            opened = server.plan(r)
+            if opened != plan:
+                raise FedShieldError(f"round {r}: the plan sent ({plan}) is not the server's "
+                                     f"({opened})")
         updates = []
         for node, reply in replies:
             if isinstance(reply, TrainResult):
