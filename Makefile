@@ -24,7 +24,7 @@ ASAN_BUILD    := build/asan
 ASAN_TESTS    ?= tests/test_update_wire.py tests/test_packing.py tests/test_streaming.py \
                  tests/test_aggregate.py tests/test_threshold.py tests/test_native_safety.py \
                  tests/test_fuzz.py tests/test_dp.py tests/test_fuzz_key_setup.py \
-                 tests/test_native_ckks.py
+                 tests/test_native_ckks.py tests/test_flooding.py
 ASAN_SELECT   ?=
 ASAN_EXAMPLES ?= 25
 FUZZ_EXAMPLES ?= 1000

@@ -214,7 +214,8 @@ def fedshield_setups(log):
            lambda agg, layout, mask: fs.decrypt_update(v2_client, agg, layout, mask=mask))
     for flood, label in ((0, "threshold"), (FLOOD_BITS, f"threshold + {FLOOD_BITS}-bit flooding")):
         log(f"  {label}: generating the keys of {THRESHOLD_PARTIES} parties ...")
-        params = fs.CKKSParams.for_precision(keys="threshold", flood_bits=flood)
+        # as keygen_threshold resolves a request for its parties (CKKSParams.for_keys)
+        params = fs.CKKSParams(flood_bits=flood).for_keys("threshold", THRESHOLD_PARTIES)
         parties, server = fs.keygen_threshold(params, THRESHOLD_PARTIES)
 
         def decrypt(agg, layout, mask, parties=parties):

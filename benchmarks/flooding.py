@@ -7,8 +7,11 @@ and the fusion), and the largest |error| of the decrypted average against the fl
 for values uniform in [-1, 1] and weights summing to the weight bound. Single process,
 single worker (workers=1); ratios are flooding / no flooding within this run.
 
+Flooded parameters are the requests each keygen resolves (fs.CKKSParams(flood_bits=s): the
+LMSS22-sized profile for its key mode and parties, fedshield.he.flood_sizing).
+
   .venv/bin/python benchmarks/flooding.py                 # 262144 values, ~1 min on 2 cores
-  .venv/bin/python benchmarks/flooding.py --values 65535 --bits 30 40 64
+  .venv/bin/python benchmarks/flooding.py --values 65535 --bits 30 40 48
   .venv/bin/python benchmarks/flooding.py --precision    # max |error| per level and party count
 """
 
@@ -58,7 +61,8 @@ def run(mode: str, params: fs.CKKSParams, n_values: int, n_clients: int = 3) -> 
             t_dec = max(t_dec, t)
         out, t_fuse = _timed(lambda: fs.combine_partials(agg, shares, layout, ctx=encryptors[0]))
     ref = sum(w * s["w"].double().numpy() for s, w in zip(states, weights)) / sum(weights)
-    return {"bytes/value": ups[0].nbytes / n_values, "encrypt s": float(np.median(enc)),
+    return {"params": encryptors[0].params,
+            "bytes/value": ups[0].nbytes / n_values, "encrypt s": float(np.median(enc)),
             "aggregate s": t_agg, "decrypt s": t_dec, "fuse s": t_fuse,
             "max err": float(np.abs(out["w"].double().numpy() - ref).max())}
 
@@ -73,36 +77,40 @@ def precision(n_values: int, levels: list[int]) -> None:
     print(f"{'flood_bits':>10} {'keys':>22} {'max |err|':>12} {'predicted std':>14}")
     for bits in levels:
         for mode, parties in (("shared", 1), ("threshold", 3), ("threshold", 5)):
-            scale = 50 if mode == "shared" else 52
-            p = fs.CKKSParams(scale_bits=scale, flood_bits=bits)
-            r = run(mode, p, n_values, n_clients=parties if mode == "threshold" else 3)
             label = "shared (3 clients)" if mode == "shared" else f"threshold {parties} parties"
-            pred = flooding.slot_error_std(p, parties)
-            print(f"{bits:>10} {label:>22} {r['max err']:>12.3g} {pred:>14.3g}")
+            try:
+                r = run(mode, fs.CKKSParams(flood_bits=bits), n_values,
+                        n_clients=parties if mode == "threshold" else 3)
+            except fs.ParameterError as exc:
+                print(f"{bits:>10} {label:>22} refused: {exc}")
+                continue
+            pred = flooding.slot_error_std(r["params"], parties)
+            print(f"{bits:>10} {label:>22} {r['max err']:>12.3g} {pred:>14.3g}"
+                  f"   (N={r['params'].ring_dim}, {r['params'].log_q} bits)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--values", type=int, default=262144)
-    ap.add_argument("--bits", type=int, nargs="+", default=[30, 64])
+    ap.add_argument("--bits", type=int, nargs="+", default=[30, 48])
     ap.add_argument("--precision", action="store_true",
-                    help="only the precision table (65535 values, levels 20 30 40 50 64)")
+                    help="only the precision table (65535 values, levels 20 30 40 48 64)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.precision:
-        precision(65535, [20, 30, 40, 50, 64])
+        precision(65535, [20, 30, 40, 48, 64])
         return
     cols = ["bytes/value", "encrypt s", "aggregate s", "decrypt s", "fuse s", "max err"]
     print(f"{args.values} values, 3 clients; threshold: 3 parties n-of-n")
     print(f"{'row':<32}" + "".join(f"{c:>14}" for c in cols))
-    for mode, base in (("shared", fs.CKKSParams()), ("threshold", fs.CKKSParams(scale_bits=52))):
-        rows = [("off", run(mode, base, args.values))]
+    for mode in ("shared", "threshold"):
+        rows = [("off", run(mode, fs.CKKSParams(), args.values))]
         for bits in args.bits:
-            p = fs.CKKSParams(scale_bits=base.scale_bits, flood_bits=bits)
-            rows.append((f"flood_bits={bits}", run(mode, p, args.values)))
-        # smaller towers: fewer bytes, enough precision for the lower levels
-        p = fs.CKKSParams(scale_bits=36, flood_bits=args.bits[0])
-        rows.append((f"flood_bits={args.bits[0]} scale 36", run(mode, p, args.values)))
+            try:
+                rows.append((f"flood_bits={bits}", run(mode, fs.CKKSParams(flood_bits=bits),
+                                                       args.values)))
+            except fs.ParameterError as exc:
+                print(f"{mode} flood_bits={bits}: refused: {exc}")
         off = rows[0][1]
         for name, r in rows:
             print(f"{mode + ' ' + name:<32}" + "".join(

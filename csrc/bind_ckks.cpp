@@ -155,7 +155,7 @@ void bind_ckks(py::module_& m) {
         for (auto& p : parts) out.append(py::bytes(p));
         return out;
     }, "This party's packed partial decryption of each ciphertext of an aggregate (smudging "
-       "noise of OpenFHE's size, flooding when flood_hi/lo != 0).",
+       "noise of OpenFHE's size, flooding of variance flood_hi*2^64 + flood_lo when it is not 0).",
        py::arg("update"), py::arg("ring"), py::arg("s"), py::arg("lead"), py::arg("flood_hi"),
        py::arg("flood_lo"), py::arg("threads") = 0);
     m.def("ckks_fuse", [](const std::vector<std::vector<py::bytes>>& shares,

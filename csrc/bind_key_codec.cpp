@@ -80,6 +80,40 @@ void bind_key_codec(py::module_& m) {
        py::arg("what") = "key",
        "Validates E packed polynomials (exact size, every residue below its modulus) and "
        "returns their E * T * N residues (uint64, polynomial-major then tower-major).");
+    m.def("pack_key_polys", [](const py::array_t<uint64_t, py::array::c_style>& residues,
+                               uint64_t ring_dim, const std::vector<uint64_t>& moduli,
+                               size_t elements, const std::string& what) {
+        const uint64_t* r = residues.data();
+        const size_t count = static_cast<size_t>(residues.size());
+        std::string out;
+        {
+            py::gil_scoped_release nogil;
+            out = pack_polys(r, count, ring_dim, moduli, elements, what.c_str());
+        }
+        return to_bytearray(out);
+    }, py::arg("residues"), py::arg("ring_dim"), py::arg("moduli"), py::arg("elements"),
+       py::arg("what") = "key",
+       "E * T * N residues (each below its tower's modulus) bit-packed as decode_key_polys "
+       "reads them (a bytearray: they may be a secret key's).");
+    m.def("sum_key_polys", [](const std::vector<py::bytes>& runs, uint64_t ring_dim,
+                              const std::vector<uint64_t>& moduli, size_t elements,
+                              const std::string& what) {
+        std::vector<std::pair<const uint8_t*, size_t>> views;
+        for (const auto& run : runs) {
+            char* p = nullptr;
+            Py_ssize_t len = 0;
+            if (PyBytes_AsStringAndSize(run.ptr(), &p, &len) != 0) throw py::error_already_set();
+            views.emplace_back(reinterpret_cast<const uint8_t*>(p), static_cast<size_t>(len));
+        }
+        std::string out;
+        {
+            py::gil_scoped_release nogil;
+            out = sum_polys(views, ring_dim, moduli, elements, what.c_str());
+        }
+        return py::bytes(out);
+    }, py::arg("runs"), py::arg("ring_dim"), py::arg("moduli"), py::arg("elements"),
+       py::arg("what") = "key",
+       "The sum mod q of packed runs of E polynomials (each validated), packed again.");
     m.def("rebuild_key", [](const py::buffer& packed, const py::bytes& tmpl,
                             const py::tuple& layout, size_t elements, const std::string& what) {
         py::buffer_info info;

@@ -464,7 +464,7 @@ void bind_flood(py::module_& m) {
         }
         for (size_t i = 0; i < qs.size(); ++i)
             std::memcpy(data + offsets[i], towers[i].data(), 8 * ring_dim);
-    }, "Adds one fresh flooding polynomial (uniform integers in [-w, w], w = w_hi*2^64 + w_lo) "
+    }, "Adds one fresh flooding polynomial (a discrete Gaussian of variance w_hi*2^64 + w_lo) "
        "to the residue arrays (one per tower, evaluation representation) of a writable "
        "serialized polynomial, in place.");
 }

@@ -565,6 +565,8 @@ std::vector<std::string> partial_decrypt_update(const uint8_t* data, size_t len,
     const Payload payload{h, data + h.header_size()};
     std::vector<std::string> out(h.n_ciphertexts);
     const uint64_t share_bytes = partial_bytes(n, ring.moduli);
+    const unsigned __int128 flood_plus_smudging =
+        ((static_cast<unsigned __int128>(w.hi) << 64) | w.lo) + kSmudgingSigma2;
     parallel_ranges(h.n_ciphertexts, threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
         std::vector<uint64_t> b(element), g(element), x(n);
         std::vector<int64_t> e(n);
@@ -574,14 +576,20 @@ std::vector<std::string> partial_decrypt_update(const uint8_t* data, size_t len,
         for (uint64_t t = 0; t < towers; ++t) parts.push_back(g.data() + t * n);
         const auto tables = ring_tables(ring);
         for (uint64_t k = begin; k < end; ++k) {
-            // the smudging noise (and flooding) as an integer polynomial, then per tower
-            std::fill(e.begin(), e.end(), 0);
-            add_discrete_gaussian(e.data(), n, kSmudgingSigma2, 1);
+            // the smudging noise as an integer polynomial, then per tower. Flooding takes the
+            // smudging's place (as OpenFHE's NOISE_FLOODING_DECRYPT mode does in
+            // MultipartyDecryptLead/Main): one Gaussian of the flooding's variance plus the
+            // smudging's, one sample per coefficient instead of two.
+            if (w.any()) {
+                sample_wide_discrete_gaussian(e.data(), n, flood_plus_smudging);
+            } else {
+                std::fill(e.begin(), e.end(), 0);
+                add_discrete_gaussian(e.data(), n, kSmudgingSigma2, 1);
+            }
             for (uint64_t t = 0; t < towers; ++t) {
                 const uint64_t q = ring.moduli[t], mu = tables->mu[t];
                 for (uint64_t j = 0; j < n; ++j) parts[t][j] = signed_mod(e[j], q, mu);
             }
-            if (w.any()) flood_coefficients(parts.data(), towers, n, ring.moduli.data(), w.hi, w.lo);
             std::string share(share_bytes, '\0');
             auto* dst = reinterpret_cast<uint8_t*>(&share[0]);
             for (uint64_t t = 0; t < towers; ++t) {

@@ -50,7 +50,8 @@ struct CkksRing {
 // Checks N (power of two in [1024, 2^17]), the moduli and their roots (ParameterInputError).
 void check_ring(const CkksRing& ring);
 
-// A 128-bit flooding width (uniform noise in [-w, w] added before decoding); 0: none.
+// The flooding noise added before decoding: a discrete Gaussian of integer variance
+// sigma2 = hi * 2^64 + lo (flood.hpp); 0: none.
 struct FloodWidth {
     uint64_t hi = 0, lo = 0;
     bool any() const { return hi != 0 || lo != 0; }
@@ -72,15 +73,16 @@ void decode_coefficients(const CkksRing& ring, const uint64_t* coeffs, double* o
 // key s (T * N residues, evaluation form): out[k * values_per_ciphertext + j]. A seeded
 // update's c1 is the sum of the expansions (aes_ctr.hpp: expand_uniform) of its n_summed seeds'
 // stream keys (n_keys * 32 bytes), or, when `c1` is given, c1 (n_ciphertexts * T * N
-// residues); flooding `w` is added to each decryption before decoding.
+// residues); flooding of variance `w` is added to each decryption before decoding.
 void decrypt_update(const uint8_t* data, size_t len, const CkksRing& ring, const uint64_t* s,
                     const uint64_t* c1, size_t c1_len, const uint8_t* stream_keys,
                     size_t n_keys, FloodWidth w, unsigned threads, double* out,
                     size_t out_len);
 
 // A party's partial decryption of every ciphertext of an (unseeded) aggregate with its key
-// s_i: (lead ? c0 : 0) + c1 * s_i + e + f, e a discrete Gaussian of variance kSmudgingSigma2,
-// f flooding of width w; each bit-packed as partial_codec.hpp describes.
+// s_i: (lead ? c0 : 0) + c1 * s_i + e, e a discrete Gaussian of variance kSmudgingSigma2 (with
+// flooding of variance w != 0: of variance w + kSmudgingSigma2); each bit-packed as
+// partial_codec.hpp describes.
 std::vector<std::string> partial_decrypt_update(const uint8_t* data, size_t len,
                                                 const CkksRing& ring, const uint64_t* s,
                                                 bool lead, FloodWidth w, unsigned threads);

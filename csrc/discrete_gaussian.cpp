@@ -152,6 +152,126 @@ int64_t discrete_gaussian(RandomBits& rng, uint64_t sigma2) {
     }
 }
 
+// --- wide variances (noise flooding): the same algorithm with 256-bit intermediates -------
+
+// An unsigned 256-bit integer: just what Bernoulli(exp(-num / den)) needs.
+struct U256 {
+    u128 hi = 0, lo = 0;
+};
+
+bool operator<(const U256& a, const U256& b) { return a.hi != b.hi ? a.hi < b.hi : a.lo < b.lo; }
+bool operator==(const U256& a, const U256& b) { return a.hi == b.hi && a.lo == b.lo; }
+bool is_zero(const U256& a) { return a.hi == 0 && a.lo == 0; }
+
+U256 sub(const U256& a, const U256& b) {  // a >= b
+    U256 r;
+    r.lo = a.lo - b.lo;
+    r.hi = a.hi - b.hi - (a.lo < b.lo ? 1 : 0);
+    return r;
+}
+
+U256 shl1(const U256& a) { return {(a.hi << 1) | (a.lo >> 127), a.lo << 1}; }
+
+// a * b for 128-bit a, b (schoolbook on 64-bit halves).
+U256 mul(u128 a, u128 b) {
+    const u128 m = ~uint64_t{0};
+    const u128 a0 = a & m, a1 = a >> 64, b0 = b & m, b1 = b >> 64;
+    const u128 p00 = a0 * b0, p01 = a0 * b1, p10 = a1 * b0, p11 = a1 * b1;
+    const u128 mid = (p00 >> 64) + (p01 & m) + (p10 & m);  // < 3 * 2^64
+    U256 r;
+    r.lo = (p00 & m) | (mid << 64);
+    r.hi = p11 + (p01 >> 64) + (p10 >> 64) + (mid >> 64);
+    return r;
+}
+
+// a * k for a < 2^236 and k <= 2^20: fits.
+U256 mul_small(const U256& a, uint64_t k) {
+    const U256 low = mul(a.lo, k);
+    return {a.hi * k + low.hi, low.lo};
+}
+
+// Bernoulli(num / den) for num, den < 2^255 (see bernoulli above).
+bool bernoulli(RandomBits& rng, U256 num, const U256& den) {
+    if (!(num < den)) return true;
+    if (is_zero(num)) return false;
+    U256 r = num;
+    for (;;) {
+        r = shl1(r);
+        unsigned b = 0;
+        if (!(r < den)) {
+            b = 1;
+            r = sub(r, den);
+        }
+        const unsigned u = rng.bit();
+        if (u != b) return u < b;
+        if (is_zero(r)) return false;
+    }
+}
+
+bool bernoulli_exp_at_most_1(RandomBits& rng, const U256& num, const U256& den) {
+    uint64_t k = 1;
+    while (bernoulli(rng, num, mul_small(den, k))) {
+        if (++k > kMaxK) throw ParameterInputError("discrete Gaussian: Algorithm 1 ran away");
+    }
+    return k & 1;
+}
+
+bool bernoulli_exp(RandomBits& rng, U256 num, const U256& den) {
+    while (den < num) {
+        if (!bernoulli_exp_at_most_1(rng, 1, 1)) return false;
+        num = sub(num, den);
+    }
+    return bernoulli_exp_at_most_1(rng, num, den);
+}
+
+u128 isqrt128(u128 n) {
+    u128 r = 0;
+    for (u128 bit = u128{1} << 126; bit; bit >>= 2) {
+        if (n >= r + bit) {
+            n -= r + bit;
+            r = (r >> 1) + bit;
+        } else {
+            r >>= 1;
+        }
+    }
+    return r;
+}
+
+// One N_Z(0, sigma2) sample for sigma2 < 2^112 (CKS Algorithm 3, as discrete_gaussian above):
+// t = floor(sigma) + 1 <= 2^56 + 1; Laplace draws of magnitude >= 64 t are rejected outright
+// (their acceptance probability is below exp(-(63 sigma)^2 / (2 sigma^2)) < exp(-1900)).
+struct WideGaussian {
+    explicit WideGaussian(u128 s2)
+        : sigma2(s2), t(static_cast<uint64_t>(isqrt128(s2)) + 1), cap(64 * t),
+          den(shl1(mul(s2, static_cast<u128>(t) * t))) {}
+    u128 sigma2;
+    uint64_t t, cap;  // cap < 2^63
+    U256 den;         // 2 sigma2 t^2 < 2^227
+};
+
+int64_t wide_discrete_gaussian(RandomBits& rng, const WideGaussian& g) {
+    const u128 sigma2 = g.sigma2;
+    const uint64_t t = g.t, cap = g.cap;
+    const U256& den = g.den;
+    for (;;) {
+        // the discrete Laplace of scale t (CKS Algorithm 2), as discrete_laplace above
+        const uint64_t u = rng.below(t);
+        if (!bernoulli_exp(rng, u, t)) continue;
+        uint64_t v = 0;
+        while (bernoulli_exp_at_most_1(rng, 1, 1)) {
+            if (++v >= 64) break;  // u + t v >= 64 t: rejected below anyway
+        }
+        const u128 x = static_cast<u128>(u) + static_cast<u128>(t) * v;
+        const bool negative = rng.bit();
+        if (negative && x == 0) continue;
+        if (x >= cap) continue;
+        const u128 yt = x * t;  // < 2^119
+        const u128 diff = yt >= sigma2 ? yt - sigma2 : sigma2 - yt;
+        if (bernoulli_exp(rng, mul(diff, diff), den))
+            return negative ? -static_cast<int64_t>(x) : static_cast<int64_t>(x);
+    }
+}
+
 }  // namespace
 
 void add_discrete_gaussian(int64_t* values, uint64_t n, uint64_t sigma2, unsigned threads) {
@@ -181,6 +301,16 @@ unsigned __int128 squared_norm(const int64_t* values, uint64_t n) {
         sum += sq;
     }
     return sum;
+}
+
+void sample_wide_discrete_gaussian(int64_t* out, uint64_t n, unsigned __int128 sigma2) {
+    if (sigma2 < 1 || sigma2 >= kMaxWideSigma2)
+        throw ParameterInputError("discrete Gaussian: flooding variance of " +
+                                  std::to_string(static_cast<double>(sigma2)) +
+                                  " is not in [1, 2**112)");
+    RandomBits rng;
+    const WideGaussian g(sigma2);
+    for (uint64_t i = 0; i < n; ++i) out[i] = wide_discrete_gaussian(rng, g);
 }
 
 }  // namespace fedshield

@@ -19,6 +19,15 @@ constexpr uint64_t kMaxSigma2 = uint64_t{1} << 46;
 // its own CSPRNG stream). |values[i]| must stay below 2^62.
 void add_discrete_gaussian(int64_t* values, uint64_t n, uint64_t sigma2, unsigned threads);
 
+// Noise flooding needs variances far beyond kMaxSigma2 (sigma around 2^50): the same exact
+// algorithm with 256-bit intermediates, for sigma2 in [1, kMaxWideSigma2).
+constexpr unsigned __int128 kMaxWideSigma2 = static_cast<unsigned __int128>(1) << 112;
+
+// out[i] = a fresh N_Z(0, sigma2) sample, for i < n, on the calling thread. Draws whose
+// magnitude reaches 64 * (floor(sigma) + 1) are rejected (acceptance below exp(-1900)), so
+// |out[i]| < 2^63. ParameterInputError for a variance out of range.
+void sample_wide_discrete_gaussian(int64_t* out, uint64_t n, unsigned __int128 sigma2);
+
 // sum(values[i]^2) exactly, saturating at 2^128 - 1.
 unsigned __int128 squared_norm(const int64_t* values, uint64_t n);
 

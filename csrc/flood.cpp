@@ -6,6 +6,7 @@
 #include <string>
 #include <tuple>
 
+#include "discrete_gaussian.hpp"
 #include "errors.hpp"
 #include "secure_wipe.hpp"
 #include "shamir.hpp"
@@ -38,25 +39,6 @@ inline uint64_t sub_mod(uint64_t a, uint64_t b, uint64_t q) { return a >= b ? a 
 
 inline uint64_t mul_mod(uint64_t a, uint64_t b, uint64_t q) {
     return static_cast<uint64_t>(static_cast<u128>(a) * b % q);
-}
-
-// n uniform integers in [0, 2w] as 128-bit values (rejection sampling on bit_length(2w) bits).
-std::vector<u128> uniform_0_to(u128 top, size_t n) {
-    unsigned bits = 0;
-    while (bits < 128 && (top >> bits) != 0) ++bits;
-    const u128 mask = bits >= 128 ? ~u128{0} : ((u128{1} << bits) - 1);
-    std::vector<u128> out(n);
-    std::vector<u128> pool(n + 64);
-    WipeOnExit<u128> wipe_pool(pool);
-    size_t filled = 0;
-    while (filled < n) {
-        random_bytes(reinterpret_cast<uint8_t*>(pool.data()), pool.size() * sizeof(u128));
-        for (u128 v : pool) {
-            v &= mask;
-            if (v <= top && filled < n) out[filled++] = v;
-        }
-    }
-    return out;
 }
 
 struct Twiddles {
@@ -162,26 +144,31 @@ void ntt_inverse(uint64_t* a, size_t n, uint64_t q, uint64_t psi) {
 }
 
 void flood_coefficients(uint64_t* const* towers, size_t count, size_t n, const uint64_t* moduli,
-                        uint64_t w_hi, uint64_t w_lo) {
-    const u128 w = (static_cast<u128>(w_hi) << 64) | w_lo;
-    if (w >> 126) bad("the flooding bound must be below 2^126");
+                        uint64_t v_hi, uint64_t v_lo) {
+    const u128 sigma2 = (static_cast<u128>(v_hi) << 64) | v_lo;
+    if (sigma2 == 0 || sigma2 >= kMaxWideSigma2)
+        bad("the flooding variance must be in [1, 2^112)");
     for (size_t i = 0; i < count; ++i)
         if (moduli[i] < 3 || moduli[i] >= (uint64_t{1} << 62)) bad("a modulus is not in [3, 2^62)");
-    // f_j = u_j - w with u_j uniform in [0, 2w]
-    std::vector<u128> u = uniform_0_to(2 * w, n);
-    WipeOnExit<u128> wipe_u(u);
+    std::vector<int64_t> f(n);
+    WipeOnExit<int64_t> wipe_f(f);
+    sample_wide_discrete_gaussian(f.data(), n, sigma2);
     for (size_t i = 0; i < count; ++i) {
         const uint64_t q = moduli[i];
-        const uint64_t w_mod = static_cast<uint64_t>(w % q);
         uint64_t* dst = towers[i];
-        for (size_t j = 0; j < n; ++j)
-            dst[j] = add_mod(dst[j], sub_mod(static_cast<uint64_t>(u[j] % q), w_mod, q), q);
+        for (size_t j = 0; j < n; ++j) {
+            // |f_j| < 2^63: its residue, then added (branch on the sign of noise, not of a key)
+            const uint64_t mag = f[j] < 0 ? 0 - static_cast<uint64_t>(f[j])
+                                          : static_cast<uint64_t>(f[j]);
+            const uint64_t r = mag % q;
+            dst[j] = add_mod(dst[j], f[j] < 0 ? sub_mod(0, r, q) : r, q);
+        }
     }
 }
 
 void flood_towers(const std::vector<uint64_t*>& towers, size_t n,
                   const std::vector<uint64_t>& moduli, const std::vector<uint64_t>& roots,
-                  uint64_t w_hi, uint64_t w_lo) {
+                  uint64_t v_hi, uint64_t v_lo) {
     if (towers.empty() || towers.size() != moduli.size() || towers.size() != roots.size())
         bad("one modulus and one root per tower are needed");
     for (uint64_t q : moduli)
@@ -194,7 +181,7 @@ void flood_towers(const std::vector<uint64_t*>& towers, size_t n,
     WipeOnExit<uint64_t> wipe_f(f);
     std::vector<uint64_t*> parts;
     for (size_t i = 0; i < towers.size(); ++i) parts.push_back(f.data() + i * n);
-    flood_coefficients(parts.data(), parts.size(), n, moduli.data(), w_hi, w_lo);
+    flood_coefficients(parts.data(), parts.size(), n, moduli.data(), v_hi, v_lo);
     for (size_t i = 0; i < towers.size(); ++i) {
         const uint64_t q = moduli[i];
         ntt_forward(parts[i], n, q, roots[i]);

@@ -4,6 +4,7 @@
 
 #include "bitpack.hpp"
 #include "errors.hpp"
+#include "modarith.hpp"
 #include "secure_wipe.hpp"
 #include "wire.hpp"
 
@@ -88,6 +89,49 @@ std::vector<uint64_t> decode_polys(const uint8_t* packed, size_t len, uint64_t r
         at += run;
     }
     return residues;
+}
+
+std::string pack_polys(const uint64_t* residues, size_t count, uint64_t ring_dim,
+                       const std::vector<uint64_t>& moduli, size_t elements, const char* what) {
+    check_elements(elements, what);
+    check_ring_dim(ring_dim, what);
+    check_moduli(moduli, what);
+    const size_t towers = moduli.size();
+    if (count != elements * towers * ring_dim)
+        throw InvalidUpdateError(std::string(what) + ": " + std::to_string(count) +
+                                 " residues, expected " +
+                                 std::to_string(elements * towers * ring_dim));
+    std::string out(packed_polys_bytes(ring_dim, moduli, elements), '\0');
+    auto* dst = reinterpret_cast<uint8_t*>(&out[0]);
+    for (size_t k = 0; k < elements * towers; ++k) {
+        const uint64_t q = moduli[k % towers];
+        const uint64_t* run = residues + k * ring_dim;
+        if (any_not_below(run, ring_dim, q))
+            throw InvalidUpdateError(std::string(what) + ": a residue of tower " +
+                                     std::to_string(k % towers) + " is not below its modulus " +
+                                     std::to_string(q));
+        const unsigned bits = bit_length(q);
+        pack_residues(run, ring_dim, bits, dst);
+        dst += packed_bytes(ring_dim, bits);
+    }
+    return out;
+}
+
+std::string sum_polys(const std::vector<std::pair<const uint8_t*, size_t>>& runs,
+                      uint64_t ring_dim, const std::vector<uint64_t>& moduli, size_t elements,
+                      const char* what) {
+    if (runs.empty()) throw InvalidUpdateError(std::string(what) + ": nothing to sum");
+    std::vector<uint64_t> total = decode_polys(runs[0].first, runs[0].second, ring_dim, moduli,
+                                               elements, what);
+    const size_t towers = moduli.size();
+    for (size_t r = 1; r < runs.size(); ++r) {
+        const std::vector<uint64_t> more = decode_polys(runs[r].first, runs[r].second,
+                                                        ring_dim, moduli, elements, what);
+        for (size_t k = 0; k < elements * towers; ++k)
+            add_mod(total.data() + k * ring_dim, more.data() + k * ring_dim, ring_dim,
+                    moduli[k % towers]);
+    }
+    return pack_polys(total.data(), total.size(), ring_dim, moduli, elements, what);
 }
 
 std::string rebuild_polys(const uint8_t* packed, size_t len, const uint8_t* tmpl,

@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ciphertext_layout.hpp"
@@ -43,6 +44,19 @@ std::vector<uint64_t> decode_polys(const uint8_t* packed, size_t len, uint64_t r
 // decode_polys, then the residues written into a copy of `tmpl` at the E * T offsets of
 // `layout` (each preceded by its length word, which must read N). The decoded residues are
 // wiped before returning (they may be a secret key's).
+// Packs E * T * N residues (polynomial-major, then tower-major) made here, refusing (as
+// decode_polys) a count other than E * T * N or a residue not below its tower's modulus: the
+// common polynomial a of collective key generation and the key-check probes.
+std::string pack_polys(const uint64_t* residues, size_t count, uint64_t ring_dim,
+                       const std::vector<uint64_t>& moduli, size_t elements, const char* what);
+
+// The sum mod each tower's modulus of packed runs of E polynomials (each one checked as
+// decode_polys checks it), packed again: the joint public key's b is the sum of every
+// party's b_i, computed the same way by the parties and by the server (which has no openfhe).
+std::string sum_polys(const std::vector<std::pair<const uint8_t*, size_t>>& runs,
+                      uint64_t ring_dim, const std::vector<uint64_t>& moduli, size_t elements,
+                      const char* what);
+
 std::string rebuild_polys(const uint8_t* packed, size_t len, const uint8_t* tmpl,
                           size_t tmpl_len, const CiphertextLayout& layout, size_t elements,
                           const char* what);

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from fedshield import _native
-from fedshield.he.context import _VERSION as CONTEXT_VERSION
+from fedshield.he.context import CONTEXT_FORMAT_VERSION as CONTEXT_VERSION
 
 
 def fuzz_settings(examples: int) -> settings:

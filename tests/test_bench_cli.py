@@ -3,7 +3,9 @@
 import json
 import math
 
+import fedshield as fs
 from fedshield.cli.commands import main as cli_main
+from fedshield.run.bench import FLOOD_BITS, THRESHOLD_PARTIES
 
 
 def test_bench_writes_headline_figures(tmp_path, capsys):
@@ -29,6 +31,14 @@ def test_bench_writes_headline_figures(tmp_path, capsys):
     assert th["bytes_per_value"] >= 2 * th["modulus_bits"] / 8
     assert fl["modulus_bits"] > th["modulus_bits"]
     assert fl["bytes_per_value"] > th["bytes_per_value"]
+    # the flooded row measures the LMSS22-sized profile keygen resolves for the bench's
+    # parties: two polynomials of N residues per ciphertext, each residue at most its
+    # prime's width (bits + 1) and the towers' product at least 2**log_q_min
+    flooded = fs.CKKSParams(flood_bits=FLOOD_BITS).for_keys("threshold", THRESHOLD_PARTIES)
+    assert (fl["ring_dim"], fl["modulus_bits"]) == (flooded.ring_dim, flooded.log_q)
+    per_bit = math.ceil(65537 / flooded.ring_dim) * flooded.ring_dim * 2 / 8 / 65536
+    assert flooded.log_q_min * per_bit <= fl["bytes_per_value"]
+    assert fl["bytes_per_value"] <= (flooded.log_q + flooded.n_towers) * per_bit * 1.01
     # Unequal weights (5 and 1, far below any fixed bound) stay within 1e-6 on every row.
     for err in (f["max_abs_err_dense"], f["max_abs_err_mask50"], f["max_abs_err_ffa"],
                 th["max_abs_err"], fl["max_abs_err"]):

@@ -1,12 +1,14 @@
-"""Noise flooding of decryptions (IND-CPA^D): the native NTT and sampler, the multi-tower
-contexts it runs on, and the flooding noise every decryption that leaves a key holder carries
-(shared-key decrypt_update, threshold partial decryptions), against the prediction of
+"""Noise flooding of decryptions (IND-CPA^D): the native NTT and Gaussian sampler, the
+multi-tower contexts it runs on (LMSS22-sized profiles and the 3-tower contexts made before
+them), the sizing arithmetic, and the flooding noise every decryption that leaves a key holder
+carries (shared-key decrypt_update, threshold partial decryptions), against the prediction of
 fedshield.he.flooding."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -14,15 +16,17 @@ import torch
 
 import fedshield as fs
 from fedshield import _native
-from fedshield.he import flooding
+from fedshield.he import flood_sizing, flooding
 
 from conftest import make_state, weighted_average
 
 # A small NTT-friendly prime for the unit tests of the transform: 2N | q - 1 for N <= 2048.
 SMALL_Q = 12289
-FLOOD = fs.CKKSParams.for_precision(flood_bits=30)  # shared keys: 3 towers at N = 16384
-# the towers of the flooding profiles, for parameters built by hand below
+FLOOD = fs.CKKSParams.for_precision(flood_bits=30)  # shared keys: LMSS22-sized towers
+# towers for parameters built by hand below
 TOWERS = dict(ring_dim=16384, first_mod_bits=60, scale_bits=50)
+# a flooding context as made before the LMSS22 sizing: 3 towers, no flood_towers in its JSON
+LEGACY = fs.CKKSParams.from_dict({**TOWERS, "flood_bits": 30, "seeded": True})
 
 
 def _psi(n: int, q: int = SMALL_Q) -> int:
@@ -96,22 +100,53 @@ def _flooded_coefficients(n, moduli, width, samples):
     return per_tower
 
 
-def test_flooding_is_one_uniform_integer_polynomial_in_every_tower():
+def _moments_are_gaussian(f, sigma: float) -> None:
+    """Mean 0, standard deviation sigma and a Gaussian's fourth moment (3; a uniform's is
+    1.8), within about 4 standard errors."""
+    z = np.asarray(f, dtype=np.float64) / sigma
+    assert abs(z.mean()) < 4 / math.sqrt(z.size)
+    assert abs(z.var() - 1) < 4 * math.sqrt(2 / z.size)
+    assert abs((z ** 4).mean() / z.var() ** 2 - 3) < 4 * math.sqrt(24 / z.size)
+
+
+def test_flooding_is_one_gaussian_integer_polynomial_in_every_tower():
     # two NTT-friendly primes for n = 16 (2n | q - 1), 11 generating both groups
-    moduli, width, n = (SMALL_Q, 40961), 1000, 16
+    moduli, variance, n = (SMALL_Q, 40961), 100 ** 2, 16
     assert all(pow(11, (q - 1) // 2, q) == q - 1 for q in moduli)
-    tower0, tower1 = _flooded_coefficients(n, moduli, width, 200)
+    tower0, tower1 = _flooded_coefficients(n, moduli, variance, 200)
     # the same integers in both towers (one polynomial, reduced mod each prime)
     assert tower0 == tower1
-    f = np.array(tower0)
-    assert f.min() >= -width and f.max() <= width
-    # uniform on [-W, W]: mean 0, variance W(W+1)/3, both ends reached
-    assert abs(f.mean()) < 4 * width / np.sqrt(3 * f.size)
-    assert abs(f.var() / (width * (width + 1) / 3) - 1) < 0.1
-    assert f.min() < -0.95 * width and f.max() > 0.95 * width
+    _moments_are_gaussian(tower0, math.sqrt(variance))
     # fresh randomness every call
-    again = _flooded_coefficients(n, moduli, width, 1)[0]
+    again = _flooded_coefficients(n, moduli, variance, 1)[0]
     assert again != tower0[:n]
+
+
+def _ntt_prime(n: int, bits: int) -> tuple[int, int]:
+    """The largest prime q < 2**bits with 2n | q - 1 and a primitive 2n-th root of unity."""
+    q = (2 ** bits - 1) // (2 * n) * (2 * n) + 1
+    while True:
+        if q < 2 ** bits and all(pow(a, q - 1, q) == 1 for a in (2, 3, 5, 7, 11, 13, 17, 19)):
+            for g in range(2, 200):
+                psi = pow(g, (q - 1) // (2 * n), q)
+                if pow(psi, n, q) == q - 1:
+                    return q, psi
+        q -= 2 * n
+
+
+@pytest.mark.parametrize("variance", [2 ** 60, 2 ** 100, 2 ** 112 - 1])
+def test_wide_gaussian_flooding_has_the_stated_variance(variance):
+    """The exact sampler's 256-bit path (flooding variances, up to the largest it takes):
+    moments of 4096 coefficients through one 61-bit tower."""
+    n = 64
+    q, psi = _ntt_prime(n, 61)
+    values = []
+    for _ in range(64):
+        blob = bytearray(n.to_bytes(8, "little") + bytes(8 * n))
+        _native.flood_residues(blob, [8], [q], [psi], n, *flooding.split_width(variance))
+        values += [_centered(c, q) for c in _inverse_ntt(
+            np.frombuffer(bytes(blob), dtype="<u8", count=n, offset=8).tolist(), q, psi)]
+    _moments_are_gaussian([float(v) for v in values], math.sqrt(variance))
 
 
 def test_flood_residues_rejects_bad_arguments():
@@ -120,8 +155,10 @@ def test_flood_residues_rejects_bad_arguments():
     psi = _psi(n)
     with pytest.raises(fs.InvalidUpdate, match="root"):
         _native.flood_residues(good, [8], [q], [2], n, 0, 5)
-    with pytest.raises(fs.InvalidUpdate, match="2\\^126"):
-        _native.flood_residues(good, [8], [q], [psi], n, 2**62, 0)
+    with pytest.raises(fs.InvalidUpdate, match="2\\^112"):
+        _native.flood_residues(good, [8], [q], [psi], n, 2**48, 0)
+    with pytest.raises(fs.InvalidUpdate, match="variance"):
+        _native.flood_residues(good, [8], [q], [psi], n, 0, 0)
     bad = bytearray(good)
     bad[8:16] = q.to_bytes(8, "little")  # a residue not below q
     with pytest.raises(fs.InvalidUpdate, match="below"):
@@ -146,8 +183,8 @@ def test_flooding_parameters():
     assert not plain.flooding and plain.n_towers == 1 and plain.prescale_bits == 0
     assert "flood" not in plain.to_json()  # unchanged JSON and fingerprints without flooding
     p = FLOOD
-    assert p.flooding and p.n_towers == 3 and p.value_bound == 4.0
-    assert p.effective_scale_bits == p.log_q_min - 2 - 8  # Q/4 holds 64 clients of |x| <= 4
+    assert p.flooding and p.n_towers == p.flood_towers >= 2 and p.value_bound == 1.0
+    assert p.effective_scale_bits == p.log_q_min - 2 - 6  # Q/4 holds 64 clients of |x| <= 1
     assert fs.CKKSParams.from_dict(json.loads(p.to_json())) == p
     assert p.fingerprint() != plain.fingerprint()
     for bad in (1, 19, 65, -1):
@@ -155,42 +192,130 @@ def test_flooding_parameters():
             fs.CKKSParams(flood_bits=bad)
     with pytest.raises(fs.ParameterError, match="flood_log_queries"):
         fs.CKKSParams(flood_bits=30, flood_log_queries=41)
+    with pytest.raises(fs.ParameterError, match="flood_towers=5"):
+        fs.CKKSParams(**TOWERS, flood_bits=30, flood_towers=5)
     with pytest.raises(fs.ParameterError, match="security|ring_dim"):  # 3 towers: N = 16384
-        fs.CKKSParams(**{**TOWERS, "ring_dim": 8192}, flood_bits=30)
-    # the flooding must fit its quarter of Q: 64 bits of security for 5 parties at scale 2**30
-    # does not
-    with pytest.raises(fs.ParameterError, match="flood"):
-        flooding.flood_width(fs.CKKSParams(**{**TOWERS, "scale_bits": 30}, flood_bits=64), 5)
+        fs.CKKSParams(**{**TOWERS, "ring_dim": 8192}, flood_bits=30, flood_towers=3)
+    # the Gaussian must stay within what the exact sampler draws
+    with pytest.raises(fs.ParameterError, match="sampler"):
+        flooding.flood_variance(fs.CKKSParams(**TOWERS, flood_bits=64, flood_log_queries=40,
+                                              seeded=False), 5)
+
+
+def test_contexts_made_before_the_lmss22_sizing_keep_their_layout_and_fingerprint():
+    """A 3-tower flooding context's JSON names no flood_towers (as before it existed): it loads
+    with 3 towers, values up to 4 per client, and the same fingerprint."""
+    data = json.loads(LEGACY.to_json())
+    assert "flood_towers" not in data and data["flood_bits"] == 30
+    again = fs.CKKSParams.from_dict(data)
+    assert again == LEGACY and again.n_towers == 3 and again.legacy_flooding
+    assert fs.CKKSParams.from_dict(LEGACY.to_dict()) == LEGACY  # metrics.json's form
+    # 3 towers of today's sizing are not the legacy layout: their JSON names them
+    new3 = fs.CKKSParams(**TOWERS, flood_bits=30, flood_towers=3)
+    assert not new3.legacy_flooding and new3 != LEGACY
+    assert json.loads(new3.to_json())["flood_towers"] == 3
+    assert new3.prescale_bits > LEGACY.prescale_bits
+    with pytest.raises(fs.ParameterError, match="legacy_flooding"):
+        fs.CKKSParams(**TOWERS, flood_bits=30, flood_towers=2, legacy_flooding=True)
+    assert again.fingerprint() == LEGACY.fingerprint()
+    assert again.value_bound == 4.0
+    assert again.prescale_bits == again.log_q_min - 2 - (6 + 2) - again.scale_bits
+    # what a reader of the old format would reject: a new context names its towers
+    assert json.loads(FLOOD.to_json())["flood_towers"] == FLOOD.flood_towers != 3
 
 
 def test_keygen_refuses_flooding_that_costs_more_than_1e6():
-    # scale 2**30 towers: 64 bits of security leave an error far above 1e-6 (the flooding
-    # itself still fits Q/4 for one key holder)
-    p = fs.CKKSParams(**{**TOWERS, "scale_bits": 40}, flood_bits=64)
-    flooding.flood_width(p, 1)
+    # 2 towers of 60 + 30 bits: 64 bits of security leave an error far above 1e-6 (the
+    # flooding itself still fits Q/4 for one key holder)
+    p = fs.CKKSParams(**{**TOWERS, "scale_bits": 30}, flood_bits=64)
+    flooding.flood_variance(p, 1)
     assert 6 * flooding.slot_error_std(p, 1) > 1e-6
     with pytest.raises(fs.ParameterError, match="1e-06"):
         fs.keygen_shared(p)
-    with pytest.raises(fs.ParameterError, match="1e-06"):
-        fs.keygen_threshold(dataclasses.replace(p, seeded=False), 3)
-    for bits in (20, 30, 40, 50, 64):  # every level at the flooding profiles' scales passes
+    for bits in (20, 30, 40, 50, 64):  # every level passes at 2 towers of 60 + 50 bits
         for n_parties in (1, 3, 5, 16):
             flooding.check_precision(fs.CKKSParams(**TOWERS, flood_bits=bits), n_parties)
+    for bits in (20, 30, 40):  # threshold keys (public-key noise) at 2 towers of 60 + 52
+        for n_parties in (3, 5, 16):
             flooding.check_precision(fs.CKKSParams(**{**TOWERS, "scale_bits": 52},
-                                                   flood_bits=bits), n_parties)
+                                                   flood_bits=bits, seeded=False), n_parties)
 
 
-def test_stated_bound_arithmetic():
-    """W = 2^(lambda+1) * N * Q * B, B = tau * t: the numbers docs/THREAT_MODEL.md states."""
-    b = flooding.noise_bound(FLOOD, 1)
-    tau = flooding.ERROR_SIGMA * np.sqrt(64 * (2 * 16384 + 1))
-    t = np.sqrt(2 * np.log(2) * (30 + 2 + 14 + 20))
-    assert b == int(np.ceil(tau * t))
-    assert flooding.flood_width(FLOOD, 1) == 2**31 * 16384 * 2**20 * b
-    assert flooding.noise_bound(FLOOD, 5) > b  # more key holders, larger key and pk error
-    # statistical distance over N * Q coefficients: N * Q * B / (2W) = 2^-(lambda + 2)
-    w = flooding.flood_width(FLOOD, 1)
-    assert 16384 * 2**20 * b / (2 * w) == 2.0 ** -32
+def test_the_flooding_variance_follows_lmss22_for_the_aggregate_bound():
+    """sigma**2 = 12 tau 2**s t**2 (LMSS22 Cor. 2; docs/THREAT_MODEL.md), t the l2 bound of the
+    aggregate's error from fedshield.he.flood_sizing, and what that implies: more decryptions,
+    more security bits, more parties or more clients need more flooding; secret-key
+    aggregates need less than public-key ones."""
+    base = fs.CKKSParams(**TOWERS, flood_bits=30, seeded=False)
+    t = flooding.noise_l2_bound(base, 3)
+    sigma2 = flooding.flood_variance(base, 3)
+    assert sigma2 == math.ceil(12 * 2.0 ** 20 * 2.0 ** 30 * t * t)
+    # t itself: at least the expected norm of the error (sigma_e^2 N (P ||v||^2 + C +
+    # C ||s||^2) with the ternary norms' means), and far below the per-coefficient union bound
+    # the uniform smudging used (sqrt(N) * B)
+    n, c, p = 16384, 64, 3
+    mean = flood_sizing.ERROR_SIGMA * math.sqrt(n * (p * 2 * n * c / 3 + c + c * 2 * n * p / 3))
+    assert mean < t < 4 * mean
+
+    def var(**kw):
+        params = dataclasses.replace(base, **{k: v for k, v in kw.items() if k != "parties"})
+        return flooding.flood_variance(params, kw.get("parties", 3))
+
+    assert var(flood_log_queries=21) > 2 * sigma2  # tau doubles, and t's union bound grows
+    assert var(flood_log_queries=30) > 2 ** 10 * sigma2
+    assert var(flood_bits=31) > 2 * sigma2
+    assert var(parties=5) > sigma2 and var(max_clients=128) > sigma2
+    assert flooding.flood_variance(dataclasses.replace(base, seeded=True), 3) < sigma2 / 2 ** 10
+    # the profile grows with the decryption budget too: more bits of modulus, never fewer
+    widths = [fs.CKKSParams.for_precision(keys="threshold", n_parties=3, flood_bits=30,
+                                          flood_log_queries=lq).log_q for lq in (10, 20, 30)]
+    assert widths[0] < widths[1] < widths[2]
+
+
+def _negacyclic(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a * b in Z[X]/(X^N + 1)."""
+    n, full = len(a), np.convolve(a, b)
+    out = full[:n].copy()
+    out[:n - 1] -= full[n:]
+    return out
+
+
+@pytest.mark.parametrize("public_key", [True, False])
+def test_the_l2_bound_covers_simulated_aggregates(public_key):
+    """The noise model of fedshield.he.flood_sizing, simulated: C fresh encryptions' errors
+    (public-key: v * e_pk + e0 + s * e1 under P parties' ternary secrets and key errors;
+    secret-key: e) summed, N = 1024. The bound t exceeds every simulated ||e||_2 and is not
+    vacuous (within a few times the largest)."""
+    rng = np.random.default_rng(7)
+    n, c, p = 1024, 4, 3
+
+    def gauss():
+        return np.rint(rng.normal(0, flood_sizing.ERROR_SIGMA, n)).astype(np.int64)
+
+    def ternary():
+        return rng.integers(-1, 2, n).astype(np.int64)
+
+    s = sum(ternary() for _ in range(p))
+    e_pk = sum(gauss() for _ in range(p))
+    norms = []
+    for _ in range(30):
+        e = np.zeros(n, dtype=np.int64)
+        for _ in range(c):
+            e += (_negacyclic(ternary(), e_pk) + gauss() + _negacyclic(s, gauss())
+                  if public_key else gauss())
+        norms.append(float(np.linalg.norm(e)))
+    t = flood_sizing.noise_l2_bound(n, c, 30, 20, public_key=public_key, n_parties=p)
+    assert max(norms) < t < (5 if public_key else 2) * max(norms)
+
+
+def test_the_flooding_profile_is_the_smallest_that_keeps_1e6():
+    """for_precision's flooding profile: within 1e-6 (6 standard deviations over the weight
+    sum's 1/2) and one bit less of effective scale would not be."""
+    for keys, parties in (("shared", 1), ("threshold", 3), ("threshold", 16)):
+        p = fs.CKKSParams.for_precision(keys=keys, n_parties=parties, flood_bits=30)
+        assert p.flooding and p.log_q + 61 <= 218 and p.ring_dim == 8192
+        err = 2 * 6 * flooding.slot_error_std(p, parties)
+        assert err <= 1e-6 < 2 * err
 
 
 # -- end to end: shared keys ------------------------------------------------------------------
@@ -200,38 +325,58 @@ def flood_keys():
     return fs.keygen_shared(FLOOD)
 
 
-def test_flooding_context_has_three_towers(flood_keys):
-    ctx = flood_keys.client_context()
-    assert len(ctx.moduli) == 3 and ctx.moduli[0] == ctx.modulus
-    assert ctx.moduli[0].bit_length() == 60
-    assert all(abs(np.log2(q) - 50) < 1e-3 for q in ctx.moduli[1:])  # primes next to 2**50
-    product = ctx.moduli[0] * ctx.moduli[1] * ctx.moduli[2]
-    assert product.bit_length() - 1 >= FLOOD.log_q_min  # the bound the headroom relies on
+@pytest.fixture(scope="module")
+def legacy_keys():
+    return fs.keygen_shared(LEGACY)
+
+
+@pytest.mark.parametrize("which", ["flood_keys", "legacy_keys"])
+def test_flooding_context_has_its_towers(which, request):
+    keys = request.getfixturevalue(which)
+    ctx = keys.client_context()
+    params = ctx.params
+    towers = params.n_towers
+    assert towers == (3 if which == "legacy_keys" else FLOOD.flood_towers)
+    assert len(ctx.moduli) == towers and ctx.moduli[0] == ctx.modulus
+    assert ctx.moduli[0].bit_length() == params.first_mod_bits
+    # primes next to 2**scale_bits
+    assert all(abs(np.log2(q) - params.scale_bits) < 1e-3 for q in ctx.moduli[1:])
+    product = math.prod(ctx.moduli)
+    assert product.bit_length() - 1 >= params.log_q_min  # the bound the headroom relies on
     layout = ctx.ciphertext_template[1]
-    assert len(layout) == 2 + 3 * 3 and tuple(layout[1:4]) == ctx.moduli
+    assert len(layout) == 2 + 3 * towers and tuple(layout[1:1 + towers]) == ctx.moduli
     for q, root in zip(ctx.moduli, ctx.tower_roots):
-        assert pow(root, 16384, q) == q - 1
+        assert pow(root, params.ring_dim, q) == q - 1
     # a context file round trip keeps the towers; a forged tower list is refused
     blob = ctx.to_bytes(include_secret=True)
     again = fs.load_context(blob)
     assert again.moduli == ctx.moduli and again.fingerprint == ctx.fingerprint
-    public = fs.load_context(flood_keys.server_context().to_bytes())
+    public = fs.load_context(keys.server_context().to_bytes())
     assert public.moduli == ctx.moduli and not public.has_secret_key
+
+
+def _variance_for(target: float, params) -> int:
+    """The flooding variance whose decrypted spread is `target` per real value (N/2 per real
+    part through the canonical embedding, over the effective scale)."""
+    return int((target / np.sqrt(params.ring_dim / 2) * 2.0 ** params.effective_scale_bits) ** 2)
 
 
 def _zero_state_error_std(outs) -> float:
     return float(np.concatenate([t.double().numpy().ravel() for t in outs.values()]).std())
 
 
-def test_shared_decryption_is_flooded_and_precise(flood_keys):
-    client, server = flood_keys.client_context(), flood_keys.server_context()
+@pytest.mark.parametrize("which", ["flood_keys", "legacy_keys"])
+def test_shared_decryption_is_flooded_and_precise(which, request):
+    keys = request.getfixturevalue(which)
+    client, server = keys.client_context(), keys.server_context()
     states = [make_state(300 + i) for i in range(3)]
     layout = fs.Layout.from_state_dict(states[0])
     weights = [3.0, 5.0, 8.0]
     ups = [fs.EncryptedUpdate.from_bytes(
         fs.encrypt_update(client, s, layout, weight=w, weight_bound=16.0).to_bytes())
         for s, w in zip(states, weights)]
-    assert ups[0].header["n_towers"] == 3 and ups[0].header["moduli"] == client.moduli
+    assert ups[0].header["n_towers"] == client.params.n_towers
+    assert ups[0].header["moduli"] == client.moduli
     agg = fs.EncryptedUpdate.from_bytes(fs.aggregate(server, ups).to_bytes())
     ctx = fs.load_context(client.to_bytes(include_secret=True))
     out = fs.decrypt_update(ctx, agg, layout)
@@ -245,19 +390,20 @@ def test_shared_decryption_is_flooded_and_precise(flood_keys):
 
 
 def test_shared_flooding_noise_matches_the_prediction(flood_keys, monkeypatch):
-    """With W inflated until the noise is visible, the decrypted error's spread is what the
-    uniform flooding polynomial predicts: the noise really is added, in the coefficient
-    domain, with the stated variance."""
+    """With the variance inflated until the noise is visible, the decrypted error's spread is
+    what the Gaussian flooding polynomial predicts: the noise really is added, in the
+    coefficient domain, with the stated variance."""
     client, server = flood_keys.client_context(), flood_keys.server_context()
-    zeros = {"x": torch.zeros(16383)}
+    zeros = {"x": torch.zeros(2 * FLOOD.ring_dim - 1)}
     layout = fs.Layout.from_state_dict(zeros)
     agg = fs.aggregate(server, [fs.encrypt_update(client, zeros, layout, weight=1.0,
                                                   weight_bound=1.0)])
-    quiet = fs.decrypt_update(client, agg, layout)
-    assert _zero_state_error_std(quiet) < 1e-12  # W of flood_bits=30 is invisible
+    quiet = _zero_state_error_std(fs.decrypt_update(client, agg, layout))
+    # flood_bits=30: the predicted spread, far below the tolerance
+    assert 0.8 < quiet / flooding.slot_error_std(FLOOD, 1) < 1.2
     target = 1e-5
-    width = int(target / np.sqrt(FLOOD.ring_dim / 2 / 3) * 2.0 ** FLOOD.effective_scale_bits)
-    monkeypatch.setattr(flooding, "flood_width", lambda params, n_parties=1: width)
+    variance = _variance_for(target, FLOOD)
+    monkeypatch.setattr(flooding, "flood_variance", lambda params, n_parties=1: variance)
     std = _zero_state_error_std(fs.decrypt_update(client, agg, layout, tolerance=1.0))
     assert 0.9 * target < std < 1.1 * target, std
 
@@ -266,9 +412,11 @@ def test_shared_flooding_noise_matches_the_prediction(flood_keys, monkeypatch):
 
 @pytest.fixture(scope="module")
 def flood_federation():
-    # scale-50 towers, so that the tests can inflate the flooding into view (below 2**126)
-    parties, server = fs.keygen_threshold(fs.CKKSParams(**TOWERS, flood_bits=40, seeded=False),
-                                          3, 2)
+    # towers of 54 + 30 bits (effective scale 2**75): precise at flood_bits 20, and the tests
+    # can inflate the flooding into view within the sampler's 2**112
+    params = fs.CKKSParams(ring_dim=16384, first_mod_bits=54, scale_bits=30, flood_bits=20,
+                           seeded=False)
+    parties, server = fs.keygen_threshold(params, 3, 2)
     return parties, server
 
 
@@ -287,38 +435,64 @@ def test_threshold_partial_decryptions_are_flooded(flood_federation, monkeypatch
                                         for i in ids], layout, ctx=parties[0])
         for name, r in ref.items():
             assert np.abs(out[name].double().numpy() - r).max() <= 1e-6 + 1e-7
-    # the flooding is in every share: inflate W and measure the fused noise of 3 parties
+    # the flooding is in every share: inflate it and measure the fused noise of 3 parties
     zeros = {"x": torch.zeros(16383)}
     zlayout = fs.Layout.from_state_dict(zeros)
     zagg = fs.aggregate(server, [fs.encrypt_update(p, zeros, zlayout, weight=1.0,
                                                    weight_bound=2.0) for p in parties[:2]])
-    target = 1e-5
-    params = parties[0].params
-    width = int(target / np.sqrt(params.ring_dim / 2 / 3) * 2.0 ** params.effective_scale_bits)
-    monkeypatch.setattr(flooding, "flood_width", lambda params, n_parties=1: width)
+    target = 1e-4
+    variance = _variance_for(target, parties[0].params)
+    monkeypatch.setattr(flooding, "flood_variance", lambda params, n_parties=1: variance)
     for ids in ([0], [1], [0, 1, 2]):
         # flood only the shares of `ids` (the others keep OpenFHE's own 2**20 only)
         shares = []
         for i in range(3):
             if i not in ids:
-                monkeypatch.setattr(flooding, "flood_width", lambda params, n_parties=1: 0)
+                monkeypatch.setattr(flooding, "flood_variance", lambda params, n_parties=1: 0)
             shares.append(fs.partial_decrypt(parties[i], zagg))
-            monkeypatch.setattr(flooding, "flood_width", lambda params, n_parties=1: width)
+            monkeypatch.setattr(flooding, "flood_variance",
+                                lambda params, n_parties=1: variance)
         std = _zero_state_error_std(fs.combine_partials(zagg, shares, zlayout, ctx=server,
                                                         tolerance=1.0))
         expect = target * np.sqrt(len(ids))
         assert 0.9 * expect < std < 1.1 * expect, (ids, std, expect)
 
 
+@pytest.mark.parametrize("weights", [(5.0, 1.0, 4.0), (1.0, 1e6, 3.0)])
+def test_the_threshold_profile_round_trips_within_1e6(weights):
+    """The LMSS22-sized threshold profile a keygen resolves for 3 parties: party files, updates,
+    the aggregate and every share go through bytes; the fused average is within 1e-6 of the
+    plaintext one (weights of small and huge sites, the round's bound their next power of
+    two), with every share flooded."""
+    parties, server = fs.keygen_threshold(fs.CKKSParams(flood_bits=30), 3)
+    params = parties[0].params
+    assert params == fs.CKKSParams.for_precision(keys="threshold", n_parties=3, flood_bits=30)
+    assert params.flooding and params.n_towers == params.flood_towers == 2
+    loaded = [fs.load_context(p.to_bytes(include_secret=True)) for p in parties]
+    server = fs.load_context(server.to_bytes())
+    states = [make_state(700 + i, {"a": (64, 300), "b": (7, 11)}) for i in range(3)]
+    layout = fs.Layout.from_state_dict(states[0])
+    bound = float(2 ** math.ceil(math.log2(max(weights))))
+    ups = [fs.EncryptedUpdate.from_bytes(
+        fs.encrypt_update(p, s, layout, weight=w, weight_bound=bound).to_bytes())
+        for p, s, w in zip(loaded, states, weights)]
+    agg = fs.EncryptedUpdate.from_bytes(fs.aggregate(server, ups).to_bytes())
+    shares = [bytes(fs.partial_decrypt(p, agg)) for p in loaded]
+    out = fs.combine_partials(agg, shares, layout, ctx=loaded[0])
+    for name, ref in weighted_average(states, list(weights)).items():
+        assert np.abs(out[name].double().numpy() - ref).max() <= 1e-6
+
+
 def test_flooding_with_worker_processes(flood_keys):
-    """The encryption and decryption pools load the 3-tower context from its bytes; decrypted
-    values are flooded before the pool sees the ciphertexts."""
+    """The encryption and decryption pools load the multi-tower context from its bytes;
+    decrypted values are flooded before the pool sees the ciphertexts."""
     client, server = flood_keys.client_context(), flood_keys.server_context()
     state = make_state(7, {"big": (3, 16384)})
     layout = fs.Layout.from_state_dict(state)
     ups = [fs.encrypt_update(client, state, layout, weight=2.0, weight_bound=4.0, workers=2)
            for _ in range(2)]
-    assert ups[0].n_ciphertexts == 4 and ups[0].header["n_towers"] == 3
+    assert ups[0].n_ciphertexts == math.ceil((3 * 16384 + 1) / FLOOD.values_per_ciphertext)
+    assert ups[0].header["n_towers"] == FLOOD.n_towers
     agg = fs.aggregate(server, ups, allow_partial_aggregates=False)
     out = fs.decrypt_update(client, agg, layout, workers=2)
     ref = weighted_average([state, state], [2.0, 2.0])
@@ -340,8 +514,8 @@ def _rebuild(blob: bytes, meta: dict) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
-def test_forged_tower_lists_in_context_files_are_refused(flood_keys):
-    blob = flood_keys.server_context().to_bytes()
+def test_forged_tower_lists_in_context_files_are_refused(legacy_keys):
+    blob = legacy_keys.server_context().to_bytes()
     meta, _ = _context_meta(blob)
     assert len(meta["moduli"]) == 3
     assert fs.load_context(_rebuild(blob, meta)).moduli == tuple(meta["moduli"])
@@ -356,8 +530,8 @@ def test_forged_tower_lists_in_context_files_are_refused(flood_keys):
             fs.load_context(_rebuild(blob, m))
 
 
-def test_forged_towers_in_a_real_update_are_refused(flood_keys):
-    client, server = flood_keys.client_context(), flood_keys.server_context()
+def test_forged_towers_in_a_real_update_are_refused(legacy_keys):
+    client, server = legacy_keys.client_context(), legacy_keys.server_context()
     state = make_state(11)
     layout = fs.Layout.from_state_dict(state)
     data = fs.encrypt_update(client, state, layout).to_bytes()
@@ -395,12 +569,12 @@ def test_forged_towers_in_a_real_update_are_refused(flood_keys):
 
 
 def test_flooding_party_context_files(flood_federation):
-    """t-of-n party files hold 3-tower key shares; a party loaded from its file still decrypts
-    (its flooded share fuses with the others)."""
+    """t-of-n party files hold multi-tower key shares; a party loaded from its file still
+    decrypts (its flooded share fuses with the others)."""
     parties, server = flood_federation
     loaded = [fs.load_context(p.to_bytes(include_secret=True)) for p in parties]
     assert all(len(p.key_share_senders) == 2 for p in loaded)
-    assert all(len(p.key_share(j)) == 8 * 16384 * 3 for p in loaded
+    assert all(len(p.key_share(j)) == 8 * 16384 * parties[0].params.n_towers for p in loaded
                for j in p.key_share_senders)
     server2 = fs.load_context(server.to_bytes())
     states = [make_state(500 + i) for i in range(2)]
@@ -423,7 +597,7 @@ def test_flooding_party_context_files(flood_federation):
         at += size
     for sec in sections:
         if sec[0].startswith("key_share:"):
-            assert len(sec[1]) == 8 * 16384 * 3
+            assert len(sec[1]) == 8 * 16384 * parties[0].params.n_towers
             sec[1] = sec[1][:8 * 16384]
             break
     meta["sections"] = [[n, len(b)] for n, b in sections]

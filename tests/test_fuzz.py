@@ -363,39 +363,37 @@ def test_fuzz_checkpoints(checkpoint_files, ops, target):
 def dealt_key_share():
     from fedshield.he import threshold as th
 
-    # the keygen chain of 2-of-3 keys, before any dealing: party 1 holds no share yet
+    # collective key generation of 2-of-3 keys: party 0's share to party 1, which holds none
     federation = (fs.CKKSParams.for_precision(keys="threshold"), 3, 2)
-    state, message = th.start_keygen(*federation)
-    states = [state]
-    for party_id in (1, 2):
-        state, message = th.join_keygen(message, party_id, *federation)
-        states.append(state)
-    parties = [th.finish_keygen(s, message) for s in states]
-    return parties[1], th.deal_key_shares(parties[0])[1]
+    seed = bytes(range(32))
+    states = [th.start_keygen(*federation, i, seed) for i in (0, 1)]
+    return states[1], th.deal_key_shares(states[0])[1]
 
 
 @fuzz_settings(60)
 @given(ops=MUTATIONS)
 def test_fuzz_key_share_messages(dealt_key_share, ops):
     """Shamir key-share messages (t-of-n keygen) mutated, digest recomputed: KeyMaterialError,
-    or accepted exactly as framed: from party 0 to this party of this context and federation,
+    or accepted exactly as framed: from party 0 to this party of this key epoch and federation,
     the share held is the bytes the message carried (an edit of the residues themselves is
     not detectable here: the key set-up's joint test decryptions name the sender), and the
-    party's own context is left as it was."""
+    party's own state is left as it was."""
     from fedshield.he import threshold as th
     from fedshield.he.frames import unframe
 
-    party, message = dealt_key_share
-    genuine_meta, _ = unframe(message, th.KEY_SHARE_MAGIC, "share", fs.KeyMaterialError)
+    state, message = dealt_key_share
+    genuine_meta, _ = unframe(message, th.KEY_SHARE_MAGIC, "share", fs.KeyMaterialError,
+                              version=th.KEY_SHARE_VERSION)
     bad = reseal_sha256(mutate(message, ops, head=300))
     try:
-        accepted = th.accept_key_shares(party, [bad])
+        accepted = th.accept_key_shares(state, [bad]).own_context
     except fs.KeyMaterialError:
         assert bad != message, "the genuine key share was refused"
         event("rejected")
         return
-    meta, sections = unframe(bad, th.KEY_SHARE_MAGIC, "share", fs.KeyMaterialError)
+    meta, sections = unframe(bad, th.KEY_SHARE_MAGIC, "share", fs.KeyMaterialError,
+                             version=th.KEY_SHARE_VERSION)
     assert {k: meta[k] for k in genuine_meta} == genuine_meta, meta
-    assert accepted.key_share_senders == [0] and party.key_share_senders == []
+    assert accepted.key_share_senders == [0] and state.own_context.key_share_senders == []
     assert accepted.key_share(0) == sections[0]
     event("accepted unchanged" if bad == message else "accepted: residues edited")

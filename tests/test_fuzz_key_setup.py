@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 import fedshield as fs
 from fedshield import _native
 from fedshield.trust.federation import RunSettings
-from fedshield.fl.key_setup import (KeyHolder, KeySetup, _client_aad, _share_aad,
-                                    refusal_fields, refusal_from)
+from fedshield.fl.key_setup import (KeyHolder, KeySetup, _client_aad, _share_aad, epoch_seed,
+                                    probes_match, refusal_fields, refusal_from)
 from fedshield.he import threshold as th
 from fedshield.trust.identity import Identity, sign_blob
 from federation_fixtures import pinned_federation
@@ -71,11 +71,10 @@ def build_frame(magic: bytes, version: int, meta: dict, sections: list[bytes],
     return body + hashlib.sha256(body).digest()
 
 
-def forge(blob: bytes, how, restep: bool = False) -> bytes:
+def forge(blob: bytes, how) -> bytes:
     """One forgery of a frame: ("bytes", ops) mutates anywhere and recomputes the digest,
     ("section", ops) mutates the byte sections only, ("field", key, value) replaces one head
-    field. ``restep``: a chain step's last digest is recomputed to match its edited key (the
-    sender of a chain step signs whatever it sends)."""
+    field."""
     if how[0] == "bytes":
         return reseal_sha256(mutate(blob, how[1], head=400))
     magic, version, meta, sections = split_frame(blob)
@@ -83,8 +82,6 @@ def forge(blob: bytes, how, restep: bool = False) -> bytes:
         joined = mutate(b"".join(sections), how[1], head=200)
         sections = [joined[:len(sections[0])], *([joined[len(sections[0]):]]
                                                  if len(sections) > 1 else [])]
-        if restep and isinstance(meta.get("chain"), list):
-            meta["chain"][-1] = th.step_digest(sections[0])
         return build_frame(magic, version, meta, sections)
     _, key, value = how
     keys = sorted(meta) + ["sizes", "extra"]
@@ -92,6 +89,16 @@ def forge(blob: bytes, how, restep: bool = False) -> bytes:
     if key == "sizes":
         return build_frame(magic, version, meta, sections, sizes=value)
     return build_frame(magic, version, {**meta, key: value}, sections)
+
+
+def committed(seed: bytes, party: int, message: bytes) -> bytes:
+    """The commitment a forger makes to the b_i its (forged) contribution carries: the sender
+    commits to whatever it later reveals, so a forgery's commitment matches it."""
+    try:
+        sections = split_frame(message)[3]
+        return th.commitment(seed, party, sections[0])
+    except (ValueError, IndexError, KeyError, TypeError, struct.error, AttributeError):
+        return bytes(32)
 
 
 FORGERY = st.one_of(st.tuples(st.just("bytes"), MUTATIONS),
@@ -114,11 +121,11 @@ def expect_blamed(exc: BaseException, sender: int) -> None:
 
 
 def receive(r, op: str, party: int, fields: dict, sections: list, sender: int,
-            taken: str) -> bool:
+            taken: str, commitments=None) -> bool:
     """Party ``party`` handles a forged ``op`` request: True if it takes it (event ``taken``),
     False if it refuses it as :func:`expect_blamed` requires."""
     try:
-        r.replay(op, party, fields, sections)
+        r.replay(op, party, fields, sections, commitments)
     except BaseException as exc:
         expect_blamed(exc, sender)
         return False
@@ -158,7 +165,7 @@ class Recorded:
         out = {}
         for party, (fields, sections) in requests.items():
             h = self.holders[party]
-            self.before[op, party] = (h._state, h._ctx)
+            self.before[op, party] = (h._state, h._ctx, h._commitments, h._revealed)
             self.requests[op, party] = (dict(fields), [bytes(s) for s in sections])
             try:
                 out[party] = h.handle(op, fields, sections)
@@ -167,11 +174,30 @@ class Recorded:
             self.replies[op, party] = out[party]
         return out
 
-    def replay(self, op: str, party: int, fields: dict, sections: list):
-        """The holder as it was before ``op``, handling a (forged) request."""
+    def replay(self, op: str, party: int, fields: dict, sections: list, commitments=None):
+        """The holder as it was before ``op`` (holding ``commitments`` if given), handling a
+        (forged) request."""
         h = self.holders[party]
-        h._state, h._ctx = self.before[op, party]
+        h._state, h._ctx, h._commitments, h._revealed = self.before[op, party]
+        if commitments is not None:
+            h._commitments = commitments
         return h.handle(op, {"epoch": EPOCH, **fields}, sections)
+
+    @property
+    def seed(self) -> bytes:
+        """The epoch's public seed of a."""
+        return epoch_seed(self.params, self.n, self.t, self.roster, self.server, EPOCH)
+
+    def join_request(self, party: int, sender: int, message: bytes) -> tuple[list, list]:
+        """Party ``party``'s keys.join sections with ``sender``'s contribution replaced by
+        ``message`` (signed by the sender), and the commitments the party then holds: the
+        sender's to ``message`` (a forger commits to what it reveals)."""
+        sections = list(self.requests["keys.join", party][1])
+        sections[2 * sender] = message
+        sections[2 * sender + 1] = self.sign(sender, "keygen", message)
+        commitments = list(self.before["keys.join", party][2])
+        commitments[sender] = committed(self.seed, sender, message)
+        return sections, commitments
 
     def sign(self, party: int, domain: str, blob: bytes) -> bytes:
         return sign_blob(self.holders[party].identity, domain, party, EPOCH, blob)
@@ -190,49 +216,76 @@ def shared_setup(tmp_path_factory) -> Recorded:
 # -- the targets: one per message type ---------------------------------------------------------
 @fuzz_settings(FUZZ)
 @given(how=FORGERY)
-def test_fuzz_chain_step(threshold_setup, how):
-    """Party 0's chain step, forged and signed by party 0: the server's screening and party 1
-    (which builds on it) refuse it naming party 0, or take it; never a crash."""
+def test_fuzz_contribution(threshold_setup, how):
+    """Party 0's b_i, forged and signed by party 0 (which also commits to it): the server's
+    screening (with party 0's genuine probes) and party 1's keys.join (which adds it into the
+    joint key) refuse it naming party 0, or take it; never a crash."""
     r = threshold_setup
-    message = r.replies["keys.step", 0][1][0]
-    bad = forge(message, how, restep=True)
-    screen = r.key_setup(r.ask)
-    screen._steps = []
+    message, _, checks, _ = r.replies["keys.reveal", 0][1]
+    bad = forge(message, how)
     try:
-        screen._screen_step(0, bad)
+        r.setup.screen_contribution(0, bad, checks, committed(r.seed, 0, bad), r.seed)
         event("screened: passed")
     except BaseException as exc:
         expect_blamed(exc, 0)
-    receive(r, "keys.step", 1, {}, [bad, r.sign(0, "keygen", bad)], 0, "joined")
+    sections, commitments = r.join_request(1, 0, bad)
+    receive(r, "keys.join", 1, {}, sections, 0, "joined", commitments)
 
 
 @fuzz_settings(FUZZ)
-@given(how=FORGERY, party=st.integers(0, 1))
-def test_fuzz_joint_public_key(threshold_setup, how, party):
-    """The last chain step (the joint public key), forged and signed by the last party, at
-    the other parties' keys.finish: refused naming the last party, or a context."""
+@given(how=FORGERY)
+def test_fuzz_commitment(threshold_setup, how):
+    """Party 2's commitment (32 bytes), forged and signed by party 2, at party 1's keys.reveal:
+    refused naming party 2, or taken (and then party 2's b_i is refused at keys.join)."""
     r = threshold_setup
-    last = r.n - 1
-    message = r.requests["keys.finish", party][1][0]
-    bad = forge(message, how, restep=True)
-    receive(r, "keys.finish", party, {}, [bad, r.sign(last, "keygen", bad)], last, "finished")
+    fields, sections = r.requests["keys.reveal", 1]
+    sections = list(sections)
+    bad = mutate(sections[4], ops_of(how), head=32)
+    sections[4], sections[5] = bad, r.sign(2, "keygen-commit", bad)
+    receive(r, "keys.reveal", 1, {"from": fields["from"]}, sections, 2, "revealed")
 
 
 @fuzz_settings(FUZZ)
 @given(how=FORGERY)
 def test_fuzz_key_shares(threshold_setup, how):
     """The Shamir share party 0 dealt party 1, forged and sealed by party 0: refused naming
-    party 0, or accepted."""
+    party 0 at party 1's keys.reveal, or accepted."""
     r = threshold_setup
     h1 = r.holders[1]
-    fields, sections = r.requests["keys.shares", 1]
-    at = fields["from"].index(0)
-    ctx = r.before["keys.shares", 1][1]
-    aad = _share_aad(ctx.fingerprint, EPOCH, 0, 1)
+    fields, sections = r.requests["keys.reveal", 1]
+    sections = list(sections)
+    at = 2 * r.n + fields["from"].index(0)
+    aad = _share_aad(r.seed, EPOCH, 0, 1)
     share = h1.identity.open_sealed(sections[at], r.roster[0], aad)
-    bad = forge(share, how)
-    sealed = r.roster[1].seal(bad, r.holders[0].identity, aad)
-    receive(r, "keys.shares", 1, {"from": [0]}, [sealed], 0, "accepted")
+    sections[at] = r.roster[1].seal(forge(share, how), r.holders[0].identity, aad)
+    receive(r, "keys.reveal", 1, {"from": fields["from"]}, sections, 0, "accepted")
+
+
+@fuzz_settings(FUZZ)
+@given(how=FORGERY)
+def test_fuzz_key_check_probes(threshold_setup, how):
+    """Party 1's key-check probes, forged and signed by party 1: the server's screening
+    refuses them naming party 1, or reads them; a probe read (or any bytes) gives the joint
+    test decryption a verdict, never a crash, and an edited probe never passes as party 1's
+    own key."""
+    r = threshold_setup
+    message, _, checks, _ = r.replies["keys.reveal", 1][1]
+    contribution = r.replies["keys.reveal", 1][1][0]
+    b = split_frame(contribution)[3][0]
+    bad = forge(checks, how)
+    try:
+        _, probes = r.setup.screen_contribution(1, message, bad,
+                                                th.commitment(r.seed, 1, b), r.seed)
+        event("screened: passed")
+    except BaseException as exc:
+        expect_blamed(exc, 1)
+        probes = {tuple(range(r.n)): mutate(split_frame(checks)[3][0], ops_of(how))}
+    own = probes[tuple(range(r.n))]
+    verdict = probes_match(r.result.context, [own], b)
+    genuine = split_frame(checks)[3][0]
+    assert isinstance(verdict, bool) and (verdict or own != genuine)
+    assert not verdict or own == genuine or how[0] == "field", "an edited probe passed"
+    event(f"probe matches: {verdict}")
 
 
 @fuzz_settings(FUZZ)
@@ -260,59 +313,21 @@ def test_fuzz_shared_key_material(shared_setup, how, public):
 
 
 @fuzz_settings(FUZZ)
-@given(how=FORGERY, which=st.sampled_from(["update", "share", "present", "subsets"]))
-def test_fuzz_key_check_messages(threshold_setup, how, which):
-    """The key check: party 2's signed test update (at keys.check-share), party 1's signed
-    test share (at keys.check-verdict), and the server's fields (present, subsets), forged:
-    refusals are FedShieldErrors, and name party 2 or 1 when they blame anyone."""
-    r = threshold_setup
-    subset = (0, 1, 2)
-    if which in ("update", "present"):
-        fields, sections = r.requests["keys.check-share", 0]
-        fields, sections = dict(fields), list(sections)
-        sender = 2
-        if which == "update":
-            bad = mutate(sections[5], ops_of(how), head=300)
-            sections[5], sections[6] = bad, r.sign(2, "keycheck", bad)
-        else:
-            fields["present"] = how[2] if how[0] == "field" else list(subset)[:len(how[1])]
-        op = "keys.check-share"
-    else:
-        fields, sections = r.requests["keys.check-verdict", 0]
-        fields, sections = dict(fields), list(sections)
-        sender = 1
-        if which == "share":
-            at = 1 + 2 * r.n + 2   # the first subset's shares: party 0's, then party 1's
-            bad = forge(sections[at], how)
-            sections[at], sections[at + 1] = bad, r.sign(1, "keycheck-share", bad)
-        else:
-            fields["subsets"] = json.dumps(how[2] if how[0] == "field" else [[0, 1, 2]] * 3)
-        op = "keys.check-verdict"
-    fields.pop("epoch", None)
-    receive(r, op, 0, fields, sections, sender, "answered")
-
-
-@fuzz_settings(FUZZ)
 @given(how=FORGERY)
 def test_fuzz_what_the_server_reads(threshold_setup, how):
     """The server's own reading of key set-up replies, without openfhe: party 0's public
-    context (refused naming party 0, or loaded) and each party's key probe (a verdict, never
-    a crash)."""
+    context (refused naming party 0, or loaded), and its check against the contributions."""
     r = threshold_setup
-    fields, sections = r.replies["keys.finish", 0]
+    fields, sections = r.replies["keys.join", 0]
     blob = sections[0]
     bad = reseal_sha256(mutate(blob, ops_of(how), head=2000))
+    contributions = [split_frame(r.replies["keys.reveal", p][1][0])[3][0] for p in range(r.n)]
     try:
-        r.setup._public_context(0, bad, r.sign(0, "public-context", bad), EPOCH)
-        event("public context loaded")
+        public = r.setup._public_context(0, bad, r.sign(0, "public-context", bad), EPOCH)
+        th.check_joint_key(public, contributions, r.seed)
+        event("public context loaded and checked")
     except BaseException as exc:
         expect_blamed(exc, 0)
-    probe = r.replies["keys.check-own", 1][1][0]
-    bad_probe = mutate(probe, ops_of(how))
-    contribution = th.step_contribution(r.setup._steps[0], r.setup._steps[1])
-    verdict = th.own_key_matches(r.result.context, contribution, bad_probe)
-    assert isinstance(verdict, bool) and (verdict or bad_probe != probe)
-    event(f"probe matches: {verdict}")
 
 
 NATIVE_CASES = st.one_of(
@@ -349,6 +364,17 @@ def test_fuzz_native_key_codec(case):
         assert all((out[k * ring_dim:(k + 1) * ring_dim] < moduli[k % len(moduli)]).all()
                    for k in range(elements * len(moduli)))
         event("decoded")
+        # packed again: the same bytes; summed with itself: twice the residues mod q
+        assert bytes(_native.pack_key_polys(out, ring_dim, moduli, elements)) == data
+        total = _native.decode_key_polys(
+            _native.sum_key_polys([data, data], ring_dim, moduli, elements), ring_dim, moduli,
+            elements)
+        q = np.repeat(np.array(moduli, dtype=object), ring_dim)
+        q = np.tile(q, elements)
+        assert np.array_equal(total.astype(object), (2 * out.astype(object)) % q)
+    if out is None:   # what decode refuses, summing refuses too
+        with pytest.raises(fs.InvalidUpdate):
+            _native.sum_key_polys([data, data], ring_dim, moduli, elements)
     # a template of length words and zeroed arrays, as a serialized key lays them out
     offsets = range(8, 8 + (8 * ring_dim + 8) * elements * len(moduli), 8 * ring_dim + 8)
     template = bytearray(8 + (8 * ring_dim + 8) * elements * len(moduli) + 64)
@@ -372,7 +398,7 @@ REGRESSION_CHILD = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     import fedshield as fs
-    from fedshield.he import backend, threshold as th
+    from fedshield.he import backend, keys, threshold as th
     from fedshield.he.frames import frame
     sys.path.insert(0, sys.argv[2])
     from test_fuzz_key_setup import Recorded, split_frame, build_frame, EPOCH
@@ -386,11 +412,11 @@ REGRESSION_CHILD = textwrap.dedent("""
             return _real(blob, fmt)
         setattr(o, name, spy)
     r = Recorded(Path(sys.argv[1]), "threshold")
-    step, _ = r.replies["keys.step", 0][1]
-    _, _, meta, (packed,) = split_frame(step)
-    local0 = r.before["keys.finish", 0][0]._live["local"]
+    contribution = r.replies["keys.reveal", 0][1][0]
+    _, _, meta, (packed,) = split_frame(contribution)
     # what party 1's OpenFHE may parse: a public key of its own template, residues written in
-    template, layout = r.before["keys.finish", 1][0]._live["local"]._templates[2]
+    local1 = keys.local_crypto(th.resolve(r.params, 3))
+    template, layout = local1._templates[keys.PUBLIC]
     n, towers = layout[0], (len(layout) - 2) // 3
 
     def own(blob):
@@ -401,11 +427,12 @@ REGRESSION_CHILD = textwrap.dedent("""
             blob[off:off + 8 * n] = bytes(8 * n)
         return bytes(blob) == template
 
-    # party 0's step as release 1 framed it: OpenFHE's crypto context, then its public key
-    cc_bytes = backend.serialize(local0.cc)
-    pk = backend.serialize(local0.cc.KeyGen().publicKey)
+    # party 0's first chain step as release 1 framed it: OpenFHE's crypto context, then its
+    # public key
+    cc_bytes = backend.serialize(local1.cc)
+    pk = backend.serialize(local1.cc.KeyGen().publicKey)
     old_meta = {"params": meta["params"], "n_parties": 3, "threshold": 2,
-                "modulus": meta["moduli"][0], "chain": meta["chain"]}
+                "modulus": meta["moduli"][0], "chain": ["0" * 64]}
     results = []
     for at in (4, 98, 99):
         for value in (0x00, 0xFF, cc_bytes[at] ^ 0x01, cc_bytes[at] ^ 0x80):
@@ -417,12 +444,11 @@ REGRESSION_CHILD = textwrap.dedent("""
                 else:
                     edited = bytearray(packed)
                     edited[at] = value
-                    chain = meta["chain"][:-1] + [th.step_digest(edited)]
-                    bad = build_frame(th.KEYGEN_MAGIC, th.KEYGEN_VERSION,
-                                      {**meta, "chain": chain}, [bytes(edited)])
+                    bad = build_frame(th.KEYGEN_MAGIC, th.KEYGEN_VERSION, meta,
+                                      [bytes(edited)])
                 seen.clear()
                 try:
-                    r.replay("keys.step", 1, {}, [bad, r.sign(0, "keygen", bad)])
+                    r.replay("keys.join", 1, {}, *r.join_request(1, 0, bad))
                     outcome = "joined"
                 except fs.FedShieldError as exc:
                     outcome = f"{type(exc).__name__}:{getattr(exc, 'sender', None)}:{exc}"
@@ -436,11 +462,12 @@ REGRESSION_CHILD = textwrap.dedent("""
 
 def test_the_audits_edits_of_the_first_chain_step_are_refused(tmp_path):
     """Issue 19: one edited byte (4, 98 or 99) of the crypto-context section of party 0's chain
-    step killed party 1 (SIGSEGV, SIGABRT, SIGFPE). A step in that old layout, so edited and
-    framed as version 1, is now refused with a FedShieldError naming party 0 before OpenFHE
-    sees any of it; the same offsets edited in the new step's residues give a refusal or a
-    well-formed step, and OpenFHE only ever deserializes keys of party 1's own template. In a
-    child process: a crash fails the test instead of killing pytest."""
+    step killed party 1 (SIGSEGV, SIGABRT, SIGFPE). A message in that old layout, so edited
+    and framed as version 1, in party 0's place at keys.join is now refused with a
+    FedShieldError naming party 0 before OpenFHE sees any of it; the same offsets edited in
+    party 0's b_i (committed to, as a forger would) give a refusal or a joint key, and OpenFHE
+    only ever deserializes keys of party 1's own template. In a child process: a crash fails
+    the test instead of killing pytest."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     proc = subprocess.run([sys.executable, "-c", REGRESSION_CHILD, str(tmp_path),
                            str(Path(__file__).parent)],
@@ -461,30 +488,30 @@ def test_the_audits_edits_of_the_first_chain_step_are_refused(tmp_path):
             assert set(case["deserialized"]) <= {"DeserializePublicKeyString"}, case
 
 
-@pytest.mark.parametrize("claims_it", [True, False])
-def test_an_edited_but_well_formed_step_fails_the_set_up_naming_its_sender(tmp_path,
-                                                                           monkeypatch,
-                                                                           claims_it):
-    """The new layout's edit at byte 99 keeps every residue below q: the step is well-formed
-    and party 1 builds on it, but party 0's key share no longer matches what its step shows.
-    If party 0 claims the edited step as its own, the key check names it; if not, it finds
-    its own step missing from the joint key (which the server checked step by step) and is
-    named itself. Never party 1, which built on the edit, nor party 2, which signed the end."""
-    real = th.start_keygen
-
-    def edited_start(*args):
-        state, message = real(*args)
-        magic, version, meta, (packed,) = split_frame(message)
-        edited = bytearray(packed)
+@pytest.mark.parametrize("committed_to_it", [True, False])
+def test_an_edited_but_well_formed_contribution_fails_the_set_up_naming_its_sender(
+        tmp_path, monkeypatch, committed_to_it):
+    """The edit at byte 99 of party 0's b_i keeps every residue below q: the contribution is
+    well-formed and the others would add it in, but party 0's key share no longer matches it.
+    If party 0 committed to the edited b_i, the joint test decryption names it; if it
+    committed to its genuine one, the server refuses the edited one against that commitment
+    and names it. Never party 1 or 2, which took it."""
+    def edit(state):
+        edited = bytearray(state.contribution)
         edited[99] ^= 0x01
-        meta["chain"] = [th.step_digest(edited)]
-        if claims_it:
-            state._step_digest = meta["chain"][0]
-        return state, build_frame(magic, version, meta, [bytes(edited)])
+        state.contribution = bytes(edited)
+        return state
 
-    monkeypatch.setattr(th, "start_keygen", edited_start)
-    want = (r"party 0 \(its key share does not match" if claims_it
-            else r"party 0 failed keys.finish: party 0: party 0's key share is not part")
+    if committed_to_it:   # edited before its commitment is made
+        real_start = th.start_keygen
+        monkeypatch.setattr(th, "start_keygen", lambda params, n, t, party, seed: (
+            edit if party == 0 else (lambda s: s))(real_start(params, n, t, party, seed)))
+    else:                 # edited after it committed to the genuine b_i
+        real_message = th.contribution_message
+        monkeypatch.setattr(th, "contribution_message", lambda state: real_message(
+            edit(state) if state.party_id == 0 else state))
+    want = (r"party 0 \(its key share does not match its b_i\)" if committed_to_it
+            else r"party 0's key contribution is refused: .*not the one it committed to")
     with pytest.raises(fs.KeySetupError, match=want) as err:
         Recorded(tmp_path / "fed", "threshold")
     assert err.value.culprit == 0
@@ -497,18 +524,18 @@ def test_a_refusal_names_its_sender_in_process_and_through_reply_fields(threshol
     that refused; a forged refusal that names the refusing party itself, or no party, blames
     the refusing party."""
     r = threshold_setup
-    refused = fs.KeyMessageRefused("party 2 refused the key generation step that party 1 "
+    refused = fs.KeyMessageRefused("party 2 refused the key contribution that party 1 "
                                    "signed: bad", sender=1)
     for reply in (refused, (refusal_fields(refused), [])):
         setup = r.key_setup(lambda op, requests: {2: reply})
         with pytest.raises(fs.KeyMessageRefused, match="party 1 sent a bad key set-up") as err:
-            setup._all("keys.step", {2: ({}, [])})
+            setup._all("keys.join", {2: ({}, [])})
         assert err.value.sender == 1 and err.value.culprit == 1
     for sender in (2, 7):
         fields = {**refusal_fields(refused), "sender": sender}
         setup = r.key_setup(lambda op, requests: {2: (fields, [])})
-        with pytest.raises(fs.KeySetupError, match="party 2 failed keys.step") as err:
-            setup._all("keys.step", {2: ({}, [])})
+        with pytest.raises(fs.KeySetupError, match="party 2 failed keys.join") as err:
+            setup._all("keys.join", {2: ({}, [])})
         assert err.value.culprit == 2
     with pytest.raises(fs.KeySetupError, match="not a party id"):
         refusal_from({**refusal_fields(refused), "sender": "1"})
@@ -517,11 +544,12 @@ def test_a_refusal_names_its_sender_in_process_and_through_reply_fields(threshol
 
 def test_a_bad_signature_at_a_receiver_blames_the_relay_not_the_sender(threshold_setup):
     r = threshold_setup
-    message, record = r.replies["keys.step", 0][1]
-    tampered = bytearray(message)
+    sections = list(r.requests["keys.join", 1][1])
+    tampered = bytearray(sections[0])
     tampered[-40] ^= 1
+    sections[0] = bytes(tampered)   # party 0's signature no longer verifies
     with pytest.raises(fs.KeySetupError, match="the relay altered it") as err:
-        r.replay("keys.step", 1, {}, [bytes(tampered), record])
+        r.replay("keys.join", 1, {}, sections)
     assert not isinstance(err.value, fs.KeyMessageRefused) and err.value.culprit is None
 
 
@@ -536,11 +564,11 @@ MEMORY_CHILD = textwrap.dedent("""
     from fedshield.he.frames import frame
 
     r = Recorded(Path(sys.argv[1]), "threshold")
-    step = r.replies["keys.step", 0][1][0]
-    magic, version, meta, (packed,) = split_frame(step)
+    contribution = r.replies["keys.reveal", 0][1][0]
+    magic, version, meta, (packed,) = split_frame(contribution)
     hostile = []
     for field, value in (("sizes", [2**40]), ("sizes", [2**62, 2**62]), ("ring_dim", 2**40),
-                         ("moduli", [3] * 10**5), ("chain", ["0" * 64] * 10**5),
+                         ("moduli", [3] * 10**5), ("seed", "0" * 10**6),
                          ("n_parties", 2**60), ("moduli", [2**61 - 1] * 3)):
         hostile.append(build_frame(magic, version, meta, [packed], sizes=value)
                        if field == "sizes" else build_frame(magic, version, {**meta, field: value},
@@ -548,12 +576,12 @@ MEMORY_CHILD = textwrap.dedent("""
     # a head that claims 4 GB, and a message far longer than the parameters allow
     hostile.append(magic + struct.pack("<HI", version, 2**32 - 1) + b"{}" + bytes(32))
     hostile.append(build_frame(magic, version, meta, [packed + bytes(64 << 20)]))
-    signed = [(bad, r.sign(0, "keygen", bad)) for bad in hostile]
+    requests = [r.join_request(1, 0, bad) for bad in hostile]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     refused = []
-    for bad, record in signed * 5:
+    for sections, commitments in requests * 5:
         try:
-            r.replay("keys.step", 1, {}, [bad, record])
+            r.replay("keys.join", 1, {}, sections, commitments)
             refused.append("joined")
         except fs.FedShieldError as exc:
             refused.append(type(exc).__name__)
@@ -563,7 +591,7 @@ MEMORY_CHILD = textwrap.dedent("""
 
 
 def test_declared_sizes_cannot_make_a_receiver_allocate(tmp_path):
-    """Heads that declare huge sections, ring dimensions, towers or chains, a 4 GB head length,
+    """Heads that declare huge sections, ring dimensions, towers or seeds, a 4 GB head length,
     and a message 64 MB longer than the parameters allow: all refused naming party 0, and the
     receiving process's peak memory grows by less than 32 MB over what holding the messages
     took (the parameters imply 400 KB of key material; the audit saw OpenFHE take 6 GB)."""

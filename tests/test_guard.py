@@ -223,12 +223,15 @@ def test_rotation_continues_the_run(tmp_path):
     adapter."""
     from fedshield.engines.local import LocalEngine
 
+    # 2**0 ciphertexts per key: one round's aggregate (shared-key set-up decrypts nothing
+    # that leaves a site, so it spends none of it)
     cfg = RunConfig.from_flat(clients=2, rounds=3, examples_per_client=16, local_steps=2,
-                              batch_size=4, lora_r=4, decryption_budget=1, out=str(tmp_path))
+                              batch_size=4, lora_r=4, decryption_budget=0, out=str(tmp_path))
     engine = LocalEngine(cfg, show_progress=False)
     metrics = engine.run()
     epochs = metrics["key_epochs"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert [e["message_steps"] for e in epochs] == [3, 3, 3]   # shared keys
     assert [e["before_round"] for e in epochs] == [1, 2, 3]
     assert len({e["context_fp"] for e in epochs}) == 3
     assert [r["status"] for r in metrics["rounds"]] == ["ok"] * 3

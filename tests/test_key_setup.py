@@ -19,8 +19,9 @@ from flwr.common import ConfigRecord, Error, Message, RecordDict
 
 import fedshield as fs
 from fedshield.trust.federation import RunSettings
+from fedshield.fl import key_setup
 from fedshield.fl.key_setup import (KeyHolder, KeySetup, check_subsets, describe,
-                                    keycheck_values, suspects, used_material)
+                                    suspects, used_material)
 from fedshield.engines.flower import client_app
 from fedshield.engines.flower.records import FIELDS, put_blobs
 from fedshield.engines.flower.site_worker import SiteWorker, error_reply
@@ -93,7 +94,8 @@ def test_suspects_point_at_one_dealing():
 
 
 # -- the protocol ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode, n, t", [("threshold", 3, 2), ("threshold", 3, 3), ("shared", 3, 3)])
+@pytest.mark.parametrize("mode, n, t", [("threshold", 3, 2), ("threshold", 3, 3),
+                                        ("threshold", 5, 3), ("shared", 3, 3)])
 def test_protocol_makes_working_keys_on_each_node(tmp_path, mode, n, t):
     fed = Federation(tmp_path, n, mode, t)
     result = fed.run()
@@ -109,8 +111,11 @@ def test_protocol_makes_working_keys_on_each_node(tmp_path, mode, n, t):
         assert ctx.is_party == (mode == "threshold")
         budget = DecryptionBudget(h.budget_file, 2 ** ctx.params.flood_log_queries)
         assert budget.context_fp == public.fingerprint
-        assert budget.decrypted >= 1  # the key check's decryptions count for the new key
+        # threshold keys: the key check's probes are partial decryptions, and count
+        assert (budget.decrypted >= 1) == (mode == "threshold")
         ctxs.append(ctx)
+    # collective key generation: four message steps for any n; shared keys: three
+    assert result.message_steps == (4 if mode == "threshold" else 3)
     # a round with the keys: every party's update, the sum decrypted
     states = [make_state(900 + i) for i in range(n)]
     layout = fs.Layout.from_state_dict(states[0])
@@ -138,39 +143,67 @@ def test_a_bad_shamir_dealing_is_caught_and_named(tmp_path, monkeypatch):
     fed = Federation(tmp_path, 3, "threshold", 2)
     real = th.deal_key_shares
 
-    def bad_dealer(ctx):
-        dealt = real(ctx)
-        if ctx.party_id == 1:  # party 1 gives party 2 a share of another secret
-            meta, sections = th.unframe(dealt[2], th.KEY_SHARE_MAGIC, "share", fs.KeyMaterialError)
+    def bad_dealer(state):
+        dealt = real(state)
+        if state.party_id == 1:  # party 1 gives party 2 a share of another secret
+            meta, sections = th.unframe(dealt[2], th.KEY_SHARE_MAGIC, "share",
+                                        fs.KeyMaterialError, version=th.KEY_SHARE_VERSION)
             share = np.frombuffer(sections[0], dtype="<u8").copy()
-            share[:16] = (share[:16] + np.uint64(12345)) % np.uint64(ctx.moduli[0])
-            dealt[2] = th.frame(th.KEY_SHARE_MAGIC, meta, [share.tobytes()])
+            share[:16] = (share[:16] + np.uint64(12345)) % np.uint64(state.moduli[0])
+            dealt[2] = th.frame(th.KEY_SHARE_MAGIC, meta, [share.tobytes()],
+                                version=th.KEY_SHARE_VERSION)
         return dealt
 
     monkeypatch.setattr(th, "deal_key_shares", bad_dealer)
-    with pytest.raises(fs.KeySetupError, match=r"party 1 \(the Shamir share it dealt to"):
+    with pytest.raises(fs.KeySetupError, match=r"party 1 \(the Shamir share it dealt to") as err:
         fed.run()
+    assert err.value.culprit == 1
 
 
-def test_a_party_that_lies_in_the_chain_is_named(tmp_path, monkeypatch):
+def test_a_party_whose_key_share_is_not_its_contributions_is_named(tmp_path, monkeypatch):
+    """Party 1 adds one b_i to the joint key (and commits to it) but decrypts with the key
+    share of another: its own probe does not decrypt the joint key's a against its b_i."""
     fed = Federation(tmp_path, 3, "threshold", 2)
-    real = th.join_keygen
+    real = th.start_keygen
 
-    def lying_join(message, party_id, *federation):
-        if party_id != 1:
-            return real(message, party_id, *federation)
-        kept, _ = real(message, 1, *federation)             # the key share it will decrypt with
-        shown, shown_message = real(message, 1, *federation)  # the one it adds to the joint key
-        kept._step_digest = shown._step_digest  # and it claims the chain step as its own
-        return kept, shown_message
+    def lying_start(params, n, t, party_id, seed):
+        kept = real(params, n, t, party_id, seed)   # the key share it will decrypt with
+        if party_id == 1:
+            kept.contribution = real(params, n, t, party_id, seed).contribution  # the b shown
+        return kept
 
-    monkeypatch.setattr(th, "join_keygen", lying_join)
-    with pytest.raises(fs.KeySetupError, match=r"party 1 \(its key share does not match"):
+    monkeypatch.setattr(th, "start_keygen", lying_start)
+    with pytest.raises(fs.KeySetupError, match=r"party 1 \(its key share does not match its "
+                       r"b_i\)") as err:
         fed.run()
+    assert err.value.culprit == 1
 
 
-@pytest.mark.parametrize("op", ["keys.step", "keys.finish", "keys.shares", "keys.check-share",
-                                "keys.shared-take"])
+def test_a_rogue_key_is_refused_by_its_commitment(tmp_path, monkeypatch):
+    """The last party waits for the others' b_i and reveals a b chosen from them (the attack
+    reveals -sum(others) - a * s' + e, so that the joint key is its own alone; here the sum of
+    theirs and its own, which is as far from its commitment): not the b_i it committed to
+    before seeing them, so the server refuses it, names it, and no key is written."""
+    fed = Federation(tmp_path, 3, "threshold")
+    real = th.contribution_message
+    shown = {}
+
+    def rogue(state):
+        shown[state.party_id] = state.contribution
+        if state.party_id == 2:
+            state.contribution = th.joint_b([shown[0], shown[1], state.contribution],
+                                            state.params.ring_dim, state.moduli)
+        return real(state)
+
+    monkeypatch.setattr(th, "contribution_message", rogue)
+    with pytest.raises(fs.KeySetupError, match=r"party 2's key contribution is refused: .*"
+                       r"not the one it committed to") as err:
+        fed.run()
+    assert err.value.culprit == 2
+    assert not any(h.key_file.exists() for h in fed.holders)
+
+
+@pytest.mark.parametrize("op", ["keys.reveal", "keys.join", "keys.shared-take"])
 def test_a_relay_cannot_alter_what_it_carries(tmp_path, op):
     mode = "shared" if op == "keys.shared-take" else "threshold"
     fed = Federation(tmp_path, 3, mode, 2)
@@ -210,12 +243,6 @@ def test_epochs_only_move_forward_and_rotation_replaces_the_key(tmp_path):
     assert budget.context_fp == second.fingerprint
 
 
-def test_keycheck_values_are_public_and_per_context():
-    a, b = keycheck_values(bytes(32)), keycheck_values(b"\1" + bytes(31))
-    assert np.array_equal(a, keycheck_values(bytes(32))) and not np.array_equal(a, b)
-    assert a.shape == (64,) and np.abs(a).max() <= 1.0
-
-
 def test_every_check_subset_pair_is_listed_once():
     for n, t in itertools.product(range(3, 7), repeat=2):
         if n // 2 < t <= n:
@@ -223,18 +250,20 @@ def test_every_check_subset_pair_is_listed_once():
 
 
 # -- blame: a refused message names its sender, in both engines -------------------------------
-def _step_for_other_moduli(real):
-    """Party 0's step claiming moduli of its own choosing (odd, below 2**62, above every
-    residue): well-formed, so the server's screening relays it; party 1's own crypto context
-    has other moduli and refuses it."""
-    def start(*args):
-        state, message = real(*args)
-        meta, sections = th.unframe(message, th.KEYGEN_MAGIC, "step", fs.KeyMaterialError,
-                                    version=th.KEYGEN_VERSION)
+def _contribution_for_other_moduli(real):
+    """Party 0's contribution claiming moduli of its own choosing (odd, below 2**62, above
+    every residue): well-formed, so the server's screening relays it; party 1's own crypto
+    context has other moduli and refuses it."""
+    def contribution(state):
+        message = real(state)
+        if state.party_id:
+            return message
+        meta, sections = th.unframe(message, th.KEYGEN_MAGIC, "contribution",
+                                    fs.KeyMaterialError, version=th.KEYGEN_VERSION)
         meta.pop("sizes")
         meta["moduli"] = [q + 2 for q in meta["moduli"]]
-        return state, th.frame(th.KEYGEN_MAGIC, meta, sections, version=th.KEYGEN_VERSION)
-    return start
+        return th.frame(th.KEYGEN_MAGIC, meta, sections, version=th.KEYGEN_VERSION)
+    return contribution
 
 
 class _SiteWorkers:
@@ -248,6 +277,7 @@ class _SiteWorkers:
             worker = SiteWorker.__new__(SiteWorker)
             worker.site = SimpleNamespace(keys=h, party=None, party_id=h.party_id)
             worker.cfg = SimpleNamespace(metrics="all")
+            worker.problems = []   # passed its start-up checks
             self.workers[100 + h.party_id] = worker
 
     def send_and_receive(self, messages, timeout):
@@ -268,12 +298,19 @@ class _SiteWorkers:
 
 
 @pytest.mark.parametrize("engine", ["local", "flower"])
-def test_a_refused_chain_step_names_its_sender_not_its_receiver(tmp_path, monkeypatch, engine):
-    """Party 0 sends a chain step for other moduli. Party 1 refuses it (KeyMessageRefused,
+def test_a_refused_contribution_names_its_sender_not_its_receiver(tmp_path, monkeypatch, engine):
+    """Party 0 sends a contribution for other moduli. Party 1 refuses it (KeyMessageRefused,
     sender 0); the set-up fails naming party 0, in the local engine (the exception in-process)
     and through Flower (the site worker's reply fields, the ClientApp's reply, the Grid
     transport)."""
-    monkeypatch.setattr(th, "start_keygen", _step_for_other_moduli(th.start_keygen))
+    monkeypatch.setattr(th, "contribution_message",
+                        _contribution_for_other_moduli(th.contribution_message))
+    real_probes = key_setup.probes_message   # its probes claim the same moduli
+
+    def probes(seed, party, n, t, moduli, made):
+        return real_probes(seed, party, n, t, [q + 2 for q in moduli] if party == 0 else moduli,
+                           made)
+    monkeypatch.setattr(key_setup, "probes_message", probes)
     fed = Federation(tmp_path, 3, "threshold", 2)
     if engine == "flower":
         server = SimpleNamespace(
@@ -284,7 +321,7 @@ def test_a_refused_chain_step_names_its_sender_not_its_receiver(tmp_path, monkey
         transport = GridTransport(_SiteWorkers(fed.holders), server, chunk_bytes=1 << 20)
         fed.ask = RoundDriver(server, transport.send).key_ask()
     with pytest.raises(fs.KeyMessageRefused, match=r"party 0 sent a bad key set-up message "
-                       r"\(keys.step\): party 1 refused the key generation step that party 0 "
+                       r"\(keys.join\): party 1 refused the key contribution that party 0 "
                        r"signed: .*tower moduli") as err:
         fed.run()
     assert err.value.sender == 0 and err.value.culprit == 0
@@ -337,5 +374,5 @@ def test_two_parties_build_the_same_crypto_context_from_the_same_parameters():
     for name in PARAM_SETS:
         for key in here[name]:
             assert json.loads(json.dumps(here[name][key])) == there[name][key], (name, key)
-    assert len(here["flooding"]["moduli"]) == 3
+    assert len(here["flooding"]["moduli"]) == PARAM_SETS["flooding"].n_towers >= 2
     assert there["shared key"][0] == shared.fingerprint.hex()

@@ -225,14 +225,17 @@ def test_partial_decrypt_rejects_bad_calls(t_of_n, n_of_n):
         fs.partial_decrypt(party, 42)
 
 
+def _collective(n: int, t: int, params=th.THRESHOLD_PARAMS, seed: bytes | None = None):
+    """Every party's key share and b_i under one seed's a (no shares dealt)."""
+    seed = seed or os.urandom(th.SEED_BYTES)
+    return seed, [th.start_keygen(params, n, t, i, seed) for i in range(n)]
+
+
 def test_party_without_key_shares_cannot_cover_for_the_absent():
-    state, message = th.start_keygen(th.THRESHOLD_PARAMS, 3, 2)
-    states = [state]
-    for i in (1, 2):
-        state, message = th.join_keygen(message, i, th.THRESHOLD_PARAMS, 3, 2)
-        states.append(state)
-    parties = [th.finish_keygen(s, message) for s in states]
-    server = th.server_context(message, th.THRESHOLD_PARAMS, 3, 2)
+    seed, states = _collective(3, 2)
+    contributions = [s.contribution for s in states]
+    parties = [th.finish_keygen(s, contributions) for s in states]
+    server = th.server_context(contributions, th.THRESHOLD_PARAMS, 3, 2, seed)
     layout = fs.Layout.from_state_dict(make_state(1))
     agg = fs.aggregate(server, [fs.encrypt_update(parties[i], make_state(i), layout)
                                 for i in range(2)])
@@ -240,49 +243,114 @@ def test_party_without_key_shares_cannot_cover_for_the_absent():
         fs.partial_decrypt(parties[0], agg, present=[0, 1])
 
 
-# -- the key generation protocol as bytes ------------------------------------------------------
+# -- collective key generation as bytes --------------------------------------------------------
+def test_every_party_uses_the_seed_s_a_and_a_fresh_key_share():
+    seed, states = _collective(3, 3)
+    n, moduli = th.THRESHOLD_PARAMS.ring_dim, states[0].moduli
+    a = th.packed_a(seed, n, moduli)
+    for state in states:   # (b_i, a): OpenFHE kept the common a
+        blob = state.own_context.public_key_bytes()
+        offsets = _native.find_residue_arrays(blob, n, list(moduli), 2 * len(moduli))
+        residues = np.concatenate([np.frombuffer(blob, dtype="<u8", count=n, offset=o)
+                                   for o in offsets[len(moduli):]])
+        assert bytes(_native.pack_key_polys(residues, n, list(moduli), 1)) == a
+    assert len({s.contribution for s in states}) == 3
+    assert len({s.commitment for s in states}) == 3
+    assert th.packed_a(os.urandom(32), n, moduli) != a
+    # the same party, seed and b_i commit the same; any other b_i or party does not
+    assert th.commitment(seed, 0, states[0].contribution) == states[0].commitment
+    assert th.commitment(seed, 1, states[0].contribution) != states[0].commitment
+    for bad in (b"short", 42, "x" * 32):
+        with pytest.raises(fs.ParameterError):
+            th.start_keygen(th.THRESHOLD_PARAMS, 3, 3, 0, bad)
+    for party in (3, -1, True, "0"):
+        with pytest.raises(fs.ParameterError):
+            th.start_keygen(th.THRESHOLD_PARAMS, 3, 3, party, seed)
+
+
+def test_the_seed_binds_parameters_roster_and_epoch():
+    roster = [bytes([i]) * 32 for i in range(3)]
+    base = th.keygen_seed(th.THRESHOLD_PARAMS, 3, 2, roster, 1)
+    assert th.keygen_seed(th.THRESHOLD_PARAMS, 3, 2, roster, 1) == base
+    assert len({base, th.keygen_seed(th.THRESHOLD_PARAMS, 3, 2, roster, 2),
+                th.keygen_seed(th.THRESHOLD_PARAMS, 3, 3, roster, 1),
+                th.keygen_seed(th.THRESHOLD_PARAMS, 3, 2, roster[::-1], 1),
+                th.keygen_seed(fs.CKKSParams.for_precision(keys="threshold", flood_bits=30),
+                               3, 2, roster, 1)}) == 5
+
+
+def test_the_joint_key_works_with_openfhe_s_own_multiparty_decryption():
+    """OpenFHE encrypts under the joint key of collective key generation, and its own
+    MultipartyDecryptLead/Main/Fusion with the parties' key shares decrypts it."""
+    seed, states = _collective(3, 3)
+    contributions = [s.contribution for s in states]
+    parties = [th.finish_keygen(s, contributions) for s in states]
+    cc, pk, _ = parties[0].openfhe_objects()
+    values = [0.25 * i - 1.0 for i in range(9)]
+    ct = cc.Encrypt(pk, cc.MakeCKKSPackedPlaintext(values))
+    keys = [p.openfhe_objects(need_secret=True)[2] for p in parties]
+    shares = [cc.MultipartyDecryptLead([ct], keys[0])[0]]
+    shares += [cc.MultipartyDecryptMain([ct], k)[0] for k in keys[1:]]
+    out = cc.MultipartyDecryptFusion(shares)
+    out.SetLength(len(values))
+    got = np.array([v.real for v in out.GetCKKSPackedValue()])
+    assert np.abs(got - values).max() < 1e-6
+    # one key share short: noise
+    out = cc.MultipartyDecryptFusion(shares[:2])
+    out.SetLength(len(values))
+    assert np.abs(np.array([v.real for v in out.GetCKKSPackedValue()]) - values).max() > 1
+
+
 def test_keygen_protocol_bytes_only_and_bad_messages():
     params = th.THRESHOLD_PARAMS
-    fed = (params, 3, 2)
-    s0, m1 = th.start_keygen(*fed)
-    with pytest.raises(fs.KeyMaterialError, match="for party 1, not party 2"):
-        th.join_keygen(m1, 2, *fed)
-    with pytest.raises(fs.KeyMaterialError, match="not complete"):
-        th.server_context(m1, *fed)
-    with pytest.raises(fs.KeyMaterialError, match="not complete"):
-        th.finish_keygen(s0, m1)
-    s1, m2 = th.join_keygen(bytes(m1), 1, *fed)
-    s2, m3 = th.join_keygen(bytearray(m2), 2, *fed)
-    with pytest.raises(fs.KeyMaterialError, match="already complete"):
-        th.join_keygen(m3, 3, *fed)
+    seed, states = _collective(3, 2, params)
+    messages = [th.contribution_message(s) for s in states]
+    got = th.read_contribution(bytearray(messages[1]), params, 3, 2, seed, states[1].moduli)
+    assert got.sender == 1 and got.packed == states[1].contribution
+    assert th.read_contribution(messages[1], params, 3, 2, seed).moduli == states[1].moduli
+    with pytest.raises(fs.KeyMaterialError, match="seed="):
+        th.read_contribution(messages[1], params, 3, 2, os.urandom(32))
     with pytest.raises(fs.KeyMaterialError, match="n_parties=3"):
-        th.join_keygen(m3, 3, params, 4, 3)   # a message of another federation
-    bad = bytearray(m3)
+        th.read_contribution(messages[1], params, 4, 3, seed)   # another federation's
+    with pytest.raises(fs.KeyMaterialError, match="tower moduli"):
+        th.read_contribution(messages[1], params, 3, 2, seed, [q + 2 for q in states[1].moduli])
+    bad = bytearray(messages[1])
     bad[-40] ^= 1
-    for broken in (bytes(bad), m3[:50], b"", b"FSHLDCTX" + m3[8:]):
+    meta, sections = unframe(messages[1], th.KEYGEN_MAGIC, "c", fs.KeyMaterialError,
+                             version=th.KEYGEN_VERSION)
+    meta.pop("sizes")
+    old = frame(th.KEYGEN_MAGIC, meta, sections, version=2)   # a chain step's version
+    for broken in (bytes(bad), messages[1][:50], b"", b"FSHLDCTX" + messages[1][8:], old):
         with pytest.raises(fs.KeyMaterialError):
-            th.server_context(broken, *fed)
-    # a joint key made by another chain does not contain party 0's step
-    _, other = th.start_keygen(*fed)
-    other = th.join_keygen(th.join_keygen(other, 1, *fed)[1], 2, *fed)[1]
-    with pytest.raises(fs.KeyMaterialError, match="not part of the chain"):
-        th.finish_keygen(s0, other)
-    parties = [th.finish_keygen(s, m3) for s in (s0, s1, s2)]
-    server = fs.load_context(th.server_context(m3, *fed).to_bytes())
-    assert server.fingerprint == parties[0].fingerprint
-    dealt = [th.deal_key_shares(p) for p in parties]
+            th.read_contribution(broken, params, 3, 2, seed)
+    with pytest.raises(fs.KeyMaterialError, match="format version 2 is not supported"):
+        th.read_contribution(old, params, 3, 2, seed)
+    dealt = [th.deal_key_shares(s) for s in states]
     assert sorted(dealt[0]) == [1, 2]
     with pytest.raises(fs.KeyMaterialError, match="addressed to party 2"):
-        th.accept_key_shares(parties[1], [dealt[0][2]])
+        th.accept_key_shares(states[1], [dealt[0][2]])
     with pytest.raises(fs.KeyMaterialError, match="already held"):
-        th.accept_key_shares(parties[1], [dealt[0][1], dealt[0][1]])
-    with pytest.raises(fs.KeyMaterialError, match="another context"):
-        th.accept_key_shares(parties[1], [th.deal_key_shares(
-            fs.keygen_threshold(params, 3, 2)[0][0])[1]])
+        th.accept_key_shares(states[1], [dealt[0][1], dealt[0][1]])
+    _, others = _collective(3, 2, params)
+    with pytest.raises(fs.KeyMaterialError, match="another key epoch"):
+        th.accept_key_shares(states[1], [th.deal_key_shares(others[0])[1]])
     with pytest.raises(fs.KeyMaterialError, match="corrupted"):
-        th.accept_key_shares(parties[1], [dealt[0][1][:-1] + b"x"])
-    parties = [th.accept_key_shares(p, [dealt[j][i] for j in range(3) if j != i])
-               for i, p in enumerate(parties)]
+        th.accept_key_shares(states[1], [dealt[0][1][:-1] + b"x"])
+    states = [th.accept_key_shares(state, [dealt[j][i] for j in range(3) if j != i])
+              for i, state in enumerate(states)]
+    contributions = [s.contribution for s in states]
+    with pytest.raises(fs.KeyMaterialError, match="contributions of all 3"):
+        th.finish_keygen(states[0], contributions[:2])
+    with pytest.raises(fs.KeyMaterialError, match="not the one in its place"):
+        th.finish_keygen(states[0], contributions[::-1])
+    parties = [th.finish_keygen(s, contributions) for s in states]
+    server = fs.load_context(th.server_context(contributions, params, 3, 2, seed).to_bytes())
+    assert server.fingerprint == parties[0].fingerprint
+    th.check_joint_key(server, contributions, seed)   # natively: (sum b_i, a)
+    with pytest.raises(fs.KeyMaterialError, match="not the sum"):
+        th.check_joint_key(server, contributions[:2] + [others[2].contribution], seed)
+    with pytest.raises(fs.KeyMaterialError, match="not the sum"):
+        th.check_joint_key(server, contributions, os.urandom(32))
     states = [make_state(7), make_state(8)]
     layout = fs.Layout.from_state_dict(states[0])
     ups = [fs.encrypt_update(parties[i], states[i], layout, weight=WEIGHT_BOUND / 2).to_bytes()
@@ -303,8 +371,9 @@ def test_keygen_threshold_rejects_bad_party_counts(n_parties, threshold):
 
 
 def test_deal_key_shares_is_empty_in_n_of_n(n_of_n):
-    assert th.deal_key_shares(n_of_n.parties[0]) == {}
-    with pytest.raises(fs.KeyMaterialError):
+    _, states = _collective(3, 3)
+    assert th.deal_key_shares(states[0]) == {}
+    with pytest.raises(TypeError):
         th.deal_key_shares(n_of_n.server)
 
 

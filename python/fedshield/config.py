@@ -530,7 +530,8 @@ class RunConfig:
         flood_bits = self.he.flood_bits if self.he.flood_bits >= 0 else (
             AUTO_FLOOD_BITS if threshold else 0)
         params = CKKSParams.for_precision(self.he.tolerance, keys=self.keys.mode,
-                                          n_parties=self.n_sites, flood_bits=flood_bits)
+                                          n_parties=self.n_sites, flood_bits=flood_bits,
+                                          flood_log_queries=self.he.decryption_budget)
         explicit = {k: v for k, v in (("ring_dim", self.he.ring_dim),
                                       ("scale_bits", self.he.scale_bits)) if v}
         return dc_replace(params, flood_log_queries=self.he.decryption_budget, **explicit)

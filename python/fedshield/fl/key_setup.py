@@ -5,56 +5,73 @@ Transport-agnostic, like the Server: :class:`KeySetup` (the server's half) sends
 the parties through ``ask(op, requests)`` and :meth:`KeyHolder.handle` (a party's half) answers
 them; a request and a reply are ``(fields, sections)``: scalars and lists of scalars, and byte
 strings. The local engine calls ``handle`` in-process; the Flower engine carries the same pairs
-in messages to each site worker.
+in messages to each site worker. Each ``ask`` is one message step (all parties at once);
+:attr:`KeySetupResult.message_steps` counts them.
 
-Threshold keys, key epoch ``e`` (signatures: each party's identity key, fedshield.trust.identity,
-with ``round`` = the epoch):
+Threshold keys, key epoch ``e``: four message steps for any n (signatures: each party's
+identity key, fedshield.trust.identity, with ``round`` = the epoch). Collective key generation
+(fedshield.he.threshold): every party expands the same uniform ``a`` from a public seed (a hash
+of the parameters, n, t, the roster and the epoch), makes its own key share s_i and
+b_i = -a * s_i + e_i; the joint public key is (sum_i b_i, a).
 
 1. ``keys.begin``: every party gets the roster (party -> public identity, exchanged at
-   enrolment), the parameters, n and t, and checks that its own entry is its own key.
-2. ``keys.step``: OpenFHE's multiparty key generation chain. Party 0 starts it; party i extends
-   party i-1's message once that party's signature verifies, and signs its own. The server
-   screens each step (well-formed, the sender's, extending the previous step's chain, moduli
-   and a) before relaying it.
-3. ``keys.finish``: every party gets the last message, checks the last party's signature and
-   that its own step is in the chain, and (t-of-n) deals Shamir shares of its key share, each
-   sealed to its one recipient (X25519 + ChaCha20-Poly1305, signed by the dealer). Party 0
-   also sends the public context (signed), every party its context's fingerprint: the server
-   never builds a context itself, so it needs no openfhe.
-4. ``keys.shares``: every party opens the sealed shares addressed to it.
-5. ``keys.check-*``: joint test decryptions of a public test vector. Every party encrypts it
-   under the joint key (signed); the server sums the n updates; for each subset of a family that
-   uses every party's own share and every dealt share (:func:`check_subsets`) its members
-   decrypt partially (signed), and every party fuses every subset and reports which ones give
-   the test vector back. What the failing subsets used and no passing one did names the party
-   (:func:`suspects`): a party whose own share does not match its chain step, or a dealer whose
+   enrolment), the parameters, n, t and the run's settings, and checks them against its
+   pinned federation. It makes s_i and b_i, and answers with a signed commitment to b_i
+   (SHA-256) and (t-of-n) Shamir shares of s_i, each sealed to its one recipient (X25519 +
+   ChaCha20-Poly1305, signed by the dealer).
+2. ``keys.reveal``: every party gets all n signed commitments and the shares sealed to it. It
+   checks every signature, opens its shares, and only then reveals its b_i (signed), with its
+   key-check probes (signed): a partial decryption of (0, a) with its own key share and, for
+   each present set of :func:`check_subsets` that it is in, with the key it would decrypt
+   with in that set (fedshield.he.partial.key_probes). The server screens every b_i natively
+   (size, the same moduli for everyone, the epoch's seed, residues below their moduli) and
+   checks it against the commitment its party signed before anyone had revealed one.
+3. ``keys.join``: every party gets every signed b_i, checks each against its commitment, sums
+   them natively into the joint public key and rebuilds it on its own crypto context. Party 0
+   sends the public context (signed), every party its context's fingerprint: the server never
+   builds a context itself, so it needs no openfhe. The server checks natively that party 0's
+   public key is (sum b_i, a), then runs the joint test decryptions: the joint public key is
+   an encryption of zero under the joint secret, so probe_i + b_i is small iff party i holds
+   the key share its b_i was made with, and the probes of one present set plus sum b_i are
+   small iff that set's keys sum to the joint secret (every dealt share used, each by a
+   passing set or not). What the failing sets used and no passing one did names the party
+   (:func:`suspects`): a party whose key share does not match its b_i, or a dealer whose
    share to a recipient is inconsistent. The set-up stops with fs.KeySetupError naming it.
-6. ``keys.commit``: every party writes its context (its key share, mode 0600) to its own key
-   file and starts a decryption budget for the new key; the server keeps the public context.
+4. ``keys.commit``: every party writes its context (its key share, mode 0600) to its own key
+   file and starts a decryption budget for the new key (the probes count against it); the
+   server keeps the public context.
 
-Shared keys (the paper's mode): party 0 makes the key pair and seals its residues to every
-other party (``keys.shared-make`` / ``keys.shared-take``), which rebuilds the client context on
-its own crypto context and keeps it only if its fingerprint is that of the public context party
-0 signed; the server gets the public context.
+The rogue key: a party that saw the others' b_i before choosing its own could pick
+b = -sum_others b_j - a * s' + e, a joint key of which it alone knows the secret s'. No b_i is
+revealed before every party has received all n signed commitments (step 2 refuses fewer), and
+every party (and the server) refuses a revealed b_i that is not the one committed to, naming
+its party. A new epoch makes a new seed, hence a new a and fresh key shares: nothing revealed
+in one epoch helps in another.
+
+Shared keys (the paper's mode), three steps: at ``keys.begin`` party 0 also makes the key pair
+and seals its residues to every other party; ``keys.shared-take``: every other party rebuilds
+the client context on its own crypto context, keeps it only if its fingerprint is that of the
+public context party 0 signed and its secret key decrypts that public key to zero
+(fedshield.he.keys.check_key_pair: a local test decryption, so a party holding another key than
+party 0's is named at once), and answers with the fingerprint; ``keys.commit``.
 
 No party hands another machine's bytes to OpenFHE: each makes its crypto context from the
-parameters of ``keys.begin``, and chain steps, the joint public key and the shared key travel
-as residues (docs/WIRE.md, "Key set-up messages") that are checked natively and rebuilt on the
+parameters of ``keys.begin``, and b_i, the joint public key and the shared key travel as
+residues (docs/WIRE.md, "Key set-up messages") that are checked natively and rebuilt on the
 receiver's own key template. The server never loads openfhe.
 
 Blame falls on the sender. A party that refuses a message another party signed or sealed
-(malformed, for other parameters or moduli, residues out of range, not its step of the chain)
-raises fs.KeyMessageRefused naming that sender (across Flower: :func:`refusal_fields` in the
-site worker's reply), and :class:`KeySetup` fails naming the sender, not the party that refused.
-A signature that does not verify at a party means the relay altered the message: the party
-says so and nobody is blamed.
+(malformed, for other parameters, moduli or seed, residues out of range, not what its sender
+committed to) raises fs.KeyMessageRefused naming that sender (across Flower:
+:func:`refusal_fields` in the site worker's reply), and :class:`KeySetup` fails naming the
+sender, not the party that refused. A signature that does not verify at a party means the
+relay altered the message: the party says so and nobody is blamed.
 
 Nothing here writes key material anywhere but the party's own key file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -63,28 +80,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
 
-import numpy as np
-
-from ..base.errors import (AuthenticationError, FedShieldError, IncompatibleUpdate, InvalidUpdate,
-                      KeyMaterialError, KeyMessageRefused, KeySetupError, ParameterError)
-from ..he import (CKKSParams, Context, EncryptedUpdate, Layout, PartialDecryption, aggregate,
-                  combine_partials, decrypt_update, encrypt_update, keygen_shared, load_context,
-                  partial_decrypt)
+from ..base.errors import (AuthenticationError, FedShieldError, KeyMaterialError,
+                           KeyMessageRefused, KeySetupError, ParameterError)
+from ..he import CKKSParams, Context, keygen_shared, load_context
 from ..he import threshold as th
 from ..he.budget import DecryptionBudget
-from ..trust.identity import Identity, PublicIdentity, sign_blob, verify_blob
-from ..he.keys import open_shared_key_material, shared_key_material
+from ..he.frames import DIGEST, frame, unframe
+from ..he.keys import check_head, check_size, open_shared_key_material, shared_key_material
+from ..he.partial import key_probes, probes_match
 from ..he.wipe import wipe
 from ..trust.federation import Federation, RunSettings
+from ..trust.identity import Identity, PublicIdentity, sign_blob, verify_blob
 
 log = logging.getLogger("fedshield")
 
 Request = tuple[dict, list]
 Ask = Callable[[str, Mapping[int, Request]], Mapping[int, object]]
 
-KEYCHECK_VALUES = 64           # the public test vector's length (one ciphertext)
-KEYCHECK_TOLERANCE = 1e-4      # a wrong key decrypts to noise of thousands; right, to ~1e-7
-_SHARE_AAD = b"fedshield-key-share-v1"
+PROBES_MAGIC = b"FSHLDKPR"     # a party's key-check probes (public)
+PROBES_VERSION = 1
+COMMITMENT_BYTES = 32
+_SHARE_AAD = b"fedshield-key-share-v2"
 _CLIENT_AAD = b"fedshield-shared-key-v1"
 NOT_PINNED = ("this site has no pinned federation file, so it would take the server's word for "
               "who the other parties are (a malicious server could enrol identities of its "
@@ -125,7 +141,7 @@ def used_material(subset: Iterable[int], n: int, t: int) -> set[tuple]:
 def suspects(results: Mapping[tuple[int, ...], bool], n: int, t: int,
              known_good: Iterable[tuple] = ()) -> set[tuple]:
     """The material used by failing subsets and by no passing one (nor in ``known_good``:
-    each party's own share once its probe matched its chain step)."""
+    each party's own share once its probe matched its b_i)."""
     cleared = set(known_good).union(*[used_material(s, n, t) for s, ok in results.items() if ok])
     failing = set().union(*[used_material(s, n, t) for s, ok in results.items() if not ok])
     return failing - cleared
@@ -134,7 +150,7 @@ def suspects(results: Mapping[tuple[int, ...], bool], n: int, t: int,
 def describe(material: Iterable[tuple]) -> str:
     """The parties behind suspect material, in words."""
     material = sorted(material)
-    parts = [f"party {m[1]} (its key share does not match its step of the chain)"
+    parts = [f"party {m[1]} (its key share does not match its b_i)"
              for m in material if m[0] == "own"]
     dealt: dict[int, list[int]] = {}
     for m in material:
@@ -148,15 +164,12 @@ def describe(material: Iterable[tuple]) -> str:
     return "; ".join(parts)
 
 
-def keycheck_values(context_fp: bytes) -> np.ndarray:
-    """The public test vector of a key epoch: uniform in [-1, 1), derived from the joint
-    context's fingerprint (every party and the server compute the same one)."""
-    seed = int.from_bytes(hashlib.sha256(b"fedshield-keycheck-v1" + context_fp).digest()[:8],
-                          "little")
-    return np.random.default_rng(seed).uniform(-1.0, 1.0, KEYCHECK_VALUES).astype(np.float32)
-
-
-KEYCHECK_LAYOUT = Layout.from_state_dict({"keycheck": np.zeros(KEYCHECK_VALUES, np.float32)})
+def epoch_seed(params: CKKSParams, n: int, t: int, roster: Mapping[int, PublicIdentity],
+               server: PublicIdentity, epoch: int) -> bytes:
+    """The public seed of key epoch ``epoch``'s common a (fedshield.he.threshold.keygen_seed
+    over the roster's and the server's identities): what keys.begin carries determines it."""
+    return th.keygen_seed(params, n, t, [roster[p].to_bytes() for p in range(n)]
+                          + [server.to_bytes()], epoch)
 
 
 def roster_fields(roster: Mapping[int, PublicIdentity]) -> list[str]:
@@ -172,8 +185,8 @@ def roster_from(hexes) -> dict[int, PublicIdentity]:
         raise KeySetupError(f"malformed roster: {exc}") from exc
 
 
-def _share_aad(context_fp: bytes, epoch: int, sender: int, recipient: int) -> bytes:
-    return (_SHARE_AAD + context_fp + epoch.to_bytes(8, "little") + sender.to_bytes(4, "little")
+def _share_aad(seed: bytes, epoch: int, sender: int, recipient: int) -> bytes:
+    return (_SHARE_AAD + seed + epoch.to_bytes(8, "little") + sender.to_bytes(4, "little")
             + recipient.to_bytes(4, "little"))
 
 
@@ -181,30 +194,48 @@ def _client_aad(public_fp: bytes, epoch: int, recipient: int) -> bytes:
     return _CLIENT_AAD + public_fp + epoch.to_bytes(8, "little") + recipient.to_bytes(4, "little")
 
 
+# -- the key-check probes on the wire ------------------------------------------------------------
+def probe_sets(party: int, n: int, t: int) -> list[tuple[int, ...]]:
+    """The present sets a party sends probes for: those of :func:`check_subsets` it is in
+    (the first is everyone: its own key share alone)."""
+    return [s for s in check_subsets(n, t) if party in s]
+
+
+def probes_message(seed: bytes, party: int, n: int, t: int, moduli, probes: list) -> bytes:
+    """A party's probes, one per present set of :func:`probe_sets` (public; sign it)."""
+    meta = {"party": party, "n_parties": n, "threshold": t, "seed": seed.hex(),
+            "moduli": [int(q) for q in moduli],
+            "present": [list(s) for s in probe_sets(party, n, t)]}
+    return frame(PROBES_MAGIC, meta, [bytes(p) for p in probes], version=PROBES_VERSION)
+
+
+def read_probes(message, params: CKKSParams, n: int, t: int, seed: bytes, party: int,
+                moduli) -> dict[tuple[int, ...], bytes]:
+    """Party ``party``'s probes checked natively against the federation (exact head, exact
+    sizes for ``moduli``, every residue below its modulus): present set -> packed probe.
+    KeyMaterialError for anything else (no openfhe: the server reads them)."""
+    what = "key-check probes"
+    sets = probe_sets(party, n, t)
+    moduli = [int(q) for q in moduli]
+    size = th.packed_size(params.ring_dim, moduli, what)
+    check_size(message, len(PROBES_MAGIC) + 6 + (1 << 16) + len(sets) * (size + 64) + DIGEST,
+               what)
+    meta, sections = unframe(message, PROBES_MAGIC, what, KeyMaterialError,
+                             version=PROBES_VERSION)
+    want = {"party": party, "n_parties": n, "threshold": t, "seed": seed.hex(),
+            "moduli": moduli, "present": [list(s) for s in sets],
+            "sizes": [size] * len(sets)}
+    check_head(meta, want, set(), what)
+    for probe in sections:
+        th.check_packed(probe, params.ring_dim, moduli, what)
+    return dict(zip(sets, sections))
+
+
 def _sections(sections: list, count: int, op: str, party: int) -> list:
     if len(sections) != count:
         raise KeySetupError(f"party {party}: {op} request with {len(sections)} sections, "
                             f"expected {count}")
     return list(sections)
-
-
-def _party_ids(value, n: int, what: str, party: int) -> tuple[int, ...]:
-    """A server-given list of distinct party ids in increasing order."""
-    if not (isinstance(value, (list, tuple)) and
-            all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < n for p in value)
-            and list(value) == sorted(set(value)) and value):
-        raise KeySetupError(f"party {party}: malformed {what} {value!r:.80} (ids in [0, {n}))")
-    return tuple(value)
-
-
-def _check_update(ctx: Context, blob) -> bytes:
-    """A party's key-check update: one client update of one ciphertext under ``ctx``."""
-    upd = EncryptedUpdate.from_bytes(blob)
-    if upd.is_aggregate or upd.n_ciphertexts != 1 or upd.round != 0:
-        raise IncompatibleUpdate(f"not a key-check update ({upd!r:.120})")
-    if upd.header["context_fp"] != ctx.fingerprint:
-        raise IncompatibleUpdate("a key-check update made under another context")
-    return bytes(blob)
 
 
 # -- refusals that name their sender, across transports ---------------------------------------
@@ -257,6 +288,9 @@ class KeyHolder:
         self._params: Optional[CKKSParams] = None
         self._n = self._t = 0
         self._state: Optional[th.KeygenState] = None
+        self._seed = b""                            # the epoch's public seed of a
+        self._commitments: Optional[list[bytes]] = None  # every party's, once all are in
+        self._revealed = b""                        # its own contribution message
         self._ctx: Optional[Context] = None        # made this epoch, not yet committed
         self._check_decryptions = 0                 # charged to the new key's budget at commit
         self.committed: Optional[Context] = None    # the context of the last committed epoch
@@ -270,12 +304,8 @@ class KeyHolder:
 
     def handle(self, op: str, fields: Mapping, sections: list) -> Request:
         """Answers one key set-up operation (see the module docstring)."""
-        ops = {"keys.begin": self._begin, "keys.step": self._step, "keys.finish": self._finish,
-               "keys.shares": self._take_shares, "keys.check-own": self._check_own,
-               "keys.check-update": self._check_update,
-               "keys.check-share": self._check_share, "keys.check-verdict": self._verdict,
-               "keys.commit": self._commit, "keys.shared-make": self._shared_make,
-               "keys.shared-take": self._shared_take}
+        ops = {"keys.begin": self._begin, "keys.reveal": self._reveal, "keys.join": self._join,
+               "keys.commit": self._commit, "keys.shared-take": self._shared_take}
         if op not in ops:
             raise ParameterError(f"unknown key set-up operation {op!r}")
         if op != "keys.begin":
@@ -369,73 +399,123 @@ class KeyHolder:
                                if self.federation is not None
                                else (settings.quorum, settings.verify_aggregates))
         self._state = self._ctx = None
+        self._commitments = None
         self._check_decryptions = 0
+        self._seed = epoch_seed(params, n, t, roster, server, epoch)
         log.info("key set-up, epoch %d: party %d, %s keys; identity fingerprints (compare them "
                  "out of band): parties %s, server %s", epoch, self.party_id, self._mode,
                  {p: r.fingerprint() for p, r in roster.items()}, server.fingerprint())
-        return {}, []
+        return self._make()
 
-    # -- threshold chain ------------------------------------------------------------------------
-    def _step(self, fields: Mapping, sections: list) -> Request:
-        if self.party_id == 0:
-            self._state, message = th.start_keygen(self._params, self._n, self._t)
-        else:
-            message, record = _sections(sections, 2, "keys.step", self.party_id)
-            sender = self.party_id - 1
-            self._verify("keygen", record, message, sender)
-            with self._from(sender, "key generation step"):
-                self._state, message = th.join_keygen(message, self.party_id, self._params,
-                                                      self._n, self._t)
-        return {}, [message, self._sign("keygen", message)]
+    def _make(self) -> Request:
+        """This epoch's own key material, made at keys.begin once the roster is accepted:
+        threshold keys: the key share, the commitment to b_i (signed) and the Shamir shares
+        sealed to their recipients; shared keys: party 0's key pair, sealed to every other
+        party."""
+        if self._mode == "shared":
+            return self._shared_make() if self.party_id == 0 else ({}, [])
+        self._state = th.start_keygen(self._params, self._n, self._t, self.party_id,
+                                      self._seed)
+        commitment = self._state.commitment
+        dealt = th.deal_key_shares(self._state)
+        to = sorted(dealt)
+        sealed = [self.roster[r].seal(dealt[r], self.identity,
+                                      _share_aad(self._seed, self.epoch, self.party_id, r))
+                  for r in to]
+        return {"to": to}, [commitment, self._sign("keygen-commit", commitment), *sealed]
 
-    def _finish(self, fields: Mapping, sections: list) -> Request:
-        message, record = _sections(sections, 2, "keys.finish", self.party_id)
-        self._verify("keygen", record, message, self._n - 1)
+    # -- threshold keys ---------------------------------------------------------------------------
+    def _require_state(self) -> th.KeygenState:
         if self._state is None:
-            raise KeySetupError(f"party {self.party_id} took no step of this epoch's chain")
-        with self._from(self._n - 1, "joint public key"):
-            th.read_keygen_message(message, self._state.params, self._n, self._t,
-                                   self._state.moduli)
+            raise KeySetupError(f"party {self.party_id} made no key share in epoch {self.epoch}")
+        return self._state
+
+    def _reveal(self, fields: Mapping, sections: list) -> Request:
+        """Every party's signed commitment (all n, before anything is revealed) and the shares
+        sealed to this party -> this party's b_i and its probes, signed."""
+        state = self._require_state()
+        if self._commitments is not None:
+            raise KeySetupError(f"party {self.party_id} has revealed its key contribution of "
+                                f"epoch {self.epoch} already")
+        n = self._n
+        if len(sections) < 2 * n:
+            raise KeySetupError(f"party {self.party_id}: keys.reveal needs the commitments of "
+                                f"all {n} parties")
+        commitments = []
+        for party in range(n):
+            blob, record = bytes(sections[2 * party]), bytes(sections[2 * party + 1])
+            self._verify("keygen-commit", record, blob, party)
+            with self._from(party, "commitment"):
+                if len(blob) != COMMITMENT_BYTES:
+                    raise KeyMaterialError(f"a commitment of {len(blob)} bytes, expected "
+                                           f"{COMMITMENT_BYTES}")
+            commitments.append(blob)
+        if commitments[self.party_id] != state.commitment:
+            raise KeySetupError(f"party {self.party_id}: the commitment relayed as its own is "
+                                "not the one it made")
+        senders, sealed = fields.get("from"), sections[2 * n:]
+        want = [] if self._t == n else [p for p in range(n) if p != self.party_id]
+        if senders != want or len(sealed) != len(want):
+            raise KeySetupError(f"party {self.party_id}: key shares from {senders!r:.80}, "
+                                f"expected one from each of {want}")
+        for sender, blob in zip(senders, sealed):
+            opened = self._open(blob, sender, _share_aad(self._seed, self.epoch, sender,
+                                                         self.party_id))
+            try:
+                with self._from(sender, "key share"):
+                    state = th.accept_key_shares(state, [opened], sender=sender)
+            finally:
+                wipe(bytearray(opened))
+        self._state, self._commitments = state, commitments
+        probes = key_probes(state.own_context, probe_sets(self.party_id, n, self._t))
+        self._check_decryptions += len(probes)
+        message = th.contribution_message(state)
+        self._revealed = message
+        checks = probes_message(self._seed, self.party_id, n, self._t, state.moduli, probes)
+        return {}, [message, self._sign("keygen", message), checks,
+                    self._sign("keygen-probe", checks)]
+
+    def _join(self, fields: Mapping, sections: list) -> Request:
+        """Every party's signed b_i -> the joint key (each b_i checked against the commitment
+        its party signed before any was revealed); party 0 also sends the public context."""
+        state = self._require_state()
+        if self._commitments is None:
+            raise KeySetupError(f"party {self.party_id} has not seen every commitment of epoch "
+                                f"{self.epoch}: it joins no key")
+        n = self._n
+        _sections(sections, 2 * n, "keys.join", self.party_id)
+        contributions = []
+        for party in range(n):
+            message, record = bytes(sections[2 * party]), bytes(sections[2 * party + 1])
+            self._verify("keygen", record, message, party)
+            if party == self.party_id:  # its own, as it revealed it
+                if message != self._revealed:
+                    raise KeySetupError(f"party {self.party_id}: the contribution relayed as "
+                                        "its own is not the one it revealed")
+                contributions.append(state.contribution)
+                continue
+            with self._from(party, "key contribution"):
+                got = th.read_contribution(message, state.params, n, self._t, self._seed,
+                                           state.moduli)
+                if got.sender != party:
+                    raise KeyMaterialError(f"a contribution that names party {got.sender}")
+                if th.commitment(self._seed, party, got.packed) != self._commitments[party]:
+                    raise KeyMaterialError("its b_i is not the one it committed to before the "
+                                           "others were revealed (a rogue key?)")
+            contributions.append(got.packed)
         try:
-            ctx = th.finish_keygen(self._state, message)
+            ctx = th.finish_keygen(state, contributions)
         except KeyMaterialError as exc:
-            # the server checked that every step of the chain is the one its party signed:
-            # a well-formed joint key without this party's own step is this party's failure
             raise KeySetupError(f"party {self.party_id}: {exc}", culprit=self.party_id) from exc
         self._state = None
         self._ctx = ctx
-        dealt = th.deal_key_shares(ctx)
-        to = sorted(dealt)
-        sealed = [self.roster[r].seal(dealt[r], self.identity,
-                                      _share_aad(ctx.fingerprint, self.epoch, self.party_id, r))
-                  for r in to]
         # the server never builds a context itself (it does not load openfhe): party 0 sends
         # the public one, and every party the fingerprint of its own, which must agree
         public = []
         if self.party_id == 0:
             blob = ctx.public().to_bytes()
             public = [blob, self._sign("public-context", blob)]
-        return {"to": to, "context-fp": ctx.fingerprint.hex()}, public + sealed
-
-    def _take_shares(self, fields: Mapping, sections: list) -> Request:
-        senders = fields.get("from")
-        if not (isinstance(senders, list) and len(senders) == len(sections)):
-            raise KeySetupError(f"party {self.party_id}: malformed key shares message")
-        ctx = self._require_ctx()
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s in self.roster
-                   for s in senders):
-            raise KeySetupError(f"party {self.party_id}: key shares from {senders!r:.80}, not "
-                                "parties of the roster")
-        for sender, blob in zip(senders, sections):
-            opened = self._open(blob, sender, _share_aad(ctx.fingerprint, self.epoch, sender,
-                                                         self.party_id))
-            try:
-                with self._from(sender, "key share"):
-                    ctx = th.accept_key_shares(ctx, [opened], sender=sender)
-            finally:
-                wipe(bytearray(opened))
-        self._ctx = ctx
-        return {}, []
+        return {"context-fp": ctx.fingerprint.hex()}, public
 
     def _require_ctx(self) -> Context:
         if self._ctx is None:
@@ -443,10 +523,7 @@ class KeyHolder:
         return self._ctx
 
     # -- shared keys ------------------------------------------------------------------------------
-    def _shared_make(self, fields: Mapping, sections: list) -> Request:
-        if self.party_id != 0:
-            raise KeySetupError(f"party {self.party_id} asked to make the shared key (party 0 "
-                                "does)")
+    def _shared_make(self) -> Request:
         ctx = keygen_shared(self._params).client_context()
         self._ctx = ctx
         # residues only: the recipients rebuild the key on crypto contexts of their own
@@ -462,6 +539,8 @@ class KeyHolder:
         return {"to": to}, [public, self._sign("public-context", public), *sealed]
 
     def _shared_take(self, fields: Mapping, sections: list) -> Request:
+        if self.party_id == 0:
+            raise KeySetupError("party 0 made the shared key: it takes none")
         public, record, sealed = _sections(sections, 3, "keys.shared-take", self.party_id)
         self._verify("public-context", record, public, 0)
         with self._from(0, "public context"):
@@ -474,102 +553,14 @@ class KeyHolder:
                                                               self.party_id)))
         try:
             with self._from(0, "shared key"):
+                # rebuilt here, and its secret key checked against its public key
                 ctx = open_shared_key_material(secret, self._params.for_keys("shared"))
                 if ctx.fingerprint != public_ctx.fingerprint:
                     raise KeyMaterialError("the sealed key is not the signed public context's")
         finally:
             wipe(secret)
         self._ctx = ctx
-        return {}, []
-
-    # -- the joint test decryptions -----------------------------------------------------------------
-    def _check_own(self, fields: Mapping, sections: list) -> Request:
-        """The probe of this party's own key share (threshold.own_key_probe), signed."""
-        probe = th.own_key_probe(self._require_ctx())
-        self._check_decryptions += 1
-        return {}, [probe, self._sign("keycheck-own", probe)]
-
-    def _check_update(self, fields: Mapping, sections: list) -> Request:
-        ctx = self._require_ctx()
-        upd = encrypt_update(ctx, {"keycheck": keycheck_values(ctx.fingerprint)},
-                             KEYCHECK_LAYOUT, weight=1.0, weight_bound=1.0, round=0).to_bytes()
-        return {}, [upd, self._sign("keycheck", upd)]
-
-    def _check_aggregate(self, sections: list) -> EncryptedUpdate:
-        """The test aggregate, once every party's signed test update in the manifest checks
-        and the aggregate is their sum (recomputed here: it is one small ciphertext)."""
-        ctx = self._require_ctx()
-        if len(sections) != 1 + 2 * self._n:
-            raise KeySetupError("the key-check aggregate must come with every party's signed "
-                                "test update")
-        agg_bytes, *signed = sections
-        updates = []
-        for party in range(self._n):
-            upd, record = signed[2 * party], signed[2 * party + 1]
-            self._verify("keycheck", record, upd, party)
-            with self._from(party, "key-check update"):
-                updates.append(_check_update(ctx, upd))
-        agg = aggregate(ctx.public(), updates, round=0, weight_bound=1.0)
-        if agg.to_bytes() != bytes(agg_bytes):
-            raise KeySetupError("the key-check aggregate is not the sum of the signed test "
-                                "updates")
-        return agg
-
-    def _check_share(self, fields: Mapping, sections: list) -> Request:
-        ctx = self._require_ctx()
-        present = _party_ids(fields.get("present"), self._n, "present", self.party_id)
-        agg = self._check_aggregate(sections)
-        share = partial_decrypt(ctx, agg, list(present))
-        self._check_decryptions += agg.n_ciphertexts
-        return {}, [share, self._sign("keycheck-share", share)]
-
-    def _verdict(self, fields: Mapping, sections: list) -> Request:
-        """For each subset: do its members' shares fuse to the test vector?"""
-        ctx = self._require_ctx()
-        try:
-            subsets = json.loads(str(fields["subsets"]))
-        except RecursionError as exc:
-            raise KeySetupError(f"party {self.party_id}: malformed key-check subsets") from exc
-        if not isinstance(subsets, list):
-            raise KeySetupError(f"party {self.party_id}: malformed key-check subsets")
-        subsets = [_party_ids(s, self._n, "subset", self.party_id) for s in subsets]
-        shares = 2 * sum(map(len, subsets)) if self._mode == "threshold" else 0
-        if len(sections) != 1 + 2 * self._n + shares:
-            raise KeySetupError(f"party {self.party_id}: the key-check verdict request holds "
-                                f"{len(sections)} sections")
-        n_agg = 1 + 2 * self._n
-        agg = self._check_aggregate(sections[:n_agg])
-        rest = sections[n_agg:]
-        want = keycheck_values(ctx.fingerprint).astype(np.float64)
-        ok, errors, at = [], [], 0
-        for subset in subsets:
-            shares = []
-            for party in (subset if self._mode == "threshold" else ()):
-                share, record = rest[at], rest[at + 1]
-                at += 2
-                self._verify("keycheck-share", record, share, party)
-                with self._from(party, "key-check share"):
-                    parsed = PartialDecryption.from_bytes(share)
-                    parsed.check_for(ctx, agg)
-                    if parsed.party_id != party or parsed.present != list(subset):
-                        raise InvalidUpdate(f"a share of party {parsed.party_id} for present "
-                                            f"{parsed.present}, expected party {party}'s for "
-                                            f"{list(subset)}")
-                shares.append(share)
-            try:
-                if self._mode == "threshold":
-                    got = combine_partials(agg, shares, KEYCHECK_LAYOUT, ctx=ctx,
-                                           tolerance=1.0)["keycheck"]
-                else:  # one key everywhere: this party decrypts the sum itself
-                    got = decrypt_update(ctx, agg, KEYCHECK_LAYOUT, tolerance=1.0)["keycheck"]
-                    self._check_decryptions += agg.n_ciphertexts
-                err = float(np.max(np.abs(np.asarray(got, dtype=np.float64) - want)))
-            except FedShieldError as exc:
-                err = float("inf")
-                log.warning("key check, epoch %d, present %s: %s", self.epoch, subset, exc)
-            ok.append(bool(err <= KEYCHECK_TOLERANCE))
-            errors.append(err if np.isfinite(err) else -1.0)
-        return {"ok": ok, "errors": errors}, []
+        return {"context-fp": ctx.fingerprint.hex()}, []
 
     def _commit(self, fields: Mapping, sections: list) -> Request:
         ctx = self._require_ctx()
@@ -598,6 +589,7 @@ class KeySetupResult:
     epoch: int
     subsets_checked: int
     seconds: float
+    message_steps: int             # the rounds of messages it took (each to all parties at once)
 
 
 class KeySetup:
@@ -613,13 +605,12 @@ class KeySetup:
         self.server = server
         self.n = len(self.roster)
         self.t = threshold if mode == "threshold" else self.n
+        self.steps = 0
         if sorted(self.roster) != list(range(self.n)):
             raise KeySetupError(f"the roster must name parties 0..n-1, got {sorted(roster)}")
 
-    def _one(self, op: str, party: int, fields: dict, sections: list) -> Request:
-        return self._all(op, {party: (fields, sections)})[party]
-
     def _all(self, op: str, requests: Mapping[int, Request]) -> dict[int, Request]:
+        self.steps += 1
         replies = self.ask(op, requests)
         out = {}
         for party in requests:
@@ -658,94 +649,153 @@ class KeySetup:
     def run(self, epoch: int) -> KeySetupResult:
         """Sets up and checks the keys of ``epoch``; KeySetupError naming the party if not."""
         start = time.perf_counter()
+        self.steps = 0
         begin = {"epoch": epoch, "mode": self.mode, "params": self.params.to_json(),
                  "n": self.n, "t": self.t, "roster": roster_fields(self.roster),
                  "server": self.server.to_bytes().hex(),
                  "settings": self.settings.to_json()}
-        self._all("keys.begin", {p: (begin, []) for p in range(self.n)})
+        made = self._all("keys.begin", {p: (begin, []) for p in range(self.n)})
         e = {"epoch": epoch}
         if self.mode == "threshold":
-            public = self._threshold(e, epoch)
+            public, checked = self._threshold(made, e, epoch)
         else:
-            public = self._shared(e, epoch)
-        checked = self._check(e, epoch, public)
+            public, checked = self._shared(made, e, epoch), 1
         commit = {**e, "context-fp": public.fingerprint.hex()}
         replies = self._all("keys.commit", {p: (commit, []) for p in range(self.n)})
         for party, (fields, _) in replies.items():
             if fields.get("context-fp") != public.fingerprint.hex():
-                raise KeySetupError(f"party {party} committed another context")
+                raise KeySetupError(f"party {party} committed another context", culprit=party)
         seconds = time.perf_counter() - start
         log.info("key set-up, epoch %d: %s keys of %d parties (t=%d) set up and checked over "
-                 "%d subsets in %.1f s; context %s...", epoch, self.mode, self.n, self.t,
-                 checked, seconds, public.fingerprint.hex()[:12])
-        return KeySetupResult(public, epoch, checked, seconds)
+                 "%d present sets in %d message steps, %.1f s; context %s...", epoch,
+                 self.mode, self.n, self.t, checked, self.steps, seconds,
+                 public.fingerprint.hex()[:12])
+        return KeySetupResult(public, epoch, checked, seconds, self.steps)
 
-    def _screen_step(self, party: int, message: bytes) -> th.KeygenMessage:
-        """A chain step checked before it is relayed (natively, no openfhe): well-formed for
-        this federation, party ``party``'s, extending the previous step's chain with the same
-        moduli and the same a. KeyMessageRefused naming ``party`` otherwise."""
-        try:
-            step = th.read_keygen_message(message, th.resolve(self.params, self.n), self.n,
-                                          self.t)
-            if step.sender != party:
-                raise KeyMaterialError(f"the step names party {step.sender}")
-            if party:
-                before = self._steps[-1]
-                if step.chain[:-1] != before.chain or step.moduli != before.moduli:
-                    raise KeyMaterialError("its chain or moduli do not extend the previous "
-                                           "step's")
-                if step.a_bytes() != before.a_bytes():
-                    raise KeyMaterialError("its public key's a is not the previous step's")
-        except FedShieldError as exc:
-            raise KeyMessageRefused(f"party {party}'s key generation step is malformed: {exc}",
-                                    sender=party) from exc
-        return step
-
-    def _threshold(self, e: dict, epoch: int) -> Context:
-        message, record = b"", b""
-        self._steps: list[th.KeygenMessage] = []
-        for party in range(self.n):
-            _, out = self._one("keys.step", party, e, [] if party == 0 else [message, record])
-            if len(out) != 2:
-                raise KeySetupError(f"party {party}'s key generation step is malformed",
+    # -- threshold keys ---------------------------------------------------------------------------
+    def _threshold(self, made: dict, e: dict, epoch: int) -> tuple[Context, int]:
+        n, t = self.n, self.t
+        seed = epoch_seed(self.params, n, t, self.roster, self.server, epoch)
+        commitments: list[bytes] = []
+        inbox: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(n)}
+        for party in range(n):
+            fields, out = made[party]
+            if len(out) < 2:
+                raise KeySetupError(f"party {party} sent no commitment", culprit=party)
+            blob, record = bytes(out[0]), bytes(out[1])
+            self._verified("keygen-commit", party, blob, record, epoch)
+            if len(blob) != COMMITMENT_BYTES:
+                raise KeySetupError(f"party {party}'s commitment is {len(blob)} bytes",
                                     culprit=party)
-            message, record = bytes(out[0]), bytes(out[1])
-            self._verified("keygen", party, message, record, epoch)
-            self._steps.append(self._screen_step(party, message))
-        dealt = self._all("keys.finish", {p: (e, [message, record]) for p in range(self.n)})
-        head = list(dealt[0][1][:2])
-        if len(head) != 2:
-            raise KeySetupError("party 0 sent no public context")
-        public = self._public_context(0, bytes(head[0]), bytes(head[1]), epoch)
-        if public.moduli != self._steps[-1].moduli:
-            raise KeySetupError("party 0's public context has other moduli than the chain",
-                                culprit=0)
-        dealt[0] = (dealt[0][0], dealt[0][1][2:])
-        inbox: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(self.n)}
-        for sender, (fields, sealed) in dealt.items():
-            if fields.get("context-fp") != public.fingerprint.hex():
-                raise KeySetupError(f"party {sender} finished the key generation chain with "
-                                    "another joint key than party 0")
-            to = fields.get("to")
-            want = [] if self.t == self.n else [r for r in range(self.n) if r != sender]
+            commitments += [blob, record]
+            to, sealed = fields.get("to"), out[2:]
+            want = [] if t == n else [r for r in range(n) if r != party]
             if to != want or len(sealed) != len(want):
-                raise KeySetupError(f"party {sender} dealt key shares to {to}, expected {want}")
-            for recipient, blob in zip(to, sealed):
-                inbox[recipient].append((sender, bytes(blob)))
-        if self.t < self.n:
-            self._all("keys.shares", {p: ({**e, "from": [s for s, _ in inbox[p]]},
-                                          [b for _, b in inbox[p]]) for p in range(self.n)})
-        return public
+                raise KeySetupError(f"party {party} dealt key shares to {to!r:.80}, expected "
+                                    f"{want}", culprit=party)
+            for recipient, box in zip(to, sealed):
+                inbox[recipient].append((party, bytes(box)))
+        # nobody reveals b_i before every commitment is in: a rogue key needs the others' b_j
+        revealed = self._all("keys.reveal", {
+            p: ({**e, "from": [s for s, _ in inbox[p]]}, commitments + [b for _, b in inbox[p]])
+            for p in range(n)})
+        signed: list[bytes] = []
+        contributions: list[bytes] = []
+        probes: dict[int, dict] = {}
+        claimed: list[tuple] = []
+        for party in range(n):
+            out = revealed[party][1]
+            if len(out) != 4:
+                raise KeySetupError(f"party {party}'s key contribution is malformed",
+                                    culprit=party)
+            message, record, checks, check_record = map(bytes, out)
+            self._verified("keygen", party, message, record, epoch)
+            self._verified("keygen-probe", party, checks, check_record, epoch)
+            got, probes[party] = self.screen_contribution(party, message, checks,
+                                                          commitments[2 * party], seed)
+            contributions.append(got.packed)
+            claimed.append(got.moduli)
+            signed += [message, record]
+        # moduli are checked by every party against its own crypto context at keys.join (a
+        # party refuses another's for other moduli, naming it), then against the public context
+        joined = self._all("keys.join", {p: (e, signed) for p in range(n)})
+        fields, head = joined[0]
+        if len(head) != 2:
+            raise KeySetupError("party 0 sent no public context", culprit=0)
+        public = self._public_context(0, bytes(head[0]), bytes(head[1]), epoch)
+        for party, moduli in enumerate(claimed):
+            if moduli != public.moduli:
+                raise KeySetupError(f"party {party}'s contribution is for other tower moduli "
+                                    "than the public context's", culprit=party)
+        try:
+            th.check_joint_key(public, contributions, seed)
+        except FedShieldError as exc:
+            raise KeyMessageRefused(f"party 0's public context is not the joint key: {exc}",
+                                    sender=0) from exc
+        for party, (fields, _) in joined.items():
+            if fields.get("context-fp") != public.fingerprint.hex():
+                raise KeySetupError(f"party {party} joined another key than the sum of the "
+                                    "contributions", culprit=party)
+        return public, self._check(public, contributions, probes, epoch)
 
-    def _shared(self, e: dict, epoch: int) -> Context:
-        fields, out = self._one("keys.shared-make", 0, e, [])
+    def screen_contribution(self, party: int, message: bytes, checks: bytes,
+                            commitment: bytes, seed: bytes) -> tuple[th.Contribution, dict]:
+        """Party ``party``'s b_i and probes as the server screens them before relaying
+        anything (natively, no openfhe): this epoch's seed (so the common a), exact sizes,
+        residues below the moduli it claims, the b_i it committed to. KeyMessageRefused
+        naming ``party`` otherwise."""
+        params = th.resolve(self.params, self.n)
+        try:
+            got = th.read_contribution(message, params, self.n, self.t, seed)
+            if got.sender != party:
+                raise KeyMaterialError(f"the contribution names party {got.sender}")
+            if th.commitment(seed, party, got.packed) != commitment:
+                raise KeyMaterialError("its b_i is not the one it committed to before the "
+                                       "others were revealed (a rogue key?)")
+            probes = read_probes(checks, params, self.n, self.t, seed, party, got.moduli)
+        except FedShieldError as exc:
+            raise KeyMessageRefused(f"party {party}'s key contribution is refused: {exc}",
+                                    sender=party) from exc
+        return got, probes
+
+    def _check(self, public: Context, contributions: list[bytes], probes: dict,
+               epoch: int) -> int:
+        """The joint test decryptions, natively: the joint public key decrypts to zero with
+        each party's own key share against its b_i, and with the keys of each present set of
+        :func:`check_subsets` against the joint b."""
+        n, t = self.n, self.t
+        liars = [p for p in range(n)
+                 if not probes_match(public, [probes[p][tuple(range(n))]], contributions[p])]
+        if liars:
+            raise KeySetupError(f"key set-up, epoch {epoch}: {describe(('own', p) for p in liars)}",
+                                culprit=liars[0] if len(liars) == 1 else None)
+        b = th.joint_b(contributions, public.params.ring_dim, public.moduli)
+        subsets = check_subsets(n, t)
+        results = {s: probes_match(public, [probes[p][s] for p in s], b) for s in subsets}
+        if not all(results.values()):
+            failing = [s for s, ok in results.items() if not ok]
+            named = suspects(results, n, t, {("own", p) for p in range(n)})
+            who = describe(named) if named else f"the parties of {failing}"
+            dealers = {m[1] for m in named}
+            raise KeySetupError(f"key set-up, epoch {epoch}: the joint test decryption failed "
+                                f"with present sets {failing}: {who}",
+                                culprit=dealers.pop() if len(dealers) == 1 else None)
+        return len(subsets)
+
+    # -- shared keys ------------------------------------------------------------------------------
+    def _shared(self, made: dict, e: dict, epoch: int) -> Context:
+        fields, out = made[0]
         to = fields.get("to")
         if to != list(range(1, self.n)) or len(out) != 2 + len(to):
-            raise KeySetupError("party 0's shared key message is malformed")
+            raise KeySetupError("party 0's shared key message is malformed", culprit=0)
         public_bytes, record = bytes(out[0]), bytes(out[1])
         public = self._public_context(0, public_bytes, record, epoch)
-        self._all("keys.shared-take", {r: (e, [public_bytes, record, bytes(blob)])
-                                       for r, blob in zip(to, out[2:])})
+        taken = self._all("keys.shared-take", {r: (e, [public_bytes, record, bytes(blob)])
+                                               for r, blob in zip(to, out[2:])})
+        for party, (got, _) in taken.items():
+            if got.get("context-fp") != public.fingerprint.hex():
+                raise KeySetupError(f"party {party} took another key than party 0's",
+                                    culprit=party)
         return public
 
     def _public_context(self, party: int, blob: bytes, record: bytes, epoch: int) -> Context:
@@ -754,89 +804,14 @@ class KeySetup:
         try:
             public = load_context(blob)
         except FedShieldError as exc:
-            raise KeySetupError(f"party {party}'s public context does not load: {exc}") from exc
+            raise KeyMessageRefused(f"party {party}'s public context does not load: {exc}",
+                                    sender=party) from exc
         if public.has_secret_key or public.is_party or public.params != self.params:
-            raise KeySetupError(f"party {party} sent secret key material or other parameters "
-                                "as the public context")
+            raise KeyMessageRefused(f"party {party} sent secret key material or other "
+                                    "parameters as the public context", sender=party)
         return public
 
-    def _check_own_keys(self, e: dict, epoch: int, public: Context) -> None:
-        """Every party decrypts with the key share its step of the chain committed to."""
-        probes = self._all("keys.check-own", {p: (e, []) for p in range(self.n)})
-        liars = []
-        for party in range(self.n):
-            out = probes[party][1]
-            if len(out) != 2:
-                raise KeySetupError(f"party {party}'s key probe is malformed")
-            self._verified("keycheck-own", party, bytes(out[0]), bytes(out[1]), epoch)
-            contribution = th.step_contribution(self._steps[party - 1] if party else None,
-                                                self._steps[party])
-            if not th.own_key_matches(public, contribution, bytes(out[0])):
-                liars.append(party)
-        if liars:
-            raise KeySetupError(f"key set-up, epoch {epoch}: {describe(('own', p) for p in liars)}",
-                                culprit=liars[0] if len(liars) == 1 else None)
 
-    def _check(self, e: dict, epoch: int, public: Context) -> int:
-        """The joint test decryptions (threshold keys: each party's own key share first,
-        then every dealt share); shared keys: every party decrypts the sum of every party's
-        test update (the same key everywhere)."""
-        if self.mode == "threshold":
-            self._check_own_keys(e, epoch, public)
-        ups = self._all("keys.check-update", {p: (e, []) for p in range(self.n)})
-        signed: list[bytes] = []
-        for party in range(self.n):
-            _, out = ups[party]
-            if len(out) != 2:
-                raise KeySetupError(f"party {party}'s key-check update is malformed")
-            self._verified("keycheck", party, bytes(out[0]), bytes(out[1]), epoch)
-            signed += [bytes(out[0]), bytes(out[1])]
-        try:
-            agg = aggregate(public, signed[0::2], round=0, weight_bound=1.0)
-        except FedShieldError as exc:
-            raise KeySetupError(f"the key-check updates do not sum: {exc}") from exc
-        head = [agg.to_bytes(), *signed]
-        # shared keys: one subset, no shares (every party decrypts the sum with its own key)
-        subsets = check_subsets(self.n, self.t) if self.mode == "threshold" else \
-            [tuple(range(self.n))]
-        shares_by_subset = {s: [] for s in subsets}
-        if self.mode == "threshold":
-            for subset in subsets:
-                got = self._all("keys.check-share", {p: ({**e, "present": list(subset)}, head)
-                                                     for p in subset})
-                for party in subset:
-                    share, record = got[party][1]
-                    self._verified("keycheck-share", party, bytes(share), bytes(record), epoch)
-                shares_by_subset[subset] = [b for p in subset for b in map(bytes, got[p][1])]
-        tail = [b for s in subsets for b in shares_by_subset[s]]
-        verdicts = self._all("keys.check-verdict",
-                             {p: ({**e, "subsets": json.dumps([list(s) for s in subsets])},
-                                  head + tail) for p in range(self.n)})
-        if self.mode == "shared":
-            wrong = [p for p, v in verdicts.items() if not _vote(v, 0, p)]
-            if wrong:
-                raise KeySetupError(f"key set-up, epoch {epoch}: parties {wrong} do not decrypt "
-                                    "the key-check sum: they hold another key than party 0's")
-            return 1
-        results = {}
-        for i, subset in enumerate(subsets):
-            votes = [_vote(v, i, p) for p, v in verdicts.items()]
-            results[subset] = sum(votes) * 2 > len(votes)
-        if not all(results.values()):
-            failing = [s for s, ok in results.items() if not ok]
-            named = suspects(results, self.n, self.t, {("own", p) for p in range(self.n)})
-            who = describe(named) if named else f"the parties of {failing}"
-            raise KeySetupError(f"key set-up, epoch {epoch}: the joint test decryption failed "
-                                f"with present sets {failing}: {who}")
-        return len(subsets)
-
-
-def _vote(reply: Request, index: int, party: int) -> bool:
-    ok = reply[0].get("ok")
-    if not (isinstance(ok, list) and index < len(ok) and isinstance(ok[index], bool)):
-        raise KeySetupError(f"party {party}'s key-check verdict is malformed")
-    return ok[index]
-
-
-__all__ = ["KEYCHECK_VALUES", "KeyHolder", "KeySetup", "KeySetupResult", "check_subsets",
-           "keycheck_values", "suspects", "used_material"]
+__all__ = ["COMMITMENT_BYTES", "KeyHolder", "KeySetup", "KeySetupResult", "check_subsets",
+           "epoch_seed", "probe_sets", "probes_message", "read_probes", "suspects",
+           "used_material"]

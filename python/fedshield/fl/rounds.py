@@ -112,7 +112,7 @@ class RoundDriver:
                           server.roster, server.identity.public, self.key_ask(),
                           settings=run_settings(cfg)).run(epoch)
         server.key_epoch_done(epoch, result.context, before_round, result.seconds,
-                              result.subsets_checked)
+                              result.subsets_checked, result.message_steps)
         if self.on_keys is not None:
             self.on_keys(result.context)
 

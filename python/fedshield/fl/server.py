@@ -101,14 +101,15 @@ class Server:
         self.record.extra["ckks_params"] = ctx.params.to_dict()  # what the keys resolved to
 
     def key_epoch_done(self, epoch: int, ctx: Context, before_round: int, seconds: float,
-                       checked: int) -> None:
+                       checked: int, message_steps: int = 0) -> None:
         """Records a key set-up (or rotation) and switches to its public context."""
         self.set_context(ctx)
         self.epoch = epoch
         self.budget_left = None
         self.record.extra.setdefault("key_epochs", []).append(
             {"epoch": epoch, "before_round": before_round, "seconds": round(seconds, 3),
-             "subsets_checked": checked, "context_fp": ctx.fingerprint.hex()})
+             "subsets_checked": checked, "message_steps": message_steps,
+             "context_fp": ctx.fingerprint.hex()})
 
     def needs_new_keys(self) -> bool:
         """Before planning a round: no keys yet, or some party's key may not decrypt one more

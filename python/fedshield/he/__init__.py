@@ -1,6 +1,6 @@
-"""The encryption layer: CKKS parameters, keys (shared, threshold, the keygen chain), contexts,
-the layout of a LoRA state, encrypt/decrypt, partial decryptions, the wire format and
-aggregation.
+"""The encryption layer: CKKS parameters, keys (shared, threshold: collective key
+generation), contexts, the layout of a LoRA state, encrypt/decrypt, partial decryptions, the
+wire format and aggregation.
 
 It also holds what authenticates threshold federations: the parties' long-term identities
 (signatures, sealed messages, signed records) and each key holder's decryption budget.

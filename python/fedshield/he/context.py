@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -27,7 +28,7 @@ from ..base.validate import is_int
 _MAGIC = b"FSHLDCTX"
 # Version 2: the fingerprint also covers the crypto_context section (version 1 left it out, so
 # a relay could swap the OpenFHE parameters inside a file without changing its fingerprint).
-_VERSION = 2
+CONTEXT_FORMAT_VERSION = 2
 _DIGEST = 32
 _KEY_SHARE = re.compile(r"key_share:(0|[1-9][0-9]{0,3})")  # canonical decimal party ids only
 _SECTIONS = ("crypto_context", "public_key", "template", "secret_key")
@@ -68,6 +69,11 @@ class Context:
             raise KeyMaterialError(
                 f"{len(self.moduli)} tower moduli starting at {self.moduli[0]}: these "
                 f"parameters need {params.n_towers} starting at the modulus {self.modulus}")
+        # the headroom and the pre-scaling rest on it
+        if math.prod(self.moduli) < 2 ** params.log_q_min:
+            raise KeyMaterialError(
+                f"tower moduli {self.moduli} multiply to less than 2**{params.log_q_min}, the "
+                "modulus these parameters' headroom and pre-scaling assume")
         self.role = role
         self._crypto_context = crypto_context
         self._public_key = public_key
@@ -265,7 +271,7 @@ class Context:
             "sections": [[name, len(blob)] for name, blob in sections],
         }
         head = json.dumps(meta, sort_keys=True).encode()
-        body = b"".join([_MAGIC, struct.pack("<HI", _VERSION, len(head)), head,
+        body = b"".join([_MAGIC, struct.pack("<HI", CONTEXT_FORMAT_VERSION, len(head)), head,
                          *(blob for _, blob in sections)])
         return body + hashlib.sha256(body).digest()
 
@@ -314,9 +320,9 @@ def load_context(source: Union[bytes, bytearray, memoryview, str, os.PathLike]) 
             "OpenFHE crypto context, so a relay could swap it unnoticed. Version 2 changes every "
             "context fingerprint (updates made under version 1 keys would not aggregate with new "
             "ones either): generate the keys again with this fedshield")
-    if version != _VERSION:
+    if version != CONTEXT_FORMAT_VERSION:
         raise KeyMaterialError(f"context format version {version} is not supported "
-                               f"(expected {_VERSION})")
+                               f"(expected {CONTEXT_FORMAT_VERSION})")
     try:
         meta = json.loads(body[fixed:fixed + head_len])
         params = CKKSParams.from_dict(meta["params"])

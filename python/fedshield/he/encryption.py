@@ -438,7 +438,7 @@ def decrypt_values(ctx: Context, update: EncryptedUpdate, threads: int = 0) -> n
     elif update.is_seeded:
         c1 = seeded.expand_sum(update.seeds, ctx.fingerprint, update.round,
                                update.n_ciphertexts, ctx.moduli, params.ring_dim)
-    hi, lo = (flooding.split_width(flooding.flood_width(params, 1)) if params.flooding
+    hi, lo = (flooding.split_width(flooding.flood_variance(params, 1)) if params.flooding
               else (0, 0))
     return _native.ckks_decrypt(update.to_bytes(), ckks_ring(ctx), _secret_residues(ctx), c1,
                                 keys, hi, lo, update.n_ciphertexts * params.values_per_ciphertext,

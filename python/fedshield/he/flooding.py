@@ -3,41 +3,35 @@
 Li and Micciancio (EUROCRYPT 2021) showed that a CKKS decryption ``m + e`` hands out the
 encryption noise ``e``, which is a linear function of the secret key: a few published
 decryptions of known ciphertexts recover the key. The counter-measure is *noise flooding*:
-add, before anything leaves the key holder, fresh noise ``f`` so large that ``e + f`` and ``f``
-are statistically indistinguishable.
+add, before anything leaves the key holder, fresh noise large enough that what is released
+says (almost) nothing about ``e``.
 
-What fedshield does (``CKKSParams.flood_bits = lambda > 0``):
+What fedshield does (``CKKSParams.flood_bits = s > 0``):
 
-* **Noise bound.** An aggregate of at most ``C = max_clients`` fresh public-key encryptions
-  (ring dimension N, error sigma = 3.19, ternary secret and encryption randomness, P = number of
-  key holders whose key shares sum to the secret; P = 1 with a shared key) has decryption noise
-  ``e = sum_c (v_c * e_pk + e0_c + s * e1_c)``. Each coefficient is a sum of independent
-  sub-Gaussian terms with variance proxy at most ``tau^2 = C * sigma^2 * (2 * N * P + 1)``
-  (``|v_j| <= 1``; ``e_pk`` has variance ``P sigma^2`` per coefficient; ``||s||^2 <= N * P``).
-  With ``t^2 = 2 ln 2 (lambda + 2 + log2 N + log2 Q)`` a union bound over all ``N * Q``
-  coefficients of ``Q = 2**flood_log_queries`` decrypted ciphertexts gives
-  ``|e_j| <= B = tau * t`` except with probability ``2**-(lambda + 1)``.
-* **Flooding.** Every decryption that leaves a key holder (a decrypted aggregate in shared-key
-  mode, every party's partial decryption in threshold mode) gets a fresh polynomial ``f`` with
-  coefficients *uniform* in ``[-W, W]``, ``W = 2**(lambda + 1) * N * Q * B``. By the smudging
-  lemma (Asharov et al., EUROCRYPT 2012), ``SD(f, f + e) <= |e| / (2W + 1)`` per coefficient, so
-  all ``N * Q`` released coefficients together are within statistical distance
-  ``N * Q * B / (2W) + 2**-(lambda+1) <= 2**-lambda`` of outputs simulated without ``e``: at most
-  ``2**-lambda`` advantage from the decryptions, over up to ``Q`` decrypted ciphertexts.
-  In threshold mode each party floods its own share, so the guarantee for a party holds even
-  when every other party and the server collude.
-* **Exactness.** The uniform integers are drawn exactly (128-bit rejection sampling from the
-  kernel CSPRNG, csrc/flood.cpp) and added as an integer polynomial in every RNS tower, in
-  OpenFHE's NTT representation: no floating-point sampler whose low bits would be coarse.
-* **Precision.** ``W`` is about ``2**(lambda + 52)`` at the defaults, far beyond one 60-bit
-  modulus. Flooding therefore runs on ``FLOOD_TOWERS = 3`` RNS towers and pre-scales the values
-  by ``2**prescale_bits`` (exact powers of two that cancel in ``sum(w x) / sum(w)``), so that
-  the flooding noise divided by the effective scale stays far below 1e-6
-  (see :func:`slot_error_std` and the measurements in docs/THREAT_MODEL.md).
+* **How much.** Every decryption that leaves a key holder (a decrypted aggregate in shared-key
+  mode, every party's partial decryption in threshold mode) gets a fresh polynomial whose
+  coefficients are discrete Gaussians of variance ``sigma**2 = 12 * tau * 2**s * t**2``
+  (Li-Micciancio-Schultz-Sorrell, CRYPTO 2022, Corollary 2, as OpenFHE's
+  ``NOISE_FLOODING_DECRYPT`` implements it): IND-CPA^D with ``s`` bits of statistical security
+  for ``tau = 2**flood_log_queries`` decrypted ciphertexts, ``t`` a bound on the l2 norm of the
+  aggregate's decryption error, computed from the parameters (fedshield.he.flood_sizing derives
+  it: ``max_clients`` fresh encryptions, secret-key or public-key under ``n_parties`` key
+  shares). In threshold mode each party floods its own share, so the guarantee for a party
+  holds even when every other party and the server collude.
+* **Exactness.** The Gaussian is drawn exactly (Canonne-Kamath-Steinke's sampler with integer
+  arithmetic only, csrc/discrete_gaussian.cpp, from the kernel CSPRNG) and added as an integer
+  polynomial in every RNS tower, in OpenFHE's NTT representation: no floating-point sampler
+  whose low bits would be coarse.
+* **Precision.** sigma is about 2**47 at the threshold defaults, beyond one 60-bit modulus next
+  to the values: flooding contexts run on ``CKKSParams.flood_towers`` RNS towers and pre-scale
+  the values by ``2**prescale_bits`` (exact powers of two that cancel in ``sum(w x) / sum(w)``),
+  so that the flooding noise over the effective scale stays within the tolerance
+  (:func:`slot_error_std`, :func:`check_precision`); ``CKKSParams.for_precision`` picks the
+  smallest such ring and towers.
 
 Not covered: ciphertexts whose noise exceeds the bound (a malicious server adding crafted
-ciphertexts to the aggregate is out of scope, docs/THREAT_MODEL.md), more than ``Q`` decrypted
-ciphertexts, and the differential privacy of the decrypted values themselves.
+ciphertexts to the aggregate is out of scope, docs/THREAT_MODEL.md), more than ``tau``
+decrypted ciphertexts, and the differential privacy of the decrypted values themselves.
 """
 
 from __future__ import annotations
@@ -46,52 +40,53 @@ import math
 
 from .. import _native
 from ..base.errors import ParameterError
-from .params import CKKSParams
-
-# OpenFHE's default standard deviation of the encryption error (CCParams GetStandardDeviation).
-ERROR_SIGMA = 3.19
-
-
-def noise_bound(params: CKKSParams, n_parties: int = 1) -> int:
-    """B: a bound on every decryption-noise coefficient of an aggregate of up to
-    ``params.max_clients`` fresh encryptions, except with probability 2**-(flood_bits + 1)."""
-    n, c, p = params.ring_dim, params.max_clients, max(1, int(n_parties))
-    tau = ERROR_SIGMA * math.sqrt(c * (2 * n * p + 1))
-    t = math.sqrt(2 * math.log(2) * (params.flood_bits + 2 + math.log2(n)
-                                     + params.flood_log_queries))
-    return math.ceil(tau * t)
+from . import flood_sizing
+from .flood_sizing import ERROR_SIGMA
+from .params import PRECISION_SIGMAS, CKKSParams
 
 
-def flood_width(params: CKKSParams, n_parties: int = 1) -> int:
-    """W: flooding coefficients are uniform in [-W, W]; checks that they fit the modulus."""
+def noise_l2_bound(params: CKKSParams, n_parties: int = 1) -> float:
+    """t: a bound on the l2 norm of the decryption error of every aggregate of up to
+    ``params.max_clients`` fresh encryptions, over 2**flood_log_queries of them, except with
+    probability 2**-(flood_bits + 1): secret-key encryptions for seeded parameters, public-key
+    ones under ``n_parties`` key shares otherwise."""
+    return flood_sizing.noise_l2_bound(params.ring_dim, params.max_clients, params.flood_bits,
+                                       params.flood_log_queries, public_key=not params.seeded,
+                                       n_parties=n_parties)
+
+
+def flood_variance(params: CKKSParams, n_parties: int = 1) -> int:
+    """sigma**2: the integer variance of each flooding coefficient (LMSS22); checks that all
+    present parties' flooding fits the quarter of Q left for it."""
     if not params.flooding:
         raise ParameterError("these CKKSParams do not flood decryptions (flood_bits = 0)")
     n_parties = max(1, int(n_parties))
-    w = (2 ** (params.flood_bits + 1) * params.ring_dim * 2 ** params.flood_log_queries
-         * noise_bound(params, n_parties))
-    # All present parties' flooding together must stay inside the Q/4 left for it.
-    if n_parties * w >= 2 ** (params.log_q_min - 2):
+    sigma2 = flood_sizing.flood_sigma2(noise_l2_bound(params, n_parties), params.flood_bits,
+                                       params.flood_log_queries)
+    flood_sizing.check_sampler_range(sigma2, params.flood_bits, params.flood_log_queries)
+    # every party's coefficient is below 64 (sigma + 1) (the sampler's cut, exp(-1900))
+    if n_parties * 64 * (math.isqrt(sigma2) + 1) >= 2 ** (params.log_q_min - 2):
         raise ParameterError(
             f"flooding at flood_bits={params.flood_bits} for {n_parties} key holder(s) needs "
-            f"{(n_parties * w).bit_length()} bits, more than the {params.log_q_min - 2} these "
-            "parameters leave: lower flood_bits or flood_log_queries, or raise scale_bits")
-    return w
+            f"{(n_parties * 64 * (math.isqrt(sigma2) + 1)).bit_length()} bits, more than the "
+            f"{params.log_q_min - 2} these parameters leave: lower flood_bits or "
+            "flood_log_queries, or raise scale_bits")
+    return sigma2
 
 
 def slot_error_std(params: CKKSParams, n_parties: int = 1) -> float:
     """Predicted standard deviation of the flooding error in one decrypted real value, in units
-    of the value (before the division by sum(w)/weight_bound): n_parties independent uniform
-    polynomials of variance W**2/3, through the canonical embedding (variance N/2 per real
-    part) and the effective scale."""
-    w = flood_width(params, n_parties)
-    var = n_parties * (w * w / 3) * params.ring_dim / 2
-    return math.sqrt(var) / 2.0 ** params.effective_scale_bits
+    of the value (before the division by sum(w)/weight_bound): n_parties independent Gaussian
+    polynomials of variance sigma**2 (and, in threshold mode, OpenFHE's smudging), through the
+    canonical embedding (variance N/2 per real part) and the effective scale."""
+    std = flood_sizing.slot_error_std(flood_variance(params, n_parties), params.ring_dim,
+                                      n_parties, smudging=not params.seeded)
+    return std / 2.0 ** params.effective_scale_bits
 
 
 # The precision promise (DESIGN: <= 1e-6 for values of magnitude <= 1): keygen refuses flooding
 # parameters whose predicted flooding error reaches it at PRECISION_SIGMAS standard deviations.
 PRECISION_TARGET = 1e-6
-PRECISION_SIGMAS = 6
 
 
 def check_precision(params: CKKSParams, n_parties: int = 1) -> None:
@@ -108,11 +103,12 @@ def check_precision(params: CKKSParams, n_parties: int = 1) -> None:
             "flood_log_queries, or raise scale_bits")
 
 
-def split_width(w: int) -> tuple[int, int]:
-    """(w_hi, w_lo): the 128-bit W as the two 64-bit words csrc/flood.cpp takes."""
-    if not 0 <= w < 2 ** 126:
-        raise ParameterError(f"flooding width of {w.bit_length()} bits exceeds 126")
-    return w >> 64, w & (2 ** 64 - 1)
+def split_width(v: int) -> tuple[int, int]:
+    """(hi, lo): the 128-bit flooding variance as the two 64-bit words csrc/flood.cpp takes."""
+    if not 0 <= v < flood_sizing.MAX_FLOOD_SIGMA2:
+        raise ParameterError(f"flooding variance of {v.bit_length()} bits is not below "
+                             f"2**{flood_sizing.MAX_FLOOD_SIGMA2.bit_length() - 1}")
+    return v >> 64, v & (2 ** 64 - 1)
 
 
 def roots_of(template: bytes, moduli, ring_dim: int) -> tuple[int, ...]:
@@ -136,13 +132,14 @@ def roots_of(template: bytes, moduli, ring_dim: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def flood(blob: bytearray, offsets, moduli, roots, ring_dim: int, width: int) -> None:
-    """Adds one fresh flooding polynomial to the polynomial whose residue arrays (one per
-    tower, OpenFHE's NTT representation) start at ``offsets`` in ``blob``, in place."""
-    hi, lo = split_width(width)
+def flood(blob: bytearray, offsets, moduli, roots, ring_dim: int, variance: int) -> None:
+    """Adds one fresh flooding polynomial (discrete Gaussian of ``variance``) to the polynomial
+    whose residue arrays (one per tower, OpenFHE's NTT representation) start at ``offsets`` in
+    ``blob``, in place."""
+    hi, lo = split_width(variance)
     _native.flood_residues(blob, [int(o) for o in offsets], [int(q) for q in moduli],
                            [int(r) for r in roots], ring_dim, hi, lo)
 
 
-__all__ = ["ERROR_SIGMA", "PRECISION_TARGET", "check_precision", "flood", "flood_width",
-           "noise_bound", "roots_of", "slot_error_std", "split_width"]
+__all__ = ["ERROR_SIGMA", "PRECISION_SIGMAS", "PRECISION_TARGET", "check_precision", "flood",
+           "flood_variance", "noise_l2_bound", "roots_of", "slot_error_std", "split_width"]

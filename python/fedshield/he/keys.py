@@ -4,8 +4,8 @@ Shared-key mode is the paper's: every client holds the one secret key.
 
 Every machine builds its OpenFHE crypto context itself from the parameters (:func:`local_crypto`;
 OpenFHE picks the same primes and roots of unity for the same parameters, and the serialized
-context is the same bytes everywhere). Key material from another machine (a chain step's public
-key, the joint public key, the shared secret key) travels as its residues, bit-packed and
+context is the same bytes everywhere). Key material from another machine (a party's b_i, the
+joint public key, the shared secret key) travels as its residues, bit-packed and
 checked natively (csrc/key_codec.cpp: exact size, every residue below its tower's modulus), and
 is written into a key of the receiver's own context before OpenFHE sees it. OpenFHE never
 deserializes a byte from outside: an edited byte of a serialized crypto context or key used to
@@ -204,7 +204,32 @@ def open_shared_key_material(material, params: CKKSParams) -> Context:
     if ctx.fingerprint.hex() != fp:
         raise KeyMaterialError(f"the {what} rebuilds to context {ctx.fingerprint.hex()[:12]}..., "
                                f"not the {fp[:12]}... it names")
+    check_key_pair(ctx)
     return ctx
+
+
+def check_key_pair(ctx: Context) -> None:
+    """KeyMaterialError unless the context's secret key is its public key's: the public key
+    (b, a) = (-a * s + e, a) read as a ciphertext decrypts, with s, to e, which decodes to
+    about 0; with any other key it decodes to noise of the modulus' size. Local: nothing of it
+    leaves the machine."""
+    cc, _, secret_key = ctx.openfhe_objects(need_secret=True)
+    template, layout = ctx.ciphertext_template
+    n, moduli = ctx.params.ring_dim, list(ctx.moduli)
+    towers = len(moduli)
+    blob = ctx.public_key_bytes()
+    offsets = _native.find_residue_arrays(blob, n, moduli, 2 * towers)
+    ct = bytearray(template)
+    for k, at in enumerate(layout[1 + towers:1 + 3 * towers]):
+        ct[at:at + 8 * n] = blob[offsets[k]:offsets[k] + 8 * n]
+    try:
+        values = backend.decrypt_ciphertexts(cc, secret_key, [bytes(ct)], ctx.params)
+        largest = float(np.max(np.abs(values)))
+    except RuntimeError:  # OpenFHE refuses a decryption whose noise is beyond decoding
+        largest = float("inf")
+    if not largest <= 1e-3:
+        raise KeyMaterialError("the secret key is not the public key's (the public key does "
+                               "not decrypt to zero with it)")
 
 
 def check_size(blob, limit: int, what: str) -> None:

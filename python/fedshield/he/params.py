@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..base.errors import ParameterError
+from . import flood_sizing
 
 # Largest log2(Q*P) per ring dimension for a ternary secret, classical attacks, from the
 # Homomorphic Encryption Standard (Albrecht et al., 2018), the same table OpenFHE enforces.
@@ -28,14 +29,20 @@ MAX_MODULUS_BITS = 60
 KEYSWITCH_BITS = 61
 # Below this the CKKS encoding error swamps the fine-tuning signal.
 MIN_SCALE_BITS = 30
-# Noise flooding (flood_bits > 0) runs on this many RNS towers: first_mod_bits + 2 * scale_bits
-# bits of modulus (~160 at the defaults). See fedshield.he.flooding for why one tower cannot
-# hold flooding at a useful statistical security level, and docs/THREAT_MODEL.md.
-FLOOD_TOWERS = 3
+# Noise flooding (flood_bits > 0) runs on 2 or more RNS towers (CKKSParams.flood_towers, sized
+# by for_precision from fedshield.he.flood_sizing): one 60-bit tower cannot hold the flooding
+# noise next to the values (docs/THREAT_MODEL.md).
+MIN_FLOOD_TOWERS, MAX_FLOOD_TOWERS = 2, 4
+# Flooding contexts made before the flooding was sized by LMSS22 (uniform smudging): 3 towers,
+# slot values up to 4 per client, each prime counted one bit short. Their JSON names no
+# flood_towers (CKKSParams.legacy_flooding), so their fingerprints stay.
+LEGACY_FLOOD_TOWERS = 3
+LEGACY_FLOOD_VALUE_BOUND = 4.0
 # Statistical security levels (bits) noise flooding accepts.
 MIN_FLOOD_BITS, MAX_FLOOD_BITS = 20, 64
-# Slot values of a flooding context may reach this bound per client (like 2**50 single-tower).
-FLOOD_VALUE_BOUND = 4.0
+# The precision promise of flooding contexts: the flooding error of a decrypted average stays
+# within the tolerance at this many standard deviations (fedshield.he.flooding.check_precision).
+PRECISION_SIGMAS = 6
 
 # The noise model of for_precision: log2 of the largest error (over the slots of one
 # ciphertext, in units of 2**-scale) of one fresh encryption, measured with openfhe 1.6.1 at
@@ -90,8 +97,9 @@ class CKKSParams:
 
     With ``flood_bits`` = lambda > 0, every decryption that leaves a key holder is flooded at
     lambda bits of statistical security over 2**flood_log_queries decrypted ciphertexts
-    (fedshield.he.flooding, docs/THREAT_MODEL.md): the modulus is then FLOOD_TOWERS primes
-    (first_mod_bits + 2 * scale_bits bits) and values are pre-scaled by 2**prescale_bits.
+    (fedshield.he.flooding, docs/THREAT_MODEL.md): the modulus is then ``flood_towers`` primes
+    (first_mod_bits + (flood_towers - 1) * scale_bits bits) and values are pre-scaled by
+    2**prescale_bits.
     """
 
     ring_dim: int = field(default=None, metadata={
@@ -105,9 +113,14 @@ class CKKSParams:
     max_clients: int = field(default=64, metadata={"help": "most updates one aggregate may sum"})
     flood_bits: int = field(default=0, metadata={
         "help": "noise flooding of every decryption at this statistical security level "
-                "(bits; 0 = off). Runs on 3 RNS towers (3x the bytes)"})
+                "(bits; 0 = off). Runs on flood_towers RNS towers (2 at the profiles)"})
     flood_log_queries: int = field(default=DEFAULT_LOG_QUERIES, metadata={
         "help": "log2 of the decrypted ciphertexts the flooding guarantee covers"})
+    flood_towers: int = field(default=None, metadata={
+        "help": "RNS towers of a flooding context (None: as for_precision sizes them)"})
+    legacy_flooding: bool = field(default=False, metadata={
+        "help": "a flooding context written before the LMSS22 sizing (its JSON names no "
+                "flood_towers): 3 towers, slot values up to 4 per client"})
     seeded: bool = field(default=True, metadata={
         "help": "key holders with the secret key send seeded updates (c0 and a seed)"})
     tolerance: float = field(default=DEFAULT_TOLERANCE, compare=False, metadata={
@@ -118,7 +131,7 @@ class CKKSParams:
 
     def __post_init__(self) -> None:
         for name in ("ring_dim", "scale_bits", "first_mod_bits", "security_bits", "max_clients",
-                     "flood_bits", "flood_log_queries"):
+                     "flood_bits", "flood_log_queries", "flood_towers"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ParameterError(f"CKKSParams.{name} must be an int, got {value!r}")
@@ -127,11 +140,25 @@ class CKKSParams:
             # A request (or partly one): the shared-key profile fills in what was not given.
             profile = self.for_precision(self.tolerance, self.max_clients, keys="shared",
                                          flood_bits=self.flood_bits,
+                                         flood_log_queries=self.flood_log_queries,
                                          security_bits=self.security_bits, packing=self.packing)
             object.__setattr__(self, "request", all(getattr(self, n) is None for n in sized))
-            for name in sized:
+            for name in sized + ("flood_towers",):
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, getattr(profile, name))
+        if self.flood_bits and self.flood_towers is None:
+            object.__setattr__(self, "flood_towers", MIN_FLOOD_TOWERS)
+        if self.flood_towers is not None and not (
+                MIN_FLOOD_TOWERS <= self.flood_towers <= MAX_FLOOD_TOWERS):
+            raise ParameterError(f"CKKSParams.flood_towers={self.flood_towers} is not in "
+                                 f"[{MIN_FLOOD_TOWERS}, {MAX_FLOOD_TOWERS}]")
+        if self.legacy_flooding is not False and not (
+                self.legacy_flooding is True and self.flood_bits
+                and self.flood_towers == LEGACY_FLOOD_TOWERS):
+            raise ParameterError(
+                f"CKKSParams.legacy_flooding={self.legacy_flooding!r} needs flood_bits > 0 and "
+                f"flood_towers={LEGACY_FLOOD_TOWERS} (got {self.flood_bits}, "
+                f"{self.flood_towers})")
         if isinstance(self.tolerance, bool) or not (isinstance(self.tolerance, (int, float))
                                                     and 0 < self.tolerance < 1):
             raise ParameterError(f"CKKSParams.tolerance={self.tolerance!r} must be in (0, 1)")
@@ -192,6 +219,7 @@ class CKKSParams:
     @classmethod
     def for_precision(cls, tolerance: float = 1e-6, max_clients: int = 64, *,
                       keys: str = "shared", n_parties: int = 16, flood_bits: int = 0,
+                      flood_log_queries: int = DEFAULT_LOG_QUERIES,
                       security_bits: int = 128, packing: str = "complex") -> "CKKSParams":
         """The smallest one-tower parameters (ring dimension, modulus, scale) whose decrypted
         weighted average is within ``tolerance`` (absolute, values of magnitude <= 1) of the
@@ -201,8 +229,11 @@ class CKKSParams:
 
         keys="shared": seeded secret-key encryption; keys="threshold": the joint public key
         and OpenFHE's multiparty decryption noise of up to ``n_parties`` parties. With
-        ``flood_bits``, the flooding towers (a 60-bit first tower and two scale-sized ones) hold
-        the flooding noise and the pre-scaled values (fedshield.he.flooding). Noise model
+        ``flood_bits``, the smallest ring and towers whose effective scale keeps the flooding
+        error that LMSS22 requires for the aggregate's noise (fedshield.he.flood_sizing: every
+        one of ``n_parties`` parties floods; 2**flood_log_queries decryptions) within the
+        tolerance at PRECISION_SIGMAS standard deviations, next to the pre-scaled values.
+        Noise model
         (measured with openfhe 1.6.1, max over the slots of one ciphertext, in units of
         2**-scale): :func:`sum_noise`.
         """
@@ -227,32 +258,62 @@ class CKKSParams:
                 f"{first_mod_bits}-bit modulus, more than one {MAX_MODULUS_BITS}-bit tower holds; "
                 "raise tolerance or lower max_clients")
         if flood_bits:
-            # Flooding runs on FLOOD_TOWERS towers sized as fedshield.he.flooding needs: a full
-            # first tower and scale-sized others, the values pre-scaled into them.
-            first_mod_bits, scale_bits = MAX_MODULUS_BITS, max(scale_bits, 50)
-        towers_bits = first_mod_bits + (FLOOD_TOWERS - 1) * scale_bits if flood_bits else \
-            first_mod_bits
-        ring_dim = next((n for n in sorted(table) if towers_bits + KEYSWITCH_BITS <= table[n]),
-                        None)
+            return cls._flooding_profile(tolerance, max_clients, keys, max(1, n_parties), noise,
+                                         flood_bits, flood_log_queries, table, security_bits,
+                                         packing)
+        ring_dim = next((n for n in sorted(table)
+                         if first_mod_bits + KEYSWITCH_BITS <= table[n]), None)
         if ring_dim is None:
-            raise ParameterError(f"no ring dimension holds {towers_bits} bits of modulus at "
+            raise ParameterError(f"no ring dimension holds {first_mod_bits} bits of modulus at "
                                  f"{security_bits}-bit security")
         return cls(ring_dim=ring_dim, scale_bits=scale_bits, first_mod_bits=first_mod_bits,
                    packing=packing, security_bits=security_bits, max_clients=max_clients,
                    flood_bits=flood_bits, seeded=keys == "shared", tolerance=tolerance)
 
+    @classmethod
+    def _flooding_profile(cls, tolerance, max_clients, keys, n_parties, noise, flood_bits,
+                          flood_log_queries, table, security_bits, packing) -> "CKKSParams":
+        """The smallest ring, then the fewest towers and bits, for for_precision's flooding."""
+        threshold = keys == "threshold"
+        parties = n_parties if threshold else 1
+        sum_bits = (max_clients - 1).bit_length()  # Q/4 holds max_clients values of |x| <= 1
+        for ring_dim in sorted(table):
+            t = flood_sizing.noise_l2_bound(ring_dim, max_clients, flood_bits, flood_log_queries,
+                                            public_key=threshold, n_parties=parties)
+            sigma2 = flood_sizing.flood_sigma2(t, flood_bits, flood_log_queries)
+            flood_sizing.check_sampler_range(sigma2, flood_bits, flood_log_queries)
+            std = flood_sizing.slot_error_std(sigma2, ring_dim, parties, smudging=threshold)
+            # the average divides by >= 1/2 (see above): flooding and encryption noise together
+            effective = math.ceil(math.log2(2 * (PRECISION_SIGMAS * std + noise) / tolerance))
+            need = effective + 2 + sum_bits  # log_q_min: the values' Q/4 and the noise's
+            for towers in range(MIN_FLOOD_TOWERS, MAX_FLOOD_TOWERS + 1):
+                log_q = need + 1  # log_q_min
+                scale_bits = max(MIN_SCALE_BITS, -(-(log_q - MAX_MODULUS_BITS) // (towers - 1)))
+                first_mod_bits = log_q - (towers - 1) * scale_bits
+                if first_mod_bits <= scale_bits or log_q + KEYSWITCH_BITS > table[ring_dim]:
+                    continue
+                return cls(ring_dim=ring_dim, scale_bits=scale_bits,
+                           first_mod_bits=first_mod_bits, packing=packing,
+                           security_bits=security_bits, max_clients=max_clients,
+                           flood_bits=flood_bits, flood_log_queries=flood_log_queries,
+                           flood_towers=towers, seeded=not threshold, tolerance=tolerance)
+        raise ParameterError(f"no ring dimension holds flooding at flood_bits={flood_bits} over "
+                             f"2**{flood_log_queries} decryptions at {security_bits}-bit security")
+
     def for_keys(self, keys: str, n_parties: int = 0) -> "CKKSParams":
         """These parameters for a key mode: a request is resolved (``keys="threshold"``:
-        unseeded, sized for max(n_parties, 16) parties' decryption noise), explicit
-        parameters come back as they are (each keygen validates them)."""
+        unseeded, sized for max(n_parties, 16) parties' decryption noise; with flooding, for
+        the n_parties whose every partial decryption is flooded), explicit parameters come back
+        as they are (each keygen validates them)."""
         if not self.request:
             return self
+        parties = (max(n_parties, 1) if self.flood_bits
+                   else max(n_parties, THRESHOLD_PROFILE_PARTIES))
         profile = self.for_precision(
-            self.tolerance, self.max_clients, keys=keys,
-            n_parties=max(n_parties, THRESHOLD_PROFILE_PARTIES), flood_bits=self.flood_bits,
+            self.tolerance, self.max_clients, keys=keys, n_parties=parties,
+            flood_bits=self.flood_bits, flood_log_queries=self.flood_log_queries,
             security_bits=self.security_bits, packing=self.packing)
-        return replace(profile, flood_log_queries=self.flood_log_queries,
-                       seeded=self.seeded and keys == "shared")
+        return replace(profile, seeded=self.seeded and keys == "shared")
 
     def average_error_bound(self, n_summed: int, weight_sum: float,
                             decryptors: int = 0) -> float:
@@ -282,8 +343,8 @@ class CKKSParams:
 
     @property
     def n_towers(self) -> int:
-        """RNS towers of the ciphertext modulus: 1, or FLOOD_TOWERS with flooding."""
-        return FLOOD_TOWERS if self.flooding else 1
+        """RNS towers of the ciphertext modulus: 1, or flood_towers with flooding."""
+        return self.flood_towers if self.flooding else 1
 
     @property
     def log_q(self) -> int:
@@ -293,7 +354,11 @@ class CKKSParams:
 
     @property
     def log_q_min(self) -> int:
-        """A lower bound on log2(Q): each tower's prime has exactly its bit size."""
+        """A lower bound on log2(Q), which every context checks against its moduli: each
+        tower's prime has exactly its bit size; the LMSS22-sized flooding towers count on
+        OpenFHE's primes next to 2**bits (their product reaches 2**(log_q - 1))."""
+        if self.flooding and not self.legacy_flooding:
+            return self.log_q - 1
         return (self.first_mod_bits - 1) + (self.n_towers - 1) * (self.scale_bits - 1)
 
     @property
@@ -303,9 +368,10 @@ class CKKSParams:
         flooding noise stays far below one unit of the last decimal that matters."""
         if not self.flooding:
             return 0
-        # Q/4 holds max_clients values of magnitude FLOOD_VALUE_BOUND; the other Q/4 is room for
-        # the flooding noise (checked against the actual bound in fedshield.he.flooding).
-        sum_bits = (self.max_clients - 1).bit_length() + int(FLOOD_VALUE_BOUND).bit_length() - 1
+        # Q/4 holds max_clients values of magnitude 1 (legacy contexts: 4); the other Q/4 is
+        # room for the flooding noise (checked against the actual noise in fedshield.he.flooding).
+        extra = int(LEGACY_FLOOD_VALUE_BOUND).bit_length() - 1 if self.legacy_flooding else 0
+        sum_bits = (self.max_clients - 1).bit_length() + extra
         return self.log_q_min - 2 - sum_bits - self.scale_bits
 
     @property
@@ -341,6 +407,9 @@ class CKKSParams:
             del d["flood_bits"]
             if self.flood_log_queries == DEFAULT_LOG_QUERIES:
                 del d["flood_log_queries"]
+        del d["legacy_flooding"]
+        if not self.flooding or self.legacy_flooding:
+            del d["flood_towers"]  # fingerprints of contexts made before flood_towers existed
         if not self.seeded:
             del d["seeded"]  # likewise for the parameters of unseeded (wire v2) contexts
         return json.dumps(d, sort_keys=True)
@@ -352,8 +421,11 @@ class CKKSParams:
         if unknown:
             raise ParameterError(f"unknown CKKSParams fields {sorted(unknown)}")
         # Contexts written before seeded updates existed name no "seeded": they are unseeded,
-        # whatever today's default.
-        return cls(**{"seeded": False, **d})
+        # whatever today's default; flooding contexts that name no flood_towers are the
+        # 3-tower contexts made before the LMSS22 sizing.
+        legacy = ({"flood_towers": LEGACY_FLOOD_TOWERS, "legacy_flooding": True}
+                  if d.get("flood_bits", 0) and "flood_towers" not in d else {})
+        return cls(**{"seeded": False, **legacy, **d})
 
     def fingerprint(self) -> bytes:
         return hashlib.sha256(b"fedshield-params-v1" + self.to_json().encode()).digest()

@@ -27,10 +27,10 @@ weight_bound is within 2x of sum(w) (the Server picks it so), at the price of he
 (each client's |w/B * x| <= 1 with 64 clients).
 
 Noise flooding (``CKKSParams(flood_bits=lambda)``, fedshield.he.flooding): each party adds its
-own uniform flooding polynomial to its partial decryption before it leaves the party, at lambda
-bits of statistical security; key shares are then 3 RNS towers, each Shamir-shared mod its own
-prime. The pre-scaling flooding needs also drowns OpenFHE's fixed 2**20: measured max |error|
-2.98e-8 (float32 rounding) over 65535 values for 3 and 5 parties at flood_bits 20 to 50.
+own discrete Gaussian flooding polynomial (sized by LMSS22 for the aggregate's noise,
+fedshield.he.flood_sizing) to its partial decryption before it leaves the party, at lambda bits
+of statistical security; key shares are then CKKSParams.flood_towers RNS towers, each
+Shamir-shared mod its own prime.
 
 On the wire a partial ciphertext is its residues only (csrc/partial_codec.cpp: one polynomial,
 every tower bit-packed and below its modulus), like an update's. Fusion reads them natively
@@ -151,7 +151,7 @@ def partial_decrypt(party_ctx: Context, agg, present: Optional[Iterable[int]] = 
         raise ParameterError(f"party {pid} is not among the present parties {ids}")
     lead = pid == ids[0]
     params = party_ctx.params
-    hi, lo = ((flooding.split_width(flooding.flood_width(params, party_ctx.n_parties)))
+    hi, lo = ((flooding.split_width(flooding.flood_variance(params, party_ctx.n_parties)))
               if params.flooding else (0, 0))
     key = _decryption_residues(party_ctx, ids)
     try:
@@ -349,5 +349,97 @@ def _check_fused(values: np.ndarray, agg: EncryptedUpdate, params) -> None:
                             f"{agg.n_summed} updates can reach: a share was damaged or forged")
 
 
+# -- the key check: partial decryptions of the public key's a ------------------------------------
+def _probe_ciphertext(ctx: Context) -> bytes:
+    """(c0, c1) = (0, a), a of the context's public key, in the context's ciphertext
+    template."""
+    template, layout = ctx.ciphertext_template
+    towers, n = len(ctx.moduli), ctx.params.ring_dim
+    c0, c1 = layout[1 + towers:1 + 2 * towers], layout[1 + 2 * towers:1 + 3 * towers]
+    blob = ctx.public_key_bytes()
+    offsets = _native.find_residue_arrays(blob, n, list(ctx.moduli), 2 * towers)
+    buf = bytearray(template)
+    for t in range(towers):
+        buf[c0[t]:c0[t] + 8 * n] = bytes(8 * n)
+        a = offsets[towers + t]
+        buf[c1[t]:c1[t] + 8 * n] = blob[a:a + 8 * n]
+    return bytes(buf)
+
+
+def key_probes(party_ctx: Context, present_sets: Iterable[Optional[Iterable[int]]]
+               ) -> list[bytes]:
+    """This party's partial decryptions of (0, a), a of its context's public key, one per
+    present set (None: all), each with the key it would decrypt with when that set takes part
+    (its own key share, plus the Lagrange-weighted shares of absent parties when it covers for
+    them): a * s' + OpenFHE's smudging noise and (flooding contexts) this party's flooding,
+    packed (one polynomial each).
+
+    The sum of the probes of one present set plus the joint b is small iff their keys sum to
+    the joint secret (:func:`probes_match`); a party's probe with everyone present plus its
+    own b_i is small iff it decrypts with the key share its b_i was made with.
+    """
+    check_party_context(party_ctx)
+    cc, _, _ = party_ctx.openfhe_objects(need_secret=True)
+    params, moduli = party_ctx.params, list(party_ctx.moduli)
+    n = params.ring_dim
+    ct = backend.load_rebuilt_ciphertext(_probe_ciphertext(party_ctx))
+    offsets_of_key = [offset for offset, _ in party_ctx.key_residues()]
+    out = []
+    for present in present_sets:
+        ids = _present_ids(present, party_ctx.n_parties, party_ctx.threshold)
+        if party_ctx.party_id not in ids:
+            raise ParameterError(f"party {party_ctx.party_id} is not among the present "
+                                 f"parties {ids}")
+        key = _decryption_residues(party_ctx, ids)
+        blob = bytearray(party_ctx.secret_key_bytes())
+        part = bytearray()
+        try:
+            for t, offset in enumerate(offsets_of_key):
+                blob[offset:offset + 8 * n] = key[t * n:(t + 1) * n].tobytes()
+            secret = backend.load_secret_key(bytes(blob))
+            part = bytearray(backend.serialize(cc.MultipartyDecryptMain([ct], secret)[0]))
+            offsets = _native.find_residue_arrays(part, n, moduli, len(moduli))
+            if params.flooding:  # it leaves the party like any partial decryption
+                flooding.flood(part, offsets, moduli, party_ctx.tower_roots, n,
+                               flooding.flood_variance(params, party_ctx.n_parties))
+            residues = np.concatenate([np.frombuffer(part, dtype="<u8", count=n, offset=o)
+                                       for o in offsets])
+            out.append(bytes(_native.pack_key_polys(residues, n, moduli, 1, "key probe")))
+        finally:
+            wipe(key)
+            wipe(blob)
+            wipe(part)
+    return out
+
+
+def probes_match(public_ctx: Context, probes: Iterable[bytes], b) -> bool:
+    """Whether sum(probes) + b (packed polynomials of ``public_ctx``'s ring) is a small
+    polynomial: its coefficients, CRT-combined over the towers, far below the modulus. True
+    when the probing keys sum to the secret of b (b = -a * s + e); a wrong key leaves a
+    uniform polynomial mod Q. Natively and without openfhe: the server checks with it."""
+    n, moduli = public_ctx.params.ring_dim, [int(q) for q in public_ctx.moduli]
+    try:
+        total = _native.sum_key_polys([bytes(p) for p in probes] + [bytes(b)], n, moduli, 1,
+                                      "key probe")
+        d = _native.decode_key_polys(total, n, moduli, 1, "key probe")
+    except InvalidUpdate:
+        return False
+    modulus, value = 1, 0
+    for q in moduli:
+        modulus *= q
+    if len(moduli) == 1:   # one tower: the centered residues are the coefficients
+        q = moduli[0]
+        coeffs = _native.ntt_inverse(np.ascontiguousarray(d), q, public_ctx.tower_roots[0])
+        largest = int(np.minimum(coeffs, np.uint64(q) - coeffs).max())
+        return largest.bit_length() <= modulus.bit_length() - 16
+    for t, (q, root) in enumerate(zip(moduli, public_ctx.tower_roots)):
+        coeffs = _native.ntt_inverse(np.ascontiguousarray(d[t * n:(t + 1) * n]), q, root)
+        rest = modulus // q
+        value = value + coeffs.astype(object) * (rest * pow(rest, -1, q))
+    value = value % modulus
+    largest = max(min(int(v), modulus - int(v)) for v in value)
+    return largest.bit_length() <= modulus.bit_length() - 16
+
+
 __all__ = ["PARTIAL_MAGIC", "PartialDecryption", "aggregate_digest", "combine_partials",
-           "partial_decrypt", "partial_template"]
+           "key_probes", "partial_decrypt", "partial_template", "probes_match"]
