@@ -1,4 +1,4 @@
-"""fedshield on Flower: records, the validating strategy, the client half, and real
+"""fedshield on Flower: records, the Grid transport and its screening, the client half, and real
 deployments (a SuperLink and 2-3 SuperNodes as processes on loopback).
 
 Skips only where flwr is not importable (`make test` installs the flower extra).
@@ -24,8 +24,8 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from flwr.common import (ArrayRecord, ConfigRecord, Context, Error, Message,  # noqa: E402
-                         MetricRecord, RecordDict)
+from flwr.common import (ConfigRecord, Context, Error, Message, MetricRecord,  # noqa: E402
+                         RecordDict)
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
 import fedshield as fs  # noqa: E402
@@ -36,7 +36,8 @@ from fedshield.fl.server import Server  # noqa: E402
 from fedshield.trust.quorum import min_updates_for  # noqa: E402
 from fedshield.engines.flower import records  # noqa: E402
 from fedshield.engines.flower.launcher import FlowerApp, run_flower  # noqa: E402
-from fedshield.engines.flower.strategy import EncryptedFedAvg  # noqa: E402
+from fedshield.engines.flower.transport import GridTransport  # noqa: E402
+from fedshield.fl.rounds import Pending, RoundDriver  # noqa: E402
 
 from conftest import BITS, make_state, weighted_average  # noqa: E402
 from signing import identity_hex, signed  # noqa: E402
@@ -196,7 +197,7 @@ def test_min_clients_rule():
         RunConfig.from_flat(min_clients=4, clients=3)
 
 
-# -- the strategy's screening, in a process where openfhe cannot be imported ----------------
+# -- the screening of train replies, in a process where openfhe cannot be imported ----------------
 
 SCREEN_CHILD = textwrap.dedent("""
     import importlib.abc, json, sys
@@ -219,8 +220,9 @@ SCREEN_CHILD = textwrap.dedent("""
     from fedshield.fl.messages import SiteInfo
     from fedshield.fl.server import Server
     from fedshield.engines.flower import records, server_app  # noqa: F401 - the whole server side
-    from fedshield.engines.flower.records import FIELDS, UPDATE
-    from fedshield.engines.flower.strategy import EncryptedFedAvg
+    from fedshield.engines.flower.records import FIELDS, put_blobs
+    from fedshield.engines.flower.transport import GridTransport
+    from fedshield.fl.rounds import RoundDriver
 
     work = sys.argv[1]
     spec = json.load(open(f"{work}/spec.json"))
@@ -232,28 +234,33 @@ SCREEN_CHILD = textwrap.dedent("""
                                      eval_examples=1, eval_loss=1.0,
                                      context_fp=ctx.fingerprint.hex(),
                                      identity=spec["identities"][str(p)])) for p in parties])
-    strategy = EncryptedFedAvg(server)
-    msgs = list(strategy.configure_train(2, None, ConfigRecord(), grid=None))
-    sent = {m.metadata.dst_node_id: m for m in msgs}
-    sent[999] = Message(RecordDict(), dst_node_id=999, message_type="train")  # not enrolled
     fields = {"round": 2, "train-loss": 1.0, "kept": 1.0, "seconds-train": 0.0,
               "seconds-prune": 0.0, "seconds-encrypt": 0.0}
-    replies = []
-    for item in spec["replies"]:
-        node = item["node"]
-        if item.get("error"):
-            replies.append(Message(Error(code=0, reason=item["error"]), reply_to=sent[node]))
-            continue
-        blob = open(f"{work}/{item['file']}", "rb").read()
-        signature = open(f"{work}/{item['file']}.sig{item['party']}", "rb").read()
-        content = RecordDict({FIELDS: ConfigRecord({**fields, "party": item["party"],
-                                                    "signature": signature})})
-        records.put_payload(content, UPDATE, blob, records.STYPE_UPDATE, chunk_bytes=40000)
-        replies.append(Message(content, reply_to=sent[node]))
-    arrays, _ = strategy.aggregate_train(2, replies)
-    agg = b"".join(arrays[k].data for k in sorted(arrays.keys()))
-    open(f"{work}/agg.bin", "wb").write(agg)
-    json.dump({"events": strategy.events, "round": strategy.rounds[-1].to_dict()},
+
+    class Grid:  # the nodes' replies to round 2's train requests
+        def send_and_receive(self, messages, timeout=None):
+            sent = {m.metadata.dst_node_id: m for m in messages}
+            sent[999] = Message(RecordDict(), dst_node_id=999, message_type="train")  # not enrolled
+            replies = []
+            for item in spec["replies"]:
+                node = item["node"]
+                if item.get("error"):
+                    replies.append(Message(Error(code=0, reason=item["error"]),
+                                           reply_to=sent[node]))
+                    continue
+                blob = open(f"{work}/{item['file']}", "rb").read()
+                signature = open(f"{work}/{item['file']}.sig{item['party']}", "rb").read()
+                content = RecordDict()
+                count = put_blobs(content, [blob, signature], chunk_bytes=40000)
+                content[FIELDS] = ConfigRecord({**fields, "party": item["party"],
+                                                "blobs": count})
+                replies.append(Message(content, reply_to=sent[node]))
+            return replies
+
+    driver = RoundDriver(server, GridTransport(Grid(), server).send)
+    driver.run_round(2)
+    open(f"{work}/agg.bin", "wb").write(driver.pending.result.to_bytes())
+    json.dump({"events": server.record.events, "round": server.record.rounds[-1].to_dict()},
               open(f"{work}/result.json", "w"))
     assert "openfhe" not in sys.modules, "openfhe was imported"
     print("CHILD-OK")
@@ -321,17 +328,34 @@ def test_strategy_screens_every_reply_without_openfhe(tmp_path, client_ctx, serv
         np.testing.assert_allclose(out[name].double().numpy(), ref[name], atol=1e-6)
 
 
-def test_strategy_fails_a_round_without_enough_updates(server_ctx):
+class _ReplyGrid:
+    """A Grid whose nodes answer each message with ``answer(message)`` (None: no reply)."""
+
+    def __init__(self, answer, nodes=()):
+        self.answer = answer
+        self.nodes = nodes
+        self.steps = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        self.steps.append(messages)
+        return [r for r in map(self.answer, messages) if r is not None]
+
+
+def test_a_round_without_enough_updates_fails_and_sends_nothing_more(server_ctx):
     server = enrolled_server(server_ctx, [0, 1, 2], node=lambda p: p + 1)
-    strategy = EncryptedFedAvg(server)
-    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None))
-    replies = [Message(Error(code=0, reason="boom"), reply_to=msgs[0])]
-    assert strategy.aggregate_train(1, replies) == (None, None)
-    assert strategy.rounds[-1].status == "failed"
-    assert "0 valid updates" in strategy.rounds[-1].failure
-    # nothing pending: the evaluate step sends nothing, the global version stays
-    assert list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), None)) == []
-    assert server.version == 0
+    grid = _ReplyGrid(lambda m: Message(Error(code=0, reason="boom"), reply_to=m)
+                      if m.metadata.dst_node_id == 1 else None)
+    driver = RoundDriver(server, GridTransport(grid, server).send)
+    driver.run_round(1)
+    assert server.record.rounds[-1].status == "failed"
+    assert "0 valid updates" in server.record.rounds[-1].failure
+    # nothing pending: no aggregate goes out, the global version stays
+    assert driver.pending is None and driver.flush("final") is None
+    assert len(grid.steps) == 1 and server.version == 0
 
 
 class _Grid:
@@ -343,9 +367,10 @@ class _Grid:
 
 
 def test_nodes_connecting_after_enrolment_are_reported(server_ctx):
-    strategy = EncryptedFedAvg(enrolled_server(server_ctx, [0, 1], node=lambda p: p + 1))
-    strategy.enrolment_nodes = {1, 2}
-    assert strategy.late_nodes(_Grid([1, 2, 7])) == [7]
+    server = enrolled_server(server_ctx, [0, 1], node=lambda p: p + 1)
+    transport = GridTransport(_Grid([1, 2, 7]), server)
+    transport.enrolment_nodes = {1, 2}
+    assert transport.late_nodes() == [7]
 
 
 # -- NaN and inf in a reply: that reply is excluded, the run goes on (issue 15, item 3) ---------
@@ -377,17 +402,17 @@ def test_non_finite_join_replies_are_excluded(server_ctx):
     the whole run with ValueError/OverflowError) is left out with its reason; the others
     enrol and their initial loss is finite."""
     cfg = RunConfig.from_flat(clients=5, min_clients=2, engine="flower")
-    strategy = EncryptedFedAvg(Server(cfg, server_ctx, engine="flower"))
+    server = Server(cfg, server_ctx, engine="flower")
     fields = {1: _site_fields(server_ctx, 0), 2: _site_fields(server_ctx, 1)}
     for node, bad in enumerate(NON_FINITE, start=3):
         fields[node] = _site_fields(server_ctx, node - 1, **{"eval-loss": bad})
-    participants = strategy.enroll(_JoinGrid(fields), timeout=5)
+    participants = GridTransport(_JoinGrid(fields), server).enroll(timeout=5)
     assert participants == {1: 0, 2: 1}
-    reasons = {e["node"]: e["reason"] for e in strategy.events}
+    reasons = {e["node"]: e["reason"] for e in server.record.events}
     assert set(reasons) == {3, 4, 5}
     for node, bad in enumerate(NON_FINITE, start=3):
         assert f"eval-loss={bad!r}" in reasons[node] and "not a finite number" in reasons[node]
-    assert math.isfinite(strategy.server.record.initial_eval_loss)
+    assert math.isfinite(server.record.initial_eval_loss)
 
 
 TRAIN_FAULTS = [("train-loss", math.nan), ("train-loss", math.inf), ("kept", math.nan),
@@ -403,63 +428,69 @@ def test_non_finite_train_and_evaluate_replies_are_excluded(client_ctx, server_c
     the others, decrypts to their average, and its record holds finite numbers only."""
     n_bad = len(TRAIN_FAULTS)
     server = enrolled_server(server_ctx, list(range(2 + n_bad)), min_clients=2)
-    strategy = EncryptedFedAvg(server)
-    msgs = {m.metadata.dst_node_id: m
-            for m in strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None)}
     states = [make_state(60 + i) for i in range(2 + n_bad)]
     layout = fs.Layout.from_state_dict(states[0])
-    replies = []
-    for party, state in enumerate(states):
-        upd = fs.encrypt_update(client_ctx, state, layout, weight=2.0 + party % 2, round=1,
-                                weight_bound=8.0)
+
+    def train_reply(msg):
+        party = msg.metadata.dst_node_id - 100
+        upd = fs.encrypt_update(client_ctx, states[party], layout, weight=2.0 + party % 2,
+                                round=1, weight_bound=8.0)
         fields = {"party": party, "round": 1, "train-loss": 1.0, "kept": 1.0,
-                  "seconds-train": 0.1, "seconds-prune": 0.0, "seconds-encrypt": 0.1,
-                  "signature": signed(party, upd.to_bytes())}
+                  "seconds-train": 0.1, "seconds-prune": 0.0, "seconds-encrypt": 0.1}
         if party >= 2:
             name, bad = TRAIN_FAULTS[party - 2]
             fields[name] = bad
-        content = RecordDict({records.FIELDS: ConfigRecord(fields)})
-        records.put_payload(content, records.UPDATE, upd.to_bytes(), records.STYPE_UPDATE)
-        replies.append(Message(content, reply_to=msgs[100 + party]))
-    arrays, metrics = strategy.aggregate_train(1, replies)
-    entry = strategy.rounds[-1]
-    assert entry.clients == [0, 1] and metrics["train-loss"] == 1.0
-    reasons = {e["node"]: e["reason"] for e in strategy.events}
+        content = RecordDict()
+        count = records.put_blobs(content, [upd.to_bytes(), signed(party, upd.to_bytes())])
+        content[records.FIELDS] = ConfigRecord({**fields, "blobs": count})
+        return Message(content, reply_to=msg)
+
+    driver = RoundDriver(server, GridTransport(_ReplyGrid(train_reply), server).send)
+    driver.run_round(1)
+    entry = server.record.rounds[-1]
+    assert entry.clients == [0, 1] and entry.train_loss == [1.0, 1.0]
+    reasons = {e["node"]: e["reason"] for e in server.record.events}
     for party, (name, bad) in enumerate(TRAIN_FAULTS, start=2):
         assert f"{name}={bad!r}" in reasons[100 + party], reasons
-    agg = fs.EncryptedUpdate.from_bytes(b"".join(arrays[k].data for k in sorted(arrays.keys())))
+    pending = driver.pending
+    agg = pending.result
     out = fs.decrypt_update(client_ctx, agg, layout)
     ref = weighted_average(states[:2], [2.0, 3.0])
     for name in ref:
         np.testing.assert_allclose(out[name].double().numpy(), ref[name], atol=1e-6)
 
-    # evaluate: every participant applies the aggregate; party 1 reports a non-finite metric
+    # the aggregate goes out (apply and evaluate only: the run's last); every participant
+    # applies it, and party 1 reports a non-finite metric
     for name, bad in EVAL_FAULTS:
-        events_before = len(strategy.events)
-        strategy._pending = {"agg": agg, "shares": {}, "present": [0, 1]}
-        sent = {m.metadata.dst_node_id: m for m in strategy.configure_evaluate(
-            1, ArrayRecord(), ConfigRecord(), grid=None)}
-        assert set(sent) == set(range(100, 102 + n_bad))
-        evals = []
-        for node, msg in sent.items():
+        events_before = len(server.record.events)
+        sent = set()
+
+        def eval_reply(msg):
+            node = msg.metadata.dst_node_id
+            sent.add(node)
             fields = {"party": node - 100, "version": 1, "eval-loss": 1.25,
                       "eval-examples": 2, "seconds-decrypt": 0.1}
             if node == 101:
                 fields[name] = bad
-            evals.append(Message(RecordDict({records.FIELDS: ConfigRecord(fields)}),
-                                 reply_to=msg))
-        metrics = strategy.aggregate_evaluate(1, evals)
-        assert metrics["eval-loss"] == 1.25
-        new = strategy.events[events_before:]
+            return Message(RecordDict({records.FIELDS: ConfigRecord(
+                {f"eval.{k}": v for k, v in fields.items()})}), reply_to=msg)
+
+        driver = RoundDriver(server, GridTransport(_ReplyGrid(eval_reply), server).send)
+        driver.pending = Pending(pending.plan, agg, [0, 1], provenance=pending.provenance)
+        record = driver.flush("final", final=True)
+        assert sent == set(range(100, 102 + n_bad))
+        assert record.eval_loss == 1.25
+        new = server.record.events[events_before:]
         assert [(e["node"], e["stage"]) for e in new] == [(101, "evaluate")], new
         assert f"{name}={bad!r}" in new[0]["reason"]
-        record = strategy.rounds[-1].to_dict()
+        record = server.record.rounds[-1].to_dict()
         assert record["site_eval_loss"][:3] == [1.25, None, 1.25]
         assert all(math.isfinite(v) for v in record["seconds"].values())
         # the faulty site was dropped as out of step; enrol it again for the next case
         server.participants[101] = 1
+        server.party_versions[1] = server.version
         server.current = entry
-    json.dumps(strategy.server.record.to_dict(), allow_nan=False)  # strict JSON: no NaN
+    json.dumps(server.record.to_dict(), allow_nan=False)  # strict JSON: no NaN
 
 
 def test_share_reply_with_non_finite_seconds_is_invalid():
@@ -516,19 +547,19 @@ def test_client_refuses_to_train_out_of_step(tmp_path):
     out_of_step = "OutOfStep: the party's global adapter is not the one this request builds on"
     with worker_thread(site_cfg):
         with pytest.raises(WorkerRefused, match="NotJoined"):   # the run's settings come first
-            client_app.train(message("train", plan), context)
-        resumed = records.message_fields(client_app.join(
+            client_app.relay(message("train", plan), context)
+        resumed = records.message_fields(client_app.relay(
             message("query.join", {"resume": True}), context))
         assert resumed["version"] == 2
         # the worker goes on from round 2; round 0 is not one it kept, so it cannot step back
         with pytest.raises(WorkerRefused, match=f"^{out_of_step}$"):
-            client_app.train(message("train", {**plan, "base-version": 0}), context)
+            client_app.relay(message("train", {**plan, "base-version": 0}), context)
         # a new run (not a resume) in the same directory starts from the initial adapter
-        join = client_app.join(Message(RecordDict(), dst_node_id=5, message_type="query.join"),
-                               context)
+        join = client_app.relay(Message(RecordDict(), dst_node_id=5,
+                                        message_type="query.join"), context)
         assert store.latest() is None
         with pytest.raises(WorkerRefused, match=f"^{out_of_step}$"):
-            client_app.train(message("train", plan), context)
+            client_app.relay(message("train", plan), context)
     fields = records.message_fields(join)
     assert fields["version"] == 0 and fields["party"] == 0
     assert fields["context-fp"] == ""  # no key before the key set-up
@@ -542,7 +573,7 @@ def test_client_refuses_to_train_out_of_step(tmp_path):
     bare = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(),
                    run_config=context.run_config)
     with pytest.raises(Exception, match="^RelayError: the site worker cannot be reached$"):
-        client_app.train(message("train", plan), bare)
+        client_app.relay(message("train", plan), bare)
 
 
 # -- real deployments ----------------------------------------------------------------------
@@ -676,10 +707,12 @@ THRESHOLD_FAULTS = {
     # name: (rounds, per-party faults, parties aggregated per round, (round, party, reason)...)
     "crash-replay": (2, [{}, {"fault": "replay@2"}, {"fault": "raise@1"}], [[0, 1], [0, 2]],
                      [(1, 2, "injected crash"), (2, 1, "update of round 1 in round 2")]),
+    # round 3's train request also carries round 2's aggregate: a ClientApp that raises on it
+    # loses both (the party catches up with the last aggregate)
     "garbage-replay-crash": (
         3, [{}, {"fault": "replay@2"}, {"fault": "garbage@1,raise@3"}], [[0, 1], [0, 2], [0, 1]],
         [(1, 2, "invalid reply"), (2, 1, "update of round 1 in round 2"),
-         (3, 2, "injected crash")]),
+         (2, 2, "injected crash"), (3, 2, "injected crash")]),
 }
 
 
@@ -723,22 +756,29 @@ def test_flower_threshold_excludes_failing_clients(tmp_path, case, monkeypatch):
 
 
 def _replay_locally(cfg: RunConfig, subsets: list[list[int]], got: dict) -> None:
+    from dataclasses import replace
+
     from fedshield.engines.local import LocalEngine
+    from fedshield.fl.protocol import TrainResult
 
     sim = LocalEngine(cfg, show_progress=False)
+
+    def send(requests):   # only each round's subset's updates reach the server
+        out = []
+        for node, reply in sim.send(requests):
+            if isinstance(reply, TrainResult) and reply.update is not None and \
+                    node not in subsets[reply.update.round - 1]:
+                reply = replace(reply, update=None, train_error="left out")
+            out.append((node, reply))
+        return out
+
+    driver = RoundDriver(sim.server, send, pipeline=False)
     for r, subset in enumerate(subsets, start=1):
-        if sim.server.needs_new_keys():   # its own keys, by the same protocol
-            sim.set_up_keys(before_round=r)
-        plan = sim.server.plan(r)
-        replies = [(p, sim.sites[p].train_round(plan)) for p in subset]
-        accepted = sim.server.screen_updates(plan, replies)
-        average = sim.decrypt(plan, sim.server.aggregate(plan, accepted), subset)
-        for site in sim.sites:
-            site.apply(plan, average=average)
-        entry = sim.server.finish_round([(s.party_id, s.eval_reply()) for s in sim.sites])
+        driver.run_round(r)     # its own keys, by the same protocol
+        entry = sim.server.record.rounds[r - 1]
+        assert entry.clients == subset
         assert got["rounds"][r - 1]["eval_loss"] == pytest.approx(entry.eval_loss, abs=1e-5)
-        assert got["rounds"][r - 1]["train_loss"] == pytest.approx(
-            [x.train_loss for _, x in replies], abs=1e-5)
+        assert got["rounds"][r - 1]["train_loss"] == pytest.approx(entry.train_loss, abs=1e-5)
 
 
 @pytest.mark.parametrize("n_values", [
@@ -772,9 +812,10 @@ def test_flower_large_update(tmp_path, n_values):
 @pytest.mark.slow
 def test_flower_dead_and_slow_clients_are_excluded_and_stay(tmp_path):
     """Round 1: party 2's ClientApp process dies (no reply at all); round 2: party 1 replies
-    after the timeout. Each is excluded from that round's aggregate but stays in the run: its
-    site worker still applies the aggregate, so it trains again the next round (shared keys,
-    min_clients=1)."""
+    after the timeout. Each is excluded from that round's aggregate but stays in the run, and
+    trains again the next round (shared keys, min_clients=1). Round 2's one message also
+    carried round 1's aggregate: party 1's evaluation of it is missing too, and party 1 catches
+    up before round 3."""
     cfg = RunConfig.from_flat(**{**TINY, "clients": 3, "rounds": 3, "round_timeout": 60.0},
                               min_clients=1, engine="flower", out=str(tmp_path / "flower"))
     faults = [{}, {"fault": "sleep@2", "sleep": 100}, {"fault": "exit@1"}]
@@ -782,7 +823,8 @@ def test_flower_dead_and_slow_clients_are_excluded_and_stay(tmp_path):
     assert [r["status"] for r in got["rounds"]] == ["ok", "ok", "ok"]
     assert [r["clients"] for r in got["rounds"]] == [[0, 1], [0, 2], [0, 1, 2]]
     events = [(e["round"], e["party"], e.get("dropped", False)) for e in got["events"]]
-    assert events == [(1, 2, False), (2, 1, False)], got["events"]
+    assert events == [(1, 2, False), (1, 1, False), (2, 1, False)], got["events"]
+    assert [e["stage"] for e in got["events"]] == ["train", "evaluate", "train"]
     assert all("no reply before the timeout" in e["reason"] for e in got["events"])
 
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from flwr.common import Error, Message
+from flwr.common import ConfigRecord, Error, Message, RecordDict
 
 import fedshield as fs
 from fedshield.trust.federation import RunSettings
@@ -23,10 +23,10 @@ from fedshield.fl import key_setup
 from fedshield.fl.key_setup import (KeyHolder, KeySetup, check_subsets, describe,
                                     suspects, used_material)
 from fedshield.engines.flower import client_app
-from fedshield.engines.flower.client_app import RELAY_FIELDS
-from fedshield.engines.flower.records import KEYS, message_fields
+from fedshield.engines.flower.records import FIELDS, put_blobs
 from fedshield.engines.flower.site_worker import SiteWorker, error_reply
-from fedshield.engines.flower.strategy import EncryptedFedAvg
+from fedshield.engines.flower.transport import GridTransport
+from fedshield.fl.rounds import RoundDriver
 from fedshield.he import keys
 from fedshield.he import threshold as th
 from fedshield.he.budget import DecryptionBudget
@@ -267,7 +267,7 @@ def _contribution_for_other_moduli(real):
 
 
 class _SiteWorkers:
-    """Flower's Grid as far as the strategy's key relay uses it: each message goes through the
+    """Flower's Grid as far as the key set-up uses it: each message goes through the
     ClientApp's relay to its node's SiteWorker (fedshield.engines.flower.site_worker), and the reply
     comes back as a Flower Message, as in a deployment."""
 
@@ -283,12 +283,13 @@ class _SiteWorkers:
     def send_and_receive(self, messages, timeout):
         replies = []
         for msg in messages:
-            fields = message_fields(msg)
-            asked = {k: v for k, v in fields.items() if k not in RELAY_FIELDS}
+            op, fields, blobs = client_app.request_of(msg)
             try:
-                out, sections = self.workers[msg.metadata.dst_node_id].handle(
-                    str(fields["op"]), asked, client_app._blobs(msg, fields))
-                replies.append(client_app._reply(msg, out, blobs=sections))
+                out, sections = self.workers[msg.metadata.dst_node_id].handle(op, fields, blobs)
+                content = RecordDict()
+                count = put_blobs(content, sections)
+                content[FIELDS] = ConfigRecord({**out, "blobs": count})
+                replies.append(Message(content, reply_to=msg))
             except fs.FedShieldError as exc:  # the worker's error reply, raised by the ClientApp
                 reply = error_reply(exc)
                 replies.append(Message(Error(0, f"{reply['error-type']}: {reply['error']}"),
@@ -300,8 +301,8 @@ class _SiteWorkers:
 def test_a_refused_contribution_names_its_sender_not_its_receiver(tmp_path, monkeypatch, engine):
     """Party 0 sends a contribution for other moduli. Party 1 refuses it (KeyMessageRefused,
     sender 0); the set-up fails naming party 0, in the local engine (the exception in-process)
-    and through Flower (the site worker's reply fields, the ClientApp's reply, the strategy's
-    relay)."""
+    and through Flower (the site worker's reply fields, the ClientApp's reply, the Grid
+    transport)."""
     monkeypatch.setattr(th, "contribution_message",
                         _contribution_for_other_moduli(th.contribution_message))
     real_probes = key_setup.probes_message   # its probes claim the same moduli
@@ -312,12 +313,13 @@ def test_a_refused_contribution_names_its_sender_not_its_receiver(tmp_path, monk
     monkeypatch.setattr(key_setup, "probes_message", probes)
     fed = Federation(tmp_path, 3, "threshold", 2)
     if engine == "flower":
-        strategy = EncryptedFedAvg.__new__(EncryptedFedAvg)
-        strategy.chunk_bytes = 1 << 20
-        strategy.server = SimpleNamespace(
+        server = SimpleNamespace(
             node_of=lambda p: 100 + p, participants={100 + p: p for p in range(3)},
-            cfg=SimpleNamespace(engine=SimpleNamespace(round_timeout=60)))
-        fed.ask = strategy._relay(_SiteWorkers(fed.holders), KEYS)
+            record=SimpleNamespace(extra={}),
+            cfg=SimpleNamespace(he=SimpleNamespace(enabled=True),
+                                engine=SimpleNamespace(round_timeout=60)))
+        transport = GridTransport(_SiteWorkers(fed.holders), server, chunk_bytes=1 << 20)
+        fed.ask = RoundDriver(server, transport.send).key_ask()
     with pytest.raises(fs.KeyMessageRefused, match=r"party 0 sent a bad key set-up message "
                        r"\(keys.join\): party 1 refused the key contribution that party 0 "
                        r"signed: .*tower moduli") as err:

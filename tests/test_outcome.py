@@ -110,7 +110,7 @@ def test_a_site_that_refuses_to_join_is_named_and_stops_the_run_at_once(server_c
     from signing import identity_hex
 
     from fedshield.engines.flower.server_app import enrolment_failure
-    from fedshield.engines.flower.strategy import EncryptedFedAvg
+    from fedshield.engines.flower.transport import GridTransport
     from fedshield.fl.messages import SiteInfo
     from fedshield.fl.server import Server
 
@@ -120,14 +120,15 @@ def test_a_site_that_refuses_to_join_is_named_and_stops_the_run_at_once(server_c
                         identity=identity_hex(party))
         return {**info.to_fields(), "version": 0}
 
-    strategy = EncryptedFedAvg(Server(RunConfig.from_flat(clients=3, engine="flower"),
-                                      server_ctx, engine="flower"))
-    assert strategy.enroll(_JoinGrid({1: fields(0), 2: fields(1)}), timeout=5) == {1: 0, 2: 1}
-    (event,) = strategy.events
+    server = Server(RunConfig.from_flat(clients=3, engine="flower"), server_ctx,
+                    engine="flower")
+    transport = GridTransport(_JoinGrid({1: fields(0), 2: fields(1)}), server)
+    assert transport.enroll(timeout=5) == {1: 0, 2: 1}
+    (event,) = server.record.events
     assert event["node"] == 3 and event["reason"] == (
         "refused to join: SiteCheckFailed: the site failed its start-up checks (party 2 (c): "
         "site setting 'data': a configured column is missing)")
-    text = enrolment_failure(strategy.server, 3, [2])
+    text = enrolment_failure(server, 3, [2])
     assert text.startswith("1 site(s) refused to join, and the key set-up needs every site: "
                            "node 3: refused to join: SiteCheckFailed")
     silent = Server(RunConfig.from_flat(clients=3, engine="flower"), server_ctx,

@@ -45,7 +45,7 @@ CHILD = textwrap.dedent("""
     from fedshield.fl.messages import SiteInfo, TrainReply
     from fedshield.trust.guard import sign_update
     from fedshield.fl.server import Server
-    from fedshield.engines.flower import records, server_app, strategy  # noqa: F401
+    from fedshield.engines.flower import records, server_app, transport  # noqa: F401
     from fedshield.trust.identity import Identity
     ids = {p: Identity.generate() for p in range(3)}  # the sites' (signing needs no openfhe)
     identity_hex = lambda p: ids[p].public.to_bytes().hex()

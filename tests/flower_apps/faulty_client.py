@@ -3,8 +3,9 @@
 Node config ``fault``: comma-separated ``KIND@ROUND`` entries, KIND one of
 garbage (random bytes as the update), replay (this party's update of the previous round),
 raise (the ClientApp raises), exit (the ClientApp process dies), sleep (replies too late),
-miss-eval (the ClientApp raises on that round's evaluate message: the site never applies that
-aggregate, so it is behind until it catches up).
+all on the train request of that round; and miss-eval (the ClientApp raises on the request
+that carries that round's aggregate: the site never applies it, so it is behind until it
+catches up).
 """
 
 import os
@@ -14,8 +15,8 @@ from flwr.clientapp import ClientApp
 from flwr.common import ConfigRecord
 
 from fedshield.engines.flower import client_app as real
-from fedshield.engines.flower.records import (FIELDS, STYPE_UPDATE, UPDATE, get_payload,
-                                      message_fields, put_payload)
+from fedshield.engines.flower.records import (FIELDS, STYPE_UPDATE, get_blobs, get_payload,
+                                              message_fields, put_blobs, put_payload)
 
 app = ClientApp()
 LAST = "faults.last-update"
@@ -31,54 +32,35 @@ def _fault(context, round_idx):
     return None
 
 
-@app.query("join")
-def join(msg, context):
-    return real.join(msg, context)
-
-
-@app.query("keys")
-def keys(msg, context):
-    return real.keys(msg, context)
-
-
-@app.query("catchup")
-def catchup(msg, context):
-    return real.catchup(msg, context)
-
-
-@app.train()
-def train(msg, context):
-    round_idx = int(message_fields(msg)["round"])
-    fault = _fault(context, round_idx)
+def relay(msg, context):
+    if msg.metadata.message_type != "train":
+        return real.relay(msg, context)
+    fields = message_fields(msg)
+    if _fault(context, fields.get("apply.round")) == "miss-eval":
+        raise RuntimeError("injected crash before applying the aggregate")
+    fault = _fault(context, fields.get("round"))
     if fault == "raise":
         raise RuntimeError("injected crash")
     if fault == "exit":
         os._exit(3)
     if fault == "sleep":
         time.sleep(float(context.node_config.get("sleep", 120)))
-    reply = real.train(msg, context)
-    blob = get_payload(reply.content, UPDATE, STYPE_UPDATE)
-    fields = reply.content[FIELDS]
-    signature = fields["signature"]
+    reply = real.relay(msg, context)
+    out = reply.content[FIELDS]
+    if "round" not in out:      # applied the aggregate only: no update to tamper with
+        return reply
+    blob, signature = get_blobs(reply.content, out["blobs"])
     if fault == "garbage":
-        put_payload(reply.content, UPDATE, os.urandom(len(blob)), STYPE_UPDATE)
+        put_blobs(reply.content, [os.urandom(len(blob)), signature])
     elif fault == "replay" and LAST in context.state.array_records:
         # the previous round's update with its own signed record, as a replaying relay would
-        put_payload(reply.content, UPDATE, get_payload(context.state, LAST, STYPE_UPDATE),
-                    STYPE_UPDATE)
-        fields["signature"] = context.state[LAST_SIGNATURE]["signature"]
+        put_blobs(reply.content, [get_payload(context.state, LAST, STYPE_UPDATE),
+                                  context.state[LAST_SIGNATURE]["signature"]])
     put_payload(context.state, LAST, blob, STYPE_UPDATE)
     context.state[LAST_SIGNATURE] = ConfigRecord({"signature": signature})
     return reply
 
 
-@app.query("share")
-def share(msg, context):
-    return real.share(msg, context)
-
-
-@app.evaluate()
-def evaluate(msg, context):
-    if _fault(context, int(message_fields(msg)["round"])) == "miss-eval":
-        raise RuntimeError("injected crash before applying the aggregate")
-    return real.apply_and_evaluate(msg, context)
+for _register in (app.train(), app.query("join"), app.query("share"), app.query("catchup"),
+                  app.query("keys")):
+    _register(relay)

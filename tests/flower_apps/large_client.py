@@ -18,11 +18,11 @@ from flwr.common import ConfigRecord, Message, RecordDict
 
 import fedshield as fs
 from fedshield.trust.guard import sign_update
-from fedshield.fl.messages import EvalReply, RoundPlan, SiteInfo, TrainReply
+from fedshield.fl.messages import EvalReply, SiteInfo, TrainReply
+from fedshield.fl.protocol import TrainRequest, TrainResult
 from fedshield.engines.flower import client_app as real
 from fedshield.trust.identity import Identity
-from fedshield.engines.flower.records import (AGGREGATE, FIELDS, STYPE_AGGREGATE, STYPE_UPDATE, UPDATE,
-                                      get_payload, message_fields, put_payload)
+from fedshield.engines.flower.records import FIELDS, get_blobs, message_fields, put_blobs
 
 app = ClientApp()
 TRAIN_EXAMPLES = 3   # the server's weight bound is then 4; the weights are 1 and 2
@@ -41,16 +41,16 @@ def _state(party, round_idx, n):
     return {"big": torch.from_numpy(rng.uniform(-1, 1, size=n).astype(np.float32))}
 
 
-def _reply(msg, fields, content=None):
-    content = content or RecordDict()
-    content[FIELDS] = ConfigRecord(fields)
+def _reply(msg, fields, blobs=()):
+    content = RecordDict()
+    count = put_blobs(content, blobs)
+    content[FIELDS] = ConfigRecord({**fields, "blobs": count})
     return Message(content, reply_to=msg)
 
 
-@app.query("join")
 def join(msg, context):
     """The site worker's enrolment (its identity), with this app's weight and size."""
-    reply = real.join(msg, context)
+    reply = real.relay(msg, context)
     fields = message_fields(reply)
     info = SiteInfo.from_fields(fields)
     info = SiteInfo(party=info.party, name=f"large-{info.party}", data="none",
@@ -60,37 +60,11 @@ def join(msg, context):
     return _reply(msg, {**fields, **info.to_fields()})
 
 
-@app.query("keys")
-def keys(msg, context):
-    return real.keys(msg, context)
-
-
-@app.train()
-def train(msg, context):
-    party, ctx, n = _setup(context)
-    plan = RoundPlan.from_fields(message_fields(msg))
-    state = _state(party, plan.round, n)
-    start = time.perf_counter()
-    upd = fs.encrypt_update(ctx, state, fs.Layout.from_state_dict(state), weight=party + 1.0,
-                            round=plan.round, weight_bound=plan.weight_bound)
-    reply = TrainReply(party=party, round=plan.round, train_loss=0.0, kept_fraction=1.0,
-                       seconds={"encrypt": time.perf_counter() - start})
-    blob = upd.to_bytes()
-    identity = Identity.load(str(context.node_config["identity-file"]))
-    content = RecordDict()
-    put_payload(content, UPDATE, blob, STYPE_UPDATE)
-    return _reply(msg, {**reply.to_fields(), "signature": sign_update(identity, party, blob)},
-                  content)
-
-
-@app.evaluate()
-def evaluate(msg, context):
-    party, ctx, n = _setup(context)
-    fields = message_fields(msg)
-    round_idx = int(fields["round"])
-    blob = get_payload(msg.content, AGGREGATE, STYPE_AGGREGATE)
+def check(context, party, ctx, n, blob):
+    """Decrypts the aggregate and compares it with the average of every party's state."""
     agg = fs.EncryptedUpdate.from_bytes(blob)
-    parties = [int(p) for p in fields["clients"]]
+    round_idx = agg.round
+    parties = list(range(agg.n_summed))      # in this test every party contributes
     states = [_state(p, round_idx, n)["big"].double() for p in parties]
     weights = [p + 1.0 for p in parties]
     expected = sum(w * s for w, s in zip(weights, states)) / sum(weights)
@@ -101,5 +75,44 @@ def evaluate(msg, context):
     (out / f"large-check-{party}.json").write_text(json.dumps({
         "round": round_idx, "max_abs_err": err, "aggregate_bytes": len(blob),
         "n_summed": agg.n_summed, "parties": parties}))
-    reply = EvalReply(party=party, version=round_idx, eval_loss=err, eval_examples=1)
-    return _reply(msg, reply.to_fields())
+    return EvalReply(party=party, version=round_idx, eval_loss=err, eval_examples=1)
+
+
+def train(msg, context):
+    """Checks the aggregate the request carries; makes this round's large update."""
+    party, ctx, n = _setup(context)
+    fields = message_fields(msg)
+    request = TrainRequest.from_wire({k: v for k, v in fields.items() if k not in
+                                      ("op", "blobs")}, get_blobs(msg.content, fields["blobs"]))
+    evaluation = (check(context, party, ctx, n, request.apply.blob)
+                  if request.apply is not None else None)
+    update = None
+    if request.plan is not None:
+        plan = request.plan
+        state = _state(party, plan.round, n)
+        start = time.perf_counter()
+        upd = fs.encrypt_update(ctx, state, fs.Layout.from_state_dict(state),
+                                weight=party + 1.0, round=plan.round,
+                                weight_bound=plan.weight_bound)
+        blob = upd.to_bytes()
+        identity = Identity.load(str(context.node_config["identity-file"]))
+        update = TrainReply(party=party, round=plan.round, train_loss=0.0, kept_fraction=1.0,
+                            seconds={"encrypt": time.perf_counter() - start}, update=blob,
+                            signature=sign_update(identity, party, blob))
+    out, blobs = TrainResult(evaluation=evaluation, update=update).to_wire()
+    return _reply(msg, out, blobs)
+
+
+@app.train()
+def train_step(msg, context):
+    return train(msg, context)
+
+
+@app.query("join")
+def join_step(msg, context):
+    return join(msg, context)
+
+
+@app.query("keys")
+def keys(msg, context):
+    return real.relay(msg, context)

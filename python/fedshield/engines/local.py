@@ -1,10 +1,13 @@
 """The local engine: every site and the Server in one process.
 
-It drives the same Site, Party and Server objects as the Flower engine, without a transport:
-the Server plans, each site trains, prunes and encrypts, the Server screens and aggregates,
-the key holders decrypt (threshold keys: the present parties' partial decryptions, fused), and
-every site applies the result and evaluates on its own held-out part. The sites share one model
-object (they train one after another; each loads the global state before it trains).
+It runs the same round protocol as the Flower engine (fedshield.fl.rounds drives it, each
+site answers through fedshield.fl.site_rounds), with a transport that hands each request to
+the site's handler in-process: the Server plans, each site trains, prunes and encrypts, the
+Server screens and aggregates, and every site decrypts (threshold keys: fuses the present
+parties' partial decryptions), applies the result and evaluates on its own held-out part.
+Each round's aggregate is applied in a step of its own, so a round is recorded (and
+checkpointed) before the next starts. The sites share one model object (they train one after
+another; each loads the global state before it trains).
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ from ..config import RunConfig
 from ..base.errors import FedShieldError, ParameterError
 from ..fl.adapter_store import adapter_fingerprint
 from ..fl.dealer import deal_keys
-from ..trust.federation import Federation, federation_for_run, run_settings
-from ..fl.key_setup import KeySetup
+from ..trust.federation import Federation, federation_for_run
 from ..fl.party import Party
+from ..fl.protocol import RelayedRequest, ShareRequest, TrainRequest
+from ..fl.record import RoundRecord
+from ..fl.rounds import RoundDriver
 from ..fl.schedule import prune_ratio
 from ..fl.server import Server
 from ..fl.site import Site, load_site_data
+from ..fl.site_rounds import SiteRounds
 from ..fl.site_files import site_files
 from ..trust.identity import Identity
 from ..training.lora import build_lora_model
@@ -59,7 +65,7 @@ class LocalEngine:
             check_out_dir(self.out, overwrite=overwrite)
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
         self.first_round = 1
-        self.last_aggregate = None
+        self._progress = None
         self.federation: Federation | None = None   # pinned by every site at its first key set-up
         apply_to_torch()  # FEDSHIELD_NUM_THREADS
         start = time.perf_counter()
@@ -106,6 +112,12 @@ class LocalEngine:
             for site, ctx in zip(self.sites, ctxs):
                 site.use_keys(ctx, self.server.roster, self.server.identity.public,
                               self._party_dir(site) / "party.budget")
+        self.rounds = [SiteRounds(site) for site in self.sites]
+        dropouts = cfg.keys.dropouts
+        self.driver = RoundDriver(
+            self.server, self.send, pipeline=False, on_round=self._round_closed,
+            # sites 0..dropouts-1 are gone before decryption: the others cover for them
+            decrypting=lambda parties: [p for p in parties if p >= dropouts])
         log.info("fedshield: set-up done in %.1f s (initial evaluation%s)",
                  time.perf_counter() - start, ", keys dealt" if he and dealer else "")
 
@@ -158,30 +170,37 @@ class LocalEngine:
     def set_up_keys(self, before_round: int) -> None:
         """A key epoch by the protocol (fedshield.fl.key_setup), every party in this process:
         the first one, or a rotation when a key's decryption budget runs low."""
-        server = self.server
-        federation = self.federation or self.pin_federation()
-        holders = {s.party_id: s.keys or s.key_holder(self._party_dir(s) / "party.key",
-                                                      federation=federation)
-                   for s in self.sites}
+        self.driver.set_up_keys(before_round)
 
-        def ask(op: str, requests):
-            out = {}
-            for party, (fields, sections) in requests.items():
-                try:
-                    out[party] = holders[party].handle(op, fields, sections)
-                except FedShieldError as exc:
-                    out[party] = exc
-            return out
-
-        cfg = self.cfg
-        epoch = server.epoch + 1
-        result = KeySetup(cfg.ckks_params(), cfg.keys.mode, cfg.keys.threshold or cfg.n_sites,
-                          server.roster, server.identity.public, ask,
-                          settings=run_settings(cfg)).run(epoch)
-        server.key_epoch_done(epoch, result.context, before_round, result.seconds,
-                              result.subsets_checked, result.message_steps)
-        for site in self.sites:
+    def _key_step(self, site: Site, request: RelayedRequest):
+        """A key set-up message at ``site``, as a site worker answers it."""
+        holder = site.keys or site.key_holder(self._party_dir(site) / "party.key",
+                                              federation=self.federation
+                                              or self.pin_federation())
+        out = holder.handle(request.op, request.fields, list(request.blobs))
+        if request.op == "keys.commit":   # the key it just wrote becomes the party's
             site.take_committed_keys()
+        return out
+
+    # -- the transport: each request to its site's handler, in this process -----------------
+    def send(self, requests) -> list:
+        """One message step: each request (by node, the party id here) to its site."""
+        out = []
+        for node, request in requests.items():
+            site = self.sites[node]
+            if isinstance(request, (RelayedRequest, ShareRequest)):
+                try:    # a party's refusal is its answer (the protocol names the party)
+                    reply = (self._key_step(site, request) if isinstance(request, RelayedRequest)
+                             else self.rounds[node].handle(request))
+                except FedShieldError as exc:
+                    reply = exc
+            else:
+                reply = self.rounds[node].handle(request)
+                if isinstance(request, TrainRequest) and request.plan is not None \
+                        and self._progress is not None:
+                    self._progress.update(1)
+            out.append((node, reply))
+        return out
 
     # -- what every site shares in this process ------------------------------------------------
     @property
@@ -197,68 +216,28 @@ class LocalEngine:
     def layout(self):
         return self.sites[0].party.layout
 
+    @property
+    def last_aggregate(self):
+        """The last round's aggregate (without HE: its plaintext average)."""
+        return self.driver.last_result
+
     # -- one round --------------------------------------------------------------------------
     def run_round(self, round_idx: int, progress=None) -> dict:
-        server, sites = self.server, self.sites
-        if server.needs_new_keys():  # the first key epoch, or a rotation (budget)
-            self.set_up_keys(before_round=round_idx)
-        plan = server.plan(round_idx)
-        replies = []
-        for site in sites:
-            replies.append((site.party_id, site.train_round(plan)))
-            if progress is not None:
-                progress.update(1)
-        accepted = server.screen_updates(plan, replies)
-        result = self.last_aggregate = server.aggregate(plan, accepted)
-        if result is None:
-            raise FedShieldError(f"round {round_idx} failed: {server.current.failure}")
-        average = self.decrypt(plan, result, [reply.party for _, reply in accepted])
-        evals = []
-        for site in sites:  # decrypted once above: every key holder would get the same values
-            site.apply(plan, average=average)
-            evals.append((site.party_id, site.eval_reply()))
-        entry = server.finish_round(evals)
-        entry.samples = sites[0].samples()
+        """Round ``round_idx``, applied and recorded; FedShieldError when it failed."""
+        self._progress = progress
+        try:
+            self.driver.run_round(round_idx)
+        finally:
+            self._progress = None
+        entry = self.server.current
+        if entry is None or entry.round != round_idx or entry.status != "ok":
+            raise FedShieldError(f"round {round_idx} failed: "
+                                 f"{entry.failure if entry is not None else 'not run'}")
         return entry.to_dict()
 
-    def decrypt(self, plan, result, contributors: list[int]):
-        """The round's average: the plaintext one, the aggregate decrypted by a key holder
-        (shared keys), or fused from the present parties' partial decryptions (threshold)."""
-        start = time.perf_counter()
-        if not self.cfg.he.enabled:
-            average = result
-        elif self.cfg.keys.mode == "threshold":
-            average = self._threshold_decrypt(plan, result, contributors)
-        else:
-            average = self.sites[contributors[0]].party.decrypt(
-                result, provenance=self.server.provenance)
-        self.server.current.seconds["decrypt"] += time.perf_counter() - start
-        return average
-
-    def _threshold_decrypt(self, plan, agg, contributors: list[int]):
-        """Sites 0..dropouts-1 (the lead among them) are gone before decryption; the present
-        ones cover for them with their Shamir shares."""
-        present = [p for p in contributors if p >= self.cfg.keys.dropouts]
-
-        server = self.server
-
-        def ask(parties: list[int]) -> dict[int, object]:
-            out = {}
-            for p in parties:
-                try:
-                    out[p] = self.sites[p].partial_decrypt(agg, parties,
-                                                           provenance=server.provenance)
-                except FedShieldError as exc:
-                    out[p] = exc
-            return out
-
-        collected = server.collect_shares(agg, present, ask)
-        if collected is None:
-            raise FedShieldError(f"round {plan.round} failed: {server.current.failure}")
-        present, shares = collected
-        lead = self.sites[present[0]]
-        return lead.party.decrypt(agg, [shares[p] for p in present],
-                                  share_records=[server.share_records[p] for p in present])
+    def _round_closed(self, entry: RoundRecord) -> None:
+        if entry.status == "ok":
+            entry.samples = self.sites[0].samples()
 
     # -- the whole run ----------------------------------------------------------------------
     def run(self) -> dict:

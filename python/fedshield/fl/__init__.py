@@ -1,5 +1,8 @@
 """The federated-learning layer, on top of the encryption layer (fedshield.he):
 
+- protocol.py: the round's requests (train, share, catch-up) and replies, one wire form each;
+- rounds.py: RoundDriver, the server's side of the rounds over any transport (no torch);
+- site_rounds.py: SiteRounds, a site's answers, the same in both engines;
 - messages.py: the typed messages of a round (plan, replies) and their flat fields;
 - the Server in parts, none importing torch or openfhe: server.py (the Server, a thin
   coordinator: plan, aggregate, collect shares, checkpoint/restore), membership.py (who is

@@ -148,7 +148,8 @@ class RoundRecord:
 
 # metrics.json keys written only once the run has the fact (an absent key: not known)
 _OPTIONAL = ("ckks_params", "identities", "server_identity", "participants", "failure",
-             "failure_kind", "not_enrolled", "server_loaded_openfhe", "server_loaded_torch", "dp")
+             "failure_kind", "not_enrolled", "server_loaded_openfhe", "server_loaded_torch", "dp",
+             "message_steps")
 _LISTS = {"key_epochs": KeyEpoch, "rounds_changed": RoundsChange, "resumed": Resumption}
 
 
@@ -183,6 +184,7 @@ class RunRecord:
     not_enrolled: list[int] | None = None          # Flower: nodes that connected too late
     server_loaded_openfhe: bool | None = None      # Flower: what the server process loaded
     server_loaded_torch: bool | None = None
+    message_steps: dict[str, int] | None = None    # message steps per stage: join, keys, rounds
 
     def take_sites(self, sites: dict[int, SiteInfo], n_sites: int) -> None:
         """The enrolled sites and the held-out loss of the initial global state."""

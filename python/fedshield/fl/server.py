@@ -250,8 +250,10 @@ class Server:
                  self.epoch, len(state["roster"]) or len(state.get("participants", [])))
 
     # -- one round -----------------------------------------------------------------------------
-    def plan(self, round_idx: int) -> RoundPlan:
-        """The round's plan; opens its record (status "failed" until it finishes)."""
+    def plan_for(self, round_idx: int, base_version: int | None = None) -> RoundPlan:
+        """Round ``round_idx``'s plan, built on the adapter of round ``base_version`` (default:
+        the current one), without opening its record: what a train request that also carries
+        the previous round's aggregate sends before that round is closed."""
         cfg = self.cfg
         if self.weight_bound is None:
             raise FedShieldError("no site has enrolled: nothing to plan")
@@ -260,12 +262,17 @@ class Server:
         ratio = 0.0 if cfg.pruning.mode == "off" else prune_ratio(
             round_idx, cfg.pruning.p0, cfg.pruning.target, cfg.pruning.t_start,
             cfg.prune_t_end)
-        plan = RoundPlan(round=round_idx,
+        return RoundPlan(round=round_idx,
                          lr=cosine_lr(round_idx - 1, cfg.training.rounds, cfg.training.lr,
                                       cfg.training.lr_min),
                          prune=cfg.pruning.mode, prune_ratio=ratio,
-                         weight_bound=self.weight_bound, base_version=self.version)
-        self.current = RoundRecord(round=round_idx, prune_ratio=ratio, lr=plan.lr)
+                         weight_bound=self.weight_bound,
+                         base_version=self.version if base_version is None else base_version)
+
+    def plan(self, round_idx: int) -> RoundPlan:
+        """The round's plan; opens its record (status "failed" until it finishes)."""
+        plan = self.plan_for(round_idx)
+        self.current = RoundRecord(round=round_idx, prune_ratio=plan.prune_ratio, lr=plan.lr)
         self.record.rounds.append(self.current)
         self._wall_start = time.perf_counter()
         log.info("round %d: %d participants (global version %d)", round_idx,

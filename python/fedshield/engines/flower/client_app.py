@@ -25,9 +25,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import ConfigRecord, Context, Message, RecordDict
 
 from ...base.errors import FedShieldError
-from .records import (AGGREGATE, FIELDS, SHARE, STYPE_AGGREGATE, STYPE_SHARE, STYPE_UPDATE,
-                      UPDATE, get_blobs, get_payload, message_fields, put_blobs, put_payload,
-                      route_logs_to_flower, share_key)
+from .records import (FIELDS, get_blobs, message_fields, put_blobs, route_logs_to_flower)
 from .site_ipc import (NODE_SOCKET, SIMULATION_SITES, Relay, SiteWorkerError, WorkerRefused)
 
 log = logging.getLogger("fedshield")
@@ -66,74 +64,30 @@ def ask(context: Context, op: str, fields: dict, sections: Sequence[bytes] = ()
         raise SiteWorkerError("RelayError: the site worker cannot be reached") from None
 
 
-def _reply(msg: Message, fields: dict, payloads: dict[str, tuple[bytes, str]] = (),
-           blobs: list[bytes] = ()) -> Message:
+def request_of(msg: Message) -> tuple[str, dict, list[bytes]]:
+    """The op, fields and byte strings of a server's message. The op is in the fields, or
+    (a join or a plain train request) named by the message type."""
+    fields = message_fields(msg) if FIELDS in msg.content.config_records else {}
+    kind = msg.metadata.message_type
+    op = fields.pop("op", None) or kind.removeprefix("query.")
+    return str(op), fields, get_blobs(msg.content, fields.pop("blobs", 0))
+
+
+def relay(msg: Message, context: Context) -> Message:
+    """Every request of the server (join, the round's train request, share, catch-up, a key
+    set-up step) to this site's worker, and its answer back as it is. A join also hands the
+    worker the run's settings (the run config), which the worker checks."""
+    op, fields, blobs = request_of(msg)
+    if op == "join":
+        run_config = {k: v for k, v in context.run_config.items() if k != SIMULATION_SITES}
+        fields["run-config"] = json.dumps(run_config)
+    out, sections = ask(context, op, fields, blobs)
     content = RecordDict()
-    for name, (blob, stype) in dict(payloads).items():
-        put_payload(content, name, blob, stype)
-    if blobs:
-        fields = {**fields, "blobs": put_blobs(content, blobs)}
-    content[FIELDS] = ConfigRecord(fields)
+    count = put_blobs(content, sections)
+    content[FIELDS] = ConfigRecord({**out, "blobs": count})
     return Message(content=content, reply_to=msg)
 
 
-def _blobs(msg: Message, fields: dict) -> list[bytes]:
-    return get_blobs(msg.content, fields.get("blobs", 0))
-
-
-@app.query("join")
-def join(msg: Message, context: Context) -> Message:
-    """This site's party id, data sizes, context fingerprint and initial held-out loss (and,
-    for a resumed run, the round of the adapter it holds). It hands the worker the run's
-    settings (the run config), which the worker checks."""
-    asked = message_fields(msg) if FIELDS in msg.content.config_records else {}
-    run_config = {k: v for k, v in context.run_config.items() if k != SIMULATION_SITES}
-    fields, _ = ask(context, "join", {**asked, "run-config": json.dumps(run_config)})
-    return _reply(msg, fields)
-
-
-def _relay(msg: Message, context: Context) -> Message:
-    """A key set-up or catch-up operation, answered by the site worker as it is."""
-    fields = message_fields(msg)
-    out, sections = ask(context, str(fields.get("op")), fields, _blobs(msg, fields))
-    return _reply(msg, out, blobs=sections)
-
-
-@app.query("keys")
-def keys(msg: Message, context: Context) -> Message:
-    """One step of the key set-up (fedshield.fl.key_setup)."""
-    return _relay(msg, context)
-
-
-@app.query("catchup")
-def catchup(msg: Message, context: Context) -> Message:
-    """This party sends the global adapter sealed to a party that missed rounds, or takes it."""
-    return _relay(msg, context)
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Trains from the global adapter, prunes, encrypts and signs (in the site worker)."""
-    fields, sections = ask(context, "train", message_fields(msg))
-    return _reply(msg, {**fields, "signature": sections[1]},
-                  {UPDATE: (sections[0], STYPE_UPDATE)})
-
-
-@app.query("share")
-def share(msg: Message, context: Context) -> Message:
-    """Threshold keys: this party's signed partial decryption of the round's aggregate."""
-    fields = message_fields(msg)
-    agg = get_payload(msg.content, AGGREGATE, STYPE_AGGREGATE)
-    out, sections = ask(context, "share", fields, [agg, *_blobs(msg, fields)])
-    return _reply(msg, {**out, "signature": sections[1]}, {SHARE: (sections[0], STYPE_SHARE)})
-
-
-@app.evaluate()
-def apply_and_evaluate(msg: Message, context: Context) -> Message:
-    """Decrypts the aggregate (threshold keys: fuses the shares), applies it, reports the loss."""
-    fields = message_fields(msg)
-    sections = [get_payload(msg.content, AGGREGATE, STYPE_AGGREGATE)]
-    sections += [get_payload(msg.content, share_key(int(p)), STYPE_SHARE)
-                 for p in fields.get("shares", [])]
-    out, _ = ask(context, "evaluate", fields, sections + _blobs(msg, fields))
-    return _reply(msg, out)
+for _register in (app.train(), app.query("join"), app.query("share"), app.query("catchup"),
+                  app.query("keys")):
+    _register(relay)

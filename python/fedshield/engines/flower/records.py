@@ -1,12 +1,12 @@
-"""fedshield's round messages in Flower records: their fields and their opaque payloads
-(update, aggregate, partial decryption).
+"""fedshield's messages in Flower records: their fields and their byte strings.
 
-The fields of a fedshield.fl.messages message travel as one ``ConfigRecord`` named ``FIELDS``.
+The fields of a fedshield.fl.protocol message travel as one ``ConfigRecord`` named ``FIELDS``.
 
-A payload travels as an ``ArrayRecord`` of uint8 ``Array`` chunks whose ``stype`` names the
-payload, plus a ``ConfigRecord`` with its size, chunk count and SHA-256. A stock strategy calls
-``Array.numpy()``, which refuses a foreign ``stype``: it cannot average ciphertext bytes by
-mistake. Chunks keep every ``Array`` far below gRPC's 2 GB ceiling whatever the update size
+A byte string (update, aggregate, partial decryption, sealed adapter, key set-up message)
+travels as a payload: an ``ArrayRecord`` of uint8 ``Array`` chunks whose ``stype`` is a
+fedshield one, plus a ``ConfigRecord`` with its size, chunk count and SHA-256. A stock strategy
+calls ``Array.numpy()``, which refuses a foreign ``stype``: it cannot average ciphertext bytes
+by mistake. Chunks keep every ``Array`` far below gRPC's 2 GB ceiling whatever the update size
 (Flower further slices each Array into 5 MiB objects on the wire).
 """
 
@@ -21,30 +21,17 @@ from ...base.errors import InvalidUpdate
 from ...fl.messages import InvalidMessage
 
 FIELDS = "fedshield.fields"                  # the message's fields (a ConfigRecord)
-UPDATE = "fedshield.update"                  # payload names in a message's RecordDict
-AGGREGATE = "fedshield.aggregate"
-SHARE = "fedshield.share"
-BLOB = "fedshield.blob"                      # the i-th of a message's other byte strings
-JOIN = "query.join"                          # message types beside Flower's train/evaluate
-SHARE_REQUEST = "query.share"
-KEYS = "query.keys"                          # one key set-up operation (fedshield.fl.key_setup)
-CATCHUP = "query.catchup"    # the global adapter for a party that missed rounds, sealed to it
+BLOB = "fedshield.blob"                      # the i-th of a message's byte strings
 
-STYPE_UPDATE = "fedshield.update.v1"          # a client's EncryptedUpdate (wire bytes)
-STYPE_AGGREGATE = "fedshield.aggregate.v1"    # the server's aggregate EncryptedUpdate
-STYPE_SHARE = "fedshield.partial.v1"          # a threshold party's partial decryption
-# key set-up messages, sealed key shares, and the signed updates a verifying key holder gets
-STYPE_BLOB = "fedshield.blob.v1"
+STYPE_UPDATE = "fedshield.update.v1"          # the stypes of fedshield payloads
+STYPE_AGGREGATE = "fedshield.aggregate.v1"
+STYPE_SHARE = "fedshield.partial.v1"
+STYPE_BLOB = "fedshield.blob.v1"              # a message's byte strings (put_blobs)
 STYPES = (STYPE_UPDATE, STYPE_AGGREGATE, STYPE_SHARE, STYPE_BLOB)
 MAX_BLOBS = 1 << 14                           # byte strings one message may carry
 
 CHUNK_BYTES = 64 << 20
 MAX_PAYLOAD_BYTES = (1 << 40)                 # 1 TiB: a sanity bound on the declared size
-
-
-def share_key(party: int) -> str:
-    """The payload name of party ``party``'s partial decryption."""
-    return f"{SHARE}.{party}"
 
 
 def message_fields(msg) -> dict:
@@ -121,14 +108,24 @@ def get_payload(content: RecordDict, name: str, stype: str) -> bytes:
     return blob
 
 
-def put_blobs(content: RecordDict, blobs, *, chunk_bytes: int = CHUNK_BYTES) -> int:
+def put_blobs(content: RecordDict, blobs, *, chunk_bytes: int = CHUNK_BYTES,
+              cache: dict | None = None) -> int:
     """Stores byte strings as payloads ``BLOB.0``, ``BLOB.1``, ...; returns how many (the
-    receiver's count, sent in the fields)."""
+    receiver's count, sent in the fields). ``cache``: chunks already made for the same bytes
+    object (one chunking of an aggregate however many messages carry it)."""
     blobs = list(blobs)
     if len(blobs) > MAX_BLOBS:
         raise ValueError(f"{len(blobs)} byte strings in one message, at most {MAX_BLOBS}")
     for i, blob in enumerate(blobs):
-        put_payload(content, f"{BLOB}.{i}", blob, STYPE_BLOB, chunk_bytes=chunk_bytes)
+        name = f"{BLOB}.{i}"
+        made = None if cache is None else cache.get(id(blob))
+        if made is None:
+            one = RecordDict()
+            put_payload(one, "p", blob, STYPE_BLOB, chunk_bytes=chunk_bytes)
+            made = (one.array_records["p"], one.config_records[_meta_key("p")], blob)
+            if cache is not None:
+                cache[id(blob)] = made    # (the blob is kept: its id stays its own)
+        content[name], content[_meta_key(name)] = made[0], made[1]
     return len(blobs)
 
 

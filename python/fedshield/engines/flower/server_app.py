@@ -1,5 +1,9 @@
 """The fedshield ServerApp: enrols the sites, runs the rounds, writes metrics.json and plots.
 
+Its loop is driven by the Grid: enrolment, then fedshield.fl.rounds.RoundDriver over the Grid
+transport (fedshield.engines.flower.transport): with shared keys one message step per round
+(and one more for the run's last aggregate), with threshold keys two.
+
 Run config: ``fedshield-config`` (the run config as JSON), ``server-context`` (where it writes
 the PUBLIC context each key set-up makes) and ``out-dir`` (where metrics.json and plots/ go).
 The keys are made by the parties on their own nodes (fedshield.fl.key_setup); the server only
@@ -14,13 +18,14 @@ import logging
 import sys
 from pathlib import Path
 
-from flwr.common import ArrayRecord, Context
+from flwr.common import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ...base.atomic import write_json_atomic
 from ...config import RunConfig
 from ...base.errors import FedShieldError
-from ...fl.record import Resumption
+from ...fl.record import Resumption, RoundRecord
+from ...fl.rounds import RoundDriver
 from ...fl.server import Server
 from ...trust.identity import Identity
 from ...run.outcome import NEXT_STEP, RunFailed, failure_kind
@@ -28,7 +33,7 @@ from ...run.run_dir import METRICS, SERVER_STATE
 from .polling import PromptGrid
 from .records import CHUNK_BYTES, route_logs_to_flower
 from .site_ipc import RESUME_STATE, SERVER_IDENTITY
-from .strategy import EncryptedFedAvg
+from .transport import GridTransport
 
 log = logging.getLogger("fedshield")
 app = ServerApp()
@@ -93,17 +98,17 @@ def main(grid: Grid, context: Context) -> None:
         ctx.save(context_path, include_secret=False)
         server.record.write(metrics_path)
 
-    def on_round(entry: dict) -> None:
+    def on_round(entry: RoundRecord) -> None:
         server.record.write(metrics_path)
         write_json_atomic(state_path, server.checkpoint())  # what --resume goes on from
-        log.info("round %d %s: eval loss %s, parties %s, excluded %s", entry["round"],
-                 entry["status"], entry.get("eval_loss"), entry.get("clients"),
-                 [(e["party"], e["reason"]) for e in entry.get("excluded", [])])
+        log.info("round %d %s: eval loss %s, parties %s, excluded %s", entry.round,
+                 entry.status, entry.eval_loss, entry.clients,
+                 [(e["party"], e["reason"]) for e in entry.excluded])
 
-    strategy = EncryptedFedAvg(server, on_round=on_round, on_keys=on_keys,
-                               chunk_bytes=int(rc.get("chunk-bytes", CHUNK_BYTES)))
-    strategy.first_round = done + 1
-    participants = strategy.enroll(grid, timeout=cfg.engine.round_timeout)
+    transport = GridTransport(grid, server, chunk_bytes=int(rc.get("chunk-bytes", CHUNK_BYTES)))
+    participants = transport.enroll(timeout=cfg.engine.round_timeout)
+    driver = RoundDriver(server, transport.send, on_round=on_round, on_keys=on_keys)
+    driver.steps["join"] = 1
     record = server.record
     record.participants = sorted(participants.values())
     record.write(metrics_path)
@@ -114,13 +119,12 @@ def main(grid: Grid, context: Context) -> None:
         record.resumed.append(Resumption(after_round=done,
                                          parties=sorted(participants.values())))
     try:
-        if cfg.training.rounds > done:
-            strategy.start(grid, ArrayRecord(), num_rounds=cfg.training.rounds - done,
-                           timeout=cfg.engine.round_timeout)
+        for r in range(done + 1, cfg.training.rounds + 1):
+            driver.run_round(r, last=r == cfg.training.rounds)
     except FedShieldError as exc:  # e.g. a party failed the key set-up: nothing decrypts
         kind = failure_kind(exc)
         _fail(record, metrics_path, "run" if kind == "error" else kind, str(exc), exc)
-    record.not_enrolled = strategy.late_nodes(grid)
+    record.not_enrolled = transport.late_nodes()
     # what the whole server process loaded, not only our modules
     record.server_loaded_openfhe = "openfhe" in sys.modules
     record.server_loaded_torch = "torch" in sys.modules

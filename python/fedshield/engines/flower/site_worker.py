@@ -39,15 +39,16 @@ from ...base.errors import (AuthenticationError, DataError, DecryptionBudgetExce
                       ParameterError, StorageError)
 from ...trust.federation import load_pinned
 from ...fl.key_setup import NOT_PINNED, refusal_fields
-from ...fl.adapter_store import AdapterStore, adapter_fingerprint, pack_adapter, unpack_adapter
-from ...trust.guard import Provenance
-from ...fl.messages import InvalidMessage, RoundPlan
+from ...fl.adapter_store import AdapterStore, adapter_fingerprint
+from ...fl.messages import InvalidMessage
 from ...fl.party import Party
+from ...fl.protocol import (APPLY, CATCH, CATCHUP, PLAN_FIELDS, SHARE, TRAIN, reply_to_wire,
+                            request_from_wire)
 from ...fl.site import Site, load_site_data
 from ...fl.site_check import SiteCheckFailed, check_site
 from ...fl.site_config import SiteConfig, site_settings_in
+from ...fl.site_rounds import OutOfStep, SiteRounds
 from ...fl.train_fn import TrainFnError, load_train_fn
-from ...he import EncryptedUpdate
 from ...trust.identity import Identity
 from ...training.lora import build_lora_model
 from ...training.base_model import load_tokenizer
@@ -69,10 +70,6 @@ class NotJoined(FedShieldError):
 
 class RunConfigRefused(FedShieldError):
     """The server's run config names a setting that only the site decides."""
-
-
-class OutOfStep(FedShieldError):
-    """This party's global adapter is not the one the server's round builds on."""
 
 
 # The only text of a failure that leaves the site: per error type (the first match along the
@@ -125,6 +122,13 @@ def error_reply(exc: BaseException) -> dict:
     return {"ok": False, "error-type": UNEXPECTED[0], "error": UNEXPECTED[1]}
 
 
+def describe(exc: BaseException) -> str:
+    """A training failure after the site applied the aggregate, as its train reply tells it:
+    the error's type and fixed message (the details go to the site's log)."""
+    reply = error_reply(exc)
+    return f"{reply['error-type']}: {reply['error']}"
+
+
 # -- the requests the worker answers -----------------------------------------------------------
 MAX_LIST = 1 << 14
 MAX_SECTIONS = 1 << 14
@@ -150,18 +154,18 @@ def _ints(v) -> bool:
     return isinstance(v, list) and len(v) <= MAX_LIST and all(_int(x) for x in v)
 
 
-PLAN = {"round": _int, "lr": _num, "prune": _str, "prune-ratio": _num, "weight-bound": _num,
-        "base-version": _int}
+PLAN = dict(zip(PLAN_FIELDS, (_int, _num, _str, _num, _num, _int)))
+# a train request: this round's plan, the previous round's aggregate to apply, a catch-up
+TRAIN_FIELDS = {**PLAN, **{APPLY + k: check for k, check in PLAN.items()},
+                APPLY + "shares": _ints, APPLY + "save-adapter": _bool,
+                CATCH + "version": _int, CATCH + "from": _int}
 # op -> (the fields it may carry and their types, fewest and most byte sections)
 REQUESTS: dict[str, tuple[dict, int, int]] = {
     "ping": ({}, 0, 0),
     "join": ({"resume": _bool, "run-config": _str}, 0, 0),
-    "train": (PLAN, 0, 0),
-    "share": ({"round": _int, "present": _ints}, 1, MAX_SECTIONS),
-    "evaluate": ({**PLAN, "clients": _ints, "shares": _ints, "final": _bool,
-                  "save-adapter": _bool}, 1, MAX_SECTIONS),
-    "catchup.send": ({"version": _int, "to": _ints}, 0, 0),
-    "catchup.take": ({"version": _int, "from": _int}, 1, 1),
+    TRAIN: (TRAIN_FIELDS, 0, MAX_SECTIONS),
+    SHARE: ({"round": _int, "present": _ints}, 1, MAX_SECTIONS),
+    CATCHUP: ({"version": _int, "to": _ints}, 0, 0),
 }
 # The key set-up's messages belong to fedshield.fl.key_setup, whose KeyHolder validates each
 # one and refuses an operation it does not know; here only their shape is checked.
@@ -291,10 +295,6 @@ def pinned_federation(site_cfg: SiteConfig) -> dict:
     return {"trust_server_roster": True}
 
 
-def _catch_up_aad(sender: int, recipient: int, version: int) -> bytes:
-    return f"fedshield-catchup|round {version}|from {sender}|to {recipient}".encode()
-
-
 class SiteWorker:
     """Serves the relay's requests, one at a time, for the site its config describes."""
 
@@ -313,6 +313,7 @@ class SiteWorker:
                      site_cfg.train_fn)
         self.store = AdapterStore(site_cfg.path("node_dir") / "global")
         self.site: Site | None = None
+        self.rounds: SiteRounds | None = None
         self.run = ""            # digest of the run config the site was built for
         self.initial: dict | None = None
         self.stopping = False    # set from another thread: serve() returns within 2 s
@@ -334,6 +335,8 @@ class SiteWorker:
             log.info("site worker: party %d goes on from its global adapter of round %d",
                      site.party_id, version)
         self.site, self.run = site, digest
+        self.rounds = SiteRounds(site, store=self.store, adapter_dir=self.cfg.path("out_dir"),
+                                 describe=describe)
         log.info("site worker: %r serves a run", site)
 
     def _site(self) -> Site:
@@ -345,45 +348,30 @@ class SiteWorker:
         """One relayed request: checked, answered, and its reply fields as the site's metrics
         policy lets them leave."""
         check_request(op, fields, sections)
-        out, blobs = self._answer(op, fields, sections)
-        return withhold(out, self.cfg.metrics), blobs
+        return self._answer(op, fields, sections)
 
     def _answer(self, op: str, fields: dict, sections: list[bytes]) -> tuple[dict, list[bytes]]:
+        policy = self.cfg.metrics
         if op == "ping":
             return {}, []
         if self.problems:
             raise SiteCheckFailed(self.cfg, self.problems[0])
         if op == "join":
-            return self._join(fields)
+            out, blobs = self._join(fields)
+            return withhold(out, policy), blobs
         site = self._site()
-        if op.startswith("catchup."):
-            return self._catch_up(op, fields, sections)
         if op.startswith("keys."):
             try:
-                out = site.keys.handle(op, fields, sections)
+                out, blobs = site.keys.handle(op, fields, sections)
             except KeyMessageRefused as exc:  # the sender's id rides in the reply's fields
                 log.warning("site worker: %s", exc)
-                return refusal_fields(exc), []
+                return withhold(refusal_fields(exc), policy), []
             if op == "keys.commit":  # the key this node just wrote becomes the party's
                 site.take_committed_keys()
-            return out
-        if op == "train":
-            plan = RoundPlan.from_fields(fields)
-            self._step_back_to(plan)
-            reply = site.train_round(plan)
-            return reply.to_fields(), [reply.update, reply.signature]
-        if op == "share":
-            start = time.perf_counter()
-            agg = EncryptedUpdate.from_bytes(sections[0])
-            if agg.round != fields.get("round"):
-                raise OutOfStep(f"asked to decrypt round {agg.round}'s aggregate in round "
-                                f"{fields.get('round')}")
-            share, record = site.partial_decrypt(agg, list(fields.get("present", [])),
-                                                 provenance=Provenance.from_blobs(sections[1:]))
-            return {"seconds": time.perf_counter() - start}, [share, record]
-        if op == "evaluate":
-            return self._evaluate(fields, sections)
-        raise RequestRefused(f"unknown operation {op!r}")   # check_request let it through
+            return withhold(out, policy), blobs
+        # the round protocol: the same handler as the local engine's (fedshield.fl.site_rounds)
+        reply = self.rounds.handle(request_from_wire(op, fields, sections))
+        return reply_to_wire(reply, keep=lambda part: withhold(part, policy))
 
     def _join(self, fields: dict) -> tuple[dict, list[bytes]]:
         if "run-config" not in fields:
@@ -398,86 +386,6 @@ class SiteWorker:
             self.store.clear()
         return {**site.info().to_fields(), "version": party.version,
                 "adapter-fp": adapter_fingerprint(party.global_state)}, []
-
-    def _evaluate(self, fields: dict, sections: list[bytes]) -> tuple[dict, list[bytes]]:
-        site = self._site()
-        party = site.party
-        plan = RoundPlan.from_fields(fields)
-        if party.version != plan.base_version:
-            raise OutOfStep(f"party {site.party_id} holds the adapter of round {party.version}, "
-                            f"the aggregate of round {plan.round} applies to round "
-                            f"{plan.base_version}")
-        agg = EncryptedUpdate.from_bytes(sections[0])
-        if agg.round != plan.round or not agg.is_aggregate:
-            raise OutOfStep(f"expected the aggregate of round {plan.round}, got round "
-                            f"{agg.round}")
-        # sections: the aggregate, the shares (threshold), their signed records, then the
-        # aggregate's provenance (manifest, server record, verify_aggregates: the updates)
-        n_shares = len(fields.get("shares", []))
-        if len(sections) < 1 + 2 * n_shares:
-            raise RequestRefused(f"evaluate: {n_shares} shares need {1 + 2 * n_shares} "
-                                 f"sections, got {len(sections)}")
-        shares = sections[1:1 + n_shares]
-        records = sections[1 + n_shares:1 + 2 * n_shares]
-        provenance = Provenance.from_blobs(sections[1 + 2 * n_shares:])
-        if site.cfg.keys.mode == "threshold":
-            seconds = site.apply(plan, agg=agg, shares=shares, share_records=records)
-        else:
-            seconds = site.apply(plan, agg=agg, provenance=provenance)
-        self.store.save(party.version, party.global_state)
-        reply = site.eval_reply(seconds)
-        if fields.get("save-adapter"):   # into the site's own out_dir, nowhere else
-            site.save_adapter(self.cfg.path("out_dir"))
-            log.info("party %d wrote %s/adapter", site.party_id, self.cfg.path("out_dir"))
-        return reply.to_fields(), []
-
-    def _step_back_to(self, plan: RoundPlan) -> None:
-        """A server that was stopped after this party applied round r's aggregate, but before
-        it recorded round r, redoes round r from r - 1: step back to it if it is kept here."""
-        site, party = self._site(), self._site().party
-        if party.version == plan.base_version:
-            return
-        state = self.store.at(plan.base_version) if party.version > plan.base_version else None
-        if state is None:
-            raise OutOfStep(f"party {site.party_id} holds the adapter of round "
-                            f"{party.version}, the server builds round {plan.round} on "
-                            f"round {plan.base_version}")
-        log.info("site worker: party %d steps back from round %d to round %d (the server redoes "
-                 "round %d)", site.party_id, party.version, plan.base_version, plan.round)
-        party.set_global(state, plan.base_version)
-
-    def _catch_up(self, op: str, fields: dict, sections: list[bytes]
-                  ) -> tuple[dict, list[bytes]]:
-        """catchup.send: this party's global adapter of round ``version``, sealed to each party
-        in ``to`` and signed; catchup.take: the adapter sealed to this party by ``from``."""
-        site = self._site()
-        party, keys = site.party, site.keys
-        version = fields.get("version")
-        if op == "catchup.send":
-            if party.version != version:
-                raise OutOfStep(f"party {site.party_id} holds round {party.version}, not "
-                                f"round {version}")
-            to = list(fields.get("to", []))
-            if not all(p in keys.roster for p in to):
-                raise KeySetupError(f"catchup.send to {to}: not all are in the key roster")
-            blob = pack_adapter(version, party.global_state)
-            return {}, [keys.roster[p].seal(blob, site.identity,
-                                            _catch_up_aad(site.party_id, p, version))
-                        for p in to]
-        sender = fields.get("from")
-        if sender not in keys.roster:
-            raise KeySetupError(f"catchup.take from party {sender}: not in the key roster")
-        blob = site.identity.open_sealed(sections[0], keys.roster[sender],
-                                         _catch_up_aad(sender, site.party_id, version))
-        got, state = unpack_adapter(blob, f"party {sender}'s adapter")
-        if got != version or sorted(state) != sorted(party.global_state):
-            raise OutOfStep(f"party {sender} sent the adapter of round {got} with "
-                            f"{len(state)} tensors; expected round {version}")
-        party.set_global(state, version)
-        self.store.save(version, state)
-        log.info("site worker: party %d caught up with round %d from party %d",
-                 site.party_id, version, sender)
-        return {"version": version, "adapter-fp": adapter_fingerprint(state)}, []
 
     # -- the socket -----------------------------------------------------------------------------
     def serve(self, server: socket.socket, token: bytes, *, exit_with: int = 0) -> None:
