@@ -488,7 +488,7 @@ def test_non_finite_train_and_evaluate_replies_are_excluded(client_ctx, server_c
         assert all(math.isfinite(v) for v in record["seconds"].values())
         # the faulty site was dropped as out of step; enrol it again for the next case
         server.participants[101] = 1
-        server.party_versions[1] = server.version
+        server.members.party_versions[1] = server.version
         server.current = entry
     json.dumps(server.record.to_dict(), allow_nan=False)  # strict JSON: no NaN
 
