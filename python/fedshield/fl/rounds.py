@@ -122,8 +122,8 @@ class RoundDriver:
         server = self.server
         if server.ctx is None or self.pending is None:
             return False
-        left = (server.budget_left if server.budget_left is not None
-                else 2 ** server.ctx.params.flood_log_queries)
+        reported = server.keys.budget_left   # the tightest budget the parties reported
+        left = reported if reported is not None else 2 ** server.ctx.params.flood_log_queries
         per_round = server.current.n_ciphertexts * (
             SHARE_ATTEMPTS if server.cfg.keys.mode == "threshold" else 1)
         return left < 2 * per_round
