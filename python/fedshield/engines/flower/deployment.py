@@ -219,6 +219,9 @@ class Deployment:
             if on_poll is not None:
                 on_poll()
             time.sleep(0.5)
+        # `flwr run` exits at once when its SuperLink dies: a dead SuperLink (or SuperNode)
+        # is the run's failure, even when it died between two polls
+        self.check_alive()
         return proc.returncode
 
     def stop(self, names=None) -> None:
