@@ -58,3 +58,32 @@ def test_a_damaged_adapter_is_a_storage_error(tmp_path, damage):
     (tmp_path / CURRENT).write_bytes(bad)
     with pytest.raises(fs.StorageError, match=CURRENT):
         store.latest()
+
+
+class _Party:
+    """What SiteRounds.step_back uses of a party: its global adapter and round."""
+
+    def __init__(self, version: int, global_state: dict) -> None:
+        self.version, self.global_state = version, global_state
+
+    def set_global(self, global_state: dict, version: int) -> None:
+        self.version, self.global_state = version, global_state
+
+
+def test_a_resumed_server_makes_a_site_step_back_to_a_kept_round_only(tmp_path):
+    from types import SimpleNamespace
+
+    from fedshield.fl.site_rounds import SiteRounds
+
+    store = AdapterStore(tmp_path)
+    for version in (1, 2):
+        store.save(version, state(version))
+    party = _Party(2, state(2))
+    rounds = SiteRounds(SimpleNamespace(party=party, party_id=0), store=store)
+    assert rounds.step_back(2, "same round") and party.version == 2
+    assert rounds.step_back(1, "the server resumes after round 1")
+    assert party.version == 1 and same(party.global_state, state(1))
+    assert not rounds.step_back(2, "ahead of the site")      # never forward
+    party.set_global(state(2), 2)
+    assert not rounds.step_back(0, "not kept") and party.version == 2
+    assert not SiteRounds(SimpleNamespace(party=party, party_id=0)).step_back(1, "no store")

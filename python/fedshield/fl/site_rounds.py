@@ -119,18 +119,29 @@ class SiteRounds:
     def step_back_to(self, plan: RoundPlan) -> None:
         """A server that was stopped after this party applied round r's aggregate, but before
         it recorded round r, redoes round r from r - 1: step back to it if it is kept here."""
-        site, party = self.site, self.site.party
+        party = self.site.party
         if party.version == plan.base_version:
             return
-        state = (self.store.at(plan.base_version)
-                 if self.store is not None and party.version > plan.base_version else None)
-        if state is None:
-            raise OutOfStep(f"party {site.party_id} holds the adapter of round "
+        if not self.step_back(plan.base_version, f"the server redoes round {plan.round}"):
+            raise OutOfStep(f"party {self.site.party_id} holds the adapter of round "
                             f"{party.version}, the server builds round {plan.round} on "
                             f"round {plan.base_version}")
-        log.info("party %d steps back from round %d to round %d (the server redoes round %d)",
-                 site.party_id, party.version, plan.base_version, plan.round)
-        party.set_global(state, plan.base_version)
+
+    def step_back(self, version: int, why: str) -> bool:
+        """Goes back to the kept adapter of round ``version`` when this party holds a later
+        one (a resumed server recorded fewer rounds than the party applied: with one step per
+        round a site applies round r's aggregate before the server can record round r).
+        False when it holds a later one and round ``version``'s is not kept."""
+        site, party = self.site, self.site.party
+        if party.version <= version:
+            return party.version == version
+        state = self.store.at(version) if self.store is not None else None
+        if state is None:
+            return False
+        log.info("party %d steps back from round %d to round %d (%s)", site.party_id,
+                 party.version, version, why)
+        party.set_global(state, version)
+        return True
 
     # -- threshold keys -------------------------------------------------------------------------
     def share(self, request: ShareRequest) -> ShareReply:

@@ -162,7 +162,7 @@ TRAIN_FIELDS = {**PLAN, **{APPLY + k: check for k, check in PLAN.items()},
 # op -> (the fields it may carry and their types, fewest and most byte sections)
 REQUESTS: dict[str, tuple[dict, int, int]] = {
     "ping": ({}, 0, 0),
-    "join": ({"resume": _bool, "run-config": _str}, 0, 0),
+    "join": ({"resume": _bool, "resume-from": _int, "run-config": _str}, 0, 0),
     TRAIN: (TRAIN_FIELDS, 0, MAX_SECTIONS),
     SHARE: ({"round": _int, "present": _ints}, 1, MAX_SECTIONS),
     CATCHUP: ({"version": _int, "to": _ints}, 0, 0),
@@ -384,6 +384,11 @@ class SiteWorker:
                      site.party_id, party.version)
             party.set_global(self.initial, 0)
             self.store.clear()
+        elif fields.get("resume") and "resume-from" in fields:
+            # the server goes on after the round it last recorded; this site may have applied
+            # the next aggregate already (it reports the round it can build on)
+            self.rounds.step_back(fields["resume-from"], "the server resumes after round "
+                                  f"{fields['resume-from']}")
         return {**site.info().to_fields(), "version": party.version,
                 "adapter-fp": adapter_fingerprint(party.global_state)}, []
 

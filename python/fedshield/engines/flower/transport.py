@@ -101,7 +101,8 @@ class GridTransport:
         log.info("enrolling %d connected nodes (%d sites configured)", len(nodes), n_sites)
         resumed = server.restored_roster is not None
         cache: dict = {}
-        messages = [self.message(node, JOIN, {"resume": resumed}, [], cache) for node in nodes]
+        join = {"resume": True, "resume-from": server.version} if resumed else {"resume": False}
+        messages = [self.message(node, JOIN, join, [], cache) for node in nodes]
         # the key set-up needs every site: one that refuses ends the run, so stop waiting
         # for the others (a model can take minutes to load); a plain Grid waits for all
         send_until = getattr(grid, "send_until", None)
