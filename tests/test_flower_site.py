@@ -465,3 +465,16 @@ def test_a_hostile_clientapp_gets_nothing_and_a_failing_train_fn_leaks_nothing(t
     assert all(_mode(p) == 0o600 for p in private), [(str(p), oct(_mode(p))) for p in private
                                                       if _mode(p) != 0o600]
     assert all(_mode(d) == 0o700 for d in nodes.iterdir())
+
+
+def test_importing_the_flower_apps_changes_no_logger():
+    """Flower imports the ServerApp and ClientApp modules in processes of its own and in the
+    caller's (`flwr run` reads the app): fedshield's records go to Flower's handlers only once
+    an app runs."""
+    code = ("import logging; import flwr.common.logger; "
+            "import fedshield.engines.flower.client_app, fedshield.engines.flower.server_app; "
+            "ours = logging.getLogger('fedshield'); "
+            "assert not ours.handlers and ours.propagate, (ours.handlers, ours.propagate)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

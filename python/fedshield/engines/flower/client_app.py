@@ -29,7 +29,6 @@ from .records import (FIELDS, get_blobs, message_fields, put_blobs, route_logs_t
 from .site_ipc import (NODE_SOCKET, SIMULATION_SITES, Relay, SiteWorkerError, WorkerRefused)
 
 log = logging.getLogger("fedshield")
-route_logs_to_flower()
 app = ClientApp()
 
 # How long one request may take at the worker (the first join loads the model and the data).
@@ -77,6 +76,7 @@ def relay(msg: Message, context: Context) -> Message:
     """Every request of the server (join, the round's train request, share, catch-up, a key
     set-up step) to this site's worker, and its answer back as it is. A join also hands the
     worker the run's settings (the run config), which the worker checks."""
+    route_logs_to_flower()   # in the ClientApp process only, not on import
     op, fields, blobs = request_of(msg)
     if op == "join":
         run_config = {k: v for k, v in context.run_config.items() if k != SIMULATION_SITES}
