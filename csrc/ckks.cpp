@@ -54,8 +54,10 @@ inline uint64_t signed_mod(int64_t r, uint64_t q, uint64_t mu) {
 
 struct FftTables {
     size_t slots = 0, m = 0;
-    std::vector<uint64_t> rot;     // 5^j mod m
-    std::vector<double> re, im;    // exp(2 pi i k / m), k in [0, m]
+    // The twiddles of each butterfly level in the order the level reads them (re, im
+    // interleaved): the level of half-length h holds h of them from index h - 1. Read in
+    // sequence, not gathered from a table of every 2N-th root of unity (cache misses).
+    std::vector<double> fwd, inv;
     std::vector<uint32_t> rev;     // bit reversal over log2(slots) bits
 };
 
@@ -68,18 +70,30 @@ std::shared_ptr<const FftTables> fft_tables(size_t n) {
     auto t = std::make_shared<FftTables>();
     t->slots = n / 2;
     t->m = 2 * n;
-    t->rot.resize(t->slots);
+    std::vector<uint64_t> rot(t->slots);  // 5^j mod m
     uint64_t g = 1;
     for (size_t j = 0; j < t->slots; ++j) {
-        t->rot[j] = g;
+        rot[j] = g;
         g = g * 5 % t->m;
     }
-    t->re.resize(t->m + 1);
-    t->im.resize(t->m + 1);
+    std::vector<double> re(t->m + 1), im(t->m + 1);  // exp(2 pi i k / m), k in [0, m]
     for (size_t k = 0; k <= t->m; ++k) {
         const long double angle = 2.0L * 3.14159265358979323846264338327950288L * k / t->m;
-        t->re[k] = static_cast<double>(std::cos(angle));
-        t->im[k] = static_cast<double>(std::sin(angle));
+        re[k] = static_cast<double>(std::cos(angle));
+        im[k] = static_cast<double>(std::sin(angle));
+    }
+    t->fwd.resize(2 * t->slots);
+    t->inv.resize(2 * t->slots);
+    for (size_t len = 2; len <= t->slots; len <<= 1) {
+        const size_t half = len >> 1, lenq = len << 2, gap = t->m / lenq;
+        for (size_t j = 0; j < half; ++j) {
+            const size_t kf = (rot[j] & (lenq - 1)) * gap;
+            const size_t ki = (lenq - (rot[j] & (lenq - 1))) * gap;
+            t->fwd[2 * (half - 1 + j)] = re[kf];
+            t->fwd[2 * (half - 1 + j) + 1] = im[kf];
+            t->inv[2 * (half - 1 + j)] = re[ki];
+            t->inv[2 * (half - 1 + j) + 1] = im[ki];
+        }
     }
     unsigned bits = 0;
     while ((size_t{1} << bits) < t->slots) ++bits;
@@ -107,13 +121,13 @@ void bit_reverse(double* v, const FftTables& t) {
 void fft_special(double* v, const FftTables& t) {
     bit_reverse(v, t);
     for (size_t len = 2; len <= t.slots; len <<= 1) {
-        const size_t half = len >> 1, lenq = len << 2, gap = t.m / lenq;
+        const size_t half = len >> 1;
+        const double* tw = t.fwd.data() + 2 * (half - 1);
         for (size_t i = 0; i < t.slots; i += len) {
             for (size_t j = 0; j < half; ++j) {
-                const size_t k = (t.rot[j] & (lenq - 1)) * gap;
                 double* a = v + 2 * (i + j);
                 double* b = v + 2 * (i + j + half);
-                const double wr = t.re[k], wi = t.im[k];
+                const double wr = tw[2 * j], wi = tw[2 * j + 1];
                 const double xr = b[0] * wr - b[1] * wi, xi = b[0] * wi + b[1] * wr;
                 b[0] = a[0] - xr;
                 b[1] = a[1] - xi;
@@ -127,15 +141,15 @@ void fft_special(double* v, const FftTables& t) {
 // The inverse of fft_special (encoding): slot values -> coefficients.
 void fft_special_inv(double* v, const FftTables& t) {
     for (size_t len = t.slots; len >= 2; len >>= 1) {
-        const size_t half = len >> 1, lenq = len << 2, gap = t.m / lenq;
+        const size_t half = len >> 1;
+        const double* tw = t.inv.data() + 2 * (half - 1);
         for (size_t i = 0; i < t.slots; i += len) {
             for (size_t j = 0; j < half; ++j) {
-                const size_t k = (lenq - (t.rot[j] & (lenq - 1))) * gap;
                 double* a = v + 2 * (i + j);
                 double* b = v + 2 * (i + j + half);
                 const double ur = a[0] + b[0], ui = a[1] + b[1];
                 const double dr = a[0] - b[0], di = a[1] - b[1];
-                const double wr = t.re[k], wi = t.im[k];
+                const double wr = tw[2 * j], wi = tw[2 * j + 1];
                 a[0] = ur;
                 a[1] = ui;
                 b[0] = dr * wr - di * wi;
@@ -159,6 +173,7 @@ struct NttPlan {
     uint64_t q = 0;
     std::vector<uint64_t> w, w_shoup, iw, iw_shoup;  // psi^bitrev(k), (psi^-1)^bitrev(k)
     uint64_t n_inv = 0, n_inv_shoup = 0;
+    uint64_t last_inv = 0, last_inv_shoup = 0;  // (psi^-1)^bitrev(1) * N^-1
 };
 
 NttPlan make_plan(uint64_t n, uint64_t q, uint64_t psi) {
@@ -187,6 +202,8 @@ NttPlan make_plan(uint64_t n, uint64_t q, uint64_t psi) {
     }
     p.n_inv = powmod(n % q, q - 2, q);
     p.n_inv_shoup = shoup_of(p.n_inv, q);
+    p.last_inv = static_cast<uint64_t>(static_cast<u128>(p.iw[1]) * p.n_inv % q);
+    p.last_inv_shoup = shoup_of(p.last_inv, q);
     return p;
 }
 
@@ -196,29 +213,53 @@ inline uint64_t mul_shoup_lazy(uint64_t a, uint64_t w, uint64_t w_shoup, uint64_
     return a * w - hi * q;
 }
 
-// coefficients (below q) -> evaluations (below q), Cooley-Tukey, bit-reversed output.
-void ntt_fwd(uint64_t* a, uint64_t n, const NttPlan& p) {
+// One Cooley-Tukey level of half-length t >= 2 (values in [0, 4q)).
+inline void fwd_level(uint64_t* a, uint64_t m, uint64_t t, const NttPlan& p) {
     const uint64_t q = p.q, two_q = 2 * q;
-    for (uint64_t m = 1, t = n >> 1; m < n; m <<= 1, t >>= 1) {
-        for (uint64_t i = 0; i < m; ++i) {
-            const uint64_t w = p.w[m + i], ws = p.w_shoup[m + i];
-            uint64_t* x = a + 2 * i * t;
-            uint64_t* y = x + t;
-            for (uint64_t j = 0; j < t; ++j) {
-                const uint64_t u = csub(x[j], two_q);
-                const uint64_t v = mul_shoup_lazy(y[j], w, ws, q);
-                x[j] = u + v;
-                y[j] = u - v + two_q;
-            }
+    for (uint64_t i = 0; i < m; ++i) {
+        const uint64_t w = p.w[m + i], ws = p.w_shoup[m + i];
+        uint64_t* x = a + 2 * i * t;
+        uint64_t* y = x + t;
+        for (uint64_t j = 0; j < t; ++j) {
+            const uint64_t u = csub(x[j], two_q);
+            const uint64_t v = mul_shoup_lazy(y[j], w, ws, q);
+            x[j] = u + v;
+            y[j] = u - v + two_q;
         }
     }
-    for (uint64_t j = 0; j < n; ++j) a[j] = csub(csub(a[j], two_q), q);
 }
 
-// evaluations (below q) -> coefficients (below q), Gentleman-Sande.
+// coefficients (below q) -> evaluations (below q), Cooley-Tukey, bit-reversed output. The
+// last level (one butterfly per twiddle) is its own loop and reduces its outputs below q, so
+// no separate pass over the array does.
+void ntt_fwd(uint64_t* a, uint64_t n, const NttPlan& p) {
+    const uint64_t q = p.q, two_q = 2 * q;
+    uint64_t m = 1, t = n >> 1;
+    for (; t > 2; m <<= 1, t >>= 1) fwd_level(a, m, t, p);
+    fwd_level(a, m, 2, p);  // t = 2: a constant trip count the compiler unrolls
+    m <<= 1;
+    for (uint64_t i = 0; i < m; ++i) {
+        const uint64_t u = csub(a[2 * i], two_q);
+        const uint64_t v = mul_shoup_lazy(a[2 * i + 1], p.w[m + i], p.w_shoup[m + i], q);
+        a[2 * i] = csub(csub(u + v, two_q), q);
+        a[2 * i + 1] = csub(csub(u - v + two_q, two_q), q);
+    }
+}
+
+// evaluations (below q) -> coefficients (below q), Gentleman-Sande; values in [0, 2q) between
+// levels. The first level (one butterfly per twiddle) is its own loop, and the last one
+// multiplies by N^-1 on the way (its twiddle premultiplied by N^-1): no separate pass.
 void ntt_inv(uint64_t* a, uint64_t n, const NttPlan& p) {
     const uint64_t q = p.q, two_q = 2 * q;
-    for (uint64_t m = n, t = 1; m > 1; m >>= 1, t <<= 1) {
+    {
+        const uint64_t h = n >> 1;
+        for (uint64_t i = 0; i < h; ++i) {
+            const uint64_t u = a[2 * i], v = a[2 * i + 1];
+            a[2 * i] = csub(u + v, two_q);
+            a[2 * i + 1] = mul_shoup_lazy(u - v + two_q, p.iw[h + i], p.iw_shoup[h + i], q);
+        }
+    }
+    for (uint64_t m = n >> 1, t = 2; m > 2; m >>= 1, t <<= 1) {
         const uint64_t h = m >> 1;
         for (uint64_t i = 0; i < h; ++i) {
             const uint64_t w = p.iw[h + i], ws = p.iw_shoup[h + i];
@@ -231,7 +272,13 @@ void ntt_inv(uint64_t* a, uint64_t n, const NttPlan& p) {
             }
         }
     }
-    for (uint64_t j = 0; j < n; ++j) a[j] = csub(mul_shoup_lazy(a[j], p.n_inv, p.n_inv_shoup, q), q);
+    const uint64_t half = n >> 1;
+    uint64_t* y = a + half;
+    for (uint64_t j = 0; j < half; ++j) {
+        const uint64_t u = a[j], v = y[j];
+        a[j] = csub(mul_shoup_lazy(u + v, p.n_inv, p.n_inv_shoup, q), q);
+        y[j] = csub(mul_shoup_lazy(u - v + two_q, p.last_inv, p.last_inv_shoup, q), q);
+    }
 }
 
 struct RingTables {
@@ -436,11 +483,10 @@ void encode_coefficients(const CkksRing& ring, const double* values, const int64
         if (!std::isfinite(c))
             throw ValueRangeError("ckks: a value to encode is not finite");
         if (std::fabs(c) < kWord) {
-            const int64_t r = std::llround(c);
-            for (uint64_t t = 0; t < towers; ++t) {
-                const uint64_t q = ring.moduli[t], mu = tables->mu[t];
-                out[t * n + j] = add_q(signed_mod(r, q, mu), signed_mod(e, q, mu), q);
-            }
+            // |r| <= 2^62 and e is small (an error sample): r + e fits, one reduction per tower
+            const int64_t r = std::llround(c) + e;
+            for (uint64_t t = 0; t < towers; ++t)
+                out[t * n + j] = signed_mod(r, ring.moduli[t], tables->mu[t]);
         } else {
             // c = m * 2^x exactly, |m| < 2^53, x > 0: residue (m mod q) * (2^x mod q)
             int exp2 = 0;
@@ -627,18 +673,33 @@ void fuse_partials(const std::vector<std::vector<std::pair<const uint8_t*, size_
         bad_arg("the output holds " + std::to_string(out_len) + " values, the shares " +
                 std::to_string(n_cts * per_ct));
     const auto tables = ring_tables(ring);
+    const uint64_t share_bytes = partial_bytes(n, ring.moduli);
     parallel_ranges(n_cts, threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
-        std::vector<uint64_t> b(element);
-        WipeOnExit<uint64_t> wipe_b(b);
+        std::vector<uint64_t> b(element), x(n);
+        WipeOnExit<uint64_t> wipe_b(b), wipe_x(x);
         for (uint64_t k = begin; k < end; ++k) {
-            std::fill(b.begin(), b.end(), 0);
-            for (const auto& party : shares) {
-                const std::vector<uint64_t> r =
-                    decode_partial(party[k].first, party[k].second, n, ring.moduli);
+            // each share unpacked straight into the sum (the first) or one tower's scratch,
+            // checked as partial_codec.hpp's decode_partial checks it: no per-share vector
+            for (size_t p = 0; p < shares.size(); ++p) {
+                const uint8_t* at = shares[p][k].first;
+                if (shares[p][k].second != share_bytes)
+                    throw InvalidUpdateError("partial decryption: " +
+                                             std::to_string(shares[p][k].second) +
+                                             " bytes, expected " + std::to_string(share_bytes));
                 for (uint64_t t = 0; t < towers; ++t) {
                     const uint64_t q = ring.moduli[t];
-                    for (uint64_t j = 0; j < n; ++j)
-                        b[t * n + j] = add_q(b[t * n + j], r[t * n + j], q);
+                    const unsigned bits = bit_length(q);
+                    const uint64_t run = packed_bytes(n, bits);
+                    uint64_t* bt = b.data() + t * n;
+                    uint64_t* dst = p == 0 ? bt : x.data();
+                    unpack_residues(at, run, 0, n, bits, dst);
+                    at += run;
+                    if (any_not_below(dst, n, q))
+                        throw InvalidUpdateError("partial decryption: a residue of tower " +
+                                                 std::to_string(t) +
+                                                 " is not below its modulus " +
+                                                 std::to_string(q));
+                    if (p != 0) add_mod(bt, dst, n, q);
                 }
             }
             for (uint64_t t = 0; t < towers; ++t)
