@@ -1,5 +1,6 @@
 #include "aes_ctr.hpp"
 
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cstring>
@@ -99,6 +100,51 @@ FEDSHIELD_AES void ctr_blocks(const uint8_t* round_keys, uint64_t& hi, uint64_t&
 }
 #undef counter
 
+#define FEDSHIELD_VAES __attribute__((target("vaes,avx2,aes,ssse3,sse4.1")))
+
+// Whether the CPU has VAES (AES rounds on both 128-bit lanes of a 256-bit register) and the OS
+// saves the 256-bit registers (AVX2 as __builtin_cpu_supports reports it). VAES is read from
+// CPUID leaf 7 directly: GCC 12's __builtin_cpu_supports("vaes") is false on CPUs without
+// AVX-512 (AMD Zen 3) that have it.
+bool have_vaes() {
+#if defined(__x86_64__) && defined(__GNUC__)
+    static const bool yes = [] {
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+        return (c & (1u << 9)) != 0 && __builtin_cpu_supports("avx2") &&
+               __builtin_cpu_supports("aes") && __builtin_cpu_supports("sse4.1");
+    }();
+    return yes;
+#else
+    return false;
+#endif
+}
+
+// ctr_blocks with VAES: sixteen blocks at a time, two per register (the same key stream; the
+// low lane holds the earlier counter).
+FEDSHIELD_VAES void ctr_blocks_vaes(const uint8_t* round_keys, uint64_t& hi, uint64_t& lo,
+                                    uint8_t* out, size_t blocks) {
+    __m256i rk[15];
+    for (int i = 0; i < 15; ++i)
+        rk[i] = _mm256_broadcastsi128_si256(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(round_keys + 16 * i)));
+    size_t b = 0;
+    for (; b + 16 <= blocks; b += 16) {
+        __m256i x[8];
+        for (int i = 0; i < 8; ++i) {
+            const __m128i first = next_counter(hi, lo);
+            const __m128i second = next_counter(hi, lo);
+            x[i] = _mm256_xor_si256(_mm256_set_m128i(second, first), rk[0]);
+        }
+        for (int r = 1; r < 14; ++r)
+            for (int i = 0; i < 8; ++i) x[i] = _mm256_aesenc_epi128(x[i], rk[r]);
+        __m256i* o = reinterpret_cast<__m256i*>(out + 16 * b);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_si256(o + i, _mm256_aesenclast_epi128(x[i], rk[14]));
+    }
+    secure_wipe(rk, sizeof rk);
+    if (b < blocks) ctr_blocks(round_keys, hi, lo, out + 16 * b, blocks - b);
+}
+
 }  // namespace
 
 bool have_aes_ni() {
@@ -122,7 +168,12 @@ AesCtr::~AesCtr() {
     secure_wipe(&lo_, sizeof lo_);
 }
 
-void AesCtr::stream(uint8_t* out, size_t blocks) { ctr_blocks(round_keys_, hi_, lo_, out, blocks); }
+void AesCtr::stream(uint8_t* out, size_t blocks) {
+    if (have_vaes())
+        ctr_blocks_vaes(round_keys_, hi_, lo_, out, blocks);
+    else
+        ctr_blocks(round_keys_, hi_, lo_, out, blocks);
+}
 
 void expand_uniform(const uint8_t* key, uint64_t k, uint32_t t, uint64_t q, uint64_t n,
                     uint64_t* out, bool accumulate) {
