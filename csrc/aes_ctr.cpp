@@ -7,6 +7,7 @@
 
 #include "csprng.hpp"
 #include "errors.hpp"
+#include "modarith.hpp"
 #include "secure_wipe.hpp"
 #include "wire.hpp"
 
@@ -190,6 +191,17 @@ void expand_uniform(const uint8_t* key, uint64_t k, uint32_t t, uint64_t q, uint
     uint64_t filled = 0;
     while (filled < n) {
         aes.stream(reinterpret_cast<uint8_t*>(words), kBlocks);
+        for (size_t i = 0; i < 2 * kBlocks; ++i) words[i] &= mask;
+        if (filled + 2 * kBlocks <= n && !any_not_below(words, 2 * kBlocks, q)) {
+            // the common case (q is close to 2^bits): no word of the block is rejected, so
+            // the block is the next residues as they are, in one vectorised pass
+            if (accumulate)
+                add_mod(out + filled, words, 2 * kBlocks, q);
+            else
+                std::memcpy(out + filled, words, sizeof words);
+            filled += 2 * kBlocks;
+            continue;
+        }
         for (size_t i = 0; i < 2 * kBlocks && filled < n; ++i) {
             const uint64_t v = words[i] & mask;
             if (v < q) {  // a is public: rejection on it leaks nothing

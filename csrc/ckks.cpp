@@ -576,10 +576,9 @@ void decrypt_update(const uint8_t* data, size_t len, const CkksRing& ring, const
                 const uint64_t* c1t;
                 if (expand) {
                     // c1 = the sum of every summed update's a, expanded here (no full-size copy)
-                    std::fill(x.begin(), x.end(), 0);
-                    for (size_t i = 0; i < n_keys; ++i)
+                    for (size_t i = 0; i < n_keys; ++i)  // the first written, the rest added
                         expand_uniform(stream_keys + 32 * i, k, static_cast<uint32_t>(t), q, n,
-                                       x.data(), true);
+                                       x.data(), i != 0);
                     c1t = x.data();
                 } else if (h.seeded()) {
                     c1t = c1 + k * element + t * n;

@@ -19,8 +19,11 @@ DIGEST = 32
 
 def frame(magic: bytes, meta: dict, sections: Sequence[bytes], version: int = VERSION) -> bytes:
     head = json.dumps({**meta, "sizes": [len(s) for s in sections]}, sort_keys=True).encode()
-    body = b"".join([magic, struct.pack("<HI", version, len(head)), head, *sections])
-    return body + hashlib.sha256(body).digest()
+    parts = [magic, struct.pack("<HI", version, len(head)), head, *sections]
+    digest = hashlib.sha256()
+    for part in parts:  # hashed piece by piece: the body is joined once, with its digest
+        digest.update(part)
+    return b"".join([*parts, digest.digest()])
 
 
 def unframe(blob, magic: bytes, what: str, error: type, version: int = VERSION
@@ -33,21 +36,21 @@ def unframe(blob, magic: bytes, what: str, error: type, version: int = VERSION
     fixed = len(magic) + 6
     if len(blob) < fixed + DIGEST or blob[:len(magic)] != magic:
         raise error(f"not a fedshield {what} (bad magic or too short)")
-    body = blob[:-DIGEST]
+    body = memoryview(blob)[:-DIGEST]  # views: only the sections are copied out
     if hashlib.sha256(body).digest() != blob[-DIGEST:]:
         raise error(f"{what} bytes are corrupted (digest mismatch)")
     got, head_len = struct.unpack_from("<HI", blob, len(magic))
     if got != version:
         raise error(f"{what} format version {got} is not supported (expected {version})")
     try:
-        meta = json.loads(body[fixed:fixed + head_len])
+        meta = json.loads(bytes(body[fixed:fixed + head_len]))
         if not isinstance(meta, dict):
             raise ValueError("head is not an object")
         sections, at = [], fixed + head_len
         for size in meta["sizes"]:
             if not (isinstance(size, int) and size >= 0):
                 raise ValueError(f"section size {size!r}")
-            sections.append(body[at:at + size])
+            sections.append(bytes(body[at:at + size]))
             at += size
         if at != len(body):
             raise ValueError("section sizes do not add up")

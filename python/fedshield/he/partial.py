@@ -94,7 +94,9 @@ def _as_update(agg) -> EncryptedUpdate:
 
 def aggregate_digest(agg: EncryptedUpdate) -> str:
     """What a partial decryption names as the aggregate it decrypts (hex SHA-256)."""
-    return hashlib.sha256(b"fedshield-aggregate-v1" + agg.to_bytes()).hexdigest()
+    digest = hashlib.sha256(b"fedshield-aggregate-v1")
+    digest.update(agg.to_bytes())  # not prefix + bytes: that copies the whole aggregate
+    return digest.hexdigest()
 
 
 def _decryption_residues(ctx: Context, present: list[int]) -> np.ndarray:
