@@ -478,13 +478,18 @@ void encode_coefficients(const CkksRing& ring, const double* values, const int64
     constexpr double kWord = 4611686018427387904.0;  // 2^62
     for (uint64_t j = 0; j < n; ++j) {
         // coefficient j < N/2: real part of entry j; j >= N/2: imaginary part of entry j - N/2
-        const double c = (j < slots ? v[2 * j] : v[2 * (j - slots) + 1]) * scale;
+        const double c = v[j < slots ? 2 * j : 2 * (j - slots) + 1] * scale;
         const int64_t e = add ? add[j] : 0;
         if (!std::isfinite(c))
             throw ValueRangeError("ckks: a value to encode is not finite");
         if (std::fabs(c) < kWord) {
+            // std::llround(c) (half away from zero) inline, not a libm call: the truncation
+            // and the fraction c - trunc(c) are exact for |c| < 2^62
+            const int64_t whole = static_cast<int64_t>(c);
+            const double frac = c - static_cast<double>(whole);
             // |r| <= 2^62 and e is small (an error sample): r + e fits, one reduction per tower
-            const int64_t r = std::llround(c) + e;
+            const int64_t r = whole + static_cast<int64_t>(frac >= 0.5) -
+                              static_cast<int64_t>(frac <= -0.5) + e;
             for (uint64_t t = 0; t < towers; ++t)
                 out[t * n + j] = signed_mod(r, ring.moduli[t], tables->mu[t]);
         } else {
