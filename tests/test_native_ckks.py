@@ -293,7 +293,8 @@ def test_native_expansion_is_the_cryptography_packages(client_ctx, flood_keys):
 # --- safety ----------------------------------------------------------------------------------
 
 KEY_DEPENDENT = ("csub", "add_q", "sub_q", "mul_shoup", "mul_shoup_lazy", "signed_mod",
-                 "mul_acc", "error_block", "ternary_sample", "ntt_fwd", "fwd_level", "ntt_inv")
+                 "mul_acc", "error_block", "ternary_sample", "ntt_fwd", "fwd_level", "ntt_inv",
+                 "fp_mulmod", "fp_add", "fp_sub", "fp_ntt_fwd", "fp_ntt_inv")
 
 
 def test_key_dependent_helpers_have_no_branches_or_lookups_by_value():
@@ -301,7 +302,8 @@ def test_key_dependent_helpers_have_no_branches_or_lookups_by_value():
     compute with masks: no if, no ?:, no early exit, no array indexed by a computed value."""
     src = (Path(__file__).resolve().parents[1] / "csrc" / "ckks.cpp").read_text()
     for name in KEY_DEPENDENT:
-        m = re.search(r"\n(?:inline )?[\w:<>]+ " + name + r"\(([^)]*)\) \{(.*?)\n\}", src, re.S)
+        m = re.search(r"\n(?:FEDSHIELD_FMA )?(?:inline )?[\w:<>]+ " + name + r"\(([^)]*)\) \{(.*?)\n\}",
+                      src, re.S)
         assert m, f"{name} not found in csrc/ckks.cpp"
         body = m.group(2)
         # the only ?: allowed picks a block's length, a public count
