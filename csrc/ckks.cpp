@@ -165,6 +165,96 @@ void fft_special_inv(double* v, const FftTables& t) {
     for (size_t i = 0; i < 2 * t.slots; ++i) v[i] *= inv;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FEDSHIELD_AVX2 __attribute__((target("avx2")))
+
+bool have_avx2() {
+    static const bool yes = __builtin_cpu_supports("avx2");
+    return yes;
+}
+
+// b * w for two complex numbers per register (re, im interleaved), as the scalar loops compute
+// it: (br wr - bi wi, bi wr + br wi), the same products and sums, so the same doubles.
+FEDSHIELD_AVX2 inline __m256d complex_mul(__m256d b, __m256d w) {
+    const __m256d wr = _mm256_movedup_pd(w), wi = _mm256_permute_pd(w, 0xF);
+    return _mm256_addsub_pd(_mm256_mul_pd(b, wr), _mm256_mul_pd(_mm256_permute_pd(b, 0x5), wi));
+}
+
+// fft_special and fft_special_inv two butterflies at a time where a level has at least two
+// per block; the same results.
+FEDSHIELD_AVX2 void fft_special_avx2(double* v, const FftTables& t) {
+    bit_reverse(v, t);
+    for (size_t i = 0; i < t.slots; i += 2) {  // len = 2: one twiddle
+        double* a = v + 2 * i;
+        double* b = a + 2;
+        const double wr = t.fwd[0], wi = t.fwd[1];
+        const double xr = b[0] * wr - b[1] * wi, xi = b[0] * wi + b[1] * wr;
+        b[0] = a[0] - xr;
+        b[1] = a[1] - xi;
+        a[0] += xr;
+        a[1] += xi;
+    }
+    for (size_t len = 4; len <= t.slots; len <<= 1) {
+        const size_t half = len >> 1;
+        const double* tw = t.fwd.data() + 2 * (half - 1);
+        for (size_t i = 0; i < t.slots; i += len) {
+            for (size_t j = 0; j < half; j += 2) {
+                double* a = v + 2 * (i + j);
+                double* b = v + 2 * (i + j + half);
+                const __m256d x = complex_mul(_mm256_loadu_pd(b), _mm256_loadu_pd(tw + 2 * j));
+                const __m256d u = _mm256_loadu_pd(a);
+                _mm256_storeu_pd(b, _mm256_sub_pd(u, x));
+                _mm256_storeu_pd(a, _mm256_add_pd(u, x));
+            }
+        }
+    }
+}
+
+FEDSHIELD_AVX2 void fft_special_inv_avx2(double* v, const FftTables& t) {
+    for (size_t len = t.slots; len >= 4; len >>= 1) {
+        const size_t half = len >> 1;
+        const double* tw = t.inv.data() + 2 * (half - 1);
+        for (size_t i = 0; i < t.slots; i += len) {
+            for (size_t j = 0; j < half; j += 2) {
+                double* a = v + 2 * (i + j);
+                double* b = v + 2 * (i + j + half);
+                const __m256d x = _mm256_loadu_pd(a), y = _mm256_loadu_pd(b);
+                _mm256_storeu_pd(a, _mm256_add_pd(x, y));
+                _mm256_storeu_pd(b, complex_mul(_mm256_sub_pd(x, y), _mm256_loadu_pd(tw + 2 * j)));
+            }
+        }
+    }
+    for (size_t i = 0; i < t.slots; i += 2) {  // len = 2
+        double* a = v + 2 * i;
+        double* b = a + 2;
+        const double ur = a[0] + b[0], ui = a[1] + b[1];
+        const double dr = a[0] - b[0], di = a[1] - b[1];
+        const double wr = t.inv[0], wi = t.inv[1];
+        a[0] = ur;
+        a[1] = ui;
+        b[0] = dr * wr - di * wi;
+        b[1] = dr * wi + di * wr;
+    }
+    bit_reverse(v, t);
+    const double inv = 1.0 / static_cast<double>(t.slots);
+    for (size_t i = 0; i < 2 * t.slots; ++i) v[i] *= inv;
+}
+#endif
+
+// The special FFT and its inverse with AVX2 where the CPU has it.
+void slots_from_coefficients(double* v, const FftTables& t) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (have_avx2() && t.slots >= 4) return fft_special_avx2(v, t);
+#endif
+    fft_special(v, t);
+}
+void coefficients_from_slots(double* v, const FftTables& t) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (have_avx2() && t.slots >= 4) return fft_special_inv_avx2(v, t);
+#endif
+    fft_special_inv(v, t);
+}
+
 // --- per-ring constants ----------------------------------------------------------------------
 
 constexpr int kPow2 = 1100;  // above any double's binary exponent
@@ -715,7 +805,7 @@ void encode_coefficients(const CkksRing& ring, const double* values, const int64
     } else {
         for (uint64_t i = 0; i < slots; ++i) v[2 * i] = values[i];
     }
-    fft_special_inv(v.data(), fft);
+    coefficients_from_slots(v.data(), fft);
     const double scale = std::ldexp(1.0, ring.scale_bits);
     constexpr double kWord = 4611686018427387904.0;  // 2^62
     for (uint64_t j = 0; j < n; ++j) {
@@ -783,7 +873,7 @@ void decode_coefficients(const CkksRing& ring, const uint64_t* coeffs, double* o
         v[2 * i] = centered(i) * inv_scale;
         v[2 * i + 1] = centered(i + slots) * inv_scale;
     }
-    fft_special(v, fft);
+    slots_from_coefficients(v, fft);
     if (!ring.complex_packing)
         for (uint64_t i = 0; i < slots; ++i) out[i] = v[2 * i];
 }
