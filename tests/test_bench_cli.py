@@ -52,5 +52,7 @@ def test_bench_writes_headline_figures(tmp_path, capsys):
         assert row["fedshield_us_per_value"] > 0 and row["openfhe_1thread_us_per_value"] > 0
         assert math.isclose(row["ratio"], row["fedshield_us_per_value"]
                             / row["openfhe_1thread_us_per_value"])
+        assert math.isclose(row["cpu_ratio"], row["fedshield_1thread_cpu_us_per_value"]
+                            / row["openfhe_cpu_us_per_value"])
     assert f["steps"]["mistral7b_round_s"]["shared"] > 0
     assert "| shared-key decrypt |" in printed and "Mistral-7B per round" in printed

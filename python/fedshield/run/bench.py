@@ -91,12 +91,12 @@ def openfhe_aggregate_baseline(ctx, updates: list):
     return openfhe_aggregate, sum(len(c) for s in serialized for c in s)
 
 
-def _best(fn, repeat: int = 3) -> float:
+def _best(fn, repeat: int = 3, clock=time.perf_counter) -> float:
     best = float("inf")
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return best
 
 
@@ -198,10 +198,11 @@ MISTRAL7B_VALUES = 13_631_488
 OPENFHE_CIPHERTEXTS = 64
 
 
-def _openfhe_steps(ctx, parties, agg, tagg, repeat: int) -> dict:
+def _openfhe_steps(ctx, parties, agg, tagg, repeat: int, clock=time.perf_counter) -> dict:
     """Seconds per value of OpenFHE's own single-threaded calls on the same parameters:
     MakeCKKSPackedPlaintext + Encrypt (secret key for seeded shared keys, the joint public key
-    for threshold keys), Decrypt, MultipartyDecryptLead/Main of every party, Fusion."""
+    for threshold keys), Decrypt, MultipartyDecryptLead/Main of every party, Fusion; timed by
+    ``clock`` (wall, or the process's CPU time)."""
     o = backend.openfhe()
     rng = np.random.default_rng(0)
 
@@ -237,12 +238,12 @@ def _openfhe_steps(ctx, parties, agg, tagg, repeat: int) -> dict:
 
     return {
         "encrypt": _best(lambda: [cc.Encrypt(sk, cc.MakeCKKSPackedPlaintext(c))
-                                  for c in chunks], repeat) / n,
-        "decrypt": _best(decrypt, repeat) / n,
+                                  for c in chunks], repeat, clock) / n,
+        "decrypt": _best(decrypt, repeat, clock) / n,
         "threshold_encrypt": _best(lambda: [tcc.Encrypt(tpk, tcc.MakeCKKSPackedPlaintext(c))
-                                            for c in tchunks], repeat) / tn,
-        "partial": _best(partials, repeat) / tn,
-        "combine": _best(fuse, repeat) / tn,
+                                            for c in tchunks], repeat, clock) / tn,
+        "partial": _best(partials, repeat, clock) / tn,
+        "combine": _best(fuse, repeat, clock) / tn,
     }
 
 
@@ -257,7 +258,12 @@ STEPS = (("encrypt", "shared-key encrypt", "MakeCKKSPackedPlaintext + Encrypt(sk
 def step_table(states, weights, repeat: int = 2) -> dict:
     """Each per-round step of a site, fedshield on every core against OpenFHE's own call on one
     thread, same parameters, one run: {step: {fedshield, openfhe (seconds per value), ratio}},
-    plus the Mistral-7B per-round totals (seconds) those figures give."""
+    plus the Mistral-7B per-round totals (seconds) those figures give.
+
+    Each row also holds the same comparison in CPU time, both on one thread (fedshield with
+    threads=1, the process's CPU seconds): wall-clock ratios on a machine shared with other
+    jobs swing with their load, the CPU-time ratio much less (it is what the wall ratio tends
+    to, divided by the cores, on a quiet machine)."""
     layout = Layout.from_state_dict(states[0])
     n = layout.numel
     bound = auto_weight_bound(max(weights))
@@ -281,9 +287,26 @@ def step_table(states, weights, repeat: int = 2) -> dict:
     ours["combine"] = _best(lambda: combine_partials(tagg, shares, layout, ctx=parties[0]),
                             repeat) / n
     theirs = _openfhe_steps(client, parties, agg, tagg, repeat)
+    cpu = time.process_time
+    one = {
+        "encrypt": _best(lambda: encrypt_update(client, states[0], layout, weight=weights[0],
+                                                weight_bound=bound, threads=1), repeat, cpu),
+        "decrypt": _best(lambda: decrypt_update(client, agg, layout, threads=1), repeat, cpu),
+        "threshold_encrypt": _best(lambda: encrypt_update(
+            parties[0], states[0], layout, weight=weights[0], weight_bound=bound, threads=1),
+            repeat, cpu),
+        "partial": _best(lambda: [partial_decrypt(p, tagg, threads=1) for p in parties],
+                         repeat, cpu),
+        "combine": _best(lambda: combine_partials(tagg, shares, layout, ctx=parties[0],
+                                                  threads=1), repeat, cpu),
+    }
+    theirs_cpu = _openfhe_steps(client, parties, agg, tagg, repeat, cpu)
     table = {key: {"fedshield_us_per_value": ours[key] * 1e6,
                    "openfhe_1thread_us_per_value": theirs[key] * 1e6,
-                   "ratio": ours[key] / theirs[key]} for key, _, _ in STEPS}
+                   "ratio": ours[key] / theirs[key],
+                   "fedshield_1thread_cpu_us_per_value": one[key] / n * 1e6,
+                   "openfhe_cpu_us_per_value": theirs_cpu[key] * 1e6,
+                   "cpu_ratio": one[key] / n / theirs_cpu[key]} for key, _, _ in STEPS}
     m = MISTRAL7B_VALUES
     # a site's round: it encrypts, and decrypts (shared) or sends its partial and fuses
     table["mistral7b_round_s"] = {
@@ -298,12 +321,14 @@ def step_table(states, weights, repeat: int = 2) -> dict:
 def print_step_table(table: dict, cores: int, load: str = "") -> None:
     print(f"each step against OpenFHE's own call on 1 thread (fedshield: {cores} threads"
           f"{'; ' + load if load else ''}):")
-    print("| step | fedshield µs/value | OpenFHE 1 thread | ratio |")
-    print("|---|---|---|---|")
+    print("| step | fedshield µs/value | OpenFHE 1 thread | ratio | CPU time, both on 1 thread |")
+    print("|---|---|---|---|---|")
     for key, label, call in STEPS:
         row = table[key]
         print(f"| {label} | {row['fedshield_us_per_value']:.4f} | "
-              f"{row['openfhe_1thread_us_per_value']:.4f} (`{call}`) | {row['ratio']:.2f}x |")
+              f"{row['openfhe_1thread_us_per_value']:.4f} (`{call}`) | {row['ratio']:.2f}x | "
+              f"{row['fedshield_1thread_cpu_us_per_value']:.4f} vs "
+              f"{row['openfhe_cpu_us_per_value']:.4f}: {row['cpu_ratio']:.2f}x |")
     tot = table["mistral7b_round_s"]
     print(f"Mistral-7B per round ({tot['values']:,} values, from {tot['measured_on_values']:,}):"
           f" shared keys encrypt + decrypt {tot['shared']:.2f} s; threshold keys encrypt + "
