@@ -775,6 +775,60 @@ inline void mul_acc(uint64_t* acc, const uint64_t* x, const uint64_t* s, const u
     for (uint64_t j = 0; j < n; ++j) acc[j] = add_q(acc[j], mul_shoup(x[j], s[j], s_shoup[j], q), q);
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// encode_coefficients' rounding and reduction for one tower q < 2^50, four slots at a time in
+// doubles: c = value * scale, r = llround(c) (trunc, then +-1 where the exact fraction reaches
+// +-1/2), r + e (|r + e| < 2^52, exact), minus q * floor((r + e) / q) with the quotient off
+// by at most one, corrected with masks: the residues the scalar loop computes. Returns how
+// many slots it wrote (coefficients j and j + slots); it stops at the first group holding a
+// value that is not finite or reaches 2^51 in magnitude (the scalar loop takes it from there).
+// Residues of llround(c) + e mod q for four values c (|c| < 2^51; see below), to dst.
+FEDSHIELD_FMA inline void fp_encode_residues(__m256d c, const int64_t* e, __m256d qd, __m256d qinv,
+                                             uint64_t* dst) {
+    const __m256d half = _mm256_set1_pd(0.5), one = _mm256_set1_pd(1.0);
+    const __m256d zero = _mm256_setzero_pd();
+    const __m256d whole = _mm256_round_pd(c, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m256d frac = _mm256_sub_pd(c, whole);
+    __m256d r = _mm256_add_pd(whole, _mm256_and_pd(_mm256_cmp_pd(frac, half, _CMP_GE_OQ), one));
+    r = _mm256_sub_pd(r, _mm256_and_pd(_mm256_cmp_pd(frac, _mm256_sub_pd(zero, half), _CMP_LE_OQ),
+                                       one));
+    if (e != nullptr) {  // small integers to doubles: add 2^52 + 2^51 as bits, subtract it
+        const __m256i ei = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e));
+        const __m256i mi = _mm256_set1_epi64x(0x4338000000000000LL);
+        r = _mm256_add_pd(r, _mm256_sub_pd(_mm256_castsi256_pd(_mm256_add_epi64(ei, mi)),
+                                           _mm256_set1_pd(6755399441055744.0)));
+    }
+    const __m256d b = _mm256_floor_pd(_mm256_mul_pd(r, qinv));
+    __m256d x = _mm256_fnmadd_pd(b, qd, r);  // in [-q, 2q)
+    x = _mm256_add_pd(x, _mm256_and_pd(_mm256_cmp_pd(x, zero, _CMP_LT_OQ), qd));
+    x = _mm256_sub_pd(x, _mm256_and_pd(_mm256_cmp_pd(x, qd, _CMP_GE_OQ), qd));
+    const __m256i w = _mm256_castpd_si256(_mm256_add_pd(x, _mm256_set1_pd(4503599627370496.0)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm256_xor_si256(w, _mm256_set1_epi64x(0x4330000000000000LL)));
+}
+
+FEDSHIELD_FMA uint64_t encode_one_tower_fp(const double* v, const int64_t* add, uint64_t slots,
+                                           uint64_t q, double scale, uint64_t* out) {
+    const __m256d qd = _mm256_set1_pd(static_cast<double>(q));
+    const __m256d qinv = _mm256_set1_pd(1.0 / static_cast<double>(q));
+    const __m256d sc = _mm256_set1_pd(scale), limit = _mm256_set1_pd(2251799813685248.0);  // 2^51
+    const __m256d sign = _mm256_set1_pd(-0.0);
+    uint64_t j = 0;
+    for (; j + 4 <= slots; j += 4) {
+        const __m256d a = _mm256_loadu_pd(v + 2 * j), b = _mm256_loadu_pd(v + 2 * j + 4);
+        const __m256d re = _mm256_mul_pd(_mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), 0xD8), sc);
+        const __m256d im = _mm256_mul_pd(_mm256_permute4x64_pd(_mm256_unpackhi_pd(a, b), 0xD8), sc);
+        const __m256d ok = _mm256_and_pd(
+            _mm256_cmp_pd(_mm256_andnot_pd(sign, re), limit, _CMP_LT_OQ),
+            _mm256_cmp_pd(_mm256_andnot_pd(sign, im), limit, _CMP_LT_OQ));
+        if (_mm256_movemask_pd(ok) != 0xF) break;  // a large or non-finite value: scalar
+        fp_encode_residues(re, add ? add + j : nullptr, qd, qinv, out + j);
+        fp_encode_residues(im, add ? add + slots + j : nullptr, qd, qinv, out + slots + j);
+    }
+    return j;
+}
+#endif
+
 }  // namespace
 
 void check_ring(const CkksRing& ring) {
@@ -808,9 +862,8 @@ void encode_coefficients(const CkksRing& ring, const double* values, const int64
     coefficients_from_slots(v.data(), fft);
     const double scale = std::ldexp(1.0, ring.scale_bits);
     constexpr double kWord = 4611686018427387904.0;  // 2^62
-    for (uint64_t j = 0; j < n; ++j) {
-        // coefficient j < N/2: real part of entry j; j >= N/2: imaginary part of entry j - N/2
-        const double c = v[j < slots ? 2 * j : 2 * (j - slots) + 1] * scale;
+    // coefficient j (value c) into its residues, one per tower
+    auto coefficient = [&](uint64_t j, double c) {
         const int64_t e = add ? add[j] : 0;
         if (!std::isfinite(c))
             throw ValueRangeError("ckks: a value to encode is not finite");
@@ -837,6 +890,16 @@ void encode_coefficients(const CkksRing& ring, const double* values, const int64
                 out[t * n + j] = add_q(big, signed_mod(e, q, mu), q);
             }
         }
+    };
+    uint64_t done = 0;  // coefficients j and j + N/2 for j < done are written
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (towers == 1 && tables->ntt[0].fp)
+        done = encode_one_tower_fp(v.data(), add, slots, ring.moduli[0], scale, out);
+#endif
+    for (uint64_t j = done; j < slots; ++j) {
+        // coefficient j < N/2: real part of entry j; j >= N/2: imaginary part of entry j - N/2
+        coefficient(j, v[2 * j] * scale);
+        coefficient(j + slots, v[2 * j + 1] * scale);
     }
 }
 
