@@ -75,7 +75,9 @@ def test_aggregate(benchmark, keys, updates):
 
 def test_aggregate_openfhe(benchmark, keys, updates):
     """Baseline: OpenFHE's own server path, DeserializeCiphertextString + EvalAddInPlace."""
-    openfhe_path, _ = openfhe_aggregate_baseline(keys.client_context(), updates)
+    # the baseline rebuilds OpenFHE ciphertexts from parsed updates, not their bytes
+    parsed = [fs.EncryptedUpdate.from_bytes(u) for u in updates]
+    openfhe_path, _ = openfhe_aggregate_baseline(keys.client_context(), parsed)
     benchmark.pedantic(openfhe_path, rounds=2)
 
 
