@@ -105,6 +105,20 @@ def _site_parser(sub) -> None:
     w.add_argument("--config", required=True, help="the site config (TOML)")
     w.add_argument("--exit-with", type=int, default=0, metavar="PID",
                    help="exit when process PID exits (0: serve until stopped)")
+    e = commands.add_parser(
+        "executor", formatter_class=_HelpFormatter,
+        help="answer a SuperNode's messages with fedshield's own relay, in one process",
+        description="For a SuperNode started with `--isolation process`: takes its tasks over "
+                    "its ClientAppIo API and relays each to the site worker with the relay of "
+                    "this fedshield install. The app package the server sent is never run, and "
+                    "no process starts per message.")
+    e.add_argument("--clientappio-api-address", required=True, metavar="HOST:PORT",
+                   help="the SuperNode's --clientappio-api-address")
+    tls = e.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--root-certificates", metavar="PEM",
+                     help="CA certificate(s) of the SuperNode's ClientAppIo TLS")
+    tls.add_argument("--insecure", action="store_true",
+                     help="plaintext to the SuperNode (loopback on the same machine only)")
     cli_site_check.add_parser(commands, _HelpFormatter)
 
 
@@ -308,6 +322,10 @@ def _flower_interrupted(out: str) -> str:
 def _cmd_site(args) -> int:
     if args.site_command == "check":
         return cli_site_check.run(args)
+    if args.site_command == "executor":
+        from ..engines.flower import site_executor  # noqa: PLC0415 - flwr is optional
+
+        return site_executor.main(args.clientappio_api_address, args.root_certificates)
     from ..engines.flower.site_worker import run_worker  # noqa: PLC0415 - torch loads only here
 
     return run_worker(args.config, exit_with=args.exit_with)

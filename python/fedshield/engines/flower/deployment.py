@@ -187,22 +187,32 @@ class Deployment:
     def node_config_arg(self, config: dict) -> str:
         return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
 
-    def start_supernode(self, i: int, cwd: Path | None = None) -> subprocess.Popen:
-        """SuperNode ``i`` with its node config; ``cwd``: its own directory."""
+    def start_supernode(self, i: int, cwd: Path | None = None, *,
+                        executor: list[str] | None = None) -> subprocess.Popen:
+        """SuperNode ``i`` with its node config; ``cwd``: its own directory. ``executor``: a
+        command that takes the SuperNode's tasks itself (``--isolation process``), started
+        beside it with the SuperNode's ClientAppIo address appended; default: Flower starts
+        one ClientApp process per message."""
         tool = _tool("flower-supernode")
         appio = (["--clientappio-api-address", f"127.0.0.1:{self.clientappio[i]}"]
                  if _has_flag(tool, "--clientappio-api-address") else
                  ["--host", "127.0.0.1", "--port", str(self.clientappio[i])])
         retry = (["--max-wait-time", str(SUPERNODE_MAX_WAIT)]
                  if _has_flag(tool, "--max-wait-time") else [])
-        return self._start(f"supernode-{i}", [
+        isolation = ["--isolation", "process"] if executor else []
+        proc = self._start(f"supernode-{i}", [
             tool, "--insecure", "--superlink", f"127.0.0.1:{self.fleet}", *appio, *retry,
-            "--node-config", self.node_config_arg(self.node_configs[i])],
+            *isolation, "--node-config", self.node_config_arg(self.node_configs[i])],
             self._home(f"supernode-{i}"), cwd)
+        if executor:
+            self._start(f"executor-{i}", [*executor, f"127.0.0.1:{self.clientappio[i]}"],
+                        self._home(f"supernode-{i}"), cwd)
+        return proc
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
-            if name.startswith(("superlink", "supernode")) and proc.poll() is not None:
+            if name.startswith(("superlink", "supernode", "executor")) and \
+                    proc.poll() is not None:
                 why = (f" (it could not reach the SuperLink within {SUPERNODE_MAX_WAIT} s)"
                        if name.startswith("supernode") and _gave_up(self.logs / f"{name}.log")
                        else "")

@@ -40,6 +40,7 @@ from ...run.outcome import RunFailed
 from ...run.run_dir import METRICS, SERVER_STATE, claim_out_dir
 from ...base.threads import ENV as THREADS_ENV
 from ...base.threads import available_cpus
+from . import site_executor
 from .deployment import Deployment, DeploymentError, write_app_project
 from .site_ipc import (NODE_SOCKET, NODE_TOKEN, RESUME_STATE, SERVER_IDENTITY,
                        SIMULATION_SITES, Relay, SiteWorkerError)
@@ -332,7 +333,8 @@ def _run(cfg: RunConfig, out: Path, sites: list[LocalSite], server_path: Path, a
         if simulation is not None:
             code, metrics = _simulate(work, sites, node_env, simulation, budget, metrics_path)
         else:
-            code, metrics = _deploy(work, sites, late, node_env, budget, metrics_path)
+            code, metrics = _deploy(work, sites, late, node_env, budget, metrics_path,
+                                    executor_command(app))
     except DeploymentError as exc:   # e.g. a killed SuperLink: what was recorded goes on
         raise RunFailed(str(exc), "run", _resume_hint(out)) from exc
     if code != 0 or not metrics.get("finished"):
@@ -347,9 +349,25 @@ def _run(cfg: RunConfig, out: Path, sites: list[LocalSite], server_path: Path, a
     return metrics
 
 
+def executor_command(app: FlowerApp) -> list[str] | None:
+    """How each SuperNode's tasks are run: by the site's own executor (one process per
+    SuperNode, fedshield.engines.flower.site_executor) when the app's ClientApp is fedshield's
+    relay and this Flower release has the API the executor speaks; else (None) by Flower, one
+    ClientApp process per message (e.g. a test's app with another ClientApp)."""
+    if app.client_app != CLIENT_APP:
+        return None
+    if site_executor.UNAVAILABLE is not None:
+        log.info("flower: %s", site_executor.UNAVAILABLE)
+        return None
+    return [sys.executable, "-m", "fedshield.cli", "site", "executor", "--insecure",
+            "--clientappio-api-address"]
+
+
 def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict | None,
-            budget: float, metrics_path: Path) -> tuple[int, dict]:
-    """Runs the app: each site's worker first, then its SuperNode (in its own home)."""
+            budget: float, metrics_path: Path, executor: list[str] | None
+            ) -> tuple[int, dict]:
+    """Runs the app: each site's worker first, then its SuperNode (in its own home) and, with
+    ``executor``, the process that answers that SuperNode's messages."""
     n = len(sites)
     with Deployment(work, n + len(late), [s.node for s in sites] + late, env=node_env) as dep, \
             _site_workers(sites, dep) as workers_ready:
@@ -357,7 +375,7 @@ def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict
         # reaches a worker only after `flwr run`, which waits for every worker
         dep.start_superlink()
         for i in range(n):
-            dep.start_supernode(i)
+            dep.start_supernode(i, executor=executor)
         workers_ready()
         log.info("flower: SuperLink (fleet 127.0.0.1:%d) and %d SuperNodes started; logs in %s",
                  dep.fleet, n, dep.logs)
@@ -369,7 +387,7 @@ def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict
             if pending and metrics_path.exists() and '"participants"' in metrics_path.read_text():
                 for i in pending:
                     log.info("flower: starting a late SuperNode (%d)", i)
-                    dep.start_supernode(i)
+                    dep.start_supernode(i, executor=executor)
                 pending.clear()
             reported = _log_new_rounds(metrics_path, reported)
 
