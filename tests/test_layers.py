@@ -63,6 +63,7 @@ LAZY_OK = {
     ("cli.commands", "engines.local"): "torch: `fedshield run` only",
     ("cli.commands", "engines.flower.launcher"): "flwr: --engine flower only",
     ("cli.commands", "engines.flower.site_worker"): "torch and openfhe: `fedshield site worker` only",
+    ("cli.commands", "engines.flower.site_executor"): "flwr: `fedshield site executor` only",
     ("cli.commands", "training.evaluation"): "torch: `fedshield eval` only",
     ("cli.commands", "run.report"): "matplotlib: `fedshield report` only",
     ("cli.commands", "run.bench"): "torch and openfhe: `fedshield bench` only",

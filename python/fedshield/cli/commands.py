@@ -323,9 +323,9 @@ def _cmd_site(args) -> int:
     if args.site_command == "check":
         return cli_site_check.run(args)
     if args.site_command == "executor":
-        from ..engines.flower import site_executor  # noqa: PLC0415 - flwr is optional
+        from ..engines.flower.site_executor import main  # noqa: PLC0415 - flwr is optional
 
-        return site_executor.main(args.clientappio_api_address, args.root_certificates)
+        return main(args.clientappio_api_address, args.root_certificates)
     from ..engines.flower.site_worker import run_worker  # noqa: PLC0415 - torch loads only here
 
     return run_worker(args.config, exit_with=args.exit_with)
