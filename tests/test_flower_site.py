@@ -478,3 +478,30 @@ def test_importing_the_flower_apps_changes_no_logger():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_preloaded_run_is_the_joined_one_and_another_run_loads_its_own(tmp_path):
+    """`fedshield site worker --preload-run` builds the run's site while Flower starts; the
+    join adopts it for the same run only, and until the join a round request is refused."""
+    site_cfg = _site(tmp_path, insecure_trust_server_roster=True)
+    cfg = RunConfig.from_flat(clients=2, rounds=1, local_steps=1, examples_per_client=16,
+                              lora_r=2, samples=0, he=False)
+    run = json.dumps({"fedshield-config": json.dumps(cfg.to_dict()), "out-dir": "/srv/run"})
+    worker = sw.SiteWorker(site_cfg)
+    worker.preload(run)
+    worker.preloading.join(300)
+    preloaded = worker.preloaded[1]
+    assert worker.site is None
+    with pytest.raises(sw.NotJoined):
+        worker.handle("train", {"round": 1}, [])
+    worker.handle("join", {"resume": False, "run-config": run}, [])
+    assert worker.site is preloaded and worker.preloaded is None
+    other = json.dumps({"fedshield-config": json.dumps(
+        cfg.replace(lr=cfg.training.lr / 2).to_dict())})
+    worker.handle("join", {"resume": False, "run-config": other}, [])
+    assert worker.site is not preloaded and worker.site.cfg.training.lr == cfg.training.lr / 2
+    # a run config the site refuses is not preloaded; the join says why
+    refused = sw.SiteWorker(site_cfg)
+    refused.preload(json.dumps({"fedshield-config": "{}", "train-fn": "os:system"}))
+    refused.preloading.join(60)
+    assert refused.preloaded is None

@@ -105,6 +105,10 @@ def _site_parser(sub) -> None:
     w.add_argument("--config", required=True, help="the site config (TOML)")
     w.add_argument("--exit-with", type=int, default=0, metavar="PID",
                    help="exit when process PID exits (0: serve until stopped)")
+    w.add_argument("--preload-run", metavar="FILE",
+                   help="a run config (JSON: the app's run config, as the server's join carries "
+                        "it) whose model and data load at once, while Flower starts; the join "
+                        "still decides, and a join for another run loads its own")
     e = commands.add_parser(
         "executor", formatter_class=_HelpFormatter,
         help="answer a SuperNode's messages with fedshield's own relay, in one process",
@@ -328,7 +332,7 @@ def _cmd_site(args) -> int:
         return main(args.clientappio_api_address, args.root_certificates)
     from ..engines.flower.site_worker import run_worker  # noqa: PLC0415 - torch loads only here
 
-    return run_worker(args.config, exit_with=args.exit_with)
+    return run_worker(args.config, exit_with=args.exit_with, preload_run=args.preload_run)
 
 
 def _cmd_split(args) -> int:
