@@ -76,3 +76,14 @@ def test_the_servers_clientapp_never_runs_on_a_site_with_the_executor(tmp_path):
     got = json.loads((out / "metrics.json").read_text())
     assert got["finished"] and [r["status"] for r in got["rounds"]] == ["ok"], got.get("failure")
     assert not marker.exists()
+
+
+def test_a_missing_root_certificate_is_one_error_line(tmp_path):
+    missing = tmp_path / "ca.crt"
+    done = subprocess.run([sys.executable, "-m", "fedshield.cli", "site", "executor",
+                           "--clientappio-api-address", "127.0.0.1:9",
+                           "--root-certificates", str(missing)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == \
+        f"fedshield: error: --root-certificates {missing}: No such file or directory"

@@ -21,6 +21,7 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 
 import flwr
 import grpc
@@ -49,6 +50,7 @@ except ImportError as exc:   # noqa: F841 - kept as text
 log = logging.getLogger("fedshield")
 
 POLL_SECONDS = 0.05    # how often the SuperNode is asked for a task while none is waiting
+UNREACHABLE_WARNING = 60.0   # a SuperNode silent this long is logged (once per outage)
 
 
 def _channel(address: str, root_certificates: bytes | None, token: str | None = None):
@@ -96,20 +98,28 @@ def serve(address: str, *, root_certificates: bytes | None = None,
     channel = _channel(address, root_certificates)
     stub = ClientAppIoStub(channel)
     log.info("fedshield executor: taking the tasks of the SuperNode at %s", address)
+    silent_since, warned = None, False
     try:
         while not stop.is_set():
             try:
                 tasks = stub.PullPendingTasks(PullPendingTasksRequest()).tasks
-            except grpc.RpcError as exc:   # the SuperNode is starting or restarting
-                log.debug("fedshield executor: no answer from %s: %s", address, exc.code())
+                if tasks:
+                    claimed = stub.ClaimTask(ClaimTaskRequest(task_id=tasks[0].task_id))
+                    if claimed.token:
+                        run_task(address, claimed.token, root_certificates)
+            except grpc.RpcError as exc:   # the SuperNode is starting, restarting or gone
+                now = time.monotonic()
+                silent_since = now if silent_since is None else silent_since
+                if not warned and now - silent_since >= UNREACHABLE_WARNING:
+                    log.warning("fedshield executor: the SuperNode at %s has not answered for "
+                                "%.0f s (%s); still trying", address, now - silent_since,
+                                exc.code())
+                    warned = True             # once per outage
                 stop.wait(1.0)
                 continue
+            silent_since, warned = None, False
             if not tasks:
                 stop.wait(POLL_SECONDS)
-                continue
-            claimed = stub.ClaimTask(ClaimTaskRequest(task_id=tasks[0].task_id))
-            if claimed.token:
-                run_task(address, claimed.token, root_certificates)
     finally:
         channel.close()
 
@@ -119,7 +129,11 @@ def main(address: str, root_certificates_path: str | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    root = open(root_certificates_path, "rb").read() if root_certificates_path else None
+    try:
+        root = Path(root_certificates_path).read_bytes() if root_certificates_path else None
+    except OSError as exc:
+        raise FedShieldError(f"--root-certificates {root_certificates_path}: "
+                             f"{exc.strerror or exc}") from None
     started = time.monotonic()
     serve(address, root_certificates=root, stop=stop)
     log.info("fedshield executor: stopped after %.0f s", time.monotonic() - started)
