@@ -28,7 +28,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import fedshield as fs
-from fedshield import _native
+from fedshield import native
 from fedshield.trust.federation import RunSettings
 from fedshield.fl.key_setup import (KeyHolder, KeySetup, _client_aad, _share_aad, epoch_seed,
                                     probes_match, refusal_fields, refusal_from)
@@ -352,11 +352,11 @@ def test_fuzz_native_key_codec(case):
     one): a key of the template's size, or InvalidUpdate or ValueError."""
     data, elements, moduli, ring_dim, exact = case
     if exact:
-        need = _native.key_polys_bytes(ring_dim, moduli, elements)
+        need = native.key_polys_bytes(ring_dim, moduli, elements)
         data = (data * (need // len(data) + 1))[:need]
     out = None
     try:
-        out = _native.decode_key_polys(data, ring_dim, moduli, elements)
+        out = native.decode_key_polys(data, ring_dim, moduli, elements)
     except fs.InvalidUpdate as exc:
         event("refused: " + "".join(c for c in str(exc).split(":")[1] if not c.isdigit())[:32])
     else:
@@ -365,16 +365,16 @@ def test_fuzz_native_key_codec(case):
                    for k in range(elements * len(moduli)))
         event("decoded")
         # packed again: the same bytes; summed with itself: twice the residues mod q
-        assert bytes(_native.pack_key_polys(out, ring_dim, moduli, elements)) == data
-        total = _native.decode_key_polys(
-            _native.sum_key_polys([data, data], ring_dim, moduli, elements), ring_dim, moduli,
+        assert bytes(native.pack_key_polys(out, ring_dim, moduli, elements)) == data
+        total = native.decode_key_polys(
+            native.sum_key_polys([data, data], ring_dim, moduli, elements), ring_dim, moduli,
             elements)
         q = np.repeat(np.array(moduli, dtype=object), ring_dim)
         q = np.tile(q, elements)
         assert np.array_equal(total.astype(object), (2 * out.astype(object)) % q)
     if out is None:   # what decode refuses, summing refuses too
         with pytest.raises(fs.InvalidUpdate):
-            _native.sum_key_polys([data, data], ring_dim, moduli, elements)
+            native.sum_key_polys([data, data], ring_dim, moduli, elements)
     # a template of length words and zeroed arrays, as a serialized key lays them out
     offsets = range(8, 8 + (8 * ring_dim + 8) * elements * len(moduli), 8 * ring_dim + 8)
     template = bytearray(8 + (8 * ring_dim + 8) * elements * len(moduli) + 64)
@@ -383,7 +383,7 @@ def test_fuzz_native_key_codec(case):
     template = bytes(template)
     layout = (ring_dim, *moduli, *offsets, len(template))
     try:
-        key = _native.rebuild_key(data, template, layout, elements)
+        key = native.rebuild_key(data, template, layout, elements)
         assert len(key) == len(template) and out is not None
         got = [np.frombuffer(bytes(key), dtype="<u8", count=ring_dim, offset=off)
                for off in offsets]

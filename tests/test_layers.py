@@ -3,7 +3,9 @@
 
 The package's top level is the layer table, bottom to top:
 
-- base (errors, atomic writes, threads, value checks; the native module _native)
+- base (errors, atomic writes, threads, value checks)
+- native (the compiled C++ kernels from csrc/: packing, wire, aggregation, sampling; imports
+  nothing from the package, and he/ is the Python layer over it)
 - he (CKKS: parameters, keys, encryption, aggregation, partial decryption, wire formats)
 - data, kernels (peers: data files and prompts; the Triton importance kernel)
 - config (the run's settings)
@@ -27,7 +29,8 @@ PACKAGE = ROOT / "python" / "fedshield"
 KERNELS = ROOT / "kernels"
 
 LAYER_OF = {
-    "base": "base", "_native": "base",
+    "base": "base",
+    "native": "native",
     "he": "he",
     "data": "data", "kernels": "kernels",
     "config": "config",
@@ -38,19 +41,20 @@ LAYER_OF = {
     "engines": "engines",
     "cli": "cli",
 }
-ORDER = ["base", "he", "data", "kernels", "config", "trust", "training", "run", "fl", "engines",
-         "cli"]
+ORDER = ["base", "native", "he", "data", "kernels", "config", "trust", "training", "run", "fl",
+         "engines", "cli"]
 # What each layer may import besides itself (peers import neither each other).
 ALLOWED = {
     "base": set(),
-    "he": {"base"},
+    "native": set(),
+    "he": {"base", "native"},
     "data": {"base"},
     "kernels": set(),
-    "config": {"base", "data", "he"},
-    "trust": {"base", "he", "config"},
-    "training": {"base", "he", "data", "kernels", "config"},
-    "run": {"base", "he", "data", "kernels", "config", "training"},
-    "fl": {"base", "he", "data", "kernels", "config", "trust", "training", "run"},
+    "config": {"base", "native", "data", "he"},
+    "trust": {"base", "native", "he", "config"},
+    "training": {"base", "native", "he", "data", "kernels", "config"},
+    "run": {"base", "native", "he", "data", "kernels", "config", "training"},
+    "fl": {"base", "native", "he", "data", "kernels", "config", "trust", "training", "run"},
     "engines": set(ORDER[:ORDER.index("engines")]),
     "cli": set(ORDER) - {"cli"},
 }
