@@ -640,15 +640,15 @@ def test_malformed_share_heads_raise_invalid_update(t_of_n):
                 pass
 
 
-def test_closing_a_party_wipes_its_key_share_and_the_shares_it_holds(t_of_n):
+def test_closing_a_party_wipes_its_key_share_and_the_shares_it_holds(t_of_n, wipes):
     party = fs.load_context(t_of_n.parties[2].to_bytes(include_secret=True))
-    held = [party._secret_key, *party._key_shares.values()]
+    held = [party.secret_key_bytes(), *map(party.key_share, party.key_share_senders)]
     assert len(held) == 5 and all(any(b) for b in held)
     with party:
         t_of_n.check(t_of_n.combine(
             [fs.partial_decrypt(p, t_of_n.agg, [0, 2, 4]) for p in
              (t_of_n.parties[0], party, t_of_n.parties[4])]))
-    assert not any(any(b) for b in held)
+    assert all(map(wipes.zeroed, held))  # each buffer zeroed in place, not merely dropped
     assert party.key_share_senders == []
     with pytest.raises(fs.KeyMaterialError, match="closed"):
         fs.partial_decrypt(party, t_of_n.agg, [0, 2, 4])

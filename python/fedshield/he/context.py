@@ -154,7 +154,7 @@ class Context:
         """
         for value in self._live.values():
             if isinstance(value, np.ndarray) and value.flags.writeable:
-                value.fill(0)  # derived key residues (secret_residues) and friends
+                wipe(value)  # derived key residues (secret_residues) and friends
         self._live.clear()
         if self._secret_key is not None:
             wipe(self._secret_key)
