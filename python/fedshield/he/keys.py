@@ -50,9 +50,10 @@ def ciphertext_template(cc, public_key, params: CKKSParams) -> tuple[bytes, tupl
 class LocalCrypto:
     """An OpenFHE crypto context made on this machine from the parameters alone, its tower
     moduli, and templates of its keys (a key of its own, serialized, residues zeroed) on which
-    key material from elsewhere is rebuilt."""
+    key material from elsewhere is rebuilt: ``templates[PUBLIC or SECRET]`` is (template,
+    layout), the same in every process that made the same parameters."""
 
-    __slots__ = ("params", "cc", "cc_bytes", "moduli", "_templates")
+    __slots__ = ("params", "cc", "cc_bytes", "moduli", "templates")
 
     def __init__(self, params: CKKSParams) -> None:
         self.params = params
@@ -64,13 +65,13 @@ class LocalCrypto:
                                       params)[0]
         self.moduli = backend.moduli_of(self.cc, zero)
         n, moduli = params.ring_dim, list(self.moduli)
-        self._templates = {}
+        self.templates = {}
         for elements, key in ((PUBLIC, throwaway.publicKey), (SECRET, throwaway.secretKey)):
             blob = bytearray(backend.serialize_key(key))
             offsets = native.find_residue_arrays(blob, n, moduli, elements * len(moduli))
             for off in offsets:
                 blob[off:off + 8 * n] = bytes(8 * n)
-            self._templates[elements] = (bytes(blob), (n, *moduli, *offsets, len(blob)))
+            self.templates[elements] = (bytes(blob), (n, *moduli, *offsets, len(blob)))
 
     def packed_bytes(self, elements: int) -> int:
         """Bytes of ``elements`` packed polynomials of this context."""
@@ -96,7 +97,7 @@ class LocalCrypto:
             raise KeyMaterialError(str(exc)) from exc
 
     def _rebuild(self, packed, elements: int, what: str) -> bytearray:
-        template, layout = self._templates[elements]
+        template, layout = self.templates[elements]
         try:
             return native.rebuild_key(packed, template, layout, elements, what)
         except InvalidUpdate as exc:
