@@ -27,16 +27,28 @@ def _subparsers():
     return sorted(sub.choices.items())
 
 
+def _help_entries(page: str) -> list[str]:
+    """Each option's or positional's entry of a help page (argparse indents an entry by two
+    spaces and its continuation lines by more), continuation lines joined."""
+    entries: list[str] = []
+    within = False
+    for line in page.splitlines():
+        if re.match(r"  \S", line):
+            entries.append(line.strip())
+            within = True
+        elif within and line.startswith("   "):
+            entries[-1] += " " + line.strip()
+        else:
+            within = False
+    return entries
+
+
 @pytest.mark.parametrize("name, parser", _subparsers(), ids=lambda x: x if isinstance(x, str)
                          else "")
 def test_help_states_each_default_once(name, parser):
-    formatter = parser._get_formatter()
-    for action in parser._actions:
-        if action.help in (None, argparse.SUPPRESS):
-            continue
-        text = formatter._expand_help(action)
-        assert text.count("default") <= 1, f"{name} {action.option_strings}: {text}"
-        assert "(default: None)" not in text and "(default: )" not in text, text
+    for entry in _help_entries(parser.format_help()):
+        assert entry.count("default") <= 1, f"{name}: {entry}"
+        assert "(default: None)" not in entry and "(default: )" not in entry, entry
     page = re.sub(r"\s+", " ", parser.format_help())
     assert "(default: None)" not in page and not re.search(r"\(default: [^)]*\) \(default:", page)
 
