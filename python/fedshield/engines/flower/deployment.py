@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 CONNECTION = "fedshield-loopback"
@@ -69,11 +70,15 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def _find_tool(name: str) -> str | None:
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else shutil.which(name)
+
+
 def flower_tool(name: str) -> str:
     """The path of Flower's command ``name`` (flwr, flower-superlink...): beside this Python
     first, then on PATH; DeploymentError naming the flower extra if neither has it."""
-    here = Path(sys.executable).parent / name
-    found = str(here) if here.exists() else shutil.which(name)
+    found = _find_tool(name)
     if not found:
         raise DeploymentError(f"{name} not found: install the flower extra "
                              "(pip install 'fedshield[flower]')")
@@ -89,16 +94,23 @@ def _gave_up(log: Path) -> bool:
     return "Giving up reconnection" in text   # Flower's retry invoker, at --max-wait-time
 
 
-_HELP: dict[str, str] = {}
+# tool -> its --help text, asked once per process and in the background (each costs a
+# Python start-up, about 1.5 s on a loaded 2-core machine)
+_HELP: dict[str, Future] = {}
+_HELP_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flower-help")
+
+
+def _help_of(tool: str) -> Future:
+    if tool not in _HELP:
+        _HELP[tool] = _HELP_POOL.submit(subprocess.run, [tool, "--help"], capture_output=True,
+                                        text=True, timeout=120)
+    return _HELP[tool]
 
 
 def _has_flag(tool: str, flag: str) -> bool:
     """Whether this Flower release's `tool` takes `flag` (their CLIs moved between releases:
     1.30 has --serverappio-api-address/--clientappio-api-address, later ones --host/--port)."""
-    if tool not in _HELP:
-        _HELP[tool] = subprocess.run([tool, "--help"], capture_output=True, text=True,
-                                     timeout=120).stdout
-    return flag in _HELP[tool]
+    return flag in _help_of(tool).result().stdout
 
 
 class Deployment:
@@ -119,6 +131,10 @@ class Deployment:
         self.env = {**os.environ, **(env or {}),
                     "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
                     "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+        for name in ("flower-superlink", "flower-supernode"):   # asked while others start
+            found = _find_tool(name)
+            if found:
+                _help_of(found)
 
     def _home(self, name: str) -> Path:
         home = self.work / "home" / name

@@ -352,10 +352,13 @@ def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict
     """Runs the app: each site's worker first, then its SuperNode (in its own home)."""
     n = len(sites)
     with Deployment(work, n + len(late), [s.node for s in sites] + late, env=node_env) as dep, \
-            _site_workers(sites, dep):
+            _site_workers(sites, dep) as workers_ready:
+        # Flower's processes start while the workers load their models; the first message
+        # reaches a worker only after `flwr run`, which waits for every worker
         dep.start_superlink()
         for i in range(n):
             dep.start_supernode(i)
+        workers_ready()
         log.info("flower: SuperLink (fleet 127.0.0.1:%d) and %d SuperNodes started; logs in %s",
                  dep.fleet, n, dep.logs)
         pending = list(range(n, n + len(late)))
@@ -380,8 +383,9 @@ def _simulate(work: Path, sites: list[LocalSite], node_env: dict, resources: Sit
     site's worker gets its declared CPUs (and GPU)."""
     envs = [{**node_env, **resources.env(i)} for i in range(len(sites))]
     with Deployment(work, 0, [], env={**node_env, **RAY_PATIENCE}) as dep, \
-            _site_workers(sites, dep, [{**dep.env, **e} for e in envs]):
+            _site_workers(sites, dep, [{**dep.env, **e} for e in envs]) as workers_ready:
         dep.start_superlink(simulation=True)
+        workers_ready()
         log.info("flower: simulation runtime, %d sites of %s; logs in %s", len(sites),
                  resources, dep.logs)
         attempts = 3
@@ -403,20 +407,23 @@ def _simulate(work: Path, sites: list[LocalSite], node_env: dict, resources: Sit
 @contextmanager
 def _site_workers(sites: list[LocalSite], dep: Deployment, envs: list[dict] | None = None):
     """Starts each site's worker as the site would (``fedshield site worker --config``, in
-    its node directory, in ``envs[i]``; default: the deployment's environment) and waits until
-    each answers over its relay. They are stopped with everything else the deployment
-    started."""
+    its node directory, in ``envs[i]``; default: the deployment's environment); what it
+    yields waits until each answers over its relay. They are stopped with everything else
+    the deployment started."""
     names = [f"site-worker-{i}" for i in range(len(sites))]
     envs = envs or [dep.env] * len(sites)
     for name, site, env in zip(names, sites, envs):
         dep.start(name, [sys.executable, "-m", "fedshield.cli", "site", "worker", "--config",
                          str(site.config), "--exit-with", str(os.getpid())],
                   env=env, cwd=site.config.parent)
-    try:
+
+    def ready() -> None:
         for name, site in zip(names, sites):
             _wait_for_worker(dep, name, site)
         log.info("flower: %d site workers ready", len(sites))
-        yield
+
+    try:
+        yield ready
     finally:
         dep.stop(names)
 
