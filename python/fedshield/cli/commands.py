@@ -195,7 +195,7 @@ def _cmd_run(args) -> int:
         return _start(LocalEngine(config, show_progress=_show(args), overwrite=args.overwrite),
                       state)
 
-    metrics = _interruptible(work, lambda state: _local_interrupted(
+    metrics = _interruptible(work, lambda state: local_interrupted(
         out, state, resume=f"fedshield run --resume {out}"))
     return EXIT_INTERRUPTED if metrics is None else _done(metrics, out)
 
@@ -218,7 +218,7 @@ def _resume(args, changes: dict) -> int:
     def work(state: dict) -> dict:
         return _start(LocalEngine.resume(out, show_progress=_show(args), rounds=rounds), state)
 
-    metrics = _interruptible(work, lambda state: _local_interrupted(
+    metrics = _interruptible(work, lambda state: local_interrupted(
         out, state, resume=command, resuming=True))
     return EXIT_INTERRUPTED if metrics is None else _done(metrics, out)
 
@@ -287,7 +287,7 @@ def _saved(rounds: int, where: str = "saved") -> str:
     return f"round 1 is {where}" if rounds == 1 else f"rounds 1..{rounds} are {where}"
 
 
-def _local_interrupted(out: str, state: dict, *, resume: str, resuming: bool = False) -> str:
+def local_interrupted(out: str, state: dict, *, resume: str, resuming: bool = False) -> str:
     """What an interrupted local run has saved (its checkpoint, read back) and what next;
     ``state``: whether its rounds had started, and how many it has."""
     done = checkpointed_round(out)
@@ -305,7 +305,7 @@ def _local_interrupted(out: str, state: dict, *, resume: str, resuming: bool = F
     return f"interrupted during round {done + 1}; {_saved(done)}; resume with `{resume}`"
 
 
-def _flower_interrupted(out: str) -> str:
+def flower_interrupted(out: str) -> str:
     """What an interrupted Flower run left: its metrics.json and, once a round was recorded,
     the server state --resume goes on from."""
     done, _ = recorded_rounds(out)
@@ -392,7 +392,7 @@ def _run_flower(config: RunConfig, args, *, resume_rounds: int | None = None) ->
             return resume_flower(out, show_progress=_show(args), rounds=resume_rounds)
         return run_flower(config, show_progress=_show(args), overwrite=args.overwrite)
 
-    metrics = _interruptible(work, lambda state: _flower_interrupted(out))
+    metrics = _interruptible(work, lambda state: flower_interrupted(out))
     if metrics is None:
         return EXIT_INTERRUPTED
     ok = [r for r in metrics["rounds"] if r.get("status") == "ok"]
@@ -428,11 +428,9 @@ class _CurrentStderr(logging.StreamHandler):
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedshield", description=__doc__,
-                                     formatter_class=_HelpFormatter,
-                                     epilog=status_help())
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_commands(sub) -> None:
+    """Adds every `fedshield` command, with its flags and help, to ``sub`` (what
+    ``add_subparsers()`` returns); ``sub.choices`` then maps each name to its parser."""
     _run_parser(sub)
     _site_parser(sub)
     _split_parser(sub)
@@ -440,7 +438,19 @@ def main(argv: list[str] | None = None) -> int:
     _report_parser(sub)
     _bench_parser(sub)
     cli_federation.add_parser(sub, _HelpFormatter)
-    args = parser.parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `fedshield` command line that main() parses."""
+    parser = argparse.ArgumentParser(prog="fedshield", description=__doc__,
+                                     formatter_class=_HelpFormatter,
+                                     epilog=status_help())
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     # fedshield's own progress at INFO; other libraries (flwr's database set-up...) warnings only
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
                         handlers=[_CurrentStderr()])

@@ -55,7 +55,8 @@ def write_app_project(app_dir: Path, *, name: str, description: str, server_app:
     return path
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """``n`` loopback TCP ports free a moment ago (for a SuperLink, its APIs, SuperNodes)."""
     socks, ports = [], []
     try:
         for _ in range(n):
@@ -74,7 +75,9 @@ def _find_tool(name: str) -> str | None:
     return str(here) if here.exists() else shutil.which(name)
 
 
-def _tool(name: str) -> str:
+def flower_tool(name: str) -> str:
+    """The path of Flower's command ``name`` (flwr, flower-superlink...): beside this Python
+    first, then on PATH; DeploymentError naming the flower extra if neither has it."""
     found = _find_tool(name)
     if not found:
         raise DeploymentError(f"{name} not found: install the flower extra "
@@ -121,7 +124,7 @@ class Deployment:
         self.n_nodes = n_nodes
         self.node_configs = node_configs
         self.procs: dict[str, subprocess.Popen] = {}
-        fleet, control, serverappio, *clientappio = _free_ports(3 + n_nodes)
+        fleet, control, serverappio, *clientappio = free_ports(3 + n_nodes)
         self.fleet, self.control, self.serverappio = fleet, control, serverappio
         self.clientappio = clientappio
         bin_dir = str(Path(sys.executable).parent)
@@ -159,7 +162,7 @@ class Deployment:
         simulation runtime (its ServerApp process runs the virtual SuperNodes' ClientApps in
         ray actors; no SuperNode processes); ``database``: its state in that file, which a
         restarted SuperLink takes up."""
-        tool = _tool("flower-superlink")
+        tool = flower_tool("flower-superlink")
         if _has_flag(tool, "--serverappio-api-address"):  # Flower 1.30: one gRPC port per API
             apis = ["--fleet-api-address", f"127.0.0.1:{self.fleet}",
                     "--control-api-address", f"127.0.0.1:{self.control}",
@@ -193,7 +196,7 @@ class Deployment:
         command that takes the SuperNode's tasks itself (``--isolation process``), started
         beside it with the SuperNode's ClientAppIo address appended; default: Flower starts
         one ClientApp process per message."""
-        tool = _tool("flower-supernode")
+        tool = flower_tool("flower-supernode")
         appio = (["--clientappio-api-address", f"127.0.0.1:{self.clientappio[i]}"]
                  if _has_flag(tool, "--clientappio-api-address") else
                  ["--host", "127.0.0.1", "--port", str(self.clientappio[i])])
@@ -234,7 +237,7 @@ class Deployment:
         if run_config:
             extra += ["--run-config", " ".join(f"{k}={_toml_value(v)}"
                                                for k, v in run_config.items())]
-        proc = self._start("flwr-run", [_tool("flwr"), "run", str(app_dir), CONNECTION,
+        proc = self._start("flwr-run", [flower_tool("flwr"), "run", str(app_dir), CONNECTION,
                                         "--stream", *extra], home)
         deadline = time.monotonic() + timeout
         while proc.poll() is None:

@@ -503,7 +503,7 @@ def _private_dir(path: Path) -> None:
         path.chmod(0o700)
 
 
-def _log_to(path: Path) -> None:
+def log_to(path: Path) -> None:
     """The worker's log: its own file, mode 0600 (it names the site's files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))
@@ -515,7 +515,7 @@ def _log_to(path: Path) -> None:
     log.propagate = False
 
 
-def _listen(path: Path) -> socket.socket:
+def listen(path: Path) -> socket.socket:
     """The worker's socket at ``path`` (mode 0660: the socket's directory decides who may
     connect); refuses a path where another worker answers."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -550,7 +550,7 @@ def run_worker(config_path: str | Path, *, exit_with: int = 0,
     in the background."""
     site_cfg = SiteConfig.from_file(config_path)
     _private_dir(site_cfg.path("node_dir"))
-    _log_to(site_cfg.path("log_file"))
+    log_to(site_cfg.path("log_file"))
     token = read_token(make_token(site_cfg.path("token_file")))
     apply_to_torch()  # several sites on one machine share its cores (FEDSHIELD_NUM_THREADS)
     problems = check_site(site_cfg)
@@ -562,7 +562,7 @@ def run_worker(config_path: str | Path, *, exit_with: int = 0,
         worker.preload(Path(preload_run).read_text())
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     path = site_cfg.path("socket")
-    server = _listen(path)
+    server = listen(path)
     log.info("site worker: party %d listening on %s", site_cfg.party_id, path)
     print(f"fedshield site worker: party {site_cfg.party_id} listening on {path}; log in "
           f"{site_cfg.path('log_file')}", flush=True)
