@@ -52,7 +52,7 @@ $(STAMP): $(VPY) pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.hpp)
 	  echo "Use CPython 3.10 (or 3.12 on Ubuntu 24.04): rm -rf $(VENV) && make PYTHON=python3.10 test"; \
 	  exit 1; }
 	$(VPY) -m pip install --quiet -e ".[client,flower,simulation,dev]"
-	$(VPY) -c "import fedshield, fedshield._native; print('fedshield', fedshield.__version__, 'native ok')"
+	$(VPY) -c "import fedshield, fedshield.native; print('fedshield', fedshield.__version__, 'native ok')"
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -90,13 +90,13 @@ asan-build: $(STAMP) $(if $(findstring $(VENV)/bin/cmake,$(CMAKE)),$(VENV)/bin/c
 asan-test: asan-build
 	@test -f "$$($(CXX) -print-file-name=libasan.so)" || { \
 	  echo "make asan-test needs the AddressSanitizer runtime of $(CXX) (libasan.so)"; exit 1; }
-	@so=$$(ls $(abspath $(ASAN_BUILD))/_native*.so); \
+	@so=$$(ls $(abspath $(ASAN_BUILD))/native*.so); \
 	export LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so.6)" \
 	  FEDSHIELD_NATIVE=$$so \
 	  PYTHONPATH=$(abspath tests/asan) FEDSHIELD_FUZZ_EXAMPLES=$(ASAN_EXAMPLES) \
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:alloc_dealloc_mismatch=0:protect_shadow_gap=0 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1; \
-	$(VPY) -c "import fedshield._native as n, sys; assert n.__file__ == '$$so', n.__file__; \
+	$(VPY) -c "import fedshield.native as n, sys; assert n.__file__ == '$$so', n.__file__; \
 	  assert b'__asan_init' in open(n.__file__, 'rb').read(); print('ASan build:', n.__file__)" && \
 	$(VPY) -m pytest -q -p no:cacheprovider --capture=sys -m "not slow" \
 	  $(if $(ASAN_SELECT),-k "$(ASAN_SELECT)") $(ASAN_TESTS)

@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         import fedshield as fs
-        from fedshield import _native
+        from fedshield import native
     except ImportError as exc:
         print(f"fedshield does not import here ({exc}); run with the project venv, e.g. "
               ".venv/bin/python benchmarks/compare.py", file=sys.stderr)
@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.clients} clients, weights {', '.join(f'{w:g}' for w in weights)}; "
           f"best of {args.repeat}")
     print(f"machine: {os.cpu_count()} CPUs, load average {load0[0]:.2f} at start, "
-          f"{load1[0]:.2f} at end; fedshield native threads {_native.default_threads()}; "
+          f"{load1[0]:.2f} at end; fedshield native threads {native.default_threads()}; "
           f"Python {platform.python_version()}; fedshield at {source}"
           + (f"; TenSEAL {peer_info['tenseal']} on Python {peer_info['python']}"
              if peer_info and peer_info.get("tenseal") else ""))
@@ -585,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"NOTE: {n}")
     print()
     from fedshield.run.bench import print_step_table  # noqa: PLC0415
-    print_step_table(steps, _native.default_threads(), step_load)
+    print_step_table(steps, native.default_threads(), step_load)
     if n_values == steps["mistral7b_round_s"]["values"]:
         print("(this state is the Mistral-7B one: the per-round totals are measured, not scaled)")
     print(f"(whole run: {wall:.0f} s; peak RSS {rss_self:.1f} GiB in this process"
@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
                "clients": args.clients, "weights": weights, "repeat": args.repeat,
                "peer_values": args.peer_values, "peer": peer_info, "notes": notes,
                "machine": {"cpus": os.cpu_count(), "loadavg_start": load0,
-                           "loadavg_end": load1, "native_threads": _native.default_threads(),
+                           "loadavg_end": load1, "native_threads": native.default_threads(),
                            "python": platform.python_version(),
                            "peak_rss_gib": rss_self, "peak_rss_tenseal_gib": rss_peer},
                "fedshield_version": getattr(fs, "__version__", None),

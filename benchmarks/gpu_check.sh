@@ -43,7 +43,7 @@ print("\n".join(dict.fromkeys([p["purelib"], p["platlib"]])))' > "$site/_gpu_che
 fi
 PY=.venv/bin/python
 
-if ! "$PY" -c "import fedshield._native as n, fedshield.kernels.importance; n.importance_mask" \
+if ! "$PY" -c "import fedshield.native as n, fedshield.kernels.importance; n.importance_mask" \
     >/dev/null 2>&1; then
   step "building and installing fedshield (native module)"
   if has "$PY" "torch, triton, scikit_build_core, pybind11, pytest, pytest_benchmark, hypothesis"

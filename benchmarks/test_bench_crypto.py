@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fedshield as fs
-from fedshield import _native
+from fedshield import native
 from fedshield.run.bench import openfhe_aggregate_baseline, openfhe_encrypt_baseline
 
 N_VALUES = 1 << 20  # 32 tensors of 32x1024: 64 ciphertexts at N=2^14
@@ -43,16 +43,16 @@ def test_pack(benchmark, states, layout):
     arrays = layout.flat_arrays(states[0])
     per_ct = fs.CKKSParams().values_per_ciphertext
     n = -(-(layout.numel + 1) // per_ct) * per_ct
-    benchmark(_native.pack_values, arrays, [None] * len(arrays), 1e-3, 1e-3, 4.0, n, 0)
+    benchmark(native.pack_values, arrays, [None] * len(arrays), 1e-3, 1e-3, 4.0, n, 0)
 
 
 def test_unpack(benchmark, states, layout):
     arrays = layout.flat_arrays(states[0])
     per_ct = fs.CKKSParams().values_per_ciphertext
     n = -(-(layout.numel + 1) // per_ct) * per_ct
-    buf = _native.pack_values(arrays, [None] * len(arrays), 1e-3, 1e-3, 4.0, n, 0)
+    buf = native.pack_values(arrays, [None] * len(arrays), 1e-3, 1e-3, 4.0, n, 0)
     outs = [np.empty(s.numel, dtype=np.float32) for s in layout.specs]
-    benchmark(_native.unpack_values, buf, outs, [None] * len(outs), True, 0)
+    benchmark(native.unpack_values, buf, outs, [None] * len(outs), True, 0)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -1,4 +1,4 @@
-// pybind11 bindings of the native core (module fedshield._native). The core itself does not
+// pybind11 bindings of the native core (module fedshield.native). The core itself does not
 // depend on pybind11; each bound area has its own bind_*() below.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -559,7 +559,7 @@ void bind_aggregator(py::module_& m) {
 // For the other binding files (bind_ckks.cpp): an update header from its Python dict.
 UpdateHeader header_from_pydict(const py::dict& d) { return header_from_dict(d); }
 
-PYBIND11_MODULE(_native, m) {
+PYBIND11_MODULE(native, m) {
     m.doc() = "fedshield native core: packing, wire format, ciphertext residue aggregation";
     m.def("default_threads", &default_threads,
           "Threads a native call with threads=0 uses (FEDSHIELD_NUM_THREADS, else the CPUs "

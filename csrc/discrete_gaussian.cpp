@@ -123,9 +123,11 @@ uint64_t discrete_laplace(RandomBits& rng, uint64_t t, bool* negative) {
     }
 }
 
-uint64_t isqrt(uint64_t n) {
-    uint64_t r = 0;
-    for (uint64_t bit = uint64_t{1} << 62; bit; bit >>= 2) {
+// floor(sqrt(n)) by the bitwise method, for 64- and 128-bit n (exact, no floating point).
+template <typename U>
+U isqrt(U n) {
+    U r = 0;
+    for (U bit = U{1} << (8 * sizeof(U) - 2); bit; bit >>= 2) {
         if (n >= r + bit) {
             n -= r + bit;
             r = (r >> 1) + bit;
@@ -140,7 +142,7 @@ uint64_t isqrt(uint64_t n) {
 // t = floor(sigma) + 1; y ~ Lap_Z(t), kept with probability
 // exp(-(|y| - sigma2/t)^2 / (2 sigma2)) = exp(-(|y| t - sigma2)^2 / (2 sigma2 t^2)).
 int64_t discrete_gaussian(RandomBits& rng, uint64_t sigma2) {
-    const uint64_t t = isqrt(sigma2) + 1;
+    const uint64_t t = isqrt<uint64_t>(sigma2) + 1;
     const u128 den = 2 * static_cast<u128>(sigma2) * t * t;  // < 2^94
     for (;;) {
         bool negative = false;
@@ -224,25 +226,12 @@ bool bernoulli_exp(RandomBits& rng, U256 num, const U256& den) {
     return bernoulli_exp_at_most_1(rng, num, den);
 }
 
-u128 isqrt128(u128 n) {
-    u128 r = 0;
-    for (u128 bit = u128{1} << 126; bit; bit >>= 2) {
-        if (n >= r + bit) {
-            n -= r + bit;
-            r = (r >> 1) + bit;
-        } else {
-            r >>= 1;
-        }
-    }
-    return r;
-}
-
 // One N_Z(0, sigma2) sample for sigma2 < 2^112 (CKS Algorithm 3, as discrete_gaussian above):
 // t = floor(sigma) + 1 <= 2^56 + 1; Laplace draws of magnitude >= 64 t are rejected outright
 // (their acceptance probability is below exp(-(63 sigma)^2 / (2 sigma^2)) < exp(-1900)).
 struct WideGaussian {
     explicit WideGaussian(u128 s2)
-        : sigma2(s2), t(static_cast<uint64_t>(isqrt128(s2)) + 1), cap(64 * t),
+        : sigma2(s2), t(static_cast<uint64_t>(isqrt<u128>(s2)) + 1), cap(64 * t),
           den(shl1(mul(s2, static_cast<u128>(t) * t))) {}
     u128 sigma2;
     uint64_t t, cap;  // cap < 2^63

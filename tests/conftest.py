@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fedshield as fs
+from fedshield.he import context as he_context
 
 # Default-parameter constants the tests reason with (see csrc/wire.hpp). The default profile
 # is seeded: a client update carries c0 only (ELEMENTS = 1) and one 32-byte seed.
@@ -103,3 +104,32 @@ def small_update(client_ctx, small_state, small_layout) -> fs.EncryptedUpdate:
     """One valid client update of the small state (weight 3 of at most 4, round 7)."""
     return fs.encrypt_update(client_ctx, small_state, small_layout, weight=3.0, round=7,
                              weight_bound=4.0)
+
+
+class Wipes:
+    """Every buffer Context.close() handed to wipe(), with what it held before."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, bytes]] = []
+
+    def zeroed(self, content: bytes) -> bool:
+        """Whether a buffer that held ``content`` was wiped and now reads all zeros."""
+        return any(before == content and not any(_contents(buffer))
+                   for buffer, before in self.calls)
+
+
+def _contents(buffer) -> bytes:
+    return buffer.tobytes() if isinstance(buffer, np.ndarray) else bytes(buffer)
+
+
+@pytest.fixture
+def wipes(monkeypatch) -> Wipes:
+    """Records the buffers fedshield.he.context wipes (then wipes them, as it would)."""
+    seen, real = Wipes(), he_context.wipe
+
+    def recording(buffer) -> None:
+        seen.calls.append((buffer, _contents(buffer)))
+        real(buffer)
+
+    monkeypatch.setattr(he_context, "wipe", recording)
+    return seen

@@ -13,7 +13,7 @@ import struct
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from fedshield import _native
+from fedshield import native
 from fedshield.he.context import CONTEXT_FORMAT_VERSION as CONTEXT_VERSION
 
 
@@ -87,7 +87,7 @@ def reseal_update(data: bytes | bytearray) -> bytes:
     if len(data) < 8:
         return bytes(data)
     body = bytes(data[:-8])
-    return body + struct.pack("<Q", _native.checksum64(body))
+    return body + struct.pack("<Q", native.checksum64(body))
 
 
 def reseal_sha256(data: bytes | bytearray) -> bytes:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fedshield as fs
-from fedshield import _native
+from fedshield import native
 from conftest import ELEMENTS, RING_DIM, make_mask, make_state, weighted_average
 from forgery import build_context, split_context
 
@@ -440,20 +440,20 @@ def test_native_codec_refuses_out_of_bounds_layouts(client_ctx, small_update):
     template, layout = client_ctx.ciphertext_template
     data = small_update.to_bytes()
     with pytest.raises(fs.InvalidUpdate, match="expanded c1"):
-        _native.decode_ciphertexts(data, template, layout, 1)  # a seeded update without c1
+        native.decode_ciphertexts(data, template, layout, 1)  # a seeded update without c1
     c1 = expand_sum(small_update.seeds, client_ctx.fingerprint, small_update.round, 1,
                     client_ctx.moduli, RING_DIM)
     with pytest.raises(fs.InvalidUpdate, match="expanded c1"):
-        _native.decode_ciphertexts(data, template, layout, 1, c1[:-1].copy())
-    ok = _native.decode_ciphertexts(data, template, layout, 1, c1)
+        native.decode_ciphertexts(data, template, layout, 1, c1[:-1].copy())
+    ok = native.decode_ciphertexts(data, template, layout, 1, c1)
     assert len(ok) == 1 and len(ok[0]) == len(template)
     n, q, c0, c1_off, total = layout
     for bad in [(n, q, 10**12, c1_off, total), (n, q, c0, total - 8, total),
                 (n, q, 0, c1_off, total), (n, q, c0, c0 + 8, total), (n, q, c0, 2**64 - 1, total)]:
         with pytest.raises(fs.InvalidUpdate, match="layout"):
-            _native.decode_ciphertexts(data, template, bad, 1, c1)
+            native.decode_ciphertexts(data, template, bad, 1, c1)
     with pytest.raises(fs.InvalidUpdate):
-        _native.encode_ciphertexts(small_update.header, ok, (n, q, 10**12, c1_off, total), 1,
+        native.encode_ciphertexts(small_update.header, ok, (n, q, 10**12, c1_off, total), 1,
                                    small_update.seeds[0])
 
 
@@ -735,7 +735,7 @@ def test_decrypt_rejects_a_forged_value_count(client_ctx, small_update, small_la
     data = bytearray(small_update.to_bytes())
     struct.pack_into("<Q", data, 120, 10)  # n_values: 10 instead of 496 (still one ciphertext)
     body = bytes(data[:-8])
-    forged = fs.EncryptedUpdate.from_bytes(body + struct.pack("<Q", _native.checksum64(body)))
+    forged = fs.EncryptedUpdate.from_bytes(body + struct.pack("<Q", native.checksum64(body)))
     with pytest.raises(fs.InvalidUpdate, match="values"):
         fs.decrypt_update(client_ctx, forged, small_layout)
 
@@ -743,30 +743,30 @@ def test_decrypt_rejects_a_forged_value_count(client_ctx, small_update, small_la
 def test_locate_residues(client_ctx):
     template, layout = client_ctx.ciphertext_template
     n, q = client_ctx.params.ring_dim, client_ctx.modulus
-    assert _native.locate_residues(template, n, q) == tuple(layout)
+    assert native.locate_residues(template, n, q) == tuple(layout)
     with pytest.raises(fs.InvalidUpdate, match="found 0"):
-        _native.locate_residues(bytes(4096), n, q)
+        native.locate_residues(bytes(4096), n, q)
     with pytest.raises(fs.InvalidUpdate, match="found 1"):
-        _native.locate_residues(template[:layout[3]], n, q)
+        native.locate_residues(template[:layout[3]], n, q)
     # a length word whose byte count overflows 64 bits must not send the scan out of bounds
     huge = 2**61
     crafted = struct.pack("<Q", huge) + bytes(64)
     with pytest.raises(fs.InvalidUpdate):
-        _native.locate_residues(crafted, huge, q)
+        native.locate_residues(crafted, huge, q)
     with pytest.raises(fs.InvalidUpdate):
-        _native.locate_residues(template, 0, q)
+        native.locate_residues(template, 0, q)
 
 
 def test_hostile_first_update_cannot_take_over_the_round(client_ctx, server_ctx, small_layout):
     """The server states the round, layout and weight bound; a forged first reply is rejected."""
-    from fedshield import _native
+    from fedshield import native
 
     honest = [fs.encrypt_update(client_ctx, make_state(700 + i), small_layout, weight=1.0 + i,
                                 weight_bound=4.0, round=3) for i in range(2)]
     evil = bytearray(honest[0].to_bytes())
     evil[112:120] = (7).to_bytes(8, "little")  # round 7
     body = len(evil) - 8
-    evil[body:] = _native.checksum64(bytes(evil[:body])).to_bytes(8, "little")
+    evil[body:] = native.checksum64(bytes(evil[:body])).to_bytes(8, "little")
     rejected = []
     agg = fs.aggregate(server_ctx, [bytes(evil), *honest], round=3, layout=small_layout,
                        weight_bound=4.0, on_reject=lambda i, e: rejected.append((i, type(e))))
@@ -778,7 +778,7 @@ def test_hostile_first_update_cannot_take_over_the_round(client_ctx, server_ctx,
     fake = bytearray(honest[0].to_bytes()[:body]) + bytes(range(63)) * 32
     fake[10:12] = (2).to_bytes(2, "little")
     fake[12:16] = (64).to_bytes(4, "little")
-    fake += _native.checksum64(bytes(fake)).to_bytes(8, "little")
+    fake += native.checksum64(bytes(fake)).to_bytes(8, "little")
     assert fs.EncryptedUpdate.from_bytes(bytes(fake)).n_summed == 64  # well-formed
     with pytest.raises(fs.IncompatibleUpdate, match="aggregate"):
         fs.aggregate(server_ctx, [bytes(fake), *honest])
@@ -789,13 +789,13 @@ def test_hostile_first_update_cannot_take_over_the_round(client_ctx, server_ctx,
 
 
 def test_forged_packing_byte_is_rejected(client_ctx, server_ctx, small_layout):
-    from fedshield import _native
+    from fedshield import native
 
     ups = [fs.encrypt_update(client_ctx, make_state(710 + i), small_layout) for i in range(2)]
     forged = bytearray(ups[0].to_bytes())
     forged[145] = 2  # "real" packing on a complex-packing context
     body = len(forged) - 8
-    forged[body:] = _native.checksum64(bytes(forged[:body])).to_bytes(8, "little")
+    forged[body:] = native.checksum64(bytes(forged[:body])).to_bytes(8, "little")
     with pytest.raises(fs.IncompatibleUpdate, match="packing"):
         fs.aggregate(server_ctx, [bytes(forged), ups[1]])
     with pytest.raises(fs.IncompatibleUpdate, match="packing"):
@@ -816,7 +816,7 @@ def test_aggregator_refuses_concurrent_use(client_ctx, server_ctx):
            for i in range(8)]  # distinct updates: the aggregator refuses a seed it has summed
 
     def new():
-        return _native.Aggregator(server_ctx.fingerprint, server_ctx.modulus, RING_DIM, 64, 1,
+        return native.Aggregator(server_ctx.fingerprint, server_ctx.modulus, RING_DIM, 64, 1,
                                   elements=ELEMENTS)
 
     refused = 0
@@ -874,21 +874,21 @@ def test_the_fingerprint_covers_the_crypto_context(server_ctx, client_ctx):
         assert fs.load_context(build_context(meta, secs)).fingerprint == server_ctx.fingerprint
 
 
-def test_close_wipes_key_material(client_ctx, small_state, small_layout):
+def test_close_wipes_key_material(client_ctx, small_state, small_layout, wipes):
     """Issue 15, item 5: Context.close() (and `with`) zeroes the secret key the context holds
     and the key residues derived from it, drops its OpenFHE objects, and refuses key operations
     afterwards; the public material (fingerprint, public()) stays usable."""
     ctx = fs.load_context(client_ctx.to_bytes(include_secret=True))
     upd = fs.encrypt_update(ctx, small_state, small_layout, weight=1.0)
-    fs.decrypt_update(ctx, upd, small_layout)
-    residues = ctx._live["secret_residues"]
-    assert residues.any()
-    held = ctx._secret_key
-    assert any(held)
+    fs.decrypt_update(ctx, upd, small_layout)  # derives (and keeps) the key's residues
+    held = ctx.secret_key_bytes()
+    residues = np.concatenate([r for _, r in ctx.key_residues()]).tobytes()
+    assert any(held) and any(residues)
     with ctx as same:
         assert same is ctx
     assert ctx.closed and not ctx.has_secret_key
-    assert not any(held) and not residues.any()  # zeroed in place, not merely dropped
+    # the buffers that held them are zeroed in place, not merely dropped
+    assert wipes.zeroed(held) and wipes.zeroed(residues)
     for call in (lambda: fs.decrypt_update(ctx, upd, small_layout),
                  lambda: fs.encrypt_update(ctx, small_state, small_layout, weight=1.0),
                  lambda: ctx.to_bytes(include_secret=True), ctx.secret_key_bytes):

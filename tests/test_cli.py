@@ -12,7 +12,7 @@ import re
 import pytest
 
 import fedshield.engines.local as local_engine
-from fedshield.cli.commands import _flower_interrupted, _local_interrupted
+from fedshield.cli.commands import add_commands, flower_interrupted, local_interrupted
 from fedshield.cli.commands import main as cli_main
 
 SMALL = ["--clients", "2", "--examples-per-client", "16", "--local-steps", "2",
@@ -21,26 +21,34 @@ SMALL = ["--clients", "2", "--examples-per-client", "16", "--local-steps", "2",
 
 def _subparsers():
     """(name, parser) of every `fedshield` command, as main() builds them."""
-    import fedshield.cli.commands as cli
-
     parser = argparse.ArgumentParser(prog="fedshield")
     sub = parser.add_subparsers(dest="command")
-    for build in (cli._run_parser, cli._split_parser, cli._eval_parser, cli._report_parser,
-                  cli._bench_parser):
-        build(sub)
+    add_commands(sub)
     return sorted(sub.choices.items())
+
+
+def _help_entries(page: str) -> list[str]:
+    """Each option's or positional's entry of a help page (argparse indents an entry by two
+    spaces and its continuation lines by more), continuation lines joined."""
+    entries: list[str] = []
+    within = False
+    for line in page.splitlines():
+        if re.match(r"  \S", line):
+            entries.append(line.strip())
+            within = True
+        elif within and line.startswith("   "):
+            entries[-1] += " " + line.strip()
+        else:
+            within = False
+    return entries
 
 
 @pytest.mark.parametrize("name, parser", _subparsers(), ids=lambda x: x if isinstance(x, str)
                          else "")
 def test_help_states_each_default_once(name, parser):
-    formatter = parser._get_formatter()
-    for action in parser._actions:
-        if action.help in (None, argparse.SUPPRESS):
-            continue
-        text = formatter._expand_help(action)
-        assert text.count("default") <= 1, f"{name} {action.option_strings}: {text}"
-        assert "(default: None)" not in text and "(default: )" not in text, text
+    for entry in _help_entries(parser.format_help()):
+        assert entry.count("default") <= 1, f"{name}: {entry}"
+        assert "(default: None)" not in entry and "(default: )" not in entry, entry
     page = re.sub(r"\s+", " ", parser.format_help())
     assert "(default: None)" not in page and not re.search(r"\(default: [^)]*\) \(default:", page)
 
@@ -167,33 +175,33 @@ def test_without_a_terminal_set_up_and_every_round_log_a_line(tmp_path, caplog):
 def test_interrupted_messages_say_what_is_saved(tmp_path):
     out = str(tmp_path)
     cmd = f"fedshield run --resume {out}"
-    assert _local_interrupted(out, {}, resume=cmd) == (
+    assert local_interrupted(out, {}, resume=cmd) == (
         "interrupted during set-up, before round 1; nothing was saved")
     started = {"started": True, "rounds": 4}
-    assert _local_interrupted(out, started, resume=cmd) == (
+    assert local_interrupted(out, started, resume=cmd) == (
         "interrupted during round 1; no round was completed, so nothing is saved; run the "
         "same command again")
     (tmp_path / "checkpoint").mkdir()
     index = tmp_path / "checkpoint" / "checkpoint.json"
     index.write_text(json.dumps({"round": 3}))
-    assert _local_interrupted(out, started, resume=cmd) == (
+    assert local_interrupted(out, started, resume=cmd) == (
         f"interrupted during round 4; rounds 1..3 are saved; resume with `{cmd}`")
-    assert _local_interrupted(out, {}, resume=cmd, resuming=True) == (
+    assert local_interrupted(out, {}, resume=cmd, resuming=True) == (
         f"interrupted during set-up; rounds 1..3 are saved; resume with `{cmd}`")
-    assert _local_interrupted(out, {"started": True, "rounds": 3}, resume=cmd) == (
+    assert local_interrupted(out, {"started": True, "rounds": 3}, resume=cmd) == (
         f"interrupted after the last round (3) while writing the adapter and plots; rounds "
         f"1..3 are saved; resume with `{cmd}` to write them")
     index.write_text(json.dumps({"round": 1}))
-    assert "round 2; round 1 is saved" in _local_interrupted(out, started, resume=cmd)
-    assert _flower_interrupted(str(tmp_path / "none")) == (
+    assert "round 2; round 1 is saved" in local_interrupted(out, started, resume=cmd)
+    assert flower_interrupted(str(tmp_path / "none")) == (
         "interrupted during set-up of the Flower run; its processes are stopped; nothing was "
         "saved")
     (tmp_path / "metrics.json").write_text(json.dumps({"rounds": [{"round": 1}, {"round": 2}]}))
-    assert _flower_interrupted(out) == (   # no server state: nothing to go on from
+    assert flower_interrupted(out) == (   # no server state: nothing to go on from
         f"interrupted during round 3 of the Flower run; its processes are stopped; rounds "
         f"1..2 are recorded in {out}/metrics.json, but no server state to resume from: run it "
         "again with --overwrite")
     (tmp_path / "server-state.json").write_text("{}")
-    assert _flower_interrupted(out) == (
+    assert flower_interrupted(out) == (
         f"interrupted during round 3 of the Flower run; its processes are stopped; rounds "
         f"1..2 are recorded in {out}/metrics.json; resume with `fedshield run --resume {out}`")

@@ -10,14 +10,12 @@ from dataclasses import fields
 import pytest
 
 import fedshield as fs
-from fedshield.cli.commands import _run_parser
+from fedshield.cli.commands import build_parser
 from fedshield.config import RETIRED, SECTIONS, RunConfig, options
 
 
 def _run_args(argv):
-    parser = argparse.ArgumentParser()
-    _run_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["run", *argv])
+    return build_parser().parse_args(["run", *argv])
 
 
 def test_every_field_has_one_flag_and_the_cli_has_them_all():

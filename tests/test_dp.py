@@ -10,7 +10,7 @@ import torch
 import fedshield as fs
 from fedshield.config import RunConfig
 from fedshield.dp.accountant import RDP_ORDERS, epsilon_exact, epsilon_rdp, gaussian_delta
-from fedshield import _native
+from fedshield import native
 from fedshield.dp.noise import clip_and_noise, grid_step, to_grid
 from fedshield.engines.local import LocalEngine
 
@@ -93,7 +93,7 @@ def test_discrete_gaussian_matches_its_exact_pmf(s2):
     chi-square test on 200k draws (tails beyond 5 sigma pooled)."""
     n = 200_000
     z = np.zeros(n, dtype=np.int64)
-    _native.add_discrete_gaussian(z, s2, 2)
+    native.add_discrete_gaussian(z, s2, 2)
     top = math.ceil(5 * math.sqrt(s2))
     ks = np.arange(-top, top + 1)
     weights = np.exp(-ks.astype(np.float64) ** 2 / (2 * s2))
@@ -114,20 +114,20 @@ def test_discrete_gaussian_at_the_grid_scale():
     n, s2 = 1_000_000, 3 * 2 ** 40 + 12345
     base = np.arange(n, dtype=np.int64) - n // 2
     z = base.copy()
-    _native.add_discrete_gaussian(z, s2, 0)
+    native.add_discrete_gaussian(z, s2, 0)
     noise = (z - base).astype(np.float64)
     assert abs(noise.mean()) < 5 * math.sqrt(s2 / n)
     assert noise.var() == pytest.approx(s2, rel=5 * math.sqrt(2 / n))
     with pytest.raises(fs.ParameterError, match="not in \\[1, 2\\*\\*46\\]"):
-        _native.add_discrete_gaussian(z, 0, 1)
+        native.add_discrete_gaussian(z, 0, 1)
     with pytest.raises(fs.ParameterError, match="2\\*\\*46"):
-        _native.add_discrete_gaussian(z, 2 ** 46 + 1, 1)
+        native.add_discrete_gaussian(z, 2 ** 46 + 1, 1)
     with pytest.raises(fs.ParameterError, match="within"):
-        _native.add_discrete_gaussian(np.array([2 ** 62], dtype=np.int64), 5, 1)
+        native.add_discrete_gaussian(np.array([2 ** 62], dtype=np.int64), 5, 1)
     with pytest.raises(ValueError, match="int64"):
-        _native.add_discrete_gaussian(np.zeros(4, dtype=np.int32), 5, 1)
+        native.add_discrete_gaussian(np.zeros(4, dtype=np.int32), 5, 1)
     with pytest.raises(ValueError, match="int64"):
-        _native.add_discrete_gaussian(np.zeros(8, dtype=np.int64)[::2], 5, 1)
+        native.add_discrete_gaussian(np.zeros(8, dtype=np.int64)[::2], 5, 1)
 
 
 def test_released_values_are_exact_grid_points_and_the_sensitivity_is_exact():
@@ -141,7 +141,7 @@ def test_released_values_are_exact_grid_points_and_the_sensitivity_is_exact():
     flat = np.full(d, (np.floor(clip / gamma / math.sqrt(d)) + 0.5) * gamma)
     flat *= clip / np.linalg.norm(flat)  # norm exactly clip, every value near a half step
     z, g, s2 = to_grid(flat, 1.0, clip, sigma)
-    assert g == gamma and _native.squared_norm(z) <= Fraction(clip / gamma) ** 2
+    assert g == gamma and native.squared_norm(z) <= Fraction(clip / gamma) ** 2
     assert np.abs(z * gamma - flat).max() <= 2 * gamma
     assert s2 == math.ceil((Fraction(sigma) * Fraction(clip / gamma)) ** 2)
     out, norm = clip_and_noise({"w": torch.from_numpy(flat * 3)}, clip, sigma)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fedshield as fs
-from fedshield import _native
+from fedshield import native
 from fedshield.he import flood_sizing, flooding
 
 from conftest import make_state, weighted_average
@@ -67,7 +67,7 @@ def test_ntt_matches_the_reference_order(n):
     rng = np.random.default_rng(n)
     psi = _psi(n)
     coeffs = rng.integers(0, SMALL_Q, size=n, dtype=np.uint64)
-    got = _native.ntt_forward(coeffs, SMALL_Q, psi)
+    got = native.ntt_forward(coeffs, SMALL_Q, psi)
     assert got.tolist() == _reference_ntt(coeffs.tolist(), SMALL_Q, psi)
     assert coeffs.tolist() == _inverse_ntt(got.tolist(), SMALL_Q, psi)  # input left untouched
 
@@ -75,11 +75,11 @@ def test_ntt_matches_the_reference_order(n):
 def test_ntt_rejects_bad_arguments():
     a = np.zeros(8, dtype=np.uint64)
     with pytest.raises(fs.InvalidUpdate, match="root"):
-        _native.ntt_forward(a, SMALL_Q, 1)
+        native.ntt_forward(a, SMALL_Q, 1)
     with pytest.raises(fs.InvalidUpdate, match="root"):
-        _native.ntt_forward(a, SMALL_Q, _psi(16))  # a 32nd root is not primitive 16th
+        native.ntt_forward(a, SMALL_Q, _psi(16))  # a 32nd root is not primitive 16th
     with pytest.raises(fs.InvalidUpdate, match="power of two"):
-        _native.ntt_forward(np.zeros(6, dtype=np.uint64), SMALL_Q, _psi(8))
+        native.ntt_forward(np.zeros(6, dtype=np.uint64), SMALL_Q, _psi(8))
 
 
 def _flooded_coefficients(n, moduli, width, samples):
@@ -93,7 +93,7 @@ def _flooded_coefficients(n, moduli, width, samples):
             blob += n.to_bytes(8, "little")
             offsets.append(len(blob))
             blob += bytes(8 * n)
-        _native.flood_residues(blob, offsets, list(moduli), roots, n, *flooding.split_width(width))
+        native.flood_residues(blob, offsets, list(moduli), roots, n, *flooding.split_width(width))
         for t, (q, off) in enumerate(zip(moduli, offsets)):
             values = np.frombuffer(bytes(blob), dtype="<u8", count=n, offset=off).tolist()
             per_tower[t] += [_centered(v, q) for v in _inverse_ntt(values, q, roots[t])]
@@ -143,7 +143,7 @@ def test_wide_gaussian_flooding_has_the_stated_variance(variance):
     values = []
     for _ in range(64):
         blob = bytearray(n.to_bytes(8, "little") + bytes(8 * n))
-        _native.flood_residues(blob, [8], [q], [psi], n, *flooding.split_width(variance))
+        native.flood_residues(blob, [8], [q], [psi], n, *flooding.split_width(variance))
         values += [_centered(c, q) for c in _inverse_ntt(
             np.frombuffer(bytes(blob), dtype="<u8", count=n, offset=8).tolist(), q, psi)]
     _moments_are_gaussian([float(v) for v in values], math.sqrt(variance))
@@ -154,26 +154,26 @@ def test_flood_residues_rejects_bad_arguments():
     good = bytearray(n.to_bytes(8, "little") + bytes(8 * n))
     psi = _psi(n)
     with pytest.raises(fs.InvalidUpdate, match="root"):
-        _native.flood_residues(good, [8], [q], [2], n, 0, 5)
+        native.flood_residues(good, [8], [q], [2], n, 0, 5)
     with pytest.raises(fs.InvalidUpdate, match="2\\^112"):
-        _native.flood_residues(good, [8], [q], [psi], n, 2**48, 0)
+        native.flood_residues(good, [8], [q], [psi], n, 2**48, 0)
     with pytest.raises(fs.InvalidUpdate, match="variance"):
-        _native.flood_residues(good, [8], [q], [psi], n, 0, 0)
+        native.flood_residues(good, [8], [q], [psi], n, 0, 0)
     bad = bytearray(good)
     bad[8:16] = q.to_bytes(8, "little")  # a residue not below q
     with pytest.raises(fs.InvalidUpdate, match="below"):
-        _native.flood_residues(bad, [8], [q], [psi], n, 0, 5)
+        native.flood_residues(bad, [8], [q], [psi], n, 0, 5)
     with pytest.raises(ValueError, match="outside|ring_dim"):
-        _native.flood_residues(good, [16], [q], [psi], n, 0, 5)
+        native.flood_residues(good, [16], [q], [psi], n, 0, 5)
     with pytest.raises((ValueError, BufferError), match="writable"):
-        _native.flood_residues(bytes(good), [8], [q], [psi], n, 0, 5)
+        native.flood_residues(bytes(good), [8], [q], [psi], n, 0, 5)
     with pytest.raises(ValueError, match="one offset per tower"):
-        _native.flood_residues(good, [8, 8], [q], [psi], n, 0, 5)
+        native.flood_residues(good, [8, 8], [q], [psi], n, 0, 5)
     for modulus in (0, 1, 2**62 + 1):
         with pytest.raises(fs.InvalidUpdate, match="modulus"):
-            _native.flood_residues(good, [8], [modulus], [psi], n, 0, 5)
+            native.flood_residues(good, [8], [modulus], [psi], n, 0, 5)
     with pytest.raises(fs.InvalidUpdate, match="one modulus and one root"):
-        _native.flood_residues(good, [8], [q], [], n, 0, 5)
+        native.flood_residues(good, [8], [q], [], n, 0, 5)
 
 
 # -- parameters -------------------------------------------------------------------------------
@@ -540,7 +540,7 @@ def test_forged_towers_in_a_real_update_are_refused(legacy_keys):
     assert int.from_bytes(data[176:184], "little") == q2
 
     def reseal(body: bytearray) -> bytes:
-        return bytes(body[:-8]) + _native.checksum64(bytes(body[:-8])).to_bytes(8, "little")
+        return bytes(body[:-8]) + native.checksum64(bytes(body[:-8])).to_bytes(8, "little")
 
     # another odd modulus of the same width for tower 1: well-formed, but not this context's
     body = bytearray(data)

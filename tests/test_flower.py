@@ -520,9 +520,9 @@ def test_client_refuses_to_train_out_of_step(tmp_path):
     from fedshield.engines.flower import client_app
     from fedshield.engines.flower.records import FIELDS
     from fedshield.engines.flower.site_ipc import WorkerRefused
-    from test_flower_site import _site, worker_thread
+    from test_flower_site import site_config, worker_thread
 
-    site_cfg = _site(tmp_path, insecure_trust_server_roster=True)  # no key set-up here
+    site_cfg = site_config(tmp_path, insecure_trust_server_roster=True)  # no key set-up here
     cfg = RunConfig.from_flat(**TINY, out=str(tmp_path))
     node = {"socket": str(site_cfg.path("socket")), "token-file": str(site_cfg.path("token_file"))}
     context = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(),
@@ -579,7 +579,7 @@ def test_client_refuses_to_train_out_of_step(tmp_path):
 # -- real deployments ----------------------------------------------------------------------
 
 @contextmanager
-def _flower_site_threads(cfg: RunConfig, monkeypatch):
+def flower_site_threads(cfg: RunConfig, monkeypatch):
     """The local engine with the threads each Flower site had: torch's results depend on how
     its reductions are split across threads."""
     from fedshield.base.threads import ENV, available_cpus
@@ -592,15 +592,15 @@ def _flower_site_threads(cfg: RunConfig, monkeypatch):
         torch.set_num_threads(available_cpus())
 
 
-def _local_reference(cfg: RunConfig, out: Path, monkeypatch) -> dict:
+def local_reference(cfg: RunConfig, out: Path, monkeypatch) -> dict:
     from fedshield.engines.local import run
 
-    with _flower_site_threads(cfg, monkeypatch):
+    with flower_site_threads(cfg, monkeypatch):
         return run(cfg.replace(engine="local", out=str(out), min_clients=0),
                    show_progress=False)
 
 
-def _adapter(out: Path) -> dict:
+def saved_adapter(out: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -613,7 +613,7 @@ def test_flower_shared_keys_match_local_engine(tmp_path, monkeypatch):
     # an occasional value across a local mask's cut (seen once: 1.2e-4 relative on one value).
     cfg = RunConfig.from_flat(**TINY, prune="off", engine="flower", out=str(tmp_path / "flower"))
     got = run_flower(cfg)
-    ref = _local_reference(cfg, tmp_path / "local", monkeypatch)
+    ref = local_reference(cfg, tmp_path / "local", monkeypatch)
     assert got["server_has_secret_key"] is False and got["server_loaded_openfhe"] is False
     assert got["num_lora_values"] == ref["num_lora_values"]
     assert got["initial_eval_loss"] == pytest.approx(ref["initial_eval_loss"], abs=1e-9)
@@ -628,7 +628,7 @@ def test_flower_shared_keys_match_local_engine(tmp_path, monkeypatch):
     # gradient by its own magnitude, so a LoRA value whose gradient is near zero moves by a
     # noise-driven fraction of lr in the next round (seen: 2.3e-5 on 1 of 2048 values). The
     # losses above agree to 1e-5; the adapters to 1e-4 (the updates are ~1e-2).
-    x, y = _adapter(tmp_path / "flower"), _adapter(tmp_path / "local")
+    x, y = saved_adapter(tmp_path / "flower"), saved_adapter(tmp_path / "local")
     assert set(x) == set(y)
     for k in x:
         torch.testing.assert_close(x[k], y[k], atol=1e-4, rtol=0)
@@ -664,9 +664,9 @@ def test_flower_sites_with_their_own_files(tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from test_runner import _site_files
+    from test_runner import sites_of_sizes
 
-    files = _site_files(tmp_path / "given", [60, 120])
+    files = sites_of_sizes(tmp_path / "given", [60, 120])
     cfg = RunConfig.from_flat(site_data=[str(f) for f in files], rounds=2, local_steps=6,
                               lora_r=4, samples=0, prune="off", engine="flower",
                               round_timeout=240.0, out=str(tmp_path / "flower"))
@@ -690,7 +690,7 @@ def test_flower_sites_with_their_own_files(tmp_path, monkeypatch):
     model = PeftModel.from_pretrained(base, out / "adapter")
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == \
         got["num_lora_values"]
-    ref = _local_reference(cfg, tmp_path / "local", monkeypatch)
+    ref = local_reference(cfg, tmp_path / "local", monkeypatch)
     assert [s["train_examples"] for s in ref["sites"]] == [48, 96]
     assert ref["initial_eval_loss"] == pytest.approx(got["initial_eval_loss"], abs=1e-9)
     for a, b in zip(got["rounds"], ref["rounds"]):
@@ -699,7 +699,7 @@ def test_flower_sites_with_their_own_files(tmp_path, monkeypatch):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
 
 
-def _faulty_app() -> FlowerApp:
+def faulty_app() -> FlowerApp:
     return FlowerApp(client_app="faulty_client:app", files=[APPS / "faulty_client.py"])
 
 
@@ -726,7 +726,7 @@ def test_flower_threshold_excludes_failing_clients(tmp_path, case, monkeypatch):
     rounds, faults, subsets, expected = THRESHOLD_FAULTS[case]
     cfg = RunConfig.from_flat(**{**TINY, "clients": 3, "rounds": rounds}, keys="threshold",
                               threshold=2, engine="flower", out=str(tmp_path / "flower"))
-    got = run_flower(cfg, app=_faulty_app(), node_configs=faults, late_node_configs=[{}])
+    got = run_flower(cfg, app=faulty_app(), node_configs=faults, late_node_configs=[{}])
     assert [r["status"] for r in got["rounds"]] == ["ok"] * rounds
     assert [r["clients"] for r in got["rounds"]] == subsets
     excluded = [(e["round"], e["party"], e["reason"]) for e in got["events"]]
@@ -750,7 +750,7 @@ def test_flower_threshold_excludes_failing_clients(tmp_path, case, monkeypatch):
     assert_key_material_only_in_own_node(tmp_path, key_files)   # every file the run wrote
 
     # the local engine's steps on the same subsets, with its own threshold keys
-    with _flower_site_threads(cfg, monkeypatch):
+    with flower_site_threads(cfg, monkeypatch):
         _replay_locally(cfg.replace(engine="local", out=str(tmp_path / "local")), subsets,
                         got)
 
@@ -777,7 +777,13 @@ def _replay_locally(cfg: RunConfig, subsets: list[list[int]], got: dict) -> None
         driver.run_round(r)     # its own keys, by the same protocol
         entry = sim.server.record.rounds[r - 1]
         assert entry.clients == subset
-        assert got["rounds"][r - 1]["eval_loss"] == pytest.approx(entry.eval_loss, abs=1e-5)
+        # a party that failed to apply the aggregate over Flower has no loss there (its
+        # loss in the local replay, which applied it, is not compared)
+        flower_sites = got["rounds"][r - 1]["site_eval_loss"]
+        assert [x for x in flower_sites if x is not None] == pytest.approx(
+            [y for x, y in zip(flower_sites, entry.site_eval_loss) if x is not None], abs=1e-5)
+        if None not in flower_sites:
+            assert got["rounds"][r - 1]["eval_loss"] == pytest.approx(entry.eval_loss, abs=1e-5)
         assert got["rounds"][r - 1]["train_loss"] == pytest.approx(entry.train_loss, abs=1e-5)
 
 
@@ -819,7 +825,7 @@ def test_flower_dead_and_slow_clients_are_excluded_and_stay(tmp_path):
     cfg = RunConfig.from_flat(**{**TINY, "clients": 3, "rounds": 3, "round_timeout": 60.0},
                               min_clients=1, engine="flower", out=str(tmp_path / "flower"))
     faults = [{}, {"fault": "sleep@2", "sleep": 100}, {"fault": "exit@1"}]
-    got = run_flower(cfg, app=_faulty_app(), node_configs=faults)
+    got = run_flower(cfg, app=faulty_app(), node_configs=faults)
     assert [r["status"] for r in got["rounds"]] == ["ok", "ok", "ok"]
     assert [r["clients"] for r in got["rounds"]] == [[0, 1], [0, 2], [0, 1, 2]]
     events = [(e["round"], e["party"], e.get("dropped", False)) for e in got["events"]]
@@ -856,7 +862,7 @@ def _run_quiet(argv, **kw):
 def test_tls_and_supernode_authentication(tmp_path):
     """docs/DEPLOYMENT.md's TLS + node authentication commands on loopback (toy app): registered
     SuperNodes run the app over TLS; an unregistered one is refused."""
-    from fedshield.engines.flower.deployment import _free_ports, _tool, write_app_project
+    from fedshield.engines.flower.deployment import flower_tool, free_ports, write_app_project
 
     t = tmp_path
     _run_quiet(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
@@ -870,7 +876,7 @@ def test_tls_and_supernode_authentication(tmp_path):
     for i in range(3):
         _run_quiet(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f",
                     t / f"node-{i}"])
-    fleet, control, appio, *node_ports = _free_ports(6)
+    fleet, control, appio, *node_ports = free_ports(6)
     app = t / "app"
     app.mkdir()
     shutil.copy(APPS / "compat" / "toy_apps.py", app)
@@ -893,14 +899,14 @@ def test_tls_and_supernode_authentication(tmp_path):
         return procs[-1]
 
     def supernode(i):
-        return [_tool("flower-supernode"), "--root-certificates", str(t / "ca.crt"),
+        return [flower_tool("flower-supernode"), "--root-certificates", str(t / "ca.crt"),
                 "--superlink", f"127.0.0.1:{fleet}",
                 "--clientappio-api-address", f"127.0.0.1:{node_ports[i]}",
                 "--auth-supernode-private-key", str(t / f"node-{i}"),
                 "--node-config", f"party-id={i}"]
 
     try:
-        start(homes["link"], [_tool("flower-superlink"), "--ssl-ca-certfile", str(t / "ca.crt"),
+        start(homes["link"], [flower_tool("flower-superlink"), "--ssl-ca-certfile", str(t / "ca.crt"),
                               "--ssl-certfile", str(t / "server.pem"),
                               "--ssl-keyfile", str(t / "server.key"), "--enable-supernode-auth",
                               "--fleet-api-address", f"127.0.0.1:{fleet}",
@@ -908,16 +914,16 @@ def test_tls_and_supernode_authentication(tmp_path):
                               "--serverappio-api-address", f"127.0.0.1:{appio}"], "link.log")
         cli = {**env, "FLWR_HOME": str(homes["cli"])}
         for _ in range(60):
-            if subprocess.run([_tool("flwr"), "supernode", "register", str(t / "node-0.pub"),
+            if subprocess.run([flower_tool("flwr"), "supernode", "register", str(t / "node-0.pub"),
                                "tls"], env=cli, capture_output=True).returncode == 0:
                 break
             time.sleep(1)
-        _run_quiet([_tool("flwr"), "supernode", "register", str(t / "node-1.pub"), "tls"],
+        _run_quiet([flower_tool("flwr"), "supernode", "register", str(t / "node-1.pub"), "tls"],
                    env=cli)
         start(homes["n0"], supernode(0), "n0.log")
         start(homes["n1"], supernode(1), "n1.log")
         intruder = start(homes["n2"], supernode(2), "n2.log")   # never registered
-        run = subprocess.run([_tool("flwr"), "run", str(app), "tls", "--stream"], env=cli,
+        run = subprocess.run([flower_tool("flwr"), "run", str(app), "tls", "--stream"], env=cli,
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout[-2000:]
         result = json.loads((t / "toy-result.json").read_text())
@@ -961,8 +967,10 @@ def test_flower_run_stopped_by_sigterm_ends_every_process(tmp_path):
             bool(_processes_under(out / "flower"))
 
     last = interrupt(proc, ready, lambda: proc.send_signal(signal.SIGTERM), timeout=600)
+    # round 1 is recorded with the server state: the Flower run resumes
     assert last.startswith("fedshield: interrupted during round ") and \
-        "of the Flower run; its processes are stopped" in last and "--overwrite" in last, last
+        "of the Flower run; its processes are stopped" in last and \
+        f"resume with `fedshield run --resume {out}`" in last, last
     wait_until(lambda: not _processes_under(out), 30, "every Flower process to end")
 
 

@@ -20,8 +20,8 @@ pytest.importorskip("flwr")
 
 from fedshield.config import RunConfig  # noqa: E402
 from fedshield.engines.flower.deployment import Deployment, DeploymentError  # noqa: E402
-from fedshield.engines.flower.launcher import (FlowerApp, prepare_sites,  # noqa: E402
-                                               write_app)
+from fedshield.engines.flower.launcher import (FlowerApp, executor_command,  # noqa: E402
+                                               prepare_sites, write_app)
 from fedshield.engines.flower.site_ipc import Relay, SiteWorkerError  # noqa: E402
 
 from test_flower import TINY  # noqa: E402
@@ -34,7 +34,7 @@ def _recorded(metrics: Path) -> list[int]:
         return []
 
 
-def _wait_for_workers(sites, dep: Deployment) -> None:
+def wait_for_workers(sites, dep: Deployment) -> None:
     deadline = time.monotonic() + 600
     for i, site in enumerate(sites):
         while True:
@@ -61,10 +61,10 @@ def test_a_killed_superlink_restarted_as_documented_finishes_every_round_once(tm
         for i, site in enumerate(sites):   # each site's own worker, from its node directory
             dep.start(f"worker-{i}", [sys.executable, "-m", "fedshield.cli", "site", "worker",
                                       "--config", str(site.config)], cwd=site.config.parent)
-        _wait_for_workers(sites, dep)
+        wait_for_workers(sites, dep)
         dep.start_superlink(database=database)
-        for i in range(len(sites)):
-            dep.start_supernode(i)
+        for i in range(len(sites)):   # each with the site's own executor, as documented
+            dep.start_supernode(i, executor=executor_command(FlowerApp()))
 
         def kill_after_round_1() -> None:
             if _recorded(metrics) and dep.procs["superlink"].poll() is None:

@@ -21,13 +21,13 @@ from fedshield.engines.flower.launcher import run_flower  # noqa: E402
 from fedshield.run.outcome import EXIT_FAILED  # noqa: E402
 
 from interrupting import live_processes, start_run, wait_until  # noqa: E402
-from test_flower import TINY, _adapter, _faulty_app, _flower_site_threads  # noqa: E402
+from test_flower import TINY, faulty_app, flower_site_threads, saved_adapter  # noqa: E402
 
 
 def _local(cfg: RunConfig, out: Path, monkeypatch) -> dict:
     from fedshield.engines.local import run
 
-    with _flower_site_threads(cfg, monkeypatch):
+    with flower_site_threads(cfg, monkeypatch):
         return run(cfg.replace(engine="local", out=str(out), min_clients=0),
                    show_progress=False)
 
@@ -54,7 +54,7 @@ def test_a_party_that_missed_an_aggregate_catches_up(tmp_path, monkeypatch):
     cfg = RunConfig.from_flat(**{**TINY, "clients": 3, "rounds": 3}, prune="off",
                               decryption_budget=3, engine="flower",
                               out=str(tmp_path / "flower"))
-    got = run_flower(cfg, app=_faulty_app(), node_configs=[{}, {"fault": "miss-eval@1"}, {}])
+    got = run_flower(cfg, app=faulty_app(), node_configs=[{}, {"fault": "miss-eval@1"}, {}])
     assert [(e["epoch"], e["before_round"]) for e in got["key_epochs"]] == [(1, 1), (2, 2),
                                                                               (3, 3)]
     assert len({e["context_fp"] for e in got["key_epochs"]}) == 3
@@ -71,7 +71,7 @@ def test_a_party_that_missed_an_aggregate_catches_up(tmp_path, monkeypatch):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4), r
         if r > 1:   # round 1's mean lacks party 1's loss (it did not apply the aggregate)
             assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-4), r
-    assert_adapters_match(_adapter(tmp_path / "flower"), _adapter(tmp_path / "local"))
+    assert_adapters_match(saved_adapter(tmp_path / "flower"), saved_adapter(tmp_path / "local"))
     # every site keeps the adapter it applied last (round 3) in its own directory
     nodes = tmp_path / "flower" / "flower" / "nodes"
     kept = [AdapterStore(d / "global").latest() for d in sorted(nodes.iterdir())]
@@ -145,4 +145,4 @@ def test_a_killed_server_resumes_without_losing_or_repeating_a_round(tmp_path, m
     for a, b in zip(got["rounds"], ref["rounds"]):
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-5)
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
-    assert_adapters_match(_adapter(out), _adapter(tmp_path / "local"))
+    assert_adapters_match(saved_adapter(out), saved_adapter(tmp_path / "local"))

@@ -33,7 +33,7 @@ APPS = Path(__file__).parent / "flower_apps"
 REFUSED = "RequestRefused: the site worker does not answer this request"
 
 
-def _site(tmp_path: Path, **settings) -> SiteConfig:
+def site_config(tmp_path: Path, **settings) -> SiteConfig:
     from fedshield.data.sites import write_site_files
     from fedshield.data.synthetic import make_synthetic_examples
 
@@ -50,7 +50,7 @@ def worker_thread(site_cfg: SiteConfig):
     """The site's worker serving in this process (a thread), as `fedshield site worker` does."""
     token = read_token(make_token(site_cfg.path("token_file")))
     worker = sw.SiteWorker(site_cfg)
-    server = sw._listen(site_cfg.path("socket"))
+    server = sw.listen(site_cfg.path("socket"))
     thread = threading.Thread(target=worker.serve, args=(server, token), daemon=True)
     thread.start()
     try:
@@ -115,7 +115,7 @@ def test_the_worker_answers_only_the_protocol_over_an_authenticated_relay(tmp_pa
     """Without the relay token nothing is answered (nor is the token sent); with it, only the
     protocol's operations with their own fields, and a round request before the join is
     refused. Every refusal is the fixed text; the worker serves on, its settings unchanged."""
-    site_cfg = _site(tmp_path)
+    site_cfg = site_config(tmp_path)
     with worker_thread(site_cfg) as (worker, relay):
         assert relay.request("ping", {}) == ({}, [])
         with pytest.raises(RelayAuthError):
@@ -161,7 +161,7 @@ def test_a_socket_path_longer_than_sun_path(tmp_path):
     """A site may put its socket under a deep directory: paths beyond AF_UNIX's 107 bytes are
     bound and reached through the directory's /proc/self/fd entry."""
     deep = tmp_path / ("d" * 60) / ("e" * 60)
-    site_cfg = _site(tmp_path, socket=str(deep / "worker.sock"))
+    site_cfg = site_config(tmp_path, socket=str(deep / "worker.sock"))
     assert len(str(site_cfg.path("socket"))) > 107
     with worker_thread(site_cfg) as (_, relay):
         assert relay.request("ping", {}) == ({}, [])
@@ -173,14 +173,14 @@ def test_train_fn_errors_leave_the_site_as_a_type_and_a_fixed_message(tmp_path):
     the details are in the site's own log."""
     sys.path.insert(0, str(APPS))
     try:
-        site_cfg = _site(tmp_path, train_fn="leaky_train:train",
+        site_cfg = site_config(tmp_path, train_fn="leaky_train:train",
                          insecure_trust_server_roster=True)
         cfg = RunConfig.from_flat(clients=2, rounds=1, local_steps=1, examples_per_client=16,
                                   lora_r=2, samples=0, he=False)
         run = json.dumps({"fedshield-config": json.dumps(cfg.to_dict())})
         with worker_thread(site_cfg) as (worker, relay):
             worker_log = tmp_path / "worker.log"
-            sw._log_to(worker_log)
+            sw.log_to(worker_log)
             fields, _ = relay.request("join", {"resume": False, "run-config": run})
             # the default policy (aggregate) keeps the data file's path and nothing is lost
             info = SiteInfo.from_fields(fields)
@@ -278,7 +278,7 @@ def test_files_that_hold_state_or_logs_are_private(tmp_path):
     store.save(1, {"w": torch.ones(3)})
     assert all(_mode(f) == 0o600 for f in (tmp_path / "global").iterdir())
 
-    site_cfg = _site(tmp_path)
+    site_cfg = site_config(tmp_path)
     Path(site_cfg.node_dir).chmod(0o755)   # the worker closes what was left open
     config = site_cfg.save(tmp_path / "site.toml")
     in_tmp = set(Path("/tmp").glob("fedshield-*"))   # other runs on this machine leave theirs
@@ -361,7 +361,7 @@ def _accounts(base: Path, worker_uid: int, relay_uid: int, python_for_relay: boo
     shared.mkdir(mode=0o770)
     os.chown(shared, worker_uid, relay_uid)
     node = base / "node"
-    site_cfg = _site(base, socket=str(shared / "worker.sock"))
+    site_cfg = site_config(base, socket=str(shared / "worker.sock"))
     config = site_cfg.save(node / "site.toml")
     (node / "party.key").write_bytes(b"secret key material")   # what the key set-up writes
     (node / "party.key").chmod(0o600)
@@ -478,3 +478,30 @@ def test_importing_the_flower_apps_changes_no_logger():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_preloaded_run_is_the_joined_one_and_another_run_loads_its_own(tmp_path):
+    """`fedshield site worker --preload-run` builds the run's site while Flower starts; the
+    join adopts it for the same run only, and until the join a round request is refused."""
+    site_cfg = site_config(tmp_path, insecure_trust_server_roster=True)
+    cfg = RunConfig.from_flat(clients=2, rounds=1, local_steps=1, examples_per_client=16,
+                              lora_r=2, samples=0, he=False)
+    run = json.dumps({"fedshield-config": json.dumps(cfg.to_dict()), "out-dir": "/srv/run"})
+    worker = sw.SiteWorker(site_cfg)
+    worker.preload(run)
+    worker.preloading.join(300)
+    preloaded = worker.preloaded[1]
+    assert worker.site is None
+    with pytest.raises(sw.NotJoined):
+        worker.handle("train", {"round": 1}, [])
+    worker.handle("join", {"resume": False, "run-config": run}, [])
+    assert worker.site is preloaded and worker.preloaded is None
+    other = json.dumps({"fedshield-config": json.dumps(
+        cfg.replace(lr=cfg.training.lr / 2).to_dict())})
+    worker.handle("join", {"resume": False, "run-config": other}, [])
+    assert worker.site is not preloaded and worker.site.cfg.training.lr == cfg.training.lr / 2
+    # a run config the site refuses is not preloaded; the join says why
+    refused = sw.SiteWorker(site_cfg)
+    refused.preload(json.dumps({"fedshield-config": "{}", "train-fn": "os:system"}))
+    refused.preloading.join(60)
+    assert refused.preloaded is None

@@ -13,6 +13,7 @@ AddressSanitizer/UBSan).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -28,10 +29,10 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import fedshield as fs
-from fedshield import _native
+from fedshield import native
 from fedshield.trust.federation import RunSettings
-from fedshield.fl.key_setup import (KeyHolder, KeySetup, _client_aad, _share_aad, epoch_seed,
-                                    probes_match, refusal_fields, refusal_from)
+from fedshield.fl.key_setup import (KeyHolder, KeySetup, client_aad, epoch_seed, probes_match,
+                                    refusal_fields, refusal_from, share_aad)
 from fedshield.he import threshold as th
 from fedshield.trust.identity import Identity, sign_blob
 from federation_fixtures import pinned_federation
@@ -121,16 +122,16 @@ def expect_blamed(exc: BaseException, sender: int) -> None:
 
 
 def receive(r, op: str, party: int, fields: dict, sections: list, sender: int,
-            taken: str, commitments=None) -> bool:
-    """Party ``party`` handles a forged ``op`` request: True if it takes it (event ``taken``),
-    False if it refuses it as :func:`expect_blamed` requires."""
+            taken: str, holder: KeyHolder | None = None):
+    """Party ``party`` (or ``holder``) handles a forged ``op`` request: its reply if it takes
+    it (event ``taken``), None if it refuses it as :func:`expect_blamed` requires."""
     try:
-        r.replay(op, party, fields, sections, commitments)
+        reply = r.replay(op, party, fields, sections, holder)
     except BaseException as exc:
         expect_blamed(exc, sender)
-        return False
+        return None
     event(taken)
-    return True
+    return reply
 
 
 # -- one recorded key set-up: every message and each party's state before each operation ------
@@ -165,7 +166,8 @@ class Recorded:
         out = {}
         for party, (fields, sections) in requests.items():
             h = self.holders[party]
-            self.before[op, party] = (h._state, h._ctx, h._commitments, h._revealed)
+            # an op replaces a holder's key material, never edits it: a shallow copy keeps it
+            self.before[op, party] = copy.copy(h)
             self.requests[op, party] = (dict(fields), [bytes(s) for s in sections])
             try:
                 out[party] = h.handle(op, fields, sections)
@@ -174,13 +176,11 @@ class Recorded:
             self.replies[op, party] = out[party]
         return out
 
-    def replay(self, op: str, party: int, fields: dict, sections: list, commitments=None):
-        """The holder as it was before ``op`` (holding ``commitments`` if given), handling a
-        (forged) request."""
-        h = self.holders[party]
-        h._state, h._ctx, h._commitments, h._revealed = self.before[op, party]
-        if commitments is not None:
-            h._commitments = commitments
+    def replay(self, op: str, party: int, fields: dict, sections: list,
+               holder: KeyHolder | None = None):
+        """A copy of ``holder`` (by default the party's holder as it was before ``op``)
+        handling a (forged) request; its reply."""
+        h = copy.copy(self.before[op, party] if holder is None else holder)
         return h.handle(op, {"epoch": EPOCH, **fields}, sections)
 
     @property
@@ -188,16 +188,21 @@ class Recorded:
         """The epoch's public seed of a."""
         return epoch_seed(self.params, self.n, self.t, self.roster, self.server, EPOCH)
 
-    def join_request(self, party: int, sender: int, message: bytes) -> tuple[list, list]:
+    def join_request(self, party: int, sender: int, message: bytes) -> tuple[list, KeyHolder]:
         """Party ``party``'s keys.join sections with ``sender``'s contribution replaced by
-        ``message`` (signed by the sender), and the commitments the party then holds: the
-        sender's to ``message`` (a forger commits to what it reveals)."""
+        ``message`` (signed by the sender), and the party's holder ready to join them: it took,
+        at keys.reveal, the sender's signed commitment to ``message`` (a forger commits to
+        what it reveals)."""
         sections = list(self.requests["keys.join", party][1])
         sections[2 * sender] = message
         sections[2 * sender + 1] = self.sign(sender, "keygen", message)
-        commitments = list(self.before["keys.join", party][2])
-        commitments[sender] = committed(self.seed, sender, message)
-        return sections, commitments
+        fields, reveal = self.requests["keys.reveal", party]
+        reveal = list(reveal)
+        reveal[2 * sender] = committed(self.seed, sender, message)
+        reveal[2 * sender + 1] = self.sign(sender, "keygen-commit", reveal[2 * sender])
+        holder = copy.copy(self.before["keys.reveal", party])
+        holder.handle("keys.reveal", fields, reveal)
+        return sections, holder
 
     def sign(self, party: int, domain: str, blob: bytes) -> bytes:
         return sign_blob(self.holders[party].identity, domain, party, EPOCH, blob)
@@ -228,8 +233,8 @@ def test_fuzz_contribution(threshold_setup, how):
         event("screened: passed")
     except BaseException as exc:
         expect_blamed(exc, 0)
-    sections, commitments = r.join_request(1, 0, bad)
-    receive(r, "keys.join", 1, {}, sections, 0, "joined", commitments)
+    sections, holder = r.join_request(1, 0, bad)
+    receive(r, "keys.join", 1, {}, sections, 0, "joined", holder)
 
 
 @fuzz_settings(FUZZ)
@@ -255,7 +260,7 @@ def test_fuzz_key_shares(threshold_setup, how):
     fields, sections = r.requests["keys.reveal", 1]
     sections = list(sections)
     at = 2 * r.n + fields["from"].index(0)
-    aad = _share_aad(r.seed, EPOCH, 0, 1)
+    aad = share_aad(r.seed, EPOCH, 0, 1)
     share = h1.identity.open_sealed(sections[at], r.roster[0], aad)
     sections[at] = r.roster[1].seal(forge(share, how), r.holders[0].identity, aad)
     receive(r, "keys.reveal", 1, {"from": fields["from"]}, sections, 0, "accepted")
@@ -305,11 +310,12 @@ def test_fuzz_shared_key_material(shared_setup, how, public):
         except fs.KeyMaterialError:
             pass
     else:
-        aad = _client_aad(fp, EPOCH, 1)
+        aad = client_aad(fp, EPOCH, 1)
         material = r.holders[1].identity.open_sealed(sealed, r.roster[0], aad)
         sealed = r.roster[1].seal(forge(material, how), r.holders[0].identity, aad)
-    if receive(r, "keys.shared-take", 1, {}, [public_ctx, record, sealed], 0, "taken"):
-        assert r.holders[1]._ctx.fingerprint == fp
+    taken = receive(r, "keys.shared-take", 1, {}, [public_ctx, record, sealed], 0, "taken")
+    if taken is not None:  # the key it made and keeps is the signed public context's
+        assert taken[0]["context-fp"] == fp.hex()
 
 
 @fuzz_settings(FUZZ)
@@ -323,7 +329,7 @@ def test_fuzz_what_the_server_reads(threshold_setup, how):
     bad = reseal_sha256(mutate(blob, ops_of(how), head=2000))
     contributions = [split_frame(r.replies["keys.reveal", p][1][0])[3][0] for p in range(r.n)]
     try:
-        public = r.setup._public_context(0, bad, r.sign(0, "public-context", bad), EPOCH)
+        public = r.setup.screen_public_context(0, bad, r.sign(0, "public-context", bad), EPOCH)
         th.check_joint_key(public, contributions, r.seed)
         event("public context loaded and checked")
     except BaseException as exc:
@@ -352,11 +358,11 @@ def test_fuzz_native_key_codec(case):
     one): a key of the template's size, or InvalidUpdate or ValueError."""
     data, elements, moduli, ring_dim, exact = case
     if exact:
-        need = _native.key_polys_bytes(ring_dim, moduli, elements)
+        need = native.key_polys_bytes(ring_dim, moduli, elements)
         data = (data * (need // len(data) + 1))[:need]
     out = None
     try:
-        out = _native.decode_key_polys(data, ring_dim, moduli, elements)
+        out = native.decode_key_polys(data, ring_dim, moduli, elements)
     except fs.InvalidUpdate as exc:
         event("refused: " + "".join(c for c in str(exc).split(":")[1] if not c.isdigit())[:32])
     else:
@@ -365,16 +371,16 @@ def test_fuzz_native_key_codec(case):
                    for k in range(elements * len(moduli)))
         event("decoded")
         # packed again: the same bytes; summed with itself: twice the residues mod q
-        assert bytes(_native.pack_key_polys(out, ring_dim, moduli, elements)) == data
-        total = _native.decode_key_polys(
-            _native.sum_key_polys([data, data], ring_dim, moduli, elements), ring_dim, moduli,
+        assert bytes(native.pack_key_polys(out, ring_dim, moduli, elements)) == data
+        total = native.decode_key_polys(
+            native.sum_key_polys([data, data], ring_dim, moduli, elements), ring_dim, moduli,
             elements)
         q = np.repeat(np.array(moduli, dtype=object), ring_dim)
         q = np.tile(q, elements)
         assert np.array_equal(total.astype(object), (2 * out.astype(object)) % q)
     if out is None:   # what decode refuses, summing refuses too
         with pytest.raises(fs.InvalidUpdate):
-            _native.sum_key_polys([data, data], ring_dim, moduli, elements)
+            native.sum_key_polys([data, data], ring_dim, moduli, elements)
     # a template of length words and zeroed arrays, as a serialized key lays them out
     offsets = range(8, 8 + (8 * ring_dim + 8) * elements * len(moduli), 8 * ring_dim + 8)
     template = bytearray(8 + (8 * ring_dim + 8) * elements * len(moduli) + 64)
@@ -383,7 +389,7 @@ def test_fuzz_native_key_codec(case):
     template = bytes(template)
     layout = (ring_dim, *moduli, *offsets, len(template))
     try:
-        key = _native.rebuild_key(data, template, layout, elements)
+        key = native.rebuild_key(data, template, layout, elements)
         assert len(key) == len(template) and out is not None
         got = [np.frombuffer(bytes(key), dtype="<u8", count=ring_dim, offset=off)
                for off in offsets]
@@ -416,7 +422,7 @@ REGRESSION_CHILD = textwrap.dedent("""
     _, _, meta, (packed,) = split_frame(contribution)
     # what party 1's OpenFHE may parse: a public key of its own template, residues written in
     local1 = keys.local_crypto(th.resolve(r.params, 3))
-    template, layout = local1._templates[keys.PUBLIC]
+    template, layout = local1.templates[keys.PUBLIC]
     n, towers = layout[0], (len(layout) - 2) // 3
 
     def own(blob):
@@ -446,9 +452,10 @@ REGRESSION_CHILD = textwrap.dedent("""
                     edited[at] = value
                     bad = build_frame(th.KEYGEN_MAGIC, th.KEYGEN_VERSION, meta,
                                       [bytes(edited)])
-                seen.clear()
+                sections, holder = r.join_request(1, 0, bad)
+                seen.clear()  # what party 1's keys.join deserializes
                 try:
-                    r.replay("keys.join", 1, {}, *r.join_request(1, 0, bad))
+                    r.replay("keys.join", 1, {}, sections, holder)
                     outcome = "joined"
                 except fs.FedShieldError as exc:
                     outcome = f"{type(exc).__name__}:{getattr(exc, 'sender', None)}:{exc}"
@@ -526,16 +533,20 @@ def test_a_refusal_names_its_sender_in_process_and_through_reply_fields(threshol
     r = threshold_setup
     refused = fs.KeyMessageRefused("party 2 refused the key contribution that party 1 "
                                    "signed: bad", sender=1)
+
+    def answered_by_party_2(reply) -> KeySetup:
+        """A set-up whose parties 0 and 1 answer keys.begin and party 2 with ``reply``."""
+        return r.key_setup(lambda op, requests: {p: reply if p == 2 else ({}, [])
+                                                 for p in requests})
+
     for reply in (refused, (refusal_fields(refused), [])):
-        setup = r.key_setup(lambda op, requests: {2: reply})
         with pytest.raises(fs.KeyMessageRefused, match="party 1 sent a bad key set-up") as err:
-            setup._all("keys.join", {2: ({}, [])})
+            answered_by_party_2(reply).run(EPOCH)
         assert err.value.sender == 1 and err.value.culprit == 1
     for sender in (2, 7):
         fields = {**refusal_fields(refused), "sender": sender}
-        setup = r.key_setup(lambda op, requests: {2: (fields, [])})
-        with pytest.raises(fs.KeySetupError, match="party 2 failed keys.join") as err:
-            setup._all("keys.join", {2: ({}, [])})
+        with pytest.raises(fs.KeySetupError, match="party 2 failed keys.begin") as err:
+            answered_by_party_2((fields, [])).run(EPOCH)
         assert err.value.culprit == 2
     with pytest.raises(fs.KeySetupError, match="not a party id"):
         refusal_from({**refusal_fields(refused), "sender": "1"})
@@ -579,9 +590,9 @@ MEMORY_CHILD = textwrap.dedent("""
     requests = [r.join_request(1, 0, bad) for bad in hostile]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     refused = []
-    for sections, commitments in requests * 5:
+    for sections, holder in requests * 5:
         try:
-            r.replay("keys.join", 1, {}, sections, commitments)
+            r.replay("keys.join", 1, {}, sections, holder)
             refused.append("joined")
         except fs.FedShieldError as exc:
             refused.append(type(exc).__name__)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fedshield as fs
-from fedshield import _native
+from fedshield import native
 from fedshield.config import RunConfig
 from fedshield.trust.guard import AggregateGuard, Provenance, sign_share
 from fedshield.fl.messages import SiteInfo, TrainReply
@@ -29,7 +29,7 @@ ROUND, BOUND = 3, 8.0
 
 def reseal(data: bytes) -> bytes:
     """The update with its checksum recomputed, as an attacker on the path would."""
-    return data[:-8] + _native.checksum64(data[:-8]).to_bytes(8, "little")
+    return data[:-8] + native.checksum64(data[:-8]).to_bytes(8, "little")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import stat
 import struct
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -250,14 +251,33 @@ def test_only_the_recipient_opens_and_only_from_the_claimed_sender():
     assert BOB.open_sealed(SEALED, ALICE.public, AAD) == SECRET     # the control
 
 
+def signing_identity() -> tuple[Identity, Ed25519PrivateKey]:
+    """An identity and its signing key, to sign what Identity.sign refuses (a forger's)."""
+    signing = Ed25519PrivateKey.generate()
+    return Identity(signing, X25519PrivateKey.generate()), signing
+
+
+def framed_signature(signing: Ed25519PrivateKey, domain: str, message: bytes) -> bytes:
+    """An Ed25519 signature framed as the module doc says: prefix, u16 len(domain), domain."""
+    d = domain.encode("ascii")
+    return signing.sign(idm.SIGNATURE_PREFIX + struct.pack("<H", len(d)) + d + message)
+
+
 def test_a_relay_re_signing_a_sealed_message_as_its_own_is_refused():
     """Carol strips Alice's signature and signs the same body as hers: the signature verifies
     as Carol's, but the key was derived for Alice as sender, so Bob refuses it."""
+    carol, signing = signing_identity()
     body = SEALED[:-64]
-    binding = idm.seal_binding(CAROL.public, BOB.public, AAD)
-    forged = body + CAROL._sign_framed(idm._SEALED_DOMAIN, binding + body)
+    binding = idm.seal_binding(carol.public, BOB.public, AAD)
+    forged = body + framed_signature(signing, idm.SEALED_DOMAIN, binding + body)
     with pytest.raises(fs.AuthenticationError, match="does not decrypt"):
-        BOB.open_sealed(forged, CAROL.public, AAD)
+        BOB.open_sealed(forged, carol.public, AAD)
+    # the control: the same framing over Alice's own binding is the signature she made
+    alice, alice_signing = signing_identity()
+    sealed = BOB.public.seal(SECRET, alice, AAD)
+    binding = idm.seal_binding(alice.public, BOB.public, AAD)
+    assert framed_signature(alice_signing, idm.SEALED_DOMAIN, binding + sealed[:-64]) \
+        == sealed[-64:]
 
 
 def test_a_sender_sealing_with_a_low_order_key_gets_an_authentication_error():
@@ -265,10 +285,11 @@ def test_a_sender_sealing_with_a_low_order_key_gets_an_authentication_error():
     AuthenticationError, not cryptography's ValueError."""
     head = b"FSHLDSLD" + struct.pack("<H", 1) + bytes(32) + bytes(12)
     body = head + os.urandom(40 + 16)
-    binding = idm.seal_binding(ALICE.public, BOB.public, AAD)
-    signed = body + ALICE._sign_framed(idm._SEALED_DOMAIN, binding + body)
+    alice, signing = signing_identity()
+    binding = idm.seal_binding(alice.public, BOB.public, AAD)
+    signed = body + framed_signature(signing, idm.SEALED_DOMAIN, binding + body)
     with pytest.raises(fs.AuthenticationError, match="does not decrypt"):
-        BOB.open_sealed(signed, ALICE.public, AAD)
+        BOB.open_sealed(signed, alice.public, AAD)
     with pytest.raises(fs.KeyMaterialError, match="not a usable X25519"):
         PublicIdentity(BOB.public.signing_key, bytes(32)).seal(b"x", ALICE, AAD)
 

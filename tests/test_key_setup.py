@@ -353,7 +353,7 @@ def summary(local) -> dict:
     template, _, moduli = keys.ciphertext_template(local.cc, pk, local.params)
     return {"crypto_context": local.cc_bytes.hex(), "moduli": [str(q) for q in local.moduli],
             "roots": [str(r) for r in roots_of(template, moduli, local.params.ring_dim)],
-            "key templates": {e: [local._templates[e][0].hex(), list(local._templates[e][1])]
+            "key templates": {e: [local.templates[e][0].hex(), list(local.templates[e][1])]
                               for e in (keys.PUBLIC, keys.SECRET)}}
 
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 
 import fedshield as fs
-from fedshield import _native
+from fedshield import native
 from fedshield.he import backend, encryption, partial
 from fedshield.he.encryption import (ckks_ring, decrypt_values, pack_update, rebuild_ciphertexts,
                                      seal_update)
@@ -37,8 +37,13 @@ def _average(states, weights) -> np.ndarray:
     return sum(w * _flat(s) for w, s in zip(weights, states)) / sum(weights)
 
 
+def _secret_residues(ctx: fs.Context) -> np.ndarray:
+    """The secret key's residues, every tower, as the native decryption takes them."""
+    return np.ascontiguousarray(np.concatenate([r for _, r in ctx.key_residues()]))
+
+
 def _roundtrip(ctx: fs.Context) -> fs.Context:
-    return fs.load_context(ctx.to_bytes(include_secret=ctx._secret_key is not None))
+    return fs.load_context(ctx.to_bytes(include_secret=ctx.has_secret_key or ctx.is_party))
 
 
 def _openfhe_update(ctx: fs.Context, state, layout, weight, bound) -> fs.EncryptedUpdate:
@@ -75,7 +80,7 @@ def test_encode_then_decode_is_the_identity_up_to_rounding(client_ctx, packing):
             params.scale_bits, packing == "complex")
     per_ct = params.ring_dim if packing == "complex" else params.ring_dim // 2
     values = np.random.default_rng(0).uniform(-1, 1, per_ct)
-    back = _native.ckks_decode(ring, _native.ckks_encode(ring, values))
+    back = native.ckks_decode(ring, native.ckks_encode(ring, values))
     # rounding to integers at scale 2**scale_bits, spread by the canonical embedding
     assert np.max(np.abs(back - values)) < params.ring_dim * 2.0 ** -params.scale_bits
 
@@ -136,7 +141,7 @@ def _openfhe_shares(parties, agg) -> list[list[bytes]]:
         row = []
         for blob in rebuild_ciphertexts(party, agg):
             share = backend.serialize(decrypt([backend.load_rebuilt_ciphertext(blob)], sk)[0])
-            row.append(_native.encode_partial(share, params.ring_dim, list(party.moduli)))
+            row.append(native.encode_partial(share, params.ring_dim, list(party.moduli)))
         out.append(row)
     return out
 
@@ -145,7 +150,7 @@ def _openfhe_fuse(ctx, shares: list[list[bytes]], lead_first=True) -> np.ndarray
     templates = partial.partial_template(ctx)
     values = []
     for k in range(len(shares[0])):
-        cts = [backend.load_rebuilt_ciphertext(_native.rebuild_partial(
+        cts = [backend.load_rebuilt_ciphertext(native.rebuild_partial(
             row[k], *templates[lead_first and i == 0])) for i, row in enumerate(shares)]
         cc = cts[0].GetCryptoContext()
         backend.enable_multiparty(cc)
@@ -174,12 +179,12 @@ def test_threshold_interop_both_ways(threshold_keys):
     ours_packed = [partial.PartialDecryption.from_bytes(s).parts for s in shares]
     theirs_packed = _openfhe_shares(parties, agg)
     for fused in (_openfhe_fuse(parties[0], ours_packed),
-                  _native.ckks_fuse(theirs_packed, ckks_ring(server), len(ours_packed[0]) *
+                  native.ckks_fuse(theirs_packed, ckks_ring(server), len(ours_packed[0]) *
                                     server.params.values_per_ciphertext, 0)):
         assert np.max(np.abs(fused[:n] / total - want)) < TOL
     # and a mix: the lead's share from OpenFHE, the others ours
     mixed = [theirs_packed[0], *ours_packed[1:]]
-    fused = _native.ckks_fuse(mixed, ckks_ring(server), len(mixed[0]) *
+    fused = native.ckks_fuse(mixed, ckks_ring(server), len(mixed[0]) *
                               server.params.values_per_ciphertext, 0)
     assert np.max(np.abs(fused[:n] / total - want)) < TOL
 
@@ -193,20 +198,20 @@ def test_smudging_noise_has_openfhes_size(threshold_keys):
     layout = fs.Layout.from_state_dict(state)
     upd = fs.encrypt_update(parties[0], state, layout, weight=1.0)
     header = upd.header
-    h = _native.HEADER_SIZE + 8 * (len(server.moduli) - 1)
+    h = native.HEADER_SIZE + 8 * (len(server.moduli) - 1)
     body = bytearray(upd.to_bytes())
     body[h:h + header["payload_len"]] = bytes(header["payload_len"])  # c0 = c1 = 0
     zero = reseal_update(body)
     key = np.zeros(params.ring_dim * len(server.moduli), dtype=np.uint64)
-    parts = _native.ckks_partial_decrypt(zero, ring, key, False, 0, 0, 0)
+    parts = native.ckks_partial_decrypt(zero, ring, key, False, 0, 0, 0)
     q, n = server.moduli[0], params.ring_dim
     samples = []
     for part in parts:
         # a one-tower template: the array's length word (n), its n residues, 8 more bytes
         template = np.uint64(n).tobytes() + bytes(8 * n + 8)
-        residues = np.frombuffer(_native.rebuild_partial(
+        residues = np.frombuffer(native.rebuild_partial(
             part, template, (n, q, 8, 8 * n + 16)), dtype="<u8")[1:1 + n]
-        coeffs = _native.ntt_inverse(np.ascontiguousarray(residues), q, ring[2][0])
+        coeffs = native.ntt_inverse(np.ascontiguousarray(residues), q, ring[2][0])
         samples.append(np.where(coeffs > q // 2, coeffs.astype(np.float64) - q, coeffs))
     e = np.concatenate(samples).astype(np.float64)
     sigma = 2.0 ** 20
@@ -219,8 +224,8 @@ def test_smudging_noise_has_openfhes_size(threshold_keys):
 
 def test_encryption_error_is_openfhes_discrete_gaussian():
     """Moments, a chi-square against exp(-x^2 / (2 * 3.19^2)) and the tails."""
-    x = _native.ckks_sample_error(400_000)
-    sigma = _native.CKKS_ERROR_SIGMA
+    x = native.ckks_sample_error(400_000)
+    sigma = native.CKKS_ERROR_SIGMA
     support = np.arange(-40, 41)
     p = np.exp(-support.astype(float) ** 2 / (2 * sigma ** 2))
     p /= p.sum()
@@ -240,7 +245,7 @@ def test_encryption_error_is_openfhes_discrete_gaussian():
 
 
 def test_ternary_and_seeded_uniform_pass_chi_square(client_ctx):
-    t = _native.ckks_sample_ternary(300_000)
+    t = native.ckks_sample_ternary(300_000)
     assert set(np.unique(t)) == {-1, 0, 1}
     counts = np.bincount(t + 1)
     chi2 = ((counts - t.size / 3) ** 2 / (t.size / 3)).sum()
@@ -259,24 +264,24 @@ def test_ternary_and_seeded_uniform_pass_chi_square(client_ctx):
 
 # --- AES-256-CTR: a's expansion and the noise generator ---------------------------------------
 
-@pytest.mark.skipif(not _native.HAVE_AES_NI, reason="this CPU has no AES-NI")
+@pytest.mark.skipif(not native.HAVE_AES_NI, reason="this CPU has no AES-NI")
 def test_aes256_ctr_matches_sp800_38a_and_cryptography():
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
     # NIST SP 800-38A, F.5.5 (CTR-AES256.Encrypt), blocks 1 and 2
     key = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
     counter = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")
     plain = bytes.fromhex("6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51")
-    stream = _native.aes256_ctr(key, counter, 2)
+    stream = native.aes256_ctr(key, counter, 2)
     assert bytes(a ^ b for a, b in zip(stream, plain)).hex() == (
         "601ec313775789a5b7a7f504bbf3d228f443e3ca4d62b59aca84e990cacaf5c5")
     # the counter is one 128-bit big-endian integer: the carry crosses the 64-bit halves
     for start in ("00000000000000fffffffffffffffff9", "ffffffffffffffffffffffffffffffff"):
         c = bytes.fromhex(start)
         want = Cipher(algorithms.AES(key), modes.CTR(c)).encryptor().update(bytes(16 * 21))
-        assert _native.aes256_ctr(key, c, 21) == want
+        assert native.aes256_ctr(key, c, 21) == want
 
 
-@pytest.mark.skipif(not _native.HAVE_AES_NI, reason="this CPU has no AES-NI")
+@pytest.mark.skipif(not native.HAVE_AES_NI, reason="this CPU has no AES-NI")
 def test_native_expansion_is_the_cryptography_packages(client_ctx, flood_keys):
     """The native expansion of a (inside encryption and decryption) is bit for bit the wire
     format's, which he/seeded.py computes with the `cryptography` package."""
@@ -285,7 +290,7 @@ def test_native_expansion_is_the_cryptography_packages(client_ctx, flood_keys):
         seed, n = bytes(range(32)), ctx.params.ring_dim
         want = seeded.expand(seed, ctx.fingerprint, 5, 3, ctx.moduli, n)
         key = seeded.stream_key(ctx.fingerprint, 5, seed)
-        got = np.concatenate([_native.expand_uniform(key, k, t, q, n) for k in range(3)
+        got = np.concatenate([native.expand_uniform(key, k, t, q, n) for k in range(3)
                               for t, q in enumerate(ctx.moduli)])
         assert np.array_equal(got, want)
 
@@ -321,7 +326,7 @@ def test_decrypted_and_packed_plaintexts_are_wiped(client_ctx, monkeypatch):
     state = _state(8)
     layout = fs.Layout.from_state_dict(state)
     kept = {}
-    real_pack, real_decrypt = encryption.pack_update, _native.ckks_decrypt
+    real_pack, real_decrypt = encryption.pack_update, native.ckks_decrypt
 
     def pack(*args, **kw):
         kept["packed"] = real_pack(*args, **kw)
@@ -332,7 +337,7 @@ def test_decrypted_and_packed_plaintexts_are_wiped(client_ctx, monkeypatch):
         return kept["decrypted"]
 
     monkeypatch.setattr(encryption, "pack_update", pack)
-    monkeypatch.setattr(_native, "ckks_decrypt", decrypt)
+    monkeypatch.setattr(native, "ckks_decrypt", decrypt)
     upd = fs.encrypt_update(client_ctx, state, layout)
     avg = fs.decrypt_update(client_ctx, upd, layout)
     assert np.max(np.abs(_flat(avg) - _flat(state))) < TOL
@@ -341,22 +346,22 @@ def test_decrypted_and_packed_plaintexts_are_wiped(client_ctx, monkeypatch):
 
 def test_bad_arguments_are_refused(client_ctx, small_update):
     ring = ckks_ring(client_ctx)
-    s = encryption._secret_residues(client_ctx)
+    s = _secret_residues(client_ctx)
     n_values = small_update.n_ciphertexts * client_ctx.params.values_per_ciphertext
     with pytest.raises(fs.InvalidUpdate, match="expanded c1"):
-        _native.ckks_decrypt(small_update.to_bytes(), ring, s, None, [], 0, 0, n_values, 1)
+        native.ckks_decrypt(small_update.to_bytes(), ring, s, None, [], 0, 0, n_values, 1)
     with pytest.raises(fs.ParameterError, match="root"):
-        _native.ckks_decrypt(small_update.to_bytes(), (*ring[:2], [3], *ring[3:]), s, None, [],
+        native.ckks_decrypt(small_update.to_bytes(), (*ring[:2], [3], *ring[3:]), s, None, [],
                              0, 0, n_values, 1)
     with pytest.raises(fs.ParameterError, match="output holds"):
-        _native.ckks_decrypt(small_update.to_bytes(), ring, s, np.zeros(4096, np.uint64), [],
+        native.ckks_decrypt(small_update.to_bytes(), ring, s, np.zeros(4096, np.uint64), [],
                              0, 0, n_values + 1, 1)
     with pytest.raises(fs.IncompatibleUpdate, match="seeded"):
-        _native.ckks_partial_decrypt(small_update.to_bytes(), ring, s, True, 0, 0, 1)
+        native.ckks_partial_decrypt(small_update.to_bytes(), ring, s, True, 0, 0, 1)
     with pytest.raises(fs.HeadroomError, match="not finite"):
-        _native.ckks_encode(ring, np.full(client_ctx.params.values_per_ciphertext, np.nan))
+        native.ckks_encode(ring, np.full(client_ctx.params.values_per_ciphertext, np.nan))
     with pytest.raises(fs.InvalidUpdate, match="partial decryption"):
-        _native.ckks_fuse([[b"\x00" * 10]], ring, client_ctx.params.values_per_ciphertext, 1)
+        native.ckks_fuse([[b"\x00" * 10]], ring, client_ctx.params.values_per_ciphertext, 1)
 
 
 # --- fuzz targets ----------------------------------------------------------------------------
@@ -384,8 +389,8 @@ def test_fuzz_native_decrypt(client_ctx, small_update, ops):
     n_values = upd.n_ciphertexts * client_ctx.params.values_per_ciphertext
     for data in (mutate(upd.to_bytes(), ops), reseal_update(mutate(upd.to_bytes(), ops))):
         try:
-            _native.ckks_decrypt(data, ckks_ring(client_ctx),
-                                 encryption._secret_residues(client_ctx), c1, [], 0, 0, n_values,
+            native.ckks_decrypt(data, ckks_ring(client_ctx),
+                                 _secret_residues(client_ctx), c1, [], 0, 0, n_values,
                                  1)
         except (fs.InvalidUpdate, fs.IncompatibleUpdate, fs.ParameterError):
             pass
@@ -400,12 +405,12 @@ def test_fuzz_native_partial_and_fusion(threshold_keys, threshold_aggregate, ops
     n_values = agg.n_ciphertexts * server.params.values_per_ciphertext
     bad = [[mutate(part, ops, head=64) for part in shares[0]], *shares[1:]]
     try:
-        _native.ckks_fuse(bad, ring, n_values, 1)
+        native.ckks_fuse(bad, ring, n_values, 1)
     except (fs.InvalidUpdate, fs.ParameterError):
         pass
     key = np.ascontiguousarray(np.concatenate([r for _, r in parties[0].key_residues()]))
     for data in (mutate(agg.to_bytes(), ops), reseal_update(mutate(agg.to_bytes(), ops))):
         try:
-            _native.ckks_partial_decrypt(data, ring, key, True, 0, 0, 1)
+            native.ckks_partial_decrypt(data, ring, key, True, 0, 0, 1)
         except (fs.InvalidUpdate, fs.IncompatibleUpdate, fs.ParameterError):
             pass

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedshield import _native
+from fedshield import native
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -37,7 +37,7 @@ NO_THREADS_CHILD = textwrap.dedent("""
     import ctypes, sys, threading
     import numpy as np
     import fedshield as fs
-    from fedshield import _native
+    from fedshield import native
     from conftest import ELEMENTS, RING_DIM, make_state
 
     keys = fs.keygen_shared()
@@ -50,12 +50,12 @@ NO_THREADS_CHILD = textwrap.dedent("""
     values = [np.linspace(-1, 1, 300_001, dtype=np.float32)]
 
     def run(threads):
-        agg = _native.Aggregator(server.fingerprint, server.modulus, RING_DIM, 64, threads,
+        agg = native.Aggregator(server.fingerprint, server.modulus, RING_DIM, 64, threads,
                                  elements=ELEMENTS)
         for u in ups:
             agg.add(u)
-        packed = _native.pack_values(values, [None], 0.5, 0.5, 4.0, 300_002, threads)
-        return agg.result(), _native.checksum64(blob), packed.tobytes()
+        packed = native.pack_values(values, [None], 0.5, 0.5, 4.0, 300_002, threads)
+        return agg.result(), native.checksum64(blob), packed.tobytes()
 
     expected = run(1)
     shim = ctypes.CDLL(sys.argv[1])
@@ -97,7 +97,7 @@ def test_secrets_are_wiped_with_explicit_bzero():
     wipes key residues, Shamir coefficients and flooding noise with secure_wipe
     (explicit_bzero), and no plain memset of zeros remains in the files that hold secrets."""
     if sys.platform.startswith("linux"):
-        assert b"explicit_bzero" in Path(_native.__file__).read_bytes()
+        assert b"explicit_bzero" in Path(native.__file__).read_bytes()
     for name in ("shamir.cpp", "flood.cpp", "bind_shamir.cpp"):
         source = (CSRC / name).read_text()
         assert "secure_wipe.hpp" in source, name

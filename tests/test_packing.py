@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fedshield as fs
-from fedshield import _native
+from fedshield import native
 from fedshield.he import backend
 
 SHAPE_SETS = [
@@ -81,20 +81,20 @@ def test_pack_matches_reference(shapes, mask_kind, threads):
     n_kept = sum(t.size if m is None else int(m.sum()) for t, m in zip(tensors, masks))
     out_len = n_kept + 1 + int(rng.integers(0, 40))  # zero padding after the weight
     scale, weight = 0.375, 0.123
-    buf = _native.pack_values(tensors, masks, scale, weight, 4.0, out_len, threads)
+    buf = native.pack_values(tensors, masks, scale, weight, 4.0, out_len, threads)
     assert buf.dtype == np.float64 and buf.shape == (out_len,)
     ref = ref_pack(tensors, masks, scale, weight, out_len)
     np.testing.assert_array_equal(buf, ref)  # exact: float32 * scale in float64
     assert buf[n_kept] == weight  # the weight sits right after the kept values
     assert not buf[n_kept + 1:].any()  # zero padding
-    assert _native.kept_counts([np.ones(t.size, bool) if m is None else m
+    assert native.kept_counts([np.ones(t.size, bool) if m is None else m
                                 for t, m in zip(tensors, masks)]) == \
         [t.size if m is None else int(m.sum()) for t, m in zip(tensors, masks)]
 
     # unpack: divides by the weight, zeros at pruned positions
     for divide in (True, False):
         outs = [np.full(t.size, np.nan, np.float32) for t in tensors]
-        w = _native.unpack_values(buf, outs, masks, divide, threads)
+        w = native.unpack_values(buf, outs, masks, divide, threads)
         assert w == weight
         w_ref, ref_outs = ref_unpack(buf, [t.size for t in tensors], masks, divide)
         for o, r, t, m in zip(outs, ref_outs, tensors, masks):
@@ -113,8 +113,8 @@ def test_pack_mask_accepts_bool_and_uint8():
     t = [np.arange(6, dtype=np.float32)]
     m_bool = [np.array([1, 0, 1, 0, 0, 1], bool)]
     m_u8 = [np.array([1, 0, 1, 0, 0, 1], np.uint8)]
-    a = _native.pack_values(t, m_bool, 1.0, 1.0, 10.0, 5, 1)
-    b = _native.pack_values(t, m_u8, 1.0, 1.0, 10.0, 5, 1)
+    a = native.pack_values(t, m_bool, 1.0, 1.0, 10.0, 5, 1)
+    b = native.pack_values(t, m_u8, 1.0, 1.0, 10.0, 5, 1)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, [0, 2, 5, 1, 0])
 
@@ -122,27 +122,27 @@ def test_pack_mask_accepts_bool_and_uint8():
 def test_pack_rejects_bad_arguments():
     t = [np.zeros(4, np.float32)]
     with pytest.raises(ValueError, match="mask"):
-        _native.pack_values(t, [np.ones(3, bool)], 1.0, 1.0, 1.0, 8, 1)
+        native.pack_values(t, [np.ones(3, bool)], 1.0, 1.0, 1.0, 8, 1)
     with pytest.raises(ValueError, match="one mask"):
-        _native.pack_values(t, [], 1.0, 1.0, 1.0, 8, 1)
+        native.pack_values(t, [], 1.0, 1.0, 1.0, 8, 1)
     with pytest.raises(fs.HeadroomError, match="do not fit"):  # 4 values + weight > 4
-        _native.pack_values(t, [None], 1.0, 1.0, 1.0, 4, 1)
-    _native.pack_values(t, [None], 1.0, 1.0, 1.0, 5, 1)  # exactly fits
+        native.pack_values(t, [None], 1.0, 1.0, 1.0, 4, 1)
+    native.pack_values(t, [None], 1.0, 1.0, 1.0, 5, 1)  # exactly fits
 
 
 def test_unpack_rejects_bad_arguments():
-    buf = _native.pack_values([np.ones(4, np.float32)], [None], 1.0, 0.5, 4.0, 8, 1)
+    buf = native.pack_values([np.ones(4, np.float32)], [None], 1.0, 0.5, 4.0, 8, 1)
     with pytest.raises(fs.HeadroomError, match="needs 5 values"):
-        _native.unpack_values(buf[:4].copy(), [np.empty(4, np.float32)], [None], True, 1)
+        native.unpack_values(buf[:4].copy(), [np.empty(4, np.float32)], [None], True, 1)
     bad_w = buf.copy()
     bad_w[4] = 0.0
     with pytest.raises(fs.HeadroomError, match="not positive"):
-        _native.unpack_values(bad_w, [np.empty(4, np.float32)], [None], True, 1)
+        native.unpack_values(bad_w, [np.empty(4, np.float32)], [None], True, 1)
     bad_w[4] = -1.0
     with pytest.raises(fs.HeadroomError, match="not positive"):
-        _native.unpack_values(bad_w, [np.empty(4, np.float32)], [None], True, 1)
+        native.unpack_values(bad_w, [np.empty(4, np.float32)], [None], True, 1)
     # without division a non-positive weight is returned as is
-    assert _native.unpack_values(bad_w, [np.empty(4, np.float32)], [None], False, 1) == -1.0
+    assert native.unpack_values(bad_w, [np.empty(4, np.float32)], [None], False, 1) == -1.0
 
 
 @pytest.mark.parametrize("out", [
@@ -151,15 +151,15 @@ def test_unpack_rejects_bad_arguments():
     np.zeros(4, np.float64),
 ], ids=["strided", "float16", "float64"])
 def test_unpack_never_writes_into_a_hidden_copy(out):
-    buf = _native.pack_values([np.arange(4, dtype=np.float32)], [None], 1.0, 0.5, 4.0, 8, 1)
+    buf = native.pack_values([np.arange(4, dtype=np.float32)], [None], 1.0, 0.5, 4.0, 8, 1)
     with pytest.raises((ValueError, TypeError)):
-        _native.unpack_values(buf, [out], [None], True, 1)
+        native.unpack_values(buf, [out], [None], True, 1)
     ro = np.zeros(4, np.float32)
     ro.flags.writeable = False
     with pytest.raises(ValueError):
-        _native.unpack_values(buf, [ro], [None], True, 1)
+        native.unpack_values(buf, [ro], [None], True, 1)
     good = np.zeros(4, np.float32)
-    _native.unpack_values(buf, [good], [None], True, 1)
+    native.unpack_values(buf, [good], [None], True, 1)
     np.testing.assert_array_equal(good, [0, 2, 4, 6])
 
 
@@ -171,27 +171,27 @@ def test_non_finite_values_raise_naming_the_element(bad, threads):
     tensors = _tensors(rng, shapes)
     tensors[2][12345] = bad
     with pytest.raises(fs.HeadroomError) as info:
-        _native.pack_values(tensors, [None] * 3, 1.0, 1.0, 4.0, 70000, threads)
+        native.pack_values(tensors, [None] * 3, 1.0, 1.0, 4.0, 70000, threads)
     msg = str(info.value)
     assert "tensor 2" in msg and "element 12345" in msg and "not finite" in msg
     # a non-finite value at a pruned position is never packed: no error
     masks = [None, None, np.ones(tensors[2].size, bool)]
     masks[2][12345] = False
-    _native.pack_values(tensors, masks, 1.0, 1.0, 4.0, 70000, threads)
+    native.pack_values(tensors, masks, 1.0, 1.0, 4.0, 70000, threads)
 
 
 def test_over_bound_values_raise():
     t = [np.array([0.5, -2.0, 1.0], np.float32), np.array([3.0, -4.0], np.float32)]
     # |value * scale| <= bound passes, exactly at the bound included
-    _native.pack_values(t, [None, None], 1.0, 1.0, 4.0, 8, 1)
+    native.pack_values(t, [None, None], 1.0, 1.0, 4.0, 8, 1)
     with pytest.raises(fs.HeadroomError) as info:
-        _native.pack_values(t, [None, None], 1.25, 1.0, 4.0, 8, 1)  # -4 * 1.25 = -5
+        native.pack_values(t, [None, None], 1.25, 1.0, 4.0, 8, 1)  # -4 * 1.25 = -5
     msg = str(info.value)
     assert "tensor 1 element 1" in msg and "headroom" in msg
     with pytest.raises(fs.HeadroomError, match="tensor 0 element 1"):
-        _native.pack_values(t, [None, None], 1.0, 1.0, 1.9, 8, 1)
+        native.pack_values(t, [None, None], 1.0, 1.0, 1.9, 8, 1)
     # the over-bound value pruned away: fine
-    _native.pack_values(t, [None, np.array([1, 0], bool)], 1.25, 1.0, 4.0, 8, 1)
+    native.pack_values(t, [None, np.array([1, 0], bool)], 1.25, 1.0, 4.0, 8, 1)
 
 
 def test_encrypt_update_names_the_bad_tensor(client_ctx):
@@ -269,28 +269,28 @@ def test_encode_parse_round_trip(modulus, packing, n_values, n_cts):
     residues = _random_residues(rng, h)
     payload = ref_bitpack(residues, bits)
     assert len(payload) == (residues.size * bits + 7) // 8
-    data = _native.encode_update(h, payload)
-    assert len(data) == _native.HEADER_SIZE + len(payload) + _native.CHECKSUM_SIZE
+    data = native.encode_update(h, payload)
+    assert len(data) == native.HEADER_SIZE + len(payload) + native.CHECKSUM_SIZE
     assert data[:8] == b"FSHLDUPD"
-    assert int.from_bytes(data[8:10], "little") == _native.WIRE_VERSION == 3
+    assert int.from_bytes(data[8:10], "little") == native.WIRE_VERSION == 3
     assert data[146] == 1  # one RNS tower: the same size as wire version 1
     assert data[147] == 2  # both polynomials (unseeded)
     assert data[168:-8] == payload
-    assert int.from_bytes(data[-8:], "little") == _native.checksum64(data[:-8])
-    parsed = _native.parse_update(data)
+    assert int.from_bytes(data[-8:], "little") == native.checksum64(data[:-8])
+    parsed = native.parse_update(data)
     assert parsed == {**h, "residue_bits": bits, "payload_len": len(payload),
                       "moduli": (modulus,), "n_towers": 1, "elements": 2, "seeds": ()}
     # the same bytes as wire version 2 (byte 147 reserved, zero) parse the same way
     v2 = bytearray(data)
     v2[8:10], v2[147] = (2).to_bytes(2, "little"), 0
-    v2[-8:] = _native.checksum64(bytes(v2[:-8])).to_bytes(8, "little")
-    assert _native.parse_update(bytes(v2)) == parsed
+    v2[-8:] = native.checksum64(bytes(v2[:-8])).to_bytes(8, "little")
+    assert native.parse_update(bytes(v2)) == parsed
 
     # the native bit unpacker agrees with the reference packer: an aggregator holding one
     # update re-packs exactly the same payload; holding it twice, the residue-wise sum mod q
-    agg = _native.Aggregator(h["context_fp"], modulus, 1024, 8, 2, packing=packing)
+    agg = native.Aggregator(h["context_fp"], modulus, 1024, 8, 2, packing=packing)
     agg.add(data)
-    one = _native.parse_update(agg.result())
+    one = native.parse_update(agg.result())
     assert one["kind"] == 2 and one["n_summed"] == 1
     assert agg.result()[168:-8] == payload
     agg.add(data)
@@ -330,23 +330,23 @@ def test_multi_tower_encode_parse_aggregate(moduli, ring_dim):
     payload = ref_tower_pack(residues, moduli, ring_dim)
     # each tower at its own width: 2 ciphertexts * 2 elements * sum of N * bits_i / 8
     assert len(payload) == 2 * 2 * sum(ring_dim * q.bit_length() // 8 for q in moduli)
-    data = _native.encode_update(h, payload)
+    data = native.encode_update(h, payload)
     extra = 8 * (len(moduli) - 1)  # the other towers' moduli follow the fixed header
-    assert len(data) == _native.HEADER_SIZE + extra + len(payload) + _native.CHECKSUM_SIZE
+    assert len(data) == native.HEADER_SIZE + extra + len(payload) + native.CHECKSUM_SIZE
     assert data[146] == len(moduli)
     assert data[168 + extra:-8] == payload
-    parsed = _native.parse_update(data)
+    parsed = native.parse_update(data)
     assert parsed["moduli"] == tuple(moduli) and parsed["n_towers"] == len(moduli)
     assert parsed["residue_bits"] == bits and parsed["modulus"] == moduli[0]
 
     # the aggregator adds each residue mod its own tower's modulus (blocks of 4096 residues
     # cross tower boundaries when ring_dim < 4096)
-    agg = _native.Aggregator(h["context_fp"], list(moduli), ring_dim, 8, 2, packing=1)
+    agg = native.Aggregator(h["context_fp"], list(moduli), ring_dim, 8, 2, packing=1)
     agg.add(data)
     assert agg.result()[168 + extra:-8] == payload
     other = _tower_residues(rng, h)
     h2 = dict(h)
-    data2 = _native.encode_update(h2, ref_tower_pack(other, moduli, ring_dim))
+    data2 = native.encode_update(h2, ref_tower_pack(other, moduli, ring_dim))
     agg.add(data2)
     q_of = np.array([moduli[(i // ring_dim) % len(moduli)] for i in range(residues.size)],
                     dtype=object)
@@ -357,30 +357,30 @@ def test_multi_tower_encode_parse_aggregate(moduli, ring_dim):
     # a server of another tower list refuses it; so does one with the towers reordered
     for wrong in (list(moduli[:1]), list(reversed(moduli))):
         with pytest.raises(fs.IncompatibleUpdate, match="modulus"):
-            _native.Aggregator(h["context_fp"], wrong, ring_dim, 8, 2).add(data)
+            native.Aggregator(h["context_fp"], wrong, ring_dim, 8, 2).add(data)
 
     # a residue of a smaller tower that is below q_0 but not below its own modulus is refused
     bad = residues.copy()
     bad[ring_dim] = moduli[1]  # first residue of tower 1 of c0: == q_1
     if moduli[1] < 2**moduli[1].bit_length():  # always: q_1 itself fits its own width
-        data_bad = _native.encode_update(h, ref_tower_pack(bad, moduli, ring_dim))
+        data_bad = native.encode_update(h, ref_tower_pack(bad, moduli, ring_dim))
         with pytest.raises(fs.InvalidUpdate, match="modulus"):
-            _native.Aggregator(h["context_fp"], list(moduli), ring_dim, 8, 2).add(data_bad)
+            native.Aggregator(h["context_fp"], list(moduli), ring_dim, 8, 2).add(data_bad)
 
 
 def _forge(data: bytes, at: int, raw: bytes) -> bytes:
     """Overwrites bytes at `at` and re-seals the checksum (a forger can always do that)."""
     body = bytearray(data[:-8])
     body[at:at + len(raw)] = raw
-    return bytes(body) + _native.checksum64(bytes(body)).to_bytes(8, "little")
+    return bytes(body) + native.checksum64(bytes(body)).to_bytes(8, "little")
 
 
 def test_multi_tower_header_forgeries_are_refused():
     moduli = (1152921504606748673, 1125899904679937, 1125899908022273)
     h = _header(modulus=moduli[0], moduli=moduli)
-    data = _native.encode_update(h, ref_tower_pack(_tower_residues(np.random.default_rng(0), h),
+    data = native.encode_update(h, ref_tower_pack(_tower_residues(np.random.default_rng(0), h),
                                                    moduli, h["ring_dim"]))
-    _native.parse_update(data)
+    native.parse_update(data)
     cases = [
         (146, bytes([2]), "checksum|trailing|payload_len|truncated"),   # tower count shrunk
         (146, bytes([4]), "truncated|payload_len|modulus|residue_bits"),  # grown
@@ -395,9 +395,9 @@ def test_multi_tower_header_forgeries_are_refused():
     ]
     for at, raw, needle in cases:
         with pytest.raises(fs.InvalidUpdate, match=needle):
-            _native.parse_update(_forge(data, at, raw))
+            native.parse_update(_forge(data, at, raw))
     with pytest.raises(fs.InvalidUpdate):
-        _native.parse_update(data[:168 + 8])  # cut inside the extra moduli
+        native.parse_update(data[:168 + 8])  # cut inside the extra moduli
 
 
 @pytest.mark.parametrize("field,value,needle", [
@@ -422,29 +422,29 @@ def test_encode_rejects_inconsistent_headers(field, value, needle):
     bits = max(1, h["modulus"].bit_length())
     n = 2 * h["ring_dim"] * max(h["n_ciphertexts"], 0)
     with pytest.raises(fs.InvalidUpdate, match=needle):
-        _native.encode_update(h, bytes((n * bits + 7) // 8))
+        native.encode_update(h, bytes((n * bits + 7) // 8))
 
 
 def test_encode_rejects_wrong_payload_length():
     h = _header()
     n = (2 * 1024 * 2 * 59 + 7) // 8
     with pytest.raises(ValueError, match="payload"):
-        _native.encode_update(h, bytes(n - 1))
+        native.encode_update(h, bytes(n - 1))
     with pytest.raises(ValueError, match="fingerprint|context_fp|32 bytes"):
-        _native.encode_update(_header(context_fp=bytes(31)), bytes(n))
+        native.encode_update(_header(context_fp=bytes(31)), bytes(n))
 
 
 def test_checksum64_is_sensitive():
     rng = np.random.default_rng(3)
     for size in [0, 1, 3, 4, 7, 8, 31, 32, 33, 63, 64, 100, 1000]:
         data = bytearray(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
-        c = _native.checksum64(bytes(data))
-        assert c == _native.checksum64(bytes(data))  # deterministic
+        c = native.checksum64(bytes(data))
+        assert c == native.checksum64(bytes(data))  # deterministic
         assert 0 <= c < 2**64
         for i in range(size):
             for bit in (0, 7):
                 data[i] ^= 1 << bit
-                assert _native.checksum64(bytes(data)) != c, (size, i, bit)
+                assert native.checksum64(bytes(data)) != c, (size, i, bit)
                 data[i] ^= 1 << bit
     # length is hashed: zero runs of different lengths differ
-    assert len({_native.checksum64(bytes(n)) for n in range(80)}) == 80
+    assert len({native.checksum64(bytes(n)) for n in range(80)}) == 80

@@ -219,7 +219,7 @@ def test_dropouts_say_which_threshold_they_need(flat, expected):
     assert expected in str(exc.value)
 
 
-def _site_files(root, sizes, seed=0):
+def sites_of_sizes(root, sizes, seed=0):
     """Site files of the given sizes, each in its own directory (site-a/, site-b/, ...)."""
     from fedshield.data.sites import write_site_files
     from fedshield.data.synthetic import make_synthetic_examples
@@ -236,7 +236,7 @@ def _site_files(root, sizes, seed=0):
 def test_sites_bring_their_own_files(tmp_path):
     """--site-data once per site: each trains on its own file minus its held-out part, its
     weight is its own example count, and eval_loss is the example-weighted mean."""
-    a, b = _site_files(tmp_path, [60, 120])
+    a, b = sites_of_sizes(tmp_path, [60, 120])
     out = tmp_path / "run"
     rc = cli_main(["run", "--site-data", str(a), "--site-data", str(b), "--rounds", "2",
                    "--local-steps", "6", "--lora-r", "4", "--samples", "0", "--out", str(out),

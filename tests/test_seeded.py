@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fedshield as fs
-from fedshield import _native
+from fedshield import native
 from fedshield.he import backend, seeded
 from fedshield.he.encryption import rebuild_ciphertexts
 
@@ -118,9 +118,9 @@ def test_expand_sum_adds_mod_q():
 def test_sample_uniform_rejects_bad_input():
     q = 2**40 + 15
     with pytest.raises(ValueError):
-        _native.sample_uniform(b"\0" * 12, q, 4)  # not whole 8-byte words
+        native.sample_uniform(b"\0" * 12, q, 4)  # not whole 8-byte words
     # a stream too short to fill the polynomial: None, so the caller draws more
-    assert _native.sample_uniform(b"\xff" * 64, q, 8) is None
+    assert native.sample_uniform(b"\xff" * 64, q, 8) is None
     with pytest.raises(fs.InvalidUpdate, match="seed"):
         seeded.expand(b"short", bytes(32), 0, 1, (q,), 1024)
 
@@ -144,7 +144,7 @@ def test_an_altered_seed_is_refused_at_decryption(client_ctx, server_ctx, small_
         for flip in (1, 40, 95):  # a bit in the last, the second, the first seed
             body = bytearray(data[-8 - body_len:-8])
             body[-flip] ^= 0x10
-            forged = fs.EncryptedUpdate.from_bytes(_native.encode_update(header, bytes(body)))
+            forged = fs.EncryptedUpdate.from_bytes(native.encode_update(header, bytes(body)))
             try:
                 fs.decrypt_update(client_ctx, forged, small_layout)
             except fs.InvalidUpdate as exc:
@@ -168,7 +168,7 @@ def test_duplicate_and_replayed_seeds_are_refused(client_ctx, server_ctx, small_
     body = bytearray(data[-8 - header["payload_len"] - 64:-8])
     body[-32:] = body[-64:-32]
     with pytest.raises(fs.InvalidUpdate, match="seed"):
-        fs.EncryptedUpdate.from_bytes(_native.encode_update(header, bytes(body)))
+        fs.EncryptedUpdate.from_bytes(native.encode_update(header, bytes(body)))
 
 
 def test_seeded_and_unseeded_updates_never_mix(client_ctx, server_ctx, unseeded_keys,

@@ -54,11 +54,11 @@ def test_simulation_runtime_matches_local_engine(tmp_path, monkeypatch):
     engine (and the deployment runtime, tests/test_flower.py) for the same seed."""
     pytest.importorskip("ray")
     from fedshield.engines.flower.launcher import run_flower
-    from test_flower import TINY, _adapter, _local_reference
+    from test_flower import TINY, local_reference, saved_adapter
 
     cfg = RunConfig.from_flat(**TINY, prune="off", engine="flower", out=str(tmp_path / "sim"))
     got = run_flower(cfg, simulation=SiteResources(cpus=1))
-    ref = _local_reference(cfg, tmp_path / "local", monkeypatch)
+    ref = local_reference(cfg, tmp_path / "local", monkeypatch)
     assert got["server_has_secret_key"] is False
     assert [r["status"] for r in got["rounds"]] == ["ok", "ok"] and got["events"] == []
     assert got["initial_eval_loss"] == pytest.approx(ref["initial_eval_loss"], abs=1e-9)
@@ -67,7 +67,7 @@ def test_simulation_runtime_matches_local_engine(tmp_path, monkeypatch):
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-5)
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
         assert a["bytes_up"] == b["bytes_up"]
-    x, y = _adapter(tmp_path / "sim"), _adapter(tmp_path / "local")
+    x, y = saved_adapter(tmp_path / "sim"), saved_adapter(tmp_path / "local")
     for k in x:
         torch.testing.assert_close(x[k], y[k], atol=1e-4, rtol=0)
     assert "Starting Flower Simulation" in (tmp_path / "sim" / "flower" / "logs" /

@@ -106,9 +106,9 @@ def _sbatch(env: dict, script: Path, cwd: Path, **exports) -> str:
 
 
 def test_superlink_and_site_jobs(tmp_path, slurm):
-    from test_runner import _site_files
+    from test_runner import sites_of_sizes
 
-    files = _site_files(tmp_path / "given", [24, 24])
+    files = sites_of_sizes(tmp_path / "given", [24, 24])
     cfg = RunConfig.from_flat(site_data=[str(f) for f in files], rounds=1, local_steps=2,
                               samples=0, prune="off", engine="flower", round_timeout=600.0)
     run = tmp_path / "run"

@@ -52,7 +52,7 @@ def test_twenty_supernodes_with_random_faults(tmp_path):
     reason, nobody else is, and the loss goes down."""
     pytest.importorskip("flwr")
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_flower import _faulty_app
+    from test_flower import faulty_app
 
     from fedshield.engines.flower.launcher import run_flower
 
@@ -72,7 +72,7 @@ def test_twenty_supernodes_with_random_faults(tmp_path):
                               out=str(tmp_path / "soak"))
     start = time.perf_counter()
     with PeakMemory() as memory:
-        got = run_flower(cfg, app=_faulty_app(), node_configs=faults)
+        got = run_flower(cfg, app=faulty_app(), node_configs=faults)
     seconds = time.perf_counter() - start
     _keep("soak_flower", {"supernodes": n, "rounds": rounds, "faults": {
         str(p): f"{k}@{a}" for p, (a, k) in expected.items()}, "seconds": round(seconds, 1),

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fedshield as fs
-from fedshield import _native
+from fedshield import native
 from fedshield.base.threads import available_cpus, num_threads
 
 from conftest import make_state, weighted_average
@@ -42,9 +42,9 @@ def _child(code: str, env: dict, cpus: list[int] | None = None, timeout: float =
 
 SETTINGS = """
 import json
-from fedshield import _native
+from fedshield import native
 from fedshield.base.threads import num_threads
-print(json.dumps([num_threads(), _native.default_threads()]))
+print(json.dumps([num_threads(), native.default_threads()]))
 """
 
 
@@ -58,7 +58,7 @@ print(json.dumps([num_threads(), _native.default_threads()]))
     ({"SLURM_CPUS_PER_TASK": "junk"}, None, len(CPUS)),
 ])
 def test_one_setting_for_python_and_native_threads(env, cpus, expected):
-    """Python (threads.num_threads) and C++ (_native.default_threads, what threads=0 means in
+    """Python (threads.num_threads) and C++ (native.default_threads, what threads=0 means in
     every native call, encryption and decryption included) apply the same rule."""
     assert _child(SETTINGS, env, cpus) == [expected] * 2
 
@@ -72,11 +72,11 @@ def test_a_bad_setting_names_its_value(monkeypatch):
 def test_settings_are_read_on_every_call(monkeypatch):
     """No value is cached at import: a change applies to the next call, native included."""
     monkeypatch.setenv("FEDSHIELD_NUM_THREADS", "5")
-    assert (num_threads(), _native.default_threads()) == (5, 5)
+    assert (num_threads(), native.default_threads()) == (5, 5)
     monkeypatch.setenv("FEDSHIELD_NUM_THREADS", "1")
-    assert (num_threads(), _native.default_threads()) == (1, 1)
+    assert (num_threads(), native.default_threads()) == (1, 1)
     monkeypatch.delenv("FEDSHIELD_NUM_THREADS")
-    assert num_threads() == available_cpus() == _native.default_threads()
+    assert num_threads() == available_cpus() == native.default_threads()
 
 
 BUSY = """

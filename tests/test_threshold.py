@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fedshield as fs
-from fedshield import _native
+from fedshield import native
 from fedshield.he import threshold as th
 from fedshield.he.frames import frame, unframe
 from fedshield.he.partial import PARTIAL_MAGIC, PartialDecryption
@@ -77,7 +77,7 @@ def t_of_n() -> Federation:
 
 
 def secret_residues(ctx: fs.Context) -> bytes:
-    offset = _native.locate_key_residues(ctx.secret_key_bytes(), ctx.params.ring_dim, ctx.modulus)
+    offset = native.locate_key_residues(ctx.secret_key_bytes(), ctx.params.ring_dim, ctx.modulus)
     return ctx.secret_key_bytes()[offset:offset + 8 * ctx.params.ring_dim]
 
 
@@ -250,10 +250,10 @@ def test_every_party_uses_the_seed_s_a_and_a_fresh_key_share():
     a = th.packed_a(seed, n, moduli)
     for state in states:   # (b_i, a): OpenFHE kept the common a
         blob = state.own_context.public_key_bytes()
-        offsets = _native.find_residue_arrays(blob, n, list(moduli), 2 * len(moduli))
+        offsets = native.find_residue_arrays(blob, n, list(moduli), 2 * len(moduli))
         residues = np.concatenate([np.frombuffer(blob, dtype="<u8", count=n, offset=o)
                                    for o in offsets[len(moduli):]])
-        assert bytes(_native.pack_key_polys(residues, n, list(moduli), 1)) == a
+        assert bytes(native.pack_key_polys(residues, n, list(moduli), 1)) == a
     assert len({s.contribution for s in states}) == 3
     assert len({s.commitment for s in states}) == 3
     assert th.packed_a(os.urandom(32), n, moduli) != a
@@ -381,22 +381,22 @@ def test_native_shamir_reconstructs_from_any_t_points():
     q = 1152921504606748673  # the default 60-bit prime
     rng = np.random.default_rng(0)
     secret = rng.integers(0, q, size=257, dtype=np.uint64)
-    shares = _native.shamir_split(secret, q, 3, [1, 2, 3, 4, 5])
+    shares = native.shamir_split(secret, q, 3, [1, 2, 3, 4, 5])
     for ids in ([0, 1, 2], [2, 3, 4], [0, 2, 4]):
         xs = [i + 1 for i in ids]
         acc = np.zeros(257, dtype=np.uint64)
         for k, i in enumerate(ids):
-            acc = _native.cover_absent(acc, [shares[i]], _native.lagrange_at_zero(xs, k, q), q)
+            acc = native.cover_absent(acc, [shares[i]], native.lagrange_at_zero(xs, k, q), q)
         assert (acc == secret).all()
     # t-1 shares: a fresh polynomial each time, so the same secret gives different shares
-    again = _native.shamir_split(secret, q, 3, [1, 2, 3, 4, 5])
+    again = native.shamir_split(secret, q, 3, [1, 2, 3, 4, 5])
     assert not (again[0] == shares[0]).all()
     with pytest.raises(fs.ParameterError, match="threshold 6"):
-        _native.shamir_split(secret, q, 6, [1, 2, 3, 4, 5])
+        native.shamir_split(secret, q, 6, [1, 2, 3, 4, 5])
     with pytest.raises(fs.ParameterError, match="distinct"):
-        _native.shamir_split(secret, q, 2, [1, 1])
+        native.shamir_split(secret, q, 2, [1, 1])
     with pytest.raises(fs.ParameterError, match="below q"):
-        _native.cover_absent(np.full(3, q, dtype=np.uint64), [], 1, q)
+        native.cover_absent(np.full(3, q, dtype=np.uint64), [], 1, q)
 
 
 # -- serialization, key files, and what the server sees ------------------------------------------
@@ -561,7 +561,7 @@ def test_shares_carry_residues_only_and_are_checked_natively(t_of_n):
     n, q = ctx.params.ring_dim, ctx.modulus
     meta, sections = unframe(good[2], PARTIAL_MAGIC, "share", fs.InvalidUpdate)
     bits = q.bit_length()
-    assert [len(s) for s in sections] == [_native.partial_bytes(n, [q])] == [n * bits // 8]
+    assert [len(s) for s in sections] == [native.partial_bytes(n, [q])] == [n * bits // 8]
     meta.pop("sizes")
 
     def with_residue(index: int, value: int) -> bytes:
@@ -640,15 +640,15 @@ def test_malformed_share_heads_raise_invalid_update(t_of_n):
                 pass
 
 
-def test_closing_a_party_wipes_its_key_share_and_the_shares_it_holds(t_of_n):
+def test_closing_a_party_wipes_its_key_share_and_the_shares_it_holds(t_of_n, wipes):
     party = fs.load_context(t_of_n.parties[2].to_bytes(include_secret=True))
-    held = [party._secret_key, *party._key_shares.values()]
+    held = [party.secret_key_bytes(), *map(party.key_share, party.key_share_senders)]
     assert len(held) == 5 and all(any(b) for b in held)
     with party:
         t_of_n.check(t_of_n.combine(
             [fs.partial_decrypt(p, t_of_n.agg, [0, 2, 4]) for p in
              (t_of_n.parties[0], party, t_of_n.parties[4])]))
-    assert not any(any(b) for b in held)
+    assert all(map(wipes.zeroed, held))  # each buffer zeroed in place, not merely dropped
     assert party.key_share_senders == []
     with pytest.raises(fs.KeyMaterialError, match="closed"):
         fs.partial_decrypt(party, t_of_n.agg, [0, 2, 4])

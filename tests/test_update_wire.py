@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fedshield as fs
-from fedshield import _native
+from fedshield import native
 from conftest import (BITS, ELEMENTS, RING_DIM, SEED, WIRE_OVERHEAD, make_state,
                       weighted_average)
 from forgery import MUTATION, fuzz_settings, mutate
@@ -59,7 +59,7 @@ def test_round_trip_and_header(client_ctx, small_update, small_layout):
     assert again.is_seeded and len(again.seeds) == 1 and len(again.seeds[0]) == SEED
     assert data[-8 - SEED:-8] == again.seeds[0]
     assert struct.unpack_from("<H", data, 10)[0] == 1         # kind: client update
-    assert struct.unpack_from("<Q", data, len(data) - 8)[0] == _native.checksum64(data[:-8])
+    assert struct.unpack_from("<Q", data, len(data) - 8)[0] == native.checksum64(data[:-8])
     assert again.round == 7 and struct.unpack_from("<Q", data, 112)[0] == 7
     assert again.context_fingerprint == client_ctx.fingerprint == data[16:48]
     assert again.layout_fingerprint == small_layout.fingerprint == data[48:80]
@@ -226,7 +226,7 @@ def test_hypothesis_mutations_never_parse(small_update, ops):
     with pytest.raises(fs.InvalidUpdate):
         fs.EncryptedUpdate.from_bytes(bad)
     with pytest.raises(fs.InvalidUpdate):
-        _native.parse_update(bad)
+        native.parse_update(bad)
 
 
 @HYP
@@ -317,7 +317,7 @@ def test_aggregator_rejects_midway_and_keeps_its_sum(client_ctx, server_ctx, thr
     forged_b = reseal(set_residue(b, bad_index, q + bad_index % 7, BITS))
 
     def new():
-        return _native.Aggregator(server_ctx.fingerprint, q, RING_DIM, 64, threads,
+        return native.Aggregator(server_ctx.fingerprint, q, RING_DIM, 64, threads,
                                   elements=ELEMENTS)
 
     reference = new()

@@ -9,7 +9,7 @@ so their threads do not fight over cores.
 
 Nothing is cached: every call reads the environment afresh, so two contexts or two sites in one
 process never see each other's setting. The native module applies the same rule
-(csrc/parallel.hpp, ``_native.default_threads()``).
+(csrc/parallel.hpp, ``native.default_threads()``).
 """
 
 from __future__ import annotations

@@ -105,6 +105,24 @@ def _site_parser(sub) -> None:
     w.add_argument("--config", required=True, help="the site config (TOML)")
     w.add_argument("--exit-with", type=int, default=0, metavar="PID",
                    help="exit when process PID exits (0: serve until stopped)")
+    w.add_argument("--preload-run", metavar="FILE",
+                   help="a run config (JSON: the app's run config, as the server's join carries "
+                        "it) whose model and data load at once, while Flower starts; the join "
+                        "still decides, and a join for another run loads its own")
+    e = commands.add_parser(
+        "executor", formatter_class=_HelpFormatter,
+        help="answer a SuperNode's messages with fedshield's own relay, in one process",
+        description="For a SuperNode started with `--isolation process`: takes its tasks over "
+                    "its ClientAppIo API and relays each to the site worker with the relay of "
+                    "this fedshield install. The app package the server sent is never run, and "
+                    "no process starts per message.")
+    e.add_argument("--clientappio-api-address", required=True, metavar="HOST:PORT",
+                   help="the SuperNode's --clientappio-api-address")
+    tls = e.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--root-certificates", metavar="PEM",
+                     help="CA certificate(s) of the SuperNode's ClientAppIo TLS")
+    tls.add_argument("--insecure", action="store_true",
+                     help="plaintext to the SuperNode (loopback on the same machine only)")
     cli_site_check.add_parser(commands, _HelpFormatter)
 
 
@@ -177,7 +195,7 @@ def _cmd_run(args) -> int:
         return _start(LocalEngine(config, show_progress=_show(args), overwrite=args.overwrite),
                       state)
 
-    metrics = _interruptible(work, lambda state: _local_interrupted(
+    metrics = _interruptible(work, lambda state: local_interrupted(
         out, state, resume=f"fedshield run --resume {out}"))
     return EXIT_INTERRUPTED if metrics is None else _done(metrics, out)
 
@@ -200,7 +218,7 @@ def _resume(args, changes: dict) -> int:
     def work(state: dict) -> dict:
         return _start(LocalEngine.resume(out, show_progress=_show(args), rounds=rounds), state)
 
-    metrics = _interruptible(work, lambda state: _local_interrupted(
+    metrics = _interruptible(work, lambda state: local_interrupted(
         out, state, resume=command, resuming=True))
     return EXIT_INTERRUPTED if metrics is None else _done(metrics, out)
 
@@ -269,7 +287,7 @@ def _saved(rounds: int, where: str = "saved") -> str:
     return f"round 1 is {where}" if rounds == 1 else f"rounds 1..{rounds} are {where}"
 
 
-def _local_interrupted(out: str, state: dict, *, resume: str, resuming: bool = False) -> str:
+def local_interrupted(out: str, state: dict, *, resume: str, resuming: bool = False) -> str:
     """What an interrupted local run has saved (its checkpoint, read back) and what next;
     ``state``: whether its rounds had started, and how many it has."""
     done = checkpointed_round(out)
@@ -287,7 +305,7 @@ def _local_interrupted(out: str, state: dict, *, resume: str, resuming: bool = F
     return f"interrupted during round {done + 1}; {_saved(done)}; resume with `{resume}`"
 
 
-def _flower_interrupted(out: str) -> str:
+def flower_interrupted(out: str) -> str:
     """What an interrupted Flower run left: its metrics.json and, once a round was recorded,
     the server state --resume goes on from."""
     done, _ = recorded_rounds(out)
@@ -308,9 +326,13 @@ def _flower_interrupted(out: str) -> str:
 def _cmd_site(args) -> int:
     if args.site_command == "check":
         return cli_site_check.run(args)
+    if args.site_command == "executor":
+        from ..engines.flower.site_executor import main  # noqa: PLC0415 - flwr is optional
+
+        return main(args.clientappio_api_address, args.root_certificates)
     from ..engines.flower.site_worker import run_worker  # noqa: PLC0415 - torch loads only here
 
-    return run_worker(args.config, exit_with=args.exit_with)
+    return run_worker(args.config, exit_with=args.exit_with, preload_run=args.preload_run)
 
 
 def _cmd_split(args) -> int:
@@ -370,7 +392,7 @@ def _run_flower(config: RunConfig, args, *, resume_rounds: int | None = None) ->
             return resume_flower(out, show_progress=_show(args), rounds=resume_rounds)
         return run_flower(config, show_progress=_show(args), overwrite=args.overwrite)
 
-    metrics = _interruptible(work, lambda state: _flower_interrupted(out))
+    metrics = _interruptible(work, lambda state: flower_interrupted(out))
     if metrics is None:
         return EXIT_INTERRUPTED
     ok = [r for r in metrics["rounds"] if r.get("status") == "ok"]
@@ -406,11 +428,9 @@ class _CurrentStderr(logging.StreamHandler):
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedshield", description=__doc__,
-                                     formatter_class=_HelpFormatter,
-                                     epilog=status_help())
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_commands(sub) -> None:
+    """Adds every `fedshield` command, with its flags and help, to ``sub`` (what
+    ``add_subparsers()`` returns); ``sub.choices`` then maps each name to its parser."""
     _run_parser(sub)
     _site_parser(sub)
     _split_parser(sub)
@@ -418,7 +438,19 @@ def main(argv: list[str] | None = None) -> int:
     _report_parser(sub)
     _bench_parser(sub)
     cli_federation.add_parser(sub, _HelpFormatter)
-    args = parser.parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `fedshield` command line that main() parses."""
+    parser = argparse.ArgumentParser(prog="fedshield", description=__doc__,
+                                     formatter_class=_HelpFormatter,
+                                     epilog=status_help())
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     # fedshield's own progress at INFO; other libraries (flwr's database set-up...) warnings only
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
                         handlers=[_CurrentStderr()])

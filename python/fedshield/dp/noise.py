@@ -34,7 +34,7 @@ from typing import Dict, Mapping
 import numpy as np
 import torch
 
-from .. import _native
+from .. import native
 from ..base.errors import ParameterError
 
 # The grid step is 2**-GRID_BITS to 2**-(GRID_BITS + 1) of the noise's standard deviation.
@@ -91,7 +91,7 @@ def to_grid(flat: np.ndarray, factor: float, clip: float, noise_multiplier: floa
     delta2 = Fraction(delta) ** 2
     while True:  # rounding to the grid may push the norm past Delta: shrink until it holds
         z = np.rint(flat * (factor / gamma)).astype(np.int64)
-        s = _native.squared_norm(z)
+        s = native.squared_norm(z)
         if s <= delta2:
             break
         factor *= math.sqrt(float(delta2 / s)) * (1.0 - 2.0 ** -40)
@@ -102,7 +102,7 @@ def to_grid(flat: np.ndarray, factor: float, clip: float, noise_multiplier: floa
 def _discrete_gaussian_mechanism(flat: np.ndarray, factor: float, clip: float,
                                  noise_multiplier: float) -> np.ndarray:
     z, gamma, s2 = to_grid(flat, factor, clip, noise_multiplier)
-    _native.add_discrete_gaussian(z, s2, 0)
+    native.add_discrete_gaussian(z, s2, 0)
     return z.astype(np.float64) * gamma         # post-processing of the exact integers
 
 

@@ -185,12 +185,14 @@ def roster_from(hexes) -> dict[int, PublicIdentity]:
         raise KeySetupError(f"malformed roster: {exc}") from exc
 
 
-def _share_aad(seed: bytes, epoch: int, sender: int, recipient: int) -> bytes:
+def share_aad(seed: bytes, epoch: int, sender: int, recipient: int) -> bytes:
+    """The associated data a Shamir share of a key share is sealed under (docs/WIRE.md)."""
     return (_SHARE_AAD + seed + epoch.to_bytes(8, "little") + sender.to_bytes(4, "little")
             + recipient.to_bytes(4, "little"))
 
 
-def _client_aad(public_fp: bytes, epoch: int, recipient: int) -> bytes:
+def client_aad(public_fp: bytes, epoch: int, recipient: int) -> bytes:
+    """The associated data the shared key is sealed under, to each client (docs/WIRE.md)."""
     return _CLIENT_AAD + public_fp + epoch.to_bytes(8, "little") + recipient.to_bytes(4, "little")
 
 
@@ -420,7 +422,7 @@ class KeyHolder:
         dealt = th.deal_key_shares(self._state)
         to = sorted(dealt)
         sealed = [self.roster[r].seal(dealt[r], self.identity,
-                                      _share_aad(self._seed, self.epoch, self.party_id, r))
+                                      share_aad(self._seed, self.epoch, self.party_id, r))
                   for r in to]
         return {"to": to}, [commitment, self._sign("keygen-commit", commitment), *sealed]
 
@@ -459,7 +461,7 @@ class KeyHolder:
             raise KeySetupError(f"party {self.party_id}: key shares from {senders!r:.80}, "
                                 f"expected one from each of {want}")
         for sender, blob in zip(senders, sealed):
-            opened = self._open(blob, sender, _share_aad(self._seed, self.epoch, sender,
+            opened = self._open(blob, sender, share_aad(self._seed, self.epoch, sender,
                                                          self.party_id))
             try:
                 with self._from(sender, "key share"):
@@ -532,7 +534,7 @@ class KeyHolder:
         to = [p for p in range(self._n) if p != 0]
         try:
             sealed = [self.roster[r].seal(secret, self.identity,
-                                          _client_aad(ctx.fingerprint, self.epoch, r))
+                                          client_aad(ctx.fingerprint, self.epoch, r))
                       for r in to]
         finally:
             wipe(secret)
@@ -549,7 +551,7 @@ class KeyHolder:
             if public_ctx.has_secret_key or public_ctx.params != self._params.for_keys("shared"):
                 raise KeyMaterialError("the public context holds a secret key or other "
                                        "parameters than this party's")
-        secret = bytearray(self._open(sealed, 0, _client_aad(public_ctx.fingerprint, self.epoch,
+        secret = bytearray(self._open(sealed, 0, client_aad(public_ctx.fingerprint, self.epoch,
                                                               self.party_id)))
         try:
             with self._from(0, "shared key"):
@@ -722,7 +724,7 @@ class KeySetup:
         fields, head = joined[0]
         if len(head) != 2:
             raise KeySetupError("party 0 sent no public context", culprit=0)
-        public = self._public_context(0, bytes(head[0]), bytes(head[1]), epoch)
+        public = self.screen_public_context(0, bytes(head[0]), bytes(head[1]), epoch)
         for party, moduli in enumerate(claimed):
             if moduli != public.moduli:
                 raise KeySetupError(f"party {party}'s contribution is for other tower moduli "
@@ -789,7 +791,7 @@ class KeySetup:
         if to != list(range(1, self.n)) or len(out) != 2 + len(to):
             raise KeySetupError("party 0's shared key message is malformed", culprit=0)
         public_bytes, record = bytes(out[0]), bytes(out[1])
-        public = self._public_context(0, public_bytes, record, epoch)
+        public = self.screen_public_context(0, public_bytes, record, epoch)
         taken = self._all("keys.shared-take", {r: (e, [public_bytes, record, bytes(blob)])
                                                for r, blob in zip(to, out[2:])})
         for party, (got, _) in taken.items():
@@ -798,7 +800,7 @@ class KeySetup:
                                     culprit=party)
         return public
 
-    def _public_context(self, party: int, blob: bytes, record: bytes, epoch: int) -> Context:
+    def screen_public_context(self, party: int, blob: bytes, record: bytes, epoch: int) -> Context:
         """The public context a party signed: loaded without openfhe, and holding no secret."""
         self._verified("public-context", party, blob, record, epoch)
         try:
@@ -813,5 +815,5 @@ class KeySetup:
 
 
 __all__ = ["COMMITMENT_BYTES", "KeyHolder", "KeySetup", "KeySetupResult", "check_subsets",
-           "epoch_seed", "probe_sets", "probes_message", "read_probes", "suspects",
-           "used_material"]
+           "client_aad", "epoch_seed", "probe_sets", "probes_message", "read_probes",
+           "share_aad", "suspects", "used_material"]

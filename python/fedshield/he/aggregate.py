@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Iterable, Mapping, Union
 
-from .. import _native
+from .. import native
 from ..base.errors import FedShieldError, ParameterError
 from .context import Context
 from .layout import Layout
@@ -48,7 +48,7 @@ def aggregate(server_ctx: Context, updates: Iterable[UpdateLike], *, round: int 
         raise ParameterError("aggregate(mask=...) needs layout= to fingerprint the mask")
     if weight_bound is not None:
         expect["weight_bound"] = float(weight_bound)
-    agg = _native.Aggregator(server_ctx.fingerprint, list(server_ctx.moduli),
+    agg = native.Aggregator(server_ctx.fingerprint, list(server_ctx.moduli),
                              server_ctx.params.ring_dim, server_ctx.params.max_clients, threads,
                              packing=PACKING_CODE[server_ctx.params.packing],
                              elements=1 if server_ctx.params.seeded else 2,

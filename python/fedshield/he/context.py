@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Union
 
 import numpy as np
 
-from .. import _native
+from .. import native
 from ..base.atomic import write_atomic
 from ..base.errors import InvalidUpdate, KeyMaterialError, ParameterError
 from . import backend
@@ -154,7 +154,7 @@ class Context:
         """
         for value in self._live.values():
             if isinstance(value, np.ndarray) and value.flags.writeable:
-                value.fill(0)  # derived key residues (secret_residues) and friends
+                wipe(value)  # derived key residues (secret_residues) and friends
         self._live.clear()
         if self._secret_key is not None:
             wipe(self._secret_key)
@@ -223,7 +223,7 @@ class Context:
         """(offset, residues) of each RNS tower of the serialized secret key (share)."""
         key = self.secret_key_bytes()
         n = self.params.ring_dim
-        offsets = _native.locate_key_residues(key, n, list(self.moduli))
+        offsets = native.locate_key_residues(key, n, list(self.moduli))
         return [(off, np.frombuffer(key, dtype="<u8", count=n, offset=off)) for off in offsets]
 
     def key_share(self, sender: int) -> bytes | None:
@@ -407,7 +407,7 @@ def _check_party(party, key_shares: dict, n_residues: int) -> tuple[int, int, in
 def _check_secret_key(ctx: Context, secret_key: bytes) -> None:
     """The secret key must be one residue array of this context's ring (checked natively)."""
     try:
-        _native.locate_key_residues(secret_key, ctx.params.ring_dim, list(ctx.moduli))
+        native.locate_key_residues(secret_key, ctx.params.ring_dim, list(ctx.moduli))
     except InvalidUpdate as exc:
         raise KeyMaterialError(f"the secret key does not fit this context: {exc}") from exc
     bounds = np.repeat(np.array(ctx.moduli, dtype=np.uint64), ctx.params.ring_dim)

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .. import _native
+from .. import native
 from ..base.errors import (HeadroomError, IncompatibleUpdate, InvalidUpdate, KeyMaterialError,
                       ParameterError, PrecisionError)
 from . import flooding, seeded
@@ -64,7 +64,7 @@ def _public_residues(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     def parse():
         blob = ctx.public_key_bytes()
         n, moduli = ctx.params.ring_dim, list(ctx.moduli)
-        offsets = _native.find_residue_arrays(blob, n, moduli, 2 * len(moduli))
+        offsets = native.find_residue_arrays(blob, n, moduli, 2 * len(moduli))
         arrays = [np.frombuffer(blob, dtype="<u8", count=n, offset=off) for off in offsets]
         towers = len(moduli)
         return (np.ascontiguousarray(np.concatenate(arrays[:towers])),
@@ -92,7 +92,7 @@ def _encryption_layout(ctx: Context, first_ct: bytes) -> tuple:
         template_layout = ctx.ciphertext_template[1]
         if len(first_ct) == template_layout[-1]:
             return template_layout
-        return tuple(_native.locate_residues(first_ct, ctx.params.ring_dim, list(ctx.moduli)))
+        return tuple(native.locate_residues(first_ct, ctx.params.ring_dim, list(ctx.moduli)))
 
     return ctx.cached(("encrypt_layout", len(first_ct)), locate)
 
@@ -163,7 +163,7 @@ def pack_update(ctx: Context, state: Mapping, layout: Layout, weight: float = 1.
     # sum(w*x)/sum(w), the weight slot carrying it too): see CKKSParams.prescale_bits.
     pre = 2.0 ** params.prescale_bits
     try:
-        buffer = _native.pack_values(arrays, masks, scale * pre, scale * pre,
+        buffer = native.pack_values(arrays, masks, scale * pre, scale * pre,
                                      params.value_bound * pre, n_cts * per_ct, threads)
     except HeadroomError as exc:
         # The native error names tensors by index; users know them by name.
@@ -189,19 +189,19 @@ def encrypt_packed(ctx: Context, packed: PackedUpdate, threads: int = 0) -> Encr
     ring = ckks_ring(ctx)
     if header["elements"] == 1:
         seed = seeded.new_seed()
-        if _native.HAVE_AES_NI:  # a expanded per ciphertext inside the native call
-            blob = _native.ckks_encrypt(header, ring, packed.buffer, s=_secret_residues(ctx),
+        if native.HAVE_AES_NI:  # a expanded per ciphertext inside the native call
+            blob = native.ckks_encrypt(header, ring, packed.buffer, s=_secret_residues(ctx),
                                         a_key=seeded.stream_key(ctx.fingerprint,
                                                                 header["round"], seed),
                                         seed=seed, threads=threads)
         else:
             a = seeded.expand(seed, ctx.fingerprint, header["round"], header["n_ciphertexts"],
                               ctx.moduli, ctx.params.ring_dim)
-            blob = _native.ckks_encrypt(header, ring, packed.buffer, s=_secret_residues(ctx),
+            blob = native.ckks_encrypt(header, ring, packed.buffer, s=_secret_residues(ctx),
                                         a=a, seed=seed, threads=threads)
     else:
         p0, p1 = _public_residues(ctx)
-        blob = _native.ckks_encrypt(header, ring, packed.buffer, p0=p0, p1=p1, threads=threads)
+        blob = native.ckks_encrypt(header, ring, packed.buffer, p0=p0, p1=p1, threads=threads)
     return EncryptedUpdate.from_bytes(blob)
 
 
@@ -243,8 +243,8 @@ def seal_update(ctx: Context, header: dict, cts: list, threads: int = 0) -> Encr
         a = seeded.expand(seed, ctx.fingerprint, header["round"], n_cts, ctx.moduli,
                           ctx.params.ring_dim)
         cts = [bytearray(ct) for ct in cts]
-        _native.reseed_ciphertexts(cts, ct_layout, a, _secret_residues(ctx), threads)
-    data = _native.encode_ciphertexts(header, [bytes(ct) for ct in cts], ct_layout, threads,
+        native.reseed_ciphertexts(cts, ct_layout, a, _secret_residues(ctx), threads)
+    data = native.encode_ciphertexts(header, [bytes(ct) for ct in cts], ct_layout, threads,
                                       seed)
     return EncryptedUpdate.from_bytes(data)
 
@@ -346,7 +346,7 @@ def rebuild_ciphertexts(ctx: Context, update: EncryptedUpdate, threads: int = 0)
     if update.is_seeded:
         c1 = seeded.expand_sum(update.seeds, ctx.fingerprint, update.round,
                                update.n_ciphertexts, ctx.moduli, ctx.params.ring_dim)
-    return _native.decode_ciphertexts(update.to_bytes(), template, ct_layout, threads, c1)
+    return native.decode_ciphertexts(update.to_bytes(), template, ct_layout, threads, c1)
 
 
 def check_for_context(ctx: Context, update: EncryptedUpdate) -> None:
@@ -389,7 +389,7 @@ def unpack_average(buffer: np.ndarray, layout: Layout, mask: Mapping | None, upd
     check_weight_sum(float(buffer[update.n_values - 1]) / 2.0 ** params.prescale_bits,
                      update.n_summed)
     outs = [np.empty(s.numel, dtype=np.float32) for s in layout.specs]
-    weight = _native.unpack_values(buffer, outs, layout.mask_arrays(mask), True, threads)
+    weight = native.unpack_values(buffer, outs, layout.mask_arrays(mask), True, threads)
     check_average(params, weight / 2.0 ** params.prescale_bits, update.n_summed, tolerance,
                   decryptors)
     return as_tensors({s.name: o.reshape(s.shape) for s, o in zip(layout.specs, outs)})
@@ -433,13 +433,13 @@ def decrypt_values(ctx: Context, update: EncryptedUpdate, threads: int = 0) -> n
     n_ciphertexts * values_per_ciphertext values."""
     params = ctx.params
     c1, keys = None, []
-    if update.is_seeded and _native.HAVE_AES_NI:  # c1 expanded per ciphertext, natively
+    if update.is_seeded and native.HAVE_AES_NI:  # c1 expanded per ciphertext, natively
         keys = [seeded.stream_key(ctx.fingerprint, update.round, s) for s in update.seeds]
     elif update.is_seeded:
         c1 = seeded.expand_sum(update.seeds, ctx.fingerprint, update.round,
                                update.n_ciphertexts, ctx.moduli, params.ring_dim)
     hi, lo = (flooding.split_width(flooding.flood_variance(params, 1)) if params.flooding
               else (0, 0))
-    return _native.ckks_decrypt(update.to_bytes(), ckks_ring(ctx), _secret_residues(ctx), c1,
+    return native.ckks_decrypt(update.to_bytes(), ckks_ring(ctx), _secret_residues(ctx), c1,
                                 keys, hi, lo, update.n_ciphertexts * params.values_per_ciphertext,
                                 threads)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 
-from .. import _native
+from .. import native
 from ..base.errors import ParameterError
 from . import flood_sizing
 from .flood_sizing import ERROR_SIGMA
@@ -137,7 +137,7 @@ def flood(blob: bytearray, offsets, moduli, roots, ring_dim: int, variance: int)
     whose residue arrays (one per tower, OpenFHE's NTT representation) start at ``offsets`` in
     ``blob``, in place."""
     hi, lo = split_width(variance)
-    _native.flood_residues(blob, [int(o) for o in offsets], [int(q) for q in moduli],
+    native.flood_residues(blob, [int(o) for o in offsets], [int(q) for q in moduli],
                            [int(r) for r in roots], ring_dim, hi, lo)
 
 

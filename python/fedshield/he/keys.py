@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 
-from .. import _native
+from .. import native
 from ..base.errors import InvalidUpdate, KeyMaterialError
 from . import backend
 from .context import Context
@@ -39,7 +39,7 @@ def ciphertext_template(cc, public_key, params: CKKSParams) -> tuple[bytes, tupl
                                   np.zeros(params.values_per_ciphertext, dtype=np.float64),
                                   params)[0]
     moduli = backend.moduli_of(cc, blob)
-    layout = _native.locate_residues(blob, params.ring_dim, list(moduli))
+    layout = native.locate_residues(blob, params.ring_dim, list(moduli))
     template = bytearray(blob)
     n, towers = params.ring_dim, len(moduli)
     for offset in layout[1 + towers:-1]:
@@ -50,9 +50,10 @@ def ciphertext_template(cc, public_key, params: CKKSParams) -> tuple[bytes, tupl
 class LocalCrypto:
     """An OpenFHE crypto context made on this machine from the parameters alone, its tower
     moduli, and templates of its keys (a key of its own, serialized, residues zeroed) on which
-    key material from elsewhere is rebuilt."""
+    key material from elsewhere is rebuilt: ``templates[PUBLIC or SECRET]`` is (template,
+    layout), the same in every process that made the same parameters."""
 
-    __slots__ = ("params", "cc", "cc_bytes", "moduli", "_templates")
+    __slots__ = ("params", "cc", "cc_bytes", "moduli", "templates")
 
     def __init__(self, params: CKKSParams) -> None:
         self.params = params
@@ -64,24 +65,24 @@ class LocalCrypto:
                                       params)[0]
         self.moduli = backend.moduli_of(self.cc, zero)
         n, moduli = params.ring_dim, list(self.moduli)
-        self._templates = {}
+        self.templates = {}
         for elements, key in ((PUBLIC, throwaway.publicKey), (SECRET, throwaway.secretKey)):
             blob = bytearray(backend.serialize_key(key))
-            offsets = _native.find_residue_arrays(blob, n, moduli, elements * len(moduli))
+            offsets = native.find_residue_arrays(blob, n, moduli, elements * len(moduli))
             for off in offsets:
                 blob[off:off + 8 * n] = bytes(8 * n)
-            self._templates[elements] = (bytes(blob), (n, *moduli, *offsets, len(blob)))
+            self.templates[elements] = (bytes(blob), (n, *moduli, *offsets, len(blob)))
 
     def packed_bytes(self, elements: int) -> int:
         """Bytes of ``elements`` packed polynomials of this context."""
-        return _native.key_polys_bytes(self.params.ring_dim, list(self.moduli), elements)
+        return native.key_polys_bytes(self.params.ring_dim, list(self.moduli), elements)
 
     def pack(self, key, elements: int) -> bytearray:
         """An OpenFHE key of this context (PUBLIC or SECRET ``elements``) as its packed
         residues (a bytearray: wipe a secret key's when done)."""
         blob = bytearray(backend.serialize_key(key))
         try:
-            return _native.encode_key_polys(blob, self.params.ring_dim, list(self.moduli),
+            return native.encode_key_polys(blob, self.params.ring_dim, list(self.moduli),
                                             elements)
         finally:
             wipe(blob)
@@ -90,15 +91,15 @@ class LocalCrypto:
         """KeyMaterialError naming ``what`` unless ``packed`` is ``elements`` packed
         polynomials of this context (exact size, every residue below its modulus)."""
         try:
-            wipe(_native.decode_key_polys(packed, self.params.ring_dim, list(self.moduli),
+            wipe(native.decode_key_polys(packed, self.params.ring_dim, list(self.moduli),
                                           elements, what))
         except InvalidUpdate as exc:
             raise KeyMaterialError(str(exc)) from exc
 
     def _rebuild(self, packed, elements: int, what: str) -> bytearray:
-        template, layout = self._templates[elements]
+        template, layout = self.templates[elements]
         try:
-            return _native.rebuild_key(packed, template, layout, elements, what)
+            return native.rebuild_key(packed, template, layout, elements, what)
         except InvalidUpdate as exc:
             raise KeyMaterialError(str(exc)) from exc
 
@@ -164,10 +165,10 @@ def shared_key_material(client_ctx: Context) -> bytes:
     if not client_ctx.has_secret_key or client_ctx.is_party:
         raise KeyMaterialError("shared key material comes from a shared-key client context")
     n, moduli = client_ctx.params.ring_dim, list(client_ctx.moduli)
-    public = _native.encode_key_polys(client_ctx.public_key_bytes(), n, moduli, PUBLIC)
+    public = native.encode_key_polys(client_ctx.public_key_bytes(), n, moduli, PUBLIC)
     secret = bytearray(client_ctx.secret_key_bytes())
     try:
-        packed_secret = _native.encode_key_polys(secret, n, moduli, SECRET)
+        packed_secret = native.encode_key_polys(secret, n, moduli, SECRET)
     finally:
         wipe(secret)
     meta = {"params": json.loads(client_ctx.params.to_json()), "ring_dim": n, "moduli": moduli,
@@ -218,7 +219,7 @@ def check_key_pair(ctx: Context) -> None:
     n, moduli = ctx.params.ring_dim, list(ctx.moduli)
     towers = len(moduli)
     blob = ctx.public_key_bytes()
-    offsets = _native.find_residue_arrays(blob, n, moduli, 2 * towers)
+    offsets = native.find_residue_arrays(blob, n, moduli, 2 * towers)
     ct = bytearray(template)
     for k, at in enumerate(layout[1 + towers:1 + 3 * towers]):
         ct[at:at + 8 * n] = blob[offsets[k]:offsets[k] + 8 * n]

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .. import _native
+from .. import native
 from ..base.errors import IncompatibleUpdate
 from .arrays import bool_flat, float32_flat, is_array_like, shape_of
 
@@ -108,7 +108,7 @@ class Layout:
         """LoRA values a mask keeps (all of them for no mask)."""
         if mask is None:
             return self.numel
-        return int(sum(_native.kept_counts(self.mask_arrays(mask))))
+        return int(sum(native.kept_counts(self.mask_arrays(mask))))
 
     def mask_fingerprint(self, mask: Mapping | None) -> bytes:
         """32 zero bytes for no mask; else a hash of the layout and every mask bit."""

@@ -51,7 +51,7 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
-from .. import _native
+from .. import native
 from ..base.threads import num_threads
 from ..base.errors import (IncompatibleUpdate, InvalidUpdate, KeyMaterialError, NotEnoughShares,
                       ParameterError)
@@ -116,10 +116,10 @@ def _decryption_residues(ctx: Context, present: list[int]) -> np.ndarray:
                                        "shares dealt?)")
             ring = ctx.params.ring_dim
             for tower, q in enumerate(ctx.moduli):
-                lam = _native.lagrange_at_zero([i + 1 for i in cover], cover.index(pid), q)
+                lam = native.lagrange_at_zero([i + 1 for i in cover], cover.index(pid), q)
                 shares = [np.frombuffer(ctx.key_share(j), dtype="<u8", count=ring,
                                         offset=8 * ring * tower) for j in absent]
-                combined = _native.cover_absent(own[tower], shares, lam, q)
+                combined = native.cover_absent(own[tower], shares, lam, q)
                 wipe(own[tower])
                 own[tower] = combined
         return np.ascontiguousarray(np.concatenate(own))
@@ -158,7 +158,7 @@ def partial_decrypt(party_ctx: Context, agg, present: Optional[Iterable[int]] = 
     key = _decryption_residues(party_ctx, ids)
     try:
         # natively: (lead: c0 +) c1 * s_i + smudging noise (+ flooding), packed residues only
-        parts = _native.ckks_partial_decrypt(agg.to_bytes(), ckks_ring(party_ctx), key, lead,
+        parts = native.ckks_partial_decrypt(agg.to_bytes(), ckks_ring(party_ctx), key, lead,
                                              hi, lo, threads)
     finally:
         wipe(key)
@@ -231,7 +231,7 @@ class PartialDecryption:
                                 f"ciphertexts, the aggregate {agg.n_ciphertexts}")
         for k, part in enumerate(self.parts if residues else ()):
             try:
-                _native.check_partial(part, ctx.params.ring_dim, list(ctx.moduli))
+                native.check_partial(part, ctx.params.ring_dim, list(ctx.moduli))
             except InvalidUpdate as exc:
                 raise InvalidUpdate(f"the share of party {pid}, partial ciphertext {k}: "
                                     f"{exc}") from exc
@@ -255,7 +255,7 @@ def partial_template(ctx: Context) -> dict[bool, tuple[bytes, tuple]]:
         for lead, decrypt in ((True, cc.MultipartyDecryptLead),
                               (False, cc.MultipartyDecryptMain)):
             blob = bytearray(backend.serialize(decrypt([zero], throwaway)[0]))
-            offsets = _native.find_residue_arrays(blob, n, moduli, len(moduli))
+            offsets = native.find_residue_arrays(blob, n, moduli, len(moduli))
             for off in offsets:
                 blob[off:off + 8 * n] = bytes(8 * n)
             out[lead] = (bytes(blob), (n, *moduli, *offsets, len(blob)))
@@ -322,7 +322,7 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
 
     order = [by_party[i] for i in present]
     try:
-        buffer = _native.ckks_fuse([share.parts for share in order], ckks_ring(ctx),
+        buffer = native.ckks_fuse([share.parts for share in order], ckks_ring(ctx),
                                    agg.n_ciphertexts * ctx.params.values_per_ciphertext, threads)
     except InvalidUpdate:
         for share in order:  # error path only: name the share and ciphertext at fault
@@ -359,7 +359,7 @@ def _probe_ciphertext(ctx: Context) -> bytes:
     towers, n = len(ctx.moduli), ctx.params.ring_dim
     c0, c1 = layout[1 + towers:1 + 2 * towers], layout[1 + 2 * towers:1 + 3 * towers]
     blob = ctx.public_key_bytes()
-    offsets = _native.find_residue_arrays(blob, n, list(ctx.moduli), 2 * towers)
+    offsets = native.find_residue_arrays(blob, n, list(ctx.moduli), 2 * towers)
     buf = bytearray(template)
     for t in range(towers):
         buf[c0[t]:c0[t] + 8 * n] = bytes(8 * n)
@@ -400,13 +400,13 @@ def key_probes(party_ctx: Context, present_sets: Iterable[Optional[Iterable[int]
                 blob[offset:offset + 8 * n] = key[t * n:(t + 1) * n].tobytes()
             secret = backend.load_secret_key(bytes(blob))
             part = bytearray(backend.serialize(cc.MultipartyDecryptMain([ct], secret)[0]))
-            offsets = _native.find_residue_arrays(part, n, moduli, len(moduli))
+            offsets = native.find_residue_arrays(part, n, moduli, len(moduli))
             if params.flooding:  # it leaves the party like any partial decryption
                 flooding.flood(part, offsets, moduli, party_ctx.tower_roots, n,
                                flooding.flood_variance(params, party_ctx.n_parties))
             residues = np.concatenate([np.frombuffer(part, dtype="<u8", count=n, offset=o)
                                        for o in offsets])
-            out.append(bytes(_native.pack_key_polys(residues, n, moduli, 1, "key probe")))
+            out.append(bytes(native.pack_key_polys(residues, n, moduli, 1, "key probe")))
         finally:
             wipe(key)
             wipe(blob)
@@ -421,9 +421,9 @@ def probes_match(public_ctx: Context, probes: Iterable[bytes], b) -> bool:
     uniform polynomial mod Q. Natively and without openfhe: the server checks with it."""
     n, moduli = public_ctx.params.ring_dim, [int(q) for q in public_ctx.moduli]
     try:
-        total = _native.sum_key_polys([bytes(p) for p in probes] + [bytes(b)], n, moduli, 1,
+        total = native.sum_key_polys([bytes(p) for p in probes] + [bytes(b)], n, moduli, 1,
                                       "key probe")
-        d = _native.decode_key_polys(total, n, moduli, 1, "key probe")
+        d = native.decode_key_polys(total, n, moduli, 1, "key probe")
     except InvalidUpdate:
         return False
     modulus, value = 1, 0
@@ -431,11 +431,11 @@ def probes_match(public_ctx: Context, probes: Iterable[bytes], b) -> bool:
         modulus *= q
     if len(moduli) == 1:   # one tower: the centered residues are the coefficients
         q = moduli[0]
-        coeffs = _native.ntt_inverse(np.ascontiguousarray(d), q, public_ctx.tower_roots[0])
+        coeffs = native.ntt_inverse(np.ascontiguousarray(d), q, public_ctx.tower_roots[0])
         largest = int(np.minimum(coeffs, np.uint64(q) - coeffs).max())
         return largest.bit_length() <= modulus.bit_length() - 16
     for t, (q, root) in enumerate(zip(moduli, public_ctx.tower_roots)):
-        coeffs = _native.ntt_inverse(np.ascontiguousarray(d[t * n:(t + 1) * n]), q, root)
+        coeffs = native.ntt_inverse(np.ascontiguousarray(d[t * n:(t + 1) * n]), q, root)
         rest = modulus // q
         value = value + coeffs.astype(object) * (rest * pow(rest, -1, q))
     value = value % modulus

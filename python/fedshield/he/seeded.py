@@ -29,7 +29,7 @@ import secrets
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from .. import _native
+from .. import native
 from ..base.errors import InvalidUpdate
 
 SEED_BYTES = 32
@@ -75,7 +75,7 @@ def expand(seed: bytes, context_fp: bytes, round: int, n_ciphertexts: int, modul
                 counter = k.to_bytes(8, "little") + t.to_bytes(4, "little") + bytes(4)
                 stream = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor().update(
                     bytes(length))
-                got = _native.sample_uniform(stream, int(q), ring_dim,
+                got = native.sample_uniform(stream, int(q), ring_dim,
                                              accumulate=None if out is None else part)
                 if got is not None:
                     if out is None:

@@ -41,7 +41,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .. import _native
+from .. import native
 from ..base.errors import InvalidUpdate, KeyMaterialError, ParameterError
 from . import backend
 from .context import Context
@@ -120,7 +120,7 @@ def common_a(seed: bytes, ring_dim: int, moduli) -> np.ndarray:
     (evaluation form), expanded natively from ``seed`` by AES-256-CTR (counter block: 0, the
     tower)."""
     seed = _check_seed(seed)
-    return np.concatenate([_native.expand_uniform(seed, 0, t, int(q), ring_dim)
+    return np.concatenate([native.expand_uniform(seed, 0, t, int(q), ring_dim)
                            for t, q in enumerate(moduli)])
 
 
@@ -128,7 +128,7 @@ def packed_a(seed: bytes, ring_dim: int, moduli) -> bytes:
     """:func:`common_a`, bit-packed as one polynomial (what the second half of a packed public
     key holds)."""
     a = common_a(seed, ring_dim, moduli)
-    return bytes(_native.pack_key_polys(a, ring_dim, [int(q) for q in moduli], 1, "common a"))
+    return bytes(native.pack_key_polys(a, ring_dim, [int(q) for q in moduli], 1, "common a"))
 
 
 def commitment(seed: bytes, party: int, contribution) -> bytes:
@@ -198,7 +198,7 @@ def start_keygen(params: Optional[CKKSParams], n_parties: int, threshold: Option
     a = packed_a(seed, n, moduli)
     # a key of this party's own template with b = 0 and the common a: OpenFHE's multiparty key
     # generation keeps its a and makes (e_i - a * s_i, a) with a fresh s_i ("fresh": b not added)
-    zero_b = bytes(_native.pack_key_polys(np.zeros(n * len(moduli), dtype=np.uint64), n,
+    zero_b = bytes(native.pack_key_polys(np.zeros(n * len(moduli), dtype=np.uint64), n,
                                           moduli, 1, "zero"))
     _, template_key = local.public_key(zero_b + a, "common a")
     key_pair = local.cc.MultipartyKeyGen(template_key, False, True)
@@ -266,7 +266,7 @@ def packed_size(ring_dim: int, moduli, what: str = "key polynomial") -> int:
     """Bytes of one packed polynomial of ``ring_dim`` and ``moduli`` (KeyMaterialError for
     moduli that are not ints)."""
     try:
-        return _native.key_polys_bytes(ring_dim, [int(q) for q in moduli], 1)
+        return native.key_polys_bytes(ring_dim, [int(q) for q in moduli], 1)
     except (TypeError, ValueError, OverflowError) as exc:
         raise KeyMaterialError(f"malformed {what}: moduli={moduli!r:.200}") from exc
 
@@ -276,7 +276,7 @@ def check_packed(packed, ring_dim: int, moduli, what: str) -> None:
     moduli: exact size, the moduli odd, distinct and below 2**62, every residue below its
     modulus (natively)."""
     try:
-        wipe(_native.decode_key_polys(packed, ring_dim, [int(q) for q in moduli], 1, what))
+        wipe(native.decode_key_polys(packed, ring_dim, [int(q) for q in moduli], 1, what))
     except InvalidUpdate as exc:
         raise KeyMaterialError(str(exc)) from exc
 
@@ -284,7 +284,7 @@ def check_packed(packed, ring_dim: int, moduli, what: str) -> None:
 def joint_b(contributions: Sequence[bytes], ring_dim: int, moduli) -> bytes:
     """sum_i b_i, packed (natively; each contribution checked again on the way)."""
     try:
-        return _native.sum_key_polys([bytes(c) for c in contributions], ring_dim,
+        return native.sum_key_polys([bytes(c) for c in contributions], ring_dim,
                                      [int(q) for q in moduli], 1, "joint public key")
     except InvalidUpdate as exc:
         raise KeyMaterialError(str(exc)) from exc
@@ -338,12 +338,12 @@ def check_joint_key(public_ctx: Context, contributions: Sequence[bytes], seed: b
     common a of ``seed``): natively, no openfhe (the server's check of party 0's public
     context)."""
     n, moduli = public_ctx.params.ring_dim, [int(q) for q in public_ctx.moduli]
-    offsets = _native.find_residue_arrays(public_ctx.public_key_bytes(), n, moduli,
+    offsets = native.find_residue_arrays(public_ctx.public_key_bytes(), n, moduli,
                                           2 * len(moduli))
     blob = public_ctx.public_key_bytes()
     residues = np.concatenate([np.frombuffer(blob, dtype="<u8", count=n, offset=o)
                                for o in offsets])
-    have = bytes(_native.pack_key_polys(residues, n, moduli, 2, "public key"))
+    have = bytes(native.pack_key_polys(residues, n, moduli, 2, "public key"))
     want = joint_b(contributions, n, moduli) + packed_a(seed, n, moduli)
     if have != want:
         raise KeyMaterialError("the public context's key is not the sum of the parties' "
@@ -372,7 +372,7 @@ def deal_key_shares(state: KeygenState) -> dict[int, bytes]:
         return {}
     # each tower's residues are shared mod that tower's prime; a share is the towers' shares
     # one after the other (N residues per tower)
-    per_tower = [_native.shamir_split(np.ascontiguousarray(residues), q, t,
+    per_tower = [native.shamir_split(np.ascontiguousarray(residues), q, t,
                                       [i + 1 for i in range(n)])
                  for (_, residues), q in zip(own.key_residues(), own.moduli)]
     shares = [np.concatenate([tower[k] for tower in per_tower]) for k in range(n)]

@@ -9,7 +9,7 @@ layout (version 3; version-2 updates still parse).
 
 from __future__ import annotations
 
-from .. import _native
+from .. import native
 
 KIND_CLIENT = 1
 KIND_AGGREGATE = 2
@@ -30,7 +30,7 @@ class EncryptedUpdate:
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "EncryptedUpdate":
         """Parses and validates every byte; raises fs.InvalidUpdate on malformed input."""
         data = bytes(data)
-        return cls(data, _native.parse_update(data))
+        return cls(data, native.parse_update(data))
 
     def to_bytes(self) -> bytes:
         return self._data

@@ -1,7 +1,7 @@
 """Importance scoring + pruning of a whole LoRA state in one fused pass, and the masks' uses.
 
 CUDA tensors go to the Triton kernels (fedshield.kernels.importance), anything else to the
-multi-threaded native CPU path (fedshield._native.importance_mask). Both give bit-identical
+multi-threaded native CPU path (fedshield.native.importance_mask). Both give bit-identical
 masks: the semantics are pinned by the torch reference in fedshield.kernels.reference.
 """
 
@@ -13,7 +13,7 @@ from typing import Mapping, NamedTuple
 
 import torch
 
-from .. import _native
+from .. import native
 from ..base.errors import ParameterError
 from ..kernels.reference import importance_mask_reference
 from ..base.validate import is_real
@@ -88,7 +88,7 @@ def importance_mask(state: Mapping[str, torch.Tensor], ratio: float, criterion: 
     if backend == "native":
         if device.type != "cpu":
             raise ParameterError(f"backend='native' needs CPU tensors, got device {device}")
-        mask, kept_values, kept_indices = _native.importance_mask(
+        mask, kept_values, kept_indices = native.importance_mask(
             [f.numpy() for f in flats], [o.numpy() for o in others], CRITERIA.index(criterion),
             n_prune, scope == "global", return_compact, names, other_label, threads)
         mask = torch.from_numpy(mask).view(torch.bool)

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from .. import _native
+from .. import native
 from ..base.threads import num_threads
 from ..he import (CKKSParams, Layout, aggregate, backend, combine_partials, decrypt_update,
                  encrypt_update, keygen_shared, keygen_threshold, partial_decrypt)
@@ -348,7 +348,7 @@ def run_bench(n_values: int = 1 << 20, n_clients: int = 4, verbose: bool = True)
     weights = _weights(n_clients)
     cores = num_threads()
     figures = {"lora_values": n, "clients": n_clients, "weights": weights, "cores": cores,
-               "native_threads": _native.default_threads()}
+               "native_threads": native.default_threads()}
     figures.update(_shared_rows(states, weights, n, cores))
     figures["threshold"] = _threshold_row(states, weights, n, cores, 0)
     figures["threshold_flooded"] = _threshold_row(states, weights, n, cores, FLOOD_BITS)

@@ -9,7 +9,8 @@ key-agreement key; and what the party signs and seals with them.
 - :meth:`PublicIdentity.seal` / :meth:`Identity.open_sealed`: a message encrypted to one
   recipient and signed by its sender (dealt key shares): an ephemeral X25519 key agreement with
   the recipient's exchange key, HKDF-SHA256 bound to both parties' identities, the ephemeral
-  key and the caller's ``aad``, ChaCha20-Poly1305, then the sender's signature over all of it.
+  key and the caller's ``aad``, ChaCha20-Poly1305, then the sender's signature over all of it
+  (in the domain ``SEALED_DOMAIN``, after the binding of both identities and the ``aad``).
   ``aad`` should name what the message is for (context, key epoch, sender, recipient): a sealed
   message verifies again wherever the same ``aad`` is expected, so that is where replays stop.
 - :func:`sign_blob` / :func:`verify_blob` / :func:`verify_record`: a 113-byte record that binds
@@ -63,7 +64,7 @@ TAG_SIZE = 16
 SIGNATURE_PREFIX = b"fedshield-sig-v1\0"
 # Caller domains: lower-case words; ':' is kept for this module's own domains.
 _DOMAIN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-_SEALED_DOMAIN = "fedshield:sealed"
+SEALED_DOMAIN = "fedshield:sealed"   # what a sealed message's sender signs in
 _RECORD_DOMAIN = "fedshield:record:"
 
 _ID_MAGIC, _ID_VERSION = b"FSHLDIDK", 1
@@ -200,7 +201,7 @@ class PublicIdentity:
         binding = seal_binding(sender.public, self, aad)
         key = _seal_key(shared, binding, ephemeral_public)
         body = head + ChaCha20Poly1305(key).encrypt(nonce, plaintext, head + binding + aad)
-        return body + sender._sign_framed(_SEALED_DOMAIN, binding + body)
+        return body + sender._sign_framed(SEALED_DOMAIN, binding + body)
 
 
 def seal_binding(sender: PublicIdentity, recipient: PublicIdentity, aad: bytes) -> bytes:
@@ -314,7 +315,7 @@ class Identity:
         body, signature = sealed[:-SIGNATURE_SIZE], sealed[-SIGNATURE_SIZE:]
         binding = seal_binding(sender, self.public, aad)
         try:
-            sender._verify_framed(_SEALED_DOMAIN, binding + body, signature)
+            sender._verify_framed(SEALED_DOMAIN, binding + body, signature)
         except AuthenticationError as exc:
             raise AuthenticationError(
                 f"sealed message does not verify as sealed by {sender.fingerprint()} for "
@@ -420,6 +421,5 @@ def _as_bytes_view(value, what: str):
     return value
 
 
-__all__ = ["Identity", "PublicIdentity", "RECORD_SIZE", "SIGNATURE_PREFIX", "record_signer",
-           "seal_binding",
-           "sign_blob", "verify_blob", "verify_record"]
+__all__ = ["Identity", "PublicIdentity", "RECORD_SIZE", "SEALED_DOMAIN", "SIGNATURE_PREFIX",
+           "record_signer", "seal_binding", "sign_blob", "verify_blob", "verify_record"]

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 CONNECTION = "fedshield-loopback"
@@ -54,7 +55,8 @@ def write_app_project(app_dir: Path, *, name: str, description: str, server_app:
     return path
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """``n`` loopback TCP ports free a moment ago (for a SuperLink, its APIs, SuperNodes)."""
     socks, ports = [], []
     try:
         for _ in range(n):
@@ -68,9 +70,15 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _tool(name: str) -> str:
+def _find_tool(name: str) -> str | None:
     here = Path(sys.executable).parent / name
-    found = str(here) if here.exists() else shutil.which(name)
+    return str(here) if here.exists() else shutil.which(name)
+
+
+def flower_tool(name: str) -> str:
+    """The path of Flower's command ``name`` (flwr, flower-superlink...): beside this Python
+    first, then on PATH; DeploymentError naming the flower extra if neither has it."""
+    found = _find_tool(name)
     if not found:
         raise DeploymentError(f"{name} not found: install the flower extra "
                              "(pip install 'fedshield[flower]')")
@@ -86,16 +94,23 @@ def _gave_up(log: Path) -> bool:
     return "Giving up reconnection" in text   # Flower's retry invoker, at --max-wait-time
 
 
-_HELP: dict[str, str] = {}
+# tool -> its --help text, asked once per process and in the background (each costs a
+# Python start-up, about 1.5 s on a loaded 2-core machine)
+_HELP: dict[str, Future] = {}
+_HELP_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flower-help")
+
+
+def _help_of(tool: str) -> Future:
+    if tool not in _HELP:
+        _HELP[tool] = _HELP_POOL.submit(subprocess.run, [tool, "--help"], capture_output=True,
+                                        text=True, timeout=120)
+    return _HELP[tool]
 
 
 def _has_flag(tool: str, flag: str) -> bool:
     """Whether this Flower release's `tool` takes `flag` (their CLIs moved between releases:
     1.30 has --serverappio-api-address/--clientappio-api-address, later ones --host/--port)."""
-    if tool not in _HELP:
-        _HELP[tool] = subprocess.run([tool, "--help"], capture_output=True, text=True,
-                                     timeout=120).stdout
-    return flag in _HELP[tool]
+    return flag in _help_of(tool).result().stdout
 
 
 class Deployment:
@@ -109,13 +124,17 @@ class Deployment:
         self.n_nodes = n_nodes
         self.node_configs = node_configs
         self.procs: dict[str, subprocess.Popen] = {}
-        fleet, control, serverappio, *clientappio = _free_ports(3 + n_nodes)
+        fleet, control, serverappio, *clientappio = free_ports(3 + n_nodes)
         self.fleet, self.control, self.serverappio = fleet, control, serverappio
         self.clientappio = clientappio
         bin_dir = str(Path(sys.executable).parent)
         self.env = {**os.environ, **(env or {}),
                     "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
                     "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+        for name in ("flower-superlink", "flower-supernode"):   # asked while others start
+            found = _find_tool(name)
+            if found:
+                _help_of(found)
 
     def _home(self, name: str) -> Path:
         home = self.work / "home" / name
@@ -143,7 +162,7 @@ class Deployment:
         simulation runtime (its ServerApp process runs the virtual SuperNodes' ClientApps in
         ray actors; no SuperNode processes); ``database``: its state in that file, which a
         restarted SuperLink takes up."""
-        tool = _tool("flower-superlink")
+        tool = flower_tool("flower-superlink")
         if _has_flag(tool, "--serverappio-api-address"):  # Flower 1.30: one gRPC port per API
             apis = ["--fleet-api-address", f"127.0.0.1:{self.fleet}",
                     "--control-api-address", f"127.0.0.1:{self.control}",
@@ -171,22 +190,32 @@ class Deployment:
     def node_config_arg(self, config: dict) -> str:
         return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
 
-    def start_supernode(self, i: int, cwd: Path | None = None) -> subprocess.Popen:
-        """SuperNode ``i`` with its node config; ``cwd``: its own directory."""
-        tool = _tool("flower-supernode")
+    def start_supernode(self, i: int, cwd: Path | None = None, *,
+                        executor: list[str] | None = None) -> subprocess.Popen:
+        """SuperNode ``i`` with its node config; ``cwd``: its own directory. ``executor``: a
+        command that takes the SuperNode's tasks itself (``--isolation process``), started
+        beside it with the SuperNode's ClientAppIo address appended; default: Flower starts
+        one ClientApp process per message."""
+        tool = flower_tool("flower-supernode")
         appio = (["--clientappio-api-address", f"127.0.0.1:{self.clientappio[i]}"]
                  if _has_flag(tool, "--clientappio-api-address") else
                  ["--host", "127.0.0.1", "--port", str(self.clientappio[i])])
         retry = (["--max-wait-time", str(SUPERNODE_MAX_WAIT)]
                  if _has_flag(tool, "--max-wait-time") else [])
-        return self._start(f"supernode-{i}", [
+        isolation = ["--isolation", "process"] if executor else []
+        proc = self._start(f"supernode-{i}", [
             tool, "--insecure", "--superlink", f"127.0.0.1:{self.fleet}", *appio, *retry,
-            "--node-config", self.node_config_arg(self.node_configs[i])],
+            *isolation, "--node-config", self.node_config_arg(self.node_configs[i])],
             self._home(f"supernode-{i}"), cwd)
+        if executor:
+            self._start(f"executor-{i}", [*executor, f"127.0.0.1:{self.clientappio[i]}"],
+                        self._home(f"supernode-{i}"), cwd)
+        return proc
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
-            if name.startswith(("superlink", "supernode")) and proc.poll() is not None:
+            if name.startswith(("superlink", "supernode", "executor")) and \
+                    proc.poll() is not None:
                 why = (f" (it could not reach the SuperLink within {SUPERNODE_MAX_WAIT} s)"
                        if name.startswith("supernode") and _gave_up(self.logs / f"{name}.log")
                        else "")
@@ -208,7 +237,7 @@ class Deployment:
         if run_config:
             extra += ["--run-config", " ".join(f"{k}={_toml_value(v)}"
                                                for k, v in run_config.items())]
-        proc = self._start("flwr-run", [_tool("flwr"), "run", str(app_dir), CONNECTION,
+        proc = self._start("flwr-run", [flower_tool("flwr"), "run", str(app_dir), CONNECTION,
                                         "--stream", *extra], home)
         deadline = time.monotonic() + timeout
         while proc.poll() is None:

@@ -40,6 +40,7 @@ from ...run.outcome import RunFailed
 from ...run.run_dir import METRICS, SERVER_STATE, claim_out_dir
 from ...base.threads import ENV as THREADS_ENV
 from ...base.threads import available_cpus
+from . import site_executor
 from .deployment import Deployment, DeploymentError, write_app_project
 from .site_ipc import (NODE_SOCKET, NODE_TOKEN, RESUME_STATE, SERVER_IDENTITY,
                        SIMULATION_SITES, Relay, SiteWorkerError)
@@ -320,7 +321,10 @@ def _run(cfg: RunConfig, out: Path, sites: list[LocalSite], server_path: Path, a
     if simulation is not None:  # virtual SuperNodes find their relay by partition id
         app = replace(app, run_config={**app.run_config,
                                        SIMULATION_SITES: json.dumps([s.node for s in sites])})
-    write_app(work / "app", cfg, server_path, out, app)
+    run_config = write_app(work / "app", cfg, server_path, out, app)
+    # the site workers load the run's model and data while Flower starts
+    preload = work / "run-config.json"
+    write_json_atomic(preload, run_config)
     # train, share, evaluate per round plus enrolment and the key set-up's steps (the chain
     # and ~8 more), each bounded by round_timeout
     budget = cfg.engine.round_timeout * (3 * rounds_left + cfg.n_sites + 10) + 120
@@ -330,9 +334,11 @@ def _run(cfg: RunConfig, out: Path, sites: list[LocalSite], server_path: Path, a
     node_env = {THREADS_ENV: share, "OMP_NUM_THREADS": share, **(node_env or {})}
     try:
         if simulation is not None:
-            code, metrics = _simulate(work, sites, node_env, simulation, budget, metrics_path)
+            code, metrics = _simulate(work, sites, node_env, simulation, budget, metrics_path,
+                                      preload)
         else:
-            code, metrics = _deploy(work, sites, late, node_env, budget, metrics_path)
+            code, metrics = _deploy(work, sites, late, node_env, budget, metrics_path,
+                                    executor_command(app), preload)
     except DeploymentError as exc:   # e.g. a killed SuperLink: what was recorded goes on
         raise RunFailed(str(exc), "run", _resume_hint(out)) from exc
     if code != 0 or not metrics.get("finished"):
@@ -347,15 +353,34 @@ def _run(cfg: RunConfig, out: Path, sites: list[LocalSite], server_path: Path, a
     return metrics
 
 
+def executor_command(app: FlowerApp) -> list[str] | None:
+    """How each SuperNode's tasks are run: by the site's own executor (one process per
+    SuperNode, fedshield.engines.flower.site_executor) when the app's ClientApp is fedshield's
+    relay and this Flower release has the API the executor speaks; else (None) by Flower, one
+    ClientApp process per message (e.g. a test's app with another ClientApp)."""
+    if app.client_app != CLIENT_APP:
+        return None
+    if site_executor.UNAVAILABLE is not None:
+        log.info("flower: %s", site_executor.UNAVAILABLE)
+        return None
+    return [sys.executable, "-m", "fedshield.cli", "site", "executor", "--insecure",
+            "--clientappio-api-address"]
+
+
 def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict | None,
-            budget: float, metrics_path: Path) -> tuple[int, dict]:
-    """Runs the app: each site's worker first, then its SuperNode (in its own home)."""
+            budget: float, metrics_path: Path, executor: list[str] | None,
+            preload: Path) -> tuple[int, dict]:
+    """Runs the app: each site's worker first, then its SuperNode (in its own home) and, with
+    ``executor``, the process that answers that SuperNode's messages."""
     n = len(sites)
     with Deployment(work, n + len(late), [s.node for s in sites] + late, env=node_env) as dep, \
-            _site_workers(sites, dep):
+            _site_workers(sites, dep, preload) as workers_ready:
+        # Flower's processes start while the workers load their models; the first message
+        # reaches a worker only after `flwr run`, which waits for every worker
         dep.start_superlink()
         for i in range(n):
-            dep.start_supernode(i)
+            dep.start_supernode(i, executor=executor)
+        workers_ready()
         log.info("flower: SuperLink (fleet 127.0.0.1:%d) and %d SuperNodes started; logs in %s",
                  dep.fleet, n, dep.logs)
         pending = list(range(n, n + len(late)))
@@ -366,7 +391,7 @@ def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict
             if pending and metrics_path.exists() and '"participants"' in metrics_path.read_text():
                 for i in pending:
                     log.info("flower: starting a late SuperNode (%d)", i)
-                    dep.start_supernode(i)
+                    dep.start_supernode(i, executor=executor)
                 pending.clear()
             reported = _log_new_rounds(metrics_path, reported)
 
@@ -375,13 +400,14 @@ def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict
 
 
 def _simulate(work: Path, sites: list[LocalSite], node_env: dict, resources: SiteResources,
-              budget: float, metrics_path: Path) -> tuple[int, dict]:
+              budget: float, metrics_path: Path, preload: Path) -> tuple[int, dict]:
     """The simulation runtime: a SuperLink with --simulation, no SuperNode processes; each
     site's worker gets its declared CPUs (and GPU)."""
     envs = [{**node_env, **resources.env(i)} for i in range(len(sites))]
     with Deployment(work, 0, [], env={**node_env, **RAY_PATIENCE}) as dep, \
-            _site_workers(sites, dep, [{**dep.env, **e} for e in envs]):
+            _site_workers(sites, dep, preload, [{**dep.env, **e} for e in envs]) as workers_ready:
         dep.start_superlink(simulation=True)
+        workers_ready()
         log.info("flower: simulation runtime, %d sites of %s; logs in %s", len(sites),
                  resources, dep.logs)
         attempts = 3
@@ -401,22 +427,27 @@ def _simulate(work: Path, sites: list[LocalSite], node_env: dict, resources: Sit
 
 
 @contextmanager
-def _site_workers(sites: list[LocalSite], dep: Deployment, envs: list[dict] | None = None):
+def _site_workers(sites: list[LocalSite], dep: Deployment, preload: Path,
+                  envs: list[dict] | None = None):
     """Starts each site's worker as the site would (``fedshield site worker --config``, in
-    its node directory, in ``envs[i]``; default: the deployment's environment) and waits until
-    each answers over its relay. They are stopped with everything else the deployment
-    started."""
+    its node directory, in ``envs[i]``; default: the deployment's environment); what it
+    yields waits until each answers over its relay. They are stopped with everything else
+    the deployment started."""
     names = [f"site-worker-{i}" for i in range(len(sites))]
     envs = envs or [dep.env] * len(sites)
     for name, site, env in zip(names, sites, envs):
         dep.start(name, [sys.executable, "-m", "fedshield.cli", "site", "worker", "--config",
-                         str(site.config), "--exit-with", str(os.getpid())],
+                         str(site.config), "--exit-with", str(os.getpid()),
+                         "--preload-run", str(preload)],
                   env=env, cwd=site.config.parent)
-    try:
+
+    def ready() -> None:
         for name, site in zip(names, sites):
             _wait_for_worker(dep, name, site)
         log.info("flower: %d site workers ready", len(sites))
-        yield
+
+    try:
+        yield ready
     finally:
         dep.stop(names)
 

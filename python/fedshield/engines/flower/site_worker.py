@@ -29,6 +29,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -262,6 +263,11 @@ def run_config_of(text: str) -> RunConfig:
     return RunConfig.from_dict(settings, source="the run config's fedshield-config")
 
 
+def run_digest(cfg: RunConfig) -> str:
+    """Which run a site was built for."""
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
 def build_site(site_cfg: SiteConfig, cfg: RunConfig, identity: Identity, train_fn) -> Site:
     """The site of a run: the run's hyperparameters, the site's own model, data and key."""
     if cfg.model.name != site_cfg.model:
@@ -316,28 +322,64 @@ class SiteWorker:
         self.rounds: SiteRounds | None = None
         self.run = ""            # digest of the run config the site was built for
         self.initial: dict | None = None
+        self.preloading: threading.Thread | None = None
+        self.preloaded: tuple[str, Site, dict] | None = None   # (digest, site, initial)
         self.stopping = False    # set from another thread: serve() returns within 2 s
 
     # -- a run ----------------------------------------------------------------------------------
     def _start_run(self, text: str) -> None:
+        """The site of the join's run: the preloaded one when the run is the same, else the
+        previous run's, else one built now."""
         cfg = run_config_of(text)
-        digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+        digest = run_digest(cfg)
+        if self.preloading is not None:
+            self.preloading.join()
+            self.preloading = None
         if digest == self.run:
             return
+        preloaded, self.preloaded = self.preloaded, None
+        if preloaded is not None and preloaded[0] == digest:
+            self._serve_run(*preloaded)
+            return
         self.site, self.run = None, ""   # the previous run's model goes before the next loads
+        self._serve_run(digest, *self._build(cfg))
+
+    def _build(self, cfg: RunConfig) -> tuple[Site, dict]:
+        """The run's site and its initial adapter; a restarted worker goes on from the round
+        it last applied."""
         site = build_site(self.cfg, cfg, self.identity, self.train_fn)
         party = site.party
-        self.initial = {k: v.clone() for k, v in party.global_state.items()}  # a new run's
+        initial = {k: v.clone() for k, v in party.global_state.items()}  # a new run's
         saved = self.store.latest()
-        if saved is not None:  # a restarted worker goes on from the round it last applied
+        if saved is not None:
             version, state = saved
             party.set_global(state, version)
             log.info("site worker: party %d goes on from its global adapter of round %d",
                      site.party_id, version)
-        self.site, self.run = site, digest
+        return site, initial
+
+    def _serve_run(self, digest: str, site: Site, initial: dict) -> None:
+        self.site, self.run, self.initial = site, digest, initial
         self.rounds = SiteRounds(site, store=self.store, adapter_dir=self.cfg.path("out_dir"),
                                  describe=describe)
         log.info("site worker: %r serves a run", site)
+
+    def preload(self, text: str) -> None:
+        """Builds the site of the run ``text`` describes in the background while the worker
+        already answers (``fedshield site worker --preload-run``): the model loads while
+        Flower starts. The server's join still decides: a join for another run builds its
+        own site, and a preload that fails only logs why."""
+        def build() -> None:
+            try:
+                cfg = run_config_of(text)
+                self.preloaded = (run_digest(cfg), *self._build(cfg))
+                log.info("site worker: preloaded the run's site")
+            except Exception as exc:  # noqa: BLE001 - the join builds it again and says why
+                log.warning("site worker: could not preload the run: %s", exc)
+
+        if not self.problems:
+            self.preloading = threading.Thread(target=build, name="preload", daemon=True)
+            self.preloading.start()
 
     def _site(self) -> Site:
         if self.site is None:
@@ -461,7 +503,7 @@ def _private_dir(path: Path) -> None:
         path.chmod(0o700)
 
 
-def _log_to(path: Path) -> None:
+def log_to(path: Path) -> None:
     """The worker's log: its own file, mode 0600 (it names the site's files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))
@@ -473,7 +515,7 @@ def _log_to(path: Path) -> None:
     log.propagate = False
 
 
-def _listen(path: Path) -> socket.socket:
+def listen(path: Path) -> socket.socket:
     """The worker's socket at ``path`` (mode 0660: the socket's directory decides who may
     connect); refuses a path where another worker answers."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -501,11 +543,14 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise SystemExit(0)
 
 
-def run_worker(config_path: str | Path, *, exit_with: int = 0) -> int:
-    """``fedshield site worker``: serves the site its config describes until stopped."""
+def run_worker(config_path: str | Path, *, exit_with: int = 0,
+               preload_run: str | Path | None = None) -> int:
+    """``fedshield site worker``: serves the site its config describes until stopped;
+    ``preload_run``: a run config (JSON, as the join carries it) whose site is built at once,
+    in the background."""
     site_cfg = SiteConfig.from_file(config_path)
     _private_dir(site_cfg.path("node_dir"))
-    _log_to(site_cfg.path("log_file"))
+    log_to(site_cfg.path("log_file"))
     token = read_token(make_token(site_cfg.path("token_file")))
     apply_to_torch()  # several sites on one machine share its cores (FEDSHIELD_NUM_THREADS)
     problems = check_site(site_cfg)
@@ -513,9 +558,11 @@ def run_worker(config_path: str | Path, *, exit_with: int = 0) -> int:
         log.error("site worker: start-up check failed: %s", problem)
         print(f"fedshield site worker: {config_path}: {problem}", file=sys.stderr, flush=True)
     worker = SiteWorker(site_cfg, problems)
+    if preload_run is not None:
+        worker.preload(Path(preload_run).read_text())
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     path = site_cfg.path("socket")
-    server = _listen(path)
+    server = listen(path)
     log.info("site worker: party %d listening on %s", site_cfg.party_id, path)
     print(f"fedshield site worker: party {site_cfg.party_id} listening on {path}; log in "
           f"{site_cfg.path('log_file')}", flush=True)
