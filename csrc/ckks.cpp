@@ -120,6 +120,32 @@ void bit_reverse(double* v, const FftTables& t) {
     }
 }
 
+// One butterfly of fft_special: (a, b) -> (a + b w, a - b w), complex, re/im interleaved.
+inline void forward_butterfly(double* a, double* b, double wr, double wi) {
+    const double xr = b[0] * wr - b[1] * wi, xi = b[0] * wi + b[1] * wr;
+    b[0] = a[0] - xr;
+    b[1] = a[1] - xi;
+    a[0] += xr;
+    a[1] += xi;
+}
+
+// One butterfly of fft_special_inv: (a, b) -> (a + b, (a - b) w).
+inline void inverse_butterfly(double* a, double* b, double wr, double wi) {
+    const double ur = a[0] + b[0], ui = a[1] + b[1];
+    const double dr = a[0] - b[0], di = a[1] - b[1];
+    a[0] = ur;
+    a[1] = ui;
+    b[0] = dr * wr - di * wi;
+    b[1] = dr * wi + di * wr;
+}
+
+// The inverse transform's last step: bit reversal and the 1/slots scaling.
+void finish_inverse(double* v, const FftTables& t) {
+    bit_reverse(v, t);
+    const double inv = 1.0 / static_cast<double>(t.slots);
+    for (size_t i = 0; i < 2 * t.slots; ++i) v[i] *= inv;
+}
+
 // v (slots complex values, re/im interleaved): coefficients -> slot values (decoding).
 void fft_special(double* v, const FftTables& t) {
     bit_reverse(v, t);
@@ -130,12 +156,7 @@ void fft_special(double* v, const FftTables& t) {
             for (size_t j = 0; j < half; ++j) {
                 double* a = v + 2 * (i + j);
                 double* b = v + 2 * (i + j + half);
-                const double wr = tw[2 * j], wi = tw[2 * j + 1];
-                const double xr = b[0] * wr - b[1] * wi, xi = b[0] * wi + b[1] * wr;
-                b[0] = a[0] - xr;
-                b[1] = a[1] - xi;
-                a[0] += xr;
-                a[1] += xi;
+                forward_butterfly(a, b, tw[2 * j], tw[2 * j + 1]);
             }
         }
     }
@@ -150,19 +171,11 @@ void fft_special_inv(double* v, const FftTables& t) {
             for (size_t j = 0; j < half; ++j) {
                 double* a = v + 2 * (i + j);
                 double* b = v + 2 * (i + j + half);
-                const double ur = a[0] + b[0], ui = a[1] + b[1];
-                const double dr = a[0] - b[0], di = a[1] - b[1];
-                const double wr = tw[2 * j], wi = tw[2 * j + 1];
-                a[0] = ur;
-                a[1] = ui;
-                b[0] = dr * wr - di * wi;
-                b[1] = dr * wi + di * wr;
+                inverse_butterfly(a, b, tw[2 * j], tw[2 * j + 1]);
             }
         }
     }
-    bit_reverse(v, t);
-    const double inv = 1.0 / static_cast<double>(t.slots);
-    for (size_t i = 0; i < 2 * t.slots; ++i) v[i] *= inv;
+    finish_inverse(v, t);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -187,12 +200,7 @@ FEDSHIELD_AVX2 void fft_special_avx2(double* v, const FftTables& t) {
     for (size_t i = 0; i < t.slots; i += 2) {  // len = 2: one twiddle
         double* a = v + 2 * i;
         double* b = a + 2;
-        const double wr = t.fwd[0], wi = t.fwd[1];
-        const double xr = b[0] * wr - b[1] * wi, xi = b[0] * wi + b[1] * wr;
-        b[0] = a[0] - xr;
-        b[1] = a[1] - xi;
-        a[0] += xr;
-        a[1] += xi;
+        forward_butterfly(a, b, t.fwd[0], t.fwd[1]);
     }
     for (size_t len = 4; len <= t.slots; len <<= 1) {
         const size_t half = len >> 1;
@@ -227,17 +235,9 @@ FEDSHIELD_AVX2 void fft_special_inv_avx2(double* v, const FftTables& t) {
     for (size_t i = 0; i < t.slots; i += 2) {  // len = 2
         double* a = v + 2 * i;
         double* b = a + 2;
-        const double ur = a[0] + b[0], ui = a[1] + b[1];
-        const double dr = a[0] - b[0], di = a[1] - b[1];
-        const double wr = t.inv[0], wi = t.inv[1];
-        a[0] = ur;
-        a[1] = ui;
-        b[0] = dr * wr - di * wi;
-        b[1] = dr * wi + di * wr;
+        inverse_butterfly(a, b, t.inv[0], t.inv[1]);
     }
-    bit_reverse(v, t);
-    const double inv = 1.0 / static_cast<double>(t.slots);
-    for (size_t i = 0; i < 2 * t.slots; ++i) v[i] *= inv;
+    finish_inverse(v, t);
 }
 #endif
 

@@ -820,7 +820,11 @@ def test_aggregator_refuses_concurrent_use(client_ctx, server_ctx):
                                   elements=ELEMENTS)
 
     refused = 0
-    for trial in range(30):
+    # at least 30 trials, and on until the two threads overlapped once (a faster add makes
+    # an overlap rarer; 500 trials bound the wait)
+    for trial in range(500):
+        if trial >= 30 and refused:
+            break
         agg, accepted, errors = new(), [], []
         lock = threading.Lock()
         start = threading.Barrier(2)
@@ -851,7 +855,7 @@ def test_aggregator_refuses_concurrent_use(client_ctx, server_ctx):
             reference.add(ups[i])
         assert agg.count == len(accepted)
         assert agg.result() == reference.result(), f"trial {trial}: wrong sum"
-    # two threads adding 4 updates each overlapped at some point in 30 trials: the guard ran
+    # two threads adding 4 updates each overlapped at some point: the guard ran
     assert refused > 0
     assert issubclass(fs.ConcurrentUseError, fs.FedShieldError)
 
