@@ -120,8 +120,6 @@ class SiteRounds:
         """A server that was stopped after this party applied round r's aggregate, but before
         it recorded round r, redoes round r from r - 1: step back to it if it is kept here."""
         party = self.site.party
-        if party.version == plan.base_version:
-            return
         if not self.step_back(plan.base_version, f"the server redoes round {plan.round}"):
             raise OutOfStep(f"party {self.site.party_id} holds the adapter of round "
                             f"{party.version}, the server builds round {plan.round} on "
@@ -131,7 +129,8 @@ class SiteRounds:
         """Goes back to the kept adapter of round ``version`` when this party holds a later
         one (a resumed server recorded fewer rounds than the party applied: with one step per
         round a site applies round r's aggregate before the server can record round r).
-        False when it holds a later one and round ``version``'s is not kept."""
+        True when it then holds round ``version``'s; False when it holds an earlier one, or
+        a later one and round ``version``'s is not kept."""
         site, party = self.site, self.site.party
         if party.version <= version:
             return party.version == version

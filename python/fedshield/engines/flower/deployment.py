@@ -131,7 +131,8 @@ class Deployment:
         self.env = {**os.environ, **(env or {}),
                     "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
                     "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0"}
-        for name in ("flower-superlink", "flower-supernode"):   # asked while others start
+        # asked while other processes start (a simulation starts no SuperNode)
+        for name in ["flower-superlink"] + ["flower-supernode"] * bool(n_nodes):
             found = _find_tool(name)
             if found:
                 _help_of(found)

@@ -43,7 +43,7 @@ try:
     from flwr.supernode.runtime.run_clientapp import (pull_task_input, push_message,
                                                       push_task_output)
     UNAVAILABLE: str | None = None
-except ImportError as exc:   # noqa: F841 - kept as text
+except ImportError as exc:
     UNAVAILABLE = (f"flwr {flwr.__version__} has no {exc.name or exc} (the executor speaks "
                    "flwr 1.30's ClientAppIo API); use the SuperNode's own ClientApp processes")
 
