@@ -103,7 +103,7 @@ def test_payload_damage_is_detected(damage):
         arrays["000001"] = flwr.common.Array(dtype="uint8", shape=(len(data),),
                                              stype=records.STYPE_UPDATE, data=bytes(data))
     elif damage == "wrong_stype":
-        meta["stype"] = records.STYPE_SHARE
+        meta["stype"] = records.STYPE_BLOB
     elif damage == "missing":
         del content["p"]
     elif damage == "bad_meta":

@@ -167,11 +167,6 @@ class LocalEngine:
         self.federation = fed
         return fed
 
-    def set_up_keys(self, before_round: int) -> None:
-        """A key epoch by the protocol (fedshield.fl.key_setup), every party in this process:
-        the first one, or a rotation when a key's decryption budget runs low."""
-        self.driver.set_up_keys(before_round)
-
     def _key_step(self, site: Site, request: RelayedRequest):
         """A key set-up message at ``site``, as a site worker answers it."""
         holder = site.keys or site.key_holder(self._party_dir(site) / "party.key",

@@ -24,10 +24,8 @@ FIELDS = "fedshield.fields"                  # the message's fields (a ConfigRec
 BLOB = "fedshield.blob"                      # the i-th of a message's byte strings
 
 STYPE_UPDATE = "fedshield.update.v1"          # the stypes of fedshield payloads
-STYPE_AGGREGATE = "fedshield.aggregate.v1"
-STYPE_SHARE = "fedshield.partial.v1"
 STYPE_BLOB = "fedshield.blob.v1"              # a message's byte strings (put_blobs)
-STYPES = (STYPE_UPDATE, STYPE_AGGREGATE, STYPE_SHARE, STYPE_BLOB)
+STYPES = (STYPE_UPDATE, STYPE_BLOB)
 MAX_BLOBS = 1 << 14                           # byte strings one message may carry
 
 CHUNK_BYTES = 64 << 20
