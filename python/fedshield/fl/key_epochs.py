@@ -61,6 +61,12 @@ class KeyEpochs:
         if self.budget_left is None or not rounds:
             return False
         last = next((r for r in reversed(rounds) if r.n_ciphertexts), None)
-        per_round = (last.n_ciphertexts if last else 0) * (
-            SHARE_ATTEMPTS if self.threshold else 1)
-        return self.budget_left < per_round
+        return self.short_of(1, last.n_ciphertexts if last else 0)
+
+    def short_of(self, n_rounds: int, n_ciphertexts: int) -> bool:
+        """Whether the tightest key might not decrypt ``n_rounds`` more aggregates of
+        ``n_ciphertexts`` ciphertexts, each as often as shares may be asked for (no budget
+        reported yet: a fresh key's whole budget)."""
+        left = (self.budget_left if self.budget_left is not None
+                else 2 ** self.ctx.params.flood_log_queries)
+        return left < n_rounds * n_ciphertexts * (SHARE_ATTEMPTS if self.threshold else 1)

@@ -31,7 +31,7 @@ from .messages import InvalidMessage, RoundPlan, ShareReply
 from .protocol import (Aggregate, CatchUp, CatchUpReply, CatchUpRequest, RelayedRequest,
                        ShareRequest, TrainRequest, TrainResult)
 from .record import RoundRecord
-from .server import SHARE_ATTEMPTS, Server
+from .server import Server
 
 log = logging.getLogger("fedshield")
 
@@ -122,11 +122,7 @@ class RoundDriver:
         server = self.server
         if server.ctx is None or self.pending is None:
             return False
-        reported = server.keys.budget_left   # the tightest budget the parties reported
-        left = reported if reported is not None else 2 ** server.ctx.params.flood_log_queries
-        per_round = server.current.n_ciphertexts * (
-            SHARE_ATTEMPTS if server.cfg.keys.mode == "threshold" else 1)
-        return left < 2 * per_round
+        return server.keys.short_of(2, server.current.n_ciphertexts)
 
     # -- catch-up -------------------------------------------------------------------------------
     def catch_up(self, before_round: int, label: str) -> dict[int, CatchUp]:
