@@ -72,6 +72,21 @@ def _public_residues(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     return ctx.cached("public_residues", parse)
 
 
+def public_key_ciphertext(ctx: Context, *, zero_b: bool = False) -> bytes:
+    """The context's public key (b, a) written into its ciphertext template, (0, a) with
+    ``zero_b``: the key check decrypts the first, the key probes partially decrypt the
+    second."""
+    b, a = _public_residues(ctx)
+    template, layout = ctx.ciphertext_template
+    towers, n = len(ctx.moduli), ctx.params.ring_dim
+    buf = bytearray(template)
+    for t in range(towers):
+        c0, c1 = layout[1 + towers + t], layout[1 + 2 * towers + t]
+        buf[c0:c0 + 8 * n] = bytes(8 * n) if zero_b else b[t * n:(t + 1) * n].tobytes()
+        buf[c1:c1 + 8 * n] = a[t * n:(t + 1) * n].tobytes()
+    return bytes(buf)
+
+
 def check_context(ctx) -> None:
     if not isinstance(ctx, Context):
         raise TypeError(f"expected a fedshield Context, got {type(ctx).__name__}")

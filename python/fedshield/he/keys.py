@@ -22,6 +22,7 @@ from .. import native
 from ..base.errors import InvalidUpdate, KeyMaterialError
 from . import backend
 from .context import Context
+from .encryption import public_key_ciphertext
 from .flooding import check_precision
 from .frames import DIGEST, frame, unframe
 from .params import CKKSParams
@@ -215,16 +216,9 @@ def check_key_pair(ctx: Context) -> None:
     about 0; with any other key it decodes to noise of the modulus' size. Local: nothing of it
     leaves the machine."""
     cc, _, secret_key = ctx.openfhe_objects(need_secret=True)
-    template, layout = ctx.ciphertext_template
-    n, moduli = ctx.params.ring_dim, list(ctx.moduli)
-    towers = len(moduli)
-    blob = ctx.public_key_bytes()
-    offsets = native.find_residue_arrays(blob, n, moduli, 2 * towers)
-    ct = bytearray(template)
-    for k, at in enumerate(layout[1 + towers:1 + 3 * towers]):
-        ct[at:at + 8 * n] = blob[offsets[k]:offsets[k] + 8 * n]
     try:
-        values = backend.decrypt_ciphertexts(cc, secret_key, [bytes(ct)], ctx.params)
+        values = backend.decrypt_ciphertexts(cc, secret_key, [public_key_ciphertext(ctx)],
+                                             ctx.params)
         largest = float(np.max(np.abs(values)))
     except RuntimeError:  # OpenFHE refuses a decryption whose noise is beyond decoding
         largest = float("inf")

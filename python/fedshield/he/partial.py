@@ -58,7 +58,7 @@ from ..base.errors import (IncompatibleUpdate, InvalidUpdate, KeyMaterialError, 
 from . import backend, flooding
 from .context import Context
 from .encryption import (DEFAULT_TOLERANCE, check_context, check_for_context, check_for_layout,
-                         ckks_ring, unpack_average)
+                         ckks_ring, public_key_ciphertext, unpack_average)
 from .frames import frame, int_field, unframe
 from .layout import Layout
 from .threshold import MAX_PARTIES, check_party_context
@@ -352,22 +352,6 @@ def _check_fused(values: np.ndarray, agg: EncryptedUpdate, params) -> None:
 
 
 # -- the key check: partial decryptions of the public key's a ------------------------------------
-def _probe_ciphertext(ctx: Context) -> bytes:
-    """(c0, c1) = (0, a), a of the context's public key, in the context's ciphertext
-    template."""
-    template, layout = ctx.ciphertext_template
-    towers, n = len(ctx.moduli), ctx.params.ring_dim
-    c0, c1 = layout[1 + towers:1 + 2 * towers], layout[1 + 2 * towers:1 + 3 * towers]
-    blob = ctx.public_key_bytes()
-    offsets = native.find_residue_arrays(blob, n, list(ctx.moduli), 2 * towers)
-    buf = bytearray(template)
-    for t in range(towers):
-        buf[c0[t]:c0[t] + 8 * n] = bytes(8 * n)
-        a = offsets[towers + t]
-        buf[c1[t]:c1[t] + 8 * n] = blob[a:a + 8 * n]
-    return bytes(buf)
-
-
 def key_probes(party_ctx: Context, present_sets: Iterable[Optional[Iterable[int]]]
                ) -> list[bytes]:
     """This party's partial decryptions of (0, a), a of its context's public key, one per
@@ -384,7 +368,7 @@ def key_probes(party_ctx: Context, present_sets: Iterable[Optional[Iterable[int]
     cc, _, _ = party_ctx.openfhe_objects(need_secret=True)
     params, moduli = party_ctx.params, list(party_ctx.moduli)
     n = params.ring_dim
-    ct = backend.load_rebuilt_ciphertext(_probe_ciphertext(party_ctx))
+    ct = backend.load_rebuilt_ciphertext(public_key_ciphertext(party_ctx, zero_b=True))
     offsets_of_key = [offset for offset, _ in party_ctx.key_residues()]
     out = []
     for present in present_sets:
