@@ -93,8 +93,14 @@ def noise_l2_bound(ring_dim: int, max_clients: int, flood_bits: int, log_queries
 
 def flood_sigma2(t: float, flood_bits: int, log_queries: int) -> int:
     """The integer variance of the flooding Gaussian, sigma**2 = 12 tau 2**s t**2 rounded up
-    (LMSS22 Corollary 2)."""
-    return math.ceil(LMSS_FACTOR * 2.0 ** log_queries * 2.0 ** flood_bits * t * t)
+    (LMSS22 Corollary 2); ParameterError beyond what the sampler draws exactly."""
+    sigma2 = math.ceil(LMSS_FACTOR * 2.0 ** log_queries * 2.0 ** flood_bits * t * t)
+    if sigma2 >= MAX_FLOOD_SIGMA2:
+        raise ParameterError(
+            f"flooding at flood_bits={flood_bits} over 2**{log_queries} decryptions needs a "
+            f"Gaussian of variance 2**{math.log2(sigma2):.1f}, beyond the sampler's "
+            f"2**{int(math.log2(MAX_FLOOD_SIGMA2))}: lower flood_bits or flood_log_queries")
+    return sigma2
 
 
 def slot_error_std(sigma2: int, ring_dim: int, n_parties: int, smudging: bool) -> float:
@@ -105,13 +111,5 @@ def slot_error_std(sigma2: int, ring_dim: int, n_parties: int, smudging: bool) -
     return math.sqrt(max(1, n_parties) * per_party * ring_dim / 2)
 
 
-def check_sampler_range(sigma2: int, flood_bits: int, log_queries: int) -> None:
-    if sigma2 >= MAX_FLOOD_SIGMA2:
-        raise ParameterError(
-            f"flooding at flood_bits={flood_bits} over 2**{log_queries} decryptions needs a "
-            f"Gaussian of variance 2**{math.log2(sigma2):.1f}, beyond the sampler's "
-            f"2**{int(math.log2(MAX_FLOOD_SIGMA2))}: lower flood_bits or flood_log_queries")
-
-
 __all__ = ["ERROR_SIGMA", "LMSS_FACTOR", "MAX_FLOOD_SIGMA2", "SMUDGING_SIGMA2",
-           "check_sampler_range", "flood_sigma2", "noise_l2_bound", "slot_error_std"]
+           "flood_sigma2", "noise_l2_bound", "slot_error_std"]

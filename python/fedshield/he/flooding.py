@@ -63,12 +63,12 @@ def flood_variance(params: CKKSParams, n_parties: int = 1) -> int:
     n_parties = max(1, int(n_parties))
     sigma2 = flood_sizing.flood_sigma2(noise_l2_bound(params, n_parties), params.flood_bits,
                                        params.flood_log_queries)
-    flood_sizing.check_sampler_range(sigma2, params.flood_bits, params.flood_log_queries)
     # every party's coefficient is below 64 (sigma + 1) (the sampler's cut, exp(-1900))
-    if n_parties * 64 * (math.isqrt(sigma2) + 1) >= 2 ** (params.log_q_min - 2):
+    largest = n_parties * 64 * (math.isqrt(sigma2) + 1)
+    if largest >= 2 ** (params.log_q_min - 2):
         raise ParameterError(
             f"flooding at flood_bits={params.flood_bits} for {n_parties} key holder(s) needs "
-            f"{(n_parties * 64 * (math.isqrt(sigma2) + 1)).bit_length()} bits, more than the "
+            f"{largest.bit_length()} bits, more than the "
             f"{params.log_q_min - 2} these parameters leave: lower flood_bits or "
             "flood_log_queries, or raise scale_bits")
     return sigma2

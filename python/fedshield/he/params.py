@@ -281,7 +281,6 @@ class CKKSParams:
             t = flood_sizing.noise_l2_bound(ring_dim, max_clients, flood_bits, flood_log_queries,
                                             public_key=threshold, n_parties=parties)
             sigma2 = flood_sizing.flood_sigma2(t, flood_bits, flood_log_queries)
-            flood_sizing.check_sampler_range(sigma2, flood_bits, flood_log_queries)
             std = flood_sizing.slot_error_std(sigma2, ring_dim, parties, smudging=threshold)
             # the average divides by >= 1/2 (see above): flooding and encryption noise together
             effective = math.ceil(math.log2(2 * (PRECISION_SIGMAS * std + noise) / tolerance))
