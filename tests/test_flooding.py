@@ -22,7 +22,7 @@ from conftest import make_state, weighted_average
 
 # A small NTT-friendly prime for the unit tests of the transform: 2N | q - 1 for N <= 2048.
 SMALL_Q = 12289
-FLOOD = fs.CKKSParams.for_precision(flood_bits=30)  # shared keys: LMSS22-sized towers
+FLOOD = fs.CKKSParams.for_precision(flood_bits=30, max_weight=0)  # shared keys: LMSS22-sized towers
 # towers for parameters built by hand below
 TOWERS = dict(ring_dim=16384, first_mod_bits=60, scale_bits=50)
 # a flooding context as made before the LMSS22 sizing: 3 towers, no flood_towers in its JSON
@@ -183,7 +183,7 @@ def test_flooding_parameters():
     assert not plain.flooding and plain.n_towers == 1 and plain.prescale_bits == 0
     assert "flood" not in plain.to_json()  # unchanged JSON and fingerprints without flooding
     p = FLOOD
-    assert p.flooding and p.n_towers == p.flood_towers >= 2 and p.value_bound == 1.0
+    assert p.flooding and p.n_towers == p.towers >= 2 and p.value_bound == 1.0
     assert p.effective_scale_bits == p.log_q_min - 2 - 6  # Q/4 holds 64 clients of |x| <= 1
     assert fs.CKKSParams.from_dict(json.loads(p.to_json())) == p
     assert p.fingerprint() != plain.fingerprint()
@@ -192,10 +192,10 @@ def test_flooding_parameters():
             fs.CKKSParams(flood_bits=bad)
     with pytest.raises(fs.ParameterError, match="flood_log_queries"):
         fs.CKKSParams(flood_bits=30, flood_log_queries=41)
-    with pytest.raises(fs.ParameterError, match="flood_towers=5"):
-        fs.CKKSParams(**TOWERS, flood_bits=30, flood_towers=5)
+    with pytest.raises(fs.ParameterError, match="towers=5"):
+        fs.CKKSParams(**TOWERS, flood_bits=30, towers=5)
     with pytest.raises(fs.ParameterError, match="security|ring_dim"):  # 3 towers: N = 16384
-        fs.CKKSParams(**{**TOWERS, "ring_dim": 8192}, flood_bits=30, flood_towers=3)
+        fs.CKKSParams(**{**TOWERS, "ring_dim": 8192}, flood_bits=30, towers=3)
     # the Gaussian must stay within what the exact sampler draws
     with pytest.raises(fs.ParameterError, match="sampler"):
         flooding.flood_variance(fs.CKKSParams(**TOWERS, flood_bits=64, flood_log_queries=40,
@@ -211,17 +211,17 @@ def test_contexts_made_before_the_lmss22_sizing_keep_their_layout_and_fingerprin
     assert again == LEGACY and again.n_towers == 3 and again.legacy_flooding
     assert fs.CKKSParams.from_dict(LEGACY.to_dict()) == LEGACY  # metrics.json's form
     # 3 towers of today's sizing are not the legacy layout: their JSON names them
-    new3 = fs.CKKSParams(**TOWERS, flood_bits=30, flood_towers=3)
+    new3 = fs.CKKSParams(**TOWERS, flood_bits=30, towers=3)
     assert not new3.legacy_flooding and new3 != LEGACY
     assert json.loads(new3.to_json())["flood_towers"] == 3
     assert new3.prescale_bits > LEGACY.prescale_bits
     with pytest.raises(fs.ParameterError, match="legacy_flooding"):
-        fs.CKKSParams(**TOWERS, flood_bits=30, flood_towers=2, legacy_flooding=True)
+        fs.CKKSParams(**TOWERS, flood_bits=30, towers=2, legacy_flooding=True)
     assert again.fingerprint() == LEGACY.fingerprint()
     assert again.value_bound == 4.0
     assert again.prescale_bits == again.log_q_min - 2 - (6 + 2) - again.scale_bits
     # what a reader of the old format would reject: a new context names its towers
-    assert json.loads(FLOOD.to_json())["flood_towers"] == FLOOD.flood_towers != 3
+    assert json.loads(FLOOD.to_json())["flood_towers"] == FLOOD.towers != 3
 
 
 def test_keygen_refuses_flooding_that_costs_more_than_1e6():
@@ -312,7 +312,7 @@ def test_the_flooding_profile_is_the_smallest_that_keeps_1e6():
     """for_precision's flooding profile: within 1e-6 (6 standard deviations over the weight
     sum's 1/2) and one bit less of effective scale would not be."""
     for keys, parties in (("shared", 1), ("threshold", 3), ("threshold", 16)):
-        p = fs.CKKSParams.for_precision(keys=keys, n_parties=parties, flood_bits=30)
+        p = fs.CKKSParams.for_precision(keys=keys, n_parties=parties, flood_bits=30, max_weight=0)
         assert p.flooding and p.log_q + 61 <= 218 and p.ring_dim == 8192
         err = 2 * 6 * flooding.slot_error_std(p, parties)
         assert err <= 1e-6 < 2 * err
@@ -336,7 +336,7 @@ def test_flooding_context_has_its_towers(which, request):
     ctx = keys.client_context()
     params = ctx.params
     towers = params.n_towers
-    assert towers == (3 if which == "legacy_keys" else FLOOD.flood_towers)
+    assert towers == (3 if which == "legacy_keys" else FLOOD.towers)
     assert len(ctx.moduli) == towers and ctx.moduli[0] == ctx.modulus
     assert ctx.moduli[0].bit_length() == params.first_mod_bits
     # primes next to 2**scale_bits
@@ -467,7 +467,7 @@ def test_the_threshold_profile_round_trips_within_1e6(weights):
     parties, server = fs.keygen_threshold(fs.CKKSParams(flood_bits=30), 3)
     params = parties[0].params
     assert params == fs.CKKSParams.for_precision(keys="threshold", n_parties=3, flood_bits=30)
-    assert params.flooding and params.n_towers == params.flood_towers == 2
+    assert params.flooding and params.n_towers == params.towers == 2
     loaded = [fs.load_context(p.to_bytes(include_secret=True)) for p in parties]
     server = fs.load_context(server.to_bytes())
     states = [make_state(700 + i, {"a": (64, 300), "b": (7, 11)}) for i in range(3)]

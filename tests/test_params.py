@@ -3,29 +3,36 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
 import fedshield as fs
-from fedshield.he.params import (HE_STANDARD_MAX_LOGQ, KEYSWITCH_BITS, MIN_SCALE_BITS,
+from fedshield.he.params import (HE_STANDARD_MAX_LOGQ, KEYSWITCH_BITS, MIN_SCALE_BITS, keyswitch_bits,
                                  CKKSParams)
 
 
 def test_defaults():
     p = fs.CKKSParams()
     assert p == CKKSParams.for_precision(1e-6, 64)  # the profile for 1e-6 at 64 clients
-    assert p.ring_dim == 4096
-    assert p.scale_bits == 34
-    assert p.first_mod_bits == 42
+    # ... for any weights from 1 to 10**6 with no bound passed: one update of weight 1 at the
+    # default bound 2**20 is the worst case, so the scale takes ~20 bits more than a round's
+    assert p.max_weight == 10 ** 6 and p.default_weight_bound == 2.0 ** 20
+    assert (p.ring_dim, p.scale_bits, p.first_mod_bits, p.towers) == (8192, 50, 58, 1)
+    assert p.average_error_bound(1, 1 / 2 ** 20) <= 1e-6
     assert p.seeded is True
     assert p.packing == "complex"
     assert p.security_bits == 128
-    assert p.slots == 2048
-    assert p.values_per_ciphertext == 4096  # two reals per slot
-    assert fs.CKKSParams(packing="real").values_per_ciphertext == 2048
-    # headroom: q/2 >= 2**40, values at scale 2**34 -> |sum| <= 2**6, shared by max_clients
+    assert p.slots == 4096
+    assert p.values_per_ciphertext == 8192  # two reals per slot
+    assert fs.CKKSParams(packing="real").values_per_ciphertext == 4096
+    # headroom: q/2 >= 2**56, values at scale 2**50 -> |sum| <= 2**6, shared by max_clients
     assert p.total_bound == 2.0 ** 6
     assert p.value_bound == p.total_bound / p.max_clients == 1.0
+    # what fedshield's engines use (their Server sends each round's bound): 5.25 B/value
+    run = CKKSParams.for_precision(1e-6, 64, max_weight=0)
+    assert (run.ring_dim, run.scale_bits, run.first_mod_bits, run.max_weight) == (4096, 34, 42, 0)
+    assert run.default_weight_bound is None
 
 
 @pytest.mark.parametrize("keys, kwargs, expected", [
@@ -36,7 +43,8 @@ def test_defaults():
     ("threshold", dict(n_parties=3), (8192, 51, 59)),
 ])
 def test_profiles_by_precision(keys, kwargs, expected):
-    p = CKKSParams.for_precision(keys=keys, **kwargs)
+    """The profiles of rounds whose bound is within 2x of their largest weight (max_weight=0)."""
+    p = CKKSParams.for_precision(keys=keys, max_weight=0, **kwargs)
     assert (p.ring_dim, p.scale_bits, p.first_mod_bits) == expected
     assert p.seeded == (keys == "shared")
     # the profile meets its own bound at the contract's worst case: weight sum >= bound / 2
@@ -45,6 +53,36 @@ def test_profiles_by_precision(keys, kwargs, expected):
     # and the smallest ring OpenFHE accepts at 128-bit security for that modulus
     smaller = p.ring_dim // 2
     assert p.first_mod_bits + KEYSWITCH_BITS > HE_STANDARD_MAX_LOGQ[128][smaller]
+
+
+@pytest.mark.parametrize("keys, towers, decryptors", [("shared", 1, 0), ("threshold", 2, 16)])
+def test_the_default_weight_bound_profiles_meet_the_tolerance_at_weight_one(keys, towers,
+                                                                             decryptors):
+    """With max_weight (the default), one update of weight 1 at the default bound keeps the
+    tolerance; threshold keys need a second tower for it (no flooding)."""
+    p = CKKSParams.for_precision(keys=keys)
+    assert p.n_towers == towers and not p.flooding
+    assert p.average_error_bound(1, 1 / p.default_weight_bound, decryptors) <= 1e-6
+    assert p.average_error_bound(p.max_clients, 0.5, decryptors) <= 1e-6
+    assert p.value_bound == 1.0  # and max_clients values of magnitude 1 still fit
+    assert CKKSParams.from_dict(json.loads(p.to_json())) == p
+    assert json.loads(p.to_json())["max_weight"] == 10 ** 6
+
+
+def test_parameters_written_before_max_weight_keep_their_meaning_and_fingerprint():
+    """JSON with no max_weight is the old meaning (each update's own bound), and a max_weight
+    of 0 writes no field, so the fingerprints of earlier contexts stay."""
+    run = CKKSParams.for_precision(max_weight=0)
+    assert "max_weight" not in json.loads(run.to_json())
+    old = json.loads(run.to_json())
+    assert CKKSParams.from_dict(old).max_weight == 0
+    assert CKKSParams.from_dict(old).fingerprint() == run.fingerprint()
+    explicit = CKKSParams(ring_dim=4096, scale_bits=34, first_mod_bits=42)
+    assert explicit.max_weight == 0 and explicit == run
+    with pytest.raises(fs.ParameterError, match="max_weight=-1"):
+        CKKSParams(max_weight=-1)
+    with pytest.raises(fs.ParameterError, match="both towers and flood_towers"):
+        CKKSParams.from_dict({**old, "towers": 1, "flood_towers": 2})
 
 
 def test_profile_security_is_checked_by_openfhe():
@@ -73,8 +111,8 @@ def test_every_profile_is_within_the_he_standard(keys, flood_bits, security_bits
                 continue
             made += 1
             assert p.security_bits == security_bits
-            assert p.log_q + KEYSWITCH_BITS <= table[p.ring_dim]
-            assert p.n_towers == (p.flood_towers if flood_bits else 1)
+            assert p.log_q + keyswitch_bits(p.first_mod_bits, p.scale_bits, p.towers) <= table[p.ring_dim]
+            assert p.n_towers == p.towers
             assert not flood_bits or p.n_towers >= 2
     assert made >= 5
 
@@ -83,12 +121,12 @@ def test_flooding_profiles_are_accepted_by_openfhe():
     for keys in ("shared", "threshold"):
         p = CKKSParams.for_precision(keys=keys, flood_bits=30)
         keys_ = fs.keygen_shared(p)
-        assert len(keys_.client_context().moduli) == p.flood_towers >= 2
+        assert len(keys_.client_context().moduli) == p.towers >= 2
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(tolerance=0.0), "tolerance=0.0"),
-    (dict(tolerance=1e-12), "60-bit"),
+    (dict(tolerance=1e-80), "at most 4 towers hold tolerance=1e-80"),
     (dict(max_clients=0), "max_clients=0"),
     (dict(keys="triple"), "keys='triple'"),
     (dict(security_bits=100), "security_bits=100"),
@@ -240,16 +278,16 @@ def test_a_request_is_resolved_per_key_mode():
     assert loose.scale_bits < request.scale_bits and "tolerance" not in loose.to_json()
     # explicit values are honoured (the rest comes from the request) and validated
     explicit = fs.CKKSParams(ring_dim=8192)
-    assert not explicit.request and (explicit.ring_dim, explicit.first_mod_bits) == (8192, 42)
+    assert not explicit.request and (explicit.ring_dim, explicit.first_mod_bits) == (8192, 58)
     assert explicit.for_keys("threshold", 3) is explicit
-    _raises(["ring_dim=2048", "42"], ring_dim=2048)
+    _raises(["ring_dim=2048", "58"], ring_dim=2048)
     _raises(["tolerance", "2"], tolerance=2)
     _raises(["tolerance", "True"], tolerance=True)
 
 
 def test_each_keygen_resolves_the_request():
     shared = fs.keygen_shared(fs.CKKSParams()).client_context()
-    assert shared.params.seeded and shared.params.ring_dim == 4096
+    assert shared.params.seeded and shared.params.ring_dim == 8192
     parties, server = fs.keygen_threshold(fs.CKKSParams(), n_parties=3)
     assert server.params == parties[0].params == fs.CKKSParams.for_precision(keys="threshold")
     parties, server = fs.keygen_threshold(fs.CKKSParams(flood_bits=30), n_parties=3)

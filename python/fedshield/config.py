@@ -529,9 +529,12 @@ class RunConfig:
         # Threshold partial decryptions leave their parties: flood them by default (IND-CPA^D).
         flood_bits = self.he.flood_bits if self.he.flood_bits >= 0 else (
             AUTO_FLOOD_BITS if threshold else 0)
+        # max_weight=0: the Server sends each round's weight bound (within 2x of its largest
+        # weight), so no bound for unknown weights needs to be paid for in bytes.
         params = CKKSParams.for_precision(self.he.tolerance, keys=self.keys.mode,
                                           n_parties=self.n_sites, flood_bits=flood_bits,
-                                          flood_log_queries=self.he.decryption_budget)
+                                          flood_log_queries=self.he.decryption_budget,
+                                          max_weight=0)
         explicit = {k: v for k, v in (("ring_dim", self.he.ring_dim),
                                       ("scale_bits", self.he.scale_bits)) if v}
         return dc_replace(params, flood_log_queries=self.he.decryption_budget, **explicit)

@@ -21,7 +21,7 @@ from . import flooding, seeded
 from .arrays import as_tensors
 from .context import Context
 from .layout import Layout
-from .params import DEFAULT_TOLERANCE
+from .params import DEFAULT_TOLERANCE, power_of_two_bound
 from .update import KIND_CLIENT, PACKING_CODE, EncryptedUpdate
 
 log = logging.getLogger("fedshield")
@@ -30,9 +30,21 @@ log = logging.getLogger("fedshield")
 # refuses an average that may be off by more.
 
 
-def auto_weight_bound(weight: float) -> float:
-    """The weight bound of an update encrypted alone: its weight's next power of two."""
-    return float(2 ** max(0, math.ceil(math.log2(weight))))
+def default_weight_bound(params, weight: float) -> float:
+    """The weight bound of an update encrypted with none passed: the context's shared default
+    (CKKSParams.default_weight_bound, so that updates of any weights up to it sum), or, for
+    parameters with max_weight=0, the weight's own next power of two (such an update then sums
+    only with updates of the same bound)."""
+    shared = params.default_weight_bound
+    if shared is None:
+        return power_of_two_bound(weight)
+    if weight > shared:
+        raise ParameterError(
+            f"weight={weight!r} is above {shared:g}, the default weight bound of these "
+            f"parameters (max_weight={params.max_weight}): pass weight_bound= (the round's, "
+            "shared by every update summed with this one), or make the keys with "
+            "fs.CKKSParams(max_weight=...) at least this weight")
+    return shared
 
 
 def _check_workers(workers) -> None:
@@ -161,13 +173,15 @@ def pack_update(ctx: Context, state: Mapping, layout: Layout, weight: float = 1.
     if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
         raise ParameterError(f"weight={weight!r} must be a positive finite number")
     if weight_bound is None:
-        weight_bound = auto_weight_bound(weight)
+        weight_bound = default_weight_bound(params, weight)
     if not (isinstance(weight_bound, (int, float)) and math.isfinite(weight_bound)
             and weight_bound > 0):
         raise ParameterError(f"weight_bound={weight_bound!r} must be a positive finite number")
     if not weight <= weight_bound:
         raise ParameterError(f"weight={weight!r} must be in (0, weight_bound={weight_bound:g}]")
     check_reachable(params, tolerance, decryptors=ctx.n_parties or 0)
+    if weight_bound == params.default_weight_bound:
+        check_default_bound_reachable(params, tolerance, decryptors=ctx.n_parties or 0)
     arrays = layout.flat_arrays(state)
     masks = layout.mask_arrays(mask)
     n_values = layout.kept_count(mask) + 1  # + the weight
@@ -275,7 +289,11 @@ def encrypt_update(ctx: Context, state: Mapping, layout: Layout, weight: float =
     rides in the header and cancels out of sum(w*x)/sum(w)); updates of one aggregate must
     share it. Pass the round's: the next power of two of its largest weight, which keeps the
     average within ``tolerance`` (a bound far above the weights makes decryption refuse with
-    fs.PrecisionError). None: this weight's own next power of two (for an update alone).
+    fs.PrecisionError). None: the context's default bound (``ctx.params.default_weight_bound``,
+    2**20 at the default parameters), shared by every update encrypted without one, so updates
+    of any weights from 1 to ``ctx.params.max_weight`` sum within ``tolerance``; for parameters
+    with ``max_weight=0``, this weight's own next power of two (it then sums only with updates
+    of that bound).
     Parameters that cannot reach ``tolerance`` are refused here, before anything is sent.
 
     With ``mask`` (name -> bool tensor, True = kept) only kept values are packed, so pruning
@@ -310,6 +328,23 @@ def check_reachable(params, tolerance: float, decryptors: int = 0) -> None:
             f"{params.max_clients=}) keep a decrypted average within {best:.2g} at best, not "
             f"within tolerance={tolerance:g}: use fs.CKKSParams.for_precision({tolerance:g}) "
             "or raise tolerance")
+
+
+def check_default_bound_reachable(params, tolerance: float, decryptors: int = 0) -> None:
+    """ParameterError when one update of weight 1 at the default weight bound (the worst case
+    max_weight promises) could decrypt further than ``tolerance`` from the plaintext."""
+    bound = params.default_weight_bound
+    best = params.average_error_bound(1, 1.0 / bound, decryptors)
+    if params.flooding:
+        best += (flooding.PRECISION_SIGMAS * flooding.slot_error_std(params, max(decryptors, 1))
+                 * bound)
+    if best > tolerance:
+        raise ParameterError(
+            f"these parameters ({params.ring_dim=}, {params.scale_bits=}, "
+            f"{params.max_weight=}) keep the average of weights from 1 at the default weight "
+            f"bound {bound:g} within {best:.2g} at best, not within tolerance={tolerance:g}: "
+            f"pass weight_bound= (the round's), or use fs.CKKSParams.for_precision("
+            f"{tolerance:g}, max_weight={params.max_weight})")
 
 
 def check_weight_sum(weight_sum: float, n_summed: int) -> None:

@@ -23,7 +23,7 @@ What fedshield does (``CKKSParams.flood_bits = s > 0``):
   polynomial in every RNS tower, in OpenFHE's NTT representation: no floating-point sampler
   whose low bits would be coarse.
 * **Precision.** sigma is about 2**47 at the threshold defaults, beyond one 60-bit modulus next
-  to the values: flooding contexts run on ``CKKSParams.flood_towers`` RNS towers and pre-scale
+  to the values: flooding contexts run on ``CKKSParams.towers`` RNS towers and pre-scale
   the values by ``2**prescale_bits`` (exact powers of two that cancel in ``sum(w x) / sum(w)``),
   so that the flooding noise over the effective scale stays within the tolerance
   (:func:`slot_error_std`, :func:`check_precision`); ``CKKSParams.for_precision`` picks the

@@ -23,19 +23,32 @@ HE_STANDARD_MAX_LOGQ = {
 
 # One machine word per residue: OpenFHE's native integers hold moduli of at most 60 bits.
 MAX_MODULUS_BITS = 60
-# OpenFHE counts an auxiliary key-switching modulus P of about this size into log2(QP) even for
-# a context without key-switching keys (measured with openfhe 1.6.1: at N=4096 it accepts a
-# 48-bit q and refuses 49 against the standard's 109 bits).
+# OpenFHE counts an auxiliary key-switching modulus P into log2(QP) even for a context without
+# key-switching keys: this many bits per 60 bits of its largest digit (measured with openfhe
+# 1.6.1: at N=4096 it accepts a 48-bit q and refuses 49 against the standard's 109 bits).
 KEYSWITCH_BITS = 61
+
+
+def keyswitch_bits(first_mod_bits: int, scale_bits: int, towers: int) -> int:
+    """log2(P) as OpenFHE 1.6.1 sizes it for these towers: hybrid key switching splits them
+    into 1 digit (one tower), 2 (up to 4) or 3, and P must exceed the largest digit, in primes
+    of up to 60 bits (measured at N=8192: 52+52 and 58+30 bits are accepted, 60+41 and
+    40+30+30 refused against the standard's 218)."""
+    digits = 1 if towers == 1 else 2 if towers <= 4 else 3
+    per = -(-towers // digits)
+    largest = first_mod_bits + (per - 1) * scale_bits  # the first digit holds the first modulus
+    return KEYSWITCH_BITS * -(-(largest + 1) // 60)
 # Below this the CKKS encoding error swamps the fine-tuning signal.
 MIN_SCALE_BITS = 30
-# Noise flooding (flood_bits > 0) runs on 2 or more RNS towers (CKKSParams.flood_towers, sized
-# by for_precision from fedshield.he.flood_sizing): one 60-bit tower cannot hold the flooding
-# noise next to the values (docs/THREAT_MODEL.md).
-MIN_FLOOD_TOWERS, MAX_FLOOD_TOWERS = 2, 4
+# Noise flooding (flood_bits > 0) runs on 2 or more RNS towers (CKKSParams.towers, sized by
+# for_precision from fedshield.he.flood_sizing): one 60-bit tower cannot hold the flooding
+# noise next to the values (docs/THREAT_MODEL.md). Without flooding, a profile takes more than
+# one tower when its precision needs more than one 60-bit prime (threshold keys with a default
+# weight bound).
+MIN_FLOOD_TOWERS, MAX_TOWERS = 2, 4
 # Flooding contexts made before the flooding was sized by LMSS22 (uniform smudging): 3 towers,
 # slot values up to 4 per client, each prime counted one bit short. Their JSON names no
-# flood_towers (CKKSParams.legacy_flooding), so their fingerprints stay.
+# towers (CKKSParams.legacy_flooding), so their fingerprints stay.
 LEGACY_FLOOD_TOWERS = 3
 LEGACY_FLOOD_VALUE_BOUND = 4.0
 # Statistical security levels (bits) noise flooding accepts.
@@ -53,15 +66,25 @@ NOISE_BITS_OF_ENCRYPTION = {"shared": 9.5, "threshold": 16.5}
 THRESHOLD_DECRYPTION_NOISE_BITS = 29.5
 
 
-def sum_noise(n_summed: int, *, seeded: bool, decryptors: int = 0) -> float:
+def sum_noise(n_summed: int, *, seeded: bool, decryptors: int = 0,
+              ring_dim: int = 4096) -> float:
     """The largest slot error (in units of 2**-scale) of a sum of ``n_summed`` fresh
-    encryptions (secret-key when ``seeded``, else public-key), decrypted by ``decryptors``
-    threshold parties (0: one key)."""
+    encryptions (secret-key when ``seeded``, else public-key) at ring dimension ``ring_dim``,
+    decrypted by ``decryptors`` threshold parties (0: one key)."""
     bits = NOISE_BITS_OF_ENCRYPTION["shared" if seeded else "threshold"]
+    # A slot sums N coefficients' noise: its spread grows as sqrt(N) from the measured N=4096
+    # (at N=8192, one weight-1 update at the default bound measured 7.2e-7 against 9.5e-7).
+    bits += 0.5 * math.log2(max(ring_dim, 4096) / 4096)
     noise = math.sqrt(max(n_summed, 1)) * 2.0 ** bits
     if decryptors:
         noise += math.sqrt(decryptors / 3) * 2.0 ** THRESHOLD_DECRYPTION_NOISE_BITS
     return noise
+
+
+def power_of_two_bound(weight: float) -> float:
+    """The smallest power of two at or above ``weight`` (at least 1): a weight bound that
+    pre-divides exactly."""
+    return float(2 ** max(0, math.ceil(math.log2(weight))))
 
 
 # log2 of the decryptions one key may make, unless a run says otherwise (--decryption_budget)
@@ -71,6 +94,10 @@ DEFAULT_LOG_QUERIES = 20
 DEFAULT_TOLERANCE = 1e-6
 # Threshold profiles are sized for this many parties at least (the documented profile).
 THRESHOLD_PROFILE_PARTIES = 16
+# The weights a precision request covers with no weight bound passed: every update of such a
+# context is pre-divided by the next power of two of this (CKKSParams.default_weight_bound), so
+# updates of any weights from 1 to it sum within the tolerance, whatever their mix.
+DEFAULT_MAX_WEIGHT = 10 ** 6
 # Fields that state a request or record how the parameters came about: never part of the
 # parameters' JSON, so they change no fingerprint.
 _REQUEST_FIELDS = ("tolerance", "request")
@@ -87,9 +114,19 @@ class CKKSParams:
     Whatever is given explicitly is honoured and validated; what is not comes from the
     resolution.
 
-    The modulus q is one prime of ``first_mod_bits`` bits; values are encoded at scale
-    2**scale_bits. What lies between them is headroom for the sum of ``max_clients`` updates.
-    The defaults are :meth:`for_precision`'s profile for 1e-6 at 64 clients with a shared key.
+    The modulus q is one prime of ``first_mod_bits`` bits (or ``towers`` primes, see below);
+    values are encoded at scale 2**scale_bits. What lies between them is headroom for the sum of
+    ``max_clients`` updates. The defaults are :meth:`for_precision`'s profile for 1e-6 at 64
+    clients with a shared key, for any weights from 1 to ``max_weight`` = 10**6 with no weight
+    bound passed.
+
+    ``max_weight`` > 0: an update encrypted with no ``weight_bound`` is pre-divided by
+    :attr:`default_weight_bound` (the next power of two of max_weight), the same for every
+    update of the context, so updates of any weights in [1, max_weight] sum; the scale is sized
+    for the worst of them (one update of weight 1). 0: no shared default; such an update takes
+    its own weight's next power of two and sums only with updates of that bound (what
+    parameters written before max_weight existed, and explicit ones, mean; fedshield's engines
+    use it, since their Server sends each round's bound).
 
     ``seeded``: key holders that have the secret key encrypt with it and send c0 and a 32-byte
     seed only (fedshield.he.seeded); threshold parties, which hold key shares, always encrypt
@@ -97,9 +134,9 @@ class CKKSParams:
 
     With ``flood_bits`` = lambda > 0, every decryption that leaves a key holder is flooded at
     lambda bits of statistical security over 2**flood_log_queries decrypted ciphertexts
-    (fedshield.he.flooding, docs/THREAT_MODEL.md): the modulus is then ``flood_towers`` primes
-    (first_mod_bits + (flood_towers - 1) * scale_bits bits) and values are pre-scaled by
-    2**prescale_bits.
+    (fedshield.he.flooding, docs/THREAT_MODEL.md). With flooding, or when the precision needs
+    more than one 60-bit prime, the modulus is ``towers`` primes (first_mod_bits + (towers - 1)
+    * scale_bits bits) and values are pre-scaled by 2**prescale_bits.
     """
 
     ring_dim: int = field(default=None, metadata={
@@ -113,14 +150,18 @@ class CKKSParams:
     max_clients: int = field(default=64, metadata={"help": "most updates one aggregate may sum"})
     flood_bits: int = field(default=0, metadata={
         "help": "noise flooding of every decryption at this statistical security level "
-                "(bits; 0 = off). Runs on flood_towers RNS towers (2 at the profiles)"})
+                "(bits; 0 = off). Runs on 2 or more RNS towers"})
     flood_log_queries: int = field(default=DEFAULT_LOG_QUERIES, metadata={
         "help": "log2 of the decrypted ciphertexts the flooding guarantee covers"})
-    flood_towers: int = field(default=None, metadata={
-        "help": "RNS towers of a flooding context (None: as for_precision sizes them)"})
+    towers: int = field(default=None, metadata={
+        "help": "RNS towers of the modulus (None: as for_precision sizes them; 1 without "
+                "flooding unless the precision needs more)"})
     legacy_flooding: bool = field(default=False, metadata={
         "help": "a flooding context written before the LMSS22 sizing (its JSON names no "
-                "flood_towers): 3 towers, slot values up to 4 per client"})
+                "towers): 3 towers, slot values up to 4 per client"})
+    max_weight: int = field(default=None, metadata={
+        "help": "weights from 1 to this sum with no weight bound passed (0: each update's own "
+                "bound; None: 10**6 for a request, 0 for explicit parameters)"})
     seeded: bool = field(default=True, metadata={
         "help": "key holders with the secret key send seeded updates (c0 and a seed)"})
     tolerance: float = field(default=DEFAULT_TOLERANCE, compare=False, metadata={
@@ -131,34 +172,42 @@ class CKKSParams:
 
     def __post_init__(self) -> None:
         for name in ("ring_dim", "scale_bits", "first_mod_bits", "security_bits", "max_clients",
-                     "flood_bits", "flood_log_queries", "flood_towers"):
+                     "flood_bits", "flood_log_queries", "towers", "max_weight"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ParameterError(f"CKKSParams.{name} must be an int, got {value!r}")
         sized = ("ring_dim", "first_mod_bits", "scale_bits")
         if any(getattr(self, name) is None for name in sized):
             # A request (or partly one): the shared-key profile fills in what was not given.
+            if self.max_weight is None:
+                object.__setattr__(self, "max_weight", DEFAULT_MAX_WEIGHT)
             profile = self.for_precision(self.tolerance, self.max_clients, keys="shared",
                                          flood_bits=self.flood_bits,
                                          flood_log_queries=self.flood_log_queries,
-                                         security_bits=self.security_bits, packing=self.packing)
+                                         security_bits=self.security_bits, packing=self.packing,
+                                         max_weight=self.max_weight)
             object.__setattr__(self, "request", all(getattr(self, n) is None for n in sized))
-            for name in sized + ("flood_towers",):
+            for name in sized + ("towers",):
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, getattr(profile, name))
-        if self.flood_bits and self.flood_towers is None:
-            object.__setattr__(self, "flood_towers", MIN_FLOOD_TOWERS)
-        if self.flood_towers is not None and not (
-                MIN_FLOOD_TOWERS <= self.flood_towers <= MAX_FLOOD_TOWERS):
-            raise ParameterError(f"CKKSParams.flood_towers={self.flood_towers} is not in "
-                                 f"[{MIN_FLOOD_TOWERS}, {MAX_FLOOD_TOWERS}]")
+        if self.max_weight is None:
+            object.__setattr__(self, "max_weight", 0)
+        if self.max_weight < 0:
+            raise ParameterError(f"CKKSParams.max_weight={self.max_weight} must be 0 (each "
+                                 "update's own bound) or the largest weight to cover")
+        if self.towers is None:
+            object.__setattr__(self, "towers", MIN_FLOOD_TOWERS if self.flood_bits else 1)
+        low = MIN_FLOOD_TOWERS if self.flood_bits else 1
+        if not low <= self.towers <= MAX_TOWERS:
+            raise ParameterError(f"CKKSParams.towers={self.towers} is not in [{low}, "
+                                 f"{MAX_TOWERS}]" + (" (noise flooding needs 2 or more)"
+                                                     if self.flood_bits else ""))
         if self.legacy_flooding is not False and not (
                 self.legacy_flooding is True and self.flood_bits
-                and self.flood_towers == LEGACY_FLOOD_TOWERS):
+                and self.towers == LEGACY_FLOOD_TOWERS):
             raise ParameterError(
                 f"CKKSParams.legacy_flooding={self.legacy_flooding!r} needs flood_bits > 0 and "
-                f"flood_towers={LEGACY_FLOOD_TOWERS} (got {self.flood_bits}, "
-                f"{self.flood_towers})")
+                f"towers={LEGACY_FLOOD_TOWERS} (got {self.flood_bits}, {self.towers})")
         if isinstance(self.tolerance, bool) or not (isinstance(self.tolerance, (int, float))
                                                     and 0 < self.tolerance < 1):
             raise ParameterError(f"CKKSParams.tolerance={self.tolerance!r} must be in (0, 1)")
@@ -192,8 +241,8 @@ class CKKSParams:
         if not 0 <= self.flood_log_queries <= 40:
             raise ParameterError(
                 f"CKKSParams.flood_log_queries={self.flood_log_queries} is not in [0, 40]")
-        # OpenFHE counts the key-switching modulus P on top of Q (KEYSWITCH_BITS).
-        log_qp = self.log_q + KEYSWITCH_BITS
+        # OpenFHE counts the key-switching modulus P on top of Q.
+        log_qp = self.log_q + keyswitch_bits(self.first_mod_bits, self.scale_bits, self.n_towers)
         if log_qp > table[self.ring_dim]:
             raise ParameterError(
                 f"CKKSParams(ring_dim={self.ring_dim}, first_mod_bits={self.first_mod_bits}) is "
@@ -220,12 +269,14 @@ class CKKSParams:
     def for_precision(cls, tolerance: float = 1e-6, max_clients: int = 64, *,
                       keys: str = "shared", n_parties: int = 16, flood_bits: int = 0,
                       flood_log_queries: int = DEFAULT_LOG_QUERIES,
-                      security_bits: int = 128, packing: str = "complex") -> "CKKSParams":
-        """The smallest one-tower parameters (ring dimension, modulus, scale) whose decrypted
+                      security_bits: int = 128, packing: str = "complex",
+                      max_weight: int = DEFAULT_MAX_WEIGHT) -> "CKKSParams":
+        """The smallest parameters (ring dimension, towers, modulus, scale) whose decrypted
         weighted average is within ``tolerance`` (absolute, values of magnitude <= 1) of the
         plaintext one, for up to ``max_clients`` updates whose weight bound is at most twice
         the round's largest weight (what the Server picks; encrypt_update refuses a weight
-        whose bound could break ``tolerance``).
+        whose bound could break ``tolerance``), and, with ``max_weight`` > 0, for updates of
+        any weights from 1 to max_weight encrypted with no bound (:attr:`default_weight_bound`).
 
         keys="shared": seeded secret-key encryption; keys="threshold": the joint public key
         and OpenFHE's multiparty decryption noise of up to ``n_parties`` parties. With
@@ -233,6 +284,7 @@ class CKKSParams:
         error that LMSS22 requires for the aggregate's noise (fedshield.he.flood_sizing: every
         one of ``n_parties`` parties floods; 2**flood_log_queries decryptions) within the
         tolerance at PRECISION_SIGMAS standard deviations, next to the pre-scaled values.
+        One tower when one 60-bit prime holds it, else the fewest towers that do.
         Noise model
         (measured with openfhe 1.6.1, max over the slots of one ciphertext, in units of
         2**-scale): :func:`sum_noise`.
@@ -244,60 +296,75 @@ class CKKSParams:
             raise ParameterError(f"tolerance={tolerance!r} must be in (0, 1)")
         if isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1:
             raise ParameterError(f"max_clients={max_clients!r} must be a positive int")
-        decryptors = n_parties if keys == "threshold" else 0
-        # weight bound <= 2 x the round's largest weight: the average divides by >= 1/2
-        noise = sum_noise(max_clients, seeded=keys == "shared", decryptors=decryptors)
-        scale_bits = max(MIN_SCALE_BITS, math.ceil(math.log2(noise / 0.5 / tolerance)))
-        first_mod_bits = scale_bits + 2 + (max_clients - 1).bit_length()
+        if isinstance(max_weight, bool) or not isinstance(max_weight, int) or max_weight < 0:
+            raise ParameterError(f"max_weight={max_weight!r} must be an int >= 0")
         table = HE_STANDARD_MAX_LOGQ.get(security_bits)
         if table is None:
             raise ParameterError(f"security_bits={security_bits} is not one of 128, 192, 256")
-        if first_mod_bits > MAX_MODULUS_BITS:
-            raise ParameterError(
-                f"tolerance={tolerance:g} at {max_clients} clients needs a "
-                f"{first_mod_bits}-bit modulus, more than one {MAX_MODULUS_BITS}-bit tower holds; "
-                "raise tolerance or lower max_clients")
-        if flood_bits:
-            return cls._flooding_profile(tolerance, max_clients, keys, max(1, n_parties), noise,
-                                         flood_bits, flood_log_queries, table, security_bits,
-                                         packing)
-        ring_dim = next((n for n in sorted(table)
-                         if first_mod_bits + KEYSWITCH_BITS <= table[n]), None)
-        if ring_dim is None:
-            raise ParameterError(f"no ring dimension holds {first_mod_bits} bits of modulus at "
-                                 f"{security_bits}-bit security")
-        return cls(ring_dim=ring_dim, scale_bits=scale_bits, first_mod_bits=first_mod_bits,
-                   packing=packing, security_bits=security_bits, max_clients=max_clients,
-                   flood_bits=flood_bits, seeded=keys == "shared", tolerance=tolerance)
-
-    @classmethod
-    def _flooding_profile(cls, tolerance, max_clients, keys, n_parties, noise, flood_bits,
-                          flood_log_queries, table, security_bits, packing) -> "CKKSParams":
-        """The smallest ring, then the fewest towers and bits, for for_precision's flooding."""
         threshold = keys == "threshold"
-        parties = n_parties if threshold else 1
+        decryptors = n_parties if threshold else 0
+        parties = max(1, n_parties) if threshold else 1
+        # The sums the average must stay precise for, as (updates, sum(w) / weight bound) at
+        # their worst: a round's bound is within 2x of its largest weight; the default bound
+        # leaves one update of weight 1 at 1/bound (noise grows as sqrt(n), the sum as n).
+        worst = [(max_clients, 0.5)]
+        if max_weight:
+            worst.append((1, 1.0 / power_of_two_bound(max_weight)))
         sum_bits = (max_clients - 1).bit_length()  # Q/4 holds max_clients values of |x| <= 1
+
+        def effective_bits(ring_dim: int) -> int:
+            """log2 of the (effective) scale the tolerance needs at this ring."""
+            flood = 0.0
+            if flood_bits:
+                t = flood_sizing.noise_l2_bound(ring_dim, max_clients, flood_bits,
+                                                flood_log_queries, public_key=threshold,
+                                                n_parties=parties)
+                sigma2 = flood_sizing.flood_sigma2(t, flood_bits, flood_log_queries)
+                flood = PRECISION_SIGMAS * flood_sizing.slot_error_std(
+                    sigma2, ring_dim, parties, smudging=threshold)
+            error = max((flood + sum_noise(n, seeded=not threshold, decryptors=decryptors,
+                                           ring_dim=ring_dim))
+                        / share for n, share in worst)
+            return max(MIN_SCALE_BITS, math.ceil(math.log2(error / tolerance)))
+
+        fields_ = dict(packing=packing, security_bits=security_bits, max_clients=max_clients,
+                       flood_bits=flood_bits, flood_log_queries=flood_log_queries,
+                       seeded=not threshold, tolerance=tolerance, max_weight=max_weight)
+        ring_dim = min(table)
+        while not flood_bits:  # one tower, at the smallest ring that holds it (noise grows
+            scale_bits = effective_bits(ring_dim)  # with the ring: size again at a larger one)
+            first_mod_bits = scale_bits + 2 + sum_bits
+            if first_mod_bits > MAX_MODULUS_BITS:
+                break
+            fits = next((n for n in sorted(table)
+                         if first_mod_bits + keyswitch_bits(first_mod_bits, 0, 1) <= table[n]),
+                        None)
+            if fits is None:
+                raise ParameterError(f"no ring dimension holds {first_mod_bits} bits of "
+                                     f"modulus at {security_bits}-bit security")
+            if fits <= ring_dim:
+                return cls(ring_dim=ring_dim, scale_bits=scale_bits,
+                           first_mod_bits=first_mod_bits, towers=1, **fields_)
+            ring_dim = fits
+        # Several towers: the effective scale 2**(scale_bits + prescale_bits) spans them.
         for ring_dim in sorted(table):
-            t = flood_sizing.noise_l2_bound(ring_dim, max_clients, flood_bits, flood_log_queries,
-                                            public_key=threshold, n_parties=parties)
-            sigma2 = flood_sizing.flood_sigma2(t, flood_bits, flood_log_queries)
-            std = flood_sizing.slot_error_std(sigma2, ring_dim, parties, smudging=threshold)
-            # the average divides by >= 1/2 (see above): flooding and encryption noise together
-            effective = math.ceil(math.log2(2 * (PRECISION_SIGMAS * std + noise) / tolerance))
-            need = effective + 2 + sum_bits  # log_q_min: the values' Q/4 and the noise's
-            for towers in range(MIN_FLOOD_TOWERS, MAX_FLOOD_TOWERS + 1):
-                log_q = need + 1  # log_q_min
+            need = effective_bits(ring_dim) + 2 + sum_bits  # log_q_min: the values' Q/4 and
+            log_q = need + 1                                # the noise's
+            for towers in range(MIN_FLOOD_TOWERS, MAX_TOWERS + 1):
                 scale_bits = max(MIN_SCALE_BITS, -(-(log_q - MAX_MODULUS_BITS) // (towers - 1)))
                 first_mod_bits = log_q - (towers - 1) * scale_bits
-                if first_mod_bits <= scale_bits or log_q + KEYSWITCH_BITS > table[ring_dim]:
+                if (scale_bits > MAX_MODULUS_BITS or first_mod_bits <= scale_bits
+                        or log_q + keyswitch_bits(first_mod_bits, scale_bits, towers)
+                        > table[ring_dim]):
                     continue
                 return cls(ring_dim=ring_dim, scale_bits=scale_bits,
-                           first_mod_bits=first_mod_bits, packing=packing,
-                           security_bits=security_bits, max_clients=max_clients,
-                           flood_bits=flood_bits, flood_log_queries=flood_log_queries,
-                           flood_towers=towers, seeded=not threshold, tolerance=tolerance)
-        raise ParameterError(f"no ring dimension holds flooding at flood_bits={flood_bits} over "
-                             f"2**{flood_log_queries} decryptions at {security_bits}-bit security")
+                           first_mod_bits=first_mod_bits, towers=towers, **fields_)
+        what = (f"flooding at flood_bits={flood_bits} over 2**{flood_log_queries} decryptions"
+                if flood_bits else f"tolerance={tolerance:g} at {max_clients} clients"
+                + (f" and weights up to {max_weight}" if max_weight else ""))
+        raise ParameterError(f"no ring dimension and at most {MAX_TOWERS} towers hold {what} "
+                             f"at {security_bits}-bit security; raise tolerance or lower "
+                             "max_clients or max_weight")
 
     def for_keys(self, keys: str, n_parties: int = 0) -> "CKKSParams":
         """These parameters for a key mode: a request is resolved (``keys="threshold"``:
@@ -311,7 +378,7 @@ class CKKSParams:
         profile = self.for_precision(
             self.tolerance, self.max_clients, keys=keys, n_parties=parties,
             flood_bits=self.flood_bits, flood_log_queries=self.flood_log_queries,
-            security_bits=self.security_bits, packing=self.packing)
+            security_bits=self.security_bits, packing=self.packing, max_weight=self.max_weight)
         return replace(profile, seeded=self.seeded and keys == "shared")
 
     def average_error_bound(self, n_summed: int, weight_sum: float,
@@ -323,7 +390,8 @@ class CKKSParams:
         6.1e-7 against this bound's 6.7e-7."""
         if not weight_sum > 0:
             return math.inf
-        noise = sum_noise(n_summed, seeded=self.seeded, decryptors=decryptors)
+        noise = sum_noise(n_summed, seeded=self.seeded, decryptors=decryptors,
+                          ring_dim=self.ring_dim)
         return noise / 2.0 ** self.effective_scale_bits / weight_sum
 
     @property
@@ -342,8 +410,14 @@ class CKKSParams:
 
     @property
     def n_towers(self) -> int:
-        """RNS towers of the ciphertext modulus: 1, or flood_towers with flooding."""
-        return self.flood_towers if self.flooding else 1
+        """RNS towers of the ciphertext modulus."""
+        return self.towers
+
+    @property
+    def default_weight_bound(self) -> float | None:
+        """The weight bound of every update encrypted with no bound passed (None: each takes
+        its own weight's next power of two; see ``max_weight``)."""
+        return power_of_two_bound(self.max_weight) if self.max_weight else None
 
     @property
     def log_q(self) -> int:
@@ -355,17 +429,19 @@ class CKKSParams:
     def log_q_min(self) -> int:
         """A lower bound on log2(Q), which every context checks against its moduli: each
         tower's prime has exactly its bit size; the LMSS22-sized flooding towers count on
-        OpenFHE's primes next to 2**bits (their product reaches 2**(log_q - 1))."""
-        if self.flooding and not self.legacy_flooding:
+        OpenFHE's primes next to 2**bits (their product reaches 2**(log_q - 1)); so do the
+        towers a precision needs without flooding."""
+        if not self.legacy_flooding:
             return self.log_q - 1
         return (self.first_mod_bits - 1) + (self.n_towers - 1) * (self.scale_bits - 1)
 
     @property
     def prescale_bits(self) -> int:
-        """Values are multiplied by 2**prescale_bits before encoding (flooding only): the
+        """Values are multiplied by 2**prescale_bits before encoding (several towers only): the
         effective scale 2**(scale_bits + prescale_bits) uses the extra towers, so that the
-        flooding noise stays far below one unit of the last decimal that matters."""
-        if not self.flooding:
+        noise (and any flooding noise) stays far below one unit of the last decimal that
+        matters."""
+        if self.n_towers == 1:
             return 0
         # Q/4 holds max_clients values of magnitude 1 (legacy contexts: 4); the other Q/4 is
         # room for the flooding noise (checked against the actual noise in fedshield.he.flooding).
@@ -380,8 +456,8 @@ class CKKSParams:
     @property
     def total_bound(self) -> float:
         """Largest |sum| an aggregate slot holds: q/2 >= 2**(first_mod_bits-2), over the scale
-        (flooding: Q/4 over the effective scale, the other Q/4 is the flooding noise's)."""
-        if self.flooding:
+        (several towers: Q/4 over the effective scale, the other Q/4 is room for the noise)."""
+        if self.n_towers > 1:
             return float(2 ** (self.log_q_min - 2 - self.effective_scale_bits))
         return float(2 ** (self.first_mod_bits - 2 - self.scale_bits))
 
@@ -407,24 +483,35 @@ class CKKSParams:
             if self.flood_log_queries == DEFAULT_LOG_QUERIES:
                 del d["flood_log_queries"]
         del d["legacy_flooding"]
-        if not self.flooding or self.legacy_flooding:
-            del d["flood_towers"]  # fingerprints of contexts made before flood_towers existed
+        towers = d.pop("towers")
+        if self.flooding and not self.legacy_flooding:
+            d["flood_towers"] = towers  # the name flooding contexts have always written
+        elif not self.flooding and towers > 1:
+            d["towers"] = towers
+        if not self.max_weight:
+            del d["max_weight"]  # parameters made before max_weight existed meant 0
         if not self.seeded:
             del d["seeded"]  # likewise for the parameters of unseeded (wire v2) contexts
         return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CKKSParams":
+        d = dict(d)
+        if "flood_towers" in d:  # to_json's name for a flooding context's towers
+            if "towers" in d:
+                raise ParameterError("CKKSParams names both towers and flood_towers")
+            d["towers"] = d.pop("flood_towers")
         known = {f.name for f in fields(cls) if f.init}
         unknown = set(d) - known
         if unknown:
             raise ParameterError(f"unknown CKKSParams fields {sorted(unknown)}")
         # Contexts written before seeded updates existed name no "seeded": they are unseeded,
-        # whatever today's default; flooding contexts that name no flood_towers are the
-        # 3-tower contexts made before the LMSS22 sizing.
-        legacy = ({"flood_towers": LEGACY_FLOOD_TOWERS, "legacy_flooding": True}
-                  if d.get("flood_bits", 0) and "flood_towers" not in d else {})
-        return cls(**{"seeded": False, **legacy, **d})
+        # whatever today's default; those written before max_weight existed had no shared
+        # default bound; flooding contexts that name no towers are the 3-tower contexts made
+        # before the LMSS22 sizing.
+        legacy = ({"towers": LEGACY_FLOOD_TOWERS, "legacy_flooding": True}
+                  if d.get("flood_bits", 0) and "towers" not in d else {})
+        return cls(**{"seeded": False, "max_weight": 0, **legacy, **d})
 
     def fingerprint(self) -> bytes:
         return hashlib.sha256(b"fedshield-params-v1" + self.to_json().encode()).digest()

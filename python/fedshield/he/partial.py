@@ -29,7 +29,7 @@ weight_bound is within 2x of sum(w) (the Server picks it so), at the price of he
 Noise flooding (``CKKSParams(flood_bits=lambda)``, fedshield.he.flooding): each party adds its
 own discrete Gaussian flooding polynomial (sized by LMSS22 for the aggregate's noise,
 fedshield.he.flood_sizing) to its partial decryption before it leaves the party, at lambda bits
-of statistical security; key shares are then CKKSParams.flood_towers RNS towers, each
+of statistical security; key shares are then CKKSParams.towers RNS towers, each
 Shamir-shared mod its own prime.
 
 On the wire a partial ciphertext is its residues only (csrc/partial_codec.cpp: one polynomial,
