@@ -79,8 +79,10 @@ def server_ctx(shared_keys) -> fs.Context:
 @pytest.fixture(scope="session")
 def unseeded_keys() -> fs.SharedKeys:
     """A shared key without seeding: public-key updates with both polynomials on the wire
-    (what threshold parties send), at the profile public-key noise needs for 1e-6."""
-    return fs.keygen_shared(fs.CKKSParams.for_precision(keys="threshold", n_parties=0))
+    (what threshold parties send), at the one-tower profile public-key noise needs for 1e-6
+    with the round's weight bound (max_weight=0)."""
+    return fs.keygen_shared(fs.CKKSParams.for_precision(keys="threshold", n_parties=0,
+                                                        max_weight=0))
 
 
 @pytest.fixture(scope="session")

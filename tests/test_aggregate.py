@@ -96,7 +96,8 @@ def test_weighted_fedavg_matches_plaintext(loaded, n_clients, masked):
 
 def test_round_weight_bound_with_example_counts(client_ctx, server_ctx):
     """Example counts as weights with the round's bound (the next power of two of the
-    largest); without a bound each update takes its own, and mixing them is refused."""
+    largest); without a bound every update takes the context's default bound (2**20), and
+    they sum just as well."""
     weights = [1500.0, 4000.0, 65536.0]
     states = [make_state(200 + i) for i in range(3)]
     layout = fs.Layout.from_state_dict(states[0])
@@ -105,9 +106,9 @@ def test_round_weight_bound_with_example_counts(client_ctx, server_ctx):
     out = fs.decrypt_update(client_ctx, fs.aggregate(server_ctx, ups), layout)
     assert_close(out, weighted_average(states, weights))
     alone = [fs.encrypt_update(client_ctx, s, layout, weight=w) for s, w in zip(states, weights)]
-    assert [u.header["weight_bound"] for u in alone] == [2048.0, 4096.0, 65536.0]
-    with pytest.raises(fs.IncompatibleUpdate, match="weight_bound"):
-        fs.aggregate(server_ctx, alone)
+    assert [u.header["weight_bound"] for u in alone] == [2.0 ** 20] * 3
+    out = fs.decrypt_update(client_ctx, fs.aggregate(server_ctx, alone), layout)
+    assert_close(out, weighted_average(states, weights))
 
 
 @pytest.mark.parametrize("weight_bound", [1.0, 2.0**8, 2.0**16])

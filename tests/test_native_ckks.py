@@ -68,7 +68,8 @@ def flood_keys() -> fs.SharedKeys:
 
 @pytest.fixture(scope="module")
 def threshold_keys():
-    return fs.keygen_threshold(fs.CKKSParams.for_precision(keys="threshold"), n_parties=3)
+    return fs.keygen_threshold(fs.CKKSParams.for_precision(keys="threshold", max_weight=0),
+                               n_parties=3)
 
 
 # --- encoding --------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from fedshield import native
 from fedshield.he import backend, seeded
 from fedshield.he.encryption import rebuild_ciphertexts
 
-from conftest import RING_DIM, make_state, weighted_average
+from conftest import BITS, RING_DIM, make_state, weighted_average
 
 # Max |error| of one decrypted slot of a sum of <= 3 secret-key encryptions at the default
 # scale (measured ~1e-7 at scale 2**34: OpenFHE's encryption noise is ~2**9.5 in slot units).
@@ -56,9 +56,9 @@ def test_seeded_sum_decrypts_through_openfhe_after_a_round_trip(client_ctx, serv
         assert fs.EncryptedUpdate.from_bytes(b).is_seeded
     agg = fs.EncryptedUpdate.from_bytes(fs.aggregate(server_ctx, blobs).to_bytes())
     assert agg.is_seeded and len(agg.seeds) == 3
-    # c1 is nowhere on the wire: the update is c0 (42-bit residues) + seeds + header
+    # c1 is nowhere on the wire: the update is c0 (BITS-bit residues) + seeds + header
     n_cts = agg.n_ciphertexts
-    assert len(agg.to_bytes()) == 168 + 8 + n_cts * RING_DIM * 42 // 8 + 3 * 32
+    assert len(agg.to_bytes()) == 168 + 8 + n_cts * RING_DIM * BITS // 8 + 3 * 32
     ref = packed_reference(states, weights, bound)
     got = openfhe_decrypt(client_ctx, rebuild_ciphertexts(client_ctx, agg))
     assert np.abs(got[:ref.size] - ref).max() <= SLOT_TOL

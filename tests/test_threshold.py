@@ -35,13 +35,19 @@ def round_bound(weights) -> float:
     return float(2 ** math.ceil(math.log2(max(weights))))
 
 
+# The engines' threshold profile (their Server sends each round's weight bound): one tower, so
+# OpenFHE's own calls on these contexts see the values at the context's scale. The default
+# parameters' two-tower profile is tested through the documented calls in test_weights.py.
+ONE_TOWER = fs.CKKSParams.for_precision(keys="threshold", max_weight=0)
+
+
 def tolerance(weights) -> float:
     return SLOT_TOLERANCE * round_bound(weights) / sum(weights) + 1e-7  # + float32 rounding
 
 
 class Federation:
     def __init__(self, n_parties: int, threshold=None, weights=None,
-                 params=th.THRESHOLD_PARAMS) -> None:
+                 params=ONE_TOWER) -> None:
         self.parties, self.server = fs.keygen_threshold(params, n_parties, threshold)
         self.states = [make_state(100 + i) for i in range(n_parties)]
         self.layout = fs.Layout.from_state_dict(self.states[0])
@@ -225,7 +231,7 @@ def test_partial_decrypt_rejects_bad_calls(t_of_n, n_of_n):
         fs.partial_decrypt(party, 42)
 
 
-def _collective(n: int, t: int, params=th.THRESHOLD_PARAMS, seed: bytes | None = None):
+def _collective(n: int, t: int, params=ONE_TOWER, seed: bytes | None = None):
     """Every party's key share and b_i under one seed's a (no shares dealt)."""
     seed = seed or os.urandom(th.SEED_BYTES)
     return seed, [th.start_keygen(params, n, t, i, seed) for i in range(n)]
@@ -235,7 +241,7 @@ def test_party_without_key_shares_cannot_cover_for_the_absent():
     seed, states = _collective(3, 2)
     contributions = [s.contribution for s in states]
     parties = [th.finish_keygen(s, contributions) for s in states]
-    server = th.server_context(contributions, th.THRESHOLD_PARAMS, 3, 2, seed)
+    server = th.server_context(contributions, ONE_TOWER, 3, 2, seed)
     layout = fs.Layout.from_state_dict(make_state(1))
     agg = fs.aggregate(server, [fs.encrypt_update(parties[i], make_state(i), layout)
                                 for i in range(2)])
@@ -246,7 +252,7 @@ def test_party_without_key_shares_cannot_cover_for_the_absent():
 # -- collective key generation as bytes --------------------------------------------------------
 def test_every_party_uses_the_seed_s_a_and_a_fresh_key_share():
     seed, states = _collective(3, 3)
-    n, moduli = th.THRESHOLD_PARAMS.ring_dim, states[0].moduli
+    n, moduli = ONE_TOWER.ring_dim, states[0].moduli
     a = th.packed_a(seed, n, moduli)
     for state in states:   # (b_i, a): OpenFHE kept the common a
         blob = state.own_context.public_key_bytes()
@@ -262,19 +268,19 @@ def test_every_party_uses_the_seed_s_a_and_a_fresh_key_share():
     assert th.commitment(seed, 1, states[0].contribution) != states[0].commitment
     for bad in (b"short", 42, "x" * 32):
         with pytest.raises(fs.ParameterError):
-            th.start_keygen(th.THRESHOLD_PARAMS, 3, 3, 0, bad)
+            th.start_keygen(ONE_TOWER, 3, 3, 0, bad)
     for party in (3, -1, True, "0"):
         with pytest.raises(fs.ParameterError):
-            th.start_keygen(th.THRESHOLD_PARAMS, 3, 3, party, seed)
+            th.start_keygen(ONE_TOWER, 3, 3, party, seed)
 
 
 def test_the_seed_binds_parameters_roster_and_epoch():
     roster = [bytes([i]) * 32 for i in range(3)]
-    base = th.keygen_seed(th.THRESHOLD_PARAMS, 3, 2, roster, 1)
-    assert th.keygen_seed(th.THRESHOLD_PARAMS, 3, 2, roster, 1) == base
-    assert len({base, th.keygen_seed(th.THRESHOLD_PARAMS, 3, 2, roster, 2),
-                th.keygen_seed(th.THRESHOLD_PARAMS, 3, 3, roster, 1),
-                th.keygen_seed(th.THRESHOLD_PARAMS, 3, 2, roster[::-1], 1),
+    base = th.keygen_seed(ONE_TOWER, 3, 2, roster, 1)
+    assert th.keygen_seed(ONE_TOWER, 3, 2, roster, 1) == base
+    assert len({base, th.keygen_seed(ONE_TOWER, 3, 2, roster, 2),
+                th.keygen_seed(ONE_TOWER, 3, 3, roster, 1),
+                th.keygen_seed(ONE_TOWER, 3, 2, roster[::-1], 1),
                 th.keygen_seed(fs.CKKSParams.for_precision(keys="threshold", flood_bits=30),
                                3, 2, roster, 1)}) == 5
 
@@ -302,7 +308,7 @@ def test_the_joint_key_works_with_openfhe_s_own_multiparty_decryption():
 
 
 def test_keygen_protocol_bytes_only_and_bad_messages():
-    params = th.THRESHOLD_PARAMS
+    params = ONE_TOWER
     seed, states = _collective(3, 2, params)
     messages = [th.contribution_message(s) for s in states]
     got = th.read_contribution(bytearray(messages[1]), params, 3, 2, seed, states[1].moduli)
@@ -367,7 +373,7 @@ def test_keygen_protocol_bytes_only_and_bad_messages():
                                                   (True, None), (3, 0)])
 def test_keygen_threshold_rejects_bad_party_counts(n_parties, threshold):
     with pytest.raises(fs.ParameterError):
-        fs.keygen_threshold(th.THRESHOLD_PARAMS, n_parties, threshold)
+        fs.keygen_threshold(ONE_TOWER, n_parties, threshold)
 
 
 def test_deal_key_shares_is_empty_in_n_of_n(n_of_n):
@@ -545,7 +551,7 @@ def _sections(blob: bytes):
 
 
 def test_parties_refuse_an_aggregate_of_one_update():
-    parties, server = fs.keygen_threshold(n_parties=2)
+    parties, server = fs.keygen_threshold(ONE_TOWER, n_parties=2)
     layout = fs.Layout.from_state_dict(make_state(1))
     lonely = fs.aggregate(server, [fs.encrypt_update(parties[0], make_state(1), layout)])
     with pytest.raises(fs.IncompatibleUpdate, match="at least 2"):
@@ -585,7 +591,7 @@ def test_shares_carry_residues_only_and_are_checked_natively(t_of_n):
     with pytest.raises(fs.InvalidUpdate, match="beyond the .* an aggregate of 5 updates"):
         t_of_n.combine(good[:2] + [with_residue(7, q - 1)])
     with pytest.raises(fs.IncompatibleUpdate, match="another context"):
-        share.check_for(fs.keygen_threshold(th.THRESHOLD_PARAMS, 3)[1], t_of_n.agg)
+        share.check_for(fs.keygen_threshold(ONE_TOWER, 3)[1], t_of_n.agg)
 
 
 def test_key_share_section_names_are_parsed_strictly(t_of_n):

@@ -184,7 +184,7 @@ def test_wrong_version(small_update, version):
     (120, "<Q", 0, "n_values"),
     (120, "<Q", RING_DIM + 1, "n_values"),
     (120, "<Q", 2**63, "n_values"),
-    (128, "<I", 8192, "payload_len|n_values"),  # payload no longer matches
+    (128, "<I", 2 * RING_DIM, "payload_len|n_values"),  # payload no longer matches
     (128, "<I", 3, "ring_dim"),
     (132, "<I", 0, "n_ciphertexts"),
     (132, "<I", 2**32 - 1, "n_values"),
