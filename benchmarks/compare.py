@@ -202,7 +202,9 @@ def fedshield_setups(log):
     decryption fused), threshold keys with noise flooding."""
     import fedshield as fs
 
-    keys = fs.keygen_shared()
+    # what a fedshield run ships: its Server sends each round's weight bound (max_weight=0;
+    # fs.CKKSParams() also covers weights 1..10**6 with no bound passed, at 7.25 B/value)
+    keys = fs.keygen_shared(fs.CKKSParams.for_precision(max_weight=0))
     client = keys.client_context()
     yield ("", client, keys.server_context(),
            lambda agg, layout, mask: fs.decrypt_update(client, agg, layout, mask=mask))
@@ -215,7 +217,8 @@ def fedshield_setups(log):
     for flood, label in ((0, "threshold"), (FLOOD_BITS, f"threshold + {FLOOD_BITS}-bit flooding")):
         log(f"  {label}: generating the keys of {THRESHOLD_PARTIES} parties ...")
         # as keygen_threshold resolves a request for its parties (CKKSParams.for_keys)
-        params = fs.CKKSParams(flood_bits=flood).for_keys("threshold", THRESHOLD_PARTIES)
+        params = fs.CKKSParams(flood_bits=flood, max_weight=0).for_keys("threshold",
+                                                                        THRESHOLD_PARTIES)
         parties, server = fs.keygen_threshold(params, THRESHOLD_PARTIES)
 
         def decrypt(agg, layout, mask, parties=parties):

@@ -273,7 +273,7 @@ def step_table(states, weights, repeat: int = 2) -> dict:
     bound = power_of_two_bound(max(weights))
     keys = keygen_shared(RUN_PARAMS)
     client, server = keys.client_context(), keys.server_context()
-    params = CKKSParams.for_precision(keys="threshold")
+    params = CKKSParams.for_precision(keys="threshold", max_weight=0)
     parties, tserver = keygen_threshold(params, n_parties=THRESHOLD_PARTIES)
     ours = {}
 
