@@ -31,10 +31,11 @@ def test_bench_writes_headline_figures(tmp_path, capsys):
     assert th["bytes_per_value"] >= 2 * th["modulus_bits"] / 8
     assert fl["modulus_bits"] > th["modulus_bits"]
     assert fl["bytes_per_value"] > th["bytes_per_value"]
-    # the flooded row measures the LMSS22-sized profile keygen resolves for the bench's
+    # the flooded row measures the LMSS22-sized run profile (max_weight=0) for the bench's
     # parties: two polynomials of N residues per ciphertext, each residue at most its
     # prime's width (bits + 1) and the towers' product at least 2**log_q_min
-    flooded = fs.CKKSParams(flood_bits=FLOOD_BITS).for_keys("threshold", THRESHOLD_PARTIES)
+    flooded = fs.CKKSParams(flood_bits=FLOOD_BITS, max_weight=0).for_keys("threshold",
+                                                                         THRESHOLD_PARTIES)
     assert (fl["ring_dim"], fl["modulus_bits"]) == (flooded.ring_dim, flooded.log_q)
     per_bit = math.ceil(65537 / flooded.ring_dim) * flooded.ring_dim * 2 / 8 / 65536
     assert flooded.log_q_min * per_bit <= fl["bytes_per_value"]
