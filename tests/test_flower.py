@@ -39,7 +39,7 @@ from fedshield.engines.flower.launcher import FlowerApp, run_flower  # noqa: E40
 from fedshield.engines.flower.transport import GridTransport  # noqa: E402
 from fedshield.fl.rounds import Pending, RoundDriver  # noqa: E402
 
-from conftest import BITS, make_state, weighted_average  # noqa: E402
+from conftest import make_state, weighted_average  # noqa: E402
 from signing import identity_hex, signed  # noqa: E402
 from interrupting import interrupt, live_processes, start_run, wait_until  # noqa: E402
 from key_scan import assert_key_material_only_in_own_node  # noqa: E402
@@ -805,7 +805,8 @@ def test_flower_large_update(tmp_path, n_values):
          "key-file": str(nodes / f"site-{i}" / "party.key"),
          "identity-file": str(nodes / f"site-{i}" / "identity.key")} for i in (0, 1)])
     assert got["rounds"][0]["status"] == "ok", got["rounds"]
-    wire = BITS / 8 * n_values    # c0 only (seeded): bit_length(q) bits per value
+    # c0 only (seeded): bit_length(q) bits per value, q of the run's profile
+    wire = cfg.ckks_params().first_mod_bits / 8 * n_values
     assert min(got["rounds"][0]["bytes_up"]) > wire
     for party in (0, 1):
         check = json.loads((tmp_path / f"large-check-{party}.json").read_text())

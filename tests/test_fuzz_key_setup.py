@@ -38,8 +38,9 @@ from fedshield.trust.identity import Identity, sign_blob
 from federation_fixtures import pinned_federation
 from forgery import MUTATIONS, fuzz_settings, mutate, reseal_sha256
 
-THRESHOLD = fs.CKKSParams.for_precision(keys="threshold")
-SHARED = fs.CKKSParams()
+# what fedshield run's key set-up uses (its Server sends each round's bound: max_weight=0)
+THRESHOLD = fs.CKKSParams.for_precision(keys="threshold", max_weight=0)
+SHARED = fs.CKKSParams.for_precision(max_weight=0)
 EPOCH = 1
 FUZZ = 25   # cases per target in `make test` (a few seconds each)
 

@@ -331,8 +331,10 @@ class Federation:
         if (n, t) != (self.n, self.t):
             differ.append(f"n={n}, t={t} (pinned: n={self.n}, t={self.t})")
         if params != self.params:
+            # only what parameters compare on (not the request that led to them)
+            names = [f.name for f in fields(params)
+                     if f.compare and getattr(params, f.name) != getattr(self.params, f.name)]
             mine, theirs = asdict(self.params), asdict(params)
-            names = [k for k in mine if mine[k] != theirs.get(k)]
             differ.append("parameters " + ", ".join(f"{k}={theirs.get(k)!r} (pinned: "
                                                     f"{mine[k]!r})" for k in names))
         if server != self.server.identity:
