@@ -14,6 +14,7 @@
 #include "ckks.hpp"
 #include "parallel.hpp"
 #include "secure_wipe.hpp"
+#include "smudging.hpp"
 
 namespace py = pybind11;
 using namespace fedshield;
@@ -236,6 +237,29 @@ void bind_ckks(py::module_& m) {
         sample_error(o, n);
         return out;
     }, "n samples of the encryption error (discrete Gaussian, sigma 3.19).");
+    py::list levels;
+    for (const auto& level : kSmudgingLevels) levels.append(py::make_tuple(level[0], level[1]));
+    m.attr("SMUDGING_LEVELS") = levels;
+    m.attr("SMUDGING_BASE_DIVISOR") = kSmudgingBaseDivisor;
+    m.attr("SMUDGING_EPS_BITS") = kSmudgingEpsBits;
+    m.def("smudging_sample", [](uint64_t n, bool base) {
+        I64 out(static_cast<py::ssize_t>(n));
+        int64_t* o = out.mutable_data();
+        py::gil_scoped_release nogil;
+        FastRandom rng;
+        if (base)
+            sample_smudging_base(rng, o, n);
+        else
+            sample_smudging(rng, o, n);
+        return out;
+    }, "n samples of the smudging noise (csrc/smudging.hpp: N_Z(0, 2^40) by convolution) or, "
+       "with base=True, of its base Gaussian D_{Z, sigma0}, sigma0^2 = 2^40 / "
+       "SMUDGING_BASE_DIVISOR.", py::arg("n"), py::arg("base") = false);
+    m.def("smudging_table", []() {
+        U64 hi(kSmudgingTable), lo(kSmudgingTable);
+        smudging_table(hi.mutable_data(), lo.mutable_data());
+        return py::make_tuple(hi, lo);
+    }, "The base table's thresholds (hi, lo): P(|y| <= k) ~ (hi[k] * 2^63 + lo[k]) / 2^126.");
     m.def("ckks_sample_ternary", [](uint64_t n) {
         I64 out(static_cast<py::ssize_t>(n));
         int64_t* o = out.mutable_data();
