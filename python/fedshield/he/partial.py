@@ -13,8 +13,8 @@ MultipartyDecryptFusion, which the tests check them against in both directions: 
 (lead: c0 +) c1 * s_i + e, with e a discrete Gaussian of standard deviation
 NoiseFlooding::MP_SD = 2**20 (OpenFHE's src/pke/include/constants.h, added in
 src/pke/lib/schemerns/rns-multiparty.cpp in its default FIXED_NOISE_MULTIPARTY mode; drawn here
-by the project's exact sampler, csrc/discrete_gaussian.cpp, at variance 2**40); fusion sums
-the shares and decodes.
+by convolution, csrc/smudging.hpp, within statistical distance 2**-92 of the discrete Gaussian
+of variance 2**40, docs/THREAT_MODEL.md); fusion sums the shares and decodes.
 
 Precision: that fixed noise (not configurable for CKKS in openfhe 1.6.1) on every partial
 decryption gives the decrypted slot values an error of about 1e-6 / 2**(scale_bits - 50).
