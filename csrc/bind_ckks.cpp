@@ -159,18 +159,20 @@ void bind_ckks(py::module_& m) {
        "noise of OpenFHE's size, flooding of variance flood_hi*2^64 + flood_lo when it is not 0).",
        py::arg("update"), py::arg("ring"), py::arg("s"), py::arg("lead"), py::arg("flood_hi"),
        py::arg("flood_lo"), py::arg("threads") = 0);
-    m.def("ckks_fuse", [](const std::vector<std::vector<py::bytes>>& shares,
+    m.def("ckks_fuse", [](const std::vector<std::vector<py::buffer>>& shares,
                           const py::tuple& ring, uint64_t n_values, unsigned threads) {
         const CkksRing r = ring_of(ring);
         std::vector<std::vector<std::pair<const uint8_t*, size_t>>> views;
+        std::vector<py::buffer_info> held;  // keeps every buffer's view valid below
+        size_t count = 0;
+        for (const auto& party : shares) count += party.size();
+        held.reserve(count);
         for (const auto& party : shares) {
             views.emplace_back();
             for (const auto& part : party) {
-                char* p = nullptr;
-                Py_ssize_t len = 0;
-                if (PyBytes_AsStringAndSize(part.ptr(), &p, &len) != 0) throw py::error_already_set();
-                views.back().emplace_back(reinterpret_cast<const uint8_t*>(p),
-                                          static_cast<size_t>(len));
+                held.emplace_back();
+                const std::string_view v = view_of(part, held.back());
+                views.back().emplace_back(u8(v), v.size());
             }
         }
         F64 out(static_cast<py::ssize_t>(n_values));
@@ -178,7 +180,8 @@ void bind_ckks(py::module_& m) {
         py::gil_scoped_release nogil;
         fuse_partials(views, r, threads_or_default(threads), o, n_values);
         return out;
-    }, "Fuses packed partial decryptions (shares[party][ciphertext]) into the decoded values.",
+    }, "Fuses packed partial decryptions (shares[party][ciphertext], bytes-like) into the "
+       "decoded values.",
        py::arg("shares"), py::arg("ring"), py::arg("n_values"), py::arg("threads") = 0);
     m.def("ckks_encrypt", [](const py::dict& header, const py::tuple& ring, const F64& values,
                              std::optional<U64> s, std::optional<U64> a,
