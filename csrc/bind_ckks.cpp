@@ -14,6 +14,7 @@
 #include "ckks.hpp"
 #include "parallel.hpp"
 #include "secure_wipe.hpp"
+#include "smudging.hpp"
 
 namespace py = pybind11;
 using namespace fedshield;
@@ -158,18 +159,20 @@ void bind_ckks(py::module_& m) {
        "noise of OpenFHE's size, flooding of variance flood_hi*2^64 + flood_lo when it is not 0).",
        py::arg("update"), py::arg("ring"), py::arg("s"), py::arg("lead"), py::arg("flood_hi"),
        py::arg("flood_lo"), py::arg("threads") = 0);
-    m.def("ckks_fuse", [](const std::vector<std::vector<py::bytes>>& shares,
+    m.def("ckks_fuse", [](const std::vector<std::vector<py::buffer>>& shares,
                           const py::tuple& ring, uint64_t n_values, unsigned threads) {
         const CkksRing r = ring_of(ring);
         std::vector<std::vector<std::pair<const uint8_t*, size_t>>> views;
+        std::vector<py::buffer_info> held;  // keeps every buffer's view valid below
+        size_t count = 0;
+        for (const auto& party : shares) count += party.size();
+        held.reserve(count);
         for (const auto& party : shares) {
             views.emplace_back();
             for (const auto& part : party) {
-                char* p = nullptr;
-                Py_ssize_t len = 0;
-                if (PyBytes_AsStringAndSize(part.ptr(), &p, &len) != 0) throw py::error_already_set();
-                views.back().emplace_back(reinterpret_cast<const uint8_t*>(p),
-                                          static_cast<size_t>(len));
+                held.emplace_back();
+                const std::string_view v = view_of(part, held.back());
+                views.back().emplace_back(u8(v), v.size());
             }
         }
         F64 out(static_cast<py::ssize_t>(n_values));
@@ -177,7 +180,8 @@ void bind_ckks(py::module_& m) {
         py::gil_scoped_release nogil;
         fuse_partials(views, r, threads_or_default(threads), o, n_values);
         return out;
-    }, "Fuses packed partial decryptions (shares[party][ciphertext]) into the decoded values.",
+    }, "Fuses packed partial decryptions (shares[party][ciphertext], bytes-like) into the "
+       "decoded values.",
        py::arg("shares"), py::arg("ring"), py::arg("n_values"), py::arg("threads") = 0);
     m.def("ckks_encrypt", [](const py::dict& header, const py::tuple& ring, const F64& values,
                              std::optional<U64> s, std::optional<U64> a,
@@ -236,6 +240,29 @@ void bind_ckks(py::module_& m) {
         sample_error(o, n);
         return out;
     }, "n samples of the encryption error (discrete Gaussian, sigma 3.19).");
+    py::list levels;
+    for (const auto& level : kSmudgingLevels) levels.append(py::make_tuple(level[0], level[1]));
+    m.attr("SMUDGING_LEVELS") = levels;
+    m.attr("SMUDGING_BASE_DIVISOR") = kSmudgingBaseDivisor;
+    m.attr("SMUDGING_EPS_BITS") = kSmudgingEpsBits;
+    m.def("smudging_sample", [](uint64_t n, bool base) {
+        I64 out(static_cast<py::ssize_t>(n));
+        int64_t* o = out.mutable_data();
+        py::gil_scoped_release nogil;
+        FastRandom rng;
+        if (base)
+            sample_smudging_base(rng, o, n);
+        else
+            sample_smudging(rng, o, n);
+        return out;
+    }, "n samples of the smudging noise (csrc/smudging.hpp: N_Z(0, 2^40) by convolution) or, "
+       "with base=True, of its base Gaussian D_{Z, sigma0}, sigma0^2 = 2^40 / "
+       "SMUDGING_BASE_DIVISOR.", py::arg("n"), py::arg("base") = false);
+    m.def("smudging_table", []() {
+        U64 hi(kSmudgingTable), lo(kSmudgingTable);
+        smudging_table(hi.mutable_data(), lo.mutable_data());
+        return py::make_tuple(hi, lo);
+    }, "The base table's thresholds (hi, lo): P(|y| <= k) ~ (hi[k] * 2^63 + lo[k]) / 2^126.");
     m.def("ckks_sample_ternary", [](uint64_t n) {
         I64 out(static_cast<py::ssize_t>(n));
         int64_t* o = out.mutable_data();

@@ -20,6 +20,7 @@
 #include "partial_codec.hpp"
 #include "secure_wipe.hpp"
 #include "shamir.hpp"
+#include "smudging.hpp"
 
 namespace fedshield {
 namespace {
@@ -1013,6 +1014,7 @@ std::vector<std::string> partial_decrypt_update(const uint8_t* data, size_t len,
     const unsigned __int128 flood_plus_smudging =
         ((static_cast<unsigned __int128>(w.hi) << 64) | w.lo) + kSmudgingSigma2;
     parallel_ranges(h.n_ciphertexts, threads, 1, [&](unsigned, uint64_t begin, uint64_t end) {
+        FastRandom rng;
         std::vector<uint64_t> b(element), g(element), x(n);
         std::vector<int64_t> e(n);
         WipeOnExit<uint64_t> wipe_b(b), wipe_g(g);
@@ -1021,16 +1023,15 @@ std::vector<std::string> partial_decrypt_update(const uint8_t* data, size_t len,
         for (uint64_t t = 0; t < towers; ++t) parts.push_back(g.data() + t * n);
         const auto tables = ring_tables(ring);
         for (uint64_t k = begin; k < end; ++k) {
-            // the smudging noise as an integer polynomial, then per tower. Flooding takes the
-            // smudging's place (as OpenFHE's NOISE_FLOODING_DECRYPT mode does in
-            // MultipartyDecryptLead/Main): one Gaussian of the flooding's variance plus the
-            // smudging's, one sample per coefficient instead of two.
-            if (w.any()) {
+            // the smudging noise as an integer polynomial, then per tower (smudging.hpp: by
+            // convolution, within 2^-92 of N_Z(0, 2^40)). Flooding takes the smudging's place
+            // (as OpenFHE's NOISE_FLOODING_DECRYPT mode does in MultipartyDecryptLead/Main):
+            // one exact Gaussian of the flooding's variance plus the smudging's, one sample per
+            // coefficient instead of two.
+            if (w.any())
                 sample_wide_discrete_gaussian(e.data(), n, flood_plus_smudging);
-            } else {
-                std::fill(e.begin(), e.end(), 0);
-                add_discrete_gaussian(e.data(), n, kSmudgingSigma2, 1);
-            }
+            else
+                sample_smudging(rng, e.data(), n);
             for (uint64_t t = 0; t < towers; ++t) {
                 const uint64_t q = ring.moduli[t], mu = tables->mu[t];
                 for (uint64_t j = 0; j < n; ++j) parts[t][j] = signed_mod(e[j], q, mu);

@@ -80,8 +80,9 @@ void decrypt_update(const uint8_t* data, size_t len, const CkksRing& ring, const
                     size_t out_len);
 
 // A party's partial decryption of every ciphertext of an (unseeded) aggregate with its key
-// s_i: (lead ? c0 : 0) + c1 * s_i + e, e a discrete Gaussian of variance kSmudgingSigma2 (with
-// flooding of variance w != 0: of variance w + kSmudgingSigma2); each bit-packed as
+// s_i: (lead ? c0 : 0) + c1 * s_i + e, e a discrete Gaussian of variance kSmudgingSigma2
+// (smudging.hpp; with flooding of variance w != 0: an exact one of variance
+// w + kSmudgingSigma2, discrete_gaussian.hpp); each bit-packed as
 // partial_codec.hpp describes.
 std::vector<std::string> partial_decrypt_update(const uint8_t* data, size_t len,
                                                 const CkksRing& ring, const uint64_t* s,

@@ -263,6 +263,81 @@ def test_ternary_and_seeded_uniform_pass_chi_square(client_ctx):
     assert chi2 < bins - 1 + 6 * math.sqrt(2 * (bins - 1))
 
 
+def _smudging_sigma0_squared():
+    from fractions import Fraction
+    return Fraction(2 ** 40, native.SMUDGING_BASE_DIVISOR)
+
+
+def test_smudging_convolution_meets_micciancio_walters_conditions():
+    """x = 505 b + 504 b', b = 20 a + 19 a', a = 4 y + 3 y' (csrc/smudging.hpp): every level's
+    pair is coprime, every level's input sigma is >= sqrt(2) * z * eta_eps(Z) (MW17, Theorem 3;
+    eta in units of sigma), and the variances multiply to 2**40 exactly."""
+    eps_bits = native.SMUDGING_EPS_BITS
+    eta = math.sqrt(math.log(2 + 2 * 2.0 ** eps_bits) / math.pi) / math.sqrt(2 * math.pi)
+    variance = _smudging_sigma0_squared()
+    for z, w in native.SMUDGING_LEVELS:
+        assert math.gcd(z, w) == 1
+        assert math.sqrt(variance) >= math.sqrt(2) * max(z, w) * eta, (z, w)
+        variance *= z * z + w * w
+    assert variance == 2 ** 40 and eps_bits >= 100
+
+
+def test_smudging_base_table_is_the_exact_cdf_within_2_pow_minus_100():
+    """Every 126-bit threshold of the base table against the CDF of D_{Z, sigma0} computed here
+    in 60-digit decimal arithmetic; and the tail the table folds in is below 2**-100."""
+    from decimal import Decimal, getcontext
+    getcontext().prec = 60
+    s2 = _smudging_sigma0_squared()
+    hi, lo = native.smudging_table()
+    m = len(hi)
+    weights = [Decimal(1)] + [2 * (-(Decimal(k * k * s2.denominator) /
+                                     (2 * s2.numerator))).exp() for k in range(1, 3 * m)]
+    total = sum(weights)
+    cdf = Decimal(0)
+    for k in range(m):
+        cdf += weights[k] / total
+        got = (Decimal(int(hi[k])) * 2 ** 63 + Decimal(int(lo[k]))) / Decimal(2) ** 126
+        assert abs(got - cdf) < Decimal(2) ** -100, k
+    assert 1 - cdf < Decimal(2) ** -100
+
+
+def test_smudging_base_draws_pass_chi_square():
+    y = native.smudging_sample(400_000, True)
+    s2 = float(_smudging_sigma0_squared())
+    support = np.arange(-60, 61)
+    p = np.exp(-support.astype(float) ** 2 / (2 * s2))
+    p /= p.sum()
+    var = float((p * support ** 2).sum())
+    assert abs(y.mean()) < 5 * math.sqrt(var / y.size)
+    assert abs(y.var() / var - 1) < 6 * math.sqrt(2 / y.size)
+    counts = np.bincount(np.clip(y + 60, 0, 120), minlength=121)
+    expected = p * y.size
+    keep = expected >= 20
+    chi2 = (((counts[keep] - expected[keep]) ** 2) / expected[keep]).sum()
+    chi2 += (counts[~keep].sum() - expected[~keep].sum()) ** 2 / max(expected[~keep].sum(), 1.0)
+    dof = int(keep.sum())
+    assert chi2 < dof + 6 * math.sqrt(2 * dof)
+
+
+def test_smudging_noise_is_a_gaussian_of_variance_2_pow_40():
+    """2**20 samples: moments (mean, variance, a Gaussian's kurtosis 3) within 5 standard
+    errors, a chi-square over 64 bins of sigma / 8 with the tails pooled, and the tails."""
+    x = native.smudging_sample(1 << 20).astype(np.float64)
+    sigma = 2.0 ** 20
+    z = x / sigma
+    assert abs(z.mean()) < 5 / math.sqrt(z.size)
+    assert abs(z.var() - 1) < 5 * math.sqrt(2 / z.size)
+    assert abs((z ** 4).mean() / z.var() ** 2 - 3) < 5 * math.sqrt(24 / z.size)
+    edges = np.arange(-32, 33) / 8.0  # in units of sigma; every edge an integer multiple
+    cdf = np.array([0.5 * (1 + math.erf(e / math.sqrt(2))) for e in edges])
+    expected = np.diff(np.concatenate([[0.0], cdf, [1.0]])) * z.size
+    counts = np.bincount(np.searchsorted(edges, z, side="right"), minlength=len(edges) + 1)
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    dof = len(expected) - 1
+    assert chi2 < dof + 6 * math.sqrt(2 * dof)
+    assert np.max(np.abs(z)) < 7
+
+
 # --- AES-256-CTR: a's expansion and the noise generator ---------------------------------------
 
 @pytest.mark.skipif(not native.HAVE_AES_NI, reason="this CPU has no AES-NI")
@@ -303,14 +378,17 @@ KEY_DEPENDENT = ("csub", "add_q", "sub_q", "mul_shoup", "mul_shoup_lazy", "signe
                  "fp_mulmod", "fp_add", "fp_sub", "fp_ntt_fwd", "fp_ntt_inv")
 
 
-def test_key_dependent_helpers_have_no_branches_or_lookups_by_value():
-    """The helpers every key-, noise- or plaintext-dependent loop of csrc/ckks.cpp goes through
-    compute with masks: no if, no ?:, no early exit, no array indexed by a computed value."""
-    src = (Path(__file__).resolve().parents[1] / "csrc" / "ckks.cpp").read_text()
-    for name in KEY_DEPENDENT:
+@pytest.mark.parametrize("source, names", [("ckks.cpp", KEY_DEPENDENT),
+                                           ("smudging.cpp", ("base_block",))])
+def test_key_dependent_helpers_have_no_branches_or_lookups_by_value(source, names):
+    """The helpers every key-, noise- or plaintext-dependent loop of csrc/ckks.cpp goes through,
+    and the smudging sampler's table scan, compute with masks: no if, no ?:, no early exit, no
+    array indexed by a computed value."""
+    src = (Path(__file__).resolve().parents[1] / "csrc" / source).read_text()
+    for name in names:
         m = re.search(r"\n(?:FEDSHIELD_FMA )?(?:inline )?[\w:<>]+ " + name + r"\(([^)]*)\) \{(.*?)\n\}",
                       src, re.S)
-        assert m, f"{name} not found in csrc/ckks.cpp"
+        assert m, f"{name} not found in csrc/{source}"
         body = m.group(2)
         # the only ?: allowed picks a block's length, a public count
         body = body.replace("count - at < kLane ? count - at : kLane", "")

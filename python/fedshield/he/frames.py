@@ -26,10 +26,11 @@ def frame(magic: bytes, meta: dict, sections: Sequence[bytes], version: int = VE
     return b"".join([*parts, digest.digest()])
 
 
-def unframe(blob, magic: bytes, what: str, error: type, version: int = VERSION
-            ) -> tuple[dict, list[bytes]]:
+def unframe(blob, magic: bytes, what: str, error: type, version: int = VERSION, *,
+            views: bool = False) -> tuple[dict, list]:
     """(head, sections) of a frame of ``version``; ``error`` (naming ``what``) for anything
-    malformed."""
+    malformed. ``views``: the sections as read-only memoryviews of the frame's bytes instead of
+    copies (a caller that only reads them, such as the native fusion, saves copying them)."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise TypeError(f"{what}: expected bytes, got {type(blob).__name__}")
     blob = bytes(blob)
@@ -50,7 +51,7 @@ def unframe(blob, magic: bytes, what: str, error: type, version: int = VERSION
         for size in meta["sizes"]:
             if not (isinstance(size, int) and size >= 0):
                 raise ValueError(f"section size {size!r}")
-            sections.append(bytes(body[at:at + size]))
+            sections.append(body[at:at + size] if views else bytes(body[at:at + size]))
             at += size
         if at != len(body):
             raise ValueError("section sizes do not add up")

@@ -13,8 +13,8 @@ MultipartyDecryptFusion, which the tests check them against in both directions: 
 (lead: c0 +) c1 * s_i + e, with e a discrete Gaussian of standard deviation
 NoiseFlooding::MP_SD = 2**20 (OpenFHE's src/pke/include/constants.h, added in
 src/pke/lib/schemerns/rns-multiparty.cpp in its default FIXED_NOISE_MULTIPARTY mode; drawn here
-by the project's exact sampler, csrc/discrete_gaussian.cpp, at variance 2**40); fusion sums
-the shares and decodes.
+by convolution, csrc/smudging.hpp, within statistical distance 2**-92 of the discrete Gaussian
+of variance 2**40, docs/THREAT_MODEL.md); fusion sums the shares and decodes.
 
 Precision: that fixed noise (not configurable for CKKS in openfhe 1.6.1) on every partial
 decryption gives the decrypted slot values an error of about 1e-6 / 2**(scale_bits - 50).
@@ -196,8 +196,10 @@ class PartialDecryption:
                                 "does not match the smallest present id")
 
     @classmethod
-    def from_bytes(cls, blob) -> "PartialDecryption":
-        meta, parts = unframe(blob, PARTIAL_MAGIC, "partial decryption", InvalidUpdate)
+    def from_bytes(cls, blob, *, views: bool = False) -> "PartialDecryption":
+        """``views``: parts as read-only memoryviews of ``blob`` rather than bytes copies."""
+        meta, parts = unframe(blob, PARTIAL_MAGIC, "partial decryption", InvalidUpdate,
+                              views=views)
         return cls(meta, parts)
 
     @property
@@ -285,13 +287,58 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
         raise TypeError("shares must be an iterable of share bytes, not one bytes object")
     check_for_context(ctx, agg)
     shares = list(shares)
-    # the frames' SHA-256 digests and the aggregate's: hashlib releases the GIL, so on threads
+    # The frames' SHA-256 digests first (the fusion needs the shares), then the aggregate's,
+    # which hashes meanwhile next to the fusion: hashlib and the fusion release the GIL. Every
+    # check below still passes before a fused value leaves (a failed one wipes them).
     with ThreadPoolExecutor(max_workers=max(1, min(num_threads(), len(shares) + 1))) as pool:
+        jobs = [pool.submit(PartialDecryption.from_bytes, blob, views=True) for blob in shares]
         digest_job = pool.submit(aggregate_digest, agg)
-        parsed = list(pool.map(PartialDecryption.from_bytes, shares))
-        digest = digest_job.result()
-    if not parsed:
-        raise NotEnoughShares("0 partial decryptions given; every present party's is needed")
+        parsed = [job.result() for job in jobs]
+        if not parsed:
+            raise NotEnoughShares("0 partial decryptions given; every present party's is "
+                                  "needed")
+        order = _fusion_order(parsed)
+        buffer, failure = None, None
+        if order is not None:
+            try:
+                buffer = native.ckks_fuse([share.parts for share in order], ckks_ring(ctx),
+                                           agg.n_ciphertexts * ctx.params.values_per_ciphertext,
+                                           threads)
+            except InvalidUpdate as exc:
+                failure = exc
+        try:
+            digest = digest_job.result()
+            present = _check_shares(parsed, ctx, agg, digest)
+            # Each share's digest binds this aggregate and partial_decrypt checked it against
+            # the party's context; here only the layout and mask remain to check.
+            check_for_layout(agg, layout, mask)
+            if failure is not None:
+                for share in order:  # error path only: name the share and ciphertext at fault
+                    share.check_for(ctx, agg, digest=digest)
+                raise failure
+            _check_fused(buffer, agg, ctx.params)
+            return unpack_average(buffer, layout, mask, agg, ctx.params, tolerance,
+                                  decryptors=len(present), threads=threads)
+        finally:
+            if buffer is not None:
+                buffer.fill(0.0)  # decrypted slot values: wiped once unpacked (or refused)
+
+
+def _fusion_order(parsed: list[PartialDecryption]) -> Optional[list[PartialDecryption]]:
+    """The shares in the order of their present parties when they are one share of each,
+    all made for the same present set; None otherwise (_check_shares then says why)."""
+    present = parsed[0].meta["present"]
+    by_party = {share.party_id: share for share in parsed}
+    if (len(by_party) != len(parsed) or sorted(by_party) != present
+            or any(share.meta["present"] != present for share in parsed)):
+        return None
+    return [by_party[i] for i in present]
+
+
+def _check_shares(parsed: list[PartialDecryption], ctx: Context, agg: EncryptedUpdate,
+                  digest: str) -> list[int]:
+    """Every share made under ``ctx`` for ``agg`` (its digest), for one set of present parties,
+    one per present party and enough of them: the present ids, or the error."""
     first = parsed[0].meta
     by_party: dict[int, PartialDecryption] = {}
     for share in parsed:
@@ -316,24 +363,7 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
         raise NotEnoughShares(f"{len(by_party)} shares given, {len(present)} needed (every "
                               f"present party of {present}, threshold {t} of {n}); missing "
                               f"parties {missing}")
-    # Each share's digest binds this aggregate and partial_decrypt checked it against the
-    # party's context; here only the layout and mask remain to check.
-    check_for_layout(agg, layout, mask)
-
-    order = [by_party[i] for i in present]
-    try:
-        buffer = native.ckks_fuse([share.parts for share in order], ckks_ring(ctx),
-                                   agg.n_ciphertexts * ctx.params.values_per_ciphertext, threads)
-    except InvalidUpdate:
-        for share in order:  # error path only: name the share and ciphertext at fault
-            share.check_for(ctx, agg, digest=digest)
-        raise
-    try:
-        _check_fused(buffer, agg, ctx.params)
-        return unpack_average(buffer, layout, mask, agg, ctx.params, tolerance,
-                              decryptors=len(present), threads=threads)
-    finally:
-        buffer.fill(0.0)  # decrypted slot values: wiped once unpacked
+    return present
 
 
 def _check_fused(values: np.ndarray, agg: EncryptedUpdate, params) -> None:
