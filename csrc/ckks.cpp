@@ -999,6 +999,8 @@ void decrypt_update(const uint8_t* data, size_t len, const CkksRing& ring, const
     });
 }
 
+static_assert(kSmudgingSigma2 == uint64_t{1} << 40, "smudging.hpp draws variance 2^40");
+
 std::vector<std::string> partial_decrypt_update(const uint8_t* data, size_t len,
                                                 const CkksRing& ring, const uint64_t* s,
                                                 bool lead, FloodWidth w, unsigned threads) {
