@@ -34,7 +34,7 @@ from fedshield.he.flooding import roots_of
 from fedshield.trust.identity import Identity
 
 from conftest import make_state, weighted_average
-from federation_fixtures import answer, pinned_federation
+from federation_fixtures import answer, commit_all, pinned_federation
 from key_scan import assert_key_material_only_in_own_node, key_windows
 
 THRESHOLD = fs.CKKSParams.for_precision(keys="threshold")
@@ -64,8 +64,11 @@ class Federation:
         return answer(self.holders, op, requests, self.relay)
 
     def run(self, epoch: int = 1):
-        return KeySetup(self.params, self.mode, self.t, self.roster, self.server.public,
-                        self.ask, settings=self.settings).run(epoch)
+        setup = KeySetup(self.params, self.mode, self.t, self.roster, self.server.public,
+                         self.ask, settings=self.settings)
+        result = setup.run(epoch)
+        commit_all(setup, result, self.holders)
+        return result
 
 
 # -- which subsets, and who is to blame ---------------------------------------------------------
@@ -114,8 +117,9 @@ def test_protocol_makes_working_keys_on_each_node(tmp_path, mode, n, t):
         # threshold keys: the key check's probes are partial decryptions, and count
         assert (budget.decrypted >= 1) == (mode == "threshold")
         ctxs.append(ctx)
-    # collective key generation: four message steps for any n; shared keys: three
-    assert result.message_steps == (4 if mode == "threshold" else 3)
+    # collective key generation: three message steps for any n; shared keys: two (the commit
+    # rides on the first train request)
+    assert result.message_steps == (3 if mode == "threshold" else 2)
     # a round with the keys: every party's update, the sum decrypted
     states = [make_state(900 + i) for i in range(n)]
     layout = fs.Layout.from_state_dict(states[0])

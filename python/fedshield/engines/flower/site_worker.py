@@ -43,8 +43,8 @@ from ...fl.key_setup import NOT_PINNED, refusal_fields
 from ...fl.adapter_store import AdapterStore, adapter_fingerprint
 from ...fl.messages import InvalidMessage
 from ...fl.party import Party
-from ...fl.protocol import (APPLY, CATCH, CATCHUP, PLAN_FIELDS, SHARE, TRAIN, reply_to_wire,
-                            request_from_wire)
+from ...fl.protocol import (APPLY, CATCH, CATCHUP, COMMIT, PLAN_FIELDS, SHARE, TRAIN,
+                            reply_to_wire, request_from_wire)
 from ...fl.site import Site, load_site_data
 from ...fl.site_check import SiteCheckFailed, check_site
 from ...fl.site_config import SiteConfig, site_settings_in
@@ -124,10 +124,12 @@ def error_reply(exc: BaseException) -> dict:
 
 
 def describe(exc: BaseException) -> str:
-    """A training failure after the site applied the aggregate, as its train reply tells it:
-    the error's type and fixed message (the details go to the site's log)."""
+    """A training failure after the site applied the aggregate (or a refused key commit), as
+    its train reply tells it: the error's type and fixed message, and a key set-up refusal's
+    detail (PROTOCOL_DETAIL); the other details go to the site's log."""
     reply = error_reply(exc)
-    return f"{reply['error-type']}: {reply['error']}"
+    detail = f" ({reply['detail']})" if "detail" in reply else ""
+    return f"{reply['error-type']}: {reply['error']}{detail}"
 
 
 # -- the requests the worker answers -----------------------------------------------------------
@@ -156,10 +158,12 @@ def _ints(v) -> bool:
 
 
 PLAN = dict(zip(PLAN_FIELDS, (_int, _num, _str, _num, _num, _int)))
-# a train request: this round's plan, the previous round's aggregate to apply, a catch-up
+# a train request: this round's plan, the previous round's aggregate to apply, a catch-up,
+# the key set-up's commit
 TRAIN_FIELDS = {**PLAN, **{APPLY + k: check for k, check in PLAN.items()},
                 APPLY + "shares": _ints, APPLY + "save-adapter": _bool,
-                CATCH + "version": _int, CATCH + "from": _int}
+                CATCH + "version": _int, CATCH + "from": _int,
+                COMMIT + "epoch": _int, COMMIT + "context-fp": _str}
 # op -> (the fields it may carry and their types, fewest and most byte sections)
 REQUESTS: dict[str, tuple[dict, int, int]] = {
     "ping": ({}, 0, 0),
@@ -408,8 +412,6 @@ class SiteWorker:
             except KeyMessageRefused as exc:  # the sender's id rides in the reply's fields
                 log.warning("site worker: %s", exc)
                 return withhold(refusal_fields(exc), policy), []
-            if op == "keys.commit":  # the key this node just wrote becomes the party's
-                site.take_committed_keys()
             return withhold(out, policy), blobs
         # the round protocol: the same handler as the local engine's (fedshield.fl.site_rounds)
         reply = self.rounds.handle(request_from_wire(op, fields, sections))
