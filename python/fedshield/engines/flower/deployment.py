@@ -224,10 +224,13 @@ class Deployment:
                                      f"{self.logs / (name + '.log')}")
 
     def run_app(self, app_dir: Path, timeout: float, on_poll=None,
-                federation_config: dict | None = None, run_config: dict | None = None) -> int:
+                federation_config: dict | None = None, run_config: dict | None = None,
+                complete=None) -> int:
         """`flwr run` against this SuperLink; returns its exit code. ``federation_config``:
         the simulation runtime's settings (num-supernodes, client-resources-num-cpus, ...);
-        ``run_config``: `--run-config` overrides of keys the app declares."""
+        ``run_config``: `--run-config` overrides of keys the app declares. ``complete()``:
+        True once the run is complete and its output streamed: then `flwr run` is stopped
+        (exit code 0) rather than waited for (it polls the SuperLink, seconds later)."""
         home = self._home("cli")
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
@@ -248,6 +251,9 @@ class Deployment:
             self.check_alive()
             if on_poll is not None:
                 on_poll()
+            if complete is not None and complete():
+                self.stop(["flwr-run"])
+                return 0
             time.sleep(0.5)
         # `flwr run` exits at once when its SuperLink dies: a dead SuperLink (or SuperNode)
         # is the run's failure, even when it died between two polls

@@ -42,7 +42,7 @@ from ...base.threads import ENV as THREADS_ENV
 from ...base.threads import available_cpus
 from . import site_executor
 from .deployment import Deployment, DeploymentError, write_app_project
-from .site_ipc import (NODE_SOCKET, NODE_TOKEN, RESUME_STATE, SERVER_IDENTITY,
+from .site_ipc import (NODE_SOCKET, NODE_TOKEN, RESUME_STATE, RUN_COMPLETE, SERVER_IDENTITY,
                        SIMULATION_SITES, Relay, SiteWorkerError)
 
 log = logging.getLogger("fedshield")
@@ -395,7 +395,8 @@ def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict
                 pending.clear()
             reported = _log_new_rounds(metrics_path, reported)
 
-        code = dep.run_app(work / "app", budget, on_poll=on_poll)
+        code = dep.run_app(work / "app", budget, on_poll=on_poll,
+                           complete=lambda: _run_complete(metrics_path, dep.logs))
         return code, _wait_for_metrics(metrics_path, 60.0 if code == 0 else 5.0)
 
 
@@ -484,6 +485,17 @@ def _log_new_rounds(metrics_path: Path, reported: int) -> int:
         log.info("flower: round %s/%s %s: eval loss %s, parties %s", r.get("round"), total,
                  r.get("status"), "n/a" if loss is None else f"{loss:.4f}", r.get("clients"))
     return max(reported, len(rounds))
+
+
+def _run_complete(metrics_path: Path, logs: Path) -> bool:
+    """Whether the ServerApp recorded the run finished and `flwr run` has printed its last
+    line (so flwr-run.log holds all of its output)."""
+    try:
+        if not json.loads(metrics_path.read_text()).get("finished"):
+            return False
+        return RUN_COMPLETE in (logs / "flwr-run.log").read_text(errors="replace")
+    except (OSError, ValueError):
+        return False
 
 
 def _resume_hint(out: Path) -> str:
