@@ -192,11 +192,13 @@ class Deployment:
         return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
 
     def start_supernode(self, i: int, cwd: Path | None = None, *,
-                        executor: list[str] | None = None) -> subprocess.Popen:
+                        executor: list[str] | None = None,
+                        command: list[str] | None = None) -> subprocess.Popen:
         """SuperNode ``i`` with its node config; ``cwd``: its own directory. ``executor``: a
         command that takes the SuperNode's tasks itself (``--isolation process``), started
         beside it with the SuperNode's ClientAppIo address appended; default: Flower starts
-        one ClientApp process per message."""
+        one ClientApp process per message. ``command``: what starts the SuperNode, given
+        flower-supernode's arguments (default: flower-supernode itself)."""
         tool = flower_tool("flower-supernode")
         appio = (["--clientappio-api-address", f"127.0.0.1:{self.clientappio[i]}"]
                  if _has_flag(tool, "--clientappio-api-address") else
@@ -205,7 +207,7 @@ class Deployment:
                  if _has_flag(tool, "--max-wait-time") else [])
         isolation = ["--isolation", "process"] if executor else []
         proc = self._start(f"supernode-{i}", [
-            tool, "--insecure", "--superlink", f"127.0.0.1:{self.fleet}", *appio, *retry,
+            *(command or [tool]), "--insecure", "--superlink", f"127.0.0.1:{self.fleet}", *appio, *retry,
             *isolation, "--node-config", self.node_config_arg(self.node_configs[i])],
             self._home(f"supernode-{i}"), cwd)
         if executor:

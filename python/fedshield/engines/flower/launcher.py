@@ -40,7 +40,7 @@ from ...run.outcome import RunFailed
 from ...run.run_dir import METRICS, SERVER_STATE, claim_out_dir
 from ...base.threads import ENV as THREADS_ENV
 from ...base.threads import available_cpus
-from . import site_executor
+from . import site_executor, supernode
 from .deployment import Deployment, DeploymentError, write_app_project
 from .site_ipc import (NODE_SOCKET, NODE_TOKEN, RESUME_STATE, RUN_COMPLETE, SERVER_IDENTITY,
                        SIMULATION_SITES, Relay, SiteWorkerError)
@@ -367,6 +367,17 @@ def executor_command(app: FlowerApp) -> list[str] | None:
             "--clientappio-api-address"]
 
 
+def supernode_command() -> list[str] | None:
+    """How the sites' SuperNodes start: ``fedshield site supernode`` (Flower's SuperNode with
+    a short idle poll, fedshield.engines.flower.supernode) where this Flower release is the one
+    it checked; else (None) Flower's own flower-supernode."""
+    if supernode.UNAVAILABLE is not None:
+        log.info("flower: %s; the SuperNodes poll every %d s while idle", supernode.UNAVAILABLE,
+                 supernode.FLOWER_IDLE)
+        return None
+    return [sys.executable, "-m", "fedshield.cli", "site", "supernode", "--"]
+
+
 def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict | None,
             budget: float, metrics_path: Path, executor: list[str] | None,
             preload: Path) -> tuple[int, dict]:
@@ -378,8 +389,9 @@ def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict
         # Flower's processes start while the workers load their models; the first message
         # reaches a worker only after `flwr run`, which waits for every worker
         dep.start_superlink()
+        command = supernode_command()
         for i in range(n):
-            dep.start_supernode(i, executor=executor)
+            dep.start_supernode(i, executor=executor, command=command)
         workers_ready()
         log.info("flower: SuperLink (fleet 127.0.0.1:%d) and %d SuperNodes started; logs in %s",
                  dep.fleet, n, dep.logs)
@@ -391,7 +403,7 @@ def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict
             if pending and metrics_path.exists() and '"participants"' in metrics_path.read_text():
                 for i in pending:
                     log.info("flower: starting a late SuperNode (%d)", i)
-                    dep.start_supernode(i, executor=executor)
+                    dep.start_supernode(i, executor=executor, command=command)
                 pending.clear()
             reported = _log_new_rounds(metrics_path, reported)
 
