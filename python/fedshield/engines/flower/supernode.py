@@ -105,6 +105,7 @@ def main(flower_args: list[str], idle: float | None = None) -> int:
     else:
         log.warning("fedshield supernode: %s; the stock SuperNode runs (idle poll %d s)",
                     UNAVAILABLE, FLOWER_IDLE)
+    logging.getLogger("flwr").propagate = False   # Flower prints its own lines once
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
     return 0
