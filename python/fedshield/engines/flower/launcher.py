@@ -23,10 +23,9 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ...base.atomic import write_json_atomic
 from ...config import RunConfig
@@ -384,8 +383,8 @@ def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict
     """Runs the app: each site's worker first, then its SuperNode (in its own home) and, with
     ``executor``, the process that answers that SuperNode's messages."""
     n = len(sites)
-    with Deployment(work, n + len(late), [s.node for s in sites] + late, env=node_env) as dep, \
-            _site_workers(sites, dep, preload) as workers_ready:
+    with Deployment(work, n + len(late), [s.node for s in sites] + late, env=node_env) as dep:
+        workers_ready = _site_workers(sites, dep, preload)
         # Flower's processes start while the workers load their models; the first message
         # reaches a worker only after `flwr run`, which waits for every worker
         dep.start_superlink()
@@ -417,8 +416,8 @@ def _simulate(work: Path, sites: list[LocalSite], node_env: dict, resources: Sit
     """The simulation runtime: a SuperLink with --simulation, no SuperNode processes; each
     site's worker gets its declared CPUs (and GPU)."""
     envs = [{**node_env, **resources.env(i)} for i in range(len(sites))]
-    with Deployment(work, 0, [], env={**node_env, **RAY_PATIENCE}) as dep, \
-            _site_workers(sites, dep, preload, [{**dep.env, **e} for e in envs]) as workers_ready:
+    with Deployment(work, 0, [], env={**node_env, **RAY_PATIENCE}) as dep:
+        workers_ready = _site_workers(sites, dep, preload, [{**dep.env, **e} for e in envs])
         dep.start_superlink(simulation=True)
         workers_ready()
         log.info("flower: simulation runtime, %d sites of %s; logs in %s", len(sites),
@@ -439,13 +438,12 @@ def _simulate(work: Path, sites: list[LocalSite], node_env: dict, resources: Sit
         return code, metrics
 
 
-@contextmanager
 def _site_workers(sites: list[LocalSite], dep: Deployment, preload: Path,
-                  envs: list[dict] | None = None):
+                  envs: list[dict] | None = None) -> Callable[[], None]:
     """Starts each site's worker as the site would (``fedshield site worker --config``, in
     its node directory, in ``envs[i]``; default: the deployment's environment); what it
-    yields waits until each answers over its relay. They are stopped with everything else
-    the deployment started."""
+    returns waits until each answers over its relay. The deployment stops them with
+    everything else it started, all at once (each takes seconds to exit: torch's teardown)."""
     names = [f"site-worker-{i}" for i in range(len(sites))]
     envs = envs or [dep.env] * len(sites)
     for name, site, env in zip(names, sites, envs):
@@ -459,10 +457,7 @@ def _site_workers(sites: list[LocalSite], dep: Deployment, preload: Path,
             _wait_for_worker(dep, name, site)
         log.info("flower: %d site workers ready", len(sites))
 
-    try:
-        yield ready
-    finally:
-        dep.stop(names)
+    return ready
 
 
 def _wait_for_worker(dep: Deployment, name: str, site: LocalSite) -> None:
