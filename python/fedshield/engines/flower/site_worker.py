@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from ...config import RunConfig
 from ...base.errors import (AuthenticationError, DataError, DecryptionBudgetExceeded,
@@ -546,10 +547,10 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 
 def run_worker(config_path: str | Path, *, exit_with: int = 0,
-               preload_run: str | Path | None = None) -> int:
-    """``fedshield site worker``: serves the site its config describes until stopped;
-    ``preload_run``: a run config (JSON, as the join carries it) whose site is built at once,
-    in the background."""
+               preload_run: str | Path | None = None) -> NoReturn:
+    """``fedshield site worker``: serves the site its config describes until stopped, then
+    ends the process (exit status 0); ``preload_run``: a run config (JSON, as the join
+    carries it) whose site is built at once, in the background."""
     site_cfg = SiteConfig.from_file(config_path)
     _private_dir(site_cfg.path("node_dir"))
     log_to(site_cfg.path("log_file"))
@@ -570,10 +571,17 @@ def run_worker(config_path: str | Path, *, exit_with: int = 0,
           f"{site_cfg.path('log_file')}", flush=True)
     try:
         worker.serve(server, token, exit_with=exit_with)
+    except SystemExit:   # SIGTERM
+        log.info("site worker: party %d stopped", site_cfg.party_id)
     finally:
         server.close()
         path.unlink(missing_ok=True)
-    return 0
+    # Its files are written and its socket is gone: nothing is left to tear down but the
+    # interpreter's torch and model, which takes seconds (a launcher stops several at once).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
