@@ -38,6 +38,17 @@ def answer(holders, op, requests, relay=None) -> dict:
     return out
 
 
+def commit_all(setup: KeySetup, result, holders) -> None:
+    """Every key holder commits the set-up's keys (the commit a party's next train request
+    carries), each answer checked as the round driver checks it."""
+    for holder in holders:
+        try:
+            reply = holder.commit(result.commit)
+        except fs.FedShieldError as exc:
+            reply = exc
+        setup.check_commit(result, holder.party_id, reply)
+
+
 class Sites:
     """n in-process key holders that pinned ``fed`` (or trust the server's roster), and a
     server whose key set-up may lie about the roster: ``roster`` is what the server sends,
@@ -64,5 +75,8 @@ class Sites:
         return answer(self.holders, op, requests)
 
     def run(self, epoch: int = 1):
-        return KeySetup(self.params, self.mode, self.t, self.roster, self.server.public,
-                        self.ask, settings=self.settings).run(epoch)
+        setup = KeySetup(self.params, self.mode, self.t, self.roster, self.server.public,
+                         self.ask, settings=self.settings)
+        result = setup.run(epoch)
+        commit_all(setup, result, self.holders.values())
+        return result

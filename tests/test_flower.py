@@ -686,6 +686,10 @@ def test_flower_sites_with_their_own_files(tmp_path, monkeypatch):
         assert paths == {node_dir / "data.jsonl"}, (node_dir, paths)
     assert got["rounds"][-1]["eval_loss"] < got["initial_eval_loss"]
     out = tmp_path / "flower"
+    # the launcher stopped `flwr run` once it had streamed the ServerApp's last line
+    streamed = (out / "flower" / "logs" / "flwr-run.log").read_text()
+    assert "round 2 ok" in streamed and "fedshield: the run is complete" in streamed
+    assert got["finished"] and (out / "plots" / "loss.png").stat().st_size > 0
     base = AutoModelForCausalLM.from_pretrained(out / "base_model")
     model = PeftModel.from_pretrained(base, out / "adapter")
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == \
@@ -742,7 +746,7 @@ def test_flower_threshold_excludes_failing_clients(tmp_path, case, monkeypatch):
     # keys made on the nodes (no dealer), checked before round 1, and the model learned
     epochs = got["key_epochs"]
     assert [e["epoch"] for e in epochs] == [1] and epochs[0]["subsets_checked"] > 0
-    assert epochs[0]["message_steps"] == 4   # collective key generation, any n
+    assert epochs[0]["message_steps"] == 3   # collective key generation, any n (+ the commit)
     assert got["rounds"][-1]["eval_loss"] < got["initial_eval_loss"]
     key_files = {fs.load_context(f).party_id: f
                  for f in (tmp_path / "flower" / "flower" / "nodes").rglob("party.key")}
@@ -973,6 +977,25 @@ def test_flower_run_stopped_by_sigterm_ends_every_process(tmp_path):
         "of the Flower run; its processes are stopped" in last and \
         f"resume with `fedshield run --resume {out}`" in last, last
     wait_until(lambda: not _processes_under(out), 30, "every Flower process to end")
+
+
+def test_a_complete_run_stops_flwr_run_rather_than_wait_for_it(tmp_path, monkeypatch):
+    """Once the run is complete (the launcher's check), `flwr run` is stopped at once, with
+    what it printed kept, rather than waited for until it sees the run end (seconds of its
+    SuperLink polling): a stand-in that prints a line and then never exits."""
+    from fedshield.engines.flower import deployment
+
+    fake = tmp_path / "flwr"
+    fake.write_text("#!/bin/sh\necho streamed to the end\nexec sleep 300\n")
+    fake.chmod(0o700)
+    monkeypatch.setattr(deployment, "flower_tool", lambda name: str(fake))
+    polls = []
+    with deployment.Deployment(tmp_path / "work", 0, []) as dep:
+        start = time.monotonic()
+        code = dep.run_app(tmp_path, 120, complete=lambda: polls.append(1) or len(polls) > 2)
+        assert code == 0 and time.monotonic() - start < 60 and len(polls) == 3
+        assert dep.procs["flwr-run"].poll() is not None      # stopped, not left behind
+        assert "streamed to the end" in (dep.logs / "flwr-run.log").read_text()
 
 
 @pytest.mark.parametrize("keys", ["shared", pytest.param("threshold", marks=pytest.mark.slow)])

@@ -26,6 +26,7 @@ from fedshield.engines.flower import client_app
 from fedshield.engines.flower.records import FIELDS, put_blobs
 from fedshield.engines.flower.site_worker import SiteWorker, error_reply
 from fedshield.engines.flower.transport import GridTransport
+from fedshield.fl.protocol import KeyCommit
 from fedshield.fl.rounds import RoundDriver
 from fedshield.he import keys
 from fedshield.he import threshold as th
@@ -34,7 +35,7 @@ from fedshield.he.flooding import roots_of
 from fedshield.trust.identity import Identity
 
 from conftest import make_state, weighted_average
-from federation_fixtures import answer, pinned_federation
+from federation_fixtures import answer, commit_all, pinned_federation
 from key_scan import assert_key_material_only_in_own_node, key_windows
 
 THRESHOLD = fs.CKKSParams.for_precision(keys="threshold")
@@ -64,8 +65,11 @@ class Federation:
         return answer(self.holders, op, requests, self.relay)
 
     def run(self, epoch: int = 1):
-        return KeySetup(self.params, self.mode, self.t, self.roster, self.server.public,
-                        self.ask, settings=self.settings).run(epoch)
+        setup = KeySetup(self.params, self.mode, self.t, self.roster, self.server.public,
+                         self.ask, settings=self.settings)
+        result = setup.run(epoch)
+        commit_all(setup, result, self.holders)
+        return result
 
 
 # -- which subsets, and who is to blame ---------------------------------------------------------
@@ -114,8 +118,9 @@ def test_protocol_makes_working_keys_on_each_node(tmp_path, mode, n, t):
         # threshold keys: the key check's probes are partial decryptions, and count
         assert (budget.decrypted >= 1) == (mode == "threshold")
         ctxs.append(ctx)
-    # collective key generation: four message steps for any n; shared keys: three
-    assert result.message_steps == (4 if mode == "threshold" else 3)
+    # collective key generation: three message steps for any n; shared keys: two (the commit
+    # rides on the first train request)
+    assert result.message_steps == (3 if mode == "threshold" else 2)
     # a round with the keys: every party's update, the sum decrypted
     states = [make_state(900 + i) for i in range(n)]
     layout = fs.Layout.from_state_dict(states[0])
@@ -241,6 +246,77 @@ def test_epochs_only_move_forward_and_rotation_replaces_the_key(tmp_path):
     assert fs.load_context(fed.holders[0].key_file).fingerprint == second.fingerprint
     budget = DecryptionBudget(fed.holders[0].budget_file, 2 ** 20)
     assert budget.context_fp == second.fingerprint
+
+
+def test_the_commit_is_checked_and_a_refusal_names_the_party(tmp_path):
+    """The set-up's last step rides on each party's next train request: until then no key is
+    written; a commit of another context or epoch is refused, and the set-up fails naming the
+    party that refused it or committed another key."""
+    fed = Federation(tmp_path, 2, "shared")
+    setup = KeySetup(fed.params, fed.mode, fed.t, fed.roster, fed.server.public, fed.ask,
+                     settings=fed.settings)
+    result = setup.run(1)
+    fp = result.context.fingerprint.hex()
+    assert result.commit == KeyCommit(epoch=1, context_fp=fp)
+    assert all(h.awaiting_commit and not h.key_file.exists() for h in fed.holders)
+    with pytest.raises(fs.KeySetupError, match="party 0: the server commits context abab"):
+        fed.holders[0].commit(KeyCommit(epoch=1, context_fp="ab" * 32))
+    with pytest.raises(fs.KeySetupError, match="party 1: key set-up message for epoch 2"):
+        fed.holders[1].commit(KeyCommit(epoch=2, context_fp=fp))
+    with pytest.raises(fs.KeySetupError) as refusal:
+        fed.holders[1].commit(KeyCommit(epoch=1, context_fp="ab" * 32))
+    with pytest.raises(fs.KeySetupError, match="party 1 failed the commit: party 1: the "
+                       "server commits context"):
+        setup.check_commit(result, 1, refusal.value)
+    with pytest.raises(fs.KeySetupError, match="party 0 committed another context") as other:
+        setup.check_commit(result, 0, "ab" * 32)
+    assert other.value.culprit == 0
+    with pytest.raises(fs.KeySetupError, match="party 1 did not answer the commit"):
+        setup.check_commit(result, 1, None)
+    assert all(h.awaiting_commit for h in fed.holders)
+    commit_all(setup, result, fed.holders)
+    assert not any(h.awaiting_commit for h in fed.holders)
+    assert fs.load_context(fed.holders[1].key_file).fingerprint.hex() == fp
+    assert fed.holders[1].commit(result.commit) == fp     # again (a lost reply): the same key
+
+
+def test_the_commit_rides_on_the_first_train_request_and_again_after_a_lost_reply(tmp_path):
+    """In an engine: before its commit a site applies and trains nothing under the new keys;
+    the commit rides on round 1's train request (the key set-up costs shared keys two steps),
+    and a party whose reply was lost gets it again with its next request."""
+    from fedshield.config import RunConfig
+    from fedshield.engines.local import LocalEngine
+    from fedshield.fl.protocol import TrainRequest
+
+    cfg = RunConfig.from_flat(clients=3, rounds=2, local_steps=1, examples_per_client=16,
+                              lora_r=2, samples=0, min_clients=1, out=str(tmp_path))
+    engine = LocalEngine(cfg, show_progress=False)
+    carried = []
+
+    def send(requests):
+        trains = {n: r for n, r in requests.items() if isinstance(r, TrainRequest)}
+        out = engine.send(requests)
+        if trains:
+            carried.append({n: r.commit is not None for n, r in trains.items()})
+            if len(carried) == 1:   # party 2's first reply is lost on the way
+                out = [(n, x) for n, x in out if n != 2]
+        return out
+
+    driver = RoundDriver(engine.server, send, pipeline=False)
+    driver.set_up_keys(before_round=1)
+    with pytest.raises(fs.KeySetupError, match="party 0: the keys of epoch 1 are set up but "
+                       "not committed"):
+        engine.rounds[0].handle(TrainRequest(engine.server.plan_for(1)))
+    for r in (1, 2):
+        driver.run_round(r)
+    assert carried == [{0: True, 1: True, 2: True}, {0: False, 1: False, 2: True},
+                       {0: False, 1: False, 2: False}, {0: False, 1: False, 2: False}]
+    assert driver.steps == {"keys": 2, "1": 2, "2": 2}
+    rounds = engine.server.record.rounds
+    assert [r.status for r in rounds] == ["ok", "ok"]
+    assert [r.clients for r in rounds] == [[0, 1], [0, 1, 2]]
+    fps = {fs.load_context(s.keys.key_file).fingerprint for s in engine.sites}
+    assert fps == {engine.server.ctx.fingerprint}
 
 
 def test_every_check_subset_pair_is_listed_once():

@@ -70,6 +70,7 @@ LAZY_OK = {
     ("cli.commands", "engines.flower.launcher"): "flwr: --engine flower only",
     ("cli.commands", "engines.flower.site_worker"): "torch and openfhe: `fedshield site worker` only",
     ("cli.commands", "engines.flower.site_executor"): "flwr: `fedshield site executor` only",
+    ("cli.commands", "engines.flower.supernode"): "flwr: `fedshield site supernode` only",
     ("cli.commands", "training.evaluation"): "torch: `fedshield eval` only",
     ("cli.commands", "run.report"): "matplotlib: `fedshield report` only",
     ("cli.commands", "run.bench"): "torch and openfhe: `fedshield bench` only",

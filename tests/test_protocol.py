@@ -11,7 +11,7 @@ from fedshield.config import RunConfig
 from fedshield.fl.messages import EvalReply, InvalidMessage, RoundPlan, ShareReply, SiteInfo, \
     TrainReply
 from fedshield.fl.protocol import (Aggregate, CatchUp, CatchUpReply, CatchUpRequest,
-                                   ShareRequest, TrainRequest, TrainResult, reply_to_wire,
+                                   KeyCommit, ShareRequest, TrainRequest, TrainResult, reply_to_wire,
                                    request_from_wire)
 from fedshield.fl.rounds import RoundDriver
 from fedshield.fl.server import Server
@@ -31,7 +31,8 @@ def test_requests_survive_their_wire_form():
     full = TrainRequest(PLAN, Aggregate(PREVIOUS, blob=b"agg", shares=((0, b"s0", b"r0"),
                                                                        (2, b"s2", b"r2")),
                                         provenance=(b"manifest", b"record"), save_adapter=True),
-                        CatchUp(version=1, source=0, sealed=b"sealed"))
+                        CatchUp(version=1, source=0, sealed=b"sealed"),
+                        KeyCommit(epoch=2, context_fp="0a" * 32))
     assert _round_trip(full) == full
     for request in (TrainRequest(PLAN), TrainRequest(None, Aggregate(PREVIOUS, blob=b"a")),
                     ShareRequest(round=2, present=(0, 2), aggregate=b"agg",
@@ -55,6 +56,10 @@ def test_replies_survive_their_wire_form_and_the_metrics_policy():
     assert got.evaluation.budget_left == 9 and got.update.update == b"u"
     applied_only = TrainResult(evaluation=evaluation, train_error="TrainFnError: failed")
     assert TrainResult.from_wire(*applied_only.to_wire()) == applied_only
+    committed = TrainResult(update=update, committed="0a" * 32)
+    assert TrainResult.from_wire(*committed.to_wire()) == committed
+    refused = TrainResult(commit_refused="KeySetupError: the key set-up failed at this site")
+    assert TrainResult.from_wire(*refused.to_wire()) == refused
     share = ShareReply(share=b"s", seconds=0.2, signature=b"r")
     assert ShareRequest.reply_from_wire(*reply_to_wire(share)) == share
     request = CatchUpRequest(version=2, to=(1, 3))
@@ -75,6 +80,11 @@ def test_replies_survive_their_wire_form_and_the_metrics_policy():
     ("train", PLAN.to_fields(), [b"stray"], "no aggregate"),
     ("train", {}, [], "neither a plan nor an aggregate"),
     ("train", {"catchup.version": 1, "catchup.from": 0}, [], "sealed adapter"),
+    ("train", {**PLAN.to_fields(), "commit.epoch": 1}, [], "missing field 'commit.context-fp'"),
+    ("train", {**PLAN.to_fields(), "commit.epoch": 0, "commit.context-fp": "ab"}, [],
+     "commit.epoch=0"),
+    ("train", {**PLAN.to_fields(), "commit.epoch": 1, "commit.context-fp": "../x"}, [],
+     "not a hex fingerprint"),
     ("share", {"round": 2, "present": [0]}, [], "the aggregate"),
     ("share", {"round": 2, "present": [0], "out": 1}, [b"a"], "unknown fields"),
     ("catchup", {"version": 1, "to": [True]}, [], "list of ints"),

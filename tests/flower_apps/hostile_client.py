@@ -61,7 +61,7 @@ def relay(msg, context):
     if kind == "query.join":
         _probe(context, "join")
     elif kind == "train" and message_fields(msg).get("round") == 1:
-        _probe(context, "train")   # after the key set-up: the key file exists
+        _probe(context, "train")   # after the key set-up (its commit rides on this request)
     return real.relay(msg, context)
 
 

@@ -79,11 +79,16 @@ def check(context, party, ctx, n, blob):
 
 
 def train(msg, context):
-    """Checks the aggregate the request carries; makes this round's large update."""
-    party, ctx, n = _setup(context)
+    """Checks the aggregate the request carries; makes this round's large update. A request
+    that carries the key set-up's commit goes to the site worker first, which commits (and
+    trains its own model: its update is not sent)."""
     fields = message_fields(msg)
     request = TrainRequest.from_wire({k: v for k, v in fields.items() if k not in
                                       ("op", "blobs")}, get_blobs(msg.content, fields["blobs"]))
+    committed = None
+    if request.commit is not None:
+        committed = message_fields(real.relay(msg, context)).get("committed")
+    party, ctx, n = _setup(context)
     evaluation = (check(context, party, ctx, n, request.apply.blob)
                   if request.apply is not None else None)
     update = None
@@ -99,7 +104,8 @@ def train(msg, context):
         update = TrainReply(party=party, round=plan.round, train_loss=0.0, kept_fraction=1.0,
                             seconds={"encrypt": time.perf_counter() - start}, update=blob,
                             signature=sign_update(identity, party, blob))
-    out, blobs = TrainResult(evaluation=evaluation, update=update).to_wire()
+    out, blobs = TrainResult(evaluation=evaluation, update=update,
+                             committed=committed).to_wire()
     return _reply(msg, out, blobs)
 
 

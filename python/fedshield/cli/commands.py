@@ -123,6 +123,20 @@ def _site_parser(sub) -> None:
                      help="CA certificate(s) of the SuperNode's ClientAppIo TLS")
     tls.add_argument("--insecure", action="store_true",
                      help="plaintext to the SuperNode (loopback on the same machine only)")
+    s = commands.add_parser(
+        "supernode", formatter_class=_HelpFormatter,
+        help="start Flower's SuperNode, polling for the next message every --idle-poll s",
+        description="Runs Flower's own SuperNode with the arguments after `--` (those of "
+                    "flower-supernode). Flower 1.30's SuperNode sleeps 3 s whenever its "
+                    "SuperLink has no message for it, so every message step of a run waits "
+                    "up to 3 s more; here that sleep is --idle-poll seconds. Where the Flower "
+                    "release is not the one fedshield checked, the stock SuperNode runs, with "
+                    "a warning.")
+    s.add_argument("--idle-poll", type=float, default=None, metavar="SECONDS",
+                   help="seconds between two pulls while no message waits (default: 0.2; "
+                        "Flower's own: 3)")
+    s.add_argument("flower_args", nargs=argparse.REMAINDER, metavar="-- FLOWER-SUPERNODE-ARGS",
+                   help="flower-supernode's own arguments, after `--`")
     cli_site_check.add_parser(commands, _HelpFormatter)
 
 
@@ -330,6 +344,12 @@ def _cmd_site(args) -> int:
         from ..engines.flower.site_executor import main  # noqa: PLC0415 - flwr is optional
 
         return main(args.clientappio_api_address, args.root_certificates)
+    if args.site_command == "supernode":
+        from ..engines.flower.supernode import main as supernode  # noqa: PLC0415 - flwr too
+
+        flower_args = list(args.flower_args)
+        return supernode(flower_args[1:] if flower_args[:1] == ["--"] else flower_args,
+                         idle=args.idle_poll)
     from ..engines.flower.site_worker import run_worker  # noqa: PLC0415 - torch loads only here
 
     return run_worker(args.config, exit_with=args.exit_with, preload_run=args.preload_run)

@@ -172,10 +172,7 @@ class LocalEngine:
         holder = site.keys or site.key_holder(self._party_dir(site) / "party.key",
                                               federation=self.federation
                                               or self.pin_federation())
-        out = holder.handle(request.op, request.fields, list(request.blobs))
-        if request.op == "keys.commit":   # the key it just wrote becomes the party's
-            site.take_committed_keys()
-        return out
+        return holder.handle(request.op, request.fields, list(request.blobs))
 
     # -- the transport: each request to its site's handler, in this process -----------------
     def send(self, requests) -> list:

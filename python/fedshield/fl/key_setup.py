@@ -8,7 +8,8 @@ strings. The local engine calls ``handle`` in-process; the Flower engine carries
 in messages to each site worker. Each ``ask`` is one message step (all parties at once);
 :attr:`KeySetupResult.message_steps` counts them.
 
-Threshold keys, key epoch ``e``: four message steps for any n (signatures: each party's
+Threshold keys, key epoch ``e``: three message steps for any n, and a commit that rides on
+the first round's train request (signatures: each party's
 identity key, fedshield.trust.identity, with ``round`` = the epoch). Collective key generation
 (fedshield.he.threshold): every party expands the same uniform ``a`` from a public seed (a hash
 of the parameters, n, t, the roster and the epoch), makes its own key share s_i and
@@ -37,9 +38,14 @@ b_i = -a * s_i + e_i; the joint public key is (sum_i b_i, a).
    passing set or not). What the failing sets used and no passing one did names the party
    (:func:`suspects`): a party whose key share does not match its b_i, or a dealer whose
    share to a recipient is inconsistent. The set-up stops with fs.KeySetupError naming it.
-4. ``keys.commit``: every party writes its context (its key share, mode 0600) to its own key
-   file and starts a decryption budget for the new key (the probes count against it); the
-   server keeps the public context.
+4. The commit rides on each party's next train request (fedshield.fl.protocol.KeyCommit:
+   the epoch and the public context's fingerprint; no message step of its own): the party
+   checks both against the key it made, writes its context (its key share, mode 0600) to its
+   own key file, starts a decryption budget for the new key (the probes count against it),
+   takes the key, and replies with its fingerprint before it applies or trains anything. It
+   refuses to apply or train while a key it made is not committed. The server keeps the
+   public context; a party that commits another context, or refuses, fails the set-up
+   (:meth:`KeySetup.check_commit`); one that did not answer gets the commit again.
 
 The rogue key: a party that saw the others' b_i before choosing its own could pick
 b = -sum_others b_j - a * s' + e, a joint key of which it alone knows the secret s'. No b_i is
@@ -48,12 +54,12 @@ every party (and the server) refuses a revealed b_i that is not the one committe
 its party. A new epoch makes a new seed, hence a new a and fresh key shares: nothing revealed
 in one epoch helps in another.
 
-Shared keys (the paper's mode), three steps: at ``keys.begin`` party 0 also makes the key pair
+Shared keys (the paper's mode), two steps and the commit: at ``keys.begin`` party 0 also makes the key pair
 and seals its residues to every other party; ``keys.shared-take``: every other party rebuilds
 the client context on its own crypto context, keeps it only if its fingerprint is that of the
 public context party 0 signed and its secret key decrypts that public key to zero
 (fedshield.he.keys.check_key_pair: a local test decryption, so a party holding another key than
-party 0's is named at once), and answers with the fingerprint; ``keys.commit``.
+party 0's is named at once), and answers with the fingerprint; then the commit.
 
 No party hands another machine's bytes to OpenFHE: each makes its crypto context from the
 parameters of ``keys.begin``, and b_i, the joint public key and the shared key travel as
@@ -91,6 +97,7 @@ from ..he.partial import key_probes, probes_match
 from ..he.wipe import wipe
 from ..trust.federation import Federation, RunSettings
 from ..trust.identity import Identity, PublicIdentity, sign_blob, verify_blob
+from .protocol import KeyCommit
 
 log = logging.getLogger("fedshield")
 
@@ -296,9 +303,16 @@ class KeyHolder:
         self._ctx: Optional[Context] = None        # made this epoch, not yet committed
         self._check_decryptions = 0                 # charged to the new key's budget at commit
         self.committed: Optional[Context] = None    # the context of the last committed epoch
+        self.committed_epoch: Optional[int] = None
 
     def __repr__(self) -> str:
         return f"KeyHolder(party {self.party_id}, epoch {self.epoch})"
+
+    @property
+    def awaiting_commit(self) -> bool:
+        """A key set-up began an epoch that this party has not committed: until it does, it
+        applies and trains nothing (its next train request must carry the commit)."""
+        return self.epoch is not None and self.epoch != self.committed_epoch
 
     @property
     def budget_file(self) -> Path:
@@ -307,7 +321,7 @@ class KeyHolder:
     def handle(self, op: str, fields: Mapping, sections: list) -> Request:
         """Answers one key set-up operation (see the module docstring)."""
         ops = {"keys.begin": self._begin, "keys.reveal": self._reveal, "keys.join": self._join,
-               "keys.commit": self._commit, "keys.shared-take": self._shared_take}
+               "keys.shared-take": self._shared_take}
         if op not in ops:
             raise ParameterError(f"unknown key set-up operation {op!r}")
         if op != "keys.begin":
@@ -564,11 +578,19 @@ class KeyHolder:
         self._ctx = ctx
         return {"context-fp": ctx.fingerprint.hex()}, []
 
-    def _commit(self, fields: Mapping, sections: list) -> Request:
+    def commit(self, commit: KeyCommit) -> str:
+        """The key set-up's last step (it rides on the party's next train request): writes the
+        key this party made in ``commit.epoch`` to its key file and starts its decryption
+        budget; returns its fingerprint (hex). Committing the committed epoch again (a reply
+        the server did not get) only returns it."""
+        if commit.epoch == self.committed_epoch and self.committed is not None \
+                and commit.context_fp == self.committed.fingerprint.hex():
+            return commit.context_fp
+        self._expect_epoch({"epoch": commit.epoch})
         ctx = self._require_ctx()
-        if fields.get("context-fp") != ctx.fingerprint.hex():
+        if commit.context_fp != ctx.fingerprint.hex():
             raise KeySetupError(f"party {self.party_id}: the server commits context "
-                                f"{str(fields.get('context-fp'))[:12]}..., this party made "
+                                f"{commit.context_fp[:12]}..., this party made "
                                 f"{ctx.fingerprint.hex()[:12]}...")
         self.key_file.parent.mkdir(parents=True, exist_ok=True)
         ctx.save(self.key_file)
@@ -578,10 +600,10 @@ class KeyHolder:
         if self._check_decryptions:  # the key check's decryptions count for the new key
             budget.charge(ctx.fingerprint, self._check_decryptions)
         self._ctx = None
-        self.committed = ctx
+        self.committed, self.committed_epoch = ctx, self.epoch
         log.info("key set-up, epoch %d: party %d wrote its key to %s", self.epoch,
                  self.party_id, self.key_file)
-        return {"context-fp": ctx.fingerprint.hex()}, []
+        return ctx.fingerprint.hex()
 
 
 # -- the server's half -------------------------------------------------------------------------
@@ -592,6 +614,11 @@ class KeySetupResult:
     subsets_checked: int
     seconds: float
     message_steps: int             # the rounds of messages it took (each to all parties at once)
+
+    @property
+    def commit(self) -> KeyCommit:
+        """Its last step, which rides on every party's next train request."""
+        return KeyCommit(epoch=self.epoch, context_fp=self.context.fingerprint.hex())
 
 
 class KeySetup:
@@ -614,32 +641,40 @@ class KeySetup:
     def _all(self, op: str, requests: Mapping[int, Request]) -> dict[int, Request]:
         self.steps += 1
         replies = self.ask(op, requests)
-        out = {}
-        for party in requests:
-            reply = replies.get(party)
-            if reply is None:
-                raise KeySetupError(f"party {party} did not answer {op} (key set-up needs "
-                                    "every party)", culprit=party)
-            if isinstance(reply, tuple) and len(reply) == 2 and isinstance(reply[0], Mapping):
-                try:  # a refusal that crossed a transport as reply fields (the site worker's)
-                    reply = refusal_from(reply[0]) or reply
-                except KeySetupError as exc:
-                    raise KeySetupError(f"party {party} failed {op}: {exc}",
-                                        culprit=party) from exc
-            if isinstance(reply, KeyMessageRefused) and 0 <= reply.sender < self.n \
-                    and reply.sender != party:
-                # the party that signed what was refused failed the set-up, not its receiver
-                raise KeyMessageRefused(f"party {reply.sender} sent a bad key set-up message "
-                                        f"({op}): {reply}", sender=reply.sender)
-            if isinstance(reply, BaseException):
-                # a party may blame itself, or nobody (the relay altered what it got); another
-                # party only through KeyMessageRefused, above
-                plain = isinstance(reply, KeySetupError) and not isinstance(reply,
-                                                                             KeyMessageRefused)
-                culprit = None if plain and reply.culprit != party else party
-                raise KeySetupError(f"party {party} failed {op}: {reply}", culprit=culprit)
-            out[party] = reply
-        return out
+        return {party: self._answer(op, party, replies.get(party)) for party in requests}
+
+    def _answer(self, op: str, party: int, reply):
+        """A party's reply to ``op``, or the KeySetupError that names who failed it."""
+        if reply is None:
+            raise KeySetupError(f"party {party} did not answer {op} (key set-up needs "
+                                "every party)", culprit=party)
+        if isinstance(reply, tuple) and len(reply) == 2 and isinstance(reply[0], Mapping):
+            try:  # a refusal that crossed a transport as reply fields (the site worker's)
+                reply = refusal_from(reply[0]) or reply
+            except KeySetupError as exc:
+                raise KeySetupError(f"party {party} failed {op}: {exc}",
+                                    culprit=party) from exc
+        if isinstance(reply, KeyMessageRefused) and 0 <= reply.sender < self.n \
+                and reply.sender != party:
+            # the party that signed what was refused failed the set-up, not its receiver
+            raise KeyMessageRefused(f"party {reply.sender} sent a bad key set-up message "
+                                    f"({op}): {reply}", sender=reply.sender)
+        if isinstance(reply, BaseException):
+            # a party may blame itself, or nobody (the relay altered what it got); another
+            # party only through KeyMessageRefused, above
+            plain = isinstance(reply, KeySetupError) and not isinstance(reply,
+                                                                         KeyMessageRefused)
+            culprit = None if plain and reply.culprit != party else party
+            raise KeySetupError(f"party {party} failed {op}: {reply}", culprit=culprit)
+        return reply
+
+    def check_commit(self, result: KeySetupResult, party: int, reply) -> None:
+        """A party's answer to the commit of ``result`` (the fingerprint it committed, or the
+        exception it refused with), checked as the set-up's other steps are: KeySetupError
+        naming who failed it unless it committed the public context."""
+        committed = self._answer("the commit", party, reply)
+        if committed != result.context.fingerprint.hex():
+            raise KeySetupError(f"party {party} committed another context", culprit=party)
 
     def _verified(self, domain: str, party: int, blob, record, epoch: int) -> None:
         try:
@@ -649,7 +684,9 @@ class KeySetup:
                                 culprit=party) from exc
 
     def run(self, epoch: int) -> KeySetupResult:
-        """Sets up and checks the keys of ``epoch``; KeySetupError naming the party if not."""
+        """Sets up and checks the keys of ``epoch``; KeySetupError naming the party if not.
+        Each party then commits them with its next train request (``result.commit``, checked
+        by :meth:`check_commit`)."""
         start = time.perf_counter()
         self.steps = 0
         begin = {"epoch": epoch, "mode": self.mode, "params": self.params.to_json(),
@@ -662,11 +699,6 @@ class KeySetup:
             public, checked = self._threshold(made, e, epoch)
         else:
             public, checked = self._shared(made, e, epoch), 1
-        commit = {**e, "context-fp": public.fingerprint.hex()}
-        replies = self._all("keys.commit", {p: (commit, []) for p in range(self.n)})
-        for party, (fields, _) in replies.items():
-            if fields.get("context-fp") != public.fingerprint.hex():
-                raise KeySetupError(f"party {party} committed another context", culprit=party)
         seconds = time.perf_counter() - start
         log.info("key set-up, epoch %d: %s keys of %d parties (t=%d) set up and checked over "
                  "%d present sets in %d message steps, %.1f s; context %s...", epoch,
@@ -814,6 +846,6 @@ class KeySetup:
         return public
 
 
-__all__ = ["COMMITMENT_BYTES", "KeyHolder", "KeySetup", "KeySetupResult", "check_subsets",
+__all__ = ["COMMITMENT_BYTES", "KeyCommit", "KeyHolder", "KeySetup", "KeySetupResult", "check_subsets",
            "client_aad", "epoch_seed", "probe_sets", "probes_message", "read_probes",
            "share_aad", "suspects", "used_material"]

@@ -9,7 +9,11 @@ fs.FedShieldError) naming the bad field or count.
 
 One round, shared keys, is ONE message step: a :class:`TrainRequest` carries the previous
 round's aggregate (``apply``) and this round's plan; the site decrypts and applies the
-aggregate, evaluates it, trains, encrypts and returns a :class:`TrainResult` with both. With
+aggregate, evaluates it, trains, encrypts and returns a :class:`TrainResult` with both. The
+first train request after a key set-up also carries its last step (``commit``, a
+:class:`KeyCommit`): the site writes its new key and takes it before anything else, and says so
+in its reply (``committed``); a party that did not answer it gets the commit again with its
+next request. With
 threshold keys a :class:`ShareRequest` comes first (the partial decryptions the train request
 then carries). A party that missed an aggregate takes the current adapter with its next train
 request (``catch_up``), sealed to it by a party that holds it (:class:`CatchUpRequest`). The
@@ -29,9 +33,10 @@ from .messages import (EvalReply, InvalidMessage, RoundPlan, ShareReply, TrainRe
 
 TRAIN, SHARE, CATCHUP = "train", "share", "catchup"     # the ops of the round requests
 PLAN_FIELDS = ("round", "lr", "prune", "prune-ratio", "weight-bound", "base-version")
-APPLY, CATCH = "apply.", "catchup."                     # field prefixes of a TrainRequest
+APPLY, CATCH, COMMIT = "apply.", "catchup.", "commit."  # field prefixes of a TrainRequest
 EVAL = "eval."                                          # field prefix of a TrainResult's eval
 TRAIN_ERROR, CAUGHT_UP = "train-error", "caught-up"     # more fields of a TrainResult
+COMMITTED, COMMIT_REFUSED = "committed", "commit-refused"
 
 
 def _ints(fields: Mapping, name: str) -> list[int]:
@@ -85,13 +90,30 @@ class CatchUp:
 
 
 @dataclass(frozen=True)
+class KeyCommit:
+    """The key set-up's last step (fedshield.fl.key_setup): write and use the key of epoch
+    ``epoch``, whose public context has fingerprint ``context_fp`` (hex)."""
+
+    epoch: int
+    context_fp: str
+
+    def __post_init__(self) -> None:
+        fp = self.context_fp
+        if not (isinstance(fp, str) and 0 < len(fp) <= 128
+                and all(c in "0123456789abcdef" for c in fp)):
+            raise InvalidMessage(f"{COMMIT}context-fp={fp!r:.80} is not a hex fingerprint")
+
+
+@dataclass(frozen=True)
 class TrainRequest:
-    """Apply ``apply`` (after taking ``catch_up``), evaluate it, then train round ``plan``
-    (None: apply and evaluate only, the run's last aggregate)."""
+    """Commit the key set-up's keys (``commit``), apply ``apply`` (after taking ``catch_up``),
+    evaluate it, then train round ``plan`` (None: apply and evaluate only, the run's last
+    aggregate)."""
 
     plan: RoundPlan | None
     apply: Aggregate | None = None
     catch_up: CatchUp | None = None
+    commit: KeyCommit | None = None
     op = TRAIN
 
     def __post_init__(self) -> None:
@@ -100,6 +122,9 @@ class TrainRequest:
 
     def to_wire(self) -> tuple[dict, list[bytes]]:
         fields, blobs = dict(self.plan.to_fields()) if self.plan else {}, []
+        if self.commit is not None:
+            fields.update({COMMIT + "epoch": self.commit.epoch,
+                           COMMIT + "context-fp": self.commit.context_fp})
         if self.catch_up is not None:
             fields.update({CATCH + "version": self.catch_up.version,
                            CATCH + "from": self.catch_up.source})
@@ -118,13 +143,18 @@ class TrainRequest:
     @classmethod
     def from_wire(cls, fields: Mapping, blobs: Sequence) -> "TrainRequest":
         known = {*PLAN_FIELDS, *(APPLY + k for k in PLAN_FIELDS), APPLY + "shares",
-                 APPLY + "save-adapter", CATCH + "version", CATCH + "from"}
+                 APPLY + "save-adapter", CATCH + "version", CATCH + "from", COMMIT + "epoch",
+                 COMMIT + "context-fp"}
         unknown = sorted(str(k)[:64] for k in fields if k not in known)
         if unknown:
             raise InvalidMessage(f"train: unknown fields {unknown}")
         blobs = _bytes(blobs, "train")
         plan = (RoundPlan.from_fields(fields) if any(k in fields for k in PLAN_FIELDS)
                 else None)
+        commit = None
+        if COMMIT + "epoch" in fields or COMMIT + "context-fp" in fields:
+            commit = KeyCommit(epoch=_int(fields, COMMIT + "epoch", 1),
+                               context_fp=_get(fields, COMMIT + "context-fp"))
         catch_up = None
         if CATCH + "version" in fields or CATCH + "from" in fields:
             _count(blobs, 1, "train: the sealed adapter of a catch-up", at_least=True)
@@ -145,7 +175,7 @@ class TrainRequest:
                               provenance=tuple(blobs[1 + 2 * n:]), save_adapter=save)
         elif blobs:
             raise InvalidMessage(f"train: {len(blobs)} byte strings with no aggregate")
-        return cls(plan=plan, apply=apply, catch_up=catch_up)
+        return cls(plan=plan, apply=apply, catch_up=catch_up, commit=commit)
 
     @staticmethod
     def reply_from_wire(fields: Mapping, blobs: Sequence) -> "TrainResult":
@@ -155,13 +185,16 @@ class TrainRequest:
 @dataclass(frozen=True)
 class TrainResult:
     """A site's answer to a TrainRequest: its evaluation of the aggregate it applied, and its
-    update for the round, or why it could not train after applying (``train_error``: the
-    error's type and fixed message)."""
+    update for the round, or why it could not train after applying or committing
+    (``train_error``: the error's type and fixed message). With a commit: the fingerprint of
+    the key it committed, or why it refused to (``commit_refused``; then nothing else)."""
 
     evaluation: EvalReply | None = None
     update: TrainReply | None = None
     train_error: str | None = None
     caught_up: str | None = None      # fingerprint of the adapter a catch-up brought
+    committed: str | None = None      # fingerprint of the key context it committed
+    commit_refused: str | None = None
 
     def to_wire(self, keep=lambda fields: fields) -> tuple[dict, list[bytes]]:
         """``keep``: what of a part's fields may leave (the site's metrics policy)."""
@@ -174,19 +207,21 @@ class TrainResult:
             fields.update({EVAL + k: v for k, v in keep(self.evaluation.to_fields()).items()})
         if self.train_error is not None:
             fields[TRAIN_ERROR] = self.train_error
-        if self.caught_up is not None:
-            fields[CAUGHT_UP] = self.caught_up
+        for name, value in ((CAUGHT_UP, self.caught_up), (COMMITTED, self.committed),
+                            (COMMIT_REFUSED, self.commit_refused)):
+            if value is not None:
+                fields[name] = value
         return fields, blobs
 
     @classmethod
     def from_wire(cls, fields: Mapping, blobs: Sequence) -> "TrainResult":
         blobs = _bytes(blobs, "train reply")
-        own = {k: v for k, v in fields.items()
-               if not k.startswith(EVAL) and k not in (TRAIN_ERROR, CAUGHT_UP)}
+        texts = (TRAIN_ERROR, CAUGHT_UP, COMMITTED, COMMIT_REFUSED)
+        own = {k: v for k, v in fields.items() if not k.startswith(EVAL) and k not in texts}
         evaluation = (EvalReply.from_fields(_prefixed(EVAL, fields))
                       if any(k.startswith(EVAL) for k in fields) else None)
-        error, caught_up = fields.get(TRAIN_ERROR), fields.get(CAUGHT_UP)
-        for name, value in ((TRAIN_ERROR, error), (CAUGHT_UP, caught_up)):
+        for name in texts:
+            value = fields.get(name)
             if value is not None and not isinstance(value, str):
                 raise InvalidMessage(f"{name}={value!r:.40} is not a string")
         update = None
@@ -195,8 +230,9 @@ class TrainResult:
             update = TrainReply.from_fields(own, blobs[0], signature=blobs[1])
         elif blobs:
             raise InvalidMessage(f"train reply: {len(blobs)} byte strings with no update")
-        return cls(evaluation=evaluation, update=update, train_error=error,
-                   caught_up=caught_up)
+        return cls(evaluation=evaluation, update=update, train_error=fields.get(TRAIN_ERROR),
+                   caught_up=fields.get(CAUGHT_UP), committed=fields.get(COMMITTED),
+                   commit_refused=fields.get(COMMIT_REFUSED))
 
 
 # -- threshold keys: the partial decryptions ---------------------------------------------------

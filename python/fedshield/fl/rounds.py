@@ -12,6 +12,8 @@ goes through the Grid. :class:`RoundDriver` runs the rounds through it with the 
   pending aggregate when the keys are to be rotated (it is decrypted under the old keys).
 - a party that missed an aggregate takes the current adapter with its next train request,
   sealed to it by a party that holds it (one more step, to that party, in that round).
+- a key set-up's last step, the commit, rides on each party's next train request (until the
+  party answers it): the set-up costs no step of its own for it.
 
 With ``pipeline=False`` every round's aggregate is applied in a step of its own (the local
 engine: there a step costs nothing, and each round is recorded before the next starts); the
@@ -24,12 +26,12 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping
 
-from ..base.errors import FedShieldError
+from ..base.errors import FedShieldError, KeySetupError
 from ..trust.federation import run_settings
-from .key_setup import KeySetup
+from .key_setup import KeySetup, KeySetupResult
 from .messages import InvalidMessage, RoundPlan, ShareReply
-from .protocol import (Aggregate, CatchUp, CatchUpReply, CatchUpRequest, RelayedRequest,
-                       ShareRequest, TrainRequest, TrainResult)
+from .protocol import (Aggregate, CatchUp, CatchUpReply, CatchUpRequest, KeyCommit,
+                       RelayedRequest, ShareRequest, TrainRequest, TrainResult)
 from .record import RoundRecord
 from .server import Server
 
@@ -69,6 +71,9 @@ class RoundDriver:
         self.pending: Pending | None = None
         self.last_result = None        # the last round's aggregate (or plaintext average)
         self.steps: dict[str, int] = {}
+        # the last key set-up, and the parties that have not answered its commit yet
+        self.key_setup: tuple[KeySetup, KeySetupResult] | None = None
+        self.commits: dict[int, KeyCommit] = {}
 
     # -- message steps --------------------------------------------------------------------------
     def step(self, label: str, requests: Mapping[int, object]) -> list:
@@ -103,18 +108,44 @@ class RoundDriver:
 
     def set_up_keys(self, before_round: int) -> None:
         """A key epoch by the protocol (fedshield.fl.key_setup): the first one, or a rotation
-        when a key's decryption budget runs low. A party that fails it stops the run
-        (KeySetupError naming the party)."""
+        when a key's decryption budget runs low. Its commit rides on each party's next train
+        request. A party that fails it stops the run (KeySetupError naming the party)."""
         server = self.server
         cfg = server.cfg
         epoch = server.epoch + 1
-        result = KeySetup(cfg.ckks_params(), cfg.keys.mode, cfg.keys.threshold or cfg.n_sites,
-                          server.roster, server.identity.public, self.key_ask(),
-                          settings=run_settings(cfg)).run(epoch)
+        setup = KeySetup(cfg.ckks_params(), cfg.keys.mode, cfg.keys.threshold or cfg.n_sites,
+                         server.roster, server.identity.public, self.key_ask(),
+                         settings=run_settings(cfg))
+        result = setup.run(epoch)
         server.key_epoch_done(epoch, result.context, before_round, result.seconds,
                               result.subsets_checked, result.message_steps)
+        self.key_setup = (setup, result)
+        self.commits = dict.fromkeys(server.participants.values(), result.commit)
         if self.on_keys is not None:
             self.on_keys(result.context)
+
+    def _train_request(self, party: int, plan: RoundPlan | None, apply: Aggregate | None,
+                       catch_up: CatchUp | None) -> TrainRequest:
+        return TrainRequest(plan, apply, catch_up, self.commits.get(party))
+
+    def _check_commits(self, replies: Mapping[int, object]) -> None:
+        """The parties' answers to the commit their train requests carried: one that refused
+        it, or committed another key, fails the key set-up; one that did not answer (its
+        reply lost, or it failed before its worker saw the request) gets it again."""
+        if not self.commits:
+            return
+        setup, result = self.key_setup
+        for party in list(self.commits):
+            reply = replies.get(party)
+            if party not in self.server.participants.values():
+                del self.commits[party]
+            elif isinstance(reply, TrainResult):
+                answer = reply.committed
+                if reply.commit_refused is not None or answer is None:
+                    answer = KeySetupError(reply.commit_refused or "its train reply confirms "
+                                           "no commit", culprit=party)
+                setup.check_commit(result, party, answer)
+                del self.commits[party]
 
     def _budget_short(self) -> bool:
         """Whether the keys might not decrypt the pending aggregate and one round more: then
@@ -182,10 +213,11 @@ class RoundDriver:
         catch_ups = self.catch_up(after, label)   # who missed an aggregate takes it first
         writer = min(pending.present) if final else None
         applies = self._aggregate(pending, writer)
-        requests = {server.node_of(p): TrainRequest(None, a, catch_ups.get(p))
+        requests = {server.node_of(p): self._train_request(p, None, a, catch_ups.get(p))
                     for p, a in applies.items()}
         replies = self.step(label, requests)
         by_party = self._by_party(replies)
+        self._check_commits(by_party)
         self._caught_up(catch_ups, by_party, after)
         if writer is not None and not isinstance(by_party.get(writer), TrainResult):
             log.error("party %d was to write the adapter and did not reply", writer)
@@ -216,8 +248,9 @@ class RoundDriver:
         """Round ``r`` (its aggregate is applied with round r + 1's train request, or at once
         without ``pipeline`` or when ``last``)."""
         server, label = self.server, str(r)
-        if self.pending is not None and (not self.pipeline or self._budget_short()):
-            self.flush(label)
+        if self.pending is not None and (not self.pipeline or self._budget_short()
+                                         or server.needs_new_keys()):
+            self.flush(label)   # under the keys it was made for, before any new ones
         if server.needs_new_keys():   # the first key epoch, or a rotation (budget)
             self.set_up_keys(before_round=r)
         catch_ups = self.catch_up(r, label)
@@ -227,10 +260,12 @@ class RoundDriver:
         plan = (server.plan(r) if pending is None
                 else server.plan_for(r, base_version=pending.plan.round))
         applies = self._aggregate(pending) if pending is not None else {}
-        requests = {server.node_of(p): TrainRequest(plan, applies.get(p), catch_ups.get(p))
+        requests = {server.node_of(p): self._train_request(p, plan, applies.get(p),
+                                                           catch_ups.get(p))
                     for p in sorted(server.participants.values())}
         replies = self.step(label, requests)
         by_party = self._by_party(replies)
+        self._check_commits(by_party)
         self._caught_up(catch_ups, by_party, r)
         replies = self._of_participants(replies, requests)
         if pending is not None:

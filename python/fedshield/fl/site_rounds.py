@@ -2,8 +2,8 @@
 
 The local engine calls :meth:`SiteRounds.handle` with the request objects; the Flower engine's
 site worker parses each relayed request and calls the same method, so both engines run the
-same site-side steps in the same order: take a catch-up, apply the previous aggregate,
-evaluate it, then train, prune, encrypt and sign.
+same site-side steps in the same order: commit the key set-up's new key, take a catch-up,
+apply the previous aggregate, evaluate it, then train, prune, encrypt and sign.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from ..he import EncryptedUpdate
 from ..trust.guard import Provenance
 from .adapter_store import AdapterStore, adapter_fingerprint, pack_adapter, unpack_adapter
 from .messages import RoundPlan, ShareReply
-from .protocol import (Aggregate, CatchUp, CatchUpReply, CatchUpRequest, ShareRequest,
-                       TrainRequest, TrainResult)
+from .protocol import (Aggregate, CatchUp, CatchUpReply, CatchUpRequest, KeyCommit,
+                       ShareRequest, TrainRequest, TrainResult)
 from .site import Site
 
 log = logging.getLogger("fedshield")
@@ -66,6 +66,18 @@ class SiteRounds:
     # -- train: catch up, apply, evaluate, train ------------------------------------------------
     def train(self, request: TrainRequest) -> TrainResult:
         site = self.site
+        committed = None
+        if request.commit is not None:
+            try:
+                committed = self.commit(request.commit)
+            except FedShieldError as exc:   # the set-up fails naming this party
+                log.warning("party %d refused the commit of key epoch %d: %s", site.party_id,
+                            request.commit.epoch, exc)
+                return TrainResult(commit_refused=self.describe(exc))
+        elif site.keys is not None and site.keys.awaiting_commit:
+            raise KeySetupError(f"party {site.party_id}: the keys of epoch {site.keys.epoch} "
+                                "are set up but not committed: it applies and trains nothing "
+                                "under them before their commit")
         caught_up = None
         if request.catch_up is not None:
             caught_up = self.take_adapter(request.catch_up)
@@ -77,19 +89,32 @@ class SiteRounds:
                 site.save_adapter(self.adapter_dir)   # into the site's own out_dir
                 log.info("party %d wrote %s/adapter", site.party_id, self.adapter_dir)
         if request.plan is None:
-            return TrainResult(evaluation=evaluation, caught_up=caught_up)
+            return TrainResult(evaluation=evaluation, caught_up=caught_up, committed=committed)
         try:
             self.step_back_to(request.plan)
             update = site.train_round(request.plan)
         except Exception as exc:
-            if evaluation is None:
+            if evaluation is None and committed is None:
                 raise
-            # it applied the aggregate: that counts, though it cannot train this round
+            # it applied the aggregate or committed the keys: that counts, though it cannot
+            # train this round
             log.exception("party %d could not train round %d", site.party_id,
                           request.plan.round)
             return TrainResult(evaluation=evaluation, train_error=self.describe(exc),
-                               caught_up=caught_up)
-        return TrainResult(evaluation=evaluation, update=update, caught_up=caught_up)
+                               caught_up=caught_up, committed=committed)
+        return TrainResult(evaluation=evaluation, update=update, caught_up=caught_up,
+                           committed=committed)
+
+    def commit(self, commit: KeyCommit) -> str:
+        """The key set-up's last step: this party writes the key it made and takes it (guarded
+        as the set-up agreed); returns the key's fingerprint."""
+        site = self.site
+        if site.keys is None:
+            raise KeySetupError(f"party {site.party_id}: a commit of key epoch {commit.epoch}, "
+                                "but it took part in no key set-up")
+        fingerprint = site.keys.commit(commit)
+        site.take_committed_keys()
+        return fingerprint
 
     def apply(self, result: Aggregate) -> float:
         """Decrypts (threshold keys: fuses the shares) and applies a round's result; returns

@@ -192,11 +192,13 @@ class Deployment:
         return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
 
     def start_supernode(self, i: int, cwd: Path | None = None, *,
-                        executor: list[str] | None = None) -> subprocess.Popen:
+                        executor: list[str] | None = None,
+                        command: list[str] | None = None) -> subprocess.Popen:
         """SuperNode ``i`` with its node config; ``cwd``: its own directory. ``executor``: a
         command that takes the SuperNode's tasks itself (``--isolation process``), started
         beside it with the SuperNode's ClientAppIo address appended; default: Flower starts
-        one ClientApp process per message."""
+        one ClientApp process per message. ``command``: what starts the SuperNode, given
+        flower-supernode's arguments (default: flower-supernode itself)."""
         tool = flower_tool("flower-supernode")
         appio = (["--clientappio-api-address", f"127.0.0.1:{self.clientappio[i]}"]
                  if _has_flag(tool, "--clientappio-api-address") else
@@ -205,7 +207,7 @@ class Deployment:
                  if _has_flag(tool, "--max-wait-time") else [])
         isolation = ["--isolation", "process"] if executor else []
         proc = self._start(f"supernode-{i}", [
-            tool, "--insecure", "--superlink", f"127.0.0.1:{self.fleet}", *appio, *retry,
+            *(command or [tool]), "--insecure", "--superlink", f"127.0.0.1:{self.fleet}", *appio, *retry,
             *isolation, "--node-config", self.node_config_arg(self.node_configs[i])],
             self._home(f"supernode-{i}"), cwd)
         if executor:
@@ -224,10 +226,13 @@ class Deployment:
                                      f"{self.logs / (name + '.log')}")
 
     def run_app(self, app_dir: Path, timeout: float, on_poll=None,
-                federation_config: dict | None = None, run_config: dict | None = None) -> int:
+                federation_config: dict | None = None, run_config: dict | None = None,
+                complete=None) -> int:
         """`flwr run` against this SuperLink; returns its exit code. ``federation_config``:
         the simulation runtime's settings (num-supernodes, client-resources-num-cpus, ...);
-        ``run_config``: `--run-config` overrides of keys the app declares."""
+        ``run_config``: `--run-config` overrides of keys the app declares. ``complete()``:
+        True once the run is complete and its output streamed: then `flwr run` is stopped
+        (exit code 0) rather than waited for (it polls the SuperLink, seconds later)."""
         home = self._home("cli")
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
@@ -248,6 +253,9 @@ class Deployment:
             self.check_alive()
             if on_poll is not None:
                 on_poll()
+            if complete is not None and complete():
+                self.stop(["flwr-run"])
+                return 0
             time.sleep(0.5)
         # `flwr run` exits at once when its SuperLink dies: a dead SuperLink (or SuperNode)
         # is the run's failure, even when it died between two polls

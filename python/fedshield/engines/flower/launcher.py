@@ -23,10 +23,9 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ...base.atomic import write_json_atomic
 from ...config import RunConfig
@@ -40,9 +39,9 @@ from ...run.outcome import RunFailed
 from ...run.run_dir import METRICS, SERVER_STATE, claim_out_dir
 from ...base.threads import ENV as THREADS_ENV
 from ...base.threads import available_cpus
-from . import site_executor
+from . import site_executor, supernode
 from .deployment import Deployment, DeploymentError, write_app_project
-from .site_ipc import (NODE_SOCKET, NODE_TOKEN, RESUME_STATE, SERVER_IDENTITY,
+from .site_ipc import (NODE_SOCKET, NODE_TOKEN, RESUME_STATE, RUN_COMPLETE, SERVER_IDENTITY,
                        SIMULATION_SITES, Relay, SiteWorkerError)
 
 log = logging.getLogger("fedshield")
@@ -367,19 +366,31 @@ def executor_command(app: FlowerApp) -> list[str] | None:
             "--clientappio-api-address"]
 
 
+def supernode_command() -> list[str] | None:
+    """How the sites' SuperNodes start: ``fedshield site supernode`` (Flower's SuperNode with
+    a short idle poll, fedshield.engines.flower.supernode) where this Flower release is the one
+    it checked; else (None) Flower's own flower-supernode."""
+    if supernode.UNAVAILABLE is not None:
+        log.info("flower: %s; the SuperNodes poll every %d s while idle", supernode.UNAVAILABLE,
+                 supernode.FLOWER_IDLE)
+        return None
+    return [sys.executable, "-m", "fedshield.cli", "site", "supernode", "--"]
+
+
 def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict | None,
             budget: float, metrics_path: Path, executor: list[str] | None,
             preload: Path) -> tuple[int, dict]:
     """Runs the app: each site's worker first, then its SuperNode (in its own home) and, with
     ``executor``, the process that answers that SuperNode's messages."""
     n = len(sites)
-    with Deployment(work, n + len(late), [s.node for s in sites] + late, env=node_env) as dep, \
-            _site_workers(sites, dep, preload) as workers_ready:
+    with Deployment(work, n + len(late), [s.node for s in sites] + late, env=node_env) as dep:
+        workers_ready = _site_workers(sites, dep, preload)
         # Flower's processes start while the workers load their models; the first message
         # reaches a worker only after `flwr run`, which waits for every worker
         dep.start_superlink()
+        command = supernode_command()
         for i in range(n):
-            dep.start_supernode(i, executor=executor)
+            dep.start_supernode(i, executor=executor, command=command)
         workers_ready()
         log.info("flower: SuperLink (fleet 127.0.0.1:%d) and %d SuperNodes started; logs in %s",
                  dep.fleet, n, dep.logs)
@@ -391,11 +402,12 @@ def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict
             if pending and metrics_path.exists() and '"participants"' in metrics_path.read_text():
                 for i in pending:
                     log.info("flower: starting a late SuperNode (%d)", i)
-                    dep.start_supernode(i, executor=executor)
+                    dep.start_supernode(i, executor=executor, command=command)
                 pending.clear()
             reported = _log_new_rounds(metrics_path, reported)
 
-        code = dep.run_app(work / "app", budget, on_poll=on_poll)
+        code = dep.run_app(work / "app", budget, on_poll=on_poll,
+                           complete=lambda: _run_complete(metrics_path, dep.logs))
         return code, _wait_for_metrics(metrics_path, 60.0 if code == 0 else 5.0)
 
 
@@ -404,8 +416,8 @@ def _simulate(work: Path, sites: list[LocalSite], node_env: dict, resources: Sit
     """The simulation runtime: a SuperLink with --simulation, no SuperNode processes; each
     site's worker gets its declared CPUs (and GPU)."""
     envs = [{**node_env, **resources.env(i)} for i in range(len(sites))]
-    with Deployment(work, 0, [], env={**node_env, **RAY_PATIENCE}) as dep, \
-            _site_workers(sites, dep, preload, [{**dep.env, **e} for e in envs]) as workers_ready:
+    with Deployment(work, 0, [], env={**node_env, **RAY_PATIENCE}) as dep:
+        workers_ready = _site_workers(sites, dep, preload, [{**dep.env, **e} for e in envs])
         dep.start_superlink(simulation=True)
         workers_ready()
         log.info("flower: simulation runtime, %d sites of %s; logs in %s", len(sites),
@@ -426,13 +438,12 @@ def _simulate(work: Path, sites: list[LocalSite], node_env: dict, resources: Sit
         return code, metrics
 
 
-@contextmanager
 def _site_workers(sites: list[LocalSite], dep: Deployment, preload: Path,
-                  envs: list[dict] | None = None):
+                  envs: list[dict] | None = None) -> Callable[[], None]:
     """Starts each site's worker as the site would (``fedshield site worker --config``, in
     its node directory, in ``envs[i]``; default: the deployment's environment); what it
-    yields waits until each answers over its relay. They are stopped with everything else
-    the deployment started."""
+    returns waits until each answers over its relay. The deployment stops them with
+    everything else it started, all at once (each takes seconds to exit: torch's teardown)."""
     names = [f"site-worker-{i}" for i in range(len(sites))]
     envs = envs or [dep.env] * len(sites)
     for name, site, env in zip(names, sites, envs):
@@ -446,10 +457,7 @@ def _site_workers(sites: list[LocalSite], dep: Deployment, preload: Path,
             _wait_for_worker(dep, name, site)
         log.info("flower: %d site workers ready", len(sites))
 
-    try:
-        yield ready
-    finally:
-        dep.stop(names)
+    return ready
 
 
 def _wait_for_worker(dep: Deployment, name: str, site: LocalSite) -> None:
@@ -484,6 +492,17 @@ def _log_new_rounds(metrics_path: Path, reported: int) -> int:
         log.info("flower: round %s/%s %s: eval loss %s, parties %s", r.get("round"), total,
                  r.get("status"), "n/a" if loss is None else f"{loss:.4f}", r.get("clients"))
     return max(reported, len(rounds))
+
+
+def _run_complete(metrics_path: Path, logs: Path) -> bool:
+    """Whether the ServerApp recorded the run finished and `flwr run` has printed its last
+    line (so flwr-run.log holds all of its output)."""
+    try:
+        if not json.loads(metrics_path.read_text()).get("finished"):
+            return False
+        return RUN_COMPLETE in (logs / "flwr-run.log").read_text(errors="replace")
+    except (OSError, ValueError):
+        return False
 
 
 def _resume_hint(out: Path) -> str:

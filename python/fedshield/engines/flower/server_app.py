@@ -32,7 +32,7 @@ from ...run.outcome import NEXT_STEP, RunFailed, failure_kind
 from ...run.run_dir import METRICS, SERVER_STATE
 from .polling import PromptGrid
 from .records import CHUNK_BYTES, route_logs_to_flower
-from .site_ipc import RESUME_STATE, SERVER_IDENTITY
+from .site_ipc import RESUME_STATE, RUN_COMPLETE, SERVER_IDENTITY
 from .transport import GridTransport
 
 log = logging.getLogger("fedshield")
@@ -128,6 +128,8 @@ def main(grid: Grid, context: Context) -> None:
     # what the whole server process loaded, not only our modules
     record.server_loaded_openfhe = "openfhe" in sys.modules
     record.server_loaded_torch = "torch" in sys.modules
+    _plot(record.to_dict(), out)
+    # finished only once the plots are written too: the launcher stops waiting at this line
     record.finished = True
     record.write(metrics_path)
-    _plot(record.to_dict(), out)
+    log.info("%s: %s", RUN_COMPLETE, metrics_path)

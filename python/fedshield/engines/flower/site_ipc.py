@@ -38,6 +38,9 @@ RESUME_STATE = "resume-state"   # run config: the server state a restarted Serve
 # Node config of a SuperNode: all that its ClientApp needs (never a data or key path).
 NODE_SOCKET, NODE_TOKEN = "socket", "token-file"
 SERVER_IDENTITY = "server-identity"  # run config: the server's identity key (pinned by the sites)
+# The ServerApp's last log line, once metrics.json says finished (plots written): when `flwr run
+# --stream` has printed it, the launcher has the whole run and its output.
+RUN_COMPLETE = "fedshield: the run is complete"
 MAX_HEAD = 1 << 20            # a JSON head is small: fields and section sizes
 MAX_FRAME = 1 << 40           # what one message may declare (payloads are checked later)
 MAGIC = b"FSRELAY1"

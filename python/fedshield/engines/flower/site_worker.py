@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from ...config import RunConfig
 from ...base.errors import (AuthenticationError, DataError, DecryptionBudgetExceeded,
@@ -43,8 +44,8 @@ from ...fl.key_setup import NOT_PINNED, refusal_fields
 from ...fl.adapter_store import AdapterStore, adapter_fingerprint
 from ...fl.messages import InvalidMessage
 from ...fl.party import Party
-from ...fl.protocol import (APPLY, CATCH, CATCHUP, PLAN_FIELDS, SHARE, TRAIN, reply_to_wire,
-                            request_from_wire)
+from ...fl.protocol import (APPLY, CATCH, CATCHUP, COMMIT, PLAN_FIELDS, SHARE, TRAIN,
+                            reply_to_wire, request_from_wire)
 from ...fl.site import Site, load_site_data
 from ...fl.site_check import SiteCheckFailed, check_site
 from ...fl.site_config import SiteConfig, site_settings_in
@@ -124,10 +125,12 @@ def error_reply(exc: BaseException) -> dict:
 
 
 def describe(exc: BaseException) -> str:
-    """A training failure after the site applied the aggregate, as its train reply tells it:
-    the error's type and fixed message (the details go to the site's log)."""
+    """A training failure after the site applied the aggregate (or a refused key commit), as
+    its train reply tells it: the error's type and fixed message, and a key set-up refusal's
+    detail (PROTOCOL_DETAIL); the other details go to the site's log."""
     reply = error_reply(exc)
-    return f"{reply['error-type']}: {reply['error']}"
+    detail = f" ({reply['detail']})" if "detail" in reply else ""
+    return f"{reply['error-type']}: {reply['error']}{detail}"
 
 
 # -- the requests the worker answers -----------------------------------------------------------
@@ -156,10 +159,12 @@ def _ints(v) -> bool:
 
 
 PLAN = dict(zip(PLAN_FIELDS, (_int, _num, _str, _num, _num, _int)))
-# a train request: this round's plan, the previous round's aggregate to apply, a catch-up
+# a train request: this round's plan, the previous round's aggregate to apply, a catch-up,
+# the key set-up's commit
 TRAIN_FIELDS = {**PLAN, **{APPLY + k: check for k, check in PLAN.items()},
                 APPLY + "shares": _ints, APPLY + "save-adapter": _bool,
-                CATCH + "version": _int, CATCH + "from": _int}
+                CATCH + "version": _int, CATCH + "from": _int,
+                COMMIT + "epoch": _int, COMMIT + "context-fp": _str}
 # op -> (the fields it may carry and their types, fewest and most byte sections)
 REQUESTS: dict[str, tuple[dict, int, int]] = {
     "ping": ({}, 0, 0),
@@ -408,8 +413,6 @@ class SiteWorker:
             except KeyMessageRefused as exc:  # the sender's id rides in the reply's fields
                 log.warning("site worker: %s", exc)
                 return withhold(refusal_fields(exc), policy), []
-            if op == "keys.commit":  # the key this node just wrote becomes the party's
-                site.take_committed_keys()
             return withhold(out, policy), blobs
         # the round protocol: the same handler as the local engine's (fedshield.fl.site_rounds)
         reply = self.rounds.handle(request_from_wire(op, fields, sections))
@@ -544,10 +547,10 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 
 def run_worker(config_path: str | Path, *, exit_with: int = 0,
-               preload_run: str | Path | None = None) -> int:
-    """``fedshield site worker``: serves the site its config describes until stopped;
-    ``preload_run``: a run config (JSON, as the join carries it) whose site is built at once,
-    in the background."""
+               preload_run: str | Path | None = None) -> NoReturn:
+    """``fedshield site worker``: serves the site its config describes until stopped, then
+    ends the process (exit status 0); ``preload_run``: a run config (JSON, as the join
+    carries it) whose site is built at once, in the background."""
     site_cfg = SiteConfig.from_file(config_path)
     _private_dir(site_cfg.path("node_dir"))
     log_to(site_cfg.path("log_file"))
@@ -568,10 +571,17 @@ def run_worker(config_path: str | Path, *, exit_with: int = 0,
           f"{site_cfg.path('log_file')}", flush=True)
     try:
         worker.serve(server, token, exit_with=exit_with)
+    except SystemExit:   # SIGTERM
+        log.info("site worker: party %d stopped", site_cfg.party_id)
     finally:
         server.close()
         path.unlink(missing_ok=True)
-    return 0
+    # Its files are written and its socket is gone: nothing is left to tear down but the
+    # interpreter's torch and model, which takes seconds (a launcher stops several at once).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
