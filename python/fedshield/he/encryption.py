@@ -314,14 +314,24 @@ def encrypt_update(ctx: Context, state: Mapping, layout: Layout, weight: float =
         packed.buffer.fill(0.0)  # the plaintext update, pre-weighted: wipe it once encrypted
 
 
+def average_error(params, n_summed: int, weight_sum: float, decryptors: int = 0) -> float:
+    """A bound on how far the decrypted average of ``n_summed`` updates whose weights sum to
+    ``weight_sum`` times their bound may be from the plaintext one: the encryption and
+    decryption noise (CKKSParams.average_error_bound) and, with flooding, its noise at
+    PRECISION_SIGMAS standard deviations, both over the weight sum."""
+    error = params.average_error_bound(n_summed, weight_sum, decryptors)
+    if params.flooding:
+        error += (flooding.PRECISION_SIGMAS * flooding.slot_error_std(params, max(decryptors, 1))
+                  / weight_sum)
+    return error
+
+
 def check_reachable(params, tolerance: float, decryptors: int = 0) -> None:
     """ParameterError when even a round whose weight bound is within 2x of its largest weight
     could decrypt further than ``tolerance`` from the plaintext average at these parameters."""
     if not (isinstance(tolerance, (int, float)) and tolerance > 0):
         raise ParameterError(f"tolerance={tolerance!r} must be a positive number")
-    best = params.average_error_bound(params.max_clients, 0.5, decryptors)
-    if params.flooding:
-        best += 2 * flooding.PRECISION_SIGMAS * flooding.slot_error_std(params, max(decryptors, 1))
+    best = average_error(params, params.max_clients, 0.5, decryptors)
     if best > tolerance:
         raise ParameterError(
             f"these parameters ({params.ring_dim=}, {params.scale_bits=}, "
@@ -334,10 +344,7 @@ def check_default_bound_reachable(params, tolerance: float, decryptors: int = 0)
     """ParameterError when one update of weight 1 at the default weight bound (the worst case
     max_weight promises) could decrypt further than ``tolerance`` from the plaintext."""
     bound = params.default_weight_bound
-    best = params.average_error_bound(1, 1.0 / bound, decryptors)
-    if params.flooding:
-        best += (flooding.PRECISION_SIGMAS * flooding.slot_error_std(params, max(decryptors, 1))
-                 * bound)
+    best = average_error(params, 1, 1.0 / bound, decryptors)
     if best > tolerance:
         raise ParameterError(
             f"these parameters ({params.ring_dim=}, {params.scale_bits=}, "
@@ -364,10 +371,7 @@ def check_average(params, weight_sum: float, n_summed: int, tolerance: float,
                   decryptors: int = 0) -> None:
     """PrecisionError when the decrypted average of ``n_summed`` updates whose weights sum to
     ``weight_sum`` times their bound may be further than ``tolerance`` from the plaintext."""
-    bound = params.average_error_bound(n_summed, weight_sum, decryptors)
-    if params.flooding:
-        bound += (flooding.PRECISION_SIGMAS * flooding.slot_error_std(params, max(decryptors, 1))
-                  / weight_sum)
+    bound = average_error(params, n_summed, weight_sum, decryptors)
     if bound > tolerance:
         raise PrecisionError(
             f"the weights of this aggregate sum to {weight_sum:.3g} x its weight bound, so its "

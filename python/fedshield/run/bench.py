@@ -169,7 +169,8 @@ def _shared_rows(states, weights, n: int, cores: int) -> dict:
 def _threshold_row(states, weights, n: int, cores: int, flood_bits: int) -> dict:
     # sized as keygen_threshold sizes a request for its parties (CKKSParams.for_keys): flooding
     # for the parties that flood, the plain profile for at least 16
-    params = CKKSParams(flood_bits=flood_bits, max_weight=0).for_keys("threshold", THRESHOLD_PARTIES)
+    params = CKKSParams(flood_bits=flood_bits, max_weight=0).for_keys("threshold",
+                                                                      THRESHOLD_PARTIES)
     parties, server = keygen_threshold(params, n_parties=THRESHOLD_PARTIES)
     layout = Layout.from_state_dict(states[0])
     bound = power_of_two_bound(max(weights))
