@@ -242,7 +242,8 @@ class CKKSParams:
             raise ParameterError(
                 f"CKKSParams.flood_log_queries={self.flood_log_queries} is not in [0, 40]")
         # OpenFHE counts the key-switching modulus P on top of Q.
-        log_qp = self.log_q + keyswitch_bits(self.first_mod_bits, self.scale_bits, self.n_towers)
+        log_qp = self.log_q + keyswitch_bits(self.first_mod_bits, self.scale_bits,
+                                             self.n_towers)
         if log_qp > table[self.ring_dim]:
             raise ParameterError(
                 f"CKKSParams(ring_dim={self.ring_dim}, first_mod_bits={self.first_mod_bits}) is "
