@@ -203,7 +203,7 @@ def fedshield_setups(log):
     import fedshield as fs
 
     # what a fedshield run ships: its Server sends each round's weight bound (max_weight=0;
-    # fs.CKKSParams() also covers weights 1..10**6 with no bound passed, at 7.25 B/value)
+    # fs.CKKSParams() also covers weights 1..10**6 with no bound passed, at 7.375 B/value)
     keys = fs.keygen_shared(fs.CKKSParams.for_precision(max_weight=0))
     client = keys.client_context()
     yield ("", client, keys.server_context(),

@@ -18,7 +18,7 @@ def test_defaults():
     # ... for any weights from 1 to 10**6 with no bound passed: one update of weight 1 at the
     # default bound 2**20 is the worst case, so the scale takes ~20 bits more than a round's
     assert p.max_weight == 10 ** 6 and p.default_weight_bound == 2.0 ** 20
-    assert (p.ring_dim, p.scale_bits, p.first_mod_bits, p.towers) == (8192, 50, 58, 1)
+    assert (p.ring_dim, p.scale_bits, p.first_mod_bits, p.towers) == (8192, 51, 59, 1)
     assert p.average_error_bound(1, 1 / 2 ** 20) <= 1e-6
     assert p.seeded is True
     assert p.packing == "complex"
@@ -26,7 +26,7 @@ def test_defaults():
     assert p.slots == 4096
     assert p.values_per_ciphertext == 8192  # two reals per slot
     assert fs.CKKSParams(packing="real").values_per_ciphertext == 4096
-    # headroom: q/2 >= 2**56, values at scale 2**50 -> |sum| <= 2**6, shared by max_clients
+    # headroom: q/2 >= 2**57, values at scale 2**51 -> |sum| <= 2**6, shared by max_clients
     assert p.total_bound == 2.0 ** 6
     assert p.value_bound == p.total_bound / p.max_clients == 1.0
     # what fedshield's engines use (their Server sends each round's bound): 5.25 B/value
@@ -126,7 +126,8 @@ def test_flooding_profiles_are_accepted_by_openfhe():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(tolerance=0.0), "tolerance=0.0"),
-    (dict(tolerance=1e-80), "at most 4 towers hold tolerance=1e-80"),
+    (dict(tolerance=1e-80), r"tolerance=1e-80 must be a number in \[6e-08, 1\): decrypted values"),
+    (dict(max_weight=10 ** 60), "at most 4 towers hold tolerance=1e-06 .* weights up to 1000000"),
     (dict(max_clients=0), "max_clients=0"),
     (dict(keys="triple"), "keys='triple'"),
     (dict(security_bits=100), "security_bits=100"),
@@ -278,9 +279,9 @@ def test_a_request_is_resolved_per_key_mode():
     assert loose.scale_bits < request.scale_bits and "tolerance" not in loose.to_json()
     # explicit values are honoured (the rest comes from the request) and validated
     explicit = fs.CKKSParams(ring_dim=8192)
-    assert not explicit.request and (explicit.ring_dim, explicit.first_mod_bits) == (8192, 58)
+    assert not explicit.request and (explicit.ring_dim, explicit.first_mod_bits) == (8192, 59)
     assert explicit.for_keys("threshold", 3) is explicit
-    _raises(["ring_dim=2048", "58"], ring_dim=2048)
+    _raises(["ring_dim=2048", "59"], ring_dim=2048)
     _raises(["tolerance", "2"], tolerance=2)
     _raises(["tolerance", "True"], tolerance=True)
 

@@ -57,28 +57,54 @@ MIN_FLOOD_BITS, MAX_FLOOD_BITS = 20, 64
 # within the tolerance at this many standard deviations (fedshield.he.flooding.check_precision).
 PRECISION_SIGMAS = 6
 
-# The noise model of for_precision: log2 of the largest error (over the slots of one
-# ciphertext, in units of 2**-scale) of one fresh encryption, measured with openfhe 1.6.1 at
-# N=4096 (5.4e-7 at scale 2**30 with the secret key, 7.7e-5 with the public key), rounded up.
-NOISE_BITS_OF_ENCRYPTION = {"shared": 9.5, "threshold": 16.5}
-# OpenFHE's multiparty decryption adds its own fixed noise to each partial decryption: the
-# fused result's largest error, 6.3e-7 at scale 2**50 with 3 parties, rounded up.
-THRESHOLD_DECRYPTION_NOISE_BITS = 29.5
+# The noise model of for_precision and average_error_bound, from the distributions themselves
+# (each term checked against openfhe 1.6.1 and the native code by tests/test_noise_model.py):
+# every error polynomial has independent coefficients, and one decrypted real value sums N of
+# them through the canonical embedding (variance N/2 times a coefficient's). Per update, a
+# coefficient carries the encoding's rounding (variance 1/12) and the encryption error:
+# - secret-key (seeded) encryption: e, a discrete Gaussian of variance sigma_e**2;
+# - public-key encryption under a key of P parties: v * e_pk + e0 + s * e1, with v and s
+#   ternary (variance 2/3 per coefficient, s the sum of P secrets) and e_pk the sum of P
+#   errors: variance (4/3) N P sigma_e**2 + sigma_e**2.
+# Each threshold party's partial decryption adds OpenFHE's smudging (variance 2**40).
+# Measured at N=8192: shared keys 2**7.67 (model 2**7.68); 3 threshold parties 2**26.79
+# (model 2**26.79, the smudging dominates).
+ENCODING_ROUNDING_VARIANCE = 1 / 12
+# Decrypted values are float32: rounding to it moves a value of magnitude <= 1 by <= 2**-25.
+OUTPUT_ROUNDING = 2.0 ** -25
+
+
+def slot_noise_std(n_summed: int, *, seeded: bool, decryptors: int = 0,
+                   ring_dim: int = 4096, key_parties: int = 0) -> float:
+    """The standard deviation of the error of one decrypted real value (in units of
+    2**-scale) of a sum of ``n_summed`` fresh encryptions (secret-key when ``seeded``, else
+    public-key under a key of ``key_parties`` parties, at least ``decryptors``) decrypted by
+    ``decryptors`` threshold parties (0: one key), with no flooding."""
+    sigma2 = flood_sizing.ERROR_SIGMA ** 2
+    per_update = sigma2 + ENCODING_ROUNDING_VARIANCE
+    if not seeded:
+        parties = max(1, key_parties, decryptors)
+        per_update += 4 / 3 * ring_dim * parties * sigma2
+    coefficient = max(n_summed, 1) * per_update + decryptors * flood_sizing.SMUDGING_SIGMA2
+    return math.sqrt(ring_dim / 2 * coefficient)
 
 
 def sum_noise(n_summed: int, *, seeded: bool, decryptors: int = 0,
-              ring_dim: int = 4096) -> float:
-    """The largest slot error (in units of 2**-scale) of a sum of ``n_summed`` fresh
-    encryptions (secret-key when ``seeded``, else public-key) at ring dimension ``ring_dim``,
-    decrypted by ``decryptors`` threshold parties (0: one key)."""
-    bits = NOISE_BITS_OF_ENCRYPTION["shared" if seeded else "threshold"]
-    # A slot sums N coefficients' noise: its spread grows as sqrt(N) from the measured N=4096
-    # (at N=8192, one weight-1 update at the default bound measured 7.2e-7 against 9.5e-7).
-    bits += 0.5 * math.log2(max(ring_dim, 4096) / 4096)
-    noise = math.sqrt(max(n_summed, 1)) * 2.0 ** bits
-    if decryptors:
-        noise += math.sqrt(decryptors / 3) * 2.0 ** THRESHOLD_DECRYPTION_NOISE_BITS
-    return noise
+              ring_dim: int = 4096, key_parties: int = 0) -> float:
+    """The largest error (in units of 2**-scale) of a decrypted value of such a sum: the
+    noise at PRECISION_SIGMAS standard deviations (:func:`slot_noise_std`)."""
+    return PRECISION_SIGMAS * slot_noise_std(n_summed, seeded=seeded, decryptors=decryptors,
+                                             ring_dim=ring_dim, key_parties=key_parties)
+
+
+def check_tolerance(tolerance: float, name: str = "tolerance") -> None:
+    """ParameterError unless a precision request's tolerance is a number in [2 x
+    OUTPUT_ROUNDING, 1): below that, the float32 rounding alone would use most of it."""
+    if isinstance(tolerance, bool) or not (isinstance(tolerance, (int, float))
+                                           and 2 * OUTPUT_ROUNDING <= tolerance < 1):
+        raise ParameterError(
+            f"{name}={tolerance!r} must be a number in [{2 * OUTPUT_ROUNDING:.2g}, 1): "
+            f"decrypted values are float32, which alone round by up to {OUTPUT_ROUNDING:.2g}")
 
 
 def power_of_two_bound(weight: float) -> float:
@@ -208,9 +234,7 @@ class CKKSParams:
             raise ParameterError(
                 f"CKKSParams.legacy_flooding={self.legacy_flooding!r} needs flood_bits > 0 and "
                 f"towers={LEGACY_FLOOD_TOWERS} (got {self.flood_bits}, {self.towers})")
-        if isinstance(self.tolerance, bool) or not (isinstance(self.tolerance, (int, float))
-                                                    and 0 < self.tolerance < 1):
-            raise ParameterError(f"CKKSParams.tolerance={self.tolerance!r} must be in (0, 1)")
+        check_tolerance(self.tolerance, "CKKSParams.tolerance")
         if self.security_bits not in HE_STANDARD_MAX_LOGQ:
             raise ParameterError(
                 f"CKKSParams.security_bits={self.security_bits} is not one of 128, 192, 256")
@@ -286,15 +310,12 @@ class CKKSParams:
         one of ``n_parties`` parties floods; 2**flood_log_queries decryptions) within the
         tolerance at PRECISION_SIGMAS standard deviations, next to the pre-scaled values.
         One tower when one 60-bit prime holds it, else the fewest towers that do.
-        Noise model
-        (measured with openfhe 1.6.1, max over the slots of one ciphertext, in units of
-        2**-scale): :func:`sum_noise`.
+        Noise model: :func:`sum_noise`, and decrypted values are rounded to float32
+        (OUTPUT_ROUNDING).
         """
-        if keys not in NOISE_BITS_OF_ENCRYPTION:
+        if keys not in ("shared", "threshold"):
             raise ParameterError(f"keys={keys!r} is not 'shared' or 'threshold'")
-        if isinstance(tolerance, bool) or not (isinstance(tolerance, (int, float))
-                                               and 0 < tolerance < 1):
-            raise ParameterError(f"tolerance={tolerance!r} must be in (0, 1)")
+        check_tolerance(tolerance)
         if isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1:
             raise ParameterError(f"max_clients={max_clients!r} must be a positive int")
         if isinstance(max_weight, bool) or not isinstance(max_weight, int) or max_weight < 0:
@@ -326,7 +347,8 @@ class CKKSParams:
             error = max((flood + sum_noise(n, seeded=not threshold, decryptors=decryptors,
                                            ring_dim=ring_dim))
                         / share for n, share in worst)
-            return max(MIN_SCALE_BITS, math.ceil(math.log2(error / tolerance)))
+            return max(MIN_SCALE_BITS,
+                       math.ceil(math.log2(error / (tolerance - OUTPUT_ROUNDING))))
 
         fields_ = dict(packing=packing, security_bits=security_bits, max_clients=max_clients,
                        flood_bits=flood_bits, flood_log_queries=flood_log_queries,
@@ -387,13 +409,13 @@ class CKKSParams:
         """A bound on the absolute error of a decrypted weighted average of values of magnitude
         <= 1: the noise of ``n_summed`` encryptions (and of ``decryptors`` threshold parties'
         partial decryptions) over ``weight_sum`` = sum(w) / weight_bound. Noise flooding adds
-        its own (fedshield.he.flooding). Measured at the defaults, 64 clients, weight_sum 1/2:
-        6.1e-7 against this bound's 6.7e-7."""
+        its own (fedshield.he.flooding). The noise at PRECISION_SIGMAS standard deviations
+        (:func:`sum_noise`), plus the rounding of the decrypted value to float32."""
         if not weight_sum > 0:
             return math.inf
         noise = sum_noise(n_summed, seeded=self.seeded, decryptors=decryptors,
                           ring_dim=self.ring_dim)
-        return noise / 2.0 ** self.effective_scale_bits / weight_sum
+        return noise / 2.0 ** self.effective_scale_bits / weight_sum + OUTPUT_ROUNDING
 
     @property
     def slots(self) -> int:
