@@ -44,6 +44,9 @@ def assert_adapters_match(x: dict, y: dict) -> None:
     assert float((diff > 1e-4).double().mean()) <= 0.005, int((diff > 1e-4).sum())
 
 
+# ~80 s on 2 cores; the default suite covers catch-up in the Server (tests/test_server_resume.py)
+# and through Flower when a ClientApp fails mid-run (tests/test_flower.py).
+@pytest.mark.slow
 def test_a_party_that_missed_an_aggregate_catches_up(tmp_path, monkeypatch):
     """Party 1 fails to apply round 1's aggregate; before round 2 party 0 seals it the global
     adapter of round 1, and party 1 trains in rounds 2 and 3 as if it had never missed it: the

@@ -49,6 +49,9 @@ def test_a_virtual_supernode_finds_its_node_config():
     assert node_config(real) == own
 
 
+# ~2 min on 2 cores (ray starts its cluster); `make test-all` runs it. The default suite checks
+# how the simulation's virtual SuperNodes find their sites (above).
+@pytest.mark.slow
 def test_simulation_runtime_matches_local_engine(tmp_path, monkeypatch):
     """2 sites of 1 CPU each on the simulation runtime, 2 rounds: the same rounds as the local
     engine (and the deployment runtime, tests/test_flower.py) for the same seed."""
