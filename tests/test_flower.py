@@ -35,6 +35,7 @@ from fedshield.trust.identity import Identity  # noqa: E402
 from fedshield.fl.server import Server  # noqa: E402
 from fedshield.trust.quorum import min_updates_for  # noqa: E402
 from fedshield.engines.flower import records  # noqa: E402
+from fedshield.engines.flower.deployment import flower_tool, known_flags  # noqa: E402
 from fedshield.engines.flower.launcher import FlowerApp, run_flower  # noqa: E402
 from fedshield.engines.flower.transport import GridTransport  # noqa: E402
 from fedshield.fl.rounds import Pending, RoundDriver  # noqa: E402
@@ -645,12 +646,12 @@ def test_flower_shared_keys_match_local_engine(tmp_path, monkeypatch):
 
 def _opened_jsonl(log_dir: Path) -> dict[tuple[Path, bool], set[Path]]:
     """(working directory, is a site worker) of each process that opened a .jsonl file ->
-    the files it opened."""
+    the files it opened (the launcher forks its site workers from a warm_start process)."""
     seen: dict[tuple[Path, bool], set[Path]] = {}
     for log in log_dir.glob("*.txt"):
         lines = log.read_text().splitlines()
         head = dict(line.split(" ", 1) for line in lines[:2])
-        key = (Path(head["cwd"]), "site worker" in head["argv"])
+        key = (Path(head["cwd"]), any(w in head["argv"] for w in ("site worker", "warm_start")))
         seen[key] = {Path(line.split(" ", 1)[1]) for line in lines[2:]}
     return seen
 
@@ -1013,3 +1014,16 @@ def test_a_server_made_roster_is_refused_by_the_pinned_sites(tmp_path, keys):
     assert metrics["rounds"] == []
     work = tmp_path / "run" / "flower"
     assert not list(work.glob("nodes/*/party.key")) and not (work / "server" / "server.ctx").exists()
+
+
+@pytest.mark.parametrize("name", ["flower-superlink", "flower-supernode"])
+def test_the_flags_known_without_asking_are_what_the_command_says(name):
+    """Deployment skips `--help` (a Python start-up per command) for this environment's own
+    Flower commands of a known release: what it knows must be what `--help` says."""
+    tool = flower_tool(name)
+    known = known_flags(tool)
+    if not known:
+        pytest.skip(f"flwr {flwr.__version__}: the flags are asked, not known")
+    shown = subprocess.run([tool, "--help"], capture_output=True, text=True,
+                           timeout=120).stdout
+    assert known == {flag: flag in shown for flag in known}

@@ -505,3 +505,47 @@ def test_a_preloaded_run_is_the_joined_one_and_another_run_loads_its_own(tmp_pat
     refused.preload(json.dumps({"fedshield-config": "{}", "train-fn": "os:system"}))
     refused.preloading.join(60)
     assert refused.preloaded is None
+
+
+def test_a_join_waits_for_a_worker_still_starting_and_no_other_request_does(tmp_path,
+                                                                            monkeypatch):
+    """fedshield's relay holds a join until the worker has written its token and listens
+    (the launcher starts the run while its workers import torch); any other request, and a
+    join past JOIN_WAIT, fails at once with the fixed RelayError."""
+    pytest.importorskip("flwr")
+    from flwr.common import Context, RecordDict
+
+    from fedshield.engines.flower import client_app
+    from fedshield.engines.flower.site_ipc import NODE_SOCKET, NODE_TOKEN, SiteWorkerError
+
+    site_cfg = site_config(tmp_path)
+    node = {NODE_SOCKET: str(site_cfg.path("socket")),
+            NODE_TOKEN: str(site_cfg.path("token_file"))}
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    start = time.monotonic()
+    with pytest.raises(SiteWorkerError, match="RelayError: the site worker cannot be reached"):
+        client_app.ask(context, "train", {"round": 1})
+    assert time.monotonic() - start < client_app.JOIN_WAIT / 10
+    monkeypatch.setattr(client_app, "JOIN_WAIT", 0.3)
+    start = time.monotonic()
+    with pytest.raises(SiteWorkerError, match="RelayError"):
+        client_app.ask(context, "join", {})
+    assert time.monotonic() - start >= 0.3
+    monkeypatch.setattr(client_app, "JOIN_WAIT", 120.0)
+    answered = threading.Event()
+
+    def start_late() -> None:
+        time.sleep(0.5)
+        with worker_thread(site_cfg):
+            answered.wait(60)
+
+    late = threading.Thread(target=start_late, daemon=True)
+    late.start()
+    # the join reaches the worker once it listens: its refusal of this run config proves it
+    run = json.dumps({"fedshield-config": "{}", "train-fn": "functools:partial"})
+    try:
+        with pytest.raises(WorkerRefused, match="^RunConfigRefused"):
+            client_app.ask(context, "join", {"run-config": run})
+    finally:
+        answered.set()
+        late.join(30)

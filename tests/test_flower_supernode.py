@@ -18,13 +18,17 @@ from fedshield.base.errors import ParameterError  # noqa: E402
 from fedshield.engines.flower import supernode  # noqa: E402
 
 
-def test_only_the_idle_sleep_is_shortened():
+def test_only_the_idle_sleep_and_the_reply_wait_are_shortened():
     idle = supernode.IdleSleep(0.05)
     start = time.monotonic()
     idle.sleep(supernode.FLOWER_IDLE)          # the loop's idle sleep
     assert time.monotonic() - start < 1.0
     start = time.monotonic()
-    idle.sleep(0.3)                            # e.g. its wait for a reply: Flower's own
+    for _ in range(5):
+        idle.sleep(supernode.FLOWER_REPLY_WAIT)    # its wait for a reply
+    assert time.monotonic() - start < 5 * supernode.FLOWER_REPLY_WAIT
+    start = time.monotonic()
+    idle.sleep(0.3)                            # any other sleep: Flower's own
     assert time.monotonic() - start >= 0.3
     assert idle.monotonic() >= start and idle.time() > 0   # the rest is the time module's
 
@@ -38,13 +42,16 @@ def test_the_checked_release_gets_the_short_poll(monkeypatch):
     assert isinstance(loop.time, supernode.IdleSleep) and loop.time.idle == 0.2
 
 
-@pytest.mark.parametrize("version, sleep, why", [
-    ("1.42.0", "time.sleep(3)", "not the release"),
-    ("1.30.0", "time.sleep(7)", "does not sleep time.sleep(7) once"),
+@pytest.mark.parametrize("version, sleep, reply, why", [
+    ("1.42.0", "time.sleep(3)", "time.sleep(0.5)", "not the release"),
+    ("1.30.0", "time.sleep(7)", "time.sleep(0.5)", "does not sleep time.sleep(7) once"),
+    ("1.30.0", "time.sleep(3)", "time.sleep(0.25)", "wait for replies with time.sleep(0.25)"),
 ])
-def test_another_release_or_loop_keeps_the_stock_supernode(monkeypatch, version, sleep, why):
+def test_another_release_or_loop_keeps_the_stock_supernode(monkeypatch, version, sleep, reply,
+                                                           why):
     monkeypatch.setattr(flwr, "__version__", version)
     monkeypatch.setattr(supernode, "CHECKED_SLEEP", sleep)
+    monkeypatch.setattr(supernode, "CHECKED_REPLY_SLEEP", reply)
     assert why in supernode.unavailable()
     monkeypatch.setattr(supernode, "UNAVAILABLE", supernode.unavailable())
     monkeypatch.setattr(loop, "time", time)
@@ -65,3 +72,23 @@ def test_the_command_hands_flowers_own_arguments_to_flowers_supernode():
     assert "flower-supernode" in done.stdout and "--superlink" in done.stdout
     if supernode.UNAVAILABLE is None:
         assert "idle poll 0.50 s" in done.stderr
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--clientappio-api-address", "127.0.0.1:9094"], "needs `--isolation process`"),
+    (["--isolation", "subprocess", "--clientappio-api-address", "127.0.0.1:9094"],
+     "needs `--isolation process`"),
+    (["--isolation", "process"], "needs --clientappio-api-address HOST:PORT"),
+    (["--isolation", "process", "--clientappio-api-address", "10.1.2.3:9094"],
+     "10.1.2.3:9094 is not a loopback address; start `fedshield site executor "
+     "--root-certificates PEM`"),
+])
+def test_an_executor_in_the_supernode_needs_process_isolation_on_loopback(args, match):
+    with pytest.raises(ParameterError, match=match.replace("(", r"\(")):
+        supernode.executor_address(["--insecure", *args])
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:9094", "localhost:9094", "[::1]:9094"])
+def test_the_executor_takes_the_supernodes_loopback_clientappio_address(address):
+    args = ["--isolation", "process", "--clientappio-api-address", address]
+    assert supernode.executor_address(args) == address

@@ -75,6 +75,8 @@ LAZY_OK = {
     ("cli.commands", "run.report"): "matplotlib: `fedshield report` only",
     ("cli.commands", "run.bench"): "torch and openfhe: `fedshield bench` only",
     ("engines.flower.server_app", "run.plots"): "matplotlib, optional on a server",
+    ("engines.flower.warm_start", "engines.flower.site_worker"):
+        "torch and transformers: the warm process only, not the launcher that writes its spec",
 }
 
 

@@ -135,6 +135,11 @@ def _site_parser(sub) -> None:
     s.add_argument("--idle-poll", type=float, default=None, metavar="SECONDS",
                    help="seconds between two pulls while no message waits (default: 0.2; "
                         "Flower's own: 3)")
+    s.add_argument("--executor", action="store_true",
+                   help="also take the SuperNode's tasks in this process, as `fedshield site "
+                        "executor --insecure` would (one process per site instead of two): "
+                        "needs `--isolation process` and a loopback "
+                        "--clientappio-api-address among Flower's arguments")
     s.add_argument("flower_args", nargs=argparse.REMAINDER, metavar="-- FLOWER-SUPERNODE-ARGS",
                    help="flower-supernode's own arguments, after `--`")
     cli_site_check.add_parser(commands, _HelpFormatter)
@@ -349,7 +354,7 @@ def _cmd_site(args) -> int:
 
         flower_args = list(args.flower_args)
         return supernode(flower_args[1:] if flower_args[:1] == ["--"] else flower_args,
-                         idle=args.idle_poll)
+                         idle=args.idle_poll, executor=args.executor)
     from ..engines.flower.site_worker import run_worker  # noqa: PLC0415 - torch loads only here
 
     return run_worker(args.config, exit_with=args.exit_with, preload_run=args.preload_run)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Sequence
 
 from flwr.clientapp import ClientApp
@@ -33,6 +34,11 @@ app = ClientApp()
 
 # How long one request may take at the worker (the first join loads the model and the data).
 REQUEST_TIMEOUT = 3600.0
+# A run's join may reach a SuperNode before its site worker listens (`fedshield run --engine
+# flower` starts the worker and Flower side by side; the worker imports torch first): the relay
+# waits for the worker's token and socket this long, looking every JOIN_POLL seconds. Every
+# other request fails at once when the worker cannot be reached.
+JOIN_WAIT, JOIN_POLL = 300.0, 0.1
 # What the ClientApp itself adds to the server's fields: not for the worker.
 RELAY_FIELDS = ("op", "blobs")
 
@@ -53,14 +59,25 @@ def ask(context: Context, op: str, fields: dict, sections: Sequence[bytes] = ()
     """One request to this node's site worker. What fails here (no token, no socket) is logged
     on this node and leaves it as a fixed message."""
     fields = {k: v for k, v in fields.items() if k not in RELAY_FIELDS}
-    try:
-        return Relay.from_node_config(node_config(context)).request(
-            op, fields, sections, timeout=REQUEST_TIMEOUT)
-    except WorkerRefused:
-        raise
-    except FedShieldError as exc:
-        log.error("fedshield relay: %s", exc)
-        raise SiteWorkerError("RelayError: the site worker cannot be reached") from None
+    deadline = time.monotonic() + (JOIN_WAIT if op == "join" else 0.0)
+    while True:
+        try:
+            return Relay.from_node_config(node_config(context)).request(
+                op, fields, sections, timeout=REQUEST_TIMEOUT)
+        except WorkerRefused:
+            raise
+        except FedShieldError as exc:
+            if _not_started(exc) and time.monotonic() < deadline:
+                time.sleep(JOIN_POLL)
+                continue
+            log.error("fedshield relay: %s", exc)
+            raise SiteWorkerError("RelayError: the site worker cannot be reached") from None
+
+
+def _not_started(exc: FedShieldError) -> bool:
+    """Whether the worker has not started yet: no token file or socket, or nobody listening
+    on it."""
+    return isinstance(exc.__cause__, (FileNotFoundError, ConnectionRefusedError))
 
 
 def request_of(msg: Message) -> tuple[str, dict, list[bytes]]:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from importlib import metadata
 from pathlib import Path
 
 CONNECTION = "fedshield-loopback"
@@ -107,9 +108,32 @@ def _help_of(tool: str) -> Future:
     return _HELP[tool]
 
 
+# What Flower 1.30's commands take, of the flags asked below: known without a `--help` when
+# the command is this environment's own (beside this Python, so of the flwr installed here).
+KNOWN_FLAGS = {"1.30.": {"flower-superlink": {"--serverappio-api-address": True},
+                         "flower-supernode": {"--clientappio-api-address": True,
+                                              "--max-wait-time": True}}}
+
+
+def known_flags(tool: str) -> dict[str, bool]:
+    """The flags of ``tool`` this module knows for the installed Flower release ({}: ask)."""
+    path = Path(tool)
+    if path.parent != Path(sys.executable).parent:
+        return {}
+    try:
+        release = metadata.version("flwr")
+    except metadata.PackageNotFoundError:
+        return {}
+    return next((flags.get(path.name, {}) for prefix, flags in KNOWN_FLAGS.items()
+                 if release.startswith(prefix)), {})
+
+
 def _has_flag(tool: str, flag: str) -> bool:
     """Whether this Flower release's `tool` takes `flag` (their CLIs moved between releases:
     1.30 has --serverappio-api-address/--clientappio-api-address, later ones --host/--port)."""
+    known = known_flags(tool)
+    if flag in known:
+        return known[flag]
     return flag in _help_of(tool).result().stdout
 
 
@@ -124,6 +148,7 @@ class Deployment:
         self.n_nodes = n_nodes
         self.node_configs = node_configs
         self.procs: dict[str, subprocess.Popen] = {}
+        self.vital: set[str] = set()   # processes whose exit ends the run (check_alive)
         fleet, control, serverappio, *clientappio = free_ports(3 + n_nodes)
         self.fleet, self.control, self.serverappio = fleet, control, serverappio
         self.clientappio = clientappio
@@ -134,7 +159,7 @@ class Deployment:
         # asked while other processes start (a simulation starts no SuperNode)
         for name in ["flower-superlink"] + ["flower-supernode"] * bool(n_nodes):
             found = _find_tool(name)
-            if found:
+            if found and not known_flags(found):
                 _help_of(found)
 
     def _home(self, name: str) -> Path:
@@ -144,18 +169,22 @@ class Deployment:
 
     def _start(self, name: str, argv: list[str], home: Path,
                cwd: Path | None = None) -> subprocess.Popen:
-        return self.start(name, argv, env={**self.env, "FLWR_HOME": str(home)}, cwd=cwd)
+        return self.start(name, argv, env={**self.env, "FLWR_HOME": str(home)}, cwd=cwd,
+                          vital=name != "flwr-run")
 
     def start(self, name: str, argv: list[str], *, env: dict | None = None,
-              cwd: Path | None = None) -> subprocess.Popen:
+              cwd: Path | None = None, vital: bool = False) -> subprocess.Popen:
         """Starts ``argv`` in a session of its own; its output goes to logs/NAME.log (mode
-        0600: a log may name a site's files)."""
+        0600: a log may name a site's files). ``vital``: its exit ends the run
+        (:meth:`check_alive`)."""
         fd = os.open(self.logs / f"{name}.log", os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
         with os.fdopen(fd, "wb") as log_file:
             proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
                                     env=env or self.env, start_new_session=True,
                                     cwd=str(cwd or self.work))
         self.procs[name] = proc
+        if vital:
+            self.vital.add(name)
         return proc
 
     def start_superlink(self, simulation: bool = False, database: Path | None = None) -> None:
@@ -193,19 +222,22 @@ class Deployment:
 
     def start_supernode(self, i: int, cwd: Path | None = None, *,
                         executor: list[str] | None = None,
-                        command: list[str] | None = None) -> subprocess.Popen:
+                        command: list[str] | None = None,
+                        isolated: bool = False) -> subprocess.Popen:
         """SuperNode ``i`` with its node config; ``cwd``: its own directory. ``executor``: a
         command that takes the SuperNode's tasks itself (``--isolation process``), started
         beside it with the SuperNode's ClientAppIo address appended; default: Flower starts
         one ClientApp process per message. ``command``: what starts the SuperNode, given
-        flower-supernode's arguments (default: flower-supernode itself)."""
+        flower-supernode's arguments (default: flower-supernode itself); ``isolated``: the
+        SuperNode hands its tasks out (``--isolation process``) to an executor ``command``
+        runs itself (``fedshield site supernode --executor``)."""
         tool = flower_tool("flower-supernode")
         appio = (["--clientappio-api-address", f"127.0.0.1:{self.clientappio[i]}"]
                  if _has_flag(tool, "--clientappio-api-address") else
                  ["--host", "127.0.0.1", "--port", str(self.clientappio[i])])
         retry = (["--max-wait-time", str(SUPERNODE_MAX_WAIT)]
                  if _has_flag(tool, "--max-wait-time") else [])
-        isolation = ["--isolation", "process"] if executor else []
+        isolation = ["--isolation", "process"] if executor or isolated else []
         proc = self._start(f"supernode-{i}", [
             *(command or [tool]), "--insecure", "--superlink", f"127.0.0.1:{self.fleet}", *appio, *retry,
             *isolation, "--node-config", self.node_config_arg(self.node_configs[i])],
@@ -217,8 +249,7 @@ class Deployment:
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
-            if name.startswith(("superlink", "supernode", "executor")) and \
-                    proc.poll() is not None:
+            if name in self.vital and proc.poll() is not None:
                 why = (f" (it could not reach the SuperLink within {SUPERNODE_MAX_WAIT} s)"
                        if name.startswith("supernode") and _gave_up(self.logs / f"{name}.log")
                        else "")

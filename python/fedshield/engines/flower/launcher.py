@@ -41,6 +41,7 @@ from ...base.threads import ENV as THREADS_ENV
 from ...base.threads import available_cpus
 from . import site_executor, supernode
 from .deployment import Deployment, DeploymentError, write_app_project
+from .warm_start import write_spec
 from .site_ipc import (NODE_SOCKET, NODE_TOKEN, RESUME_STATE, RUN_COMPLETE, SERVER_IDENTITY,
                        SIMULATION_SITES, Relay, SiteWorkerError)
 
@@ -49,6 +50,7 @@ log = logging.getLogger("fedshield")
 SERVER_APP = "fedshield.engines.flower.server_app:app"
 SITES_FILE = "sites.json"     # OUT/flower/: every site's config and relay (what --resume starts)
 SITE_CONFIG = "site.toml"     # in each site's node directory
+WORKERS = "site-workers"  # the warm process the site workers are forked from
 WORKER_START_TIMEOUT = 600.0  # a worker's first answer (it imports torch before it listens)
 CLIENT_APP = "fedshield.engines.flower.client_app:app"
 SERVER_IDENTITY_FILE = "identity.key"   # OUT/flower/server/: the server's (pinned) identity
@@ -337,7 +339,8 @@ def _run(cfg: RunConfig, out: Path, sites: list[LocalSite], server_path: Path, a
                                       preload)
         else:
             code, metrics = _deploy(work, sites, late, node_env, budget, metrics_path,
-                                    executor_command(app), preload)
+                                    executor_command(app), preload,
+                                    joins_wait=app.client_app == CLIENT_APP)
     except DeploymentError as exc:   # e.g. a killed SuperLink: what was recorded goes on
         raise RunFailed(str(exc), "run", _resume_hint(out)) from exc
     if code != 0 or not metrics.get("finished"):
@@ -366,32 +369,46 @@ def executor_command(app: FlowerApp) -> list[str] | None:
             "--clientappio-api-address"]
 
 
-def supernode_command() -> list[str] | None:
+def supernode_command(executor: bool = False) -> list[str] | None:
     """How the sites' SuperNodes start: ``fedshield site supernode`` (Flower's SuperNode with
-    a short idle poll, fedshield.engines.flower.supernode) where this Flower release is the one
-    it checked; else (None) Flower's own flower-supernode."""
+    a short idle poll, fedshield.engines.flower.supernode; with ``executor``, taking its own
+    tasks from a thread: one process per site) where this Flower release is the one it
+    checked; else (None) Flower's own flower-supernode."""
     if supernode.UNAVAILABLE is not None:
         log.info("flower: %s; the SuperNodes poll every %d s while idle", supernode.UNAVAILABLE,
                  supernode.FLOWER_IDLE)
         return None
-    return [sys.executable, "-m", "fedshield.cli", "site", "supernode", "--"]
+    return [sys.executable, "-m", "fedshield.cli", "site", "supernode",
+            *(["--executor"] if executor else []), "--"]
 
 
 def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict | None,
             budget: float, metrics_path: Path, executor: list[str] | None,
-            preload: Path) -> tuple[int, dict]:
+            preload: Path, joins_wait: bool) -> tuple[int, dict]:
     """Runs the app: each site's worker first, then its SuperNode (in its own home) and, with
-    ``executor``, the process that answers that SuperNode's messages."""
+    ``executor``, the process that answers that SuperNode's messages. ``joins_wait``: the
+    app's ClientApp is fedshield's relay, which holds a join until its worker listens, so the
+    run starts without waiting for the workers."""
     n = len(sites)
     with Deployment(work, n + len(late), [s.node for s in sites] + late, env=node_env) as dep:
         workers_ready = _site_workers(sites, dep, preload)
-        # Flower's processes start while the workers load their models; the first message
-        # reaches a worker only after `flwr run`, which waits for every worker
+        # Flower's processes and the run start while the workers import torch and load their
+        # models: fedshield's relay holds the run's join until its worker listens
+        # (client_app.JOIN_WAIT), and a worker that exits ends the run (Deployment.check_alive)
         dep.start_superlink()
-        command = supernode_command()
+        # the executor runs inside each SuperNode's process where it can: one process per site
+        command = supernode_command(executor=executor is not None)
+
+        def start_supernode(i: int) -> None:
+            if command is not None and executor is not None:
+                dep.start_supernode(i, command=command, isolated=True)
+            else:
+                dep.start_supernode(i, executor=executor, command=command)
+
         for i in range(n):
-            dep.start_supernode(i, executor=executor, command=command)
-        workers_ready()
+            start_supernode(i)
+        if not joins_wait:   # another ClientApp (a test's) may ask the worker at once
+            workers_ready()
         log.info("flower: SuperLink (fleet 127.0.0.1:%d) and %d SuperNodes started; logs in %s",
                  dep.fleet, n, dep.logs)
         pending = list(range(n, n + len(late)))
@@ -402,7 +419,7 @@ def _deploy(work: Path, sites: list[LocalSite], late: list[dict], node_env: dict
             if pending and metrics_path.exists() and '"participants"' in metrics_path.read_text():
                 for i in pending:
                     log.info("flower: starting a late SuperNode (%d)", i)
-                    dep.start_supernode(i, executor=executor, command=command)
+                    start_supernode(i)
                 pending.clear()
             reported = _log_new_rounds(metrics_path, reported)
 
@@ -440,21 +457,23 @@ def _simulate(work: Path, sites: list[LocalSite], node_env: dict, resources: Sit
 
 def _site_workers(sites: list[LocalSite], dep: Deployment, preload: Path,
                   envs: list[dict] | None = None) -> Callable[[], None]:
-    """Starts each site's worker as the site would (``fedshield site worker --config``, in
-    its node directory, in ``envs[i]``; default: the deployment's environment); what it
-    returns waits until each answers over its relay. The deployment stops them with
-    everything else it started, all at once (each takes seconds to exit: torch's teardown)."""
-    names = [f"site-worker-{i}" for i in range(len(sites))]
+    """Starts each site's worker as ``fedshield site worker --config`` would (in its node
+    directory, in ``envs[i]``; default: the deployment's environment, its log in
+    logs/site-worker-I.log), all forked from one process that imports torch and transformers
+    once (fedshield.engines.flower.warm_start); what it returns waits until each answers over
+    its relay. The deployment stops them with everything else it started, all at once."""
     envs = envs or [dep.env] * len(sites)
-    for name, site, env in zip(names, sites, envs):
-        dep.start(name, [sys.executable, "-m", "fedshield.cli", "site", "worker", "--config",
-                         str(site.config), "--exit-with", str(os.getpid()),
-                         "--preload-run", str(preload)],
-                  env=env, cwd=site.config.parent)
+    workers = [{"config": site.config, "cwd": site.config.parent, "env": env,
+                "log": dep.logs / f"site-worker-{i}.log"}
+               for i, (site, env) in enumerate(zip(sites, envs))]
+    spec = write_spec(dep.work / "site-workers.json", workers, exit_with=os.getpid(),
+                      preload_run=preload)
+    dep.start(WORKERS, [sys.executable, "-m", "fedshield.engines.flower.warm_start", str(spec)],
+              vital=True)
 
     def ready() -> None:
-        for name, site in zip(names, sites):
-            _wait_for_worker(dep, name, site)
+        for i, site in enumerate(sites):
+            _wait_for_worker(dep, f"site-worker-{i}", site)
         log.info("flower: %d site workers ready", len(sites))
 
     return ready
@@ -462,7 +481,7 @@ def _site_workers(sites: list[LocalSite], dep: Deployment, preload: Path,
 
 def _wait_for_worker(dep: Deployment, name: str, site: LocalSite) -> None:
     deadline = time.monotonic() + WORKER_START_TIMEOUT
-    proc = dep.procs[name]
+    proc = dep.procs[WORKERS]  # the warm process: it ends when any worker has
     while True:
         try:
             Relay.from_node_config(site.node).request("ping", {}, timeout=30.0)
