@@ -306,6 +306,11 @@ def pinned_federation(site_cfg: SiteConfig) -> dict:
     return {"trust_server_roster": True}
 
 
+# How long the worker waits in accept() before it looks again at why it might stop: a SIGTERM
+# may reach one of the process's other threads (torch's), and then the main thread sees it only
+# once accept() returns, so this bounds how long a stopped worker takes to exit.
+ACCEPT_POLL = 0.2
+
 class SiteWorker:
     """Serves the relay's requests, one at a time, for the site its config describes."""
 
@@ -329,7 +334,7 @@ class SiteWorker:
         self.initial: dict | None = None
         self.preloading: threading.Thread | None = None
         self.preloaded: tuple[str, Site, dict] | None = None   # (digest, site, initial)
-        self.stopping = False    # set from another thread: serve() returns within 2 s
+        self.stopping = False    # set from another thread: serve() returns within ACCEPT_POLL
 
     # -- a run ----------------------------------------------------------------------------------
     def _start_run(self, text: str) -> None:
@@ -441,7 +446,7 @@ class SiteWorker:
     def serve(self, server: socket.socket, token: bytes, *, exit_with: int = 0) -> None:
         """Answers authenticated requests until stopped, until ``exit_with`` (a pid) exits, or
         until nothing came for the site's idle_timeout."""
-        server.settimeout(2.0)
+        server.settimeout(ACCEPT_POLL)
         idle = self.cfg.idle_timeout
         last = time.monotonic()
         while not self.stopping:
