@@ -176,6 +176,9 @@ def test_resume_may_shorten_a_run_but_not_below_its_completed_rounds(tmp_path, m
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3] and resumed["finished"]
 
 
+# ~45 s on 2 cores; the default suite resumes after a crash in-process (above) and after a real
+# SIGINT to a `fedshield run` process (below).
+@pytest.mark.slow
 def test_killing_a_run_mid_round_then_resuming_loses_and_repeats_nothing(tmp_path):
     """A real `fedshield run` process is SIGKILLed while a round is in flight."""
     args = ["--clients", "2", "--rounds", "5", "--examples-per-client", "16",
