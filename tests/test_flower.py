@@ -729,8 +729,12 @@ def test_flower_threshold_excludes_failing_clients(tmp_path, case, monkeypatch):
     or replays its previous update is excluded; each round completes with the other two and
     equals the local engine's steps on the same subsets."""
     rounds, faults, subsets, expected = THRESHOLD_FAULTS[case]
+    # no pruning: from round 2 each site's top-k starts from an aggregate that carries its own
+    # keys' CKKS noise (~1e-7), and a near-tie at the cut then falls either way: the two
+    # engines' losses took one of two values 1.8e-5 apart, run to run, in either engine
     cfg = RunConfig.from_flat(**{**TINY, "clients": 3, "rounds": rounds}, keys="threshold",
-                              threshold=2, engine="flower", out=str(tmp_path / "flower"))
+                              threshold=2, prune="off", engine="flower",
+                              out=str(tmp_path / "flower"))
     got = run_flower(cfg, app=faulty_app(), node_configs=faults, late_node_configs=[{}])
     assert [r["status"] for r in got["rounds"]] == ["ok"] * rounds
     assert [r["clients"] for r in got["rounds"]] == subsets
