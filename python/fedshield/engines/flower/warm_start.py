@@ -114,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warm start: site worker {pid} for {worker['config']}", flush=True)
     first = 0
     while children:
-        try:
-            pid, status = os.wait()
-        except InterruptedError:
-            continue
+        pid, status = os.wait()   # retried by Python when the SIGTERM handler runs (PEP 475)
         code = os.waitstatus_to_exitcode(status)
         config = children.pop(pid)
         print(f"warm start: site worker {pid} for {config} exited with {code}", flush=True)
