@@ -258,6 +258,13 @@ void bind_ckks(py::module_& m) {
     }, "n samples of the smudging noise (csrc/smudging.hpp: N_Z(0, 2^40) by convolution) or, "
        "with base=True, of its base Gaussian D_{Z, sigma0}, sigma0^2 = 2^40 / "
        "SMUDGING_BASE_DIVISOR.", py::arg("n"), py::arg("base") = false);
+    m.def("smudging_base_from_words", [](const U64& words, const U64& extra) {
+        I64 out(words.size());
+        smudging_base_from_words(words.data(), static_cast<size_t>(words.size()), extra.data(),
+                                 static_cast<size_t>(extra.size()), out.mutable_data());
+        return out;
+    }, "Base draws from the given uniform words as one block, extra giving in order the bits "
+       "each settled tie draws (for the tests).", py::arg("words"), py::arg("extra"));
     m.def("smudging_table", []() {
         U64 hi(kSmudgingTable), lo(kSmudgingTable);
         smudging_table(hi.mutable_data(), lo.mutable_data());

@@ -1,5 +1,6 @@
 #include "smudging.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -37,6 +38,8 @@ f128 exp_neg_scaled(uint64_t num) {
 
 struct Table {
     int64_t hi[kSmudgingTable], lo[kSmudgingTable];  // 63-bit halves of the thresholds
+    int32_t top[kSmudgingTable];  // their top 31 bits (hi >> 32), what the fast scan compares
+    int scan;  // thresholds the fast scan compares: up to the first top of 2^31 - 1
 };
 
 // The conditions of the convolution (smudging.hpp), checked once: a wrong constant throws
@@ -83,6 +86,17 @@ Table build_table() {
         if (hi > top || lo > top) hi = lo = top;  // rounds to 1: counted only by u = its value
         t.hi[k] = static_cast<int64_t>(hi);
         t.lo[k] = static_cast<int64_t>(lo);
+        t.top[k] = static_cast<int32_t>(hi >> 32);
+    }
+    // Past the first top of 2^31 - 1 every top is 2^31 - 1 (the thresholds rise): a word's
+    // top 31 bits are below them all, or equal, which the scan of that first one reports as
+    // a tie. So the scan stops there.
+    constexpr int32_t kFull = INT32_MAX;
+    t.scan = kSmudgingTable;
+    for (int k = 0; k < kSmudgingTable; ++k) {
+        if (k > 0 && t.top[k] < t.top[k - 1])
+            throw ParameterInputError("smudging: the base table's thresholds do not rise");
+        if (t.top[k] == kFull && t.scan == kSmudgingTable) t.scan = k + 1;
     }
     return t;
 }
@@ -92,38 +106,44 @@ const Table& table() {
     return t;
 }
 
-// Base draws from uniform words: |y| = the number of thresholds whose high half the word's
-// high 63 bits exceed, every entry compared for every draw (no early exit, no look-up by
-// value); ties[i] says whether a high half equals them (the caller settles it).
+// Base draws from uniform words, the fast scan: |y| = the number of thresholds whose top 31
+// bits are below the word's, in 32-bit lanes (eight per AVX2 register where the full 63-bit
+// compare has four) and over the first t.scan thresholds only (about 68 of 126). Where the
+// word's top 31 bits equal a threshold's, that count may be off: ties[i] says so (the caller
+// settles it with every bit). Every entry is compared for every draw: no early exit, no
+// look-up by value.
 FEDSHIELD_SIMD_CLONES
 void base_block(const uint64_t* __restrict__ words, int64_t* __restrict__ mags,
-                int64_t* __restrict__ ties, size_t count, const int64_t* __restrict__ hi) {
-    constexpr size_t kLane = 32;  // draws compared together (64 spill: 2.5x slower)
+                int32_t* __restrict__ ties, size_t count, const int32_t* __restrict__ top,
+                int scan) {
+    constexpr size_t kLane = 32;  // draws compared together: four registers of each array
+    int32_t u[kLane], acc[kLane], tie[kLane];
     for (size_t at = 0; at < count; at += kLane) {
         const size_t m = count - at < kLane ? count - at : kLane;
-        int64_t u[kLane], acc[kLane], tie[kLane];
         for (size_t i = 0; i < kLane; ++i) {
-            u[i] = i < m ? static_cast<int64_t>(words[at + i] >> 1) : 0;
+            u[i] = i < m ? static_cast<int32_t>(words[at + i] >> 33) : 0;
             acc[i] = 0;
             tie[i] = 0;
         }
-        for (int k = 0; k < kSmudgingTable; ++k) {
-            const int64_t c = hi[k];
+        for (int k = 0; k < scan; ++k) {
+            const int32_t c = top[k];
             for (size_t i = 0; i < kLane; ++i) {
-                acc[i] -= -static_cast<int64_t>(u[i] > c);  // as masks: vectorises best
-                tie[i] |= -static_cast<int64_t>(u[i] == c);
+                acc[i] -= -static_cast<int32_t>(u[i] > c);  // as masks: vectorises best
+                tie[i] |= -static_cast<int32_t>(u[i] == c);
             }
         }
         for (size_t i = 0; i < m; ++i) {
             mags[at + i] = acc[i];
             ties[at + i] = tie[i];
         }
-        secure_wipe(u, sizeof u);
-        secure_wipe(acc, sizeof acc);
     }
+    secure_wipe(u, sizeof u);  // each block overwrote the last: the draws' bits end here
+    secure_wipe(acc, sizeof acc);
 }
 
-// A tie (probability below 2^-56 per draw): 63 more uniform bits compare the low halves.
+// The exact count for one word, every bit of every threshold compared (extra: 63 more
+// uniform bits for the low halves; they matter only when the word's 63 bits equal a high
+// half).
 int64_t settle_tie(uint64_t word, uint64_t extra, const Table& t) {
     const int64_t u = static_cast<int64_t>(word >> 1), v = static_cast<int64_t>(extra >> 1);
     int64_t count = 0;
@@ -133,18 +153,77 @@ int64_t settle_tie(uint64_t word, uint64_t extra, const Table& t) {
     return count;
 }
 
-// Signed base draws into y (count of them): magnitudes from the table, the sign from bit 0.
-void base_draws(FastRandom& rng, int64_t* y, size_t count, std::vector<uint64_t>& words,
-                std::vector<int64_t>& ties) {
-    const Table& t = table();
-    for (size_t i = 0; i < count; ++i) words[i] = rng.next();
-    base_block(words.data(), y, ties.data(), count, t.hi);
-    for (size_t i = 0; i < count; ++i)
-        if (ties[i]) y[i] = settle_tie(words[i], rng.next(), t);
+// Ties (probability below t.scan * 2^-31, below 2^-24 per draw) are settled without
+// revealing which draws tied, or whether any did: the block's first and last tie are found by
+// masked passes over every draw (none: positions no draw has), their words gathered, settled
+// with fresh bits and written back the same way, whether or not there was a tie. Only a block
+// with more than two ties (probability below 2^-44 for a block of 2048 draws) needs the
+// caller's plain loop, the one step whose time depends on the draws.
+struct TieSlots {
+    int64_t at[2];      // first and last tie: count and -1 when there is none
+    uint64_t word[2];   // their words (0 when there is none)
+    int64_t count;      // ties in the block
+};
+
+FEDSHIELD_SIMD_CLONES
+TieSlots find_ties(const uint64_t* __restrict__ words, const int32_t* __restrict__ ties,
+                   size_t count) {
+    // masked maxima (no select to carry from one draw to the next: they vectorise): the last
+    // tie is max((i + 1) & tie) - 1, the first count - max((count - i) & tie)
+    const int32_t n = static_cast<int32_t>(count);
+    int32_t after_last = 0, before_first = 0, total = 0;
+    for (size_t i = 0; i < count; ++i) {
+        const int32_t at = static_cast<int32_t>(i), tie = ties[i];
+        after_last = std::max(after_last, (at + 1) & tie);
+        before_first = std::max(before_first, (n - at) & tie);
+        total -= tie;
+    }
+    const int64_t first = n - before_first, last = after_last - 1;
+    uint64_t w0 = 0, w1 = 0;
+    for (size_t i = 0; i < count; ++i) {
+        const int64_t at = static_cast<int64_t>(i);
+        w0 |= words[i] & static_cast<uint64_t>(-static_cast<int64_t>(at == first));
+        w1 |= words[i] & static_cast<uint64_t>(-static_cast<int64_t>(at == last));
+    }
+    return TieSlots{{first, last}, {w0, w1}, total};
+}
+
+FEDSHIELD_SIMD_CLONES
+void put_settled(int64_t* __restrict__ y, size_t count, const TieSlots& slots,
+                 const int64_t* exact) {
+    for (size_t i = 0; i < count; ++i) {
+        const int64_t at = static_cast<int64_t>(i);
+        const int64_t p0 = -static_cast<int64_t>(at == slots.at[0]);
+        const int64_t p1 = -static_cast<int64_t>(at == slots.at[1]);
+        const int64_t v = (exact[0] & p0) | (y[i] & ~p0);
+        y[i] = (exact[1] & p1) | (v & ~p1);
+    }
+}
+
+// Signed base draws into y from count uniform words: magnitudes from the table, the sign
+// from bit 0. ``extra`` gives the bits a settled tie draws (the generator in production, a
+// fixed list in the tests).
+template <typename Extra>
+void base_from_words(const uint64_t* words, int64_t* y, int32_t* ties, size_t count,
+                     const Table& t, Extra extra) {
+    base_block(words, y, ties, count, t.top, t.scan);
+    const TieSlots slots = find_ties(words, ties, count);
+    const int64_t exact[2] = {settle_tie(slots.word[0], extra(), t),
+                              settle_tie(slots.word[1], extra(), t)};
+    put_settled(y, count, slots, exact);
+    if (slots.count > 2)
+        for (size_t i = 0; i < count; ++i)  // more ties than the masked passes settle
+            if (ties[i]) y[i] = settle_tie(words[i], extra(), t);
     for (size_t i = 0; i < count; ++i) {
         const int64_t sign = static_cast<int64_t>(words[i] & 1);
         y[i] = (y[i] ^ -sign) + sign;  // -0 is 0: both signs of 0 give 0, as they must
     }
+}
+
+void base_draws(FastRandom& rng, int64_t* y, size_t count, std::vector<uint64_t>& words,
+                std::vector<int32_t>& ties) {
+    for (size_t i = 0; i < count; ++i) words[i] = rng.next();
+    base_from_words(words.data(), y, ties.data(), count, table(), [&rng] { return rng.next(); });
 }
 
 constexpr size_t kChunk = 256;  // samples per round of draws
@@ -154,7 +233,8 @@ constexpr size_t kChunk = 256;  // samples per round of draws
 void sample_smudging(FastRandom& rng, int64_t* out, size_t n) {
     constexpr size_t kDraws = 8;
     std::vector<uint64_t> words(kDraws * kChunk);
-    std::vector<int64_t> ties(kDraws * kChunk), y(kDraws * kChunk);
+    std::vector<int32_t> ties(kDraws * kChunk);
+    std::vector<int64_t> y(kDraws * kChunk);
     const auto level = [](int i, int j) { return static_cast<int64_t>(kSmudgingLevels[i][j]); };
     const int64_t z1 = level(0, 0), w1 = level(0, 1), z2 = level(1, 0), w2 = level(1, 1);
     const int64_t z3 = level(2, 0), w3 = level(2, 1);
@@ -175,10 +255,22 @@ void sample_smudging(FastRandom& rng, int64_t* out, size_t n) {
 
 void sample_smudging_base(FastRandom& rng, int64_t* out, size_t n) {
     std::vector<uint64_t> words(kChunk);
-    std::vector<int64_t> ties(kChunk);
+    std::vector<int32_t> ties(kChunk);
     for (size_t at = 0; at < n; at += kChunk)
         base_draws(rng, out + at, n - at < kChunk ? n - at : kChunk, words, ties);
     secure_wipe(words);
+}
+
+void smudging_base_from_words(const uint64_t* words, size_t n, const uint64_t* extra,
+                              size_t n_extra, int64_t* out) {
+    std::vector<int32_t> ties(n);
+    size_t used = 0;
+    base_from_words(words, out, ties.data(), n, table(), [&]() {
+        if (used == n_extra)
+            throw ParameterInputError("smudging: the ties need more than the " +
+                                      std::to_string(n_extra) + " extra words given");
+        return extra[used++];
+    });
 }
 
 void smudging_table(uint64_t* hi, uint64_t* lo) {

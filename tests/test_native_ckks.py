@@ -319,6 +319,48 @@ def test_smudging_base_draws_pass_chi_square():
     assert chi2 < dof + 6 * math.sqrt(2 * dof)
 
 
+def _exact_base_draw(word: int, extra: int, hi, lo) -> int:
+    """The base draw of a word with every bit of every threshold compared (smudging.cpp's
+    definition): |y| = #{k: (hi, lo) <= (word >> 1, extra >> 1)} on the 126-bit thresholds,
+    strictly below in the high half; the sign from bit 0."""
+    u, v = word >> 1, extra >> 1
+    mag = sum(1 for h, l in zip(hi, lo) if int(h) < u or (int(h) == u and int(l) <= v))
+    return -mag if word & 1 else mag
+
+
+@pytest.mark.parametrize("ties", [1, 2, 3, 4, 8])
+def test_smudging_fast_scan_settles_every_tie_exactly(ties):
+    """The 31-bit scan reports a tie wherever a word's top 31 bits equal a threshold's; each
+    tie is settled with every bit, whether the block has at most two (the masked passes) or
+    more (the plain loop): every draw equals the exact 126-bit comparison."""
+    hi, lo = native.smudging_table()
+    rng = np.random.default_rng(ties)
+    words = [int(w) for w in rng.integers(0, 2 ** 63, 61, dtype=np.uint64) * 2
+             + rng.integers(0, 2, 61, dtype=np.uint64)]
+    words += [0, 1, 2 ** 64 - 2]  # the bottom, and a top of 2^31 - 1: a tie past the scan
+    edge = []  # with the last word above: ties words that tie
+    for j in range(ties - 1):  # a word equal to a threshold's high half, or just beside it
+        k = int(rng.integers(0, len(hi)))
+        u = int(hi[k]) + int(rng.integers(-1, 2))
+        edge.append(((min(max(u, 0), 2 ** 63 - 1)) << 1) | (j & 1))
+    positions = rng.choice(len(words) + len(edge), len(edge), replace=False)
+    for at, word in sorted(zip(positions, edge)):
+        words.insert(int(at), word)
+    extra = int(lo[7]) << 1  # the same low bits for every settled tie: order does not matter
+    got = native.smudging_base_from_words(np.array(words, dtype=np.uint64),
+                                          np.full(2 + ties, extra, dtype=np.uint64))
+    want = [_exact_base_draw(w, extra, hi, lo) for w in words]
+    assert got.tolist() == want
+
+
+def test_smudging_base_from_words_refuses_too_few_extra_words():
+    hi, _ = native.smudging_table()
+    tied = [int(hi[3]) << 1] * 3  # 3 ties: 2 extra words for the masked passes, then 1 each
+    with pytest.raises(fs.ParameterError, match="extra words"):
+        native.smudging_base_from_words(np.array(tied, dtype=np.uint64),
+                                        np.zeros(2, dtype=np.uint64))
+
+
 def test_smudging_noise_is_a_gaussian_of_variance_2_pow_40():
     """2**20 samples: moments (mean, variance, a Gaussian's kurtosis 3) within 5 standard
     errors, a chi-square over 64 bins of sigma / 8 with the tails pooled, and the tails."""
@@ -379,7 +421,8 @@ KEY_DEPENDENT = ("csub", "add_q", "sub_q", "mul_shoup", "mul_shoup_lazy", "signe
 
 
 @pytest.mark.parametrize("source, names", [("ckks.cpp", KEY_DEPENDENT),
-                                           ("smudging.cpp", ("base_block",))])
+                                           ("smudging.cpp", ("base_block", "settle_tie",
+                                                             "find_ties", "put_settled"))])
 def test_key_dependent_helpers_have_no_branches_or_lookups_by_value(source, names):
     """The helpers every key-, noise- or plaintext-dependent loop of csrc/ckks.cpp goes through,
     and the smudging sampler's table scan, compute with masks: no if, no ?:, no early exit, no
@@ -393,11 +436,12 @@ def test_key_dependent_helpers_have_no_branches_or_lookups_by_value(source, name
         # the only ?: allowed picks a block's length, a public count
         body = body.replace("count - at < kLane ? count - at : kLane", "")
         body = body.replace("i < m ? static_cast<int64_t>(words[at + i] >> 1) : 0", "")
+        body = body.replace("i < m ? static_cast<int32_t>(words[at + i] >> 33) : 0", "")
         assert not re.search(r"\bif\b|\?|\bbreak\b|\breturn\b.*\breturn\b", body), name
         # array indexing only by loop counters and positions of fixed bounds (or stride)
         for index in re.findall(r"\w+\[([^\]]+)\]", body):
-            assert index in ("i", "j", "k", "m + i", "h + i", "at + i", "kLane", "2 * i",
-                             "2 * i + 1"), \
+            assert index.isdigit() or index in ("i", "j", "k", "m + i", "h + i", "at + i",
+                                                "kLane", "2 * i", "2 * i + 1"), \
                 f"{name} indexes by {index!r}"
 
 
