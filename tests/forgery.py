@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from fedshield import native
 from fedshield.he.context import CONTEXT_FORMAT_VERSION as CONTEXT_VERSION
+from fedshield.he.frames import CHECKSUMMED
 
 
 def fuzz_settings(examples: int) -> settings:
@@ -91,11 +92,29 @@ def reseal_update(data: bytes | bytearray) -> bytes:
 
 
 def reseal_sha256(data: bytes | bytearray) -> bytes:
-    """A frame or context file with its trailing SHA-256 recomputed."""
+    """A context file with its trailing SHA-256 recomputed."""
     if len(data) < 32:
         return bytes(data)
     body = bytes(data[:-32])
     return body + hashlib.sha256(body).digest()
+
+
+def seal_frame(body: bytes | bytearray) -> bytes:
+    """A frame's body with its trailer: the checksum64 when its version field says so
+    (fedshield.he.frames.CHECKSUMMED), else a SHA-256 (frames written before)."""
+    body = bytes(body)
+    if len(body) >= 10 and struct.unpack_from("<H", body, 8)[0] & CHECKSUMMED:
+        return body + struct.pack("<Q", native.checksum64(body))
+    return body + hashlib.sha256(body).digest()
+
+
+def reseal_frame(data: bytes | bytearray) -> bytes:
+    """A frame (of either trailer) with its trailer recomputed."""
+    if len(data) < 10:
+        return bytes(data)
+    checksummed = struct.unpack_from("<H", data, 8)[0] & CHECKSUMMED
+    trailer = 8 if checksummed else 32
+    return bytes(data) if len(data) < trailer else seal_frame(data[:-trailer])
 
 
 def split_context(blob: bytes) -> tuple[dict, list[bytes]]:

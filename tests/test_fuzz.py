@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 import fedshield as fs
 from conftest import make_state, weighted_average
-from forgery import MUTATIONS, fuzz_settings, mutate, reseal_sha256, reseal_update
+from forgery import (MUTATIONS, fuzz_settings, mutate, reseal_frame, reseal_sha256,
+                     reseal_update)
 
 # -- partial decryptions: the exact failure of issue 15 (a crash inside OpenFHE) ---------------
 
@@ -35,7 +36,7 @@ SHARE_FUZZ_CHILD = textwrap.dedent("""
     from fedshield.he.frames import unframe
     from fedshield.he.partial import PARTIAL_MAGIC
     from conftest import make_state, weighted_average
-    from forgery import mutate, random_mutations, reseal_sha256
+    from forgery import mutate, random_mutations, reseal_frame
 
     cases, out = int(sys.argv[1]), sys.argv[2]
     rng = random.Random(15)
@@ -60,7 +61,7 @@ SHARE_FUZZ_CHILD = textwrap.dedent("""
             # of the edits in the first 3000 bytes, where OpenFHE's own header used to travel
             # (there the old format crashed the fusing process)
             ops = random_mutations(rng, in_place=case % 3 != 0)
-            bad = reseal_sha256(mutate(shares[k], ops, head=3000))
+            bad = reseal_frame(mutate(shares[k], ops, head=3000))
             if bad == shares[k]:
                 continue
             try:
@@ -197,7 +198,7 @@ def test_fuzz_partial_decryptions(threshold_round, ops, which, head):
     """A share mutated anywhere, frame digest recomputed: rejected with a FedShieldError, or it
     fuses to the right average; never a crash and never a wrong average."""
     r = threshold_round
-    bad = reseal_sha256(mutate(r.shares[which], ops, head=head))
+    bad = reseal_frame(mutate(r.shares[which], ops, head=head))
     shares = list(r.shares)
     shares[which] = bad
     try:
@@ -384,7 +385,7 @@ def test_fuzz_key_share_messages(dealt_key_share, ops):
     state, message = dealt_key_share
     genuine_meta, _ = unframe(message, th.KEY_SHARE_MAGIC, "share", fs.KeyMaterialError,
                               version=th.KEY_SHARE_VERSION)
-    bad = reseal_sha256(mutate(message, ops, head=300))
+    bad = reseal_frame(mutate(message, ops, head=300))
     try:
         accepted = th.accept_key_shares(state, [bad]).own_context
     except fs.KeyMaterialError:

@@ -14,7 +14,6 @@ AddressSanitizer/UBSan).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import struct
@@ -34,9 +33,10 @@ from fedshield.trust.federation import RunSettings
 from fedshield.fl.key_setup import (KeyHolder, KeySetup, client_aad, epoch_seed, probes_match,
                                     refusal_fields, refusal_from, share_aad)
 from fedshield.he import threshold as th
+from fedshield.he.frames import CHECKSUMMED
 from fedshield.trust.identity import Identity, sign_blob
 from federation_fixtures import pinned_federation
-from forgery import MUTATIONS, fuzz_settings, mutate, reseal_sha256
+from forgery import MUTATIONS, fuzz_settings, mutate, reseal_frame, reseal_sha256, seal_frame
 
 # what fedshield run's key set-up uses (its Server sends each round's bound: max_weight=0)
 THRESHOLD = fs.CKKSParams.for_precision(keys="threshold", max_weight=0)
@@ -69,8 +69,9 @@ def build_frame(magic: bytes, version: int, meta: dict, sections: list[bytes],
     """A frame with a valid digest (what anyone relaying or sending one can make)."""
     head = json.dumps({**meta, "sizes": [len(s) for s in sections] if sizes is None else sizes},
                       sort_keys=True).encode()
-    body = magic + struct.pack("<HI", version, len(head)) + head + b"".join(sections)
-    return body + hashlib.sha256(body).digest()
+    body = magic + struct.pack("<HI", version | CHECKSUMMED, len(head)) + head + \
+        b"".join(sections)
+    return seal_frame(body)
 
 
 def forge(blob: bytes, how) -> bytes:
@@ -78,7 +79,7 @@ def forge(blob: bytes, how) -> bytes:
     ("section", ops) mutates the byte sections only, ("field", key, value) replaces one head
     field."""
     if how[0] == "bytes":
-        return reseal_sha256(mutate(blob, how[1], head=400))
+        return reseal_frame(mutate(blob, how[1], head=400))
     magic, version, meta, sections = split_frame(blob)
     if how[0] == "section":
         joined = mutate(b"".join(sections), how[1], head=200)

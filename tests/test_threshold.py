@@ -17,11 +17,11 @@ import torch
 import fedshield as fs
 from fedshield import native
 from fedshield.he import threshold as th
-from fedshield.he.frames import frame, unframe
+from fedshield.he.frames import CHECKSUM, CHECKSUMMED, DIGEST, frame, unframe
 from fedshield.he.partial import PARTIAL_MAGIC, PartialDecryption
 
 from conftest import make_state, weighted_average
-from forgery import build_context, split_context
+from forgery import build_context, seal_frame, split_context
 
 WEIGHT_BOUND = 2.0 ** 16  # a common bound for the parties of one aggregate
 # Max |error| of one decrypted slot value at scale 2**50 (OpenFHE's multiparty flooding noise;
@@ -190,6 +190,34 @@ def test_bad_shares_are_rejected(t_of_n, n_of_n):
         fs.combine_partials(agg, good[0], layout, ctx=ctx)
     with pytest.raises(fs.IncompatibleUpdate, match="another layout"):
         fs.combine_partials(agg, good, fs.Layout.from_state_dict({"x": torch.zeros(3)}), ctx=ctx)
+
+
+def _as_sha256_frame(blob: bytes) -> bytes:
+    """The frame as written before the checksum: version field without CHECKSUMMED, SHA-256."""
+    body = bytearray(blob[:-CHECKSUM])
+    version = int.from_bytes(body[8:10], "little")
+    assert version & CHECKSUMMED
+    body[8:10] = (version & ~CHECKSUMMED).to_bytes(2, "little")
+    return seal_frame(body)
+
+
+def test_shares_framed_before_the_checksum_still_fuse(t_of_n):
+    """Shares are framed with the 8-byte wire checksum now; shares framed with the SHA-256
+    trailer before it fuse to the same average, and a damaged one is refused the same way."""
+    agg, layout, ctx = t_of_n.agg, t_of_n.layout, t_of_n.parties[0]
+    good = t_of_n.shares([0, 1, 2], [0, 1, 2])
+    assert all(int.from_bytes(share[8:10], "little") & CHECKSUMMED for share in good)
+    old = [_as_sha256_frame(share) for share in good]
+    assert [len(o) - len(g) for o, g in zip(old, good)] == [DIGEST - CHECKSUM] * 3
+    want = fs.combine_partials(agg, good, layout, ctx=ctx)
+    got = fs.combine_partials(agg, old[:2] + good[2:], layout, ctx=ctx)
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    damaged = bytearray(old[1])
+    damaged[len(damaged) // 2] ^= 4
+    with pytest.raises(fs.InvalidUpdate, match="corrupted"):
+        fs.combine_partials(agg, [good[0], bytes(damaged), good[2]], layout, ctx=ctx)
+    with pytest.raises(ValueError, match="below 32768"):
+        frame(PARTIAL_MAGIC, {}, [], version=CHECKSUMMED)
 
 
 def test_forged_share_headers_are_rejected(t_of_n):

@@ -1,7 +1,10 @@
 """The framing of threshold-mode messages (key generation steps, key shares, partial
-decryptions): magic, version, a JSON head, byte sections, and a SHA-256 of all of it.
+decryptions): magic, version, a JSON head, byte sections, and a trailer over all of it.
 
-The digest detects corruption, not forgery: anyone relaying a frame can recompute it.
+The trailer detects corruption, not forgery: anyone relaying a frame can recompute it. Frames
+are written with the wire format's 64-bit checksum (``native.checksum64``, at memory speed and
+on every core; bit 15 of the version field says so); frames written before it carry a SHA-256
+trailer instead, and still read.
 """
 
 from __future__ import annotations
@@ -11,19 +14,22 @@ import json
 import struct
 from typing import Sequence
 
+from .. import native
 from ..base.validate import is_int
 
 VERSION = 1
-DIGEST = 32
+DIGEST = 32       # the longest trailer (SHA-256), for size bounds
+CHECKSUM = 8      # the trailer of frames written now
+CHECKSUMMED = 0x8000  # in the version field: the trailer is CHECKSUM bytes of checksum64
 
 
 def frame(magic: bytes, meta: dict, sections: Sequence[bytes], version: int = VERSION) -> bytes:
+    if not 0 <= version < CHECKSUMMED:
+        raise ValueError(f"frame version {version} must be below {CHECKSUMMED}")
     head = json.dumps({**meta, "sizes": [len(s) for s in sections]}, sort_keys=True).encode()
-    parts = [magic, struct.pack("<HI", version, len(head)), head, *sections]
-    digest = hashlib.sha256()
-    for part in parts:  # hashed piece by piece: the body is joined once, with its digest
-        digest.update(part)
-    return b"".join([*parts, digest.digest()])
+    body = b"".join([magic, struct.pack("<HI", version | CHECKSUMMED, len(head)), head,
+                     *sections])
+    return body + struct.pack("<Q", native.checksum64(body))
 
 
 def unframe(blob, magic: bytes, what: str, error: type, version: int = VERSION, *,
@@ -35,14 +41,22 @@ def unframe(blob, magic: bytes, what: str, error: type, version: int = VERSION, 
         raise TypeError(f"{what}: expected bytes, got {type(blob).__name__}")
     blob = bytes(blob)
     fixed = len(magic) + 6
-    if len(blob) < fixed + DIGEST or blob[:len(magic)] != magic:
+    if len(blob) < fixed + CHECKSUM or blob[:len(magic)] != magic:
         raise error(f"not a fedshield {what} (bad magic or too short)")
-    body = memoryview(blob)[:-DIGEST]  # views: only the sections are copied out
-    if hashlib.sha256(body).digest() != blob[-DIGEST:]:
-        raise error(f"{what} bytes are corrupted (digest mismatch)")
     got, head_len = struct.unpack_from("<HI", blob, len(magic))
-    if got != version:
-        raise error(f"{what} format version {got} is not supported (expected {version})")
+    trailer = CHECKSUM if got & CHECKSUMMED else DIGEST
+    if len(blob) < fixed + trailer:
+        raise error(f"not a fedshield {what} (too short)")
+    body = memoryview(blob)[:-trailer]  # views: only the sections are copied out
+    if got & CHECKSUMMED:
+        intact = struct.pack("<Q", native.checksum64(body)) == blob[-trailer:]
+    else:  # written before the checksum: SHA-256
+        intact = hashlib.sha256(body).digest() == blob[-trailer:]
+    if not intact:
+        raise error(f"{what} bytes are corrupted (digest mismatch)")
+    if got & ~CHECKSUMMED != version:
+        raise error(f"{what} format version {got & ~CHECKSUMMED} is not supported (expected "
+                    f"{version})")
     try:
         meta = json.loads(bytes(body[fixed:fixed + head_len]))
         if not isinstance(meta, dict):

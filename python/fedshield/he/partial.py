@@ -44,7 +44,6 @@ The frame's digest is unkeyed: a share crafted by someone who relays it is not d
 
 from __future__ import annotations
 
-import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Mapping, Optional
@@ -93,10 +92,9 @@ def _as_update(agg) -> EncryptedUpdate:
 
 
 def aggregate_digest(agg: EncryptedUpdate) -> str:
-    """What a partial decryption names as the aggregate it decrypts (hex SHA-256)."""
-    digest = hashlib.sha256(b"fedshield-aggregate-v1")
-    digest.update(agg.to_bytes())  # not prefix + bytes: that copies the whole aggregate
-    return digest.hexdigest()
+    """What a partial decryption names as the aggregate it decrypts (hex SHA-256,
+    :attr:`EncryptedUpdate.digest`)."""
+    return agg.digest
 
 
 def _decryption_residues(ctx: Context, present: list[int]) -> np.ndarray:
@@ -287,9 +285,10 @@ def combine_partials(agg, shares: Iterable[bytes], layout, mask: Optional[Mappin
         raise TypeError("shares must be an iterable of share bytes, not one bytes object")
     check_for_context(ctx, agg)
     shares = list(shares)
-    # The frames' SHA-256 digests first (the fusion needs the shares), then the aggregate's,
-    # which hashes meanwhile next to the fusion: hashlib and the fusion release the GIL. Every
-    # check below still passes before a fused value leaves (a failed one wipes them).
+    # The frames' checksums first (the fusion needs the shares), then the aggregate's digest
+    # (hashed unless this object's already was), meanwhile next to the fusion: hashlib and the
+    # fusion release the GIL. Every check below still passes before a fused value leaves (a
+    # failed one wipes them).
     with ThreadPoolExecutor(max_workers=max(1, min(num_threads(), len(shares) + 1))) as pool:
         jobs = [pool.submit(PartialDecryption.from_bytes, blob, views=True) for blob in shares]
         digest_job = pool.submit(aggregate_digest, agg)

@@ -9,6 +9,8 @@ layout (version 3; version-2 updates still parse).
 
 from __future__ import annotations
 
+import hashlib
+
 from .. import native
 
 KIND_CLIENT = 1
@@ -20,11 +22,12 @@ PACKING_CODE = {"complex": 1, "real": 2}
 class EncryptedUpdate:
     """Validated update bytes plus their parsed header. Immutable."""
 
-    __slots__ = ("_data", "_header")
+    __slots__ = ("_data", "_header", "_digest")
 
     def __init__(self, data: bytes, header: dict) -> None:
         self._data = data
         self._header = header
+        self._digest = None
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "EncryptedUpdate":
@@ -34,6 +37,18 @@ class EncryptedUpdate:
 
     def to_bytes(self) -> bytes:
         return self._data
+
+    @property
+    def digest(self) -> str:
+        """Hex SHA-256 of these bytes (domain "fedshield-aggregate-v1"): what a partial
+        decryption names as the aggregate it decrypts, and a guard as the one it admitted.
+        Hashed once per object (the bytes never change): a party that checks, partially
+        decrypts and fuses one aggregate object hashes it once."""
+        if self._digest is None:
+            h = hashlib.sha256(b"fedshield-aggregate-v1")
+            h.update(self._data)  # not prefix + bytes: that copies the whole aggregate
+            self._digest = h.hexdigest()
+        return self._digest
 
     @property
     def header(self) -> dict:
