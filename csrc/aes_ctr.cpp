@@ -231,6 +231,17 @@ FastRandom::~FastRandom() {
     secure_wipe(block_, sizeof block_);
 }
 
+void FastRandom::fill(uint64_t* out, size_t n) {
+    while (n > 0) {
+        if (used_ == kWords) refill();
+        const size_t take = n < kWords - used_ ? n : kWords - used_;
+        std::memcpy(out, block_ + used_, take * sizeof(uint64_t));
+        used_ += take;
+        out += take;
+        n -= take;
+    }
+}
+
 void FastRandom::refill() {
     if (aes_ != nullptr)
         aes_->stream(reinterpret_cast<uint8_t*>(block_), kWords / 2);

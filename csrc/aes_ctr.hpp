@@ -47,6 +47,8 @@ public:
         if (used_ == kWords) refill();
         return block_[used_++];
     }
+    // out[i] = next() for i < n, in bulk.
+    void fill(uint64_t* out, size_t n);
 
 private:
     void refill();

@@ -222,7 +222,7 @@ void base_from_words(const uint64_t* words, int64_t* y, int32_t* ties, size_t co
 
 void base_draws(FastRandom& rng, int64_t* y, size_t count, std::vector<uint64_t>& words,
                 std::vector<int32_t>& ties) {
-    for (size_t i = 0; i < count; ++i) words[i] = rng.next();
+    rng.fill(words.data(), count);
     base_from_words(words.data(), y, ties.data(), count, table(), [&rng] { return rng.next(); });
 }
 
