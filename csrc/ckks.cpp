@@ -639,22 +639,39 @@ FEDSHIELD_AVX2 inline __m256i avx_csub(__m256i x, __m256i m) {
     return _mm256_castpd_si256(_mm256_blendv_pd(d, _mm256_castsi256_pd(x), d));
 }
 
-// a * w mod q in [0, 2q) for a < 2^63 (see above); w_hi, ws_hi, q_hi: the high halves of w,
-// w' and q (the low halves are read from w, ws, q themselves).
-FEDSHIELD_AVX2 inline __m256i avx_mul_shoup(__m256i a, __m256i w, __m256i w_hi, __m256i ws,
-                                            __m256i ws_hi, __m256i q, __m256i q_hi,
-                                            __m256i two_q) {
+// A twiddle per lane: w, w with its 32-bit halves swapped, w' and w' >> 32.
+struct AvxTwiddle {
+    __m256i w, w_swap, ws, ws_hi;
+};
+FEDSHIELD_AVX2 inline AvxTwiddle avx_twiddle(__m256i w, __m256i ws) {
+    return {w, _mm256_shuffle_epi32(w, 0xB1), ws, _mm256_srli_epi64(ws, 32)};
+}
+
+// The modulus per lane: q, q with its halves swapped, 2q, and the mask of each high half.
+struct AvxModulus {
+    __m256i q, q_swap, two_q, high;
+};
+FEDSHIELD_AVX2 inline AvxModulus avx_modulus(uint64_t q) {
+    const __m256i v = _mm256_set1_epi64x(static_cast<long long>(q));
+    return {v, _mm256_shuffle_epi32(v, 0xB1), _mm256_add_epi64(v, v),
+            _mm256_set1_epi64x(static_cast<long long>(0xFFFFFFFF00000000ULL))};
+}
+
+// a * w mod q in [0, 2q) for a < 2^63 (see above). The low 64 bits of a w - Q^ q are the low
+// halves' full products (_mm256_mul_epu32) plus 2^32 times the cross products, which count
+// only mod 2^32: _mm256_mullo_epi32 of a by w_swap gives a0 w1 and a1 w0 in one lane's two
+// halves, and the high half of x + (x << 32) sums them.
+FEDSHIELD_AVX2 inline __m256i avx_mul_shoup(__m256i a, const AvxTwiddle& w, const AvxModulus& m) {
     const __m256i a_hi = _mm256_srli_epi64(a, 32);
-    __m256i quot = _mm256_mul_epu32(a_hi, ws_hi);
-    quot = _mm256_add_epi64(quot, _mm256_srli_epi64(_mm256_mul_epu32(a_hi, ws), 32));
-    quot = _mm256_add_epi64(quot, _mm256_srli_epi64(_mm256_mul_epu32(a, ws_hi), 32));
-    const __m256i quot_hi = _mm256_srli_epi64(quot, 32);
-    // low 64 bits of a w - Q^ q: the low halves' products, and the cross products times 2^32
-    const __m256i low = _mm256_sub_epi64(_mm256_mul_epu32(a, w), _mm256_mul_epu32(quot, q));
-    const __m256i cross = _mm256_sub_epi64(
-        _mm256_add_epi64(_mm256_mul_epu32(a_hi, w), _mm256_mul_epu32(a, w_hi)),
-        _mm256_add_epi64(_mm256_mul_epu32(quot_hi, q), _mm256_mul_epu32(quot, q_hi)));
-    return avx_csub(_mm256_add_epi64(low, _mm256_slli_epi64(cross, 32)), two_q);
+    __m256i quot = _mm256_mul_epu32(a_hi, w.ws_hi);
+    quot = _mm256_add_epi64(quot, _mm256_srli_epi64(_mm256_mul_epu32(a_hi, w.ws), 32));
+    quot = _mm256_add_epi64(quot, _mm256_srli_epi64(_mm256_mul_epu32(a, w.ws_hi), 32));
+    const __m256i low = _mm256_sub_epi64(_mm256_mul_epu32(a, w.w), _mm256_mul_epu32(quot, m.q));
+    const __m256i cross = _mm256_sub_epi32(_mm256_mullo_epi32(a, w.w_swap),
+                                           _mm256_mullo_epi32(quot, m.q_swap));
+    const __m256i high = _mm256_and_si256(_mm256_add_epi64(cross, _mm256_slli_epi64(cross, 32)),
+                                          m.high);
+    return avx_csub(_mm256_add_epi64(low, high), m.two_q);
 }
 
 FEDSHIELD_AVX2 inline __m256i avx_load(const uint64_t* p) {
@@ -663,60 +680,61 @@ FEDSHIELD_AVX2 inline __m256i avx_load(const uint64_t* p) {
 FEDSHIELD_AVX2 inline void avx_store(uint64_t* p, __m256i v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
 }
-FEDSHIELD_AVX2 inline __m256i avx_set1(uint64_t v) { return _mm256_set1_epi64x(static_cast<long long>(v)); }
+FEDSHIELD_AVX2 inline __m256i avx_set1(uint64_t v) {
+    return _mm256_set1_epi64x(static_cast<long long>(v));
+}
+// Twiddles k, k, k + 1, k + 1 (a t = 2 level's lanes)
+FEDSHIELD_AVX2 inline __m256i avx_pairs(const uint64_t* p) {
+    const __m128i two = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_permute4x64_epi64(_mm256_castsi128_si256(two), 0x50);
+}
+// Twiddles k, k + 2, k + 1, k + 3 (a t = 1 level's lanes after the unpack)
+FEDSHIELD_AVX2 inline __m256i avx_unpacked(const uint64_t* p) {
+    return _mm256_permute4x64_epi64(avx_load(p), 0xD8);
+}
 
 // coefficients -> evaluations (ntt_fwd's result), q < 2^61, n >= 16. Twiddles of the t = 2 and
 // t = 1 levels are permuted into the lanes of their butterflies (as fp_ntt_fwd's tables hold).
 FEDSHIELD_AVX2 void avx_ntt_fwd(uint64_t* a, uint64_t n, const NttPlan& p) {
-    const __m256i q = avx_set1(p.q), q_hi = avx_set1(p.q >> 32), two_q = avx_set1(2 * p.q);
+    const AvxModulus mod = avx_modulus(p.q);
+    const __m256i q = mod.q, two_q = mod.two_q;
     const uint64_t* tw = p.w.data();
     const uint64_t* tws = p.w_shoup.data();
     uint64_t m = 1, t = n >> 1;
     for (; t >= 4; m <<= 1, t >>= 1) {
         for (uint64_t i = 0; i < m; ++i) {
-            const __m256i w = avx_set1(*(tw + m + i)), ws = avx_set1(*(tws + m + i));
-            const __m256i w_hi = _mm256_srli_epi64(w, 32), ws_hi = _mm256_srli_epi64(ws, 32);
+            const AvxTwiddle w = avx_twiddle(avx_set1(*(tw + m + i)), avx_set1(*(tws + m + i)));
             uint64_t* x = a + 2 * i * t;
             uint64_t* y = x + t;
             for (uint64_t j = 0; j < t; j += 4) {
                 const __m256i u = avx_csub(avx_load(x + j), two_q);
-                const __m256i v = avx_mul_shoup(avx_load(y + j), w, w_hi, ws, ws_hi, q, q_hi, two_q);
+                const __m256i v = avx_mul_shoup(avx_load(y + j), w, mod);
                 avx_store(x + j, _mm256_add_epi64(u, v));
                 avx_store(y + j, _mm256_add_epi64(_mm256_sub_epi64(u, v), two_q));
             }
         }
     }
-    // t = 2: groups [x0 x1 y0 y1] of one twiddle, two groups per step: lanes (i, i, i+1, i+1)
+    // t = 2: groups [x0 x1 y0 y1] of one twiddle, two groups per step
     for (uint64_t i = 0; i < m; i += 2) {
         uint64_t* g = a + 4 * i;
         const __m256i v0 = avx_load(g), v1 = avx_load(g + 4);
         const __m256i x = _mm256_permute2x128_si256(v0, v1, 0x20);
         const __m256i y = _mm256_permute2x128_si256(v0, v1, 0x31);
-        const __m256i w = _mm256_permute4x64_epi64(
-            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tw + m + i))),
-            0x50);
-        const __m256i ws = _mm256_permute4x64_epi64(
-            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tws + m + i))),
-            0x50);
-        const __m256i v = avx_mul_shoup(y, w, _mm256_srli_epi64(w, 32), ws,
-                                        _mm256_srli_epi64(ws, 32), q, q_hi, two_q);
-        const __m256i u = avx_csub(x, two_q);
+        const AvxTwiddle w = avx_twiddle(avx_pairs(tw + m + i), avx_pairs(tws + m + i));
+        const __m256i u = avx_csub(x, two_q), v = avx_mul_shoup(y, w, mod);
         const __m256i s = _mm256_add_epi64(u, v);
         const __m256i d = _mm256_add_epi64(_mm256_sub_epi64(u, v), two_q);
         avx_store(g, _mm256_permute2x128_si256(s, d, 0x20));
         avx_store(g + 4, _mm256_permute2x128_si256(s, d, 0x31));
     }
     m <<= 1;
-    // t = 1: pairs [x y], four per step: lanes (i, i+2, i+1, i+3); outputs reduced below q
+    // t = 1: pairs [x y], four per step; outputs reduced below q
     for (uint64_t i = 0; i < m; i += 4) {
         uint64_t* g = a + 2 * i;
         const __m256i v0 = avx_load(g), v1 = avx_load(g + 4);
         const __m256i x = _mm256_unpacklo_epi64(v0, v1), y = _mm256_unpackhi_epi64(v0, v1);
-        const __m256i w = _mm256_permute4x64_epi64(avx_load(tw + m + i), 0xD8);
-        const __m256i ws = _mm256_permute4x64_epi64(avx_load(tws + m + i), 0xD8);
-        const __m256i v = avx_mul_shoup(y, w, _mm256_srli_epi64(w, 32), ws,
-                                        _mm256_srli_epi64(ws, 32), q, q_hi, two_q);
-        const __m256i u = avx_csub(x, two_q);
+        const AvxTwiddle w = avx_twiddle(avx_unpacked(tw + m + i), avx_unpacked(tws + m + i));
+        const __m256i u = avx_csub(x, two_q), v = avx_mul_shoup(y, w, mod);
         const __m256i s = avx_csub(avx_csub(_mm256_add_epi64(u, v), two_q), q);
         const __m256i d = avx_csub(
             avx_csub(_mm256_add_epi64(_mm256_sub_epi64(u, v), two_q), two_q), q);
@@ -728,7 +746,8 @@ FEDSHIELD_AVX2 void avx_ntt_fwd(uint64_t* a, uint64_t n, const NttPlan& p) {
 // evaluations -> coefficients (ntt_inv's result), q < 2^61, n >= 16; values in [0, 2q) between
 // levels, the last level multiplies by N^-1 (as ntt_inv).
 FEDSHIELD_AVX2 void avx_ntt_inv(uint64_t* a, uint64_t n, const NttPlan& p) {
-    const __m256i q = avx_set1(p.q), q_hi = avx_set1(p.q >> 32), two_q = avx_set1(2 * p.q);
+    const AvxModulus mod = avx_modulus(p.q);
+    const __m256i q = mod.q, two_q = mod.two_q;
     const uint64_t* tw = p.iw.data();
     const uint64_t* tws = p.iw_shoup.data();
     // t = 1 (h = n / 2 twiddles)
@@ -736,12 +755,9 @@ FEDSHIELD_AVX2 void avx_ntt_inv(uint64_t* a, uint64_t n, const NttPlan& p) {
         uint64_t* g = a + 2 * i;
         const __m256i v0 = avx_load(g), v1 = avx_load(g + 4);
         const __m256i x = _mm256_unpacklo_epi64(v0, v1), y = _mm256_unpackhi_epi64(v0, v1);
-        const __m256i w = _mm256_permute4x64_epi64(avx_load(tw + h + i), 0xD8);
-        const __m256i ws = _mm256_permute4x64_epi64(avx_load(tws + h + i), 0xD8);
+        const AvxTwiddle w = avx_twiddle(avx_unpacked(tw + h + i), avx_unpacked(tws + h + i));
         const __m256i s = avx_csub(_mm256_add_epi64(x, y), two_q);
-        const __m256i d = avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(x, y), two_q), w,
-                                        _mm256_srli_epi64(w, 32), ws, _mm256_srli_epi64(ws, 32),
-                                        q, q_hi, two_q);
+        const __m256i d = avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(x, y), two_q), w, mod);
         avx_store(g, _mm256_unpacklo_epi64(s, d));
         avx_store(g + 4, _mm256_unpackhi_epi64(s, d));
     }
@@ -751,47 +767,35 @@ FEDSHIELD_AVX2 void avx_ntt_inv(uint64_t* a, uint64_t n, const NttPlan& p) {
         const __m256i v0 = avx_load(g), v1 = avx_load(g + 4);
         const __m256i x = _mm256_permute2x128_si256(v0, v1, 0x20);
         const __m256i y = _mm256_permute2x128_si256(v0, v1, 0x31);
-        const __m256i w = _mm256_permute4x64_epi64(
-            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tw + h + i))),
-            0x50);
-        const __m256i ws = _mm256_permute4x64_epi64(
-            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tws + h + i))),
-            0x50);
+        const AvxTwiddle w = avx_twiddle(avx_pairs(tw + h + i), avx_pairs(tws + h + i));
         const __m256i s = avx_csub(_mm256_add_epi64(x, y), two_q);
-        const __m256i d = avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(x, y), two_q), w,
-                                        _mm256_srli_epi64(w, 32), ws, _mm256_srli_epi64(ws, 32),
-                                        q, q_hi, two_q);
+        const __m256i d = avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(x, y), two_q), w, mod);
         avx_store(g, _mm256_permute2x128_si256(s, d, 0x20));
         avx_store(g + 4, _mm256_permute2x128_si256(s, d, 0x31));
     }
     for (uint64_t m = n >> 2, t = 4; m > 2; m >>= 1, t <<= 1) {
         const uint64_t h = m >> 1;
         for (uint64_t i = 0; i < h; ++i) {
-            const __m256i w = avx_set1(*(tw + h + i)), ws = avx_set1(*(tws + h + i));
-            const __m256i w_hi = _mm256_srli_epi64(w, 32), ws_hi = _mm256_srli_epi64(ws, 32);
+            const AvxTwiddle w = avx_twiddle(avx_set1(*(tw + h + i)), avx_set1(*(tws + h + i)));
             uint64_t* x = a + 2 * i * t;
             uint64_t* y = x + t;
             for (uint64_t j = 0; j < t; j += 4) {
                 const __m256i u = avx_load(x + j), v = avx_load(y + j);
                 avx_store(x + j, avx_csub(_mm256_add_epi64(u, v), two_q));
-                avx_store(y + j, avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(u, v), two_q),
-                                               w, w_hi, ws, ws_hi, q, q_hi, two_q));
+                avx_store(y + j,
+                          avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(u, v), two_q), w, mod));
             }
         }
     }
     // the last level, N^-1 folded in
-    const __m256i ni = avx_set1(p.n_inv), nis = avx_set1(p.n_inv_shoup);
-    const __m256i ni_hi = _mm256_srli_epi64(ni, 32), nis_hi = _mm256_srli_epi64(nis, 32);
-    const __m256i li = avx_set1(p.last_inv), lis = avx_set1(p.last_inv_shoup);
-    const __m256i li_hi = _mm256_srli_epi64(li, 32), lis_hi = _mm256_srli_epi64(lis, 32);
+    const AvxTwiddle ni = avx_twiddle(avx_set1(p.n_inv), avx_set1(p.n_inv_shoup));
+    const AvxTwiddle li = avx_twiddle(avx_set1(p.last_inv), avx_set1(p.last_inv_shoup));
     const uint64_t half = n >> 1;
     uint64_t* y = a + half;
     for (uint64_t j = 0; j < half; j += 4) {
         const __m256i u = avx_load(a + j), v = avx_load(y + j);
-        const __m256i s = avx_mul_shoup(_mm256_add_epi64(u, v), ni, ni_hi, nis, nis_hi, q, q_hi,
-                                        two_q);
-        const __m256i d = avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(u, v), two_q), li,
-                                        li_hi, lis, lis_hi, q, q_hi, two_q);
+        const __m256i s = avx_mul_shoup(_mm256_add_epi64(u, v), ni, mod);
+        const __m256i d = avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(u, v), two_q), li, mod);
         avx_store(a + j, avx_csub(s, q));
         avx_store(y + j, avx_csub(d, q));
     }
