@@ -273,7 +273,7 @@ struct NttPlan {
     // level's in the lane order of its loads (see fp_ntt_fwd)
     bool fp = false;
     std::vector<double> fw, fwq, fw2, fwq2, fw1, fwq1, iw_fp, iwq, iw2, iwq2, iw1, iwq1;
-    // otherwise q < 2^61 on a CPU with AVX2: the 64-bit four-lane NTT below (avx_ntt_fwd), on
+    // otherwise q < 2^60 on a CPU with AVX2: the 64-bit four-lane NTT below (avx_ntt_fwd), on
     // the twiddles above
     bool avx = false;
 };
@@ -281,7 +281,7 @@ struct NttPlan {
 bool fp_ntt_available();
 bool avx_ntt_available();
 constexpr uint64_t kFpLimit = uint64_t{1} << 50;
-constexpr uint64_t kAvxLimit = uint64_t{1} << 61;
+constexpr uint64_t kAvxLimit = uint64_t{1} << 60;
 
 NttPlan make_plan(uint64_t n, uint64_t q, uint64_t psi) {
     NttPlan p;
@@ -605,23 +605,27 @@ FEDSHIELD_FMA void fp_ntt_inv(uint64_t* words, uint64_t n, const NttPlan& p) {
 }
 #endif
 
-// --- the same NTT in 64-bit lanes with AVX2, for moduli below 2^61 ------------------------------
+// --- the same NTT in 64-bit lanes with AVX2, for moduli below 2^60 ------------------------------
 //
 // Four residues per register, for the moduli the doubles above cannot hold (threshold keys'
-// ~60-bit tower). AVX2 multiplies 32 x 32 -> 64 bits (_mm256_mul_epu32 reads each lane's low
-// half), so a * w mod q (a < 2^63, a fixed w < q, w' = floor(w * 2^64 / q)) is Shoup's product
+// 60-bit tower). AVX2 multiplies 32 x 32 -> 64 bits (_mm256_mul_epu32 reads each lane's low
+// half), so a * w mod q (a < 8q, a fixed w < q, w' = floor(w * 2^64 / q)) is Shoup's product
 // with an approximate quotient. Writing a = a1 2^32 + a0 and w' = w1' 2^32 + w0',
 //   Q = floor(a w' / 2^64) = floor(a1 w1' + a1 w0' / 2^32 + a0 w1' / 2^32 + a0 w0' / 2^64),
 // and the quotient used, Q^ = a1 w1' + floor(a1 w0' / 2^32) + floor(a0 w1' / 2^32), drops three
 // fractions each below 1 (and one product): Q - 2 <= Q^ <= Q. Shoup's bound gives
-// 0 <= a w - Q q < q (1 + a / 2^64) < 1.5 q, so r = a w - Q^ q is in [0, 3.5 q): below 2^64,
-// hence equal to the low 64 bits of a w - Q^ q, which take low products only (three each).
-// One conditional subtraction of 2q brings r to [0, 2q), mul_shoup_lazy's range, so every
-// level keeps the scalar path's lazy bounds ([0, 4q) between forward levels, [0, 2q) between
-// inverse ones). q < 2^61 keeps every value and difference below 2^63 in magnitude, so a
-// conditional subtraction is a subtraction and a blend on its sign bit: masks, no branch and
-// no look-up by value. Values between levels may differ from the scalar path's by multiples of
-// q; the outputs, reduced below q as there, are the same residues (tested bit for bit).
+// 0 <= a w - Q q < q (1 + a / 2^64) < 1.5 q (a < 8q < 2^63), so r = a w - Q^ q is in
+// [0, 3.5q): below 2^64, hence equal to the low 64 bits of a w - Q^ q, which take low products
+// only. Since r < 4q needs no further reduction, the butterflies keep their values in [0, 8q)
+// (Harvey's lazy butterflies with twice the scalar path's bounds):
+//   forward: x, y < 8q; u = x - 4q if x >= 4q (u < 4q); v = y w mod q < 4q;
+//            x' = u + v < 8q, y' = u - v + 4q in (0, 8q);
+//   inverse: x, y < 4q; x' = (x + y) - 4q if x + y >= 4q (x' < 4q); y' = (x - y + 4q) w < 4q.
+// The last level reduces below q with conditional subtractions of 4q, 2q, q. q < 2^60 keeps
+// every value and difference below 2^63 in magnitude, so a conditional subtraction is a
+// subtraction and a blend on its sign bit: masks, no branch and no look-up by value. Values
+// between levels may differ from the scalar path's by multiples of q; the outputs, reduced
+// below q as there, are the same residues (tested bit for bit).
 
 bool avx_ntt_available() {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -647,17 +651,18 @@ FEDSHIELD_AVX2 inline AvxTwiddle avx_twiddle(__m256i w, __m256i ws) {
     return {w, _mm256_shuffle_epi32(w, 0xB1), ws, _mm256_srli_epi64(ws, 32)};
 }
 
-// The modulus per lane: q, q with its halves swapped, 2q, and the mask of each high half.
+// The modulus per lane: q, q with its halves swapped, 2q, 4q, and the mask of each high half.
 struct AvxModulus {
-    __m256i q, q_swap, two_q, high;
+    __m256i q, q_swap, two_q, four_q, high;
 };
 FEDSHIELD_AVX2 inline AvxModulus avx_modulus(uint64_t q) {
     const __m256i v = _mm256_set1_epi64x(static_cast<long long>(q));
     return {v, _mm256_shuffle_epi32(v, 0xB1), _mm256_add_epi64(v, v),
+            _mm256_set1_epi64x(static_cast<long long>(4 * q)),
             _mm256_set1_epi64x(static_cast<long long>(0xFFFFFFFF00000000ULL))};
 }
 
-// a * w mod q in [0, 2q) for a < 2^63 (see above). The low 64 bits of a w - Q^ q are the low
+// a * w mod q in [0, 3.5q) for a < 8q (see above). The low 64 bits of a w - Q^ q are the low
 // halves' full products (_mm256_mul_epu32) plus 2^32 times the cross products, which count
 // only mod 2^32: _mm256_mullo_epi32 of a by w_swap gives a0 w1 and a1 w0 in one lane's two
 // halves, and the high half of x + (x << 32) sums them.
@@ -671,7 +676,7 @@ FEDSHIELD_AVX2 inline __m256i avx_mul_shoup(__m256i a, const AvxTwiddle& w, cons
                                            _mm256_mullo_epi32(quot, m.q_swap));
     const __m256i high = _mm256_and_si256(_mm256_add_epi64(cross, _mm256_slli_epi64(cross, 32)),
                                           m.high);
-    return avx_csub(_mm256_add_epi64(low, high), m.two_q);
+    return _mm256_add_epi64(low, high);
 }
 
 FEDSHIELD_AVX2 inline __m256i avx_load(const uint64_t* p) {
@@ -693,11 +698,11 @@ FEDSHIELD_AVX2 inline __m256i avx_unpacked(const uint64_t* p) {
     return _mm256_permute4x64_epi64(avx_load(p), 0xD8);
 }
 
-// coefficients -> evaluations (ntt_fwd's result), q < 2^61, n >= 16. Twiddles of the t = 2 and
+// coefficients -> evaluations (ntt_fwd's result), q < 2^60, n >= 16. Twiddles of the t = 2 and
 // t = 1 levels are permuted into the lanes of their butterflies (as fp_ntt_fwd's tables hold).
 FEDSHIELD_AVX2 void avx_ntt_fwd(uint64_t* a, uint64_t n, const NttPlan& p) {
     const AvxModulus mod = avx_modulus(p.q);
-    const __m256i q = mod.q, two_q = mod.two_q;
+    const __m256i q = mod.q, two_q = mod.two_q, four_q = mod.four_q;
     const uint64_t* tw = p.w.data();
     const uint64_t* tws = p.w_shoup.data();
     uint64_t m = 1, t = n >> 1;
@@ -707,10 +712,10 @@ FEDSHIELD_AVX2 void avx_ntt_fwd(uint64_t* a, uint64_t n, const NttPlan& p) {
             uint64_t* x = a + 2 * i * t;
             uint64_t* y = x + t;
             for (uint64_t j = 0; j < t; j += 4) {
-                const __m256i u = avx_csub(avx_load(x + j), two_q);
+                const __m256i u = avx_csub(avx_load(x + j), four_q);
                 const __m256i v = avx_mul_shoup(avx_load(y + j), w, mod);
                 avx_store(x + j, _mm256_add_epi64(u, v));
-                avx_store(y + j, _mm256_add_epi64(_mm256_sub_epi64(u, v), two_q));
+                avx_store(y + j, _mm256_add_epi64(_mm256_sub_epi64(u, v), four_q));
             }
         }
     }
@@ -721,9 +726,9 @@ FEDSHIELD_AVX2 void avx_ntt_fwd(uint64_t* a, uint64_t n, const NttPlan& p) {
         const __m256i x = _mm256_permute2x128_si256(v0, v1, 0x20);
         const __m256i y = _mm256_permute2x128_si256(v0, v1, 0x31);
         const AvxTwiddle w = avx_twiddle(avx_pairs(tw + m + i), avx_pairs(tws + m + i));
-        const __m256i u = avx_csub(x, two_q), v = avx_mul_shoup(y, w, mod);
+        const __m256i u = avx_csub(x, four_q), v = avx_mul_shoup(y, w, mod);
         const __m256i s = _mm256_add_epi64(u, v);
-        const __m256i d = _mm256_add_epi64(_mm256_sub_epi64(u, v), two_q);
+        const __m256i d = _mm256_add_epi64(_mm256_sub_epi64(u, v), four_q);
         avx_store(g, _mm256_permute2x128_si256(s, d, 0x20));
         avx_store(g + 4, _mm256_permute2x128_si256(s, d, 0x31));
     }
@@ -734,30 +739,31 @@ FEDSHIELD_AVX2 void avx_ntt_fwd(uint64_t* a, uint64_t n, const NttPlan& p) {
         const __m256i v0 = avx_load(g), v1 = avx_load(g + 4);
         const __m256i x = _mm256_unpacklo_epi64(v0, v1), y = _mm256_unpackhi_epi64(v0, v1);
         const AvxTwiddle w = avx_twiddle(avx_unpacked(tw + m + i), avx_unpacked(tws + m + i));
-        const __m256i u = avx_csub(x, two_q), v = avx_mul_shoup(y, w, mod);
-        const __m256i s = avx_csub(avx_csub(_mm256_add_epi64(u, v), two_q), q);
+        const __m256i u = avx_csub(x, four_q), v = avx_mul_shoup(y, w, mod);
+        const __m256i s = avx_csub(avx_csub(avx_csub(_mm256_add_epi64(u, v), four_q), two_q), q);
         const __m256i d = avx_csub(
-            avx_csub(_mm256_add_epi64(_mm256_sub_epi64(u, v), two_q), two_q), q);
+            avx_csub(avx_csub(_mm256_add_epi64(_mm256_sub_epi64(u, v), four_q), four_q), two_q),
+            q);
         avx_store(g, _mm256_unpacklo_epi64(s, d));
         avx_store(g + 4, _mm256_unpackhi_epi64(s, d));
     }
 }
 
-// evaluations -> coefficients (ntt_inv's result), q < 2^61, n >= 16; values in [0, 2q) between
+// evaluations -> coefficients (ntt_inv's result), q < 2^60, n >= 16; values in [0, 4q) between
 // levels, the last level multiplies by N^-1 (as ntt_inv).
 FEDSHIELD_AVX2 void avx_ntt_inv(uint64_t* a, uint64_t n, const NttPlan& p) {
     const AvxModulus mod = avx_modulus(p.q);
-    const __m256i q = mod.q, two_q = mod.two_q;
+    const __m256i q = mod.q, two_q = mod.two_q, four_q = mod.four_q;
     const uint64_t* tw = p.iw.data();
     const uint64_t* tws = p.iw_shoup.data();
-    // t = 1 (h = n / 2 twiddles)
+    // t = 1 (h = n / 2 twiddles): inputs below q, so x + y < 2q needs no reduction
     for (uint64_t h = n >> 1, i = 0; i < h; i += 4) {
         uint64_t* g = a + 2 * i;
         const __m256i v0 = avx_load(g), v1 = avx_load(g + 4);
         const __m256i x = _mm256_unpacklo_epi64(v0, v1), y = _mm256_unpackhi_epi64(v0, v1);
         const AvxTwiddle w = avx_twiddle(avx_unpacked(tw + h + i), avx_unpacked(tws + h + i));
-        const __m256i s = avx_csub(_mm256_add_epi64(x, y), two_q);
-        const __m256i d = avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(x, y), two_q), w, mod);
+        const __m256i s = _mm256_add_epi64(x, y);
+        const __m256i d = avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(x, y), q), w, mod);
         avx_store(g, _mm256_unpacklo_epi64(s, d));
         avx_store(g + 4, _mm256_unpackhi_epi64(s, d));
     }
@@ -768,8 +774,8 @@ FEDSHIELD_AVX2 void avx_ntt_inv(uint64_t* a, uint64_t n, const NttPlan& p) {
         const __m256i x = _mm256_permute2x128_si256(v0, v1, 0x20);
         const __m256i y = _mm256_permute2x128_si256(v0, v1, 0x31);
         const AvxTwiddle w = avx_twiddle(avx_pairs(tw + h + i), avx_pairs(tws + h + i));
-        const __m256i s = avx_csub(_mm256_add_epi64(x, y), two_q);
-        const __m256i d = avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(x, y), two_q), w, mod);
+        const __m256i s = avx_csub(_mm256_add_epi64(x, y), four_q);
+        const __m256i d = avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(x, y), four_q), w, mod);
         avx_store(g, _mm256_permute2x128_si256(s, d, 0x20));
         avx_store(g + 4, _mm256_permute2x128_si256(s, d, 0x31));
     }
@@ -781,9 +787,9 @@ FEDSHIELD_AVX2 void avx_ntt_inv(uint64_t* a, uint64_t n, const NttPlan& p) {
             uint64_t* y = x + t;
             for (uint64_t j = 0; j < t; j += 4) {
                 const __m256i u = avx_load(x + j), v = avx_load(y + j);
-                avx_store(x + j, avx_csub(_mm256_add_epi64(u, v), two_q));
+                avx_store(x + j, avx_csub(_mm256_add_epi64(u, v), four_q));
                 avx_store(y + j,
-                          avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(u, v), two_q), w, mod));
+                          avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(u, v), four_q), w, mod));
             }
         }
     }
@@ -795,15 +801,15 @@ FEDSHIELD_AVX2 void avx_ntt_inv(uint64_t* a, uint64_t n, const NttPlan& p) {
     for (uint64_t j = 0; j < half; j += 4) {
         const __m256i u = avx_load(a + j), v = avx_load(y + j);
         const __m256i s = avx_mul_shoup(_mm256_add_epi64(u, v), ni, mod);
-        const __m256i d = avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(u, v), two_q), li, mod);
-        avx_store(a + j, avx_csub(s, q));
-        avx_store(y + j, avx_csub(d, q));
+        const __m256i d = avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(u, v), four_q), li, mod);
+        avx_store(a + j, avx_csub(avx_csub(s, two_q), q));
+        avx_store(y + j, avx_csub(avx_csub(d, two_q), q));
     }
 }
 #endif
 
 // The forward and inverse NTT of the plan's tower: in doubles where the modulus allows and the
-// CPU has AVX2 and FMA, else in four 64-bit lanes where the CPU has AVX2 and q < 2^61, else in
+// CPU has AVX2 and FMA, else in four 64-bit lanes where the CPU has AVX2 and q < 2^60, else in
 // scalar 64-bit words.
 void ntt_forward_any(uint64_t* a, uint64_t n, const NttPlan& p) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -1085,7 +1091,7 @@ void ntt_tower(uint64_t* a, size_t n, uint64_t q, uint64_t psi, bool inverse, Nt
     if (path == NttPath::fp && !(q < kFpLimit && fp_ntt_available()))
         bad_arg("ntt: the double-precision path needs q < 2^50 and a CPU with AVX2 and FMA");
     if (path == NttPath::avx2 && !(q < kAvxLimit && avx_ntt_available()))
-        bad_arg("ntt: the 64-bit AVX2 path needs q < 2^61 and a CPU with AVX2");
+        bad_arg("ntt: the 64-bit AVX2 path needs q < 2^60 and a CPU with AVX2");
 #if defined(__x86_64__) && defined(__GNUC__)
     if (path == NttPath::fp) return inverse ? fp_ntt_inv(a, n, p) : fp_ntt_fwd(a, n, p);
     if (path == NttPath::avx2) return inverse ? avx_ntt_inv(a, n, p) : avx_ntt_fwd(a, n, p);
