@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -86,6 +87,34 @@ void bind_ckks(py::module_& m) {
         decode_coefficients(r, c, o);
         return out;
     }, "Residues of a plaintext in coefficient form -> its values (OpenFHE's decoding).");
+    m.def("ckks_ntt", [](const U64& a, uint64_t q, uint64_t psi, bool inverse,
+                         const std::string& path) {
+        NttPath p = NttPath::automatic;
+        if (path == "scalar")
+            p = NttPath::scalar;
+        else if (path == "avx2")
+            p = NttPath::avx2;
+        else if (path == "fp")
+            p = NttPath::fp;
+        else if (path != "auto")
+            throw py::value_error("ckks_ntt: path " + path +
+                                  " is not one of 'auto', 'scalar', 'avx2', 'fp'");
+        U64 out(a.size());
+        std::memcpy(out.mutable_data(), a.data(), static_cast<size_t>(a.size()) * 8);
+        uint64_t* o = out.mutable_data();
+        const size_t n = static_cast<size_t>(a.size());
+        py::gil_scoped_release nogil;
+        ntt_tower(o, n, q, psi, inverse, p);
+        return out;
+    }, "One tower's NTT as the CKKS code runs it (coefficients -> OpenFHE's evaluation order, or "
+       "back with inverse=True) on a copy of a, by the named path or the one it picks ('auto').",
+       py::arg("a"), py::arg("q"), py::arg("psi"), py::arg("inverse") = false,
+       py::arg("path") = "auto");
+    m.def("ckks_ntt_path", [](size_t n, uint64_t q) {
+        const NttPath p = ntt_auto_path(n, q);
+        return std::string(p == NttPath::fp ? "fp" : p == NttPath::avx2 ? "avx2" : "scalar");
+    }, "The path ckks_ntt's 'auto' (and every CKKS call) takes for n residues mod q here.",
+       py::arg("n"), py::arg("q"));
     m.attr("HAVE_AES_NI") = have_aes_ni();
     m.def("expand_uniform", [](const py::bytes& key, uint64_t k, uint32_t t, uint64_t q,
                                uint64_t n) {

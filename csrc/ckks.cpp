@@ -273,10 +273,15 @@ struct NttPlan {
     // level's in the lane order of its loads (see fp_ntt_fwd)
     bool fp = false;
     std::vector<double> fw, fwq, fw2, fwq2, fw1, fwq1, iw_fp, iwq, iw2, iwq2, iw1, iwq1;
+    // otherwise q < 2^60 on a CPU with AVX2: the 64-bit four-lane NTT below (avx_ntt_fwd), on
+    // the twiddles above
+    bool avx = false;
 };
 
 bool fp_ntt_available();
+bool avx_ntt_available();
 constexpr uint64_t kFpLimit = uint64_t{1} << 50;
+constexpr uint64_t kAvxLimit = uint64_t{1} << 60;
 
 NttPlan make_plan(uint64_t n, uint64_t q, uint64_t psi) {
     NttPlan p;
@@ -346,6 +351,7 @@ NttPlan make_plan(uint64_t n, uint64_t q, uint64_t psi) {
         lanes(p.iw_fp, p.iw1);
         lanes(p.iwq, p.iwq1);
     }
+    p.avx = !p.fp && q < kAvxLimit && n >= 16 && avx_ntt_available();
     return p;
 }
 
@@ -599,17 +605,223 @@ FEDSHIELD_FMA void fp_ntt_inv(uint64_t* words, uint64_t n, const NttPlan& p) {
 }
 #endif
 
+// --- the same NTT in 64-bit lanes with AVX2, for moduli below 2^60 ------------------------------
+//
+// Four residues per register, for the moduli the doubles above cannot hold (threshold keys'
+// 60-bit tower). AVX2 multiplies 32 x 32 -> 64 bits (_mm256_mul_epu32 reads each lane's low
+// half), so a * w mod q (a < 8q, a fixed w < q, w' = floor(w * 2^64 / q)) is Shoup's product
+// with an approximate quotient. Writing a = a1 2^32 + a0 and w' = w1' 2^32 + w0',
+//   Q = floor(a w' / 2^64) = floor(a1 w1' + a1 w0' / 2^32 + a0 w1' / 2^32 + a0 w0' / 2^64),
+// and the quotient used, Q^ = a1 w1' + floor(a1 w0' / 2^32) + floor(a0 w1' / 2^32), drops three
+// fractions each below 1 (and one product): Q - 2 <= Q^ <= Q. Shoup's bound gives
+// 0 <= a w - Q q < q (1 + a / 2^64) < 1.5 q (a < 8q < 2^63), so r = a w - Q^ q is in
+// [0, 3.5q): below 2^64, hence equal to the low 64 bits of a w - Q^ q, which take low products
+// only. Since r < 4q needs no further reduction, the butterflies keep their values in [0, 8q)
+// (Harvey's lazy butterflies with twice the scalar path's bounds):
+//   forward: x, y < 8q; u = x - 4q if x >= 4q (u < 4q); v = y w mod q < 4q;
+//            x' = u + v < 8q, y' = u - v + 4q in (0, 8q);
+//   inverse: x, y < 4q; x' = (x + y) - 4q if x + y >= 4q (x' < 4q); y' = (x - y + 4q) w < 4q.
+// The last level reduces below q with conditional subtractions of 4q, 2q, q. q < 2^60 keeps
+// every value and difference below 2^63 in magnitude, so a conditional subtraction is a
+// subtraction and a blend on its sign bit: masks, no branch and no look-up by value. Values
+// between levels may differ from the scalar path's by multiples of q; the outputs, reduced
+// below q as there, are the same residues (tested bit for bit).
+
+bool avx_ntt_available() {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return have_avx2();
+#else
+    return false;
+#endif
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+
+// x - m where x >= m, else x (x, m < 2^63): the sign bit of x - m picks.
+FEDSHIELD_AVX2 inline __m256i avx_csub(__m256i x, __m256i m) {
+    const __m256d d = _mm256_castsi256_pd(_mm256_sub_epi64(x, m));
+    return _mm256_castpd_si256(_mm256_blendv_pd(d, _mm256_castsi256_pd(x), d));
+}
+
+// A twiddle per lane: w, w with its 32-bit halves swapped, w' and w' >> 32.
+struct AvxTwiddle {
+    __m256i w, w_swap, ws, ws_hi;
+};
+FEDSHIELD_AVX2 inline AvxTwiddle avx_twiddle(__m256i w, __m256i ws) {
+    return {w, _mm256_shuffle_epi32(w, 0xB1), ws, _mm256_srli_epi64(ws, 32)};
+}
+
+// The modulus per lane: q, q with its halves swapped, 2q, 4q, and the mask of each high half.
+struct AvxModulus {
+    __m256i q, q_swap, two_q, four_q, high;
+};
+FEDSHIELD_AVX2 inline AvxModulus avx_modulus(uint64_t q) {
+    const __m256i v = _mm256_set1_epi64x(static_cast<long long>(q));
+    return {v, _mm256_shuffle_epi32(v, 0xB1), _mm256_add_epi64(v, v),
+            _mm256_set1_epi64x(static_cast<long long>(4 * q)),
+            _mm256_set1_epi64x(static_cast<long long>(0xFFFFFFFF00000000ULL))};
+}
+
+// a * w mod q in [0, 3.5q) for a < 8q (see above). The low 64 bits of a w - Q^ q are the low
+// halves' full products (_mm256_mul_epu32) plus 2^32 times the cross products, which count
+// only mod 2^32: _mm256_mullo_epi32 of a by w_swap gives a0 w1 and a1 w0 in one lane's two
+// halves, and the high half of x + (x << 32) sums them.
+FEDSHIELD_AVX2 inline __m256i avx_mul_shoup(__m256i a, const AvxTwiddle& w, const AvxModulus& m) {
+    const __m256i a_hi = _mm256_srli_epi64(a, 32);
+    __m256i quot = _mm256_mul_epu32(a_hi, w.ws_hi);
+    quot = _mm256_add_epi64(quot, _mm256_srli_epi64(_mm256_mul_epu32(a_hi, w.ws), 32));
+    quot = _mm256_add_epi64(quot, _mm256_srli_epi64(_mm256_mul_epu32(a, w.ws_hi), 32));
+    const __m256i low = _mm256_sub_epi64(_mm256_mul_epu32(a, w.w), _mm256_mul_epu32(quot, m.q));
+    const __m256i cross = _mm256_sub_epi32(_mm256_mullo_epi32(a, w.w_swap),
+                                           _mm256_mullo_epi32(quot, m.q_swap));
+    const __m256i high = _mm256_and_si256(_mm256_add_epi64(cross, _mm256_slli_epi64(cross, 32)),
+                                          m.high);
+    return _mm256_add_epi64(low, high);
+}
+
+FEDSHIELD_AVX2 inline __m256i avx_load(const uint64_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+FEDSHIELD_AVX2 inline void avx_store(uint64_t* p, __m256i v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+}
+FEDSHIELD_AVX2 inline __m256i avx_set1(uint64_t v) {
+    return _mm256_set1_epi64x(static_cast<long long>(v));
+}
+// Twiddles k, k, k + 1, k + 1 (a t = 2 level's lanes)
+FEDSHIELD_AVX2 inline __m256i avx_pairs(const uint64_t* p) {
+    const __m128i two = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_permute4x64_epi64(_mm256_castsi128_si256(two), 0x50);
+}
+// Twiddles k, k + 2, k + 1, k + 3 (a t = 1 level's lanes after the unpack)
+FEDSHIELD_AVX2 inline __m256i avx_unpacked(const uint64_t* p) {
+    return _mm256_permute4x64_epi64(avx_load(p), 0xD8);
+}
+
+// coefficients -> evaluations (ntt_fwd's result), q < 2^60, n >= 16. Twiddles of the t = 2 and
+// t = 1 levels are permuted into the lanes of their butterflies (as fp_ntt_fwd's tables hold).
+FEDSHIELD_AVX2 void avx_ntt_fwd(uint64_t* a, uint64_t n, const NttPlan& p) {
+    const AvxModulus mod = avx_modulus(p.q);
+    const __m256i q = mod.q, two_q = mod.two_q, four_q = mod.four_q;
+    const uint64_t* tw = p.w.data();
+    const uint64_t* tws = p.w_shoup.data();
+    uint64_t m = 1, t = n >> 1;
+    for (; t >= 4; m <<= 1, t >>= 1) {
+        for (uint64_t i = 0; i < m; ++i) {
+            const AvxTwiddle w = avx_twiddle(avx_set1(*(tw + m + i)), avx_set1(*(tws + m + i)));
+            uint64_t* x = a + 2 * i * t;
+            uint64_t* y = x + t;
+            for (uint64_t j = 0; j < t; j += 4) {
+                const __m256i u = avx_csub(avx_load(x + j), four_q);
+                const __m256i v = avx_mul_shoup(avx_load(y + j), w, mod);
+                avx_store(x + j, _mm256_add_epi64(u, v));
+                avx_store(y + j, _mm256_add_epi64(_mm256_sub_epi64(u, v), four_q));
+            }
+        }
+    }
+    // t = 2: groups [x0 x1 y0 y1] of one twiddle, two groups per step
+    for (uint64_t i = 0; i < m; i += 2) {
+        uint64_t* g = a + 4 * i;
+        const __m256i v0 = avx_load(g), v1 = avx_load(g + 4);
+        const __m256i x = _mm256_permute2x128_si256(v0, v1, 0x20);
+        const __m256i y = _mm256_permute2x128_si256(v0, v1, 0x31);
+        const AvxTwiddle w = avx_twiddle(avx_pairs(tw + m + i), avx_pairs(tws + m + i));
+        const __m256i u = avx_csub(x, four_q), v = avx_mul_shoup(y, w, mod);
+        const __m256i s = _mm256_add_epi64(u, v);
+        const __m256i d = _mm256_add_epi64(_mm256_sub_epi64(u, v), four_q);
+        avx_store(g, _mm256_permute2x128_si256(s, d, 0x20));
+        avx_store(g + 4, _mm256_permute2x128_si256(s, d, 0x31));
+    }
+    m <<= 1;
+    // t = 1: pairs [x y], four per step; outputs reduced below q
+    for (uint64_t i = 0; i < m; i += 4) {
+        uint64_t* g = a + 2 * i;
+        const __m256i v0 = avx_load(g), v1 = avx_load(g + 4);
+        const __m256i x = _mm256_unpacklo_epi64(v0, v1), y = _mm256_unpackhi_epi64(v0, v1);
+        const AvxTwiddle w = avx_twiddle(avx_unpacked(tw + m + i), avx_unpacked(tws + m + i));
+        const __m256i u = avx_csub(x, four_q), v = avx_mul_shoup(y, w, mod);
+        const __m256i s = avx_csub(avx_csub(avx_csub(_mm256_add_epi64(u, v), four_q), two_q), q);
+        const __m256i d = avx_csub(
+            avx_csub(avx_csub(_mm256_add_epi64(_mm256_sub_epi64(u, v), four_q), four_q), two_q),
+            q);
+        avx_store(g, _mm256_unpacklo_epi64(s, d));
+        avx_store(g + 4, _mm256_unpackhi_epi64(s, d));
+    }
+}
+
+// evaluations -> coefficients (ntt_inv's result), q < 2^60, n >= 16; values in [0, 4q) between
+// levels, the last level multiplies by N^-1 (as ntt_inv).
+FEDSHIELD_AVX2 void avx_ntt_inv(uint64_t* a, uint64_t n, const NttPlan& p) {
+    const AvxModulus mod = avx_modulus(p.q);
+    const __m256i q = mod.q, two_q = mod.two_q, four_q = mod.four_q;
+    const uint64_t* tw = p.iw.data();
+    const uint64_t* tws = p.iw_shoup.data();
+    // t = 1 (h = n / 2 twiddles): inputs below q, so x + y < 2q needs no reduction
+    for (uint64_t h = n >> 1, i = 0; i < h; i += 4) {
+        uint64_t* g = a + 2 * i;
+        const __m256i v0 = avx_load(g), v1 = avx_load(g + 4);
+        const __m256i x = _mm256_unpacklo_epi64(v0, v1), y = _mm256_unpackhi_epi64(v0, v1);
+        const AvxTwiddle w = avx_twiddle(avx_unpacked(tw + h + i), avx_unpacked(tws + h + i));
+        const __m256i s = _mm256_add_epi64(x, y);
+        const __m256i d = avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(x, y), q), w, mod);
+        avx_store(g, _mm256_unpacklo_epi64(s, d));
+        avx_store(g + 4, _mm256_unpackhi_epi64(s, d));
+    }
+    // t = 2 (h = n / 4 twiddles)
+    for (uint64_t h = n >> 2, i = 0; i < h; i += 2) {
+        uint64_t* g = a + 4 * i;
+        const __m256i v0 = avx_load(g), v1 = avx_load(g + 4);
+        const __m256i x = _mm256_permute2x128_si256(v0, v1, 0x20);
+        const __m256i y = _mm256_permute2x128_si256(v0, v1, 0x31);
+        const AvxTwiddle w = avx_twiddle(avx_pairs(tw + h + i), avx_pairs(tws + h + i));
+        const __m256i s = avx_csub(_mm256_add_epi64(x, y), four_q);
+        const __m256i d = avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(x, y), four_q), w, mod);
+        avx_store(g, _mm256_permute2x128_si256(s, d, 0x20));
+        avx_store(g + 4, _mm256_permute2x128_si256(s, d, 0x31));
+    }
+    for (uint64_t m = n >> 2, t = 4; m > 2; m >>= 1, t <<= 1) {
+        const uint64_t h = m >> 1;
+        for (uint64_t i = 0; i < h; ++i) {
+            const AvxTwiddle w = avx_twiddle(avx_set1(*(tw + h + i)), avx_set1(*(tws + h + i)));
+            uint64_t* x = a + 2 * i * t;
+            uint64_t* y = x + t;
+            for (uint64_t j = 0; j < t; j += 4) {
+                const __m256i u = avx_load(x + j), v = avx_load(y + j);
+                avx_store(x + j, avx_csub(_mm256_add_epi64(u, v), four_q));
+                avx_store(y + j,
+                          avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(u, v), four_q), w, mod));
+            }
+        }
+    }
+    // the last level, N^-1 folded in
+    const AvxTwiddle ni = avx_twiddle(avx_set1(p.n_inv), avx_set1(p.n_inv_shoup));
+    const AvxTwiddle li = avx_twiddle(avx_set1(p.last_inv), avx_set1(p.last_inv_shoup));
+    const uint64_t half = n >> 1;
+    uint64_t* y = a + half;
+    for (uint64_t j = 0; j < half; j += 4) {
+        const __m256i u = avx_load(a + j), v = avx_load(y + j);
+        const __m256i s = avx_mul_shoup(_mm256_add_epi64(u, v), ni, mod);
+        const __m256i d = avx_mul_shoup(_mm256_add_epi64(_mm256_sub_epi64(u, v), four_q), li, mod);
+        avx_store(a + j, avx_csub(avx_csub(s, two_q), q));
+        avx_store(y + j, avx_csub(avx_csub(d, two_q), q));
+    }
+}
+#endif
+
 // The forward and inverse NTT of the plan's tower: in doubles where the modulus allows and the
-// CPU has AVX2 and FMA, else in 64-bit words.
+// CPU has AVX2 and FMA, else in four 64-bit lanes where the CPU has AVX2 and q < 2^60, else in
+// scalar 64-bit words.
 void ntt_forward_any(uint64_t* a, uint64_t n, const NttPlan& p) {
 #if defined(__x86_64__) && defined(__GNUC__)
     if (p.fp) return fp_ntt_fwd(a, n, p);
+    if (p.avx) return avx_ntt_fwd(a, n, p);
 #endif
     ntt_fwd(a, n, p);
 }
 void ntt_inverse_any(uint64_t* a, uint64_t n, const NttPlan& p) {
 #if defined(__x86_64__) && defined(__GNUC__)
     if (p.fp) return fp_ntt_inv(a, n, p);
+    if (p.avx) return avx_ntt_inv(a, n, p);
 #endif
     ntt_inv(a, n, p);
 }
@@ -846,6 +1058,45 @@ void check_ring(const CkksRing& ring) {
     }
     if (ring.scale_bits < 1 || ring.scale_bits > 120)
         bad_arg("scale_bits " + std::to_string(ring.scale_bits) + " is not in [1, 120]");
+}
+
+NttPath ntt_auto_path(size_t n, uint64_t q) {
+    const bool sized = n >= 16;
+    if (sized && q < kFpLimit && fp_ntt_available()) return NttPath::fp;
+    if (sized && q < kAvxLimit && avx_ntt_available()) return NttPath::avx2;
+    return NttPath::scalar;
+}
+
+void ntt_tower(uint64_t* a, size_t n, uint64_t q, uint64_t psi, bool inverse, NttPath path) {
+    if (n < 16 || n > (size_t{1} << 17) || (n & (n - 1)) != 0)
+        bad_arg("ntt: length " + std::to_string(n) + " is not a power of two in [16, 2^17]");
+    if (q < 3 || (q & 1) == 0 || q >= (uint64_t{1} << 62))
+        bad_arg("ntt: modulus " + std::to_string(q) + " is not an odd modulus in [3, 2^62)");
+    if (psi == 0 || psi >= q || powmod(psi, n, q) != q - 1)
+        bad_arg("ntt: root " + std::to_string(psi) + " is not a primitive 2N-th root mod " +
+                std::to_string(q));
+    for (size_t j = 0; j < n; ++j)
+        if (a[j] >= q)
+            bad_arg("ntt: residue " + std::to_string(a[j]) + " at " + std::to_string(j) +
+                    " is not below the modulus " + std::to_string(q));
+    CkksRing ring;
+    ring.ring_dim = n;
+    ring.moduli = {q};
+    ring.roots = {psi};
+    const auto tables = ring_tables(ring);
+    const NttPlan& p = tables->ntt[0];
+    if (static_cast<uint64_t>(static_cast<u128>(p.n_inv) * n % q) != 1)
+        bad_arg("ntt: modulus " + std::to_string(q) + " is not prime (N has no inverse by Fermat)");
+    if (path == NttPath::automatic) path = ntt_auto_path(n, q);
+    if (path == NttPath::fp && !(q < kFpLimit && fp_ntt_available()))
+        bad_arg("ntt: the double-precision path needs q < 2^50 and a CPU with AVX2 and FMA");
+    if (path == NttPath::avx2 && !(q < kAvxLimit && avx_ntt_available()))
+        bad_arg("ntt: the 64-bit AVX2 path needs q < 2^60 and a CPU with AVX2");
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (path == NttPath::fp) return inverse ? fp_ntt_inv(a, n, p) : fp_ntt_fwd(a, n, p);
+    if (path == NttPath::avx2) return inverse ? avx_ntt_inv(a, n, p) : avx_ntt_fwd(a, n, p);
+#endif
+    inverse ? ntt_inv(a, n, p) : ntt_fwd(a, n, p);
 }
 
 void encode_coefficients(const CkksRing& ring, const double* values, const int64_t* add,

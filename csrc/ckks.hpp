@@ -57,6 +57,21 @@ struct FloodWidth {
     bool any() const { return hi != 0 || lo != 0; }
 };
 
+// --- the NTT of one tower (exposed for the tests and timings) -------------------------------
+
+// Which implementation runs: the one the CKKS code picks for the modulus and the CPU, scalar
+// 64-bit words, four 64-bit lanes with AVX2 (q < 2^60), or doubles with AVX2 and FMA
+// (q < 2^50). All give the same residues.
+enum class NttPath { automatic, scalar, avx2, fp };
+
+// The path `automatic` takes for n residues mod q on this CPU.
+NttPath ntt_auto_path(size_t n, uint64_t q);
+
+// In place: n residues (n a power of two in [16, 2^17]) below the prime q < 2^62, psi a
+// primitive 2n-th root of unity mod q, from coefficients to OpenFHE's evaluation order, or back
+// when `inverse`. ParameterInputError for a bad argument or a path this CPU or q cannot take.
+void ntt_tower(uint64_t* a, size_t n, uint64_t q, uint64_t psi, bool inverse, NttPath path);
+
 // --- encoding -----------------------------------------------------------------------------
 
 // values_per_ciphertext() reals -> T * N residues of the encoded plaintext plus `add` (N small

@@ -417,7 +417,9 @@ def test_native_expansion_is_the_cryptography_packages(client_ctx, flood_keys):
 
 KEY_DEPENDENT = ("csub", "add_q", "sub_q", "mul_shoup", "mul_shoup_lazy", "signed_mod",
                  "mul_acc", "error_block", "ternary_sample", "ntt_fwd", "fwd_level", "ntt_inv",
-                 "fp_mulmod", "fp_add", "fp_sub", "fp_ntt_fwd", "fp_ntt_inv")
+                 "fp_mulmod", "fp_add", "fp_sub", "fp_ntt_fwd", "fp_ntt_inv", "avx_csub",
+                 "avx_twiddle", "avx_mul_shoup", "avx_pairs", "avx_unpacked", "avx_ntt_fwd",
+                 "avx_ntt_inv")
 
 
 @pytest.mark.parametrize("source, names", [("ckks.cpp", KEY_DEPENDENT),
@@ -429,7 +431,7 @@ def test_key_dependent_helpers_have_no_branches_or_lookups_by_value(source, name
     array indexed by a computed value."""
     src = (Path(__file__).resolve().parents[1] / "csrc" / source).read_text()
     for name in names:
-        m = re.search(r"\n(?:FEDSHIELD_FMA )?(?:inline )?[\w:<>]+ " + name + r"\(([^)]*)\) \{(.*?)\n\}",
+        m = re.search(r"\n(?:FEDSHIELD_\w+ )?(?:inline )?[\w:<>]+ " + name + r"\(([^)]*)\) \{(.*?)\n\}",
                       src, re.S)
         assert m, f"{name} not found in csrc/{source}"
         body = m.group(2)
@@ -443,6 +445,60 @@ def test_key_dependent_helpers_have_no_branches_or_lookups_by_value(source, name
             assert index.isdigit() or index in ("i", "j", "k", "m + i", "h + i", "at + i",
                                                 "kLane", "2 * i", "2 * i + 1"), \
                 f"{name} indexes by {index!r}"
+
+
+def _ntt_primes(bits: int, count: int, two_n: int = 16384) -> list[tuple[int, int]]:
+    """The `count` largest primes q < 2**bits with two_n | q - 1, each with a primitive
+    two_n-th root of unity mod q."""
+    found, q = [], (2 ** bits - 1) // two_n * two_n + 1
+    while len(found) < count:
+        if all(pow(b, q - 1, q) == 1 for b in (2, 3, 5, 7, 11, 13, 17, 19, 23)):
+            psi = next(r for r in (pow(g, (q - 1) // two_n, q) for g in range(2, 200))
+                       if pow(r, two_n // 2, q) == q - 1)
+            found.append((q, psi))
+        q -= two_n
+    return found
+
+
+@pytest.mark.parametrize("bits", [60, 55])
+def test_avx2_ntt_is_the_scalar_ntt_bit_for_bit(bits):
+    """The four-lane 64-bit NTT (moduli in [2^50, 2^60), threshold keys' tower) against the
+    scalar Shoup path it replaces, both directions, and the forward one against flood.cpp's
+    separate implementation: the same residues, fully reduced, for random inputs and the edge
+    values 0 and q - 1."""
+    rng = np.random.default_rng(bits)
+    for q, psi_max in _ntt_primes(bits, 3):
+        if native.ckks_ntt_path(8192, q) != "avx2":
+            pytest.skip("this CPU has no AVX2: the scalar path is the only one")
+        for n in (16, 1024, 8192):
+            psi = pow(psi_max, 8192 // n, q)
+            inputs = [rng.integers(0, q, n, dtype=np.uint64),
+                      np.where(rng.random(n) < 0.5, 0, q - 1).astype(np.uint64),
+                      np.full(n, q - 1, dtype=np.uint64), np.zeros(n, dtype=np.uint64)]
+            for a in inputs:
+                fwd = native.ckks_ntt(a, q, psi, False, "scalar")
+                inv = native.ckks_ntt(a, q, psi, True, "scalar")
+                assert np.array_equal(native.ckks_ntt(a, q, psi, False, "avx2"), fwd), (q, n)
+                assert np.array_equal(native.ckks_ntt(a, q, psi, True, "avx2"), inv), (q, n)
+                assert np.array_equal(native.ckks_ntt(a, q, psi), fwd)  # 'auto' takes avx2
+                assert np.array_equal(fwd, native.ntt_forward(a, q, psi))
+                assert np.array_equal(native.ckks_ntt(fwd, q, psi, True, "avx2"), a)
+                assert fwd.max() < q and inv.max() < q
+
+
+def test_ntt_paths_are_refused_where_they_cannot_run():
+    (q, psi), = _ntt_primes(61, 1, 32)
+    assert native.ckks_ntt_path(16, q) == "scalar"  # q >= 2^60: beyond the four-lane bounds
+    with pytest.raises(fs.ParameterError, match="2\\^60"):
+        native.ckks_ntt(np.zeros(16, np.uint64), q, psi, False, "avx2")
+    with pytest.raises(fs.ParameterError, match="2\\^50"):
+        native.ckks_ntt(np.zeros(16, np.uint64), q, psi, False, "fp")
+    with pytest.raises(ValueError, match="path"):
+        native.ckks_ntt(np.zeros(16, np.uint64), q, psi, False, "fast")
+    with pytest.raises(fs.ParameterError, match="below the modulus"):
+        native.ckks_ntt(np.full(16, q, np.uint64), q, psi)
+    with pytest.raises(fs.ParameterError, match="power of two"):
+        native.ckks_ntt(np.zeros(24, np.uint64), q, psi)
 
 
 def test_decrypted_and_packed_plaintexts_are_wiped(client_ctx, monkeypatch):
