@@ -202,13 +202,14 @@ MISTRAL7B_VALUES = 13_631_488
 # OpenFHE's own calls are timed on at most this many ciphertexts (their cost per value does not
 # depend on how many there are): the baseline of a 13.6M-value state stays seconds, not minutes.
 OPENFHE_CIPHERTEXTS = 64
+# timings per step and side, the best taken (this machine's load swings)
+STEP_REPEATS = 5
 
 
-def _openfhe_steps(ctx, parties, agg, tagg, repeat: int, clock=time.perf_counter) -> dict:
-    """Seconds per value of OpenFHE's own single-threaded calls on the same parameters:
+def _openfhe_calls(ctx, parties, agg, tagg) -> dict:
+    """OpenFHE's own single-threaded calls on the same parameters, {step: (call, values)}:
     MakeCKKSPackedPlaintext + Encrypt (secret key for seeded shared keys, the joint public key
-    for threshold keys), Decrypt, MultipartyDecryptLead/Main of every party, Fusion; timed by
-    ``clock`` (wall, or the process's CPU time)."""
+    for threshold keys), Decrypt, MultipartyDecryptLead/Main of every party, Fusion."""
     o = backend.openfhe()
     rng = np.random.default_rng(0)
 
@@ -243,14 +244,28 @@ def _openfhe_steps(ctx, parties, agg, tagg, repeat: int, clock=time.perf_counter
             tcc.MultipartyDecryptFusion([row[j] for row in shares])
 
     return {
-        "encrypt": _best(lambda: [cc.Encrypt(sk, cc.MakeCKKSPackedPlaintext(c))
-                                  for c in chunks], repeat, clock) / n,
-        "decrypt": _best(decrypt, repeat, clock) / n,
-        "threshold_encrypt": _best(lambda: [tcc.Encrypt(tpk, tcc.MakeCKKSPackedPlaintext(c))
-                                            for c in tchunks], repeat, clock) / tn,
-        "partial": _best(partials, repeat, clock) / tn,
-        "combine": _best(fuse, repeat, clock) / tn,
+        "encrypt": (lambda: [cc.Encrypt(sk, cc.MakeCKKSPackedPlaintext(c)) for c in chunks], n),
+        "decrypt": (decrypt, n),
+        "threshold_encrypt": (lambda: [tcc.Encrypt(tpk, tcc.MakeCKKSPackedPlaintext(c))
+                                       for c in tchunks], tn),
+        "partial": (partials, tn),
+        "combine": (fuse, tn),
     }
+
+
+def _interleaved(sides: list[dict], repeat: int, clock) -> list[dict]:
+    """Seconds per value of each side's calls ({step: (call, values)}), the best of ``repeat``
+    timings by ``clock``, the sides taking turns step by step: a change of the machine's load
+    during the run reaches both sides of a ratio alike."""
+    best = [{key: float("inf") for key in side} for side in sides]
+    for _ in range(repeat):
+        for key in sides[0]:
+            for side, out in zip(sides, best):
+                call, _ = side[key]
+                t = clock()
+                call()
+                out[key] = min(out[key], clock() - t)
+    return [{key: out[key] / side[key][1] for key in side} for side, out in zip(sides, best)]
 
 
 STEPS = (("encrypt", "shared-key encrypt", "MakeCKKSPackedPlaintext + Encrypt(sk)"),
@@ -261,10 +276,11 @@ STEPS = (("encrypt", "shared-key encrypt", "MakeCKKSPackedPlaintext + Encrypt(sk
          ("combine", "threshold combine", "MultipartyDecryptFusion"))
 
 
-def step_table(states, weights, repeat: int = 2) -> dict:
+def step_table(states, weights, repeat: int = STEP_REPEATS) -> dict:
     """Each per-round step of a site, fedshield on every core against OpenFHE's own call on one
     thread, same parameters, one run: {step: {fedshield, openfhe (seconds per value), ratio}},
-    plus the Mistral-7B per-round totals (seconds) those figures give.
+    plus the Mistral-7B per-round totals (seconds) those figures give. Each figure is the best
+    of ``repeat`` timings, the two sides taking turns.
 
     Each row also holds the same comparison in CPU time, both on one thread (fedshield with
     threads=1, the process's CPU seconds): wall-clock ratios on a machine shared with other
@@ -277,16 +293,13 @@ def step_table(states, weights, repeat: int = 2) -> dict:
     client, server = keys.client_context(), keys.server_context()
     params = CKKSParams.for_precision(keys="threshold", max_weight=0)
     parties, tserver = keygen_threshold(params, n_parties=THRESHOLD_PARTIES)
-    ours = {}
 
-    def enc(ctx, k):
-        return encrypt_update(ctx, states[k], layout, weight=weights[k], weight_bound=bound)
+    def enc(ctx, k, threads=0):
+        return encrypt_update(ctx, states[k], layout, weight=weights[k], weight_bound=bound,
+                              threads=threads)
 
     enc(client, 0)  # first call: tables
-    ours["encrypt"] = _best(lambda: enc(client, 0), repeat) / n
     agg = aggregate(server, [enc(client, k) for k in range(len(states))])
-    ours["decrypt"] = _best(lambda: decrypt_update(client, agg, layout), repeat) / n
-    ours["threshold_encrypt"] = _best(lambda: enc(parties[0], 0), repeat) / n
     tagg = aggregate(tserver, [enc(parties[0], k) for k in range(len(states))])
     blob = tagg.to_bytes()
 
@@ -295,38 +308,35 @@ def step_table(states, weights, repeat: int = 2) -> dict:
         return [partial_decrypt(p, EncryptedUpdate.from_bytes(blob), threads=threads)
                 for p in parties]
 
-    ours["partial"] = _best(partials, repeat) / n
     # a site fuses the aggregate it partially decrypted (fl/site_rounds.py keeps it): its
     # digest is the one its partial decryption computed, as in a round
     shares = [partial_decrypt(p, tagg) for p in parties]
-    ours["combine"] = _best(lambda: combine_partials(tagg, shares, layout, ctx=parties[0]),
-                            repeat) / n
-    theirs = _openfhe_steps(client, parties, agg, tagg, repeat)
-    cpu = time.process_time
-    one = {
-        "encrypt": _best(lambda: encrypt_update(client, states[0], layout, weight=weights[0],
-                                                weight_bound=bound, threads=1), repeat, cpu),
-        "decrypt": _best(lambda: decrypt_update(client, agg, layout, threads=1), repeat, cpu),
-        "threshold_encrypt": _best(lambda: encrypt_update(
-            parties[0], states[0], layout, weight=weights[0], weight_bound=bound, threads=1),
-            repeat, cpu),
-        "partial": _best(lambda: partials(threads=1), repeat, cpu),
-        "combine": _best(lambda: combine_partials(tagg, shares, layout, ctx=parties[0],
-                                                  threads=1), repeat, cpu),
-    }
-    theirs_cpu = _openfhe_steps(client, parties, agg, tagg, repeat, cpu)
-    table = {key: {"fedshield_us_per_value": ours[key] * 1e6,
-                   "openfhe_1thread_us_per_value": theirs[key] * 1e6,
-                   "ratio": ours[key] / theirs[key],
-                   "fedshield_1thread_cpu_us_per_value": one[key] / n * 1e6,
+
+    def ours(threads):
+        return {
+            "encrypt": (lambda: enc(client, 0, threads), n),
+            "decrypt": (lambda: decrypt_update(client, agg, layout, threads=threads), n),
+            "threshold_encrypt": (lambda: enc(parties[0], 0, threads), n),
+            "partial": (lambda: partials(threads), n),
+            "combine": (lambda: combine_partials(tagg, shares, layout, ctx=parties[0],
+                                                 threads=threads), n),
+        }
+
+    theirs = _openfhe_calls(client, parties, agg, tagg)
+    ours_wall, theirs_wall = _interleaved([ours(0), theirs], repeat, time.perf_counter)
+    one, theirs_cpu = _interleaved([ours(1), theirs], repeat, time.process_time)
+    table = {key: {"fedshield_us_per_value": ours_wall[key] * 1e6,
+                   "openfhe_1thread_us_per_value": theirs_wall[key] * 1e6,
+                   "ratio": ours_wall[key] / theirs_wall[key],
+                   "fedshield_1thread_cpu_us_per_value": one[key] * 1e6,
                    "openfhe_cpu_us_per_value": theirs_cpu[key] * 1e6,
-                   "cpu_ratio": one[key] / n / theirs_cpu[key]} for key, _, _ in STEPS}
+                   "cpu_ratio": one[key] / theirs_cpu[key]} for key, _, _ in STEPS}
     m = MISTRAL7B_VALUES
     # a site's round: it encrypts, and decrypts (shared) or sends its partial and fuses
     table["mistral7b_round_s"] = {
-        "shared": (ours["encrypt"] + ours["decrypt"]) * m,
-        "threshold": (ours["threshold_encrypt"] + ours["partial"] / THRESHOLD_PARTIES
-                      + ours["combine"]) * m,
+        "shared": (ours_wall["encrypt"] + ours_wall["decrypt"]) * m,
+        "threshold": (ours_wall["threshold_encrypt"] + ours_wall["partial"] / THRESHOLD_PARTIES
+                      + ours_wall["combine"]) * m,
         "values": m, "measured_on_values": n,
     }
     return table
