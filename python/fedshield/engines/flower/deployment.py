@@ -19,6 +19,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
+from ...base.private_file import open_private
+
 CONNECTION = "fedshield-loopback"
 # A SuperNode whose SuperLink went away keeps trying to reconnect for this long (Flower's
 # --max-wait-time; unset, it would try forever), then exits, and the launcher says so.
@@ -177,7 +179,7 @@ class Deployment:
         """Starts ``argv`` in a session of its own; its output goes to logs/NAME.log (mode
         0600: a log may name a site's files). ``vital``: its exit ends the run
         (:meth:`check_alive`)."""
-        fd = os.open(self.logs / f"{name}.log", os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        fd = open_private(self.logs / f"{name}.log")
         with os.fdopen(fd, "wb") as log_file:
             proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
                                     env=env or self.env, start_new_session=True,

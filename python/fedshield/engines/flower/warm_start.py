@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from ...base.errors import ParameterError
+from ...base.private_file import open_private
 
 # What every site worker imports before its model exists (the site worker itself, the demo's
 # tiny Llama, its offline tokenizer and the LoRA layers): imported once, by the warm process
@@ -44,7 +45,7 @@ def write_spec(path: Path, workers: list[dict], *, exit_with: int, preload_run: 
         missing = [k for k in WORKER_KEYS if k not in w]
         if missing:
             raise ParameterError(f"a warm-start worker lacks {missing}: {sorted(w)}")
-    fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    fd = open_private(path)
     with os.fdopen(fd, "w") as f:
         json.dump({"exit_with": exit_with, "preload_run": str(preload_run),
                    "workers": [{k: (w[k] if k == "env" else str(w[k])) for k in WORKER_KEYS}
@@ -72,7 +73,7 @@ def _become_worker(run_worker, worker: dict, spec: dict) -> NoReturn:
         os.chdir(worker["cwd"])
         os.environ.clear()
         os.environ.update(worker["env"])
-        fd = os.open(worker["log"], os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        fd = open_private(worker["log"])
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
