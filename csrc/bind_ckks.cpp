@@ -110,6 +110,26 @@ void bind_ckks(py::module_& m) {
        "back with inverse=True) on a copy of a, by the named path or the one it picks ('auto').",
        py::arg("a"), py::arg("q"), py::arg("psi"), py::arg("inverse") = false,
        py::arg("path") = "auto");
+    m.def("ckks_fft", [](const F64& v, bool inverse, const std::string& path) {
+        FftPath p = FftPath::automatic;
+        if (path == "scalar")
+            p = FftPath::scalar;
+        else if (path == "avx2")
+            p = FftPath::avx2;
+        else if (path != "auto")
+            throw py::value_error("ckks_fft: path " + path +
+                                  " is not one of 'auto', 'scalar', 'avx2'");
+        F64 out(v.size());
+        std::memcpy(out.mutable_data(), v.data(), static_cast<size_t>(v.size()) * 8);
+        double* o = out.mutable_data();
+        const size_t n = static_cast<size_t>(v.size());
+        py::gil_scoped_release nogil;
+        special_fft(o, n, inverse, p);
+        return out;
+    }, "CKKS encoding's special FFT on a copy of v (the N/2 complex values of ring dimension N "
+       "as N doubles, re/im interleaved): coefficients -> slot values, or back with "
+       "inverse=True, by the named path or the one the CKKS code takes ('auto').",
+       py::arg("v"), py::arg("inverse") = false, py::arg("path") = "auto");
     m.def("ckks_ntt_path", [](size_t n, uint64_t q) {
         const NttPath p = ntt_auto_path(n, q);
         return std::string(p == NttPath::fp ? "fp" : p == NttPath::avx2 ? "avx2" : "scalar");

@@ -72,6 +72,18 @@ NttPath ntt_auto_path(size_t n, uint64_t q);
 // when `inverse`. ParameterInputError for a bad argument or a path this CPU or q cannot take.
 void ntt_tower(uint64_t* a, size_t n, uint64_t q, uint64_t psi, bool inverse, NttPath path);
 
+// --- the special FFT of encoding (exposed for the tests and timings) ------------------------
+
+// Which implementation runs: the one the CKKS code picks on this CPU, the plain loops, or the
+// AVX2 one (slots >= 16). Both give the same doubles.
+enum class FftPath { automatic, scalar, avx2 };
+
+// In place: the N/2 complex values of ring dimension n (n a power of two in [4, 2^17]), re/im
+// interleaved, from coefficients to slot values (decoding's transform), or back when `inverse`
+// (encoding's, with its 1/(N/2) scaling). ParameterInputError for a bad n or a path this CPU
+// cannot take.
+void special_fft(double* v, size_t n, bool inverse, FftPath path);
+
 // --- encoding -----------------------------------------------------------------------------
 
 // values_per_ciphertext() reals -> T * N residues of the encoded plaintext plus `add` (N small
