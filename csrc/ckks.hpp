@@ -59,9 +59,9 @@ struct FloodWidth {
 
 // --- the NTT of one tower (exposed for the tests and timings) -------------------------------
 
-// Which implementation runs: the one the CKKS code picks for the modulus and the CPU, scalar
-// 64-bit words, four 64-bit lanes with AVX2 (q < 2^60), or doubles with AVX2 and FMA
-// (q < 2^50). All give the same residues.
+// Which implementation runs: the one the CKKS code picks for the modulus and the CPU (four
+// lanes where it can, else doubles, else scalar), scalar 64-bit words, four 64-bit lanes with
+// AVX2 (q < 2^60), or doubles with AVX2 and FMA (q < 2^50). All give the same residues.
 enum class NttPath { automatic, scalar, avx2, fp };
 
 // The path `automatic` takes for n residues mod q on this CPU.
