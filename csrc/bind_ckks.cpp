@@ -110,6 +110,30 @@ void bind_ckks(py::module_& m) {
        "back with inverse=True) on a copy of a, by the named path or the one it picks ('auto').",
        py::arg("a"), py::arg("q"), py::arg("psi"), py::arg("inverse") = false,
        py::arg("path") = "auto");
+    m.def("ckks_fft", [](const py::buffer& v, bool inverse, const std::string& path) {
+        FftPath p = FftPath::automatic;
+        if (path == "scalar")
+            p = FftPath::scalar;
+        else if (path == "avx2")
+            p = FftPath::avx2;
+        else if (path != "auto")
+            throw py::value_error("ckks_fft: path " + path +
+                                  " is not one of 'auto', 'scalar', 'avx2'");
+        // in place, no copy: a timing of the transform, not of a 32-64 KB memcpy
+        py::buffer_info info = v.request(true);
+        if (info.format != py::format_descriptor<double>::format() || info.ndim != 1 ||
+            info.strides[0] != sizeof(double))
+            throw py::value_error("ckks_fft: v must be a contiguous one-dimensional float64 "
+                                  "array, got format " + info.format + " with " +
+                                  std::to_string(info.ndim) + " dimensions");
+        double* o = static_cast<double*>(info.ptr);
+        const size_t n = static_cast<size_t>(info.size);
+        py::gil_scoped_release nogil;
+        special_fft(o, n, inverse, p);
+    }, "CKKS encoding's special FFT in place on v (the N/2 complex values of ring dimension N "
+       "as N float64, re/im interleaved, writable): coefficients -> slot values, or back with "
+       "inverse=True, by the named path or the one the CKKS code takes ('auto').",
+       py::arg("v"), py::arg("inverse") = false, py::arg("path") = "auto");
     m.def("ckks_ntt_path", [](size_t n, uint64_t q) {
         const NttPath p = ntt_auto_path(n, q);
         return std::string(p == NttPath::fp ? "fp" : p == NttPath::avx2 ? "avx2" : "scalar");

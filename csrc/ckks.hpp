@@ -59,9 +59,9 @@ struct FloodWidth {
 
 // --- the NTT of one tower (exposed for the tests and timings) -------------------------------
 
-// Which implementation runs: the one the CKKS code picks for the modulus and the CPU, scalar
-// 64-bit words, four 64-bit lanes with AVX2 (q < 2^60), or doubles with AVX2 and FMA
-// (q < 2^50). All give the same residues.
+// Which implementation runs: the one the CKKS code picks for the modulus and the CPU (four
+// lanes where it can, else doubles, else scalar), scalar 64-bit words, four 64-bit lanes with
+// AVX2 (q < 2^60), or doubles with AVX2 and FMA (q < 2^50). All give the same residues.
 enum class NttPath { automatic, scalar, avx2, fp };
 
 // The path `automatic` takes for n residues mod q on this CPU.
@@ -71,6 +71,18 @@ NttPath ntt_auto_path(size_t n, uint64_t q);
 // primitive 2n-th root of unity mod q, from coefficients to OpenFHE's evaluation order, or back
 // when `inverse`. ParameterInputError for a bad argument or a path this CPU or q cannot take.
 void ntt_tower(uint64_t* a, size_t n, uint64_t q, uint64_t psi, bool inverse, NttPath path);
+
+// --- the special FFT of encoding (exposed for the tests and timings) ------------------------
+
+// Which implementation runs: the one the CKKS code picks on this CPU, the plain loops, or the
+// AVX2 one (slots >= 16). Both give the same doubles.
+enum class FftPath { automatic, scalar, avx2 };
+
+// In place: the N/2 complex values of ring dimension n (n a power of two in [4, 2^17]), re/im
+// interleaved, from coefficients to slot values (decoding's transform), or back when `inverse`
+// (encoding's, with its 1/(N/2) scaling). ParameterInputError for a bad n or a path this CPU
+// cannot take.
+void special_fft(double* v, size_t n, bool inverse, FftPath path);
 
 // --- encoding -----------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""benchmarks/compare.py and benchmarks/flowertune_budget.py run end to end (CI-sized)."""
+"""benchmarks/compare.py, benchmarks/flowertune_budget.py and benchmarks/fft.py run end to end
+(CI-sized)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,14 @@ def test_compare_and_budget_scripts(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flowertune_budget.py"),
                           str(tmp_path / "missing.json")], capture_output=True, text=True)
     assert bad.returncode == 2 and "cannot read" in bad.stderr
+
+
+def test_fft_script_times_both_paths():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fft.py"), "--n", "16", "64",
+                        "--rounds", "1", "--calls", "2"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    blocks = r.stdout.split("N = ")[1:]
+    assert [b.split()[0] for b in blocks] == ["16", "64"]
+    assert "avx2" not in blocks[0]  # 8 slots: the plain loops only
+    assert all("scalar  forward" in b for b in blocks)

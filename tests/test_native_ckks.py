@@ -486,6 +486,39 @@ def test_avx2_ntt_is_the_scalar_ntt_bit_for_bit(bits):
                 assert fwd.max() < q and inv.max() < q
 
 
+def _fft(v: np.ndarray, inverse: bool = False, path: str = "auto") -> np.ndarray:
+    out = v.copy()
+    native.ckks_fft(out, inverse, path)  # in place
+    return out
+
+
+def test_avx2_special_fft_is_the_scalar_fft_bit_for_bit():
+    """Encoding's special FFT with AVX2 (bit reversal fused into the first levels, two or three
+    levels per pass) against the plain loops it must equal: the same doubles, both directions,
+    for values of very different sizes (each rounding step must be the same one)."""
+    rng = np.random.default_rng(22)
+    try:
+        _fft(np.zeros(64), False, "avx2")
+    except fs.ParameterError:
+        pytest.skip("this CPU has no AVX2: the scalar path is the only one")
+    for n in (16, 64, 4096, 8192, 16384):
+        inputs = [rng.standard_normal(n), rng.standard_normal(n) * 2.0 ** rng.integers(-60, 60, n)]
+        for v in inputs:
+            for inverse in (False, True):
+                want = _fft(v, inverse, "scalar")
+                got = _fft(v, inverse, "auto" if n == 16 else "avx2")
+                assert np.array_equal(got.view(np.uint64), want.view(np.uint64)), (n, inverse)
+            assert np.allclose(_fft(_fft(v, True)), v, rtol=0, atol=1e-9 * np.abs(v).max())
+    with pytest.raises(fs.ParameterError, match="N >= 32"):
+        _fft(np.zeros(16), False, "avx2")  # 8 slots: the plain loops only
+    with pytest.raises(fs.ParameterError, match="power of two"):
+        _fft(np.zeros(24))
+    with pytest.raises(ValueError, match="path"):
+        _fft(np.zeros(16), False, "fast")
+    with pytest.raises(ValueError, match="float64"):
+        _fft(np.zeros(16, np.float32))
+
+
 def test_ntt_paths_are_refused_where_they_cannot_run():
     (q, psi), = _ntt_primes(61, 1, 32)
     assert native.ckks_ntt_path(16, q) == "scalar"  # q >= 2^60: beyond the four-lane bounds
