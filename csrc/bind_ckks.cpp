@@ -94,11 +94,9 @@ void bind_ckks(py::module_& m) {
             p = NttPath::scalar;
         else if (path == "avx2")
             p = NttPath::avx2;
-        else if (path == "fp")
-            p = NttPath::fp;
         else if (path != "auto")
             throw py::value_error("ckks_ntt: path " + path +
-                                  " is not one of 'auto', 'scalar', 'avx2', 'fp'");
+                                  " is not one of 'auto', 'scalar', 'avx2'");
         U64 out(a.size());
         std::memcpy(out.mutable_data(), a.data(), static_cast<size_t>(a.size()) * 8);
         uint64_t* o = out.mutable_data();
@@ -136,7 +134,7 @@ void bind_ckks(py::module_& m) {
        py::arg("v"), py::arg("inverse") = false, py::arg("path") = "auto");
     m.def("ckks_ntt_path", [](size_t n, uint64_t q) {
         const NttPath p = ntt_auto_path(n, q);
-        return std::string(p == NttPath::fp ? "fp" : p == NttPath::avx2 ? "avx2" : "scalar");
+        return std::string(p == NttPath::avx2 ? "avx2" : "scalar");
     }, "The path ckks_ntt's 'auto' (and every CKKS call) takes for n residues mod q here.",
        py::arg("n"), py::arg("q"));
     m.attr("HAVE_AES_NI") = have_aes_ni();

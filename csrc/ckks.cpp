@@ -473,20 +473,12 @@ struct NttPlan {
     std::vector<uint64_t> w, w_shoup, iw, iw_shoup;  // psi^bitrev(k), (psi^-1)^bitrev(k)
     uint64_t n_inv = 0, n_inv_shoup = 0;
     uint64_t last_inv = 0, last_inv_shoup = 0;  // (psi^-1)^bitrev(1) * N^-1
-    // q < 2^50 on a CPU with AVX2 and FMA: the double-precision NTT below can run, with each
-    // twiddle w as a double and fl(w / q); *2 hold the t = 2 level's twiddles twice each, *1 the
-    // t = 1 level's in the lane order of its loads (see fp_ntt_fwd). The CKKS code runs it only
-    // where the four-lane path cannot (ntt_forward_any); ntt_tower's path "fp" reaches it.
-    bool fp = false;
-    std::vector<double> fw, fwq, fw2, fwq2, fw1, fwq1, iw_fp, iwq, iw2, iwq2, iw1, iwq1;
     // q < 2^60 on a CPU with AVX2: the 64-bit four-lane NTT below (avx_ntt_fwd), on the
     // twiddles above
     bool avx = false;
 };
 
-bool fp_ntt_available();
 bool avx_ntt_available();
-constexpr uint64_t kFpLimit = uint64_t{1} << 50;
 constexpr uint64_t kAvxLimit = uint64_t{1} << 60;
 
 NttPlan make_plan(uint64_t n, uint64_t q, uint64_t psi) {
@@ -517,46 +509,6 @@ NttPlan make_plan(uint64_t n, uint64_t q, uint64_t psi) {
     p.n_inv_shoup = shoup_of(p.n_inv, q);
     p.last_inv = static_cast<uint64_t>(static_cast<u128>(p.iw[1]) * p.n_inv % q);
     p.last_inv_shoup = shoup_of(p.last_inv, q);
-    p.fp = q < kFpLimit && n >= 16 && fp_ntt_available();
-    if (p.fp) {
-        const double qd = static_cast<double>(q);
-        auto as_double = [&](const std::vector<uint64_t>& w, std::vector<double>& d,
-                             std::vector<double>& dq) {
-            d.resize(n);
-            dq.resize(n);
-            for (uint64_t k = 0; k < n; ++k) {
-                d[k] = static_cast<double>(w[k]);
-                dq[k] = d[k] / qd;
-            }
-        };
-        as_double(p.w, p.fw, p.fwq);
-        as_double(p.iw, p.iw_fp, p.iwq);
-        // t = 2: twiddle base + k for k < n/4, each twice; t = 1: base + k for k < n/2, in
-        // groups of four as lanes (k, k + 2, k + 1, k + 3)
-        auto twice = [&](const std::vector<double>& d, std::vector<double>& out) {
-            const uint64_t base = n >> 2;
-            out.resize(n >> 1);
-            for (uint64_t k = 0; k < base; ++k) out[2 * k] = out[2 * k + 1] = d[base + k];
-        };
-        auto lanes = [&](const std::vector<double>& d, std::vector<double>& out) {
-            const uint64_t base = n >> 1;
-            out.resize(n >> 1);
-            for (uint64_t k = 0; k < base; k += 4) {
-                out[k] = d[base + k];
-                out[k + 1] = d[base + k + 2];
-                out[k + 2] = d[base + k + 1];
-                out[k + 3] = d[base + k + 3];
-            }
-        };
-        twice(p.fw, p.fw2);
-        twice(p.fwq, p.fwq2);
-        lanes(p.fw, p.fw1);
-        lanes(p.fwq, p.fwq1);
-        twice(p.iw_fp, p.iw2);
-        twice(p.iwq, p.iwq2);
-        lanes(p.iw_fp, p.iw1);
-        lanes(p.iwq, p.iwq1);
-    }
     p.avx = q < kAvxLimit && n >= 16 && avx_ntt_available();
     return p;
 }
@@ -635,186 +587,10 @@ void ntt_inv(uint64_t* a, uint64_t n, const NttPlan& p) {
     }
 }
 
-// --- the same NTT in double precision with AVX2 and FMA, for moduli below 2^50 ------------------
-//
-// Residues below q < 2^50 are exact doubles, and so is every intermediate below: a * w mod q
-// for a, w < q is h = fl(a * w), l = a * w - h (exact, one FMA), b = floor(a * fl(w / q)) (off
-// from floor(a * w / q) by at most one: the relative error of fl(a * fl(w / q)) is below
-// 2^-52 and a < 2^50), r = h - b * q (an integer below 2^53 in magnitude, exact in one FMA),
-// r + l = a * w - b * q in [-q, 2q) exactly, then one masked +q and one masked -q. Four
-// residues per instruction where the scalar path multiplies 64-bit words one at a time; the
-// outputs are the same residues (tests/test_native_ckks.py checks both against OpenFHE).
-// Masks, not branches: no secret-dependent branch or look-up.
-
-bool fp_ntt_available() {
-#if defined(__x86_64__) && defined(__GNUC__)
-    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return yes;
-#else
-    return false;
-#endif
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FEDSHIELD_FMA __attribute__((target("avx2,fma")))
-
-FEDSHIELD_FMA inline __m256d fp_mulmod(__m256d a, __m256d w, __m256d wq, __m256d q) {
-    const __m256d h = _mm256_mul_pd(a, w);
-    const __m256d l = _mm256_fmsub_pd(a, w, h);
-    const __m256d b = _mm256_floor_pd(_mm256_mul_pd(a, wq));
-    __m256d r = _mm256_add_pd(_mm256_fnmadd_pd(b, q, h), l);
-    r = _mm256_add_pd(r, _mm256_and_pd(_mm256_cmp_pd(r, _mm256_setzero_pd(), _CMP_LT_OQ), q));
-    return _mm256_sub_pd(r, _mm256_and_pd(_mm256_cmp_pd(r, q, _CMP_GE_OQ), q));
-}
-
-// (x + y) mod q and (x - y) mod q for x, y in [0, q)
-FEDSHIELD_FMA inline __m256d fp_add(__m256d x, __m256d y, __m256d q) {
-    const __m256d s = _mm256_add_pd(x, y);
-    return _mm256_sub_pd(s, _mm256_and_pd(_mm256_cmp_pd(s, q, _CMP_GE_OQ), q));
-}
-FEDSHIELD_FMA inline __m256d fp_sub(__m256d x, __m256d y, __m256d q) {
-    const __m256d d = _mm256_sub_pd(x, y);
-    return _mm256_add_pd(d, _mm256_and_pd(_mm256_cmp_pd(d, _mm256_setzero_pd(), _CMP_LT_OQ), q));
-}
-
-// In place, 4 at a time: residues (below 2^52) <-> the doubles of the same value. The words
-// are read and written through intrinsics only (no double lvalue of the words' memory).
-FEDSHIELD_FMA void fp_from_words(uint64_t* a, uint64_t n) {
-    const __m256i magic = _mm256_set1_epi64x(0x4330000000000000LL);  // 2^52
-    const __m256d two52 = _mm256_set1_pd(4503599627370496.0);
-    for (uint64_t j = 0; j < n; j += 4) {
-        __m256i* p = reinterpret_cast<__m256i*>(a + j);
-        const __m256i x = _mm256_loadu_si256(p);
-        const __m256d d = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(x, magic)), two52);
-        _mm256_storeu_si256(p, _mm256_castpd_si256(d));
-    }
-}
-FEDSHIELD_FMA void fp_to_words(uint64_t* a, uint64_t n) {
-    const __m256i magic = _mm256_set1_epi64x(0x4330000000000000LL);
-    const __m256d two52 = _mm256_set1_pd(4503599627370496.0);
-    for (uint64_t j = 0; j < n; j += 4) {
-        __m256i* p = reinterpret_cast<__m256i*>(a + j);
-        const __m256d d = _mm256_castsi256_pd(_mm256_loadu_si256(p));
-        const __m256i x = _mm256_castpd_si256(_mm256_add_pd(d, two52));
-        _mm256_storeu_si256(p, _mm256_xor_si256(x, magic));
-    }
-}
-
-inline double* fp_lanes(uint64_t* a) { return reinterpret_cast<double*>(a); }
-
-// coefficients -> evaluations (ntt_fwd's result), q < 2^50, n >= 16.
-FEDSHIELD_FMA void fp_ntt_fwd(uint64_t* words, uint64_t n, const NttPlan& p) {
-    fp_from_words(words, n);
-    double* a = fp_lanes(words);
-    const __m256d q = _mm256_set1_pd(static_cast<double>(p.q));
-    uint64_t m = 1, t = n >> 1;
-    for (; t >= 4; m <<= 1, t >>= 1) {
-        for (uint64_t i = 0; i < m; ++i) {
-            const __m256d w = _mm256_broadcast_sd(p.fw.data() + m + i);
-            const __m256d wq = _mm256_broadcast_sd(p.fwq.data() + m + i);
-            double* x = a + 2 * i * t;
-            double* y = x + t;
-            for (uint64_t j = 0; j < t; j += 4) {
-                const __m256d u = _mm256_loadu_pd(x + j);
-                const __m256d v = fp_mulmod(_mm256_loadu_pd(y + j), w, wq, q);
-                _mm256_storeu_pd(x + j, fp_add(u, v, q));
-                _mm256_storeu_pd(y + j, fp_sub(u, v, q));
-            }
-        }
-    }
-    // t = 2: groups [x0 x1 y0 y1] of one twiddle, two groups per step
-    for (uint64_t i = 0; i < m; i += 2) {
-        double* g = a + 4 * i;
-        const __m256d v0 = _mm256_loadu_pd(g), v1 = _mm256_loadu_pd(g + 4);
-        const __m256d x = _mm256_permute2f128_pd(v0, v1, 0x20);
-        const __m256d y = _mm256_permute2f128_pd(v0, v1, 0x31);
-        const __m256d w = _mm256_loadu_pd(p.fw2.data() + 2 * i);
-        const __m256d wq = _mm256_loadu_pd(p.fwq2.data() + 2 * i);
-        const __m256d v = fp_mulmod(y, w, wq, q);
-        const __m256d s = fp_add(x, v, q), d = fp_sub(x, v, q);
-        _mm256_storeu_pd(g, _mm256_permute2f128_pd(s, d, 0x20));
-        _mm256_storeu_pd(g + 4, _mm256_permute2f128_pd(s, d, 0x31));
-    }
-    m <<= 1;
-    // t = 1: pairs [x y], four pairs per step (twiddles stored in the unpack's lane order)
-    for (uint64_t i = 0; i < m; i += 4) {
-        double* g = a + 2 * i;
-        const __m256d v0 = _mm256_loadu_pd(g), v1 = _mm256_loadu_pd(g + 4);
-        const __m256d x = _mm256_unpacklo_pd(v0, v1), y = _mm256_unpackhi_pd(v0, v1);
-        const __m256d w = _mm256_loadu_pd(p.fw1.data() + i);
-        const __m256d wq = _mm256_loadu_pd(p.fwq1.data() + i);
-        const __m256d v = fp_mulmod(y, w, wq, q);
-        const __m256d s = fp_add(x, v, q), d = fp_sub(x, v, q);
-        _mm256_storeu_pd(g, _mm256_unpacklo_pd(s, d));
-        _mm256_storeu_pd(g + 4, _mm256_unpackhi_pd(s, d));
-    }
-    fp_to_words(words, n);
-}
-
-// evaluations -> coefficients (ntt_inv's result), q < 2^50, n >= 16.
-FEDSHIELD_FMA void fp_ntt_inv(uint64_t* words, uint64_t n, const NttPlan& p) {
-    fp_from_words(words, n);
-    double* a = fp_lanes(words);
-    const __m256d q = _mm256_set1_pd(static_cast<double>(p.q));
-    // t = 1 (h = n / 2 twiddles)
-    for (uint64_t i = 0; i < (n >> 1); i += 4) {
-        double* g = a + 2 * i;
-        const __m256d v0 = _mm256_loadu_pd(g), v1 = _mm256_loadu_pd(g + 4);
-        const __m256d x = _mm256_unpacklo_pd(v0, v1), y = _mm256_unpackhi_pd(v0, v1);
-        const __m256d w = _mm256_loadu_pd(p.iw1.data() + i);
-        const __m256d wq = _mm256_loadu_pd(p.iwq1.data() + i);
-        const __m256d s = fp_add(x, y, q);
-        const __m256d d = fp_mulmod(fp_sub(x, y, q), w, wq, q);
-        _mm256_storeu_pd(g, _mm256_unpacklo_pd(s, d));
-        _mm256_storeu_pd(g + 4, _mm256_unpackhi_pd(s, d));
-    }
-    // t = 2 (h = n / 4 twiddles)
-    for (uint64_t i = 0; i < (n >> 2); i += 2) {
-        double* g = a + 4 * i;
-        const __m256d v0 = _mm256_loadu_pd(g), v1 = _mm256_loadu_pd(g + 4);
-        const __m256d x = _mm256_permute2f128_pd(v0, v1, 0x20);
-        const __m256d y = _mm256_permute2f128_pd(v0, v1, 0x31);
-        const __m256d w = _mm256_loadu_pd(p.iw2.data() + 2 * i);
-        const __m256d wq = _mm256_loadu_pd(p.iwq2.data() + 2 * i);
-        const __m256d s = fp_add(x, y, q);
-        const __m256d d = fp_mulmod(fp_sub(x, y, q), w, wq, q);
-        _mm256_storeu_pd(g, _mm256_permute2f128_pd(s, d, 0x20));
-        _mm256_storeu_pd(g + 4, _mm256_permute2f128_pd(s, d, 0x31));
-    }
-    for (uint64_t m = n >> 2, t = 4; m > 2; m >>= 1, t <<= 1) {
-        const uint64_t h = m >> 1;
-        for (uint64_t i = 0; i < h; ++i) {
-            const __m256d w = _mm256_broadcast_sd(p.iw_fp.data() + h + i);
-            const __m256d wq = _mm256_broadcast_sd(p.iwq.data() + h + i);
-            double* x = a + 2 * i * t;
-            double* y = x + t;
-            for (uint64_t j = 0; j < t; j += 4) {
-                const __m256d u = _mm256_loadu_pd(x + j), v = _mm256_loadu_pd(y + j);
-                _mm256_storeu_pd(x + j, fp_add(u, v, q));
-                _mm256_storeu_pd(y + j, fp_mulmod(fp_sub(u, v, q), w, wq, q));
-            }
-        }
-    }
-    // the last level, N^-1 folded in
-    const uint64_t half = n >> 1;
-    const __m256d ni = _mm256_set1_pd(static_cast<double>(p.n_inv));
-    const __m256d niq = _mm256_set1_pd(static_cast<double>(p.n_inv) / static_cast<double>(p.q));
-    const __m256d li = _mm256_set1_pd(static_cast<double>(p.last_inv));
-    const __m256d liq = _mm256_set1_pd(static_cast<double>(p.last_inv) / static_cast<double>(p.q));
-    double* y = a + half;
-    for (uint64_t j = 0; j < half; j += 4) {
-        const __m256d u = _mm256_loadu_pd(a + j), v = _mm256_loadu_pd(y + j);
-        _mm256_storeu_pd(a + j, fp_mulmod(fp_add(u, v, q), ni, niq, q));
-        _mm256_storeu_pd(y + j, fp_mulmod(fp_sub(u, v, q), li, liq, q));
-    }
-    fp_to_words(words, n);
-}
-#endif
-
 // --- the same NTT in 64-bit lanes with AVX2, for moduli below 2^60 ------------------------------
 //
-// Four residues per register, for the moduli the doubles above cannot hold (threshold keys'
-// 60-bit tower). AVX2 multiplies 32 x 32 -> 64 bits (_mm256_mul_epu32 reads each lane's low
+// Four residues per register (threshold keys' 60-bit tower, shared keys' 42-bit one; at 42 bits
+// it also beat a double-precision NTT, 15-20% per call on Zen 3). AVX2 multiplies 32 x 32 -> 64 bits (_mm256_mul_epu32 reads each lane's low
 // half), so a * w mod q (a < 8q, a fixed w < q, w' = floor(w * 2^64 / q)) is Shoup's product
 // with an approximate quotient. Writing a = a1 2^32 + a0 and w' = w1' 2^32 + w0',
 //   Q = floor(a w' / 2^64) = floor(a1 w1' + a1 w0' / 2^32 + a0 w1' / 2^32 + a0 w0' / 2^64),
@@ -905,7 +681,7 @@ FEDSHIELD_AVX2 inline __m256i avx_unpacked(const uint64_t* p) {
 }
 
 // coefficients -> evaluations (ntt_fwd's result), q < 2^60, n >= 16. Twiddles of the t = 2 and
-// t = 1 levels are permuted into the lanes of their butterflies (as fp_ntt_fwd's tables hold).
+// t = 1 levels are permuted into the lanes of their butterflies.
 FEDSHIELD_AVX2 void avx_ntt_fwd(uint64_t* a, uint64_t n, const NttPlan& p) {
     const AvxModulus mod = avx_modulus(p.q);
     const __m256i q = mod.q, two_q = mod.two_q, four_q = mod.four_q;
@@ -1015,20 +791,16 @@ FEDSHIELD_AVX2 void avx_ntt_inv(uint64_t* a, uint64_t n, const NttPlan& p) {
 #endif
 
 // The forward and inverse NTT of the plan's tower: in four 64-bit lanes where the CPU has AVX2
-// and q < 2^60, else in doubles where q < 2^50 and the CPU has AVX2 and FMA, else in scalar
-// 64-bit words. The four-lane path comes first even where doubles could run: at N = 4096 and a
-// 42-bit q it took 2-4 us less per call on an AMD EPYC (Zen 3) than the doubles (ntt.py).
+// and q < 2^60, else in scalar 64-bit words.
 void ntt_forward_any(uint64_t* a, uint64_t n, const NttPlan& p) {
 #if defined(__x86_64__) && defined(__GNUC__)
     if (p.avx) return avx_ntt_fwd(a, n, p);
-    if (p.fp) return fp_ntt_fwd(a, n, p);
 #endif
     ntt_fwd(a, n, p);
 }
 void ntt_inverse_any(uint64_t* a, uint64_t n, const NttPlan& p) {
 #if defined(__x86_64__) && defined(__GNUC__)
     if (p.avx) return avx_ntt_inv(a, n, p);
-    if (p.fp) return fp_ntt_inv(a, n, p);
 #endif
     ntt_inv(a, n, p);
 }
@@ -1195,7 +967,21 @@ inline void mul_acc(uint64_t* acc, const uint64_t* x, const uint64_t* s, const u
     for (uint64_t j = 0; j < n; ++j) acc[j] = add_q(acc[j], mul_shoup(x[j], s[j], s_shoup[j], q), q);
 }
 
+// One tower q below this encodes in doubles (encode_one_tower_fp): every intermediate is exact.
+constexpr uint64_t kDoublesLimit = uint64_t{1} << 50;
+
+bool doubles_available() {
 #if defined(__x86_64__) && defined(__GNUC__)
+    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return yes;
+#else
+    return false;
+#endif
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FEDSHIELD_FMA __attribute__((target("avx2,fma")))
+
 // encode_coefficients' rounding and reduction for one tower q < 2^50, four slots at a time in
 // doubles: c = value * scale, r = llround(c) (trunc, then +-1 where the exact fraction reaches
 // +-1/2), r + e (|r + e| < 2^52, exact), minus q * floor((r + e) / q) with the quotient off
@@ -1268,11 +1054,7 @@ void check_ring(const CkksRing& ring) {
 }
 
 NttPath ntt_auto_path(size_t n, uint64_t q) {
-    const bool sized = n >= 16;
-    // the four-lane path first: measured faster than the doubles' one on this project's
-    // machines even at 42 bits (ntt_forward_any)
-    if (sized && q < kAvxLimit && avx_ntt_available()) return NttPath::avx2;
-    if (sized && q < kFpLimit && fp_ntt_available()) return NttPath::fp;
+    if (n >= 16 && q < kAvxLimit && avx_ntt_available()) return NttPath::avx2;
     return NttPath::scalar;
 }
 
@@ -1297,12 +1079,9 @@ void ntt_tower(uint64_t* a, size_t n, uint64_t q, uint64_t psi, bool inverse, Nt
     if (static_cast<uint64_t>(static_cast<u128>(p.n_inv) * n % q) != 1)
         bad_arg("ntt: modulus " + std::to_string(q) + " is not prime (N has no inverse by Fermat)");
     if (path == NttPath::automatic) path = ntt_auto_path(n, q);
-    if (path == NttPath::fp && !(q < kFpLimit && fp_ntt_available()))
-        bad_arg("ntt: the double-precision path needs q < 2^50 and a CPU with AVX2 and FMA");
     if (path == NttPath::avx2 && !(q < kAvxLimit && avx_ntt_available()))
         bad_arg("ntt: the 64-bit AVX2 path needs q < 2^60 and a CPU with AVX2");
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (path == NttPath::fp) return inverse ? fp_ntt_inv(a, n, p) : fp_ntt_fwd(a, n, p);
     if (path == NttPath::avx2) return inverse ? avx_ntt_inv(a, n, p) : avx_ntt_fwd(a, n, p);
 #endif
     inverse ? ntt_inv(a, n, p) : ntt_fwd(a, n, p);
@@ -1375,7 +1154,7 @@ void encode_coefficients(const CkksRing& ring, const double* values, const int64
     };
     uint64_t done = 0;  // coefficients j and j + N/2 for j < done are written
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (towers == 1 && tables->ntt[0].fp)
+    if (towers == 1 && ring.moduli[0] < kDoublesLimit && doubles_available())
         done = encode_one_tower_fp(v.data(), add, slots, ring.moduli[0], scale, out);
 #endif
     for (uint64_t j = done; j < slots; ++j) {

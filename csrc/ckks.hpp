@@ -60,9 +60,9 @@ struct FloodWidth {
 // --- the NTT of one tower (exposed for the tests and timings) -------------------------------
 
 // Which implementation runs: the one the CKKS code picks for the modulus and the CPU (four
-// lanes where it can, else doubles, else scalar), scalar 64-bit words, four 64-bit lanes with
-// AVX2 (q < 2^60), or doubles with AVX2 and FMA (q < 2^50). All give the same residues.
-enum class NttPath { automatic, scalar, avx2, fp };
+// lanes where it can, else scalar), scalar 64-bit words, or four 64-bit lanes with AVX2
+// (q < 2^60). Both give the same residues.
+enum class NttPath { automatic, scalar, avx2 };
 
 // The path `automatic` takes for n residues mod q on this CPU.
 NttPath ntt_auto_path(size_t n, uint64_t q);
