@@ -162,7 +162,6 @@ struct U256 {
 };
 
 bool operator<(const U256& a, const U256& b) { return a.hi != b.hi ? a.hi < b.hi : a.lo < b.lo; }
-bool operator==(const U256& a, const U256& b) { return a.hi == b.hi && a.lo == b.lo; }
 bool is_zero(const U256& a) { return a.hi == 0 && a.lo == 0; }
 
 U256 sub(const U256& a, const U256& b) {  // a >= b
