@@ -55,7 +55,7 @@ class SiteRounds:
         self.describe = describe
         # the aggregate this site last partially decrypted: the round's fusion reuses it (its
         # parse and its digest) when the result carries the same bytes
-        self._shared: EncryptedUpdate | None = None
+        self._partially_decrypted: EncryptedUpdate | None = None
 
     def handle(self, request):
         if isinstance(request, TrainRequest):
@@ -130,7 +130,7 @@ class SiteRounds:
         if result.average is not None:      # the plaintext baseline
             seconds = site.apply(plan, average=result.average)
         else:
-            kept, self._shared = self._shared, None
+            kept, self._partially_decrypted = self._partially_decrypted, None
             agg = (kept if kept is not None and kept.to_bytes() == result.blob
                    else EncryptedUpdate.from_bytes(result.blob))
             if agg.round != plan.round or not agg.is_aggregate:
@@ -175,7 +175,7 @@ class SiteRounds:
     # -- threshold keys -------------------------------------------------------------------------
     def share(self, request: ShareRequest) -> ShareReply:
         start = time.perf_counter()
-        agg = self._shared = EncryptedUpdate.from_bytes(request.aggregate)
+        agg = self._partially_decrypted = EncryptedUpdate.from_bytes(request.aggregate)
         if agg.round != request.round:
             raise OutOfStep(f"asked to decrypt round {agg.round}'s aggregate in round "
                             f"{request.round}")

@@ -39,7 +39,7 @@ OpenFHE's bytes from a template of one's own context, for checks against OpenFHE
 edited below q still fuse; their decryption is then uniformly spread over the modulus and
 fails the range check of :func:`combine_partials` (an honest aggregate's slots are bounded by
 the headroom), so a damaged share raises InvalidUpdate instead of returning a wrong average.
-The frame's digest is unkeyed: a share crafted by someone who relays it is not detected here.
+The frame's trailer is unkeyed: a share crafted by someone who relays it is not detected here.
 """
 
 from __future__ import annotations
